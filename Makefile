@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create (or reuse) the project's virtual environment in $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU torch first, so resolving the project never pulls a multi-GB CUDA build.
+# On a GPU machine, set TORCH_SPEC to the CUDA build you want (or to "" to skip).
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+export L2T_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m l2t_core.demo
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m bench.penalty
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

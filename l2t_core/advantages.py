@@ -1,0 +1,120 @@
+"""Episode reward, token credit and group advantages (METHOD.md §4; Eq. 5; review answer R3Rw).
+
+All functions are pure and work on one response's tensors (or one batch's scores with group ids).
+Notation: K episodes, T_i tokens in response i, ``episode_ids[t]`` ∈ [0, K) for each token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name} has non-finite values at positions {bad}; rewards must be finite numbers")
+
+
+def process_rewards(gains: torch.Tensor, penalties_hat: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_k^prg = G_k − β · P̂_k (METHOD.md §4)."""
+    _check_finite("fitting gains G_k", gains)
+    _check_finite("normalised penalties P̂_k", penalties_hat)
+    return gains.double() - beta * penalties_hat.double()
+
+
+def episode_rewards(r_out: float, process: torch.Tensor, alpha: float) -> torch.Tensor:
+    """R_k = r_out / K + α · r_k^prg (METHOD.md §4, Eq. 5)."""
+    k = process.numel()
+    if k == 0:
+        return process.double()
+    if not math.isfinite(r_out):
+        raise ValueError(f"the outcome reward r_out must be finite, got {r_out}")
+    return r_out / k + alpha * process.double()
+
+
+def surprise_weights(
+    logp_old: torch.Tensor, episode_ids: torch.Tensor, num_episodes: int, floor: float = 1e-6
+) -> torch.Tensor:
+    """w_t = s_t / Σ_{t'∈k} s_{t'} with s_t = max(−log π_old(z_t), floor) (METHOD.md §4).
+
+    The weights of each episode's tokens sum to 1.
+    """
+    _check_finite("old log-probabilities log π_old(z_t)", logp_old)
+    s = torch.clamp(-logp_old.double(), min=floor)
+    totals = torch.zeros(num_episodes, dtype=torch.float64).index_add_(0, episode_ids, s)
+    return s / totals[episode_ids]
+
+
+def uniform_weights(episode_ids: torch.Tensor, num_episodes: int) -> torch.Tensor:
+    """w_t = 1 / |episode k| (the uniform-credit variant)."""
+    counts = torch.bincount(episode_ids, minlength=num_episodes).double()
+    return 1.0 / counts[episode_ids]
+
+
+def token_rewards(episode_reward: torch.Tensor, weights: torch.Tensor, episode_ids: torch.Tensor) -> torch.Tensor:
+    """r_t = R_k · w_t for t in episode k (METHOD.md §4)."""
+    return episode_reward.double()[episode_ids] * weights.double()
+
+
+def trimmed_mean(x: torch.Tensor, trim_frac: float = 0.05) -> torch.Tensor:
+    """Mean after dropping floor(trim_frac/2 · n) values at each tail (METHOD.md §4: the 95 %
+    truncated mean drops 2.5 % at each tail, at least 0 values). Empty input gives 0."""
+    n = x.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64)
+    cut = int(math.floor(trim_frac / 2 * n))
+    xs = torch.sort(x.double()).values
+    return xs[cut : n - cut].mean()
+
+
+def response_score(
+    token_reward: torch.Tensor, episode_reward: torch.Tensor, agg: str = "trimmed_mean", trim_frac: float = 0.05
+) -> torch.Tensor:
+    """S_i (METHOD.md §4, Decision score_agg).
+
+    ``trimmed_mean``: the 95 % truncated mean of {r_t}. ``sum``: Σ_k R_k = r_out + α Σ_k r_k^prg,
+    Eq. 5 as written (taken over episodes, so an episode that owns no token still counts).
+    """
+    if agg == "trimmed_mean":
+        return trimmed_mean(token_reward, trim_frac)
+    if agg == "sum":
+        return episode_reward.double().sum()
+    raise ValueError(f"score_agg must be 'trimmed_mean' or 'sum', got {agg!r}")
+
+
+def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (S_i − mean_g S) / (std_g S + eps), population std, per group (METHOD.md §4).
+
+    A group of one gets A = 0; a group whose scores are all equal gets A = 0.
+    """
+    _check_finite("response scores S_i", scores)
+    s = scores.double()
+    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    g = len(uniq)
+    count = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, torch.ones_like(s))
+    mean = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, s) / count
+    var = torch.zeros(g, dtype=torch.float64).index_add_(0, inv, (s - mean[inv]) ** 2) / count
+    adv = (s - mean[inv]) / (var.sqrt()[inv] + eps)
+    return torch.where(count[inv] > 1, adv, torch.zeros_like(adv))
+
+
+def grpo_advantages(outcomes: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The outcome-only baseline's scalar advantage (r_i − mean_g r) / (std_g r + eps) (§4, §6)."""
+    return group_advantages(outcomes, group_ids, eps)
+
+
+def token_advantages(advantage: float | torch.Tensor, token_reward: torch.Tensor) -> torch.Tensor:
+    """A_{i,t} = A_i · T_i · c_t with c_t = |r_t| / Σ_t' |r_t'| (METHOD.md §4).
+
+    The token mean of A_{i,t} is A_i; if Σ|r_t| = 0, c_t = 1/T_i (GRPO's broadcast).
+    """
+    n = token_reward.numel()
+    if n == 0:
+        return token_reward.double()
+    a = torch.as_tensor(advantage, dtype=torch.float64)
+    mag = token_reward.double().abs()
+    total = mag.sum()
+    c = mag / total if total > 0 else torch.full_like(mag, 1.0 / n)
+    return a * n * c

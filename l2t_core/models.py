@@ -1,0 +1,112 @@
+"""Loading policies and tokenizers, and building the tiny local ones the tests and demo use.
+
+Real users load Hugging Face checkpoints with :func:`load_policy` (``from_pretrained`` on a hub id
+or a local directory). Tests and the CPU demo build a tiny Qwen2-architecture model and a
+byte-level BPE tokenizer here, save them with ``save_pretrained`` and load them back through the
+same :func:`load_policy` path, so no hub access is ever needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384):
+    """Train a byte-level BPE tokenizer on ``corpus`` (any text; every byte stays encodable).
+
+    Byte-level BPE gives real multi-character tokens, real offset mappings and tokens that can
+    straddle episode boundaries, like the production tokenizers do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_qwen2(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 8,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 160,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+):
+    """A randomly initialised Qwen2ForCausalLM of a few hundred thousand parameters."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.config._attn_implementation = attn_implementation
+    return model.float().eval()
+
+
+def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Load (model, tokenizer) with ``from_pretrained``; a hub id or a local directory.
+
+    Fails before any compute with a message naming what is missing when a local directory has no
+    config or no weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"load_policy: {path} has no config.json; is it a saved model directory?")
+        weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+        if not weights:
+            raise FileNotFoundError(
+                f"load_policy: {path} has a config.json but no weights (*.safetensors or *.bin); "
+                "save the model with save_pretrained or point at the complete checkpoint"
+            )
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def decoder_and_head(model):
+    """(decoder stack, output head) of a causal LM: the hidden-state model and its lm_head."""
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if head is None or decoder is None:
+        raise TypeError(
+            f"{type(model).__name__} exposes no decoder/output head; L2T needs a causal LM such as Qwen2"
+        )
+    return decoder, head

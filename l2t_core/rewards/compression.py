@@ -1,0 +1,342 @@
+"""Parameter-compression penalty P_k (METHOD.md §3; Eq. 3, second term; Thm 4.2).
+
+θ is one weight matrix W, by default the MLP down-projection of the LAST transformer block. With
+y = W·a, that layer is position-wise and sits after the last attention, so
+∂ log π(z_t)/∂y_s = 0 for s ≠ t, and ONE backward pass of Σ_t log π(z_t), cut off below the layer,
+yields every per-token signal δ_t = ∂ log π(z_t)/∂y_t exactly (:func:`per_token_signals`).
+
+Low-rank proxy: W ≈ U Σ Vᵀ, top r directions. The episode score in the proxy space is
+``g_k = Σ_{t∈k} (Uᵀ δ_t)(Vᵀ a_t)ᵀ`` (an r×r matrix), formed for all episodes at once by segment
+sums of the projected T×r matrices (:func:`low_rank_episode_scores`). With Δθ̃_k = η g_k and the
+Fisher F_k = g_k g_kᵀ + λI, the penalty is ``P_k = η² (‖g_k‖⁴ + λ ‖g_k‖²)`` (:func:`penalty`),
+normalised so the batch's average response pays a total of 1 (:func:`normalise_penalties`).
+
+:func:`exact_episode_penalties` is the all-parameter reference (tests and benchmarks only), and
+``random_layers`` mode is the §5.3(iii) ablation: full, un-projected down-projection gradients on
+a random 30 % of the blocks (:func:`full_episode_sqnorms`).
+
+For a target that is NOT the last block's down-projection, later attention mixes positions, so the
+per-token attribution of one backward pass is an approximation (signal credited to the position
+where it enters W); the default target is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from ..models import decoder_and_head
+
+
+# ----------------------------------------------------------------------------- targets
+def default_target(model) -> str:
+    """Name of the last transformer block's MLP down-projection (METHOD.md §3 default θ)."""
+    decoder, _ = decoder_and_head(model)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise TypeError(f"{type(model).__name__}: no transformer blocks found under the decoder's .layers")
+    target = getattr(getattr(layers[-1], "mlp", None), "down_proj", None)
+    if not isinstance(target, torch.nn.Linear):
+        raise TypeError(
+            f"{type(model).__name__}: the last block has no mlp.down_proj Linear; "
+            "name the compression targets explicitly (CompressionConfig.targets)"
+        )
+    return _name_of(model, target)
+
+
+def random_layer_targets(model, frac: float = 0.3, seed: int = 0) -> list[str]:
+    """Down-projections of a random ``frac`` of the blocks (at least one), for the §5.3(iii) ablation."""
+    decoder, _ = decoder_and_head(model)
+    layers = list(decoder.layers)
+    n = max(1, math.ceil(frac * len(layers)))
+    chosen = sorted(random.Random(seed).sample(range(len(layers)), n))
+    return [_name_of(model, layers[i].mlp.down_proj) for i in chosen]
+
+
+def _name_of(model, module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    raise KeyError("module not found in model")
+
+
+def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Linear]:
+    """Map target names to their nn.Linear modules; None means the default target."""
+    names = list(names) if names else [default_target(model)]
+    modules = dict(model.named_modules())
+    out = {}
+    for n in names:
+        mod = modules.get(n)
+        if mod is None:
+            close = [m for m in modules if m.endswith(n.split(".")[-1])][:5]
+            raise KeyError(f"compression target {n!r} is not a module of the model; similar names: {close}")
+        if not isinstance(mod, torch.nn.Linear):
+            raise TypeError(f"compression target {n!r} is a {type(mod).__name__}, not an nn.Linear")
+        out[n] = mod
+    return out
+
+
+# ----------------------------------------------------------------------------- low-rank basis
+def proxy_rank(d_out: int, d_in: int, rank_frac: float = 0.05, rank: int | None = None) -> int:
+    """r = ceil(rank_frac · min(d_out, d_in)) unless ``rank`` is given (METHOD.md §3)."""
+    if rank is not None:
+        return int(rank)
+    return max(1, math.ceil(rank_frac * min(d_out, d_in)))
+
+
+@dataclass(frozen=True)
+class LowRankBasis:
+    """Top singular directions of one weight W [d_out, d_in]: U [d_out, r_out], V [d_in, r_in].
+
+    r_out = min(r, d_out) and r_in = min(r, d_in); with r ≥ max(d_out, d_in) both are complete
+    orthonormal bases and the proxy norm equals the un-projected norm exactly.
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+
+
+def low_rank_basis(
+    weight: torch.Tensor, r: int, method: str = "exact", oversample: int = 8, seed: int = 0
+) -> LowRankBasis:
+    """Truncated SVD of ``weight`` (exact, or randomized via ``torch.svd_lowrank``)."""
+    w = weight.detach().float()
+    d_out, d_in = w.shape
+    r_out, r_in = min(r, d_out), min(r, d_in)
+    full = r >= min(d_out, d_in)
+    if method == "randomized" and not full:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            U, _, V = torch.svd_lowrank(w, q=min(r + oversample, min(d_out, d_in)), niter=4)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return LowRankBasis(U[:, :r_out].contiguous(), V[:, :r_in].contiguous())
+    if method not in ("exact", "randomized"):
+        raise ValueError(f"low_rank_basis: svd method must be 'exact' or 'randomized', got {method!r}")
+    U, _, Vh = torch.linalg.svd(w, full_matrices=r > min(d_out, d_in))
+    return LowRankBasis(U[:, :r_out].contiguous(), Vh.T[:, :r_in].contiguous())
+
+
+class SVDProxy:
+    """Low-rank bases for every target, refreshed every ``refresh_steps`` optimizer steps."""
+
+    def __init__(self, rank_frac=0.05, rank=None, method="exact", oversample=8, refresh_steps=1, seed=0):
+        self.rank_frac, self.rank, self.method = rank_frac, rank, method
+        self.oversample, self.refresh_steps, self.seed = oversample, refresh_steps, seed
+        self.bases: dict[str, LowRankBasis] = {}
+        self._last_refresh: int | None = None
+
+    def refresh(self, modules: dict[str, torch.nn.Linear], step: int = 0, force: bool = False) -> bool:
+        due = self._last_refresh is None or step - self._last_refresh >= self.refresh_steps
+        if not (due or force or set(modules) != set(self.bases)):
+            return False
+        for name, mod in modules.items():
+            d_out, d_in = mod.weight.shape
+            r = proxy_rank(d_out, d_in, self.rank_frac, self.rank)
+            self.bases[name] = low_rank_basis(mod.weight, r, self.method, self.oversample, self.seed + step)
+        self._last_refresh = step
+        return True
+
+
+# ----------------------------------------------------------------------------- per-token signals
+@contextlib.contextmanager
+def frozen_parameters(model) -> Iterator[None]:
+    """Temporarily stop every parameter from requiring grad, so a backward pass builds no graph
+    below the first hooked layer (the "truncated" backward of METHOD.md §3)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class TokenSignals:
+    """Per scored token (flattened in (row, position) order): the layer input a_t, the signal
+    δ_t = ∂ log π(z_t)/∂y_t for every target, and log π(z_t) itself."""
+
+    inputs: dict[str, torch.Tensor]  # name -> [N, d_in]
+    deltas: dict[str, torch.Tensor]  # name -> [N, d_out]
+    logprobs: torch.Tensor  # [N]
+    rows: torch.Tensor  # [N] batch row of each token
+
+
+def per_token_signals(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    targets: dict[str, torch.nn.Linear],
+) -> TokenSignals:
+    """One forward and ONE backward of Σ_t log π(z_t) over the scored tokens (METHOD.md §3).
+
+    ``score_mask[b, p]`` marks the tokens z_t whose log-probability is scored (response tokens);
+    token p is predicted at position p−1, so its a_t and δ_t are read at p−1. Parameters are frozen
+    and a zero leaf is added to each target's output, so the backward stops at the lowest target.
+    """
+    if input_ids.shape != score_mask.shape or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"per_token_signals: input_ids {tuple(input_ids.shape)}, attention_mask "
+            f"{tuple(attention_mask.shape)} and score_mask {tuple(score_mask.shape)} must have one shape"
+        )
+    if score_mask[:, 0].any():
+        raise ValueError("per_token_signals: the first position cannot be scored (it has no context)")
+    decoder, head = decoder_and_head(model)
+    captured_in: dict[str, torch.Tensor] = {}
+    leaves: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(module, args, output):
+            captured_in[name] = args[0].detach()
+            leaf = torch.zeros_like(output, requires_grad=True)
+            leaves[name] = leaf
+            return output + leaf
+
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(n)) for n, mod in targets.items()]
+    pred = score_mask[:, 1:]  # prediction positions p-1 for scored tokens p
+    try:
+        with frozen_parameters(model), torch.enable_grad():
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            h = hidden[:, :-1][pred]
+            logits = head(h).float()
+            tgt = input_ids[:, 1:][pred]
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
+            if not torch.isfinite(lp).all():
+                raise FloatingPointError(
+                    "per_token_signals: non-finite token log-probabilities; the model's logits overflowed"
+                )
+            grads = torch.autograd.grad(lp.sum(), [leaves[n] for n in targets], allow_unused=True)
+    finally:
+        for hd in handles:
+            hd.remove()
+    deltas, inputs = {}, {}
+    for n, g in zip(targets, grads):
+        g = torch.zeros_like(leaves[n]) if g is None else g
+        deltas[n] = g[:, :-1][pred].detach().float()
+        inputs[n] = captured_in[n][:, :-1][pred].float()
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(pred)[pred]
+    return TokenSignals(inputs, deltas, lp.detach(), rows)
+
+
+# ----------------------------------------------------------------------------- episode scores
+def _segment_matrix(seg_ids: torch.Tensor, num_segments: int, dtype) -> torch.Tensor:
+    """One-hot [N, S] membership; a token with seg id < 0 belongs to no segment."""
+    m = torch.zeros(seg_ids.shape[0], num_segments, dtype=dtype, device=seg_ids.device)
+    ok = seg_ids >= 0
+    m[ok.nonzero().squeeze(-1), seg_ids[ok]] = 1
+    return m
+
+
+def low_rank_episode_scores(
+    inputs: torch.Tensor, deltas: torch.Tensor, basis: LowRankBasis, seg_ids: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """g_k = Σ_{t∈k} (Uᵀ δ_t)(Vᵀ a_t)ᵀ for all segments at once: [S, r_out, r_in] (METHOD.md §3).
+
+    Segment sums of the projected [N, r] matrices: g = (Dᵀ ⊙ M_k) B with D = δU, B = aV.
+    """
+    D = deltas @ basis.U.to(deltas)  # [N, r_out]
+    B = inputs @ basis.V.to(inputs)  # [N, r_in]
+    M = _segment_matrix(seg_ids, num_segments, D.dtype)  # [N, S]
+    DM = D.T.unsqueeze(0) * M.T.unsqueeze(1)  # [S, r_out, N]
+    return DM @ B  # [S, r_out, r_in]
+
+
+def full_episode_sqnorms(
+    inputs: torch.Tensor, deltas: torch.Tensor, seg_ids: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """‖Σ_{t∈k} δ_t a_tᵀ‖_F² per segment without forming the d_out×d_in gradient:
+    Σ_{t,s∈k} (δ_t·δ_s)(a_t·a_s), one Gram block per segment (random_layers ablation)."""
+    out = torch.zeros(num_segments, dtype=torch.float64, device=inputs.device)
+    order = torch.argsort(seg_ids, stable=True)
+    sid = seg_ids[order]
+    keep = sid >= 0
+    order, sid = order[keep], sid[keep]
+    if order.numel() == 0:
+        return out
+    uniq, counts = torch.unique_consecutive(sid, return_counts=True)
+    for s, idx in zip(uniq.tolist(), torch.split(order, counts.tolist())):
+        d, a = deltas[idx].double(), inputs[idx].double()
+        if idx.numel() > min(d.shape[1], a.shape[1]):
+            out[s] = (d.T @ a).pow(2).sum()
+        else:
+            out[s] = ((d @ d.T) * (a @ a.T)).sum()
+    return out
+
+
+def penalty(sqnorm: torch.Tensor, adapt_lr: float = 1.0, damping: float = 1e-5) -> torch.Tensor:
+    """P_k = Δθ̃_kᵀ F_k Δθ̃_k with Δθ̃_k = η g_k and F_k = g_k g_kᵀ + λI, i.e.
+    η² (‖g_k‖⁴ + λ ‖g_k‖²), from ‖g_k‖² (Thm 4.2, METHOD.md §3)."""
+    sq = sqnorm.double()
+    return (adapt_lr**2) * (sq * sq + damping * sq)
+
+
+def normalise_penalties(
+    penalties: torch.Tensor, response_of: torch.Tensor, num_responses: int, mode: str = "batch_response_mean"
+) -> torch.Tensor:
+    """P̂_k = P_k / mean over responses of Σ_k P_k (METHOD.md §3, Decision: scale).
+
+    The batch's average response then pays a total penalty of 1. A batch whose penalties are all
+    zero stays zero. ``mode='none'`` returns P_k unchanged.
+    """
+    if mode == "none":
+        return penalties
+    if mode != "batch_response_mean":
+        raise ValueError(f"penalty_norm must be 'batch_response_mean' or 'none', got {mode!r}")
+    if num_responses == 0:
+        return penalties
+    totals = torch.zeros(num_responses, dtype=penalties.dtype).index_add_(0, response_of, penalties)
+    scale = totals.mean()
+    if not torch.isfinite(scale):
+        raise FloatingPointError(f"normalise_penalties: the batch penalty total is {scale.item()}")
+    return penalties / scale if scale > 0 else torch.zeros_like(penalties)
+
+
+# ----------------------------------------------------------------------------- exact reference
+def exact_episode_penalties(
+    model,
+    input_ids: torch.Tensor,
+    score_mask: torch.Tensor,
+    token_episode: torch.Tensor,
+    num_episodes: int,
+    adapt_lr: float = 1.0,
+    damping: float = 1e-5,
+    params: Sequence[torch.nn.Parameter] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-parameter reference for ONE sequence: per-episode gradients of Σ_{t∈k} log π(z_t) with
+    respect to every parameter (one backward per episode), then η²(‖g‖⁴ + λ‖g‖²).
+
+    ``input_ids``/``score_mask`` are [L]; ``token_episode[p]`` is the episode of scored token p.
+    Returns (penalties [K], squared gradient norms [K]). For tests and benchmarks only.
+    """
+    params = list(params) if params is not None else [p for p in model.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids[None], use_cache=False).logits[0, :-1].float()
+            lp_all = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[1:, None]).squeeze(-1)
+            pred = score_mask[1:]
+            ep = token_episode[1:]
+            sq = torch.zeros(num_episodes, dtype=torch.float64)
+            for k in range(num_episodes):
+                sel = pred & (ep == k)
+                if not sel.any():
+                    continue
+                grads = torch.autograd.grad(lp_all[sel].sum(), params, retain_graph=True, allow_unused=True)
+                sq[k] = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    return penalty(sq, adapt_lr, damping), sq

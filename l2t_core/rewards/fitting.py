@@ -1,0 +1,247 @@
+"""Fitting information gain G_k = J(s_k ⊕ z_k) − J(s_k) (METHOD.md §2; Eq. 3, first term).
+
+J(s) is the policy's own probability of the correct answer when forced to answer from context s.
+
+* ``answer_logprob`` (default): ``J(s) = exp(Σ_j log π(a_j | s ⊕ f ⊕ a_<j))``, teacher-forced,
+  where f is the force-answer suffix and a the rendered reference answer. All K+1 values of one
+  response come from ONE forward pass (:func:`answer_logprobs_packed`): the K+1 copies of f ⊕ a
+  are packed after the response, each with a 4-D attention mask row that sees only the response
+  prefix [0, b_k) and itself (causally), and position ids that continue from b_k.
+  :func:`answer_logprobs_naive` is the per-prefix reference it is tested against.
+* ``monte_carlo`` (MRT, the §3.2 analysis): J(s) is the share of m sampled forced answers that the
+  verifier accepts (:func:`monte_carlo_j`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..models import decoder_and_head
+
+
+@dataclass(frozen=True)
+class JItem:
+    """One response for which J is computed at every context boundary.
+
+    ``boundaries`` are response-token prefix lengths b_0 = 0 ≤ b_1 ≤ … ≤ b_K ≤ len(response_ids):
+    J is computed for the contexts prompt ⊕ response[:b_k], k = 0..K (METHOD.md §2, s_1 = x).
+    """
+
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+    boundaries: Sequence[int]
+    answer_ids: Sequence[int]
+
+    def validate(self, where: str = "JItem") -> None:
+        b = list(self.boundaries)
+        if not b:
+            raise ValueError(f"{where}: boundaries are empty; they need at least b_0 = 0")
+        if b[0] != 0 or any(x > y for x, y in zip(b, b[1:])) or b[-1] > len(self.response_ids):
+            raise ValueError(
+                f"{where}: boundaries {b} must start at 0, be non-decreasing and end at most at the "
+                f"response length {len(self.response_ids)}"
+            )
+        if not self.answer_ids:
+            raise ValueError(f"{where}: the reference answer tokenized to nothing; J needs answer tokens")
+
+
+def _check_force(force_ids: Sequence[int]) -> None:
+    if len(force_ids) == 0:
+        raise ValueError("the force-answer suffix f tokenized to nothing; J needs a non-empty suffix")
+
+
+def _answer_logprob_from_hidden(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def answer_logprobs_naive(model, items: Sequence[JItem], force_ids: Sequence[int]) -> list[torch.Tensor]:
+    """Reference: log J(s_k) for every boundary, one causal forward pass per prefix."""
+    _check_force(force_ids)
+    decoder, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    out = []
+    for n, item in enumerate(items):
+        item.validate(f"answer_logprobs_naive item {n}")
+        vals = []
+        for b in item.boundaries:
+            ids = list(item.prompt_ids) + list(item.response_ids[:b]) + list(force_ids) + list(item.answer_ids)
+            x = torch.tensor([ids], device=device)
+            h = decoder(input_ids=x, use_cache=False).last_hidden_state[0]
+            first = len(ids) - len(item.answer_ids)
+            lp = _answer_logprob_from_hidden(head, h[first - 1 : len(ids) - 1], x[0, first:])
+            vals.append(lp.sum())
+        out.append(torch.stack(vals))
+    return out
+
+
+@dataclass
+class _Packed:
+    input_ids: torch.Tensor  # [L]
+    position_ids: torch.Tensor  # [L]
+    ctx_limit: torch.Tensor  # [L] positions kv < ctx_limit[q] are visible to q
+    block_start: torch.Tensor  # [L] positions block_start[q] <= kv <= q are visible to q
+    pred_pos: torch.Tensor  # [N] positions whose next-token prediction is an answer token
+    targets: torch.Tensor  # [N]
+    suffix_of: torch.Tensor  # [N] which boundary k each prediction belongs to
+
+
+def pack_item(item: JItem, force_ids: Sequence[int]) -> _Packed:
+    """Lay out prompt ⊕ response ⊕ (f ⊕ a) × (K+1) with its visibility rule (METHOD.md §2)."""
+    prompt, resp = list(item.prompt_ids), list(item.response_ids)
+    suffix = list(force_ids) + list(item.answer_ids)
+    n_p, n_ctx, m, m_f = len(prompt), len(prompt) + len(resp), len(suffix), len(force_ids)
+    bounds = torch.as_tensor(list(item.boundaries), dtype=torch.long)
+    k1 = len(bounds)
+    length = n_ctx + k1 * m
+    ids = torch.tensor(prompt + resp + suffix * k1, dtype=torch.long)
+    ar = torch.arange(length)
+    j = torch.arange(m)
+    pos = torch.cat([torch.arange(n_ctx), (n_p + bounds[:, None] + j[None, :]).reshape(-1)])
+    block_starts = n_ctx + torch.arange(k1) * m
+    ctx_limit = torch.cat([ar[:n_ctx] + 1, (n_p + bounds).repeat_interleave(m)])
+    block_start = torch.cat([torch.full((n_ctx,), length), block_starts.repeat_interleave(m)])
+    ja = torch.arange(len(item.answer_ids))
+    pred_pos = (block_starts[:, None] + m_f - 1 + ja[None, :]).reshape(-1)
+    targets = torch.as_tensor(list(item.answer_ids), dtype=torch.long).repeat(k1)
+    suffix_of = torch.arange(k1).repeat_interleave(len(item.answer_ids))
+    return _Packed(ids, pos, ctx_limit, block_start, pred_pos, targets, suffix_of)
+
+
+def packed_attention_mask(packs: Sequence[_Packed], length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask [B, 1, L, L]: 0 where visible, dtype-min elsewhere. Padding rows see
+    only themselves, so no softmax row is empty (no NaN)."""
+    b = len(packs)
+    ctx_limit = torch.zeros(b, length, dtype=torch.long)
+    block_start = torch.arange(length).repeat(b, 1)
+    for i, p in enumerate(packs):
+        n = len(p.input_ids)
+        ctx_limit[i, :n] = p.ctx_limit
+        block_start[i, :n] = p.block_start
+    q = torch.arange(length)[None, :, None]
+    kv = torch.arange(length)[None, None, :]
+    visible = (kv < ctx_limit[:, :, None]) | ((kv >= block_start[:, :, None]) & (kv <= q))
+    mask = torch.zeros(b, 1, length, length, dtype=dtype)
+    mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+    return mask
+
+
+def _microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Greedy batches (in length order) whose padded size B · max(L) stays within ``max_tokens``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.no_grad()
+def answer_logprobs_packed(
+    model, items: Sequence[JItem], force_ids: Sequence[int], max_tokens_per_batch: int = 32768
+) -> list[torch.Tensor]:
+    """log J(s_k) for every boundary of every item; one forward pass per item (batched).
+
+    Returns one float32 tensor of length K+1 per item, in input order.
+    """
+    _check_force(force_ids)
+    decoder, head = decoder_and_head(model)
+    param = next(model.parameters())
+    packs = []
+    for n, item in enumerate(items):
+        item.validate(f"answer_logprobs_packed item {n}")
+        packs.append(pack_item(item, force_ids))
+    results: list[torch.Tensor | None] = [None] * len(items)
+    for batch in _microbatches([len(p.input_ids) for p in packs], max_tokens_per_batch):
+        bp = [packs[i] for i in batch]
+        length = max(len(p.input_ids) for p in bp)
+        ids = torch.zeros(len(bp), length, dtype=torch.long)
+        pos = torch.zeros(len(bp), length, dtype=torch.long)
+        for r, p in enumerate(bp):
+            ids[r, : len(p.input_ids)] = p.input_ids
+            pos[r, : len(p.input_ids)] = p.position_ids
+        mask = packed_attention_mask(bp, length, param.dtype)
+        hidden = decoder(
+            input_ids=ids.to(param.device),
+            attention_mask=mask.to(param.device),
+            position_ids=pos.to(param.device),
+            use_cache=False,
+        ).last_hidden_state
+        for r, i in enumerate(batch):
+            p = packs[i]
+            lp = _answer_logprob_from_hidden(head, hidden[r, p.pred_pos], p.targets.to(param.device))
+            k1 = int(p.suffix_of.max()) + 1
+            results[i] = torch.zeros(k1, device=lp.device).index_add_(0, p.suffix_of.to(lp.device), lp)
+    return [r.cpu() for r in results]  # type: ignore[union-attr]
+
+
+def fitting_gains(log_j: torch.Tensor) -> torch.Tensor:
+    """G_k = J(s_k ⊕ z_k) − J(s_k) = exp(log J_k) − exp(log J_{k−1}), k = 1..K (Eq. 3).
+
+    ``log_j`` holds log J at b_0..b_K; the result has length K. Non-finite inputs raise.
+    """
+    if torch.isnan(log_j).any() or (log_j == float("inf")).any():
+        raise ValueError(
+            f"fitting_gains: log J has NaN/+inf values {log_j.tolist()}; the policy produced "
+            "non-finite logits (check the model dtype and weights)"
+        )
+    j = torch.exp(log_j.double())
+    return (j[1:] - j[:-1]).float()
+
+
+def monte_carlo_j(
+    model,
+    tokenizer,
+    contexts: Sequence[Sequence[int]],
+    references: Sequence[str],
+    verify: Callable[[str, str], bool],
+    *,
+    samples: int = 4,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """J_mc(s) = share of ``samples`` forced answers from context s that ``verify`` accepts (§2).
+
+    ``contexts`` already end with the force-answer suffix f. Generation is batched with left
+    padding through ``model.generate``.
+    """
+    if not contexts:
+        return torch.zeros(0)
+    if len(references) != len(contexts):
+        raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(references)} references")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c) :] = torch.as_tensor(list(c))
+        att[i, width - len(c) :] = 1
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=att.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=samples,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    hits = torch.tensor([float(verify(t, references[i // samples])) for i, t in enumerate(texts)])
+    return hits.view(len(contexts), samples).mean(dim=1)

@@ -1,0 +1,177 @@
+"""Outcome verification r_out ∈ {0, 1} (METHOD.md §4).
+
+* :class:`MathVerifier` checks math answers with ``math-verify``, gold first. It extracts the last
+  ``\\boxed{}`` of the answer span (text after ``</think>``, or the whole response when the think
+  block was never closed) and falls back to math-verify's own extraction on that span.
+  math-verify's SIGALRM timeouts are switched off (they raise off the main thread); instead each
+  check runs in a daemon thread with a deadline, so verification works from any thread, such as
+  Dagster's thread pool or a data-loader worker. A check past its deadline counts as incorrect
+  with status ``timeout``.
+* :class:`NumericVerifier` checks the synthetic task's numeric answers exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .prompts import THINK_CLOSE
+
+VerdictStatus = Literal["correct", "incorrect", "no_answer", "invalid_reference", "timeout", "error"]
+
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    status: VerdictStatus
+    extracted: str | None = None
+    detail: str = ""
+
+    @property
+    def reward(self) -> float:
+        return 1.0 if self.correct else 0.0
+
+
+class Verifier(Protocol):
+    def verify(self, response: str, reference: str) -> Verdict: ...
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced.
+
+    An unbalanced last box (a truncated response) is skipped in favour of the one before it.
+    ``\\boxed 5`` (no braces) is accepted too. Returns None when there is no complete box.
+    """
+    if not text:
+        return None
+    for m in reversed(list(_BOXED.finditer(text))):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            c = text[i]
+            if c == "\\" and i + 1 < len(text):
+                i += 2
+                continue
+            depth += (c == "{") - (c == "}")
+            i += 1
+        if depth == 0:
+            return text[m.end() : i - 1].strip()
+    bare = re.findall(r"\\boxed\s+([^\s$]+)", text)
+    return bare[-1] if bare else None
+
+
+def answer_span(response: str) -> str:
+    """The text after the last ``</think>``, or the whole response if there is none."""
+    at = response.rfind(THINK_CLOSE)
+    return response if at == -1 else response[at + len(THINK_CLOSE) :]
+
+
+def run_with_deadline(fn, timeout_s: float):
+    """Run ``fn()`` in a daemon thread; return (finished, value, error). No signals involved.
+
+    A thread cannot be killed: one past its deadline is abandoned and ends on its own.
+    """
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # reported to the caller, never swallowed silently
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True, name="l2t-verify")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        return False, None, None
+    return True, box.get("value"), box.get("error")
+
+
+def _normalise_text(s: str) -> str:
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:)", "", s)
+    s = s.replace("$", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return re.sub(r"\s+", "", s).strip(".").lower()
+
+
+class MathVerifier:
+    """math-verify based checker (gold first), thread-safe, with a per-check deadline."""
+
+    def __init__(self, timeout_s: float = 5.0):
+        if timeout_s <= 0:
+            raise ValueError(f"MathVerifier: timeout_s must be > 0 seconds, got {timeout_s}")
+        self.timeout_s = timeout_s
+
+    @staticmethod
+    def _parse(expr: str):
+        from math_verify import parse
+
+        return parse(f"${expr}$", parsing_timeout=None)
+
+    def _check(self, gold: str, pred_text: str, boxed: str | None) -> bool:
+        from math_verify import parse, verify
+
+        gold_parsed = self._parse(gold)
+        if boxed is not None:
+            pred_parsed = self._parse(boxed)
+        else:
+            pred_parsed = parse(pred_text, parsing_timeout=None)
+        if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+            return True
+        candidate = boxed if boxed is not None else pred_text
+        return _normalise_text(gold) == _normalise_text(candidate)
+
+    def verify(self, response: str, reference: str) -> Verdict:
+        if reference is None or not str(reference).strip():
+            return Verdict(False, "invalid_reference", None, "the reference answer is empty")
+        if not isinstance(response, str) or not response.strip():
+            return Verdict(False, "no_answer", None, "the response is empty")
+        span = answer_span(response)
+        boxed = extract_boxed(span)
+        if boxed is None and not span.strip():
+            return Verdict(False, "no_answer", None, "nothing after </think>")
+        done, ok, err = run_with_deadline(lambda: self._check(str(reference), span, boxed), self.timeout_s)
+        if not done:
+            return Verdict(False, "timeout", boxed, f"verification took over {self.timeout_s}s")
+        if err is not None:
+            return Verdict(False, "error", boxed, f"{type(err).__name__}: {err}")
+        return Verdict(bool(ok), "correct" if ok else "incorrect", boxed)
+
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+class NumericVerifier:
+    """Exact numeric check for the synthetic task: the last ``\\boxed{}`` (else the last number
+    of the answer span) must equal the reference number within ``tol``."""
+
+    def __init__(self, tol: float = 1e-9):
+        self.tol = tol
+
+    def verify(self, response: str, reference: str) -> Verdict:
+        try:
+            ref = float(str(reference).strip())
+        except (TypeError, ValueError):
+            return Verdict(False, "invalid_reference", None, f"reference {reference!r} is not a number")
+        if not math.isfinite(ref):
+            return Verdict(False, "invalid_reference", None, f"reference {reference!r} is not finite")
+        if not isinstance(response, str) or not response.strip():
+            return Verdict(False, "no_answer", None, "the response is empty")
+        span = answer_span(response)
+        boxed = extract_boxed(span)
+        cand = boxed if boxed is not None else (_NUMBER.findall(span) or [None])[-1]
+        if cand is None:
+            return Verdict(False, "no_answer", None, "no number in the answer span")
+        nums = _NUMBER.findall(cand)
+        if len(nums) != 1 or nums[0] != cand.strip().replace(" ", ""):
+            return Verdict(False, "incorrect", cand, "the answer is not a single number")
+        ok = abs(float(nums[0]) - ref) <= self.tol
+        return Verdict(ok, "correct" if ok else "incorrect", cand)
