@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and tiny Qwen2 models, built here, saved with
+``save_pretrained`` and loaded back through the production ``load_policy`` path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2t_core.models import build_tiny_qwen2, build_tokenizer, load_policy
+
+CORPUS = [
+    "<think>\n<episode_1>We add 3 and 4 to get 7.</episode_1>\n<episode_2>Then 7 * 2 = 14.</episode_2>\n"
+    "</think>\n\nThe answer is \\boxed{14}",
+    "Compute (3 + 4) * 2. Break down your reasoning into logically coherent segments.",
+    "Please output the final answer directly based on the above steps: \\boxed{42}",
+    "Let x = 5. Check: 5 - 2 = 3. So the result is 3.\n\nRe-check the sum once more.",
+] * 10
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir_env():
+    if "L2T_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+        os.environ["L2T_DATA_DIR"] = str(SHARED_DATA)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 + tokenizer saved in HF format (8 layers; down_proj 64x160)."""
+    d = tmp_path_factory.mktemp("tiny_qwen2")
+    tok = build_tokenizer(CORPUS, vocab_size=320)
+    model = build_tiny_qwen2(len(tok), hidden_size=64, num_layers=8, intermediate_size=160, seed=0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    torch.manual_seed(0)
+    return load_policy(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def model(tiny):
+    return tiny[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny):
+    return tiny[1]
+
+
+@pytest.fixture(scope="session")
+def micro_model():
+    """A very small model (a few thousand parameters) for brute-force Fisher computations."""
+    return build_tiny_qwen2(40, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=12, seed=1)

@@ -1,0 +1,84 @@
+"""Episode reward, token credit and advantages (METHOD.md §4): hand-computed examples."""
+
+import math
+
+import pytest
+import torch
+
+from l2t_core import advantages as adv
+
+
+def test_process_and_episode_rewards():
+    g = torch.tensor([0.2, -0.1])
+    p = torch.tensor([0.5, 1.5])
+    r = adv.process_rewards(g, p, beta=0.6)
+    torch.testing.assert_close(r, torch.tensor([0.2 - 0.3, -0.1 - 0.9], dtype=torch.float64))
+    R = adv.episode_rewards(1.0, r, alpha=0.8)
+    torch.testing.assert_close(R, torch.tensor([0.5 + 0.8 * -0.1, 0.5 + 0.8 * -1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-finite"):
+        adv.process_rewards(torch.tensor([float("nan")]), torch.tensor([0.0]), 0.6)
+
+
+def test_surprise_weights_by_hand():
+    logp = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.1]))  # s = ln2, 2ln2, floor, ln10
+    eps = torch.tensor([0, 0, 1, 1])
+    w = adv.surprise_weights(logp, eps, 2)
+    l2, l10 = math.log(2), math.log(10)
+    expected = [1 / 3, 2 / 3, 1e-6 / (1e-6 + l10), l10 / (1e-6 + l10)]
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64))
+    assert adv.uniform_weights(eps, 2).tolist() == [0.5, 0.5, 0.5, 0.5]
+
+
+def test_token_rewards_sum_to_episode_reward():
+    R = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    eps = torch.tensor([0, 0, 0, 1, 1])
+    w = adv.surprise_weights(torch.tensor([-1.0, -2.0, -3.0, -0.5, -0.5]), eps, 2)
+    r = adv.token_rewards(R, w, eps)
+    torch.testing.assert_close(torch.zeros(2, dtype=torch.float64).index_add_(0, eps, r), R)
+    torch.testing.assert_close(r[:3], 0.3 * torch.tensor([1, 2, 3], dtype=torch.float64) / 6)
+
+
+def test_trimmed_mean_95():
+    x = torch.arange(1, 41, dtype=torch.float64)  # n = 40: drop floor(1.0) = 1 at each tail
+    assert adv.trimmed_mean(x).item() == pytest.approx(torch.arange(2, 40).double().mean().item())
+    y = torch.tensor([100.0] + [1.0] * 38 + [-100.0])
+    assert adv.trimmed_mean(y).item() == pytest.approx(1.0)
+    small = torch.tensor([1.0, 2.0, 30.0])  # n = 3: floor(0.075) = 0 dropped
+    assert adv.trimmed_mean(small).item() == pytest.approx(11.0)
+    assert adv.trimmed_mean(torch.zeros(0)).item() == 0.0
+
+
+def test_response_score_sum_is_eq5():
+    R = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    assert adv.response_score(torch.ones(3), R, "sum").item() == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="score_agg"):
+        adv.response_score(torch.ones(3), R, "median")
+
+
+def test_group_advantage_population_std():
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 7.0])
+    g = torch.tensor([0, 0, 0, 1, 1, 2])
+    a = adv.group_advantages(s, g)
+    sd = math.sqrt(2 / 3)  # population std of 1,2,3
+    torch.testing.assert_close(a[:3], torch.tensor([-1 / (sd + 1e-6), 0.0, 1 / (sd + 1e-6)], dtype=torch.float64))
+    assert a[3:5].tolist() == [0.0, 0.0]  # zero-variance group
+    assert a[5].item() == 0.0  # group of one
+
+
+def test_grpo_baseline_is_the_textbook_formula():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    g = torch.zeros(8, dtype=torch.long)
+    mean, std = r.mean(), r.std(unbiased=False)
+    torch.testing.assert_close(adv.grpo_advantages(r, g), ((r - mean) / (std + 1e-6)).double())
+
+
+def test_token_advantages_mean_and_reduction():
+    r = torch.tensor([0.1, -0.3, 0.0, 0.6], dtype=torch.float64)
+    a = adv.token_advantages(2.0, r)
+    assert a.mean().item() == pytest.approx(2.0)
+    torch.testing.assert_close(a, 2.0 * 4 * r.abs() / 1.0)
+    # all c_t equal: GRPO broadcast
+    assert adv.token_advantages(-1.5, torch.full((5,), 0.2, dtype=torch.float64)).tolist() == pytest.approx([-1.5] * 5)
+    # Σ|r_t| = 0: c_t = 1/T
+    assert adv.token_advantages(0.7, torch.zeros(4)).tolist() == pytest.approx([0.7] * 4)
+    assert adv.token_advantages(0.7, torch.zeros(0)).numel() == 0

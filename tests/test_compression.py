@@ -1,0 +1,173 @@
+"""Compression penalty (METHOD.md §3) against brute-force autograd references."""
+
+import math
+
+import pytest
+import torch
+
+from l2t_core.rewards import compression as comp
+
+
+def _batch(vocab, lengths, prompt=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths) + prompt
+    ids = torch.randint(0, vocab, (len(lengths), L), generator=g)
+    att = torch.zeros_like(ids)
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        att[i, : prompt + n] = 1
+        score[i, prompt : prompt + n] = True
+    return ids, att, score
+
+
+def test_per_token_signals_equal_per_token_autograd(model):
+    name = comp.default_target(model)
+    assert name.endswith("layers.7.mlp.down_proj")
+    targets = comp.resolve_targets(model, None)
+    ids, att, score = _batch(model.config.vocab_size, [9, 6])
+    sig = comp.per_token_signals(model, ids, att, score, targets)
+    assert sig.deltas[name].shape == (15, 64) and sig.inputs[name].shape == (15, 160)
+    # brute force: a fresh forward per token, gradient of that ONE token's log-prob w.r.t. y
+    layer = targets[name]
+    n = 0
+    for b in range(ids.shape[0]):
+        for p in score[b].nonzero().flatten().tolist():
+            store = {}
+
+            def hook(mod, args, out):
+                out.retain_grad()
+                store["y"] = out
+
+            h = layer.register_forward_hook(hook)
+            try:
+                logits = model(input_ids=ids[b : b + 1], attention_mask=att[b : b + 1]).logits[0].float()
+            finally:
+                h.remove()
+            lp = torch.log_softmax(logits[p - 1], -1)[ids[b, p]]
+            model.zero_grad()
+            lp.backward()
+            grad = store["y"].grad[0]
+            # position-wise layer after the last attention: only position p-1 receives signal
+            others = torch.cat([grad[: p - 1], grad[p:]])
+            assert others.abs().max() < 1e-7
+            torch.testing.assert_close(sig.deltas[name][n], grad[p - 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(sig.logprobs[n], lp.detach(), atol=1e-5, rtol=0)
+            n += 1
+    assert n == 15
+    assert all(p.requires_grad for p in model.parameters())  # parameters restored after the pass
+
+
+def test_full_rank_proxy_equals_unprojected_penalty(model):
+    targets = comp.resolve_targets(model, None)
+    name, layer = next(iter(targets.items()))
+    ids, att, score = _batch(model.config.vocab_size, [12, 10], seed=1)
+    sig = comp.per_token_signals(model, ids, att, score, targets)
+    seg = torch.tensor([0] * 5 + [1] * 7 + [2] * 3 + [3] * 7)
+    a, d = sig.inputs[name], sig.deltas[name]
+    full_rank = max(layer.weight.shape)
+    basis = comp.low_rank_basis(layer.weight, full_rank)
+    g = comp.low_rank_episode_scores(a, d, basis, seg, 4)
+    assert g.shape == (4, 64, 160)
+    proxy_sq = g.double().pow(2).sum((1, 2))
+    explicit = torch.stack([(d[seg == k].T.double() @ a[seg == k].double()).pow(2).sum() for k in range(4)])
+    gram = comp.full_episode_sqnorms(a, d, seg, 4)
+    torch.testing.assert_close(proxy_sq, explicit, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gram, explicit, rtol=1e-9, atol=0)
+    torch.testing.assert_close(comp.penalty(proxy_sq), comp.penalty(explicit), rtol=1e-5, atol=0)
+    # the segment sum equals the per-episode autograd gradient of W itself (last block: exact)
+    for k in range(4):
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)[score[:, 1:]]
+        lp[seg == k].sum().backward()
+        torch.testing.assert_close(layer.weight.grad.double(), (d[seg == k].T @ a[seg == k]).double(),
+                                   atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_rank_follows_rank_frac_and_randomized_svd_spans_top_directions():
+    assert comp.proxy_rank(1536, 8960, 0.05) == math.ceil(0.05 * 1536)
+    assert comp.proxy_rank(64, 160, 0.05) == 4 and comp.proxy_rank(64, 160, rank=7) == 7
+    torch.manual_seed(0)
+    U0, _ = torch.linalg.qr(torch.randn(40, 40))
+    V0, _ = torch.linalg.qr(torch.randn(30, 30))
+    s = torch.tensor([10.0, 8, 6, 4] + [0.01] * 26)
+    W = U0[:, :30] @ torch.diag(s) @ V0.T
+    for method in ("exact", "randomized"):
+        b = comp.low_rank_basis(W, 4, method)
+        assert b.U.shape == (40, 4) and b.V.shape == (30, 4)
+        # same subspace as the true top-4 singular vectors
+        assert torch.linalg.matrix_norm(b.U @ b.U.T - U0[:, :4] @ U0[:, :4].T) < 1e-3
+        assert torch.linalg.matrix_norm(b.V @ b.V.T - V0[:, :4] @ V0[:, :4].T) < 1e-3
+
+
+def test_svd_proxy_refresh_schedule(model):
+    targets = comp.resolve_targets(model, None)
+    p = comp.SVDProxy(refresh_steps=3)
+    assert p.refresh(targets, 0) and not p.refresh(targets, 1) and not p.refresh(targets, 2)
+    assert p.refresh(targets, 3)
+
+
+def test_exact_reference_equals_bruteforce_fisher_quadratic_form(micro_model):
+    """P_k^exact = Δθ̃ᵀ F Δθ̃ with F = g gᵀ + λI built explicitly over ALL parameters."""
+    m = micro_model
+    params = list(m.parameters())
+    n_params = sum(p.numel() for p in params)
+    assert n_params < 4000
+    ids = torch.randint(0, 40, (14,), generator=torch.Generator().manual_seed(2))
+    score = torch.zeros(14, dtype=torch.bool)
+    score[3:] = True
+    ep = torch.full((14,), -1)
+    ep[3:7], ep[7:8], ep[8:] = 0, 1, 2
+    eta, lam = 0.5, 1e-2
+    pen, sq = comp.exact_episode_penalties(m, ids, score, ep, 3, adapt_lr=eta, damping=lam)
+    for k in range(3):
+        m.zero_grad()
+        logits = m(input_ids=ids[None]).logits[0, :-1].double()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).squeeze(-1)
+        lp[score[1:] & (ep[1:] == k)].sum().backward()
+        g = torch.cat([p.grad.flatten().double() for p in params])
+        F = torch.outer(g, g) + lam * torch.eye(n_params, dtype=torch.float64)
+        step = eta * g
+        brute = step @ F @ step
+        torch.testing.assert_close(sq[k], g @ g, rtol=1e-4, atol=0)
+        torch.testing.assert_close(pen[k], brute, rtol=1e-4, atol=0)
+    m.zero_grad()
+
+
+def test_penalty_closed_form():
+    sq = torch.tensor([0.0, 2.0, 3.0])
+    torch.testing.assert_close(comp.penalty(sq, adapt_lr=2.0, damping=0.1),
+                               torch.tensor([0.0, 4 * (4 + 0.2), 4 * (9 + 0.3)], dtype=torch.float64))
+
+
+def test_batch_normalisation():
+    p = torch.tensor([1.0, 3.0, 2.0, 2.0], dtype=torch.float64)  # responses: [1,3], [2], [2]
+    resp = torch.tensor([0, 0, 1, 2])
+    hat = comp.normalise_penalties(p, resp, 3)
+    totals = torch.zeros(3, dtype=torch.float64).index_add_(0, resp, hat)
+    assert totals.mean().item() == pytest.approx(1.0)
+    torch.testing.assert_close(hat, p / (8 / 3))
+    assert comp.normalise_penalties(torch.zeros(2, dtype=torch.float64), torch.tensor([0, 1]), 2).tolist() == [0, 0]
+    assert comp.normalise_penalties(p, resp, 3, "none") is p
+    with pytest.raises(ValueError, match="penalty_norm"):
+        comp.normalise_penalties(p, resp, 3, "bogus")
+
+
+def test_random_layers_and_targets(model):
+    names = comp.random_layer_targets(model, 0.3, seed=0)
+    assert len(names) == 3 and all(n.endswith("mlp.down_proj") for n in names)
+    assert names == comp.random_layer_targets(model, 0.3, seed=0)
+    with pytest.raises(KeyError, match="not a module"):
+        comp.resolve_targets(model, ["model.layers.99.mlp.down_proj"])
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        comp.resolve_targets(model, ["model.layers.0.mlp"])
+
+
+def test_multi_target_signals_are_not_cut_by_later_targets(model):
+    """With two targets, the lower one's δ must still see the path through the upper one."""
+    names = ["model.layers.5.mlp.down_proj", "model.layers.7.mlp.down_proj"]
+    ids, att, score = _batch(model.config.vocab_size, [6], seed=4)
+    both = comp.per_token_signals(model, ids, att, score, comp.resolve_targets(model, names))
+    low_only = comp.per_token_signals(model, ids, att, score, comp.resolve_targets(model, names[:1]))
+    torch.testing.assert_close(both.deltas[names[0]], low_only.deltas[names[0]], atol=1e-6, rtol=0)

@@ -1,0 +1,99 @@
+"""Typed config validation and the whole reward path on bad inputs (METHOD.md §1–§6)."""
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from l2t_core.config import CompressionConfig, CreditConfig, RewardConfig
+from l2t_core.rewards.l2t import METHODS, Rollout, compute_rewards, response_offsets
+from l2t_core.verify import NumericVerifier
+
+GOOD = "<think>\n<episode_1>3 + 4 = 7</episode_1>\n<episode_2>7 * 2 = 14</episode_2>\n</think>\n\n\\boxed{14}"
+REDUNDANT = ("<think>\n<episode_1>3 + 4 = 7</episode_1>\n<episode_2>Check: 3 + 4 = 7</episode_2>\n"
+             "<episode_3>7 * 2 = 14</episode_3>\n</think>\n\n\\boxed{14}")
+BAD_INPUTS = {
+    "empty": "",
+    "no_think": "7 * 2 = 14 so \\boxed{14}",
+    "unclosed_tags": "<think><episode_1>3 + 4 = 7<episode_2>",
+    "no_answer": "<think>thinking</think>",
+    "huge_episode": "<think><episode_1>" + "x" * 5000 + "</episode_1></think>\\boxed{1}",
+    "binary_junk": "\x00\x01\ufffd<episode_9></think></think>\\boxed{",
+}
+
+
+def test_defaults_are_the_papers():
+    c = RewardConfig()
+    assert (c.credit.alpha, c.credit.beta, c.compression.damping, c.compression.rank_frac) == (0.8, 0.6, 1e-5, 0.05)
+    assert (c.loss.clip_low, c.loss.clip_high, c.loss.kl_coef) == (0.2, 0.2, 0.001)
+    assert c.segmentation.max_episodes == 30 and c.fitting.estimator == "answer_logprob"
+    assert RewardConfig.model_validate(json.loads(c.model_dump_json())) == c  # round-trips
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValidationError, match="beta"):
+        CreditConfig(beta=-0.1)
+    with pytest.raises(ValidationError, match="bogus"):
+        CreditConfig(bogus=1)
+    with pytest.raises(ValidationError, match="score_agg"):
+        CreditConfig(score_agg="median")
+    with pytest.raises(ValidationError, match="rank_frac"):
+        CompressionConfig(rank_frac=0.0)
+
+
+def _rollouts(tokenizer, texts, ref="14"):
+    prompt = tokenizer("Compute (3 + 4) * 2.")["input_ids"]
+    return [Rollout(prompt, tokenizer(t, add_special_tokens=False)["input_ids"], t, ref, i // 4)
+            for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_finite_rewards_on_bad_inputs(model, tokenizer, method):
+    texts = [GOOD, REDUNDANT] + list(BAD_INPUTS.values())
+    cfg = RewardConfig(fitting={"mc_samples": 2, "mc_max_new_tokens": 4})
+    batch = compute_rewards(model, tokenizer, _rollouts(tokenizer, texts), method, cfg, verifier=NumericVerifier())
+    assert len(batch.responses) == len(texts)
+    for text, r in zip(texts, batch.responses):
+        assert torch.isfinite(torch.as_tensor(r.score)) and torch.isfinite(r.token_advantage).all()
+        assert len(r.token_advantage) == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert len(r.gains) == len(r.penalties_hat) == r.segmentation.num_episodes
+    by = dict(zip(["good", "redundant"] + list(BAD_INPUTS), batch.responses))
+    assert by["good"].outcome == 1.0 and by["redundant"].outcome == 1.0 and by["no_answer"].outcome == 0.0
+    assert by["empty"].segmentation.status == "empty" and by["unclosed_tags"].segmentation.status == "malformed"
+    if method.startswith("l2t"):
+        for r in batch.responses:
+            if len(r.token_advantage):  # the token mean of A_{i,t} is A_i
+                assert r.token_advantage.mean().item() == pytest.approx(r.advantage, abs=1e-9)
+    if method in ("l2t", "l2t_random_layers"):
+        totals = torch.stack([r.penalties_hat.sum() for r in batch.responses])
+        assert totals.mean().item() == pytest.approx(1.0)  # the average response pays 1
+    else:
+        assert all(float(r.penalties_hat.abs().sum()) == 0.0 for r in batch.responses)
+
+
+def test_l2t_gains_telescope_to_j_difference(model, tokenizer):
+    batch = compute_rewards(model, tokenizer, _rollouts(tokenizer, [GOOD, REDUNDANT]), "l2t", verifier=NumericVerifier())
+    for r in batch.responses:
+        j = torch.exp(r.log_j.double())
+        assert r.gains.sum().item() == pytest.approx((j[-1] - j[0]).item(), abs=1e-6)
+        # sum aggregation = r_out + α Σ r_prg
+    cfg = RewardConfig(credit={"score_agg": "sum"})
+    s = compute_rewards(model, tokenizer, _rollouts(tokenizer, [GOOD]), "l2t", cfg, verifier=NumericVerifier())
+    r = s.responses[0]
+    assert r.score == pytest.approx(r.outcome + 0.8 * float(r.process.sum()))
+
+
+def test_unknown_method_and_empty_batch(model, tokenizer):
+    with pytest.raises(ValueError, match="unknown method"):
+        compute_rewards(model, tokenizer, _rollouts(tokenizer, [GOOD]), "ppo")
+    with pytest.raises(ValueError, match="no rollouts"):
+        compute_rewards(model, tokenizer, [], "l2t")
+    with pytest.raises(ValueError, match="reference answer is empty"):
+        compute_rewards(model, tokenizer, _rollouts(tokenizer, [GOOD], ref=" "), "l2t")
+
+
+def test_offsets_for_non_canonical_token_sequences(tokenizer):
+    text = "ab"
+    ids = tokenizer.convert_tokens_to_ids(["a", "b"])
+    assert response_offsets(tokenizer, text, ids) == [(0, 1), (1, 2)]

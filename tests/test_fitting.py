@@ -1,0 +1,89 @@
+"""Fitting gain (METHOD.md §2): packed single-pass J equals naive per-prefix J."""
+
+import random
+
+import pytest
+import torch
+
+from l2t_core.rewards.fitting import (
+    JItem,
+    answer_logprobs_naive,
+    answer_logprobs_packed,
+    fitting_gains,
+    monte_carlo_j,
+)
+
+
+def _item(rng, vocab, k, prompt_len=None):
+    resp = [rng.randrange(vocab) for _ in range(rng.randrange(3 * k, 8 * k + 4))]
+    cuts = sorted(rng.sample(range(1, len(resp) + 1), k))
+    return JItem([rng.randrange(vocab) for _ in range(prompt_len or rng.randrange(2, 15))], resp, [0] + cuts,
+                 [rng.randrange(vocab) for _ in range(rng.randrange(1, 6))])
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_packed_equals_naive(model, k):
+    rng = random.Random(k)
+    items = [_item(rng, model.config.vocab_size, k)]
+    force = [rng.randrange(model.config.vocab_size) for _ in range(9)]
+    naive = answer_logprobs_naive(model, items, force)
+    packed = answer_logprobs_packed(model, items, force)
+    assert len(packed[0]) == k + 1
+    torch.testing.assert_close(packed[0], naive[0], atol=1e-4, rtol=0)
+
+
+def test_packed_equals_naive_on_padded_batches_and_microbatches(model):
+    rng = random.Random(7)
+    items = [_item(rng, model.config.vocab_size, k) for k in (1, 3, 12, 5, 2)]
+    items.append(JItem([3, 4], [5, 6, 7], [0, 0, 3], [9]))  # an episode with zero tokens
+    force = [11, 12, 13]
+    naive = answer_logprobs_naive(model, items, force)
+    for budget in (100_000, 150):  # one padded batch; many small ones
+        packed = answer_logprobs_packed(model, items, force, max_tokens_per_batch=budget)
+        for a, b in zip(packed, naive):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_packed_is_exact_under_eager_attention(tiny_dir):
+    from l2t_core.models import load_policy
+
+    m, _ = load_policy(tiny_dir)
+    m.config._attn_implementation = "eager"
+    rng = random.Random(3)
+    items = [_item(rng, m.config.vocab_size, 4), _item(rng, m.config.vocab_size, 2)]
+    for a, b in zip(answer_logprobs_packed(m, items, [1, 2]), answer_logprobs_naive(m, items, [1, 2])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_gains_are_differences_of_j():
+    log_j = torch.log(torch.tensor([0.1, 0.4, 0.3, 0.9]))
+    torch.testing.assert_close(fitting_gains(log_j), torch.tensor([0.3, -0.1, 0.6]), atol=1e-6, rtol=0)
+    assert fitting_gains(torch.tensor([float("-inf"), 0.0])).tolist() == [1.0]  # J = 0 is legal
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_gains_refuse_non_finite(bad):
+    with pytest.raises(ValueError, match="NaN"):
+        fitting_gains(torch.tensor([0.0, bad]))
+
+
+def test_bad_items_fail_clearly(model):
+    with pytest.raises(ValueError, match="non-decreasing"):
+        answer_logprobs_packed(model, [JItem([1], [2, 3], [0, 3, 1], [4])], [5])
+    with pytest.raises(ValueError, match="answer tokens"):
+        answer_logprobs_packed(model, [JItem([1], [2, 3], [0, 2], [])], [5])
+    with pytest.raises(ValueError, match="force-answer suffix"):
+        answer_logprobs_packed(model, [JItem([1], [2, 3], [0, 2], [4])], [])
+
+
+def test_monte_carlo_j_counts_verified_samples(model, tokenizer):
+    ctx = tokenizer("Please output the final answer directly based on the above steps:")["input_ids"]
+    always = monte_carlo_j(model, tokenizer, [ctx, ctx[:5]], ["1", "2"], lambda t, r: True, samples=3,
+                           max_new_tokens=4, seed=0)
+    never = monte_carlo_j(model, tokenizer, [ctx], ["1"], lambda t, r: False, samples=3, max_new_tokens=4, seed=0)
+    assert always.tolist() == [1.0, 1.0] and never.tolist() == [0.0]
+    # a verifier that accepts only the reference "2" sees exactly the samples of context 2
+    seen = []
+    monte_carlo_j(model, tokenizer, [ctx, ctx], ["a", "b"], lambda t, r: seen.append(r) or False, samples=2,
+                  max_new_tokens=2, seed=0)
+    assert seen == ["a", "a", "b", "b"]
