@@ -1,0 +1,1 @@
+"""Procedural tasks for the embedded CPU default."""
