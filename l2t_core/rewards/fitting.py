@@ -130,7 +130,7 @@ def packed_attention_mask(packs: Sequence[_Packed], length: int, dtype: torch.dt
     return mask
 
 
-def _microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+def microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Greedy batches (in length order) whose padded size B · max(L) stays within ``max_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches, cur, cur_max = [], [], 0
@@ -162,7 +162,7 @@ def answer_logprobs_packed(
         item.validate(f"answer_logprobs_packed item {n}")
         packs.append(pack_item(item, force_ids))
     results: list[torch.Tensor | None] = [None] * len(items)
-    for batch in _microbatches([len(p.input_ids) for p in packs], max_tokens_per_batch):
+    for batch in microbatches([len(p.input_ids) for p in packs], max_tokens_per_batch):
         bp = [packs[i] for i in batch]
         length = max(len(p.input_ids) for p in bp)
         ids = torch.zeros(len(bp), length, dtype=torch.long)

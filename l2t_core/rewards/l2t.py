@@ -23,7 +23,7 @@ from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
-from .fitting import JItem, answer_logprobs_packed, fitting_gains, monte_carlo_j
+from .fitting import JItem, answer_logprobs_packed, fitting_gains, microbatches, monte_carlo_j
 
 Method = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers"]
 METHODS: tuple[str, ...] = ("grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers")
@@ -95,19 +95,6 @@ def _pad_batch(seqs: list[list[int]], pad_id: int):
     return ids, att
 
 
-def _row_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    out, cur = [], []
-    for i in order:
-        if cur and max(lengths[j] for j in cur + [i]) * (len(cur) + 1) > max_tokens:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
 def episode_sqnorms_and_logps(
     model,
     rollouts: Sequence[Rollout],
@@ -127,7 +114,7 @@ def episode_sqnorms_and_logps(
     sq_out: list[torch.Tensor | None] = [None] * len(rollouts)
     lp_out: list[torch.Tensor | None] = [None] * len(rollouts)
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-    for batch in _row_batches(lengths, max_tokens):
+    for batch in microbatches(lengths, max_tokens):
         seqs = [list(rollouts[i].prompt_ids) + list(rollouts[i].response_ids) for i in batch]
         ids, att = _pad_batch(seqs, pad_id)
         score = torch.zeros_like(ids, dtype=torch.bool)
