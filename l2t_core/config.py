@@ -96,3 +96,77 @@ class RewardConfig(_Strict):
     credit: CreditConfig = CreditConfig()
     loss: LossConfig = LossConfig()
     baselines: BaselineConfig = BaselineConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Training (one TrainConfig per run, saved next to every checkpoint)
+# --------------------------------------------------------------------------------------------
+
+MethodName = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers"]
+
+
+class OptimConfig(_Strict):
+    """METHOD.md §9: AdamW, lr 1e-6, cosine with 10% warm-up, weight decay 0.01."""
+
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_frac: float = Field(0.1, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
+
+
+class RolloutConfig(_Strict):
+    """How rollouts are sampled (METHOD.md §9: 8 per prompt, 4,096/16,384 prompt/completion tokens)."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    group_size: int = Field(8, ge=1, description="G, rollouts per prompt.")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(16384, ge=1)
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_batch_sequences: int = Field(256, ge=1, description="hf engine: sequences per generate call.")
+    vllm_gpu_memory_utilization: float = Field(0.8, gt=0.0, le=1.0)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
+
+
+class DataConfig(_Strict):
+    """Training prompts: the synthetic task (``arithmetic``) or a math JSONL file in the data dir."""
+
+    source: str = Field("arithmetic", description="'arithmetic' or a file name such as 'aime_1983_2023.jsonl'.")
+    train_size: int = Field(2000, ge=1, description="Problems generated (arithmetic) or read at most (files).")
+    min_steps: int = Field(1, ge=1, description="arithmetic: fewest operations per problem.")
+    max_steps: int = Field(4, ge=1, description="arithmetic: most operations per problem.")
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    """One RL fine-tuning run. Serialised as ``train_config.json`` in every checkpoint."""
+
+    method: MethodName = "l2t"
+    policy: str = Field(..., min_length=1, description="Initial policy: a local HF directory or a hub id.")
+    out: str = Field("runs/train", min_length=1, description="Run directory: a local path or any fsspec URL.")
+    steps: int = Field(100, ge=1)
+    prompts_per_step: int = Field(32, ge=1, description="Prompts per step; batch = prompts × group_size.")
+    micro_batch_tokens: int = Field(8192, ge=1, description="Tokens per forward/backward (grad accumulation).")
+    engine: Literal["torch", "deepspeed"] = "torch"
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (see infra/deepspeed/).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_rollouts: bool = True
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+
+    def model_post_init(self, __context) -> None:
+        if self.data.min_steps > self.data.max_steps:
+            raise ValueError(
+                f"data.min_steps ({self.data.min_steps}) is greater than data.max_steps ({self.data.max_steps})"
+            )
+        if self.engine == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("engine='deepspeed' needs deepspeed_config (e.g. infra/deepspeed/zero2.json)")

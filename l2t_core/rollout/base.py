@@ -1,0 +1,78 @@
+"""The rollout-engine interface: G sampled completions per prompt, and weight sync after updates.
+
+Two engines implement it: :class:`~l2t_core.rollout.hf.HFRolloutEngine` (transformers
+``generate``, batched with a KV cache; the CPU default) and
+:class:`~l2t_core.rollout.vllm.VLLMRolloutEngine` (vLLM offline ``LLM``; GPU, optional extra).
+The trainer only ever talks to :class:`RolloutEngine`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are sampled. ``temperature == 0`` means greedy decoding."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    """One sampled response. ``response_ids`` exclude the end-of-sequence token; ``finished`` says
+    whether the model stopped by itself (EOS) rather than at ``max_new_tokens``."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finished: bool
+
+
+class RolloutEngine(abc.ABC):
+    """Samples ``params.n`` completions for every prompt (given as token ids)."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``result[i]`` holds the ``params.n`` completions of ``prompts[i]``, in a fixed order."""
+
+    @abc.abstractmethod
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights (called after each update)."""
+
+    def close(self) -> None:  # pragma: no cover - engines with resources override it
+        """Release engine resources (GPU memory, worker processes)."""
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_prompt_tokens: int | None = None) -> None:
+    """Fail before any compute on an empty batch, an empty prompt or one over the length limit."""
+    if len(prompts) == 0:
+        raise ValueError("rollout: no prompts to generate from")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"rollout: prompt {i} has no tokens")
+        if max_prompt_tokens is not None and len(p) > max_prompt_tokens:
+            raise ValueError(
+                f"rollout: prompt {i} has {len(p)} tokens, over the limit of {max_prompt_tokens}; "
+                "shorten it or raise rollout.max_prompt_tokens"
+            )
