@@ -151,6 +151,9 @@ class TrainConfig(_Strict):
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(32, ge=1, description="Prompts per step; batch = prompts × group_size.")
     micro_batch_tokens: int = Field(8192, ge=1, description="Tokens per forward/backward (grad accumulation).")
+    mini_batches: int = Field(
+        1, ge=1, description="Optimizer steps per rollout batch (PPO-style); 1 = one on-policy update per step."
+    )
     engine: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (see infra/deepspeed/).")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -19,6 +19,7 @@ import torch
 from .. import advantages as adv
 from ..config import RewardConfig
 from ..episodes import Segmentation, TokenEpisodes, segment, token_episode_ids
+from ..logprobs import pad_right, response_mask, token_logprobs
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
@@ -146,6 +147,22 @@ def episode_sqnorms_and_logps(
     return sq_out, lp_out  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_tokens: int) -> list[torch.Tensor]:
+    """log π(z_t) of every response token, micro-batched (no gradient)."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(rollouts)
+    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+    for batch in microbatches(lengths, max_tokens):
+        rs = [rollouts[i] for i in batch]
+        ids, att = pad_right([list(r.prompt_ids) + list(r.response_ids) for r in rs], pad_id, device)
+        mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], device)
+        lp = token_logprobs(model, ids, att, mask)
+        for j, i in enumerate(batch):
+            out[i] = lp[j][mask[j]].cpu()
+    return out  # type: ignore[return-value]
+
+
 def compute_rewards(
     model,
     tokenizer,
@@ -185,18 +202,21 @@ def compute_rewards(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     needs_penalty = method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
     c = cfg.compression
-    if method == "l2t_random_layers":
-        targets = comp.resolve_targets(model, comp.random_layer_targets(model, c.random_layer_frac, c.seed))
-        proxy_used = None
+    if not needs_penalty:  # no penalty: log π_old from a plain no-grad forward
+        sqnorms = [torch.zeros(t.num_episodes, dtype=torch.float64) for t in teps]
+        logps = response_logprobs(model, rollouts, pad_id, cfg.fitting.max_tokens_per_batch)
     else:
-        targets = comp.resolve_targets(model, c.targets)
-        if needs_penalty:
+        if method == "l2t_random_layers":
+            targets = comp.resolve_targets(model, comp.random_layer_targets(model, c.random_layer_frac, c.seed))
+            proxy_used = None
+        else:
+            targets = comp.resolve_targets(model, c.targets)
             proxy = proxy or comp.SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps, c.seed)
             proxy.refresh(targets, step)
-        proxy_used = proxy
-    sqnorms, logps = episode_sqnorms_and_logps(
-        model, rollouts, teps, targets, proxy_used, pad_id, cfg.fitting.max_tokens_per_batch
-    )
+            proxy_used = proxy
+        sqnorms, logps = episode_sqnorms_and_logps(
+            model, rollouts, teps, targets, proxy_used, pad_id, cfg.fitting.max_tokens_per_batch
+        )
     timings["penalty_s"] = time.perf_counter() - t0
 
     k_per = [t.num_episodes for t in teps]

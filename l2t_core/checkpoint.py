@@ -1,0 +1,189 @@
+"""Atomic checkpoints on any fsspec URL (a local path by default; ``s3://`` through s3fs).
+
+Layout of a run directory ``<out>``::
+
+    <out>/checkpoints/step-000010/      model (save_pretrained), tokenizer, train_config.json,
+                                        trainer_state.pt, engine state, COMPLETE
+    <out>/checkpoints/LATEST            the name of the newest complete checkpoint
+
+Writing is two-phase, so an interrupted write never becomes "latest":
+
+1. everything is written to a local temporary directory, then copied to
+   ``<out>/checkpoints/.tmp-step-000010-<uuid>`` and renamed to ``step-000010`` (a rename is atomic
+   on local disks; on object stores the copy is not, which is why phase 2 exists);
+2. only after the directory is complete is the marker ``COMPLETE`` written into it and then the
+   ``LATEST`` pointer replaced (through a temporary file and a rename on local disks; a single
+   object PUT, which is atomic, on object stores).
+
+:func:`latest_checkpoint` trusts ``LATEST`` only when the directory it names has ``COMPLETE``; it
+otherwise falls back to the newest complete ``step-*`` directory, so a crash at any point leaves
+the previous checkpoint usable. Stale temporaries are removed on the next write.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger("l2t.checkpoint")
+
+COMPLETE = "COMPLETE"
+LATEST = "LATEST"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+class RunStorage:
+    """A run directory on any fsspec filesystem; knows how to write and find checkpoints."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        if not url or not str(url).strip():
+            raise ValueError("RunStorage: the run URL is empty; give a local path or an fsspec URL like s3://bucket/run")
+        self.url = str(url).rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise ValueError(
+                f"cannot open run storage {self.url!r}: {exc}. For s3:// install the 'pipeline' extra (s3fs)."
+            ) from exc
+        self.root = self.root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    # ------------------------------------------------------------------ paths
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    @property
+    def checkpoints(self) -> str:
+        return self.path("checkpoints")
+
+    def check_writable(self) -> None:
+        """Fail before any compute when the run URL cannot be written (bad bucket, no permission)."""
+        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # noqa: BLE001 - any backend error means "unusable"
+            raise OSError(
+                f"the run directory {self.url!r} is not writable ({type(exc).__name__}: {exc}); "
+                "check the path or bucket, and credentials in the environment (AWS_ACCESS_KEY_ID, ...)"
+            ) from exc
+
+    # ------------------------------------------------------------------ small files
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to ``<root>/<rel>`` atomically (temporary file + rename on local disks)."""
+        dest = self.path(rel)
+        parent = dest.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.is_local:
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+            self.fs.pipe_file(tmp, data)
+            Path(tmp).replace(dest)
+        else:
+            self.fs.pipe_file(dest, data)  # one PUT: atomic on object stores
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def list(self, rel: str) -> list[str]:
+        p = self.path(rel)
+        if not self.fs.exists(p):
+            return []
+        return sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in self.fs.ls(p, detail=False))
+
+    def remove(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def complete_steps(self) -> list[int]:
+        steps = []
+        for name in self.list("checkpoints"):
+            m = _STEP_RE.match(name)
+            if m and self.fs.exists(self.path("checkpoints", name, COMPLETE)):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        """(step, URL) of the newest complete checkpoint, or None when the run has none."""
+        if self.exists(f"checkpoints/{LATEST}"):
+            name = self.read_bytes(f"checkpoints/{LATEST}").decode().strip()
+            m = _STEP_RE.match(name)
+            if m and self.fs.exists(self.path("checkpoints", name, COMPLETE)):
+                return int(m.group(1)), self.path("checkpoints", name)
+            log.warning("LATEST names %r, which is not a complete checkpoint; scanning for one", name)
+        steps = self.complete_steps()
+        if not steps:
+            return None
+        return steps[-1], self.path("checkpoints", checkpoint_name(steps[-1]))
+
+    def write_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None = None) -> str:
+        """Write checkpoint ``step``: ``fill(local_dir)`` puts every file into a local temporary
+        directory; it is then published atomically (see the module docstring). Returns its URL."""
+        name = checkpoint_name(step)
+        self._remove_stale_temporaries()
+        with tempfile.TemporaryDirectory(prefix=f"l2t-{name}-") as tmp:
+            local = Path(tmp) / name
+            local.mkdir()
+            fill(local)
+            (local / COMPLETE).write_text(f"{step}\n")
+            final = self.path("checkpoints", name)
+            staging = self.path("checkpoints", f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+            self.fs.makedirs(self.checkpoints, exist_ok=True)
+            if self.is_local:
+                # COMPLETE is inside the directory, which appears under its final name in one rename
+                shutil.copytree(local, staging)
+                if self.fs.exists(final):
+                    shutil.rmtree(final)
+                Path(staging).rename(final)
+            else:
+                marker = local / COMPLETE
+                marker_bytes = marker.read_bytes()
+                marker.unlink()
+                if self.fs.exists(final):
+                    self.fs.rm(final, recursive=True)
+                self.fs.put(str(local) + "/", final + "/", recursive=True)
+                self.fs.pipe_file(f"{final}/{COMPLETE}", marker_bytes)  # written last
+        self.write_bytes(f"checkpoints/{LATEST}", f"{name}\n".encode())
+        log.info("checkpoint %s written to %s", name, final)
+        if keep:
+            self.prune(keep)
+        return final
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints (never the one LATEST names)."""
+        steps = self.complete_steps()
+        for s in steps[:-keep]:
+            self.remove(f"checkpoints/{checkpoint_name(s)}")
+
+    def _remove_stale_temporaries(self) -> None:
+        for name in self.list("checkpoints"):
+            if name.startswith(".tmp-"):
+                self.remove(f"checkpoints/{name}")
+
+    @contextmanager
+    def local_copy(self, url: str) -> Iterator[Path]:
+        """A local directory holding the checkpoint at ``url`` (the directory itself when local)."""
+        if self.is_local:
+            yield Path(url)
+            return
+        with tempfile.TemporaryDirectory(prefix="l2t-ckpt-") as tmp:
+            self.fs.get(url.rstrip("/") + "/", tmp + "/", recursive=True)
+            yield Path(tmp)

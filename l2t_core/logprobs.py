@@ -1,0 +1,47 @@
+"""Per-token log-probabilities of response tokens under a causal LM, batched with right padding.
+
+Used by the trainer for log π_θ (with grad) and log π_ref (without); the reward pass gets
+log π_old from its own forward (:mod:`~l2t_core.rewards.l2t`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .models import decoder_and_head
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        att[i, : len(s)] = 1
+    return ids.to(device), att.to(device)
+
+
+def response_mask(prompt_lens: Sequence[int], response_lens: Sequence[int], width: int, device=None) -> torch.Tensor:
+    """[B, width] bool: True on the response tokens of each right-padded prompt ⊕ response row."""
+    pos = torch.arange(width)[None, :]
+    p = torch.as_tensor(list(prompt_lens))[:, None]
+    r = torch.as_tensor(list(response_lens))[:, None]
+    return ((pos >= p) & (pos < p + r)).to(device)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+    """[B, W] log π(z_p | z_<p) at positions where ``score_mask`` is True, 0 elsewhere.
+
+    Only the hidden states of scored positions go through the output head, so the [B, W, vocab]
+    logits tensor is never built."""
+    if score_mask[:, 0].any():
+        raise ValueError("token_logprobs: position 0 cannot be scored (it has no context)")
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    pred = score_mask[:, 1:]
+    logits = head(hidden[:, :-1][pred]).float()
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:][pred][:, None]).squeeze(-1)
+    out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=lp.device)
+    out[:, 1:][pred] = lp  # functional on autograd: index_put on a fresh tensor
+    return out

@@ -1,0 +1,435 @@
+"""The RL fine-tuning loop (METHOD.md §4–§5, §9): one :class:`Trainer` per :class:`TrainConfig`.
+
+Each step:
+
+1. takes the step's prompts (a seeded permutation per epoch, so step ``s`` always sees the same
+   prompts, which is what makes a resumed run equal an uninterrupted one);
+2. samples G rollouts per prompt through the rollout engine (``hf`` or ``vllm``);
+3. segments, verifies and scores them with :func:`~l2t_core.rewards.l2t.compute_rewards` under the
+   run's method (which also yields log π_old per token);
+4. computes log π_ref with the frozen reference policy;
+5. takes ``mini_batches`` clipped policy-gradient steps with the k3 KL (:func:`~l2t_core.losses.
+   policy_loss`), accumulating gradients over micro-batches of at most ``micro_batch_tokens``
+   tokens, so a batch of 256 fits in small memory;
+6. logs metrics and rollouts, and checkpoints atomically every ``checkpoint_every`` steps.
+
+Under DeepSpeed each rank takes its share of the step's prompts; losses are scaled by the global
+token (or sequence) count so the averaged gradient equals the full batch's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .checkpoint import RunStorage
+from .config import TrainConfig
+from .engines import make_train_engine
+from .logprobs import pad_right, response_mask, token_logprobs
+from .losses import policy_loss
+from .metrics import MetricsWriter, read_table
+from .models import load_policy
+from .rewards.compression import SVDProxy
+from .rewards.fitting import microbatches
+from .rewards.l2t import RewardBatch, Rollout, compute_rewards
+from .rollout import SamplingParams, make_rollout_engine
+from .training_data import TrainProblem, load_training_problems, verifier_for
+
+log = logging.getLogger("l2t.trainer")
+
+CONFIG_FILE = "train_config.json"
+STATE_FILE = "trainer_state.pt"
+TIMING_COLUMNS = ("step_time_s", "rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s")
+
+
+@dataclass
+class RunResult:
+    out: str
+    final_step: int
+    checkpoint: str | None
+    steps: pd.DataFrame
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _all_sum(x: float) -> float:
+    dist = _dist()
+    if dist is None:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def step_prompt_indices(num_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
+    """Indices of the prompts of optimizer step ``step`` (1-based): consecutive slices of a seeded
+    permutation per epoch; a pure function of its arguments."""
+    if num_problems <= 0:
+        raise ValueError("no training problems")
+    start = (step - 1) * prompts_per_step
+    out = []
+    for pos in range(start, start + prompts_per_step):
+        epoch, idx = divmod(pos, num_problems)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_problems)
+        out.append(int(perm[idx]))
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, storage_options: dict | None = None, show_progress: bool = True):
+        self.cfg = cfg
+        self.show_progress = show_progress
+        self.storage = RunStorage(cfg.out, storage_options)
+        self._setup_done = False
+
+    # ------------------------------------------------------------------ setup (all checks before compute)
+    def setup(self) -> None:
+        cfg = self.cfg
+        dist = _dist()
+        self.rank = dist.get_rank() if dist else 0
+        self.world = dist.get_world_size() if dist else 1
+        if self.rank == 0:
+            self.storage.check_writable()
+        self.problems: list[TrainProblem] = load_training_problems(cfg.data)
+        self.verifier = verifier_for(cfg.data)
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
+        self.device = torch.device(device)
+        policy, self.tokenizer = load_policy(cfg.policy, device=device)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        # prompts tokenized and length-checked once, before any compute
+        self.prompt_ids: list[list[int]] = []
+        for p in self.problems:
+            ids = self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"training problem {p.id!r}: the prompt tokenized to nothing")
+            if len(ids) > cfg.rollout.max_prompt_tokens:
+                raise ValueError(
+                    f"training problem {p.id!r}: prompt has {len(ids)} tokens, over rollout.max_prompt_tokens="
+                    f"{cfg.rollout.max_prompt_tokens}; raise the limit or filter the data"
+                )
+            self.prompt_ids.append(ids)
+        self.reference = None
+        if cfg.reward.loss.kl_coef > 0:
+            self.reference = copy.deepcopy(policy).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        policy.train()
+        total_updates = cfg.steps * cfg.mini_batches
+        kw = {"config_path": cfg.deepspeed_config} if cfg.engine == "deepspeed" else {}
+        self.engine = make_train_engine(cfg.engine, policy, cfg.optim, total_updates, **kw)
+        rkw = dict(max_prompt_tokens=cfg.rollout.max_prompt_tokens)
+        if cfg.rollout.engine == "hf":
+            rkw["max_batch_sequences"] = cfg.rollout.max_batch_sequences
+        else:
+            rkw.update(model_path=cfg.policy, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                       tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size, seed=cfg.seed)
+        self.rollout = make_rollout_engine(cfg.rollout.engine, self.engine.unwrapped(), self.tokenizer, **rkw)
+        c = cfg.reward.compression
+        self.proxy = SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps, c.seed)
+        self.metrics = MetricsWriter(self.storage)
+        self.step = 0
+        self.run_id = uuid.uuid4().hex[:12]
+        self._setup_done = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "run_id": self.run_id,
+            "proxy": {"bases": self.proxy.bases, "last_refresh": self.proxy._last_refresh},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        }
+
+    def _write_main_files(self, d: Path) -> None:
+        """What rank 0 puts in every checkpoint: HF model + tokenizer, the config, trainer state."""
+        self.engine.unwrapped().save_pretrained(d)
+        self.tokenizer.save_pretrained(d)
+        (d / CONFIG_FILE).write_text(self.cfg.model_dump_json(indent=2))
+        torch.save(self._trainer_state(), d / STATE_FILE)
+
+    def _save(self) -> str | None:
+        def fill(d: Path) -> None:
+            self._write_main_files(d)
+            self.engine.save_state(d)
+
+        return self.storage.write_checkpoint(self.step, fill, keep=self.cfg.keep_checkpoints)
+
+    def _save_distributed(self) -> str | None:
+        """Multi-rank checkpoint: every rank writes its engine shard into one staging directory on
+        the shared run filesystem; rank 0 adds the model and publishes it atomically."""
+        import shutil
+
+        dist = _dist()
+        if not self.storage.is_local:
+            raise NotImplementedError(
+                "multi-rank checkpoints need a shared local/NFS run directory; sync it to object storage afterwards"
+            )
+        staging = Path(self.storage.root) / "checkpoints" / f".staging-{self.step:06d}"
+        staging.mkdir(parents=True, exist_ok=True)
+        self.engine.save_state(staging)
+        dist.barrier()
+        url = None
+        if self.rank == 0:
+            def fill(d: Path) -> None:
+                shutil.copytree(staging, d, dirs_exist_ok=True)
+                self._write_main_files(d)
+
+            url = self.storage.write_checkpoint(self.step, fill, keep=self.cfg.keep_checkpoints)
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        return url
+
+    def checkpoint(self, first_step: int) -> str | None:
+        """Flush metrics of steps ``first_step..self.step``, then publish the checkpoint."""
+        if self.rank == 0:
+            self.metrics.flush(first_step, self.step)
+        return self._save_distributed() if self.world > 1 else self._save()
+
+    def _resume(self) -> int:
+        latest = self.storage.latest_checkpoint()
+        if latest is None:
+            return 0
+        step, url = latest
+        with self.storage.local_copy(url) as d:
+            saved = json.loads((d / CONFIG_FILE).read_text())
+            mine = json.loads(self.cfg.model_dump_json())
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            if diff:
+                raise ValueError(
+                    f"{self.cfg.out} holds a run with a different configuration (fields: {', '.join(diff)}); "
+                    "resume with the same configuration or choose a new --out"
+                )
+            from safetensors.torch import load_file
+
+            model = self.engine.unwrapped()
+            weights = {}
+            for f in sorted(d.glob("*.safetensors")):
+                weights.update(load_file(str(f), device=str(self.device)))
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+            if missing or unexpected:
+                raise RuntimeError(f"checkpoint {url} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            self.engine.load_state(d)
+            state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+        self.run_id = state["run_id"]
+        self.proxy.bases = state["proxy"]["bases"]
+        self.proxy._last_refresh = state["proxy"]["last_refresh"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.rollout.sync_weights(self.engine.unwrapped())
+        self.metrics.drop_after(step)
+        log.info("resumed run %s from %s (step %d)", self.run_id, url, step)
+        return step
+
+    # ------------------------------------------------------------------ one step
+    def _rollouts(self, step: int) -> tuple[list[Rollout], list[TrainProblem], float]:
+        cfg = self.cfg
+        idx = step_prompt_indices(len(self.problems), cfg.prompts_per_step, step, cfg.seed)
+        idx = idx[self.rank:: self.world]
+        if not idx:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} leaves rank {self.rank} without prompts")
+        t0 = time.perf_counter()
+        params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                max_new_tokens=cfg.rollout.max_new_tokens,
+                                seed=(cfg.seed * 1_000_003 + step * 7919 + self.rank) % (2**31))
+        groups = self.rollout.generate([self.prompt_ids[i] for i in idx], params)
+        rollouts, probs = [], []
+        for g, (i, comps) in enumerate(zip(idx, groups)):
+            for c in comps:
+                rollouts.append(Rollout(c.prompt_ids, c.response_ids, c.text, self.problems[i].answer, g))
+                probs.append(self.problems[i])
+        return rollouts, probs, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _reference_logprobs(self, rollouts: Sequence[Rollout]) -> list[torch.Tensor] | None:
+        if self.reference is None:
+            return None
+        out: list[torch.Tensor | None] = [None] * len(rollouts)
+        lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+        for mb in microbatches(lengths, self.cfg.micro_batch_tokens):
+            lp = self._logps(self.reference, [rollouts[i] for i in mb])
+            for j, i in enumerate(mb):
+                out[i] = lp[j]
+        return out  # type: ignore[return-value]
+
+    def _logps(self, model, rs: Sequence[Rollout]) -> list[torch.Tensor]:
+        seqs = [list(r.prompt_ids) + list(r.response_ids) for r in rs]
+        ids, att = pad_right(seqs, self.pad_id, self.device)
+        mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], self.device)
+        lp = token_logprobs(model, ids, att, mask)
+        return [lp[j][mask[j]] for j in range(len(rs))]
+
+    def _update(self, rollouts: Sequence[Rollout], rewards: RewardBatch, ref: list[torch.Tensor] | None) -> dict:
+        """``mini_batches`` optimizer steps over the batch, each accumulated over micro-batches."""
+        cfg, lc = self.cfg, self.cfg.reward.loss
+        model = self.engine.module
+        order = list(range(len(rollouts)))
+        n_mb = min(cfg.mini_batches, len(order))
+        minis = [order[k::n_mb] for k in range(n_mb)]
+        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+        opt_stats = {"grad_norm": 0.0, "lr": 0.0}
+        tok_total = 0.0
+        for mini in minis:
+            n_tok = [len(rollouts[i].response_ids) for i in mini]
+            if cfg.reward.loss.aggregation == "token_mean":
+                denom = _all_sum(float(sum(n_tok)))
+            else:
+                denom = _all_sum(float(sum(1 for t in n_tok if t > 0)))
+            lengths = [len(rollouts[i].prompt_ids) + n_tok[j] for j, i in enumerate(mini)]
+            for mb_local in microbatches(lengths, cfg.micro_batch_tokens):
+                mb = [mini[j] for j in mb_local]
+                rs = [rollouts[i] for i in mb if len(rollouts[i].response_ids) > 0]
+                keep = [i for i in mb if len(rollouts[i].response_ids) > 0]
+                if not rs:
+                    continue
+                logp_list = self._logps(model, rs)
+                width = max(len(x) for x in logp_list)
+
+                def stack(vals):
+                    t = torch.zeros(len(vals), width, dtype=torch.float32, device=self.device)
+                    for j, v in enumerate(vals):
+                        t[j, : len(v)] = v.to(self.device, torch.float32)
+                    return t
+
+                logp = torch.nn.utils.rnn.pad_sequence(logp_list, batch_first=True)
+                mask = stack([torch.ones(len(x)) for x in logp_list])
+                old = stack([rewards.responses[i].logp_old for i in keep])
+                advs = stack([rewards.responses[i].token_advantage for i in keep])
+                refl = stack([ref[i] for i in keep]) if ref is not None else None
+                out = policy_loss(logp, old, refl, advs, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
+                                  kl_coef=lc.kl_coef, aggregation=lc.aggregation)
+                share = (mask.sum() if lc.aggregation == "token_mean" else torch.tensor(float(len(rs)))).item()
+                scale = share / max(denom, 1.0) * self.world  # engines average gradients over ranks
+                self.engine.backward(out.loss * scale)
+                w = mask.sum().item()
+                tok_total += w
+                for k in sums:
+                    sums[k] += float(getattr(out, k).detach()) * w
+            st = self.engine.step()
+            opt_stats = {k: opt_stats[k] + st[k] / len(minis) for k in opt_stats}
+        self.rollout.sync_weights(self.engine.unwrapped())
+        stats = {k: v / max(tok_total, 1.0) for k, v in sums.items()}
+        stats.update(opt_stats)
+        return stats
+
+    def train_step(self, step: int) -> dict:
+        t_step = time.perf_counter()
+        rollouts, probs, t_roll = self._rollouts(step)
+        t0 = time.perf_counter()
+        rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
+                                  verifier=self.verifier, proxy=self.proxy, step=step)
+        t_reward = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = self._reference_logprobs(rollouts)
+        t_ref = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        upd = self._update(rollouts, rewards, ref)
+        t_update = time.perf_counter() - t0
+        row = self._record(step, rollouts, probs, rewards)
+        row.update(upd)
+        row.update(step_time_s=time.perf_counter() - t_step, rollout_time_s=t_roll, reward_time_s=t_reward,
+                   ref_time_s=t_ref, update_time_s=t_update)
+        row.update({f"reward_{k}": v for k, v in rewards.timings.items()})
+        return row
+
+    def _record(self, step: int, rollouts, probs, rewards: RewardBatch) -> dict:
+        """Rollout and episode rows for the metrics tables; returns the step's summary row."""
+        rrows, erows = [], []
+        for n, (r, p, x) in enumerate(zip(rollouts, probs, rewards.responses)):
+            rrows.append({
+                "run_id": self.run_id, "step": step, "rank": self.rank, "rollout": n, "problem_id": p.id,
+                "level": p.level, "group": r.group_id, "response": r.response_text if self.cfg.log_rollouts else None,
+                "reference": r.reference, "num_tokens": len(r.response_ids), "outcome": x.outcome,
+                "verdict": x.verdict_status, "segmentation": x.segmentation.status,
+                "num_episodes": x.segmentation.num_episodes, "score": x.score, "advantage": x.advantage,
+            })
+            lens = np.diff(np.asarray(x.tokens.boundaries)) if x.segmentation.num_episodes else []
+            for k in range(x.segmentation.num_episodes):
+                erows.append({
+                    "run_id": self.run_id, "step": step, "rank": self.rank, "rollout": n, "episode": k + 1,
+                    "num_tokens": int(lens[k]), "fitting_gain": float(x.gains[k]), "penalty": float(x.penalties[k]),
+                    "penalty_hat": float(x.penalties_hat[k]), "process_reward": float(x.process[k]),
+                    "episode_reward": float(x.episode_reward[k]),
+                })
+        dist = _dist()
+        if dist is not None:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, (rrows, erows))
+            rrows = [r for g in gathered for r in g[0]]
+            erows = [e for g in gathered for e in g[1]]
+        if self.rank == 0:
+            self.metrics.add("rollouts", rrows)
+            self.metrics.add("episode_rewards", erows)
+        rdf, edf = pd.DataFrame(rrows), pd.DataFrame(erows)
+        row = {
+            "run_id": self.run_id, "step": step, "method": self.cfg.method,
+            "accuracy": float(rdf["outcome"].mean()), "mean_tokens": float(rdf["num_tokens"].mean()),
+            "episodes_per_response": float(rdf["num_episodes"].mean()),
+            "tagged_share": float((rdf["segmentation"] == "tagged").mean()),
+            "score_mean": float(rdf["score"].mean()), "score_std": float(rdf["score"].std(ddof=0)),
+        }
+        for col in ("fitting_gain", "penalty_hat", "process_reward", "episode_reward"):
+            row[f"{col}_mean"] = float(edf[col].mean()) if len(edf) else 0.0
+        return row
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, stop_after: int | None = None) -> RunResult:
+        """Train to ``cfg.steps`` (resuming from the run directory's latest checkpoint if any).
+        ``stop_after`` ends this session after that many steps (tests use it to simulate a crash)."""
+        if not self._setup_done:
+            self.setup()
+        cfg = self.cfg
+        start = self._resume()
+        if self.rank == 0 and start == 0:
+            self.storage.write_bytes(CONFIG_FILE, cfg.model_dump_json(indent=2).encode())
+        last_ckpt = None
+        first_unsaved = start + 1
+        done = 0
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        with Progress(*columns, disable=not (self.show_progress and self.rank == 0), transient=False) as bar:
+            task = bar.add_task(f"{cfg.method}", total=cfg.steps, completed=start, info="")
+            for step in range(start + 1, cfg.steps + 1):
+                self.step = step
+                row = self.train_step(step)
+                if self.rank == 0:
+                    self.metrics.add("train_steps", [row])
+                info = (f"acc {row['accuracy']:.2f} tok {row['mean_tokens']:.1f} kl {row['kl']:.4f} "
+                        f"{row['step_time_s']:.1f}s")
+                bar.update(task, advance=1, info=info)
+                log.info("step %d/%d %s: %s", step, cfg.steps, cfg.method, info)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    last_ckpt = self.checkpoint(first_unsaved)
+                    first_unsaved = step + 1
+                done += 1
+                if stop_after is not None and done >= stop_after:
+                    break
+        steps = read_table(self.storage, "train_steps") if self.rank == 0 else pd.DataFrame()
+        return RunResult(cfg.out, self.step, last_ckpt, steps)
+
+
+def train(cfg: TrainConfig, **kwargs) -> RunResult:
+    """Run (or resume) ``cfg`` to completion."""
+    return Trainer(cfg, **{k: v for k, v in kwargs.items() if k in ("storage_options", "show_progress")}).run(
+        stop_after=kwargs.get("stop_after"))

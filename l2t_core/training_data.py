@@ -1,0 +1,38 @@
+"""Training prompts for a run: the synthetic task or a math JSONL file from the data directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import DataConfig
+from .data import read_math_jsonl
+from .prompts import build_prompt
+from .verify import MathVerifier, NumericVerifier, Verifier
+
+
+@dataclass(frozen=True)
+class TrainProblem:
+    id: str
+    prompt: str
+    answer: str
+    level: int | None = None
+
+
+def load_training_problems(cfg: DataConfig) -> list[TrainProblem]:
+    """The run's training problems; fails with a clear message on an empty or unreadable source."""
+    if cfg.source == "arithmetic":
+        from .tasks import arithmetic
+
+        probs = arithmetic.dataset(cfg.train_size, cfg.min_steps, cfg.max_steps, seed=cfg.seed)
+        out = [TrainProblem(p.id, arithmetic.build_task_prompt(p), p.answer, p.steps) for p in probs]
+    else:
+        rows = read_math_jsonl(cfg.source)[: cfg.train_size]
+        out = [TrainProblem(r["id"], build_prompt(r["problem"]), r["answer"], None) for r in rows]
+    if not out:
+        raise ValueError(f"training data {cfg.source!r} gave no problems; check data.source and data.train_size")
+    return out
+
+
+def verifier_for(cfg: DataConfig) -> Verifier:
+    """Exact numeric comparison for the synthetic task; math-verify for real math data."""
+    return NumericVerifier() if cfg.source == "arithmetic" else MathVerifier()
