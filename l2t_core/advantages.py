@@ -118,3 +118,36 @@ def token_advantages(advantage: float | torch.Tensor, token_reward: torch.Tensor
     total = mag.sum()
     c = mag / total if total > 0 else torch.full_like(mag, 1.0 / n)
     return a * n * c
+
+
+def group_episode_zscores(
+    process: list[torch.Tensor], group_ids: torch.Tensor, eps: float = 1e-6
+) -> list[torch.Tensor]:
+    """Each episode's process reward r_k^prg z-scored over all episodes of its group (population
+    std); the process term of the ``additive`` credit option (this project's variant, not METHOD.md's).
+    A group with fewer than two episodes, or all equal, gets zeros."""
+    out = []
+    groups = group_ids.tolist()
+    pooled: dict[int, torch.Tensor] = {}
+    for g in set(groups):
+        parts = [process[i].double() for i in range(len(process)) if groups[i] == g and process[i].numel()]
+        pooled[g] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    for i, p in enumerate(process):
+        allp = pooled[groups[i]]
+        if allp.numel() < 2 or p.numel() == 0:
+            out.append(torch.zeros(p.numel(), dtype=torch.float64))
+            continue
+        _check_finite("process rewards", allp)
+        mu, sd = allp.mean(), allp.std(unbiased=False)
+        out.append((p.double() - mu) / (sd + eps))
+    return out
+
+
+def additive_token_advantages(
+    outcome_advantage: float | torch.Tensor, episode_z: torch.Tensor, episode_ids: torch.Tensor, coef: float
+) -> torch.Tensor:
+    """A_{i,t} = A_i^outcome + coef · z_{k(t)} (the ``additive`` credit option)."""
+    a = torch.as_tensor(outcome_advantage, dtype=torch.float64)
+    if episode_ids.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    return a + coef * episode_z.double()[episode_ids.long()]

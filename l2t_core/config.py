@@ -6,7 +6,7 @@ misspelt option fails loudly with the field's name instead of being silently ign
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +69,16 @@ class CreditConfig(_Strict):
     score_agg: Literal["trimmed_mean", "sum"] = "trimmed_mean"
     trim_frac: float = Field(0.05, ge=0.0, lt=1.0, description="Total share trimmed, half at each tail.")
     std_eps: float = Field(1e-6, gt=0.0)
+    credit: Literal["paper", "additive"] = Field(
+        "paper",
+        description=(
+            "paper: A_{i,t} = A_i·T_i·|r_t|/Σ|r| with A_i from the response score (METHOD.md §4). "
+            "additive (this project's option, not the paper's): A_{i,t} = A_i^outcome + process_coef · "
+            "z_g(r_k^prg), the outcome's GRPO advantage plus the episode's process reward z-scored over "
+            "all episodes of the group; signed, so correct steps of a wrong response are not pushed down."
+        ),
+    )
+    process_coef: float = Field(0.5, ge=0.0, description="Weight of the process term in credit='additive'.")
 
 
 class LossConfig(_Strict):
@@ -103,6 +113,7 @@ class RewardConfig(_Strict):
 # --------------------------------------------------------------------------------------------
 
 MethodName = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 
 
 class OptimConfig(_Strict):

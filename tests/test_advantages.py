@@ -82,3 +82,22 @@ def test_token_advantages_mean_and_reduction():
     # Σ|r_t| = 0: c_t = 1/T
     assert adv.token_advantages(0.7, torch.zeros(4)).tolist() == pytest.approx([0.7] * 4)
     assert adv.token_advantages(0.7, torch.zeros(0)).numel() == 0
+
+
+def test_additive_credit_option_is_signed_and_reduces_to_grpo():
+    from l2t_core.advantages import additive_token_advantages, group_episode_zscores
+
+    process = [torch.tensor([1.0, -1.0]), torch.tensor([3.0]), torch.tensor([5.0, 0.0])]
+    groups = torch.tensor([0, 0, 1])
+    z = group_episode_zscores(process, groups)
+    pooled = torch.tensor([1.0, -1.0, 3.0], dtype=torch.float64)
+    ref = (pooled - pooled.mean()) / (pooled.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(torch.cat(z[:2]), ref)
+    torch.testing.assert_close(z[2], torch.tensor([1.0, -1.0], dtype=torch.float64), atol=1e-5, rtol=0)
+    ids = torch.tensor([0, 0, 1])
+    # a wrong response (negative outcome advantage) still pushes its good episode up relative to its bad one
+    a = additive_token_advantages(-0.5, torch.tensor([1.0, -1.0]), ids, coef=0.5)
+    assert a.tolist() == [0.0, 0.0, -1.0]
+    # coef 0: GRPO's broadcast
+    assert additive_token_advantages(0.7, torch.tensor([1.0, -1.0]), ids, 0.0).tolist() == [0.7, 0.7, 0.7]
+    assert group_episode_zscores([torch.tensor([2.0])], torch.tensor([0]))[0].tolist() == [0.0]

@@ -276,7 +276,10 @@ def compute_rewards(
         ))
 
     outcomes = torch.tensor(outs, dtype=torch.float64)
-    if method.startswith("l2t"):
+    additive = method.startswith("l2t") and cr.credit == "additive"
+    if additive:  # outcome's GRPO advantage + z-scored process reward per episode (project option)
+        scores = outcomes
+    elif method.startswith("l2t"):
         scores = torch.stack([adv.response_score(x.token_reward, x.episode_reward, cr.score_agg, cr.trim_frac)
                               for x in results])
     elif method == "length_penalty":
@@ -288,10 +291,14 @@ def compute_rewards(
     else:
         scores = outcomes
     a = adv.group_advantages(scores, groups, cr.std_eps)
+    zs = adv.group_episode_zscores([x.process for x in results], groups, cr.std_eps) if additive else None
     for n, x in enumerate(results):
         x.score, x.advantage = float(scores[n]), float(a[n])
         t = len(rollouts[n].response_ids)
-        if method.startswith("l2t"):
+        if additive:
+            x.token_advantage = adv.additive_token_advantages(
+                a[n], zs[n], torch.as_tensor(x.tokens.episode_ids), cr.process_coef)
+        elif method.startswith("l2t"):
             x.token_advantage = adv.token_advantages(a[n], x.token_reward)
         else:  # scalar advantage broadcast to every token (GRPO and the scalar baselines)
             x.token_advantage = torch.full((t,), float(a[n]), dtype=torch.float64)
