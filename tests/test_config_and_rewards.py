@@ -97,3 +97,22 @@ def test_offsets_for_non_canonical_token_sequences(tokenizer):
     text = "ab"
     ids = tokenizer.convert_tokens_to_ids(["a", "b"])
     assert response_offsets(tokenizer, text, ids) == [(0, 1), (1, 2)]
+
+
+def test_additive_credit_through_the_reward_path(model, tokenizer):
+    texts = [GOOD, REDUNDANT] + list(BAD_INPUTS.values())
+    cfg = RewardConfig(credit={"credit": "additive", "process_coef": 0.5})
+    batch = compute_rewards(model, tokenizer, _rollouts(tokenizer, texts), "l2t", cfg, verifier=NumericVerifier())
+    from l2t_core.advantages import grpo_advantages
+
+    outcomes = torch.tensor([r.outcome for r in batch.responses], dtype=torch.float64)
+    groups = torch.tensor([i // 4 for i in range(len(texts))])
+    # the response-level advantage is the outcome's GRPO advantage
+    torch.testing.assert_close(torch.tensor([r.advantage for r in batch.responses], dtype=torch.float64),
+                               grpo_advantages(outcomes, groups))
+    for r in batch.responses:
+        assert torch.isfinite(r.token_advantage).all()
+        if r.segmentation.num_episodes > 1:
+            ids = torch.as_tensor(r.tokens.episode_ids)
+            per_ep = [r.token_advantage[ids == k].unique() for k in range(r.segmentation.num_episodes)]
+            assert all(len(u) == 1 for u in per_ep)  # constant within an episode
