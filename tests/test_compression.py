@@ -171,3 +171,16 @@ def test_multi_target_signals_are_not_cut_by_later_targets(model):
     both = comp.per_token_signals(model, ids, att, score, comp.resolve_targets(model, names))
     low_only = comp.per_token_signals(model, ids, att, score, comp.resolve_targets(model, names[:1]))
     torch.testing.assert_close(both.deltas[names[0]], low_only.deltas[names[0]], atol=1e-6, rtol=0)
+
+
+def test_low_rank_scores_are_chunk_invariant_and_skip_unsegmented_tokens():
+    from l2t_core.rewards.compression import LowRankBasis, low_rank_episode_scores
+
+    g = torch.Generator().manual_seed(0)
+    a, d = torch.randn(50, 7, generator=g, dtype=torch.float64), torch.randn(50, 5, generator=g, dtype=torch.float64)
+    seg = torch.randint(-1, 4, (50,), generator=g)
+    U, V = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64))[0], torch.linalg.qr(torch.randn(7, 2, dtype=torch.float64))[0]
+    basis = LowRankBasis(U=U, V=V)
+    ref = torch.stack([(U.T @ d[seg == k].T) @ (a[seg == k] @ V) for k in range(4)])
+    for chunk in (1, 7, 10_000):
+        torch.testing.assert_close(low_rank_episode_scores(a, d, basis, seg, 4, max_chunk_elements=chunk * 6), ref)

@@ -230,26 +230,31 @@ def per_token_signals(
 
 
 # ----------------------------------------------------------------------------- episode scores
-def _segment_matrix(seg_ids: torch.Tensor, num_segments: int, dtype) -> torch.Tensor:
-    """One-hot [N, S] membership; a token with seg id < 0 belongs to no segment."""
-    m = torch.zeros(seg_ids.shape[0], num_segments, dtype=dtype, device=seg_ids.device)
-    ok = seg_ids >= 0
-    m[ok.nonzero().squeeze(-1), seg_ids[ok]] = 1
-    return m
-
-
 def low_rank_episode_scores(
-    inputs: torch.Tensor, deltas: torch.Tensor, basis: LowRankBasis, seg_ids: torch.Tensor, num_segments: int
+    inputs: torch.Tensor,
+    deltas: torch.Tensor,
+    basis: LowRankBasis,
+    seg_ids: torch.Tensor,
+    num_segments: int,
+    max_chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """g_k = Σ_{t∈k} (Uᵀ δ_t)(Vᵀ a_t)ᵀ for all segments at once: [S, r_out, r_in] (METHOD.md §3).
 
-    Segment sums of the projected [N, r] matrices: g = (Dᵀ ⊙ M_k) B with D = δU, B = aV.
+    Per-token projected outer products are added into their segment with ``index_add_``, in chunks
+    of tokens so that at most ``max_chunk_elements`` outer-product entries exist at a time: memory
+    is O(S·r_out·r_in + chunk), never O(S·r·N). Tokens with a negative segment id are skipped.
     """
     D = deltas @ basis.U.to(deltas)  # [N, r_out]
     B = inputs @ basis.V.to(inputs)  # [N, r_in]
-    M = _segment_matrix(seg_ids, num_segments, D.dtype)  # [N, S]
-    DM = D.T.unsqueeze(0) * M.T.unsqueeze(1)  # [S, r_out, N]
-    return DM @ B  # [S, r_out, r_in]
+    r_out, r_in = D.shape[1], B.shape[1]
+    out = torch.zeros(num_segments, r_out, r_in, dtype=D.dtype, device=D.device)
+    keep = seg_ids >= 0
+    D, B, seg = D[keep], B[keep], seg_ids[keep]
+    chunk = max(1, max_chunk_elements // max(1, r_out * r_in))
+    for start in range(0, D.shape[0], chunk):
+        d, b = D[start: start + chunk], B[start: start + chunk]
+        out.index_add_(0, seg[start: start + chunk], d.unsqueeze(2) * b.unsqueeze(1))
+    return out
 
 
 def full_episode_sqnorms(
