@@ -77,6 +77,15 @@ def _all_sum(x: float) -> float:
     return float(t.item())
 
 
+def _all_max(x: int) -> int:
+    dist = _dist()
+    if dist is None:
+        return x
+    t = torch.tensor([x], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def step_prompt_indices(num_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
     """Indices of the prompts of optimizer step ``step`` (1-based): consecutive slices of a seeded
     permutation per epoch; a pure function of its arguments."""
@@ -297,11 +306,15 @@ class Trainer:
             else:
                 denom = _all_sum(float(sum(1 for t in n_tok if t > 0)))
             lengths = [len(rollouts[i].prompt_ids) + n_tok[j] for j, i in enumerate(mini)]
-            for mb_local in microbatches(lengths, cfg.micro_batch_tokens):
-                mb = [mini[j] for j in mb_local]
-                rs = [rollouts[i] for i in mb if len(rollouts[i].response_ids) > 0]
-                keep = [i for i in mb if len(rollouts[i].response_ids) > 0]
-                if not rs:
+            mbs = [[mini[j] for j in mb if n_tok[j] > 0] for mb in microbatches(lengths, cfg.micro_batch_tokens)]
+            mbs = [mb for mb in mbs if mb]
+            # every rank makes the same number of backward calls (ZeRO reduces in each of them)
+            mbs += [[]] * (_all_max(len(mbs)) - len(mbs)) if self.world > 1 else ([] if mbs else [[]])
+            for n_mb_i, keep in enumerate(mbs):
+                last = n_mb_i == len(mbs) - 1
+                rs = [rollouts[i] for i in keep]
+                if not rs:  # no response tokens on this rank: a zero loss keeps ranks in step
+                    self.engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, last=last)
                     continue
                 logp_list = self._logps(model, rs)
                 width = max(len(x) for x in logp_list)
@@ -321,7 +334,7 @@ class Trainer:
                                   kl_coef=lc.kl_coef, aggregation=lc.aggregation)
                 share = (mask.sum() if lc.aggregation == "token_mean" else torch.tensor(float(len(rs)))).item()
                 scale = share / max(denom, 1.0) * self.world  # engines average gradients over ranks
-                self.engine.backward(out.loss * scale)
+                self.engine.backward(out.loss * scale, last=last)
                 w = mask.sum().item()
                 tok_total += w
                 for k in sums:

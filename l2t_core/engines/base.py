@@ -43,8 +43,9 @@ class TrainEngine(abc.ABC):
         return self.rank == 0
 
     @abc.abstractmethod
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradient of one micro-batch's (already scaled) loss."""
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        """Accumulate the gradient of one micro-batch's (already scaled) loss; ``last`` marks the
+        final micro-batch before :meth:`step` (DeepSpeed reduces across ranks there)."""
 
     @abc.abstractmethod
     def step(self) -> dict[str, float]:

@@ -30,7 +30,7 @@ class TorchEngine(TrainEngine):
         )
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         loss.backward()
 
     def step(self) -> dict[str, float]:

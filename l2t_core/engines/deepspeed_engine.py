@@ -1,0 +1,124 @@
+"""The DeepSpeed training engine (ZeRO-2/3; the ``distributed`` extra).
+
+Configs live in ``infra/deepspeed/`` (``zero2.json``, ``zero3_offload.json``). This engine owns the
+parts the trainer's config decides, so one TrainConfig means the same thing on every engine:
+
+* the optimizer is ``torch.optim.AdamW`` with ``OptimConfig``'s lr, betas, eps and weight decay,
+  passed to ``deepspeed.initialize`` as the client optimizer (ZeRO partitions its state);
+* the schedule is the same warm-up + cosine :func:`~l2t_core.engines.base.lr_lambda`, a client
+  ``LambdaLR`` that DeepSpeed steps with the optimizer;
+* ``gradient_clipping`` is ``OptimConfig.grad_clip``; ``bf16: "auto"`` becomes enabled only on a
+  GPU that supports it (CPU runs are fp32).
+
+Gradient accumulation: the trainer calls :meth:`backward` once per micro-batch with a loss that is
+already its share of the batch loss, then :meth:`step` once. DeepSpeed's own accumulation is
+therefore switched off (``gradient_accumulation_steps = 1`` and ``scale_wrt_gas=False``) and the
+accumulation window is set explicitly with ``set_gradient_accumulation_boundary``: False for every
+micro-batch but the last (``backward(loss, last=True)``), so gradients accumulate and the optimizer
+steps once. (Without it each backward is a boundary and only the last micro-batch survives; the
+test caught that.) DeepSpeed *averages* gradients over ranks, so each rank scales its loss by the world
+size (the trainer does: ``share / global_denominator · world``); the averaged gradient then equals
+the full batch's. ``tests/test_deepspeed.py`` checks exactly that against :class:`TorchEngine`.
+
+Launch (N GPUs on one node; ``--hostfile`` for many)::
+
+    deepspeed --num_gpus N -m l2t_core.cli train --config run.yaml \\
+        --set engine=deepspeed --set deepspeed_config=infra/deepspeed/zero2.json
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .base import TrainEngine, lr_lambda
+
+TAG = "engine"
+
+
+def _require_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError(
+            "engine='deepspeed' needs DeepSpeed: install the distributed extra "
+            "(DS_BUILD_OPS=0 pip install -e \".[distributed]\")"
+        ) from exc
+    return deepspeed
+
+
+def load_ds_config(config_path: str | dict, optim_cfg, on_gpu: bool) -> dict:
+    if isinstance(config_path, dict):
+        cfg = json.loads(json.dumps(config_path))
+    else:
+        p = Path(config_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"DeepSpeed config {config_path!r} not found (see infra/deepspeed/)")
+        cfg = json.loads(p.read_text())
+    cfg["gradient_accumulation_steps"] = 1
+    cfg.setdefault("train_micro_batch_size_per_gpu", 1)
+    cfg.pop("train_batch_size", None)
+    cfg["gradient_clipping"] = float(optim_cfg.grad_clip)
+    cfg.pop("optimizer", None)  # the optimizer and schedule come from OptimConfig (client objects)
+    cfg.pop("scheduler", None)
+    bf16 = cfg.get("bf16", {}).get("enabled", False)
+    if bf16 == "auto":
+        bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    if not on_gpu:
+        cfg.pop("fp16", None)
+        zero = cfg.get("zero_optimization", {})
+        for key in ("offload_optimizer", "offload_param"):
+            if key in zero:
+                zero[key]["pin_memory"] = False
+    return cfg
+
+
+class DeepSpeedEngine(TrainEngine):
+    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, *, config_path: str | dict):
+        deepspeed = _require_deepspeed()
+        import torch.distributed as dist
+
+        on_gpu = torch.cuda.is_available()
+        if not (dist.is_available() and dist.is_initialized()):
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        self.cfg = optim_cfg
+        ds_cfg = load_ds_config(config_path, optim_cfg, on_gpu)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                                      weight_decay=optim_cfg.weight_decay)
+        schedule = partial(lr_lambda, total_steps=total_steps, warmup_frac=optim_cfg.warmup_frac,
+                           schedule=optim_cfg.schedule, min_lr_ratio=optim_cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+        self.module = self.ds.module
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        # documented override: every micro-batch but the last is inside an accumulation window
+        self.ds.set_gradient_accumulation_boundary(last)
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> dict[str, float]:
+        lr = float(self.ds.get_lr()[0])
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        self.ds.zero_grad()
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+
+    def save_state(self, directory: Path) -> None:
+        self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeedEngine: no engine state under {directory}/{TAG}")
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.ds.module

@@ -1,0 +1,86 @@
+"""Worker for tests/test_deepspeed.py: one optimizer step of the clipped policy loss on a fixed batch.
+
+``python tests/_ds_worker.py OUT reference`` runs the whole batch in one process with TorchEngine;
+under ``torchrun --nproc_per_node 2 tests/_ds_worker.py OUT deepspeed`` each rank takes its share of
+the batch, in two micro-batches, with DeepSpeedEngine (ZeRO-2, gloo on CPU). Each writes its
+updated weights to OUT/<mode>-rank<r>.pt."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from l2t_core.config import OptimConfig
+from l2t_core.logprobs import pad_right, response_mask, token_logprobs
+from l2t_core.losses import policy_loss
+from l2t_core.models import build_tiny_qwen2
+
+VOCAB = 50
+OPT = OptimConfig(lr=1e-2, warmup_frac=0.0, schedule="constant", weight_decay=0.01, grad_clip=1.0)
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    seqs, plens, rlens, advs = [], [], [], []
+    for i in range(4):
+        p, r = 3 + i, 5 + 2 * i
+        seqs.append(torch.randint(0, VOCAB, (p + r,), generator=g).tolist())
+        plens.append(p)
+        rlens.append(r)
+        advs.append(float(torch.randn((), generator=g)))
+    return seqs, plens, rlens, advs
+
+
+def micro_loss(model, idx, batch, total_tokens, world):
+    seqs, plens, rlens, advs = batch
+    ids, att = pad_right([seqs[i] for i in idx], 0)
+    mask = response_mask([plens[i] for i in idx], [rlens[i] for i in idx], ids.shape[1])
+    logp = token_logprobs(model, ids, att, mask)
+    adv = torch.zeros_like(logp)
+    for j, i in enumerate(idx):
+        adv[j][mask[j]] = advs[i]
+    out = policy_loss(logp, logp.detach(), logp.detach() - 0.1 * mask, adv, mask, kl_coef=0.01)
+    share = float(mask.sum()) / total_tokens
+    return out.loss * share * world
+
+
+def main(out: str, mode: str) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = build_tiny_qwen2(VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=48, seed=3)
+    model.train()
+    batch = fixed_batch()
+    total = float(sum(batch[2]))
+    if mode == "reference":
+        from l2t_core.engines.torch_engine import TorchEngine
+
+        eng, rank, world, shares = TorchEngine(model, OPT, 10), 0, 1, [[0, 1, 2, 3]]
+    else:
+        from l2t_core.engines.deepspeed_engine import DeepSpeedEngine
+
+        cfg = Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / "zero2.json"
+        eng = DeepSpeedEngine(model, OPT, 10, config_path=str(cfg))
+        rank, world = eng.rank, eng.world_size
+        mine = list(range(4))[rank::world]
+        shares = [[i] for i in mine]  # one sequence per micro-batch: two backward calls per rank
+    for n, idx in enumerate(shares):
+        eng.backward(micro_loss(eng.module, idx, batch, total, world), last=n == len(shares) - 1)
+    stats = eng.step()
+    state = {k: v.detach().cpu().clone() for k, v in eng.unwrapped().state_dict().items()}
+    torch.save({"state": state, "stats": stats}, Path(out) / f"{mode}-rank{rank}.pt")
+    if mode == "deepspeed":  # engine state round-trip
+        ck = Path(out) / "ckpt"
+        eng.save_state(ck)
+        eng.load_state(ck)
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+    os._exit(0)
