@@ -44,6 +44,55 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384):
     )
 
 
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins of the bytes used by byte-level pre-tokenisation (GPT-2's
+    mapping), in byte order, so that token id b is byte b."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def reasoning_tags(max_episodes: int = 30) -> list[str]:
+    """``<think>``, ``</think>`` and the ``<episode_k>``/``</episode_k>`` tags, k = 1..max_episodes."""
+    return ["<think>", "</think>"] + [f"<episode_{k}>" for k in range(1, max_episodes + 1)] + [
+        f"</episode_{k}>" for k in range(1, max_episodes + 1)
+    ]
+
+
+def build_char_tokenizer(max_episodes: int = 30):
+    """A character-level tokenizer: one token per byte (so one per ASCII character, and any text
+    stays encodable), plus the reasoning tags of :func:`reasoning_tags` as single tokens.
+
+    Token id b (< 256) is byte b; then come the special tokens ``<|endoftext|>`` (eos) and
+    ``<|pad|>`` (pad), then the tags. The tags are ordinary (non-special) added tokens, so
+    ``decode(..., skip_special_tokens=True)`` keeps them. Encoding is unique (no merges), so
+    re-tokenising decoded text gives back the same ids, and offsets are character offsets.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if max_episodes < 1:
+        raise ValueError(f"build_char_tokenizer: max_episodes must be >= 1, got {max_episodes}")
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in reasoning_tags(max_episodes)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
 def build_tiny_qwen2(
     vocab_size: int,
     *,

@@ -1,0 +1,283 @@
+"""`l2t miniature`: the paper's headline experiment (Fig. 2) in miniature, on a CPU.
+
+From ONE SFT warm start on the synthetic task, every method (grpo, length_penalty, l2t, and any
+ablation or variant) is trained with the same budget and seeds, then evaluated greedily on the
+held-out split per difficulty level. Writes into ``--out``:
+
+* ``miniature.json``: per method, ``accuracy`` and ``mean_tokens`` (mean and std over seeds),
+  both per difficulty level, per-seed values, and the headline ratios against GRPO;
+* ``miniature.md``: the same as a table;
+* ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level.
+
+Runs go through the same :class:`~l2t_core.trainer.Trainer` as any other training job, in
+``workers`` parallel processes (one torch thread each). Finished runs are kept, so re-running the
+command after an interruption only does what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from .config import METHOD_NAMES, TrainConfig, _Strict
+from .warmstart import WarmStartConfig
+
+log = logging.getLogger("l2t.miniature")
+
+DEFAULT_METHODS = ("grpo", "length_penalty", "l2t")
+
+
+class Variant(_Strict):
+    """An extra named run: a method plus dotted TrainConfig overrides (e.g. an improved L2T)."""
+
+    method: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class MiniatureConfig(_Strict):
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    variants: dict[str, Variant] = Field(default_factory=dict, description="Extra named runs beside the methods.")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    warmstart: WarmStartConfig = WarmStartConfig()
+    steps: int = Field(40, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2)
+    lr: float = Field(3e-5, gt=0)
+    kl_coef: float = Field(0.001, ge=0)
+    max_new_tokens: int = Field(160, ge=1)
+    train_overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted TrainConfig overrides for every run.")
+    eval_per_level: int = Field(60, ge=1, description="Held-out problems per difficulty level.")
+    eval_levels: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    workers: int = Field(2, ge=1, description="Parallel training processes (one torch thread each).")
+
+    def model_post_init(self, __context) -> None:
+        for m in self.methods:
+            if m not in METHOD_NAMES:
+                raise ValueError(f"unknown method {m!r} in methods; choose from {', '.join(METHOD_NAMES)}")
+        for name, v in self.variants.items():
+            if v.method not in METHOD_NAMES:
+                raise ValueError(f"variant {name!r}: unknown method {v.method!r}")
+            if name in self.methods:
+                raise ValueError(f"variant name {name!r} clashes with a method name")
+        if not self.seeds:
+            raise ValueError("seeds is empty; give at least one seed")
+
+
+def _set_nested(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def run_configs(out: Path, cfg: MiniatureConfig, policy: str) -> list[tuple[str, int, TrainConfig]]:
+    """Every (name, seed, TrainConfig) of the experiment, all with the same budget."""
+    runs = []
+    named = [(m, m, {}) for m in cfg.methods] + [(n, v.method, v.overrides) for n, v in cfg.variants.items()]
+    for name, method, overrides in named:
+        for seed in cfg.seeds:
+            data: dict[str, Any] = {
+                "method": method, "policy": policy, "out": str(out / "runs" / f"{name}-s{seed}"),
+                "steps": cfg.steps, "prompts_per_step": cfg.prompts_per_step, "seed": seed,
+                "checkpoint_every": cfg.steps, "keep_checkpoints": 1, "device": "cpu",
+                "data": {"source": "arithmetic", "train_size": 4000, "min_steps": cfg.warmstart.min_steps,
+                         "max_steps": cfg.warmstart.max_steps, "seed": cfg.warmstart.seed},
+                "optim": {"lr": cfg.lr, "weight_decay": 0.0, "warmup_frac": 0.1},
+                "rollout": {"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
+                            "max_prompt_tokens": 512},
+                "reward": {"loss": {"kl_coef": cfg.kl_coef}},
+                "micro_batch_tokens": 16384,
+            }
+            for k, v in {**cfg.train_overrides, **overrides}.items():
+                _set_nested(data, k, v)
+            runs.append((name, seed, TrainConfig.model_validate(data)))
+    return runs
+
+
+def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens) -> dict:
+    """One run in a worker process: train (or resume), then evaluate the final checkpoint."""
+    import torch
+
+    torch.set_num_threads(1)
+    from .models import load_policy
+    from .trainer import Trainer
+    from .warmstart import evaluate, held_out
+
+    tcfg = TrainConfig.model_validate_json(tcfg_json)
+    done = Path(eval_json)
+    if done.exists():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    result = Trainer(tcfg, show_progress=False).run()
+    train_s = time.perf_counter() - t0
+    model, tok = load_policy(result.checkpoint)
+    problems = held_out(levels, per_level)
+    ev = evaluate(model, tok, problems, max_new_tokens=max_new_tokens)
+    ev.update(name=name, seed=seed, train_seconds=train_s,
+              final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
+              final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
+    ev = json.loads(json.dumps(ev))  # level keys become strings, as when read back from disk
+    done.write_text(json.dumps(ev, indent=1))
+    return ev
+
+
+def _mean_std(xs: list[float]) -> dict:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": m, "std": sd}
+
+
+def aggregate(evals: dict[str, list[dict]], base: dict) -> dict:
+    """Mean and std over seeds per method, overall and per level, plus the headline ratios."""
+    out: dict[str, Any] = {"base": base, "methods": {}}
+    for name, runs in evals.items():
+        levels = sorted({lv for r in runs for lv in r["per_level"]}, key=int)
+        out["methods"][name] = {
+            "accuracy": _mean_std([r["accuracy"] for r in runs]),
+            "mean_tokens": _mean_std([r["mean_tokens"] for r in runs]),
+            "per_level": {
+                lv: {
+                    "accuracy": _mean_std([r["per_level"][lv]["accuracy"] for r in runs]),
+                    "mean_tokens": _mean_std([r["per_level"][lv]["mean_tokens"] for r in runs]),
+                } for lv in levels
+            },
+            "seeds": [{k: r[k] for k in ("seed", "accuracy", "mean_tokens", "train_seconds")} for r in runs],
+        }
+    ms = out["methods"]
+    if "grpo" in ms:
+        g = ms["grpo"]
+        out["vs_grpo"] = {
+            name: {
+                "token_ratio": m["mean_tokens"]["mean"] / max(g["mean_tokens"]["mean"], 1e-9),
+                "accuracy_delta": m["accuracy"]["mean"] - g["accuracy"]["mean"],
+            } for name, m in ms.items()
+        }
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    ms = report["methods"]
+    levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
+    head = "| method | accuracy | mean tokens | " + " | ".join(f"acc L{lv}" for lv in levels) + " | " + \
+        " | ".join(f"tok L{lv}" for lv in levels) + " |"
+    sep = "|" + "---|" * (3 + 2 * len(levels))
+    rows = [head, sep]
+    b = report["base"]
+    rows.append("| SFT base | " + f"{b['accuracy']:.3f} | {b['mean_tokens']:.1f} | "
+                + " | ".join(f"{b['per_level'][lv]['accuracy']:.2f}" for lv in levels) + " | "
+                + " | ".join(f"{b['per_level'][lv]['mean_tokens']:.1f}" for lv in levels) + " |")
+    for name, m in ms.items():
+        pl = m["per_level"]
+        rows.append(
+            f"| {name} | {m['accuracy']['mean']:.3f} ± {m['accuracy']['std']:.3f} | "
+            f"{m['mean_tokens']['mean']:.1f} ± {m['mean_tokens']['std']:.1f} | "
+            + " | ".join(f"{pl[lv]['accuracy']['mean']:.2f}" for lv in levels) + " | "
+            + " | ".join(f"{pl[lv]['mean_tokens']['mean']:.1f}" for lv in levels) + " |"
+        )
+    if "vs_grpo" in report:
+        rows.append("")
+        rows.append("| method | tokens ÷ GRPO | accuracy − GRPO |")
+        rows.append("|---|---|---|")
+        for name, v in report["vs_grpo"].items():
+            rows.append(f"| {name} | {v['token_ratio']:.2f} | {v['accuracy_delta']:+.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    """Grouped bars per difficulty level: accuracy and mean tokens, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = report["methods"]
+    levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
+    paths = []
+    for key, fname, ylabel in (("accuracy", "accuracy.png", "greedy accuracy"),
+                               ("mean_tokens", "tokens.png", "mean response tokens")):
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(levels), 3.6))
+        width = 0.8 / (len(ms) + 1)
+        base = report["base"]
+        ax.bar([i - 0.4 + width / 2 for i in range(len(levels))],
+               [base["per_level"][lv][key] for lv in levels], width, label="SFT base", color="lightgray")
+        for j, (name, m) in enumerate(ms.items(), start=1):
+            xs = [i - 0.4 + width / 2 + j * width for i in range(len(levels))]
+            ax.bar(xs, [m["per_level"][lv][key]["mean"] for lv in levels], width,
+                   yerr=[m["per_level"][lv][key]["std"] for lv in levels], capsize=2, label=name)
+        ax.set_xticks(range(len(levels)), [f"level {lv}" for lv in levels])
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} per difficulty level (mean ± std over seeds)")
+        ax.legend(fontsize=8, ncols=2)
+        fig.tight_layout()
+        p = out / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *, show_progress: bool = True) -> dict:
+    import multiprocessing as mp
+
+    from rich.progress import Progress
+
+    from .models import load_policy
+    from .warmstart import evaluate, held_out, warm_start
+
+    cfg = cfg or MiniatureConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "miniature_config.json").write_text(cfg.model_dump_json(indent=2))
+    t0 = time.perf_counter()
+    sft_dir = out / "sft"
+    if not (sft_dir / "warmstart.json").exists():
+        log.info("warm start: SFT of the tiny model on the synthetic task")
+        warm_start(sft_dir, cfg.warmstart)
+    base_path = out / "base_eval.json"
+    if base_path.exists():
+        base = json.loads(base_path.read_text())
+    else:
+        model, tok = load_policy(sft_dir)
+        base = evaluate(model, tok, held_out(cfg.eval_levels, cfg.eval_per_level), max_new_tokens=cfg.max_new_tokens)
+        base = json.loads(json.dumps(base))
+        base_path.write_text(json.dumps(base, indent=1))
+    log.info("SFT base: accuracy %.3f, %.1f tokens", base["accuracy"], base["mean_tokens"])
+
+    runs = run_configs(out, cfg, str(sft_dir))
+    evals: dict[str, list[dict]] = {}
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool, \
+            Progress(disable=not show_progress) as bar:
+        task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs))
+        futs = {
+            pool.submit(_train_and_eval, name, seed, tcfg.model_dump_json(), str(Path(tcfg.out) / "eval.json"),
+                        cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens): (name, seed)
+            for name, seed, tcfg in runs
+        }
+        for fut in as_completed(futs):
+            name, seed = futs[fut]
+            ev = fut.result()
+            evals.setdefault(name, []).append(ev)
+            bar.update(task, advance=1)
+            log.info("%s seed %d: accuracy %.3f, %.1f tokens (%.0fs)", name, seed, ev["accuracy"],
+                     ev["mean_tokens"], ev["train_seconds"])
+    order = list(cfg.methods) + list(cfg.variants)
+    evals = {k: sorted(evals[k], key=lambda r: r["seed"]) for k in order if k in evals}
+    report = aggregate(evals, base)
+    report["seconds"] = time.perf_counter() - t0
+    report["config"] = json.loads(cfg.model_dump_json())
+    (out / "miniature.json").write_text(json.dumps(report, indent=1))
+    table = markdown_table(report)
+    (out / "miniature.md").write_text(f"# L2T miniature\n\n{table}")
+    report["plots"] = [str(p) for p in plot(report, out)]
+    report["table_path"] = str(out / "miniature.md")
+    log.info("miniature done in %.0fs; table at %s", report["seconds"], out / "miniature.md")
+    return report

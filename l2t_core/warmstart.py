@@ -1,0 +1,372 @@
+"""SFT warm start of the tiny policy on the synthetic chain task, and its evaluation.
+
+* :func:`warm_start` builds the task corpus (reference traces with useful and redundant
+  re-checks, plus forced-answer examples), the character tokenizer and a tiny Qwen2, runs SFT,
+  and saves the checkpoint with ``save_pretrained`` and a ``warmstart.json`` report.
+* :func:`evaluate` decodes greedily on held-out problems and reports, per difficulty level,
+  accuracy, response tokens, episodes, and how often the model re-checks hard and easy steps.
+* :func:`check_gains` measures the fitting gain G_k (METHOD.md §2) of every kind of episode: on
+  the SFT model a re-check of a hard step should raise J on average, one of an easy step not.
+
+Run ``python -m l2t_core.warmstart --out DIR`` to warm-start (if DIR has no checkpoint yet) and
+measure both; the numbers go to ``DIR/measure.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from pydantic import Field
+
+from .config import _Strict
+from .episodes import segment, token_episode_ids
+from .models import build_char_tokenizer, build_tiny_qwen2, load_policy
+from .prompts import FORCE_ANSWER_SUFFIX, render_answer
+from .rewards.fitting import JItem, answer_logprobs_packed, fitting_gains
+from .rewards.l2t import response_offsets
+from .rollout.base import SamplingParams
+from .rollout.hf import HFRolloutEngine
+from .sft import sft
+from .tasks.arithmetic import (
+    HELDOUT_SEED,
+    LEVELS,
+    Problem,
+    TraceStyle,
+    build_task_prompt,
+    build_trace,
+    classify_episodes,
+    dataset,
+    forced_answer_pair,
+    held_out_problems,
+)
+from .verify import NumericVerifier
+
+log = logging.getLogger("l2t.warmstart")
+
+
+class WarmStartConfig(_Strict):
+    """Task, corpus, model and SFT settings of the warm start (defaults: about 2-3 min on 2 cores)."""
+
+    seed: int = 0
+    # task: training levels 1-4; levels 5-6 stay out of the SFT corpus and test longer chains
+    min_steps: int = Field(1, ge=1, le=6, description="Fewest operations in a training problem.")
+    max_steps: int = Field(4, ge=1, le=6, description="Most operations in a training problem.")
+    hard_prob: float = Field(0.5, ge=0, le=1, description="Chance that a step carries or borrows (hard).")
+    train_size: int = Field(20000, ge=1, description="Training problems (one SFT example each).")
+    # reference traces (tasks.arithmetic.TraceStyle)
+    guess_error: float = Field(0.5, ge=0, le=1, description="A hard step's direct result forgets the carry.")
+    hard_check: float = Field(0.8, ge=0, le=1, description="Useful re-check after a hard step.")
+    easy_check: float = Field(0.6, ge=0, le=1, description="Redundant re-check after an easy step.")
+    repeat: float = Field(0.1, ge=0, le=1, description="Redundant verbatim repeat of a step.")
+    restate: float = Field(0.2, ge=0, le=1, description="Redundant restatement of the problem first.")
+    forced_frac: float = Field(0.25, ge=0, lt=1, description="Share of forced-answer examples in the corpus.")
+    # model (build_tiny_qwen2)
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(384, ge=8)
+    # SFT
+    sft_steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_frac: float = Field(0.05, ge=0, le=1)
+    eval_loss_size: int = Field(200, ge=0, description="Held-out SFT examples for the evaluation loss.")
+    # greedy evaluation written into warmstart.json
+    eval_levels: tuple[int, ...] = LEVELS
+    eval_per_level: int = Field(50, ge=1)
+    eval_max_new_tokens: int = Field(320, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads for the warm start (None: unchanged).")
+
+    def model_post_init(self, __context) -> None:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+
+    def trace_style(self) -> TraceStyle:
+        return TraceStyle(self.guess_error, self.hard_check, self.easy_check, self.repeat, self.restate)
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus
+# --------------------------------------------------------------------------------------------
+
+
+def held_out(levels: Sequence[int] = LEVELS, per_level: int = 50, seed: int = HELDOUT_SEED) -> list[Problem]:
+    """The held-out evaluation problems: ``per_level`` unique ones per level, never in training."""
+    return held_out_problems(levels, per_level, seed)
+
+
+def sft_pairs(problems: Sequence[Problem], style: TraceStyle, forced_frac: float, seed: int) -> list[tuple[str, str]]:
+    """One (prompt, response) SFT example per problem.
+
+    A share ``forced_frac`` are forced-answer examples: a reference trace cut at a uniformly
+    drawn episode boundary k = 0..K, the force-answer suffix, and the true answer as the only
+    trained target; the rest are whole reference traces.
+    """
+    if not 0 <= forced_frac < 1:
+        raise ValueError(f"sft_pairs: forced_frac must be in [0, 1), got {forced_frac}")
+    rng = random.Random(seed)
+    pairs = []
+    for p in problems:
+        prompt = build_task_prompt(p)
+        tr = build_trace(p, rng, style)
+        if rng.random() < forced_frac:
+            k = rng.randint(0, len(tr.episodes))
+            pairs.append(forced_answer_pair(prompt, tr.text, k, p.answer))
+        else:
+            pairs.append((prompt, tr.text))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def generate(model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int, batch_size: int = 64,
+             n: int = 1, temperature: float = 0.0, seed: int = 0):
+    """Completions of every problem's task prompt (``n`` each), batched by prompt length."""
+    if not problems:
+        raise ValueError("generate: no problems")
+    engine = HFRolloutEngine(model, tokenizer, max_batch_sequences=batch_size)
+    prompts = [tokenizer(build_task_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
+    order = sorted(range(len(problems)), key=lambda i: len(prompts[i]))
+    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    groups = engine.generate([prompts[i] for i in order], params)
+    out: list = [None] * len(problems)
+    for i, g in zip(order, groups):
+        out[i] = g
+    return out
+
+
+def response_record(problem: Problem, text: str, n_tokens: int, finished: bool, verifier=None) -> dict:
+    """Correctness, length and episode kinds of one response."""
+    verifier = verifier or NumericVerifier()
+    seg = segment(text)
+    kinds = classify_episodes([e.text for e in seg.episodes]) if seg.status == "tagged" else []
+    count = defaultdict(int)
+    for e in kinds:
+        key = e.kind if e.kind in ("restate", "repeat", "other") else f"{e.kind}_{'hard' if e.hard else 'easy'}"
+        count[key] += 1
+    return {
+        "level": problem.level, "correct": verifier.verify(text, problem.answer).correct, "tokens": n_tokens,
+        "episodes": seg.num_episodes, "tagged": seg.status == "tagged", "finished": finished,
+        "redundant": sum(e.redundant for e in kinds), **count,
+    }
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Means over response records; check rates are per step (checks of hard steps / hard steps)."""
+    n = len(records)
+    tot = lambda k: sum(r.get(k, 0) for r in records)  # noqa: E731
+    episodes = tot("episodes")
+    checks = tot("check_hard") + tot("check_easy")
+    return {
+        "n": n,
+        "accuracy": tot("correct") / n,
+        "mean_tokens": tot("tokens") / n,
+        "mean_episodes": episodes / n,
+        "tagged_share": tot("tagged") / n,
+        "finished_share": tot("finished") / n,
+        "redundant_share": tot("redundant") / max(1, episodes),
+        "hard_check_rate": tot("check_hard") / max(1, tot("step_hard")),
+        "easy_check_rate": tot("check_easy") / max(1, tot("step_easy")),
+        "checks_on_hard_share": tot("check_hard") / max(1, checks),
+        "mean_hard_steps": tot("step_hard") / n,
+        "mean_easy_steps": tot("step_easy") / n,
+    }
+
+
+def evaluate(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int = 320, batch_size: int = 64) -> dict:
+    """Greedy decoding on ``problems``; overall and per-level (keys "1".."6") summaries.
+
+    Each summary has ``n``, ``accuracy``, ``mean_tokens``, ``mean_episodes``, ``tagged_share``,
+    ``finished_share``, ``redundant_share`` (episodes that are restatements, repeats or easy-step
+    checks), ``hard_check_rate`` and ``easy_check_rate`` (checks per hard / easy step),
+    ``checks_on_hard_share``, ``mean_hard_steps`` and ``mean_easy_steps``.
+    """
+    t0 = time.perf_counter()
+    verifier = NumericVerifier()
+    comps = generate(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    records = [response_record(p, g[0].text, len(g[0].response_ids), g[0].finished, verifier)
+               for p, g in zip(problems, comps)]
+    out = summarize(records)
+    by_level = defaultdict(list)
+    for r in records:
+        by_level[r["level"]].append(r)
+    out["per_level"] = {str(lv): summarize(by_level[lv]) for lv in sorted(by_level)}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting gain per kind of episode
+# --------------------------------------------------------------------------------------------
+
+GainKind = Literal["step_hard", "step_easy", "check_hard", "check_easy", "repeat", "restate", "other"]
+
+
+def _gain_key(kind: str, hard: bool) -> str:
+    return kind if kind in ("restate", "repeat", "other") else f"{kind}_{'hard' if hard else 'easy'}"
+
+
+@torch.no_grad()
+def check_gains(model, tokenizer, problems: Sequence[Problem], *, source: Literal["samples", "reference"] = "samples",
+                n: int = 4, temperature: float = 1.0, max_new_tokens: int = 320, style: TraceStyle = TraceStyle(),
+                seed: int = 0) -> dict:
+    """Mean fitting gain G_k = J(s_k ⊕ z_k) − J(s_k) (METHOD.md §2, answer_logprob J) per kind of
+    episode, over responses to ``problems``.
+
+    ``source="samples"``: ``n`` responses per problem sampled from the model at ``temperature``
+    (what RL scores); ``"reference"``: ``n`` reference traces drawn with ``style``. Checks of hard
+    steps are also split by whether the step they check was wrong (``check_hard_repair``) or
+    right (``check_hard_confirm``). Only responses that segment as tagged are scored.
+    """
+    prompts = [tokenizer(build_task_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
+    rows: list[tuple[int, list[int], str]] = []  # (problem index, response ids, response text)
+    if source == "samples":
+        comps = generate(model, tokenizer, problems, max_new_tokens=max_new_tokens, n=n,
+                         temperature=temperature, seed=seed)
+        rows = [(i, c.response_ids, c.text) for i, g in enumerate(comps) for c in g]
+    elif source == "reference":
+        rng = random.Random(seed)
+        for i, p in enumerate(problems):
+            for _ in range(n):
+                text = build_trace(p, rng, style).text
+                rows.append((i, tokenizer(text, add_special_tokens=False)["input_ids"], text))
+    else:
+        raise ValueError(f"check_gains: source must be 'samples' or 'reference', got {source!r}")
+    force_ids = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+    items, kinds = [], []
+    for i, ids, text in rows:
+        seg = segment(text)
+        if seg.status != "tagged" or not ids:
+            continue
+        te = token_episode_ids(seg, response_offsets(tokenizer, text, ids))
+        ans = tokenizer(render_answer(problems[i].answer), add_special_tokens=False)["input_ids"]
+        items.append(JItem(prompts[i], ids, te.boundaries.tolist(), ans))
+        kinds.append(classify_episodes([e.text for e in seg.episodes]))
+    gains = defaultdict(list)
+    for log_j, ks in zip(answer_logprobs_packed(model, items, force_ids), kinds):
+        for g, e in zip(fitting_gains(log_j).tolist(), ks):
+            gains[_gain_key(e.kind, e.hard)].append(g)
+            if e.kind == "check" and e.hard:
+                gains["check_hard_repair" if e.wrong else "check_hard_confirm"].append(g)
+    return {
+        "source": source, "responses": len(rows), "scored": len(items),
+        "mean_gain": {k: sum(v) / len(v) for k, v in sorted(gains.items())},
+        "count": {k: len(v) for k, v in sorted(gains.items())},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Warm start
+# --------------------------------------------------------------------------------------------
+
+
+def warm_start(out_dir, cfg: WarmStartConfig | None = None, *, show_progress: bool = True) -> Path:
+    """Build the corpus, tokenizer and tiny Qwen2, run SFT, save model, tokenizer and
+    ``warmstart.json`` (config, losses, held-out greedy evaluation, wall time) in ``out_dir``."""
+    cfg = cfg or WarmStartConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    style = cfg.trace_style()
+    train = dataset(cfg.train_size, cfg.min_steps, cfg.max_steps, seed=cfg.seed, hard_prob=cfg.hard_prob)
+    pairs = sft_pairs(train, style, cfg.forced_frac, cfg.seed)
+    eval_pairs = []
+    if cfg.eval_loss_size:
+        dev = dataset(cfg.eval_loss_size, cfg.min_steps, cfg.max_steps, seed=cfg.seed + 1, split="heldout",
+                      hard_prob=cfg.hard_prob)
+        eval_pairs = sft_pairs(dev, style, cfg.forced_frac, cfg.seed + 1)
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             intermediate_size=cfg.intermediate_size, seed=cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("warm start: %d SFT examples, tiny Qwen2 of %.2fM parameters", len(pairs), n_params / 1e6)
+    res = sft(model, tok, pairs, steps=cfg.sft_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+              warmup_frac=cfg.warmup_frac, eval_pairs=eval_pairs, seed=cfg.seed, show_progress=show_progress)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    ev = evaluate(model, tok, held_out(cfg.eval_levels, cfg.eval_per_level), cfg.eval_max_new_tokens)
+    report = {
+        "config": json.loads(cfg.model_dump_json()),
+        "parameters": n_params,
+        "vocab_size": len(tok),
+        "sft_examples": len(pairs),
+        "final_loss": res.final_loss,
+        "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10]) for i in range(0, len(res.losses), 10)],
+        "eval_loss": res.eval_losses[-1][1] if res.eval_losses else None,
+        "sft_seconds": res.seconds,
+        "threads": torch.get_num_threads(),
+        "evaluation": ev,
+        "accuracy": ev["accuracy"],
+        "accuracy_per_level": {lv: s["accuracy"] for lv, s in ev["per_level"].items()},
+        "mean_tokens": ev["mean_tokens"],
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    (out / "warmstart.json").write_text(json.dumps(report, indent=1))
+    log.info("warm start done in %.0fs (SFT %.0fs): loss %.3f, held-out greedy accuracy %.3f, %.1f tokens",
+             report["wall_seconds"], res.seconds, res.final_loss, ev["accuracy"], ev["mean_tokens"])
+    return out
+
+
+def measure(out_dir, cfg: WarmStartConfig | None = None, *, gain_problems: int = 60, n: int = 4, seed: int = 0) -> dict:
+    """Warm-start into ``out_dir`` unless it already holds one, then measure the greedy
+    evaluation and the mean G_k per kind of episode on sampled and reference responses; writes
+    ``measure.json`` there and returns it."""
+    cfg = cfg or WarmStartConfig()
+    out = Path(out_dir)
+    if not (out / "warmstart.json").exists():
+        warm_start(out, cfg)
+    model, tok = load_policy(out)
+    levels = tuple(range(cfg.min_steps, cfg.max_steps + 1))
+    probs = held_out(levels, max(1, gain_problems // len(levels)), seed=HELDOUT_SEED + 77)
+    result = {
+        "warmstart": json.loads((out / "warmstart.json").read_text()),
+        "gains_samples": check_gains(model, tok, probs, source="samples", n=n, seed=seed),
+        "gains_reference": check_gains(model, tok, probs, source="reference", n=n, style=cfg.trace_style(), seed=seed),
+    }
+    (out / "measure.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/warmstart", help="checkpoint directory (reused when present)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--sft-steps", type=int, default=None)
+    ap.add_argument("--gain-problems", type=int, default=60)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    over = {k: v for k, v in {"threads": args.threads, "sft_steps": args.sft_steps}.items() if v is not None}
+    cfg = WarmStartConfig(**over)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = measure(args.out, cfg, gain_problems=args.gain_problems)
+    ws = res["warmstart"]
+    print(json.dumps({
+        "sft_seconds": ws["sft_seconds"], "final_loss": ws["final_loss"], "eval_loss": ws["eval_loss"],
+        "accuracy": ws["accuracy"], "accuracy_per_level": ws["accuracy_per_level"], "mean_tokens": ws["mean_tokens"],
+        "redundant_share": ws["evaluation"]["redundant_share"],
+        "hard_check_rate": ws["evaluation"]["hard_check_rate"], "easy_check_rate": ws["evaluation"]["easy_check_rate"],
+        "gains_samples": res["gains_samples"]["mean_gain"], "gains_reference": res["gains_reference"]["mean_gain"],
+    }, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The SFT warm start: a tiny end-to-end run, the saved checkpoint and report, evaluation and G_k."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from l2t_core.models import build_char_tokenizer, build_tiny_qwen2, load_policy
+from l2t_core.sft import lr_factor, sft
+from l2t_core.tasks.arithmetic import TraceStyle, build_task_prompt, dataset
+from l2t_core.warmstart import WarmStartConfig, check_gains, evaluate, held_out, sft_pairs, warm_start
+
+TINY = dict(
+    train_size=200, sft_steps=20, batch_size=8, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+    intermediate_size=48, eval_levels=(1, 2), eval_per_level=3, eval_max_new_tokens=24, eval_loss_size=8,
+)
+
+
+@pytest.fixture(scope="module")
+def warm_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("warm")
+    assert warm_start(out, WarmStartConfig(**TINY), show_progress=False) == out
+    return out
+
+
+def test_warm_start_writes_a_loadable_checkpoint_and_report(warm_dir):
+    model, tok = load_policy(warm_dir)
+    assert tok.eos_token == "<|endoftext|>" and len(tok("<episode_3>", add_special_tokens=False)["input_ids"]) == 1
+    report = json.loads((warm_dir / "warmstart.json").read_text())
+    for key in ("config", "final_loss", "eval_loss", "sft_seconds", "wall_seconds", "accuracy",
+                "accuracy_per_level", "mean_tokens", "evaluation", "parameters"):
+        assert key in report
+    assert WarmStartConfig.model_validate(report["config"]) == WarmStartConfig(**TINY)
+    assert math.isfinite(report["final_loss"]) and report["final_loss"] > 0
+    assert set(report["accuracy_per_level"]) == {"1", "2"}
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_evaluate_counts_per_level(warm_dir):
+    model, tok = load_policy(warm_dir)
+    probs = held_out((1, 3), 2) + held_out((3,), 1, seed=5)
+    ev = evaluate(model, tok, probs, max_new_tokens=16, batch_size=4)
+    assert ev["n"] == 5 and set(ev["per_level"]) == {"1", "3"}
+    assert ev["per_level"]["1"]["n"] == 2 and ev["per_level"]["3"]["n"] == 3
+    for s in [ev, *ev["per_level"].values()]:
+        assert 0 <= s["accuracy"] <= 1 and 0 < s["mean_tokens"] <= 16
+        for k in ("mean_episodes", "redundant_share", "hard_check_rate", "easy_check_rate", "tagged_share"):
+            assert k in s
+
+
+def test_check_gains_on_reference_traces(warm_dir):
+    model, tok = load_policy(warm_dir)
+    style = TraceStyle(guess_error=1.0, hard_check=1.0, easy_check=1.0, repeat=0.0, restate=0.0)
+    res = check_gains(model, tok, dataset(4, 2, 2, seed=3, hard_prob=0.5), source="reference", n=2, style=style)
+    assert res["scored"] == res["responses"] == 8
+    assert {"step_hard", "check_hard", "check_hard_repair"} <= set(res["mean_gain"])
+    assert res["count"]["check_hard"] == res["count"]["step_hard"] == res["count"]["check_hard_repair"]
+
+
+def test_sft_pairs_forced_share_and_targets():
+    probs = dataset(400, 1, 3, seed=1)
+    pairs = sft_pairs(probs, TraceStyle(), forced_frac=0.3, seed=0)
+    forced = [(c, t) for c, t in pairs if t.startswith("\\boxed{")]
+    assert abs(len(forced) / len(pairs) - 0.3) < 0.07
+    by_prompt = {build_task_prompt(p): p.answer for p in probs}
+    for ctx, tgt in forced:
+        prompt = ctx[: ctx.index("\n", ctx.index("\n") + 1) + 1]
+        assert tgt == f"\\boxed{{{by_prompt[prompt]}}}"
+
+
+def test_sft_validates_and_schedules():
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tok), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=16)
+    with pytest.raises(ValueError):
+        sft(model, tok, [], steps=1)
+    with pytest.raises(ValueError):
+        sft(model, tok, [("a", "b")], steps=0)
+    res = sft(model, tok, [("Compute (1+2) mod 10.\n", "3")] * 4, steps=3, batch_size=2, eval_pairs=[("x\n", "y")],
+              show_progress=False)
+    assert len(res.losses) == 3 and res.eval_losses[-1][0] == 3
+    assert lr_factor(0, 100, 0.1, 0.0) == pytest.approx(0.1) and lr_factor(10, 100, 0.1, 0.0) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 0.1, 0.05) == pytest.approx(0.05, abs=1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        WarmStartConfig(min_steps=4, max_steps=2)
+    with pytest.raises(ValueError):
+        WarmStartConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError):
+        WarmStartConfig(unknown_field=1)
