@@ -13,3 +13,12 @@ def test_penalty_bench_quick_runs():
     for key in ("speedup", "spearman", "packed_j_speedup", "packed_j_max_abs_diff"):
         assert math.isfinite(res[key])
     assert res["packed_j_max_abs_diff"] < 1e-4 and res["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_reward_overhead_bench_quick_runs():
+    from bench.reward_overhead import main
+
+    res = main(["--quick"])
+    assert math.isfinite(res["reward_over_rollout"]) and res["reward_over_rollout"] > 0
+    assert res["per_step_s"]["rollout_time_s"] > 0 and res["rollouts_per_step"] == 8
