@@ -1,7 +1,8 @@
 """`make demo`: the core L2T reward path on the embedded default, end to end on a CPU.
 
-1. Builds the synthetic mod-10 arithmetic task, trains a byte-level BPE tokenizer and a tiny
-   Qwen2 model, and warm-starts it by SFT on episode-tagged traces with redundant re-checks.
+1. Warm-starts the embedded default (:func:`~l2t_core.warmstart.warm_start`): the synthetic
+   two-digit chain task, a character tokenizer and a tiny Qwen2, SFT on episode-tagged traces with
+   useful (hard-step) and redundant re-checks, and a greedy held-out evaluation per level.
 2. Saves the model with ``save_pretrained`` and reloads it with ``from_pretrained``.
 3. Samples a group of responses per held-out prompt and scores every group with each method
    (grpo, length_penalty, mrt, l2t, ...): segmentation, outcome, per-episode fitting gain G_k,
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -23,12 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import RewardConfig
-from .models import build_tiny_qwen2, build_tokenizer, load_policy
-from .prompts import build_prompt
+from .models import load_policy
 from .rewards.l2t import METHODS, Rollout, compute_rewards
-from .sft import sft
-from .tasks.arithmetic import dataset, trace
+from .tasks.arithmetic import build_task_prompt
 from .verify import NumericVerifier
+from .warmstart import WarmStartConfig, held_out, warm_start
 
 log = logging.getLogger("l2t.demo")
 console = Console()
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sft-steps", type=int, default=300)
     ap.add_argument("--groups", type=int, default=4, help="held-out prompts to score")
     ap.add_argument("--group-size", type=int, default=6, help="responses sampled per prompt (G)")
-    ap.add_argument("--eval-problems", type=int, default=100)
+    ap.add_argument("--eval-problems", type=int, default=120, help="held-out problems for the greedy evaluation")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -71,33 +70,19 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    train = dataset(3000, 1, 4, seed=args.seed)
-    held = dataset(args.eval_problems + args.groups, 1, 4, seed=args.seed + 10_000)
-    rng = random.Random(args.seed)
-    pairs = [(build_prompt(p.problem), trace(p, rng, recheck_prob=0.5)) for p in train]
-    log.info("task: %d training traces (1-4 steps, re-check episodes with p=0.5)", len(pairs))
-    tok = build_tokenizer([a + b for a, b in pairs[:1000]], vocab_size=1000)
-    model = build_tiny_qwen2(len(tok), hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2,
-                             intermediate_size=256, seed=args.seed)
-    log.info("tiny Qwen2: %.2fM parameters, vocab %d", sum(p.numel() for p in model.parameters()) / 1e6, len(tok))
-    losses = sft(model, tok, pairs, steps=args.sft_steps, batch_size=32, lr=3e-3, seed=args.seed)
-    log.info("SFT done: loss %.3f -> %.3f", losses[0], losses[-1])
+    ws = WarmStartConfig(sft_steps=args.sft_steps, seed=args.seed, eval_per_level=max(1, args.eval_problems // 6))
     ckpt = out / "sft"
-    model.save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
+    warm_start(ckpt, ws)
     model, tok = load_policy(ckpt)
     log.info("saved and reloaded the SFT checkpoint from %s", ckpt)
-
-    verifier = NumericVerifier()
-    evals = held[: args.eval_problems]
-    _, greedy = _generate(model, tok, [build_prompt(p.problem) for p in evals], 1, 160, None, args.seed)
-    acc = sum(verifier.verify(t, p.answer).correct for (ids, t), p in zip(greedy, evals)) / len(evals)
-    mean_tok = sum(len(ids) for ids, _ in greedy) / len(greedy)
+    report = json.loads((ckpt / "warmstart.json").read_text())
+    acc, mean_tok = report["accuracy"], report["mean_tokens"]
+    losses = [report["final_loss"]]
     log.info("greedy held-out accuracy %.3f, mean response tokens %.1f", acc, mean_tok)
-
-    scored = held[args.eval_problems:]
-    prompts = [build_prompt(p.problem) for p in scored]
-    p_ids, samples = _generate(model, tok, prompts, args.group_size, 160, 1.0, args.seed)
+    verifier = NumericVerifier()
+    scored = held_out(levels=(3,), per_level=args.groups, seed=args.seed + 10_000)
+    prompts = [build_task_prompt(p) for p in scored]
+    p_ids, samples = _generate(model, tok, prompts, args.group_size, 240, 1.0, args.seed)
     rollouts = [Rollout(p_ids[i], ids, text, scored[i // args.group_size].answer, i // args.group_size)
                 for i, (ids, text) in enumerate(samples)]
     cfg = RewardConfig(fitting={"mc_samples": 4, "mc_max_new_tokens": 8})
