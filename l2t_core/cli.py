@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", help="grpo | length_penalty | mrt | l2t | l2t_no_penalty | l2t_random_layers")
     p.add_argument("--out", help="run directory (local path or fsspec URL)")
     p.add_argument("--steps", type=int)
+    # the deepspeed launcher appends --local_rank=N; the rank comes from the environment instead
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("warmstart", help="build the synthetic task, tokenizer and tiny model, and SFT it")

@@ -22,7 +22,7 @@ the full batch's. ``tests/test_deepspeed.py`` checks exactly that against :class
 
 Launch (N GPUs on one node; ``--hostfile`` for many)::
 
-    deepspeed --num_gpus N -m l2t_core.cli train --config run.yaml \\
+    deepspeed --num_gpus N --module l2t_core.cli train --config run.yaml \\
         --set engine=deepspeed --set deepspeed_config=infra/deepspeed/zero2.json
 """
 
