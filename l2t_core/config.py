@@ -141,6 +141,8 @@ class RolloutConfig(_Strict):
     max_batch_sequences: int = Field(256, ge=1, description="hf engine: sequences per generate call.")
     vllm_gpu_memory_utilization: float = Field(0.8, gt=0.0, le=1.0)
     vllm_tensor_parallel_size: int = Field(1, ge=1)
+    # vLLM frees its KV cache and parks its weights on CPU while the trainer updates (same GPU)
+    vllm_enable_sleep_mode: bool = False
 
 
 class DataConfig(_Strict):

@@ -3,6 +3,10 @@
 Next-token cross-entropy on the response tokens only (the prompt is context), AdamW with linear
 warm-up and cosine decay, gradient clipping, batches of similar lengths (less padding) and an
 optional evaluation loss on held-out pairs.
+
+An example may also be a longer tuple of text segments that alternate between context (not
+trained) and target (trained): ``(prompt, response)`` or, e.g., ``(prompt, trace prefix,
+force-answer suffix, answer)`` to train the prefix and the answer but never the suffix.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Sequence
 import torch
 from rich.progress import Progress
 
-Encoded = tuple[list[int], list[int]]  # (prompt ids, response ids + eos)
+Encoded = tuple[list[int], list[bool]]  # (token ids, trained flag per token); ends with eos
 
 
 @dataclass
@@ -34,32 +38,39 @@ class SFTResult:
         return sum(tail) / len(tail)
 
 
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-    """Tokenise each pair; the response gets the eos token appended (it is trained to stop)."""
+def encode_pairs(tokenizer, pairs: Sequence[Sequence[str]]) -> list[Encoded]:
+    """Tokenise each example's segments (context, target, context, target, ...); the last target
+    gets the eos token appended, so the model is trained to stop."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("sft: the tokenizer has no eos token; the model could never learn to stop")
     out = []
-    for i, (prompt, response) in enumerate(pairs):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
-        if not p:
-            raise ValueError(f"sft: pair {i} has an empty prompt")
-        out.append((p, r))
+    for i, segs in enumerate(pairs):
+        if isinstance(segs, str) or len(segs) < 2 or len(segs) % 2:
+            raise ValueError(f"sft: example {i} must be (context, target, ...) with an even number of segments")
+        if not segs[0]:
+            raise ValueError(f"sft: example {i} has an empty prompt")
+        ids: list[int] = []
+        trained: list[bool] = []
+        for j, text in enumerate(segs):
+            t = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            ids += t
+            trained += [j % 2 == 1] * len(t)
+        out.append((ids + [eos], trained + [True]))
     return out
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the responses."""
-    width = max(len(p) + len(r) for p, r in batch)
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the targets."""
+    width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     att = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(batch):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        labels[i, len(p):n] = torch.tensor(r)
-        att[i, :n] = 1
+    for i, (toks, trained) in enumerate(batch):
+        t = torch.tensor(toks)
+        ids[i, :len(toks)] = t
+        labels[i, :len(toks)] = torch.where(torch.tensor(trained), t, -100)
+        att[i, :len(toks)] = 1
     return ids, att, labels
 
 
@@ -108,7 +119,7 @@ def eval_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 
 def sft(
     model,
     tokenizer,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[Sequence[str]],
     *,
     steps: int = 300,
     batch_size: int = 32,
@@ -116,7 +127,7 @@ def sft(
     warmup_frac: float = 0.05,
     min_lr_frac: float = 0.05,
     weight_decay: float = 0.0,
-    eval_pairs: Sequence[tuple[str, str]] = (),
+    eval_pairs: Sequence[Sequence[str]] = (),
     eval_every: int = 0,
     seed: int = 0,
     show_progress: bool = True,
@@ -138,7 +149,7 @@ def sft(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     enc = encode_pairs(tokenizer, pairs)
     enc_eval = encode_pairs(tokenizer, eval_pairs) if eval_pairs else []
-    lengths = [len(p) + len(r) for p, r in enc]
+    lengths = [len(ids) for ids, _ in enc]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_frac, min_lr_frac))
     result = SFTResult(losses=[])

@@ -151,7 +151,9 @@ class Trainer:
             rkw["max_batch_sequences"] = cfg.rollout.max_batch_sequences
         else:
             rkw.update(model_path=cfg.policy, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-                       tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size, seed=cfg.seed)
+                       tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size, seed=cfg.seed,
+                       max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                       enable_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)
         self.rollout = make_rollout_engine(cfg.rollout.engine, self.engine.unwrapped(), self.tokenizer, **rkw)
         c = cfg.reward.compression
         self.proxy = SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps, c.seed)
@@ -327,7 +329,9 @@ class Trainer:
 
                 logp = torch.nn.utils.rnn.pad_sequence(logp_list, batch_first=True)
                 mask = stack([torch.ones(len(x)) for x in logp_list])
-                old = stack([rewards.responses[i].logp_old for i in keep])
+                # one update per batch: π_old is the current policy (ratio 1, the PG gradient)
+                old = stack([rewards.responses[i].logp_old if rewards.responses[i].logp_old is not None
+                             else lp.detach() for i, lp in zip(keep, logp_list)])
                 advs = stack([rewards.responses[i].token_advantage for i in keep])
                 refl = stack([ref[i] for i in keep]) if ref is not None else None
                 out = policy_loss(logp, old, refl, advs, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
@@ -351,7 +355,8 @@ class Trainer:
         rollouts, probs, t_roll = self._rollouts(step)
         t0 = time.perf_counter()
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
-                                  verifier=self.verifier, proxy=self.proxy, step=step)
+                                  verifier=self.verifier, proxy=self.proxy, step=step,
+                                  need_logp_old=self.cfg.mini_batches > 1)
         t_reward = time.perf_counter() - t0
         t0 = time.perf_counter()
         ref = self._reference_logprobs(rollouts)

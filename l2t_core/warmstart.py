@@ -44,7 +44,7 @@ from .tasks.arithmetic import (
     build_trace,
     classify_episodes,
     dataset,
-    forced_answer_pair,
+    forced_answer_example,
     held_out_problems,
 )
 from .verify import NumericVerifier
@@ -106,12 +106,11 @@ def held_out(levels: Sequence[int] = LEVELS, per_level: int = 50, seed: int = HE
     return held_out_problems(levels, per_level, seed)
 
 
-def sft_pairs(problems: Sequence[Problem], style: TraceStyle, forced_frac: float, seed: int) -> list[tuple[str, str]]:
-    """One (prompt, response) SFT example per problem.
-
-    A share ``forced_frac`` are forced-answer examples: a reference trace cut at a uniformly
-    drawn episode boundary k = 0..K, the force-answer suffix, and the true answer as the only
-    trained target; the rest are whole reference traces.
+def sft_pairs(problems: Sequence[Problem], style: TraceStyle, forced_frac: float, seed: int) -> list[tuple[str, ...]]:
+    """One SFT example per problem: ``(prompt, response)`` with a whole reference trace, or, for a
+    share ``forced_frac``, a forced-answer example ``(prompt, prefix, suffix, answer)``: the trace
+    cut at a uniformly drawn episode boundary k = 0..K, the force-answer suffix (not trained) and
+    the true answer (see :func:`~l2t_core.tasks.arithmetic.forced_answer_example`).
     """
     if not 0 <= forced_frac < 1:
         raise ValueError(f"sft_pairs: forced_frac must be in [0, 1), got {forced_frac}")
@@ -122,7 +121,7 @@ def sft_pairs(problems: Sequence[Problem], style: TraceStyle, forced_frac: float
         tr = build_trace(p, rng, style)
         if rng.random() < forced_frac:
             k = rng.randint(0, len(tr.episodes))
-            pairs.append(forced_answer_pair(prompt, tr.text, k, p.answer))
+            pairs.append(forced_answer_example(prompt, tr.text, k, p.answer))
         else:
             pairs.append((prompt, tr.text))
     return pairs

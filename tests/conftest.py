@@ -22,6 +22,11 @@ CORPUS = [
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+# Tiny models run fastest on one thread; on a shared 2-core machine two OpenMP threads spin-wait
+# behind other processes and small kernels stall (tests that need more set it themselves).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_dir_env():
     if "L2T_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():

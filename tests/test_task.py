@@ -17,7 +17,7 @@ from l2t_core.tasks.arithmetic import (
     check_text,
     classify_episodes,
     dataset,
-    forced_answer_pair,
+    forced_answer_example,
     held_out_problems,
     make_problem,
     split_of,
@@ -156,18 +156,20 @@ def test_traces_segment_as_tagged_and_classify_back():
             assert k.redundant == (e.kind in ("restate", "repeat") or (e.kind == "check" and not e.hard))
 
 
-def test_forced_answer_pairs_cut_at_episode_boundaries():
+def test_forced_answer_examples_cut_at_episode_boundaries():
     p = dataset(1, 3, 3, seed=8)[0]
     prompt = build_task_prompt(p)
+    assert prompt == p.problem + "\n"
     tr = build_trace(p, random.Random(0), TraceStyle(guess_error=1.0, **NO_EXTRAS))
     k_max = len(tr.episodes)
-    ctx0, tgt = forced_answer_pair(prompt, tr.text, 0, p.answer)
-    assert ctx0 == prompt + FORCE_ANSWER_SUFFIX and tgt == f"\\boxed{{{p.answer}}}"
+    assert forced_answer_example(prompt, tr.text, 0, p.answer) == (
+        prompt, "", FORCE_ANSWER_SUFFIX, f"\\boxed{{{p.answer}}}")
     for k in range(1, k_max + 1):
-        ctx, _ = forced_answer_pair(prompt, tr.text, k, p.answer)
-        assert ctx.endswith(f"</episode_{k}>\n" + FORCE_ANSWER_SUFFIX)
+        _, prefix, suffix, target = forced_answer_example(prompt, tr.text, k, p.answer)
+        assert tr.text.startswith(prefix) and prefix.endswith(f"</episode_{k}>\n")
+        assert segment(prefix).num_episodes == k and suffix == FORCE_ANSWER_SUFFIX
     with pytest.raises(ValueError):
-        forced_answer_pair(prompt, tr.text, k_max + 1, p.answer)
+        forced_answer_example(prompt, tr.text, k_max + 1, p.answer)
 
 
 def test_char_tokenizer_offsets_round_trip_and_single_tag_tokens(tmp_path):

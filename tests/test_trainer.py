@@ -132,6 +132,40 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_dir, toy_data, tmp_pat
 
 
 @pytest.mark.slow
+def test_one_update_per_batch_skips_logp_old_with_the_same_gradient(tiny_dir, toy_data, tmp_path, monkeypatch):
+    """GRPO with one update per batch uses the detached current log-probs as log π_old: same
+    gradient as a separate log π_old pass, one forward pass fewer."""
+    import l2t_core.trainer as trainer_mod
+
+    torch.set_num_threads(1)
+    real = trainer_mod.compute_rewards
+    grads, seen = {}, {}
+    for name, force in (("skip", False), ("forward", True)):
+        def compute(*a, force=force, name=name, **kw):
+            if force:
+                kw["need_logp_old"] = True
+            out = real(*a, **kw)
+            seen[name] = [r.logp_old is None for r in out.responses]
+            return out
+
+        monkeypatch.setattr(trainer_mod, "compute_rewards", compute)
+        tr = Trainer(make_cfg(tiny_dir, tmp_path / name, steps=1, mini_batches=1, method="grpo"), show_progress=False)
+        tr.setup()
+        original = tr.engine.step
+
+        def recording_step(tr=tr, original=original, name=name):
+            grads[name] = {n: p.grad.detach().clone() for n, p in tr.engine.module.named_parameters()}
+            return original()
+
+        tr.engine.step = recording_step
+        tr.run()
+    assert all(seen["skip"]) and not any(seen["forward"])
+    for n, g in grads["forward"].items():
+        torch.testing.assert_close(grads["skip"][n], g, rtol=1e-4, atol=1e-7, msg=n)
+    assert max(float(g.abs().max()) for g in grads["forward"].values()) > 1e-6
+
+
+@pytest.mark.slow
 def test_object_store_run_directory(tiny_dir, toy_data):
     """The non-local (object store) code path, through fsspec's in-memory filesystem."""
     res = Trainer(make_cfg(tiny_dir, "memory://l2t-test/run", steps=2, method="grpo"), show_progress=False).run()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from l2t_core.models import build_char_tokenizer, build_tiny_qwen2, load_policy
-from l2t_core.sft import lr_factor, sft
+from l2t_core.prompts import FORCE_ANSWER_SUFFIX
+from l2t_core.sft import encode_pairs, lr_factor, sft
 from l2t_core.tasks.arithmetic import TraceStyle, build_task_prompt, dataset
 from l2t_core.warmstart import WarmStartConfig, check_gains, evaluate, held_out, sft_pairs, warm_start
 
@@ -64,12 +65,12 @@ def test_check_gains_on_reference_traces(warm_dir):
 def test_sft_pairs_forced_share_and_targets():
     probs = dataset(400, 1, 3, seed=1)
     pairs = sft_pairs(probs, TraceStyle(), forced_frac=0.3, seed=0)
-    forced = [(c, t) for c, t in pairs if t.startswith("\\boxed{")]
+    forced = [e for e in pairs if len(e) == 4]
     assert abs(len(forced) / len(pairs) - 0.3) < 0.07
+    assert all(len(e) == 2 and e[1].startswith("<think>") for e in pairs if len(e) != 4)
     by_prompt = {build_task_prompt(p): p.answer for p in probs}
-    for ctx, tgt in forced:
-        prompt = ctx[: ctx.index("\n", ctx.index("\n") + 1) + 1]
-        assert tgt == f"\\boxed{{{by_prompt[prompt]}}}"
+    for prompt, prefix, suffix, target in forced:
+        assert suffix == FORCE_ANSWER_SUFFIX and target == f"\\boxed{{{by_prompt[prompt]}}}"
 
 
 def test_sft_validates_and_schedules():
@@ -79,9 +80,14 @@ def test_sft_validates_and_schedules():
         sft(model, tok, [], steps=1)
     with pytest.raises(ValueError):
         sft(model, tok, [("a", "b")], steps=0)
-    res = sft(model, tok, [("Compute (1+2) mod 10.\n", "3")] * 4, steps=3, batch_size=2, eval_pairs=[("x\n", "y")],
-              show_progress=False)
+    with pytest.raises(ValueError, match="even"):
+        sft(model, tok, [("a", "b", "c")], steps=1)
+    res = sft(model, tok, [("Compute (1+2) mod 10.\n", "3"), ("p\n", "<think>", "f", "4")] * 2, steps=3, batch_size=2,
+              eval_pairs=[("x\n", "y")], show_progress=False)
     assert len(res.losses) == 3 and res.eval_losses[-1][0] == 3
+    (ids, trained), = encode_pairs(tok, [("p\n", "<think>", "ff", "4")])
+    assert ids == tok("p\n<think>ff4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert trained == [False, False, True, False, False, True, True]
     assert lr_factor(0, 100, 0.1, 0.0) == pytest.approx(0.1) and lr_factor(10, 100, 0.1, 0.0) == pytest.approx(1.0)
     assert lr_factor(99, 100, 0.1, 0.05) == pytest.approx(0.05, abs=1e-3)
 

@@ -53,7 +53,7 @@ class ResponseReward:
     penalties_hat: torch.Tensor  # [K] normalised P̂_k
     process: torch.Tensor  # [K] r_k^prg
     episode_reward: torch.Tensor  # [K] R_k
-    logp_old: torch.Tensor  # [T]
+    logp_old: torch.Tensor | None  # [T]; None when the caller said it would use the current policy's
     token_reward: torch.Tensor  # [T]
     score: float = 0.0
     advantage: float = 0.0
@@ -86,16 +86,6 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
     return out
 
 
-def _pad_batch(seqs: list[list[int]], pad_id: int):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        att[i, : len(s)] = 1
-    return ids, att
-
-
 def episode_sqnorms_and_logps(
     model,
     rollouts: Sequence[Rollout],
@@ -117,7 +107,7 @@ def episode_sqnorms_and_logps(
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
     for batch in microbatches(lengths, max_tokens):
         seqs = [list(rollouts[i].prompt_ids) + list(rollouts[i].response_ids) for i in batch]
-        ids, att = _pad_batch(seqs, pad_id)
+        ids, att = pad_right(seqs, pad_id)
         score = torch.zeros_like(ids, dtype=torch.bool)
         seg = torch.full(ids.shape, -1, dtype=torch.long)
         offsets, n_seg = [], 0
@@ -173,8 +163,15 @@ def compute_rewards(
     verifier: Verifier | None = None,
     proxy: comp.SVDProxy | None = None,
     step: int = 0,
+    need_logp_old: bool = True,
 ) -> RewardBatch:
-    """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6)."""
+    """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6).
+
+    ``need_logp_old=False`` (a trainer that makes one update per batch, so π_old is the policy it
+    is about to differentiate) skips the extra forward pass of log π_old where no reward needs it:
+    the outcome-only methods; the L2T family still gets it from the pass it makes anyway (the
+    penalty) or needs it for the surprise weights. ``logp_old`` is then None.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not rollouts:
@@ -202,9 +199,13 @@ def compute_rewards(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     needs_penalty = method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
     c = cfg.compression
-    if not needs_penalty:  # no penalty: log π_old from a plain no-grad forward
+    surprise = method.startswith("l2t") and cfg.credit.token_weights == "surprise"
+    if not needs_penalty:  # no penalty: log π_old from a plain no-grad forward, if anyone needs it
         sqnorms = [torch.zeros(t.num_episodes, dtype=torch.float64) for t in teps]
-        logps = response_logprobs(model, rollouts, pad_id, cfg.fitting.max_tokens_per_batch)
+        if need_logp_old or surprise:
+            logps = response_logprobs(model, rollouts, pad_id, cfg.fitting.max_tokens_per_batch)
+        else:
+            logps = [None] * len(rollouts)
     else:
         if method == "l2t_random_layers":
             targets = comp.resolve_targets(model, comp.random_layer_targets(model, c.random_layer_frac, c.seed))
@@ -264,7 +265,7 @@ def compute_rewards(
         process = adv.process_rewards(gains, hat_split[n], beta)
         ep_r = adv.episode_rewards(outs[n], process, cr.alpha)
         ids = torch.as_tensor(te.episode_ids)
-        if cr.token_weights == "surprise":
+        if surprise:  # the L2T family spreads R_k by surprise; the other methods use no token credit
             w = adv.surprise_weights(logps[n], ids, k, cr.surprise_floor)
         else:
             w = adv.uniform_weights(ids, k)

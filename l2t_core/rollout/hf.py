@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts
 
@@ -24,6 +25,7 @@ class HFRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.max_batch_sequences = max(1, int(max_batch_sequences))
         self.max_prompt_tokens = max_prompt_tokens
+        self.eos = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -42,37 +44,49 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         check_prompts(prompts, self.max_prompt_tokens)
         device = next(self.model.parameters()).device
-        eos = self.tokenizer.eos_token_id
-        per_chunk = max(1, self.max_batch_sequences // params.n)
         sample = params.temperature > 0
+        # Greedy decoding gives one completion per prompt; it is repeated n times below.
+        reps = params.n if sample else 1
+        per_chunk = max(1, self.max_batch_sequences // reps)
         kw = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) if sample else dict(
             do_sample=False, temperature=None, top_p=None, top_k=None)
-        was_training = self.model.training
+        was_training, saved_config = self.model.training, getattr(self.model, "generation_config", None)
+        # Only the sampling parameters asked for apply: a checkpoint's generation_config.json
+        # (repetition_penalty, top_k, ...) would silently change the policy's distribution.
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=self.eos)
         self.model.eval()
         out: list[list[Completion]] = []
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(params.seed)
-            for start in range(0, len(prompts), per_chunk):
-                chunk = prompts[start: start + per_chunk]
-                ids, att, width = self._left_pad(chunk, device)
-                gen = self.model.generate(
-                    input_ids=ids, attention_mask=att, max_new_tokens=params.max_new_tokens,
-                    num_return_sequences=params.n, pad_token_id=self.pad_id, eos_token_id=eos, **kw,
-                )
-                rows = gen[:, width:].tolist()
-                for i, p in enumerate(chunk):
-                    group = []
-                    for row in rows[i * params.n:(i + 1) * params.n]:
-                        finished = eos in row
-                        if finished:
-                            row = row[: row.index(eos)]
-                        else:  # ran to max_new_tokens; drop right padding if any
-                            while row and row[-1] == self.pad_id and self.pad_id != eos:
-                                row.pop()
-                        text = self.tokenizer.decode(row, skip_special_tokens=True)
-                        group.append(Completion(list(p), row, text, finished))
-                    out.append(group)
-        if was_training:
-            self.model.train()
+        try:
+            with torch.random.fork_rng(devices=self._cuda_devices()):
+                torch.manual_seed(params.seed)  # seeds the CPU and every CUDA generator
+                for start in range(0, len(prompts), per_chunk):
+                    chunk = prompts[start: start + per_chunk]
+                    ids, att, width = self._left_pad(chunk, device)
+                    gen = self.model.generate(
+                        input_ids=ids, attention_mask=att, max_new_tokens=params.max_new_tokens,
+                        num_return_sequences=reps, pad_token_id=self.pad_id, eos_token_id=self.eos, **kw,
+                    )
+                    rows = gen[:, width:].tolist()
+                    for i, p in enumerate(chunk):
+                        group = [self._completion(p, row) for row in rows[i * reps:(i + 1) * reps]]
+                        if not sample:
+                            c = group[0]
+                            group = [Completion(list(p), list(c.response_ids), c.text, c.finished)
+                                     for _ in range(params.n)]
+                        out.append(group)
+        finally:
+            self.model.generation_config = saved_config
+            self.model.train(was_training)
         return out
+
+    def _completion(self, prompt: Sequence[int], row: list[int]) -> Completion:
+        """One generated row: cut at the first eos (after it comes only padding). A row without
+        eos ran to ``max_new_tokens`` and has no padding, since padding follows a finished row."""
+        finished = self.eos in row
+        if finished:
+            row = row[: row.index(self.eos)]
+        return Completion(list(prompt), row, self.tokenizer.decode(row, skip_special_tokens=True), finished)
+
+    @staticmethod
+    def _cuda_devices() -> list[int]:
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -1,146 +1,168 @@
 """The ``vllm`` rollout engine: vLLM's offline ``LLM`` on a GPU (the ``gpu`` extra).
 
-Targets vLLM >= 0.10 (the V1 engine) through its documented public API only:
+Targets vLLM >= 0.10 (the V1 engine) through its public API only:
 
-* ``vllm.LLM(model=..., worker_extension_cls=...)`` builds the engine from the policy's HF
-  directory (or hub id); ``LLM.generate`` takes ``TokensPrompt(prompt_token_ids=...)`` inputs and
-  one ``vllm.SamplingParams(n=G, temperature, top_p, max_tokens, seed)`` per prompt, so every
-  prompt's G samples are reproducible from ``SamplingParams.seed`` whatever the batch around it.
-* Weight sync after each trainer update (:meth:`VLLMRolloutEngine.sync_weights`) goes through
-  ``LLM.collective_rpc``, which calls a method of a *worker extension* on every worker; the
-  extension (:class:`WeightSyncExtension`) hands the trainer's tensors to the model's own
-  ``load_weights`` (the loader vLLM uses for checkpoints, which also handles fused QKV and
-  gate/up projections and tensor-parallel sharding). Nothing is written to disk.
-  With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here unless the user set it) the engine core
-  lives in the trainer's process and the tensors are passed by reference, not serialised.
-* ``enable_sleep_mode`` lets the engine release its KV cache (``LLM.sleep(level=1)``) while the
-  trainer runs on the same GPU, and take it back (``LLM.wake_up()``) before the next rollout.
+* ``vllm.LLM(model=model_path, worker_extension_cls=..., generation_config="vllm", ...)`` loads
+  the policy once from its HF directory (or hub id). ``generation_config="vllm"`` keeps the
+  checkpoint's ``generation_config.json`` out of sampling, so generation stops only at the
+  tokenizer's EOS, as in the ``hf`` engine.
+* ``LLM.generate`` gets ``TokensPrompt(prompt_token_ids=...)`` inputs and one
+  ``vllm.SamplingParams`` per prompt. Prompt ``i`` is seeded with
+  ``(seed % 2**31) * 2**20 + i * n`` and vLLM seeds its ``k``-th sample with that ``+ k``, so every
+  sample has its own seed and a call is reproducible from ``SamplingParams.seed``. vLLM refuses
+  ``n > 1`` with greedy decoding, so greedy asks for one sample and repeats it ``n`` times.
+  vLLM does not detokenize; text is ``tokenizer.decode(ids, skip_special_tokens=True)``.
+* :meth:`VLLMRolloutEngine.sync_weights` copies the trainer's tensors into the running engine
+  with ``LLM.collective_rpc``. This calls a method of a worker extension
+  (:class:`WeightSyncExtension`, installed with ``worker_extension_cls``) on every worker. That
+  method passes the tensors to the model's own ``load_weights``, the loader vLLM uses for
+  checkpoints, which handles the fused QKV and gate/up projections and tensor-parallel shards.
+  Nothing is written to disk. With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here unless the
+  user already set it) and one GPU, the engine runs in the trainer's process and the tensors are
+  passed by reference. Otherwise they cross the process boundary as CPU copies, in chunks.
+  Afterwards the prefix cache is reset, because cached KV blocks belong to the old weights.
+* With ``enable_sleep_mode`` the engine sleeps after each ``generate`` (``LLM.sleep(level=1)``:
+  weights go to CPU and the KV cache is freed), so the trainer gets the GPU memory back. It wakes
+  only the weights for ``sync_weights`` and the rest before the next ``generate``
+  (``LLM.wake_up(tags=...)``).
 
-Its integration test (``tests/test_rollout_vllm.py``) runs only where vLLM and a CUDA device are
-present; here it is skipped.
+Not handled: quantized (e.g. fp8) engines, and sharded trainer states (ZeRO-3, FSDP); pass a
+module whose ``state_dict()`` holds full tensors. The GPU tests are in
+``tests/test_rollout_vllm.py``; on a machine without vLLM or CUDA they are skipped.
 """
 
 from __future__ import annotations
 
+import gc
 import os
-from typing import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts
 
-EXTENSION_PATH = "l2t_core.rollout.vllm.WeightSyncExtension"
+EXTENSION = "l2t_core.rollout.vllm.WeightSyncExtension"
+_TAGS = ("weights", "kv_cache")
 
 
 class WeightSyncExtension:
-    """Mixed into each vLLM worker (``worker_extension_cls``); ``self`` is the worker."""
+    """Mixed into each vLLM worker class (``worker_extension_cls``); ``self`` is the worker."""
 
     def l2t_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        device = next(self.model_runner.model.parameters()).device
-        self.model_runner.model.load_weights(weights=((n, t.to(device)) for n, t in named_tensors))
+        model = self.model_runner.model
+        device = next(model.parameters()).device
+        model.load_weights(weights=[(n, t.to(device)) for n, t in named_tensors])
         return len(named_tensors)
 
 
-def _require_vllm():
+def _import_vllm():
     try:
-        import vllm  # noqa: F401
+        import vllm
+        from vllm.inputs import TokensPrompt
     except ImportError as exc:
         raise ImportError(
-            "the 'vllm' rollout engine needs vLLM: install the gpu extra (pip install -e \".[gpu]\") on a "
-            "machine with an NVIDIA GPU, or use rollout.engine='hf'"
+            "the 'vllm' rollout engine needs vLLM >= 0.10: install the gpu extra with "
+            "pip install -e \".[gpu]\" on a machine with an NVIDIA GPU, or set rollout.engine='hf'"
         ) from exc
     if not torch.cuda.is_available():
-        raise RuntimeError("the 'vllm' rollout engine needs a CUDA device; use rollout.engine='hf' on CPU")
-    return vllm
+        raise RuntimeError("the 'vllm' rollout engine needs a CUDA device and none is visible; "
+                           "set rollout.engine='hf' to sample on this machine")
+    return vllm, TokensPrompt
 
 
 class VLLMRolloutEngine(RolloutEngine):
     name = "vllm"
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        model_path: str,
-        gpu_memory_utilization: float = 0.8,
-        tensor_parallel_size: int = 1,
-        max_model_len: int | None = None,
-        dtype: str = "bfloat16",
-        seed: int = 0,
-        max_prompt_tokens: int | None = None,
-        enforce_eager: bool = False,
-        enable_sleep_mode: bool = False,
-        sync_chunk_tensors: int = 64,
-    ):
+    def __init__(self, model, tokenizer, *, model_path: str | None = None, gpu_memory_utilization: float = 0.8,
+                 tensor_parallel_size: int = 1, max_model_len: int | None = None, dtype: str = "bfloat16",
+                 seed: int = 0, max_prompt_tokens: int | None = None, enforce_eager: bool = False,
+                 enable_sleep_mode: bool = False, sync_chunk_tensors: int = 64, **llm_kwargs):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        vllm = _require_vllm()
+        self._vllm, self._tokens_prompt = _import_vllm()
+        if tokenizer.eos_token_id is None:
+            raise ValueError("VLLMRolloutEngine: the tokenizer has no eos token; generation could never stop")
+        model_path = model_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not model_path:
+            raise ValueError("VLLMRolloutEngine needs model_path: the HF directory or hub id vLLM loads from")
         self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
         self.max_prompt_tokens = max_prompt_tokens
         self.sleep_mode = enable_sleep_mode
-        self.sync_chunk_tensors = max(1, sync_chunk_tensors)
-        self.llm = vllm.LLM(
-            model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len, enforce_eager=enforce_eager, enable_sleep_mode=enable_sleep_mode,
-            worker_extension_cls=EXTENSION_PATH,
+        self.sync_chunk_tensors = max(1, int(sync_chunk_tensors))
+        self._by_reference = tensor_parallel_size == 1 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        self._asleep: set[str] = set()
+        self.llm = self._vllm.LLM(
+            model=str(model_path), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, enforce_eager=enforce_eager,
+            enable_sleep_mode=enable_sleep_mode, worker_extension_cls=EXTENSION, generation_config="vllm",
+            **llm_kwargs,
         )
-        self._asleep = False
+        self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        import vllm
-        from vllm.inputs import TokensPrompt
-
         check_prompts(prompts, self.max_prompt_tokens)
-        self.wake_up()
-        eos = self.tokenizer.eos_token_id
+        greedy = params.temperature == 0
+        n = 1 if greedy else params.n
         sampling = [
-            vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                max_tokens=params.max_new_tokens, seed=params.seed + i, skip_special_tokens=True)
+            self._vllm.SamplingParams(
+                n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
+                seed=None if greedy else ((params.seed % 2**31) << 20) + i * n,
+                stop_token_ids=[self.eos], detokenize=False)
             for i in range(len(prompts))
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False)
-        result: list[list[Completion]] = []
-        for p, req in zip(prompts, outs):  # vLLM returns outputs in input order
-            group = []
-            for c in sorted(req.outputs, key=lambda o: o.index):
-                ids = list(c.token_ids)
-                if ids and ids[-1] == eos:
-                    ids = ids[:-1]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                group.append(Completion(list(p), ids, text, finished=c.finish_reason == "stop"))
+        self._wake(*_TAGS)
+        outs = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                 use_tqdm=False)
+        self.sleep()
+        if len(outs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(prompts)} prompts")
+        result = []
+        for p, req in zip(prompts, outs):  # LLM.generate keeps the input order; checked below
+            if list(req.prompt_token_ids) != list(p):
+                raise RuntimeError("vLLM returned its outputs out of order")
+            group = [self._completion(p, c) for c in sorted(req.outputs, key=lambda c: c.index)]
+            if greedy:
+                group = [Completion(list(p), list(group[0].response_ids), group[0].text, group[0].finished)
+                         for _ in range(params.n)]
             result.append(group)
         return result
 
-    def _named_chunks(self, model: torch.nn.Module) -> Iterable[list[tuple[str, torch.Tensor]]]:
-        chunk: list[tuple[str, torch.Tensor]] = []
-        for name, t in model.state_dict().items():
-            chunk.append((name, t.detach()))
-            if len(chunk) >= self.sync_chunk_tensors:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+    def _completion(self, prompt: Sequence[int], out) -> Completion:
+        ids = list(out.token_ids)
+        finished = out.finish_reason == "stop"
+        if finished and ids and ids[-1] == self.eos:
+            ids.pop()
+        return Completion(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished)
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
-        self.wake_up()
-        for chunk in self._named_chunks(model):
+        self._wake("weights")
+        chunk: list[tuple[str, torch.Tensor]] = []
+        for name, t in model.state_dict().items():
+            name = name.replace("_orig_mod.", "")  # torch.compile'd modules
+            chunk.append((name, t.detach() if self._by_reference else t.detach().to("cpu")))
+            if len(chunk) == self.sync_chunk_tensors:
+                self.llm.collective_rpc("l2t_load_weights", args=(chunk,))
+                chunk = []
+        if chunk:
             self.llm.collective_rpc("l2t_load_weights", args=(chunk,))
-        self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
+        if "kv_cache" not in self._asleep:  # LLM.sleep already dropped the cache otherwise
+            self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """Free the KV cache while the trainer uses the GPU (needs ``enable_sleep_mode``)."""
+        """Free the KV cache and move the weights to CPU (only with ``enable_sleep_mode``)."""
         if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
-            self._asleep = True
+            self._asleep = set(_TAGS)
 
-    def wake_up(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    def _wake(self, *tags: str) -> None:
+        todo = [t for t in tags if t in self._asleep]  # waking a tag that is awake would map it twice
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep.difference_update(todo)
 
     def close(self) -> None:
-        del self.llm
-        if torch.cuda.is_available():
+        if getattr(self, "llm", None) is not None:
+            self.llm = None
+            gc.collect()
             torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ product of two digits (``+7*8``), a two-digit number the step has to form first.
   ``goal 3+7*8-2`` restates the problem first (``restate``).
 
 An unchecked wrong guess propagates: later steps start from it and the boxed answer is wrong,
-like a fast thinker who skipped the check. :func:`forced_answer_pair` builds the forced-answer
+like a fast thinker who skipped the check. :func:`forced_answer_example` builds the forced-answer
 examples (a trace cut at an episode boundary, the force-answer suffix, and the TRUE answer) that
 make J(s_k) of METHOD.md §2 meaningful after SFT.
 
@@ -44,7 +44,7 @@ MAX_LEVEL = 6
 LEVELS = tuple(range(1, MAX_LEVEL + 1))
 HELDOUT_SHARE = 8  # one problem text in 8 belongs to the held-out split
 HELDOUT_SEED = 1_000_003
-TASK_INSTRUCTION = "Think in episodes."
+OPS = "+-"
 
 Split = Literal["train", "heldout"]
 EpisodeKind = Literal["restate", "step", "check", "repeat", "other"]
@@ -134,22 +134,24 @@ class Problem:
         return sum(t.hard for t in self.terms)
 
 
-def random_term(rng: random.Random, hard: bool) -> Term:
-    """A uniformly drawn term: ±d with d in 1..9, or ±d*e with d, e in 2..9."""
-    op = rng.choice("+-")
+def random_term(rng: random.Random, hard: bool, ops: str = OPS) -> Term:
+    """A uniformly drawn term: op d with d in 1..9, or op d*e with d, e in 2..9; op from ``ops``."""
+    op = rng.choice(ops)
     if hard:
         return Term(op, (rng.randint(2, 9), rng.randint(2, 9)))
     return Term(op, (rng.randint(1, 9),))
 
 
-def make_problem(rng: random.Random, steps: int, idx: int = 0, hard_prob: float = 0.5) -> Problem:
+def make_problem(rng: random.Random, steps: int, idx: int = 0, hard_prob: float = 0.5, ops: str = OPS) -> Problem:
     """A random chain of ``steps`` terms; each is hard with probability ``hard_prob``."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"make_problem: steps must be an integer >= 1, got {steps!r}")
     if not 0.0 <= hard_prob <= 1.0:
         raise ValueError(f"make_problem: hard_prob must be in [0, 1], got {hard_prob}")
+    if not ops or set(ops) - {"+", "-"}:
+        raise ValueError(f"make_problem: ops must be made of '+' and '-', got {ops!r}")
     start = rng.randrange(MOD)
-    terms = tuple(random_term(rng, rng.random() < hard_prob) for _ in range(steps))
+    terms = tuple(random_term(rng, rng.random() < hard_prob, ops) for _ in range(steps))
     x = start
     for t in terms:
         x = t.apply(x)
@@ -171,6 +173,7 @@ def dataset(
     *,
     split: Split = "train",
     hard_prob: float = 0.5,
+    ops: str = OPS,
     unique: bool = False,
 ) -> list[Problem]:
     """``n`` problems of the ``split``, levels uniform in [min_steps, max_steps], deterministic
@@ -192,7 +195,7 @@ def dataset(
                 f"dataset: could only draw {len(out)} of {n} {'unique ' if unique else ''}{split} problems "
                 f"with levels {min_steps}..{max_steps}; ask for fewer"
             )
-        p = make_problem(rng, rng.randint(min_steps, max_steps), len(out), hard_prob)
+        p = make_problem(rng, rng.randint(min_steps, max_steps), len(out), hard_prob, ops)
         if split_of(p.problem) != split or (unique and p.problem in seen):
             continue
         seen.add(p.problem)
@@ -201,26 +204,28 @@ def dataset(
 
 
 def held_out_problems(levels: Sequence[int] = LEVELS, per_level: int = 50, seed: int = HELDOUT_SEED,
-                      hard_prob: float = 0.5) -> list[Problem]:
+                      hard_prob: float = 0.5, ops: str = OPS) -> list[Problem]:
     """``per_level`` unique held-out problems for every level in ``levels``, level by level."""
     if per_level < 1:
         raise ValueError(f"held_out_problems: per_level must be >= 1, got {per_level}")
     out: list[Problem] = []
     for lv in levels:
-        out += dataset(per_level, lv, lv, seed=seed + lv, split="heldout", hard_prob=hard_prob, unique=True)
+        out += dataset(per_level, lv, lv, seed=seed + lv, split="heldout", hard_prob=hard_prob, ops=ops,
+                       unique=True)
     return out
 
 
 def build_task_prompt(problem: Problem | str) -> str:
-    """The short prompt of the synthetic task: the statement and a one-line §8-style instruction.
+    """The prompt of the synthetic task: just the statement and a newline.
 
-    The response format is METHOD.md §8's; only the instruction is shortened, since every prompt
-    character is a token for the character-level tokenizer.
+    The response format is METHOD.md §8's, learnt in SFT; the §8 instruction itself is left out,
+    since it carries no information about the problem and every prompt character is a token for
+    the character-level tokenizer.
     """
     text = problem.problem if isinstance(problem, Problem) else problem
     if not text or not text.strip():
         raise ValueError("build_task_prompt: the problem text is empty")
-    return f"{text.strip()}\n{TASK_INSTRUCTION}\n"
+    return f"{text.strip()}\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,20 +331,22 @@ def trace(p: Problem, rng: random.Random, style: TraceStyle = TraceStyle()) -> s
     return build_trace(p, rng, style).text
 
 
-def forced_answer_pair(prompt: str, response: str, k: int, answer: str) -> tuple[str, str]:
-    """(context, target) of a forced-answer example: the response cut after its k-th episode
-    (k = 0: nothing of it, s_1 = x), the force-answer suffix, and the TRUE answer as target.
+def forced_answer_example(prompt: str, response: str, k: int, answer: str) -> tuple[str, str, str, str]:
+    """A forced-answer example as SFT segments ``(prompt, prefix, suffix, target)``: the response
+    cut after its k-th episode (k = 0: none of it, s_1 = x), the force-answer suffix f, and the
+    TRUE answer rendered as ``\\boxed{answer}``.
 
-    The cut is the boundary the J estimator uses (METHOD.md §2), so SFT on these pairs trains
-    exactly the quantity J(s_k) = π(answer | s_k ⊕ f).
+    The cut is the boundary the J estimator uses (METHOD.md §2), so training the target trains
+    exactly J(s_k) = π(answer | s_k ⊕ f). The prefix is an ordinary trace prefix (trainable);
+    the suffix is context only, so the model never learns to emit it on its own.
     """
     seg = segment(response)
     if seg.status != "tagged":
-        raise ValueError(f"forced_answer_pair: the response does not segment as tagged ({seg.status})")
+        raise ValueError(f"forced_answer_example: the response does not segment as tagged ({seg.status})")
     if not 0 <= k <= seg.num_episodes:
-        raise ValueError(f"forced_answer_pair: k must be in [0, {seg.num_episodes}], got {k}")
+        raise ValueError(f"forced_answer_example: k must be in [0, {seg.num_episodes}], got {k}")
     cut = 0 if k == 0 else seg.boundaries[k - 1]
-    return prompt + response[:cut] + FORCE_ANSWER_SUFFIX, render_answer(answer)
+    return prompt, response[:cut], FORCE_ANSWER_SUFFIX, render_answer(answer)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Shared pieces of the trainer benchmarks (``bench.reward_overhead``, ``bench.trainer_vs_trl``).
+
+Everything is built locally, nothing comes from a hub: a synthetic math JSONL in a temporary data
+directory, a byte-level BPE tokenizer trained on text shaped like the prompts and responses, and a
+tiny random-init Qwen2 saved with ``save_pretrained`` so both trainers load it the production way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+DATA_FILE = "bench.jsonl"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    data_dir: Path  # holds DATA_FILE; point L2T_DATA_DIR here
+    model_dir: Path  # save_pretrained model + tokenizer
+    parameters: int
+    hidden: int
+    layers: int
+    vocab: int
+
+
+def problems(n: int) -> list[dict]:
+    """``n`` synthetic rows ``{id, problem, answer}`` with small integer answers."""
+    return [{"id": f"p{i}", "problem": f"Add {i} and {i + 3}, then multiply the sum by 2.",
+             "answer": str(2 * (2 * i + 3))} for i in range(n)]
+
+
+def build_workspace(root: str | os.PathLike, *, n_problems: int = 64, hidden: int = 128, layers: int = 4,
+                    vocab: int = 400, seed: int = 0) -> Workspace:
+    """Write the data file and the tiny model + tokenizer under ``root``."""
+    from l2t_core.models import build_tiny_qwen2, build_tokenizer
+    from l2t_core.prompts import build_prompt
+
+    root = Path(root)
+    rows = problems(n_problems)
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / DATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = [build_prompt(r["problem"]) for r in rows[:8]] + [
+        f"<think>\n<episode_1>{r['problem']}</episode_1>\n<episode_2>So the sum is {r['answer']}.</episode_2>\n"
+        f"</think>\n\n\\boxed{{{r['answer']}}}" for r in rows]
+    tok = build_tokenizer(corpus * 4, vocab_size=vocab)
+    model = build_tiny_qwen2(len(tok), hidden_size=hidden, num_layers=layers, intermediate_size=hidden * 3, seed=seed)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return Workspace(root, data_dir, model_dir, sum(p.numel() for p in model.parameters()), hidden, layers, len(tok))
+
+
+@contextlib.contextmanager
+def data_dir_env(path: str | os.PathLike) -> Iterator[None]:
+    """Point ``L2T_DATA_DIR`` at ``path`` for the duration of the block, then restore it."""
+    old = os.environ.get("L2T_DATA_DIR")
+    os.environ["L2T_DATA_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("L2T_DATA_DIR", None)
+        else:
+            os.environ["L2T_DATA_DIR"] = old
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads (None: leave as is), then restore."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+THREADS_NOTE = ("one thread by default: on a shared 2-core machine, 2 OpenMP threads spin-wait behind other "
+                "processes and small kernels slow down by up to ~100x")
+
+
+def log(msg: str, tag: str = "bench") -> None:
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def emit(out: dict) -> dict:
+    """Print ``out`` as ONE JSON object on stdout and return it."""
+    json.dump(out, sys.stdout, indent=1, default=str)
+    print()
+    sys.stdout.flush()
+    return out

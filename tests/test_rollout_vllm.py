@@ -1,0 +1,152 @@
+"""The ``vllm`` rollout engine.
+
+* Without vLLM: constructing the engine names the ``gpu`` extra, and a missing CUDA device is a
+  clear error.
+* With vLLM and a GPU (skipped elsewhere): a tiny Qwen2 is sampled by real vLLM and checked
+  against the ``hf`` engine, before and after ``sync_weights``, with and without sleep mode.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from l2t_core.rollout import SamplingParams, make_rollout_engine
+
+EOS = 1
+
+
+class StubTokenizer:
+    eos_token_id = EOS
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(f"t{i}" for i in ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# No vLLM, no GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_vllm_names_the_gpu_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
+    from l2t_core.rollout.vllm import VLLMRolloutEngine
+
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[gpu\]"'):
+        VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="unused")
+    with pytest.raises(ImportError, match=r"gpu extra"):
+        make_rollout_engine("vllm", torch.nn.Linear(2, 2), StubTokenizer(), model_path="unused")
+
+
+def test_missing_cuda_is_a_clear_error(monkeypatch):
+    fake = types.ModuleType("vllm")
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device.*rollout.engine='hf'"):
+        make_rollout_engine("vllm", torch.nn.Linear(2, 2), StubTokenizer(), model_path="unused")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real vLLM on a GPU
+# ---------------------------------------------------------------------------------------------
+
+CORPUS = [
+    "<think>\n<episode_1>We add 3 and 4 to get 7.</episode_1>\n</think>\n\nThe answer is \\boxed{14}",
+    "Compute (3 + 4) * 2. Break down your reasoning into logically coherent segments.",
+    "Let x = 5. Check: 5 - 2 = 3. So the result is 3.\n\nRe-check the sum once more.",
+] * 10
+TEXTS = ["Let x = 5.", "Compute (3 + 4) * 2.",
+         "Break down your reasoning into logically coherent segments. The answer is"]
+
+
+def _tiny(seed):
+    from l2t_core.models import build_tiny_qwen2
+
+    # head_dim 64: a size every vLLM attention backend takes
+    return build_tiny_qwen2(320, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
+                            seed=seed)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["awake", "sleep_mode"])
+def gpu(request, tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed (the gpu extra: pip install -e '.[gpu]')")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA device and torch.cuda.is_available() is False")
+    from l2t_core.models import build_tokenizer, load_policy
+    from l2t_core.rollout.hf import HFRolloutEngine
+    from l2t_core.rollout.vllm import VLLMRolloutEngine
+
+    d = tmp_path_factory.mktemp("tiny_qwen2_vllm")
+    tok = build_tokenizer(CORPUS, vocab_size=320)
+    assert len(tok) <= 320
+    _tiny(0).save_pretrained(d)
+    tok.save_pretrained(d)
+    model, tok = load_policy(d, device="cuda")  # float32: the comparison with hf is token for token
+    engine = VLLMRolloutEngine(model, tok, model_path=str(d), dtype="float32", gpu_memory_utilization=0.2,
+                               max_model_len=256, enforce_eager=True, enable_sleep_mode=request.param)
+    yield SimpleNamespace(model=model, tok=tok, vllm=engine, hf=HFRolloutEngine(model, tok),
+                          prompts=[tok(t)["input_ids"] for t in TEXTS])
+    engine.close()
+
+
+def _first(groups, k=None):
+    return [g[0].response_ids[:k] for g in groups]
+
+
+def test_vllm_groups_flags_and_seeds(gpu):
+    sp = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=5)
+    groups = gpu.vllm.generate(gpu.prompts, sp)
+    assert [len(g) for g in groups] == [4, 4, 4]
+    for g, p in zip(groups, gpu.prompts):
+        for c in g:
+            assert c.prompt_ids == list(p) and gpu.tok.eos_token_id not in c.response_ids
+            assert len(c.response_ids) <= 12 and (c.finished or len(c.response_ids) == 12)
+            assert c.text == gpu.tok.decode(c.response_ids, skip_special_tokens=True)
+    ids = lambda gs: [[c.response_ids for c in g] for g in gs]
+    assert ids(gpu.vllm.generate(gpu.prompts, sp)) == ids(groups)
+    other = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=6)
+    assert ids(gpu.vllm.generate(gpu.prompts, other)) != ids(groups)
+    # nearly flat logits: P(eos) is about 1/320 a token, so some of 64 x 64-token samples stop and most do not
+    many = [c for g in gpu.vllm.generate(gpu.prompts, SamplingParams(n=64, temperature=1.0, max_new_tokens=64, seed=1))
+            for c in g]
+    assert any(c.finished for c in many) and not all(c.finished for c in many)
+    assert all((len(c.response_ids) < 64) if c.finished else (len(c.response_ids) == 64) for c in many)
+
+
+def test_vllm_greedy_matches_hf(gpu):
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=8)
+    got = gpu.vllm.generate(gpu.prompts, greedy)
+    # float32 on both sides; different kernels, so compare the first tokens, where a near-tie is unlikely
+    assert _first(got, 4) == _first(gpu.hf.generate(gpu.prompts, greedy), 4)
+    assert _first(gpu.vllm.generate(gpu.prompts[::-1], greedy)) == _first(got)[::-1]
+    two = gpu.vllm.generate(gpu.prompts, SamplingParams(n=2, temperature=0, max_new_tokens=8))
+    assert all(g[0].response_ids == g[1].response_ids for g in two) and _first(two) == _first(got)
+
+
+def test_vllm_sync_weights_follows_the_trainer(gpu):
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=8)
+    before = _first(gpu.vllm.generate(gpu.prompts, greedy))
+    original = {k: v.clone() for k, v in gpu.model.state_dict().items()}
+    try:
+        gpu.model.load_state_dict(_tiny(1).state_dict())  # every tensor changes (fused qkv, gate/up, ...)
+        gpu.vllm.sync_weights(gpu.model)
+        after = gpu.vllm.generate(gpu.prompts, greedy)
+        assert _first(after, 4) == _first(gpu.hf.generate(gpu.prompts, greedy), 4)
+        assert _first(after) != before
+        gpu.model.load_state_dict(original)
+        gpu.vllm.sync_weights(gpu.model)
+        assert _first(gpu.vllm.generate(gpu.prompts, greedy)) == before
+        with torch.no_grad():  # vLLM holds a copy: changing the trainer's tensors without a sync changes nothing
+            gpu.model.lm_head.weight.mul_(-1.0)
+        assert _first(gpu.vllm.generate(gpu.prompts, greedy)) == before
+    finally:
+        gpu.model.load_state_dict(original)
+        gpu.vllm.sync_weights(gpu.model)
