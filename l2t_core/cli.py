@@ -86,8 +86,17 @@ def cmd_train(args) -> int:
     from .config import TrainConfig
     from .trainer import Trainer
 
+    from .pipes import pipes_session, step_lines, train_metadata
+
     cfg = build_config(TrainConfig, args, {"policy": "policy", "method": "method", "out": "out", "steps": "steps"})
-    result = Trainer(cfg, show_progress=not args.quiet).run()
+    # launched by Dagster Pipes: stream the steps and the run's metadata back; standalone: no-op
+    with pipes_session() as pipes:
+        trainer = Trainer(cfg, show_progress=not args.quiet and not pipes.active)
+        result = trainer.run()
+        for line in step_lines(result):
+            pipes.log(line)
+        latest = trainer.storage.latest_checkpoint()
+        pipes.report_materialization(train_metadata(result, latest[1] if latest else None))
     print(json.dumps({"out": result.out, "final_step": result.final_step, "checkpoint": result.checkpoint}))
     return 0
 

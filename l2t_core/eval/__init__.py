@@ -4,5 +4,6 @@ Modules of this package:
 
 * :mod:`l2t_core.eval.datasets`: the benchmark registry and validated loaders (local JSONL files in
   ``L2T_DATA_DIR``, with a Hugging Face hub fallback cached as JSONL).
+* :mod:`l2t_core.eval.metrics`: pass@k (unbiased), maj@k and efficiency.
 * :mod:`l2t_core.eval.sandbox`: isolated execution of generated Python programs (HumanEval).
 """
