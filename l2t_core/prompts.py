@@ -40,3 +40,15 @@ def render_answer(answer: str) -> str:
             "render_answer: the reference answer is empty; J(s) needs a non-empty reference answer."
         )
     return "\\boxed{" + str(answer).strip() + "}"
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: through the tokenizer's chat template when it has one (a user turn
+    plus the generation prompt, as chat-tuned reasoning models expect), else the plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -41,6 +41,7 @@ from .logprobs import pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
 from .models import load_policy
+from .prompts import encode_prompt
 from .rewards.compression import SVDProxy
 from .rewards.fitting import microbatches
 from .rewards.l2t import RewardBatch, Rollout, compute_rewards
@@ -128,7 +129,7 @@ class Trainer:
         # prompts tokenized and length-checked once, before any compute
         self.prompt_ids: list[list[int]] = []
         for p in self.problems:
-            ids = self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+            ids = encode_prompt(self.tokenizer, p.prompt)
             if not ids:
                 raise ValueError(f"training problem {p.id!r}: the prompt tokenized to nothing")
             if len(ids) > cfg.rollout.max_prompt_tokens:

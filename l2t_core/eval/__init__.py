@@ -5,5 +5,8 @@ Modules of this package:
 * :mod:`l2t_core.eval.datasets`: the benchmark registry and validated loaders (local JSONL files in
   ``L2T_DATA_DIR``, with a Hugging Face hub fallback cached as JSONL).
 * :mod:`l2t_core.eval.metrics`: pass@k (unbiased), maj@k and efficiency.
+* :mod:`l2t_core.eval.runner`: sample n responses per problem through a rollout engine, verify
+  (process pool), pass@1 / maj@k / tokens overall and per level or tier.
+* :mod:`l2t_core.eval.report`: JSON, markdown and HTML reports with plots, and the sample table.
 * :mod:`l2t_core.eval.sandbox`: isolated execution of generated Python programs (HumanEval).
 """

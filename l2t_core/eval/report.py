@@ -1,0 +1,96 @@
+"""Reports of an evaluation: JSON + markdown + HTML with matplotlib plots, and the sample table.
+
+:func:`write_report` takes the :class:`~l2t_core.eval.runner.EvalResult` of each benchmark of one
+model and writes into ``out_dir``: ``report.json`` (summaries), ``report.md`` and ``report.html``
+(tables and plots), ``eval_results.parquet`` (every sample; the pipeline's ``eval_results``
+table), ``accuracy_tokens.png`` (pass@1 and mean tokens per benchmark, Fig. 2 style) and
+``groups.png`` (pass@1 per level/tier).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from .runner import EvalResult
+
+
+def _bars(ax, labels, values, title, ylabel):
+    ax.bar(range(len(values)), values, color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+
+
+def plot_report(results: Mapping[str, EvalResult], out_dir: Path, model: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.2 * len(names), 3.4))
+    _bars(axes[0], names, [results[n].summary["pass@1"] for n in names], f"pass@1 — {model}", "pass@1")
+    _bars(axes[1], names, [results[n].summary["mean_tokens"] for n in names], "mean response tokens", "tokens")
+    fig.tight_layout()
+    p1 = out_dir / "accuracy_tokens.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+    labels, values = [], []
+    for n in names:
+        for g, s in results[n].summary["per_group"].items():
+            labels.append(f"{n}: {g}")
+            values.append(s["pass@1"])
+    fig, ax = plt.subplots(figsize=(3 + 0.5 * len(labels), 3.4))
+    _bars(ax, labels, values, "pass@1 per level / tier", "pass@1")
+    fig.tight_layout()
+    p2 = out_dir / "groups.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def markdown_summary(results: Mapping[str, EvalResult], model: str) -> str:
+    any_s = next(iter(results.values())).summary
+    maj = next(k for k in any_s if k.startswith("maj@"))
+    lines = [f"# Evaluation of {model}", "", f"| benchmark | problems | samples | pass@1 | {maj} | mean tokens |",
+             "|---|---|---|---|---|---|"]
+    for n, r in results.items():
+        s = r.summary
+        m = "–" if s[maj] is None else f"{s[maj]:.3f}"
+        lines.append(f"| {n} | {s['problems']} | {s['samples']} | {s['pass@1']:.3f} | {m} | {s['mean_tokens']:.1f} |")
+    lines += ["", "| benchmark | group | problems | pass@1 | mean tokens |", "|---|---|---|---|---|"]
+    for n, r in results.items():
+        for g, s in r.summary["per_group"].items():
+            lines.append(f"| {n} | {g} | {s['problems']} | {s['pass@1']:.3f} | {s['mean_tokens']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> dict:
+    """Write the report files of ``results`` (benchmark name -> result) into ``out_dir``."""
+    if not results:
+        raise ValueError("write_report: no benchmark results to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = pd.concat([r.rows.assign(model=model) for r in results.values()], ignore_index=True)
+    rows.to_parquet(out / "eval_results.parquet", index=False)
+    summary = {"model": model, "benchmarks": {n: r.summary for n, r in results.items()}}
+    (out / "report.json").write_text(json.dumps(summary, indent=1, default=str))
+    md = markdown_summary(results, model)
+    plots = plot_report(results, out, model)
+    (out / "report.md").write_text(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    table = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{r.summary['problems']}</td><td>{r.summary['pass@1']:.3f}</td>"
+        f"<td>{r.summary['mean_tokens']:.1f}</td></tr>" for n, r in results.items())
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation of {html.escape(model)}</title></head>"
+        f"<body><h1>Evaluation of {html.escape(model)}</h1><table border='1' cellpadding='4'>"
+        f"<tr><th>benchmark</th><th>problems</th><th>pass@1</th><th>mean tokens</th></tr>{table}</table>"
+        + "".join(f"<p><img src='{p.name}' alt='{p.stem}'></p>" for p in plots) + "</body></html>")
+    summary["files"] = {k: str(out / k) for k in ("report.json", "report.md", "report.html", "eval_results.parquet")}
+    summary["plots"] = [str(p) for p in plots]
+    return summary
