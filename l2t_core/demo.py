@@ -25,34 +25,14 @@ from rich.table import Table
 from .config import RewardConfig
 from .models import load_policy
 from .rewards.l2t import METHODS, Rollout, compute_rewards
+from .rollout import SamplingParams
+from .rollout.hf import HFRolloutEngine
 from .tasks.arithmetic import build_task_prompt
 from .verify import NumericVerifier
 from .warmstart import WarmStartConfig, held_out, warm_start
 
 log = logging.getLogger("l2t.demo")
 console = Console()
-
-
-def _generate(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float | None, seed: int):
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(map(len, enc))
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(enc), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, width - len(e):] = torch.tensor(e)
-        att[i, width - len(e):] = 1
-    torch.manual_seed(seed)
-    kw = dict(do_sample=True, temperature=temperature, top_k=0) if temperature else dict(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
-                             num_return_sequences=n, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kw)
-    results = []
-    for row in out[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        results.append((row, tokenizer.decode(row, skip_special_tokens=True)))
-    return [enc[i // n] for i in range(len(results))], results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,9 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
     verifier = NumericVerifier()
     scored = held_out(levels=(3,), per_level=args.groups, seed=args.seed + 10_000)
     prompts = [build_task_prompt(p) for p in scored]
-    p_ids, samples = _generate(model, tok, prompts, args.group_size, 240, 1.0, args.seed)
-    rollouts = [Rollout(p_ids[i], ids, text, scored[i // args.group_size].answer, i // args.group_size)
-                for i, (ids, text) in enumerate(samples)]
+    engine = HFRolloutEngine(model, tok)
+    groups = engine.generate([tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                             SamplingParams(n=args.group_size, temperature=1.0, max_new_tokens=240, seed=args.seed))
+    rollouts = [Rollout(c.prompt_ids, c.response_ids, c.text, scored[g].answer, g)
+                for g, group in enumerate(groups) for c in group]
     cfg = RewardConfig(fitting={"mc_samples": 4, "mc_max_new_tokens": 8})
     summary = {"sft_final_loss": losses[-1], "greedy_accuracy": acc, "greedy_mean_tokens": mean_tok, "methods": {}}
     table = Table(title=f"Advantages of the first group (G={args.group_size}) per method")
