@@ -9,6 +9,7 @@ Modules of this package:
   (process pool), pass@1 / maj@k / tokens overall and per level or tier.
 * :mod:`l2t_core.eval.analyses`: budget curves (Fig. 3) and depth curves (Fig. 1) by forced answers.
 * :mod:`l2t_core.eval.episode_view`: HTML view of a response coloured by per-episode reward.
+* :mod:`l2t_core.eval.best_of_n`: best-of-N with the L2T score vs log-likelihood and majority vote.
 * :mod:`l2t_core.eval.report`: JSON, markdown and HTML reports with plots, and the sample table.
 * :mod:`l2t_core.eval.sandbox`: isolated execution of generated Python programs (HumanEval).
 """
