@@ -22,3 +22,14 @@ def test_reward_overhead_bench_quick_runs():
     res = main(["--quick"])
     assert math.isfinite(res["reward_over_rollout"]) and res["reward_over_rollout"] > 0
     assert res["per_step_s"]["rollout_time_s"] > 0 and res["rollouts_per_step"] == 8
+
+
+def test_eval_throughput_bench_quick_runs(capsys):
+    import json
+
+    from bench.eval_throughput import main
+
+    res = main(["--quick", "--workers", "2"])
+    assert json.loads(capsys.readouterr().out)["problems"] == 24
+    assert res["gold_verified_correct"] == 1.0
+    assert res["verifications_per_s"] > 0 and res["problems_per_s"] > 0
