@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CPU torch first, so resolving the project never pulls a multi-GB CUDA build.
 # On a GPU machine, set TORCH_SPEC to the CUDA build you want (or to "" to skip).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,distributed
+EXTRAS ?= dev,distributed,pipeline
 # DeepSpeed builds its C++/CUDA ops lazily at run time; nothing is compiled at install.
 export DS_BUILD_OPS ?= 0
 export L2T_DATA_DIR ?= $(abspath ../shared/data)

@@ -146,12 +146,14 @@ class RolloutConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Training prompts: the synthetic task (``arithmetic``) or a math JSONL file in the data dir."""
+    """Training prompts: a synthetic task (``walk``, ``arithmetic``; see ``l2t_core/tasks``) or a
+    math JSONL file in the data dir."""
 
-    source: str = Field("arithmetic", description="'arithmetic' or a file name such as 'aime_1983_2023.jsonl'.")
-    train_size: int = Field(2000, ge=1, description="Problems generated (arithmetic) or read at most (files).")
-    min_steps: int = Field(1, ge=1, description="arithmetic: fewest operations per problem.")
-    max_steps: int = Field(4, ge=1, description="arithmetic: most operations per problem.")
+    source: str = Field(
+        "walk", description="'walk', 'arithmetic' (synthetic tasks) or a file name such as 'aime_1983_2023.jsonl'.")
+    train_size: int = Field(2000, ge=1, description="Problems generated (synthetic tasks) or read at most (files).")
+    min_steps: int = Field(1, ge=1, description="synthetic tasks: fewest steps (moves, terms) per problem.")
+    max_steps: int = Field(4, ge=1, description="synthetic tasks: most steps (moves, terms) per problem.")
     seed: int = 0
 
 

@@ -1,7 +1,7 @@
 """`make demo`: the core L2T reward path on the embedded default, end to end on a CPU.
 
 1. Warm-starts the embedded default (:func:`~l2t_core.warmstart.warm_start`): the synthetic
-   two-digit chain task, a character tokenizer and a tiny Qwen2, SFT on episode-tagged traces with
+   digit-walk task (:mod:`l2t_core.tasks.walk`), a character tokenizer and a tiny Qwen2, SFT on episode-tagged traces with
    useful (hard-step) and redundant re-checks, and a greedy held-out evaluation per level.
 2. Saves the model with ``save_pretrained`` and reloads it with ``from_pretrained``.
 3. Samples a group of responses per held-out prompt and scores every group with each method
@@ -27,7 +27,6 @@ from .models import load_policy
 from .rewards.l2t import METHODS, Rollout, compute_rewards
 from .rollout import SamplingParams
 from .rollout.hf import HFRolloutEngine
-from .tasks.arithmetic import build_task_prompt
 from .verify import NumericVerifier
 from .warmstart import WarmStartConfig, held_out, warm_start
 
@@ -38,7 +37,7 @@ console = Console()
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="output directory")
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=WarmStartConfig.model_fields["sft_steps"].default)
     ap.add_argument("--groups", type=int, default=4, help="held-out prompts to score")
     ap.add_argument("--group-size", type=int, default=6, help="responses sampled per prompt (G)")
     ap.add_argument("--eval-problems", type=int, default=120, help="held-out problems for the greedy evaluation")
@@ -60,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     losses = [report["final_loss"]]
     log.info("greedy held-out accuracy %.3f, mean response tokens %.1f", acc, mean_tok)
     verifier = NumericVerifier()
-    scored = held_out(levels=(3,), per_level=args.groups, seed=args.seed + 10_000)
-    prompts = [build_task_prompt(p) for p in scored]
+    scored = held_out(levels=(3,), per_level=args.groups, seed=args.seed + 10_000, task=ws.task)
+    prompts = [ws.task_module().build_task_prompt(p) for p in scored]
     engine = HFRolloutEngine(model, tok)
     groups = engine.generate([tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
                              SamplingParams(n=args.group_size, temperature=1.0, max_new_tokens=240, seed=args.seed))

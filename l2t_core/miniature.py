@@ -88,7 +88,7 @@ def run_configs(out: Path, cfg: MiniatureConfig, policy: str) -> list[tuple[str,
                 "method": method, "policy": policy, "out": str(out / "runs" / f"{name}-s{seed}"),
                 "steps": cfg.steps, "prompts_per_step": cfg.prompts_per_step, "seed": seed,
                 "checkpoint_every": cfg.steps, "keep_checkpoints": 1, "device": "cpu",
-                "data": {"source": "arithmetic", "train_size": 4000, "min_steps": cfg.warmstart.min_steps,
+                "data": {"source": cfg.warmstart.task, "train_size": 4000, "min_steps": cfg.warmstart.min_steps,
                          "max_steps": cfg.warmstart.max_steps, "seed": cfg.warmstart.seed},
                 "optim": {"lr": cfg.lr, "weight_decay": 0.0, "warmup_frac": 0.1},
                 "rollout": {"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens,
@@ -102,8 +102,10 @@ def run_configs(out: Path, cfg: MiniatureConfig, policy: str) -> list[tuple[str,
     return runs
 
 
-def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens) -> dict:
-    """One run in a worker process: train (or resume), then evaluate the final checkpoint."""
+def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens,
+                    task: str = "walk") -> dict:
+    """One run in a worker process: train (or resume), then evaluate the final checkpoint on the
+    held-out split of the synthetic ``task``."""
     import torch
 
     torch.set_num_threads(1)
@@ -119,7 +121,7 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
     result = Trainer(tcfg, show_progress=False).run()
     train_s = time.perf_counter() - t0
     model, tok = load_policy(result.checkpoint)
-    problems = held_out(levels, per_level)
+    problems = held_out(levels, per_level, task=task)
     ev = evaluate(model, tok, problems, max_new_tokens=max_new_tokens)
     ev.update(name=name, seed=seed, train_seconds=train_s,
               final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
@@ -246,7 +248,8 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
         base = json.loads(base_path.read_text())
     else:
         model, tok = load_policy(sft_dir)
-        base = evaluate(model, tok, held_out(cfg.eval_levels, cfg.eval_per_level), max_new_tokens=cfg.max_new_tokens)
+        base = evaluate(model, tok, held_out(cfg.eval_levels, cfg.eval_per_level, task=cfg.warmstart.task),
+                        max_new_tokens=cfg.max_new_tokens)
         base = json.loads(json.dumps(base))
         base_path.write_text(json.dumps(base, indent=1))
     log.info("SFT base: accuracy %.3f, %.1f tokens", base["accuracy"], base["mean_tokens"])
@@ -259,7 +262,7 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
         task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs))
         futs = {
             pool.submit(_train_and_eval, name, seed, tcfg.model_dump_json(), str(Path(tcfg.out) / "eval.json"),
-                        cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens): (name, seed)
+                        cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task): (name, seed)
             for name, seed, tcfg in runs
         }
         for fut in as_completed(futs):

@@ -1,4 +1,5 @@
-"""Training prompts for a run: the synthetic task or a math JSONL file from the data directory."""
+"""Training prompts for a run: a synthetic task (``walk`` or ``arithmetic``) or a math JSONL file
+from the data directory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from .config import DataConfig
 from .data import read_math_jsonl
 from .prompts import build_prompt
+from .tasks import TASKS, get_task
 from .verify import MathVerifier, NumericVerifier, Verifier
 
 
@@ -20,11 +22,10 @@ class TrainProblem:
 
 def load_training_problems(cfg: DataConfig) -> list[TrainProblem]:
     """The run's training problems; fails with a clear message on an empty or unreadable source."""
-    if cfg.source == "arithmetic":
-        from .tasks import arithmetic
-
-        probs = arithmetic.dataset(cfg.train_size, cfg.min_steps, cfg.max_steps, seed=cfg.seed)
-        out = [TrainProblem(p.id, arithmetic.build_task_prompt(p), p.answer, p.steps) for p in probs]
+    if cfg.source in TASKS:
+        task = get_task(cfg.source)
+        probs = task.dataset(cfg.train_size, cfg.min_steps, cfg.max_steps, seed=cfg.seed)
+        out = [TrainProblem(p.id, task.build_task_prompt(p), p.answer, p.steps) for p in probs]
     else:
         rows = read_math_jsonl(cfg.source)[: cfg.train_size]
         out = [TrainProblem(r["id"], build_prompt(r["problem"]), r["answer"], None) for r in rows]
@@ -34,5 +35,5 @@ def load_training_problems(cfg: DataConfig) -> list[TrainProblem]:
 
 
 def verifier_for(cfg: DataConfig) -> Verifier:
-    """Exact numeric comparison for the synthetic task; math-verify for real math data."""
-    return NumericVerifier() if cfg.source == "arithmetic" else MathVerifier()
+    """Exact numeric comparison for the synthetic tasks; math-verify for real math data."""
+    return NumericVerifier() if cfg.source in TASKS else MathVerifier()

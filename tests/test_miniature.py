@@ -60,3 +60,12 @@ def test_miniature_end_to_end(tmp_path):
     # finished runs are kept: a second call trains nothing and gives the same numbers
     again = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
     assert again["methods"] == report["methods"]
+
+
+def test_runs_train_on_the_warm_start_task(tmp_path):
+    from l2t_core.miniature import run_configs
+
+    for task in ("walk", "arithmetic"):
+        cfg = MiniatureConfig.model_validate({**TINY, "warmstart": {**TINY["warmstart"], "task": task}})
+        runs = run_configs(tmp_path, cfg, str(tmp_path / "sft"))
+        assert runs and all(t.data.source == task for _, _, t in runs)

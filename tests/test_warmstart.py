@@ -11,7 +11,8 @@ import torch
 from l2t_core.models import build_char_tokenizer, build_tiny_qwen2, load_policy
 from l2t_core.prompts import FORCE_ANSWER_SUFFIX
 from l2t_core.sft import encode_pairs, lr_factor, sft
-from l2t_core.tasks.arithmetic import TraceStyle, build_task_prompt, dataset
+from l2t_core.tasks import arithmetic
+from l2t_core.tasks.walk import TraceStyle, build_task_prompt, dataset
 from l2t_core.warmstart import WarmStartConfig, check_gains, evaluate, held_out, sft_pairs, warm_start
 
 TINY = dict(
@@ -90,6 +91,22 @@ def test_sft_validates_and_schedules():
     assert trained == [False, False, True, False, False, True, True]
     assert lr_factor(0, 100, 0.1, 0.0) == pytest.approx(0.1) and lr_factor(10, 100, 0.1, 0.0) == pytest.approx(1.0)
     assert lr_factor(99, 100, 0.1, 0.05) == pytest.approx(0.05, abs=1e-3)
+
+
+def test_task_selection():
+    assert WarmStartConfig().task == "walk"
+    arith = WarmStartConfig(task="arithmetic")
+    assert arith.task_module() is arithmetic and isinstance(arith.trace_style(), arithmetic.TraceStyle)
+    assert isinstance(WarmStartConfig().trace_style(), TraceStyle)
+    held = held_out((2,), 3, task="arithmetic")
+    assert all(p.problem.startswith("Compute (") for p in held)
+    assert all(p.problem.startswith("from ") for p in held_out((2,), 3))
+    pairs = sft_pairs(arithmetic.dataset(20, 1, 2, seed=0), arith.trace_style(), forced_frac=0.0, seed=0)
+    assert all(prompt.startswith("Compute (") and "<episode_1>" in resp for prompt, resp in pairs)
+    with pytest.raises(ValueError, match="mix tasks"):
+        sft_pairs(dataset(2) + arithmetic.dataset(2), TraceStyle(), forced_frac=0.0, seed=0)
+    with pytest.raises(ValueError):
+        WarmStartConfig(task="chess")
 
 
 def test_config_validation():

@@ -1,0 +1,411 @@
+"""Digit walk: a walk on a fixed digit permutation, with useful and redundant re-check episodes.
+
+The embedded synthetic task of the CPU default. METHOD.md §10 asks for a task whose extra
+episodes have a problem-dependent value, and §10's prototype shows what such a task has to
+fit: SFT of a 0.8M-parameter model in a couple of minutes on two cores. The chained mod-10
+arithmetic task (:mod:`l2t_core.tasks.arithmetic`) has such episodes but is not learnable in that
+budget: every step is a two-operand lookup (``a+b mod 10``, ``d*e``), and the tiny model answers
+one digit to everything after 600 SFT steps. Here every lookup has ONE operand.
+
+A fixed global permutation ``PERM`` (``F``) of the digits 0-9, a single 10-cycle, is the map. A
+problem is ``from 6: >> > >>``: a start digit and a list of moves, each ``>`` (EASY: one hop,
+x -> F[x]) or ``>>`` (HARD: two hops, x -> F[F[x]]). Its difficulty level is the number of moves
+(1..6 in :data:`LEVELS`).
+
+Reference traces (METHOD.md §8 format, one ``<episode_k>`` per move) hold:
+
+* a *direct* episode per move, ``6>>1 then > >>``: the move, its result, and the moves still to
+  do (``then end`` after the last one). Carrying the remaining moves is what keeps longer chains
+  on track for the tiny model: the next move is always the first one after the latest ``then``,
+  instead of a position to find again in the prompt (the measured alternatives are in
+  ``WarmStartConfig``'s docstring). An easy move is one lookup and is always right. A hard move's
+  written result is, with probability ``TraceStyle.guess_error``, the fast and typical mistake
+  F[x]: one hop forgotten. With ``guess_error`` > 0.5 the greedy model copies the mistake, so its
+  direct answer to a hard move is unreliable;
+* a *check* episode after a move that redoes it one hop at a time and is always right:
+  ``check 6>4>1`` after a hard move, ``check 6>4`` after an easy one. Later moves continue from its
+  value, so a check after a hard move repairs a likely wrong guess (USEFUL, probability
+  ``hard_check``) and a check after an easy move restates what was already right (REDUNDANT,
+  probability ``easy_check``);
+* further redundant episodes: ``again 6>4 then >>`` repeats the current move (``repeat``) and
+  ``goal from 6: >> > >>`` restates the problem first (``restate``).
+
+F is a permutation, so an unchecked wrong guess stays wrong: the walk is one hop short on the
+cycle from then on and the boxed answer is wrong (exactly when there is an unchecked wrong guess,
+for fewer than ten of them), like a fast thinker who skipped the check.
+:func:`forced_answer_example` builds the forced-answer examples (a trace cut at an episode
+boundary, the force-answer suffix, and the TRUE answer) that make J(s_k) of METHOD.md §2
+meaningful after SFT.
+
+The held-out split is defined by a hash of the problem text (:func:`split_of`), so it is disjoint
+from every training set, whatever its seed or size. There are only 10·2^n problems of level n (20
+of level 1, 640 of level 6), so the held-out split of a low level is small (3 problems of level 1,
+about 6 of level 2); :func:`held_out_problems` returns all of a level's held-out problems when it
+has fewer than asked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from .arithmetic import (  # task-independent pieces, shared with the arithmetic task
+    HELDOUT_SHARE,
+    EpisodeInfo,
+    EpisodeKind,
+    Split,
+    forced_answer_example,
+    render_trace,
+    split_of,
+)
+
+PERM: tuple[int, ...] = (3, 7, 0, 9, 1, 6, 4, 2, 5, 8)  # F: one 10-cycle 0>3>9>8>5>6>4>1>7>2>0
+MAX_LEVEL = 6
+LEVELS = tuple(range(1, MAX_LEVEL + 1))
+HELDOUT_SEED = 1_000_003
+MAX_STEPS = 64  # the most moves a problem may have
+EASY, HARD = ">", ">>"
+MoveSymbol = Literal[">", ">>"]
+_ENUMERATE_UP_TO = 50_000  # held_out_problems enumerates a level's problems up to this many
+
+__all__ = [
+    "PERM", "MAX_LEVEL", "LEVELS", "HELDOUT_SEED", "HELDOUT_SHARE", "MAX_STEPS", "EASY", "HARD",
+    "Move", "Step", "Problem", "make_problem", "split_of", "dataset", "held_out_problems", "build_task_prompt",
+    "TraceStyle", "TraceEpisode", "Trace", "render_trace", "step_text", "check_text", "fast_guess",
+    "build_trace", "trace", "forced_answer_example", "EpisodeInfo", "classify_episodes", "moves_text",
+]
+
+
+def hop(x: int, n: int = 1) -> int:
+    """F applied ``n`` times to the digit ``x``."""
+    if not isinstance(x, int) or not 0 <= x <= 9:
+        raise ValueError(f"hop: x must be a digit 0..9, got {x!r}")
+    for _ in range(n):
+        x = PERM[x]
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Moves and problems
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Move:
+    """``>`` (one hop, easy) or ``>>`` (two hops, hard)."""
+
+    symbol: str
+
+    def __post_init__(self) -> None:
+        if self.symbol not in (EASY, HARD):
+            raise ValueError(f"Move: unknown move {self.symbol!r}; use {EASY!r} (one hop) or {HARD!r} (two hops)")
+
+    @property
+    def hard(self) -> bool:
+        return self.symbol == HARD
+
+    @property
+    def hops(self) -> int:
+        return 2 if self.hard else 1
+
+    @property
+    def text(self) -> str:
+        return self.symbol
+
+    def apply(self, x: int) -> int:
+        """The digit after this move: F[x] or F[F[x]]."""
+        return hop(x, self.hops)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One move applied to the current digit: ``before move = after`` (true values)."""
+
+    move: Move
+    before: int
+    after: int
+
+    @property
+    def hard(self) -> bool:
+        return self.move.hard
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A walk problem. ``steps`` is the number of moves, i.e. the difficulty level."""
+
+    id: str
+    problem: str  # the statement, e.g. "from 6: >> > >>"
+    answer: str  # the exact final digit as text
+    steps: int
+    start: int
+    moves: tuple[Move, ...]
+
+    @property
+    def level(self) -> int:
+        return self.steps
+
+    @property
+    def expression(self) -> str:
+        """The statement: ``from 6: >> > >>``."""
+        return statement(self.start, self.moves)
+
+    def step_list(self) -> tuple[Step, ...]:
+        out, x = [], self.start
+        for m in self.moves:
+            out.append(Step(m, x, m.apply(x)))
+            x = out[-1].after
+        return tuple(out)
+
+    @property
+    def num_hard(self) -> int:
+        return sum(m.hard for m in self.moves)
+
+
+def moves_text(moves: Sequence[Move]) -> str:
+    """``>> > >>``: moves separated by spaces."""
+    return " ".join(m.text for m in moves)
+
+
+def statement(start: int, moves: Sequence[Move]) -> str:
+    """``from 6: >> > >>``: the start digit and the moves."""
+    return f"from {start}: {moves_text(moves)}"
+
+
+def _problem(start: int, moves: tuple[Move, ...], idx: int) -> Problem:
+    x = start
+    for m in moves:
+        x = m.apply(x)
+    text = statement(start, moves)
+    return Problem(f"walk-{len(moves)}-{idx}", text, str(x), len(moves), start, moves)
+
+
+def _check_steps(steps, where: str) -> None:
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{where}: steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+
+
+def make_problem(rng: random.Random, steps: int, idx: int = 0, hard_prob: float = 0.5) -> Problem:
+    """A random walk of ``steps`` moves from a uniform start; each is hard with probability ``hard_prob``."""
+    _check_steps(steps, "make_problem")
+    if not 0.0 <= hard_prob <= 1.0:
+        raise ValueError(f"make_problem: hard_prob must be in [0, 1], got {hard_prob}")
+    start = rng.randrange(10)
+    moves = tuple(Move(HARD if rng.random() < hard_prob else EASY) for _ in range(steps))
+    return _problem(start, moves, idx)
+
+
+def dataset(
+    n: int,
+    min_steps: int = 1,
+    max_steps: int = 4,
+    seed: int = 0,
+    *,
+    split: Split = "train",
+    hard_prob: float = 0.5,
+    unique: bool = False,
+) -> list[Problem]:
+    """``n`` problems of the ``split``, levels uniform in [min_steps, max_steps], deterministic
+    by ``seed``. ``unique`` drops repeated problem texts (it fails when the pool is too small:
+    a level n has only 10·2^n problems, one in HELDOUT_SHARE of them held out)."""
+    if n < 0:
+        raise ValueError(f"dataset: n must be >= 0, got {n}")
+    if not 1 <= min_steps <= max_steps <= MAX_STEPS:
+        raise ValueError(f"dataset: need 1 <= min_steps <= max_steps <= {MAX_STEPS}, got {min_steps}, {max_steps}")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"dataset: split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"walk:{split}:{seed}")
+    out: list[Problem] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * (n + 10):
+            raise ValueError(
+                f"dataset: could only draw {len(out)} of {n} {'unique ' if unique else ''}{split} problems "
+                f"with levels {min_steps}..{max_steps}; ask for fewer"
+            )
+        p = make_problem(rng, rng.randint(min_steps, max_steps), len(out), hard_prob)
+        if split_of(p.problem) != split or (unique and p.problem in seen):
+            continue
+        seen.add(p.problem)
+        out.append(p)
+    return out
+
+
+def held_out_problems(levels: Sequence[int] = LEVELS, per_level: int = 50, seed: int = HELDOUT_SEED,
+                      hard_prob: float = 0.5) -> list[Problem]:
+    """Up to ``per_level`` unique held-out problems for every level in ``levels``, level by level.
+
+    A level with at most 50,000 problems is enumerated: its held-out problems are drawn without
+    replacement, each with its probability under ``hard_prob`` as weight, and ALL of them are
+    returned when there are fewer than ``per_level`` (3 of level 1, about 6 of level 2 for the
+    default hash). Larger levels are sampled like :func:`dataset`.
+    """
+    if per_level < 1:
+        raise ValueError(f"held_out_problems: per_level must be >= 1, got {per_level}")
+    if not 0.0 <= hard_prob <= 1.0:
+        raise ValueError(f"held_out_problems: hard_prob must be in [0, 1], got {hard_prob}")
+    out: list[Problem] = []
+    for lv in levels:
+        _check_steps(lv, "held_out_problems")
+        if 10 * 2 ** lv > _ENUMERATE_UP_TO:
+            out += dataset(per_level, lv, lv, seed=seed + lv, split="heldout", hard_prob=hard_prob, unique=True)
+            continue
+        rng = random.Random(f"walk:heldout-levels:{seed + lv}")
+        keyed = []
+        for start in range(10):
+            for hard in itertools.product((False, True), repeat=lv):
+                nh = sum(hard)
+                w = hard_prob ** nh * (1 - hard_prob) ** (lv - nh)
+                moves = tuple(Move(HARD if h else EASY) for h in hard)
+                u = rng.random()  # drawn for every problem, so the order does not depend on the split
+                if w > 0 and split_of(statement(start, moves)) == "heldout":
+                    keyed.append((u ** (1.0 / w), start, moves))  # weighted sampling without replacement
+        keyed.sort(key=lambda t: -t[0])
+        out += [_problem(start, moves, i) for i, (_, start, moves) in enumerate(keyed[:per_level])]
+    return out
+
+
+def build_task_prompt(problem: Problem | str) -> str:
+    """The prompt of the task: just the statement and a newline (see the arithmetic task's
+    :func:`~l2t_core.tasks.arithmetic.build_task_prompt` for why the §8 instruction is left out)."""
+    text = problem.problem if isinstance(problem, Problem) else problem
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("build_task_prompt: the problem text is empty")
+    return f"{text.strip()}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Reference traces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceStyle:
+    """How a reference trace thinks; every field is a probability in [0, 1].
+
+    ``guess_error``: a hard move's direct result is F[x] (one hop forgotten, the fast guess).
+    ``hard_check``: a check episode follows a hard move (useful: it repairs a wrong guess).
+    ``easy_check``: a check episode follows an easy move (redundant).
+    ``repeat``: a move is repeated verbatim after its episodes (redundant).
+    ``restate``: the trace first restates the problem (redundant).
+    """
+
+    guess_error: float = 0.6
+    hard_check: float = 0.8
+    easy_check: float = 0.6
+    repeat: float = 0.1
+    restate: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("guess_error", "hard_check", "easy_check", "repeat", "restate"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"TraceStyle.{name} must be a probability in [0, 1], got {v}")
+
+
+@dataclass(frozen=True)
+class TraceEpisode:
+    """One episode of a reference trace. ``step`` is the 0-based move it belongs to (None for a
+    restatement); ``hard`` is that move's hardness; ``value`` the current digit after it."""
+
+    kind: EpisodeKind
+    text: str
+    step: int | None
+    hard: bool
+    value: int
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A reference response: its episodes and the digit it boxes (wrong after an unchecked
+    wrong guess)."""
+
+    episodes: tuple[TraceEpisode, ...]
+    final: int
+
+    @property
+    def text(self) -> str:
+        return render_trace([e.text for e in self.episodes], str(self.final))
+
+
+def step_text(x: int, move: Move, result: int, rest: Sequence[Move]) -> str:
+    """The direct episode ``6>>1 then > >>``: the move from ``x``, its ``result`` (may be a wrong
+    guess) and the moves still to do, ``rest`` (``then end`` when none)."""
+    return f"{x}{move.text}{result} then {moves_text(rest) if rest else 'end'}"
+
+
+def check_text(x: int, move: Move) -> str:
+    """The move redone one hop at a time, ``check 6>4>1``; always right."""
+    return "check " + ">".join(str(hop(x, k)) for k in range(move.hops + 1))
+
+
+def fast_guess(x: int, move: Move) -> int:
+    """The typical mistake on a move: one hop forgotten, F applied once too few times."""
+    if not move.hard:
+        raise ValueError("fast_guess: an easy move is a single lookup and has no fast guess")
+    return hop(x, move.hops - 1)
+
+
+def build_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceStyle()) -> Trace:
+    """A reference trace of ``problem`` drawn with ``style`` (see the module docstring)."""
+    eps: list[TraceEpisode] = []
+    if rng.random() < style.restate:
+        eps.append(TraceEpisode("restate", f"goal {problem.expression}", None, False, problem.start))
+    x = problem.start
+    for i, move in enumerate(problem.moves):
+        rest = problem.moves[i + 1:]
+        true = move.apply(x)
+        written = fast_guess(x, move) if move.hard and rng.random() < style.guess_error else true
+        eps.append(TraceEpisode("step", step_text(x, move, written, rest), i, move.hard, written))
+        value = written
+        if rng.random() < (style.hard_check if move.hard else style.easy_check):
+            eps.append(TraceEpisode("check", check_text(x, move), i, move.hard, true))
+            value = true
+        if rng.random() < style.repeat:
+            eps.append(TraceEpisode("repeat", "again " + step_text(x, move, value, rest), i, move.hard, value))
+        x = value
+    return Trace(tuple(eps), x)
+
+
+def trace(p: Problem, rng: random.Random, style: TraceStyle = TraceStyle()) -> str:
+    """The reference response text of ``p`` (what follows the prompt)."""
+    return build_trace(p, rng, style).text
+
+
+# --------------------------------------------------------------------------------------------
+# Reading generated responses
+# --------------------------------------------------------------------------------------------
+
+_STEP = re.compile(r"^(\d)(>>?)(\d) then (?:end|>>?(?: >>?)*)$")
+
+
+def classify_episodes(texts: Sequence[str]) -> list[EpisodeInfo]:
+    """Kinds of the episode texts of one response, in the vocabulary of the reference traces.
+
+    A direct move ``6>>1 then > >>`` is a step (``hard`` for ``>>``, ``wrong`` when 1 is not F[F[6]]);
+    a check or repeat describes the last step before it (so a check of a wrong step is one that
+    can repair an error); ``goal ...`` is a restatement; anything else is ``other``.
+    """
+    out: list[EpisodeInfo] = []
+    last = EpisodeInfo("other")
+    for t in texts:
+        t = t.strip()
+        m = _STEP.match(t)
+        if m:
+            move = Move(m.group(2))
+            last = EpisodeInfo("step", move.hard, int(m.group(3)) != move.apply(int(m.group(1))))
+            out.append(last)
+        elif t.startswith("check "):
+            out.append(EpisodeInfo("check", last.hard, last.wrong))
+        elif t.startswith("again "):
+            out.append(EpisodeInfo("repeat", last.hard, last.wrong))
+        elif t.startswith("goal "):
+            out.append(EpisodeInfo("restate"))
+        else:
+            out.append(EpisodeInfo("other"))
+    return out

@@ -1,0 +1,280 @@
+"""The L2T assets: base_model, datasets -> segmented_rollouts -> episode_rewards -> checkpoints ->
+benchmark_reports. Each is thin: it calls l2t_core, validates the rows against their pandera
+schema and replaces its partition's rows in DuckDB (see :mod:`l2t_pipeline.warehouse`).
+"""
+
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+from dagster_duckdb import DuckDBResource
+
+from l2t_core.config import TrainConfig
+from l2t_core.models import load_policy
+
+from . import plots
+from .config import BaseModelConfig, DatasetsConfig, RewardSettings, RolloutSamplingConfig, TrainRunConfig
+from .partitions import BASE_DIMENSION, base_models_partitions, runs_partitions, split_run_key
+from .resources import HeldOutEvaluator, L2TStorage, ModelEntry, ModelRegistry, TrainingData, TrainingLauncher
+from .schemas import EpisodeRewardsType, EvalResultsType, ProblemsType, RolloutsType, markdown_table
+from .tables import problem_rows, sample_base_rollouts, score_base_rollouts, trainer_tables
+from .warehouse import connect, read_rows, train_steps_frame, write_validated
+
+UNPARTITIONED = "__all__"
+
+
+def _key(context: dg.AssetExecutionContext) -> tuple[str, str]:
+    """(asset key, partition key) under which the asset's rows are stored."""
+    pk = context.partition_key if context.has_partition_key else UNPARTITIONED
+    return context.asset_key.to_user_string(), str(pk)
+
+
+# --------------------------------------------------------------------------------------------
+# Base models
+# --------------------------------------------------------------------------------------------
+
+
+def build_or_reuse_warm_start(out: Path, cfg) -> tuple[dict, bool]:
+    """Warm-start into ``out`` unless it already holds a warm start of exactly ``cfg`` (SFT is
+    deterministic for a config); returns (warmstart.json report, reused)."""
+    from l2t_core.warmstart import warm_start
+
+    report_path = out / "warmstart.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if report.get("config") == json.loads(cfg.model_dump_json()):
+            return report, True
+    warm_start(out, cfg, show_progress=False)
+    return json.loads(report_path.read_text()), False
+
+
+def base_model_path(name: str, entry: ModelEntry, storage: L2TStorage) -> str:
+    """Where the policy of base model ``name`` is: the warm start's directory or the registry path."""
+    if entry.kind == "pretrained":
+        return str(entry.path)
+    d = storage.model_dir(name)
+    if not (d / "warmstart.json").is_file():
+        raise FileNotFoundError(f"base model {name!r} has no warm start in {d}; materialize base_model[{name}] first")
+    return str(d)
+
+
+def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: str | None, path: str) -> pd.DataFrame:
+    out = evals.copy()
+    out["model_kind"] = kind
+    out["base_model"] = base_model
+    out["method"] = method
+    out["model_path"] = path
+    return out
+
+
+@dg.asset(partitions_def=base_models_partitions, group_name="models", kinds={"pytorch", "duckdb"},
+          description="The base policy of a partition: the embedded default warm-started by SFT on the "
+                      "synthetic task, or a registry model; its baseline held-out evaluation goes to eval_results.")
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: L2TStorage,
+               registry: ModelRegistry, training_data: TrainingData, evaluator: HeldOutEvaluator,
+               duckdb: DuckDBResource) -> dg.MaterializeResult:
+    name = context.partition_key
+    entry = registry.get(name)
+    meta: dict = {"kind": entry.kind}
+    if entry.kind == "warmstart":
+        if not training_data.synthetic:
+            raise ValueError(f"base model {name!r} is a warm start, which needs a synthetic task as training data; "
+                             f"training_data.source is {training_data.source!r}")
+        if evaluator.task != training_data.source:
+            raise ValueError(f"base model {name!r} learns the task {training_data.source!r} but the evaluator "
+                             f"tests {evaluator.task!r}; set both resources to the same task")
+        data = training_data.to_core()
+        out = storage.model_dir(name)
+        report, reused = build_or_reuse_warm_start(out, config.to_core(data.source, data.min_steps, data.max_steps))
+        meta.update(reused=reused, parameters=report["parameters"], sft_final_loss=report["final_loss"],
+                    sft_seconds=report["sft_seconds"])
+    path = base_model_path(name, entry, storage)
+    context.log.info("base model %s at %s; evaluating on %s", name, path, evaluator.benchmark)
+    evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)
+    asset_key, pk = _key(context)
+    with connect(duckdb) as conn:
+        n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
+    overall = evals[evals["level"] == "all"].iloc[0]
+    meta.update(path=path, benchmark=evaluator.benchmark, evaluator=evaluator.fingerprint(),
+                accuracy=float(overall["accuracy"]), mean_tokens=float(overall["mean_tokens"]), eval_rows=n,
+                evaluation=dg.MetadataValue.md(markdown_table(evals[["level", "n", "accuracy", "mean_tokens",
+                                                                 "tagged_share", "finished_share"]])))
+    return dg.MaterializeResult(metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, base rollouts and their rewards
+# --------------------------------------------------------------------------------------------
+
+
+@dg.asset(group_name="data", kinds={"pandas", "duckdb"}, dagster_type=ProblemsType,
+          description="Normalized, validated problems: the training prompts, the held-out evaluation split "
+                      "and any configured benchmark files (table `problems`).")
+def datasets(context: dg.AssetExecutionContext, config: DatasetsConfig, training_data: TrainingData,
+             evaluator: HeldOutEvaluator, duckdb: DuckDBResource) -> pd.DataFrame:
+    df = problem_rows(training_data.to_core(), training_data.dataset_name, evaluator.problem_rows(),
+                      config.benchmarks, config.max_rows_per_benchmark)
+    asset_key, pk = _key(context)
+    with connect(duckdb) as conn:
+        n = write_validated(conn, {"problems": df}, asset_key, pk)["problems"]
+    counts = df.groupby(["dataset", "split"]).size().rename("rows").reset_index()
+    context.add_output_metadata({"rows": n, "datasets": dg.MetadataValue.md(counts.to_markdown(index=False))})
+    return df
+
+
+@dg.asset(partitions_def=base_models_partitions, group_name="rewards", kinds={"pytorch", "duckdb"},
+          dagster_type=RolloutsType, deps=["base_model"],
+          description="The base policy's sampled responses on the training prompts, segmented into episodes and "
+                      "verified (table `rollouts`, source 'base').")
+def segmented_rollouts(context: dg.AssetExecutionContext, config: RolloutSamplingConfig, datasets: pd.DataFrame,
+                       storage: L2TStorage, registry: ModelRegistry, training_data: TrainingData,
+                       duckdb: DuckDBResource) -> pd.DataFrame:
+    name = context.partition_key
+    path = base_model_path(name, registry.get(name), storage)
+    prompts = datasets[(datasets["dataset"] == training_data.dataset_name) & (datasets["split"] == "train")]
+    model, tok = load_policy(path)
+    model.eval()
+    df = sample_base_rollouts(model, tok, prompts.head(config.prompts), training_data.to_core(), name,
+                              n=config.group_size, temperature=config.temperature,
+                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    asset_key, pk = _key(context)
+    with connect(duckdb) as conn:
+        n = write_validated(conn, {"rollouts": df}, asset_key, pk)["rollouts"]
+    status = df["segmentation"].value_counts().to_dict()
+    context.add_output_metadata({
+        "rows": n, "accuracy": float(df["outcome"].mean()), "mean_tokens": float(df["num_tokens"].mean()),
+        "mean_episodes": float(df["num_episodes"].mean()), "segmentation": dg.MetadataValue.json(status),
+    })
+    return df
+
+
+@dg.asset(partitions_def=base_models_partitions, group_name="rewards", kinds={"pytorch", "duckdb"},
+          dagster_type=EpisodeRewardsType, deps=["base_model"],
+          description="Per-episode fitting gain G_k, penalty P_k and P̂_k, process reward, outcome share and "
+                      "episode reward R_k of the base rollouts (table `episode_rewards`, source 'base').")
+def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, segmented_rollouts: pd.DataFrame,
+                    storage: L2TStorage, registry: ModelRegistry, training_data: TrainingData,
+                    duckdb: DuckDBResource) -> pd.DataFrame:
+    name = context.partition_key
+    model, tok = load_policy(base_model_path(name, registry.get(name), storage))
+    model.eval()
+    episodes, scored = score_base_rollouts(model, tok, segmented_rollouts, config.method, config.to_core(),
+                                           training_data.to_core())
+    asset_key, pk = _key(context)
+    with connect(duckdb) as conn:
+        n = write_validated(conn, {"episode_rewards": episodes}, asset_key, pk)["episode_rewards"]
+    meta = {"rows": n, "method": config.method, "responses": len(scored),
+            "score_mean": float(scored["score"].mean())}
+    for col in ("fitting_gain", "penalty_hat", "process_reward", "episode_reward"):
+        meta[f"{col}_mean"] = float(episodes[col].mean()) if n else 0.0
+    context.add_output_metadata(meta)
+    return episodes
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs and their evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A short hash of a run's configuration without its output URL (the run directory's name)."""
+    blob = json.dumps({k: v for k, v in json.loads(cfg.model_dump_json()).items() if k != "out"}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+@dg.asset(partitions_def=runs_partitions, group_name="training", kinds={"pytorch", "duckdb"},
+          deps=[dg.AssetDep("base_model", partition_mapping=BASE_DIMENSION),
+                dg.AssetDep("episode_rewards", partition_mapping=BASE_DIMENSION)],
+          pool="l2t_training",
+          description="An RL fine-tuning run of a base model with a method, launched through Dagster Pipes; its "
+                      "per-step metrics, rollouts and episode rewards land in train_steps, rollouts and "
+                      "episode_rewards (source 'train'), the run in `checkpoints`.")
+def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L2TStorage,
+                registry: ModelRegistry, training_data: TrainingData, launcher: TrainingLauncher,
+                duckdb: DuckDBResource) -> dg.MaterializeResult:
+    base, method = split_run_key(context)
+    policy = base_model_path(base, registry.get(base), storage)
+    draft = config.to_core(policy=policy, method=method, out="unset", data=training_data.to_core())
+    h = config_hash(draft)
+    cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
+    context.log.info("training %s with %s into %s (config %s)", base, method, storage.display(cfg.out), h)
+    invocation = launcher.launch(context, cfg)
+    reported = invocation.get_materialize_result()
+    run = storage.run_storage(cfg.out)
+    latest = run.latest_checkpoint()
+    if latest is None:
+        raise dg.Failure(f"the training process of {context.partition_key} exited without a complete checkpoint in "
+                         f"{storage.display(cfg.out)}")
+    tables = trainer_tables(run, base, method)
+    tables["train_steps"] = train_steps_frame(tables["train_steps"], base, method)
+    registry_row = pd.DataFrame([{"base_model": base, "method": method, "run_url": cfg.out,
+                                  "checkpoint_url": latest[1], "final_step": latest[0], "config_hash": h,
+                                  "config_json": cfg.model_dump_json()}])
+    asset_key, pk = _key(context)
+    with connect(duckdb) as conn:
+        counts = write_validated(conn, tables, asset_key, pk, unvalidated={"checkpoints": registry_row})
+    last = tables["train_steps"].sort_values("step").iloc[-1]
+    meta = dict(reported.metadata or {})
+    meta.update({f"{t}_rows": n for t, n in counts.items()})
+    meta.update(run_url=storage.display(cfg.out), checkpoint=storage.display(latest[1]), final_step=latest[0],
+                config_hash=h, last_accuracy=float(last["accuracy"]), last_mean_tokens=float(last["mean_tokens"]))
+    return dg.MaterializeResult(metadata=meta)
+
+
+def base_evaluation(conn, base: str, base_path: str, evaluator: HeldOutEvaluator) -> pd.DataFrame:
+    """The base model's evaluation rows: those ``base_model`` stored with the same evaluator
+    fingerprint when present, else a fresh evaluation."""
+    stored = read_rows(conn, "eval_results", "base_model", base)
+    stored = stored[stored["evaluator"] == evaluator.fingerprint()]
+    if len(stored):
+        return stored.drop(columns=["asset_key", "partition_key", "loaded_at"])
+    return with_model_columns(evaluator.evaluate(base_path), "base", base, None, base_path)
+
+
+def comparison(evals: pd.DataFrame) -> dict:
+    """Overall accuracy and tokens of the checkpoint and its base: deltas and token reduction."""
+    overall = evals[evals["level"] == "all"].set_index("model_kind")
+    for kind in ("base", "checkpoint"):
+        if kind not in overall.index:
+            raise ValueError(f"no overall ('all') {kind} evaluation to compare")
+    b, c = overall.loc["base"], overall.loc["checkpoint"]
+    reduction = 1.0 - c["mean_tokens"] / b["mean_tokens"] if b["mean_tokens"] > 0 else 0.0
+    return {"accuracy": float(c["accuracy"]), "base_accuracy": float(b["accuracy"]),
+            "accuracy_delta": float(c["accuracy"] - b["accuracy"]), "mean_tokens": float(c["mean_tokens"]),
+            "base_mean_tokens": float(b["mean_tokens"]), "token_reduction": float(reduction)}
+
+
+@dg.asset(partitions_def=runs_partitions, group_name="evaluation", kinds={"pytorch", "duckdb"},
+          dagster_type=EvalResultsType, deps=["checkpoints"],
+          description="Evaluation of a run's latest checkpoint and its base model on the same benchmark "
+                      "(table `eval_results`), with plots and the token reduction as metadata.")
+def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, registry: ModelRegistry,
+                      evaluator: HeldOutEvaluator, duckdb: DuckDBResource) -> pd.DataFrame:
+    base, method = split_run_key(context)
+    asset_key, pk = _key(context)
+    base_path = base_model_path(base, registry.get(base), storage)
+    with connect(duckdb) as conn:
+        runs = read_rows(conn, "checkpoints", "checkpoints", pk)
+        if runs.empty:
+            raise dg.Failure(f"no training run recorded for {pk}; materialize checkpoints[{pk}] first")
+        run = runs.iloc[0]
+        with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
+            ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"])
+        evals = pd.concat([base_evaluation(conn, base, base_path, evaluator), ckpt], ignore_index=True)
+        n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
+        steps = read_rows(conn, "train_steps", "checkpoints", pk)
+    cmp = comparison(evals)
+    figs = plots.png_markdown(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}"),
+                              "accuracy and tokens per level")
+    if len(steps):
+        figs += "\n\n" + plots.png_markdown(plots.training_curve(steps, f"training {base} / {method}"),
+                                            "training curve")
+    table = evals[["model_kind", "level", "n", "accuracy", "mean_tokens", "tagged_share"]]
+    context.add_output_metadata({
+        **cmp, "rows": n, "benchmark": evaluator.benchmark, "checkpoint": storage.display(run["checkpoint_url"]),
+        "plots": dg.MetadataValue.md(figs), "evaluation": dg.MetadataValue.md(markdown_table(table)),
+    })
+    return evals

@@ -1,0 +1,108 @@
+"""Dagster run configuration of the assets, each mapping onto one of l2t_core's pydantic configs.
+
+The defaults are the embedded default: l2t_core's default synthetic task, the character tokenizer
+and a tiny Qwen2, small enough that the whole lineage materializes on a CPU in minutes. Every
+``to_core`` builds the l2t_core config, which validates the values (a bad one fails with the
+field's name before any compute).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from l2t_core.config import DataConfig, RewardConfig, TrainConfig
+from l2t_core.warmstart import WarmStartConfig
+
+
+class BaseModelConfig(dg.Config):
+    """SFT warm start of the embedded default (``l2t_core.warmstart.WarmStartConfig``; the task
+    and its levels come from the ``training_data`` resource); ignored for registry models of kind
+    ``pretrained``."""
+
+    seed: int = 0
+    train_size: int = Field(4000, description="SFT examples (synthetic problems).")
+    sft_steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    eval_loss_size: int = Field(100, description="Held-out SFT examples for the SFT evaluation loss.")
+    eval_per_level: int = Field(5, description="Problems per level of the warm start's own greedy check.")
+    eval_max_new_tokens: int = 200
+    threads: Optional[int] = Field(1, description="torch threads during the warm start (None: unchanged).")
+
+    def to_core(self, task: str, min_steps: int, max_steps: int) -> WarmStartConfig:
+        """The warm start's config; its task and levels follow the training data."""
+        return WarmStartConfig(task=task, min_steps=min_steps, max_steps=max_steps, **self.model_dump())
+
+
+class RolloutSamplingConfig(dg.Config):
+    """How ``segmented_rollouts`` samples the base policy on the training prompts."""
+
+    prompts: int = Field(8, ge=1, description="Training prompts sampled (the first ones of the training split).")
+    group_size: int = Field(4, ge=1, description="Responses per prompt (G).")
+    temperature: float = Field(1.0, ge=0.0)
+    max_new_tokens: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class RewardSettings(dg.Config):
+    """The reward path of ``episode_rewards`` (``l2t_core.config.RewardConfig``; METHOD.md §1-§4)."""
+
+    method: str = Field("l2t", description="grpo | length_penalty | mrt | l2t | l2t_no_penalty | l2t_random_layers")
+    alpha: float = 0.8
+    beta: float = 0.6
+    rank_frac: float = 0.05
+    max_episodes: int = 30
+
+    def to_core(self) -> RewardConfig:
+        return RewardConfig(segmentation={"max_episodes": self.max_episodes},
+                            compression={"rank_frac": self.rank_frac},
+                            credit={"alpha": self.alpha, "beta": self.beta})
+
+
+class TrainRunConfig(dg.Config):
+    """One RL fine-tuning run of ``checkpoints`` (``l2t_core.config.TrainConfig``); the policy,
+    method, run directory and training data come from the partition and the resources."""
+
+    steps: int = Field(4, ge=1)
+    prompts_per_step: int = Field(4, ge=1)
+    group_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(200, ge=1)
+    temperature: float = 1.0
+    lr: float = 3e-5
+    kl_coef: float = 0.001
+    alpha: float = 0.8
+    beta: float = 0.6
+    micro_batch_tokens: int = 8192
+    seed: int = 0
+
+    def to_core(self, *, policy: str, method: str, out: str, data: DataConfig) -> TrainConfig:
+        return TrainConfig(
+            method=method, policy=policy, out=out, steps=self.steps, prompts_per_step=self.prompts_per_step,
+            micro_batch_tokens=self.micro_batch_tokens, device="cpu", checkpoint_every=self.steps,
+            keep_checkpoints=1, seed=self.seed, data=data,
+            optim={"lr": self.lr},
+            rollout={"group_size": self.group_size, "temperature": self.temperature,
+                     "max_new_tokens": self.max_new_tokens},
+            reward={"credit": {"alpha": self.alpha, "beta": self.beta}, "loss": {"kl_coef": self.kl_coef}},
+        )
+
+
+class DatasetsConfig(dg.Config):
+    """Benchmark JSONL files (in ``$L2T_DATA_DIR``) normalized next to the training prompts."""
+
+    benchmarks: list[str] = Field(default_factory=list, description="File names such as 'math500.jsonl'.")
+    max_rows_per_benchmark: Optional[int] = Field(None, ge=1)
+
+
+class QualityGateConfig(dg.Config):
+    """The checkpoint quality gate: held-out accuracy may fall at most this much below the base's."""
+
+    max_accuracy_drop: float = Field(0.05, description="Allowed drop in accuracy (absolute, 0..1).")

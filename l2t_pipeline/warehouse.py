@@ -1,0 +1,247 @@
+"""The DuckDB warehouse: tables, documented views, idempotent writes and the quarantine.
+
+Tables (every one keyed by the Dagster asset and partition that wrote the rows):
+
+* ``problems``: normalized training prompts and evaluation problems (``datasets``);
+* ``rollouts``: sampled responses, the base policy's (``segmented_rollouts``, ``source='base'``)
+  and the trainer's of every step (``checkpoints``, ``source='train'``);
+* ``episode_rewards``: per-episode G_k, P_k, P̂_k, r_k^prg, r_out/K and R_k, same two sources;
+* ``train_steps``: one row per optimizer step (other trainer columns in ``extra`` as JSON);
+* ``eval_results``: per model, benchmark and level (``'all'`` overall) accuracy and tokens;
+* ``checkpoints``: one row per training run (run URL, latest checkpoint, its config);
+* ``quarantine``: rows that failed their schema, as JSON, with the reasons.
+
+Views:
+
+* ``v_run_summary``: per base model and method, the last logged step's accuracy and tokens;
+* ``v_checkpoint_vs_base``: each evaluated checkpoint next to its base model on the same
+  benchmark (overall), with ``accuracy_delta`` and ``token_reduction`` (1 − tokens/base tokens);
+* ``v_episode_reward_summary``: per source, base model and method, mean G_k, P̂_k, r_k^prg,
+  R_k and the share of episodes with a positive gain;
+* ``v_quarantine_counts``: quarantined rows per table, asset and partition.
+
+Writes are idempotent: :func:`replace_rows` deletes the rows of ``(asset_key, partition_key)``
+and inserts the new ones in one transaction, so re-materializing a partition never duplicates.
+The data columns come from the pandera schemas (:mod:`l2t_pipeline.schemas`).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+import pandas as pd
+
+from .schemas import SCHEMAS, SchemaViolation, find_violations, schema_columns
+
+KEY_COLUMNS = (("asset_key", "VARCHAR"), ("partition_key", "VARCHAR"))
+_DUCK_TYPES = {"str": "VARCHAR", "int64": "BIGINT", "Int64": "BIGINT", "float64": "DOUBLE", "bool": "BOOLEAN"}
+EXTRA_COLUMNS = {"train_steps": (("extra", "JSON"),)}
+OTHER_TABLES = {
+    "checkpoints": (("base_model", "VARCHAR"), ("method", "VARCHAR"), ("run_url", "VARCHAR"),
+                    ("checkpoint_url", "VARCHAR"), ("final_step", "BIGINT"), ("config_hash", "VARCHAR"),
+                    ("config_json", "JSON")),
+    "quarantine": (("table_name", "VARCHAR"), ("row_index", "VARCHAR"), ("row_json", "JSON"),
+                   ("reasons", "VARCHAR")),
+}
+TABLES = (*SCHEMAS, *OTHER_TABLES)
+
+VIEWS = {
+    "v_run_summary": """
+        SELECT base_model, method, run_id, step AS last_step, accuracy, mean_tokens, episodes_per_response, kl
+        FROM train_steps
+        QUALIFY row_number() OVER (PARTITION BY base_model, method ORDER BY step DESC) = 1""",
+    "v_checkpoint_vs_base": """
+        SELECT c.partition_key, c.base_model, c.method, c.benchmark, c.accuracy, b.accuracy AS base_accuracy,
+               c.accuracy - b.accuracy AS accuracy_delta, c.mean_tokens, b.mean_tokens AS base_mean_tokens,
+               CASE WHEN b.mean_tokens > 0 THEN 1 - c.mean_tokens / b.mean_tokens END AS token_reduction
+        FROM eval_results c JOIN eval_results b
+          ON b.asset_key = c.asset_key AND b.partition_key = c.partition_key AND b.benchmark = c.benchmark
+         AND b.level = c.level AND b.model_kind = 'base'
+        WHERE c.model_kind = 'checkpoint' AND c.level = 'all'""",
+    "v_episode_reward_summary": """
+        SELECT source, base_model, method, count(*) AS episodes, avg(fitting_gain) AS mean_fitting_gain,
+               avg(penalty_hat) AS mean_penalty_hat, avg(process_reward) AS mean_process_reward,
+               avg(episode_reward) AS mean_episode_reward, avg((fitting_gain > 0)::DOUBLE) AS positive_gain_share
+        FROM episode_rewards GROUP BY ALL""",
+    "v_quarantine_counts": """
+        SELECT table_name, asset_key, partition_key, count(*) AS rows, max(loaded_at) AS last_quarantined
+        FROM quarantine GROUP BY ALL""",
+}
+
+
+@contextmanager
+def connect(resource) -> Iterator:
+    """A connection of a ``DuckDBResource`` that is closed even when the block raises
+    (``DuckDBResource.get_connection`` closes only on success, and an open connection keeps the
+    database file locked for other processes)."""
+    with resource.get_connection() as conn:
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def _q(name: str) -> str:
+    """A quoted SQL identifier (``group`` is a keyword)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def table_columns(table: str) -> list[tuple[str, str]]:
+    """(name, DuckDB type) of every column of ``table``, keys first, ``loaded_at`` last."""
+    if table in SCHEMAS:
+        cols = [(n, _DUCK_TYPES[str(c.dtype)]) for n, c in SCHEMAS[table].to_schema().columns.items()]
+        cols += list(EXTRA_COLUMNS.get(table, ()))
+    elif table in OTHER_TABLES:
+        cols = list(OTHER_TABLES[table])
+    else:
+        raise KeyError(f"unknown warehouse table {table!r}; tables are {', '.join(TABLES)}")
+    return [*KEY_COLUMNS, *cols, ("loaded_at", "TIMESTAMP")]
+
+
+def ensure_schema(conn) -> None:
+    """Create every table (if missing) and (re)create the views. A connection that already has
+    every table and view is left alone, so read-only connections can read."""
+    have = {r[0] for r in conn.execute("SELECT table_name FROM duckdb_tables() UNION ALL "
+                                       "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    if have >= set(TABLES) | set(VIEWS):
+        return
+    for t in TABLES:
+        cols = ", ".join(f"{_q(n)} {typ}" for n, typ in table_columns(t))
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(t)} ({cols})")
+    for name, sql in VIEWS.items():
+        conn.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {sql}")
+
+
+def _frame_for(table: str, df: pd.DataFrame, asset_key: str, partition_key: str) -> pd.DataFrame:
+    """``df`` reduced to the table's columns, with keys and ``loaded_at`` filled in; columns a
+    schema has but ``df`` lacks fail here (validation reports them first)."""
+    names = [n for n, _ in table_columns(table)]
+    data_cols = [n for n in names if n not in ("asset_key", "partition_key", "loaded_at")]
+    missing = [c for c in data_cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"rows for {table!r} lack column(s) {', '.join(missing)}")
+    out = df[data_cols].copy()
+    out.insert(0, "partition_key", partition_key)
+    out.insert(0, "asset_key", asset_key)
+    out["loaded_at"] = datetime.now(timezone.utc).replace(tzinfo=None)
+    return out
+
+
+def _replace(conn, table: str, frame: pd.DataFrame, asset_key: str, partition_key: str) -> None:
+    conn.execute(f"DELETE FROM {_q(table)} WHERE asset_key = ? AND partition_key = ?", [asset_key, partition_key])
+    if len(frame):
+        conn.register("_incoming", frame)
+        try:
+            conn.execute(f"INSERT INTO {_q(table)} BY NAME SELECT * FROM _incoming")
+        finally:
+            conn.unregister("_incoming")
+
+
+def replace_tables(conn, frames: dict[str, pd.DataFrame], asset_key: str, partition_key: str) -> dict[str, int]:
+    """Replace the rows ``(asset_key, partition_key)`` of every table in ``frames`` in ONE
+    transaction (all tables change or none). Returns the rows inserted per table."""
+    ensure_schema(conn)
+    prepared = {t: _frame_for(t, df, asset_key, partition_key) for t, df in frames.items()}
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for t, frame in prepared.items():
+            _replace(conn, t, frame, asset_key, partition_key)
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise
+    return {t: len(f) for t, f in prepared.items()}
+
+
+def replace_rows(conn, table: str, df: pd.DataFrame, asset_key: str, partition_key: str) -> int:
+    """Replace the rows ``(asset_key, partition_key)`` of ``table`` by ``df`` (delete, then insert,
+    in one transaction). Returns the number of rows inserted."""
+    return replace_tables(conn, {table: df}, asset_key, partition_key)[table]
+
+
+def write_validated(conn, frames: dict[str, pd.DataFrame], asset_key: str, partition_key: str,
+                    unvalidated: dict[str, pd.DataFrame] | None = None) -> dict[str, int]:
+    """Validate every frame against its table's schema, then replace the partition's rows (with
+    ``unvalidated`` frames of tables that have no schema, e.g. ``checkpoints``) in one transaction.
+
+    On any violation nothing is written to the main tables: the failing rows of every failing
+    table go to ``quarantine`` and :class:`~l2t_pipeline.schemas.SchemaViolation` is raised for
+    the first one (its message and metadata show the failing rows and checks).
+    """
+    validated, failures = {}, []
+    for table, df in frames.items():
+        ok, cases, bad = find_violations(df, table)
+        if cases.empty:
+            validated[table] = ok
+        else:
+            quarantine(conn, table, bad, asset_key, partition_key)
+            failures.append(SchemaViolation(table, cases, bad))
+    if failures:
+        raise failures[0]
+    return replace_tables(conn, {**validated, **(unvalidated or {})}, asset_key, partition_key)
+
+
+def quarantine(conn, table: str, bad_rows: pd.DataFrame, asset_key: str, partition_key: str) -> int:
+    """Store ``bad_rows`` (with their ``reasons`` column) in the quarantine table, replacing an
+    earlier quarantine of the same table, asset and partition. Returns the rows stored."""
+    rows = pd.DataFrame({
+        "table_name": table,
+        "row_index": [str(i) for i in bad_rows.index],
+        "row_json": [json.dumps({k: v for k, v in r.items() if k != "reasons"}, default=str)
+                     for r in bad_rows.to_dict("records")],
+        "reasons": bad_rows["reasons"].astype(str).tolist() if "reasons" in bad_rows else "",
+    })
+    ensure_schema(conn)
+    frame = _frame_for("quarantine", rows, asset_key, partition_key)
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute("DELETE FROM quarantine WHERE table_name = ? AND asset_key = ? AND partition_key = ?",
+                     [table, asset_key, partition_key])
+        conn.register("_bad", frame)
+        conn.execute("INSERT INTO quarantine BY NAME SELECT * FROM _bad")
+        conn.unregister("_bad")
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise
+    return len(frame)
+
+
+def read_rows(conn, table: str, asset_key: str | None = None, partition_key: str | None = None) -> pd.DataFrame:
+    """Rows of ``table``, optionally those one asset (and partition) wrote."""
+    ensure_schema(conn)
+    where, args = [], []
+    if asset_key is not None:
+        where.append("asset_key = ?")
+        args.append(asset_key)
+    if partition_key is not None:
+        where.append("partition_key = ?")
+        args.append(partition_key)
+    sql = f"SELECT * FROM {_q(table)}" + (" WHERE " + " AND ".join(where) if where else "")
+    return conn.execute(sql, args).df()
+
+
+def duplicate_keys(conn, table: str) -> int:
+    """How many rows of ``table`` repeat the natural key of its schema (0 in a healthy warehouse)."""
+    ensure_schema(conn)
+    keys = SCHEMAS[table].Config.unique
+    cols = ", ".join(_q(c) for c in ("asset_key", "partition_key", *keys))
+    sql = f"SELECT coalesce(sum(c - 1), 0) FROM (SELECT count(*) AS c FROM {_q(table)} GROUP BY {cols})"
+    return int(conn.execute(sql).fetchone()[0])
+
+
+def train_steps_frame(steps: pd.DataFrame, base_model: str, method: str) -> pd.DataFrame:
+    """The trainer's train_steps rows with the run's keys; columns outside the schema go to
+    ``extra`` (JSON) so nothing the trainer logs is lost."""
+    known = set(schema_columns(SCHEMAS["train_steps"]))
+    out = steps.copy()
+    out["base_model"] = base_model
+    out["method"] = method
+    for col in known - set(out.columns):
+        out[col] = None
+    extra_cols = [c for c in steps.columns if c not in known]
+    out["extra"] = [json.dumps({c: r[c] for c in extra_cols}, default=float) for _, r in steps.iterrows()]
+    return out

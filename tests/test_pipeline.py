@@ -1,0 +1,284 @@
+"""The Dagster code location without heavy compute: definitions, warehouse writes, schemas with
+quarantine, the quality gate, Pipes reporting, the registry sensor and S3 storage."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timezone
+
+import dagster as dg
+import duckdb
+import pandas as pd
+import pytest
+import yaml
+
+from l2t_core.checkpoint import RunStorage
+from l2t_core.metrics import MetricsWriter
+from l2t_core.pipes import PipesReporter, launched_by_pipes, pipes_session, train_metadata
+from l2t_core.trainer import RunResult
+from l2t_pipeline import warehouse
+from l2t_pipeline.checks import quality_gate
+from l2t_pipeline.definitions import defs
+from l2t_pipeline.partitions import DEFAULT_BASE_MODEL, run_key
+from l2t_pipeline.resources import L2TStorage, ModelRegistry, redact_url
+from l2t_pipeline.schemas import SCHEMAS, SchemaViolation, schema_columns
+from l2t_pipeline.sensors import model_registry_sensor
+from l2t_pipeline.tables import trainer_tables
+
+
+def rollout_rows(n: int = 3, **over) -> pd.DataFrame:
+    rows = [{
+        "source": "base", "base_model": "m", "method": None, "run_id": "base", "step": 0, "rollout": i,
+        "problem_id": f"p{i}", "level": 1, "group": i // 2, "response": "<think>x</think> \\boxed{1}",
+        "reference": "1", "num_tokens": 10, "outcome": 1.0, "verdict": "ok", "segmentation": "tagged",
+        "num_episodes": 1, "score": None, "advantage": None,
+    } for i in range(n)]
+    df = pd.DataFrame(rows)
+    for k, v in over.items():
+        df.loc[df.index[-1], k] = v
+    return df
+
+
+# ------------------------------------------------------------------------------ definitions
+
+
+def test_definitions_load_with_lineage_and_partitions():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {"datasets", "base_model", "segmented_rollouts", "episode_rewards", "checkpoints",
+                    "benchmark_reports"}
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
+    assert parents["segmented_rollouts"] == {"datasets", "base_model"}
+    assert parents["episode_rewards"] == {"segmented_rollouts", "base_model"}
+    assert parents["checkpoints"] == {"episode_rewards", "base_model"}
+    assert parents["benchmark_reports"] == {"checkpoints"}
+    pdef = graph.get(dg.AssetKey("checkpoints")).partitions_def
+    assert isinstance(pdef, dg.MultiPartitionsDefinition)
+    dims = {d.name: d.partitions_def for d in pdef.partitions_defs}
+    assert isinstance(dims["base_model"], dg.DynamicPartitionsDefinition) and dims["base_model"].name == "base_models"
+    assert "l2t" in dims["method"].get_partition_keys() and len(dims["method"].get_partition_keys()) == 6
+    checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
+    assert ("benchmark_reports", "checkpoint_quality_gate") in checks
+    assert {a for a, n in checks if n == "stored_rows_valid"} == keys - {"base_model"}
+    assert run_key(DEFAULT_BASE_MODEL, "grpo") == "tiny-sft|grpo"
+    with pytest.raises(ValueError, match="unknown method"):
+        run_key("m", "ppo")
+
+
+def test_warehouse_tables_follow_the_schemas():
+    con = duckdb.connect()
+    warehouse.ensure_schema(con)
+    for table, model in SCHEMAS.items():
+        cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+        assert cols[:2] == ["asset_key", "partition_key"] and cols[-1] == "loaded_at"
+        assert [c for c in cols[2:-1] if c != "extra"] == schema_columns(model)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    assert set(warehouse.VIEWS) <= views
+
+
+# ------------------------------------------------------------------------------ idempotent writes
+
+
+def test_replace_rows_never_duplicates_and_keeps_other_partitions():
+    con = duckdb.connect()
+    assert warehouse.replace_rows(con, "rollouts", rollout_rows(3), "segmented_rollouts", "a") == 3
+    assert warehouse.replace_rows(con, "rollouts", rollout_rows(2), "segmented_rollouts", "b") == 2
+    assert warehouse.replace_rows(con, "rollouts", rollout_rows(3), "segmented_rollouts", "a") == 3
+    counts = dict(con.execute("SELECT partition_key, count(*) FROM rollouts GROUP BY 1").fetchall())
+    assert counts == {"a": 3, "b": 2}
+    assert warehouse.duplicate_keys(con, "rollouts") == 0
+    # a failing write leaves the partition as it was (delete and insert are one transaction)
+    with pytest.raises(ValueError, match="lack column"):
+        warehouse.replace_rows(con, "rollouts", rollout_rows(1).drop(columns=["outcome"]), "segmented_rollouts", "a")
+    assert con.execute("SELECT count(*) FROM rollouts WHERE partition_key = 'a'").fetchone()[0] == 3
+    bad = rollout_rows(1)
+    bad["outcome"] = "not-a-number"
+    with pytest.raises(Exception):
+        warehouse.replace_rows(con, "rollouts", bad, "segmented_rollouts", "a")
+    assert con.execute("SELECT count(*) FROM rollouts WHERE partition_key = 'a'").fetchone()[0] == 3
+
+
+def test_schema_violation_fails_shows_rows_and_quarantines():
+    con = duckdb.connect()
+    warehouse.write_validated(con, {"rollouts": rollout_rows(3)}, "segmented_rollouts", "m")
+    bad = rollout_rows(4, outcome=1.7, segmentation="garbled")
+    with pytest.raises(SchemaViolation) as err:
+        warehouse.write_validated(con, {"rollouts": bad}, "segmented_rollouts", "m")
+    text = str(err.value.description)
+    assert "garbled" in text and "1.7" in text and "segmentation" in text and "outcome" in text
+    assert err.value.metadata["quarantined_rows"].value == 1
+    q = con.execute("SELECT table_name, row_index, row_json, reasons FROM quarantine").df()
+    assert len(q) == 1 and q.loc[0, "table_name"] == "rollouts" and q.loc[0, "row_index"] == "3"
+    assert '"garbled"' in q.loc[0, "row_json"] and "outcome" in q.loc[0, "reasons"]
+    # the main table still holds the last valid write only
+    assert con.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 3
+    # the same failure again does not duplicate the quarantine
+    with pytest.raises(SchemaViolation):
+        warehouse.write_validated(con, {"rollouts": bad}, "segmented_rollouts", "m")
+    assert con.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 1
+    dup = pd.concat([rollout_rows(2), rollout_rows(2)], ignore_index=True)
+    with pytest.raises(SchemaViolation, match="rollouts"):
+        warehouse.write_validated(con, {"rollouts": dup}, "segmented_rollouts", "dup")
+
+
+# ------------------------------------------------------------------------------ quality gate
+
+
+def evals(base_acc: float, ckpt_acc: float, base_tok: float = 100.0, ckpt_tok: float = 80.0) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"model_kind": "base", "level": "all", "accuracy": base_acc, "mean_tokens": base_tok},
+        {"model_kind": "checkpoint", "level": "all", "accuracy": ckpt_acc, "mean_tokens": ckpt_tok},
+        {"model_kind": "base", "level": "1", "accuracy": 0.0, "mean_tokens": 1.0},
+    ])
+
+
+def test_quality_gate_passes_within_margin_and_fails_beyond():
+    ok = quality_gate(evals(0.50, 0.46), max_accuracy_drop=0.05)
+    assert ok.passed and ok.metadata["token_reduction"].value == pytest.approx(0.2)
+    assert ok.metadata["accuracy_delta"].value == pytest.approx(-0.04)
+    bad = quality_gate(evals(0.50, 0.40), max_accuracy_drop=0.05)
+    assert not bad.passed and bad.severity == dg.AssetCheckSeverity.ERROR
+    with pytest.raises(ValueError, match="checkpoint"):
+        quality_gate(evals(0.5, 0.5).query("model_kind == 'base'"), 0.05)
+
+
+# ------------------------------------------------------------------------------ pipes reporting
+
+
+def test_pipes_reporting_is_a_no_op_standalone():
+    assert not launched_by_pipes({}) and launched_by_pipes({"DAGSTER_PIPES_CONTEXT": "x"})
+    with pipes_session({}) as rep:
+        assert not rep.active
+        rep.report_materialization({"a": 1})  # no Pipes connection: nothing to send, no error
+        rep.log("standalone")
+    steps = pd.DataFrame([{"run_id": "r", "step": 1, "accuracy": 0.25, "mean_tokens": 40.0, "kl": float("nan")},
+                          {"run_id": "r", "step": 2, "accuracy": 0.5, "mean_tokens": 30.0, "kl": 0.01}])
+    meta = train_metadata(RunResult("runs/x", 2, None, steps), latest_checkpoint="runs/x/checkpoints/step-000002")
+    assert meta == {"run_url": "runs/x", "final_step": 2, "checkpoint": "runs/x/checkpoints/step-000002",
+                    "logged_steps": 2, "run_id": "r", "last_accuracy": 0.5, "last_mean_tokens": 30.0,
+                    "last_kl": 0.01}
+
+
+def test_pipes_reporter_sends_clean_metadata():
+    sent = {}
+
+    class Recorder:  # records what PipesReporter hands to a dagster_pipes context
+        def report_asset_materialization(self, metadata):
+            sent.update(metadata)
+
+    PipesReporter(Recorder()).report_materialization({"a": float("inf"), "b": None, "c": 2})
+    assert sent == {"c": 2}
+
+
+# ------------------------------------------------------------------------------ storage, registry, sensor
+
+
+def test_storage_urls_and_redaction(tmp_path):
+    s = L2TStorage(url=str(tmp_path / "runs"), models_dir=str(tmp_path / "models"))
+    assert s.run_url("m", "l2t", "abc") == f"{tmp_path}/runs/runs/m/l2t/abc"
+    assert redact_url("s3://key:secret@bucket/x") == "s3://bucket/x"
+    assert "secret" not in s.display("https://u:secret@host:9000/b")
+
+
+def write_registry(path, models: dict) -> ModelRegistry:
+    path.write_text(yaml.safe_dump({"models": models}))
+    return ModelRegistry(path=str(path))
+
+
+def test_registry_validates_entries(tmp_path):
+    reg = write_registry(tmp_path / "r.yaml", {"a": {"kind": "warmstart"}, "b": {"kind": "pretrained", "path": "x"}})
+    assert set(reg.entries()) == {"a", "b"} and reg.get("b").path == "x"
+    with pytest.raises(KeyError, match="registered: a, b"):
+        reg.get("c")
+    bad = write_registry(tmp_path / "bad.yaml", {"c": {"kind": "pretrained"}})
+    with pytest.raises(ValueError, match="'c' of kind 'pretrained' needs a 'path'"):
+        bad.entries()
+    with pytest.raises(FileNotFoundError):
+        ModelRegistry(path=str(tmp_path / "missing.yaml")).entries()
+
+
+def test_registry_sensor_adds_partition_and_requests_one_run_per_new_model(tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    reg_path = tmp_path / "registry.yaml"
+    write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}})
+
+    def tick():
+        with dg.build_sensor_context(instance=instance,
+                                     resources={"registry": ModelRegistry(path=str(reg_path))}) as ctx:
+            result = model_registry_sensor(ctx)
+        for req in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        return result
+
+    first = tick()
+    assert [r.partition_key for r in first.run_requests] == ["tiny-sft"]
+    assert first.run_requests[0].asset_selection == [dg.AssetKey("base_model")]
+    assert instance.get_dynamic_partitions("base_models") == ["tiny-sft"]
+    again = tick()
+    assert not again.run_requests and "no new models" in again.skip_reason.skip_message
+    write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}, "other": {"kind": "pretrained", "path": "/m"}})
+    third = tick()
+    assert [(r.partition_key, r.run_key) for r in third.run_requests] == [("other", "baseline:other")]
+    assert sorted(instance.get_dynamic_partitions("base_models")) == ["other", "tiny-sft"]
+    assert not tick().run_requests
+
+
+# ------------------------------------------------------------------------------ S3 (moto server)
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="l2t")
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    yield endpoint
+    server.stop()
+
+
+def test_s3_storage_through_moto(s3_endpoint):
+    storage = L2TStorage(url="s3://l2t/pipeline", models_dir="/unused")
+    url = storage.run_url("m", "grpo", "abc")
+    run = storage.run_storage(url)
+    run.check_writable()
+    writer = MetricsWriter(run)
+    writer.add("train_steps", [{"run_id": "r", "step": 1, "accuracy": 0.5, "mean_tokens": 10.0}])
+    writer.add("rollouts", [{"run_id": "r", "step": 1, "rollout": 0, "level": 1, "outcome": 1.0, "num_episodes": 2}])
+    writer.add("episode_rewards", [{"run_id": "r", "step": 1, "rollout": 0, "episode": e} for e in (1, 2)])
+    writer.flush(1, 1)
+    run.write_checkpoint(1, lambda d: (d / "model.txt").write_text("w"))
+    assert RunStorage(url).latest_checkpoint() == (1, "l2t/pipeline/runs/m/grpo/abc/checkpoints/step-000001")
+    tables = trainer_tables(RunStorage(url), "m", "grpo")
+    assert len(tables["train_steps"]) == 1 and tables["episode_rewards"]["outcome_reward"].tolist() == [0.5, 0.5]
+    assert "testing" not in storage.display(url) and os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
+
+
+def test_reevaluation_schedule_requests_each_trained_checkpoint():
+    from l2t_pipeline.sensors import reevaluation_schedule
+
+    tick = datetime(2026, 11, 22, 3, 0, tzinfo=timezone.utc)
+    with dg.instance_for_test() as instance:
+        # the contexts are entered and left: they set (and must reset) Dagster's current-instance state
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
+            assert isinstance(reevaluation_schedule(ctx), dg.SkipReason)
+        for pk in ("tiny-sft|l2t", "tiny-sft|grpo"):
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="checkpoints", partition=pk))
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
+            reqs = reevaluation_schedule(ctx)
+        assert sorted((r.partition_key, r.run_key) for r in reqs) == [
+            ("tiny-sft|grpo", "reeval:20261122:tiny-sft|grpo"), ("tiny-sft|l2t", "reeval:20261122:tiny-sft|l2t")]
