@@ -422,7 +422,11 @@ class Trainer:
         start = self._resume()
         if self.rank == 0 and start == 0:
             self.storage.write_bytes(CONFIG_FILE, cfg.model_dump_json(indent=2).encode())
-        last_ckpt = None
+        # a resumed run reports the checkpoint it resumed from until it writes a newer one, so an
+        # already finished run returns its final step and checkpoint
+        self.step = start
+        latest = self.storage.latest_checkpoint() if start else None
+        last_ckpt = latest[1] if latest else None
         first_unsaved = start + 1
         done = 0
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

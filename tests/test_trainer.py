@@ -87,6 +87,9 @@ def test_resumed_run_ends_with_the_same_metrics_and_weights(tiny_dir, toy_data, 
     for table in ("rollouts", "episode_rewards"):
         a, b = read_table(RunStorage(str(tmp_path / "full")), table), read_table(store, table)
         pd.testing.assert_frame_equal(a.drop(columns="run_id"), b.drop(columns="run_id"), rtol=1e-6)
+    again = Trainer(make_cfg(tiny_dir, tmp_path / "resumed"), show_progress=False).run()  # already finished
+    assert again.final_step == 4 and again.checkpoint == resumed.checkpoint is not None
+    assert list(again.steps["step"]) == [1, 2, 3, 4]
     wa = (tmp_path / "full/checkpoints/step-000004/model.safetensors").read_bytes()
     wb = (tmp_path / "resumed/checkpoints/step-000004/model.safetensors").read_bytes()
     assert wa == wb
