@@ -119,6 +119,31 @@ def cmd_miniature(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Sample, verify and report a model on real benchmarks (METHOD.md §7)."""
+    from .eval.datasets import load_benchmark
+    from .eval.report import write_report
+    from .eval.runner import EvalSettings, evaluate_math
+    from .models import load_policy
+    from .rollout import make_rollout_engine
+
+    settings = EvalSettings(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, verify_workers=args.verify_workers)
+    items = {name: load_benchmark(name, limit=args.limit) for name in args.benchmarks}  # all validated first
+    for name, its in items.items():
+        if its and its[0].test is not None:
+            raise SystemExit(f"l2t eval: {name} is a code benchmark; this command evaluates math benchmarks")
+    model, tok = load_policy(args.model, device=args.device)
+    kw = {"model_path": args.model} if args.engine == "vllm" else {}
+    engine = make_rollout_engine(args.engine, model, tok, **kw)
+    results = {name: evaluate_math(engine, tok, its, settings, show_progress=not args.quiet)
+               for name, its in items.items()}
+    report = write_report(args.out, results, model=args.model)
+    print(json.dumps({"out": args.out, "files": report["files"],
+                      "pass@1": {n: r.summary["pass@1"] for n, r in results.items()}}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="l2t", description="L2T reinforcement fine-tuning")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -144,6 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", help="methods to compare (default: grpo length_penalty l2t)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2)")
     p.set_defaults(fn=cmd_miniature)
+
+    p = sub.add_parser("eval", help="evaluate a model on math benchmarks: pass@1, maj@4, tokens, report")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--model", required=True, help="HF directory or hub id")
+    p.add_argument("--benchmarks", nargs="+", default=["math500"], help="names from l2t_core.eval.datasets")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--n", type=int, default=20, help="samples per problem (METHOD.md §7: 20)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=16384)
+    p.add_argument("--limit", type=int, help="first N problems of each benchmark")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify-workers", type=int, default=1)
+    p.set_defaults(fn=cmd_eval)
 
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,

@@ -64,3 +64,17 @@ def test_settings_and_empty_input_errors(model, tokenizer):
         evaluate_math(HFRolloutEngine(model, tokenizer), tokenizer, [])
     with pytest.raises(ValueError, match="EvalSettings"):
         EvalSettings(n=0)
+
+
+def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):
+    from l2t_core.cli import main
+
+    assert main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "amc23", "--limit", "3",
+                 "--n", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "rep")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["pass@1"]) == {"aime24", "amc23"}
+    rows = pd.read_parquet(tmp_path / "rep" / "eval_results.parquet")
+    assert len(rows) == 2 * 3 * 2 and (tmp_path / "rep" / "report.html").is_file()
+    with pytest.raises(SystemExit, match="code benchmark"):
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "humaneval", "--limit", "1",
+              "--out", str(tmp_path / "x")])
