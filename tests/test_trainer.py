@@ -53,6 +53,19 @@ def comparable(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=drop).reset_index(drop=True)
 
 
+def run_recording_grads(tr: Trainer, grads: dict, name: str) -> None:
+    """Run ``tr``, keeping the accumulated gradients of its (last) optimizer step in ``grads[name]``."""
+    tr.setup()
+    original = tr.engine.step
+
+    def recording_step():
+        grads[name] = {n: p.grad.detach().clone() for n, p in tr.engine.module.named_parameters()}
+        return original()
+
+    tr.engine.step = recording_step
+    tr.run()
+
+
 def test_lr_schedule_warmup_then_cosine():
     vals = [lr_lambda(s, 10, 0.2, "cosine") for s in range(10)]
     assert vals[0] == pytest.approx(0.5) and vals[1] == pytest.approx(1.0)
@@ -120,15 +133,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_dir, toy_data, tmp_pat
             tr = Trainer(make_cfg(tiny_dir, tmp_path / f"{agg}-{name}", steps=1, micro_batch_tokens=mbt,
                                   mini_batches=1, method="l2t", reward={"loss": {"aggregation": agg}}),
                          show_progress=False)
-            tr.setup()
-            original = tr.engine.step
-
-            def recording_step(tr=tr, original=original, name=name):
-                grads[name] = {n: p.grad.detach().clone() for n, p in tr.engine.module.named_parameters()}
-                return original()
-
-            tr.engine.step = recording_step
-            tr.run()
+            run_recording_grads(tr, grads, name)
         for n, g in grads["big"].items():
             torch.testing.assert_close(grads["small"][n], g, rtol=1e-4, atol=1e-7, msg=f"{agg}: {n}")
         assert max(float(g.abs().max()) for g in grads["big"].values()) > 1e-4  # a real, non-zero gradient
@@ -153,15 +158,7 @@ def test_one_update_per_batch_skips_logp_old_with_the_same_gradient(tiny_dir, to
 
         monkeypatch.setattr(trainer_mod, "compute_rewards", compute)
         tr = Trainer(make_cfg(tiny_dir, tmp_path / name, steps=1, mini_batches=1, method="grpo"), show_progress=False)
-        tr.setup()
-        original = tr.engine.step
-
-        def recording_step(tr=tr, original=original, name=name):
-            grads[name] = {n: p.grad.detach().clone() for n, p in tr.engine.module.named_parameters()}
-            return original()
-
-        tr.engine.step = recording_step
-        tr.run()
+        run_recording_grads(tr, grads, name)
     assert all(seen["skip"]) and not any(seen["forward"])
     for n, g in grads["forward"].items():
         torch.testing.assert_close(grads["skip"][n], g, rtol=1e-4, atol=1e-7, msg=n)

@@ -55,12 +55,14 @@ from typing import Literal, Sequence
 from .arithmetic import (  # task-independent pieces, shared with the arithmetic task
     HELDOUT_SHARE,
     EpisodeInfo,
-    EpisodeKind,
     Split,
+    Trace,
+    TraceEpisode,
     forced_answer_example,
     render_trace,
     split_of,
 )
+from .arithmetic import TraceStyle as _BaseStyle
 
 PERM: tuple[int, ...] = (3, 7, 0, 9, 1, 6, 4, 2, 5, 8)  # F: one 10-cycle 0>3>9>8>5>6>4>1>7>2>0
 MAX_LEVEL = 6
@@ -285,52 +287,11 @@ def build_task_prompt(problem: Problem | str) -> str:
 
 
 @dataclass(frozen=True)
-class TraceStyle:
-    """How a reference trace thinks; every field is a probability in [0, 1].
-
-    ``guess_error``: a hard move's direct result is F[x] (one hop forgotten, the fast guess).
-    ``hard_check``: a check episode follows a hard move (useful: it repairs a wrong guess).
-    ``easy_check``: a check episode follows an easy move (redundant).
-    ``repeat``: a move is repeated verbatim after its episodes (redundant).
-    ``restate``: the trace first restates the problem (redundant).
-    """
+class TraceStyle(_BaseStyle):
+    """How a reference trace thinks (fields as in the arithmetic task's style, moves for steps):
+    ``guess_error`` is the chance that a hard move's direct result is F[x], one hop forgotten."""
 
     guess_error: float = 0.6
-    hard_check: float = 0.8
-    easy_check: float = 0.6
-    repeat: float = 0.1
-    restate: float = 0.2
-
-    def __post_init__(self) -> None:
-        for name in ("guess_error", "hard_check", "easy_check", "repeat", "restate"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"TraceStyle.{name} must be a probability in [0, 1], got {v}")
-
-
-@dataclass(frozen=True)
-class TraceEpisode:
-    """One episode of a reference trace. ``step`` is the 0-based move it belongs to (None for a
-    restatement); ``hard`` is that move's hardness; ``value`` the current digit after it."""
-
-    kind: EpisodeKind
-    text: str
-    step: int | None
-    hard: bool
-    value: int
-
-
-@dataclass(frozen=True)
-class Trace:
-    """A reference response: its episodes and the digit it boxes (wrong after an unchecked
-    wrong guess)."""
-
-    episodes: tuple[TraceEpisode, ...]
-    final: int
-
-    @property
-    def text(self) -> str:
-        return render_trace([e.text for e in self.episodes], str(self.final))
 
 
 def step_text(x: int, move: Move, result: int, rest: Sequence[Move]) -> str:
