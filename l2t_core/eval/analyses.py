@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import pandas as pd
 
 from ..episodes import segment, token_episode_ids
-from ..prompts import FORCE_ANSWER_SUFFIX
+from ..prompts import FORCE_ANSWER_SUFFIX, build_prompt, encode_prompt
 from ..rewards.l2t import response_offsets
 from ..rollout import Completion, RolloutEngine, SamplingParams
 from .datasets import BenchmarkItem
-from .metrics import maj_at_k
+from .metrics import answer_key, maj_at_k
 from .runner import group_of, verify_all
 
 
@@ -116,7 +116,7 @@ def depth_curve(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem]
     for j, o in enumerate(owners):
         vs = mv[j * maj_samples:(j + 1) * maj_samples]
         maj = maj_at_k([v.extracted for v in vs], [v.correct for v in vs], maj_samples,
-                       key=lambda a: "".join(str(a).split()))
+                       key=answer_key)
         rows.append({"problem_id": o[0].id, "group": group_of(o[0]), "depth": o[1], "tokens": o[3],
                      "correct": bool(acc[j]), "maj": bool(maj)})
     df = pd.DataFrame(rows)
@@ -126,6 +126,4 @@ def depth_curve(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem]
 
 
 def _prompt_ids(tokenizer, item: BenchmarkItem) -> list[int]:
-    from ..prompts import build_prompt, encode_prompt
-
     return encode_prompt(tokenizer, build_prompt(item.problem))

@@ -25,7 +25,7 @@ from ..rewards.l2t import Rollout, compute_rewards, response_logprobs
 from ..rollout import Completion
 from ..verify import answer_span, extract_boxed
 from .datasets import BenchmarkItem
-from .metrics import majority_answer
+from .metrics import answer_key, majority_answer
 from .runner import verify_all
 
 SELECTORS = ("l2t", "loglik", "majority")
@@ -81,7 +81,7 @@ def best_of_n(model, tokenizer, items: Sequence[BenchmarkItem], groups: Sequence
         scores = {"l2t": l2t_scores(model, tokenizer, group, answers, cfg),
                   "loglik": loglik_scores(model, tokenizer, group, answers)}
         chosen = {k: max(range(len(group)), key=lambda i, s=s: (s[i], -i)) for k, s in scores.items()}
-        maj = majority_answer(answers, key=lambda a: "".join(a.split()))
+        maj = majority_answer(answers, key=answer_key)
         chosen["majority"] = maj if maj is not None else 0
         for sel in SELECTORS:
             rows.append({"problem_id": item.id, "selector": sel, "chosen": chosen[sel],

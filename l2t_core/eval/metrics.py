@@ -66,6 +66,11 @@ def majority_answer(answers: Sequence[T | None], key: Callable[[T], Hashable] = 
     return first[best]
 
 
+def answer_key(answer) -> str:
+    """The class of an extracted answer for majority voting: its text without whitespace."""
+    return "".join(str(answer).split())
+
+
 def maj_at_k(answers: Sequence[T | None], correct: Sequence[bool], k: int,
              key: Callable[[T], Hashable] = lambda a: a) -> bool:
     """maj@k of one problem: is the majority answer of the first ``k`` samples correct?"""

@@ -10,18 +10,20 @@ level/tier. The rows are what the pipeline loads into DuckDB (``eval_results``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
+from rich.progress import Progress
 
 from ..prompts import build_prompt, encode_prompt
 from ..rollout import RolloutEngine, SamplingParams
 from ..verify import MathVerifier, Verdict
 from .datasets import BenchmarkItem
-from .metrics import maj_at_k
+from .metrics import answer_key, maj_at_k
 
 ROW_COLUMNS = ("benchmark", "problem_id", "sample", "group", "response_tokens", "finished", "correct",
                "status", "answer", "response")
@@ -96,7 +98,7 @@ def summarize(rows: pd.DataFrame, maj_k: int) -> dict:
             g = g.sort_values("sample")
             if len(g) >= maj_k:
                 majs.append(maj_at_k(list(g["answer"]), list(g["correct"]), maj_k,
-                                     key=lambda a: "".join(str(a).split())))
+                                     key=answer_key))
         return {
             "problems": int(df["problem_id"].nunique()),
             "samples": int(len(df)),
@@ -122,13 +124,11 @@ def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkIte
     params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
                             max_new_tokens=settings.max_new_tokens, seed=settings.seed)
     groups = []
-    from rich.progress import Progress
-
     with Progress(disable=not show_progress) as bar:
         task = bar.add_task(f"sampling {len(items)} problems x {settings.n}", total=len(items))
         for s in range(0, len(items), settings.prompts_per_call):
             chunk = prompts[s: s + settings.prompts_per_call]
-            groups += engine.generate(chunk, SamplingParams(**{**params.__dict__, "seed": settings.seed + s}))
+            groups += engine.generate(chunk, dataclasses.replace(params, seed=settings.seed + s))
             bar.update(task, advance=len(chunk))
     gen_s = time.perf_counter() - t0
     flat = [(item, k, c) for item, g in zip(items, groups) for k, c in enumerate(g)]
