@@ -6,9 +6,9 @@ reward: α 0.8, β 0.6, answer-logprob J, low-rank penalty on the last MLP down-
 one warm-up step. Target (issue 3): <= 0.25.
 
 The reward time is the trainer's ``reward_time_s``: segmentation and verification
-(``reward_segment_verify_s``), the penalty's one forward/backward, which also yields log π_old
-(``reward_penalty_s``), the packed one-pass J of every episode boundary (``reward_fitting_s``), and
-the credit/advantage arithmetic (``reward_other_s``, the remainder). The rest of the step is reported
+(``reward_segment_verify_s``), ONE packed forward per micro-batch that gives J at every episode
+boundary and log π_old (``reward_fitting_s``), the penalty's truncated backward through that same
+forward and its episode-score reduction (``reward_penalty_s``), and the credit/advantage arithmetic (``reward_other_s``, the remainder). The rest of the step is reported
 too: reference log-probs (``ref_s``), the policy update (``update_s``) and the metrics bookkeeping
 (``record_s``, the step time not covered by the four phases).
 

@@ -13,6 +13,9 @@ def test_penalty_bench_quick_runs():
     for key in ("speedup", "spearman", "packed_j_speedup", "packed_j_max_abs_diff"):
         assert math.isfinite(res[key])
     assert res["packed_j_max_abs_diff"] < 1e-4 and res["speedup"] > 0
+    # the penalty taken from the reward pass's packed forward equals the standalone low-rank penalty
+    assert res["fused_vs_standalone_max_rel_diff"] < 1e-4
+    assert res["speedup_in_reward_pass"] > 0 and math.isfinite(res["spearman_full_layer"])
 
 
 @pytest.mark.slow

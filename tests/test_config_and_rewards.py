@@ -116,3 +116,100 @@ def test_additive_credit_through_the_reward_path(model, tokenizer):
             ids = torch.as_tensor(r.tokens.episode_ids)
             per_ep = [r.token_advantage[ids == k].unique() for k in range(r.segmentation.num_episodes)]
             assert all(len(u) == 1 for u in per_ep)  # constant within an episode
+
+
+def _plain_reference(model, tokenizer, rollouts, teps, targets, basis):
+    """The unfused path: a plain causal forward/backward per response for ‖g_k‖² and log π(z_t),
+    and the naive per-prefix J."""
+    from l2t_core.rewards import compression as comp
+
+    sq, lps = [], []
+    for r, te in zip(rollouts, teps):
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        score = torch.zeros_like(ids, dtype=torch.bool)
+        score[0, len(r.prompt_ids):] = True
+        sig = comp.per_token_signals(model, ids, torch.ones_like(ids), score, targets)
+        seg = torch.as_tensor(te.episode_ids)
+        name = next(iter(targets))
+        if basis is None:
+            s = comp.full_episode_sqnorms(sig.inputs[name], sig.deltas[name], seg, te.num_episodes)
+        else:
+            s = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], basis, seg, te.num_episodes)
+            s = s.double().pow(2).sum((1, 2))
+        sq.append(s)
+        lps.append(sig.logprobs)
+    return sq, lps
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_one_policy_pass_equals_separate_j_penalty_and_logp_passes(model, tokenizer, projected):
+    """episode_pass takes J, ‖g_k‖² and log π(z_t) from ONE packed forward (and a truncated backward);
+    each equals its separate computation on the plain causal layout, padded micro-batches included."""
+    from l2t_core.episodes import segment, token_episode_ids
+    from l2t_core.prompts import FORCE_ANSWER_SUFFIX, render_answer
+    from l2t_core.rewards import compression as comp
+    from l2t_core.rewards.fitting import JItem, answer_logprobs_naive
+    from l2t_core.rewards.l2t import episode_pass
+
+    texts = [GOOD, REDUNDANT, "", BAD_INPUTS["unclosed_tags"], GOOD + " and more words to pad"]
+    rollouts = _rollouts(tokenizer, texts)
+    teps = [token_episode_ids(segment(r.response_text), response_offsets(tokenizer, r.response_text, r.response_ids))
+            for r in rollouts]
+    force = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+    ans = tokenizer(render_answer("14"), add_special_tokens=False)["input_ids"]
+    items = [JItem(r.prompt_ids, r.response_ids, te.boundaries.tolist(), ans) for r, te in zip(rollouts, teps)]
+    targets = comp.resolve_targets(model, None)
+    proxy = None
+    if projected:
+        proxy = comp.SVDProxy(rank_frac=0.05)
+        proxy.refresh(targets, 0)
+    basis = proxy.bases[next(iter(targets))] if projected else None
+    for budget in (100_000, 150):  # one micro-batch with padding; one response per micro-batch
+        res = episode_pass(model, rollouts, teps, tokenizer.pad_token_id or 0, budget, j_items=items, force_ids=force,
+                           targets=targets, proxy=proxy)
+        sq_ref, lp_ref = _plain_reference(model, tokenizer, rollouts, teps, targets, basis)
+        j_ref = answer_logprobs_naive(model, items, force)
+        for n in range(len(rollouts)):
+            torch.testing.assert_close(res.log_j[n], j_ref[n], atol=1e-4, rtol=0)
+            torch.testing.assert_close(res.sqnorms[n], sq_ref[n], atol=1e-9, rtol=1e-4)
+            torch.testing.assert_close(res.logps[n], lp_ref[n], atol=1e-5, rtol=0)
+        assert res.penalty_s > 0 and res.total_s >= res.penalty_s
+    # without targets: a no-grad pass gives the same J and log-probabilities, and no penalty
+    plain = episode_pass(model, rollouts, teps, 0, 100_000, j_items=items, force_ids=force)
+    assert plain.sqnorms is None and plain.penalty_s == 0.0
+    for n in range(len(rollouts)):
+        torch.testing.assert_close(plain.log_j[n], res.log_j[n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain.logps[n], res.logps[n], atol=1e-5, rtol=0)
+
+
+def test_full_layer_mode_is_the_unprojected_layer_penalty(model, tokenizer):
+    """CompressionConfig.mode='full_layer' (project option) equals the rank-r proxy with r = full rank."""
+    rollouts = _rollouts(tokenizer, [GOOD, REDUNDANT, GOOD + " x"])
+    full = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(compression={"mode": "full_layer"}),
+                           verifier=NumericVerifier())
+    big = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(compression={"rank": 10_000}),
+                          verifier=NumericVerifier())
+    default = compute_rewards(model, tokenizer, rollouts, "l2t", verifier=NumericVerifier())
+    for a, b, d in zip(full.responses, big.responses, default.responses):
+        torch.testing.assert_close(a.penalties, b.penalties, rtol=1e-6, atol=1e-12)
+        assert not torch.allclose(a.penalties, d.penalties)  # r = 5 % is a different estimate
+    with pytest.raises(ValidationError, match="mode"):
+        CompressionConfig(mode="random_layers")  # the ablation is the method l2t_random_layers
+
+
+def test_fast_offsets_equal_prefix_decoding_on_random_token_sequences(tokenizer):
+    """The per-token fast path gives the same offsets as decoding every prefix, on non-canonical
+    sequences (random tokens, multi-byte characters split across byte-level tokens included)."""
+    import random
+
+    from l2t_core.rewards.l2t import prefix_decode_offsets
+
+    rng = random.Random(0)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    texts = ["é ü 你好 → ∑", "<episode_1>3 + 4</episode_1>"]
+    seqs = [[rng.choice(vocab) for _ in range(rng.randint(1, 40))] for _ in range(30)]
+    seqs += [tokenizer(t, add_special_tokens=False)["input_ids"][::-1] for t in texts]  # reversed: non-canonical
+    for ids in seqs:
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert response_offsets(tokenizer, text, ids) == prefix_decode_offsets(tokenizer, text, ids)

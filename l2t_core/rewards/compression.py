@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -168,6 +169,8 @@ class TokenSignals:
     deltas: dict[str, torch.Tensor]  # name -> [N, d_out]
     logprobs: torch.Tensor  # [N]
     rows: torch.Tensor  # [N] batch row of each token
+    hidden: torch.Tensor | None = None  # [B, L, H] final hidden states (detached), when asked for
+    backward_s: float = 0.0  # seconds spent in the truncated backward pass
 
 
 def per_token_signals(
@@ -176,17 +179,30 @@ def per_token_signals(
     attention_mask: torch.Tensor,
     score_mask: torch.Tensor,
     targets: dict[str, torch.nn.Linear],
+    *,
+    position_ids: torch.Tensor | None = None,
+    return_hidden: bool = False,
 ) -> TokenSignals:
     """One forward and ONE backward of Σ_t log π(z_t) over the scored tokens (METHOD.md §3).
 
     ``score_mask[b, p]`` marks the tokens z_t whose log-probability is scored (response tokens);
     token p is predicted at position p−1, so its a_t and δ_t are read at p−1. Parameters are frozen
     and a zero leaf is added to each target's output, so the backward stops at the lowest target.
+
+    ``attention_mask`` is a [B, L] padding mask, or an additive [B, 1, L, L] mask with
+    ``position_ids`` (the packed J layout of :mod:`.fitting`, whose response positions see exactly
+    the causal prefix, so their signals equal those of a plain forward). ``return_hidden`` keeps
+    the final hidden states, so the same forward also serves J.
     """
-    if input_ids.shape != score_mask.shape or input_ids.shape != attention_mask.shape:
+    if input_ids.shape != score_mask.shape or attention_mask.shape[0] != input_ids.shape[0] or (
+        attention_mask.dim() == 2 and attention_mask.shape != input_ids.shape
+    ) or (attention_mask.dim() == 4 and attention_mask.shape[-2:] != (input_ids.shape[1],) * 2) or (
+        attention_mask.dim() not in (2, 4)
+    ):
         raise ValueError(
             f"per_token_signals: input_ids {tuple(input_ids.shape)}, attention_mask "
-            f"{tuple(attention_mask.shape)} and score_mask {tuple(score_mask.shape)} must have one shape"
+            f"{tuple(attention_mask.shape)} and score_mask {tuple(score_mask.shape)} must agree: "
+            "masks [B, L] or an additive attention mask [B, 1, L, L]"
         )
     if score_mask[:, 0].any():
         raise ValueError("per_token_signals: the first position cannot be scored (it has no context)")
@@ -205,9 +221,12 @@ def per_token_signals(
 
     handles = [mod.register_forward_hook(make_hook(n)) for n, mod in targets.items()]
     pred = score_mask[:, 1:]  # prediction positions p-1 for scored tokens p
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     try:
         with frozen_parameters(model), torch.enable_grad():
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+            ).last_hidden_state
             h = hidden[:, :-1][pred]
             logits = head(h).float()
             tgt = input_ids[:, 1:][pred]
@@ -216,7 +235,9 @@ def per_token_signals(
                 raise FloatingPointError(
                     "per_token_signals: non-finite token log-probabilities; the model's logits overflowed"
                 )
+            t0 = time.perf_counter()
             grads = torch.autograd.grad(lp.sum(), [leaves[n] for n in targets], allow_unused=True)
+            backward_s = time.perf_counter() - t0
     finally:
         for hd in handles:
             hd.remove()
@@ -226,7 +247,7 @@ def per_token_signals(
         deltas[n] = g[:, :-1][pred].detach().float()
         inputs[n] = captured_in[n][:, :-1][pred].float()
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(pred)[pred]
-    return TokenSignals(inputs, deltas, lp.detach(), rows)
+    return TokenSignals(inputs, deltas, lp.detach(), rows, hidden.detach() if return_hidden else None, backward_s)
 
 
 # ----------------------------------------------------------------------------- episode scores

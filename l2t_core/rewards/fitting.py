@@ -146,13 +146,42 @@ def microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
+def plain_pack(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> _Packed:
+    """prompt ⊕ response with a plain causal visibility rule and no answer suffix (no J)."""
+    ids = torch.tensor(list(prompt_ids) + list(response_ids), dtype=torch.long)
+    n = len(ids)
+    empty = torch.zeros(0, dtype=torch.long)
+    return _Packed(ids, torch.arange(n), torch.arange(n) + 1, torch.full((n,), n), empty, empty, empty)
+
+
+def packed_inputs(packs: Sequence[_Packed], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Right-padded input ids and position ids [B, L] of a micro-batch of packs, and L."""
+    length = max(len(p.input_ids) for p in packs)
+    ids = torch.full((len(packs), length), pad_id, dtype=torch.long)
+    pos = torch.zeros(len(packs), length, dtype=torch.long)
+    for r, p in enumerate(packs):
+        ids[r, : len(p.input_ids)] = p.input_ids
+        pos[r, : len(p.input_ids)] = p.position_ids
+    return ids, pos, length
+
+
+def log_j_from_hidden(head, hidden: torch.Tensor, pack: _Packed) -> torch.Tensor:
+    """log J(s_k), k = 0..K, of one pack from its row of final hidden states [L, H] (no grad)."""
+    with torch.no_grad():
+        lp = _answer_logprob_from_hidden(head, hidden[pack.pred_pos], pack.targets.to(hidden.device))
+        k1 = int(pack.suffix_of.max()) + 1 if len(pack.suffix_of) else 0
+        return torch.zeros(k1, device=lp.device).index_add_(0, pack.suffix_of.to(lp.device), lp).cpu()
+
+
 @torch.no_grad()
 def answer_logprobs_packed(
     model, items: Sequence[JItem], force_ids: Sequence[int], max_tokens_per_batch: int = 32768
 ) -> list[torch.Tensor]:
     """log J(s_k) for every boundary of every item; one forward pass per item (batched).
 
-    Returns one float32 tensor of length K+1 per item, in input order.
+    Returns one float32 tensor of length K+1 per item, in input order. (The trainer's reward pass,
+    :func:`l2t_core.rewards.l2t.episode_pass`, runs the same layout and also takes the penalty's
+    signals from it.)
     """
     _check_force(force_ids)
     decoder, head = decoder_and_head(model)
@@ -164,12 +193,7 @@ def answer_logprobs_packed(
     results: list[torch.Tensor | None] = [None] * len(items)
     for batch in microbatches([len(p.input_ids) for p in packs], max_tokens_per_batch):
         bp = [packs[i] for i in batch]
-        length = max(len(p.input_ids) for p in bp)
-        ids = torch.zeros(len(bp), length, dtype=torch.long)
-        pos = torch.zeros(len(bp), length, dtype=torch.long)
-        for r, p in enumerate(bp):
-            ids[r, : len(p.input_ids)] = p.input_ids
-            pos[r, : len(p.input_ids)] = p.position_ids
+        ids, pos, length = packed_inputs(bp)
         mask = packed_attention_mask(bp, length, param.dtype)
         hidden = decoder(
             input_ids=ids.to(param.device),
@@ -178,11 +202,8 @@ def answer_logprobs_packed(
             use_cache=False,
         ).last_hidden_state
         for r, i in enumerate(batch):
-            p = packs[i]
-            lp = _answer_logprob_from_hidden(head, hidden[r, p.pred_pos], p.targets.to(param.device))
-            k1 = int(p.suffix_of.max()) + 1
-            results[i] = torch.zeros(k1, device=lp.device).index_add_(0, p.suffix_of.to(lp.device), lp)
-    return [r.cpu() for r in results]  # type: ignore[union-attr]
+            results[i] = log_j_from_hidden(head, hidden[r], packs[i])
+    return results  # type: ignore[return-value]
 
 
 def fitting_gains(log_j: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,18 @@ from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
-from .fitting import JItem, answer_logprobs_packed, fitting_gains, microbatches, monte_carlo_j
+from ..models import decoder_and_head
+from .fitting import (
+    JItem,
+    fitting_gains,
+    log_j_from_hidden,
+    microbatches,
+    monte_carlo_j,
+    pack_item,
+    packed_attention_mask,
+    packed_inputs,
+    plain_pack,
+)
 
 Method = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers"]
 METHODS: tuple[str, ...] = ("grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers")
@@ -77,6 +88,18 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     if list(enc["input_ids"]) == list(ids):
         return [tuple(o) for o in enc["offset_mapping"]]
+    # each token decoded alone: exact when the pieces concatenate to the text (no multi-byte
+    # character split across tokens); O(T) instead of the O(T²) prefix decoding below
+    pieces = tokenizer.batch_decode([[int(t)] for t in ids], skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False)
+    if "".join(pieces) == text:
+        ends = np.cumsum([len(p) for p in pieces]).tolist()
+        return [(e - len(p), e) for p, e in zip(pieces, ends)]
+    return prefix_decode_offsets(tokenizer, text, ids)
+
+
+def prefix_decode_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Offsets from the lengths of the decoded prefixes ids[:t+1] (O(T²); the general fallback)."""
     out, prev = [], 0
     for t in range(len(ids)):
         cur = len(tokenizer.decode(list(ids[: t + 1]), skip_special_tokens=False, clean_up_tokenization_spaces=False))
@@ -86,30 +109,64 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
     return out
 
 
-def episode_sqnorms_and_logps(
+@dataclass
+class PolicyPass:
+    """What one pass of the policy over a batch of rollouts gives the reward (:func:`episode_pass`)."""
+
+    log_j: list[torch.Tensor] | None  # per response, log J at b_0..b_K (packed layout); None without J
+    sqnorms: list[torch.Tensor] | None  # per response, ‖g_k‖² summed over targets; None without penalty
+    logps: list[torch.Tensor] | None  # per response, log π(z_t) of every response token
+    penalty_s: float  # seconds of the truncated backward and the episode-score reduction
+    total_s: float
+
+
+def episode_pass(
     model,
     rollouts: Sequence[Rollout],
     token_eps: Sequence[TokenEpisodes],
-    targets: dict[str, torch.nn.Linear],
-    proxy: comp.SVDProxy | None,
     pad_id: int,
     max_tokens: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """‖g_k‖² per episode (summed over targets) and log π(z_t) per response token.
+    *,
+    j_items: Sequence[JItem] | None = None,
+    force_ids: Sequence[int] | None = None,
+    targets: dict[str, torch.nn.Linear] | None = None,
+    proxy: comp.SVDProxy | None = None,
+    want_logps: bool = True,
+) -> PolicyPass:
+    """ONE forward per micro-batch for everything the reward needs from the policy.
 
-    One forward/backward per micro-batch; per-token a_t and δ_t are reduced to episode scores and
-    dropped at once, so memory stays at one micro-batch of activations. ``proxy=None`` uses the
-    full, un-projected gradients (random_layers ablation).
+    With ``j_items`` each rollout is laid out as prompt ⊕ response ⊕ (f ⊕ a) × (K+1) with the
+    packed mask of :mod:`.fitting`, so log J at every boundary (METHOD.md §2) comes from this
+    forward; the response positions see exactly their causal prefix, so log π(z_t) and the
+    penalty's per-token signals (§3) read there are those of a plain forward. With ``targets`` a
+    truncated backward through the same forward gives ‖g_k‖²: in the rank-r proxy when ``proxy``
+    is given, else un-projected (Gram blocks; full_layer mode and the random_layers ablation).
+    Per-token a_t and δ_t are reduced to episode scores and dropped per micro-batch.
     """
-    device = next(model.parameters()).device
-    sq_out: list[torch.Tensor | None] = [None] * len(rollouts)
-    lp_out: list[torch.Tensor | None] = [None] * len(rollouts)
-    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-    for batch in microbatches(lengths, max_tokens):
-        seqs = [list(rollouts[i].prompt_ids) + list(rollouts[i].response_ids) for i in batch]
-        ids, att = pad_right(seqs, pad_id)
-        score = torch.zeros_like(ids, dtype=torch.bool)
-        seg = torch.full(ids.shape, -1, dtype=torch.long)
+    t_start = time.perf_counter()
+    decoder, head = decoder_and_head(model)
+    param = next(model.parameters())
+    device = param.device
+    if j_items is not None:
+        if force_ids is None:
+            raise ValueError("episode_pass: j_items need force_ids (the force-answer suffix)")
+        packs = []
+        for n, item in enumerate(j_items):
+            item.validate(f"episode_pass J item {n}")
+            packs.append(pack_item(item, force_ids))
+    else:
+        packs = [plain_pack(r.prompt_ids, r.response_ids) for r in rollouts]
+    n_items = len(rollouts)
+    log_j: list[torch.Tensor | None] = [None] * n_items
+    sq_out: list[torch.Tensor | None] = [None] * n_items
+    lp_out: list[torch.Tensor | None] = [None] * n_items
+    penalty_s = 0.0
+    for batch in microbatches([len(p.input_ids) for p in packs], max_tokens):
+        bp = [packs[i] for i in batch]
+        ids, pos, length = packed_inputs(bp, pad_id)
+        mask = packed_attention_mask(bp, length, param.dtype)
+        score = torch.zeros(len(bp), length, dtype=torch.bool)
+        seg = torch.full((len(bp), length), -1, dtype=torch.long)
         offsets, n_seg = [], 0
         for r, i in enumerate(batch):
             p, t = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
@@ -117,24 +174,46 @@ def episode_sqnorms_and_logps(
             seg[r, p : p + t] = torch.as_tensor(token_eps[i].episode_ids) + n_seg
             offsets.append(n_seg)
             n_seg += token_eps[i].num_episodes
-        sig = comp.per_token_signals(model, ids.to(device), att.to(device), score.to(device), targets)
-        seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
-        total = torch.zeros(n_seg, dtype=torch.float64, device=device)
-        for name in targets:
-            a, d = sig.inputs[name], sig.deltas[name]
-            if proxy is not None:
-                g = comp.low_rank_episode_scores(a, d, proxy.bases[name], seg_ids, n_seg)
-                total += g.double().pow(2).sum(dim=(1, 2))
-            else:
-                total += comp.full_episode_sqnorms(a, d, seg_ids, n_seg)
-        lp_rows = sig.logprobs.cpu()
-        counts = score.sum(dim=1).tolist()
-        lp_split = torch.split(lp_rows, counts)
-        for r, i in enumerate(batch):
-            k = token_eps[i].num_episodes
-            sq_out[i] = total[offsets[r] : offsets[r] + k].cpu()
-            lp_out[i] = lp_split[r]
-    return sq_out, lp_out  # type: ignore[return-value]
+        ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
+        if targets:
+            sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
+                                         return_hidden=j_items is not None)
+            t0 = time.perf_counter()
+            seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
+            total = torch.zeros(n_seg, dtype=torch.float64, device=device)
+            for name in targets:
+                a, d = sig.inputs[name], sig.deltas[name]
+                if proxy is not None:
+                    g = comp.low_rank_episode_scores(a, d, proxy.bases[name], seg_ids, n_seg)
+                    total += g.double().pow(2).sum(dim=(1, 2))
+                else:
+                    total += comp.full_episode_sqnorms(a, d, seg_ids, n_seg)
+            total = total.cpu()
+            penalty_s += sig.backward_s + time.perf_counter() - t0
+            hidden, lp_rows = sig.hidden, sig.logprobs.cpu()
+            for r, i in enumerate(batch):
+                sq_out[i] = total[offsets[r] : offsets[r] + token_eps[i].num_episodes]
+        else:
+            with torch.no_grad():
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                lp_rows = None
+                if want_logps:
+                    pred = score_d[:, 1:]
+                    logits = head(hidden[:, :-1][pred]).float()
+                    lp_rows = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:][pred][:, None]).squeeze(-1).cpu()
+        if lp_rows is not None:
+            for i, lp in zip(batch, torch.split(lp_rows, score.sum(dim=1).tolist())):
+                lp_out[i] = lp
+        if j_items is not None:
+            for r, i in enumerate(batch):
+                log_j[i] = log_j_from_hidden(head, hidden[r], packs[i])
+    return PolicyPass(
+        log_j=log_j if j_items is not None else None,  # type: ignore[arg-type]
+        sqnorms=sq_out if targets else None,  # type: ignore[arg-type]
+        logps=lp_out if (want_logps or targets) else None,  # type: ignore[arg-type]
+        penalty_s=penalty_s,
+        total_s=time.perf_counter() - t_start,
+    )
 
 
 @torch.no_grad()
@@ -194,44 +273,46 @@ def compute_rewards(
     timings["segment_verify_s"] = time.perf_counter() - t0
     groups = torch.tensor([r.group_id for r in rollouts])
 
-    # log π_old per token and (for the L2T family) the penalty's episode scores, in one pass
+    # one pass of the policy (§2, §3): log J at every boundary for the L2T family (packed layout),
+    # the penalty's episode scores through a truncated backward of the same forward, log π_old
     t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     needs_penalty = method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
     c = cfg.compression
     surprise = method.startswith("l2t") and cfg.credit.token_weights == "surprise"
-    if not needs_penalty:  # no penalty: log π_old from a plain no-grad forward, if anyone needs it
-        sqnorms = [torch.zeros(t.num_episodes, dtype=torch.float64) for t in teps]
-        if need_logp_old or surprise:
-            logps = response_logprobs(model, rollouts, pad_id, cfg.fitting.max_tokens_per_batch)
-        else:
-            logps = [None] * len(rollouts)
-    else:
+    want_logps = need_logp_old or surprise
+    packed_j = method.startswith("l2t") and cfg.fitting.estimator == "answer_logprob"
+    k_per = [t.num_episodes for t in teps]
+    force_ids = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+    targets, proxy_used = None, None
+    if needs_penalty:
         if method == "l2t_random_layers":
             targets = comp.resolve_targets(model, comp.random_layer_targets(model, c.random_layer_frac, c.seed))
-            proxy_used = None
         else:
             targets = comp.resolve_targets(model, c.targets)
-            proxy = proxy or comp.SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps, c.seed)
-            proxy.refresh(targets, step)
-            proxy_used = proxy
-        sqnorms, logps = episode_sqnorms_and_logps(
-            model, rollouts, teps, targets, proxy_used, pad_id, cfg.fitting.max_tokens_per_batch
-        )
-    timings["penalty_s"] = time.perf_counter() - t0
-
-    k_per = [t.num_episodes for t in teps]
-    # fitting gain (§2): answer_logprob J for the L2T family; MC J for MRT
-    t0 = time.perf_counter()
-    force_ids = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
-    log_js: list[torch.Tensor] = [torch.zeros(k + 1) for k in k_per]
-    if method.startswith("l2t") and cfg.fitting.estimator == "answer_logprob":
+            if c.mode == "low_rank":
+                proxy = proxy or comp.SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps,
+                                               c.seed)
+                proxy.refresh(targets, step)
+                proxy_used = proxy
+    items = None
+    if packed_j:
         items = []
         for r, te in zip(rollouts, teps):
             ans = tokenizer(render_answer(r.reference), add_special_tokens=False)["input_ids"]
             items.append(JItem(r.prompt_ids, r.response_ids, te.boundaries.tolist(), ans))
-        log_js = answer_logprobs_packed(model, items, force_ids, cfg.fitting.max_tokens_per_batch)
-    elif method == "mrt" or (method.startswith("l2t") and cfg.fitting.estimator == "monte_carlo"):
+    sqnorms = [torch.zeros(k, dtype=torch.float64) for k in k_per]
+    logps: list[torch.Tensor | None] = [None] * len(rollouts)
+    log_js: list[torch.Tensor] = [torch.zeros(k + 1) for k in k_per]
+    penalty_s = 0.0
+    if needs_penalty or packed_j or want_logps:
+        res = episode_pass(model, rollouts, teps, pad_id, cfg.fitting.max_tokens_per_batch, j_items=items,
+                           force_ids=force_ids, targets=targets, proxy=proxy_used, want_logps=want_logps)
+        sqnorms = res.sqnorms or sqnorms
+        logps = res.logps or logps
+        log_js = res.log_j or log_js
+        penalty_s = res.penalty_s
+    if method == "mrt" or (method.startswith("l2t") and cfg.fitting.estimator == "monte_carlo"):
         contexts, refs, owner = [], [], []
         for n, (r, te) in enumerate(zip(rollouts, teps)):
             for b in te.boundaries.tolist():
@@ -245,7 +326,10 @@ def compute_rewards(
         )
         owner_t = torch.tensor(owner)
         log_js = [torch.log(j[owner_t == n].clamp(min=0)) for n in range(len(rollouts))]
-    timings["fitting_s"] = time.perf_counter() - t0
+    # penalty_s: the truncated backward and the episode-score reduction; fitting_s: the rest of the
+    # policy pass (the forward, J, log π_old) and any Monte Carlo J
+    timings["penalty_s"] = penalty_s
+    timings["fitting_s"] = time.perf_counter() - t0 - penalty_s
 
     # penalties: P_k and the batch normalisation P̂_k
     raw = [comp.penalty(sq, c.adapt_lr, c.damping) if needs_penalty else torch.zeros(k, dtype=torch.float64)
