@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 # CPU torch first, so resolving the project never pulls a multi-GB CUDA build.
 # On a GPU machine, set TORCH_SPEC to the CUDA build you want (or to "" to skip).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,distributed,pipeline
+EXTRAS ?= dev,distributed,pipeline,k8s
 # DeepSpeed builds its C++/CUDA ops lazily at run time; nothing is compiled at install.
 export DS_BUILD_OPS ?= 0
 export L2T_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-core test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# the main job: the whole Dagster asset lineage on the embedded default (dagster_home/)
 demo: venv
+	DAGSTER_HOME=$(abspath dagster_home) $(PY) -m l2t_pipeline.demo
+
+# the reward path alone: every method's rewards on one batch of the warm-started model
+demo-core: venv
 	$(PY) -m l2t_core.demo
 
 test: venv

@@ -1,4 +1,4 @@
-"""The ``l2t`` command line: ``l2t warmstart``, ``l2t train``, ``l2t miniature``.
+"""The ``l2t`` command line: ``l2t warmstart``, ``l2t train``, ``l2t miniature``, ``l2t eval``, ``l2t compare``.
 
 Configuration comes from an optional JSON/YAML file (``--config``), then dotted overrides
 (``--set reward.credit.beta=0.3``), then the explicit flags; the result is validated as one typed
@@ -41,13 +41,35 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
     return out
 
 
+def _read_config_text(path: str) -> str:
+    """The text of a local config file or of any fsspec URL (``s3://bucket/run/train.yaml``: the
+    Kubernetes launcher writes the config next to the run; s3fs reads credentials from the environment)."""
+    if "://" not in path:
+        p = Path(path)
+        if not p.is_file():
+            raise SystemExit(f"config file {path!r} not found")
+        return p.read_text()
+    import fsspec
+
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as exc:
+        raise SystemExit(f"cannot open config URL {path!r}: {exc}. For s3:// install the 'pipeline' extra (s3fs).")
+    try:
+        return fs.cat_file(fs_path).decode()
+    except FileNotFoundError:
+        raise SystemExit(f"config file {path!r} not found") from None
+    except Exception as exc:  # noqa: BLE001 - any backend error (permissions, endpoint) stops here
+        raise SystemExit(f"cannot read config URL {path!r} ({type(exc).__name__}: {exc}); check the URL and "
+                         "the storage credentials in the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+
+
 def load_config_file(path: str | None) -> dict:
+    """The mapping in a JSON or YAML file (``.yaml``/``.yml``), a local path or an fsspec URL."""
     if not path:
         return {}
+    text = _read_config_text(path)
     p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"config file {path!r} not found")
-    text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -77,7 +99,7 @@ def build_config(model_cls, args, flag_fields: dict[str, str]):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON or YAML file with the config")
+    p.add_argument("--config", help="JSON or YAML file with the config: a local path or an fsspec URL (s3://...)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -120,27 +142,58 @@ def cmd_miniature(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Sample, verify and report a model on real benchmarks (METHOD.md §7)."""
-    from .eval.datasets import load_benchmark
+    """Sample, verify/execute and report a model on real benchmarks (METHOD.md §7): math
+    benchmarks through evaluate_math, HumanEval (kind "code") through evaluate_code, one report."""
+    from .eval.code import HUMANEVAL_N, check_k_values, evaluate_code
+    from .eval.datasets import get_spec, load_benchmark
     from .eval.report import write_report
     from .eval.runner import EvalSettings, evaluate_math
     from .models import load_policy
     from .rollout import make_rollout_engine
 
-    settings = EvalSettings(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, verify_workers=args.verify_workers)
+    kinds = {name: get_spec(name).kind for name in args.benchmarks}  # unknown names fail here
+    base = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                verify_workers=args.verify_workers)
+    if args.n is not None and args.n < 1:
+        raise SystemExit(f"l2t eval --n: samples per problem must be >= 1, got {args.n}")
+    settings = {"math": EvalSettings(n=args.n or 20, **base), "code": EvalSettings(n=args.n or HUMANEVAL_N, **base)}
+    code_k = None
+    if "code" in kinds.values():
+        n = settings["code"].n
+        try:
+            code_k = check_k_values(args.pass_k if args.pass_k else (1, n), n)
+        except ValueError as exc:
+            raise SystemExit(f"l2t eval --pass-k: {exc}") from None
     items = {name: load_benchmark(name, limit=args.limit) for name in args.benchmarks}  # all validated first
-    for name, its in items.items():
-        if its and its[0].test is not None:
-            raise SystemExit(f"l2t eval: {name} is a code benchmark; this command evaluates math benchmarks")
     model, tok = load_policy(args.model, device=args.device)
     kw = {"model_path": args.model} if args.engine == "vllm" else {}
     engine = make_rollout_engine(args.engine, model, tok, **kw)
-    results = {name: evaluate_math(engine, tok, its, settings, show_progress=not args.quiet)
-               for name, its in items.items()}
+    results = {}
+    for name, its in items.items():
+        if kinds[name] == "code":
+            results[name] = evaluate_code(engine, tok, its, settings["code"], k_values=code_k,
+                                          workers=args.sandbox_workers, show_progress=not args.quiet)
+        else:
+            results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet)
     report = write_report(args.out, results, model=args.model)
     print(json.dumps({"out": args.out, "files": report["files"],
-                      "pass@1": {n: r.summary["pass@1"] for n, r in results.items()}}))
+                      "pass@1": {n: r.summary["pass@1"] for n, r in results.items()},
+                      "pass@k": {n: {k: v for k, v in r.summary.items() if k.startswith("pass@") and k != "pass@1"}
+                                 for n, r in results.items() if kinds[n] == "code"}}))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Fig. 2-style comparison of several `l2t eval` reports against a base model."""
+    from .eval.compare import ReportError, compare_reports
+
+    try:
+        res = compare_reports(args.reports, args.out, base=args.base, names=args.names)
+    except ReportError as exc:
+        raise SystemExit(f"l2t compare: {exc}") from None
+    print(json.dumps({"out": args.out, "files": res["files"], "plots": res["plots"], "base": res["base"],
+                      "average": {r["model"]: {k: r[k] for k in ("pass@1", "mean_tokens", "token_ratio")}
+                                  for r in res["average"]}}))
     return 0
 
 
@@ -170,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2)")
     p.set_defaults(fn=cmd_miniature)
 
-    p = sub.add_parser("eval", help="evaluate a model on math benchmarks: pass@1, maj@4, tokens, report")
+    p = sub.add_parser("eval", help="evaluate a model on math benchmarks (pass@1, maj@4) and HumanEval "
+                       "(pass@1, pass@k): tokens, report")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--model", required=True, help="HF directory or hub id")
     p.add_argument("--benchmarks", nargs="+", default=["math500"], help="names from l2t_core.eval.datasets")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--n", type=int, default=20, help="samples per problem (METHOD.md §7: 20)")
+    p.add_argument("--n", type=int, help="samples per problem (default, METHOD.md §7: 20 for math, 64 for HumanEval)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=16384)
@@ -184,7 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify-workers", type=int, default=1)
+    p.add_argument("--pass-k", type=int, nargs="+", metavar="K",
+                   help="HumanEval pass@k values, each in [1, n] (default: 1 and n)")
+    p.add_argument("--sandbox-workers", type=int, help="HumanEval programs run at once (default: CPU count)")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("compare", help="compare `l2t eval` reports of several models (Fig. 2 style)")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("--reports", nargs="+", required=True, metavar="DIR", help="report directories of `l2t eval`")
+    p.add_argument("--names", nargs="+", help="one name per report (default: each report's model)")
+    p.add_argument("--base", help="name of the base model for token ratios (default: the first report)")
+    p.add_argument("--out", required=True, help="directory for comparison.json/.md/.html and the plots")
+    p.set_defaults(fn=cmd_compare)
 
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,

@@ -19,6 +19,15 @@ class SegmentationConfig(_Strict):
     """METHOD.md §1."""
 
     max_episodes: int = Field(30, ge=1, description="Merge the tail past this many episodes into the last one.")
+    numbering: Literal["strict", "ignore"] = Field(
+        "strict",
+        description=(
+            "strict (METHOD.md §1): misnumbered episode tags make the response malformed (blank-line fallback). "
+            "ignore (this project's option): blocks that open and close in turn are used in order whatever their "
+            "numbers; small models lose count of long traces (measured: ~30 % of the tiny walk model's greedy "
+            "outputs on levels 4-6 are misnumbered, so they had one episode and no process reward)."
+        ),
+    )
 
 
 class FittingConfig(_Strict):

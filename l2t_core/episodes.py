@@ -82,16 +82,19 @@ def _think_region(response: str) -> tuple[int, int, int | None]:
     return start, close_at, close_at + len(THINK_CLOSE)
 
 
-def _parse_tags(text: str, offset: int) -> list[tuple[int, int, int]] | None:
+def _parse_tags(text: str, offset: int, check_numbers: bool = True) -> list[tuple[int, int, int]] | None:
     """Well-formed tag blocks as (block start, content start, content end), or None if malformed.
 
     Well-formed means: open_1, close_1, open_2, close_2, ... with no nesting, no gaps in the
-    numbering and every block closed.
+    numbering and every block closed. ``check_numbers=False`` accepts any numbers as long as
+    the blocks open and close in turn (``SegmentationConfig.numbering='ignore'``).
     """
     blocks: list[tuple[int, int, int]] = []
     expect, open_pos, content_start = 1, None, None
     for m in _TAG.finditer(text):
         is_close, num = m.group(1) == "/", int(m.group(2))
+        if not check_numbers:
+            num = expect
         if not is_close:
             if open_pos is not None or num != expect:
                 return None
@@ -122,12 +125,19 @@ def _blank_line_blocks(text: str, offset: int) -> list[tuple[int, int, int]]:
     return blocks
 
 
-def segment(response: str, max_episodes: int = 30) -> Segmentation:
-    """Split ``response`` into episodes (METHOD.md §1). Never raises on a string input."""
+def segment(response: str, max_episodes: int = 30, numbering: str = "strict") -> Segmentation:
+    """Split ``response`` into episodes (METHOD.md §1). Never raises on a string input.
+
+    ``numbering='strict'`` (METHOD.md) treats misnumbered tags as malformed; ``'ignore'`` (this
+    project's option, for small models that lose count of long traces) uses the blocks in order
+    whatever their numbers, as long as they open and close in turn without nesting.
+    """
     if not isinstance(response, str):
         raise TypeError(f"segment: expected the response as str, got {type(response).__name__}")
     if max_episodes < 1:
         raise ValueError(f"segment: max_episodes must be >= 1, got {max_episodes}")
+    if numbering not in ("strict", "ignore"):
+        raise ValueError(f"segment: numbering must be 'strict' or 'ignore', got {numbering!r}")
     r_start, r_end, answer_start = _think_region(response)
     reasoning = response[r_start:r_end]
     notes: list[str] = []
@@ -142,6 +152,10 @@ def segment(response: str, max_episodes: int = 30) -> Segmentation:
     else:
         has_tags = _TAG.search(reasoning) is not None
         tagged = _parse_tags(reasoning, r_start) if has_tags else None
+        if has_tags and not tagged and numbering == "ignore":
+            tagged = _parse_tags(reasoning, r_start, check_numbers=False)
+            if tagged:
+                notes.append("episode tags are misnumbered: used in order (numbering='ignore')")
         if tagged:
             status, blocks = "tagged", tagged
         else:

@@ -106,6 +106,23 @@ def run_configs(out: Path, cfg: MiniatureConfig, policy: str) -> list[tuple[str,
     return runs
 
 
+# settings that change how fast a result is made, not the result
+EXECUTION_ONLY = frozenset({"threads", "workers"})
+
+
+def config_diff(saved: dict, wanted: dict) -> list[str]:
+    """Top-level keys whose values differ between two JSON-like configs (execution-only settings
+    such as thread counts are not compared)."""
+    return sorted(k for k in (set(saved) | set(wanted)) - EXECUTION_ONLY if saved.get(k) != wanted.get(k))
+
+
+def _require_same(saved: dict, wanted: dict, what: str, kind: str) -> None:
+    diff = config_diff(saved, wanted)
+    if diff:
+        raise ValueError(f"{what} was made with a different {kind} (fields: {', '.join(diff)}); "
+                         "use a new --out, or delete it to redo it with the current configuration")
+
+
 def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens,
                     task: str = "walk") -> dict:
     """One run in a worker process: train (or resume), then evaluate the final checkpoint on the
@@ -119,15 +136,23 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
 
     tcfg = TrainConfig.model_validate_json(tcfg_json)
     done = Path(eval_json)
-    if done.exists():
-        return json.loads(done.read_text())
+    settings = {"levels": list(levels), "per_level": per_level, "max_new_tokens": max_new_tokens, "task": task}
+    if done.exists():  # a finished run is reused only if it was trained and evaluated as asked now
+        saved_cfg = done.parent / "train_config.json"
+        if saved_cfg.exists():
+            _require_same(json.loads(saved_cfg.read_text()), json.loads(tcfg.model_dump_json()),
+                          f"run {done.parent}", "training configuration")
+        ev = json.loads(done.read_text())
+        if "eval_settings" in ev:
+            _require_same(ev["eval_settings"], settings, f"evaluation {done}", "evaluation settings")
+        return ev
     t0 = time.perf_counter()
     result = Trainer(tcfg, show_progress=False).run()
     train_s = time.perf_counter() - t0
     model, tok = load_policy(result.checkpoint)
     problems = held_out(levels, per_level, task=task)
     ev = evaluate(model, tok, problems, max_new_tokens=max_new_tokens)
-    ev.update(name=name, seed=seed, train_seconds=train_s,
+    ev.update(name=name, seed=seed, train_seconds=train_s, eval_settings=settings,
               final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
               final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
     ev = json.loads(json.dumps(ev))  # level keys become strings, as when read back from disk
@@ -244,17 +269,25 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     (out / "miniature_config.json").write_text(cfg.model_dump_json(indent=2))
     t0 = time.perf_counter()
     sft_dir = out / "sft"
-    if not (sft_dir / "warmstart.json").exists():
+    if (sft_dir / "warmstart.json").exists():  # reused only if built with the same warm-start config
+        _require_same(json.loads((sft_dir / "warmstart.json").read_text())["config"],
+                      json.loads(cfg.warmstart.model_dump_json()), f"warm start {sft_dir}", "warm-start configuration")
+    else:
         log.info("warm start: SFT of the tiny model on the synthetic task")
         warm_start(sft_dir, cfg.warmstart)
     base_path = out / "base_eval.json"
+    base_settings = {"levels": list(cfg.eval_levels), "per_level": cfg.eval_per_level,
+                     "max_new_tokens": cfg.max_new_tokens, "task": cfg.warmstart.task}
     if base_path.exists():
         base = json.loads(base_path.read_text())
+        if "eval_settings" in base:
+            _require_same(base["eval_settings"], base_settings, f"base evaluation {base_path}", "evaluation settings")
     else:
         model, tok = load_policy(sft_dir)
         base = evaluate(model, tok, held_out(cfg.eval_levels, cfg.eval_per_level, task=cfg.warmstart.task),
                         max_new_tokens=cfg.max_new_tokens)
         base = json.loads(json.dumps(base))
+        base["eval_settings"] = base_settings
         base_path.write_text(json.dumps(base, indent=1))
     log.info("SFT base: accuracy %.3f, %.1f tokens", base["accuracy"], base["mean_tokens"])
 

@@ -197,7 +197,10 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
                 duckdb: DuckDBResource) -> dg.MaterializeResult:
     base, method = split_run_key(context)
     policy = base_model_path(base, registry.get(base), storage)
-    draft = config.to_core(policy=policy, method=method, out="unset", data=training_data.to_core())
+    # the config as the launcher runs it (e.g. device and engine on a GPU pod), so that the hash, the
+    # run directory and the recorded config_json describe what really trains
+    draft = launcher.placed_config(config.to_core(policy=policy, method=method, out="unset",
+                                                  data=training_data.to_core()))
     h = config_hash(draft)
     cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
     context.log.info("training %s with %s into %s (config %s)", base, method, storage.display(cfg.out), h)
@@ -222,6 +225,9 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
     meta.update(run_url=storage.display(cfg.out), checkpoint=storage.display(latest[1]), final_step=latest[0],
                 config_hash=h, last_accuracy=float(last["accuracy"]), last_mean_tokens=float(last["mean_tokens"]))
     return dg.MaterializeResult(metadata=meta)
+
+
+REPORT_FILE = "benchmark_report.html"
 
 
 def base_evaluation(conn, base: str, base_path: str, evaluator: HeldOutEvaluator) -> pd.DataFrame:
@@ -267,14 +273,20 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
         steps = read_rows(conn, "train_steps", "checkpoints", pk)
     cmp = comparison(evals)
-    figs = plots.png_markdown(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}"),
-                              "accuracy and tokens per level")
+    images = [("accuracy and tokens per level",
+               plots.png_data_uri(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}")))]
     if len(steps):
-        figs += "\n\n" + plots.png_markdown(plots.training_curve(steps, f"training {base} / {method}"),
-                                            "training curve")
+        images.append(("training curve", plots.png_data_uri(plots.training_curve(steps, f"training {base} / {method}"))))
+    figs = "\n\n".join(f"![{alt}]({uri})" for alt, uri in images)
     table = evals[["model_kind", "level", "n", "accuracy", "mean_tokens", "tagged_share"]]
+    # the same report as a self-contained HTML file next to the run (local disk or S3)
+    run_store = storage.run_storage(run["run_url"])
+    page = plots.html_report(f"{base} / {method} on {evaluator.benchmark}",
+                             {**cmp, "checkpoint": storage.display(run["checkpoint_url"])}, table, images)
+    run_store.write_bytes(REPORT_FILE, page.encode())
     context.add_output_metadata({
         **cmp, "rows": n, "benchmark": evaluator.benchmark, "checkpoint": storage.display(run["checkpoint_url"]),
+        "report": storage.display(run_store.path(REPORT_FILE)),
         "plots": dg.MetadataValue.md(figs), "evaluation": dg.MetadataValue.md(markdown_table(table)),
     })
     return evals

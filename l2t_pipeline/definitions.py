@@ -13,6 +13,9 @@ evaluation) and ``launcher`` (the Pipes training launcher). See ``l2t_pipeline/R
 
 from __future__ import annotations
 
+import os
+from typing import Mapping
+
 import dagster as dg
 
 from .assets import base_model, benchmark_reports, checkpoints, datasets, episode_rewards, segmented_rollouts
@@ -23,15 +26,32 @@ from .sensors import model_registry_sensor, reevaluation_schedule
 
 ASSETS = [datasets, base_model, segmented_rollouts, episode_rewards, checkpoints, benchmark_reports]
 
+
+def training_launcher(environ: Mapping[str, str] | None = None) -> dg.ConfigurableResource:
+    """The launcher ``L2T_LAUNCHER`` selects: ``local`` (the default; ``PipesSubprocessClient``) or
+    ``k8s`` (``PipesK8sClient``, the ``k8s`` extra; settings from ``L2T_K8S_*``, see l2t_pipeline.k8s)."""
+    env = os.environ if environ is None else environ
+    kind = env.get("L2T_LAUNCHER", "local").strip().lower() or "local"
+    if kind == "local":
+        return TrainingLauncher()
+    if kind == "k8s":
+        from .k8s import K8sTrainingLauncher
+
+        return K8sTrainingLauncher.from_env(env)
+    raise ValueError(f"L2T_LAUNCHER={kind!r} is not a training launcher; use 'local' (a subprocess, the default) "
+                     "or 'k8s' (a Kubernetes pod; install the 'k8s' extra)")
+
+
 def default_resources() -> dict:
-    """The resources with their defaults (environment overrides in l2t_pipeline.resources)."""
+    """The resources with their defaults (environment overrides in l2t_pipeline.resources;
+    ``L2T_LAUNCHER`` picks the training launcher)."""
     return {
         "duckdb": make_duckdb(),
         "storage": L2TStorage(),
         "registry": ModelRegistry(),
         "training_data": TrainingData(),
         "evaluator": HeldOutEvaluator(),
-        "launcher": TrainingLauncher(),
+        "launcher": training_launcher(),
     }
 
 

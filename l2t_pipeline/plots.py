@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 
 import matplotlib
@@ -12,12 +13,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def png_markdown(fig, alt: str) -> str:
-    """The figure as a markdown image with an inline base64 PNG; the figure is closed."""
+def png_data_uri(fig) -> str:
+    """The figure as an inline base64 PNG data URI; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def png_markdown(fig, alt: str) -> str:
+    """The figure as a markdown image with an inline base64 PNG; the figure is closed."""
+    return f"![{alt}]({png_data_uri(fig)})"
+
+
+def html_report(title: str, summary: dict, table: pd.DataFrame, images: list[tuple[str, str]]) -> str:
+    """A self-contained HTML page: the summary numbers, the evaluation table and the figures
+    (``images`` as (caption, data URI) pairs)."""
+    esc = html.escape
+    rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{v:.4g}</td></tr>" if isinstance(v, float)
+                   else f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items())
+    figs = "".join(f'<figure><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(alt)}</figcaption></figure>'
+                   for alt, uri in images)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}</style></head><body>"
+            f"<h1>{esc(title)}</h1><table>{rows}</table><h2>Evaluation</h2>"
+            f"{table.to_html(index=False, float_format=lambda x: f'{x:.3f}')}{figs}</body></html>")
 
 
 def eval_comparison(evals: pd.DataFrame, title: str):

@@ -226,6 +226,10 @@ class TrainingLauncher(dg.ConfigurableResource):
     torch_threads: int = Field(1, ge=1, description="OMP/torch threads of the training process.")
     cwd: Optional[str] = None
 
+    def placed_config(self, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` as this launcher runs it: a local process runs it unchanged."""
+        return cfg
+
     def command(self, config_path: str | Path) -> list[str]:
         return [self.python, "-m", "l2t_core.cli", "train", "--config", str(config_path)]
 

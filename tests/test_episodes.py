@@ -45,6 +45,22 @@ def test_malformed_tags_degrade_to_fallback(bad):
     assert s.num_episodes >= 1 and s.episodes[-1].end == len(bad)
 
 
+def test_numbering_ignore_uses_misnumbered_blocks_in_order_but_not_broken_ones():
+    """SegmentationConfig.numbering='ignore' (project option): misnumbered but well-nested blocks
+    are used in order; nesting and unclosed tags stay malformed; strict is unchanged."""
+    mis = "<think>\n<episode_1>a</episode_1>\n<episode_3>b</episode_2>\n<episode_3>c</episode_3>\n</think>\n\\boxed{1}"
+    assert segment(mis).status == "malformed" and segment(mis).num_episodes == 1
+    s = segment(mis, numbering="ignore")
+    assert s.status == "tagged" and [e.text for e in s.episodes] == ["a", "b", "c"]
+    assert any("misnumbered" in n for n in s.notes)
+    assert segment(TAGGED, numbering="ignore") == segment(TAGGED)  # well-numbered: identical
+    for bad in ("<think><episode_1>a<episode_2>b</episode_2></episode_1></think>",
+                "<think><episode_1>a</episode_1>\n\n<episode_2>b</think>", "<think></episode_1>a</think>"):
+        assert segment(bad, numbering="ignore").status == "malformed"
+    with pytest.raises(ValueError, match="numbering"):
+        segment(TAGGED, numbering="loose")
+
+
 def test_empty_and_missing_think():
     assert segment("").status == "empty" and segment("").num_episodes == 0
     s = segment("<think>   </think>\\boxed{2}")
@@ -90,9 +106,9 @@ _texts = st.one_of(st.text(max_size=200), st.lists(_pieces, max_size=40).map("".
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=_texts, cap=st.integers(1, 6))
-def test_segment_never_raises_and_tiles(text, cap):
-    s = segment(text, max_episodes=cap)
+@given(text=_texts, cap=st.integers(1, 6), numbering=st.sampled_from(["strict", "ignore"]))
+def test_segment_never_raises_and_tiles(text, cap, numbering):
+    s = segment(text, max_episodes=cap, numbering=numbering)
     assert s.status in ("tagged", "fallback", "malformed", "empty")
     assert s.num_episodes <= cap
     if text:

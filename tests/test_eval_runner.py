@@ -75,6 +75,6 @@ def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):
     assert set(out["pass@1"]) == {"aime24", "amc23"}
     rows = pd.read_parquet(tmp_path / "rep" / "eval_results.parquet")
     assert len(rows) == 2 * 3 * 2 and (tmp_path / "rep" / "report.html").is_file()
-    with pytest.raises(SystemExit, match="code benchmark"):
-        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "humaneval", "--limit", "1",
-              "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="outside"):  # pass@3 from 2 samples: refused before any compute
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "humaneval", "--limit", "1", "--n", "2",
+              "--pass-k", "3", "--out", str(tmp_path / "x")])

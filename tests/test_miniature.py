@@ -60,6 +60,14 @@ def test_miniature_end_to_end(tmp_path):
     # finished runs are kept: a second call trains nothing and gives the same numbers
     again = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
     assert again["methods"] == report["methods"]
+    # ...but never when the configuration changed: stale results are refused, naming the fields
+    with pytest.raises(ValueError, match=r"different training configuration \(fields: optim\)"):
+        run_miniature(out, MiniatureConfig.model_validate({**TINY, "lr": 1e-4}), show_progress=False)
+    with pytest.raises(ValueError, match=r"different evaluation settings \(fields: max_new_tokens\)"):
+        run_miniature(out, MiniatureConfig.model_validate({**TINY, "max_new_tokens": 40}), show_progress=False)
+    with pytest.raises(ValueError, match=r"warm start .* different warm-start configuration \(fields: sft_steps\)"):
+        run_miniature(out, MiniatureConfig.model_validate({**TINY, "warmstart": {**TINY["warmstart"], "sft_steps": 16}}),
+                      show_progress=False)
 
 
 def test_runs_train_on_the_warm_start_task(tmp_path):

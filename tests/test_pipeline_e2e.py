@@ -10,8 +10,8 @@ import torch
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
-from l2t_pipeline import warehouse
-from l2t_pipeline.assets import base_model, benchmark_reports, checkpoints, datasets, episode_rewards, segmented_rollouts
+from l2t_pipeline import demo, warehouse
+from l2t_pipeline.assets import datasets
 from l2t_pipeline.checks import all_checks
 from l2t_pipeline.definitions import ASSETS
 from l2t_pipeline.partitions import DEFAULT_BASE_MODEL, run_key
@@ -60,12 +60,8 @@ def run(env, selection, partition_key=None, run_config=None, raise_on_error=True
 
 
 def materialize_lineage(env, methods=("l2t", "grpo")) -> dict:
-    """datasets, the base model's chain, then a training run and report per method."""
-    results = {"datasets": run(env, [datasets]),
-               "base": run(env, [base_model, segmented_rollouts, episode_rewards], DEFAULT_BASE_MODEL)}
-    for m in methods:
-        results[m] = run(env, [checkpoints, benchmark_reports], run_key(DEFAULT_BASE_MODEL, m))
-    return results
+    """The demo's lineage (``make demo``) at test size: datasets, the base chain, a run per method."""
+    return demo.materialize_lineage(env["instance"], env["resources"], RUN_CONFIG, methods)
 
 
 def table_counts(db: str) -> dict:
@@ -107,6 +103,7 @@ def test_lineage_materializes_checks_pass_and_rematerializing_adds_no_rows(env):
                          "ORDER BY method").fetchall()
         assert [v[0] for v in vs] == ["grpo", "l2t"]
         assert con.execute("SELECT count(*) FROM v_run_summary").fetchone()[0] == 2
+    assert [(r["method"], r["accuracy"]) for r in demo.summary(env["db"])] == [(v[0], v[1]) for v in vs]
 
     # the training entrypoint reported through Dagster Pipes; the report has its plots
     ck = materialization(first["l2t"], "checkpoints")
@@ -115,6 +112,10 @@ def test_lineage_materializes_checks_pass_and_rematerializing_adds_no_rows(env):
     rep = materialization(first["l2t"], "benchmark_reports")
     assert rep["plots"].value.count("data:image/png;base64,") == 2
     assert 0.0 <= rep["accuracy"].value <= 1.0
+    page = open(rep["report"].value).read()  # the same report as an HTML file next to the run
+    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") == 2
+    assert demo.report_paths(first) == {m: materialization(first[m], "benchmark_reports")["report"].value
+                                        for m in ("l2t", "grpo")}
 
     # everything again: same rows, no duplicates; the finished run is resumed, not retrained
     second = materialize_lineage(env)

@@ -1,7 +1,9 @@
 """Reports of an evaluation: JSON + markdown + HTML with matplotlib plots, and the sample table.
 
 :func:`write_report` takes the :class:`~l2t_core.eval.runner.EvalResult` of each benchmark of one
-model and writes into ``out_dir``: ``report.json`` (summaries), ``report.md`` and ``report.html``
+model (math results from :func:`~l2t_core.eval.runner.evaluate_math`, HumanEval results from
+:func:`~l2t_core.eval.code.evaluate_code`; the tables show maj@k and pass@k where a benchmark has
+them) and writes into ``out_dir``: ``report.json`` (summaries), ``report.md`` and ``report.html``
 (tables and plots), ``eval_results.parquet`` (every sample; the pipeline's ``eval_results``
 table), ``accuracy_tokens.png`` (pass@1 and mean tokens per benchmark, Fig. 2 style) and
 ``groups.png`` (pass@1 per level/tier).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,15 +57,28 @@ def plot_report(results: Mapping[str, EvalResult], out_dir: Path, model: str) ->
     return [p1, p2]
 
 
+def metric_keys(summaries) -> list[str]:
+    """The score columns of a set of benchmark summaries: pass@1 first, then every other pass@k /
+    maj@k key in the order first seen (math summaries have maj@k, code summaries pass@k)."""
+    keys = ["pass@1"]
+    for s in summaries:
+        keys += [k for k in s if re.fullmatch(r"(pass|maj)@\d+", k) and k not in keys]
+    return keys
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def markdown_summary(results: Mapping[str, EvalResult], model: str) -> str:
-    any_s = next(iter(results.values())).summary
-    maj = next(k for k in any_s if k.startswith("maj@"))
-    lines = [f"# Evaluation of {model}", "", f"| benchmark | problems | samples | pass@1 | {maj} | mean tokens |",
-             "|---|---|---|---|---|---|"]
+    metrics = metric_keys(r.summary for r in results.values())
+    lines = [f"# Evaluation of {model}", "",
+             "| benchmark | problems | samples | " + " | ".join(metrics) + " | mean tokens |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|"]
     for n, r in results.items():
         s = r.summary
-        m = "–" if s[maj] is None else f"{s[maj]:.3f}"
-        lines.append(f"| {n} | {s['problems']} | {s['samples']} | {s['pass@1']:.3f} | {m} | {s['mean_tokens']:.1f} |")
+        cells = " | ".join(_fmt(s.get(m)) for m in metrics)
+        lines.append(f"| {n} | {s['problems']} | {s['samples']} | {cells} | {s['mean_tokens']:.1f} |")
     lines += ["", "| benchmark | group | problems | pass@1 | mean tokens |", "|---|---|---|---|---|"]
     for n, r in results.items():
         for g, s in r.summary["per_group"].items():
@@ -83,13 +99,16 @@ def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> d
     md = markdown_summary(results, model)
     plots = plot_report(results, out, model)
     (out / "report.md").write_text(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    metrics = metric_keys(r.summary for r in results.values())
     table = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{r.summary['problems']}</td><td>{r.summary['pass@1']:.3f}</td>"
-        f"<td>{r.summary['mean_tokens']:.1f}</td></tr>" for n, r in results.items())
+        f"<tr><td>{html.escape(n)}</td><td>{r.summary['problems']}</td>"
+        + "".join(f"<td>{_fmt(r.summary.get(m))}</td>" for m in metrics)
+        + f"<td>{r.summary['mean_tokens']:.1f}</td></tr>" for n, r in results.items())
+    head = "".join(f"<th>{m}</th>" for m in metrics)
     (out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation of {html.escape(model)}</title></head>"
         f"<body><h1>Evaluation of {html.escape(model)}</h1><table border='1' cellpadding='4'>"
-        f"<tr><th>benchmark</th><th>problems</th><th>pass@1</th><th>mean tokens</th></tr>{table}</table>"
+        f"<tr><th>benchmark</th><th>problems</th>{head}<th>mean tokens</th></tr>{table}</table>"
         + "".join(f"<p><img src='{p.name}' alt='{p.stem}'></p>" for p in plots) + "</body></html>")
     summary["files"] = {k: str(out / k) for k in ("report.json", "report.md", "report.html", "eval_results.parquet")}
     summary["plots"] = [str(p) for p in plots]

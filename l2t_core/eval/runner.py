@@ -5,7 +5,9 @@
 against the problem's accepted answers (gold first, math-verify; in a process pool when
 ``verify_workers > 1``), and returns one row per sample plus a summary: pass@1 (mean correctness
 over the n samples), maj@k on the first k samples, mean response tokens, and both per
-level/tier. The rows are what the pipeline loads into DuckDB (``eval_results``).
+level/tier. The rows are what the pipeline loads into DuckDB (``eval_results``). HumanEval goes
+through :func:`l2t_core.eval.code.evaluate_code`, which samples with :func:`sample_responses` and
+writes rows of the same columns.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pandas as pd
 from rich.progress import Progress
 
 from ..prompts import build_prompt, encode_prompt
-from ..rollout import RolloutEngine, SamplingParams
+from ..rollout import Completion, RolloutEngine, SamplingParams
 from ..verify import MathVerifier, Verdict
 from .datasets import BenchmarkItem
 from .metrics import answer_key, maj_at_k
@@ -113,6 +115,28 @@ def summarize(rows: pd.DataFrame, maj_k: int) -> dict:
     return out
 
 
+def sample_responses(engine: RolloutEngine, prompts: Sequence[Sequence[int]], settings: EvalSettings, *,
+                     show_progress: bool = False) -> list[list[Completion]]:
+    """``settings.n`` completions per prompt, ``settings.prompts_per_call`` prompts per engine call.
+
+    The call for the chunk that starts at prompt ``s`` is seeded ``settings.seed + s``, so the same
+    items and settings draw the same samples. Shared by :func:`evaluate_math` and
+    :func:`~l2t_core.eval.code.evaluate_code`."""
+    params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                            max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+    groups: list[list[Completion]] = []
+    with Progress(disable=not show_progress) as bar:
+        task = bar.add_task(f"sampling {len(prompts)} problems x {settings.n}", total=len(prompts))
+        for s in range(0, len(prompts), settings.prompts_per_call):
+            chunk = prompts[s: s + settings.prompts_per_call]
+            groups += engine.generate(chunk, dataclasses.replace(params, seed=settings.seed + s))
+            bar.update(task, advance=len(chunk))
+    if len(groups) != len(prompts) or any(len(g) != settings.n for g in groups):
+        raise RuntimeError(f"rollout engine {getattr(engine, 'name', engine)!r} returned {len(groups)} groups of "
+                           f"sizes {sorted({len(g) for g in groups})} for {len(prompts)} prompts x n={settings.n}")
+    return groups
+
+
 def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem],
                   settings: EvalSettings = EvalSettings(), *, show_progress: bool = False) -> EvalResult:
     """Sample ``settings.n`` responses per item with ``engine``, verify and summarise them."""
@@ -121,15 +145,7 @@ def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkIte
     kinds = {getattr(i, "benchmark", "") for i in items}
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, build_prompt(i.problem)) for i in items]
-    params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-                            max_new_tokens=settings.max_new_tokens, seed=settings.seed)
-    groups = []
-    with Progress(disable=not show_progress) as bar:
-        task = bar.add_task(f"sampling {len(items)} problems x {settings.n}", total=len(items))
-        for s in range(0, len(items), settings.prompts_per_call):
-            chunk = prompts[s: s + settings.prompts_per_call]
-            groups += engine.generate(chunk, dataclasses.replace(params, seed=settings.seed + s))
-            bar.update(task, advance=len(chunk))
+    groups = sample_responses(engine, prompts, settings, show_progress=show_progress)
     gen_s = time.perf_counter() - t0
     flat = [(item, k, c) for item, g in zip(items, groups) for k, c in enumerate(g)]
     t1 = time.perf_counter()

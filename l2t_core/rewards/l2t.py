@@ -263,7 +263,7 @@ def compute_rewards(
     for n, r in enumerate(rollouts):
         if len(r.prompt_ids) == 0:
             raise ValueError(f"rollout {n}: the prompt has no tokens; every rollout needs its prompt ids")
-        seg = segment(r.response_text, cfg.segmentation.max_episodes)
+        seg = segment(r.response_text, cfg.segmentation.max_episodes, cfg.segmentation.numbering)
         offs = response_offsets(tokenizer, r.response_text, r.response_ids)
         segs.append(seg)
         teps.append(token_episode_ids(seg, offs))
