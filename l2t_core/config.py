@@ -6,13 +6,29 @@ misspelt option fails loudly with the field's name instead of being silently ign
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import json
+from typing import Iterable, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def config_differences(saved: dict, current: BaseModel, ignore: Iterable[str] = ()) -> list[str]:
+    """Top-level fields in which a config saved as JSON differs from ``current``.
+
+    The saved config is first read through ``current``'s model, so a field added after it was saved
+    takes its default (new options default to the earlier behaviour) and an old run still matches.
+    ``ignore`` lists fields that do not change the result (a run's own location, thread counts).
+    """
+    try:
+        saved = json.loads(type(current).model_validate(saved).model_dump_json())
+    except ValidationError:
+        pass  # unreadable today: compare the raw values, which then differ where it matters
+    mine = json.loads(current.model_dump_json())
+    return sorted(k for k in (set(saved) | set(mine)) - set(ignore) if saved.get(k) != mine.get(k))
 
 
 class SegmentationConfig(_Strict):
@@ -24,8 +40,9 @@ class SegmentationConfig(_Strict):
         description=(
             "strict (METHOD.md §1): misnumbered episode tags make the response malformed (blank-line fallback). "
             "ignore (this project's option): blocks that open and close in turn are used in order whatever their "
-            "numbers; small models lose count of long traces (measured: ~30 % of the tiny walk model's greedy "
-            "outputs on levels 4-6 are misnumbered, so they had one episode and no process reward)."
+            "numbers; small models lose count of long traces (measured on 142 held-out walk problems: 44 % of the "
+            "tiny SFT model's samples at T 0.7 are misnumbered, 82 % on level 6, so under strict they get one "
+            "episode and no per-episode signal; with ignore 141 of 142 segment as tagged)."
         ),
     )
 

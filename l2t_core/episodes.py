@@ -92,7 +92,9 @@ def _parse_tags(text: str, offset: int, check_numbers: bool = True) -> list[tupl
     blocks: list[tuple[int, int, int]] = []
     expect, open_pos, content_start = 1, None, None
     for m in _TAG.finditer(text):
-        is_close, num = m.group(1) == "/", int(m.group(2))
+        digits = m.group(2)
+        # int() refuses over 4,300 digits; no real episode number is that long, so it matches nothing
+        is_close, num = m.group(1) == "/", int(digits) if len(digits) <= 18 else -1
         if not check_numbers:
             num = expect
         if not is_close:

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .config import METHOD_NAMES, TrainConfig, _Strict
+from .config import METHOD_NAMES, TrainConfig, _Strict, config_differences
 from .warmstart import WarmStartConfig
 
 log = logging.getLogger("l2t.miniature")
@@ -106,18 +106,17 @@ def run_configs(out: Path, cfg: MiniatureConfig, policy: str) -> list[tuple[str,
     return runs
 
 
-# settings that change how fast a result is made, not the result
-EXECUTION_ONLY = frozenset({"threads", "workers"})
+# settings that change how fast a result is made or where it lives, not the result
+NOT_COMPARED = ("threads", "workers", "out")
 
 
-def config_diff(saved: dict, wanted: dict) -> list[str]:
-    """Top-level keys whose values differ between two JSON-like configs (execution-only settings
-    such as thread counts are not compared)."""
-    return sorted(k for k in (set(saved) | set(wanted)) - EXECUTION_ONLY if saved.get(k) != wanted.get(k))
-
-
-def _require_same(saved: dict, wanted: dict, what: str, kind: str) -> None:
-    diff = config_diff(saved, wanted)
+def _require_same(saved: dict, wanted, what: str, kind: str) -> None:
+    """Refuse to reuse ``what`` when it was made with another configuration than ``wanted``
+    (a pydantic config, or a plain dict of settings)."""
+    if isinstance(wanted, dict):
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    else:
+        diff = config_differences(saved, wanted, ignore=NOT_COMPARED)
     if diff:
         raise ValueError(f"{what} was made with a different {kind} (fields: {', '.join(diff)}); "
                          "use a new --out, or delete it to redo it with the current configuration")
@@ -140,8 +139,7 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
     if done.exists():  # a finished run is reused only if it was trained and evaluated as asked now
         saved_cfg = done.parent / "train_config.json"
         if saved_cfg.exists():
-            _require_same(json.loads(saved_cfg.read_text()), json.loads(tcfg.model_dump_json()),
-                          f"run {done.parent}", "training configuration")
+            _require_same(json.loads(saved_cfg.read_text()), tcfg, f"run {done.parent}", "training configuration")
         ev = json.loads(done.read_text())
         if "eval_settings" in ev:
             _require_same(ev["eval_settings"], settings, f"evaluation {done}", "evaluation settings")
@@ -270,8 +268,8 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     t0 = time.perf_counter()
     sft_dir = out / "sft"
     if (sft_dir / "warmstart.json").exists():  # reused only if built with the same warm-start config
-        _require_same(json.loads((sft_dir / "warmstart.json").read_text())["config"],
-                      json.loads(cfg.warmstart.model_dump_json()), f"warm start {sft_dir}", "warm-start configuration")
+        _require_same(json.loads((sft_dir / "warmstart.json").read_text())["config"], cfg.warmstart,
+                      f"warm start {sft_dir}", "warm-start configuration")
     else:
         log.info("warm start: SFT of the tiny model on the synthetic task")
         warm_start(sft_dir, cfg.warmstart)

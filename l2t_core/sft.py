@@ -11,6 +11,7 @@ force-answer suffix, answer)`` to train the prefix and the answer but never the 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -19,6 +20,8 @@ from typing import Sequence
 
 import torch
 from rich.progress import Progress
+
+log = logging.getLogger("l2t.sft")
 
 Encoded = tuple[list[int], list[bool]]  # (token ids, trained flag per token); ends with eos
 
@@ -171,6 +174,11 @@ def sft(
             if enc_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 result.eval_losses.append((step + 1, eval_loss(model, enc_eval, pad)))
             bar.update(task, advance=1, description=f"SFT warm start (loss {result.losses[-1]:.3f})")
+            if (step + 1) % max(1, steps // 10) == 0 and step + 1 < steps:  # a log line every 10 %
+                spent = time.perf_counter() - t0
+                log.info("SFT step %d/%d: loss %.3f, %.0f s spent, about %.0f s left", step + 1, steps,
+                         sum(result.losses[-10:]) / len(result.losses[-10:]), spent,
+                         spent / (step + 1) * (steps - step - 1))
     if enc_eval:
         result.eval_losses.append((steps, eval_loss(model, enc_eval, pad)))
     model.eval()

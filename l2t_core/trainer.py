@@ -35,7 +35,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .checkpoint import RunStorage
-from .config import TrainConfig
+from .config import TrainConfig, config_differences
 from .engines import make_train_engine
 from .logprobs import pad_right, response_mask, token_logprobs
 from .losses import policy_loss
@@ -213,6 +213,7 @@ class Trainer:
 
     def checkpoint(self, first_step: int) -> str | None:
         """Flush metrics of steps ``first_step..self.step``, then publish the checkpoint."""
+        self._phase(self.step, "checkpoint")
         if self.rank == 0:
             self.metrics.flush(first_step, self.step)
         return self._save_distributed() if self.world > 1 else self._save()
@@ -223,9 +224,8 @@ class Trainer:
             return 0
         step, url = latest
         with self.storage.local_copy(url) as d:
-            saved = json.loads((d / CONFIG_FILE).read_text())
-            mine = json.loads(self.cfg.model_dump_json())
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            # the run is where it is: a moved run directory still resumes
+            diff = config_differences(json.loads((d / CONFIG_FILE).read_text()), self.cfg, ignore=("out",))
             if diff:
                 raise ValueError(
                     f"{self.cfg.out} holds a run with a different configuration (fields: {', '.join(diff)}); "
@@ -351,17 +351,27 @@ class Trainer:
         stats.update(opt_stats)
         return stats
 
+    def _phase(self, step: int, phase: str) -> None:
+        """One INFO line as each phase of a step starts (``step 3/10: update``): where a run was
+        when it stopped, and how long each phase takes, read from the log alone."""
+        log.info("step %d/%d: %s", step, self.cfg.steps, phase)
+
     def train_step(self, step: int) -> dict:
         t_step = time.perf_counter()
+        self._phase(step, "rollout")
         rollouts, probs, t_roll = self._rollouts(step)
+        self._phase(step, "reward")
         t0 = time.perf_counter()
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                   verifier=self.verifier, proxy=self.proxy, step=step,
                                   need_logp_old=self.cfg.mini_batches > 1)
         t_reward = time.perf_counter() - t0
         t0 = time.perf_counter()
+        if self.reference is not None:
+            self._phase(step, "reference")
         ref = self._reference_logprobs(rollouts)
         t_ref = time.perf_counter() - t0
+        self._phase(step, "update")
         t0 = time.perf_counter()
         upd = self._update(rollouts, rewards, ref)
         t_update = time.perf_counter() - t0

@@ -58,8 +58,9 @@ def materialize_lineage(instance, resources: dict, run_config: dict, methods: Se
         names = {a.key.to_user_string() for a in selection}
         ops = {k: v for k, v in run_config.get("ops", {}).items() if k in names}
         log.info("materializing %s%s", ", ".join(sorted(names)), f" [{partition_key}]" if partition_key else "")
+        extra = {k: v for k, v in run_config.items() if k != "ops"}  # e.g. loggers
         return dg.materialize([*ASSETS, *all_checks], selection=selection, partition_key=partition_key,
-                              resources=resources, instance=instance, run_config={"ops": ops})
+                              resources=resources, instance=instance, run_config={"ops": ops, **extra})
 
     results = {"datasets": run([datasets]), "base": run([base_model, segmented_rollouts, episode_rewards], base)}
     for m in methods:
@@ -99,14 +100,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
 
+    import warnings
+
     import dagster as dg
     from rich.console import Console
+
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)  # dagster-pipes internals, not ours
     from rich.table import Table
 
     from .definitions import default_resources
     from .resources import default_duckdb_path
 
-    run_config = {"ops": {k: {"config": dict(v["config"])} for k, v in DEMO_RUN_CONFIG["ops"].items()}}
+    run_config = {"ops": {k: {"config": dict(v["config"])} for k, v in DEMO_RUN_CONFIG["ops"].items()},
+                  "loggers": {"console": {"config": {"log_level": "INFO"}}}}  # Dagster's step events, no DEBUG
     run_config["ops"]["base_model"]["config"]["sft_steps"] = args.sft_steps
     run_config["ops"]["checkpoints"]["config"]["steps"] = args.train_steps
     t0 = time.perf_counter()
@@ -114,19 +120,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results = materialize_lineage(instance, default_resources(), run_config, args.methods)
     rows = summary(default_duckdb_path())
     console = Console()
-    table = Table(title=f"v_checkpoint_vs_base ({default_duckdb_path()})")
-    cols = ["base_model", "method", "accuracy", "base_accuracy", "mean_tokens", "base_mean_tokens", "token_reduction"]
-    for c in cols:
-        table.add_column(c)
+    table = Table(title="v_checkpoint_vs_base (held-out, greedy)")
+    cols = {"base_model": "base", "method": "method", "accuracy": "acc", "base_accuracy": "base acc",
+            "mean_tokens": "tokens", "base_mean_tokens": "base tokens", "token_reduction": "token reduction"}
+    for header in cols.values():
+        table.add_column(header)
     for r in rows:
         table.add_row(*[f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols])
     console.print(table)
-    for method, path in report_paths(results).items():
-        console.print(f"report {method}: {path}")
-    console.print(f"lineage materialized in {time.perf_counter() - t0:.0f} s. Dagster instance: {home}\n"
-                  f"UI: DAGSTER_HOME={home} .venv/bin/dagster dev   (then Assets -> the L2T lineage)\n"
-                  f"SQL: .venv/bin/python -c \"import duckdb; print(duckdb.connect('{default_duckdb_path()}', read_only=True)"
-                  f".sql('SELECT * FROM v_run_summary'))\"")
+    lines = [f"report {method}: {path}" for method, path in report_paths(results).items()]
+    lines += [f"lineage materialized in {time.perf_counter() - t0:.0f} s; Dagster instance {home}; "
+              f"DuckDB {default_duckdb_path()}",
+              f"UI:  DAGSTER_HOME={home} .venv/bin/dagster dev   (then Assets, the L2T lineage)",
+              f"SQL: .venv/bin/python -c \"import duckdb; print(duckdb.connect('{default_duckdb_path()}', "
+              "read_only=True).sql('SELECT * FROM v_run_summary'))\""]
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
     return rows
 
 

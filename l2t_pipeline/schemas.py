@@ -31,10 +31,30 @@ SEGMENTATION_STATUSES = ["tagged", "fallback", "malformed", "empty"]
 SOURCES = ["base", "train"]
 
 
+def _encodable(value) -> bool:
+    """False for a string that UTF-8 cannot encode (a lone surrogate, e.g. from a JSON ``\\ud800``
+    escape or bytes decoded with ``surrogateescape``); DuckDB refuses such text mid-insert."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Base(pa.DataFrameModel):
     class Config:
         strict = False  # assets may carry extra columns (token ids) that DuckDB does not store
         coerce = True
+
+    @pa.dataframe_check(error="text must be valid Unicode (UTF-8 encodable: no lone surrogates)")
+    def valid_unicode(cls, df: pd.DataFrame) -> pd.Series:
+        ok = pd.Series(True, index=df.index)
+        for col in df.columns:
+            if df[col].dtype == object or pd.api.types.is_string_dtype(df[col].dtype):
+                ok &= df[col].map(_encodable).astype(bool)
+        return ok
 
 
 class ProblemsSchema(_Base):
@@ -206,8 +226,17 @@ def markdown_table(df: pd.DataFrame) -> str:
     show = df.copy()
     for c in show.columns:
         if show[c].dtype == object:
-            show[c] = show[c].map(lambda v: (str(v)[:60] + "…") if isinstance(v, str) and len(v) > 60 else v)
+            show[c] = show[c].map(_display_text)
     return show.to_markdown(index=True)
+
+
+def _display_text(v):
+    """A cell for display: long strings cut to 60 characters, unencodable characters escaped (the
+    text goes into Dagster's event log, which must be able to store it)."""
+    if not isinstance(v, str):
+        return v
+    v = v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v[:60] + "…" if len(v) > 60 else v
 
 
 def failure_summary(failure_cases: pd.DataFrame) -> str:

@@ -36,3 +36,29 @@ def test_eval_throughput_bench_quick_runs(capsys):
     assert json.loads(capsys.readouterr().out)["problems"] == 24
     assert res["gold_verified_correct"] == 1.0
     assert res["verifications_per_s"] > 0 and res["problems_per_s"] > 0
+
+
+def test_paper_scale_plan_from_a_measured_file(tmp_path, capsys):
+    """The plan's cost model: an update costs 3 forwards without checkpointing (4 with), ZeRO-3
+    shards more than ZeRO-2, GPU hours scale with the rollouts, and the tiny-model check is reported."""
+    import json
+
+    from bench.paper_scale import flops_per_rollout, main
+
+    f = flops_per_rollout(1e9, 2, 64, 100, 1000, 10, 12, checkpointing=False)
+    assert f["update"] / f["reference"] == pytest.approx(3.0)
+    assert flops_per_rollout(1e9, 2, 64, 100, 1000, 10, 12)["update"] / f["reference"] == pytest.approx(4.0, rel=0.01)
+    measured = {"parameters": 891008, "layers": 4, "hidden": 128, "mean_tokens": 160.0, "episodes_per_response": 1.0,
+                "rollout_s": 4.4, "reward_fitting_s": 1.9, "ref_s": 1.3, "update_s": 4.0, "threads": 1, "device": "cpu"}
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(measured))
+    out = main(["--measured", str(path)])
+    assert json.loads(capsys.readouterr().out)["method"] == out["method"]
+    assert out["tiny_model_check"]["update_over_reference"]["measured"] == pytest.approx(4.0 / 1.3)
+    small, big = out["plan"]
+    for row in (small, big):
+        assert row["memory_zero3"]["train_state_gb"] < row["memory_zero2"]["train_state_gb"]
+        aime, numina = row["per_epoch"].values()
+        assert numina["gpu_hours_total"] / aime["gpu_hours_total"] == pytest.approx(4000 / 919)
+    assert big["per_epoch"][next(iter(big["per_epoch"]))]["gpu_hours_total"] > \
+        small["per_epoch"][next(iter(small["per_epoch"]))]["gpu_hours_total"]

@@ -213,3 +213,18 @@ def test_fast_offsets_equal_prefix_decoding_on_random_token_sequences(tokenizer)
     for ids in seqs:
         text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert response_offsets(tokenizer, text, ids) == prefix_decode_offsets(tokenizer, text, ids)
+
+
+def test_config_differences_fill_new_fields_with_defaults_and_ignore_locations():
+    """A config saved before a field existed matches today's default; real changes are named."""
+    from l2t_core.config import TrainConfig, config_differences
+
+    cur = TrainConfig(policy="p", out="/runs/a", method="l2t")
+    saved = json.loads(cur.model_dump_json())
+    del saved["reward"]["segmentation"]["numbering"]  # written by a version without the option
+    assert config_differences(saved, cur) == []
+    saved["out"] = "/moved/a"
+    assert config_differences(saved, cur) == ["out"] and config_differences(saved, cur, ignore=("out",)) == []
+    saved["reward"]["credit"]["beta"] = 0.3
+    assert config_differences(saved, cur, ignore=("out",)) == ["reward"]
+    assert config_differences({"bogus": 1}, cur) != []  # unreadable today: differs, never silently equal

@@ -30,7 +30,7 @@ RUN_CONFIG = {"ops": {
     "episode_rewards": {"config": {"method": "l2t"}},
     "checkpoints": {"config": {"steps": STEPS, "prompts_per_step": PROMPTS_PER_STEP, "group_size": TRAIN_GROUP,
                                "max_new_tokens": 40}},
-}}
+}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
 EVERYTHING = [*ASSETS, *all_checks]
 
 

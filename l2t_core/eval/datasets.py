@@ -6,10 +6,13 @@ manifest gives for that file, its kind (``math`` or ``code``) and the public Hug
 dataset used when the file is absent.
 
 :func:`load_benchmark` returns :class:`BenchmarkItem` objects and validates the whole file first:
-each line is a UTF-8 JSON object, ids are unique, ``problem`` and ``answer`` are non-empty strings,
-the per-benchmark meta fields (MATH500 level, Omni-MATH difficulty, Minerva answer alternatives)
-have the right type, and the file has the manifest's row count. Every problem raises
-:class:`DatasetError` naming the file, the 1-based line and the field, and saying how to fix it.
+each line is a UTF-8 JSON object (no key given twice, no unpaired ``\\udXXX`` surrogate escape, no
+nesting too deep or number too long to read), ids are unique, ``problem`` and ``answer`` are
+non-empty strings, the per-benchmark meta fields (MATH500 level 1-5, Omni-MATH difficulty, Minerva
+answer alternatives) have the right type, and the file has the manifest's row count. Every
+problem raises :class:`DatasetError` naming the file, the 1-based line and the field (where one
+is to blame), saying how to fix it, and quoting at most a short prefix of the bad value; nothing
+is returned from a file with any bad row.
 
 Where the data come from, in order:
 
@@ -336,22 +339,80 @@ def _json_lines(path: Path) -> Iterable[tuple[int, dict]]:
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
                 raise DatasetError(
                     f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON "
                     "object, so fix or remove this line", path=path, line=line_no) from None
+            except _DuplicateKey as exc:
+                raise DatasetError(
+                    f"the key {exc.key!r} appears twice in one object, so the row is ambiguous; keep one "
+                    "of the two values", path=path, line=line_no, field=exc.key) from None
+            except RecursionError:
+                raise DatasetError("the JSON is nested too deeply to read; each line must be one flat "
+                                   "row object, so fix or remove this line", path=path, line=line_no) from None
+            except ValueError as exc:  # e.g. an integer literal over Python's 4,300-digit limit
+                raise DatasetError(f"a value cannot be read ({_short(str(exc), 120)}); fix or remove this line",
+                                   path=path, line=line_no) from None
             if not isinstance(row, dict):
                 raise DatasetError(f"expected a JSON object, got a JSON {type(row).__name__}; each "
                                    "line must be one object", path=path, line=line_no)
+            bad = _field_with_lone_surrogate(row)
+            if bad is not None:
+                raise DatasetError(
+                    "holds a \\ud800-\\udfff escape that is not part of a surrogate pair, which is not valid "
+                    "Unicode text (it cannot be written as UTF-8); re-export the file from valid text",
+                    path=path, line=line_no, field=bad)
             yield line_no, row
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads`` object hook: a key given twice in one object is an error (JSON keeps the last)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def _field_with_lone_surrogate(row: dict) -> str | None:
+    """The first top-level field (key or value) whose text holds a lone surrogate (from a JSON
+    ``\\udXXX`` escape); the UTF-8 check of the raw bytes cannot see those."""
+    for key, value in row.items():
+        if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+            return key.encode("utf-8", "backslashreplace").decode() if _has_lone_surrogate(key) else key
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``value`` for an error message: its repr for non-strings, cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode()
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _field_with_bad_bytes(raw: bytes) -> str | None:
     """The top-level field whose value holds the non-UTF-8 bytes, when the line is otherwise JSON."""
     try:
         row = json.loads(raw.decode("utf-8", errors="surrogateescape"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or not readable JSON: no field to name
         return None
     if not isinstance(row, dict):
         return None
@@ -365,7 +426,7 @@ def _field_with_bad_bytes(raw: bytes) -> str | None:
 def _required_text(row: Mapping, key: str, path: Path, line_no: int, *, fix: str) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
-        got = "missing" if key not in row else f"got {value!r}"[:80]
+        got = "missing" if key not in row else f"got {_short(value)}"
         raise DatasetError(f"must be a non-empty string ({got}); {fix}", path=path, line=line_no, field=key)
     return value
 
@@ -404,7 +465,7 @@ def _alternatives(spec: BenchmarkSpec, meta: dict, answer: str, path: Path, line
         return ()
     values = meta[spec.alternatives_key]
     if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
-        raise DatasetError(f"must be a list of non-empty strings, got {values!r}"[:200], path=path,
+        raise DatasetError(f"must be a list of non-empty strings, got {_short(values, 200)}", path=path,
                            line=line_no, field=f"meta.{spec.alternatives_key}")
     return tuple(dict.fromkeys(v for v in values if v != answer))
 
@@ -413,9 +474,9 @@ def _level(spec: BenchmarkSpec, meta: dict, path: Path, line_no: int) -> int | N
     if spec.level_key is None:
         return None
     value = meta.get(spec.level_key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DatasetError(f"must be an integer level, got {value!r}; {spec.name} rows carry the MATH "
-                           "level 1-5", path=path, line=line_no, field=f"meta.{spec.level_key}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+        raise DatasetError(f"must be an integer level 1-5, got {_short(value)}; {spec.name} rows carry the "
+                           "MATH level 1-5", path=path, line=line_no, field=f"meta.{spec.level_key}")
     return value
 
 
@@ -424,7 +485,7 @@ def _tier(spec: BenchmarkSpec, meta: dict, path: Path, line_no: int) -> str | No
         return None
     value = meta.get(spec.tier_key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DatasetError(f"must be a number (the Omni-MATH difficulty), got {value!r}", path=path,
+        raise DatasetError(f"must be a number (the Omni-MATH difficulty), got {_short(value)}", path=path,
                            line=line_no, field=f"meta.{spec.tier_key}")
     return omni_tier(float(value))
 
