@@ -8,16 +8,19 @@ Layout of a run directory ``<out>``::
 
 Writing is two-phase, so an interrupted write never becomes "latest":
 
-1. everything is written to a local temporary directory, then copied to
-   ``<out>/checkpoints/.tmp-step-000010-<uuid>`` and renamed to ``step-000010`` (a rename is atomic
-   on local disks; on object stores the copy is not, which is why phase 2 exists);
-2. only after the directory is complete is the marker ``COMPLETE`` written into it and then the
-   ``LATEST`` pointer replaced (through a temporary file and a rename on local disks; a single
-   object PUT, which is atomic, on object stores).
+1. on local disks everything is written into ``<out>/checkpoints/.tmp-step-000010-<uuid>`` (with
+   ``COMPLETE`` last) and that directory is renamed to ``step-000010`` (atomic); on object stores
+   it is written to a local temporary directory and uploaded, ``COMPLETE`` last (the upload is not
+   atomic, the marker makes it so);
+2. only then is the ``LATEST`` pointer replaced (through a temporary file and a rename on local
+   disks; a single object PUT, which is atomic, on object stores).
 
 :func:`latest_checkpoint` trusts ``LATEST`` only when the directory it names has ``COMPLETE``; it
 otherwise falls back to the newest complete ``step-*`` directory, so a crash at any point leaves
-the previous checkpoint usable. Stale temporaries are removed on the next write.
+the previous checkpoint usable. A process killed mid-write (``kill -9``, preemption) leaves only a
+``.tmp-*`` directory in the run directory, removed by the next write. Deleting a checkpoint
+(pruning, or replacing a directory of the same step) removes its ``COMPLETE`` first, so a deletion
+cut short never leaves a half-deleted directory that looks complete.
 """
 
 from __future__ import annotations
@@ -90,8 +93,12 @@ class RunStorage:
         self.fs.makedirs(parent, exist_ok=True)
         if self.is_local:
             tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(tmp, data)
-            Path(tmp).replace(dest)
+            try:
+                self.fs.pipe_file(tmp, data)
+                Path(tmp).replace(dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)  # a failed write leaves nothing behind
+                raise
         else:
             self.fs.pipe_file(dest, data)  # one PUT: atomic on object stores
 
@@ -135,32 +142,38 @@ class RunStorage:
         return steps[-1], self.path("checkpoints", checkpoint_name(steps[-1]))
 
     def write_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None = None) -> str:
-        """Write checkpoint ``step``: ``fill(local_dir)`` puts every file into a local temporary
-        directory; it is then published atomically (see the module docstring). Returns its URL."""
+        """Write checkpoint ``step``: ``fill(local_dir)`` puts every file into a temporary local
+        directory (a ``.tmp-*`` one inside the run directory on local disks, one under ``TMPDIR``
+        for object stores); it is then published atomically (see the module docstring). Returns
+        its URL."""
         name = checkpoint_name(step)
         self._remove_stale_temporaries()
-        with tempfile.TemporaryDirectory(prefix=f"l2t-{name}-") as tmp:
-            local = Path(tmp) / name
-            local.mkdir()
-            fill(local)
-            (local / COMPLETE).write_text(f"{step}\n")
-            final = self.path("checkpoints", name)
-            staging = self.path("checkpoints", f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-            self.fs.makedirs(self.checkpoints, exist_ok=True)
-            if self.is_local:
-                # COMPLETE is inside the directory, which appears under its final name in one rename
-                shutil.copytree(local, staging)
+        final = self.path("checkpoints", name)
+        self.fs.makedirs(self.checkpoints, exist_ok=True)
+        if self.is_local:
+            # filled in place under a temporary name on the run's own filesystem (no second copy,
+            # and a killed write leaves nothing outside the run directory); COMPLETE is inside the
+            # directory, which appears under its final name in one rename
+            staging = Path(self.path("checkpoints", f".tmp-{name}-{uuid.uuid4().hex[:8]}"))
+            staging.mkdir()
+            try:
+                fill(staging)
+                (staging / COMPLETE).write_text(f"{step}\n")
                 if self.fs.exists(final):
-                    shutil.rmtree(final)
-                Path(staging).rename(final)
-            else:
-                marker = local / COMPLETE
-                marker_bytes = marker.read_bytes()
-                marker.unlink()
+                    self._remove_checkpoint(final)
+                staging.rename(final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"l2t-{name}-") as tmp:
+                local = Path(tmp) / name
+                local.mkdir()
+                fill(local)
                 if self.fs.exists(final):
-                    self.fs.rm(final, recursive=True)
+                    self._remove_checkpoint(final)
                 self.fs.put(str(local) + "/", final + "/", recursive=True)
-                self.fs.pipe_file(f"{final}/{COMPLETE}", marker_bytes)  # written last
+                self.fs.pipe_file(f"{final}/{COMPLETE}", f"{step}\n".encode())  # written last
         self.write_bytes(f"checkpoints/{LATEST}", f"{name}\n".encode())
         log.info("checkpoint %s written to %s", name, final)
         if keep:
@@ -168,10 +181,28 @@ class RunStorage:
         return final
 
     def prune(self, keep: int) -> None:
-        """Delete all but the newest ``keep`` complete checkpoints (never the one LATEST names)."""
+        """Delete all but the newest ``keep`` complete checkpoints up to the one ``latest_checkpoint``
+        names (never that one). Complete checkpoints newer than it are deleted too: a session killed
+        between renaming its directory into place and replacing ``LATEST`` leaves one, the run then
+        resumed from an older checkpoint (and dropped that session's metrics), so it is stale."""
+        if keep < 1:
+            raise ValueError(f"prune(keep={keep}): keep at least the latest checkpoint (keep >= 1)")
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return
         steps = self.complete_steps()
-        for s in steps[:-keep]:
-            self.remove(f"checkpoints/{checkpoint_name(s)}")
+        newer = [s for s in steps if s > latest[0]]
+        older = [s for s in steps if s <= latest[0]]
+        for s in newer + older[:-keep]:
+            self._remove_checkpoint(self.path("checkpoints", checkpoint_name(s)))
+
+    def _remove_checkpoint(self, url: str) -> None:
+        """Delete a checkpoint directory, its ``COMPLETE`` marker first."""
+        marker = f"{url}/{COMPLETE}"
+        if self.fs.exists(marker):
+            self.fs.rm(marker)
+        if self.fs.exists(url):
+            self.fs.rm(url, recursive=True)
 
     def _remove_stale_temporaries(self) -> None:
         for name in self.list("checkpoints"):
