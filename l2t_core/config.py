@@ -7,13 +7,14 @@ misspelt option fails loudly with the field's name instead of being silently ign
 from __future__ import annotations
 
 import json
-from typing import Iterable, Literal, get_args
+from typing import Annotated, Iterable, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # no NaN or ±inf anywhere: a non-finite learning rate or coefficient fails here, with its field
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 def config_differences(saved: dict, current: BaseModel, ignore: Iterable[str] = ()) -> list[str]:
@@ -156,7 +157,7 @@ class OptimConfig(_Strict):
     warmup_frac: float = Field(0.1, ge=0.0, le=1.0)
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
 

@@ -213,17 +213,11 @@ def token_episode_ids(seg: Segmentation, offsets: Sequence[tuple[int, int]]) -> 
     A token belongs to the episode that holds its first character; a zero-width token (a special
     token) joins the episode of the token before it. Membership is made non-decreasing, so every
     token belongs to exactly one episode and episodes are contiguous token ranges. An episode can
-    own zero tokens when one token straddles its whole text; its gain is then exactly 0.
+    own zero tokens when one token straddles its whole text; its gain is then exactly 0. A response
+    whose text is empty (no episodes) but which has tokens, all special ones that decoding dropped,
+    gets one empty episode holding them (``num_episodes`` 1 here, 0 in the segmentation).
     """
     n_tok = len(offsets)
-    if not seg.episodes:
-        if n_tok:
-            raise ValueError(
-                f"token_episode_ids: the response has {n_tok} tokens but no episodes; it must be the "
-                "segmentation of the same response text the offsets were computed on"
-            )
-        return TokenEpisodes(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
-    starts = np.asarray([ep.start for ep in seg.episodes], dtype=np.int64)
     tok_start = np.asarray([o[0] for o in offsets], dtype=np.int64).reshape(-1)
     tok_end = np.asarray([o[1] for o in offsets], dtype=np.int64).reshape(-1)
     if n_tok and (tok_start.min() < 0 or tok_end.max() > len(seg.response)):
@@ -232,6 +226,13 @@ def token_episode_ids(seg: Segmentation, offsets: Sequence[tuple[int, int]]) -> 
             f"(len {len(seg.response)}, offsets {int(tok_start.min())}..{int(tok_end.max())}); "
             "compute offsets on exactly the segmented response text"
         )
+    if not seg.episodes:
+        if n_tok:
+            # the text is empty but there are tokens: special tokens that decoding dropped (a sampled
+            # pad or chat-control token). One empty episode holds them, so every token has one.
+            return TokenEpisodes(np.zeros(n_tok, dtype=np.int64), np.asarray([0, n_tok], dtype=np.int64))
+        return TokenEpisodes(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
+    starts = np.asarray([ep.start for ep in seg.episodes], dtype=np.int64)
     ids = np.searchsorted(starts, tok_start, side="right") - 1
     zero_width = tok_end <= tok_start
     ids = np.where(zero_width, -1, ids)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Literal, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 import pandas as pd
@@ -51,15 +51,44 @@ def make_duckdb() -> DuckDBResource:
     return DuckDBResource(database=path)
 
 
+# query parameters whose values are credentials: presigned S3 URLs (X-Amz-Credential, -Signature,
+# -Security-Token), Azure SAS (sig), OAuth/API tokens and keys
+_SECRET_PARAM = re.compile(r"secret|token|passw|pwd|signature|credential|^sig$|api[-_]?key|access[-_]?key|^key$|auth",
+                           re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """``url`` without any user or password part (safe to log)."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return url
+    """``url`` safe to log or show: without its user/password part, and with the values of query
+    parameters that carry credentials (``X-Amz-Signature``, ``token``, ``sig``, ...) replaced by
+    ``REDACTED``; the rest is kept as written (host case, IPv6 brackets, escapes).
+
+    ``user:password@`` is removed even when the password holds characters a URL should have
+    escaped, as AWS secret keys do (``/``, ``+``; also ``?``, ``#``, ``@``): after a ``user:``
+    prefix, everything up to the last ``@`` goes. A URL that is not ambiguous about it is shown
+    whole; one that is (``https://host:9000/a@b``: a port, or a password that starts with digits
+    and a ``/``?) is shown shortened (``https://b``) rather than risk showing a credential."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    first_at = rest.find("@")
+    if first_at != -1:
+        before = rest[:first_at]
+        user, colon, _ = before.partition(":")
+        authority = rest[: min([i for i in (rest.find(c) for c in "/?#") if i != -1], default=len(rest))]
+        if colon and "/" not in user:
+            rest = rest[rest.rindex("@") + 1:]  # user:password@ with any characters in the password
+        elif "@" in authority:
+            rest = rest[authority.rindex("@") + 1:]  # a standard userinfo (a token, user:password)
+    head, qmark, query = rest.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        params = []
+        for param in query.split("&"):
+            name, eq, _value = param.partition("=")
+            params.append(f"{name}=REDACTED" if eq and _SECRET_PARAM.search(name) else param)
+        rest = head + "?" + "&".join(params) + hash_ + fragment
+    return f"{scheme}://{rest}"
 
 
 class L2TStorage(dg.ConfigurableResource):

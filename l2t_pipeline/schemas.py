@@ -5,9 +5,10 @@ models are used three ways:
 
 * as Dagster types (``dagster_pandera.pandera_schema_to_dagster_type``) on asset outputs, so the
   UI shows the schema and a returned frame is type-checked;
-* by :func:`validate_or_quarantine` before any write: a violation copies the failing rows into
-  the ``quarantine`` table (with the reasons) and fails the step with those rows shown; nothing is
-  silently dropped and nothing invalid reaches the main tables;
+* by :func:`find_violations` (through ``warehouse.write_validated``) before any write, together
+  with a check that every text cell is valid Unicode (:func:`unencodable_text`): a violation
+  copies the failing rows into the ``quarantine`` table (with the reasons) and fails the step with
+  those rows shown; nothing is silently dropped and nothing invalid reaches the main tables;
 * by the asset checks (``l2t_pipeline.checks``), which re-validate what is stored.
 
 Column names match the DuckDB DDL in :mod:`l2t_pipeline.warehouse` (a test keeps them in sync).
@@ -43,18 +44,27 @@ def _encodable(value) -> bool:
     return True
 
 
+UNENCODABLE_CHECK = "valid_unicode (UTF-8 encodable text: no lone surrogates)"
+
+
+def unencodable_text(df: pd.DataFrame) -> pd.DataFrame:
+    """Failure cases (pandera's columns) for every text cell that UTF-8 cannot encode: DuckDB
+    refuses such a cell in the middle of an insert, so it must be quarantined before the write."""
+    cases = []
+    for col in df.columns:
+        if df[col].dtype != object and not isinstance(df[col].dtype, pd.StringDtype):
+            continue
+        for idx, value in df[col].items():
+            if not _encodable(value):
+                cases.append({"schema_context": "Column", "column": col, "check": UNENCODABLE_CHECK,
+                              "check_number": None, "failure_case": value, "index": idx})
+    return pd.DataFrame(cases)
+
+
 class _Base(pa.DataFrameModel):
     class Config:
         strict = False  # assets may carry extra columns (token ids) that DuckDB does not store
         coerce = True
-
-    @pa.dataframe_check(error="text must be valid Unicode (UTF-8 encodable: no lone surrogates)")
-    def valid_unicode(cls, df: pd.DataFrame) -> pd.Series:
-        ok = pd.Series(True, index=df.index)
-        for col in df.columns:
-            if df[col].dtype == object or pd.api.types.is_string_dtype(df[col].dtype):
-                ok &= df[col].map(_encodable).astype(bool)
-        return ok
 
 
 class ProblemsSchema(_Base):
@@ -243,7 +253,8 @@ def failure_summary(failure_cases: pd.DataFrame) -> str:
     """One line per (column, check) with how many values failed and an example."""
     lines = []
     for (col, chk), grp in failure_cases.groupby(["column", "check"], dropna=False):
-        lines.append(f"- column {col}: check {chk} failed {len(grp)} time(s), e.g. {grp['failure_case'].iloc[0]!r}")
+        example = _display_text(repr(grp["failure_case"].iloc[0]))  # repr of a huge value is cut too
+        lines.append(f"- column {col}: check {chk} failed {len(grp)} time(s), e.g. {example}")
     return "\n".join(lines)
 
 
@@ -252,13 +263,20 @@ def find_violations(df: pd.DataFrame, table: str) -> tuple[pd.DataFrame, pd.Data
 
     Returns ``(validated, failure_cases, bad_rows)``: the coerced frame when valid (and empty
     failure cases and bad rows), otherwise the input, pandera's failure cases and the failing
-    rows with a ``reasons`` column. A table-wide failure (a missing column) marks every row.
+    rows with a ``reasons`` column (text that UTF-8 cannot encode shown with ``\\uXXXX`` escapes). A
+    table-wide failure (a missing column) marks every row.
     """
     model = SCHEMAS[table]
+    text_cases = unencodable_text(df)
     try:
-        return model.validate(df, lazy=True), pd.DataFrame(), df.iloc[0:0]
+        validated = model.validate(df, lazy=True)
+        fc = pd.DataFrame()
     except pa.errors.SchemaErrors as exc:
         fc = exc.failure_cases.copy()
+    if len(text_cases):
+        fc = pd.concat([fc, text_cases], ignore_index=True) if len(fc) else text_cases
+    if fc.empty:
+        return validated, fc, df.iloc[0:0]
     rows_of = fc["index"].dropna()
     idx = sorted({i for i in rows_of.tolist() if i in df.index})
     wide = fc["index"].isna().any()
@@ -269,6 +287,9 @@ def find_violations(df: pd.DataFrame, table: str) -> tuple[pd.DataFrame, pd.Data
         for k in keys:
             reasons.setdefault(k, []).append(f"{case['column']}: {case['check']}")
     bad = bad.copy()
+    for col in bad.columns:  # the quarantine stores the rows as JSON: text must be encodable
+        if bad[col].dtype == object:
+            bad[col] = bad[col].map(lambda v: v if _encodable(v) else v.encode("utf-8", "backslashreplace").decode())
     bad["reasons"] = [sorted(set(reasons.get(i, ["table-wide check"]))) for i in bad.index]
     bad["reasons"] = bad["reasons"].map("; ".join)
     return df, fc, bad

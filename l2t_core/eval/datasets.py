@@ -299,7 +299,7 @@ def read_benchmark_file(spec: BenchmarkSpec, path: Path, *, expected_rows: int |
     """Parse and validate one JSONL file of ``spec``'s schema (see :func:`load_benchmark`)."""
     items: list[BenchmarkItem] = []
     first_line: dict[str, int] = {}
-    for line_no, row in _json_lines(path):
+    for line_no, row in json_lines(path):
         item = _row_to_item(spec, row, path, line_no)
         if item.id in first_line:
             raise DatasetError(
@@ -321,8 +321,11 @@ def read_benchmark_file(spec: BenchmarkSpec, path: Path, *, expected_rows: int |
     return items
 
 
-def _json_lines(path: Path) -> Iterable[tuple[int, dict]]:
-    """(line number, JSON object) for every non-blank line; bad bytes or JSON raise DatasetError."""
+def json_lines(path: Path, *, check_text: bool = True) -> Iterable[tuple[int, dict]]:
+    """(line number, JSON object) for every non-blank line; bad bytes or JSON raise DatasetError.
+
+    ``check_text=False`` lets unpaired surrogate escapes through, for a caller that validates
+    rows itself and quarantines every bad one (the pipeline's ``datasets`` asset)."""
     try:
         fh = open(path, "rb")
     except OSError as exc:
@@ -357,7 +360,7 @@ def _json_lines(path: Path) -> Iterable[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise DatasetError(f"expected a JSON object, got a JSON {type(row).__name__}; each "
                                    "line must be one object", path=path, line=line_no)
-            bad = _field_with_lone_surrogate(row)
+            bad = _field_with_lone_surrogate(row) if check_text else None
             if bad is not None:
                 raise DatasetError(
                     "holds a \\ud800-\\udfff escape that is not part of a surrogate pair, which is not valid "

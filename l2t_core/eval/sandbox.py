@@ -30,7 +30,17 @@ Two isolation modes; :func:`network_isolation` names the active one (probed once
     * filesystem: every mount is made read-only and nosuid (``mount_setattr`` with
       ``AT_RECURSIVE``, Linux ≥ 5.12), then the work directory is bind-mounted writable, so
       writes outside it fail with ``EROFS``; ``/proc`` shows only the sandbox's processes;
-    * privileges: ``PR_SET_NO_NEW_PRIVS``; no capabilities outside the user namespace.
+    * hidden directories: the caller's home directory (``~/.aws``, ``~/.cache/huggingface``,
+      ``~/.ssh``, ...) and the directory that holds this package (the repository: sources, run
+      directories, any ``.env``) are covered by an empty read-only ``tmpfs``; only the interpreter
+      and its standard library (and this file) are bound back where they lie inside one. The
+      program stage runs the real interpreter binary, not a virtual environment's link to it.
+      System directories, and a directory holding the work directory, are never hidden;
+    * privileges: ``PR_SET_NO_NEW_PRIVS``; no capabilities outside the user namespace, and none
+      inside it either: the program starts with empty capability bounding and ambient sets, so it
+      cannot remount the filesystem read-write or unmount the hidden directories (with ctypes,
+      when the audit hook is off); a nested user namespace gives it capabilities again, but over
+      mounts the kernel has locked (read-only, and not removable to reveal what they cover).
 
 ``audit-hook`` (fallback: no ``unshare`` or namespaces refused)
     Only the in-process defences below plus the resource limits and a process-group kill.
@@ -52,11 +62,12 @@ In both modes, before the untrusted code runs:
 
 What is NOT guaranteed
 ----------------------
-* Reading files is not restricted beyond normal permissions: a program can read any file the
-  calling user can read (in the namespaces mode it runs as the caller's uid; when the caller is
-  root that includes root-only files such as tokens under ``~/.cache``). Environment variables
-  of the parent are not passed, and other processes' ``/proc/<pid>/environ`` is not visible in the
-  namespaces mode.
+* Reading files outside the hidden directories is not restricted beyond normal permissions (in
+  the namespaces mode the program runs as the caller's uid, without capabilities): credentials
+  kept elsewhere (``/etc``, a data directory, a mounted secret) are readable. In the ``audit-hook``
+  mode reading is not restricted at all, the home directory and the repository included.
+  Environment variables of the parent are not passed, and other processes'
+  ``/proc/<pid>/environ`` is not visible in the namespaces mode.
 * The total memory of a sandbox is bounded only per process (``RLIMIT_AS`` × processes); no
   cgroup is created.
 * In the ``audit-hook`` mode, the network, filesystem and process defences are in-process only:
@@ -198,15 +209,22 @@ def isolation_report() -> dict[str, str]:
     probe = _probe()
     if not probe["namespaces"]:
         hook = "audit hook only (in-process)"
-        return {"mode": "audit-hook", "network": hook, "filesystem": hook, "processes":
+        return {"mode": "audit-hook", "network": hook, "filesystem": hook,
+                "privileges": "the caller's (the audit hook refuses ctypes)", "processes":
                 "audit hook + process-group kill", "reason": probe["reason"]}
     layers = probe["layers"]
     root = os.geteuid() == 0
+    hidden = layers.get("hidden_paths")
+    filesystem = ("read-only mounts, writable work dir" if layers.get("readonly_fs") == "ok"
+                  else f"audit hook only for writes (read-only mounts failed: {layers.get('readonly_fs')})")
+    filesystem += (", caller's home and repository hidden" if hidden == "ok"
+                   else f", nothing hidden ({hidden})") + " + audit hook"
     return {
         "mode": "namespaces",
         "network": "network namespace (loopback down) + audit hook",
-        "filesystem": ("read-only mounts, writable work dir + audit hook" if layers.get("readonly_fs") == "ok"
-                       else f"audit hook only (read-only mounts failed: {layers.get('readonly_fs')})"),
+        "filesystem": filesystem,
+        "privileges": ("no capabilities" if layers.get("capabilities") == "ok"
+                       else f"capabilities of the user namespace ({layers.get('capabilities')})"),
         "processes": ("PID namespace" + (", pid_max" if layers.get("pid_max") == "ok" else "")
                       + ("" if root else ", RLIMIT_NPROC") + " + audit hook"),
         "reason": "",
@@ -264,6 +282,23 @@ def _probe() -> dict[str, Any]:
     return _PROBE
 
 
+def _hidden_paths() -> dict[str, Any]:
+    """What the namespaces mode hides from the program and what it must keep visible.
+
+    Hidden: the caller's home directory (credentials: ``~/.aws``, ``~/.cache/huggingface/token``,
+    ``~/.ssh``, ...) and the directory holding this package (the repository: its sources, run
+    directories, any ``.env``). Kept: the interpreter (the program stage execs the real binary, not
+    a virtual environment's link to it) with its standard library, and this file."""
+    exe = os.path.realpath(sys.executable)
+    keep = [exe, os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix),
+            os.path.realpath(__file__)]
+    if sys.prefix != sys.base_prefix:  # a venv interpreter copied (not linked) needs its pyvenv.cfg
+        keep.append(os.path.join(os.path.realpath(sys.prefix), "pyvenv.cfg"))
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    hide = [os.path.realpath(os.path.expanduser("~")), package_root]
+    return {"hide": hide, "keep": keep, "exe": exe}
+
+
 def _child_env(workdir: str) -> dict[str, str]:
     return {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
 
@@ -287,7 +322,8 @@ def _run(code: str, limits: _Limits, *, namespaces: bool, audit_hook: bool, prob
                 tempfile.TemporaryFile() as done, tempfile.TemporaryFile() as report:
             config = {"workdir": workdir, "program": "program.py", "limits": limits.__dict__,
                       "audit_hook": audit_hook, "namespaces": namespaces, "probe": probe,
-                      "nonce_fd": nonce_r, "done_fd": done.fileno(), "report_fd": report.fileno()}
+                      "nonce_fd": nonce_r, "done_fd": done.fileno(), "report_fd": report.fileno(),
+                      **(_hidden_paths() if namespaces else {})}
             python = [sys.executable, "-I", "-S", "-B", "-X", "utf8", os.path.abspath(__file__)]
             argv = ([shutil.which("unshare"), *_UNSHARE_FLAGS, *python, "setup", json.dumps(config)]
                     if namespaces else [*python, "run", json.dumps(config)])
@@ -396,7 +432,9 @@ def _child_setup(config: dict) -> None:
     try:
         layers = {"pid_max": _set_pid_max(config["limits"]["max_processes"]),
                   "readonly_fs": _readonly_filesystem(config["workdir"]),
+                  "hidden_paths": _hide_paths(config.get("hide", []), config.get("keep", []), config["workdir"]),
                   "no_new_privs": _no_new_privs()}
+        layers["capabilities"] = _drop_capabilities()  # last: the steps above need them
     except Exception as exc:  # noqa: BLE001 - any setup failure is reported as a sandbox error
         print(f"{_SETUP_MARKER} {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(SETUP_FAILED_EXIT)
@@ -406,8 +444,8 @@ def _child_setup(config: dict) -> None:
     if pid == 0:
         try:
             os.close(report_fd)
-            os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", "-X", "utf8", os.path.abspath(__file__),
-                                      "run", json.dumps(config)])
+            exe = config.get("exe", sys.executable)
+            os.execv(exe, [exe, "-I", "-S", "-B", "-X", "utf8", os.path.abspath(__file__), "run", json.dumps(config)])
         except OSError as exc:
             print(f"{_SETUP_MARKER} cannot start the program stage: {exc}", file=sys.stderr, flush=True)
             os._exit(SETUP_FAILED_EXIT)
@@ -461,6 +499,91 @@ def _readonly_filesystem(workdir: str) -> str:
         err = ctypes.get_errno()
         raise OSError(err, f"bind mount of the work directory failed: {os.strerror(err)}")
     mount_setattr(workdir, 0, 0, attr_rdonly)
+    return "ok"
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+# never hidden: the system (a home or checkout at one of these would hide the interpreter's libraries)
+_SYSTEM_DIRS = ("/", "/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/dev", "/sys", "/tmp",
+                "/var", "/opt", "/run")
+
+
+def _hide_paths(hide: list[str], keep: list[str], workdir: str) -> str:
+    """Mount an empty read-only tmpfs over each directory of ``hide``, then bind the ``keep`` paths
+    that lie inside one back (read-only, at the same place). All or nothing: on any failure what was
+    mounted is detached and the layer reports itself unavailable."""
+    import struct
+
+    hide = [h for h in dict.fromkeys(hide) if os.path.isdir(h) and h not in _SYSTEM_DIRS
+            and not any(_inside(sysdir, h) for sysdir in _SYSTEM_DIRS) and not _inside(workdir, h)]
+    hide = [h for h in hide if not any(o != h and _inside(h, o) for o in hide)]  # the outermost only
+    keep = [k for k in dict.fromkeys(keep) if os.path.exists(k)]
+    hide = [h for h in hide if not any(_inside(h, k) for k in keep)]  # a kept path cannot be hidden
+    keep = [k for k in keep if any(_inside(k, h) for h in hide)]
+    keep = [k for k in keep if not any(o != k and _inside(k, o) for o in keep)]
+    if not hide:
+        return "nothing to hide"
+    ctypes, libc = _libc()
+    ms_nosuid, ms_nodev, ms_bind, ms_rec, mnt_detach = 0x2, 0x4, 0x1000, 0x4000, 0x2
+    at_fdcwd, at_recursive, attr_rdonly, attr_nosuid, sys_mount_setattr = -100, 0x8000, 0x1, 0x2, 442
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    sources = {k: (os.open(k, os.O_PATH | os.O_CLOEXEC), os.path.isdir(k)) for k in keep}  # before hiding
+    mounted: list[str] = []
+    try:
+        for h in hide:
+            check(libc.mount(b"tmpfs", h.encode(), b"tmpfs", ms_nosuid | ms_nodev, b"mode=0755,size=64k"),
+                  f"tmpfs over {h}")
+            mounted.append(h)
+        for k, (fd, is_dir) in sources.items():
+            if is_dir:
+                os.makedirs(k, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(k), exist_ok=True)
+                open(k, "a").close()
+            check(libc.mount(f"/proc/self/fd/{fd}".encode(), k.encode(), None, ms_bind | ms_rec, None),
+                  f"bind of {k}")
+        attr = ctypes.create_string_buffer(struct.pack("QQQQ", attr_rdonly | attr_nosuid, 0, 0, 0))
+        for h in hide:
+            check(libc.syscall(sys_mount_setattr, at_fdcwd, h.encode(), at_recursive, attr, 32),
+                  f"read-only {h}")
+    except OSError as exc:
+        for m in reversed(mounted):
+            libc.umount2(m.encode(), mnt_detach)
+        return f"unavailable ({exc})"
+    finally:
+        for fd, _ in sources.values():
+            os.close(fd)
+    return "ok"
+
+
+def _drop_capabilities() -> str:
+    """Drop every capability of this process (the PID-namespace init, once the namespaces are set
+    up) and empty its bounding and ambient sets, so the program it starts (uid 0 of the user
+    namespace, which would regain all capabilities at exec) has none: it cannot undo the mounts
+    (remount read-write, unmount the hidden directories) or change the namespace's limits. With
+    equal (empty) capabilities the program may read its init's ``/proc`` entries, as before."""
+    import struct
+
+    ctypes, libc = _libc()
+    pr_capbset_drop, pr_cap_ambient, pr_cap_ambient_clear_all, einval = 24, 47, 4, 22
+    for cap in range(64):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            if ctypes.get_errno() == einval:  # past the kernel's last capability
+                break
+            return f"unavailable (PR_CAPBSET_DROP {cap}: {os.strerror(ctypes.get_errno())})"
+    libc.prctl(pr_cap_ambient, pr_cap_ambient_clear_all, 0, 0, 0)
+    header = ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3
+    data = ctypes.create_string_buffer(bytes(24))  # effective, permitted, inheritable: all empty (2 x 3 u32)
+    if libc.capset(header, data) != 0:
+        return f"unavailable (capset: {os.strerror(ctypes.get_errno())})"
     return "ok"
 
 
