@@ -252,10 +252,10 @@ def _replace(conn, table: str, frame: pd.DataFrame, asset_key: str, partition_ke
     conn.execute(f"DELETE FROM {_q(table)} WHERE asset_key = ? AND partition_key = ?", [asset_key, partition_key])
     if len(frame):
         conn.register("_incoming", frame)
-        try:
-            conn.execute(f"INSERT INTO {_q(table)} BY NAME SELECT * FROM _incoming")
-        finally:
-            conn.unregister("_incoming")
+        # no try/finally: a failed INSERT aborts the transaction, and unregistering then would raise
+        # "transaction is aborted" and hide the real error; the caller's ROLLBACK drops the view
+        conn.execute(f"INSERT INTO {_q(table)} BY NAME SELECT * FROM _incoming")
+        conn.unregister("_incoming")
 
 
 def replace_tables(conn, frames: dict[str, pd.DataFrame], asset_key: str, partition_key: str) -> dict[str, int]:

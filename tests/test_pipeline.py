@@ -101,6 +101,19 @@ def test_replace_rows_never_duplicates_and_keeps_other_partitions():
     assert con.execute("SELECT count(*) FROM rollouts WHERE partition_key = 'a'").fetchone()[0] == 3
 
 
+def test_a_failed_insert_shows_its_own_error_and_changes_nothing():
+    """An INSERT DuckDB refuses rolls the whole write back and surfaces DuckDB's own message (not a
+    follow-up "transaction is aborted"); the connection stays usable."""
+    con = duckdb.connect()
+    row = {"dataset": "d", "split": "s", "problem_id": "p", "prompt": "q", "answer": "1"}
+    assert warehouse.replace_rows(con, "problems", pd.DataFrame([{**row, "level": 1}]), "datasets", "__all__") == 1
+    bad = pd.DataFrame([{**row, "problem_id": "p2", "level": "abc"}])
+    with pytest.raises(duckdb.ConversionException, match="'abc'"):
+        warehouse.replace_tables(con, {"problems": bad}, "datasets", "__all__")
+    assert con.execute("SELECT problem_id FROM problems").fetchall() == [("p",)]
+    assert warehouse.replace_rows(con, "problems", pd.DataFrame([{**row, "level": 2}]), "datasets", "__all__") == 1
+
+
 def test_schema_violation_fails_shows_rows_and_quarantines():
     con = duckdb.connect()
     warehouse.write_validated(con, {"rollouts": rollout_rows(3)}, "segmented_rollouts", "m")
