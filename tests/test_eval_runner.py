@@ -62,8 +62,13 @@ def test_verification_and_summary_on_gold_answers():
 def test_settings_and_empty_input_errors(model, tokenizer):
     with pytest.raises(ValueError, match="no problems"):
         evaluate_math(HFRolloutEngine(model, tokenizer), tokenizer, [])
-    with pytest.raises(ValueError, match="EvalSettings"):
-        EvalSettings(n=0)
+    for bad, field in ((dict(n=0), "n"), (dict(maj_k=0), "maj_k"), (dict(max_new_tokens=0), "max_new_tokens"),
+                       (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                       (dict(verify_timeout_s=float("inf")), "verify_timeout_s")):
+        with pytest.raises(ValueError, match=rf"EvalSettings\.{field} must be"):
+            EvalSettings(**bad)
+    EvalSettings(temperature=0.0, top_p=1.0)  # greedy is allowed
 
 
 def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):

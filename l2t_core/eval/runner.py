@@ -13,6 +13,7 @@ writes rows of the same columns.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -47,10 +48,15 @@ class EvalSettings:
     keep_text: bool = True
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.prompts_per_call < 1 or self.verify_workers < 1:
-            raise ValueError("EvalSettings: n, prompts_per_call and verify_workers must be >= 1")
-        if not 1 <= self.maj_k:
-            raise ValueError(f"EvalSettings: maj_k must be >= 1, got {self.maj_k}")
+        for name in ("n", "maj_k", "prompts_per_call", "verify_workers", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"EvalSettings.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"EvalSettings.top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.verify_timeout_s) and self.verify_timeout_s > 0):
+            raise ValueError(f"EvalSettings.verify_timeout_s must be a finite number > 0, got {self.verify_timeout_s}")
 
 
 @dataclass
