@@ -194,9 +194,13 @@ def test_dagster_run_failing_mid_asset_then_reexecuted_from_failure_stores_every
     res = faults.dagster_failure(tmp_path, seed=0)
     assert res["crashes"] == 0 and not res["problems"], explain(res)
     r1, r2, r3 = res["runs"]
-    # run 1: the training subprocess was SIGKILLed while writing its checkpoint
+    # run 1: the training subprocess was SIGKILLed around its checkpoint write. The kill follows the
+    # metrics part by a random 0-50 ms, so it lands mid-write (no checkpoint yet) or, on a fast
+    # machine, just after the checkpoint was published (seen in CI); either way the step failed and
+    # the re-executions below must end with every row stored once.
     assert not r1["success"] and r1["failed_steps"] == ["checkpoints"] and r1["killed"]
-    assert r1["run_dir_after_kill"]["latest"] is None and r1["run_dir_after_kill"]["metrics_parts"]
+    state = r1["run_dir_after_kill"]
+    assert state["metrics_parts"] and (state["latest"] is None or state["latest"] == 2), state
     # run 2 (from failure): training completed, benchmark_reports failed after writing its rows
     assert not r2["success"] and r2["failed_steps"] == ["benchmark_reports"] and "Is a directory" in r2["error"]
     assert r2["rows_after_failure"]["eval_results"] > 0 and r2["rows_after_failure"]["train_steps"] > 0
