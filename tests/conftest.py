@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,29 @@ def tokenizer(tiny):
 def micro_model():
     """A very small model (a few thousand parameters) for brute-force Fisher computations."""
     return build_tiny_qwen2(40, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=12, seed=1)
+
+
+@contextlib.contextmanager
+def moto_s3(monkeypatch, bucket: str, env: dict[str, str]):
+    """A local S3-compatible server (moto's server mode on 127.0.0.1, a free port) with ``bucket``
+    created and the environment (``env`` plus region and AWS_ENDPOINT_URL) pointing at it.
+    Yields (boto3 client, endpoint URL). Skips where moto is not installed."""
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for k, v in {**env, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(k, v)
+        import boto3
+        import fsspec
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=bucket)
+        fsspec.filesystem("s3").clear_instance_cache()  # no cached client with another endpoint
+        yield client, endpoint
+    finally:
+        server.stop()

@@ -4,7 +4,6 @@ quarantine, the quality gate, Pipes reporting, the registry sensor and S3 storag
 from __future__ import annotations
 
 import os
-import socket
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import moto_s3
 from l2t_core.checkpoint import RunStorage
 from l2t_core.metrics import MetricsWriter
 from l2t_core.pipes import PipesReporter, launched_by_pipes, pipes_session, train_metadata
@@ -244,24 +244,8 @@ def test_registry_sensor_adds_partition_and_requests_one_run_per_new_model(tmp_p
 
 @pytest.fixture
 def s3_endpoint(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="l2t")
-    import fsspec
-
-    fsspec.filesystem("s3").clear_instance_cache()
-    yield endpoint
-    server.stop()
+    with moto_s3(monkeypatch, "l2t", {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}) as (_, url):
+        yield url
 
 
 def test_s3_storage_through_moto(s3_endpoint):

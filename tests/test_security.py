@@ -26,6 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import moto_s3
 from l2t_core.eval.sandbox import isolation_report, network_isolation, run_program
 from l2t_pipeline.resources import TrainingLauncher  # noqa: F401 - resolves the asset's annotation
 
@@ -264,23 +265,8 @@ def test_forking_is_bounded_by_the_kernel_alone():
 
 @pytest.fixture
 def s3_with_canaries(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {**CANARIES, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-    import fsspec
-
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="l2t-leak")
-    fsspec.filesystem("s3").clear_instance_cache()
-    yield client
-    server.stop()
+    with moto_s3(monkeypatch, "l2t-leak", CANARIES) as (client, _):
+        yield client
 
 
 def _object_texts(key: str, data: bytes) -> list[str]:
