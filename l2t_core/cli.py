@@ -108,14 +108,21 @@ def cmd_train(args) -> int:
     from .config import TrainConfig
     from .trainer import Trainer
 
-    from .pipes import pipes_session, step_lines, train_metadata
+    from .pipes import pipes_session, step_line, step_lines, train_metadata
 
     cfg = build_config(TrainConfig, args, {"policy": "policy", "method": "method", "out": "out", "steps": "steps"})
-    # launched by Dagster Pipes: stream the steps and the run's metadata back; standalone: no-op
+    # launched by Dagster Pipes: each step is streamed as it finishes, then the run's metadata;
+    # standalone: no-op
     with pipes_session() as pipes:
         trainer = Trainer(cfg, show_progress=not args.quiet and not pipes.active)
-        result = trainer.run()
-        for line in step_lines(result):
+        streamed: list[int] = []
+
+        def report(row: dict) -> None:
+            pipes.log(step_line(row))
+            streamed.append(int(row["step"]))
+
+        result = trainer.run(on_step=report if pipes.active else None)
+        for line in step_lines(result, skip=streamed):  # steps of earlier sessions (a resumed run)
             pipes.log(line)
         latest = trainer.storage.latest_checkpoint()
         pipes.report_materialization(train_metadata(result, latest[1] if latest else None))

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import RunResult
@@ -114,13 +114,16 @@ def train_metadata(result: "RunResult", latest_checkpoint: str | None = None) ->
     return meta
 
 
-def step_lines(result: "RunResult") -> list[str]:
-    """One human-readable line per logged step (accuracy, tokens, KL, time)."""
-    lines = []
-    for _, row in result.steps.sort_values("step").iterrows() if len(result.steps) else []:
-        lines.append(
-            f"step {int(row['step'])}: accuracy {row.get('accuracy', float('nan')):.3f}, "
-            f"mean tokens {row.get('mean_tokens', float('nan')):.1f}, kl {row.get('kl', float('nan')):.4f}, "
-            f"{row.get('step_time_s', float('nan')):.1f}s"
-        )
-    return lines
+def step_line(row: Mapping[str, Any]) -> str:
+    """One human-readable line for a step's metrics row (accuracy, tokens, KL, time)."""
+    nan = float("nan")
+    return (f"step {int(row['step'])}: accuracy {row.get('accuracy', nan):.3f}, "
+            f"mean tokens {row.get('mean_tokens', nan):.1f}, kl {row.get('kl', nan):.4f}, "
+            f"{row.get('step_time_s', nan):.1f}s")
+
+
+def step_lines(result: "RunResult", skip: Iterable[int] = ()) -> list[str]:
+    """One line per logged step of a finished run, except the steps in ``skip`` (already reported)."""
+    done = set(skip)
+    rows = result.steps.sort_values("step").iterrows() if len(result.steps) else []
+    return [step_line(row) for _, row in rows if int(row["step"]) not in done]

@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -423,9 +423,11 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ the loop
-    def run(self, *, stop_after: int | None = None) -> RunResult:
+    def run(self, *, stop_after: int | None = None, on_step: Callable[[dict], None] | None = None) -> RunResult:
         """Train to ``cfg.steps`` (resuming from the run directory's latest checkpoint if any).
-        ``stop_after`` ends this session after that many steps (tests use it to simulate a crash)."""
+        ``stop_after`` ends this session after that many steps (tests use it to simulate a crash).
+        ``on_step`` is called on rank 0 with each step's metrics row as soon as the step is done
+        (e.g. to stream progress to Dagster through Pipes)."""
         if not self._setup_done:
             self.setup()
         cfg = self.cfg
@@ -448,6 +450,8 @@ class Trainer:
                 row = self.train_step(step)
                 if self.rank == 0:
                     self.metrics.add("train_steps", [row])
+                    if on_step is not None:
+                        on_step(row)
                 info = (f"acc {row['accuracy']:.2f} tok {row['mean_tokens']:.1f} kl {row['kl']:.4f} "
                         f"{row['step_time_s']:.1f}s")
                 bar.update(task, advance=1, info=info)

@@ -175,6 +175,17 @@ def test_pipes_reporting_is_a_no_op_standalone():
                     "last_kl": 0.01}
 
 
+def test_step_lines_skip_what_was_already_streamed():
+    from l2t_core.pipes import step_line, step_lines
+
+    steps = pd.DataFrame([{"step": 2, "accuracy": 0.5, "mean_tokens": 10.0, "kl": 0.001, "step_time_s": 1.5},
+                          {"step": 1, "accuracy": 0.25, "mean_tokens": 12.0, "kl": 0.0, "step_time_s": 2.0}])
+    result = RunResult("/r", 2, None, steps)
+    assert step_line(steps.iloc[0]) == "step 2: accuracy 0.500, mean tokens 10.0, kl 0.0010, 1.5s"
+    assert [line.split(":")[0] for line in step_lines(result)] == ["step 1", "step 2"]
+    assert step_lines(result, skip=[2]) == [step_line(steps.iloc[1])]
+
+
 def test_pipes_reporter_sends_clean_metadata():
     sent = {}
 

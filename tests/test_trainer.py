@@ -93,8 +93,10 @@ def test_resumed_run_ends_with_the_same_metrics_and_weights(tiny_dir, toy_data, 
     assert crashed.final_step == 3
     store = RunStorage(str(tmp_path / "resumed"))
     assert store.latest_checkpoint()[0] == 2  # step 3 was never checkpointed
-    resumed = Trainer(make_cfg(tiny_dir, tmp_path / "resumed"), show_progress=False).run()
-    assert resumed.final_step == 4
+    seen = []  # on_step streams each newly trained step (here 3 and 4), in order, as it finishes
+    resumed = Trainer(make_cfg(tiny_dir, tmp_path / "resumed"), show_progress=False).run(on_step=seen.append)
+    assert resumed.final_step == 4 and [r["step"] for r in seen] == [3, 4]
+    assert seen[-1]["accuracy"] == resumed.steps.set_index("step").loc[4, "accuracy"]
     pd.testing.assert_frame_equal(comparable(full.steps), comparable(resumed.steps), rtol=1e-6)
     assert list(resumed.steps["step"]) == [1, 2, 3, 4]  # step 3 recomputed, stored once
     for table in ("rollouts", "episode_rewards"):
