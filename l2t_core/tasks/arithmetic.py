@@ -34,7 +34,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from ..episodes import segment
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
@@ -185,7 +185,16 @@ def dataset(
     if split not in ("train", "heldout"):
         raise ValueError(f"dataset: split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(f"{split}:{seed}")
-    out: list[Problem] = []
+    return draw_problems(rng, n, min_steps, max_steps, split, unique,
+                         lambda r, steps, i: make_problem(r, steps, i, hard_prob, ops))
+
+
+def draw_problems(rng: random.Random, n: int, min_steps: int, max_steps: int, split: Split, unique: bool,
+                  make: Callable[[random.Random, int, int], Any]) -> list:
+    """``n`` problems drawn with ``make(rng, steps, index)`` (steps uniform in [min_steps, max_steps]),
+    kept when the hash of their text puts them in ``split`` and, with ``unique``, when the text is
+    new. Shared by the tasks' ``dataset``; fails clearly when the pool is too small."""
+    out: list = []
     seen: set[str] = set()
     tries = 0
     while len(out) < n:
@@ -195,7 +204,7 @@ def dataset(
                 f"dataset: could only draw {len(out)} of {n} {'unique ' if unique else ''}{split} problems "
                 f"with levels {min_steps}..{max_steps}; ask for fewer"
             )
-        p = make_problem(rng, rng.randint(min_steps, max_steps), len(out), hard_prob, ops)
+        p = make(rng, rng.randint(min_steps, max_steps), len(out))
         if split_of(p.problem) != split or (unique and p.problem in seen):
             continue
         seen.add(p.problem)
@@ -222,8 +231,12 @@ def build_task_prompt(problem: Problem | str) -> str:
     since it carries no information about the problem and every prompt character is a token for
     the character-level tokenizer.
     """
-    text = problem.problem if isinstance(problem, Problem) else problem
-    if not text or not text.strip():
+    return task_prompt(problem.problem if isinstance(problem, Problem) else problem)
+
+
+def task_prompt(text: str) -> str:
+    """A synthetic task's prompt from its statement (shared by the tasks' ``build_task_prompt``)."""
+    if not isinstance(text, str) or not text.strip():
         raise ValueError("build_task_prompt: the problem text is empty")
     return f"{text.strip()}\n"
 
@@ -377,15 +390,28 @@ class EpisodeInfo:
 
 def classify_episodes(texts: Sequence[str]) -> list[EpisodeInfo]:
     """Kinds of the episode texts of one response, in the vocabulary of the reference traces."""
+    def step(t: str) -> EpisodeInfo | None:
+        m = _STEP.match(t)
+        if not m:
+            return None
+        factors = tuple(int(f) for f in (m.group(3), m.group(4)) if f is not None)
+        term = Term(m.group(2), factors)
+        return EpisodeInfo("step", term.hard, int(m.group(5)) != term.apply(int(m.group(1))))
+
+    return classify_with(texts, step)
+
+
+def classify_with(texts: Sequence[str], step: Callable[[str], "EpisodeInfo | None"]) -> list[EpisodeInfo]:
+    """Episode kinds in the reference traces' vocabulary, shared by the tasks: ``step(text)`` reads a
+    task's direct step (None if the text is not one); a check or repeat describes the last step
+    before it; ``goal ...`` is a restatement; anything else is ``other``."""
     out: list[EpisodeInfo] = []
     last = EpisodeInfo("other")
     for t in texts:
         t = t.strip()
-        m = _STEP.match(t)
-        if m:
-            factors = tuple(int(f) for f in (m.group(3), m.group(4)) if f is not None)
-            term = Term(m.group(2), factors)
-            last = EpisodeInfo("step", term.hard, int(m.group(5)) != term.apply(int(m.group(1))))
+        info = step(t)
+        if info is not None:
+            last = info
             out.append(last)
         elif t.startswith("check "):
             out.append(EpisodeInfo("check", last.hard, last.wrong))

@@ -58,9 +58,12 @@ from .arithmetic import (  # task-independent pieces, shared with the arithmetic
     Split,
     Trace,
     TraceEpisode,
+    classify_with,
+    draw_problems,
     forced_answer_example,
     render_trace,
     split_of,
+    task_prompt,
 )
 from .arithmetic import TraceStyle as _BaseStyle
 
@@ -220,22 +223,8 @@ def dataset(
     if split not in ("train", "heldout"):
         raise ValueError(f"dataset: split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(f"walk:{split}:{seed}")
-    out: list[Problem] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 200 * (n + 10):
-            raise ValueError(
-                f"dataset: could only draw {len(out)} of {n} {'unique ' if unique else ''}{split} problems "
-                f"with levels {min_steps}..{max_steps}; ask for fewer"
-            )
-        p = make_problem(rng, rng.randint(min_steps, max_steps), len(out), hard_prob)
-        if split_of(p.problem) != split or (unique and p.problem in seen):
-            continue
-        seen.add(p.problem)
-        out.append(p)
-    return out
+    return draw_problems(rng, n, min_steps, max_steps, split, unique,
+                         lambda r, steps, i: make_problem(r, steps, i, hard_prob))
 
 
 def held_out_problems(levels: Sequence[int] = LEVELS, per_level: int = 50, seed: int = HELDOUT_SEED,
@@ -275,10 +264,7 @@ def held_out_problems(levels: Sequence[int] = LEVELS, per_level: int = 50, seed:
 def build_task_prompt(problem: Problem | str) -> str:
     """The prompt of the task: just the statement and a newline (see the arithmetic task's
     :func:`~l2t_core.tasks.arithmetic.build_task_prompt` for why the §8 instruction is left out)."""
-    text = problem.problem if isinstance(problem, Problem) else problem
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("build_task_prompt: the problem text is empty")
-    return f"{text.strip()}\n"
+    return task_prompt(problem.problem if isinstance(problem, Problem) else problem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,21 +338,11 @@ def classify_episodes(texts: Sequence[str]) -> list[EpisodeInfo]:
     a check or repeat describes the last step before it (so a check of a wrong step is one that
     can repair an error); ``goal ...`` is a restatement; anything else is ``other``.
     """
-    out: list[EpisodeInfo] = []
-    last = EpisodeInfo("other")
-    for t in texts:
-        t = t.strip()
+    def step(t: str) -> EpisodeInfo | None:
         m = _STEP.match(t)
-        if m:
-            move = Move(m.group(2))
-            last = EpisodeInfo("step", move.hard, int(m.group(3)) != move.apply(int(m.group(1))))
-            out.append(last)
-        elif t.startswith("check "):
-            out.append(EpisodeInfo("check", last.hard, last.wrong))
-        elif t.startswith("again "):
-            out.append(EpisodeInfo("repeat", last.hard, last.wrong))
-        elif t.startswith("goal "):
-            out.append(EpisodeInfo("restate"))
-        else:
-            out.append(EpisodeInfo("other"))
-    return out
+        if not m:
+            return None
+        move = Move(m.group(2))
+        return EpisodeInfo("step", move.hard, int(m.group(3)) != move.apply(int(m.group(1))))
+
+    return classify_with(texts, step)
