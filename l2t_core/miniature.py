@@ -9,6 +9,13 @@ held-out split per difficulty level. Writes into ``--out``:
 * ``miniature.md``: the same as a table;
 * ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level.
 
+Beside the methods the report carries the task's *necessary* trace length (``floor``: every step
+once, every hard step checked, nothing redundant; :func:`~l2t_core.warmstart.necessary_tokens`),
+the token floor a method can reach without losing the useful work, and every method's tokens
+against it; and the credit-by-episode-kind probe of the SFT base (``credit``,
+:mod:`~l2t_core.episode_credit`): which kinds of episode each method's advantage favours before
+any training.
+
 Runs go through the same :class:`~l2t_core.trainer.Trainer` as any other training job, in
 ``workers`` parallel processes (one torch thread each). Finished runs are kept, so re-running the
 command after an interruption only does what is missing.
@@ -60,6 +67,8 @@ class MiniatureConfig(_Strict):
     eval_per_level: int = Field(60, ge=1, description="Held-out problems per difficulty level.")
     eval_levels: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     workers: int = Field(2, ge=1, description="Parallel training processes (one torch thread each).")
+    credit_problems: int = Field(16, ge=0, description="Problems (levels 4-6, group_size samples each) of the "
+                                 "SFT base's credit-by-episode-kind probe (l2t_core.episode_credit); 0 skips it.")
 
     def model_post_init(self, __context) -> None:
         for m in self.methods:
@@ -164,9 +173,12 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": m, "std": sd}
 
 
-def aggregate(evals: dict[str, list[dict]], base: dict) -> dict:
-    """Mean and std over seeds per method, overall and per level, plus the headline ratios."""
+def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = None) -> dict:
+    """Mean and std over seeds per method, overall and per level, plus the headline ratios (and
+    every method's tokens over the necessary trace's, ``floor``, when given)."""
     out: dict[str, Any] = {"base": base, "methods": {}}
+    if floor is not None:
+        out["floor"] = floor
     for name, runs in evals.items():
         levels = sorted({lv for r in runs for lv in r["per_level"]}, key=int)
         out["methods"][name] = {
@@ -189,6 +201,11 @@ def aggregate(evals: dict[str, list[dict]], base: dict) -> dict:
                 "accuracy_delta": m["accuracy"]["mean"] - g["accuracy"]["mean"],
             } for name, m in ms.items()
         }
+    if floor is not None:
+        out["vs_floor"] = {"SFT base": base["mean_tokens"] / floor["mean_tokens"],
+                           **{name: m["mean_tokens"]["mean"] / floor["mean_tokens"] for name, m in ms.items()}}
+        if "grpo" in ms:  # the lowest tokens ÷ GRPO a method can reach while doing all the useful work
+            out["floor_over_grpo"] = floor["mean_tokens"] / max(ms["grpo"]["mean_tokens"]["mean"], 1e-9)
     return out
 
 
@@ -203,6 +220,11 @@ def markdown_table(report: dict) -> str:
     rows.append("| SFT base | " + f"{b['accuracy']:.3f} | {b['mean_tokens']:.1f} | "
                 + " | ".join(f"{b['per_level'][lv]['accuracy']:.2f}" for lv in levels) + " | "
                 + " | ".join(f"{b['per_level'][lv]['mean_tokens']:.1f}" for lv in levels) + " |")
+    if "floor" in report:
+        f = report["floor"]
+        rows.append("| necessary trace (floor) | – | " + f"{f['mean_tokens']:.1f} | " + " | ".join("–" for _ in levels)
+                    + " | " + " | ".join(f"{f['per_level'][lv]:.1f}" if lv in f["per_level"] else "–" for lv in levels)
+                    + " |")
     for name, m in ms.items():
         pl = m["per_level"]
         rows.append(
@@ -213,10 +235,25 @@ def markdown_table(report: dict) -> str:
         )
     if "vs_grpo" in report:
         rows.append("")
-        rows.append("| method | tokens ÷ GRPO | accuracy − GRPO |")
-        rows.append("|---|---|---|")
+        vf = report.get("vs_floor", {})
+        rows.append("| method | tokens ÷ GRPO | accuracy − GRPO | tokens ÷ necessary |")
+        rows.append("|---|---|---|---|")
         for name, v in report["vs_grpo"].items():
-            rows.append(f"| {name} | {v['token_ratio']:.2f} | {v['accuracy_delta']:+.3f} |")
+            rows.append(f"| {name} | {v['token_ratio']:.2f} | {v['accuracy_delta']:+.3f} | "
+                        f"{f'{vf[name]:.2f}' if name in vf else '–'} |")
+        if "floor_over_grpo" in report:
+            rows.append("")
+            rows.append(f"The necessary trace is {report['floor_over_grpo']:.2f}× GRPO's tokens: the lowest token ratio "
+                        "a method can reach without dropping useful checks (SFT base: "
+                        f"{vf['SFT base']:.2f}× the necessary trace).")
+    if report.get("credit"):
+        from .episode_credit import credit_table
+
+        c = report["credit"]
+        rows += ["", f"Credit by episode kind on the SFT base ({c['responses']} responses at temperature "
+                 f"{c['temperature']}, {c['tagged_share']:.0%} tagged): mean group advantage of correct responses "
+                 "with the kind minus without it (negative: the method favours leaving it out).", "",
+                 credit_table(c)]
     return "\n".join(rows) + "\n"
 
 
@@ -253,13 +290,41 @@ def plot(report: dict, out: Path) -> list[Path]:
     return paths
 
 
+def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
+    """The SFT base's credit-by-episode-kind probe (``credit.json``, reused when its settings match)."""
+    if not cfg.credit_problems:
+        return None
+    from .episode_credit import credit_by_kind
+    from .models import load_policy
+
+    path = out / "credit.json"
+    settings = {"problems": cfg.credit_problems, "group_size": cfg.group_size, "temperature": cfg.temperature,
+                "max_new_tokens": cfg.max_new_tokens, "methods": list(cfg.methods), "task": cfg.warmstart.task}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    task = cfg.warmstart.task_module()
+    top = max(cfg.warmstart.min_steps, cfg.warmstart.max_steps - 2)
+    problems = task.dataset(cfg.credit_problems, top, cfg.warmstart.max_steps, seed=cfg.warmstart.seed + 7)
+    log.info("credit probe: %d problems x %d samples under %s", len(problems), cfg.group_size, ", ".join(cfg.methods))
+    model, tok = load_policy(sft_dir)
+    report = credit_by_kind(model, tok, problems, cfg.methods, group_size=cfg.group_size,
+                            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.warmstart.seed)
+    report["settings"] = settings
+    path.write_text(json.dumps(report, indent=1))
+    return report
+
+
 def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *, show_progress: bool = True) -> dict:
     import multiprocessing as mp
 
     from rich.progress import Progress
 
     from .models import load_policy
-    from .warmstart import evaluate, held_out, warm_start
+    from transformers import AutoTokenizer
+
+    from .warmstart import evaluate, held_out, necessary_tokens, warm_start
 
     cfg = cfg or MiniatureConfig()
     out = Path(out)
@@ -288,6 +353,9 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
         base["eval_settings"] = base_settings
         base_path.write_text(json.dumps(base, indent=1))
     log.info("SFT base: accuracy %.3f, %.1f tokens", base["accuracy"], base["mean_tokens"])
+    eval_problems = held_out(cfg.eval_levels, cfg.eval_per_level, task=cfg.warmstart.task)
+    floor = necessary_tokens(AutoTokenizer.from_pretrained(str(sft_dir)), eval_problems)
+    credit = base_credit(out, cfg, sft_dir)
 
     runs = run_configs(out, cfg, str(sft_dir))
     evals: dict[str, list[dict]] = {}
@@ -309,7 +377,8 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
                      ev["mean_tokens"], ev["train_seconds"])
     order = list(cfg.methods) + list(cfg.variants)
     evals = {k: sorted(evals[k], key=lambda r: r["seed"]) for k in order if k in evals}
-    report = aggregate(evals, base)
+    report = aggregate(evals, base, floor)
+    report["credit"] = credit
     report["seconds"] = time.perf_counter() - t0
     report["config"] = json.loads(cfg.model_dump_json())
     (out / "miniature.json").write_text(json.dumps(report, indent=1))

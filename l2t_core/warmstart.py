@@ -251,15 +251,28 @@ def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, ba
     return out
 
 
+def necessary_tokens(tokenizer, problems: Sequence) -> dict:
+    """Mean response tokens of the *necessary* reference trace of ``problems``, overall and per
+    level (keys "1".."6"): every step once, a check after every hard step (the repair a fast guess
+    needs), no check of an easy step, no repeat, no restatement. The token floor a method can
+    reach without giving up the useful work; the miniature reports every method against it."""
+    task = _task_of_all(problems, "necessary_tokens")
+    style = task.TraceStyle(guess_error=0.0, hard_check=1.0, easy_check=0.0, repeat=0.0, restate=0.0)
+    rng = random.Random(0)  # unused by this style: every choice has probability 0 or 1
+    by_level = defaultdict(list)
+    for p in problems:
+        text = task.build_trace(p, rng, style).text
+        by_level[p.level].append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    every = [n for ns in by_level.values() for n in ns]
+    return {"mean_tokens": sum(every) / len(every),
+            "per_level": {str(lv): sum(ns) / len(ns) for lv, ns in sorted(by_level.items())}}
+
+
 # --------------------------------------------------------------------------------------------
 # Fitting gain per kind of episode
 # --------------------------------------------------------------------------------------------
 
 GainKind = Literal["step_hard", "step_easy", "check_hard", "check_easy", "repeat", "restate", "other"]
-
-
-def _gain_key(kind: str, hard: bool) -> str:
-    return kind if kind in ("restate", "repeat", "other") else f"{kind}_{'hard' if hard else 'easy'}"
 
 
 @torch.no_grad()
@@ -304,9 +317,9 @@ def check_gains(model, tokenizer, problems: Sequence, *, source: Literal["sample
     gains = defaultdict(list)
     for log_j, ks in zip(answer_logprobs_packed(model, items, force_ids), kinds):
         for g, e in zip(fitting_gains(log_j).tolist(), ks):
-            gains[_gain_key(e.kind, e.hard)].append(g)
-            if e.kind == "check" and e.hard:
-                gains["check_hard_repair" if e.wrong else "check_hard_confirm"].append(g)
+            gains[e.key].append(g)
+            if e.detail_key != e.key:
+                gains[e.detail_key].append(g)
     return {
         "source": source, "responses": len(rows), "scored": len(items),
         "mean_gain": {k: sum(v) / len(v) for k, v in sorted(gains.items())},

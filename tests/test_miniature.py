@@ -17,7 +17,7 @@ TINY = {
                   "num_layers": 2, "eval_per_level": 2, "eval_levels": [1, 2], "eval_loss_size": 0,
                   "eval_max_new_tokens": 48},
     "steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 48,
-    "eval_per_level": 2, "eval_levels": [1, 2], "workers": 1,
+    "eval_per_level": 2, "eval_levels": [1, 2], "workers": 1, "credit_problems": 2,
 }
 
 
@@ -43,6 +43,14 @@ def test_aggregate_mean_std_and_ratios():
     assert rep["vs_grpo"]["l2t"]["accuracy_delta"] == pytest.approx(0.0)
     table = markdown_table(rep)
     assert "| l2t | 0.700 ± 0.000 | 25.0 ± 7.1 |" in table and "| SFT base |" in table
+    # against the necessary trace: the floor row, tokens ÷ necessary, and the floor over GRPO
+    rep = aggregate({"grpo": [ev(0, 0.6, 40.0), ev(1, 0.8, 60.0)], "l2t": [ev(0, 0.7, 20.0), ev(1, 0.7, 30.0)]}, base,
+                    {"mean_tokens": 25.0, "per_level": {"1": 25.0}})
+    assert rep["vs_floor"] == {"SFT base": pytest.approx(1.6), "grpo": pytest.approx(2.0), "l2t": pytest.approx(1.0)}
+    assert rep["floor_over_grpo"] == pytest.approx(0.5)
+    table = markdown_table(rep)
+    assert "| necessary trace (floor) | – | 25.0 | – | 25.0 |" in table
+    assert "| l2t | 0.50 | +0.000 | 1.00 |" in table and "0.50× GRPO's tokens" in table
 
 
 @pytest.mark.slow
@@ -55,6 +63,9 @@ def test_miniature_end_to_end(tmp_path):
         assert set(m["per_level"]) == {"1", "2"}
         assert 0.0 <= m["accuracy"]["mean"] <= 1.0 and m["mean_tokens"]["mean"] > 0
     assert "vs_grpo" in data and (out / "miniature.md").read_text().startswith("# L2T miniature")
+    assert set(data["floor"]["per_level"]) == {"1", "2"} and 0 < data["floor"]["mean_tokens"]
+    assert set(data["credit"]["methods"]) == {"grpo", "l2t"} and data["credit"]["responses"] == 2 * TINY["group_size"]
+    assert "Credit by episode kind" in (out / "miniature.md").read_text()
     for p in report["plots"]:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # finished runs are kept: a second call trains nothing and gives the same numbers

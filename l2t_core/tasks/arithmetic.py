@@ -383,6 +383,20 @@ class EpisodeInfo:
     wrong: bool = False
 
     @property
+    def key(self) -> str:
+        """The kind, split by the hardness of the step for steps and checks: ``step_hard``,
+        ``check_easy``, ``repeat``, ``restate``, ``other`` (the keys of per-kind reports)."""
+        return self.kind if self.kind in ("restate", "repeat", "other") else f"{self.kind}_{'hard' if self.hard else 'easy'}"
+
+    @property
+    def detail_key(self) -> str:
+        """:attr:`key`, with checks of hard steps split by whether the checked step was wrong
+        (``check_hard_repair``, a useful check) or right (``check_hard_confirm``)."""
+        if self.kind == "check" and self.hard:
+            return "check_hard_repair" if self.wrong else "check_hard_confirm"
+        return self.key
+
+    @property
     def redundant(self) -> bool:
         """Restatements, repeats and checks of easy steps add nothing to a trace."""
         return self.kind in ("restate", "repeat") or (self.kind == "check" and not self.hard)
