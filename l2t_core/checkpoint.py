@@ -21,6 +21,10 @@ the previous checkpoint usable. A process killed mid-write (``kill -9``, preempt
 ``.tmp-*`` directory in the run directory, removed by the next write. Deleting a checkpoint
 (pruning, or replacing a directory of the same step) removes its ``COMPLETE`` first, so a deletion
 cut short never leaves a half-deleted directory that looks complete.
+
+A run URL never carries credentials (:mod:`l2t_core.urls`): the run's URLs end up in its
+``train_config.json``, the warehouse, metadata and logs, so :class:`RunStorage` refuses one that
+has them; the backend gets them from the environment or ``storage_options``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Callable, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .urls import refuse_credentials
+
 log = logging.getLogger("l2t.checkpoint")
 
 COMPLETE = "COMPLETE"
@@ -52,14 +58,25 @@ class RunStorage:
     """A run directory on any fsspec filesystem; knows how to write and find checkpoints."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
+        """``url``: the run directory, a local path or an fsspec URL without credentials in it (one
+        with ``user:password@``, a token or a signature is refused before anything is opened:
+        :class:`~l2t_core.urls.CredentialsInURL`); ``storage_options``: the filesystem's keyword
+        arguments (credentials among them), passed to fsspec and never shown."""
         if not url or not str(url).strip():
             raise ValueError("RunStorage: the run URL is empty; give a local path or an fsspec URL like s3://bucket/run")
+        refuse_credentials(str(url), "RunStorage")
         self.url = str(url).rstrip("/")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         except (ImportError, ValueError) as exc:
             raise ValueError(
                 f"cannot open run storage {self.url!r}: {exc}. For s3:// install the 'pipeline' extra (s3fs)."
+            ) from exc
+        except OSError as exc:  # a filesystem that connects when created (ftp, sftp): host down or refusing
+            raise OSError(
+                f"cannot open run storage {self.url!r} ({type(exc).__name__}: {exc}); check the host and port, "
+                "and the credentials in the environment (AWS_ACCESS_KEY_ID, FSSPEC_<PROTOCOL>_<OPTION>, ...) or "
+                "storage_options"
             ) from exc
         self.root = self.root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)

@@ -41,9 +41,38 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
     return out
 
 
+def _refuse_url_credentials(what: str, value: str) -> None:
+    """SystemExit (naming ``what`` and the redacted URL only) when ``value`` has credentials in it."""
+    from .urls import CredentialsInURL, refuse_credentials
+
+    try:
+        refuse_credentials(value, what)
+    except CredentialsInURL as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def refuse_credentials_in_args(args: argparse.Namespace) -> None:
+    """No URL given on the command line (``--out``, ``--config``, ``--policy``, ``--model``,
+    ``--set out=...``, ...) may carry credentials: l2t would save and show it (l2t_core.urls)."""
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                _refuse_url_credentials(f"l2t {args.command} --{dest.replace('_', '-')}", v)
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message: every URL in it redacted."""
+    from .urls import redact_urls_in
+
+    return repr(redact_urls_in(value))
+
+
 def _read_config_text(path: str) -> str:
     """The text of a local config file or of any fsspec URL (``s3://bucket/run/train.yaml``: the
-    Kubernetes launcher writes the config next to the run; s3fs reads credentials from the environment)."""
+    Kubernetes launcher writes the config next to the run; s3fs reads credentials from the environment).
+    A URL with credentials in it is refused (they would show in messages); they come from the
+    environment (AWS_ACCESS_KEY_ID, FSSPEC_<PROTOCOL>_<OPTION>, ...)."""
+    _refuse_url_credentials("--config", path)
     if "://" not in path:
         p = Path(path)
         if not p.is_file():
@@ -94,7 +123,7 @@ def build_config(model_cls, args, flag_fields: dict[str, str]):
         lines = [f"invalid {model_cls.__name__}:"]
         for e in exc.errors():
             loc = ".".join(str(x) for x in e["loc"])
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {loc}: {e['msg']} (got {_shown(e.get('input'))})")
         raise SystemExit("\n".join(lines)) from None
 
 
@@ -126,7 +155,10 @@ def cmd_train(args) -> int:
             pipes.log(line)
         latest = trainer.storage.latest_checkpoint()
         pipes.report_materialization(train_metadata(result, latest[1] if latest else None))
-    print(json.dumps({"out": result.out, "final_step": result.final_step, "checkpoint": result.checkpoint}))
+    from .urls import redact_urls_in
+
+    print(json.dumps(redact_urls_in({"out": result.out, "final_step": result.final_step,
+                                     "checkpoint": result.checkpoint})))
     return 0
 
 
@@ -259,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_compare)
 
     args = ap.parse_args(argv)
+    refuse_credentials_in_args(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.fn(args)

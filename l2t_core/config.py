@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Iterable, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .urls import credentials_message, redact_url, redact_urls_in, url_credentials
 
 
 class _Strict(BaseModel):
@@ -23,12 +25,17 @@ def config_differences(saved: dict, current: BaseModel, ignore: Iterable[str] = 
     The saved config is first read through ``current``'s model, so a field added after it was saved
     takes its default (new options default to the earlier behaviour) and an old run still matches.
     ``ignore`` lists fields that do not change the result (a run's own location, thread counts).
+
+    URLs are compared redacted (:func:`~l2t_core.urls.redact_url`): credentials are not part of a
+    run's identity, so a config saved (before they were refused) with ``ftp://user:pw@host/run``
+    matches today's ``ftp://host/run`` with the credentials in the environment.
     """
+    saved = redact_urls_in(saved)
     try:
         saved = json.loads(type(current).model_validate(saved).model_dump_json())
     except ValidationError:
         pass  # unreadable today: compare the raw values, which then differ where it matters
-    mine = json.loads(current.model_dump_json())
+    mine = redact_urls_in(json.loads(current.model_dump_json()))
     return sorted(k for k in (set(saved) | set(mine)) - set(ignore) if saved.get(k) != mine.get(k))
 
 
@@ -190,8 +197,30 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
+class _RefusedURL:
+    """Stands in for a URL with credentials while a config validates: pydantic shows a field's input
+    in its error text and keeps it in ``errors()``, so the refused URL must not be that input."""
+
+    def __init__(self, url: str, what: str):
+        self.shown = redact_url(url)
+        self.message = credentials_message(url, what)
+
+    def __repr__(self) -> str:
+        return repr(self.shown)
+
+
+# the fields of TrainConfig that hold a location (a path, an fsspec URL or a hub id)
+URL_FIELDS = ("policy", "out", "deepspeed_config")
+
+
 class TrainConfig(_Strict):
-    """One RL fine-tuning run. Serialised as ``train_config.json`` in every checkpoint."""
+    """One RL fine-tuning run. Serialised as ``train_config.json`` in every checkpoint.
+
+    Its locations (``policy``, ``out``, ``deepspeed_config``) are saved and shown with the run, so
+    a URL with credentials in it (``ftp://user:password@host/run``, ``https://token@host/...``,
+    ``?X-Amz-Signature=...``) is refused, naming the field and the redacted URL; credentials come
+    from the environment or fsspec ``storage_options`` instead (see :mod:`l2t_core.urls`).
+    """
 
     method: MethodName = "l2t"
     policy: str = Field(..., min_length=1, description="Initial policy: a local HF directory or a hub id.")
@@ -213,6 +242,24 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_url_credentials(cls, data):
+        """A location with credentials becomes a _RefusedURL, which _no_url_credentials refuses."""
+        if isinstance(data, dict):
+            refused = {k: _RefusedURL(v, f"TrainConfig.{k}") for k in URL_FIELDS
+                       if isinstance(v := data.get(k), str) and url_credentials(v)}
+            if refused:
+                data = {**data, **refused}
+        return data
+
+    @field_validator(*URL_FIELDS, mode="before")
+    @classmethod
+    def _no_url_credentials(cls, value):
+        if isinstance(value, _RefusedURL):
+            raise ValueError(value.message)
+        return value
 
     def model_post_init(self, __context) -> None:
         if self.data.min_steps > self.data.max_steps:

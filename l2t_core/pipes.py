@@ -16,6 +16,8 @@ import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
+from .urls import redact_url
+
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import RunResult
 
@@ -100,9 +102,9 @@ def train_metadata(result: "RunResult", latest_checkpoint: str | None = None) ->
     """Materialization metadata of a finished training run: where it is, how far it got, and the
     last step's metrics (``STEP_METADATA_COLUMNS`` that the run's train_steps table has)."""
     meta: dict[str, Any] = {
-        "run_url": result.out,
+        "run_url": redact_url(result.out),
         "final_step": int(result.final_step),
-        "checkpoint": result.checkpoint or latest_checkpoint,
+        "checkpoint": redact_url(result.checkpoint or latest_checkpoint) if (result.checkpoint or latest_checkpoint) else None,
         "logged_steps": int(len(result.steps)),
     }
     if len(result.steps):

@@ -46,6 +46,7 @@ from .rewards.compression import SVDProxy
 from .rewards.fitting import microbatches
 from .rewards.l2t import RewardBatch, Rollout, compute_rewards
 from .rollout import SamplingParams, make_rollout_engine
+from .urls import redact_url
 from .training_data import TrainProblem, load_training_problems, verifier_for
 
 log = logging.getLogger("l2t.trainer")
@@ -228,7 +229,7 @@ class Trainer:
             diff = config_differences(json.loads((d / CONFIG_FILE).read_text()), self.cfg, ignore=("out",))
             if diff:
                 raise ValueError(
-                    f"{self.cfg.out} holds a run with a different configuration (fields: {', '.join(diff)}); "
+                    f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}); "
                     "resume with the same configuration or choose a new --out"
                 )
             from safetensors.torch import load_file
@@ -240,7 +241,7 @@ class Trainer:
             missing, unexpected = model.load_state_dict(weights, strict=False)
             missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
             if missing or unexpected:
-                raise RuntimeError(f"checkpoint {url} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise RuntimeError(f"checkpoint {redact_url(url)} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
             self.engine.load_state(d)
             state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
         self.run_id = state["run_id"]
@@ -251,7 +252,7 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.rollout.sync_weights(self.engine.unwrapped())
         self.metrics.drop_after(step)
-        log.info("resumed run %s from %s (step %d)", self.run_id, url, step)
+        log.info("resumed run %s from %s (step %d)", self.run_id, redact_url(url), step)
         return step
 
     # ------------------------------------------------------------------ one step

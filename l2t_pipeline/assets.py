@@ -18,7 +18,7 @@ from l2t_core.models import load_policy
 from . import plots
 from .config import BaseModelConfig, DatasetsConfig, RewardSettings, RolloutSamplingConfig, TrainRunConfig
 from .partitions import BASE_DIMENSION, base_models_partitions, runs_partitions, split_run_key
-from .resources import HeldOutEvaluator, L2TStorage, ModelEntry, ModelRegistry, TrainingData, TrainingLauncher
+from .resources import Evaluator, L2TStorage, ModelEntry, ModelRegistry, TrainingData, TrainingLauncher
 from .schemas import EpisodeRewardsType, EvalResultsType, ProblemsType, RolloutsType, markdown_table
 from .tables import problem_rows, sample_base_rollouts, score_base_rollouts, trainer_tables
 from .warehouse import connect, read_rows, train_steps_frame, write_validated
@@ -72,9 +72,9 @@ def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: 
 
 @dg.asset(partitions_def=base_models_partitions, group_name="models", kinds={"pytorch", "duckdb"},
           description="The base policy of a partition: the embedded default warm-started by SFT on the "
-                      "synthetic task, or a registry model; its baseline held-out evaluation goes to eval_results.")
+                      "synthetic task, or a registry model; its baseline evaluation goes to eval_results.")
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: L2TStorage,
-               registry: ModelRegistry, training_data: TrainingData, evaluator: HeldOutEvaluator,
+               registry: ModelRegistry, training_data: TrainingData, evaluator: Evaluator,
                duckdb: DuckDBResource) -> dg.MaterializeResult:
     name = context.partition_key
     entry = registry.get(name)
@@ -83,22 +83,20 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         if not training_data.synthetic:
             raise ValueError(f"base model {name!r} is a warm start, which needs a synthetic task as training data; "
                              f"training_data.source is {training_data.source!r}")
-        if evaluator.task != training_data.source:
-            raise ValueError(f"base model {name!r} learns the task {training_data.source!r} but the evaluator "
-                             f"tests {evaluator.task!r}; set both resources to the same task")
+        evaluator.check_base_model(name, training_data.source)
         data = training_data.to_core()
         out = storage.model_dir(name)
         report, reused = build_or_reuse_warm_start(out, config.to_core(data.source, data.min_steps, data.max_steps))
         meta.update(reused=reused, parameters=report["parameters"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"])
     path = base_model_path(name, entry, storage)
-    context.log.info("base model %s at %s; evaluating on %s", name, path, evaluator.benchmark)
+    context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
     evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
     overall = evals[evals["level"] == "all"].iloc[0]
-    meta.update(path=path, benchmark=evaluator.benchmark, evaluator=evaluator.fingerprint(),
+    meta.update(path=storage.display(path), benchmark=evaluator.benchmark, evaluator=evaluator.fingerprint(),
                 accuracy=float(overall["accuracy"]), mean_tokens=float(overall["mean_tokens"]), eval_rows=n,
                 evaluation=dg.MetadataValue.md(markdown_table(evals[["level", "n", "accuracy", "mean_tokens",
                                                                  "tagged_share", "finished_share"]])))
@@ -111,10 +109,10 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
 
 
 @dg.asset(group_name="data", kinds={"pandas", "duckdb"}, dagster_type=ProblemsType,
-          description="Normalized, validated problems: the training prompts, the held-out evaluation split "
-                      "and any configured benchmark files (table `problems`).")
+          description="Normalized, validated problems: the training prompts, the evaluator's problems (the "
+                      "held-out split or benchmark test rows) and any configured benchmark files (table `problems`).")
 def datasets(context: dg.AssetExecutionContext, config: DatasetsConfig, training_data: TrainingData,
-             evaluator: HeldOutEvaluator, duckdb: DuckDBResource) -> pd.DataFrame:
+             evaluator: Evaluator, duckdb: DuckDBResource) -> pd.DataFrame:
     df = problem_rows(training_data.to_core(), training_data.dataset_name, evaluator.problem_rows(),
                       config.benchmarks, config.max_rows_per_benchmark)
     asset_key, pk = _key(context)
@@ -230,7 +228,7 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
 REPORT_FILE = "benchmark_report.html"
 
 
-def base_evaluation(conn, base: str, base_path: str, evaluator: HeldOutEvaluator) -> pd.DataFrame:
+def base_evaluation(conn, base: str, base_path: str, evaluator: Evaluator) -> pd.DataFrame:
     """The base model's evaluation rows: those ``base_model`` stored with the same evaluator
     fingerprint when present, else a fresh evaluation."""
     stored = read_rows(conn, "eval_results", "base_model", base)
@@ -253,12 +251,24 @@ def comparison(evals: pd.DataFrame) -> dict:
             "base_mean_tokens": float(b["mean_tokens"]), "token_reduction": float(reduction)}
 
 
+def eval_figure(evals: pd.DataFrame, title: str):
+    """Accuracy and tokens per level, base next to checkpoint: numbered levels (the synthetic
+    tasks) on a level axis, named groups (a real benchmark's ``level 3``, ``tier d<=3``, or only
+    ``all``) one bar group each."""
+    levels = evals.loc[evals["level"] != "all", "level"].astype(str)
+    if len(levels) and levels.str.fullmatch(r"\d+").all():
+        return plots.eval_comparison(evals, title)
+    from l2t_core.eval.report import plot_models_by_group
+
+    return plot_models_by_group(evals, title)
+
+
 @dg.asset(partitions_def=runs_partitions, group_name="evaluation", kinds={"pytorch", "duckdb"},
           dagster_type=EvalResultsType, deps=["checkpoints"],
           description="Evaluation of a run's latest checkpoint and its base model on the same benchmark "
                       "(table `eval_results`), with plots and the token reduction as metadata.")
 def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, registry: ModelRegistry,
-                      evaluator: HeldOutEvaluator, duckdb: DuckDBResource) -> pd.DataFrame:
+                      evaluator: Evaluator, duckdb: DuckDBResource) -> pd.DataFrame:
     base, method = split_run_key(context)
     asset_key, pk = _key(context)
     base_path = base_model_path(base, registry.get(base), storage)
@@ -274,7 +284,7 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
         steps = read_rows(conn, "train_steps", "checkpoints", pk)
     cmp = comparison(evals)
     images = [("accuracy and tokens per level",
-               plots.png_data_uri(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}")))]
+               plots.png_data_uri(eval_figure(evals, f"{base} / {method} on {evaluator.benchmark}")))]
     if len(steps):
         images.append(("training curve", plots.png_data_uri(plots.training_curve(steps, f"training {base} / {method}"))))
     figs = "\n\n".join(f"![{alt}]({uri})" for alt, uri in images)

@@ -8,7 +8,8 @@ Asset graph (partitions in brackets)::
 
 Resources: ``duckdb`` (the warehouse), ``storage`` (runs on an fsspec URL, models on local
 disk), ``registry`` (model registry YAML), ``training_data``, ``evaluator`` (held-out
-evaluation) and ``launcher`` (the Pipes training launcher). See ``l2t_pipeline/README.md``.
+evaluation, or real benchmarks with ``L2T_EVALUATOR=benchmark``) and ``launcher`` (the Pipes
+training launcher, ``L2T_LAUNCHER``). See ``l2t_pipeline/README.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import dagster as dg
 from .assets import base_model, benchmark_reports, checkpoints, datasets, episode_rewards, segmented_rollouts
 from .checks import all_checks
 from .jobs import baseline_job, evaluation_job, training_job
-from .resources import HeldOutEvaluator, L2TStorage, ModelRegistry, TrainingData, TrainingLauncher, make_duckdb
+from .resources import (BENCHMARK_EVAL_ENV, BenchmarkEvaluator, Evaluator, HeldOutEvaluator, L2TStorage, ModelRegistry,
+                        TrainingData, TrainingLauncher, make_duckdb)
 from .sensors import model_registry_sensor, reevaluation_schedule
 
 ASSETS = [datasets, base_model, segmented_rollouts, episode_rewards, checkpoints, benchmark_reports]
@@ -42,15 +44,35 @@ def training_launcher(environ: Mapping[str, str] | None = None) -> dg.Configurab
                      "or 'k8s' (a Kubernetes pod; install the 'k8s' extra)")
 
 
+def evaluator_resource(environ: Mapping[str, str] | None = None) -> Evaluator:
+    """The evaluator ``L2T_EVALUATOR`` selects: ``heldout`` (the default; the synthetic task's
+    held-out split, ``HeldOutEvaluator``) or ``benchmark`` (real math benchmarks,
+    ``BenchmarkEvaluator``; settings from ``L2T_EVAL_BENCHMARKS``, ``L2T_EVAL_LIMIT``, ... see
+    ``BenchmarkEvaluator.from_env``)."""
+    env = os.environ if environ is None else environ
+    kind = env.get("L2T_EVALUATOR", "heldout").strip().lower() or "heldout"
+    if kind == "heldout":
+        ignored = [var for var in BENCHMARK_EVAL_ENV if env.get(var, "").strip()]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} set, but L2T_EVALUATOR is 'heldout', which ignores them; set "
+                             "L2T_EVALUATOR=benchmark to evaluate on real benchmarks, or unset them")
+        return HeldOutEvaluator()
+    if kind == "benchmark":
+        return BenchmarkEvaluator.from_env(env)
+    raise ValueError(f"L2T_EVALUATOR={kind!r} is not an evaluator; use 'heldout' (the synthetic task's held-out "
+                     "split, the default) or 'benchmark' (real math benchmarks: L2T_EVAL_BENCHMARKS, L2T_EVAL_LIMIT, "
+                     "...; see l2t_pipeline/README.md)")
+
+
 def default_resources() -> dict:
     """The resources with their defaults (environment overrides in l2t_pipeline.resources;
-    ``L2T_LAUNCHER`` picks the training launcher)."""
+    ``L2T_LAUNCHER`` picks the training launcher, ``L2T_EVALUATOR`` the evaluator)."""
     return {
         "duckdb": make_duckdb(),
         "storage": L2TStorage(),
         "registry": ModelRegistry(),
         "training_data": TrainingData(),
-        "evaluator": HeldOutEvaluator(),
+        "evaluator": evaluator_resource(),
         "launcher": training_launcher(),
     }
 

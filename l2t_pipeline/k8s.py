@@ -38,8 +38,7 @@ from pydantic import Field
 
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
-
-from .resources import redact_url
+from l2t_core.urls import redact_url
 
 # only rank 0 of a multi-process launch talks to Dagster Pipes: the other ranks lose the variables
 # that PipesK8sClient injects (l2t_core.pipes then runs them standalone); "$@" is the l2t command

@@ -6,9 +6,14 @@ Defaults (all overridable through the environment):
 * ``L2T_DUCKDB_PATH``: the DuckDB file, default ``dagster_home/l2t.duckdb``;
 * ``L2T_STORAGE_URL``: where training runs live, a local directory (default
   ``dagster_home/storage``) or any fsspec URL such as ``s3://bucket/l2t``; for S3, s3fs reads the
-  credentials and ``AWS_ENDPOINT_URL`` from the environment; they are never logged or stored;
+  credentials and ``AWS_ENDPOINT_URL`` from the environment; they are never logged or stored (a URL
+  with credentials in it, ``ftp://user:password@host/...``, is refused: see :mod:`l2t_core.urls`);
 * ``L2T_MODELS_DIR``: local directory of base models, default ``dagster_home/models``;
 * ``L2T_MODEL_REGISTRY``: the model registry YAML, default ``l2t_pipeline/model_registry.yaml``.
+
+The evaluator is :class:`HeldOutEvaluator` (the synthetic task's held-out split) or
+:class:`BenchmarkEvaluator` (real math benchmarks, ``L2T_EVALUATOR=benchmark`` with the
+``L2T_EVAL_*`` settings of :meth:`BenchmarkEvaluator.from_env`); see ``definitions.evaluator_resource``.
 """
 
 from __future__ import annotations
@@ -16,11 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 import dagster as dg
 import pandas as pd
@@ -30,7 +34,10 @@ from pydantic import Field
 
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import DataConfig, TrainConfig
+from l2t_core.eval.runner import EvalSettings
 from l2t_core.tasks import TASKS, get_task
+# redact_url lives in l2t_core.urls; importable from here too (older imports, l2t_pipeline.k8s)
+from l2t_core.urls import redact_url, refuse_credentials
 
 LEVELS = (1, 2, 3, 4, 5, 6)  # the difficulty levels of the synthetic tasks
 
@@ -51,63 +58,36 @@ def make_duckdb() -> DuckDBResource:
     return DuckDBResource(database=path)
 
 
-# query parameters whose values are credentials: presigned S3 URLs (X-Amz-Credential, -Signature,
-# -Security-Token), Azure SAS (sig), OAuth/API tokens and keys
-_SECRET_PARAM = re.compile(r"secret|token|passw|pwd|signature|credential|^sig$|api[-_]?key|access[-_]?key|^key$|auth",
-                           re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` safe to log or show: without its user/password part, and with the values of query
-    parameters that carry credentials (``X-Amz-Signature``, ``token``, ``sig``, ...) replaced by
-    ``REDACTED``; the rest is kept as written (host case, IPv6 brackets, escapes).
-
-    ``user:password@`` is removed even when the password holds characters a URL should have
-    escaped, as AWS secret keys do (``/``, ``+``; also ``?``, ``#``, ``@``): after a ``user:``
-    prefix, everything up to the last ``@`` goes. A URL that is not ambiguous about it is shown
-    whole; one that is (``https://host:9000/a@b``: a port, or a password that starts with digits
-    and a ``/``?) is shown shortened (``https://b``) rather than risk showing a credential."""
-    text = str(url)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text
-    first_at = rest.find("@")
-    if first_at != -1:
-        before = rest[:first_at]
-        user, colon, _ = before.partition(":")
-        authority = rest[: min([i for i in (rest.find(c) for c in "/?#") if i != -1], default=len(rest))]
-        if colon and "/" not in user:
-            rest = rest[rest.rindex("@") + 1:]  # user:password@ with any characters in the password
-        elif "@" in authority:
-            rest = rest[authority.rindex("@") + 1:]  # a standard userinfo (a token, user:password)
-    head, qmark, query = rest.partition("?")
-    if qmark:
-        query, hash_, fragment = query.partition("#")
-        params = []
-        for param in query.split("&"):
-            name, eq, _value = param.partition("=")
-            params.append(f"{name}=REDACTED" if eq and _SECRET_PARAM.search(name) else param)
-        rest = head + "?" + "&".join(params) + hash_ + fragment
-    return f"{scheme}://{rest}"
+def default_storage_url() -> str:
+    """``L2T_STORAGE_URL`` or ``dagster_home/storage``; a URL with credentials in it fails here, when
+    the code location loads, before Dagster shows or records the resource's configuration."""
+    url = os.environ.get("L2T_STORAGE_URL", str(DAGSTER_HOME / "storage"))
+    return refuse_credentials(url, "L2T_STORAGE_URL")
 
 
 class L2TStorage(dg.ConfigurableResource):
     """Where training runs (fsspec URL) and base models (local directory) are stored."""
 
-    url: str = Field(default_factory=lambda: os.environ.get("L2T_STORAGE_URL", str(DAGSTER_HOME / "storage")),
-                     description="Root of the run directories: a local path or an fsspec URL (s3://...).")
+    url: str = Field(default_factory=default_storage_url,
+                     description="Root of the run directories: a local path or an fsspec URL (s3://...), without "
+                                 "credentials (those come from the environment).")
     models_dir: str = Field(default_factory=lambda: os.environ.get("L2T_MODELS_DIR", str(DAGSTER_HOME / "models")),
                             description="Local directory of base models.")
 
+    def _root(self) -> str:
+        """``url``, refused (:class:`~l2t_core.urls.CredentialsInURL`) when it has credentials in it."""
+        return refuse_credentials(self.url, "L2TStorage.url (L2T_STORAGE_URL)")
+
     def run_url(self, base_model: str, method: str, config_hash: str) -> str:
         """The run directory of one training configuration of a (base model, method) partition."""
-        return "/".join([self.url.rstrip("/"), "runs", base_model, method, config_hash])
+        return "/".join([self._root().rstrip("/"), "runs", base_model, method, config_hash])
 
     def model_dir(self, name: str) -> Path:
         return Path(self.models_dir) / name
 
     def run_storage(self, url: str) -> RunStorage:
-        """A RunStorage on ``url``; s3fs picks its credentials and endpoint from the environment."""
+        """A RunStorage on ``url``; s3fs picks its credentials and endpoint from the environment (a URL
+        with credentials in it is refused, see :mod:`l2t_core.urls`)."""
         return RunStorage(url)
 
     def display(self, url: str) -> str:
@@ -145,6 +125,8 @@ class ModelRegistry(dg.ConfigurableResource):
                 raise ValueError(f"model registry {p}: entry {name!r} is invalid: {exc}") from exc
             if e.kind == "pretrained" and not e.path:
                 raise ValueError(f"model registry {p}: entry {name!r} of kind 'pretrained' needs a 'path'")
+            # the path is logged, shown as metadata and stored with the evaluations: no credentials
+            refuse_credentials(e.path, f"model registry {p}: entry {name!r}, path")
             out[str(name)] = e
         return out
 
@@ -182,14 +164,51 @@ class TrainingData(dg.ConfigurableResource):
         return f"{self.source}_train" if self.synthetic else self.source.removesuffix(".jsonl")
 
 
-class HeldOutEvaluator(dg.ConfigurableResource):
+def settings_fingerprint(benchmark: str, settings: dict) -> str:
+    """``<benchmark>:<10 hex digits>``, a hash of the evaluation settings (JSON, sorted keys)."""
+    blob = json.dumps(settings, sort_keys=True)
+    return f"{benchmark}:{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+class Evaluator(dg.ConfigurableResource):
+    """The evaluation boundary of ``datasets``, ``base_model`` and ``benchmark_reports``.
+
+    An evaluator names its ``benchmark``, lists its problems (:meth:`problem_rows`, ``problems``
+    rows) and evaluates a saved model (:meth:`evaluate`: rows per level or group plus
+    ``level='all'``, the columns of :class:`~l2t_pipeline.schemas.EvalResultsSchema` without the
+    model columns). :meth:`fingerprint` identifies every setting that changes the results, so
+    stored results with an equal fingerprint can be reused and compared. Two implementations:
+    :class:`HeldOutEvaluator` and :class:`BenchmarkEvaluator`.
+    """
+
+    @property
+    def benchmark(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must define the benchmark property")
+
+    def settings(self) -> dict:
+        """Every setting that changes the results (the input of :meth:`fingerprint`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define settings()")
+
+    def fingerprint(self) -> str:
+        """Identifies the evaluation settings: results with equal fingerprints are comparable."""
+        return settings_fingerprint(self.benchmark, self.settings())
+
+    def problem_rows(self) -> pd.DataFrame:
+        raise NotImplementedError(f"{type(self).__name__} must define problem_rows()")
+
+    def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
+        raise NotImplementedError(f"{type(self).__name__} must define evaluate(model_dir)")
+
+    def check_base_model(self, base_model: str, task: str) -> None:
+        """Raise when a warm start of ``base_model`` trained on the synthetic ``task`` cannot be
+        evaluated here; any model can be evaluated on real benchmarks."""
+
+
+class HeldOutEvaluator(Evaluator):
     """Greedy evaluation on a synthetic task's held-out split (``l2t_core.warmstart.evaluate``).
 
-    The evaluation boundary of ``datasets``, ``base_model`` and ``benchmark_reports``: any
-    resource with the same ``benchmark``, ``fingerprint()``, ``problem_rows()`` and
-    ``evaluate(model_dir) -> DataFrame`` (rows per level plus ``'all'``, the columns of
-    :class:`~l2t_pipeline.schemas.EvalResultsSchema` without the model columns) can replace it,
-    e.g. one over the real benchmarks of ``l2t_core.eval``.
+    The default evaluator; :class:`BenchmarkEvaluator` replaces it for the real benchmarks of
+    ``l2t_core.eval`` (``L2T_EVALUATOR=benchmark``).
     """
 
     task: str = Field(default_factory=lambda: DataConfig().source,
@@ -218,11 +237,15 @@ class HeldOutEvaluator(dg.ConfigurableResource):
                               "prompt": task.build_task_prompt(p), "answer": p.answer, "level": p.level}
                              for p in self.problems()])
 
-    def fingerprint(self) -> str:
-        """Identifies the evaluation settings: results with equal fingerprints are comparable."""
-        blob = json.dumps({"benchmark": self.benchmark, "levels": self.levels, "per_level": self.per_level,
-                           "max_new_tokens": self.max_new_tokens}, sort_keys=True)
-        return f"{self.benchmark}:{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+    def settings(self) -> dict:
+        return {"benchmark": self.benchmark, "levels": self.levels, "per_level": self.per_level,
+                "max_new_tokens": self.max_new_tokens}
+
+    def check_base_model(self, base_model: str, task: str) -> None:
+        """A warm start must learn the task whose held-out split is evaluated."""
+        if self.task != task:
+            raise ValueError(f"base model {base_model!r} learns the task {task!r} but the evaluator "
+                             f"tests {self.task!r}; set both resources to the same task")
 
     def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
         """Overall (``level='all'``) and per-level results of the model in ``model_dir``."""
@@ -244,6 +267,185 @@ def summary_rows(summary: dict, benchmark: str, evaluator: str) -> pd.DataFrame:
     df["benchmark"] = benchmark
     df["evaluator"] = evaluator
     return df
+
+
+# environment variable -> BenchmarkEvaluator field (BenchmarkEvaluator.from_env)
+BENCHMARK_EVAL_ENV = {
+    "L2T_EVAL_BENCHMARKS": "benchmarks", "L2T_EVAL_LIMIT": "limit", "L2T_EVAL_MAX_NEW_TOKENS": "max_new_tokens",
+    "L2T_EVAL_N": "n", "L2T_EVAL_TEMPERATURE": "temperature", "L2T_EVAL_TOP_P": "top_p", "L2T_EVAL_SEED": "seed",
+    "L2T_EVAL_ENGINE": "engine", "L2T_EVAL_DEVICE": "device",
+}
+ROLLOUT_ENGINES = ("hf", "vllm")
+
+
+class BenchmarkEvaluator(Evaluator):
+    """Evaluation on real math benchmarks (``l2t_core.eval``): the problems of ``benchmarks``
+    (``load_benchmark``: the curated file in ``$L2T_DATA_DIR``, else a hub copy cached there, else
+    a download from the Hugging Face hub), ``n`` samples per problem through a rollout engine,
+    verified against every accepted answer (``evaluate_math``), and one row per level / tier
+    plus ``'all'`` (``l2t_core.eval.runner.group_rows``).
+
+    The default is greedy (``n=1``, ``temperature=0``); METHOD.md §7's protocol is ``n=20``,
+    ``temperature=0.6``, ``top_p=0.95``. ``limit`` evaluates the first problems of each benchmark
+    (quick runs, tests). Every setting that changes the results, and the problems themselves,
+    enter :meth:`fingerprint`.
+    """
+
+    benchmarks: list[str] = Field(default_factory=lambda: ["math500"],
+                                  description="Math benchmarks of l2t_core.eval.datasets (math500, aime24, ...).")
+    limit: Optional[int] = Field(None, description="First N problems of each benchmark (None: all of them).")
+    n: int = Field(1, description="Samples per problem (accuracy is pass@1, their mean correctness).")
+    temperature: float = Field(0.0, description="Sampling temperature; 0 is greedy decoding.")
+    top_p: float = Field(EvalSettings.top_p, description="Nucleus sampling threshold, in (0, 1].")
+    max_new_tokens: int = Field(EvalSettings.max_new_tokens, description="Token budget of each response.")
+    seed: int = 0
+    prompts_per_call: int = Field(EvalSettings.prompts_per_call,
+                                  description="Problems per engine call (call s is seeded seed + s).")
+    verify_workers: int = Field(1, description="Processes verifying answers (1: in process).")
+    verify_timeout_s: float = Field(EvalSettings.verify_timeout_s, description="Time limit of one verification.")
+    engine: str = Field("hf", description="Rollout engine: hf (transformers, any device) or vllm (GPU).")
+    device: str = Field("cpu", description="Device of the loaded model (cpu, cuda).")
+    data_dir: Optional[str] = Field(None, description="Benchmark directory (None: $L2T_DATA_DIR).")
+    allow_download: bool = Field(True, description="Download a benchmark missing from the data directory "
+                                                   "from the Hugging Face hub (cached there).")
+
+    @property
+    def benchmark(self) -> str:
+        return "+".join(self.benchmarks)
+
+    # ------------------------------------------------------------------ validation
+    def check(self) -> None:
+        """Fail before any compute on a bad setting, naming the field and how to fix it."""
+        from l2t_core.eval.datasets import BENCHMARKS
+
+        math = [name for name, spec in BENCHMARKS.items() if spec.kind == "math"]
+        if not self.benchmarks:
+            raise ValueError(f"BenchmarkEvaluator.benchmarks is empty; name at least one of {', '.join(math)}")
+        for name in self.benchmarks:
+            if name not in BENCHMARKS:
+                raise ValueError(f"BenchmarkEvaluator.benchmarks: unknown benchmark {name!r}; choose from the math "
+                                 f"benchmarks of l2t_core.eval.datasets: {', '.join(math)}")
+            if BENCHMARKS[name].kind != "math":
+                raise ValueError(f"BenchmarkEvaluator.benchmarks: {name!r} is a {BENCHMARKS[name].kind} benchmark; "
+                                 f"this evaluator scores math benchmarks ({', '.join(math)}); evaluate "
+                                 f"{name} with `l2t eval --benchmarks {name}`")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ValueError(f"BenchmarkEvaluator.benchmarks lists a benchmark twice: {self.benchmarks}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"BenchmarkEvaluator.limit must be a positive number of problems per benchmark, got "
+                             f"{self.limit}; use None (unset L2T_EVAL_LIMIT) to evaluate every problem")
+        if self.engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"BenchmarkEvaluator.engine {self.engine!r} is not a rollout engine; use 'hf' "
+                             "(transformers, any device) or 'vllm' (a GPU and the gpu extra)")
+        self.eval_settings()
+
+    def eval_settings(self) -> EvalSettings:
+        """The sampling settings of ``evaluate_math`` (texts kept: episodes are counted on them)."""
+        try:
+            return EvalSettings(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                                max_new_tokens=self.max_new_tokens, seed=self.seed,
+                                prompts_per_call=self.prompts_per_call, verify_workers=self.verify_workers,
+                                verify_timeout_s=self.verify_timeout_s, keep_text=True)
+        except ValueError as exc:
+            raise ValueError(f"BenchmarkEvaluator: {exc} (the field of the same name)") from exc
+
+    def setup_for_execution(self, context) -> None:
+        """Dagster calls this before a run uses the resource: bad settings fail the run at once."""
+        self.check()
+
+    # ------------------------------------------------------------------ data
+    def items(self) -> list:
+        """The validated problems of every benchmark, in order (the first ``limit`` of each)."""
+        from l2t_core.eval.datasets import DatasetError, load_benchmark
+
+        self.check()
+        items = []
+        for name in self.benchmarks:
+            try:
+                items += load_benchmark(name, self.data_dir, allow_download=self.allow_download, limit=self.limit)
+            except DatasetError as exc:
+                raise DatasetError(f"BenchmarkEvaluator cannot load benchmark {name!r}: {exc} (the evaluator's "
+                                   "data_dir field overrides L2T_DATA_DIR; allow_download fetches a missing set "
+                                   "from the hub)") from exc
+        return items
+
+    def problem_rows(self) -> pd.DataFrame:
+        """The evaluated problems as ``problems`` rows (split ``test``, dataset = the benchmark),
+        with the prompt the model sees (``l2t_core.prompts.build_prompt``)."""
+        from l2t_core.prompts import build_prompt
+
+        df = pd.DataFrame([{"dataset": i.benchmark, "split": "test", "problem_id": i.id,
+                            "prompt": build_prompt(i.problem), "answer": i.answer, "level": i.level}
+                           for i in self.items()])
+        df["level"] = df["level"].astype("Int64")
+        return df
+
+    def settings(self, items: Optional[list] = None) -> dict:
+        """Every setting that changes the results, and a digest of the problems (so a changed
+        data file or hub copy changes the fingerprint); ``items`` saves reloading them."""
+        items = self.items() if items is None else items
+        problems = json.dumps([[i.benchmark, i.id, i.problem, list(i.accepted_answers)] for i in items])
+        keys = ("benchmarks", "limit", "n", "temperature", "top_p", "max_new_tokens", "seed", "prompts_per_call",
+                "verify_timeout_s", "engine", "device")
+        return {**{k: getattr(self, k) for k in keys}, "problems": hashlib.sha1(problems.encode()).hexdigest()}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
+        """Overall (``level='all'``) and per-group results of the model in ``model_dir``, loaded
+        with ``l2t_core.models.load_policy``."""
+        from l2t_core.eval.runner import evaluate_math, group_rows
+        from l2t_core.models import load_policy
+        from l2t_core.rollout import make_rollout_engine
+
+        items = self.items()
+        model, tok = load_policy(model_dir, device=self.device)
+        kwargs = {"model_path": str(model_dir)} if self.engine == "vllm" else {}
+        engine = make_rollout_engine(self.engine, model, tok, **kwargs)
+        result = evaluate_math(engine, tok, items, self.eval_settings())
+        rows = group_rows(result.rows)
+        rows["benchmark"] = self.benchmark
+        rows["evaluator"] = settings_fingerprint(self.benchmark, self.settings(items))
+        return rows
+
+    # ------------------------------------------------------------------ from the environment
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "BenchmarkEvaluator":
+        """The evaluator of ``L2T_EVALUATOR=benchmark``: ``L2T_EVAL_BENCHMARKS`` (comma-separated,
+        default math500), ``L2T_EVAL_LIMIT``, ``L2T_EVAL_MAX_NEW_TOKENS``, ``L2T_EVAL_N``,
+        ``L2T_EVAL_TEMPERATURE``, ``L2T_EVAL_TOP_P``, ``L2T_EVAL_SEED``, ``L2T_EVAL_ENGINE``,
+        ``L2T_EVAL_DEVICE``; unset ones keep the field's default. Checked here, so a bad value
+        fails when the code location loads, naming the variable."""
+        env = os.environ if environ is None else environ
+        kwargs: dict = {}
+        for var, field in BENCHMARK_EVAL_ENV.items():
+            raw = env.get(var, "").strip()
+            if raw:
+                kwargs[field] = _parse_env_value(var, field, raw)
+        evaluator = cls(**kwargs)
+        try:
+            evaluator.check()
+        except ValueError as exc:
+            given = ", ".join(f"{v}={env[v]!r}" for v, f in BENCHMARK_EVAL_ENV.items() if f in kwargs)
+            raise ValueError(f"{exc} [from the environment: {given or 'no L2T_EVAL_* variable set'}]") from exc
+        return evaluator
+
+
+def _parse_env_value(var: str, field: str, raw: str):
+    """The value of ``BenchmarkEvaluator.<field>`` written as ``raw`` in the variable ``var``."""
+    if field == "benchmarks":
+        return [b.strip() for b in raw.split(",") if b.strip()]
+    if field in ("limit", "max_new_tokens", "n", "seed"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r} is not a whole number "
+                             f"(BenchmarkEvaluator.{field}, e.g. {var}=4)") from None
+    if field in ("temperature", "top_p"):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r} is not a number (BenchmarkEvaluator.{field}, e.g. {var}=0.6)") from None
+    return raw
 
 
 class TrainingLauncher(dg.ConfigurableResource):

@@ -20,6 +20,11 @@ Views:
   R_k and the share of episodes with a positive gain;
 * ``v_quarantine_counts``: quarantined rows per table, asset and partition.
 
+No credential is ever stored: every column that holds a location (:data:`URL_COLUMNS`: ``run_url``,
+``checkpoint_url``, ``model_path``) is written through :func:`l2t_core.urls.redact_url`, every URL
+inside the JSON columns (``config_json``, a quarantined ``row_json``) too. Run URLs never carry
+credentials in the first place (l2t_core refuses them); this keeps a stray one out of the warehouse.
+
 Writes are idempotent: :func:`replace_rows` deletes the rows of ``(asset_key, partition_key)``
 and inserts the new ones in one transaction, so re-materializing a partition never duplicates.
 The data columns come from the pandera schemas (:mod:`l2t_pipeline.schemas`).
@@ -56,6 +61,8 @@ from typing import Iterator
 
 import pandas as pd
 
+from l2t_core.urls import redact_url, redact_urls_in
+
 from .schemas import SCHEMAS, SchemaViolation, find_violations, schema_columns
 
 KEY_COLUMNS = (("asset_key", "VARCHAR"), ("partition_key", "VARCHAR"))
@@ -69,6 +76,9 @@ OTHER_TABLES = {
                    ("reasons", "VARCHAR")),
 }
 TABLES = (*SCHEMAS, *OTHER_TABLES)
+# columns that hold a location (a path or URL) and JSON columns that may hold one: written redacted
+URL_COLUMNS = ("run_url", "checkpoint_url", "model_path")
+JSON_URL_COLUMNS = ("config_json", "row_json")
 
 VIEWS = {
     "v_run_summary": """
@@ -241,11 +251,34 @@ def _frame_for(table: str, df: pd.DataFrame, asset_key: str, partition_key: str)
     missing = [c for c in data_cols if c not in df.columns]
     if missing:
         raise ValueError(f"rows for {table!r} lack column(s) {', '.join(missing)}")
-    out = df[data_cols].copy()
+    out = redact_locations(df[data_cols].copy())
     out.insert(0, "partition_key", partition_key)
     out.insert(0, "asset_key", asset_key)
     out["loaded_at"] = datetime.now(timezone.utc).replace(tzinfo=None)
     return out
+
+
+def _redact_json(text):
+    """A JSON document with every URL in it redacted, unchanged (as written) when none has
+    credentials; text that is not JSON is redacted as a URL."""
+    if not isinstance(text, str):
+        return text
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return redact_url(text)
+    redacted = redact_urls_in(data)
+    return text if redacted == data else json.dumps(redacted)
+
+
+def redact_locations(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with :data:`URL_COLUMNS` redacted and every URL in :data:`JSON_URL_COLUMNS`
+    redacted (a new frame; ``frame`` itself when it has none of those columns); values without
+    credentials come back unchanged."""
+    changes = {col: frame[col].map(lambda v: redact_url(v) if isinstance(v, str) else v)
+               for col in URL_COLUMNS if col in frame.columns}
+    changes.update({col: frame[col].map(_redact_json) for col in JSON_URL_COLUMNS if col in frame.columns})
+    return frame.assign(**changes) if changes else frame
 
 
 def _replace(conn, table: str, frame: pd.DataFrame, asset_key: str, partition_key: str) -> None:
@@ -284,6 +317,7 @@ def write_validated(conn, frames: dict[str, pd.DataFrame], asset_key: str, parti
                     unvalidated: dict[str, pd.DataFrame] | None = None) -> dict[str, int]:
     """Validate every frame against its table's schema, then replace the partition's rows (with
     ``unvalidated`` frames of tables that have no schema, e.g. ``checkpoints``) in one transaction.
+    URLs in the rows are redacted (:func:`redact_locations`) before anything is validated or stored.
 
     On any violation nothing is written to the main tables: the failing rows of every failing
     table go to ``quarantine`` and :class:`~l2t_pipeline.schemas.SchemaViolation` is raised for
@@ -291,7 +325,8 @@ def write_validated(conn, frames: dict[str, pd.DataFrame], asset_key: str, parti
     """
     validated, failures = {}, []
     for table, df in frames.items():
-        ok, cases, bad = find_violations(df, table)
+        # URLs redacted first: the failing rows also go to the quarantine, the error and its metadata
+        ok, cases, bad = find_violations(redact_locations(df), table)
         if cases.empty:
             validated[table] = ok
         else:
@@ -304,7 +339,8 @@ def write_validated(conn, frames: dict[str, pd.DataFrame], asset_key: str, parti
 
 def quarantine(conn, table: str, bad_rows: pd.DataFrame, asset_key: str, partition_key: str) -> int:
     """Store ``bad_rows`` (with their ``reasons`` column) in the quarantine table, replacing an
-    earlier quarantine of the same table, asset and partition. Returns the rows stored."""
+    earlier quarantine of the same table, asset and partition (URLs in the rows redacted, like
+    everywhere in the warehouse). Returns the rows stored."""
     rows = pd.DataFrame({
         "table_name": table,
         "row_index": [str(i) for i in bad_rows.index],

@@ -1,5 +1,6 @@
 """Security: what generated code can reach in the sandbox, where credentials may end up, how URLs
-with credentials are shown, and where the Dagster webserver listens by default.
+with credentials are shown and where they are refused (so they reach no train_config.json, warehouse
+row, Dagster metadata, log line or error message), and where the Dagster webserver listens by default.
 
 Complements tests/test_sandbox.py (timeouts, CPU/memory limits, fork bombs, writes outside the work
 directory, network to a local listener, the parent's environment in os.environ and /proc) and
@@ -22,8 +23,9 @@ import zipfile
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import moto_s3
@@ -397,14 +399,297 @@ def test_redact_url_examples(url, shown):
     assert redact_url(url) == shown
 
 
+SECRET = "Zq9sEcReT-l2t-canary"  # in every credentialed URL below; found anywhere: a leak
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    # user info: user:password@, a token as the user name, percent-encoded parts, empty user
+    (f"ftp://user:{SECRET}@host/path", "ftp://host/path"),
+    (f"ftp://user:{SECRET}@host:2121/runs/x", "ftp://host:2121/runs/x"),
+    (f"https://{SECRET}@host/run", "https://host/run"),
+    (f"https://{SECRET}@host:8443/run?page=2", "https://host:8443/run?page=2"),
+    (f"https://user%40corp.com:{SECRET}%2F%3F%23@host/x", "https://host/x"),
+    (f"s3://AKIAL2T:{SECRET}/with+slash@bucket/runs/a", "s3://bucket/runs/a"),
+    (f"webdav://user:{SECRET}@@host/x", "webdav://host/x"),
+    # query and fragment secrets: values replaced, names (even percent-encoded) and other parameters kept
+    (f"https://b.s3.amazonaws.com/k?X-Amz-Security-Token={SECRET}&X-Amz-Expires=60",
+     "https://b.s3.amazonaws.com/k?X-Amz-Security-Token=REDACTED&X-Amz-Expires=60"),
+    (f"https://host/x?X%2DAmz%2DSignature={SECRET}&x-id=GetObject",
+     "https://host/x?X%2DAmz%2DSignature=REDACTED&x-id=GetObject"),
+    (f"https://host/x?password={SECRET}&user=me", "https://host/x?password=REDACTED&user=me"),
+    (f"https://host/x?a=1;api_key={SECRET}", "https://host/x?a=1;api_key=REDACTED"),
+    (f"https://host/x?token%3D{SECRET}", "https://host/x?token=REDACTED"),
+    (f"abfs://c@acct.dfs.core.windows.net/x?sv=2024&sig={SECRET}",
+     "abfs://c@acct.dfs.core.windows.net/x?sv=2024&sig=REDACTED"),
+    (f"az://container:{SECRET}@acct.blob.core.windows.net/x", "az://acct.blob.core.windows.net/x"),
+    (f"https://host/cb#access_token={SECRET}&state=1", "https://host/cb#access_token=REDACTED&state=1"),
+    # fsspec chains: every URL of the chain
+    (f"simplecache::ftp://u:{SECRET}@host/x", "simplecache::ftp://host/x"),
+    (f"zip://member.txt::https://host/a.zip?token={SECRET}", "zip://member.txt::https://host/a.zip?token=REDACTED"),
+    (f"zip://member.txt::https://{SECRET}@host/a.zip", "zip://host/a.zip"),  # ambiguous: shortened, by design
+    # nothing to hide: unchanged (plain paths and file:// even with '@' or '?token=' in them)
+    ("/runs/user@host/x?token=abc", "/runs/user@host/x?token=abc"),
+    ("runs/train", "runs/train"),
+    ("file:///home/user@corp/runs?token=abc", "file:///home/user@corp/runs?token=abc"),
+    ("s3://bucket/runs/m/l2t/abc", "s3://bucket/runs/m/l2t/abc"),
+    ("abfs://container@acct.dfs.core.windows.net/runs", "abfs://container@acct.dfs.core.windows.net/runs"),
+    ("https://host/x?token=&page=1", "https://host/x?token=&page=1"),  # no value, nothing to hide
+    ("https://host/x?token=REDACTED", "https://host/x?token=REDACTED"),  # already redacted
+    ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"),
+])
+def test_redact_url_cases(url, shown):
+    from l2t_core.urls import redact_url, url_credentials
+
+    assert redact_url(url) == shown
+    assert SECRET not in shown
+    assert redact_url(shown) == shown and url_credentials(shown) == []  # idempotent; a redacted URL is clean
+    assert bool(url_credentials(url)) == (shown != url)
+
+
+def test_one_redaction_function_everywhere():
+    """The pipeline (resources, k8s) uses l2t_core's redact_url, not a copy of it."""
+    from l2t_core import urls
+    from l2t_pipeline import k8s, resources
+
+    assert resources.redact_url is urls.redact_url and k8s.redact_url is urls.redact_url
+    assert "def redact_url" not in (ROOT / "l2t_pipeline" / "resources.py").read_text()
+
+
+TOKENISH = st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="),
+                   min_size=4, max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(secret=TOKENISH, form=st.sampled_from(["user:{s}@", "{s}@", "?token={s}", "?X-Amz-Signature={s}", "?sig={s}"]),
+       scheme=st.sampled_from(["s3", "https", "ftp", "gs", "abfs"]), host=st.sampled_from(["bucket", "h.example:9000"]))
+def test_any_credentialed_url_is_refused_without_showing_the_secret(secret, form, scheme, host):
+    """Whatever the form (user:password@, a token as user name, a signed query), the URL is refused
+    and neither the error nor the redacted URL holds the secret."""
+    from l2t_core.urls import CredentialsInURL, redact_url, refuse_credentials
+
+    assume(not (scheme == "abfs" and form == "{s}@"))  # abfs://container@account: a container, kept
+    secret = "Zq9" + secret.replace("/", "").replace("?", "")  # distinctive; "/" ends a token user name
+    url = (f"{scheme}://{form.format(s=secret)}{host}/runs/x" if "@" in form
+           else f"{scheme}://{host}/runs/x{form.format(s=secret)}")
+    with pytest.raises(CredentialsInURL) as err:
+        refuse_credentials(url, "somewhere")
+    assert secret not in str(err.value) and secret not in redact_url(url), (url, str(err.value))
+    assert str(err.value).startswith("somewhere: the URL ")
+
+
+# =============================================================================================
+# URLs with credentials are refused where they enter, so they reach no file, row, metadata or log
+
+
+CREDENTIALED_URLS = [f"ftp://user:{SECRET}@127.0.0.1:1/runs/x", f"https://{SECRET}@host.example/runs/x",
+                     f"s3://AKIAL2T:{SECRET}@bucket/runs/x", f"s3://bucket/runs/x?X-Amz-Signature={SECRET}"]
+
+
+def _no_secret(*texts) -> None:
+    for t in texts:
+        assert SECRET not in str(t), str(t)[:2000]
+
+
+@pytest.mark.parametrize("field", ["out", "policy", "deepspeed_config"])
+@pytest.mark.parametrize("url", CREDENTIALED_URLS)
+def test_train_config_refuses_credentials_without_echoing_them(field, url):
+    """TrainConfig (saved as train_config.json with every checkpoint, as config_json in the warehouse,
+    written next to the run by the k8s launcher) refuses a location with credentials: the error names
+    the field, shows the URL redacted and says where credentials go instead; pydantic's input echo
+    (in the message and in errors()) is the redacted URL too."""
+    from pydantic import ValidationError
+
+    from l2t_core.config import TrainConfig
+    from l2t_core.urls import redact_url
+
+    data = {"policy": "p", "engine": "deepspeed", "deepspeed_config": "infra/deepspeed/zero2.json", field: url}
+    with pytest.raises(ValidationError) as err:
+        TrainConfig.model_validate(data)
+    _no_secret(err.value, repr(err.value.errors()), json.dumps(err.value.errors(include_context=False), default=repr))
+    [e] = err.value.errors()
+    assert e["loc"] == (field,) and f"TrainConfig.{field}: the URL {redact_url(url)!r} has credentials" in e["msg"]
+    for how in ("AWS_ACCESS_KEY_ID", "FSSPEC_FTP_PASSWORD", "storage_options"):
+        assert how in e["msg"], e["msg"]
+    with pytest.raises(ValidationError):  # the JSON path (a saved or launched config) too
+        TrainConfig.model_validate_json(json.dumps(data))
+    # the same config without the credentials is fine, and a redacted URL is a valid location
+    assert getattr(TrainConfig.model_validate({**data, field: redact_url(url)}), field) == redact_url(url)
+
+
+def test_resume_matches_a_config_saved_with_credentials(tmp_path):
+    """Resume compares the saved train_config.json with today's config (config_differences): a run
+    saved before credentials were refused, with them in its URLs, is the same run as today's config
+    without them; a real difference is still found."""
+    from l2t_core.config import TrainConfig, config_differences
+
+    current = TrainConfig(policy="https://hub.example/org/model", out="ftp://127.0.0.1/runs/x")
+    saved = json.loads(current.model_dump_json())
+    saved.update(out=f"ftp://user:{SECRET}@127.0.0.1/runs/x", policy=f"https://{SECRET}@hub.example/org/model")
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, current, ignore=("out",)) == []  # the trainer's call
+    assert config_differences({**saved, "steps": 7}, current, ignore=("out",)) == ["steps"]
+    assert config_differences({**saved, "policy": f"https://{SECRET}@other.example/m"}, current) == ["policy"]
+
+
+def test_trainer_and_run_storage_refuse_credentials_before_opening_anything(monkeypatch, caplog, tmp_path):
+    """A config built around validation (model_construct) still cannot train into a credentialed URL:
+    RunStorage refuses it before fsspec sees it, so nothing is opened, logged or written."""
+    import fsspec
+
+    from l2t_core.checkpoint import RunStorage
+    from l2t_core.config import TrainConfig
+    from l2t_core.trainer import Trainer
+    from l2t_core.urls import CredentialsInURL
+
+    def must_not_open(*a, **k):
+        raise AssertionError("fsspec was asked to open a credentialed URL")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", must_not_open)
+    caplog.set_level("DEBUG")
+    for url in CREDENTIALED_URLS:
+        with pytest.raises(CredentialsInURL) as err:
+            RunStorage(url)
+        _no_secret(err.value)
+        assert str(err.value).startswith("RunStorage: the URL ")
+        cfg = TrainConfig.model_construct(**{**dict(TrainConfig(policy="p", out=str(tmp_path / "r"))), "out": url})
+        with pytest.raises(CredentialsInURL) as err:
+            Trainer(cfg)
+        _no_secret(err.value)
+    _no_secret(caplog.text)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_open_with_credentials_from_the_environment_shows_none(monkeypatch, caplog):
+    """The supported way (fsspec configuration from the environment, FSSPEC_FTP_PASSWORD): a storage
+    that cannot be opened (nothing listens on the port) fails naming the URL and what to check,
+    and neither the error, its cause nor the log holds the password."""
+    import fsspec.config
+
+    from l2t_core.checkpoint import RunStorage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    monkeypatch.setitem(fsspec.config.conf, "ftp", {"username": "l2t", "password": SECRET, "timeout": 5})
+    caplog.set_level("DEBUG")
+    with pytest.raises(OSError) as err:
+        RunStorage(f"ftp://127.0.0.1:{port}/runs/x")
+    assert f"cannot open run storage 'ftp://127.0.0.1:{port}/runs/x'" in str(err.value)
+    assert "FSSPEC_<PROTOCOL>_<OPTION>" in str(err.value)
+    _no_secret(err.value, err.value.__cause__, repr(err.value.__cause__), caplog.text)
+
+
+def test_the_command_line_refuses_credentials_without_echoing_them(tmp_path, capsys, caplog):
+    """``l2t train`` with a credentialed --out, --policy, --config URL, --set override or config file
+    entry stops before any work with a message that shows only the redacted URL."""
+    from l2t_core.cli import main
+
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(f"policy: p\nout: ftp://user:{SECRET}@127.0.0.1:1/runs/x\n")
+    cases = {
+        "--out": ["train", "--policy", "p", "--out", f"ftp://user:{SECRET}@127.0.0.1:1/runs/x"],
+        "--policy": ["train", "--policy", f"https://{SECRET}@hub.example/m", "--out", str(tmp_path / "r")],
+        "--config": ["train", "--config", f"https://user:{SECRET}@127.0.0.1:1/train.yaml"],
+        "--set": ["train", "--policy", "p", "--set", f"out=s3://bucket/x?X-Amz-Signature={SECRET}"],
+        "TrainConfig.out": ["train", "--config", str(cfg_file)],
+        "--model": ["eval", "--model", f"https://{SECRET}@hub.example/m", "--out", str(tmp_path / "e")],
+    }
+    caplog.set_level("DEBUG")
+    for named, argv in cases.items():
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        message = str(err.value.code)
+        assert named in message and "has credentials in it" in message, message
+        _no_secret(message)
+    out = capsys.readouterr()
+    _no_secret(out.out, out.err, caplog.text)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+def test_pipeline_resources_refuse_credentials(monkeypatch, tmp_path):
+    """L2T_STORAGE_URL with credentials fails when the code location loads (before Dagster shows
+    the resource's configuration); an explicit L2TStorage url, and a model registry entry's path
+    (logged and stored with the evaluations), are refused where they are used."""
+    import yaml
+
+    from l2t_core.urls import CredentialsInURL
+    from l2t_pipeline.resources import L2TStorage, ModelRegistry, default_storage_url
+
+    monkeypatch.setenv("L2T_STORAGE_URL", f"s3://AKIAL2T:{SECRET}@bucket/l2t")
+    for build in (default_storage_url, L2TStorage):
+        with pytest.raises(CredentialsInURL) as err:
+            build()
+        _no_secret(err.value)
+        assert "L2T_STORAGE_URL: the URL 's3://bucket/l2t'" in str(err.value)
+    storage = L2TStorage(url=f"ftp://user:{SECRET}@127.0.0.1/l2t", models_dir=str(tmp_path))
+    for use in (lambda: storage.run_url("m", "l2t", "abc"), lambda: storage.run_storage(f"{storage.url}/runs/x")):
+        with pytest.raises(CredentialsInURL) as err:
+            use()
+        _no_secret(err.value)
+    assert SECRET not in storage.display(storage.url)
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"models": {"m": {"kind": "pretrained", "path": f"https://{SECRET}@hub.example/m"}}}))
+    with pytest.raises(CredentialsInURL, match=r"entry 'm', path: the URL 'https://hub.example/m'") as err:
+        ModelRegistry(path=str(reg)).get("m")
+    _no_secret(err.value)
+
+
+def _eval_rows(model_path: str, accuracy: float = 0.5) -> pd.DataFrame:
+    """eval_results rows as base_model/benchmark_reports build them (summary_rows + with_model_columns)."""
+    from l2t_pipeline.assets import with_model_columns
+    from l2t_pipeline.resources import summary_rows
+
+    stats = {"n": 10, "accuracy": accuracy, "mean_tokens": 12.0, "mean_episodes": 2.0, "tagged_share": 1.0,
+             "finished_share": 1.0, "redundant_share": 0.0}
+    summary = {**stats, "per_level": {1: dict(stats), 2: dict(stats)}}
+    return with_model_columns(summary_rows(summary, "walk_heldout", "walk_heldout:abc"), "checkpoint", "tiny", "l2t",
+                              model_path)
+
+
+def test_warehouse_rows_and_quarantine_never_hold_credentials():
+    """The warehouse writers redact every location: eval_results.model_path, the checkpoints row's
+    run_url, checkpoint_url and the URLs inside config_json, and rows that fail their schema (in the
+    quarantine table, the SchemaViolation message and its Dagster metadata)."""
+    import duckdb
+    from dagster._serdes import serialize_value
+
+    from l2t_pipeline import warehouse
+    from l2t_pipeline.schemas import SchemaViolation
+
+    run = f"s3://AKIAL2T:{SECRET}@bucket/runs/tiny/l2t/abc"
+    ckpt = f"https://bucket.example/runs/tiny/l2t/abc/checkpoints/step-000002?X-Amz-Signature={SECRET}"
+    config = {"policy": f"https://{SECRET}@hub.example/m", "out": run, "steps": 2, "data": {"source": "walk"}}
+    registry_row = pd.DataFrame([{"base_model": "tiny", "method": "l2t", "run_url": run, "checkpoint_url": ckpt,
+                                  "final_step": 2, "config_hash": "abc", "config_json": json.dumps(config)}])
+    con = duckdb.connect(":memory:")
+    counts = warehouse.write_validated(con, {"eval_results": _eval_rows(ckpt)}, "checkpoints", "tiny|l2t",
+                                       unvalidated={"checkpoints": registry_row})
+    assert counts == {"eval_results": 3, "checkpoints": 1}
+    stored = con.execute("SELECT * FROM checkpoints").df()
+    assert stored.loc[0, "run_url"] == "s3://bucket/runs/tiny/l2t/abc"
+    assert stored.loc[0, "checkpoint_url"].endswith("step-000002?X-Amz-Signature=REDACTED")
+    assert json.loads(stored.loc[0, "config_json"]) == {**config, "policy": "https://hub.example/m",
+                                                        "out": "s3://bucket/runs/tiny/l2t/abc"}
+    # a clean config_json is stored exactly as written
+    clean = registry_row.assign(run_url="s3://bucket/r", checkpoint_url="s3://bucket/r/c", config_json='{"a":1}')
+    warehouse.replace_rows(con, "checkpoints", clean, "checkpoints", "other")
+    assert con.execute("SELECT config_json FROM checkpoints WHERE partition_key = 'other'").fetchone()[0] == '{"a":1}'
+    # rows that fail their schema: quarantined, reported, and still without the secret
+    with pytest.raises(SchemaViolation) as err:
+        warehouse.write_validated(con, {"eval_results": _eval_rows(run, accuracy=2.0)}, "benchmark_reports", "tiny|l2t")
+    quarantined = con.execute("SELECT * FROM quarantine").df()
+    assert len(quarantined) == 3 and "s3://bucket/runs/tiny/l2t/abc" in quarantined.loc[0, "row_json"]
+    _no_secret(err.value, serialize_value(err.value.metadata))
+    for table in warehouse.TABLES:
+        _no_secret(con.execute(f"SELECT * FROM {table}").df().to_json())
+    con.close()
+
+
 # Raw URLs the code location shows today, each with why it is there; the test fails when the list
 # is out of date in either direction (a new unredacted URL, or one fixed and still listed).
 KNOWN_UNREDACTED = {
     # the branch runs only for a local path (no scheme, so no user:password@ to hide)
     "k8s.py": "the run directory {cfg.out!r} is a local path",
-    # FINDING (l2t_pipeline/tables.py, trainer_tables): the run URL as given, credentials included if
-    # the URL has any; fix: f"the run at {redact_url(storage.url)} ..."
-    "tables.py": "the run at {storage.url} logged no training steps",
 }
 
 

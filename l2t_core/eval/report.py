@@ -113,3 +113,37 @@ def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> d
     summary["files"] = {k: str(out / k) for k in ("report.json", "report.md", "report.html", "eval_results.parquet")}
     summary["plots"] = [str(p) for p in plots]
     return summary
+
+
+def plot_models_by_group(table: pd.DataFrame, title: str, *, group: str = "level", model: str = "model_kind"):
+    """A figure of accuracy and mean response tokens per group (x: the values of ``group`` in
+    their order of appearance, e.g. ``all``, ``level 1``, ``tier d<=3``), one bar per model (the
+    values of ``model``, e.g. base and checkpoint). ``table`` has the columns ``group``, ``model``,
+    ``accuracy`` and ``mean_tokens`` (one row per model and group, as the pipeline's
+    ``eval_results``). Returns the matplotlib figure; the caller saves and closes it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    missing = [c for c in (group, model, "accuracy", "mean_tokens") if c not in table.columns]
+    if missing:
+        raise ValueError(f"plot_models_by_group: the table lacks the column(s) {missing}")
+    groups = list(dict.fromkeys(table[group].astype(str)))
+    models = list(dict.fromkeys(table[model].astype(str)))
+    width = 0.8 / max(1, len(models))
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.1 * len(groups), 3.4))
+    panels = ((axes[0], "accuracy", "accuracy (pass@1)"), (axes[1], "mean_tokens", "mean response tokens"))
+    for ax, col, label in panels:
+        for j, name in enumerate(models):
+            sub = table[table[model].astype(str) == name]
+            by_group = dict(zip(sub[group].astype(str), sub[col].astype(float)))
+            values = [by_group.get(g, float("nan")) for g in groups]  # no bar where a model lacks a group
+            ax.bar([i + (j - (len(models) - 1) / 2) * width for i in range(len(groups))], values, width=width,
+                   label=name)
+        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

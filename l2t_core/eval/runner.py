@@ -167,3 +167,89 @@ def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkIte
     summary.update(benchmarks=sorted(kinds), generation_s=gen_s, verification_s=verify_s,
                    settings=dict(settings.__dict__))
     return EvalResult(rows, summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-group rows (the pipeline's eval_results table)
+
+GROUP_ROW_COLUMNS = ("level", "n", "accuracy", "mean_tokens", "mean_episodes", "tagged_share", "finished_share",
+                     "redundant_share")
+
+
+def episode_counts(response: str) -> tuple[int, bool, int]:
+    """``(episodes, tagged, repeated)`` of one response: its number of episodes (METHOD.md §1
+    segmentation), whether they were tagged, and how many episodes repeat an earlier episode of the
+    same response word for word (case and whitespace ignored; empty episodes never count).
+
+    Real benchmarks have no classifier of re-checks and restatements (the synthetic tasks do), so
+    a verbatim repeat is the redundancy measured on them."""
+    from ..episodes import segment
+
+    seg = segment(response)
+    seen: set[str] = set()
+    repeated = 0
+    for episode in seg.episodes:
+        key = " ".join(episode.text.split()).lower()
+        if key and key in seen:
+            repeated += 1
+        seen.add(key)
+    return seg.num_episodes, seg.status == "tagged", repeated
+
+
+def _group_stats(rows: pd.DataFrame) -> dict:
+    """``n`` (problems), pass@1, mean tokens, episode and finish statistics of a sample table that
+    carries ``episodes``, ``tagged`` and ``repeated`` columns."""
+    per_problem = rows.groupby(["benchmark", "problem_id"], sort=False)["correct"].mean()
+    episodes = int(rows["episodes"].sum())
+    return {
+        "n": int(len(per_problem)),
+        "accuracy": float(per_problem.mean()),
+        "mean_tokens": float(rows["response_tokens"].mean()),
+        "mean_episodes": float(rows["episodes"].mean()),
+        "tagged_share": float(rows["tagged"].mean()),
+        "finished_share": float(rows["finished"].mean()),
+        "redundant_share": float(rows["repeated"].sum() / max(1, episodes)),
+    }
+
+
+def group_labels(rows: pd.DataFrame) -> pd.Series:
+    """The ``level`` label of every sample row: its :func:`group_of` key (``level 3``,
+    ``tier d<=3``), prefixed with the benchmark when the rows hold several benchmarks
+    (``math500 level 3``); a benchmark without levels or tiers is one group named after the
+    benchmark (several benchmarks) or none at all (one benchmark: ``'all'`` covers it). Items
+    without a group in a benchmark that has groups are ``ungrouped``."""
+    several = rows["benchmark"].nunique() > 1
+    labels = pd.Series("all", index=rows.index, dtype=object)
+    for bench, sub in rows.groupby("benchmark", sort=False):
+        if set(sub["group"]) == {"all"}:
+            labels[sub.index] = bench if several else "all"
+            continue
+        names = sub["group"].where(sub["group"] != "all", "ungrouped")
+        labels[sub.index] = (f"{bench} " + names) if several else names
+    return labels
+
+
+def group_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Overall (``level='all'``) then per-group rows of an :func:`evaluate_math` sample table (one
+    or several benchmarks), with the columns :data:`GROUP_ROW_COLUMNS`:
+
+    ``n`` problems, ``accuracy`` = pass@1 (per-problem mean correctness, averaged over problems),
+    ``mean_tokens`` / ``mean_episodes`` per response, ``tagged_share`` (responses segmented by
+    their episode tags), ``finished_share`` (responses that ended before the token budget) and
+    ``redundant_share`` (episodes repeating an earlier one, see :func:`episode_counts`). Groups are
+    those of :func:`group_labels`; they partition the problems, so the ``'all'`` row's ``n`` is
+    the sum of the groups' and its accuracy their ``n``-weighted mean. Needs the response text
+    (``EvalSettings.keep_text=True``) to count episodes.
+    """
+    if rows.empty:
+        raise ValueError("group_rows: no sample rows; evaluate at least one problem")
+    if rows["response"].isna().any():
+        raise ValueError("group_rows: the sample rows have no response text to segment into episodes; "
+                         "evaluate with EvalSettings(keep_text=True)")
+    counts = [episode_counts(text) for text in rows["response"]]
+    data = rows.assign(episodes=[c[0] for c in counts], tagged=[c[1] for c in counts],
+                       repeated=[c[2] for c in counts], label=group_labels(rows))
+    out = [{"level": "all", **_group_stats(data)}]
+    out += [{"level": label, **_group_stats(sub)}
+            for label, sub in data.groupby("label", sort=True) if label != "all"]
+    return pd.DataFrame(out, columns=list(GROUP_ROW_COLUMNS))
