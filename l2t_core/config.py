@@ -128,6 +128,11 @@ class LossConfig(_Strict):
     clip_high: float = Field(0.2, ge=0.0)
     kl_coef: float = Field(0.001, ge=0.0)
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    logprob_temperature: Literal["sampling", "one"] = Field(
+        "sampling",
+        description="sampling: log π in the ratio, the KL and the surprise weights is that of the distribution the "
+                    "rollouts were drawn from, logits ÷ the rollout temperature (as TRL's and verl's GRPO do); one: "
+                    "the model's plain log π at temperature 1. J and the penalty always use temperature 1.")
 
 
 class BaselineConfig(_Strict):

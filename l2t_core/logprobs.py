@@ -12,6 +12,21 @@ import torch
 from .models import decoder_and_head
 
 
+def check_temperature(temperature: float) -> float:
+    """``temperature`` if it is a finite number > 0 (log-probs of a distribution at that temperature)."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"log-prob temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def logprob_temperature(mode: str, rollout_temperature: float) -> float:
+    """The temperature of the log-probs in the loss (``LossConfig.logprob_temperature``): the
+    rollout temperature for ``sampling`` (1 for greedy rollouts, temperature 0), else 1."""
+    if mode not in ("sampling", "one"):
+        raise ValueError(f"logprob_temperature must be 'sampling' or 'one', got {mode!r}")
+    return float(rollout_temperature) if mode == "sampling" and rollout_temperature > 0 else 1.0
+
+
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -30,17 +45,20 @@ def response_mask(prompt_lens: Sequence[int], response_lens: Sequence[int], widt
     return ((pos >= p) & (pos < p + r)).to(device)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
-    """[B, W] log π(z_p | z_<p) at positions where ``score_mask`` is True, 0 elsewhere.
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """[B, W] log π(z_p | z_<p) at positions where ``score_mask`` is True, 0 elsewhere; with
+    ``temperature`` τ, of the sampling distribution softmax(logits / τ).
 
     Only the hidden states of scored positions go through the output head, so the [B, W, vocab]
     logits tensor is never built."""
+    check_temperature(temperature)
     if score_mask[:, 0].any():
         raise ValueError("token_logprobs: position 0 cannot be scored (it has no context)")
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     pred = score_mask[:, 1:]
-    logits = head(hidden[:, :-1][pred]).float()
+    logits = head(hidden[:, :-1][pred]).float() / temperature
     lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:][pred][:, None]).squeeze(-1)
     out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=lp.device)
     out[:, 1:][pred] = lp  # functional on autograd: index_put on a fresh tensor

@@ -37,7 +37,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences
 from .engines import make_train_engine
-from .logprobs import pad_right, response_mask, token_logprobs
+from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
 from .models import load_policy
@@ -127,6 +127,8 @@ class Trainer:
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        # log π of the loss (ratio, KL, surprise weights): of the distribution the rollouts are drawn from
+        self.lp_temperature = logprob_temperature(cfg.reward.loss.logprob_temperature, cfg.rollout.temperature)
         # prompts tokenized and length-checked once, before any compute
         self.prompt_ids: list[list[int]] = []
         for p in self.problems:
@@ -290,7 +292,7 @@ class Trainer:
         seqs = [list(r.prompt_ids) + list(r.response_ids) for r in rs]
         ids, att = pad_right(seqs, self.pad_id, self.device)
         mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], self.device)
-        lp = token_logprobs(model, ids, att, mask)
+        lp = token_logprobs(model, ids, att, mask, self.lp_temperature)
         return [lp[j][mask[j]] for j in range(len(rs))]
 
     def _update(self, rollouts: Sequence[Rollout], rewards: RewardBatch, ref: list[torch.Tensor] | None) -> dict:
@@ -365,7 +367,7 @@ class Trainer:
         t0 = time.perf_counter()
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                   verifier=self.verifier, proxy=self.proxy, step=step,
-                                  need_logp_old=self.cfg.mini_batches > 1)
+                                  need_logp_old=self.cfg.mini_batches > 1, temperature=self.lp_temperature)
         t_reward = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.reference is not None:

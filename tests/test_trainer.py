@@ -243,3 +243,68 @@ def test_cli_config_layers_and_errors(tmp_path, capsys):
         cli_main(["train", "--policy", "x", "--set", "reward.credit.beta=-1"])
     with pytest.raises(SystemExit, match="unknown_field"):
         cli_main(["train", "--policy", "x", "--set", "unknown_field=1"])
+
+
+def test_logprobs_at_a_temperature_are_those_of_the_sampling_distribution(model, tokenizer):
+    from l2t_core.logprobs import logprob_temperature, token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (2, 9), generator=g)
+    att = torch.ones_like(ids)
+    score = torch.zeros_like(ids, dtype=torch.bool)
+    score[:, 4:] = True
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        for tau in (1.0, 0.7, 1.6):
+            want = torch.log_softmax(logits[:, :-1] / tau, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            got = token_logprobs(model, ids, att, score, tau)
+            torch.testing.assert_close(got[:, 1:][score[:, 1:]], want[score[:, 1:]], rtol=1e-5, atol=1e-5)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            token_logprobs(model, ids, att, score, bad)
+    assert logprob_temperature("sampling", 0.7) == 0.7 and logprob_temperature("one", 0.7) == 1.0
+    assert logprob_temperature("sampling", 0.0) == 1.0  # greedy rollouts: the plain log π
+
+
+def test_reward_pass_logprobs_follow_the_temperature_and_j_and_penalty_do_not(model, tokenizer):
+    """episode_pass: log π_old at the sampling temperature equals a plain pass at it; J and the
+    penalty's episode scores are the model's at temperature 1 whatever the temperature."""
+    from l2t_core.episodes import segment, token_episode_ids
+    from l2t_core.rewards import compression as comp
+    from l2t_core.rewards.fitting import JItem
+    from l2t_core.rewards.l2t import Rollout, episode_pass, response_logprobs, response_offsets
+
+    text = "<think>\n<episode_1>a b</episode_1>\n<episode_2>c d e</episode_2>\n</think>\n\n\\boxed{3}"
+    resp = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("Compute 1 + 2.", add_special_tokens=False)["input_ids"]
+    te = token_episode_ids(segment(text), response_offsets(tokenizer, text, resp))
+    rollouts = [Rollout(prompt, resp, text, "3", 0)]
+    items = [JItem(prompt, resp, te.boundaries.tolist(), tokenizer("3", add_special_tokens=False)["input_ids"])]
+    force = tokenizer(" Answer:", add_special_tokens=False)["input_ids"]
+    targets = comp.resolve_targets(model, None)
+    proxy = comp.SVDProxy(rank_frac=0.25)
+    proxy.refresh(targets, 0)
+    runs = {tau: episode_pass(model, rollouts, [te], tokenizer.pad_token_id or 0, 1 << 16, j_items=items,
+                              force_ids=force, targets=targets, proxy=proxy, temperature=tau) for tau in (1.0, 0.7)}
+    for tau, res in runs.items():
+        torch.testing.assert_close(res.logps[0], response_logprobs(model, rollouts, 0, 1 << 16, tau)[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(runs[0.7].logps[0], runs[1.0].logps[0])
+    torch.testing.assert_close(runs[0.7].log_j[0], runs[1.0].log_j[0])
+    torch.testing.assert_close(runs[0.7].sqnorms[0], runs[1.0].sqnorms[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["l2t", "l2t_no_penalty"])  # π_old from the penalty's pass / a plain one
+def test_loss_ratio_is_one_on_the_first_update_at_the_sampling_temperature(tiny_dir, toy_data, tmp_path, method):
+    """π_old from the reward pass and π_θ in the loss are the same distribution (the rollouts' one,
+    logits ÷ 0.7), so the first update's ratio is 1 on every token: a temperature applied on one side
+    only would show here."""
+    torch.set_num_threads(1)
+    cfg = make_cfg(tiny_dir, tmp_path / method, steps=1, mini_batches=1, method=method,
+                   rollout={"group_size": 4, "max_new_tokens": 16, "max_prompt_tokens": 512, "temperature": 0.7})
+    tr = Trainer(cfg, show_progress=False)
+    steps = tr.run().steps
+    assert tr.lp_temperature == 0.7
+    assert steps["ratio_mean"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+    assert steps["clip_frac"].iloc[0] == 0.0

@@ -19,7 +19,7 @@ import torch
 from .. import advantages as adv
 from ..config import RewardConfig
 from ..episodes import Segmentation, TokenEpisodes, segment, token_episode_ids
-from ..logprobs import pad_right, response_mask, token_logprobs
+from ..logprobs import check_temperature, pad_right, response_mask, token_logprobs
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
@@ -132,6 +132,7 @@ def episode_pass(
     targets: dict[str, torch.nn.Linear] | None = None,
     proxy: comp.SVDProxy | None = None,
     want_logps: bool = True,
+    temperature: float = 1.0,
 ) -> PolicyPass:
     """ONE forward per micro-batch for everything the reward needs from the policy.
 
@@ -141,8 +142,11 @@ def episode_pass(
     penalty's per-token signals (§3) read there are those of a plain forward. With ``targets`` a
     truncated backward through the same forward gives ‖g_k‖²: in the rank-r proxy when ``proxy``
     is given, else un-projected (Gram blocks; full_layer mode and the random_layers ablation).
-    Per-token a_t and δ_t are reduced to episode scores and dropped per micro-batch.
+    Per-token a_t and δ_t are reduced to episode scores and dropped per micro-batch. The log π
+    returned are at ``temperature`` (the sampling distribution, ``LossConfig.logprob_temperature``);
+    J and the penalty's signals are always those of the model at temperature 1.
     """
+    check_temperature(temperature)
     t_start = time.perf_counter()
     decoder, head = decoder_and_head(model)
     param = next(model.parameters())
@@ -177,7 +181,7 @@ def episode_pass(
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
         if targets:
             sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
-                                         return_hidden=j_items is not None)
+                                         return_hidden=j_items is not None or temperature != 1.0)
             t0 = time.perf_counter()
             seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
             total = torch.zeros(n_seg, dtype=torch.float64, device=device)
@@ -191,6 +195,9 @@ def episode_pass(
             total = total.cpu()
             penalty_s += sig.backward_s + time.perf_counter() - t0
             hidden, lp_rows = sig.hidden, sig.logprobs.cpu()
+            if temperature != 1.0:  # the penalty's log π is at 1; the loss's at the sampling temperature
+                with torch.no_grad():
+                    lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature).cpu()
             for r, i in enumerate(batch):
                 sq_out[i] = total[offsets[r] : offsets[r] + token_eps[i].num_episodes]
         else:
@@ -198,9 +205,7 @@ def episode_pass(
                 hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
                 lp_rows = None
                 if want_logps:
-                    pred = score_d[:, 1:]
-                    logits = head(hidden[:, :-1][pred]).float()
-                    lp_rows = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:][pred][:, None]).squeeze(-1).cpu()
+                    lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature).cpu()
         if lp_rows is not None:
             for i, lp in zip(batch, torch.split(lp_rows, score.sum(dim=1).tolist())):
                 lp_out[i] = lp
@@ -216,9 +221,17 @@ def episode_pass(
     )
 
 
+def _scored_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, score: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(head(h_{p-1}) / τ)[z_p] at the scored positions p, in (row, position) order."""
+    pred = score[:, 1:]
+    logits = head(hidden[:, :-1][pred]).float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:][pred][:, None]).squeeze(-1)
+
+
 @torch.no_grad()
-def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_tokens: int) -> list[torch.Tensor]:
-    """log π(z_t) of every response token, micro-batched (no gradient)."""
+def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_tokens: int,
+                      temperature: float = 1.0) -> list[torch.Tensor]:
+    """log π(z_t) of every response token at ``temperature``, micro-batched (no gradient)."""
     device = next(model.parameters()).device
     out: list[torch.Tensor | None] = [None] * len(rollouts)
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
@@ -226,7 +239,7 @@ def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_token
         rs = [rollouts[i] for i in batch]
         ids, att = pad_right([list(r.prompt_ids) + list(r.response_ids) for r in rs], pad_id, device)
         mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], device)
-        lp = token_logprobs(model, ids, att, mask)
+        lp = token_logprobs(model, ids, att, mask, temperature)
         for j, i in enumerate(batch):
             out[i] = lp[j][mask[j]].cpu()
     return out  # type: ignore[return-value]
@@ -243,13 +256,16 @@ def compute_rewards(
     proxy: comp.SVDProxy | None = None,
     step: int = 0,
     need_logp_old: bool = True,
+    temperature: float = 1.0,
 ) -> RewardBatch:
     """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6).
 
     ``need_logp_old=False`` (a trainer that makes one update per batch, so π_old is the policy it
     is about to differentiate) skips the extra forward pass of log π_old where no reward needs it:
     the outcome-only methods; the L2T family still gets it from the pass it makes anyway (the
-    penalty) or needs it for the surprise weights. ``logp_old`` is then None.
+    penalty) or needs it for the surprise weights. ``logp_old`` is then None. ``temperature``: that of
+    log π_old (and so of the surprise weights), the rollout temperature when the loss uses it
+    (``LossConfig.logprob_temperature``, :func:`~l2t_core.logprobs.logprob_temperature`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -307,7 +323,8 @@ def compute_rewards(
     penalty_s = 0.0
     if needs_penalty or packed_j or want_logps:
         res = episode_pass(model, rollouts, teps, pad_id, cfg.fitting.max_tokens_per_batch, j_items=items,
-                           force_ids=force_ids, targets=targets, proxy=proxy_used, want_logps=want_logps)
+                           force_ids=force_ids, targets=targets, proxy=proxy_used, want_logps=want_logps,
+                           temperature=temperature)
         sqnorms = res.sqnorms or sqnorms
         logps = res.logps or logps
         log_js = res.log_j or log_js
