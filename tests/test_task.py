@@ -1,4 +1,6 @@
-"""The synthetic chain task: problems, reference traces, splits, forced answers, char tokenizer."""
+"""The arithmetic task's own checks: answers by brute force, terms and episode texts, held-out
+levels, the char tokenizer. What it shares with the walk task is tested for both in
+test_tasks_common.py."""
 
 from __future__ import annotations
 
@@ -6,37 +8,23 @@ import random
 
 import pytest
 
-from l2t_core.episodes import segment
 from l2t_core.models import build_char_tokenizer, build_tiny_qwen2, load_policy, reasoning_tags
-from l2t_core.prompts import FORCE_ANSWER_SUFFIX
 from l2t_core.tasks.arithmetic import (
     Term,
-    TraceStyle,
     build_task_prompt,
     build_trace,
     check_text,
-    classify_episodes,
     dataset,
-    forced_answer_example,
     held_out_problems,
     make_problem,
-    split_of,
     step_text,
 )
-
-NO_EXTRAS = dict(hard_check=0.0, easy_check=0.0, repeat=0.0, restate=0.0)
 
 
 def brute_force(expression: str) -> list[int]:
     """Values mod 10 of every prefix of terms, by Python's own evaluation of the expression."""
     cuts = [i for i, c in enumerate(expression) if c in "+-"] + [len(expression)]
     return [eval(expression[:c]) % 10 for c in cuts]  # noqa: S307 - our own generated expression
-
-
-def test_dataset_is_deterministic_by_seed():
-    a, b, c = dataset(50, seed=3), dataset(50, seed=3), dataset(50, seed=4)
-    assert a == b
-    assert [p.problem for p in a] != [p.problem for p in c]
 
 
 def test_levels_and_answers_by_brute_force():
@@ -50,19 +38,13 @@ def test_levels_and_answers_by_brute_force():
         assert [s.after for s in p.step_list()] == vals[1:]
 
 
-def test_bad_input_raises():
-    with pytest.raises(ValueError, match="steps"):
-        make_problem(random.Random(0), 0)
-    with pytest.raises(ValueError):
-        dataset(5, 3, 2)
-    with pytest.raises(ValueError):
-        dataset(5, split="test")
-    with pytest.raises(ValueError):
-        TraceStyle(guess_error=1.5)
+def test_bad_input_raises():  # (the input both tasks check: test_tasks_common.py)
     with pytest.raises(ValueError):
         Term("*", (2,))
-    with pytest.raises(ValueError):
-        build_task_prompt("  ")
+    with pytest.raises(ValueError, match="factors"):
+        Term("+", (2, 3, 4))
+    with pytest.raises(ValueError, match="ops"):
+        make_problem(random.Random(0), 2, ops="*")
 
 
 def test_terms_and_episode_texts():
@@ -75,101 +57,10 @@ def test_terms_and_episode_texts():
     assert check_text(3, easy) == "check 3-2=1"
 
 
-def test_hard_share_is_controllable():
-    for hp in (0.2, 0.8):
-        terms = [t for p in dataset(400, 3, 3, seed=2, hard_prob=hp) for t in p.terms]
-        assert abs(sum(t.hard for t in terms) / len(terms) - hp) < 0.06
-
-
-def test_checks_repair_wrong_guesses_and_later_steps_continue_from_them():
-    rng = random.Random(0)
-    probs = dataset(300, 1, 6, seed=5)
-    repaired = TraceStyle(guess_error=1.0, hard_check=1.0, easy_check=0.0, repeat=0.0, restate=0.0)
-    unchecked = TraceStyle(guess_error=1.0, **NO_EXTRAS)
-    for p in probs:
-        tr = build_trace(p, rng, repaired)
-        assert str(tr.final) == p.answer
-        # every hard step's direct result is the wrong guess, and a check with the true value follows it
-        for e, nxt in zip(tr.episodes, tr.episodes[1:]):
-            if e.kind == "step" and e.hard:
-                assert nxt.kind == "check" and nxt.value == p.step_list()[e.step].after != e.value
-        # each step starts from the value left by the episode before it
-        for prev, e in zip(tr.episodes, tr.episodes[1:]):
-            if e.kind == "step":
-                assert int(e.text[0]) == prev.value
-        bad = build_trace(p, rng, unchecked)
-        if p.num_hard <= 1:  # (with two wrong digits the errors can cancel mod 10)
-            assert (str(bad.final) == p.answer) == (p.num_hard == 0)
-        for e, term in zip(bad.episodes, p.terms):  # every hard step is a wrong guess from where it starts
-            assert (e.value != term.apply(int(e.text[0]))) == term.hard
-
-
-def test_trace_probabilities_are_respected():
-    rng = random.Random(1)
-    style = TraceStyle(guess_error=0.3, hard_check=0.7, easy_check=0.4, repeat=0.2, restate=0.25)
-    counts = dict(hard=0, easy=0, hard_checked=0, easy_checked=0, wrong=0, repeat=0, steps=0, restate=0)
-    probs = dataset(1500, 1, 4, seed=6)
-    for p in probs:
-        eps = build_trace(p, rng, style).episodes
-        counts["restate"] += eps[0].kind == "restate"
-        for i, e in enumerate(eps):
-            if e.kind == "step":
-                counts["steps"] += 1
-                key = "hard" if e.hard else "easy"
-                counts[key] += 1
-                checked = i + 1 < len(eps) and eps[i + 1].kind == "check"
-                counts[key + "_checked"] += checked
-                counts["wrong"] += e.value != p.terms[e.step].apply(int(e.text[0]))
-            counts["repeat"] += e.kind == "repeat"
-    assert abs(counts["hard_checked"] / counts["hard"] - 0.7) < 0.04
-    assert abs(counts["easy_checked"] / counts["easy"] - 0.4) < 0.04
-    assert abs(counts["wrong"] / counts["hard"] - 0.3) < 0.04
-    assert abs(counts["repeat"] / counts["steps"] - 0.2) < 0.03
-    assert abs(counts["restate"] / len(probs) - 0.25) < 0.04
-
-
-def test_held_out_split_is_disjoint_and_unique():
-    train = {p.problem for p in dataset(5000, 1, 6, seed=0)}
+def test_held_out_split_has_every_level_in_full():
     held = held_out_problems(per_level=40)
-    texts = [p.problem for p in held]
-    assert len(set(texts)) == len(texts) == 240
-    assert not train & set(texts)
-    assert all(split_of(t) == "heldout" for t in texts)
-    assert all(split_of(t) == "train" for t in train)
+    assert len({p.problem for p in held}) == len(held) == 240
     assert [p.level for p in held] == [lv for lv in range(1, 7) for _ in range(40)]
-    assert held == held_out_problems(per_level=40)
-
-
-def test_traces_segment_as_tagged_and_classify_back():
-    rng = random.Random(2)
-    for p in dataset(200, 1, 6, seed=7):
-        tr = build_trace(p, rng, TraceStyle(guess_error=0.5, hard_check=0.5, easy_check=0.5, repeat=0.3, restate=0.3))
-        seg = segment(tr.text)
-        assert seg.status == "tagged"
-        assert [e.text for e in seg.episodes] == [e.text for e in tr.episodes]
-        assert seg.answer_text.strip() == f"\\boxed{{{tr.final}}}"
-        kinds = classify_episodes([e.text for e in seg.episodes])
-        assert [k.kind for k in kinds] == [e.kind for e in tr.episodes]
-        for k, e in zip(kinds, tr.episodes):
-            if e.kind != "restate":
-                assert k.hard == e.hard
-            assert k.redundant == (e.kind in ("restate", "repeat") or (e.kind == "check" and not e.hard))
-
-
-def test_forced_answer_examples_cut_at_episode_boundaries():
-    p = dataset(1, 3, 3, seed=8)[0]
-    prompt = build_task_prompt(p)
-    assert prompt == p.problem + "\n"
-    tr = build_trace(p, random.Random(0), TraceStyle(guess_error=1.0, **NO_EXTRAS))
-    k_max = len(tr.episodes)
-    assert forced_answer_example(prompt, tr.text, 0, p.answer) == (
-        prompt, "", FORCE_ANSWER_SUFFIX, f"\\boxed{{{p.answer}}}")
-    for k in range(1, k_max + 1):
-        _, prefix, suffix, target = forced_answer_example(prompt, tr.text, k, p.answer)
-        assert tr.text.startswith(prefix) and prefix.endswith(f"</episode_{k}>\n")
-        assert segment(prefix).num_episodes == k and suffix == FORCE_ANSWER_SUFFIX
-    with pytest.raises(ValueError):
-        forced_answer_example(prompt, tr.text, k_max + 1, p.answer)
 
 
 def test_char_tokenizer_offsets_round_trip_and_single_tag_tokens(tmp_path):

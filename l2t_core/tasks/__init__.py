@@ -7,7 +7,9 @@
 
 Both modules offer the same API (``Problem``, ``dataset``, ``held_out_problems``,
 ``build_task_prompt``, ``TraceStyle``, ``build_trace``, ``forced_answer_example``,
-``classify_episodes``, ``LEVELS``, ``HELDOUT_SEED``, ...).
+``classify_episodes``, ``LEVELS``, ``HELDOUT_SEED``, ...); what does not depend on the task (the
+problem and step records, the draw loop and split, the trace loop, forced answers, the episode
+classifier) is written once in :mod:`.common` and re-exported by both.
 """
 
 from __future__ import annotations

@@ -52,12 +52,15 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from .arithmetic import (  # task-independent pieces, shared with the arithmetic task
+from .common import (  # the task-independent pieces, shared with the arithmetic task and re-exported here
     HELDOUT_SHARE,
+    ChainProblem,
     EpisodeInfo,
     Split,
+    Step,
     Trace,
     TraceEpisode,
+    build_chain_trace,
     classify_with,
     draw_problems,
     forced_answer_example,
@@ -65,7 +68,7 @@ from .arithmetic import (  # task-independent pieces, shared with the arithmetic
     split_of,
     task_prompt,
 )
-from .arithmetic import TraceStyle as _BaseStyle
+from .common import TraceStyle as _BaseStyle
 
 PERM: tuple[int, ...] = (3, 7, 0, 9, 1, 6, 4, 2, 5, 8)  # F: one 10-cycle 0>3>9>8>5>6>4>1>7>2>0
 MAX_LEVEL = 6
@@ -126,48 +129,20 @@ class Move:
 
 
 @dataclass(frozen=True)
-class Step:
-    """One move applied to the current digit: ``before move = after`` (true values)."""
+class Problem(ChainProblem):
+    """A walk problem, e.g. ``from 6: >> > >>`` (fields ``id``, ``problem``, ``answer``, ``steps`` =
+    the level, ``start`` from :class:`~.common.ChainProblem`); its actions are ``moves``."""
 
-    move: Move
-    before: int
-    after: int
-
-    @property
-    def hard(self) -> bool:
-        return self.move.hard
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A walk problem. ``steps`` is the number of moves, i.e. the difficulty level."""
-
-    id: str
-    problem: str  # the statement, e.g. "from 6: >> > >>"
-    answer: str  # the exact final digit as text
-    steps: int
-    start: int
     moves: tuple[Move, ...]
 
     @property
-    def level(self) -> int:
-        return self.steps
+    def actions(self) -> tuple[Move, ...]:
+        return self.moves
 
     @property
     def expression(self) -> str:
         """The statement: ``from 6: >> > >>``."""
         return statement(self.start, self.moves)
-
-    def step_list(self) -> tuple[Step, ...]:
-        out, x = [], self.start
-        for m in self.moves:
-            out.append(Step(m, x, m.apply(x)))
-            x = out[-1].after
-        return tuple(out)
-
-    @property
-    def num_hard(self) -> int:
-        return sum(m.hard for m in self.moves)
 
 
 def moves_text(moves: Sequence[Move]) -> str:
@@ -203,28 +178,15 @@ def make_problem(rng: random.Random, steps: int, idx: int = 0, hard_prob: float 
     return _problem(start, moves, idx)
 
 
-def dataset(
-    n: int,
-    min_steps: int = 1,
-    max_steps: int = 4,
-    seed: int = 0,
-    *,
-    split: Split = "train",
-    hard_prob: float = 0.5,
-    unique: bool = False,
-) -> list[Problem]:
-    """``n`` problems of the ``split``, levels uniform in [min_steps, max_steps], deterministic
-    by ``seed``. ``unique`` drops repeated problem texts (it fails when the pool is too small:
-    a level n has only 10·2^n problems, one in HELDOUT_SHARE of them held out)."""
-    if n < 0:
-        raise ValueError(f"dataset: n must be >= 0, got {n}")
-    if not 1 <= min_steps <= max_steps <= MAX_STEPS:
-        raise ValueError(f"dataset: need 1 <= min_steps <= max_steps <= {MAX_STEPS}, got {min_steps}, {max_steps}")
-    if split not in ("train", "heldout"):
-        raise ValueError(f"dataset: split must be 'train' or 'heldout', got {split!r}")
+def dataset(n: int, min_steps: int = 1, max_steps: int = 4, seed: int = 0, *, split: Split = "train",
+            hard_prob: float = 0.5, unique: bool = False) -> list[Problem]:
+    """``n`` problems of the ``split``, levels uniform in [min_steps, max_steps] (at most
+    ``MAX_STEPS``), deterministic by ``seed``. ``unique`` drops repeated problem texts (it fails
+    when the pool is too small: a level n has only 10·2^n problems, one in HELDOUT_SHARE of them
+    held out)."""
     rng = random.Random(f"walk:{split}:{seed}")
     return draw_problems(rng, n, min_steps, max_steps, split, unique,
-                         lambda r, steps, i: make_problem(r, steps, i, hard_prob))
+                         lambda r, steps, i: make_problem(r, steps, i, hard_prob), max_level=MAX_STEPS)
 
 
 def held_out_problems(levels: Sequence[int] = LEVELS, per_level: int = 50, seed: int = HELDOUT_SEED,
@@ -274,7 +236,7 @@ def build_task_prompt(problem: Problem | str) -> str:
 
 @dataclass(frozen=True)
 class TraceStyle(_BaseStyle):
-    """How a reference trace thinks (fields as in the arithmetic task's style, moves for steps):
+    """How a reference trace thinks (fields as in :class:`~.common.TraceStyle`, moves for steps):
     ``guess_error`` is the chance that a hard move's direct result is F[x], one hop forgotten."""
 
     guess_error: float = 0.6
@@ -299,24 +261,13 @@ def fast_guess(x: int, move: Move) -> int:
 
 
 def build_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceStyle()) -> Trace:
-    """A reference trace of ``problem`` drawn with ``style`` (see the module docstring)."""
-    eps: list[TraceEpisode] = []
-    if rng.random() < style.restate:
-        eps.append(TraceEpisode("restate", f"goal {problem.expression}", None, False, problem.start))
-    x = problem.start
-    for i, move in enumerate(problem.moves):
-        rest = problem.moves[i + 1:]
-        true = move.apply(x)
-        written = fast_guess(x, move) if move.hard and rng.random() < style.guess_error else true
-        eps.append(TraceEpisode("step", step_text(x, move, written, rest), i, move.hard, written))
-        value = written
-        if rng.random() < (style.hard_check if move.hard else style.easy_check):
-            eps.append(TraceEpisode("check", check_text(x, move), i, move.hard, true))
-            value = true
-        if rng.random() < style.repeat:
-            eps.append(TraceEpisode("repeat", "again " + step_text(x, move, value, rest), i, move.hard, value))
-        x = value
-    return Trace(tuple(eps), x)
+    """A reference trace of ``problem`` drawn with ``style`` (see the module docstring); a hard
+    move's guess is :func:`fast_guess`, one hop forgotten."""
+    moves = problem.moves
+    return build_chain_trace(problem, rng, style,
+                             step_text=lambda i, x, result: step_text(x, moves[i], result, moves[i + 1:]),
+                             check_text=lambda i, x: check_text(x, moves[i]),
+                             guess=lambda i, x, true: fast_guess(x, moves[i]))
 
 
 def trace(p: Problem, rng: random.Random, style: TraceStyle = TraceStyle()) -> str:
@@ -331,6 +282,12 @@ def trace(p: Problem, rng: random.Random, style: TraceStyle = TraceStyle()) -> s
 _STEP = re.compile(r"^(\d)(>>?)(\d) then (?:end|>>?(?: >>?)*)$")
 
 
+def _read_step(m: re.Match[str]) -> EpisodeInfo:
+    """A direct move ``6>>1 then > >>``: hard for ``>>``, wrong when 1 is not F[F[6]]."""
+    move = Move(m.group(2))
+    return EpisodeInfo("step", move.hard, int(m.group(3)) != move.apply(int(m.group(1))))
+
+
 def classify_episodes(texts: Sequence[str]) -> list[EpisodeInfo]:
     """Kinds of the episode texts of one response, in the vocabulary of the reference traces.
 
@@ -338,11 +295,4 @@ def classify_episodes(texts: Sequence[str]) -> list[EpisodeInfo]:
     a check or repeat describes the last step before it (so a check of a wrong step is one that
     can repair an error); ``goal ...`` is a restatement; anything else is ``other``.
     """
-    def step(t: str) -> EpisodeInfo | None:
-        m = _STEP.match(t)
-        if not m:
-            return None
-        move = Move(m.group(2))
-        return EpisodeInfo("step", move.hard, int(m.group(3)) != move.apply(int(m.group(1))))
-
-    return classify_with(texts, step)
+    return classify_with(texts, _STEP, _read_step)
