@@ -13,13 +13,13 @@ call each) and reports, per method:
   mean fitting gain G_k, normalised penalty P̂_k, episode reward R_k (METHOD.md §2–§4; zero for
   the outcome-only methods, which have no episode rewards) and mean per-token advantage A_{i,t}
   over the episode's tokens;
-* ``with_minus_without``: per kind (:attr:`EpisodeInfo.key`), the mean over groups of
-  mean A_i(correct responses containing the kind) − mean A_i(correct responses without it):
-  negative means the method's advantage prefers leaving that kind out, all else (correctness)
-  equal. A reward that keeps useful work has it negative for the redundant kinds and not for
-  ``check_hard``;
-* ``advantage_length_corr``: the mean within-group Pearson correlation between A_i and the
-  response length among correct responses (−1: a pure length ranking).
+* ``with_minus_without``: per kind (:attr:`EpisodeInfo.key`), the mean over cells (the responses
+  of one group with one outcome, correct or wrong) of mean A_i(responses containing the kind) −
+  mean A_i(responses without it): negative means the method's advantage prefers leaving that kind
+  out, the outcome being equal. A reward that keeps useful work has it negative for the redundant
+  kinds and not for ``check_hard``;
+* ``advantage_length_corr``: the mean within-cell Pearson correlation between A_i and the
+  response length (−1: a pure length ranking).
 
 Only responses that segment as tagged (METHOD.md §1) have episode kinds; the share is reported.
 """
@@ -59,25 +59,25 @@ def _mean(xs: Sequence[float]) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
 
 
-def kind_effects(groups: Mapping[int, Sequence[tuple[float, Counter, int]]]) -> dict:
-    """``with_minus_without`` and ``advantage_length_corr`` from the correct tagged responses of
-    each group: ``(advantage, Counter of EpisodeInfo.key, response tokens)`` per response."""
+def kind_effects(cells: Mapping[object, Sequence[tuple[float, Counter, int]]]) -> dict:
+    """``with_minus_without`` and ``advantage_length_corr`` from the tagged responses of each cell
+    (a group and an outcome): ``(advantage, Counter of EpisodeInfo.key, response tokens)`` each."""
     effects = {}
     for kind in REPORTED_KINDS:
         diffs = []
-        for rows in groups.values():
+        for rows in cells.values():
             with_k = [a for a, kinds, _ in rows if kinds[kind] > 0]
             without = [a for a, kinds, _ in rows if kinds[kind] == 0]
             if with_k and without:
                 diffs.append(np.mean(with_k) - np.mean(without))
-        effects[kind] = {"delta": _mean(diffs), "groups": len(diffs)}
+        effects[kind] = {"delta": _mean(diffs), "cells": len(diffs)}
     corrs = []
-    for rows in groups.values():
+    for rows in cells.values():
         adv = np.array([a for a, _, _ in rows], dtype=float)
         length = np.array([n for _, _, n in rows], dtype=float)
         if len(rows) >= 2 and adv.std() > 0 and length.std() > 0:
             corrs.append(float(np.corrcoef(adv, length)[0, 1]))
-    return {"with_minus_without": effects, "advantage_length_corr": {"mean": _mean(corrs), "groups": len(corrs)}}
+    return {"with_minus_without": effects, "advantage_length_corr": {"mean": _mean(corrs), "cells": len(corrs)}}
 
 
 def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig]]
@@ -103,7 +103,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
     for name, (method, cfg) in configs.items():
         batch = compute_rewards(model, tokenizer, rollouts, method, cfg, verifier=verifier)
         fields: dict = defaultdict(lambda: defaultdict(list))
-        groups: dict = defaultdict(list)
+        cells: dict = defaultdict(list)
         tagged = 0
         for r, x in zip(rollouts, batch.responses):
             if x.segmentation.status != "tagged":
@@ -119,13 +119,12 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                 f["token_advantage"].append(float(token_adv[on_k].mean()))
                 for key, values in (("gain", x.gains), ("penalty_hat", x.penalties_hat), ("episode_reward", x.episode_reward)):
                     f[key].append(float(values[k]) if k < len(values) else 0.0)
-            if x.outcome >= 1.0:
-                groups[r.group_id].append((x.advantage, Counter(i.key for i in kinds), len(r.response_ids)))
+            cells[(r.group_id, x.outcome)].append((x.advantage, Counter(i.key for i in kinds), len(r.response_ids)))
         report["methods"][name] = {
             "method": method,
             "per_kind": {kind: {"n": len(f["token_advantage"]), **{key: _mean(v) for key, v in f.items()}}
                          for kind, f in sorted(fields.items())},
-            **kind_effects(groups),
+            **kind_effects(cells),
         }
         report["tagged_share"] = tagged / len(rollouts)
         report["accuracy"] = float(np.mean([x.outcome for x in batch.responses]))
@@ -134,13 +133,13 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
 
 def credit_table(report: dict) -> str:
     """Markdown: per method, ``with_minus_without`` per kind and the advantage/length correlation."""
-    head = "| method | " + " | ".join(f"{k} (groups)" for k in REPORTED_KINDS) + " | corr(A, length) |"
+    head = "| method | " + " | ".join(f"{k} (cells)" for k in REPORTED_KINDS) + " | corr(A, length) |"
     lines = [head, "|---" * (len(REPORTED_KINDS) + 2) + "|"]
     for name, m in report["methods"].items():
         cells = []
         for k in REPORTED_KINDS:
             e = m["with_minus_without"][k]
-            cells.append("n/a" if e["delta"] is None else f"{e['delta']:+.3f} ({e['groups']})")
+            cells.append("n/a" if e["delta"] is None else f"{e['delta']:+.3f} ({e['cells']})")
         c = m["advantage_length_corr"]["mean"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if c is None else f'{c:+.2f}'} |")
     return "\n".join(lines)

@@ -67,7 +67,7 @@ class MiniatureConfig(_Strict):
     eval_per_level: int = Field(60, ge=1, description="Held-out problems per difficulty level.")
     eval_levels: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     workers: int = Field(2, ge=1, description="Parallel training processes (one torch thread each).")
-    credit_problems: int = Field(16, ge=0, description="Problems (levels 4-6, group_size samples each) of the "
+    credit_problems: int = Field(24, ge=0, description="Problems (levels 4-6, group_size samples each) of the "
                                  "SFT base's credit-by-episode-kind probe (l2t_core.episode_credit); 0 skips it.")
 
     def model_post_init(self, __context) -> None:
@@ -251,8 +251,9 @@ def markdown_table(report: dict) -> str:
 
         c = report["credit"]
         rows += ["", f"Credit by episode kind on the SFT base ({c['responses']} responses at temperature "
-                 f"{c['temperature']}, {c['tagged_share']:.0%} tagged): mean group advantage of correct responses "
-                 "with the kind minus without it (negative: the method favours leaving it out).", "",
+                 f"{c['temperature']}, {c['tagged_share']:.0%} tagged): mean group advantage of responses with the kind "
+                 "minus those without it, within a group and an outcome (negative: the method favours leaving it "
+                 "out; cells: the (group, outcome) cells that have both).", "",
                  credit_table(c)]
     return "\n".join(rows) + "\n"
 

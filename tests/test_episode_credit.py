@@ -55,15 +55,15 @@ def test_kind_effects_by_hand():
     }
     eff = kind_effects(groups)
     w = eff["with_minus_without"]
-    assert w["check_easy"] == {"delta": pytest.approx((1.0 + 0.0) / 2 - 2.0), "groups": 1}
-    assert w["repeat"] == {"delta": pytest.approx(0.0 - 1.5), "groups": 1}
-    assert w["restate"] == {"delta": pytest.approx(-2.0), "groups": 1}
-    assert w["check_hard"] == {"delta": None, "groups": 0}
+    assert w["check_easy"] == {"delta": pytest.approx((1.0 + 0.0) / 2 - 2.0), "cells": 1}
+    assert w["repeat"] == {"delta": pytest.approx(0.0 - 1.5), "cells": 1}
+    assert w["restate"] == {"delta": pytest.approx(-2.0), "cells": 1}
+    assert w["check_hard"] == {"delta": None, "cells": 0}
     # group 1 has no spread: no correlation; groups 0 and 2 are perfectly (anti-)ordered
     import numpy as np
 
     r0 = float(np.corrcoef([1.0, 2.0, 0.0], [50, 40, 70])[0, 1])
-    assert eff["advantage_length_corr"] == {"mean": pytest.approx((r0 - 1.0) / 2), "groups": 2}
+    assert eff["advantage_length_corr"] == {"mean": pytest.approx((r0 - 1.0) / 2), "cells": 2}
     table = credit_table({"methods": {"l2t": {**eff}}})
     assert "| l2t | -1.500 (1) | n/a | -1.500 (1) | -2.000 (1) |" in table
 
