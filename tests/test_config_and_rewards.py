@@ -215,6 +215,27 @@ def test_fast_offsets_equal_prefix_decoding_on_random_token_sequences(tokenizer)
         assert response_offsets(tokenizer, text, ids) == prefix_decode_offsets(tokenizer, text, ids)
 
 
+def test_batched_prefix_decoding_equals_decoding_each_prefix(tokenizer):
+    """prefix_decode_offsets' one batched backend call gives the lengths of ``decode`` per prefix."""
+    import random
+
+    from l2t_core.rewards.l2t import prefix_decode_offsets
+
+    assert tokenizer.backend_tokenizer is not None and not tokenizer.clean_up_tokenization_spaces  # the batched branch
+    rng = random.Random(1)
+    vocab = list(range(len(tokenizer)))  # special tokens included
+    for _ in range(20):
+        ids = [rng.choice(vocab) for _ in range(rng.randint(1, 30))]
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        want, prev = [], 0
+        for t in range(len(ids)):
+            cur = len(tokenizer.decode(ids[: t + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            cur = min(max(cur, prev), len(text))
+            want.append((prev, cur))
+            prev = cur
+        assert prefix_decode_offsets(tokenizer, text, ids) == want
+
+
 def test_config_differences_fill_new_fields_with_defaults_and_ignore_locations():
     """A config saved before a field existed matches today's default; real changes are named."""
     from l2t_core.config import TrainConfig, config_differences

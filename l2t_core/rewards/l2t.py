@@ -99,10 +99,19 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
 
 
 def prefix_decode_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
-    """Offsets from the lengths of the decoded prefixes ids[:t+1] (O(T²); the general fallback)."""
+    """Offsets from the lengths of the decoded prefixes ids[:t+1] (O(T²) characters; the general
+    fallback). A fast tokenizer decodes all prefixes in one batched call of its Rust backend (the
+    same decoder ``decode`` runs, without the per-call Python conversion); others call ``decode``
+    per prefix."""
+    prefixes = [[int(t) for t in ids[: t + 1]] for t in range(len(ids))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        lengths = [len(s) for s in backend.decode_batch(prefixes, skip_special_tokens=False)]
+    else:
+        lengths = [len(tokenizer.decode(p, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+                   for p in prefixes]
     out, prev = [], 0
-    for t in range(len(ids)):
-        cur = len(tokenizer.decode(list(ids[: t + 1]), skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    for cur in lengths:
         cur = min(max(cur, prev), len(text))
         out.append((prev, cur))
         prev = cur
