@@ -251,18 +251,6 @@ def comparison(evals: pd.DataFrame) -> dict:
             "base_mean_tokens": float(b["mean_tokens"]), "token_reduction": float(reduction)}
 
 
-def eval_figure(evals: pd.DataFrame, title: str):
-    """Accuracy and tokens per level, base next to checkpoint: numbered levels (the synthetic
-    tasks) on a level axis, named groups (a real benchmark's ``level 3``, ``tier d<=3``, or only
-    ``all``) one bar group each."""
-    levels = evals.loc[evals["level"] != "all", "level"].astype(str)
-    if len(levels) and levels.str.fullmatch(r"\d+").all():
-        return plots.eval_comparison(evals, title)
-    from l2t_core.eval.report import plot_models_by_group
-
-    return plot_models_by_group(evals, title)
-
-
 @dg.asset(partitions_def=runs_partitions, group_name="evaluation", kinds={"pytorch", "duckdb"},
           dagster_type=EvalResultsType, deps=["checkpoints"],
           description="Evaluation of a run's latest checkpoint and its base model on the same benchmark "
@@ -284,7 +272,7 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
         steps = read_rows(conn, "train_steps", "checkpoints", pk)
     cmp = comparison(evals)
     images = [("accuracy and tokens per level",
-               plots.png_data_uri(eval_figure(evals, f"{base} / {method} on {evaluator.benchmark}")))]
+               plots.png_data_uri(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}")))]
     if len(steps):
         images.append(("training curve", plots.png_data_uri(plots.training_curve(steps, f"training {base} / {method}"))))
     figs = "\n\n".join(f"![{alt}]({uri})" for alt, uri in images)

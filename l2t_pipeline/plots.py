@@ -42,7 +42,15 @@ def html_report(title: str, summary: dict, table: pd.DataFrame, images: list[tup
 
 
 def eval_comparison(evals: pd.DataFrame, title: str):
-    """Accuracy and mean response tokens per level, base model next to the checkpoint."""
+    """Accuracy and mean response tokens per level, base model next to the checkpoint: numbered
+    levels (the synthetic tasks) on a level axis, named groups (a real benchmark's ``level 3``,
+    ``tier d<=3``, or only ``all``) one bar group each
+    (:func:`l2t_core.eval.report.plot_models_by_group`)."""
+    levels = evals.loc[evals["level"] != "all", "level"].astype(str)
+    if not (len(levels) and levels.str.fullmatch(r"\d+").all()):
+        from l2t_core.eval.report import plot_models_by_group
+
+        return plot_models_by_group(evals, title)
     per_level = evals[evals["level"] != "all"].copy()
     per_level["level_num"] = per_level["level"].astype(int)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
