@@ -181,16 +181,28 @@ def cmd_miniature(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Sample, verify/execute and report a model on real benchmarks (METHOD.md §7): math
-    benchmarks through evaluate_math, HumanEval (kind "code") through evaluate_code, one report."""
+    """Sample, verify/execute and report a model on benchmarks (METHOD.md §7): math benchmarks
+    and the synthetic tasks' held-out splits (``walk_heldout``, ..., with their task prompt)
+    through evaluate_math, HumanEval (kind "code") through evaluate_code, one report."""
     from .eval.code import HUMANEVAL_N, check_k_values, evaluate_code
-    from .eval.datasets import get_spec, load_benchmark
+    from .eval.datasets import DatasetError
     from .eval.report import write_report
     from .eval.runner import EvalSettings, evaluate_math
+    from .eval.synthetic import (HeldOutOptionError, HeldOutOptions, benchmark_kind, check_options, is_heldout,
+                                 load_eval_benchmark)
     from .models import load_policy
     from .rollout import make_rollout_engine
 
-    kinds = {name: get_spec(name).kind for name in args.benchmarks}  # unknown names fail here
+    try:
+        kinds = {name: benchmark_kind(name) for name in args.benchmarks}  # unknown names fail here
+    except DatasetError as exc:
+        raise SystemExit(f"l2t eval --benchmarks: {exc}") from None
+    try:
+        heldout = HeldOutOptions(levels=tuple(args.heldout_levels) if args.heldout_levels else None,
+                                 per_level=args.heldout_per_level, seed=args.heldout_seed)
+        check_options(args.benchmarks, heldout)
+    except HeldOutOptionError as exc:
+        raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
     base = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
                 verify_workers=args.verify_workers)
     if args.n is not None and args.n < 1:
@@ -203,7 +215,10 @@ def cmd_eval(args) -> int:
             code_k = check_k_values(args.pass_k if args.pass_k else (1, n), n)
         except ValueError as exc:
             raise SystemExit(f"l2t eval --pass-k: {exc}") from None
-    items = {name: load_benchmark(name, limit=args.limit) for name in args.benchmarks}  # all validated first
+    try:  # all loaded and validated before the model
+        items = {name: load_eval_benchmark(name, limit=args.limit, heldout=heldout) for name in args.benchmarks}
+    except HeldOutOptionError as exc:
+        raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
     model, tok = load_policy(args.model, device=args.device)
     kw = {"model_path": args.model} if args.engine == "vllm" else {}
     engine = make_rollout_engine(args.engine, model, tok, **kw)
@@ -214,6 +229,8 @@ def cmd_eval(args) -> int:
                                           workers=args.sandbox_workers, show_progress=not args.quiet)
         else:
             results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet)
+            if is_heldout(name):  # which held-out problems: recorded in report.json, named in the report
+                results[name].summary["heldout"] = heldout.describe(name)
     report = write_report(args.out, results, model=args.model)
     print(json.dumps({"out": args.out, "files": report["files"],
                       "pass@1": {n: r.summary["pass@1"] for n, r in results.items()},
@@ -262,17 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2)")
     p.set_defaults(fn=cmd_miniature)
 
-    p = sub.add_parser("eval", help="evaluate a model on math benchmarks (pass@1, maj@4) and HumanEval "
-                       "(pass@1, pass@k): tokens, report")
+    from .tasks import TASKS  # a light import: the task names only
+
+    p = sub.add_parser("eval", help="evaluate a model on math benchmarks and the synthetic held-out sets "
+                       "(pass@1, maj@4) and HumanEval (pass@1, pass@k): tokens, report")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--model", required=True, help="HF directory or hub id")
-    p.add_argument("--benchmarks", nargs="+", default=["math500"], help="names from l2t_core.eval.datasets")
+    p.add_argument("--benchmarks", nargs="+", default=["math500"],
+                   help="names from l2t_core.eval.datasets, or a synthetic task's held-out split: "
+                        f"{', '.join(f'{t}_heldout' for t in TASKS)} (l2t_core.eval.synthetic)")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--n", type=int, help="samples per problem (default, METHOD.md §7: 20 for math, 64 for HumanEval)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=16384)
-    p.add_argument("--limit", type=int, help="first N problems of each benchmark")
+    p.add_argument("--limit", type=int, help="first N problems of each file benchmark (not the held-out sets: "
+                   "see --heldout-per-level)")
+    p.add_argument("--heldout-levels", type=int, nargs="+", metavar="LEVEL",
+                   help="levels of the synthetic held-out benchmarks (default: all, 1-6)")
+    p.add_argument("--heldout-per-level", type=int, default=50,
+                   help="held-out problems per level, at most (a level with fewer gives all of its own; default 50)")
+    p.add_argument("--heldout-seed", type=int, help="seed of the held-out draw (default: the task's HELDOUT_SEED)")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,7 @@ scores about 0 on MATH500/AIME; the checks are on the machinery.)"""
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -83,3 +84,200 @@ def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="outside"):  # pass@3 from 2 samples: refused before any compute
         main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "humaneval", "--limit", "1", "--n", "2",
               "--pass-k", "3", "--out", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic tasks' held-out splits as benchmarks of `l2t eval` (l2t_core.eval.synthetic)
+
+
+def _stub_engine(answer_of):
+    """A rollout engine that records its prompts and answers each with ``answer_of(prompt_ids)``."""
+    from l2t_core.rollout.base import Completion, RolloutEngine
+
+    class Stub(RolloutEngine):
+        name = "stub"
+
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, params):
+            self.prompts += [list(p) for p in prompts]
+            out = []
+            for p in prompts:
+                text = answer_of(list(p))
+                out.append([Completion(list(p), [1] * len(text), text, True) for _ in range(params.n)])
+            return out
+
+        def sync_weights(self, model):
+            pass
+
+    return Stub()
+
+
+def test_heldout_benchmarks_are_the_tasks_held_out_splits_level_by_level():
+    from l2t_core.eval.synthetic import HeldOutOptions, heldout_benchmarks, load_eval_benchmark
+    from l2t_core.prompts import build_prompt
+    from l2t_core.tasks import TASKS, get_task
+    from l2t_core.tasks.common import split_of
+
+    assert heldout_benchmarks() == {f"{t}_heldout": t for t in TASKS}
+    expected = {"walk_heldout": {1: 3, 2: 4, 3: 4}, "arithmetic_heldout": {1: 4, 2: 4, 3: 4}}  # walk: 3 of level 1
+    for name, task_name in heldout_benchmarks().items():
+        task = get_task(task_name)
+        opts = HeldOutOptions(levels=(1, 2, 3), per_level=4)
+        items = load_eval_benchmark(name, heldout=opts, limit=1)  # --limit is for file benchmarks only
+        assert items == load_eval_benchmark(name, heldout=opts)  # deterministic
+        assert pd.Series([i.level for i in items]).value_counts().sort_index().to_dict() == expected[name]
+        assert len({i.id for i in items}) == len(items) and {i.benchmark for i in items} == {name}
+        training = {p.problem for p in task.dataset(5000, 1, 3, seed=0)}
+        for i in items:
+            assert split_of(i.problem) == "heldout" and i.problem not in training
+            assert i.prompt == task.build_task_prompt(i.problem) != build_prompt(i.problem)
+            assert i.answer in {str(d) for d in range(10)} and i.accepted_answers == (i.answer,)
+        full = load_eval_benchmark(name)  # default: every level, up to 50 per level
+        assert sorted({i.level for i in full}) == list(task.LEVELS) and len(full) <= 50 * len(task.LEVELS)
+    walk = load_eval_benchmark("walk_heldout")
+    assert [sum(i.level == lv for i in walk) for lv in range(1, 7)] == [3, 5, 12, 26, 46, 50]
+
+
+def test_heldout_items_are_prompted_with_their_task_prompt_and_boxed_digits_verify(tokenizer):
+    from l2t_core.eval.runner import group_rows, prompt_text
+    from l2t_core.eval.synthetic import HeldOutOptions, load_heldout
+    from l2t_core.prompts import build_prompt, encode_prompt
+
+    walk = load_heldout("walk_heldout", HeldOutOptions(levels=(1, 2), per_level=50))
+    real = load_benchmark("math500", limit=2)
+    items = [*real, *walk]
+    by_prompt = {tuple(encode_prompt(tokenizer, prompt_text(i))): i for i in items}
+    assert [prompt_text(i) for i in real] == [build_prompt(i.problem) for i in real]
+
+    def answer(prompt_ids):  # right on walk problems of even index, one off on the others
+        item = by_prompt[tuple(prompt_ids)]
+        if item.benchmark != "walk_heldout":
+            return "<think>\nx\n</think>\n\n\\boxed{0}"
+        value = int(item.answer) + (walk.index(item) % 2)
+        return f"<think>\n<episode_1>{item.problem}</episode_1>\n</think>\n\n\\boxed{{{value % 10}}}"
+
+    engine = _stub_engine(answer)
+    res = evaluate_math(engine, tokenizer, items, EvalSettings(n=2, maj_k=2))
+    assert engine.prompts == [encode_prompt(tokenizer, build_prompt(i.problem)) for i in real] + \
+        [encode_prompt(tokenizer, i.prompt) for i in walk]
+    rows = res.rows[res.rows["benchmark"] == "walk_heldout"]
+    want = [k % 2 == 0 for k in range(len(walk)) for _ in range(2)]
+    assert list(rows["correct"]) == want and set(rows["status"]) == {"correct", "incorrect"}
+    assert set(res.summary["per_group"]) >= {"level 1", "level 2"}
+    groups = group_rows(res.rows).set_index("level")
+    assert groups.loc["walk_heldout level 1", "n"] == 3 and groups.loc["walk_heldout level 2", "n"] == 5
+    assert groups.loc["walk_heldout level 1", "accuracy"] == pytest.approx(2 / 3)  # problems 0 and 2 of 0, 1, 2
+    boxed = [f"<think>\n<episode_1>{walk[0].problem}</episode_1>\n</think>\n\n\\boxed{{{d}}}" for d in (7, 8)]
+    assert [v.correct for v in verify_all(boxed, [("7",), ("7",)])] == [True, False]  # math-verify on a digit
+
+
+def test_heldout_bad_names_and_options_fail_naming_the_option(tiny_dir, tmp_path):
+    from l2t_core.cli import main
+    from l2t_core.eval.datasets import DatasetError, get_spec
+    from l2t_core.eval.synthetic import HeldOutOptionError, HeldOutOptions, load_heldout
+
+    base = ["eval", "-q", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--benchmarks"]
+    with pytest.raises(SystemExit, match=r"--benchmarks: unknown benchmark 'walk'.*math500.*walk_heldout, "
+                                         r"arithmetic_heldout"):
+        main([*base, "math500", "walk"])
+    with pytest.raises(SystemExit, match=r"--heldout-per-level: .*per level must be an integer >= 1, got 0"):
+        main([*base, "walk_heldout", "--heldout-per-level", "0"])
+    with pytest.raises(SystemExit, match=r"--heldout-per-level: .*got -3"):
+        main([*base, "aime24", "--heldout-per-level", "-3"])  # checked even where no held-out set is asked for
+    with pytest.raises(SystemExit, match=r"--heldout-levels: unknown level 7 for walk_heldout; its levels are "
+                                         r"1, 2, 3, 4, 5, 6"):
+        main([*base, "walk_heldout", "--heldout-levels", "1", "7"])
+    with pytest.raises(SystemExit, match=r"--heldout-levels: level 2 is given twice"):
+        main([*base, "arithmetic_heldout", "--heldout-levels", "2", "2"])
+    with pytest.raises(SystemExit, match=r"--heldout-per-level: arithmetic_heldout: .*could only draw"):
+        main([*base, "arithmetic_heldout", "--heldout-levels", "1", "--heldout-per-level", "300"])
+    with pytest.raises(HeldOutOptionError, match="at least one level") as err:
+        HeldOutOptions(levels=())
+    assert err.value.option == "levels"
+    with pytest.raises(HeldOutOptionError, match="not a synthetic held-out benchmark"):
+        load_heldout("math500")
+    with pytest.raises(DatasetError, match="synthetic held-out set .*load_heldout"):
+        get_spec("walk_heldout")
+    assert not (tmp_path / "x").exists()  # every one failed before any compute
+
+
+@pytest.mark.slow
+def test_l2t_eval_on_math500_aime24_slices_and_walk_heldout_in_one_report(tiny_dir, tmp_path, capsys):
+    """Issue 4's proof on this machine: `l2t eval` on 20-problem slices of MATH500 and AIME24 and
+    on the walk task's held-out split (up to 4 problems of each level 1-6), one report."""
+    from l2t_core.cli import main
+
+    out = tmp_path / "rep"
+    assert main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "math500", "aime24", "walk_heldout",
+                 "--limit", "20", "--n", "2", "--max-new-tokens", "8", "--heldout-per-level", "4",
+                 "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(printed["pass@1"]) == ["math500", "aime24", "walk_heldout"]
+    rows = pd.read_parquet(out / "eval_results.parquet")
+    per_level = [3, 4, 4, 4, 4, 4]  # the walk has only 3 held-out problems of level 1
+    assert rows.groupby("benchmark").size().to_dict() == {"math500": 40, "aime24": 40, "walk_heldout": 2 * 23}
+    assert rows.groupby("benchmark")["problem_id"].nunique().to_dict() == {"math500": 20, "aime24": 20,
+                                                                           "walk_heldout": 23}
+    assert rows["response_tokens"].between(0, 8).all() and rows["sample"].isin([0, 1]).all()
+    report = json.loads((out / "report.json").read_text())["benchmarks"]
+    walk = report["walk_heldout"]
+    assert (walk["problems"], walk["samples"]) == (23, 46)
+    assert walk["mean_tokens"] == pytest.approx(rows[rows["benchmark"] == "walk_heldout"]["response_tokens"].mean())
+    assert walk["heldout"] == {"task": "walk", "split": "heldout", "prompt": "task (build_task_prompt)",
+                               "levels": [1, 2, 3, 4, 5, 6], "per_level": 4, "seed": 1_000_003}
+    assert list(walk["per_group"]) == [f"level {lv}" for lv in range(1, 7)]
+    assert [g["problems"] for g in walk["per_group"].values()] == per_level
+    assert [g["samples"] for g in walk["per_group"].values()] == [2 * n for n in per_level]
+    for g, s in walk["per_group"].items():
+        sub = rows[(rows["benchmark"] == "walk_heldout") & (rows["group"] == g)]
+        assert s["mean_tokens"] == pytest.approx(sub["response_tokens"].mean())
+        assert s["pass@1"] == pytest.approx(sub.groupby("problem_id")["correct"].mean().mean())
+    assert set(report["math500"]["per_group"]) <= {f"level {i}" for i in range(1, 6)}
+    assert report["aime24"]["problems"] == 20 and "heldout" not in report["aime24"]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for lv, n in enumerate(per_level, 1):
+        assert re.search(rf"\| walk_heldout \| level {lv} \| {n} \| [0-9.]+ \| [0-9.]+ \|", md)
+        assert f"<tr><td>walk_heldout</td><td>level {lv}</td><td>{n}</td>" in page
+    assert re.search(r"\| walk_heldout \| 23 \| 46 \|", md) and "- walk_heldout: held-out split of the synthetic " \
+        "walk task, levels 1, 2, 3, 4, 5, 6, up to 4 problems per level (seed 1000003)" in md
+    assert "<td>math500</td><td>level" in page and "Synthetic held-out benchmarks" in page
+    for png in ("accuracy_tokens.png", "groups.png"):
+        assert (out / png).read_bytes()[:8] == PNG and f"![{png[:-4]}]({png})" in md
+
+
+# A warm start small enough for a test: walk levels 1-3, 2 layers of hidden 64, batch 8, 1500 SFT
+# steps, on plain reference traces (no wrong guesses, re-checks, repeats or restatements, no
+# forced-answer examples). Measured on one thread of the shared 2-core machine, seeds 0-4: SFT
+# 38-49 s (42-54 s with the warm start's own evaluation); greedy accuracy on the 20 held-out
+# problems of levels 1-3: 0.95, 0.85, 0.90, 1.00, 1.00 (chance: 0.1). 1200 steps: 1.00, 1.00, 0.55,
+# 0.85, 0.95; levels 1-2 only (8 held-out problems), 1000 steps: 1.00, 0.88, 0.62; batches of 32
+# stay on the loss plateau (accuracy 0-0.12 after 200-300 steps), as do the default traces at
+# hidden 64 (0.25 after 800 steps of batch 8, levels 1-2).
+QUICK_WARM_START = dict(min_steps=1, max_steps=3, hidden_size=64, num_layers=2, intermediate_size=192,
+                        guess_error=0.0, hard_check=0.0, easy_check=0.0, repeat=0.0, restate=0.0, forced_frac=0.0,
+                        sft_steps=1500, batch_size=8, train_size=2000, eval_loss_size=0, eval_levels=(1, 2, 3),
+                        eval_max_new_tokens=96, threads=1)
+
+
+@pytest.mark.slow
+def test_l2t_eval_scores_a_quick_warm_start_on_walk_heldout(tmp_path, capsys):
+    """Accuracy on the synthetic held-out set is meaningful: a warm-started model scores far
+    above chance (0.1) on every held-out walk problem of levels 1-3 through `l2t eval`, and the
+    report agrees with the warm start's own greedy evaluation (l2t_core.warmstart.evaluate:
+    the same problems, task prompt and greedy decoding, the task's exact numeric check)."""
+    from l2t_core.cli import main
+    from l2t_core.warmstart import WarmStartConfig, warm_start
+
+    model_dir = warm_start(tmp_path / "sft", WarmStartConfig(seed=0, **QUICK_WARM_START), show_progress=False)
+    own = json.loads((model_dir / "warmstart.json").read_text())
+    out = tmp_path / "rep"
+    assert main(["eval", "-q", "--model", str(model_dir), "--benchmarks", "walk_heldout", "--heldout-levels", "1", "2",
+                 "3", "--n", "1", "--temperature", "0", "--max-new-tokens", "96", "--out", str(out)]) == 0
+    walk = json.loads((out / "report.json").read_text())["benchmarks"]["walk_heldout"]
+    assert walk["problems"] == 3 + 5 + 12 == own["evaluation"]["n"]  # every held-out problem of levels 1-3
+    assert walk["finished_share"] == 1.0
+    assert walk["pass@1"] >= 0.7  # seed 0 measured 0.95; the least of seeds 0-4 0.85; chance 0.1
+    per_level = {g.removeprefix("level "): s["pass@1"] for g, s in walk["per_group"].items()}
+    assert per_level == pytest.approx(own["accuracy_per_level"], abs=0.01)

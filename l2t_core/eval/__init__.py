@@ -4,6 +4,8 @@ Modules of this package:
 
 * :mod:`l2t_core.eval.datasets`: the benchmark registry and validated loaders (local JSONL files in
   ``L2T_DATA_DIR``, with a Hugging Face hub fallback cached as JSONL).
+* :mod:`l2t_core.eval.synthetic`: the synthetic tasks' held-out splits (``walk_heldout``,
+  ``arithmetic_heldout``) as benchmarks of ``l2t eval``, with the task's own prompt.
 * :mod:`l2t_core.eval.metrics`: pass@k (unbiased), maj@k and efficiency.
 * :mod:`l2t_core.eval.runner`: sample n responses per math problem through a rollout engine, verify
   (process pool), pass@1 / maj@k / tokens overall and per level or tier.

@@ -32,6 +32,11 @@ strings; MinervaMATH takes them from ``meta.answer_alternatives_deepscaler``), `
 ``meta.level``) and ``tier`` (Omni-MATH tier from ``meta.difficulty``, see :func:`omni_tier`).
 HumanEval items map ``task_id → id``, ``prompt → problem``, ``canonical_solution → answer`` and
 carry ``test`` and ``entry_point`` as dedicated fields.
+
+The synthetic tasks' held-out splits (``walk_heldout``, ``arithmetic_heldout``:
+:func:`heldout_benchmark_names`) are benchmarks of ``l2t eval`` too, generated rather than read:
+:mod:`l2t_core.eval.synthetic` builds their items, which carry the task's own ``prompt``. They
+have no :class:`BenchmarkSpec`; :func:`get_spec` says where to load them.
 """
 
 from __future__ import annotations
@@ -135,7 +140,13 @@ class BenchmarkSpec:
 class BenchmarkItem:
     """One problem. ``alternatives`` holds accepted answers other than ``answer`` (deduplicated);
     :attr:`accepted_answers` gives all of them. ``meta`` is the row's meta dict (treat it as
-    read-only; it is left out of equality and hashing)."""
+    read-only; it is left out of equality and hashing).
+
+    ``prompt`` is the exact prompt text the model is given, when the benchmark builds its own: the
+    synthetic held-out sets (:mod:`l2t_core.eval.synthetic`) carry their task's prompt, the one
+    the synthetic model was trained on. None (every file benchmark) means METHOD.md §8's math
+    prompt of ``problem`` (:func:`l2t_core.prompts.build_prompt`, see
+    :func:`l2t_core.eval.runner.prompt_text`)."""
 
     id: str
     problem: str
@@ -148,6 +159,7 @@ class BenchmarkItem:
     test: str | None = None
     entry_point: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    prompt: str | None = None
 
     @property
     def accepted_answers(self) -> tuple[str, ...]:
@@ -240,12 +252,27 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (
 )}
 
 
+def heldout_benchmark_names() -> tuple[str, ...]:
+    """The synthetic held-out benchmarks of ``l2t eval``, ``<task>_heldout`` for every task of
+    :data:`l2t_core.tasks.TASKS` (generated, no file; see :mod:`l2t_core.eval.synthetic`)."""
+    from ..tasks import TASKS
+
+    return tuple(f"{task}_heldout" for task in TASKS)
+
+
 def get_spec(name: str) -> BenchmarkSpec:
-    """The registry entry for ``name``; an unknown name lists the known ones."""
+    """The registry entry for ``name``; an unknown name lists the known ones (the file benchmarks
+    and the synthetic held-out ones, which have no spec)."""
     try:
         return BENCHMARKS[name]
     except KeyError:
-        raise DatasetError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)}") from None
+        synthetic = heldout_benchmark_names()
+        if name in synthetic:
+            raise DatasetError(
+                f"benchmark {name!r} is a synthetic held-out set without a file or spec; load it with "
+                "l2t_core.eval.synthetic.load_heldout (l2t eval does)") from None
+        raise DatasetError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)}; synthetic "
+                           f"held-out benchmarks (l2t eval): {', '.join(synthetic)}") from None
 
 
 def omni_tier(difficulty: float) -> str:

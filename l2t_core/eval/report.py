@@ -6,7 +6,9 @@ model (math results from :func:`~l2t_core.eval.runner.evaluate_math`, HumanEval 
 them) and writes into ``out_dir``: ``report.json`` (summaries), ``report.md`` and ``report.html``
 (tables and plots), ``eval_results.parquet`` (every sample; the pipeline's ``eval_results``
 table), ``accuracy_tokens.png`` (pass@1 and mean tokens per benchmark, Fig. 2 style) and
-``groups.png`` (pass@1 per level/tier).
+``groups.png`` (pass@1 per level/tier). The per-level tables and plot cover the synthetic
+held-out benchmarks (:mod:`l2t_core.eval.synthetic`, per task level) like MATH500's levels, and
+the markdown and HTML name the task, levels and seed of each.
 """
 
 from __future__ import annotations
@@ -83,7 +85,23 @@ def markdown_summary(results: Mapping[str, EvalResult], model: str) -> str:
     for n, r in results.items():
         for g, s in r.summary["per_group"].items():
             lines.append(f"| {n} | {g} | {s['problems']} | {s['pass@1']:.3f} | {s['mean_tokens']:.1f} |")
+    notes = heldout_notes(results)
+    if notes:
+        lines += ["", "Synthetic held-out benchmarks:", ""] + [f"- {n}: {text}" for n, text in notes.items()]
     return "\n".join(lines) + "\n"
+
+
+def heldout_notes(results: Mapping[str, EvalResult]) -> dict[str, str]:
+    """A line describing each synthetic held-out benchmark of ``results`` (those whose summary
+    has the ``heldout`` record that ``l2t eval`` adds, see :mod:`l2t_core.eval.synthetic`)."""
+    out = {}
+    for n, r in results.items():
+        h = r.summary.get("heldout")
+        if isinstance(h, dict):
+            out[n] = (f"held-out split of the synthetic {h.get('task')} task, levels "
+                      f"{', '.join(map(str, h.get('levels', [])))}, up to {h.get('per_level')} problems per level "
+                      f"(seed {h.get('seed')}), prompted with the task's own prompt")
+    return out
 
 
 def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> dict:
@@ -105,10 +123,18 @@ def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> d
         + "".join(f"<td>{_fmt(r.summary.get(m))}</td>" for m in metrics)
         + f"<td>{r.summary['mean_tokens']:.1f}</td></tr>" for n, r in results.items())
     head = "".join(f"<th>{m}</th>" for m in metrics)
+    groups = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{html.escape(str(g))}</td><td>{s['problems']}</td>"
+        f"<td>{s['pass@1']:.3f}</td><td>{s['mean_tokens']:.1f}</td></tr>"
+        for n, r in results.items() for g, s in r.summary["per_group"].items())
+    notes = "".join(f"<li>{html.escape(n)}: {html.escape(text)}</li>" for n, text in heldout_notes(results).items())
     (out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation of {html.escape(model)}</title></head>"
         f"<body><h1>Evaluation of {html.escape(model)}</h1><table border='1' cellpadding='4'>"
         f"<tr><th>benchmark</th><th>problems</th>{head}<th>mean tokens</th></tr>{table}</table>"
+        "<h2>Per level / tier</h2><table border='1' cellpadding='4'><tr><th>benchmark</th><th>group</th>"
+        f"<th>problems</th><th>pass@1</th><th>mean tokens</th></tr>{groups}</table>"
+        + (f"<h2>Synthetic held-out benchmarks</h2><ul>{notes}</ul>" if notes else "")
         + "".join(f"<p><img src='{p.name}' alt='{p.stem}'></p>" for p in plots) + "</body></html>")
     summary["files"] = {k: str(out / k) for k in ("report.json", "report.md", "report.html", "eval_results.parquet")}
     summary["plots"] = [str(p) for p in plots]

@@ -5,9 +5,11 @@
 against the problem's accepted answers (gold first, math-verify; in a process pool when
 ``verify_workers > 1``), and returns one row per sample plus a summary: pass@1 (mean correctness
 over the n samples), maj@k on the first k samples, mean response tokens, and both per
-level/tier. The rows are what the pipeline loads into DuckDB (``eval_results``). HumanEval goes
-through :func:`l2t_core.eval.code.evaluate_code`, which samples with :func:`sample_responses` and
-writes rows of the same columns.
+level/tier. Items with a prompt of their own (the synthetic held-out sets of
+:mod:`l2t_core.eval.synthetic`) are prompted with it, every other item with METHOD.md §8's math
+prompt (:func:`prompt_text`). The rows are what the pipeline loads into DuckDB
+(``eval_results``). HumanEval goes through :func:`l2t_core.eval.code.evaluate_code`, which
+samples with :func:`sample_responses` and writes rows of the same columns.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def group_of(item: BenchmarkItem) -> str:
     if item.level is not None:
         return f"level {item.level}"
     return "all"
+
+
+def prompt_text(item: BenchmarkItem) -> str:
+    """The prompt text of an item: its own ``prompt`` when it has one (the synthetic held-out
+    sets carry their task's prompt, see :mod:`l2t_core.eval.synthetic`), else METHOD.md §8's
+    math prompt of its problem (:func:`~l2t_core.prompts.build_prompt`)."""
+    return item.prompt if item.prompt is not None else build_prompt(item.problem)
 
 
 def _verify_one(args: tuple[str, tuple[str, ...], float]) -> Verdict:
@@ -145,12 +154,15 @@ def sample_responses(engine: RolloutEngine, prompts: Sequence[Sequence[int]], se
 
 def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem],
                   settings: EvalSettings = EvalSettings(), *, show_progress: bool = False) -> EvalResult:
-    """Sample ``settings.n`` responses per item with ``engine``, verify and summarise them."""
+    """Sample ``settings.n`` responses per item with ``engine``, verify and summarise them.
+
+    Each item is prompted with :func:`prompt_text` (its own prompt, else the §8 math prompt),
+    encoded by :func:`~l2t_core.prompts.encode_prompt`."""
     if not items:
         raise ValueError("evaluate_math: no problems to evaluate")
     kinds = {getattr(i, "benchmark", "") for i in items}
     t0 = time.perf_counter()
-    prompts = [encode_prompt(tokenizer, build_prompt(i.problem)) for i in items]
+    prompts = [encode_prompt(tokenizer, prompt_text(i)) for i in items]
     groups = sample_responses(engine, prompts, settings, show_progress=show_progress)
     gen_s = time.perf_counter() - t0
     flat = [(item, k, c) for item, g in zip(items, groups) for k, c in enumerate(g)]
