@@ -56,6 +56,20 @@ STATE_FILE = "trainer_state.pt"
 TIMING_COLUMNS = ("step_time_s", "rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s")
 
 
+def merge_rank_rows(gathered: Sequence[tuple[list[dict], list[dict]]]) -> tuple[list[dict], list[dict]]:
+    """One step's rollout and episode rows of every rank, in rank order, with step-wide ids: each
+    rank numbers its rollouts and groups from 0, so rank r's are shifted by the counts of ranks
+    < r (``rank`` keeps where a row came from). Episode rows follow their rollout's new id."""
+    rrows, erows = [], []
+    r_off = g_off = 0
+    for rank_rollouts, rank_episodes in gathered:
+        rrows += [{**r, "rollout": r["rollout"] + r_off, "group": r["group"] + g_off} for r in rank_rollouts]
+        erows += [{**e, "rollout": e["rollout"] + r_off} for e in rank_episodes]
+        r_off += len(rank_rollouts)
+        g_off += max((r["group"] for r in rank_rollouts), default=-1) + 1
+    return rrows, erows
+
+
 @dataclass
 class RunResult:
     out: str
@@ -408,8 +422,7 @@ class Trainer:
         if dist is not None:
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, (rrows, erows))
-            rrows = [r for g in gathered for r in g[0]]
-            erows = [e for g in gathered for e in g[1]]
+            rrows, erows = merge_rank_rows(gathered)
         if self.rank == 0:
             self.metrics.add("rollouts", rrows)
             self.metrics.add("episode_rewards", erows)

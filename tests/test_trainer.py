@@ -308,3 +308,23 @@ def test_loss_ratio_is_one_on_the_first_update_at_the_sampling_temperature(tiny_
     assert tr.lp_temperature == 0.7
     assert steps["ratio_mean"].iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert steps["clip_frac"].iloc[0] == 0.0
+
+
+def test_rank_rows_get_step_wide_rollout_and_group_ids():
+    """Under DeepSpeed every rank numbers its rollouts and groups from 0; gathered rows must stay
+    unique per (step, rollout) (the rollouts table's key) and keep each episode with its rollout."""
+    from l2t_core.trainer import merge_rank_rows
+
+    def rank_rows(rank, groups, per_group):
+        rr = [{"rank": rank, "rollout": n, "group": n // per_group, "tag": f"r{rank}n{n}"}
+              for n in range(groups * per_group)]
+        ee = [{"rank": rank, "rollout": n, "episode": k, "tag": f"r{rank}n{n}"} for n in range(len(rr)) for k in (1, 2)]
+        return rr, ee
+
+    rrows, erows = merge_rank_rows([rank_rows(0, 2, 3), rank_rows(1, 1, 3), rank_rows(2, 0, 3), rank_rows(3, 2, 3)])
+    assert [r["rollout"] for r in rrows] == list(range(15))
+    assert [r["group"] for r in rrows] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    by_id = {r["rollout"]: r["tag"] for r in rrows}
+    assert all(by_id[e["rollout"]] == e["tag"] for e in erows) and len(erows) == 30
+    assert [r["rank"] for r in rrows] == [0] * 6 + [1] * 3 + [3] * 6
+    assert merge_rank_rows([rank_rows(0, 2, 3)]) == rank_rows(0, 2, 3)  # one rank: unchanged
