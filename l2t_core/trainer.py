@@ -93,6 +93,13 @@ def _all_sum(x: float) -> float:
     return float(t.item())
 
 
+def _all_sum_list(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (float64 all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    _dist().all_reduce(t)
+    return t.tolist()
+
+
 def _all_max(x: int) -> int:
     dist = _dist()
     if dist is None:
@@ -126,6 +133,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup (all checks before compute)
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.engine == "deepspeed":  # join the launch's process group before reading rank and world
+            from .engines.deepspeed_engine import init_distributed
+
+            init_distributed()
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
@@ -267,7 +278,10 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         self.rollout.sync_weights(self.engine.unwrapped())
-        self.metrics.drop_after(step)
+        if self.rank == 0:  # one rank deletes the metrics of steps after the checkpoint
+            self.metrics.drop_after(step)
+        if _dist() is not None:
+            _dist().barrier()
         log.info("resumed run %s from %s (step %d)", self.run_id, redact_url(url), step)
         return step
 
@@ -364,7 +378,9 @@ class Trainer:
             st = self.engine.step()
             opt_stats = {k: opt_stats[k] + st[k] / len(minis) for k in opt_stats}
         self.rollout.sync_weights(self.engine.unwrapped())
-        stats = {k: v / max(tok_total, 1.0) for k, v in sums.items()}
+        # the step's loss statistics over every rank's tokens, not rank 0's share only
+        tok_total = _all_sum(tok_total)
+        stats = {k: _all_sum(v) / max(tok_total, 1.0) for k, v in sums.items()}
         stats.update(opt_stats)
         return stats
 
@@ -381,7 +397,8 @@ class Trainer:
         t0 = time.perf_counter()
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                   verifier=self.verifier, proxy=self.proxy, step=step,
-                                  need_logp_old=self.cfg.mini_batches > 1, temperature=self.lp_temperature)
+                                  need_logp_old=self.cfg.mini_batches > 1, temperature=self.lp_temperature,
+                                  all_sum=_all_sum_list if self.world > 1 else None)
         t_reward = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.reference is not None:

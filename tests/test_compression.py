@@ -184,3 +184,24 @@ def test_low_rank_scores_are_chunk_invariant_and_skip_unsegmented_tokens():
     ref = torch.stack([(U.T @ d[seg == k].T) @ (a[seg == k] @ V) for k in range(4)])
     for chunk in (1, 7, 10_000):
         torch.testing.assert_close(low_rank_episode_scores(a, d, basis, seg, 4, max_chunk_elements=chunk * 6), ref)
+
+
+def test_penalty_normalisation_over_ranks_equals_the_whole_batch():
+    """Split across ranks (each normalising its share with all_sum over the ranks), P̂ equals the
+    one-process normalisation of the whole batch; without all_sum each rank's mean would differ."""
+    from l2t_core.rewards.compression import normalise_penalties
+
+    g = torch.Generator().manual_seed(0)
+    pen = torch.rand(12, generator=g, dtype=torch.float64) * torch.tensor([1.0] * 6 + [10.0] * 6, dtype=torch.float64)
+    resp = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 5])
+    whole = normalise_penalties(pen, resp, 6)
+    shares = [(pen[:6], resp[:6], 3), (pen[6:], resp[6:] - 3, 3)]  # rank 0: responses 0-2, rank 1: 3-5
+    totals = [[float(p.sum()), float(n)] for p, _, n in shares]
+
+    def all_sum(values):  # what an all-reduce over the two ranks returns
+        return [sum(t[i] for t in totals) for i in range(len(values))]
+
+    split = torch.cat([normalise_penalties(p, r, n, all_sum=all_sum) for p, r, n in shares])
+    torch.testing.assert_close(split, whole)
+    local = torch.cat([normalise_penalties(p, r, n) for p, r, n in shares])
+    assert not torch.allclose(local, whole)

@@ -29,6 +29,7 @@ Launch (N GPUs on one node; ``--hostfile`` for many)::
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -77,14 +78,28 @@ def load_ds_config(config_path: str | dict, optim_cfg, on_gpu: bool) -> dict:
     return cfg
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group of a ``torchrun``/``deepspeed`` launch (nccl on GPU, gloo on CPU) and,
+    on GPU, make this rank's ``LOCAL_RANK`` device the current one; returns (rank, world size).
+    Call it before anything reads the rank or puts a model on a device: the trainer does, first."""
+    deepspeed = _require_deepspeed()
+    import torch.distributed as dist
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not (dist.is_available() and dist.is_initialized()):
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 class DeepSpeedEngine(TrainEngine):
     def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, *, config_path: str | dict):
         deepspeed = _require_deepspeed()
         import torch.distributed as dist
 
         on_gpu = torch.cuda.is_available()
-        if not (dist.is_available() and dist.is_initialized()):
-            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        init_distributed()
         self.cfg = optim_cfg
         ds_cfg = load_ds_config(config_path, optim_cfg, on_gpu)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -27,7 +27,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -308,12 +308,15 @@ def penalty(sqnorm: torch.Tensor, adapt_lr: float = 1.0, damping: float = 1e-5) 
 
 
 def normalise_penalties(
-    penalties: torch.Tensor, response_of: torch.Tensor, num_responses: int, mode: str = "batch_response_mean"
+    penalties: torch.Tensor, response_of: torch.Tensor, num_responses: int, mode: str = "batch_response_mean",
+    all_sum: Callable[[list[float]], list[float]] | None = None,
 ) -> torch.Tensor:
     """P̂_k = P_k / mean over responses of Σ_k P_k (METHOD.md §3, Decision: scale).
 
     The batch's average response then pays a total penalty of 1. A batch whose penalties are all
-    zero stays zero. ``mode='none'`` returns P_k unchanged.
+    zero stays zero. ``mode='none'`` returns P_k unchanged. ``all_sum`` (a multi-rank step: each
+    rank holds a share of the batch) sums [penalty total, responses] over the ranks, so the mean is
+    the whole step's and P̂ does not depend on how many ranks share the batch.
     """
     if mode == "none":
         return penalties
@@ -323,6 +326,9 @@ def normalise_penalties(
         return penalties
     totals = torch.zeros(num_responses, dtype=penalties.dtype).index_add_(0, response_of, penalties)
     scale = totals.mean()
+    if all_sum is not None:
+        total, count = all_sum([float(totals.sum()), float(num_responses)])
+        scale = torch.tensor(total / count, dtype=penalties.dtype)
     if not torch.isfinite(scale):
         raise FloatingPointError(f"normalise_penalties: the batch penalty total is {scale.item()}")
     return penalties / scale if scale > 0 else torch.zeros_like(penalties)

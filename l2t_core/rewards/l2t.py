@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -266,6 +266,7 @@ def compute_rewards(
     step: int = 0,
     need_logp_old: bool = True,
     temperature: float = 1.0,
+    all_sum: Callable[[list[float]], list[float]] | None = None,
 ) -> RewardBatch:
     """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6).
 
@@ -275,6 +276,8 @@ def compute_rewards(
     penalty) or needs it for the surprise weights. ``logp_old`` is then None. ``temperature``: that of
     log π_old (and so of the surprise weights), the rollout temperature when the loss uses it
     (``LossConfig.logprob_temperature``, :func:`~l2t_core.logprobs.logprob_temperature`).
+    ``all_sum``: in a multi-rank step (each rank scores its share of the batch), a function summing
+    a list of numbers over the ranks; the penalty's batch normalisation then covers the whole step.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -362,7 +365,7 @@ def compute_rewards(
            for sq, k in zip(sqnorms, k_per)]
     flat = torch.cat(raw) if raw else torch.zeros(0, dtype=torch.float64)
     resp_of = torch.repeat_interleave(torch.arange(len(rollouts)), torch.tensor(k_per))
-    hat = comp.normalise_penalties(flat, resp_of, len(rollouts), c.penalty_norm) if needs_penalty else flat
+    hat = comp.normalise_penalties(flat, resp_of, len(rollouts), c.penalty_norm, all_sum) if needs_penalty else flat
     hat_split = torch.split(hat, k_per)
 
     # credit (§4) and advantages

@@ -1,0 +1,65 @@
+"""Worker for tests/test_deepspeed.py::test_trainer_two_ranks_end_to_end: the real Trainer on one rank.
+
+``torchrun --nproc_per_node 2 tests/_ds_trainer_worker.py CFG_JSON OUT`` makes every rank run
+``Trainer(cfg).run()`` (cfg: a TrainConfig as JSON, with ``engine="deepspeed"``) into the shared run
+directory of the config. Each rank then writes to OUT:
+
+* ``rank<r>.json``: its rank, world size, final step, returned checkpoint and a sha256 digest of its
+  final weights (every state-dict tensor as float32, in name order);
+* ``rollouts-rank<r>.pkl``: ``{step: (rollouts, problems)}``, the rank's share of every step as
+  ``Trainer._rollouts`` returned it, so the test can replay the whole batch in one process.
+
+Like ``l2t train`` under ``deepspeed``/``torchrun``, it does not set up the process group itself:
+the Trainer (its DeepSpeed engine) must.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(cfg_path: str, out: str) -> None:
+    torch.set_num_threads(1)
+    from l2t_core.config import TrainConfig
+    from l2t_core.trainer import Trainer
+
+    cfg = TrainConfig.model_validate_json(Path(cfg_path).read_text())
+    tr = Trainer(cfg, show_progress=False)
+    seen = {}
+    original = tr._rollouts
+
+    def recording_rollouts(step):
+        rollouts, probs, t = original(step)
+        seen[step] = (rollouts, probs)
+        return rollouts, probs, t
+
+    tr._rollouts = recording_rollouts
+    res = tr.run()
+    rank = tr.rank
+    (Path(out) / f"rollouts-rank{rank}.pkl").write_bytes(pickle.dumps(seen))
+    info = {"rank": rank, "world": tr.world, "final_step": res.final_step, "checkpoint": res.checkpoint,
+            "digest": weights_digest(tr.engine.unwrapped())}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(info))
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+    os._exit(0)
