@@ -38,6 +38,15 @@ def launched_by_pipes(environ: Mapping[str, str] | None = None) -> bool:
     return PIPES_CONTEXT_ENV_VAR in (os.environ if environ is None else environ)
 
 
+def launch_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank in a ``torchrun``/``deepspeed`` launch (``RANK``; 0 when alone)."""
+    raw = (os.environ if environ is None else environ).get("RANK", "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"RANK={raw!r} is not a whole number; it is set by torchrun/deepspeed for each rank") from None
+
+
 def _clean(value: Any) -> Any:
     """A JSON-safe metadata value (numpy scalars to Python, NaN/inf to None)."""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
@@ -82,9 +91,11 @@ def pipes_session(environ: Mapping[str, str] | None = None) -> Iterator[PipesRep
     """A :class:`PipesReporter` connected to Dagster when launched by Pipes, else a standalone one.
 
     Under Pipes an exception raised inside the block is reported to the orchestrator (the
-    ``dagster_pipes`` context does that when it closes) and then propagates.
+    ``dagster_pipes`` context does that when it closes) and then propagates. In a multi-process
+    launch only rank 0 talks to the orchestrator (one report, one message stream); the other ranks
+    get a standalone reporter.
     """
-    if not launched_by_pipes(environ):
+    if not launched_by_pipes(environ) or launch_rank(environ) != 0:
         yield PipesReporter(None)
         return
     try:

@@ -450,11 +450,16 @@ def _parse_env_value(var: str, field: str, raw: str):
 
 class TrainingLauncher(dg.ConfigurableResource):
     """Launches ``python -m l2t_core.cli train --config FILE`` through Dagster Pipes
-    (``PipesSubprocessClient``); the entrypoint reports back through ``l2t_core.pipes``.
-    A Kubernetes variant (PipesK8sClient) would implement the same ``launch``."""
+    (``PipesSubprocessClient``); the entrypoint reports back through ``l2t_core.pipes``. With
+    ``nproc_per_node`` > 1 the same entrypoint runs under ``torchrun`` (``torch.distributed.run``),
+    one process per GPU, for a DeepSpeed run (``engine: deepspeed``); rank 0 reports to Dagster.
+    The Kubernetes variant (``l2t_pipeline.k8s``, PipesK8sClient) implements the same ``launch``."""
 
     python: str = Field(default_factory=lambda: sys.executable, description="Interpreter with l2t_core installed.")
     torch_threads: int = Field(1, ge=1, description="OMP/torch threads of the training process.")
+    nproc_per_node: int = Field(1, ge=1, description="Training processes (GPUs) on this machine; > 1 launches "
+                                                     "torchrun and needs engine 'deepspeed'.")
+    master_port: int = Field(29511, ge=1, le=65535, description="torchrun's rendezvous port (nproc_per_node > 1).")
     cwd: Optional[str] = None
 
     def placed_config(self, cfg: TrainConfig) -> TrainConfig:
@@ -462,10 +467,22 @@ class TrainingLauncher(dg.ConfigurableResource):
         return cfg
 
     def command(self, config_path: str | Path) -> list[str]:
-        return [self.python, "-m", "l2t_core.cli", "train", "--config", str(config_path)]
+        entry = ["-m", "l2t_core.cli", "train", "--config", str(config_path)]
+        if self.nproc_per_node == 1:
+            return [self.python, *entry]
+        return [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc_per_node),
+                "--master_addr", "127.0.0.1", "--master_port", str(self.master_port), *entry]
+
+    def check_config(self, cfg: TrainConfig) -> None:
+        """Refuse, before launching, a configuration this launcher cannot run."""
+        if self.nproc_per_node > 1 and cfg.engine != "deepspeed":
+            raise ValueError(f"TrainingLauncher.nproc_per_node={self.nproc_per_node} runs one training process per "
+                             f"GPU, which needs engine 'deepspeed' (the run's engine is {cfg.engine!r}); set "
+                             "engine: deepspeed with a deepspeed_config, or nproc_per_node: 1")
 
     def launch(self, context: dg.AssetExecutionContext, cfg: TrainConfig) -> dg.PipesClientCompletedInvocation:
         """Write ``cfg`` to a temporary YAML file and run the training entrypoint on it."""
+        self.check_config(cfg)
         env = {"OMP_NUM_THREADS": str(self.torch_threads), "MKL_NUM_THREADS": str(self.torch_threads),
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         client = dg.PipesSubprocessClient(env=env, cwd=self.cwd or str(REPO_ROOT))

@@ -169,3 +169,43 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
     ref_state = tr.engine.unwrapped().state_dict()
     for name, w in final.state_dict().items():
         torch.testing.assert_close(w, ref_state[name], rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_pipes_launcher_runs_two_ranks_under_torchrun_and_rank_0_reports(tiny_dir, tmp_path, monkeypatch):
+    """The pipeline's local launcher with nproc_per_node=2: a Dagster asset launches the training
+    entrypoint under torchrun through PipesSubprocessClient; both ranks train, rank 0 alone reports
+    the materialization (one, with the run's metadata) and writes the run."""
+    import dagster as dg
+
+    from l2t_core.checkpoint import RunStorage
+    from l2t_core.config import TrainConfig
+    from l2t_core.metrics import read_table
+    from l2t_pipeline.resources import TrainingLauncher
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "toy.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
+    for k, v in (("L2T_DATA_DIR", str(data)), ("DS_ACCELERATOR", "cpu"), ("PYTHONPATH", str(ROOT))):
+        monkeypatch.setenv(k, v)
+    cfg = TrainConfig.model_validate(dict(
+        policy=str(tiny_dir), out=str(tmp_path / "run"), steps=1, prompts_per_step=2, method="grpo",
+        engine="deepspeed", deepspeed_config=str(ROOT / "infra" / "deepspeed" / "zero2.json"),
+        data={"source": "toy.jsonl"}, rollout={"group_size": 2, "max_new_tokens": 8, "max_prompt_tokens": 512}))
+    launcher = TrainingLauncher(nproc_per_node=2, master_port=_free_port(), cwd=str(ROOT))
+
+    @dg.asset
+    def two_rank_run(context):  # a local function: no string annotation for Dagster to resolve
+        return launcher.launch(context, cfg).get_materialize_result()
+
+    result = dg.materialize([two_rank_run])
+    assert result.success
+    mats = result.asset_materializations_for_node("two_rank_run")
+    assert len(mats) == 1
+    meta = mats[0].metadata
+    assert meta["final_step"].value == 1 and meta["run_url"].value == str(tmp_path / "run")
+    rollouts = read_table(RunStorage(str(tmp_path / "run")), "rollouts")
+    assert sorted(rollouts["rank"].unique().tolist()) == [0, 1] and sorted(rollouts["rollout"]) == [0, 1, 2, 3]
+    assert RunStorage(str(tmp_path / "run")).latest_checkpoint() is not None

@@ -290,3 +290,31 @@ def test_reevaluation_schedule_requests_each_trained_checkpoint():
             reqs = reevaluation_schedule(ctx)
         assert sorted((r.partition_key, r.run_key) for r in reqs) == [
             ("tiny-sft|grpo", "reeval:20261122:tiny-sft|grpo"), ("tiny-sft|l2t", "reeval:20261122:tiny-sft|l2t")]
+
+
+def test_local_launcher_runs_torchrun_for_several_processes_and_refuses_a_single_process_engine(tmp_path):
+    from l2t_core.config import TrainConfig
+    from l2t_pipeline.resources import TrainingLauncher
+
+    one = TrainingLauncher(python="/py")
+    assert one.command("c.yaml") == ["/py", "-m", "l2t_core.cli", "train", "--config", "c.yaml"]
+    two = TrainingLauncher(python="/py", nproc_per_node=2, master_port=29600)
+    assert two.command("c.yaml") == ["/py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                                     "127.0.0.1", "--master_port", "29600", "-m", "l2t_core.cli", "train",
+                                     "--config", "c.yaml"]
+    cfg = TrainConfig(policy=str(tmp_path), out=str(tmp_path / "run"), method="grpo")
+    two.check_config(cfg.model_copy(update={"engine": "deepspeed"}))
+    with pytest.raises(ValueError, match=r"nproc_per_node=2 .* needs engine 'deepspeed' \(the run's engine is 'torch'\)"):
+        two.check_config(cfg)
+    one.check_config(cfg)
+
+
+def test_only_rank_0_of_a_launch_talks_to_dagster_pipes():
+    from l2t_core.pipes import launch_rank, pipes_session
+
+    env = {"DAGSTER_PIPES_CONTEXT": "x", "DAGSTER_PIPES_MESSAGES": "y", "RANK": "1"}
+    with pipes_session(env) as reporter:  # rank 1: standalone, never opens the (here bogus) Pipes channel
+        assert not reporter.active
+    assert launch_rank({}) == 0 and launch_rank({"RANK": "3"}) == 3
+    with pytest.raises(ValueError, match="RANK='a' is not a whole number"):
+        launch_rank({"RANK": "a"})
