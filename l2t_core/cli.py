@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2)")
     p.set_defaults(fn=cmd_miniature)
 
-    from .tasks import TASKS  # a light import: the task names only
+    from .eval.datasets import heldout_benchmark_names  # a light import: names, no data
 
     p = sub.add_parser("eval", help="evaluate a model on math benchmarks and the synthetic held-out sets "
                        "(pass@1, maj@4) and HumanEval (pass@1, pass@k): tokens, report")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF directory or hub id")
     p.add_argument("--benchmarks", nargs="+", default=["math500"],
                    help="names from l2t_core.eval.datasets, or a synthetic task's held-out split: "
-                        f"{', '.join(f'{t}_heldout' for t in TASKS)} (l2t_core.eval.synthetic)")
+                        f"{', '.join(heldout_benchmark_names())} (l2t_core.eval.synthetic)")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--n", type=int, help="samples per problem (default, METHOD.md §7: 20 for math, 64 for HumanEval)")
     p.add_argument("--temperature", type=float, default=0.6)

@@ -104,11 +104,9 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
         batch = compute_rewards(model, tokenizer, rollouts, method, cfg, verifier=verifier)
         fields: dict = defaultdict(lambda: defaultdict(list))
         cells: dict = defaultdict(list)
-        tagged = 0
         for r, x in zip(rollouts, batch.responses):
             if x.segmentation.status != "tagged":
                 continue
-            tagged += 1
             kinds = task.classify_episodes([e.text for e in x.segmentation.episodes])
             token_adv = x.token_advantage.detach().cpu().numpy()
             for k, info in enumerate(kinds):
@@ -126,8 +124,9 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                          for kind, f in sorted(fields.items())},
             **kind_effects(cells),
         }
-        report["tagged_share"] = tagged / len(rollouts)
-        report["accuracy"] = float(np.mean([x.outcome for x in batch.responses]))
+    # of the last method's batch, as scored (the outcome does not depend on the method)
+    report["tagged_share"] = float(np.mean([x.segmentation.status == "tagged" for x in batch.responses]))
+    report["accuracy"] = float(np.mean([x.outcome for x in batch.responses]))
     return report
 
 

@@ -112,10 +112,11 @@ def pipes_session(environ: Mapping[str, str] | None = None) -> Iterator[PipesRep
 def train_metadata(result: "RunResult", latest_checkpoint: str | None = None) -> dict[str, Any]:
     """Materialization metadata of a finished training run: where it is, how far it got, and the
     last step's metrics (``STEP_METADATA_COLUMNS`` that the run's train_steps table has)."""
+    checkpoint = result.checkpoint or latest_checkpoint
     meta: dict[str, Any] = {
         "run_url": redact_url(result.out),
         "final_step": int(result.final_step),
-        "checkpoint": redact_url(result.checkpoint or latest_checkpoint) if (result.checkpoint or latest_checkpoint) else None,
+        "checkpoint": redact_url(checkpoint) if checkpoint else None,
         "logged_steps": int(len(result.steps)),
     }
     if len(result.steps):

@@ -84,20 +84,18 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _all_sum(x: float) -> float:
+def _all_sum_list(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (float64 all-reduce); unchanged on one process."""
     dist = _dist()
     if dist is None:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def _all_sum_list(values: list[float]) -> list[float]:
-    """Element-wise sum of ``values`` over the ranks (float64 all-reduce)."""
+        return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    _dist().all_reduce(t)
+    dist.all_reduce(t)
     return t.tolist()
+
+
+def _all_sum(x: float) -> float:
+    return _all_sum_list([x])[0]
 
 
 def _all_max(x: int) -> int:

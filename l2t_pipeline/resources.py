@@ -371,11 +371,11 @@ class BenchmarkEvaluator(Evaluator):
 
     def problem_rows(self) -> pd.DataFrame:
         """The evaluated problems as ``problems`` rows (split ``test``, dataset = the benchmark),
-        with the prompt the model sees (``l2t_core.prompts.build_prompt``)."""
-        from l2t_core.prompts import build_prompt
+        with the prompt the model sees (``l2t_core.eval.runner.prompt_text``, as evaluate_math)."""
+        from l2t_core.eval.runner import prompt_text
 
         df = pd.DataFrame([{"dataset": i.benchmark, "split": "test", "problem_id": i.id,
-                            "prompt": build_prompt(i.problem), "answer": i.answer, "level": i.level}
+                            "prompt": prompt_text(i), "answer": i.answer, "level": i.level}
                            for i in self.items()])
         df["level"] = df["level"].astype("Int64")
         return df

@@ -33,7 +33,6 @@ from ..tasks import TASKS, get_task
 from ..tasks.common import split_of
 from .datasets import BenchmarkItem, Kind, get_spec, heldout_benchmark_names, load_benchmark
 
-HELDOUT_SUFFIX = "_heldout"
 DEFAULT_PER_LEVEL = 50
 
 
