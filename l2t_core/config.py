@@ -81,7 +81,12 @@ class CompressionConfig(_Strict):
     )
     targets: tuple[str, ...] | None = Field(
         None,
-        description="Named nn.Linear modules forming θ. None: the MLP down-projection of the last block.",
+        description=(
+            "Named nn.Linear modules forming θ; a name with * ? [ is an fnmatch pattern. None: the MLP "
+            "down-projection of the last block (paper). 'model.layers.*.mlp.down_proj' (every block's, this "
+            "project's option) tracks the all-parameter penalty better on a trained model: Spearman 0.91 vs 0.77 "
+            "at rank_frac 0.05 (bench.penalty_fidelity)."
+        ),
     )
     rank_frac: float = Field(0.05, gt=0.0, le=1.0, description="r = ceil(rank_frac · min(d_out, d_in)).")
     rank: int | None = Field(

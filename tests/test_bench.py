@@ -19,6 +19,28 @@ def test_penalty_bench_quick_runs():
 
 
 @pytest.mark.slow
+def test_penalty_fidelity_bench_quick_runs(capsys):
+    import json
+
+    from bench.penalty_fidelity import main
+
+    res = main(["--quick"])
+    assert json.loads(capsys.readouterr().out)["episodes"] == res["episodes"] > 0  # one JSON object on stdout
+    for name in ("last_down_proj_r5", "last_down_proj_full_layer", "all_down_proj_r5", "all_down_proj_full_layer"):
+        p = res["proxies"][name]
+        assert -1 <= p["spearman"] <= 1 and p["seconds"] > 0
+    assert res["proxies"]["all_down_proj_full_layer"]["targets"] == res["num_layers"]
+    assert res["spearman"] == res["proxies"]["last_down_proj_r5"]["spearman"]
+
+
+def test_penalty_fidelity_refuses_a_missing_checkpoint(tmp_path):
+    from bench.penalty_fidelity import main
+
+    with pytest.raises(SystemExit, match="l2t warmstart --out"):
+        main(["--policy", str(tmp_path / "nothing")])
+
+
+@pytest.mark.slow
 def test_reward_overhead_bench_quick_runs():
     from bench.reward_overhead import main
 

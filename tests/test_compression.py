@@ -164,6 +164,20 @@ def test_random_layers_and_targets(model):
         comp.resolve_targets(model, ["model.layers.0.mlp"])
 
 
+def test_target_patterns_select_every_block_in_model_order(model):
+    n_layers = model.config.num_hidden_layers
+    got = comp.resolve_targets(model, [comp.ALL_DOWN_PROJ])
+    assert list(got) == [f"model.layers.{i}.mlp.down_proj" for i in range(n_layers)]
+    assert all(isinstance(m, torch.nn.Linear) for m in got.values())
+    # a pattern and an explicit name that overlap give each module once; "*.mlp*" skips the MLP modules
+    # themselves (not nn.Linear) and keeps their three projections per block
+    mixed = comp.resolve_targets(model, ["model.layers.7.mlp.down_proj", "model.layers.[67].mlp.down_proj"])
+    assert list(mixed) == ["model.layers.6.mlp.down_proj", "model.layers.7.mlp.down_proj"]
+    assert len(comp.resolve_targets(model, ["model.layers.0.mlp*"])) == 3
+    with pytest.raises(KeyError, match="matches no nn.Linear"):
+        comp.resolve_targets(model, ["model.layers.*.mlp.up"])
+
+
 def test_multi_target_signals_are_not_cut_by_later_targets(model):
     """With two targets, the lower one's δ must still see the path through the upper one."""
     names = ["model.layers.5.mlp.down_proj", "model.layers.7.mlp.down_proj"]

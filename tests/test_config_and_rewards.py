@@ -197,6 +197,24 @@ def test_full_layer_mode_is_the_unprojected_layer_penalty(model, tokenizer):
         CompressionConfig(mode="random_layers")  # the ablation is the method l2t_random_layers
 
 
+def test_compression_target_pattern_in_the_reward_path(model, tokenizer):
+    """compression.targets as a pattern (every block's down-projection) runs through compute_rewards
+    like the explicit list of names, and adds every block's ‖g_k‖² to the last block's."""
+    from l2t_core.rewards import compression as comp
+
+    rollouts = _rollouts(tokenizer, [GOOD, REDUNDANT])
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(model.config.num_hidden_layers)]
+
+    def run(targets):
+        cfg = RewardConfig(compression={"mode": "full_layer", "targets": targets, "penalty_norm": "none"})
+        return compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier()).responses
+
+    pattern, listed, last = run([comp.ALL_DOWN_PROJ]), run(names), run(None)
+    for a, b, c in zip(pattern, listed, last):
+        torch.testing.assert_close(a.penalties, b.penalties, rtol=1e-6, atol=1e-12)
+        assert (a.penalties > c.penalties).all()
+
+
 def test_fast_offsets_equal_prefix_decoding_on_random_token_sequences(tokenizer):
     """The per-token fast path gives the same offsets as decoding every prefix, on non-canonical
     sequences (random tokens, multi-byte characters split across byte-level tokens included)."""

@@ -23,6 +23,7 @@ where it enters W); the default target is exact.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import random
 import time
@@ -66,20 +67,35 @@ def _name_of(model, module) -> str:
     raise KeyError("module not found in model")
 
 
+ALL_DOWN_PROJ = "model.layers.*.mlp.down_proj"  # every block's MLP down-projection (Qwen2/Llama naming)
+
+
 def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Linear]:
-    """Map target names to their nn.Linear modules; None means the default target."""
+    """Map target names to their nn.Linear modules, in model order; None means the default target.
+
+    A name with a glob character (``*``, ``?``, ``[``) is an ``fnmatch`` pattern over module names,
+    e.g. :data:`ALL_DOWN_PROJ` (``model.layers.*.mlp.down_proj``: every block's down-projection);
+    it must match at least one nn.Linear, and matches that are not nn.Linear are skipped.
+    """
     names = list(names) if names else [default_target(model)]
     modules = dict(model.named_modules())
-    out = {}
+    chosen: set[str] = set()
     for n in names:
+        if any(c in n for c in "*?["):
+            hits = [m for m, mod in modules.items() if fnmatch.fnmatchcase(m, n) and isinstance(mod, torch.nn.Linear)]
+            if not hits:
+                raise KeyError(f"compression target pattern {n!r} matches no nn.Linear of the model; "
+                               f"for example {default_target(model)!r} is one")
+            chosen.update(hits)
+            continue
         mod = modules.get(n)
         if mod is None:
             close = [m for m in modules if m.endswith(n.split(".")[-1])][:5]
             raise KeyError(f"compression target {n!r} is not a module of the model; similar names: {close}")
         if not isinstance(mod, torch.nn.Linear):
             raise TypeError(f"compression target {n!r} is a {type(mod).__name__}, not an nn.Linear")
-        out[n] = mod
-    return out
+        chosen.add(n)
+    return {m: modules[m] for m in modules if m in chosen}
 
 
 # ----------------------------------------------------------------------------- low-rank basis

@@ -1,0 +1,223 @@
+"""How well each compression-penalty proxy ranks real episodes like the all-parameter penalty
+(METHOD.md §3). Prints one JSON object.
+
+``bench.penalty`` measures ``spearman`` on a random-init model and random token spans, where most
+of what the exact penalty ranks is the episode's length. This benchmark measures it where it
+matters: a TRAINED checkpoint of the synthetic task (``--policy``, e.g. the warm start of
+``l2t warmstart``) and real episodes, the model's own sampled responses (``--source samples``,
+responses that segment as tagged) or the task's reference traces (``--source reference``).
+
+For every episode it computes ‖g_k‖² of the exact all-parameter gradient (one backward per
+episode, :func:`~l2t_core.rewards.compression.exact_episode_penalties`) and of each proxy, from
+the same one-backward per-token signals the trainer uses:
+
+* ``last_down_proj``: the paper's θ, the last block's MLP down-projection, in the rank-r SVD proxy
+  (``rank_frac`` 1 / 5 / 10 / 25 %) and un-projected (``full_layer``);
+* ``all_down_proj``: every block's down-projection (``compression.targets:
+  ["model.layers.*.mlp.down_proj"]``, this project's option), rank 5 % and un-projected;
+* ``episode_length``: the token count alone, a baseline.
+
+P_k = η²(‖g_k‖⁴ + λ‖g_k‖²) is increasing in ‖g_k‖², so ranking ‖g_k‖² ranks P_k. Reported per
+proxy: ``spearman`` over all episodes (the batch the penalty is normalised over) and
+``spearman_within`` (mean over responses with >= 3 episodes: the order inside one response,
+which is what the credit of one response sees), and ``seconds`` (signals + scores for the whole
+batch). Target (issue 2): spearman >= 0.9.
+
+``--quick`` builds a tiny random-init model and the character tokenizer in a temporary directory
+and scores reference traces (a smoke run for the tests; the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TARGET = 0.9
+
+
+def _episodes(model, tok, problems, source: str, samples: int, temperature: float, max_new_tokens: int, seed: int):
+    """(ids [L], score mask [L], token episode [L], K) for every tagged response."""
+    import random
+
+    from l2t_core.episodes import segment, token_episode_ids
+    from l2t_core.rewards.l2t import response_offsets
+    from l2t_core.tasks import task_of
+    from l2t_core.warmstart import generate
+
+    task = task_of(problems[0])
+    if source == "samples":
+        groups = generate(model, tok, problems, max_new_tokens=max_new_tokens, n=samples,
+                          temperature=temperature, seed=seed)
+        texts = [[(c.text, list(c.response_ids)) for c in g] for g in groups]
+    else:
+        rng = random.Random(seed)
+        texts = []
+        for p in problems:
+            ts = [task.build_trace(p, rng, task.TraceStyle()).text for _ in range(samples)]
+            texts.append([(t, tok(t, add_special_tokens=False)["input_ids"]) for t in ts])
+    rows = []
+    for p, group in zip(problems, texts):
+        prompt = tok(task.build_task_prompt(p), add_special_tokens=False)["input_ids"]
+        for text, ids in group:
+            seg = segment(text)
+            if seg.status != "tagged" or seg.num_episodes == 0:
+                continue
+            te = token_episode_ids(seg, response_offsets(tok, text, ids))
+            full = torch.tensor(prompt + list(ids))
+            score = torch.zeros(len(full), dtype=torch.bool)
+            score[len(prompt):] = True
+            tep = torch.full((len(full),), -1)
+            tep[len(prompt):] = torch.as_tensor(te.episode_ids)
+            rows.append((full, score, tep, te.num_episodes))
+    return rows
+
+
+def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float) -> tuple[list[torch.Tensor], float]:
+    """‖g_k‖² per response under one proxy, from the trainer's one-backward per-token signals."""
+    from l2t_core.rewards import compression as comp
+
+    t0 = time.perf_counter()
+    proxy = None
+    if mode == "low_rank":
+        proxy = comp.SVDProxy(rank_frac=rank_frac)
+        proxy.refresh(targets, 0)
+    out = []
+    for ids, score, tep, k in rows:
+        sig = comp.per_token_signals(model, ids[None], torch.ones_like(ids)[None], score[None], targets)
+        seg_ids = tep[1:][score[1:]]
+        total = torch.zeros(k, dtype=torch.float64)
+        for name in targets:
+            a, d = sig.inputs[name], sig.deltas[name]
+            if proxy is not None:
+                total += comp.low_rank_episode_scores(a, d, proxy.bases[name], seg_ids, k).double().pow(2).sum((1, 2))
+            else:
+                total += comp.full_episode_sqnorms(a, d, seg_ids, k)
+        out.append(total)
+    return out, time.perf_counter() - t0
+
+
+def _rho(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def score(per_response: list[torch.Tensor], exact: list[torch.Tensor]) -> dict:
+    """Spearman over all episodes, and the mean within responses of >= 3 episodes."""
+    x = torch.cat(per_response).numpy()
+    y = torch.cat(exact).numpy()
+    within = [_rho(a.numpy(), b.numpy()) for a, b in zip(per_response, exact) if len(a) >= 3]
+    within = [w for w in within if np.isfinite(w)]
+    return {"spearman": _rho(x, y), "spearman_within": float(np.mean(within)) if within else float("nan")}
+
+
+def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), source: str = "samples",
+        temperature: float = 0.7, max_new_tokens: int = 320, seed: int = 0) -> dict:
+    from l2t_core.models import load_policy
+    from l2t_core.rewards import compression as comp
+    from l2t_core.tasks import walk
+
+    model, tok = load_policy(policy)
+    model.eval()
+    probs = walk.dataset(problems, levels[0], levels[1], seed=seed + 11, split="heldout")
+    print(f"[bench.penalty_fidelity] {source}: {problems} problems x {samples}", file=sys.stderr)
+    rows = _episodes(model, tok, probs, source, samples, temperature, max_new_tokens, seed)
+    if not rows:
+        raise SystemExit(f"bench.penalty_fidelity: no response of {policy} segments as tagged; score "
+                         "--source reference, or give a warm-started checkpoint (l2t warmstart --out DIR)")
+    print(f"[bench.penalty_fidelity] exact all-parameter penalty: {sum(r[3] for r in rows)} episodes", file=sys.stderr)
+    t0 = time.perf_counter()
+    exact = [comp.exact_episode_penalties(model, ids, sc, tep, k)[1] for ids, sc, tep, k in rows]
+    exact_s = time.perf_counter() - t0
+    last = comp.resolve_targets(model, None)
+    every = comp.resolve_targets(model, [comp.ALL_DOWN_PROJ])
+    configs = {f"last_down_proj_r{int(rf * 100)}": (last, "low_rank", rf) for rf in (0.01, 0.05, 0.1, 0.25)}
+    configs["last_down_proj_full_layer"] = (last, "full_layer", 1.0)
+    configs["all_down_proj_r5"] = (every, "low_rank", 0.05)
+    configs["all_down_proj_full_layer"] = (every, "full_layer", 1.0)
+    proxies = {}
+    for name, (targets, mode, rf) in configs.items():
+        sq, secs = _proxy_sqnorms(model, rows, targets, mode, rf)
+        proxies[name] = {**score(sq, exact), "seconds": secs, "targets": len(targets), "mode": mode,
+                         "rank_frac": rf if mode == "low_rank" else None}
+    lengths = [torch.bincount(tep[1:][sc[1:]], minlength=k).double() for _, sc, tep, k in rows]
+    proxies["episode_length"] = score(lengths, exact)
+    paper = proxies["last_down_proj_r5"]["spearman"]
+    option = proxies["all_down_proj_r5"]["spearman"]
+    return {
+        "spearman": paper,
+        "spearman_all_down_proj": option,
+        "target": TARGET,
+        "targets_met": {"spearman>=0.9 (paper default)": paper >= TARGET,
+                        "spearman_all_down_proj>=0.9 (option)": option >= TARGET},
+        "proxies": proxies,
+        "exact_s": exact_s,
+        "policy": str(policy),
+        "source": source,
+        "responses": len(rows),
+        "episodes": int(sum(r[3] for r in rows)),
+        "mean_episodes": float(np.mean([r[3] for r in rows])),
+        "num_layers": int(model.config.num_hidden_layers),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "temperature": temperature if source == "samples" else None,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+
+
+@contextlib.contextmanager
+def _tiny_policy():
+    """A tiny random-init Qwen2 with the character tokenizer, saved the production way."""
+    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+
+    with tempfile.TemporaryDirectory(prefix="l2t-fidelity-") as tmp:
+        tok = build_char_tokenizer()
+        model = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        yield Path(tmp)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ._common import emit
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="runs/warmstart",
+                    help="trained checkpoint of the synthetic task (make one: l2t warmstart --out runs/warmstart)")
+    ap.add_argument("--source", choices=("samples", "reference"), default="samples")
+    ap.add_argument("--problems", type=int, default=12)
+    ap.add_argument("--samples", type=int, default=4, help="responses per problem")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--max-new-tokens", type=int, default=320)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny random model, reference traces (smoke run)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    kw = dict(problems=a.problems, samples=a.samples, source=a.source, temperature=a.temperature,
+              max_new_tokens=a.max_new_tokens, seed=a.seed)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        if a.quick:
+            kw.update(problems=3, samples=1, source="reference")
+            with _tiny_policy() as path:
+                out = run(str(path), **kw)
+        else:
+            if not Path(a.policy).exists():  # a checkpoint of the synthetic task: always local
+                raise SystemExit(f"bench.penalty_fidelity: no checkpoint at {a.policy}; make one with "
+                                 f"`l2t warmstart --out {a.policy}` or pass --policy DIR")
+            out = run(a.policy, **kw)
+    out["quick"] = a.quick
+    out["seconds"] = time.perf_counter() - t0
+    return emit(out)
+
+
+if __name__ == "__main__":
+    main()
