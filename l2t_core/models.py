@@ -65,15 +65,22 @@ def reasoning_tags(max_episodes: int = 30) -> list[str]:
     ]
 
 
-def build_char_tokenizer(max_episodes: int = 30):
+def build_char_tokenizer(max_episodes: int = 30, *, force_phrase: bool = True):
     """A character-level tokenizer: one token per byte (so one per ASCII character, and any text
     stays encodable), plus the reasoning tags of :func:`reasoning_tags` as single tokens.
 
     Token id b (< 256) is byte b; then come the special tokens ``<|endoftext|>`` (eos) and
-    ``<|pad|>`` (pad), then the tags. The tags are ordinary (non-special) added tokens, so
+    ``<|pad|>`` (pad), then the tags, then (``force_phrase``) the force-answer instruction
+    :data:`~l2t_core.prompts.FORCE_ANSWER_INSTRUCTION` as ONE token. Like a subword tokenizer's
+    merges would, that keeps the suffix f of METHOD.md §2 short (14 tokens with a ``\boxed{d}``
+    answer instead of 89 character tokens), so the K+1 copies of f ⊕ a that the packed J pass lays
+    after a response cost about what they cost with a real model's tokenizer, not 4x the response;
+    the text of f is unchanged. The added tokens are ordinary (non-special), so
     ``decode(..., skip_special_tokens=True)`` keeps them. Encoding is unique (no merges), so
     re-tokenising decoded text gives back the same ids, and offsets are character offsets.
     """
+    from .prompts import FORCE_ANSWER_INSTRUCTION
+
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,6 +92,8 @@ def build_char_tokenizer(max_episodes: int = 30):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in reasoning_tags(max_episodes)])
+    if force_phrase:
+        tok.add_tokens([AddedToken(FORCE_ANSWER_INSTRUCTION, special=False, normalized=False)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",

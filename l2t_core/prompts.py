@@ -14,7 +14,8 @@ EPISODE_INSTRUCTION = (
 
 # METHOD.md §2: "close the think block, then 'Please output the final answer directly based on the
 # above steps:'".
-FORCE_ANSWER_SUFFIX = "\n</think>\n\nPlease output the final answer directly based on the above steps: "
+FORCE_ANSWER_INSTRUCTION = "Please output the final answer directly based on the above steps: "
+FORCE_ANSWER_SUFFIX = "\n</think>\n\n" + FORCE_ANSWER_INSTRUCTION
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from l2t_core.models import build_char_tokenizer, build_tiny_qwen2, load_policy, reasoning_tags
+from l2t_core.prompts import FORCE_ANSWER_SUFFIX
 from l2t_core.tasks.arithmetic import (
     Term,
     build_task_prompt,
@@ -71,6 +72,13 @@ def test_char_tokenizer_offsets_round_trip_and_single_tag_tokens(tmp_path):
     rng = random.Random(3)
     texts = [build_task_prompt(p) + build_trace(p, rng).text for p in dataset(30, 1, 6, seed=9)]
     texts.append("<episode_12>x</episode_12> é ü\t<episode_1x> <think")
+    texts.append(texts[0] + FORCE_ANSWER_SUFFIX + "\\boxed{7}")  # a forced-answer context, as J reads it
+    # the force-answer instruction is ONE token (METHOD.md §2's suffix f stays short, as with a subword
+    # tokenizer); without it every character of f is a token
+    assert tok(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"] == [10, tok.convert_tokens_to_ids("</think>"),
+                                                                               10, 10, len(tok) - 1]
+    assert len(build_char_tokenizer(force_phrase=False)(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]) \
+        == len(FORCE_ANSWER_SUFFIX) - len("</think>") + 1
     for text in texts:
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
         ids, offs = enc["input_ids"], enc["offset_mapping"]
