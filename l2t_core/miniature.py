@@ -279,6 +279,11 @@ def plot(report: dict, out: Path) -> list[Path]:
             xs = [i - 0.4 + width / 2 + j * width for i in range(len(levels))]
             ax.bar(xs, [m["per_level"][lv][key]["mean"] for lv in levels], width,
                    yerr=[m["per_level"][lv][key]["std"] for lv in levels], capsize=2, label=name)
+        floor = report.get("floor", {}).get("per_level", {})
+        if key == "mean_tokens" and floor:  # the necessary trace: what a method can reach without losing useful work
+            xs = [i for i, lv in enumerate(levels) if lv in floor]
+            ax.hlines([floor[levels[i]] for i in xs], [i - 0.42 for i in xs], [i + 0.42 for i in xs], colors="black",
+                      linestyles="dashed", linewidth=1, label="necessary trace (floor)")
         ax.set_xticks(range(len(levels)), [f"level {lv}" for lv in levels])
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel} per difficulty level (mean ± std over seeds)")
