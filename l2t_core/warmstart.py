@@ -200,6 +200,9 @@ def response_record(problem, text: str, n_tokens: int, finished: bool, verifier=
     for e in kinds:
         key = e.kind if e.kind in ("restate", "repeat", "other") else f"{e.kind}_{'hard' if e.hard else 'easy'}"
         count[key] += 1
+    # a restatement that is not the problem word for word (a move dropped): later steps follow it
+    goal = f"goal {problem.expression}"
+    count["restate_wrong"] = sum(k.kind == "restate" and e.text.strip() != goal for k, e in zip(kinds, seg.episodes))
     return {
         "level": problem.level, "correct": verifier.verify(text, problem.answer).correct, "tokens": n_tokens,
         "episodes": seg.num_episodes, "tagged": seg.status == "tagged", "finished": finished,
@@ -226,6 +229,8 @@ def summarize(records: Sequence[dict]) -> dict:
         "checks_on_hard_share": tot("check_hard") / max(1, checks),
         "mean_hard_steps": tot("step_hard") / n,
         "mean_easy_steps": tot("step_easy") / n,
+        "restate_share": sum(r.get("restate", 0) > 0 for r in records) / n,
+        "restate_wrong_share": sum(r.get("restate_wrong", 0) > 0 for r in records) / n,
     }
 
 
@@ -235,7 +240,9 @@ def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, ba
     Each summary has ``n``, ``accuracy``, ``mean_tokens``, ``mean_episodes``, ``tagged_share``,
     ``finished_share``, ``redundant_share`` (episodes that are restatements, repeats or easy-step
     checks), ``hard_check_rate`` and ``easy_check_rate`` (checks per hard / easy step),
-    ``checks_on_hard_share``, ``mean_hard_steps`` and ``mean_easy_steps``.
+    ``checks_on_hard_share``, ``mean_hard_steps``, ``mean_easy_steps``, ``restate_share``
+    (responses that restate the problem) and ``restate_wrong_share`` (responses whose restatement is
+    not the problem word for word, e.g. a move dropped, which the steps after it then follow).
     """
     t0 = time.perf_counter()
     _task_of_all(problems, "evaluate")

@@ -116,3 +116,24 @@ def test_config_validation():
         WarmStartConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError):
         WarmStartConfig(unknown_field=1)
+
+
+def test_response_record_flags_a_restatement_that_drops_a_move():
+    """A restatement that is not the problem word for word (the failure of an over-compressed
+    restatement: a move dropped, which the steps after it follow) is counted apart."""
+    import random as _random
+
+    from l2t_core.tasks import walk
+    from l2t_core.warmstart import response_record, summarize
+
+    p = walk.dataset(1, 4, 4, seed=3)[0]
+    style = walk.TraceStyle(guess_error=0.0, hard_check=1.0, easy_check=0.0, repeat=0.0, restate=1.0)
+    text = walk.build_trace(p, _random.Random(0), style).text + "\n\n\\boxed{" + p.answer + "}"
+    goal = f"goal {p.expression}"
+    assert goal in text
+    short = text.replace(goal, goal.rsplit(" ", 1)[0], 1)  # the last move dropped
+    good, bad = response_record(p, text, 100, True), response_record(p, short, 99, True)
+    assert good["restate"] == bad["restate"] == 1
+    assert good["restate_wrong"] == 0 and bad["restate_wrong"] == 1
+    s = summarize([good, bad, response_record(p, text.replace(f"<episode_1>{goal}</episode_1>\n", ""), 90, True)])
+    assert s["restate_share"] == 2 / 3 and s["restate_wrong_share"] == 1 / 3
