@@ -91,15 +91,7 @@ def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float) -> tuple[l
     out = []
     for ids, score, tep, k in rows:
         sig = comp.per_token_signals(model, ids[None], torch.ones_like(ids)[None], score[None], targets)
-        seg_ids = tep[1:][score[1:]]
-        total = torch.zeros(k, dtype=torch.float64)
-        for name in targets:
-            a, d = sig.inputs[name], sig.deltas[name]
-            if proxy is not None:
-                total += comp.low_rank_episode_scores(a, d, proxy.bases[name], seg_ids, k).double().pow(2).sum((1, 2))
-            else:
-                total += comp.full_episode_sqnorms(a, d, seg_ids, k)
-        out.append(total)
+        out.append(comp.episode_sqnorms(sig, tep[1:][score[1:]], k, proxy))
     return out, time.perf_counter() - t0
 
 

@@ -40,6 +40,7 @@ from .rollout.base import SamplingParams
 from .rollout.hf import HFRolloutEngine
 from .sft import sft
 from .tasks import TASKS, TaskName, get_task, task_of
+from .tasks.common import restatement_text
 from .tasks.walk import HELDOUT_SEED, LEVELS  # the same in both tasks
 from .verify import NumericVerifier
 
@@ -201,7 +202,7 @@ def response_record(problem, text: str, n_tokens: int, finished: bool, verifier=
         key = e.kind if e.kind in ("restate", "repeat", "other") else f"{e.kind}_{'hard' if e.hard else 'easy'}"
         count[key] += 1
     # a restatement that is not the problem word for word (a move dropped): later steps follow it
-    goal = f"goal {problem.expression}"
+    goal = restatement_text(problem)
     count["restate_wrong"] = sum(k.kind == "restate" and e.text.strip() != goal for k, e in zip(kinds, seg.episodes))
     return {
         "level": problem.level, "correct": verifier.verify(text, problem.answer).correct, "tokens": n_tokens,

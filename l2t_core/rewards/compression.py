@@ -316,6 +316,21 @@ def full_episode_sqnorms(
     return out
 
 
+def episode_sqnorms(signals: TokenSignals, seg_ids: torch.Tensor, num_segments: int,
+                    proxy: SVDProxy | None = None) -> torch.Tensor:
+    """‖g_k‖² per segment summed over every target of ``signals`` (float64): in the rank-r proxy
+    of ``proxy`` (:func:`low_rank_episode_scores`) when given, else un-projected
+    (:func:`full_episode_sqnorms`; full_layer mode and the random_layers ablation)."""
+    total = torch.zeros(num_segments, dtype=torch.float64, device=seg_ids.device)
+    for name, a in signals.inputs.items():
+        d = signals.deltas[name]
+        if proxy is not None:
+            total += low_rank_episode_scores(a, d, proxy.bases[name], seg_ids, num_segments).double().pow(2).sum(dim=(1, 2))
+        else:
+            total += full_episode_sqnorms(a, d, seg_ids, num_segments)
+    return total
+
+
 def penalty(sqnorm: torch.Tensor, adapt_lr: float = 1.0, damping: float = 1e-5) -> torch.Tensor:
     """P_k = Δθ̃_kᵀ F_k Δθ̃_k with Δθ̃_k = η g_k and F_k = g_k g_kᵀ + λI, i.e.
     η² (‖g_k‖⁴ + λ ‖g_k‖²), from ‖g_k‖² (Thm 4.2, METHOD.md §3)."""

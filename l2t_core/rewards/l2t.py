@@ -193,15 +193,7 @@ def episode_pass(
                                          return_hidden=j_items is not None or temperature != 1.0)
             t0 = time.perf_counter()
             seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
-            total = torch.zeros(n_seg, dtype=torch.float64, device=device)
-            for name in targets:
-                a, d = sig.inputs[name], sig.deltas[name]
-                if proxy is not None:
-                    g = comp.low_rank_episode_scores(a, d, proxy.bases[name], seg_ids, n_seg)
-                    total += g.double().pow(2).sum(dim=(1, 2))
-                else:
-                    total += comp.full_episode_sqnorms(a, d, seg_ids, n_seg)
-            total = total.cpu()
+            total = comp.episode_sqnorms(sig, seg_ids, n_seg, proxy).cpu()
             penalty_s += sig.backward_s + time.perf_counter() - t0
             hidden, lp_rows = sig.hidden, sig.logprobs.cpu()
             if temperature != 1.0:  # the penalty's log π is at 1; the loss's at the sampling temperature

@@ -181,6 +181,12 @@ def render_trace(episode_texts: Sequence[str], answer: str) -> str:
     return f"<think>\n{body}</think>\n\n{render_answer(answer)}"
 
 
+def restatement_text(problem: ChainProblem) -> str:
+    """The restatement episode of ``problem`` as reference traces write it: ``goal`` and the problem
+    word for word (a generated restatement that differs from it has changed the problem)."""
+    return f"goal {problem.expression}"
+
+
 def build_chain_trace(problem: ChainProblem, rng: random.Random, style: TraceStyle, *,
                       step_text: Callable[[int, int, int], str], check_text: Callable[[int, int], str],
                       guess: Callable[[int, int, int], int]) -> Trace:
@@ -196,7 +202,7 @@ def build_chain_trace(problem: ChainProblem, rng: random.Random, style: TraceSty
     """
     eps: list[TraceEpisode] = []
     if rng.random() < style.restate:
-        eps.append(TraceEpisode("restate", f"goal {problem.expression}", None, False, problem.start))
+        eps.append(TraceEpisode("restate", restatement_text(problem), None, False, problem.start))
     x = problem.start
     for i, action in enumerate(problem.actions):
         true = action.apply(x)
