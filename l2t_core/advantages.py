@@ -100,6 +100,35 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float =
     return torch.where(count[inv] > 1, adv, torch.zeros_like(adv))
 
 
+def correct_scope_scores(
+    outcomes: torch.Tensor, process_scores: torch.Tensor, group_ids: torch.Tensor, bonus: float = 0.5
+) -> torch.Tensor:
+    """The ``process_scope: correct`` option (this project's variant, not METHOD.md's): the process
+    score only ranks the CORRECT responses of a group, as the length penalty does with lengths (§6).
+
+    S_i = o_i + bonus · u_i for a correct response (o_i = 1), u_i = 2 (s_i − min) / (max − min) − 1 ∈
+    [−1, 1] over the group's correct responses' paper scores s_i (0 when fewer than two are correct or
+    all are equal); a wrong response keeps S_i = o_i, so a group with no correct response gets no
+    advantage at all, and with ``bonus`` < 1 a correct response always outscores a wrong one.
+    """
+    if not 0.0 <= bonus < 1.0:
+        raise ValueError(f"correct-scope bonus must be in [0, 1) so that a correct response outscores a wrong one, "
+                         f"got {bonus}")
+    _check_finite("process scores", process_scores)
+    o = outcomes.double()
+    s = process_scores.double()
+    out = o.clone()
+    correct = o > 0.5
+    for g in torch.unique(group_ids).tolist():
+        m = (group_ids == g) & correct
+        if int(m.sum()) < 2:
+            continue
+        lo, hi = s[m].min(), s[m].max()
+        if hi > lo:
+            out[m] = o[m] + bonus * (2.0 * (s[m] - lo) / (hi - lo) - 1.0)
+    return out
+
+
 def grpo_advantages(outcomes: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The outcome-only baseline's scalar advantage (r_i − mean_g r) / (std_g r + eps) (§4, §6)."""
     return group_advantages(outcomes, group_ids, eps)

@@ -97,7 +97,12 @@ class CompressionConfig(_Strict):
     svd_refresh_steps: int = Field(1, ge=1)
     adapt_lr: float = Field(1.0, gt=0.0, description="η in Δθ̃_k = η · g_k.")
     damping: float = Field(1e-5, ge=0.0, description="λ in F_k = g_k g_kᵀ + λ I.")
-    penalty_norm: Literal["batch_response_mean", "none"] = "batch_response_mean"
+    penalty_norm: Literal["batch_response_mean", "group_response_mean", "none"] = Field(
+        "batch_response_mean",
+        description="batch_response_mean: P̂_k = P_k ÷ the batch's mean per-response Σ_k P_k (METHOD.md §3); "
+                    "group_response_mean (this project's option): the same mean taken over the response's own "
+                    "group, so a group of long or surprising responses is not penalised more than the batch's "
+                    "easy ones (§10: normalise the penalty per group); none: P_k unchanged.")
     random_layer_frac: float = Field(0.3, gt=0.0, le=1.0, description="Share of blocks for the method l2t_random_layers.")
     seed: int = 0
 
@@ -124,6 +129,24 @@ class CreditConfig(_Strict):
         ),
     )
     process_coef: float = Field(0.5, ge=0.0, description="Weight of the process term in credit='additive'.")
+    process_scope: Literal["all", "correct"] = Field(
+        "all",
+        description=(
+            "all: the response score S_i of every response carries the process reward (paper). correct (this "
+            "project's option, not the paper's): the process score only ranks a group's CORRECT responses, "
+            "S_i = 1 + correct_bonus · u_i with u_i ∈ [−1, 1] the min–max rank of the paper score among them, "
+            "and a wrong response scores its outcome 0, as the length penalty treats lengths (METHOD.md §6, §10)."
+        ),
+    )
+    correct_bonus: float = Field(0.5, ge=0.0, lt=1.0,
+                                 description="Half-width of the process bonus under process_scope='correct'.")
+
+    @model_validator(mode="after")
+    def _scope_needs_paper_credit(self):
+        if self.process_scope == "correct" and self.credit != "paper":
+            raise ValueError("credit.process_scope='correct' ranks the paper response score S_i and needs "
+                             "credit.credit='paper'; with credit='additive' the score is already the outcome alone")
+        return self
 
 
 class LossConfig(_Strict):

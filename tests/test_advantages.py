@@ -101,3 +101,54 @@ def test_additive_credit_option_is_signed_and_reduces_to_grpo():
     # coef 0: GRPO's broadcast
     assert additive_token_advantages(0.7, torch.tensor([1.0, -1.0]), ids, 0.0).tolist() == [0.7, 0.7, 0.7]
     assert group_episode_zscores([torch.tensor([2.0])], torch.tensor([0]))[0].tolist() == [0.0]
+
+
+def _brute_correct_scope(outcomes, scores, groups, bonus):
+    """Element by element, as the option's docstring states it."""
+    out = []
+    for i, (o, s, g) in enumerate(zip(outcomes, scores, groups)):
+        if o < 0.5:
+            out.append(o)
+            continue
+        peers = [scores[j] for j in range(len(scores)) if groups[j] == g and outcomes[j] > 0.5]
+        lo, hi = min(peers), max(peers)
+        out.append(o + (bonus * (2 * (s - lo) / (hi - lo) - 1) if len(peers) > 1 and hi > lo else 0.0))
+    return out
+
+
+def test_correct_scope_scores_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = 12
+        outcomes = (torch.rand(n, generator=gen) > 0.5).double()
+        scores = torch.randn(n, generator=gen, dtype=torch.float64)
+        groups = torch.randint(0, 3, (n,), generator=gen)
+        got = adv.correct_scope_scores(outcomes, scores, groups, 0.4)
+        ref = _brute_correct_scope(outcomes.tolist(), scores.tolist(), groups.tolist(), 0.4)
+        assert got.tolist() == pytest.approx(ref)
+        # every correct response outscores every wrong one of its group
+        for g in groups.unique():
+            m = groups == g
+            c, w = got[m & (outcomes > 0.5)], got[m & (outcomes < 0.5)]
+            if c.numel() and w.numel():
+                assert c.min() > w.max()
+
+
+def test_correct_scope_ignores_wrong_responses_process_scores():
+    outcomes = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    # group 0 all wrong: whatever their process scores (a short wrong response scoring high under
+    # the paper score), the group gets no advantage; group 1's ranking keeps the paper order
+    scores = torch.tensor([5.0, -3.0, 0.1, 0.2, 0.9, 0.5], dtype=torch.float64)
+    s = adv.correct_scope_scores(outcomes, scores, groups, 0.5)
+    a = adv.group_advantages(s, groups)
+    assert a[:3].tolist() == [0.0, 0.0, 0.0]
+    assert s[3:].tolist() == pytest.approx([0.5, 1.5, 1.0 + 0.5 * (2 * 0.3 / 0.7 - 1)])
+    # one correct response, or ties: no bonus; bonus 0 is GRPO's outcome score
+    one = adv.correct_scope_scores(torch.tensor([1.0, 0.0]), torch.tensor([-2.0, 9.0]), torch.tensor([0, 0]), 0.5)
+    assert one.tolist() == [1.0, 0.0]
+    assert adv.correct_scope_scores(outcomes, scores, groups, 0.0).tolist() == outcomes.tolist()
+    with pytest.raises(ValueError, match="bonus"):
+        adv.correct_scope_scores(outcomes, scores, groups, 1.0)
+    with pytest.raises(ValueError, match="process scores"):
+        adv.correct_scope_scores(outcomes, torch.full((6,), float("nan")), groups, 0.5)

@@ -154,6 +154,27 @@ def test_batch_normalisation():
         comp.normalise_penalties(p, resp, 3, "bogus")
 
 
+def test_group_normalisation():
+    p = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 6.0, 0.0], dtype=torch.float64)
+    resp = torch.tensor([0, 0, 1, 2, 3, 4, 5])  # responses 0..5; totals 4, 2, 2, 0, 6, 0
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])  # group means 3, 1, 3; groups 1 and 2 hold a zero response
+    hat = comp.normalise_penalties(p, resp, 6, "group_response_mean", group_of_response=groups)
+    torch.testing.assert_close(hat, torch.tensor([1 / 3, 1.0, 2 / 3, 2.0, 0.0, 2.0, 0.0], dtype=torch.float64))
+    totals = torch.zeros(6, dtype=torch.float64).index_add_(0, resp, hat)
+    for g in range(3):  # the average response of every group pays 1
+        assert totals[groups == g].mean().item() == pytest.approx(1.0)
+    # one group: the batch normalisation; an all-zero group stays zero beside a non-zero one
+    one = torch.zeros(6, dtype=torch.long)
+    torch.testing.assert_close(comp.normalise_penalties(p, resp, 6, "group_response_mean", group_of_response=one),
+                               comp.normalise_penalties(p, resp, 6))
+    z = torch.tensor([0.0, 0.0, 4.0, 2.0], dtype=torch.float64)
+    got = comp.normalise_penalties(z, torch.arange(4), 4, "group_response_mean",
+                                   group_of_response=torch.tensor([0, 0, 1, 1]))
+    assert got.tolist() == pytest.approx([0.0, 0.0, 4 / 3, 2 / 3])
+    with pytest.raises(ValueError, match="group id"):
+        comp.normalise_penalties(p, resp, 6, "group_response_mean")
+
+
 def test_random_layers_and_targets(model):
     names = comp.random_layer_targets(model, 0.3, seed=0)
     assert len(names) == 3 and all(n.endswith("mlp.down_proj") for n in names)

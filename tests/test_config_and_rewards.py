@@ -118,6 +118,33 @@ def test_additive_credit_through_the_reward_path(model, tokenizer):
             assert all(len(u) == 1 for u in per_ep)  # constant within an episode
 
 
+def test_correct_scope_through_the_reward_path(model, tokenizer):
+    """process_scope='correct': a group with no correct response gets no advantage at all (the paper
+    score ranks its wrong responses by their process reward), correct responses outscore wrong ones,
+    and the per-episode rewards, penalty included, are those of the paper default."""
+    wrong = [GOOD.replace("{14}", "{15}"), REDUNDANT.replace("{14}", "{13}"),
+             BAD_INPUTS["unclosed_tags"], BAD_INPUTS["no_answer"]]
+    texts = [GOOD, REDUNDANT, GOOD.replace("{14}", "{12}"), BAD_INPUTS["empty"]] + wrong
+    rollouts = _rollouts(tokenizer, texts)
+    paper = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(), verifier=NumericVerifier())
+    cfg = RewardConfig(credit={"process_scope": "correct", "correct_bonus": 0.3},
+                       compression={"penalty_norm": "group_response_mean"})
+    scoped = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
+    assert [r.outcome for r in scoped.responses] == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert any(abs(r.advantage) > 1e-3 for r in paper.responses[4:])  # the paper ranks the all-wrong group
+    for r in scoped.responses[4:]:
+        assert r.advantage == 0.0 and r.token_advantage.abs().max().item() == 0.0
+    correct = [r.score for r in scoped.responses[:2]]
+    assert sorted(correct) == pytest.approx([0.7, 1.3])  # min-max rank over the two correct: 1 ± bonus
+    assert min(correct) > max(r.score for r in scoped.responses[2:4])
+    # the paper order among the correct responses is kept
+    assert (correct[0] > correct[1]) == (paper.responses[0].score > paper.responses[1].score)
+    with pytest.raises(ValidationError, match="process_scope"):
+        CreditConfig(process_scope="correct", credit="additive")
+    with pytest.raises(ValidationError, match="correct_bonus"):
+        CreditConfig(correct_bonus=1.0)
+
+
 def _plain_reference(model, tokenizer, rollouts, teps, targets, basis):
     """The unfused path: a plain causal forward/backward per response for ‖g_k‖² and log π(z_t),
     and the naive per-prefix J."""

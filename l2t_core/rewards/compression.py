@@ -340,7 +340,7 @@ def penalty(sqnorm: torch.Tensor, adapt_lr: float = 1.0, damping: float = 1e-5) 
 
 def normalise_penalties(
     penalties: torch.Tensor, response_of: torch.Tensor, num_responses: int, mode: str = "batch_response_mean",
-    all_sum: Callable[[list[float]], list[float]] | None = None,
+    all_sum: Callable[[list[float]], list[float]] | None = None, group_of_response: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """P̂_k = P_k / mean over responses of Σ_k P_k (METHOD.md §3, Decision: scale).
 
@@ -348,14 +348,31 @@ def normalise_penalties(
     zero stays zero. ``mode='none'`` returns P_k unchanged. ``all_sum`` (a multi-rank step: each
     rank holds a share of the batch) sums [penalty total, responses] over the ranks, so the mean is
     the whole step's and P̂ does not depend on how many ranks share the batch.
+
+    ``mode='group_response_mean'`` (this project's option, §10 "normalise the penalty per group")
+    takes the mean over the responses of each response's own group (``group_of_response``, [N]), so
+    the average response of EVERY group pays 1; a group whose penalties are all zero stays zero.
+    Groups never straddle ranks (each rank takes whole prompts), so this mode needs no ``all_sum``.
     """
     if mode == "none":
         return penalties
-    if mode != "batch_response_mean":
-        raise ValueError(f"penalty_norm must be 'batch_response_mean' or 'none', got {mode!r}")
+    if mode not in ("batch_response_mean", "group_response_mean"):
+        raise ValueError(f"penalty_norm must be 'batch_response_mean', 'group_response_mean' or 'none', got {mode!r}")
     if num_responses == 0:
         return penalties
     totals = torch.zeros(num_responses, dtype=penalties.dtype).index_add_(0, response_of, penalties)
+    if mode == "group_response_mean":
+        if group_of_response is None or group_of_response.numel() != num_responses:
+            raise ValueError("penalty_norm='group_response_mean' needs the group id of each of the "
+                             f"{num_responses} responses")
+        _, inv = torch.unique(group_of_response, return_inverse=True)
+        n_groups = int(inv.max()) + 1
+        count = torch.zeros(n_groups, dtype=penalties.dtype).index_add_(0, inv, torch.ones_like(totals))
+        scale = (torch.zeros(n_groups, dtype=penalties.dtype).index_add_(0, inv, totals) / count)[inv]
+        if not torch.isfinite(scale).all():
+            raise FloatingPointError("normalise_penalties: a group's penalty total is not finite")
+        per_ep = scale[response_of]
+        return torch.where(per_ep > 0, penalties / torch.where(per_ep > 0, per_ep, 1.0), torch.zeros_like(penalties))
     scale = totals.mean()
     if all_sum is not None:
         total, count = all_sum([float(totals.sum()), float(num_responses)])

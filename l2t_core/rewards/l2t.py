@@ -357,7 +357,8 @@ def compute_rewards(
            for sq, k in zip(sqnorms, k_per)]
     flat = torch.cat(raw) if raw else torch.zeros(0, dtype=torch.float64)
     resp_of = torch.repeat_interleave(torch.arange(len(rollouts)), torch.tensor(k_per))
-    hat = comp.normalise_penalties(flat, resp_of, len(rollouts), c.penalty_norm, all_sum) if needs_penalty else flat
+    hat = (comp.normalise_penalties(flat, resp_of, len(rollouts), c.penalty_norm, all_sum, group_of_response=groups)
+           if needs_penalty else flat)
     hat_split = torch.split(hat, k_per)
 
     # credit (§4) and advantages
@@ -388,6 +389,8 @@ def compute_rewards(
     elif method.startswith("l2t"):
         scores = torch.stack([adv.response_score(x.token_reward, x.episode_reward, cr.score_agg, cr.trim_frac)
                               for x in results])
+        if cr.process_scope == "correct":  # project option: the process score only ranks correct responses
+            scores = adv.correct_scope_scores(outcomes, scores, groups, cr.correct_bonus)
     elif method == "length_penalty":
         lengths = torch.tensor([len(r.response_ids) for r in rollouts])
         scores = length_penalty_rewards(outcomes, lengths, groups, cfg.baselines.length_penalty_alpha)
