@@ -119,13 +119,15 @@ class CreditConfig(_Strict):
     score_agg: Literal["trimmed_mean", "sum"] = "trimmed_mean"
     trim_frac: float = Field(0.05, ge=0.0, lt=1.0, description="Total share trimmed, half at each tail.")
     std_eps: float = Field(1e-6, gt=0.0)
-    credit: Literal["paper", "additive"] = Field(
+    credit: Literal["paper", "additive", "broadcast"] = Field(
         "paper",
         description=(
             "paper: A_{i,t} = A_i·T_i·|r_t|/Σ|r| with A_i from the response score (METHOD.md §4). "
             "additive (this project's option, not the paper's): A_{i,t} = A_i^outcome + process_coef · "
             "z_g(r_k^prg), the outcome's GRPO advantage plus the episode's process reward z-scored over "
-            "all episodes of the group; signed, so correct steps of a wrong response are not pushed down."
+            "all episodes of the group; signed, so correct steps of a wrong response are not pushed down. "
+            "broadcast (this project's option): A_{i,t} = A_i, the response score's advantage on every token as "
+            "GRPO does; the process reward then acts through the response score alone."
         ),
     )
     process_coef: float = Field(0.5, ge=0.0, description="Weight of the process term in credit='additive'.")
@@ -143,9 +145,10 @@ class CreditConfig(_Strict):
 
     @model_validator(mode="after")
     def _scope_needs_paper_credit(self):
-        if self.process_scope == "correct" and self.credit != "paper":
+        if self.process_scope == "correct" and self.credit == "additive":
             raise ValueError("credit.process_scope='correct' ranks the paper response score S_i and needs "
-                             "credit.credit='paper'; with credit='additive' the score is already the outcome alone")
+                             "credit.credit='paper' or 'broadcast'; with credit='additive' the score is already "
+                             "the outcome alone")
         return self
 
 

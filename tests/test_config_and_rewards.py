@@ -139,6 +139,15 @@ def test_correct_scope_through_the_reward_path(model, tokenizer):
     assert min(correct) > max(r.score for r in scoped.responses[2:4])
     # the paper order among the correct responses is kept
     assert (correct[0] > correct[1]) == (paper.responses[0].score > paper.responses[1].score)
+    # credit='broadcast': the same scores and advantages, every token carries its response's advantage
+    cfg_b = RewardConfig(credit={"process_scope": "correct", "correct_bonus": 0.3, "credit": "broadcast"},
+                         compression={"penalty_norm": "group_response_mean"})
+    bcast = compute_rewards(model, tokenizer, rollouts, "l2t", cfg_b, verifier=NumericVerifier())
+    for r, rb in zip(scoped.responses, bcast.responses):
+        assert rb.score == pytest.approx(r.score) and rb.advantage == pytest.approx(r.advantage)
+        assert rb.token_advantage.tolist() == pytest.approx([r.advantage] * r.token_advantage.numel())
+    assert any(not torch.allclose(r.token_advantage, rb.token_advantage)
+               for r, rb in zip(scoped.responses, bcast.responses))  # the paper credit is not a broadcast
     with pytest.raises(ValidationError, match="process_scope"):
         CreditConfig(process_scope="correct", credit="additive")
     with pytest.raises(ValidationError, match="correct_bonus"):

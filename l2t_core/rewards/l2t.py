@@ -407,8 +407,8 @@ def compute_rewards(
         if additive:
             x.token_advantage = adv.additive_token_advantages(
                 a[n], zs[n], torch.as_tensor(x.tokens.episode_ids), cr.process_coef)
-        elif method.startswith("l2t"):
+        elif method.startswith("l2t") and cr.credit == "paper":
             x.token_advantage = adv.token_advantages(a[n], x.token_reward)
-        else:  # scalar advantage broadcast to every token (GRPO and the scalar baselines)
+        else:  # scalar advantage broadcast to every token (GRPO, the scalar baselines, credit='broadcast')
             x.token_advantage = torch.full((t,), float(a[n]), dtype=torch.float64)
     return RewardBatch(method=method, responses=results, timings=timings)
