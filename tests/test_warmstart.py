@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +14,11 @@ from l2t_core.models import build_char_tokenizer, build_tiny_qwen2, load_policy
 from l2t_core.prompts import FORCE_ANSWER_SUFFIX
 from l2t_core.sft import encode_pairs, lr_factor, sft
 from l2t_core.tasks import arithmetic
-from l2t_core.tasks.walk import TraceStyle, build_task_prompt, dataset
-from l2t_core.warmstart import WarmStartConfig, check_gains, evaluate, held_out, sft_pairs, warm_start
+from l2t_core.tasks.walk import TraceStyle, build_task_prompt, build_trace, dataset
+from l2t_core.prompts import render_answer
+from l2t_core.warmstart import (
+    WarmStartConfig, answer_readout, check_gains, evaluate, held_out, sft_pairs, warm_start,
+)
 
 TINY = dict(
     train_size=200, sft_steps=20, batch_size=8, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -61,6 +66,41 @@ def test_check_gains_on_reference_traces(warm_dir):
     assert res["scored"] == res["responses"] == 8
     assert {"step_hard", "check_hard", "check_hard_repair"} <= set(res["mean_gain"])
     assert res["count"]["check_hard"] == res["count"]["step_hard"] == res["count"]["check_hard_repair"]
+
+
+def _naive_j(model, tok, prompt: str, response: str, answer: str) -> float:
+    """p(answer | prompt, response, f) from one plain forward pass over the concatenation."""
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ctx = enc(prompt) + enc(response) + enc(FORCE_ANSWER_SUFFIX)
+    ans = enc(answer)
+    ids = torch.tensor([ctx + ans])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    return math.exp(sum(logp[len(ctx) - 1 + j, a].item() for j, a in enumerate(ans)))
+
+
+def test_answer_readout_equals_naive_j_at_trace_start_and_end(warm_dir):
+    model, tok = load_policy(warm_dir)
+    style = TraceStyle(guess_error=1.0, hard_check=1.0, easy_check=1.0, repeat=0.0, restate=0.0)
+    prob = dataset(1, 3, 3, seed=5, hard_prob=0.5)[0]
+    res = answer_readout(model, tok, [prob], style=style, seed=4)
+    trace = build_trace(prob, random.Random(4), style).text
+    prompt, answer = build_task_prompt(prob), render_answer(prob.answer)
+    assert res["traces"] == 1
+    assert res["j_start"] == pytest.approx(_naive_j(model, tok, prompt, "", answer), abs=1e-5)
+    assert res["j_end"] == pytest.approx(_naive_j(model, tok, prompt, trace, answer), abs=1e-5)
+    assert 0 < res["j_mid"] < 1
+    report = json.loads((warm_dir / "warmstart.json").read_text())["answer_readout"]
+    assert report["traces"] > 0 and 0 <= report["j_start"] <= 1 and 0 <= report["j_end"] <= 1
+
+
+def test_answer_readout_rejects_traces_that_never_segment(warm_dir, monkeypatch):
+    from l2t_core.tasks import walk
+
+    model, tok = load_policy(warm_dir)
+    monkeypatch.setattr(walk, "build_trace", lambda *a, **k: SimpleNamespace(text="no think tags here"))
+    with pytest.raises(ValueError, match="none of the 1 reference traces segments as tagged"):
+        answer_readout(model, tok, dataset(1, 2, 2, seed=1), style=TraceStyle())
 
 
 def test_sft_pairs_forced_share_and_targets():
