@@ -54,7 +54,7 @@ class MiniatureConfig(_Strict):
     variants: dict[str, Variant] = Field(default_factory=dict, description="Extra named runs beside the methods.")
     seeds: tuple[int, ...] = (0, 1, 2)
     warmstart: WarmStartConfig = WarmStartConfig()
-    # budget measured in docs/miniature/lr3e-5_T0.7 (about 17 min for 9 runs on 2 shared cores)
+    # budget measured in docs/miniature/default: 843 s wall from nothing (warm start 230 s), 2 idle cores
     steps: int = Field(20, ge=1)
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2)
