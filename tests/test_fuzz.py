@@ -488,16 +488,24 @@ def _reward_config(draw_cfg: dict) -> RewardConfig:
     return RewardConfig(segmentation={"max_episodes": draw_cfg["cap"], "numbering": draw_cfg["numbering"]},
                         fitting={"mc_samples": 2, "mc_max_new_tokens": 4},
                         credit={"credit": draw_cfg["credit"], "token_weights": draw_cfg["weights"],
-                                "score_agg": draw_cfg["agg"]})
+                                "score_agg": draw_cfg["agg"], "process_scope": draw_cfg["scope"]})
 
 
 REWARD_CFGS = st.fixed_dictionaries({
     "cap": st.integers(1, 30), "numbering": st.sampled_from(["strict", "ignore"]),
-    "credit": st.sampled_from(["paper", "additive"]), "weights": st.sampled_from(["surprise", "uniform"]),
-    "agg": st.sampled_from(["trimmed_mean", "sum"]),
-})
+    "credit": st.sampled_from(["paper", "additive", "broadcast"]),
+    "weights": st.sampled_from(["surprise", "uniform"]), "agg": st.sampled_from(["trimmed_mean", "sum"]),
+    "scope": st.sampled_from(["all", "correct"]),
+}).filter(lambda c: not (c["scope"] == "correct" and c["credit"] == "additive"))  # refused by CreditConfig
+
+
+def _valid_unicode(text: str) -> str:
+    """Text a tokenizer is given is valid Unicode: a model's output is decoded from token ids, so it
+    never holds a lone surrogate (those stay in the segmentation fuzz above, where text is arbitrary)."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
 SHORT_OUTPUTS = st.one_of(
-    TAGGED_JUNK.filter(lambda t: len(t) <= 200),
+    TAGGED_JUNK.filter(lambda t: len(t) <= 200).map(_valid_unicode),
     st.binary(max_size=120).map(lambda b: b.decode("utf-8", "replace")),
     st.sampled_from(["", "<think>", "</think>", "\\boxed{14}", "<think>x</think>\\boxed{14}",
                      "<think><episode_1>7*2</episode_1></think>\\boxed{14}"]),
@@ -531,7 +539,8 @@ def _finite_response_checks(method: str, r, n_tokens: int, what: str) -> None:
        groups=st.lists(st.integers(0, 1), min_size=4, max_size=4), reference=REFERENCES, cfg=REWARD_CFGS,
        math_verifier=st.booleans())
 @example(method="l2t", responses=[("text", ""), ("ids", [0])], groups=[0, 0, 0, 0], reference="14",
-         cfg={"cap": 1, "numbering": "strict", "credit": "paper", "weights": "surprise", "agg": "trimmed_mean"},
+         cfg={"cap": 1, "numbering": "strict", "credit": "paper", "weights": "surprise", "agg": "trimmed_mean",
+              "scope": "all"},
          math_verifier=False)  # found by this test: a response of special tokens only crashed the batch
 def test_compute_rewards_is_finite_on_arbitrary_outputs(model, tokenizer, method, responses, groups, reference,
                                                         cfg, math_verifier):
