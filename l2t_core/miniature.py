@@ -7,7 +7,10 @@ held-out split per difficulty level. Writes into ``--out``:
 * ``miniature.json``: per method, ``accuracy`` and ``mean_tokens`` (mean and std over seeds),
   both per difficulty level, per-seed values, and the headline ratios against GRPO;
 * ``miniature.md``: the same as a table;
-* ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level.
+* ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level;
+* ``training.png`` and ``methods[name]["training"]``: rollout tokens and accuracy per training step,
+  reward ÷ rollout time and the score–length correlation among correct responses
+  (:mod:`~l2t_core.dynamics`).
 
 Beside the methods the report carries the task's *necessary* trace length (``floor``: every step
 once, every hard step checked, nothing redundant; :func:`~l2t_core.warmstart.necessary_tokens`),
@@ -35,6 +38,7 @@ from typing import Any
 from pydantic import Field
 
 from .config import METHOD_NAMES, TrainConfig, _Strict, config_differences
+from .dynamics import SCALARS, aggregate_dynamics, dynamics_table, plot_dynamics, run_dynamics
 from .warmstart import WarmStartConfig
 
 log = logging.getLogger("l2t.miniature")
@@ -209,6 +213,20 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
     return out
 
 
+def add_dynamics(report: dict, runs: list[tuple[str, int, TrainConfig]]) -> None:
+    """Each method's training dynamics (:mod:`~l2t_core.dynamics`) from its runs' metrics: per seed
+    (scalars only) and aggregated over seeds (with the seed-mean curve) as ``methods[name]["training"]``."""
+    per: dict[str, list[dict]] = {}
+    for name, seed, tcfg in runs:
+        if name in report["methods"]:
+            per.setdefault(name, []).append(run_dynamics(tcfg.out))
+    for name, ds in per.items():
+        m = report["methods"][name]
+        m["training"] = aggregate_dynamics(ds)
+        for s, d in zip(m["seeds"], ds):
+            s["training"] = {k: d[k] for k in SCALARS}
+
+
 def markdown_table(report: dict) -> str:
     ms = report["methods"]
     levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
@@ -246,6 +264,11 @@ def markdown_table(report: dict) -> str:
             rows.append(f"The necessary trace is {report['floor_over_grpo']:.2f}× GRPO's tokens: the lowest token ratio "
                         "a method can reach without dropping useful checks (SFT base: "
                         f"{vf['SFT base']:.2f}× the necessary trace).")
+    training = {k: m["training"] for k, m in ms.items() if "training" in m}
+    if training:
+        rows += ["", "Training dynamics (sampled rollouts at the training temperature; first and last "
+                 f"{next(iter(training.values()))['window']} steps, "
+                 "mean over seeds; Spearman within each group's correct responses):", "", dynamics_table(training)]
     if report.get("credit"):
         from .episode_credit import credit_table
 
@@ -384,6 +407,7 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     order = list(cfg.methods) + list(cfg.variants)
     evals = {k: sorted(evals[k], key=lambda r: r["seed"]) for k in order if k in evals}
     report = aggregate(evals, base, floor)
+    add_dynamics(report, runs)
     report["credit"] = credit
     report["seconds"] = time.perf_counter() - t0
     report["config"] = json.loads(cfg.model_dump_json())
@@ -391,6 +415,8 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     table = markdown_table(report)
     (out / "miniature.md").write_text(f"# L2T miniature\n\n{table}")
     report["plots"] = [str(p) for p in plot(report, out)]
+    report["plots"].append(str(plot_dynamics({k: m["training"] for k, m in report["methods"].items()},
+                                             out / "training.png")))
     report["table_path"] = str(out / "miniature.md")
     log.info("miniature done in %.0fs; table at %s", report["seconds"], out / "miniature.md")
     return report

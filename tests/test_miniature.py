@@ -68,6 +68,12 @@ def test_miniature_end_to_end(tmp_path):
     assert "Credit by episode kind" in (out / "miniature.md").read_text()
     for p in report["plots"]:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "training.png").exists() and "Training dynamics" in (out / "miniature.md").read_text()
+    for m in data["methods"].values():  # the training dynamics of every run, read back from its metrics
+        t = m["training"]
+        assert t["seeds"] == 1 and t["curve"]["step"] == [1, 2] and len(t["curve"]["mean_tokens"]) == 2
+        assert 0 < t["rollout_tokens_first"]["mean"] <= TINY["max_new_tokens"] and t["reward_over_rollout"]["mean"] > 0
+        assert set(m["seeds"][0]["training"]) >= {"rollout_accuracy_last", "score_length_spearman"}
     # finished runs are kept: a second call trains nothing and gives the same numbers
     again = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
     assert again["methods"] == report["methods"]

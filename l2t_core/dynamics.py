@@ -1,0 +1,135 @@
+"""Training dynamics of a run, read back from its metrics tables (:mod:`l2t_core.metrics`).
+
+A final greedy evaluation says where a run ended; these numbers say how it got there, which is
+what decides whether a longer run would help:
+
+* rollout tokens and accuracy over the first and the last ``window`` steps (sampled at the
+  training temperature, so they move before the greedy evaluation does);
+* ``reward_over_rollout``: reward time ÷ rollout time over the whole run (issue 3's overhead
+  measure, as :mod:`bench.reward_overhead` reports it for one step);
+* ``score_length_spearman``: within every group, the Spearman rank correlation between the
+  response score and the response length among the group's CORRECT responses, averaged over the
+  groups where both vary. It says whether a method's score pays for brevity at all: the length
+  penalty gives −1 by construction, outcome-only GRPO has no such group (every correct response
+  scores 1), and L2T's process reward lies in between (METHOD.md §4, §10);
+* ``curve``: rollout tokens and accuracy per step, for the plot.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .checkpoint import RunStorage
+from .metrics import read_table
+
+SCALARS = ("rollout_tokens_first", "rollout_tokens_last", "rollout_accuracy_first", "rollout_accuracy_last",
+           "reward_over_rollout", "score_length_spearman")
+
+
+def score_length_spearman(rollouts: pd.DataFrame) -> tuple[float | None, int]:
+    """Mean over (step, group) of Spearman(score, num_tokens) among the group's correct responses,
+    over the groups with at least three correct responses whose scores and lengths both vary.
+    Returns (mean or None when no group qualifies, number of groups used)."""
+    if rollouts.empty:
+        return None, 0
+    correct = rollouts[rollouts["outcome"] == 1.0]
+    rhos = []
+    for _, g in correct.groupby(["step", "group"], sort=False):
+        if len(g) < 3 or g["score"].nunique() < 2 or g["num_tokens"].nunique() < 2:
+            continue
+        rho = g["score"].rank().corr(g["num_tokens"].rank())  # Pearson of ranks = Spearman (average ties)
+        if not math.isnan(rho):
+            rhos.append(float(rho))
+    return (sum(rhos) / len(rhos) if rhos else None), len(rhos)
+
+
+def run_dynamics(run_dir: str | Path, window: int = 5) -> dict:
+    """The training dynamics of the run in ``run_dir`` (see the module docstring). Raises
+    ``FileNotFoundError`` naming the directory when it holds no step metrics."""
+    storage = RunStorage(str(run_dir))
+    steps = read_table(storage, "train_steps")
+    if steps.empty:
+        raise FileNotFoundError(f"no train_steps metrics under {run_dir}/metrics: is it a training run directory "
+                                "that has finished at least one checkpoint?")
+    steps = steps.sort_values("step").drop_duplicates("step", keep="last")
+    first, last = steps.head(window), steps.tail(window)
+    rollout_s = float(steps["rollout_time_s"].sum())
+    rho, groups = score_length_spearman(read_table(storage, "rollouts"))
+    return {
+        "steps": int(len(steps)),
+        "window": window,
+        "rollout_tokens_first": float(first["mean_tokens"].mean()),
+        "rollout_tokens_last": float(last["mean_tokens"].mean()),
+        "rollout_accuracy_first": float(first["accuracy"].mean()),
+        "rollout_accuracy_last": float(last["accuracy"].mean()),
+        "reward_over_rollout": float(steps["reward_time_s"].sum()) / rollout_s if rollout_s > 0 else None,
+        "score_length_spearman": rho,
+        "spearman_groups": groups,
+        "curve": {"step": [int(s) for s in steps["step"]],
+                  "mean_tokens": [float(x) for x in steps["mean_tokens"]],
+                  "accuracy": [float(x) for x in steps["accuracy"]]},
+    }
+
+
+def aggregate_dynamics(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every scalar of :func:`run_dynamics` (None where no seed has it),
+    and the seed-mean curve over the steps all runs share."""
+    out: dict = {"window": runs[0]["window"], "seeds": len(runs)}
+    for key in SCALARS:
+        xs = [r[key] for r in runs if r.get(key) is not None]
+        if not xs:
+            out[key] = None
+            continue
+        m = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+        out[key] = {"mean": m, "std": sd, "n": len(xs)}
+    n = min(len(r["curve"]["step"]) for r in runs)
+    out["curve"] = {"step": runs[0]["curve"]["step"][:n],
+                    **{k: [sum(r["curve"][k][i] for r in runs) / len(runs) for i in range(n)]
+                       for k in ("mean_tokens", "accuracy")}}
+    return out
+
+
+def dynamics_table(methods: dict[str, dict]) -> str:
+    """Markdown: per method, rollout tokens and accuracy first → last window, reward/rollout time
+    and the score–length correlation among correct responses (means over seeds)."""
+
+    def f(d, fmt):
+        return "–" if d is None else format(d["mean"], fmt)
+
+    rows = ["| method | rollout tokens first → last | rollout accuracy first → last | reward ÷ rollout time "
+            "| Spearman(score, length \\| correct) |", "|---|---|---|---|---|"]
+    for name, d in methods.items():
+        rows.append(f"| {name} | {f(d['rollout_tokens_first'], '.1f')} → {f(d['rollout_tokens_last'], '.1f')} | "
+                    f"{f(d['rollout_accuracy_first'], '.3f')} → {f(d['rollout_accuracy_last'], '.3f')} | "
+                    f"{f(d['reward_over_rollout'], '.2f')} | {f(d['score_length_spearman'], '+.2f')} |")
+    return "\n".join(rows)
+
+
+def plot_dynamics(methods: dict[str, dict], path: Path, smooth: int = 5) -> Path:
+    """Two panels, rollout mean tokens and rollout accuracy per training step (seed mean, running
+    mean over ``smooth`` steps), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, d in methods.items():
+        c = d["curve"]
+        for ax, key in zip(axes, ("mean_tokens", "accuracy")):
+            ys = pd.Series(c[key]).rolling(smooth, min_periods=1).mean()
+            ax.plot(c["step"], ys, label=name)
+    for ax, label in zip(axes, ("rollout mean tokens", "rollout accuracy")):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} (seed mean, running mean of {smooth})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
