@@ -47,6 +47,17 @@ def test_warm_start_writes_a_loadable_checkpoint_and_report(warm_dir):
     assert report["parameters"] == sum(p.numel() for p in model.parameters())
 
 
+def test_warm_start_is_deterministic_on_one_machine(warm_dir, tmp_path):
+    """The same configuration on the same machine gives the same loss curve and weights to the bit
+    (data, batches and init are seeded; across CPUs float kernels may differ, README)."""
+    torch.set_num_threads(1)
+    again = warm_start(tmp_path / "again", WarmStartConfig(**TINY), show_progress=False)
+    first, second = (json.loads((d / "warmstart.json").read_text()) for d in (warm_dir, again))
+    assert first["loss_curve"] == second["loss_curve"] and first["final_loss"] == second["final_loss"]
+    a, b = load_policy(warm_dir)[0].state_dict(), load_policy(again)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_evaluate_counts_per_level(warm_dir):
     model, tok = load_policy(warm_dir)
     probs = held_out((1, 3), 2) + held_out((3,), 1, seed=5)
