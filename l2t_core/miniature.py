@@ -5,7 +5,9 @@ ablation or variant) is trained with the same budget and seeds, then evaluated g
 held-out split per difficulty level. Writes into ``--out``:
 
 * ``miniature.json``: per method, ``accuracy`` and ``mean_tokens`` (mean and std over seeds),
-  both per difficulty level, per-seed values, and the headline ratios against GRPO;
+  both per difficulty level, per-seed values, the headline ratios against GRPO, and ``behaviour``,
+  the episode census of the greedy responses (redundant share, checks per hard and easy step,
+  restatements kept and wrong; :func:`~l2t_core.warmstart.evaluate`);
 * ``miniature.md``: the same as a table;
 * ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level;
 * ``training.png`` and ``methods[name]["training"]``: rollout tokens and accuracy per training step,
@@ -177,6 +179,11 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": m, "std": sd}
 
 
+# warmstart.evaluate's census of the greedy responses' episodes, reported per method
+BEHAVIOUR = ("mean_episodes", "redundant_share", "hard_check_rate", "easy_check_rate", "restate_share",
+             "restate_wrong_share")
+
+
 def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = None) -> dict:
     """Mean and std over seeds per method, overall and per level, plus the headline ratios (and
     every method's tokens over the necessary trace's, ``floor``, when given)."""
@@ -196,6 +203,9 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
             },
             "seeds": [{k: r[k] for k in ("seed", "accuracy", "mean_tokens", "train_seconds")} for r in runs],
         }
+        kept = [k for k in BEHAVIOUR if all(k in r for r in runs)]
+        if kept:  # what the greedy responses keep and drop (warmstart.evaluate's episode census)
+            out["methods"][name]["behaviour"] = {k: _mean_std([r[k] for r in runs]) for k in kept}
     ms = out["methods"]
     if "grpo" in ms:
         g = ms["grpo"]
@@ -264,6 +274,17 @@ def markdown_table(report: dict) -> str:
             rows.append(f"The necessary trace is {report['floor_over_grpo']:.2f}× GRPO's tokens: the lowest token ratio "
                         "a method can reach without dropping useful checks (SFT base: "
                         f"{vf['SFT base']:.2f}× the necessary trace).")
+    if any("behaviour" in m for m in ms.values()):
+        rows += ["", "Episodes of the greedy held-out responses (mean over seeds): episodes per response, share "
+                 "of redundant episodes (restatements, repeats, easy-step checks), checks per hard and per easy "
+                 "step, responses that restate the problem, and those whose restatement is wrong:", "",
+                 "| method | " + " | ".join(BEHAVIOUR) + " |", "|---|" + "---|" * len(BEHAVIOUR)]
+        if all(k in b for k in BEHAVIOUR):
+            rows.append("| SFT base | " + " | ".join(f"{b[k]:.2f}" for k in BEHAVIOUR) + " |")
+        for name, m in ms.items():
+            if "behaviour" in m:
+                rows.append(f"| {name} | " + " | ".join(
+                    f"{m['behaviour'][k]['mean']:.2f}" if k in m["behaviour"] else "–" for k in BEHAVIOUR) + " |")
     training = {k: m["training"] for k, m in ms.items() if "training" in m}
     if training:
         rows += ["", "Training dynamics (sampled rollouts at the training temperature; first and last "

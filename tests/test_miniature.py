@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from l2t_core.miniature import MiniatureConfig, aggregate, markdown_table, run_miniature
+from l2t_core.miniature import BEHAVIOUR, MiniatureConfig, aggregate, markdown_table, run_miniature
 
 TINY = {
     "methods": ["grpo", "l2t"],
@@ -51,6 +51,15 @@ def test_aggregate_mean_std_and_ratios():
     table = markdown_table(rep)
     assert "| necessary trace (floor) | – | 25.0 | – | 25.0 |" in table
     assert "| l2t | 0.50 | +0.000 | 1.00 |" in table and "0.50× GRPO's tokens" in table
+    assert "behaviour" not in rep["methods"]["l2t"] and "restate_share" not in table
+    # the episode census of the greedy responses, when the evaluations carry it
+    census = dict(zip(BEHAVIOUR, (10.0, 0.5, 1.0, 1.0, 0.9, 0.1)))
+    rep = aggregate({"grpo": [{**ev(0, 0.6, 40.0), **census}, {**ev(1, 0.8, 60.0), **census, "restate_share": 0.0}]},
+                    {**base, **census})
+    assert rep["methods"]["grpo"]["behaviour"]["restate_share"]["mean"] == pytest.approx(0.45)
+    table = markdown_table(rep)
+    assert "| SFT base | 10.00 | 0.50 | 1.00 | 1.00 | 0.90 | 0.10 |" in table
+    assert "| grpo | 10.00 | 0.50 | 1.00 | 1.00 | 0.45 | 0.10 |" in table
 
 
 @pytest.mark.slow
@@ -74,6 +83,7 @@ def test_miniature_end_to_end(tmp_path):
         assert t["seeds"] == 1 and t["curve"]["step"] == [1, 2] and len(t["curve"]["mean_tokens"]) == 2
         assert 0 < t["rollout_tokens_first"]["mean"] <= TINY["max_new_tokens"] and t["reward_over_rollout"]["mean"] > 0
         assert set(m["seeds"][0]["training"]) >= {"rollout_accuracy_last", "score_length_spearman"}
+        assert set(m["behaviour"]) == set(BEHAVIOUR) and 0 <= m["behaviour"]["redundant_share"]["mean"] <= 1
     # finished runs are kept: a second call trains nothing and gives the same numbers
     again = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
     assert again["methods"] == report["methods"]
