@@ -29,6 +29,13 @@ SCALARS = ("rollout_tokens_first", "rollout_tokens_last", "rollout_accuracy_firs
            "reward_over_rollout", "score_length_spearman")
 
 
+def mean_std(xs: list[float]) -> dict:
+    """Mean and sample standard deviation (n − 1; 0 for one value) over seeds."""
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": m, "std": sd}
+
+
 def score_length_spearman(rollouts: pd.DataFrame) -> tuple[float | None, int]:
     """Mean over (step, group) of Spearman(score, num_tokens) among the group's correct responses,
     over the groups with at least three correct responses whose scores and lengths both vary.
@@ -83,9 +90,7 @@ def aggregate_dynamics(runs: list[dict]) -> dict:
         if not xs:
             out[key] = None
             continue
-        m = sum(xs) / len(xs)
-        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-        out[key] = {"mean": m, "std": sd, "n": len(xs)}
+        out[key] = {**mean_std(xs), "n": len(xs)}
     n = min(len(r["curve"]["step"]) for r in runs)
     out["curve"] = {"step": runs[0]["curve"]["step"][:n],
                     **{k: [sum(r["curve"][k][i] for r in runs) / len(runs) for i in range(n)]

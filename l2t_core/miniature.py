@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,7 +39,7 @@ from typing import Any
 from pydantic import Field
 
 from .config import METHOD_NAMES, TrainConfig, _Strict, config_differences
-from .dynamics import SCALARS, aggregate_dynamics, dynamics_table, plot_dynamics, run_dynamics
+from .dynamics import SCALARS, aggregate_dynamics, dynamics_table, mean_std, plot_dynamics, run_dynamics
 from .warmstart import WarmStartConfig
 
 log = logging.getLogger("l2t.miniature")
@@ -173,12 +172,6 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
     return ev
 
 
-def _mean_std(xs: list[float]) -> dict:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return {"mean": m, "std": sd}
-
-
 # warmstart.evaluate's census of the greedy responses' episodes, reported per method
 BEHAVIOUR = ("mean_episodes", "redundant_share", "hard_check_rate", "easy_check_rate", "restate_share",
              "restate_wrong_share")
@@ -193,19 +186,19 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
     for name, runs in evals.items():
         levels = sorted({lv for r in runs for lv in r["per_level"]}, key=int)
         out["methods"][name] = {
-            "accuracy": _mean_std([r["accuracy"] for r in runs]),
-            "mean_tokens": _mean_std([r["mean_tokens"] for r in runs]),
+            "accuracy": mean_std([r["accuracy"] for r in runs]),
+            "mean_tokens": mean_std([r["mean_tokens"] for r in runs]),
             "per_level": {
                 lv: {
-                    "accuracy": _mean_std([r["per_level"][lv]["accuracy"] for r in runs]),
-                    "mean_tokens": _mean_std([r["per_level"][lv]["mean_tokens"] for r in runs]),
+                    "accuracy": mean_std([r["per_level"][lv]["accuracy"] for r in runs]),
+                    "mean_tokens": mean_std([r["per_level"][lv]["mean_tokens"] for r in runs]),
                 } for lv in levels
             },
             "seeds": [{k: r[k] for k in ("seed", "accuracy", "mean_tokens", "train_seconds")} for r in runs],
         }
         kept = [k for k in BEHAVIOUR if all(k in r for r in runs)]
         if kept:  # what the greedy responses keep and drop (warmstart.evaluate's episode census)
-            out["methods"][name]["behaviour"] = {k: _mean_std([r[k] for r in runs]) for k in kept}
+            out["methods"][name]["behaviour"] = {k: mean_std([r[k] for r in runs]) for k in kept}
     ms = out["methods"]
     if "grpo" in ms:
         g = ms["grpo"]

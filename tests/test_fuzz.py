@@ -504,6 +504,7 @@ def _valid_unicode(text: str) -> str:
     never holds a lone surrogate (those stay in the segmentation fuzz above, where text is arbitrary)."""
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
+
 SHORT_OUTPUTS = st.one_of(
     TAGGED_JUNK.filter(lambda t: len(t) <= 200).map(_valid_unicode),
     st.binary(max_size=120).map(lambda b: b.decode("utf-8", "replace")),
