@@ -103,6 +103,13 @@ class CompressionConfig(_Strict):
                     "group_response_mean (this project's option): the same mean taken over the response's own "
                     "group, so a group of long or surprising responses is not penalised more than the batch's "
                     "easy ones (§10: normalise the penalty per group); none: P_k unchanged.")
+    penalty_clip: float | None = Field(
+        None, gt=0.0,
+        description="None: P̂_k as normalised (paper). c (this project's option, §10 \"clipping the penalty per "
+                    "group\"): P̂_k ← min(P̂_k, c · the mean P̂ over every episode of the response's group). P_k grows "
+                    "as ‖g_k‖⁴, so a few surprising episodes carry most of a response's penalty and its sum "
+                    "ranks responses by those outliers rather than by how much they say; the clip bounds "
+                    "what one episode can cost.")
     random_layer_frac: float = Field(0.3, gt=0.0, le=1.0, description="Share of blocks for the method l2t_random_layers.")
     seed: int = 0
 

@@ -175,6 +175,30 @@ def test_group_normalisation():
         comp.normalise_penalties(p, resp, 6, "group_response_mean")
 
 
+def test_penalty_clip_per_group_against_a_loop():
+    hat = torch.tensor([0.1, 5.0, 0.3, 0.2, 0.0, 0.0, 1.0, 3.0], dtype=torch.float64)
+    resp = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # responses 0..3
+    groups = torch.tensor([7, 7, 2, 9])  # ids need not be contiguous; group 2 is all zero
+    got = comp.clip_penalties(hat, resp, groups, 2.0)
+    # brute force: each episode's group mean over every episode of that group
+    want = []
+    for e in range(len(hat)):
+        g = groups[resp[e]]
+        members = [hat[i].item() for i in range(len(hat)) if groups[resp[i]] == g]
+        want.append(min(hat[e].item(), 2.0 * sum(members) / len(members)))
+    assert got.tolist() == pytest.approx(want)
+    assert got[1].item() == pytest.approx(2.0 * 5.6 / 4) and got[4:6].tolist() == [0.0, 0.0]
+    # monotone within a group and a no-op for a large enough c
+    assert got[0] < got[3] < got[2] < got[1]
+    torch.testing.assert_close(comp.clip_penalties(hat, resp, groups, 100.0), hat)
+    assert comp.clip_penalties(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
+                               torch.zeros(0, dtype=torch.long), 2.0).numel() == 0
+    with pytest.raises(ValueError, match="penalty_clip must be > 0"):
+        comp.clip_penalties(hat, resp, groups, 0.0)
+    with pytest.raises(ValueError, match="response ids"):
+        comp.clip_penalties(hat, resp[:3], groups, 2.0)
+
+
 def test_random_layers_and_targets(model):
     names = comp.random_layer_targets(model, 0.3, seed=0)
     assert len(names) == 3 and all(n.endswith("mlp.down_proj") for n in names)

@@ -177,6 +177,30 @@ def _plain_reference(model, tokenizer, rollouts, teps, targets, basis):
     return sq, lps
 
 
+def test_penalty_clip_through_the_reward_path(model, tokenizer):
+    from l2t_core.rewards import compression as comp
+
+    texts = [GOOD, REDUNDANT, GOOD.replace("{14}", "{12}"), REDUNDANT.replace("{14}", "{13}")]
+    rollouts = _rollouts(tokenizer, texts)
+    for i, r in enumerate(rollouts):
+        r.group_id = i // 2
+    plain = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(), verifier=NumericVerifier())
+    cfg = RewardConfig(compression={"penalty_clip": 0.5})
+    clipped = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
+    hat = torch.cat([r.penalties_hat for r in plain.responses])
+    k = [r.penalties_hat.numel() for r in plain.responses]
+    want = comp.clip_penalties(hat, torch.repeat_interleave(torch.arange(4), torch.tensor(k)),
+                               torch.tensor([0, 0, 1, 1]), 0.5)
+    got = torch.cat([r.penalties_hat for r in clipped.responses])
+    torch.testing.assert_close(got, want)
+    assert (got < hat - 1e-12).any()  # c = 0.5 bites on these responses
+    for a, b in zip(plain.responses, clipped.responses):  # the gains and raw P_k are untouched
+        torch.testing.assert_close(a.gains, b.gains)
+        torch.testing.assert_close(a.penalties, b.penalties)
+    with pytest.raises(ValueError, match="penalty_clip"):
+        RewardConfig(compression={"penalty_clip": -1.0})
+
+
 @pytest.mark.parametrize("projected", [True, False])
 def test_one_policy_pass_equals_separate_j_penalty_and_logp_passes(model, tokenizer, projected):
     """episode_pass takes J, ‖g_k‖² and log π(z_t) from ONE packed forward (and a truncated backward);

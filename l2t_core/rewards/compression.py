@@ -382,6 +382,33 @@ def normalise_penalties(
     return penalties / scale if scale > 0 else torch.zeros_like(penalties)
 
 
+def clip_penalties(
+    penalties_hat: torch.Tensor, response_of: torch.Tensor, group_of_response: torch.Tensor, clip: float
+) -> torch.Tensor:
+    """P̂_k ← min(P̂_k, c · mean of P̂ over all episodes of the response's group) (this project's
+    ``penalty_clip`` option, METHOD.md §10 "clipping the penalty per group"; not the paper's).
+
+    ``penalties_hat`` [E] are the normalised episode penalties, ``response_of`` [E] the response of
+    each episode, ``group_of_response`` [N] the group of each response. The clip is monotone (the
+    order of episodes within a group is kept, ties aside) and leaves a group whose penalties are all
+    zero at zero. Groups never straddle ranks, so no cross-rank reduction is needed.
+    """
+    if not clip > 0:
+        raise ValueError(f"penalty_clip must be > 0 (a multiple of the group's mean episode penalty), got {clip}")
+    if penalties_hat.numel() == 0:
+        return penalties_hat
+    if response_of.numel() != penalties_hat.numel():
+        raise ValueError(f"clip_penalties: {penalties_hat.numel()} penalties but {response_of.numel()} response ids")
+    _, inv = torch.unique(group_of_response, return_inverse=True)
+    group_of_ep = inv[response_of]
+    n_groups = int(inv.max()) + 1
+    count = torch.zeros(n_groups, dtype=penalties_hat.dtype).index_add_(0, group_of_ep, torch.ones_like(penalties_hat))
+    mean = torch.zeros(n_groups, dtype=penalties_hat.dtype).index_add_(0, group_of_ep, penalties_hat) / count.clamp(min=1)
+    if not torch.isfinite(mean).all():
+        raise FloatingPointError("clip_penalties: a group's mean episode penalty is not finite")
+    return torch.minimum(penalties_hat, clip * mean[group_of_ep])
+
+
 # ----------------------------------------------------------------------------- exact reference
 def exact_episode_penalties(
     model,

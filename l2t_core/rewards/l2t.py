@@ -359,6 +359,8 @@ def compute_rewards(
     resp_of = torch.repeat_interleave(torch.arange(len(rollouts)), torch.tensor(k_per))
     hat = (comp.normalise_penalties(flat, resp_of, len(rollouts), c.penalty_norm, all_sum, group_of_response=groups)
            if needs_penalty else flat)
+    if needs_penalty and c.penalty_clip is not None:
+        hat = comp.clip_penalties(hat, resp_of, groups, c.penalty_clip)
     hat_split = torch.split(hat, k_per)
 
     # credit (§4) and advantages
