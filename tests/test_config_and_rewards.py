@@ -280,7 +280,7 @@ def test_fast_offsets_equal_prefix_decoding_on_random_token_sequences(tokenizer)
     sequences (random tokens, multi-byte characters split across byte-level tokens included)."""
     import random
 
-    from l2t_core.rewards.l2t import prefix_decode_offsets
+    from l2t_core.rewards.l2t import prefix_decode_offsets, span_decode_offsets
 
     rng = random.Random(0)
     special = set(tokenizer.all_special_ids)
@@ -288,9 +288,21 @@ def test_fast_offsets_equal_prefix_decoding_on_random_token_sequences(tokenizer)
     texts = ["é ü 你好 → ∑", "<episode_1>3 + 4</episode_1>"]
     seqs = [[rng.choice(vocab) for _ in range(rng.randint(1, 40))] for _ in range(30)]
     seqs += [tokenizer(t, add_special_tokens=False)["input_ids"][::-1] for t in texts]  # reversed: non-canonical
+    split = 0
     for ids in seqs:
         text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        assert response_offsets(tokenizer, text, ids) == prefix_decode_offsets(tokenizer, text, ids)
+        want = prefix_decode_offsets(tokenizer, text, ids)
+        assert response_offsets(tokenizer, text, ids) == want
+        pieces = [tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids]
+        if "".join(pieces) != text:  # a character split across tokens: the span-by-span path must hold
+            split += 1
+            assert span_decode_offsets(tokenizer, text, ids, pieces) == want
+    assert split >= 5  # the random sequences do exercise it
+    # a decoder that is not concatenative at a span boundary is detected, not trusted
+    ids = seqs[0]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    pieces = [tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids]
+    assert span_decode_offsets(tokenizer, text + "x", ids, pieces) is None
 
 
 def test_batched_prefix_decoding_equals_decoding_each_prefix(tokenizer):

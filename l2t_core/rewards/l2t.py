@@ -83,39 +83,92 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
 
     The tokenizer's offset mapping on the full response is used when re-tokenizing the text gives
     back exactly ``ids`` (METHOD.md §1). Otherwise (sampling can produce a non-canonical token
-    sequence) offsets come from the lengths of the decoded prefixes.
+    sequence) offsets come from the lengths of the decoded prefixes, computed span by span
+    (:func:`span_decode_offsets`) when the decoder concatenates, else by full prefix decoding.
     """
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     if list(enc["input_ids"]) == list(ids):
         return [tuple(o) for o in enc["offset_mapping"]]
     # each token decoded alone: exact when the pieces concatenate to the text (no multi-byte
     # character split across tokens); O(T) instead of the O(T²) prefix decoding below
-    pieces = tokenizer.batch_decode([[int(t)] for t in ids], skip_special_tokens=False,
-                                    clean_up_tokenization_spaces=False)
+    pieces = _decode_many(tokenizer, [[int(t)] for t in ids])
     if "".join(pieces) == text:
         ends = np.cumsum([len(p) for p in pieces]).tolist()
         return [(e - len(p), e) for p, e in zip(pieces, ends)]
-    return prefix_decode_offsets(tokenizer, text, ids)
+    spans = span_decode_offsets(tokenizer, text, ids, pieces)
+    return spans if spans is not None else prefix_decode_offsets(tokenizer, text, ids)
+
+
+def _decode_many(tokenizer, seqs: Sequence[Sequence[int]]) -> list[str]:
+    """``decode`` of each id sequence, special tokens kept and no clean-up. A fast tokenizer decodes
+    them all in one batched call of its Rust backend (the same decoder ``decode`` runs, without the
+    per-call Python conversion); others call ``decode`` per sequence."""
+    seqs = [[int(t) for t in s] for s in seqs]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return list(backend.decode_batch(seqs, skip_special_tokens=False))
+    return [tokenizer.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in seqs]
+
+
+def _offsets_from_prefix_lengths(lengths: Sequence[int], text_len: int) -> list[tuple[int, int]]:
+    """Token t spans [len(decode(ids[:t])), len(decode(ids[:t+1]))), kept monotone and inside the text."""
+    out, prev = [], 0
+    for cur in lengths:
+        cur = min(max(cur, prev), text_len)
+        out.append((prev, cur))
+        prev = cur
+    return out
 
 
 def prefix_decode_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
     """Offsets from the lengths of the decoded prefixes ids[:t+1] (O(T²) characters; the general
-    fallback). A fast tokenizer decodes all prefixes in one batched call of its Rust backend (the
-    same decoder ``decode`` runs, without the per-call Python conversion); others call ``decode``
-    per prefix."""
-    prefixes = [[int(t) for t in ids[: t + 1]] for t in range(len(ids))]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        lengths = [len(s) for s in backend.decode_batch(prefixes, skip_special_tokens=False)]
-    else:
-        lengths = [len(tokenizer.decode(p, skip_special_tokens=False, clean_up_tokenization_spaces=False))
-                   for p in prefixes]
-    out, prev = [], 0
-    for cur in lengths:
-        cur = min(max(cur, prev), len(text))
-        out.append((prev, cur))
-        prev = cur
-    return out
+    fallback, one batched backend call on a fast tokenizer)."""
+    lengths = [len(s) for s in _decode_many(tokenizer, [ids[: t + 1] for t in range(len(ids))])]
+    return _offsets_from_prefix_lengths(lengths, len(text))
+
+
+def span_decode_offsets(tokenizer, text: str, ids: Sequence[int], pieces: Sequence[str]) -> list[tuple[int, int]] | None:
+    """The offsets :func:`prefix_decode_offsets` gives, in O(T + Σ run²) instead of O(T²).
+
+    ``pieces`` are the tokens decoded one by one. A token whose piece holds U+FFFD carries part of
+    a character split across tokens (a byte-level token); each maximal run of such tokens is
+    decoded as one span, and only the prefixes inside a run are decoded. Every other token is its
+    own span. When the spans' texts concatenate to ``text`` the decoder is concatenative at span
+    boundaries, so each global prefix length is the characters before its span plus the length of
+    the prefix inside it. Returns None when they do not (a decoder that adds or strips characters
+    between tokens), and the caller falls back to full prefix decoding.
+    """
+    n = len(ids)
+    bad = ["\ufffd" in p for p in pieces]
+    runs, i = [], 0
+    while i < n:
+        j = i + 1
+        if bad[i]:
+            while j < n and bad[j]:
+                j += 1
+            runs.append((i, j))
+        i = j
+    requests = [ids[a : t + 1] for a, b in runs for t in range(a, b)]
+    decoded = iter(_decode_many(tokenizer, requests))
+    run_at = {a: b for a, b in runs}
+    lengths: list[int] = []
+    parts: list[str] = []
+    pos, i = 0, 0
+    while i < n:
+        if i in run_at:
+            prefixes = [next(decoded) for _ in range(i, run_at[i])]
+            lengths += [pos + len(p) for p in prefixes]
+            parts.append(prefixes[-1])
+            pos += len(prefixes[-1])
+            i = run_at[i]
+        else:
+            pos += len(pieces[i])
+            lengths.append(pos)
+            parts.append(pieces[i])
+            i += 1
+    if "".join(parts) != text:
+        return None
+    return _offsets_from_prefix_lengths(lengths, len(text))
 
 
 @dataclass
