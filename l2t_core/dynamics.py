@@ -12,6 +12,11 @@ what decides whether a longer run would help:
   groups where both vary. It says whether a method's score pays for brevity at all: the length
   penalty gives −1 by construction, outcome-only GRPO has no such group (every correct response
   scores 1), and L2T's process reward lies in between (METHOD.md §4, §10);
+* ``gain_length_spearman`` and ``penalty_length_spearman``: the same within-group correlation for
+  the two process parts of an L2T response, Σ_k G_k and Σ_k P̂_k (from the episode table). They
+  say where a score's length signal comes from: Σ_k G_k telescopes to J at the end minus J at the
+  start (METHOD.md §2), so it need not grow with length, and P_k ∝ ‖g_k‖⁴ sums to a few outlier
+  episodes' share; what is left is the token mean of the paper's score (1/T);
 * ``curve``: rollout tokens and accuracy per step, for the plot.
 """
 
@@ -26,7 +31,7 @@ from .checkpoint import RunStorage
 from .metrics import read_table
 
 SCALARS = ("rollout_tokens_first", "rollout_tokens_last", "rollout_accuracy_first", "rollout_accuracy_last",
-           "reward_over_rollout", "score_length_spearman")
+           "reward_over_rollout", "score_length_spearman", "gain_length_spearman", "penalty_length_spearman")
 
 
 def mean_std(xs: list[float]) -> dict:
@@ -36,21 +41,38 @@ def mean_std(xs: list[float]) -> dict:
     return {"mean": m, "std": sd}
 
 
-def score_length_spearman(rollouts: pd.DataFrame) -> tuple[float | None, int]:
-    """Mean over (step, group) of Spearman(score, num_tokens) among the group's correct responses,
-    over the groups with at least three correct responses whose scores and lengths both vary.
+def within_group_spearman(rollouts: pd.DataFrame, column: str = "score",
+                          against: str = "num_tokens") -> tuple[float | None, int]:
+    """Mean over (step, group) of Spearman(``column``, ``against``) among the group's correct
+    responses, over the groups with at least three correct responses where both vary.
     Returns (mean or None when no group qualifies, number of groups used)."""
-    if rollouts.empty:
+    if rollouts.empty or column not in rollouts:
         return None, 0
     correct = rollouts[rollouts["outcome"] == 1.0]
     rhos = []
     for _, g in correct.groupby(["step", "group"], sort=False):
-        if len(g) < 3 or g["score"].nunique() < 2 or g["num_tokens"].nunique() < 2:
+        if len(g) < 3 or g[column].nunique() < 2 or g[against].nunique() < 2:
             continue
-        rho = g["score"].rank().corr(g["num_tokens"].rank())  # Pearson of ranks = Spearman (average ties)
+        rho = g[column].rank().corr(g[against].rank())  # Pearson of ranks = Spearman (average ties)
         if not math.isnan(rho):
             rhos.append(float(rho))
     return (sum(rhos) / len(rhos) if rhos else None), len(rhos)
+
+
+def score_length_spearman(rollouts: pd.DataFrame) -> tuple[float | None, int]:
+    """:func:`within_group_spearman` of the response score against the response length."""
+    return within_group_spearman(rollouts, "score")
+
+
+def with_episode_sums(rollouts: pd.DataFrame, episodes: pd.DataFrame) -> pd.DataFrame:
+    """``rollouts`` with ``gain_sum`` (Σ_k G_k) and ``penalty_hat_sum`` (Σ_k P̂_k) of each response
+    from the episode table (NaN for a response without episodes)."""
+    if rollouts.empty or episodes.empty:
+        return rollouts
+    keys = [k for k in ("run_id", "step", "rank", "rollout") if k in rollouts and k in episodes]
+    sums = (episodes.groupby(keys, sort=False)
+            .agg(gain_sum=("fitting_gain", "sum"), penalty_hat_sum=("penalty_hat", "sum")).reset_index())
+    return rollouts.merge(sums, on=keys, how="left")
 
 
 def run_dynamics(run_dir: str | Path, window: int = 5) -> dict:
@@ -64,7 +86,8 @@ def run_dynamics(run_dir: str | Path, window: int = 5) -> dict:
     steps = steps.sort_values("step").drop_duplicates("step", keep="last")
     first, last = steps.head(window), steps.tail(window)
     rollout_s = float(steps["rollout_time_s"].sum())
-    rho, groups = score_length_spearman(read_table(storage, "rollouts"))
+    rollouts = with_episode_sums(read_table(storage, "rollouts"), read_table(storage, "episode_rewards"))
+    rho, groups = score_length_spearman(rollouts)
     return {
         "steps": int(len(steps)),
         "window": window,
@@ -75,6 +98,8 @@ def run_dynamics(run_dir: str | Path, window: int = 5) -> dict:
         "reward_over_rollout": float(steps["reward_time_s"].sum()) / rollout_s if rollout_s > 0 else None,
         "score_length_spearman": rho,
         "spearman_groups": groups,
+        "gain_length_spearman": within_group_spearman(rollouts, "gain_sum")[0],
+        "penalty_length_spearman": within_group_spearman(rollouts, "penalty_hat_sum")[0],
         "curve": {"step": [int(s) for s in steps["step"]],
                   "mean_tokens": [float(x) for x in steps["mean_tokens"]],
                   "accuracy": [float(x) for x in steps["accuracy"]]},
@@ -106,11 +131,12 @@ def dynamics_table(methods: dict[str, dict]) -> str:
         return "–" if d is None else format(d["mean"], fmt)
 
     rows = ["| method | rollout tokens first → last | rollout accuracy first → last | reward ÷ rollout time "
-            "| Spearman(score, length \\| correct) |", "|---|---|---|---|---|"]
+            "| Spearman(score, length \\| correct) | … of Σ G_k | … of Σ P̂_k |", "|---|---|---|---|---|---|---|"]
     for name, d in methods.items():
         rows.append(f"| {name} | {f(d['rollout_tokens_first'], '.1f')} → {f(d['rollout_tokens_last'], '.1f')} | "
                     f"{f(d['rollout_accuracy_first'], '.3f')} → {f(d['rollout_accuracy_last'], '.3f')} | "
-                    f"{f(d['reward_over_rollout'], '.2f')} | {f(d['score_length_spearman'], '+.2f')} |")
+                    f"{f(d['reward_over_rollout'], '.2f')} | {f(d['score_length_spearman'], '+.2f')} | "
+                    f"{f(d.get('gain_length_spearman'), '+.2f')} | {f(d.get('penalty_length_spearman'), '+.2f')} |")
     return "\n".join(rows)
 
 

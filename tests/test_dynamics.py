@@ -79,8 +79,38 @@ def test_run_dynamics_reads_the_metrics_tables_of_a_run(tmp_path):
     assert agg["rollout_tokens_last"] == {"mean": pytest.approx(90.0), "std": pytest.approx(2 ** 0.5), "n": 2}
     assert agg["score_length_spearman"]["n"] == 1 and agg["seeds"] == 2 and agg["window"] == 3
     assert agg["curve"]["mean_tokens"] == d["curve"]["mean_tokens"]
+    assert d["gain_length_spearman"] is None and d["penalty_length_spearman"] is None  # no episode table
     table = dynamics_table({"l2t": agg, "grpo": {**agg, "score_length_spearman": None}})
-    assert "| l2t | 98.0 → 90.0 | 0.520 → 0.610 | 0.12 | -0.33 |" in table and table.endswith("| – |")
+    assert "| l2t | 98.0 → 90.0 | 0.520 → 0.610 | 0.12 | -0.33 | – | – |" in table and table.endswith("| – | – | – |")
+
+
+def test_score_parts_against_length_from_the_episode_table(tmp_path):
+    """Σ_k G_k and Σ_k P̂_k per response are summed from the episode rows (matched on step, rank and
+    rollout, so two ranks' rollout 0 stay apart) and ranked against length within groups."""
+    storage = RunStorage(str(tmp_path / "run"))
+    w = MetricsWriter(storage)
+    w.add("train_steps", [{"step": 1, "mean_tokens": 50.0, "accuracy": 1.0, "rollout_time_s": 1.0,
+                           "reward_time_s": 0.5}])
+    rng = random.Random(3)
+    rollouts, episodes, want_g, want_p = [], [], [], []
+    for rank in (0, 1):
+        lengths = rng.sample(range(10, 90), 5)
+        gains = [[rng.uniform(-1, 1) for _ in range(rng.randint(1, 4))] for _ in lengths]
+        pens = [[rng.uniform(0, 2) for _ in g] for g in gains]
+        for i, (n, g, p) in enumerate(zip(lengths, gains, pens)):
+            rollouts.append({"step": 1, "rank": rank, "rollout": i, "group": rank, "score": 0.0,
+                             "num_tokens": n, "outcome": 1.0})
+            episodes += [{"step": 1, "rank": rank, "rollout": i, "episode": k + 1, "fitting_gain": gk,
+                          "penalty_hat": pk} for k, (gk, pk) in enumerate(zip(g, p))]
+        want_g.append(_brute_spearman([sum(g) for g in gains], lengths))
+        want_p.append(_brute_spearman([sum(p) for p in pens], lengths))
+    w.add("rollouts", rollouts)
+    w.add("episode_rewards", episodes)
+    w.flush(1, 1)
+    d = run_dynamics(tmp_path / "run", window=1)
+    assert d["gain_length_spearman"] == pytest.approx(sum(want_g) / 2)
+    assert d["penalty_length_spearman"] == pytest.approx(sum(want_p) / 2)
+    assert d["score_length_spearman"] is None  # every score equal: no group qualifies
 
 
 def test_run_dynamics_refuses_a_directory_without_metrics(tmp_path):
