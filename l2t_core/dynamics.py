@@ -16,7 +16,10 @@ what decides whether a longer run would help:
   the two process parts of an L2T response, Σ_k G_k and Σ_k P̂_k (from the episode table). They
   say where a score's length signal comes from: Σ_k G_k telescopes to J at the end minus J at the
   start (METHOD.md §2), so it need not grow with length, and P_k ∝ ‖g_k‖⁴ sums to a few outlier
-  episodes' share; what is left is the token mean of the paper's score (1/T);
+  episodes' share; what is left is the token mean of the paper's score (1/T).
+  ``penalty_length_spearman_early`` is the penalty's over the first quarter of the steps: on a
+  base that over-thinks, short responses are the surprising ones, so it starts negative (the
+  penalty pays for length) and says whether training released that brake;
 * ``curve``: rollout tokens and accuracy per step, for the plot.
 """
 
@@ -31,7 +34,7 @@ from .checkpoint import RunStorage
 from .metrics import read_table
 
 SCALARS = ("rollout_tokens_first", "rollout_tokens_last", "rollout_accuracy_first", "rollout_accuracy_last",
-           "reward_over_rollout", "score_length_spearman", "gain_length_spearman", "penalty_length_spearman")
+           "reward_over_rollout", "score_length_spearman", "gain_length_spearman", "penalty_length_spearman", "penalty_length_spearman_early")
 
 
 def mean_std(xs: list[float]) -> dict:
@@ -100,6 +103,9 @@ def run_dynamics(run_dir: str | Path, window: int = 5) -> dict:
         "spearman_groups": groups,
         "gain_length_spearman": within_group_spearman(rollouts, "gain_sum")[0],
         "penalty_length_spearman": within_group_spearman(rollouts, "penalty_hat_sum")[0],
+        "penalty_length_spearman_early": within_group_spearman(
+            rollouts[rollouts["step"] <= steps["step"].iloc[max(len(steps) // 4, 1) - 1]]
+            if not rollouts.empty else rollouts, "penalty_hat_sum")[0],
         "curve": {"step": [int(s) for s in steps["step"]],
                   "mean_tokens": [float(x) for x in steps["mean_tokens"]],
                   "accuracy": [float(x) for x in steps["accuracy"]]},
@@ -131,12 +137,14 @@ def dynamics_table(methods: dict[str, dict]) -> str:
         return "–" if d is None else format(d["mean"], fmt)
 
     rows = ["| method | rollout tokens first → last | rollout accuracy first → last | reward ÷ rollout time "
-            "| Spearman(score, length \\| correct) | … of Σ G_k | … of Σ P̂_k |", "|---|---|---|---|---|---|---|"]
+            "| Spearman(score, length \\| correct) | … of Σ G_k | … of Σ P̂_k (first ¼ of steps; all) |",
+            "|---|---|---|---|---|---|---|"]
     for name, d in methods.items():
         rows.append(f"| {name} | {f(d['rollout_tokens_first'], '.1f')} → {f(d['rollout_tokens_last'], '.1f')} | "
                     f"{f(d['rollout_accuracy_first'], '.3f')} → {f(d['rollout_accuracy_last'], '.3f')} | "
                     f"{f(d['reward_over_rollout'], '.2f')} | {f(d['score_length_spearman'], '+.2f')} | "
-                    f"{f(d.get('gain_length_spearman'), '+.2f')} | {f(d.get('penalty_length_spearman'), '+.2f')} |")
+                    f"{f(d.get('gain_length_spearman'), '+.2f')} | "
+                    f"{f(d.get('penalty_length_spearman_early'), '+.2f')}; {f(d.get('penalty_length_spearman'), '+.2f')} |")
     return "\n".join(rows)
 
 

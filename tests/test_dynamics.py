@@ -81,16 +81,17 @@ def test_run_dynamics_reads_the_metrics_tables_of_a_run(tmp_path):
     assert agg["curve"]["mean_tokens"] == d["curve"]["mean_tokens"]
     assert d["gain_length_spearman"] is None and d["penalty_length_spearman"] is None  # no episode table
     table = dynamics_table({"l2t": agg, "grpo": {**agg, "score_length_spearman": None}})
-    assert "| l2t | 98.0 → 90.0 | 0.520 → 0.610 | 0.12 | -0.33 | – | – |" in table and table.endswith("| – | – | – |")
+    assert "| l2t | 98.0 → 90.0 | 0.520 → 0.610 | 0.12 | -0.33 | – | –; – |" in table and table.endswith("| – | – | –; – |")
 
 
 def test_score_parts_against_length_from_the_episode_table(tmp_path):
     """Σ_k G_k and Σ_k P̂_k per response are summed from the episode rows (matched on step, rank and
-    rollout, so two ranks' rollout 0 stay apart) and ranked against length within groups."""
+    rollout, so two ranks' rollout 0 stay apart) and ranked against length within groups; the early
+    penalty correlation reads the first quarter of the steps only."""
     storage = RunStorage(str(tmp_path / "run"))
     w = MetricsWriter(storage)
-    w.add("train_steps", [{"step": 1, "mean_tokens": 50.0, "accuracy": 1.0, "rollout_time_s": 1.0,
-                           "reward_time_s": 0.5}])
+    w.add("train_steps", [{"step": s, "mean_tokens": 50.0, "accuracy": 1.0, "rollout_time_s": 1.0,
+                           "reward_time_s": 0.5} for s in range(1, 5)])
     rng = random.Random(3)
     rollouts, episodes, want_g, want_p = [], [], [], []
     for rank in (0, 1):
@@ -98,16 +99,17 @@ def test_score_parts_against_length_from_the_episode_table(tmp_path):
         gains = [[rng.uniform(-1, 1) for _ in range(rng.randint(1, 4))] for _ in lengths]
         pens = [[rng.uniform(0, 2) for _ in g] for g in gains]
         for i, (n, g, p) in enumerate(zip(lengths, gains, pens)):
-            rollouts.append({"step": 1, "rank": rank, "rollout": i, "group": rank, "score": 0.0,
+            rollouts.append({"step": 1 + 3 * rank, "rank": rank, "rollout": i, "group": rank, "score": 0.0,
                              "num_tokens": n, "outcome": 1.0})
-            episodes += [{"step": 1, "rank": rank, "rollout": i, "episode": k + 1, "fitting_gain": gk,
+            episodes += [{"step": 1 + 3 * rank, "rank": rank, "rollout": i, "episode": k + 1, "fitting_gain": gk,
                           "penalty_hat": pk} for k, (gk, pk) in enumerate(zip(g, p))]
         want_g.append(_brute_spearman([sum(g) for g in gains], lengths))
         want_p.append(_brute_spearman([sum(p) for p in pens], lengths))
     w.add("rollouts", rollouts)
     w.add("episode_rewards", episodes)
-    w.flush(1, 1)
+    w.flush(1, 4)
     d = run_dynamics(tmp_path / "run", window=1)
+    assert d["penalty_length_spearman_early"] == pytest.approx(want_p[0])  # step 1 of 4: rank 0's group only
     assert d["gain_length_spearman"] == pytest.approx(sum(want_g) / 2)
     assert d["penalty_length_spearman"] == pytest.approx(sum(want_p) / 2)
     assert d["score_length_spearman"] is None  # every score equal: no group qualifies
