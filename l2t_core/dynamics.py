@@ -34,7 +34,8 @@ from .checkpoint import RunStorage
 from .metrics import read_table
 
 SCALARS = ("rollout_tokens_first", "rollout_tokens_last", "rollout_accuracy_first", "rollout_accuracy_last",
-           "reward_over_rollout", "score_length_spearman", "gain_length_spearman", "penalty_length_spearman", "penalty_length_spearman_early")
+           "reward_over_rollout", "score_length_spearman", "gain_length_spearman", "penalty_length_spearman",
+           "penalty_length_spearman_early")
 
 
 def mean_std(xs: list[float]) -> dict:
@@ -91,6 +92,8 @@ def run_dynamics(run_dir: str | Path, window: int = 5) -> dict:
     rollout_s = float(steps["rollout_time_s"].sum())
     rollouts = with_episode_sums(read_table(storage, "rollouts"), read_table(storage, "episode_rewards"))
     rho, groups = score_length_spearman(rollouts)
+    early_end = int(steps["step"].iloc[max(len(steps) // 4, 1) - 1])  # the last step of the first quarter
+    early = rollouts[rollouts["step"] <= early_end] if not rollouts.empty else rollouts
     return {
         "steps": int(len(steps)),
         "window": window,
@@ -103,9 +106,7 @@ def run_dynamics(run_dir: str | Path, window: int = 5) -> dict:
         "spearman_groups": groups,
         "gain_length_spearman": within_group_spearman(rollouts, "gain_sum")[0],
         "penalty_length_spearman": within_group_spearman(rollouts, "penalty_hat_sum")[0],
-        "penalty_length_spearman_early": within_group_spearman(
-            rollouts[rollouts["step"] <= steps["step"].iloc[max(len(steps) // 4, 1) - 1]]
-            if not rollouts.empty else rollouts, "penalty_hat_sum")[0],
+        "penalty_length_spearman_early": within_group_spearman(early, "penalty_hat_sum")[0],
         "curve": {"step": [int(s) for s in steps["step"]],
                   "mean_tokens": [float(x) for x in steps["mean_tokens"]],
                   "accuracy": [float(x) for x in steps["accuracy"]]},

@@ -338,6 +338,14 @@ def penalty(sqnorm: torch.Tensor, adapt_lr: float = 1.0, damping: float = 1e-5) 
     return (adapt_lr**2) * (sq * sq + damping * sq)
 
 
+def _group_means(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """For each element, the mean of ``values`` over the elements with the same group id."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inv.max()) + 1
+    count = torch.zeros(n_groups, dtype=values.dtype).index_add_(0, inv, torch.ones_like(values))
+    return (torch.zeros(n_groups, dtype=values.dtype).index_add_(0, inv, values) / count)[inv]
+
+
 def normalise_penalties(
     penalties: torch.Tensor, response_of: torch.Tensor, num_responses: int, mode: str = "batch_response_mean",
     all_sum: Callable[[list[float]], list[float]] | None = None, group_of_response: torch.Tensor | None = None,
@@ -365,10 +373,7 @@ def normalise_penalties(
         if group_of_response is None or group_of_response.numel() != num_responses:
             raise ValueError("penalty_norm='group_response_mean' needs the group id of each of the "
                              f"{num_responses} responses")
-        _, inv = torch.unique(group_of_response, return_inverse=True)
-        n_groups = int(inv.max()) + 1
-        count = torch.zeros(n_groups, dtype=penalties.dtype).index_add_(0, inv, torch.ones_like(totals))
-        scale = (torch.zeros(n_groups, dtype=penalties.dtype).index_add_(0, inv, totals) / count)[inv]
+        scale = _group_means(totals, group_of_response)
         if not torch.isfinite(scale).all():
             raise FloatingPointError("normalise_penalties: a group's penalty total is not finite")
         per_ep = scale[response_of]
@@ -399,14 +404,10 @@ def clip_penalties(
         return penalties_hat
     if response_of.numel() != penalties_hat.numel():
         raise ValueError(f"clip_penalties: {penalties_hat.numel()} penalties but {response_of.numel()} response ids")
-    _, inv = torch.unique(group_of_response, return_inverse=True)
-    group_of_ep = inv[response_of]
-    n_groups = int(inv.max()) + 1
-    count = torch.zeros(n_groups, dtype=penalties_hat.dtype).index_add_(0, group_of_ep, torch.ones_like(penalties_hat))
-    mean = torch.zeros(n_groups, dtype=penalties_hat.dtype).index_add_(0, group_of_ep, penalties_hat) / count.clamp(min=1)
+    mean = _group_means(penalties_hat, group_of_response[response_of])
     if not torch.isfinite(mean).all():
         raise FloatingPointError("clip_penalties: a group's mean episode penalty is not finite")
-    return torch.minimum(penalties_hat, clip * mean[group_of_ep])
+    return torch.minimum(penalties_hat, clip * mean)
 
 
 # ----------------------------------------------------------------------------- exact reference

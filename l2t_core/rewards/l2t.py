@@ -140,32 +140,23 @@ def span_decode_offsets(tokenizer, text: str, ids: Sequence[int], pieces: Sequen
     """
     n = len(ids)
     bad = ["\ufffd" in p for p in pieces]
-    runs, i = [], 0
+    spans, i = [], 0  # (start, end) token ranges: a run of split tokens, or one clean token
     while i < n:
         j = i + 1
-        if bad[i]:
-            while j < n and bad[j]:
-                j += 1
-            runs.append((i, j))
+        while bad[i] and j < n and bad[j]:
+            j += 1
+        spans.append((i, j))
         i = j
-    requests = [ids[a : t + 1] for a, b in runs for t in range(a, b)]
-    decoded = iter(_decode_many(tokenizer, requests))
-    run_at = {a: b for a, b in runs}
+    runs = [(a, b) for a, b in spans if bad[a]]
+    decoded = iter(_decode_many(tokenizer, [ids[a : t + 1] for a, b in runs for t in range(a, b)]))
     lengths: list[int] = []
     parts: list[str] = []
-    pos, i = 0, 0
-    while i < n:
-        if i in run_at:
-            prefixes = [next(decoded) for _ in range(i, run_at[i])]
-            lengths += [pos + len(p) for p in prefixes]
-            parts.append(prefixes[-1])
-            pos += len(prefixes[-1])
-            i = run_at[i]
-        else:
-            pos += len(pieces[i])
-            lengths.append(pos)
-            parts.append(pieces[i])
-            i += 1
+    pos = 0
+    for a, b in spans:
+        prefixes = [next(decoded) for _ in range(a, b)] if bad[a] else [pieces[a]]
+        lengths += [pos + len(p) for p in prefixes]
+        parts.append(prefixes[-1])
+        pos += len(prefixes[-1])
     if "".join(parts) != text:
         return None
     return _offsets_from_prefix_lengths(lengths, len(text))
