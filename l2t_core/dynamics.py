@@ -32,17 +32,11 @@ import pandas as pd
 
 from .checkpoint import RunStorage
 from .metrics import read_table
+from .stats import mean_std
 
 SCALARS = ("rollout_tokens_first", "rollout_tokens_last", "rollout_accuracy_first", "rollout_accuracy_last",
            "reward_over_rollout", "score_length_spearman", "gain_length_spearman", "penalty_length_spearman",
            "penalty_length_spearman_early")
-
-
-def mean_std(xs: list[float]) -> dict:
-    """Mean and sample standard deviation (n − 1; 0 for one value) over seeds."""
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return {"mean": m, "std": sd}
 
 
 def within_group_spearman(rollouts: pd.DataFrame, column: str = "score",

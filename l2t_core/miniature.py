@@ -8,6 +8,8 @@ held-out split per difficulty level. Writes into ``--out``:
   both per difficulty level, per-seed values, the headline ratios against GRPO, and ``behaviour``,
   the episode census of the greedy responses (redundant share, checks per hard and easy step,
   restatements kept and wrong; :func:`~l2t_core.warmstart.evaluate`);
+* ``hardest_level``: accuracy on the hardest level per seed, and every method's difference from the
+  length penalty and GRPO with Welch's 95 % interval over seeds (issue 3's second target);
 * ``miniature.md``: the same as a table;
 * ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level;
 * ``training.png`` and ``methods[name]["training"]``: rollout tokens and accuracy per training step,
@@ -39,7 +41,8 @@ from typing import Any
 from pydantic import Field
 
 from .config import METHOD_NAMES, TrainConfig, _Strict, config_differences
-from .dynamics import SCALARS, aggregate_dynamics, dynamics_table, mean_std, plot_dynamics, run_dynamics
+from .dynamics import SCALARS, aggregate_dynamics, dynamics_table, plot_dynamics, run_dynamics
+from .stats import mean_std, welch_difference
 from .warmstart import WarmStartConfig
 
 log = logging.getLogger("l2t.miniature")
@@ -194,7 +197,9 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
                     "mean_tokens": mean_std([r["per_level"][lv]["mean_tokens"] for r in runs]),
                 } for lv in levels
             },
-            "seeds": [{k: r[k] for k in ("seed", "accuracy", "mean_tokens", "train_seconds")} for r in runs],
+            "seeds": [{**{k: r[k] for k in ("seed", "accuracy", "mean_tokens", "train_seconds")},
+                       "per_level_accuracy": {lv: r["per_level"][lv]["accuracy"] for lv in r["per_level"]}}
+                      for r in runs],
         }
         kept = [k for k in BEHAVIOUR if all(k in r for r in runs)]
         if kept:  # what the greedy responses keep and drop (warmstart.evaluate's episode census)
@@ -213,6 +218,32 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
                            **{name: m["mean_tokens"]["mean"] / floor["mean_tokens"] for name, m in ms.items()}}
         if "grpo" in ms:  # the lowest tokens ÷ GRPO a method can reach while doing all the useful work
             out["floor_over_grpo"] = floor["mean_tokens"] / max(ms["grpo"]["mean_tokens"]["mean"], 1e-9)
+    hardest = hardest_level(out)
+    if hardest is not None:
+        out["hardest_level"] = hardest
+    return out
+
+
+def hardest_level(report: dict, references: tuple[str, ...] = ("length_penalty", "grpo")) -> dict | None:
+    """Issue 3's second target as numbers: accuracy on the hardest level every method was evaluated
+    on, per seed, and each method's difference of means from each reference method present (and
+    from the SFT base's single value) with Welch's 95 % interval over seeds
+    (:func:`~l2t_core.stats.welch_difference`). None when no level is shared by every method."""
+    ms = report["methods"]
+    shared = set.intersection(*(set(m["per_level"]) for m in ms.values())) if ms else set()
+    if not shared:
+        return None
+    level = max(shared, key=int)
+    values = {name: [s["per_level_accuracy"][level] for s in m["seeds"]] for name, m in ms.items()}
+    base = report["base"]["per_level"].get(level, {}).get("accuracy")
+    out: dict[str, Any] = {
+        "level": level, "base": base,
+        "methods": {name: {"values": v, **mean_std(v),
+                           "vs_base": None if base is None else sum(v) / len(v) - base}
+                    for name, v in values.items()},
+        "vs": {ref: {name: welch_difference(v, values[ref]) for name, v in values.items() if name != ref}
+               for ref in references if ref in values},
+    }
     return out
 
 
@@ -251,8 +282,8 @@ def markdown_table(report: dict) -> str:
         rows.append(
             f"| {name} | {m['accuracy']['mean']:.3f} ± {m['accuracy']['std']:.3f} | "
             f"{m['mean_tokens']['mean']:.1f} ± {m['mean_tokens']['std']:.1f} | "
-            + " | ".join(f"{pl[lv]['accuracy']['mean']:.2f}" for lv in levels) + " | "
-            + " | ".join(f"{pl[lv]['mean_tokens']['mean']:.1f}" for lv in levels) + " |"
+            + " | ".join(f"{pl[lv]['accuracy']['mean']:.2f}" if lv in pl else "–" for lv in levels) + " | "
+            + " | ".join(f"{pl[lv]['mean_tokens']['mean']:.1f}" if lv in pl else "–" for lv in levels) + " |"
         )
     if "vs_grpo" in report:
         rows.append("")
@@ -278,6 +309,8 @@ def markdown_table(report: dict) -> str:
             if "behaviour" in m:
                 rows.append(f"| {name} | " + " | ".join(
                     f"{m['behaviour'][k]['mean']:.2f}" if k in m["behaviour"] else "–" for k in BEHAVIOUR) + " |")
+    if "hardest_level" in report:
+        rows += ["", hardest_level_table(report["hardest_level"])]
     training = {k: m["training"] for k, m in ms.items() if "training" in m}
     if training:
         rows += ["", "Training dynamics (sampled rollouts at the training temperature; first and last "
@@ -293,6 +326,29 @@ def markdown_table(report: dict) -> str:
                  "out; cells: the (group, outcome) cells that have both).", "",
                  credit_table(c)]
     return "\n".join(rows) + "\n"
+
+
+def hardest_level_table(h: dict) -> str:
+    """The hardest level's accuracy per seed and each method against the references (Welch 95 %)."""
+    refs = list(h["vs"])
+
+    def cell(d: dict | None) -> str:
+        if d is None:
+            return "–"
+        if d["low"] is None:
+            return f"{d['delta']:+.3f} (no interval)"
+        return f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p']:.2f}"
+
+    rows = [f"Hardest level (L{h['level']}): greedy accuracy per seed, mean ± std, and the difference of means "
+            "from " + " and ".join(refs) + " with Welch's 95 % interval over seeds"
+            + (f" (SFT base: {h['base']:.2f})" if h["base"] is not None else "") + ":", "",
+            "| method | per seed | mean ± std | − SFT base | " + " | ".join(f"− {r}" for r in refs) + " |",
+            "|---|---|---|---|" + "---|" * len(refs)]
+    for name, m in h["methods"].items():
+        vs_base = "–" if m["vs_base"] is None else f"{m['vs_base']:+.3f}"
+        rows.append(f"| {name} | {', '.join(f'{v:.2f}' for v in m['values'])} | {m['mean']:.3f} ± {m['std']:.3f} | "
+                    f"{vs_base} | " + " | ".join(cell(h["vs"][r].get(name)) for r in refs) + " |")
+    return "\n".join(rows)
 
 
 def plot(report: dict, out: Path) -> list[Path]:

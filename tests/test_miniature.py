@@ -8,6 +8,7 @@ import json
 import pytest
 
 from l2t_core.miniature import BEHAVIOUR, MiniatureConfig, aggregate, markdown_table, run_miniature
+from l2t_core.stats import mean_std, welch_difference
 
 TINY = {
     "methods": ["grpo", "l2t"],
@@ -104,3 +105,36 @@ def test_runs_train_on_the_warm_start_task(tmp_path):
         cfg = MiniatureConfig.model_validate({**TINY, "warmstart": {**TINY["warmstart"], "task": task}})
         runs = run_configs(tmp_path, cfg, str(tmp_path / "sft"))
         assert runs and all(t.data.source == task for _, _, t in runs)
+
+
+def test_hardest_level_per_seed_and_welch_against_the_references():
+    def ev(seed, acc6, acc1=1.0):
+        return {"seed": seed, "accuracy": (acc1 + acc6) / 2, "mean_tokens": 50.0, "train_seconds": 1.0,
+                "per_level": {"1": {"accuracy": acc1, "mean_tokens": 20.0}, "6": {"accuracy": acc6, "mean_tokens": 80.0}}}
+
+    base = {"accuracy": 0.8, "mean_tokens": 60.0,
+            "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 30.0}, "6": {"accuracy": 0.6, "mean_tokens": 90.0}}}
+    lp, l2t, grpo = [0.42, 0.60, 0.72], [0.62, 0.77, 0.65], [0.65, 0.43, 0.65]
+    rep = aggregate({"grpo": [ev(s, a) for s, a in enumerate(grpo)],
+                     "length_penalty": [ev(s, a) for s, a in enumerate(lp)],
+                     "l2t": [ev(s, a) for s, a in enumerate(l2t)]}, base)
+    h = rep["hardest_level"]
+    assert h["level"] == "6" and h["base"] == 0.6 and h["methods"]["l2t"]["values"] == l2t
+    assert h["methods"]["l2t"]["vs_base"] == pytest.approx(sum(l2t) / 3 - 0.6)
+    assert h["methods"]["length_penalty"]["std"] == pytest.approx(mean_std(lp)["std"])
+    assert set(h["vs"]) == {"length_penalty", "grpo"} and set(h["vs"]["length_penalty"]) == {"grpo", "l2t"}
+    assert h["vs"]["length_penalty"]["l2t"] == welch_difference(l2t, lp)
+    assert rep["methods"]["l2t"]["seeds"][1]["per_level_accuracy"] == {"1": 1.0, "6": 0.77}
+    table = markdown_table(rep)
+    d = h["vs"]["length_penalty"]["l2t"]
+    assert "Hardest level (L6)" in table and "(SFT base: 0.60)" in table
+    assert (f"| l2t | 0.62, 0.77, 0.65 | {sum(l2t) / 3:.3f} ± {mean_std(l2t)['std']:.3f} | {sum(l2t) / 3 - 0.6:+.3f} | "
+            f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p']:.2f} |") in table
+    assert "| length_penalty | 0.42, 0.60, 0.72 |" in table and "| – |" in table  # no difference from itself
+    # one seed each: the difference without an interval; no level every method shares: no section
+    one = aggregate({"grpo": [ev(0, 0.5)], "length_penalty": [ev(0, 0.4)]}, base)
+    assert one["hardest_level"]["vs"]["length_penalty"]["grpo"]["low"] is None
+    assert "+0.100 (no interval)" in markdown_table(one)
+    apart = aggregate({"grpo": [{**ev(0, 0.5), "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 2.0}}}],
+                       "l2t": [{**ev(0, 0.5), "per_level": {"6": {"accuracy": 0.5, "mean_tokens": 2.0}}}]}, base)
+    assert "hardest_level" not in apart and "Hardest level" not in markdown_table(apart)
