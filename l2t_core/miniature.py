@@ -211,6 +211,9 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
             name: {
                 "token_ratio": m["mean_tokens"]["mean"] / max(g["mean_tokens"]["mean"], 1e-9),
                 "accuracy_delta": m["accuracy"]["mean"] - g["accuracy"]["mean"],
+                # the same difference with Welch's 95 % interval over seeds (target 1: "equal or better")
+                "accuracy_welch": welch_difference([r["accuracy"] for r in m["seeds"]],
+                                                   [r["accuracy"] for r in g["seeds"]]),
             } for name, m in ms.items()
         }
     if floor is not None:
@@ -288,11 +291,12 @@ def markdown_table(report: dict) -> str:
     if "vs_grpo" in report:
         rows.append("")
         vf = report.get("vs_floor", {})
-        rows.append("| method | tokens ÷ GRPO | accuracy − GRPO | tokens ÷ necessary |")
-        rows.append("|---|---|---|---|")
+        rows.append("| method | tokens ÷ GRPO | accuracy − GRPO | … Welch 95 % over seeds | tokens ÷ necessary |")
+        rows.append("|---|---|---|---|---|")
         for name, v in report["vs_grpo"].items():
+            w = v.get("accuracy_welch")
             rows.append(f"| {name} | {v['token_ratio']:.2f} | {v['accuracy_delta']:+.3f} | "
-                        f"{f'{vf[name]:.2f}' if name in vf else '–'} |")
+                        f"{_interval(w) if w and name != 'grpo' else '–'} | {f'{vf[name]:.2f}' if name in vf else '–'} |")
         if "floor_over_grpo" in report:
             rows.append("")
             rows.append(f"The necessary trace is {report['floor_over_grpo']:.2f}× GRPO's tokens: the lowest token ratio "
@@ -328,16 +332,17 @@ def markdown_table(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _interval(d: dict) -> str:
+    """A :func:`~l2t_core.stats.welch_difference` interval as ``[low, high] p=…``."""
+    return "(no interval)" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}] p={d['p']:.2f}"
+
+
 def hardest_level_table(h: dict) -> str:
     """The hardest level's accuracy per seed and each method against the references (Welch 95 %)."""
     refs = list(h["vs"])
 
     def cell(d: dict | None) -> str:
-        if d is None:
-            return "–"
-        if d["low"] is None:
-            return f"{d['delta']:+.3f} (no interval)"
-        return f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p']:.2f}"
+        return "–" if d is None else f"{d['delta']:+.3f} {_interval(d)}"
 
     rows = [f"Hardest level (L{h['level']}): greedy accuracy per seed, mean ± std, and the difference of means "
             "from " + " and ".join(refs) + " with Welch's 95 % interval over seeds"
