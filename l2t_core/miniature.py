@@ -212,8 +212,8 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
                 "token_ratio": m["mean_tokens"]["mean"] / max(g["mean_tokens"]["mean"], 1e-9),
                 "accuracy_delta": m["accuracy"]["mean"] - g["accuracy"]["mean"],
                 # the same difference with Welch's 95 % interval over seeds (target 1: "equal or better")
-                "accuracy_welch": welch_difference([r["accuracy"] for r in m["seeds"]],
-                                                   [r["accuracy"] for r in g["seeds"]]),
+                "accuracy_welch": None if name == "grpo" else welch_difference(
+                    [r["accuracy"] for r in m["seeds"]], [r["accuracy"] for r in g["seeds"]]),
             } for name, m in ms.items()
         }
     if floor is not None:
@@ -239,11 +239,12 @@ def hardest_level(report: dict, references: tuple[str, ...] = ("length_penalty",
     level = max(shared, key=int)
     values = {name: [s["per_level_accuracy"][level] for s in m["seeds"]] for name, m in ms.items()}
     base = report["base"]["per_level"].get(level, {}).get("accuracy")
+    methods = {}
+    for name, v in values.items():
+        st = mean_std(v)
+        methods[name] = {"values": v, **st, "vs_base": None if base is None else st["mean"] - base}
     out: dict[str, Any] = {
-        "level": level, "base": base,
-        "methods": {name: {"values": v, **mean_std(v),
-                           "vs_base": None if base is None else sum(v) / len(v) - base}
-                    for name, v in values.items()},
+        "level": level, "base": base, "methods": methods,
         "vs": {ref: {name: welch_difference(v, values[ref]) for name, v in values.items() if name != ref}
                for ref in references if ref in values},
     }
@@ -296,7 +297,7 @@ def markdown_table(report: dict) -> str:
         for name, v in report["vs_grpo"].items():
             w = v.get("accuracy_welch")
             rows.append(f"| {name} | {v['token_ratio']:.2f} | {v['accuracy_delta']:+.3f} | "
-                        f"{_interval(w) if w and name != 'grpo' else '–'} | {f'{vf[name]:.2f}' if name in vf else '–'} |")
+                        f"{_interval(w) if w else '–'} | {f'{vf[name]:.2f}' if name in vf else '–'} |")
         if "floor_over_grpo" in report:
             rows.append("")
             rows.append(f"The necessary trace is {report['floor_over_grpo']:.2f}× GRPO's tokens: the lowest token ratio "

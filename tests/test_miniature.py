@@ -53,6 +53,7 @@ def test_aggregate_mean_std_and_ratios():
     assert "| necessary trace (floor) | – | 25.0 | – | 25.0 |" in table
     w = welch_difference([0.7, 0.7], [0.6, 0.8])
     assert rep["vs_grpo"]["l2t"]["accuracy_welch"] == w and w["low"] < 0 < w["high"]
+    assert rep["vs_grpo"]["grpo"]["accuracy_welch"] is None  # no test of GRPO against itself
     assert f"| l2t | 0.50 | +0.000 | [{w['low']:+.3f}, {w['high']:+.3f}] p={w['p']:.2f} | 1.00 |" in table
     assert "| grpo | 1.00 | +0.000 | – | 2.00 |" in table and "0.50× GRPO's tokens" in table
     assert "behaviour" not in rep["methods"]["l2t"] and "restate_share" not in table
