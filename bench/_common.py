@@ -39,7 +39,8 @@ def problems(n: int) -> list[dict]:
 
 
 def build_workspace(root: str | os.PathLike, *, n_problems: int = 64, hidden: int = 128, layers: int = 4,
-                    vocab: int = 400, seed: int = 0) -> Workspace:
+                    vocab: int = 400, seed: int = 0, intermediate: int | None = None, heads: int = 4,
+                    kv_heads: int = 2) -> Workspace:
     """Write the data file and the tiny model + tokenizer under ``root``."""
     from l2t_core.models import build_tiny_qwen2, build_tokenizer
     from l2t_core.prompts import build_prompt
@@ -53,7 +54,8 @@ def build_workspace(root: str | os.PathLike, *, n_problems: int = 64, hidden: in
         f"<think>\n<episode_1>{r['problem']}</episode_1>\n<episode_2>So the sum is {r['answer']}.</episode_2>\n"
         f"</think>\n\n\\boxed{{{r['answer']}}}" for r in rows]
     tok = build_tokenizer(corpus * 4, vocab_size=vocab)
-    model = build_tiny_qwen2(len(tok), hidden_size=hidden, num_layers=layers, intermediate_size=hidden * 3, seed=seed)
+    model = build_tiny_qwen2(len(tok), hidden_size=hidden, num_layers=layers, intermediate_size=intermediate or hidden * 3,
+                             num_heads=heads, num_kv_heads=kv_heads, seed=seed)
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

@@ -19,20 +19,30 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
+from l2t_core.timing import device_clock
 
-def _timed(fn, repeats: int):
+
+def _timed(fn, repeats: int, device: torch.device):
     fn()  # warm-up
     times, out = [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = device_clock(device)
         out = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(device_clock(device) - t0)
     return statistics.median(times), out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA where available, else the CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(name)
 
 
 def _cuts(g: torch.Generator, total: int, k: int) -> list[int]:
@@ -42,7 +52,8 @@ def _cuts(g: torch.Generator, total: int, k: int) -> list[int]:
 
 
 def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=128, layers=8,
-        intermediate=352, vocab=512, seed=0, repeats=3, exact_repeats=1) -> dict:
+        intermediate=352, vocab=512, seed=0, repeats=3, exact_repeats=1, device: str = "cpu",
+        heads: int = 4, kv_heads: int = 2, svd: str = "exact") -> dict:
     from l2t_core.models import build_tiny_qwen2
     from l2t_core.rewards import compression as comp
     from l2t_core.episodes import TokenEpisodes
@@ -51,7 +62,9 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = build_tiny_qwen2(vocab, hidden_size=hidden, num_layers=layers, intermediate_size=intermediate, seed=seed)
+    dev = resolve_device(device)
+    model = build_tiny_qwen2(vocab, hidden_size=hidden, num_layers=layers, intermediate_size=intermediate,
+                             num_heads=heads, num_kv_heads=kv_heads, seed=seed).to(dev)
     L = prompt_tokens + response_tokens
     ids = torch.randint(0, vocab, (responses, L), generator=g)
     att = torch.ones_like(ids)
@@ -65,12 +78,13 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
         for k in range(episodes):
             tok_ep[i, prompt_tokens + c[k] : prompt_tokens + c[k + 1]] = k
     seg_ids = (tok_ep + torch.arange(responses)[:, None] * episodes)[score]
+    ids, att, score, tok_ep, seg_ids = (t.to(dev) for t in (ids, att, score, tok_ep, seg_ids))
 
     targets = comp.resolve_targets(model, None)
     name = next(iter(targets))
 
     def low_rank():
-        proxy = comp.SVDProxy(rank_frac=0.05)
+        proxy = comp.SVDProxy(rank_frac=0.05, method=svd)
         proxy.refresh(targets, 0)
         sig = comp.per_token_signals(model, ids, att, score, targets)
         gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
@@ -86,14 +100,15 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
                           for i in range(responses)])
 
     print(f"[bench.penalty] low-rank penalty x{repeats}", file=sys.stderr)
-    t_lr, p_lr = _timed(low_rank, repeats)
-    t_full, p_full = _timed(full_layer, repeats)
+    t_lr, p_lr = _timed(low_rank, repeats, dev)
+    t_full, p_full = _timed(full_layer, repeats, dev)
     print(f"[bench.penalty] exact all-parameter penalty x{exact_repeats}", file=sys.stderr)
-    t_ex, p_ex = _timed(exact, exact_repeats)
+    t_ex, p_ex = _timed(exact, exact_repeats, dev)
+    p_ex = p_ex.cpu()
     from scipy.stats import spearmanr
 
     def rho_of(x) -> float:
-        return float(spearmanr(x.numpy(), p_ex.numpy()).statistic)
+        return float(spearmanr(x.cpu().numpy(), p_ex.numpy()).statistic)
 
     sig = comp.per_token_signals(model, ids, att, score, targets)
     by_rank = {}
@@ -103,19 +118,27 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
         gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
                                           responses * episodes)
         by_rank[str(rf)] = rho_of(gk.double().pow(2).sum((1, 2)))
-    lengths = torch.bincount(seg_ids, minlength=responses * episodes).double()
+    # the basis alone (recomputed every svd_refresh_steps steps in training): exact vs randomized SVD
+    svd_s, rho_svd = {}, {}
+    for method in ("exact", "randomized"):
+        proxy = comp.SVDProxy(rank_frac=0.05, method=method)
+        svd_s[method], _ = _timed(lambda: proxy.refresh(targets, 0, force=True), repeats, dev)
+        gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
+                                          responses * episodes)
+        rho_svd[method] = rho_of(gk.double().pow(2).sum((1, 2)))
+    lengths = torch.bincount(seg_ids.cpu(), minlength=responses * episodes).double()
 
     # the penalty inside the trainer's reward pass: one packed forward for J and log π_old is run anyway
     force = torch.randint(0, vocab, (15,), generator=g).tolist()
     items = [JItem(ids[i, :prompt_tokens].tolist(), ids[i, prompt_tokens:].tolist(), cuts[i][:-1] + [response_tokens],
                    torch.randint(0, vocab, (5,), generator=g).tolist()) for i in range(responses)]
     rollouts = [Rollout(it.prompt_ids, it.response_ids, "", "", i) for i, it in enumerate(items)]
-    teps = [TokenEpisodes(tok_ep[i, prompt_tokens:].numpy(), np.asarray(cuts[i])) for i in range(responses)]
+    teps = [TokenEpisodes(tok_ep[i, prompt_tokens:].cpu().numpy(), np.asarray(cuts[i])) for i in range(responses)]
 
     def reward_pass(with_penalty: bool):
         proxy = None
         if with_penalty:
-            proxy = comp.SVDProxy(rank_frac=0.05)
+            proxy = comp.SVDProxy(rank_frac=0.05, method=svd)
             proxy.refresh(targets, 0)
         return episode_pass(model, rollouts, teps, 0, 1 << 20, j_items=items, force_ids=force,
                             targets=targets if with_penalty else None, proxy=proxy)
@@ -125,25 +148,25 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
     reward_pass(True), reward_pass(False)  # warm-up
     pairs = []
     for _ in range(max(7, repeats)):
-        t0 = time.perf_counter()
+        t0 = device_clock(dev)
         res_pen = reward_pass(True)
-        t1 = time.perf_counter()
+        t1 = device_clock(dev)
         reward_pass(False)
-        t2 = time.perf_counter()
+        t2 = device_clock(dev)
         pairs.append((t1 - t0, t2 - t1))
     t_pass_pen = statistics.median(p[0] for p in pairs)
     t_pass_j = statistics.median(p[1] for p in pairs)
     marginal = max(statistics.median(a - b for a, b in pairs), 1e-9)
-    proxy = comp.SVDProxy(rank_frac=0.05)
+    proxy = comp.SVDProxy(rank_frac=0.05, method=svd)
     proxy.refresh(targets, 0)
     gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
                                       responses * episodes)
-    standalone_sq = gk.double().pow(2).sum((1, 2))
+    standalone_sq = gk.double().pow(2).sum((1, 2)).cpu()
     fused_rel_diff = float(((torch.cat(res_pen.sqnorms) - standalone_sq).abs() / standalone_sq.clamp(min=1e-30)).max())
 
     print("[bench.penalty] naive vs packed J", file=sys.stderr)
-    t_naive, j_naive = _timed(lambda: answer_logprobs_naive(model, items, force), repeats)
-    t_packed, j_packed = _timed(lambda: answer_logprobs_packed(model, items, force), repeats)
+    t_naive, j_naive = _timed(lambda: answer_logprobs_naive(model, items, force), repeats, dev)
+    t_packed, j_packed = _timed(lambda: answer_logprobs_packed(model, items, force), repeats, dev)
     diff = max(float((a - b).abs().max()) for a, b in zip(j_naive, j_packed))
     d_out, d_in = targets[name].weight.shape
     out = {
@@ -154,6 +177,9 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
         "spearman_full_layer": rho_of(p_full),
         "spearman_by_rank_frac": by_rank,
         "spearman_episode_length": rho_of(lengths),
+        "svd": svd,
+        "svd_s": svd_s,
+        "spearman_by_svd": rho_svd,
         "packed_j_speedup": t_naive / t_packed,
         "lowrank_s": t_lr,
         "exact_s": t_ex,
@@ -173,7 +199,9 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
         "episodes_per_response": episodes,
         "response_tokens": response_tokens,
         "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
     }
     out["targets_met"] = {"speedup>=100": out["speedup"] >= 100,
                           "speedup_in_reward_pass>=100": out["speedup_in_reward_pass"] >= 100,
@@ -190,11 +218,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--response-tokens", type=int, default=240)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=352, help="MLP width (the down-projection's d_in)")
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA where available)")
+    ap.add_argument("--svd", default="exact", choices=("exact", "randomized"),
+                    help="the proxy's SVD in the timed low-rank penalty (CompressionConfig.svd)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a small configuration for a smoke run (seconds)")
     a = ap.parse_args(argv)
     kw = dict(responses=a.responses, episodes=a.episodes, response_tokens=a.response_tokens, hidden=a.hidden,
-              layers=a.layers, seed=a.seed)
+              layers=a.layers, intermediate=a.intermediate, vocab=a.vocab, heads=a.heads, kv_heads=a.kv_heads,
+              seed=a.seed, device=a.device, svd=a.svd)
     if a.quick:
         kw.update(responses=2, episodes=4, response_tokens=40, hidden=32, layers=8, intermediate=64, vocab=128, repeats=1)
     res = run(**kw)

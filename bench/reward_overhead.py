@@ -8,7 +8,8 @@ one warm-up step. Target (issue 3): <= 0.25.
 The reward time is the trainer's ``reward_time_s``: segmentation and verification
 (``reward_segment_verify_s``), ONE packed forward per micro-batch that gives J at every episode
 boundary and log π_old (``reward_fitting_s``), the penalty's truncated backward through that same
-forward and its episode-score reduction (``reward_penalty_s``), and the credit/advantage arithmetic (``reward_other_s``, the remainder). The rest of the step is reported
+forward and its episode-score reduction, and the proxy's SVD refresh (``reward_penalty_s``, of which
+``reward_penalty_svd_s`` is the SVD), and the credit/advantage arithmetic (``reward_other_s``, the remainder). The rest of the step is reported
 too: reference log-probs (``ref_s``), the policy update (``update_s``) and the metrics bookkeeping
 (``record_s``, the step time not covered by the four phases).
 
@@ -29,6 +30,8 @@ import contextlib
 import sys
 import tempfile
 import time
+
+import torch
 
 from ._common import DATA_FILE, build_workspace, data_dir_env, emit, log, torch_threads
 
@@ -60,16 +63,20 @@ def _profile_reward(tr, step: int, top: int = 25) -> list[dict]:
 
 def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int = 192, hidden: int = 128,
         layers: int = 4, threads: int | None = 1, seed: int = 0, method: str = "l2t",
-        profile: bool = False) -> dict:
+        profile: bool = False, device: str = "cpu", intermediate: int | None = None, heads: int = 4,
+        kv_heads: int = 2, svd: str = "exact") -> dict:
     from l2t_core.config import TrainConfig
     from l2t_core.trainer import Trainer
 
     with torch_threads(threads) as n_threads, tempfile.TemporaryDirectory(prefix="l2t-bench-") as tmp:
-        ws = build_workspace(tmp, n_problems=max(64, prompts * (steps + 2)), hidden=hidden, layers=layers, seed=seed)
+        ws = build_workspace(tmp, n_problems=max(64, prompts * (steps + 2)), hidden=hidden, layers=layers, seed=seed,
+                             intermediate=intermediate, heads=heads, kv_heads=kv_heads)
         with data_dir_env(ws.data_dir):
             cfg = TrainConfig(policy=str(ws.model_dir), out=f"{tmp}/run", method=method, steps=steps + 1,
                               prompts_per_step=prompts, checkpoint_every=10_000, seed=seed, log_rollouts=False,
+                              device=device,
                               data={"source": DATA_FILE}, optim={"lr": 1e-6},
+                              reward={"compression": {"svd": svd}},
                               rollout={"group_size": group, "max_new_tokens": max_new_tokens,
                                        "max_prompt_tokens": 1024})
             tr = Trainer(cfg, show_progress=False)
@@ -85,7 +92,7 @@ def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int
     n = len(rows)
     tot = {k: sum(r.get(k, 0.0) for r in rows) for k in
            ("rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s", "step_time_s")
-           + tuple(f"reward_{p}" for p in PARTS)}
+           + tuple(f"reward_{p}" for p in PARTS) + ("reward_penalty_svd_s",)}
     per = {k: v / n for k, v in tot.items()}
     reward_other = per["reward_time_s"] - sum(per[f"reward_{p}"] for p in PARTS)
     record = per["step_time_s"] - sum(per[k] for k in ("rollout_time_s", "reward_time_s", "ref_time_s",
@@ -97,10 +104,12 @@ def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int
         "target": TARGET,
         "target_met": ratio <= TARGET,
         "method": method,
+        "svd": svd,
         "rollout_s": per["rollout_time_s"],
         "reward_s": per["reward_time_s"],
         "reward_segment_verify_s": per["reward_segment_verify_s"],
         "reward_penalty_s": per["reward_penalty_s"],
+        "reward_penalty_svd_s": per["reward_penalty_svd_s"],  # part of reward_penalty_s
         "reward_fitting_s": per["reward_fitting_s"],
         "reward_other_s": reward_other,
         "ref_s": per["ref_time_s"],
@@ -118,10 +127,14 @@ def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int
         "parameters": ws.parameters,
         "hidden": hidden,
         "layers": layers,
+        "intermediate": intermediate or hidden * 3,
+        "heads": heads,
+        "kv_heads": kv_heads,
         "vocab": ws.vocab,
         "threads": n_threads,
         "steps_measured": n,
-        "device": "cpu",
+        "device": str(tr.device),
+        "device_name": torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else "cpu",
     }
     if prof is not None:
         out["profile_reward_top"] = prof
@@ -137,18 +150,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default 3 x hidden)")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--method", default="l2t")
+    ap.add_argument("--svd", default="exact", choices=("exact", "randomized"), help="CompressionConfig.svd")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see above)")
     ap.add_argument("--profile", action="store_true", help="add a cProfile of one reward computation")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="the trainer's device (TrainConfig.device); phases are timed after a CUDA sync")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     kw = dict(steps=args.steps, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
-              hidden=args.hidden, layers=args.layers)
+              hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads,
+              kv_heads=args.kv_heads, svd=args.svd)
     if args.quick:
         kw.update(steps=1, prompts=2, group=4, max_new_tokens=48, hidden=64, layers=2)
     # libraries that print to stdout (DeepSpeed's accelerator banner) go to stderr: stdout holds one JSON object
     with contextlib.redirect_stdout(sys.stderr):
-        out = run(threads=args.threads, method=args.method, profile=args.profile, **kw)
+        out = run(threads=args.threads, method=args.method, profile=args.profile, device=args.device, **kw)
     out["quick"] = args.quick
     out["seconds"] = time.perf_counter() - t0
     return emit(out)

@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import random
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +41,11 @@ from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
 from .models import load_policy
 from .prompts import encode_prompt
-from .rewards.compression import SVDProxy
+from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
 from .rewards.l2t import RewardBatch, Rollout, compute_rewards
 from .rollout import SamplingParams, make_rollout_engine
+from .timing import device_clock
 from .urls import redact_url
 from .training_data import TrainProblem, load_training_problems, verifier_for
 
@@ -195,7 +195,8 @@ class Trainer:
             "step": self.step,
             "run_id": self.run_id,
             "proxy": {"bases": self.proxy.bases, "last_refresh": self.proxy._last_refresh},
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
         }
 
     def _write_main_files(self, d: Path) -> None:
@@ -270,11 +271,15 @@ class Trainer:
             self.engine.load_state(d)
             state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
         self.run_id = state["run_id"]
-        self.proxy.bases = state["proxy"]["bases"]
+        # the bases were loaded to the CPU: back to the device of the weights they project
+        self.proxy.bases = {n: LowRankBasis(b.U.to(self.device), b.V.to(self.device))
+                            for n, b in state["proxy"]["bases"].items()}
         self.proxy._last_refresh = state["proxy"]["last_refresh"]
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.rollout.sync_weights(self.engine.unwrapped())
         if self.rank == 0:  # one rank deletes the metrics of steps after the checkpoint
             self.metrics.drop_after(step)
@@ -290,7 +295,7 @@ class Trainer:
         idx = idx[self.rank:: self.world]
         if not idx:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} leaves rank {self.rank} without prompts")
-        t0 = time.perf_counter()
+        t0 = device_clock(self.device)
         params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
                                 seed=(cfg.seed * 1_000_003 + step * 7919 + self.rank) % (2**31))
@@ -300,7 +305,7 @@ class Trainer:
             for c in comps:
                 rollouts.append(Rollout(c.prompt_ids, c.response_ids, c.text, self.problems[i].answer, g))
                 probs.append(self.problems[i])
-        return rollouts, probs, time.perf_counter() - t0
+        return rollouts, probs, device_clock(self.device) - t0
 
     @torch.no_grad()
     def _reference_logprobs(self, rollouts: Sequence[Rollout]) -> list[torch.Tensor] | None:
@@ -388,28 +393,28 @@ class Trainer:
         log.info("step %d/%d: %s", step, self.cfg.steps, phase)
 
     def train_step(self, step: int) -> dict:
-        t_step = time.perf_counter()
+        t_step = device_clock(self.device)  # each phase's clock waits for its GPU work (l2t_core.timing)
         self._phase(step, "rollout")
         rollouts, probs, t_roll = self._rollouts(step)
         self._phase(step, "reward")
-        t0 = time.perf_counter()
+        t0 = device_clock(self.device)
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                   verifier=self.verifier, proxy=self.proxy, step=step,
                                   need_logp_old=self.cfg.mini_batches > 1, temperature=self.lp_temperature,
                                   all_sum=_all_sum_list if self.world > 1 else None)
-        t_reward = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_reward = device_clock(self.device) - t0
+        t0 = device_clock(self.device)
         if self.reference is not None:
             self._phase(step, "reference")
         ref = self._reference_logprobs(rollouts)
-        t_ref = time.perf_counter() - t0
+        t_ref = device_clock(self.device) - t0
         self._phase(step, "update")
-        t0 = time.perf_counter()
+        t0 = device_clock(self.device)
         upd = self._update(rollouts, rewards, ref)
-        t_update = time.perf_counter() - t0
+        t_update = device_clock(self.device) - t0
         row = self._record(step, rollouts, probs, rewards)
         row.update(upd)
-        row.update(step_time_s=time.perf_counter() - t_step, rollout_time_s=t_roll, reward_time_s=t_reward,
+        row.update(step_time_s=device_clock(self.device) - t_step, rollout_time_s=t_roll, reward_time_s=t_reward,
                    ref_time_s=t_ref, update_time_s=t_update)
         row.update({f"reward_{k}": v for k, v in rewards.timings.items()})
         return row

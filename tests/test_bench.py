@@ -16,6 +16,10 @@ def test_penalty_bench_quick_runs():
     # the penalty taken from the reward pass's packed forward equals the standalone low-rank penalty
     assert res["fused_vs_standalone_max_rel_diff"] < 1e-4
     assert res["speedup_in_reward_pass"] > 0 and math.isfinite(res["spearman_full_layer"])
+    # the SVD is timed apart, both ways; --svd picks the one in the timed penalty
+    assert res["svd"] == "exact" and set(res["svd_s"]) == set(res["spearman_by_svd"]) == {"exact", "randomized"}
+    assert all(t > 0 for t in res["svd_s"].values()) and res["device"] == "cpu"
+    assert main(["--quick", "--svd", "randomized"])["svd"] == "randomized"
 
 
 @pytest.mark.slow

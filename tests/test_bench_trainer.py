@@ -27,6 +27,8 @@ def test_reward_overhead_quick(capsys):
     assert res["method"] == "l2t" and res["group_size"] == 4 and res["prompts_per_step"] == 2
     parts = res["reward_segment_verify_s"] + res["reward_penalty_s"] + res["reward_fitting_s"]
     assert parts <= res["reward_s"] * 1.001
+    # the proxy's SVD refresh is part of the penalty's time, not the J pass's
+    assert 0 < res["reward_penalty_svd_s"] <= res["reward_penalty_s"] and res["svd"] == "exact"
     assert res["reward_over_rollout"] == pytest.approx(res["reward_s"] / res["rollout_s"])
 
 

@@ -26,13 +26,13 @@ import contextlib
 import fnmatch
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..models import decoder_and_head
+from ..timing import device_clock
 
 
 # ----------------------------------------------------------------------------- targets
@@ -127,12 +127,10 @@ def low_rank_basis(
     r_out, r_in = min(r, d_out), min(r, d_in)
     full = r >= min(d_out, d_in)
     if method == "randomized" and not full:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
+        # a private RNG stream: the global CPU and CUDA generators are left as they were
+        with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            torch.manual_seed(seed)
             U, _, V = torch.svd_lowrank(w, q=min(r + oversample, min(d_out, d_in)), niter=4)
-        finally:
-            torch.random.set_rng_state(gen_state)
         return LowRankBasis(U[:, :r_out].contiguous(), V[:, :r_in].contiguous())
     if method not in ("exact", "randomized"):
         raise ValueError(f"low_rank_basis: svd method must be 'exact' or 'randomized', got {method!r}")
@@ -251,9 +249,9 @@ def per_token_signals(
                 raise FloatingPointError(
                     "per_token_signals: non-finite token log-probabilities; the model's logits overflowed"
                 )
-            t0 = time.perf_counter()
+            t0 = device_clock(lp.device)
             grads = torch.autograd.grad(lp.sum(), [leaves[n] for n in targets], allow_unused=True)
-            backward_s = time.perf_counter() - t0
+            backward_s = device_clock(lp.device) - t0
     finally:
         for hd in handles:
             hd.remove()
@@ -443,7 +441,8 @@ def exact_episode_penalties(
                 if not sel.any():
                     continue
                 grads = torch.autograd.grad(lp_all[sel].sum(), params, retain_graph=True, allow_unused=True)
-                sq[k] = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+                # summed on the device: one host sync per episode, not one per parameter
+                sq[k] = float(torch.stack([g.double().pow(2).sum() for g in grads if g is not None]).sum())
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)

@@ -60,7 +60,8 @@ def _answer_logprob_from_hidden(head, hidden: torch.Tensor, targets: torch.Tenso
 
 @torch.no_grad()
 def answer_logprobs_naive(model, items: Sequence[JItem], force_ids: Sequence[int]) -> list[torch.Tensor]:
-    """Reference: log J(s_k) for every boundary, one causal forward pass per prefix."""
+    """Reference: log J(s_k) for every boundary, one causal forward pass per prefix. Like the
+    packed path, returns CPU tensors whatever the model's device."""
     _check_force(force_ids)
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
@@ -75,7 +76,7 @@ def answer_logprobs_naive(model, items: Sequence[JItem], force_ids: Sequence[int
             first = len(ids) - len(item.answer_ids)
             lp = _answer_logprob_from_hidden(head, h[first - 1 : len(ids) - 1], x[0, first:])
             vals.append(lp.sum())
-        out.append(torch.stack(vals))
+        out.append(torch.stack(vals).cpu())
     return out
 
 

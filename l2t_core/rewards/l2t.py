@@ -25,6 +25,7 @@ from ..verify import MathVerifier, Verifier
 from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
 from ..models import decoder_and_head
+from ..timing import device_clock
 from .fitting import (
     JItem,
     fitting_gains,
@@ -235,10 +236,10 @@ def episode_pass(
         if targets:
             sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
                                          return_hidden=j_items is not None or temperature != 1.0)
-            t0 = time.perf_counter()
+            t0 = device_clock(device)
             seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
             total = comp.episode_sqnorms(sig, seg_ids, n_seg, proxy).cpu()
-            penalty_s += sig.backward_s + time.perf_counter() - t0
+            penalty_s += sig.backward_s + device_clock(device) - t0
             hidden, lp_rows = sig.hidden, sig.logprobs.cpu()
             if temperature != 1.0:  # the penalty's log π is at 1; the loss's at the sampling temperature
                 with torch.no_grad():
@@ -348,7 +349,7 @@ def compute_rewards(
     packed_j = method.startswith("l2t") and cfg.fitting.estimator == "answer_logprob"
     k_per = [t.num_episodes for t in teps]
     force_ids = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
-    targets, proxy_used = None, None
+    targets, proxy_used, svd_s = None, None, 0.0
     if needs_penalty:
         if method == "l2t_random_layers":
             targets = comp.resolve_targets(model, comp.random_layer_targets(model, c.random_layer_frac, c.seed))
@@ -357,7 +358,9 @@ def compute_rewards(
             if c.mode == "low_rank":
                 proxy = proxy or comp.SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps,
                                                c.seed)
-                proxy.refresh(targets, step)
+                t_svd = device_clock(next(model.parameters()).device)
+                proxy.refresh(targets, step)  # the SVD, when due (every svd_refresh_steps)
+                svd_s = device_clock(next(model.parameters()).device) - t_svd
                 proxy_used = proxy
     items = None
     if packed_j:
@@ -377,6 +380,7 @@ def compute_rewards(
         logps = res.logps or logps
         log_js = res.log_j or log_js
         penalty_s = res.penalty_s
+    penalty_s += svd_s
     if method == "mrt" or (method.startswith("l2t") and cfg.fitting.estimator == "monte_carlo"):
         contexts, refs, owner = [], [], []
         for n, (r, te) in enumerate(zip(rollouts, teps)):
@@ -391,10 +395,11 @@ def compute_rewards(
         )
         owner_t = torch.tensor(owner)
         log_js = [torch.log(j[owner_t == n].clamp(min=0)) for n in range(len(rollouts))]
-    # penalty_s: the truncated backward and the episode-score reduction; fitting_s: the rest of the
-    # policy pass (the forward, J, log π_old) and any Monte Carlo J
+    # penalty_s: the proxy's SVD refresh, the truncated backward and the episode-score reduction;
+    # fitting_s: the rest of the policy pass (the forward, J, log π_old) and any Monte Carlo J
     timings["penalty_s"] = penalty_s
-    timings["fitting_s"] = time.perf_counter() - t0 - penalty_s
+    timings["penalty_svd_s"] = svd_s
+    timings["fitting_s"] = device_clock(next(model.parameters()).device) - t0 - penalty_s
 
     # penalties: P_k and the batch normalisation P̂_k
     raw = [comp.penalty(sq, c.adapt_lr, c.damping) if needs_penalty else torch.zeros(k, dtype=torch.float64)

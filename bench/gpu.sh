@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks in one run: the CUDA tests, then the reward-math and trainer benchmarks on the GPU
+# at the CPU benchmarks' tiny size and at Qwen2-0.5B's shape (896 hidden, 24 layers, 14 heads / 2 KV
+# heads, MLP 4,864, vocabulary 151,936; random weights, fp32). Each result is one JSON file in
+# $OUT (default ./gpu-out); a failing step is logged and the others still run; exit status 1 if any
+# step failed.
+#
+#   bash bench/gpu.sh                 # on a machine with a CUDA device and the project installed
+#   PYTHON=/path/to/python OUT=dir bash bench/gpu.sh
+set -u
+OUT=${OUT:-gpu-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=0
+
+step() {  # step NAME OUTFILE CMD...: run CMD, stdout to $OUT/OUTFILE, stderr to the log
+  local name=$1 file=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name" >&2
+  if "$@" > "$OUT/$file"; then
+    echo "== $name: ok ($((SECONDS - t0)) s)" >&2
+  else
+    echo "== $name: FAILED (exit $?, $((SECONDS - t0)) s)" >&2
+    failed=1
+  fi
+}
+
+QWEN05B=(--hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864)
+
+step "environment" environment.txt bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'"
+step "CUDA tests" pytest.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "penalty, tiny (CPU benchmark's size)" penalty_tiny.json "$PY" -m bench.penalty --device cuda
+step "penalty, Qwen2-0.5B shape" penalty_qwen05b.json "$PY" -m bench.penalty --device cuda "${QWEN05B[@]}" --vocab 151936
+step "reward overhead, tiny" reward_overhead_tiny.json "$PY" -m bench.reward_overhead --device cuda
+step "reward overhead, Qwen2-0.5B shape" reward_overhead_qwen05b.json \
+  "$PY" -m bench.reward_overhead --device cuda "${QWEN05B[@]}" --max-new-tokens 512
+exit $failed
