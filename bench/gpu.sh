@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run: the CUDA tests, then the reward-math and trainer benchmarks on the GPU
 # at the CPU benchmarks' tiny size and at Qwen2-0.5B's shape (896 hidden, 24 layers, 14 heads / 2 KV
-# heads, MLP 4,864, vocabulary 151,936; random weights, fp32). Each result is one JSON file in
+# heads, MLP 4,864, vocabulary 151,936; random weights, fp32; exact and randomized SVD). Each result is one JSON file in
 # $OUT (default ./gpu-out); a failing step is logged and the others still run; exit status 1 if any
 # step failed.
 #
@@ -34,7 +34,11 @@ step "environment" environment.txt bash -c "nvidia-smi --query-gpu=name,memory.t
 step "CUDA tests" pytest.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step "penalty, tiny (CPU benchmark's size)" penalty_tiny.json "$PY" -m bench.penalty --device cuda
 step "penalty, Qwen2-0.5B shape" penalty_qwen05b.json "$PY" -m bench.penalty --device cuda "${QWEN05B[@]}" --vocab 151936
+step "penalty, Qwen2-0.5B shape, randomized SVD" penalty_qwen05b_randomized.json \
+  "$PY" -m bench.penalty --device cuda "${QWEN05B[@]}" --vocab 151936 --svd randomized
 step "reward overhead, tiny" reward_overhead_tiny.json "$PY" -m bench.reward_overhead --device cuda
-step "reward overhead, Qwen2-0.5B shape" reward_overhead_qwen05b.json \
-  "$PY" -m bench.reward_overhead --device cuda "${QWEN05B[@]}" --max-new-tokens 512
+for svd in exact randomized; do
+  step "reward overhead, Qwen2-0.5B shape, $svd SVD" "reward_overhead_qwen05b_$svd.json" \
+    "$PY" -m bench.reward_overhead --device cuda "${QWEN05B[@]}" --max-new-tokens 512 --svd "$svd"
+done
 exit $failed
