@@ -36,15 +36,6 @@ def _timed(fn, repeats: int, device: torch.device):
     return statistics.median(times), out
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA where available, else the CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(name)
-
-
 def _cuts(g: torch.Generator, total: int, k: int) -> list[int]:
     """k contiguous episodes of random lengths (>= 1) covering ``total`` tokens."""
     inner = torch.randperm(total - 1, generator=g)[: k - 1].add(1).sort().values.tolist()
@@ -54,7 +45,7 @@ def _cuts(g: torch.Generator, total: int, k: int) -> list[int]:
 def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=128, layers=8,
         intermediate=352, vocab=512, seed=0, repeats=3, exact_repeats=1, device: str = "cpu",
         heads: int = 4, kv_heads: int = 2, svd: str = "exact") -> dict:
-    from l2t_core.models import build_tiny_qwen2
+    from l2t_core.models import build_tiny_qwen2, resolve_device
     from l2t_core.rewards import compression as comp
     from l2t_core.episodes import TokenEpisodes
     from l2t_core.rewards.fitting import JItem, answer_logprobs_naive, answer_logprobs_packed
@@ -62,7 +53,10 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as e:  # a command-line mistake: the message, not a traceback
+        raise SystemExit(f"bench.penalty --device: {e}") from None
     model = build_tiny_qwen2(vocab, hidden_size=hidden, num_layers=layers, intermediate_size=intermediate,
                              num_heads=heads, num_kv_heads=kv_heads, seed=seed).to(dev)
     L = prompt_tokens + response_tokens
@@ -83,13 +77,16 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
     targets = comp.resolve_targets(model, None)
     name = next(iter(targets))
 
+    def proxy_sqnorms(sig, proxy) -> torch.Tensor:
+        """‖g_k‖² of every episode in the proxy's rank-r basis."""
+        gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
+                                          responses * episodes)
+        return gk.double().pow(2).sum((1, 2))
+
     def low_rank():
         proxy = comp.SVDProxy(rank_frac=0.05, method=svd)
         proxy.refresh(targets, 0)
-        sig = comp.per_token_signals(model, ids, att, score, targets)
-        gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
-                                          responses * episodes)
-        return comp.penalty(gk.double().pow(2).sum((1, 2)))
+        return comp.penalty(proxy_sqnorms(comp.per_token_signals(model, ids, att, score, targets), proxy))
 
     def full_layer():
         sig = comp.per_token_signals(model, ids, att, score, targets)
@@ -115,17 +112,13 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
     for rf in (0.01, 0.05, 0.1, 0.25):
         proxy = comp.SVDProxy(rank_frac=rf)
         proxy.refresh(targets, 0)
-        gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
-                                          responses * episodes)
-        by_rank[str(rf)] = rho_of(gk.double().pow(2).sum((1, 2)))
+        by_rank[str(rf)] = rho_of(proxy_sqnorms(sig, proxy))
     # the basis alone (recomputed every svd_refresh_steps steps in training): exact vs randomized SVD
     svd_s, rho_svd = {}, {}
     for method in ("exact", "randomized"):
         proxy = comp.SVDProxy(rank_frac=0.05, method=method)
         svd_s[method], _ = _timed(lambda: proxy.refresh(targets, 0, force=True), repeats, dev)
-        gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
-                                          responses * episodes)
-        rho_svd[method] = rho_of(gk.double().pow(2).sum((1, 2)))
+        rho_svd[method] = rho_of(proxy_sqnorms(sig, proxy))
     lengths = torch.bincount(seg_ids.cpu(), minlength=responses * episodes).double()
 
     # the penalty inside the trainer's reward pass: one packed forward for J and log π_old is run anyway
@@ -159,9 +152,7 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
     marginal = max(statistics.median(a - b for a, b in pairs), 1e-9)
     proxy = comp.SVDProxy(rank_frac=0.05, method=svd)
     proxy.refresh(targets, 0)
-    gk = comp.low_rank_episode_scores(sig.inputs[name], sig.deltas[name], proxy.bases[name], seg_ids,
-                                      responses * episodes)
-    standalone_sq = gk.double().pow(2).sum((1, 2)).cpu()
+    standalone_sq = proxy_sqnorms(sig, proxy).cpu()
     fused_rel_diff = float(((torch.cat(res_pen.sqnorms) - standalone_sq).abs() / standalone_sq.clamp(min=1e-30)).max())
 
     print("[bench.penalty] naive vs packed J", file=sys.stderr)

@@ -134,6 +134,15 @@ def build_tiny_qwen2(
     return model.float().eval()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA where available, else the CPU; a CUDA device without one is a clear error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but no CUDA device is available; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
 def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
     """Load (model, tokenizer) with ``from_pretrained``; a hub id or a local directory.
 

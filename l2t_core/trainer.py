@@ -39,7 +39,7 @@ from .engines import make_train_engine
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
-from .models import load_policy
+from .models import load_policy, resolve_device
 from .prompts import encode_prompt
 from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
@@ -142,11 +142,8 @@ class Trainer:
             self.storage.check_writable()
         self.problems: list[TrainProblem] = load_training_problems(cfg.data)
         self.verifier = verifier_for(cfg.data)
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
-        self.device = torch.device(device)
-        policy, self.tokenizer = load_policy(cfg.policy, device=device)
+        self.device = resolve_device(cfg.device)
+        policy, self.tokenizer = load_policy(cfg.policy, device=str(self.device))
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

@@ -349,6 +349,7 @@ def compute_rewards(
     packed_j = method.startswith("l2t") and cfg.fitting.estimator == "answer_logprob"
     k_per = [t.num_episodes for t in teps]
     force_ids = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
     targets, proxy_used, svd_s = None, None, 0.0
     if needs_penalty:
         if method == "l2t_random_layers":
@@ -358,9 +359,9 @@ def compute_rewards(
             if c.mode == "low_rank":
                 proxy = proxy or comp.SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps,
                                                c.seed)
-                t_svd = device_clock(next(model.parameters()).device)
+                t_svd = device_clock(device)
                 proxy.refresh(targets, step)  # the SVD, when due (every svd_refresh_steps)
-                svd_s = device_clock(next(model.parameters()).device) - t_svd
+                svd_s = device_clock(device) - t_svd
                 proxy_used = proxy
     items = None
     if packed_j:
@@ -399,7 +400,7 @@ def compute_rewards(
     # fitting_s: the rest of the policy pass (the forward, J, log π_old) and any Monte Carlo J
     timings["penalty_s"] = penalty_s
     timings["penalty_svd_s"] = svd_s
-    timings["fitting_s"] = device_clock(next(model.parameters()).device) - t0 - penalty_s
+    timings["fitting_s"] = device_clock(device) - t0 - penalty_s
 
     # penalties: P_k and the batch normalisation P̂_k
     raw = [comp.penalty(sq, c.adapt_lr, c.damping) if needs_penalty else torch.zeros(k, dtype=torch.float64)
