@@ -204,6 +204,9 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
         kept = [k for k in BEHAVIOUR if all(k in r for r in runs)]
         if kept:  # what the greedy responses keep and drop (warmstart.evaluate's episode census)
             out["methods"][name]["behaviour"] = {k: mean_std([r[k] for r in runs]) for k in kept}
+        faults = fault_totals(runs)
+        if faults:
+            out["methods"][name]["faults"] = faults
     ms = out["methods"]
     if "grpo" in ms:
         g = ms["grpo"]
@@ -225,6 +228,47 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
     if hardest is not None:
         out["hardest_level"] = hardest
     return out
+
+
+def fault_totals(runs: list[dict]) -> dict:
+    """Why the wrong greedy answers are wrong, per level, summed over seeds (``warmstart.evaluate``'s
+    replay of each response, :func:`~l2t_core.tasks.walk.first_fault`): ``n`` responses, ``wrong``,
+    ``faults`` (wrong responses per decisive fault kind) and ``misread`` (those that followed a wrong
+    ``then`` list or restatement). {} when the task does not replay responses."""
+    out: dict[str, dict] = {}
+    levels = sorted({lv for r in runs for lv in r["per_level"]}, key=int)
+    for lv in levels:
+        parts = [r["per_level"][lv] for r in runs if lv in r["per_level"]]
+        if not parts or any("faults" not in p for p in parts):
+            continue
+        kinds: dict[str, int] = {}
+        for p in parts:
+            for k, c in p["faults"].items():
+                kinds[k] = kinds.get(k, 0) + c
+        out[lv] = {"n": sum(p["n"] for p in parts), "wrong": sum(p["wrong"] for p in parts),
+                   "faults": dict(sorted(kinds.items())), "misread": sum(p["faults_misread"] for p in parts)}
+    return out
+
+
+def fault_table(report: dict) -> str | None:
+    """The hardest level's wrong answers by decisive fault, per method (counts over seeds), or None."""
+    ms = report["methods"]
+    levels = [set(m.get("faults", {})) for m in ms.values()]
+    shared = set.intersection(*levels) if levels else set()
+    if not shared:
+        return None
+    lv = max(shared, key=int)
+    rows_of = {"SFT base": report["base"]["per_level"].get(lv, {})}
+    rows_of.update({name: m["faults"][lv] for name, m in ms.items()})
+    rows_of = {k: v for k, v in rows_of.items() if "faults" in v}
+    kinds = sorted({k for v in rows_of.values() for k in v["faults"]})
+    head = [f"Why level {lv}'s wrong greedy answers are wrong (counts summed over seeds; the decisive fault of "
+            "each response, `l2t_core.tasks.walk.first_fault`; *misread*: it followed a wrong `then` list or "
+            "restatement):", "",
+            "| method | wrong / n | " + " | ".join(kinds) + " | misread |", "|---|---|" + "---|" * (len(kinds) + 1)]
+    rows = [f"| {name} | {v['wrong']} / {v['n']} | " + " | ".join(str(v["faults"].get(k, 0)) for k in kinds)
+            + f" | {v.get('misread', v.get('faults_misread', 0))} |" for name, v in rows_of.items()]
+    return "\n".join(head + rows)
 
 
 def hardest_level(report: dict, references: tuple[str, ...] = ("length_penalty", "grpo")) -> dict | None:
@@ -316,6 +360,9 @@ def markdown_table(report: dict) -> str:
                     f"{m['behaviour'][k]['mean']:.2f}" if k in m["behaviour"] else "–" for k in BEHAVIOUR) + " |")
     if "hardest_level" in report:
         rows += ["", hardest_level_table(report["hardest_level"])]
+    faults = fault_table(report)
+    if faults:
+        rows += ["", faults]
     training = {k: m["training"] for k, m in ms.items() if "training" in m}
     if training:
         rows += ["", "Training dynamics (sampled rollouts at the training temperature; first and last "

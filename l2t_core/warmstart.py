@@ -207,11 +207,24 @@ def response_record(problem, text: str, n_tokens: int, finished: bool, verifier=
     # a restatement that is not the problem word for word (a move dropped): later steps follow it
     goal = restatement_text(problem)
     count["restate_wrong"] = sum(k.kind == "restate" and e.text.strip() != goal for k, e in zip(kinds, seg.episodes))
+    verdict = verifier.verify(text, problem.answer)
     return {
-        "level": problem.level, "correct": verifier.verify(text, problem.answer).correct, "tokens": n_tokens,
+        "level": problem.level, "correct": verdict.correct, "tokens": n_tokens,
         "episodes": seg.num_episodes, "tagged": seg.status == "tagged", "finished": finished,
-        "redundant": sum(e.redundant for e in kinds), **count,
+        "redundant": sum(e.redundant for e in kinds), **count, **_fault(problem, seg, verdict),
     }
+
+
+def _fault(problem, seg, verdict) -> dict:
+    """``fault`` (the kind of the decisive fault of the task's ``first_fault``, None when the walk
+    is right throughout) and ``fault_misread``, for tasks that replay responses; {} for others."""
+    replay = getattr(task_of(problem), "first_fault", None)
+    if replay is None:
+        return {}
+    if seg.status != "tagged":
+        return {"fault": "malformed", "fault_misread": False}
+    f = replay(problem, [e.text for e in seg.episodes], verdict.extracted)
+    return {"fault": None if f is None else f.kind, "fault_misread": bool(f is not None and f.misread)}
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -235,7 +248,23 @@ def summarize(records: Sequence[dict]) -> dict:
         "mean_easy_steps": tot("step_easy") / n,
         "restate_share": sum(r.get("restate", 0) > 0 for r in records) / n,
         "restate_wrong_share": sum(r.get("restate_wrong", 0) > 0 for r in records) / n,
+        **_fault_counts(records),
     }
+
+
+def _fault_counts(records: Sequence[dict]) -> dict:
+    """Why the wrong responses are wrong: ``wrong`` (their number), ``faults`` (how many of them
+    have each decisive fault kind of the task's ``first_fault``; ``none`` when the replay finds
+    the walk right but the verifier does not) and ``faults_misread`` (how many followed a wrong
+    ``then`` list or restatement). {} when the task does not replay responses."""
+    wrong = [r for r in records if not r["correct"]]
+    if not records or any("fault" not in r for r in records):
+        return {}
+    faults: dict[str, int] = defaultdict(int)
+    for r in wrong:
+        faults[r["fault"] or "none"] += 1
+    return {"wrong": len(wrong), "faults": dict(sorted(faults.items())),
+            "faults_misread": sum(bool(r["fault_misread"]) for r in wrong)}
 
 
 def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, batch_size: int = 64) -> dict:

@@ -67,6 +67,35 @@ def test_aggregate_mean_std_and_ratios():
     assert "| grpo | 10.00 | 0.50 | 1.00 | 1.00 | 0.45 | 0.10 |" in table
 
 
+def test_fault_totals_sum_over_seeds_and_tabulate_the_hardest_level():
+    def ev(seed, faults, misread):
+        lv = {"n": 10, "accuracy": 1 - sum(faults.values()) / 10, "mean_tokens": 5.0,
+              "wrong": sum(faults.values()), "faults": faults, "faults_misread": misread}
+        return {"seed": seed, "accuracy": lv["accuracy"], "mean_tokens": 5.0, "train_seconds": 1.0,
+                "per_level": {"1": {**lv, "faults": {}, "wrong": 0, "faults_misread": 0, "accuracy": 1.0}, "2": lv}}
+
+    base = {"accuracy": 0.9, "mean_tokens": 6.0,
+            "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 5.0},
+                          "2": {"n": 10, "accuracy": 0.9, "mean_tokens": 7.0, "wrong": 1,
+                                "faults": {"check_wrong": 1}, "faults_misread": 0}}}
+    rep = aggregate({"grpo": [ev(0, {"unchecked_guess": 2}, 0), ev(1, {"unchecked_guess": 1, "lost_value": 2}, 1)],
+                     "length_penalty": [ev(0, {"missing_moves": 3}, 3), ev(1, {}, 0)]}, base)
+    assert rep["methods"]["grpo"]["faults"]["2"] == {
+        "n": 20, "wrong": 5, "faults": {"lost_value": 2, "unchecked_guess": 3}, "misread": 1}
+    assert rep["methods"]["grpo"]["faults"]["1"] == {"n": 20, "wrong": 0, "faults": {}, "misread": 0}
+    table = markdown_table(rep)
+    assert "Why level 2's wrong greedy answers are wrong" in table
+    assert "| method | wrong / n | check_wrong | lost_value | missing_moves | unchecked_guess | misread |" in table
+    assert "| SFT base | 1 / 10 | 1 | 0 | 0 | 0 | 0 |" in table
+    assert "| grpo | 5 / 20 | 0 | 2 | 0 | 3 | 1 |" in table
+    assert "| length_penalty | 3 / 20 | 0 | 0 | 3 | 0 | 3 |" in table
+    # evaluations without the replay (another task, or older reports): no fault table
+    plain = {k: v for k, v in ev(0, {}, 0).items()}
+    plain["per_level"] = {"2": {"n": 10, "accuracy": 1.0, "mean_tokens": 5.0}}
+    rep = aggregate({"grpo": [plain]}, base)
+    assert "faults" not in rep["methods"]["grpo"] and "Why level" not in markdown_table(rep)
+
+
 @pytest.mark.slow
 def test_miniature_end_to_end(tmp_path):
     out = tmp_path / "mini"
@@ -89,6 +118,8 @@ def test_miniature_end_to_end(tmp_path):
         assert 0 < t["rollout_tokens_first"]["mean"] <= TINY["max_new_tokens"] and t["reward_over_rollout"]["mean"] > 0
         assert set(m["seeds"][0]["training"]) >= {"rollout_accuracy_last", "score_length_spearman"}
         assert set(m["behaviour"]) == set(BEHAVIOUR) and 0 <= m["behaviour"]["redundant_share"]["mean"] <= 1
+        f = m["faults"]["2"]  # every wrong held-out answer has its decisive fault
+        assert f["n"] == 2 and f["wrong"] == sum(f["faults"].values()) and f["misread"] <= f["wrong"]
     # finished runs are kept: a second call trains nothing and gives the same numbers
     again = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
     assert again["methods"] == report["methods"]

@@ -25,6 +25,7 @@ from l2t_core.tasks.walk import (
     check_text,
     classify_episodes,
     dataset,
+    first_fault,
     fast_guess,
     held_out_problems,
     make_problem,
@@ -153,3 +154,52 @@ def test_task_selection_in_training_data():
         assert type(verifier_for(cfg)).__name__ == "NumericVerifier"
     assert DataConfig().source == "walk"
     assert task_of(dataset(1)[0]) is get_task("walk")
+
+
+def _replay(p: Problem, episodes: list[str], answer: str | None):
+    f = first_fault(p, episodes, answer)
+    return None if f is None else (f.kind, f.move, f.misread)
+
+
+def test_first_fault_is_none_exactly_for_the_reference_traces_with_the_right_answer():
+    rng = random.Random(5)
+    from l2t_core.episodes import segment
+    from l2t_core.verify import NumericVerifier
+
+    verifier, seen = NumericVerifier(), {True: 0, False: 0}
+    for p in dataset(400, 1, 6, seed=2):
+        for style in (TraceStyle(), TraceStyle(hard_check=0.3, easy_check=0.5)):
+            text = build_trace(p, rng, style).text
+            verdict = verifier.verify(text, p.answer)
+            f = first_fault(p, [e.text for e in segment(text).episodes], verdict.extracted)
+            seen[verdict.correct] += 1
+            # a reference trace is wrong only through a hard move's guess that no check repaired
+            assert (f is None) == verdict.correct
+            assert f is None or (f.kind, f.misread) == ("unchecked_guess", False)
+    assert min(seen.values()) > 50  # both outcomes were exercised
+
+
+def test_first_fault_names_each_way_a_walk_goes_wrong():
+    # from 6: >> > (F: 6>4>1, then 1>7): the answer is 7
+    p = Problem("w", "from 6: >> >", "7", 2, 6, (Move(HARD), Move(EASY)))
+    assert p.answer == "7" and fast_guess(6, Move(HARD)) == 4
+    ok = ["goal from 6: >> >", "6>>4 then >", "check 6>4>1", "again 6>>1 then >", "1>7 then end"]
+    assert _replay(p, ok, "7") is None
+    assert _replay(p, ["6>>1 then >", "1>7 then end"], "7") is None  # no check needed when right
+    # a fast guess the walk moves on from, or ends with, unrepaired
+    assert _replay(p, ["6>>4 then >", "4>1 then end"], "1") == ("unchecked_guess", 0, False)
+    assert _replay(p, ["6>>1 then >", "1>2 then end"], "2") == ("easy_wrong", 1, False)
+    assert _replay(p, ["6>>4 then >", "check 6>4", "4>1 then end"], "1") == ("check_wrong", 0, False)
+    assert _replay(p, ["6>>1 then >", "5>3 then end"], "3") == ("lost_value", 1, False)
+    assert _replay(p, ["6>>1 then >", "1>>7 then end"], "7") == ("wrong_move", 1, False)
+    assert _replay(p, ["6>>1 then >", "1>7 then end", "7>2 then end"], "2") == ("extra_move", 2, False)
+    assert _replay(p, ["6>>1 then >", "again 6>>4 then >"], "7") == ("repeat_wrong", 0, False)
+    assert _replay(p, ["6>>1 then >"], "1") == ("missing_moves", 1, False)
+    assert _replay(p, ok, None) == ("no_answer", None, False)
+    assert _replay(p, ok, "3") == ("answer_mismatch", None, False)
+    assert _replay(p, ["6>>1 then >", "hmm", "1>7 then end"], "7") == ("malformed", 1, False)
+    assert _replay(p, ["check 6>4>1"], "1") == ("malformed", 0, False)  # a check of no step
+    # the walk's own record of the moves left: a wrong then-list or restatement before the fault
+    assert _replay(p, ["6>>1 then end"], "1") == ("missing_moves", 1, True)  # its then-list said 'end'
+    assert _replay(p, ["goal from 6: >>", "6>>1 then end"], "1") == ("missing_moves", 1, True)
+    assert _replay(p, ["6>>1 then >>", "1>>9 then end"], "9") == ("wrong_move", 1, True)

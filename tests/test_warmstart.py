@@ -188,3 +188,31 @@ def test_response_record_flags_a_restatement_that_drops_a_move():
     assert good["restate_wrong"] == 0 and bad["restate_wrong"] == 1
     s = summarize([good, bad, response_record(p, text.replace(f"<episode_1>{goal}</episode_1>\n", ""), 90, True)])
     assert s["restate_share"] == 2 / 3 and s["restate_wrong_share"] == 1 / 3
+
+
+def test_summarize_counts_the_decisive_fault_of_each_wrong_response():
+    """Each wrong response of a task that replays responses (the walk) carries its decisive fault
+    (:func:`~l2t_core.tasks.walk.first_fault`); summarize counts them over the wrong responses only."""
+    from l2t_core.tasks import walk
+    from l2t_core.warmstart import response_record, summarize
+
+    p = walk.Problem("w", "from 6: >> >", "7", 2, 6, (walk.Move(walk.HARD), walk.Move(walk.EASY)))
+
+    def resp(*episodes, answer="7"):
+        return walk.render_trace(episodes, answer)
+
+    right = response_record(p, resp("6>>4 then >", "check 6>4>1", "1>7 then end"), 30, True)
+    guess = response_record(p, resp("6>>4 then >", "4>1 then end", answer="1"), 20, True)
+    lost = response_record(p, resp("6>>1 then end", answer="1"), 10, True)  # its then-list dropped the last move
+    untagged = response_record(p, "\\boxed{3}", 1, True)
+    assert right["correct"] and right["fault"] is None
+    assert (guess["fault"], guess["fault_misread"]) == ("unchecked_guess", False)
+    assert (lost["fault"], lost["fault_misread"]) == ("missing_moves", True)
+    assert untagged["fault"] == "malformed" and not untagged["correct"]
+    s = summarize([right, guess, lost, untagged])
+    assert s["wrong"] == 3 and s["faults_misread"] == 1
+    assert s["faults"] == {"malformed": 1, "missing_moves": 1, "unchecked_guess": 1}
+    # a task without the replay (the arithmetic task) reports no faults
+    q = arithmetic.dataset(1, 1, 1, seed=0)[0]
+    r = response_record(q, "\\boxed{" + q.answer + "}", 3, True)
+    assert "fault" not in r and "faults" not in summarize([r])

@@ -65,6 +65,7 @@ from .common import (  # the task-independent pieces, shared with the arithmetic
     draw_problems,
     forced_answer_example,
     render_trace,
+    restatement_text,
     split_of,
     task_prompt,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "Move", "Step", "Problem", "make_problem", "split_of", "dataset", "held_out_problems", "build_task_prompt",
     "TraceStyle", "TraceEpisode", "Trace", "render_trace", "step_text", "check_text", "fast_guess",
     "build_trace", "trace", "forced_answer_example", "EpisodeInfo", "classify_episodes", "moves_text",
+    "FaultKind", "FAULT_KINDS", "Fault", "first_fault",
 ]
 
 
@@ -296,3 +298,97 @@ def classify_episodes(texts: Sequence[str]) -> list[EpisodeInfo]:
     can repair an error); ``goal ...`` is a restatement; anything else is ``other``.
     """
     return classify_with(texts, _STEP, _read_step)
+
+
+FaultKind = Literal["unchecked_guess", "easy_wrong", "check_wrong", "lost_value", "wrong_move", "extra_move",
+                    "repeat_wrong", "missing_moves", "answer_mismatch", "no_answer", "malformed"]
+FAULT_KINDS: tuple[FaultKind, ...] = FaultKind.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Where a response's walk first leaves the true walk for good (:func:`first_fault`).
+
+    ``kind`` is one of :data:`FAULT_KINDS`; ``move`` the 0-based index of the problem's move it
+    happened at (the number of moves done when the walk ends early; None for the answer);
+    ``misread`` whether a ``then`` list or a restatement before it already disagreed with the
+    problem's moves (the walk's own record of what is left to do, which a wrong move may follow).
+    """
+
+    kind: FaultKind
+    move: int | None
+    misread: bool = False
+
+
+_REST = re.compile(r" then (end|>>?(?: >>?)*)$")
+
+
+def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> Fault | None:
+    """The decisive fault of one response to ``problem``: its episode ``texts`` in order and its
+    extracted final ``answer`` (None when it gave none); None when the walk is right throughout.
+
+    The response is replayed against the true walk. A step's written result may be wrong as long
+    as a check repairs it before the next step (the reference traces' fast guess): a wrong result
+    is a fault (``unchecked_guess`` for a hard move, ``easy_wrong`` for an easy one) only when the
+    walk moves on, or ends, without a check to the true value. Otherwise, in order of the episodes:
+    a check that ends on another digit (``check_wrong``); a step from a digit other than the one
+    the walk is at (``lost_value``); a move other than the problem's next one (``wrong_move``) or
+    after its last (``extra_move``); a repeat (``again``) that writes another value than the one
+    the walk is at (``repeat_wrong``); an episode of none of the traces' kinds (``malformed``).
+    Then at the end: fewer moves than the problem has (``missing_moves``), no answer
+    (``no_answer``), an answer other than the value the walk ended on (``answer_mismatch``).
+    Restatements change no value; a wrong one shows as the ``misread`` flag of the fault it leads to.
+    """
+    moves = problem.moves
+    value = problem.start  # the digit the walk goes on from; the true one while nothing is pending
+    done = 0  # moves done
+    last: tuple[int, Move] | None = None  # the start digit and move of the latest step
+    pending: Fault | None = None  # a wrong result no check has repaired yet
+    misread = False
+    goal = restatement_text(problem)
+    for raw in texts:
+        t = raw.strip()
+        m = _STEP.match(t)
+        if m:
+            if pending is not None:
+                return pending
+            a, move, b = int(m.group(1)), Move(m.group(2)), int(m.group(3))
+            if done >= len(moves):
+                return Fault("extra_move", done, misread)
+            if move != moves[done]:
+                return Fault("wrong_move", done, misread)
+            if a != value:
+                return Fault("lost_value", done, misread)
+            rest = _REST.search(t)
+            if rest is None or rest.group(1) != (moves_text(moves[done + 1:]) or "end"):
+                misread = True
+            last, value, done = (a, move), b, done + 1
+            if b != move.apply(a):
+                pending = Fault("unchecked_guess" if move.hard else "easy_wrong", done - 1, misread)
+        elif t.startswith("check "):
+            digits = re.findall(r"\d", t)
+            if last is None or not digits:
+                return Fault("malformed", done, misread)
+            true = last[1].apply(last[0])
+            if int(digits[-1]) != true:
+                return Fault("check_wrong", done - 1, misread)
+            value, pending = true, None
+        elif t.startswith("again "):
+            m = _STEP.match(t[len("again "):].strip())
+            if m is None or last is None:
+                return Fault("malformed", done, misread)
+            if int(m.group(3)) != value:
+                return Fault("repeat_wrong", done - 1, misread)
+        elif t.startswith("goal "):
+            misread = misread or t != goal
+        else:
+            return Fault("malformed", done, misread)
+    if pending is not None:
+        return pending
+    if done < len(moves):
+        return Fault("missing_moves", done, misread)
+    if answer is None or not answer.strip():
+        return Fault("no_answer", None, misread)
+    if answer.strip() != str(value):
+        return Fault("answer_mismatch", None, misread)
+    return None
