@@ -70,25 +70,29 @@ def test_aggregate_mean_std_and_ratios():
 def test_fault_totals_sum_over_seeds_and_tabulate_the_hardest_level():
     def ev(seed, faults, misread):
         lv = {"n": 10, "accuracy": 1 - sum(faults.values()) / 10, "mean_tokens": 5.0,
-              "wrong": sum(faults.values()), "faults": faults, "faults_misread": misread}
+              "wrong": sum(faults.values()), "faults": faults, "faults_misread": misread,
+              "faults_after": {"check": sum(faults.values()) - misread, "step": misread}}
         return {"seed": seed, "accuracy": lv["accuracy"], "mean_tokens": 5.0, "train_seconds": 1.0,
                 "per_level": {"1": {**lv, "faults": {}, "wrong": 0, "faults_misread": 0, "accuracy": 1.0}, "2": lv}}
 
     base = {"accuracy": 0.9, "mean_tokens": 6.0,
             "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 5.0},
                           "2": {"n": 10, "accuracy": 0.9, "mean_tokens": 7.0, "wrong": 1,
-                                "faults": {"check_wrong": 1}, "faults_misread": 0}}}
+                                "faults": {"check_wrong": 1}, "faults_misread": 0,
+                                "faults_after": {"step": 1}}}}
     rep = aggregate({"grpo": [ev(0, {"unchecked_guess": 2}, 0), ev(1, {"unchecked_guess": 1, "lost_value": 2}, 1)],
                      "length_penalty": [ev(0, {"missing_moves": 3}, 3), ev(1, {}, 0)]}, base)
     assert rep["methods"]["grpo"]["faults"]["2"] == {
-        "n": 20, "wrong": 5, "faults": {"lost_value": 2, "unchecked_guess": 3}, "misread": 1}
-    assert rep["methods"]["grpo"]["faults"]["1"] == {"n": 20, "wrong": 0, "faults": {}, "misread": 0}
+        "n": 20, "wrong": 5, "faults": {"lost_value": 2, "unchecked_guess": 3}, "misread": 1,
+        "after": {"check": 4, "step": 1}}
+    assert rep["methods"]["grpo"]["faults"]["1"]["wrong"] == 0
     table = markdown_table(rep)
     assert "Why level 2's wrong greedy answers are wrong" in table
-    assert "| method | wrong / n | check_wrong | lost_value | missing_moves | unchecked_guess | misread |" in table
-    assert "| SFT base | 1 / 10 | 1 | 0 | 0 | 0 | 0 |" in table
-    assert "| grpo | 5 / 20 | 0 | 2 | 0 | 3 | 1 |" in table
-    assert "| length_penalty | 3 / 20 | 0 | 0 | 3 | 0 | 3 |" in table
+    assert ("| method | wrong / n | check_wrong | lost_value | missing_moves | unchecked_guess | misread | "
+            "after check | after repeat |") in table
+    assert "| SFT base | 1 / 10 | 1 | 0 | 0 | 0 | 0 | 0 | 0 |" in table
+    assert "| grpo | 5 / 20 | 0 | 2 | 0 | 3 | 1 | 4 | 0 |" in table
+    assert "| length_penalty | 3 / 20 | 0 | 0 | 3 | 0 | 3 | 0 | 0 |" in table
     # evaluations without the replay (another task, or older reports): no fault table
     plain = {k: v for k, v in ev(0, {}, 0).items()}
     plain["per_level"] = {"2": {"n": 10, "accuracy": 1.0, "mean_tokens": 5.0}}

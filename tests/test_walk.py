@@ -158,7 +158,7 @@ def test_task_selection_in_training_data():
 
 def _replay(p: Problem, episodes: list[str], answer: str | None):
     f = first_fault(p, episodes, answer)
-    return None if f is None else (f.kind, f.move, f.misread)
+    return None if f is None else (f.kind, f.move, f.misread, f.after)
 
 
 def test_first_fault_is_none_exactly_for_the_reference_traces_with_the_right_answer():
@@ -187,19 +187,22 @@ def test_first_fault_names_each_way_a_walk_goes_wrong():
     assert _replay(p, ok, "7") is None
     assert _replay(p, ["6>>1 then >", "1>7 then end"], "7") is None  # no check needed when right
     # a fast guess the walk moves on from, or ends with, unrepaired
-    assert _replay(p, ["6>>4 then >", "4>1 then end"], "1") == ("unchecked_guess", 0, False)
-    assert _replay(p, ["6>>1 then >", "1>2 then end"], "2") == ("easy_wrong", 1, False)
-    assert _replay(p, ["6>>4 then >", "check 6>4", "4>1 then end"], "1") == ("check_wrong", 0, False)
-    assert _replay(p, ["6>>1 then >", "5>3 then end"], "3") == ("lost_value", 1, False)
-    assert _replay(p, ["6>>1 then >", "1>>7 then end"], "7") == ("wrong_move", 1, False)
-    assert _replay(p, ["6>>1 then >", "1>7 then end", "7>2 then end"], "2") == ("extra_move", 2, False)
-    assert _replay(p, ["6>>1 then >", "again 6>>4 then >"], "7") == ("repeat_wrong", 0, False)
-    assert _replay(p, ["6>>1 then >"], "1") == ("missing_moves", 1, False)
-    assert _replay(p, ok, None) == ("no_answer", None, False)
-    assert _replay(p, ok, "3") == ("answer_mismatch", None, False)
-    assert _replay(p, ["6>>1 then >", "hmm", "1>7 then end"], "7") == ("malformed", 1, False)
-    assert _replay(p, ["check 6>4>1"], "1") == ("malformed", 0, False)  # a check of no step
+    assert _replay(p, ["6>>4 then >", "4>1 then end"], "1") == ("unchecked_guess", 0, False, None)
+    assert _replay(p, ["6>>1 then >", "check 6>4>1", "1>2 then end"], "2") == ("easy_wrong", 1, False, "check")
+    assert _replay(p, ["6>>4 then >", "check 6>4", "4>1 then end"], "1") == ("check_wrong", 0, False, "step")
+    assert _replay(p, ["6>>1 then >", "5>3 then end"], "3") == ("lost_value", 1, False, "step")
+    assert _replay(p, ["6>>4 then >", "check 6>4>1", "1>>7 then end"], "7") == ("wrong_move", 1, False, "check")
+    assert _replay(p, ["6>>1 then >", "again 6>>1 then >", "1>7 then end", "7>2 then end"], "2") == \
+        ("extra_move", 2, False, "step")
+    assert _replay(p, ["6>>1 then >", "again 6>>4 then >"], "7") == ("repeat_wrong", 0, False, "step")
+    assert _replay(p, ["goal from 6: >> >", "6>>1 then >"], "1") == ("missing_moves", 1, False, "step")
+    assert _replay(p, ok, None) == ("no_answer", None, False, "step")
+    assert _replay(p, ok, "3") == ("answer_mismatch", None, False, "step")
+    assert _replay(p, ["6>>1 then >", "hmm", "1>7 then end"], "7") == ("malformed", 1, False, "step")
+    assert _replay(p, ["check 6>4>1"], "1") == ("malformed", 0, False, None)  # a check of no step
     # the walk's own record of the moves left: a wrong then-list or restatement before the fault
-    assert _replay(p, ["6>>1 then end"], "1") == ("missing_moves", 1, True)  # its then-list said 'end'
-    assert _replay(p, ["goal from 6: >>", "6>>1 then end"], "1") == ("missing_moves", 1, True)
-    assert _replay(p, ["6>>1 then >>", "1>>9 then end"], "9") == ("wrong_move", 1, True)
+    assert _replay(p, ["6>>1 then end"], "1") == ("missing_moves", 1, True, "step")  # its then-list said 'end'
+    assert _replay(p, ["goal from 6: >>", "6>>1 then end"], "1") == ("missing_moves", 1, True, "step")
+    assert _replay(p, ["goal from 6: >>", "6>>4 then end"], "4") == ("unchecked_guess", 0, True, "restate")
+    assert _replay(p, ["6>>1 then >>", "again 6>>1 then >>", "1>>9 then end"], "9") == \
+        ("wrong_move", 1, True, "repeat")

@@ -312,12 +312,17 @@ class Fault:
     ``kind`` is one of :data:`FAULT_KINDS`; ``move`` the 0-based index of the problem's move it
     happened at (the number of moves done when the walk ends early; None for the answer);
     ``misread`` whether a ``then`` list or a restatement before it already disagreed with the
-    problem's moves (the walk's own record of what is left to do, which a wrong move may follow).
+    problem's moves (the walk's own record of what is left to do, which a wrong move may follow);
+    ``after`` the kind of the episode just before the faulty one (``step``, ``check``, ``repeat``,
+    ``restate``; None for the first episode), or of the last episode for a fault at the end. A step
+    right after a check reads its move from the ``then`` list two episodes back; right after a
+    repeat (``again 6>4 then >>``), from the episode just before it.
     """
 
     kind: FaultKind
     move: int | None
     misread: bool = False
+    after: str | None = None
 
 
 _REST = re.compile(r" then (end|>>?(?: >>?)*)$")
@@ -345,7 +350,12 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
     last: tuple[int, Move] | None = None  # the start digit and move of the latest step
     pending: Fault | None = None  # a wrong result no check has repaired yet
     misread = False
+    prev: str | None = None  # the kind of the episode before the current one
     goal = restatement_text(problem)
+
+    def fault(kind: FaultKind, move: int | None) -> Fault:
+        return Fault(kind, move, misread, prev)
+
     for raw in texts:
         t = raw.strip()
         m = _STEP.match(t)
@@ -354,41 +364,43 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
                 return pending
             a, move, b = int(m.group(1)), Move(m.group(2)), int(m.group(3))
             if done >= len(moves):
-                return Fault("extra_move", done, misread)
+                return fault("extra_move", done)
             if move != moves[done]:
-                return Fault("wrong_move", done, misread)
+                return fault("wrong_move", done)
             if a != value:
-                return Fault("lost_value", done, misread)
+                return fault("lost_value", done)
             rest = _REST.search(t)
+            if b != move.apply(a):
+                pending = fault("unchecked_guess" if move.hard else "easy_wrong", done)
             if rest is None or rest.group(1) != (moves_text(moves[done + 1:]) or "end"):
                 misread = True
-            last, value, done = (a, move), b, done + 1
-            if b != move.apply(a):
-                pending = Fault("unchecked_guess" if move.hard else "easy_wrong", done - 1, misread)
+            last, value, done, prev = (a, move), b, done + 1, "step"
         elif t.startswith("check "):
             digits = re.findall(r"\d", t)
             if last is None or not digits:
-                return Fault("malformed", done, misread)
+                return fault("malformed", done)
             true = last[1].apply(last[0])
             if int(digits[-1]) != true:
-                return Fault("check_wrong", done - 1, misread)
-            value, pending = true, None
+                return fault("check_wrong", done - 1)
+            value, pending, prev = true, None, "check"
         elif t.startswith("again "):
             m = _STEP.match(t[len("again "):].strip())
             if m is None or last is None:
-                return Fault("malformed", done, misread)
+                return fault("malformed", done)
             if int(m.group(3)) != value:
-                return Fault("repeat_wrong", done - 1, misread)
+                return fault("repeat_wrong", done - 1)
+            prev = "repeat"
         elif t.startswith("goal "):
             misread = misread or t != goal
+            prev = "restate"
         else:
-            return Fault("malformed", done, misread)
+            return fault("malformed", done)
     if pending is not None:
         return pending
     if done < len(moves):
-        return Fault("missing_moves", done, misread)
+        return fault("missing_moves", done)
     if answer is None or not answer.strip():
-        return Fault("no_answer", None, misread)
+        return fault("no_answer", None)
     if answer.strip() != str(value):
-        return Fault("answer_mismatch", None, misread)
+        return fault("answer_mismatch", None)
     return None
