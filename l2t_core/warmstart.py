@@ -299,6 +299,53 @@ def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, ba
     return out
 
 
+@torch.no_grad()
+def step_reliability(model, tokenizer, problems: Sequence, *, n: int = 8, temperature: float = 0.7,
+                     max_new_tokens: int = 448, seed: int = 0, batch_size: int = 64) -> dict:
+    """How reliably a policy carries the walk on, by what came before each step: ``n`` samples per
+    problem at ``temperature``, each replayed against the true walk up to its decisive fault
+    (:func:`~l2t_core.tasks.walk.step_reads`).
+
+    Returns ``responses``, ``accuracy``, ``faults`` (responses per decisive fault kind; ``untagged``
+    for responses that do not segment) and ``contexts``: per kind of the episode before a step
+    (``check``, ``repeat``, ``step``, ``restate``, ``none``), the ``steps`` taken there, the
+    ``misread`` ones (a wrong move, a wrong start digit, a move past the end) and their ``rate``.
+    Only tasks that replay responses (the walk) have it.
+    """
+    task = _task_of_all(problems, "step_reliability")
+    if not hasattr(task, "step_reads"):
+        raise ValueError(f"step_reliability: the task {task.__name__.rsplit('.', 1)[-1]!r} does not replay "
+                         "responses; use the walk task")
+    verifier = NumericVerifier()
+    comps = generate(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n,
+                     temperature=temperature, seed=seed)
+    steps: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    faults: dict[str, int] = defaultdict(int)
+    responses = correct = 0
+    for p, group in zip(problems, comps):
+        for c in group:
+            responses += 1
+            verdict = verifier.verify(c.text, p.answer)
+            correct += verdict.correct
+            seg = segment(c.text)
+            if seg.status != "tagged":
+                faults["untagged"] += 1
+                continue
+            texts = [e.text for e in seg.episodes]
+            f = task.first_fault(p, texts, verdict.extracted)
+            if f is not None:
+                faults[f.kind] += 1
+            for after, right in task.step_reads(p, texts, verdict.extracted):
+                cell = steps[after or "none"]
+                cell[0] += 1
+                cell[1] += not right
+    return {
+        "responses": responses, "accuracy": correct / max(1, responses), "temperature": temperature,
+        "faults": dict(sorted(faults.items())),
+        "contexts": {k: {"steps": v[0], "misread": v[1], "rate": v[1] / max(1, v[0])} for k, v in sorted(steps.items())},
+    }
+
+
 def necessary_tokens(tokenizer, problems: Sequence) -> dict:
     """Mean response tokens of the *necessary* reference trace of ``problems``, overall and per
     level (keys "1".."6"): every step once, a check after every hard step (the repair a fast guess

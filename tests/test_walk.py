@@ -206,3 +206,20 @@ def test_first_fault_names_each_way_a_walk_goes_wrong():
     assert _replay(p, ["goal from 6: >>", "6>>4 then end"], "4") == ("unchecked_guess", 0, True, "restate")
     assert _replay(p, ["6>>1 then >>", "again 6>>1 then >>", "1>>9 then end"], "9") == \
         ("wrong_move", 1, True, "repeat")
+
+
+def test_step_reads_lists_each_step_up_to_the_decisive_fault_with_its_context():
+    from l2t_core.tasks.walk import step_reads
+
+    p = Problem("w", "from 6: >> > >", "2", 3, 6, (Move(HARD), Move(EASY), Move(EASY)))  # 6>>1>7>2
+    ok = ["goal from 6: >> > >", "6>>4 then > >", "check 6>4>1", "1>7 then >", "again 1>7 then >", "7>2 then end"]
+    assert step_reads(p, ok, "2") == [("restate", True), ("check", True), ("repeat", True)]
+    # a misread step ends the list, marked False with its context
+    assert step_reads(p, ["6>>1 then > >", "check 6>4>1", "1>>9 then >"], "9") == [(None, True), ("check", False)]
+    assert step_reads(p, ["6>>1 then > >", "1>7 then >", "3>9 then end"], "9") == \
+        [(None, True), ("step", True), ("step", False)]  # lost value
+    # an unchecked guess: the guessing step read its move right; the walk is wrong after it
+    assert step_reads(p, ["6>>4 then > >", "4>1 then >", "1>7 then end"], "7") == [(None, True)]
+    assert step_reads(p, ["6>>4 then > >", "check 6>4", "4>1 then >"], "1") == [(None, True)]  # wrong check
+    assert step_reads(p, ["6>>1 then > >", "hmm", "1>7 then >"], "7") == [(None, True)]  # malformed
+    assert step_reads(p, ["6>>1 then > >", "1>7 then end"], "7") == [(None, True), ("step", True)]  # stops early

@@ -85,7 +85,7 @@ __all__ = [
     "Move", "Step", "Problem", "make_problem", "split_of", "dataset", "held_out_problems", "build_task_prompt",
     "TraceStyle", "TraceEpisode", "Trace", "render_trace", "step_text", "check_text", "fast_guess",
     "build_trace", "trace", "forced_answer_example", "EpisodeInfo", "classify_episodes", "moves_text",
-    "FaultKind", "FAULT_KINDS", "Fault", "first_fault",
+    "FaultKind", "FAULT_KINDS", "Fault", "first_fault", "READ_FAULTS", "step_reads",
 ]
 
 
@@ -404,3 +404,32 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
     if answer.strip() != str(value):
         return fault("answer_mismatch", None)
     return None
+
+
+READ_FAULTS: tuple[FaultKind, ...] = ("wrong_move", "lost_value", "extra_move")  # a step that misreads the walk
+
+
+def step_reads(problem: Problem, texts: Sequence[str], answer: str | None) -> list[tuple[str | None, bool]]:
+    """Every step of a response up to its decisive fault (:func:`first_fault`), as ``(after,
+    read_right)``: the kind of the episode just before the step (``step``, ``check``, ``repeat``,
+    ``restate``, None for the first episode) and whether the step took the problem's next move from
+    the digit the walk was at (False for the step whose fault is one of :data:`READ_FAULTS`). Steps
+    after the fault are left out: from there on the walk is already wrong. The per-context share of
+    misread steps is how reliably a policy carries the walk on after a check, a repeat, ...
+    """
+    f = first_fault(problem, texts, answer)
+    out: list[tuple[str | None, bool]] = []
+    prev: str | None = None
+    done = 0
+    for k in classify_episodes(texts):
+        if k.kind == "step":
+            if f is not None and f.move is not None:
+                if f.kind in READ_FAULTS and done == f.move:
+                    out.append((prev, False))
+                    break
+                if done > f.move or (f.kind == "malformed" and done == f.move):
+                    break  # past a wrong result or a malformed episode: the walk is already wrong
+            out.append((prev, True))
+            done += 1
+        prev = k.kind
+    return out
