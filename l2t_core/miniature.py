@@ -233,7 +233,7 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
 def fault_totals(runs: list[dict]) -> dict:
     """Why the wrong greedy answers are wrong, per level, summed over seeds (``warmstart.evaluate``'s
     replay of each response, :func:`~l2t_core.tasks.walk.first_fault`): ``n`` responses, ``wrong``,
-    ``faults`` (wrong responses per decisive fault kind), ``misread`` (those that followed a wrong
+    ``faults`` (wrong responses per decisive fault kind), ``misled`` (those that followed a wrong
     ``then`` list or restatement) and ``after`` (those whose faulty episode came right after a
     check, a repeat, ...). {} when the task does not replay responses."""
     out: dict[str, dict] = {}
@@ -250,7 +250,7 @@ def fault_totals(runs: list[dict]) -> dict:
             for k, c in p.get("faults_after", {}).items():
                 after[k] = after.get(k, 0) + c
         out[lv] = {"n": sum(p["n"] for p in parts), "wrong": sum(p["wrong"] for p in parts),
-                   "faults": dict(sorted(kinds.items())), "misread": sum(p["faults_misread"] for p in parts),
+                   "faults": dict(sorted(kinds.items())), "misled": sum(p.get("faults_misled", 0) for p in parts),
                    "after": dict(sorted(after.items()))}
     return out
 
@@ -268,15 +268,15 @@ def fault_table(report: dict) -> str | None:
     rows_of = {k: v for k, v in rows_of.items() if "faults" in v}
     kinds = sorted({k for v in rows_of.values() for k in v["faults"]})
     head = [f"Why level {lv}'s wrong greedy answers are wrong (counts summed over seeds; the decisive fault of "
-            "each response, `l2t_core.tasks.walk.first_fault`; *misread*: it followed a wrong `then` list or "
+            "each response, `l2t_core.tasks.walk.first_fault`; *misled*: it followed a wrong `then` list or "
             "restatement; *after check / repeat*: the faulty episode came right after a check / a repeat):", "",
-            "| method | wrong / n | " + " | ".join(kinds) + " | misread | after check | after repeat |",
+            "| method | wrong / n | " + " | ".join(kinds) + " | misled | after check | after repeat |",
             "|---|---|" + "---|" * (len(kinds) + 3)]
     rows = []
     for name, v in rows_of.items():
         after = v.get("after", v.get("faults_after", {}))
         rows.append(f"| {name} | {v['wrong']} / {v['n']} | " + " | ".join(str(v["faults"].get(k, 0)) for k in kinds)
-                    + f" | {v.get('misread', v.get('faults_misread', 0))} | {after.get('check', 0)} | "
+                    + f" | {v.get('misled', v.get('faults_misled', 0))} | {after.get('check', 0)} | "
                     f"{after.get('repeat', 0)} |")
     return "\n".join(head + rows)
 

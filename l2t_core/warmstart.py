@@ -217,17 +217,17 @@ def response_record(problem, text: str, n_tokens: int, finished: bool, verifier=
 
 def _fault(problem, seg, verdict) -> dict:
     """``fault`` (the kind of the decisive fault of the task's ``first_fault``, None when the walk
-    is right throughout), ``fault_misread`` and ``fault_after`` (the kind of the episode before the
+    is right throughout), ``fault_misled`` and ``fault_after`` (the kind of the episode before the
     faulty one), for tasks that replay responses; {} for others."""
     replay = getattr(task_of(problem), "first_fault", None)
     if replay is None:
         return {}
     if seg.status != "tagged":
-        return {"fault": "malformed", "fault_misread": False, "fault_after": None}
+        return {"fault": "malformed", "fault_misled": False, "fault_after": None}
     f = replay(problem, [e.text for e in seg.episodes], verdict.extracted)
     if f is None:
-        return {"fault": None, "fault_misread": False, "fault_after": None}
-    return {"fault": f.kind, "fault_misread": f.misread, "fault_after": f.after}
+        return {"fault": None, "fault_misled": False, "fault_after": None}
+    return {"fault": f.kind, "fault_misled": f.misled, "fault_after": f.after}
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -258,7 +258,7 @@ def summarize(records: Sequence[dict]) -> dict:
 def _fault_counts(records: Sequence[dict]) -> dict:
     """Why the wrong responses are wrong: ``wrong`` (their number), ``faults`` (how many of them
     have each decisive fault kind of the task's ``first_fault``; ``none`` when the replay finds
-    the walk right but the verifier does not) and ``faults_misread`` (how many followed a wrong
+    the walk right but the verifier does not) and ``faults_misled`` (how many followed a wrong
     ``then`` list or restatement) and ``faults_after`` (how many came right after each kind of
     episode: ``check``, ``repeat``, ``step``, ``restate``, ``none`` for the first episode or an
     untagged response). {} when the task does not replay responses."""
@@ -271,7 +271,7 @@ def _fault_counts(records: Sequence[dict]) -> dict:
         faults[r["fault"] or "none"] += 1
         after[r.get("fault_after") or "none"] += 1
     return {"wrong": len(wrong), "faults": dict(sorted(faults.items())),
-            "faults_misread": sum(bool(r["fault_misread"]) for r in wrong), "faults_after": dict(sorted(after.items()))}
+            "faults_misled": sum(bool(r["fault_misled"]) for r in wrong), "faults_after": dict(sorted(after.items()))}
 
 
 def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, batch_size: int = 64) -> dict:

@@ -68,27 +68,27 @@ def test_aggregate_mean_std_and_ratios():
 
 
 def test_fault_totals_sum_over_seeds_and_tabulate_the_hardest_level():
-    def ev(seed, faults, misread):
+    def ev(seed, faults, misled):
         lv = {"n": 10, "accuracy": 1 - sum(faults.values()) / 10, "mean_tokens": 5.0,
-              "wrong": sum(faults.values()), "faults": faults, "faults_misread": misread,
-              "faults_after": {"check": sum(faults.values()) - misread, "step": misread}}
+              "wrong": sum(faults.values()), "faults": faults, "faults_misled": misled,
+              "faults_after": {"check": sum(faults.values()) - misled, "step": misled}}
         return {"seed": seed, "accuracy": lv["accuracy"], "mean_tokens": 5.0, "train_seconds": 1.0,
-                "per_level": {"1": {**lv, "faults": {}, "wrong": 0, "faults_misread": 0, "accuracy": 1.0}, "2": lv}}
+                "per_level": {"1": {**lv, "faults": {}, "wrong": 0, "faults_misled": 0, "accuracy": 1.0}, "2": lv}}
 
     base = {"accuracy": 0.9, "mean_tokens": 6.0,
             "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 5.0},
                           "2": {"n": 10, "accuracy": 0.9, "mean_tokens": 7.0, "wrong": 1,
-                                "faults": {"check_wrong": 1}, "faults_misread": 0,
+                                "faults": {"check_wrong": 1}, "faults_misled": 0,
                                 "faults_after": {"step": 1}}}}
     rep = aggregate({"grpo": [ev(0, {"unchecked_guess": 2}, 0), ev(1, {"unchecked_guess": 1, "lost_value": 2}, 1)],
                      "length_penalty": [ev(0, {"missing_moves": 3}, 3), ev(1, {}, 0)]}, base)
     assert rep["methods"]["grpo"]["faults"]["2"] == {
-        "n": 20, "wrong": 5, "faults": {"lost_value": 2, "unchecked_guess": 3}, "misread": 1,
+        "n": 20, "wrong": 5, "faults": {"lost_value": 2, "unchecked_guess": 3}, "misled": 1,
         "after": {"check": 4, "step": 1}}
     assert rep["methods"]["grpo"]["faults"]["1"]["wrong"] == 0
     table = markdown_table(rep)
     assert "Why level 2's wrong greedy answers are wrong" in table
-    assert ("| method | wrong / n | check_wrong | lost_value | missing_moves | unchecked_guess | misread | "
+    assert ("| method | wrong / n | check_wrong | lost_value | missing_moves | unchecked_guess | misled | "
             "after check | after repeat |") in table
     assert "| SFT base | 1 / 10 | 1 | 0 | 0 | 0 | 0 | 0 | 0 |" in table
     assert "| grpo | 5 / 20 | 0 | 2 | 0 | 3 | 1 | 4 | 0 |" in table
@@ -123,7 +123,7 @@ def test_miniature_end_to_end(tmp_path):
         assert set(m["seeds"][0]["training"]) >= {"rollout_accuracy_last", "score_length_spearman"}
         assert set(m["behaviour"]) == set(BEHAVIOUR) and 0 <= m["behaviour"]["redundant_share"]["mean"] <= 1
         f = m["faults"]["2"]  # every wrong held-out answer has its decisive fault
-        assert f["n"] == 2 and f["wrong"] == sum(f["faults"].values()) and f["misread"] <= f["wrong"]
+        assert f["n"] == 2 and f["wrong"] == sum(f["faults"].values()) and f["misled"] <= f["wrong"]
     # finished runs are kept: a second call trains nothing and gives the same numbers
     again = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
     assert again["methods"] == report["methods"]

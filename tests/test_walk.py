@@ -158,7 +158,7 @@ def test_task_selection_in_training_data():
 
 def _replay(p: Problem, episodes: list[str], answer: str | None):
     f = first_fault(p, episodes, answer)
-    return None if f is None else (f.kind, f.move, f.misread, f.after)
+    return None if f is None else (f.kind, f.move, f.misled, f.after)
 
 
 def test_first_fault_is_none_exactly_for_the_reference_traces_with_the_right_answer():
@@ -175,7 +175,7 @@ def test_first_fault_is_none_exactly_for_the_reference_traces_with_the_right_ans
             seen[verdict.correct] += 1
             # a reference trace is wrong only through a hard move's guess that no check repaired
             assert (f is None) == verdict.correct
-            assert f is None or (f.kind, f.misread) == ("unchecked_guess", False)
+            assert f is None or (f.kind, f.misled) == ("unchecked_guess", False)
     assert min(seen.values()) > 50  # both outcomes were exercised
 
 

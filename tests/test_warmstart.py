@@ -206,12 +206,12 @@ def test_summarize_counts_the_decisive_fault_of_each_wrong_response():
     lost = response_record(p, resp("6>>1 then end", answer="1"), 10, True)  # its then-list dropped the last move
     untagged = response_record(p, "\\boxed{3}", 1, True)
     assert right["correct"] and right["fault"] is None
-    assert (guess["fault"], guess["fault_misread"]) == ("unchecked_guess", False)
-    assert (lost["fault"], lost["fault_misread"]) == ("missing_moves", True)
+    assert (guess["fault"], guess["fault_misled"]) == ("unchecked_guess", False)
+    assert (lost["fault"], lost["fault_misled"]) == ("missing_moves", True)
     assert untagged["fault"] == "malformed" and not untagged["correct"]
     assert (right["fault_after"], guess["fault_after"], lost["fault_after"]) == (None, None, "step")
     s = summarize([right, guess, lost, untagged])
-    assert s["wrong"] == 3 and s["faults_misread"] == 1 and s["faults_after"] == {"none": 2, "step": 1}
+    assert s["wrong"] == 3 and s["faults_misled"] == 1 and s["faults_after"] == {"none": 2, "step": 1}
     assert s["faults"] == {"malformed": 1, "missing_moves": 1, "unchecked_guess": 1}
     # a task without the replay (the arithmetic task) reports no faults
     q = arithmetic.dataset(1, 1, 1, seed=0)[0]

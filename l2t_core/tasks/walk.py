@@ -311,7 +311,7 @@ class Fault:
 
     ``kind`` is one of :data:`FAULT_KINDS`; ``move`` the 0-based index of the problem's move it
     happened at (the number of moves done when the walk ends early; None for the answer);
-    ``misread`` whether a ``then`` list or a restatement before it already disagreed with the
+    ``misled`` whether a ``then`` list or a restatement before it already disagreed with the
     problem's moves (the walk's own record of what is left to do, which a wrong move may follow);
     ``after`` the kind of the episode just before the faulty one (``step``, ``check``, ``repeat``,
     ``restate``; None for the first episode), or of the last episode for a fault at the end. A step
@@ -321,7 +321,7 @@ class Fault:
 
     kind: FaultKind
     move: int | None
-    misread: bool = False
+    misled: bool = False
     after: str | None = None
 
 
@@ -342,19 +342,19 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
     the walk is at (``repeat_wrong``); an episode of none of the traces' kinds (``malformed``).
     Then at the end: fewer moves than the problem has (``missing_moves``), no answer
     (``no_answer``), an answer other than the value the walk ended on (``answer_mismatch``).
-    Restatements change no value; a wrong one shows as the ``misread`` flag of the fault it leads to.
+    Restatements change no value; a wrong one shows as the ``misled`` flag of the fault it leads to.
     """
     moves = problem.moves
     value = problem.start  # the digit the walk goes on from; the true one while nothing is pending
     done = 0  # moves done
     last: tuple[int, Move] | None = None  # the start digit and move of the latest step
     pending: Fault | None = None  # a wrong result no check has repaired yet
-    misread = False
+    misled = False
     prev: str | None = None  # the kind of the episode before the current one
     goal = restatement_text(problem)
 
     def fault(kind: FaultKind, move: int | None) -> Fault:
-        return Fault(kind, move, misread, prev)
+        return Fault(kind, move, misled, prev)
 
     for raw in texts:
         t = raw.strip()
@@ -373,7 +373,7 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
             if b != move.apply(a):
                 pending = fault("unchecked_guess" if move.hard else "easy_wrong", done)
             if rest is None or rest.group(1) != (moves_text(moves[done + 1:]) or "end"):
-                misread = True
+                misled = True
             last, value, done, prev = (a, move), b, done + 1, "step"
         elif t.startswith("check "):
             digits = re.findall(r"\d", t)
@@ -391,7 +391,7 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
                 return fault("repeat_wrong", done - 1)
             prev = "repeat"
         elif t.startswith("goal "):
-            misread = misread or t != goal
+            misled = misled or t != goal
             prev = "restate"
         else:
             return fault("malformed", done)
