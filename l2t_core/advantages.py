@@ -100,6 +100,20 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float =
     return torch.where(count[inv] > 1, adv, torch.zeros_like(adv))
 
 
+def floor_correct_advantages(advantages: torch.Tensor, outcomes: torch.Tensor) -> torch.Tensor:
+    """The ``correct_floor`` option (this project's, not METHOD.md's): A_i ← max(A_i, 0) for a
+    correct response (o_i > 0); a wrong response keeps its A_i.
+
+    Where a group's correct responses differ only in their shaping score (length, process reward),
+    the group advantage of §4 pushes the lower-scored correct ones down on every token, their
+    correct steps included; floored, shaping only pushes the better correct responses up. The
+    token mean of a group's advantages is then no longer zero.
+    """
+    if advantages.shape != outcomes.shape:
+        raise ValueError(f"floor_correct_advantages: {advantages.numel()} advantages for {outcomes.numel()} outcomes")
+    return torch.where(outcomes > 0, advantages.clamp(min=0.0), advantages)
+
+
 def correct_scope_scores(
     outcomes: torch.Tensor, process_scores: torch.Tensor, group_ids: torch.Tensor, bonus: float = 0.5
 ) -> torch.Tensor:

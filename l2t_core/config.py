@@ -149,6 +149,14 @@ class CreditConfig(_Strict):
     )
     correct_bonus: float = Field(0.5, ge=0.0, lt=1.0,
                                  description="Half-width of the process bonus under process_scope='correct'.")
+    correct_floor: bool = Field(
+        False,
+        description=(
+            "This project's option, not the paper's; any method: a correct response's group advantage is floored "
+            "at 0 (A_i <- max(A_i, 0)), so shaping among correct responses (length, process score) pushes the "
+            "better ones up and never the worse correct ones down on every token, their correct steps included."
+        ),
+    )
 
     @model_validator(mode="after")
     def _scope_needs_paper_credit(self):

@@ -152,3 +152,12 @@ def test_correct_scope_ignores_wrong_responses_process_scores():
         adv.correct_scope_scores(outcomes, scores, groups, 1.0)
     with pytest.raises(ValueError, match="process scores"):
         adv.correct_scope_scores(outcomes, torch.full((6,), float("nan")), groups, 0.5)
+
+
+def test_correct_floor_keeps_wrong_advantages_and_floors_correct_ones():
+    a = torch.tensor([0.9, -0.3, -0.6, 1.2, -1.2, 0.0], dtype=torch.float64)
+    o = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    got = adv.floor_correct_advantages(a, o)
+    assert got.tolist() == [0.9, 0.0, -0.6, 1.2, -1.2, 0.0]
+    with pytest.raises(ValueError, match="3 advantages for 6 outcomes"):
+        adv.floor_correct_advantages(a[:3], o)

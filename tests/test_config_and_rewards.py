@@ -154,6 +154,27 @@ def test_correct_scope_through_the_reward_path(model, tokenizer):
         CreditConfig(correct_bonus=1.0)
 
 
+def test_correct_floor_through_the_reward_path(model, tokenizer):
+    """credit.correct_floor: the same scores, and every correct response's advantage (and token
+    advantage) is the unfloored one clamped at 0, for L2T and the length penalty alike."""
+    # a group whose responses are all correct (shaping alone ranks them), and one with wrong ones
+    texts = [GOOD, REDUNDANT, GOOD, REDUNDANT, GOOD, REDUNDANT, GOOD.replace("{14}", "{12}"), BAD_INPUTS["empty"]]
+    rollouts = _rollouts(tokenizer, texts)
+    for method, credit in (("l2t", {"process_scope": "correct", "credit": "broadcast"}), ("length_penalty", {})):
+        plain = compute_rewards(model, tokenizer, rollouts, method, RewardConfig(credit=credit),
+                                verifier=NumericVerifier())
+        floored = compute_rewards(model, tokenizer, rollouts, method,
+                                  RewardConfig(credit={**credit, "correct_floor": True}), verifier=NumericVerifier())
+        assert [r.outcome for r in plain.responses] == [1.0] * 6 + [0.0, 0.0]
+        assert any(r.advantage < 0 for r in plain.responses[:4])  # correct responses pushed down
+        assert all(r.advantage < 0 for r in plain.responses[6:])  # wrong ones too, and they stay so
+        for p, f in zip(plain.responses, floored.responses):
+            assert f.score == pytest.approx(p.score)
+            want = max(p.advantage, 0.0) if p.outcome > 0 else p.advantage
+            assert f.advantage == pytest.approx(want)
+            assert f.token_advantage.tolist() == pytest.approx([want] * f.token_advantage.numel())
+
+
 def _plain_reference(model, tokenizer, rollouts, teps, targets, basis):
     """The unfused path: a plain causal forward/backward per response for ‖g_k‖² and log π(z_t),
     and the naive per-prefix J."""

@@ -452,6 +452,8 @@ def compute_rewards(
     else:
         scores = outcomes
     a = adv.group_advantages(scores, groups, cr.std_eps)
+    if cr.correct_floor:  # project option: shaping never pushes a correct response down
+        a = adv.floor_correct_advantages(a, outcomes)
     zs = adv.group_episode_zscores([x.process for x in results], groups, cr.std_eps) if additive else None
     for n, x in enumerate(results):
         x.score, x.advantage = float(scores[n]), float(a[n])
