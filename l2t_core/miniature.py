@@ -10,6 +10,9 @@ held-out split per difficulty level. Writes into ``--out``:
   restatements kept and wrong; :func:`~l2t_core.warmstart.evaluate`);
 * ``hardest_level``: accuracy on the hardest level per seed, and every method's difference from the
   length penalty and GRPO with Welch's 95 % interval over seeds (issue 3's second target);
+* ``methods[name]["faults"]``: per level, why the wrong greedy answers are wrong, summed over seeds
+  (each response's decisive fault, :func:`~l2t_core.tasks.walk.first_fault`; :func:`fault_totals`),
+  tabulated for the hardest level;
 * ``miniature.md``: the same as a table;
 * ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level;
 * ``training.png`` and ``methods[name]["training"]``: rollout tokens and accuracy per training step,
