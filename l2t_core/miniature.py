@@ -266,9 +266,9 @@ def fault_table(report: dict) -> str | None:
     if not shared:
         return None
     lv = max(shared, key=int)
-    rows_of = {"SFT base": report["base"]["per_level"].get(lv, {})}
+    base = fault_totals([report["base"]]).get(lv)  # the base's evaluation, in the methods' shape
+    rows_of = {"SFT base": base} if base else {}
     rows_of.update({name: m["faults"][lv] for name, m in ms.items()})
-    rows_of = {k: v for k, v in rows_of.items() if "faults" in v}
     kinds = sorted({k for v in rows_of.values() for k in v["faults"]})
     head = [f"Why level {lv}'s wrong greedy answers are wrong (counts summed over seeds; the decisive fault of "
             "each response, `l2t_core.tasks.walk.first_fault`; *misled*: it followed a wrong `then` list or "
@@ -277,10 +277,8 @@ def fault_table(report: dict) -> str | None:
             "|---|---|" + "---|" * (len(kinds) + 3)]
     rows = []
     for name, v in rows_of.items():
-        after = v.get("after", v.get("faults_after", {}))
         rows.append(f"| {name} | {v['wrong']} / {v['n']} | " + " | ".join(str(v["faults"].get(k, 0)) for k in kinds)
-                    + f" | {v.get('misled', v.get('faults_misled', 0))} | {after.get('check', 0)} | "
-                    f"{after.get('repeat', 0)} |")
+                    + f" | {v['misled']} | {v['after'].get('check', 0)} | {v['after'].get('repeat', 0)} |")
     return "\n".join(head + rows)
 
 

@@ -304,7 +304,7 @@ def step_reliability(model, tokenizer, problems: Sequence, *, n: int = 8, temper
                      max_new_tokens: int = 448, seed: int = 0, batch_size: int = 64) -> dict:
     """How reliably a policy carries the walk on, by what came before each step: ``n`` samples per
     problem at ``temperature``, each replayed against the true walk up to its decisive fault
-    (:func:`~l2t_core.tasks.walk.step_reads`).
+    (:func:`~l2t_core.tasks.walk.replay`).
 
     Returns ``responses``, ``accuracy``, ``faults`` (responses per decisive fault kind; ``untagged``
     for responses that do not segment) and ``contexts``: per kind of the episode before a step
@@ -313,7 +313,7 @@ def step_reliability(model, tokenizer, problems: Sequence, *, n: int = 8, temper
     Only tasks that replay responses (the walk) have it.
     """
     task = _task_of_all(problems, "step_reliability")
-    if not hasattr(task, "step_reads"):
+    if not hasattr(task, "replay"):
         raise ValueError(f"step_reliability: the task {task.__name__.rsplit('.', 1)[-1]!r} does not replay "
                          "responses; use the walk task")
     verifier = NumericVerifier()
@@ -331,11 +331,10 @@ def step_reliability(model, tokenizer, problems: Sequence, *, n: int = 8, temper
             if seg.status != "tagged":
                 faults["untagged"] += 1
                 continue
-            texts = [e.text for e in seg.episodes]
-            f = task.first_fault(p, texts, verdict.extracted)
+            f, reads = task.replay(p, [e.text for e in seg.episodes], verdict.extracted)
             if f is not None:
                 faults[f.kind] += 1
-            for after, right in task.step_reads(p, texts, verdict.extracted):
+            for after, right in reads:
                 cell = steps[after or "none"]
                 cell[0] += 1
                 cell[1] += not right

@@ -85,7 +85,7 @@ __all__ = [
     "Move", "Step", "Problem", "make_problem", "split_of", "dataset", "held_out_problems", "build_task_prompt",
     "TraceStyle", "TraceEpisode", "Trace", "render_trace", "step_text", "check_text", "fast_guess",
     "build_trace", "trace", "forced_answer_example", "EpisodeInfo", "classify_episodes", "moves_text",
-    "FaultKind", "FAULT_KINDS", "Fault", "first_fault", "READ_FAULTS", "step_reads",
+    "FaultKind", "FAULT_KINDS", "Fault", "first_fault", "replay", "READ_FAULTS", "step_reads",
 ]
 
 
@@ -303,6 +303,7 @@ def classify_episodes(texts: Sequence[str]) -> list[EpisodeInfo]:
 FaultKind = Literal["unchecked_guess", "easy_wrong", "check_wrong", "lost_value", "wrong_move", "extra_move",
                     "repeat_wrong", "missing_moves", "answer_mismatch", "no_answer", "malformed"]
 FAULT_KINDS: tuple[FaultKind, ...] = FaultKind.__args__  # type: ignore[attr-defined]
+READ_FAULTS: tuple[FaultKind, ...] = ("wrong_move", "lost_value", "extra_move")  # a step that misreads the walk
 
 
 @dataclass(frozen=True)
@@ -329,8 +330,21 @@ _REST = re.compile(r" then (end|>>?(?: >>?)*)$")
 
 
 def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> Fault | None:
-    """The decisive fault of one response to ``problem``: its episode ``texts`` in order and its
-    extracted final ``answer`` (None when it gave none); None when the walk is right throughout.
+    """The decisive fault of one response to ``problem`` (:func:`replay`'s first half)."""
+    return replay(problem, texts, answer)[0]
+
+
+def replay(problem: Problem, texts: Sequence[str],
+           answer: str | None) -> tuple[Fault | None, list[tuple[str | None, bool]]]:
+    """One response to ``problem`` (its episode ``texts`` in order and its extracted final
+    ``answer``, None when it gave none) replayed against the true walk: ``(fault, reads)``.
+
+    ``fault`` is its decisive fault, None when the walk is right throughout. ``reads`` lists every
+    step up to the fault as ``(after, read_right)``: the kind of the episode just before the step
+    (``step``, ``check``, ``repeat``, ``restate``, None for the first episode) and whether the step
+    took the problem's next move from the digit the walk was at (False only for the step whose
+    fault is one of :data:`READ_FAULTS`); steps after the fault are left out, since from there on
+    the walk is already wrong.
 
     The response is replayed against the true walk. A step's written result may be wrong as long
     as a check repairs it before the next step (the reference traces' fast guess): a wrong result
@@ -352,84 +366,69 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
     misled = False
     prev: str | None = None  # the kind of the episode before the current one
     goal = restatement_text(problem)
+    reads: list[tuple[str | None, bool]] = []
 
     def fault(kind: FaultKind, move: int | None) -> Fault:
         return Fault(kind, move, misled, prev)
+
+    def end(f: Fault | None) -> tuple[Fault | None, list[tuple[str | None, bool]]]:
+        if f is not None and f.kind in READ_FAULTS:  # the step that misread the walk
+            reads.append((f.after, False))
+        return f, reads
 
     for raw in texts:
         t = raw.strip()
         m = _STEP.match(t)
         if m:
             if pending is not None:
-                return pending
+                return end(pending)
             a, move, b = int(m.group(1)), Move(m.group(2)), int(m.group(3))
             if done >= len(moves):
-                return fault("extra_move", done)
+                return end(fault("extra_move", done))
             if move != moves[done]:
-                return fault("wrong_move", done)
+                return end(fault("wrong_move", done))
             if a != value:
-                return fault("lost_value", done)
+                return end(fault("lost_value", done))
             rest = _REST.search(t)
             if b != move.apply(a):
                 pending = fault("unchecked_guess" if move.hard else "easy_wrong", done)
             if rest is None or rest.group(1) != (moves_text(moves[done + 1:]) or "end"):
                 misled = True
+            reads.append((prev, True))
             last, value, done, prev = (a, move), b, done + 1, "step"
         elif t.startswith("check "):
             digits = re.findall(r"\d", t)
             if last is None or not digits:
-                return fault("malformed", done)
+                return end(fault("malformed", done))
             true = last[1].apply(last[0])
             if int(digits[-1]) != true:
-                return fault("check_wrong", done - 1)
+                return end(fault("check_wrong", done - 1))
             value, pending, prev = true, None, "check"
         elif t.startswith("again "):
             m = _STEP.match(t[len("again "):].strip())
             if m is None or last is None:
-                return fault("malformed", done)
+                return end(fault("malformed", done))
             if int(m.group(3)) != value:
-                return fault("repeat_wrong", done - 1)
+                return end(fault("repeat_wrong", done - 1))
             prev = "repeat"
         elif t.startswith("goal "):
             misled = misled or t != goal
             prev = "restate"
         else:
-            return fault("malformed", done)
+            return end(fault("malformed", done))
     if pending is not None:
-        return pending
+        return end(pending)
     if done < len(moves):
-        return fault("missing_moves", done)
+        return end(fault("missing_moves", done))
     if answer is None or not answer.strip():
-        return fault("no_answer", None)
+        return end(fault("no_answer", None))
     if answer.strip() != str(value):
-        return fault("answer_mismatch", None)
-    return None
-
-
-READ_FAULTS: tuple[FaultKind, ...] = ("wrong_move", "lost_value", "extra_move")  # a step that misreads the walk
+        return end(fault("answer_mismatch", None))
+    return end(None)
 
 
 def step_reads(problem: Problem, texts: Sequence[str], answer: str | None) -> list[tuple[str | None, bool]]:
-    """Every step of a response up to its decisive fault (:func:`first_fault`), as ``(after,
-    read_right)``: the kind of the episode just before the step (``step``, ``check``, ``repeat``,
-    ``restate``, None for the first episode) and whether the step took the problem's next move from
-    the digit the walk was at (False for the step whose fault is one of :data:`READ_FAULTS`). Steps
-    after the fault are left out: from there on the walk is already wrong. The per-context share of
-    misread steps is how reliably a policy carries the walk on after a check, a repeat, ...
-    """
-    f = first_fault(problem, texts, answer)
-    out: list[tuple[str | None, bool]] = []
-    prev: str | None = None
-    done = 0
-    for k in classify_episodes(texts):
-        if k.kind == "step":
-            if f is not None and f.move is not None:
-                if f.kind in READ_FAULTS and done == f.move:
-                    out.append((prev, False))
-                    break
-                if done > f.move or (f.kind == "malformed" and done == f.move):
-                    break  # past a wrong result or a malformed episode: the walk is already wrong
-            out.append((prev, True))
-            done += 1
-        prev = k.kind
-    return out
+    """Every step of a response up to its decisive fault, as ``(after, read_right)`` (:func:`replay`'s
+    second half). The per-context share of misread steps is how reliably a policy carries the walk
+    on after a check, a repeat, ..."""
+    return replay(problem, texts, answer)[1]
