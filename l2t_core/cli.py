@@ -1,4 +1,4 @@
-"""The ``l2t`` command line: ``l2t warmstart``, ``l2t train``, ``l2t miniature``, ``l2t eval``, ``l2t compare``.
+"""The ``l2t`` command line: ``l2t warmstart``, ``l2t train``, ``l2t miniature``, ``l2t eval``, ``l2t reads``, ``l2t compare``.
 
 Configuration comes from an optional JSON/YAML file (``--config``), then dotted overrides
 (``--set reward.credit.beta=0.3``), then the explicit flags; the result is validated as one typed
@@ -253,6 +253,51 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _named_models(specs: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` pairs of ``l2t reads --model``, in order; a bare DIR is named by its position."""
+    out: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (f"model{i}", spec)
+        if not name or not path:
+            raise SystemExit(f"l2t reads: --model {spec!r}: write NAME=DIR (e.g. base=runs/sft)")
+        if name in out:
+            raise SystemExit(f"l2t reads: the name {name!r} is given twice; give each --model its own name")
+        out[name] = path
+    return out
+
+
+def cmd_reads(args) -> int:
+    """Teacher-forced reading of the walk's steps, every model on every model's samples."""
+    import torch
+
+    from .models import load_policy
+    from .reading import context_or_weights
+    from .warmstart import held_out
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = _named_models(args.model)
+    loaded = {name: load_policy(path) for name, path in paths.items()}
+    vocabs = {name: tok.get_vocab() for name, (_, tok) in loaded.items()}
+    first = next(iter(vocabs))
+    if any(v != vocabs[first] for v in vocabs.values()):
+        raise SystemExit("l2t reads: the models do not share one tokenizer; compare checkpoints of one warm start")
+    problems = held_out(args.levels, args.per_level)
+    res = context_or_weights({name: m for name, (m, _) in loaded.items()}, loaded[first][1], problems,
+                             n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                             seed=args.seed)
+    res["models"] = paths
+    res["levels"] = list(args.levels)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps({"out": args.out, "p_wrong": {r: {s: round(c["p_wrong"], 5) for s, c in row.items()}
+                                                   for r, row in res["matrix"].items()},
+                      "sampled_misread": {n: round(v["misread"], 5) for n, v in res["samplers"].items()}}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="l2t", description="L2T reinforcement fine-tuning")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -308,6 +353,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="HumanEval pass@k values, each in [1, n] (default: 1 and n)")
     p.add_argument("--sandbox-workers", type=int, help="HumanEval programs run at once (default: CPU count)")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("reads", help="does a policy misread the walk because of its weights or of the contexts it "
+                       "writes? every model, teacher-forced, reads every model's level samples")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                   help="a checkpoint of the walk task (repeat the flag; all from one warm start)")
+    p.add_argument("--levels", type=int, nargs="+", default=[6], metavar="LEVEL", help="held-out levels (default 6)")
+    p.add_argument("--per-level", type=int, default=60, help="held-out problems per level (default 60)")
+    p.add_argument("--n", type=int, default=8, help="samples per problem and model (default 8)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=448)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--out", help="JSON file for the full result")
+    p.set_defaults(fn=cmd_reads)
 
     p = sub.add_parser("compare", help="compare `l2t eval` reports of several models (Fig. 2 style)")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging")

@@ -94,6 +94,9 @@ class WarmStartConfig(_Strict):
     easy_check: float = Field(0.6, ge=0, le=1, description="Redundant re-check after an easy step.")
     repeat: float = Field(0.1, ge=0, le=1, description="Redundant verbatim repeat of a step.")
     restate: float = Field(0.2, ge=0, le=1, description="Redundant restatement of the problem first.")
+    concise: float = Field(0.0, ge=0, le=1, description=(
+        "Share of traces with no redundant episode at all (hard steps still checked), so the base has "
+        "seen the short contexts a shortening policy moves into."))
     forced_frac: float = Field(0.25, ge=0, lt=1, description="Share of forced-answer examples in the corpus.")
     # model (build_tiny_qwen2)
     hidden_size: int = Field(128, ge=8)
@@ -126,7 +129,7 @@ class WarmStartConfig(_Strict):
     def trace_style(self):
         """The task's ``TraceStyle`` with this config's probabilities."""
         return self.task_module().TraceStyle(self.guess_error, self.hard_check, self.easy_check, self.repeat,
-                                             self.restate)
+                                             self.restate, self.concise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,52 +300,6 @@ def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, ba
     out["per_level"] = {str(lv): summarize(by_level[lv]) for lv in sorted(by_level)}
     out["seconds"] = time.perf_counter() - t0
     return out
-
-
-@torch.no_grad()
-def step_reliability(model, tokenizer, problems: Sequence, *, n: int = 8, temperature: float = 0.7,
-                     max_new_tokens: int = 448, seed: int = 0, batch_size: int = 64) -> dict:
-    """How reliably a policy carries the walk on, by what came before each step: ``n`` samples per
-    problem at ``temperature``, each replayed against the true walk up to its decisive fault
-    (:func:`~l2t_core.tasks.walk.replay`).
-
-    Returns ``responses``, ``accuracy``, ``faults`` (responses per decisive fault kind; ``untagged``
-    for responses that do not segment) and ``contexts``: per kind of the episode before a step
-    (``check``, ``repeat``, ``step``, ``restate``, ``none``), the ``steps`` taken there, the
-    ``misread`` ones (a wrong move, a wrong start digit, a move past the end) and their ``rate``.
-    Only tasks that replay responses (the walk) have it.
-    """
-    task = _task_of_all(problems, "step_reliability")
-    if not hasattr(task, "replay"):
-        raise ValueError(f"step_reliability: the task {task.__name__.rsplit('.', 1)[-1]!r} does not replay "
-                         "responses; use the walk task")
-    verifier = NumericVerifier()
-    comps = generate(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n,
-                     temperature=temperature, seed=seed)
-    steps: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    faults: dict[str, int] = defaultdict(int)
-    responses = correct = 0
-    for p, group in zip(problems, comps):
-        for c in group:
-            responses += 1
-            verdict = verifier.verify(c.text, p.answer)
-            correct += verdict.correct
-            seg = segment(c.text)
-            if seg.status != "tagged":
-                faults["untagged"] += 1
-                continue
-            f, reads = task.replay(p, [e.text for e in seg.episodes], verdict.extracted)
-            if f is not None:
-                faults[f.kind] += 1
-            for after, right in reads:
-                cell = steps[after or "none"]
-                cell[0] += 1
-                cell[1] += not right
-    return {
-        "responses": responses, "accuracy": correct / max(1, responses), "temperature": temperature,
-        "faults": dict(sorted(faults.items())),
-        "contexts": {k: {"steps": v[0], "misread": v[1], "rate": v[1] / max(1, v[0])} for k, v in sorted(steps.items())},
-    }
 
 
 def necessary_tokens(tokenizer, problems: Sequence) -> dict:

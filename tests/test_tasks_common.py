@@ -138,6 +138,46 @@ def test_trace_probabilities_are_respected(case):
     assert abs(counts["restate"] / len(probs) - 0.25) < 0.04
 
 
+def _redundant(eps) -> int:
+    return sum(e.kind in ("restate", "repeat") or (e.kind == "check" and not e.hard) for e in eps)
+
+
+def test_concise_traces_drop_every_redundant_episode_and_keep_hard_checks(case):
+    t = case.task
+    rng = random.Random(3)
+    probs = t.dataset(1500, 1, 6, seed=8)
+    wordy = dict(guess_error=0.6, hard_check=0.8, easy_check=0.75, repeat=0.75, restate=0.75)
+    hard = hard_checked = 0
+    for p in probs:  # all concise: no restatement, easy check or repeat; hard steps checked as usual
+        eps = t.build_trace(p, rng, t.TraceStyle(**wordy, concise=1.0)).episodes
+        assert _redundant(eps) == 0
+        for e, nxt in zip(eps, list(eps[1:]) + [None]):
+            if e.kind == "step" and e.hard:
+                hard += 1
+                hard_checked += nxt is not None and nxt.kind == "check"
+    assert abs(hard_checked / hard - 0.8) < 0.03
+    # a share of concise traces: the rest as wordy as before (trace-level mixture)
+    none = sum(_redundant(t.build_trace(p, rng, t.TraceStyle(**wordy, concise=0.3)).episodes) == 0 for p in probs)
+    natural = sum(_redundant(t.build_trace(p, rng, t.TraceStyle(**wordy)).episodes) == 0 for p in probs)
+    assert abs(none / len(probs) - (0.3 + 0.7 * natural / len(probs))) < 0.04
+    with pytest.raises(ValueError, match="concise"):
+        t.TraceStyle(concise=1.5)
+
+
+def test_traces_without_concise_are_the_traces_drawn_before_it_existed():
+    """concise = 0 draws nothing extra from the generator, so every warm start made before the
+    option rebuilds to the same corpus (digest of 1,200 traces of both tasks, taken before)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for task in (walk, arithmetic):
+        rng = random.Random(7)
+        for p in task.dataset(300, 1, 6, seed=3):
+            for st in (task.TraceStyle(), task.TraceStyle(0.6, 0.8, 0.75, 0.75, 0.75)):
+                h.update(task.build_trace(p, rng, st).text.encode())
+    assert h.hexdigest()[:16] == "8e6f17639ac2c7f6"
+
+
 def test_held_out_split_is_disjoint_unique_and_deterministic(case):
     t = case.task
     train = {p.problem for p in t.dataset(5000, 1, 6, seed=0)}

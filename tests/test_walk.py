@@ -209,17 +209,25 @@ def test_first_fault_names_each_way_a_walk_goes_wrong():
 
 
 def test_step_reads_lists_each_step_up_to_the_decisive_fault_with_its_context():
-    from l2t_core.tasks.walk import step_reads
+    from l2t_core.tasks.walk import StepRead, step_reads
+
+    def reads(p, eps, answer):
+        return [(r.after, r.right) for r in step_reads(p, eps, answer)]
 
     p = Problem("w", "from 6: >> > >", "2", 3, 6, (Move(HARD), Move(EASY), Move(EASY)))  # 6>>1>7>2
     ok = ["goal from 6: >> > >", "6>>4 then > >", "check 6>4>1", "1>7 then >", "again 1>7 then >", "7>2 then end"]
-    assert step_reads(p, ok, "2") == [("restate", True), ("check", True), ("repeat", True)]
+    assert reads(p, ok, "2") == [("restate", True), ("check", True), ("repeat", True)]
+    # each read names its episode, the digit the walk was at and the move it should read
+    assert step_reads(p, ok, "2") == [StepRead("restate", True, 1, 6, Move(HARD)), StepRead("check", True, 3, 1, Move(EASY)),
+                                      StepRead("repeat", True, 5, 7, Move(EASY))]
+    assert step_reads(p, ["6>>1 then > >", "1>7 then >", "7>2 then end", "2>0 then end"], "0")[-1] == \
+        StepRead("step", False, 3, 2, None)  # past the last move: no move to read
     # a misread step ends the list, marked False with its context
-    assert step_reads(p, ["6>>1 then > >", "check 6>4>1", "1>>9 then >"], "9") == [(None, True), ("check", False)]
-    assert step_reads(p, ["6>>1 then > >", "1>7 then >", "3>9 then end"], "9") == \
+    assert reads(p, ["6>>1 then > >", "check 6>4>1", "1>>9 then >"], "9") == [(None, True), ("check", False)]
+    assert reads(p, ["6>>1 then > >", "1>7 then >", "3>9 then end"], "9") == \
         [(None, True), ("step", True), ("step", False)]  # lost value
     # an unchecked guess: the guessing step read its move right; the walk is wrong after it
-    assert step_reads(p, ["6>>4 then > >", "4>1 then >", "1>7 then end"], "7") == [(None, True)]
-    assert step_reads(p, ["6>>4 then > >", "check 6>4", "4>1 then >"], "1") == [(None, True)]  # wrong check
-    assert step_reads(p, ["6>>1 then > >", "hmm", "1>7 then >"], "7") == [(None, True)]  # malformed
-    assert step_reads(p, ["6>>1 then > >", "1>7 then end"], "7") == [(None, True), ("step", True)]  # stops early
+    assert reads(p, ["6>>4 then > >", "4>1 then >", "1>7 then end"], "7") == [(None, True)]
+    assert reads(p, ["6>>4 then > >", "check 6>4", "4>1 then >"], "1") == [(None, True)]  # wrong check
+    assert reads(p, ["6>>1 then > >", "hmm", "1>7 then >"], "7") == [(None, True)]  # malformed
+    assert reads(p, ["6>>1 then > >", "1>7 then end"], "7") == [(None, True), ("step", True)]  # stops early

@@ -167,6 +167,9 @@ def test_config_validation():
         WarmStartConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError):
         WarmStartConfig(unknown_field=1)
+    with pytest.raises(ValueError, match="concise"):
+        WarmStartConfig(concise=-0.1)
+    assert WarmStartConfig(concise=0.2).trace_style().concise == 0.2 and WarmStartConfig().trace_style().concise == 0.0
 
 
 def test_response_record_flags_a_restatement_that_drops_a_move():
@@ -217,31 +220,3 @@ def test_summarize_counts_the_decisive_fault_of_each_wrong_response():
     q = arithmetic.dataset(1, 1, 1, seed=0)[0]
     r = response_record(q, "\\boxed{" + q.answer + "}", 3, True)
     assert "fault" not in r and "faults" not in summarize([r])
-
-
-def test_step_reliability_counts_misread_steps_by_context(warm_dir, monkeypatch):
-    """Sampled responses replayed against the true walk: every step up to the decisive fault is
-    counted under the kind of the episode before it; checked on responses whose faults are known."""
-    import l2t_core.warmstart as ws
-    from l2t_core.rollout.base import Completion
-    from l2t_core.tasks import walk
-
-    model, tok = load_policy(warm_dir)
-    p = walk.Problem("w", "from 6: >> >", "7", 2, 6, (walk.Move(walk.HARD), walk.Move(walk.EASY)))
-    texts = [walk.render_trace(["6>>4 then >", "check 6>4>1", "1>7 then end"], "7"),  # right
-             walk.render_trace(["6>>4 then >", "check 6>4>1", "1>>9 then end"], "9"),  # misread after a check
-             walk.render_trace(["6>>1 then >", "again 6>>1 then >", "1>7 then end"], "7"),  # right, after a repeat
-             "no think at all \\boxed{7}"]
-    monkeypatch.setattr(ws, "generate", lambda *a, **k: [[Completion([1], [2], t, True) for t in texts]])
-    r = ws.step_reliability(model, tok, [p], n=4)
-    assert r["responses"] == 4 and r["accuracy"] == 0.75 and r["faults"] == {"untagged": 1, "wrong_move": 1}
-    assert r["contexts"] == {"none": {"steps": 3, "misread": 0, "rate": 0.0},
-                             "check": {"steps": 2, "misread": 1, "rate": 0.5},
-                             "repeat": {"steps": 1, "misread": 0, "rate": 0.0}}
-    # a real sampling pass on the tiny warm start runs end to end
-    monkeypatch.undo()
-    out = ws.step_reliability(model, tok, held_out((2,), 2), n=2, max_new_tokens=24)
-    assert out["responses"] == 4 and 0 <= out["accuracy"] <= 1
-    assert all(0 <= c["misread"] <= c["steps"] for c in out["contexts"].values())
-    with pytest.raises(ValueError, match="does not replay"):
-        ws.step_reliability(model, tok, arithmetic.dataset(1, 1, 1, seed=0), n=1)

@@ -50,7 +50,7 @@ import itertools
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 from .common import (  # the task-independent pieces, shared with the arithmetic task and re-exported here
     HELDOUT_SHARE,
@@ -85,7 +85,7 @@ __all__ = [
     "Move", "Step", "Problem", "make_problem", "split_of", "dataset", "held_out_problems", "build_task_prompt",
     "TraceStyle", "TraceEpisode", "Trace", "render_trace", "step_text", "check_text", "fast_guess",
     "build_trace", "trace", "forced_answer_example", "EpisodeInfo", "classify_episodes", "moves_text",
-    "FaultKind", "FAULT_KINDS", "Fault", "first_fault", "replay", "READ_FAULTS", "step_reads",
+    "FaultKind", "FAULT_KINDS", "Fault", "first_fault", "replay", "READ_FAULTS", "StepRead", "step_reads",
 ]
 
 
@@ -326,6 +326,20 @@ class Fault:
     after: str | None = None
 
 
+class StepRead(NamedTuple):
+    """One step of a replayed response (:func:`replay`): ``after`` the kind of the episode before it
+    (``step``, ``check``, ``repeat``, ``restate``; None for the first episode), ``right`` whether it
+    took the problem's next move from the digit the walk was at, ``episode`` its index among the
+    response's episodes, ``digit`` the digit the walk was at (what the step should start from) and
+    ``move`` the problem's next move (None for a step past the last move)."""
+
+    after: str | None
+    right: bool
+    episode: int
+    digit: int
+    move: Move | None
+
+
 _REST = re.compile(r" then (end|>>?(?: >>?)*)$")
 
 
@@ -334,17 +348,16 @@ def first_fault(problem: Problem, texts: Sequence[str], answer: str | None) -> F
     return replay(problem, texts, answer)[0]
 
 
-def replay(problem: Problem, texts: Sequence[str],
-           answer: str | None) -> tuple[Fault | None, list[tuple[str | None, bool]]]:
+def replay(problem: Problem, texts: Sequence[str], answer: str | None) -> tuple[Fault | None, list[StepRead]]:
     """One response to ``problem`` (its episode ``texts`` in order and its extracted final
     ``answer``, None when it gave none) replayed against the true walk: ``(fault, reads)``.
 
     ``fault`` is its decisive fault, None when the walk is right throughout. ``reads`` lists every
-    step up to the fault as ``(after, read_right)``: the kind of the episode just before the step
-    (``step``, ``check``, ``repeat``, ``restate``, None for the first episode) and whether the step
+    step up to the fault as a :class:`StepRead`: the kind of the episode just before the step
+    (``step``, ``check``, ``repeat``, ``restate``, None for the first episode), whether the step
     took the problem's next move from the digit the walk was at (False only for the step whose
-    fault is one of :data:`READ_FAULTS`); steps after the fault are left out, since from there on
-    the walk is already wrong.
+    fault is one of :data:`READ_FAULTS`), and where and what it should have read; steps after the
+    fault are left out, since from there on the walk is already wrong.
 
     The response is replayed against the true walk. A step's written result may be wrong as long
     as a check repairs it before the next step (the reference traces' fast guess): a wrong result
@@ -366,17 +379,17 @@ def replay(problem: Problem, texts: Sequence[str],
     misled = False
     prev: str | None = None  # the kind of the episode before the current one
     goal = restatement_text(problem)
-    reads: list[tuple[str | None, bool]] = []
+    reads: list[StepRead] = []
 
     def fault(kind: FaultKind, move: int | None) -> Fault:
         return Fault(kind, move, misled, prev)
 
-    def end(f: Fault | None) -> tuple[Fault | None, list[tuple[str | None, bool]]]:
+    def end(f: Fault | None, episode: int = -1) -> tuple[Fault | None, list[StepRead]]:
         if f is not None and f.kind in READ_FAULTS:  # the step that misread the walk
-            reads.append((f.after, False))
+            reads.append(StepRead(f.after, False, episode, value, moves[done] if done < len(moves) else None))
         return f, reads
 
-    for raw in texts:
+    for i, raw in enumerate(texts):
         t = raw.strip()
         m = _STEP.match(t)
         if m:
@@ -384,17 +397,17 @@ def replay(problem: Problem, texts: Sequence[str],
                 return end(pending)
             a, move, b = int(m.group(1)), Move(m.group(2)), int(m.group(3))
             if done >= len(moves):
-                return end(fault("extra_move", done))
+                return end(fault("extra_move", done), i)
             if move != moves[done]:
-                return end(fault("wrong_move", done))
+                return end(fault("wrong_move", done), i)
             if a != value:
-                return end(fault("lost_value", done))
+                return end(fault("lost_value", done), i)
             rest = _REST.search(t)
             if b != move.apply(a):
                 pending = fault("unchecked_guess" if move.hard else "easy_wrong", done)
             if rest is None or rest.group(1) != (moves_text(moves[done + 1:]) or "end"):
                 misled = True
-            reads.append((prev, True))
+            reads.append(StepRead(prev, True, i, value, moves[done]))
             last, value, done, prev = (a, move), b, done + 1, "step"
         elif t.startswith("check "):
             digits = re.findall(r"\d", t)
@@ -427,8 +440,8 @@ def replay(problem: Problem, texts: Sequence[str],
     return end(None)
 
 
-def step_reads(problem: Problem, texts: Sequence[str], answer: str | None) -> list[tuple[str | None, bool]]:
-    """Every step of a response up to its decisive fault, as ``(after, read_right)`` (:func:`replay`'s
+def step_reads(problem: Problem, texts: Sequence[str], answer: str | None) -> list[StepRead]:
+    """Every step of a response up to its decisive fault, as :class:`StepRead` (:func:`replay`'s
     second half). The per-context share of misread steps is how reliably a policy carries the walk
     on after a check, a repeat, ..."""
     return replay(problem, texts, answer)[1]
