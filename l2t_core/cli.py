@@ -272,7 +272,7 @@ def cmd_reads(args) -> int:
     import torch
 
     from .models import load_policy
-    from .reading import context_or_weights
+    from .reading import DEFAULT_ABLATIONS, context_or_weights
     from .warmstart import held_out
 
     if args.threads:
@@ -286,7 +286,7 @@ def cmd_reads(args) -> int:
     problems = held_out(args.levels, args.per_level)
     res = context_or_weights({name: m for name, (m, _) in loaded.items()}, loaded[first][1], problems,
                              n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed)
+                             seed=args.seed, ablate=DEFAULT_ABLATIONS if args.ablate else ())
     res["models"] = paths
     res["levels"] = list(args.levels)
     if args.out:
@@ -294,7 +294,9 @@ def cmd_reads(args) -> int:
         Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps({"out": args.out, "p_wrong": {r: {s: round(c["p_wrong"], 5) for s, c in row.items()}
                                                    for r, row in res["matrix"].items()},
-                      "sampled_misread": {n: round(v["misread"], 5) for n, v in res["samplers"].items()}}))
+                      "sampled_misread": {n: round(v["misread"], 5) for n, v in res["samplers"].items()},
+                      "ablation": {n: {k: round(c["p_wrong"], 5) for k, c in a.items()}
+                                   for n, a in res.get("ablation", {}).items()}}))
     return 0
 
 
@@ -366,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=448)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--ablate", action="store_true",
+                   help="also read each model's own samples with its repeats, its restatements, and both cut out "
+                        "(are those episodes memory aids?)")
     p.add_argument("--out", help="JSON file for the full result")
     p.set_defaults(fn=cmd_reads)
 

@@ -16,10 +16,14 @@ writes are contexts in which the same weights read worse (the dropped episodes w
 * :func:`context_or_weights` crosses readers and samplers: a row (one reader on every sampler's
   contexts) that rises with the sampler says the contexts are harder; a column (every reader on one
   sampler's contexts) that rises with the reader says the weights read worse.
+* :func:`episode_ablation` cuts the episodes of a kind (repeats, restatements) out of a policy's own
+  samples and reads them again: if the steps after them are misread more often, those "redundant"
+  episodes were memory aids for this model.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -28,11 +32,12 @@ import torch
 
 from .episodes import segment
 from .rewards.l2t import response_offsets
-from .tasks import walk
+from .tasks import task_of, walk
 from .verify import NumericVerifier
 from .warmstart import _task_of_all, generate
 
-__all__ = ["ReplayedSample", "sample_and_replay", "step_reliability", "read_probabilities", "context_or_weights"]
+__all__ = ["ReplayedSample", "sample_and_replay", "step_reliability", "read_probabilities", "context_or_weights",
+           "ABLATABLE", "DEFAULT_ABLATIONS", "without_episodes", "episode_ablation"]
 
 
 @dataclass(frozen=True)
@@ -78,17 +83,48 @@ def sample_and_replay(model, tokenizer, problems: Sequence, *, n: int = 8, tempe
     out = []
     for p, group in zip(problems, comps):
         prompt = tuple(tokenizer(task.build_task_prompt(p), add_special_tokens=False)["input_ids"])
-        for c in group:
-            verdict = verifier.verify(c.text, p.answer)
-            seg = segment(c.text)
-            if seg.status != "tagged":
-                out.append(ReplayedSample(p, prompt, tuple(c.response_ids), c.text, verdict.correct, "untagged", (), ()))
-                continue
-            f, reads = task.replay(p, [e.text for e in seg.episodes], verdict.extracted)
-            starts = tuple(_content_start(c.text, seg.episodes[r.episode]) for r in reads)
-            out.append(ReplayedSample(p, prompt, tuple(c.response_ids), c.text, verdict.correct,
-                                      None if f is None else f.kind, tuple(reads), starts))
+        out += [_replayed(p, prompt, tuple(c.response_ids), c.text, verifier) for c in group]
     return out
+
+
+def _replayed(problem, prompt_ids: tuple[int, ...], response_ids: tuple[int, ...], text: str,
+              verifier: NumericVerifier) -> ReplayedSample:
+    verdict = verifier.verify(text, problem.answer)
+    seg = segment(text)
+    if seg.status != "tagged":
+        return ReplayedSample(problem, prompt_ids, response_ids, text, verdict.correct, "untagged", (), ())
+    f, reads = task_of(problem).replay(problem, [e.text for e in seg.episodes], verdict.extracted)
+    starts = tuple(_content_start(text, seg.episodes[r.episode]) for r in reads)
+    return ReplayedSample(problem, prompt_ids, response_ids, text, verdict.correct,
+                          None if f is None else f.kind, tuple(reads), starts)
+
+
+ABLATABLE = ("repeat", "restate")  # episode kinds that change no value of the walk
+_TAGGED = re.compile(r"<episode_(\d+)>(.*?)</episode_\1>\n?", re.DOTALL)
+
+
+def without_episodes(tokenizer, sample: ReplayedSample, kinds: Sequence[str]) -> ReplayedSample:
+    """``sample`` with every episode of ``kinds`` (``repeat``, ``restate``: the kinds that change no
+    value of the walk) cut out and the rest renumbered, replayed again: the same reasoning without
+    those episodes, to ask whether they help the steps after them (:func:`episode_ablation`)."""
+    bad = sorted(set(kinds) - set(ABLATABLE))
+    if bad:
+        raise ValueError(f"without_episodes: can cut only {', '.join(ABLATABLE)} episodes (they change no value "
+                         f"of the walk), not {', '.join(bad)}")
+    if sample.fault == "untagged":
+        return sample
+    found = list(_TAGGED.finditer(sample.text))
+    info = walk.classify_episodes([m.group(2) for m in found])
+    text, last, k = "", 0, 0
+    for m, e in zip(found, info):
+        text += sample.text[last:m.start()]
+        last = m.end()
+        if e.kind not in kinds:
+            k += 1
+            text += m.group(0).replace(f"episode_{m.group(1)}>", f"episode_{k}>")
+    text += sample.text[last:]
+    ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _replayed(sample.problem, sample.prompt_ids, ids, text, NumericVerifier())
 
 
 def step_reliability(model, tokenizer, problems: Sequence, *, n: int = 8, temperature: float = 0.7,
@@ -195,13 +231,15 @@ def read_probabilities(reader, tokenizer, samples: Sequence[ReplayedSample], *, 
 
 def context_or_weights(models: Mapping[str, object], tokenizer, problems: Sequence, *, n: int = 8,
                        temperature: float = 0.7, max_new_tokens: int = 448, seed: int = 0,
-                       batch_size: int = 64) -> dict:
+                       batch_size: int = 64, ablate: Sequence[Sequence[str]] = ()) -> dict:
     """Each of ``models`` samples ``n`` responses per problem; each then reads every model's samples.
 
     Returns ``samplers`` (per model: responses, accuracy, steps read and the share misread in its
     own samples, faults) and ``matrix[reader][sampler]``: ``steps`` and ``p_wrong``, the reader's mean
     probability of misreading a step of the sampler's responses (:func:`read_probabilities`), also
-    ``by_after`` the kind of episode before the step. All models must share ``tokenizer``.
+    ``by_after`` the kind of episode before the step. With ``ablate`` (entries of kinds, e.g.
+    ``[["repeat"]]``), also ``ablation[model]``: each model reading its own samples with those
+    episodes cut out (:func:`episode_ablation`). All models must share ``tokenizer``.
     """
     samples = {name: sample_and_replay(m, tokenizer, problems, n=n, temperature=temperature,
                                        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
@@ -224,4 +262,33 @@ def context_or_weights(models: Mapping[str, object], tokenizer, problems: Sequen
                 "steps": len(got), "p_wrong": sum(p for _, p in got) / max(1, len(got)),
                 "by_after": {k: {"steps": len(v), "p_wrong": sum(v) / len(v)} for k, v in sorted(by_after.items())},
             }
-    return {"temperature": temperature, "n": n, "problems": len(problems), "samplers": samplers, "matrix": matrix}
+    out = {"temperature": temperature, "n": n, "problems": len(problems), "samplers": samplers, "matrix": matrix}
+    if ablate:
+        out["ablation"] = {name: episode_ablation(m, tokenizer, samples[name], kinds=ablate, temperature=temperature)
+                           for name, m in models.items()}
+    return out
+
+
+DEFAULT_ABLATIONS: tuple[tuple[str, ...], ...] = (("repeat",), ("restate",), ("repeat", "restate"))
+
+
+def episode_ablation(reader, tokenizer, samples: Sequence[ReplayedSample], *,
+                     kinds: Sequence[Sequence[str]] = DEFAULT_ABLATIONS, temperature: float = 0.7) -> dict:
+    """Are a policy's "redundant" episodes memory aids? ``reader`` (usually the policy that wrote
+    ``samples``) reads the samples teacher-forced as written and with every episode of each entry of
+    ``kinds`` cut out (:func:`without_episodes`). Returns per entry (``none`` for the samples as
+    written; otherwise the kinds joined by ``+``) the ``steps`` read, ``p_wrong``, the mean
+    probability of misreading a step (:func:`read_probabilities`), and ``episodes_cut`` per response.
+    """
+    out = {}
+    for ks in [()] + [tuple(k) for k in kinds]:
+        cut = [without_episodes(tokenizer, s, ks) for s in samples] if ks else list(samples)
+        got = read_probabilities(reader, tokenizer, cut, temperature=temperature)
+        removed = [_episodes(s) - _episodes(c) for s, c in zip(samples, cut)]
+        out["+".join(ks) or "none"] = {"steps": len(got), "p_wrong": sum(p for _, p in got) / max(1, len(got)),
+                                       "episodes_cut": sum(removed) / max(1, len(removed))}
+    return out
+
+
+def _episodes(sample: ReplayedSample) -> int:
+    return len(_TAGGED.findall(sample.text))

@@ -145,6 +145,42 @@ def test_read_probabilities_need_one_token_per_character(walk_model, monkeypatch
         reading.read_probabilities(model, bpe, samples)
 
 
+def test_without_episodes_cuts_repeats_and_restatements_and_replays_again(walk_model, monkeypatch):
+    model, tok = walk_model
+    wordy = walk.render_trace(["goal from 6: >> >", "6>>4 then >", "check 6>4>1", "again 6>>1 then >",
+                               "1>7 then end", "again 1>7 then end"], "7")
+    monkeypatch.setattr(reading, "generate", _fake_generate(tok, [wordy, TEXTS[1], TEXTS[4]]))
+    full, wrong, untagged = reading.sample_and_replay(model, tok, [P], n=3)
+    cut = reading.without_episodes(tok, full, ["repeat"])
+    assert cut.text == walk.render_trace(["goal from 6: >> >", "6>>4 then >", "check 6>4>1", "1>7 then end"], "7")
+    assert cut.response_ids == tuple(tok(cut.text, add_special_tokens=False)["input_ids"])
+    assert cut.fault is None and cut.correct and [(r.after, r.episode) for r in cut.reads] == [("restate", 1), ("check", 3)]
+    both = reading.without_episodes(tok, full, ["repeat", "restate"])
+    assert both.text == walk.render_trace(["6>>4 then >", "check 6>4>1", "1>7 then end"], "7")
+    assert [(r.after, r.episode) for r in both.reads] == [(None, 0), ("check", 2)]
+    assert [both.text[i:i + 2] for i in both.starts] == ["6>", "1>"]
+    # nothing to cut: the same response; an untagged one stays as it is
+    assert reading.without_episodes(tok, wrong, ["repeat"]).text == wrong.text
+    assert reading.without_episodes(tok, untagged, ["repeat"]) is untagged
+    with pytest.raises(ValueError, match="change no value"):
+        reading.without_episodes(tok, full, ["check"])
+
+
+def test_episode_ablation_reads_each_cut_version(walk_model, monkeypatch):
+    model, tok = walk_model
+    wordy = walk.render_trace(["goal from 6: >> >", "6>>4 then >", "check 6>4>1", "again 6>>1 then >",
+                               "1>7 then end"], "7")
+    monkeypatch.setattr(reading, "generate", _fake_generate(tok, [wordy, TEXTS[1]]))
+    samples = reading.sample_and_replay(model, tok, [P], n=2)
+    res = reading.episode_ablation(model, tok, samples, temperature=0.7)
+    assert list(res) == ["none", "repeat", "restate", "repeat+restate"]
+    assert res["none"]["episodes_cut"] == 0 and res["repeat"]["episodes_cut"] == 0.5
+    assert res["repeat+restate"]["episodes_cut"] == 1.0 and all(r["steps"] == 4 for r in res.values())
+    direct = reading.read_probabilities(model, tok, [reading.without_episodes(tok, s, ["repeat"]) for s in samples])
+    assert res["repeat"]["p_wrong"] == pytest.approx(sum(p for _, p in direct) / 4)
+    assert res["repeat"]["p_wrong"] != pytest.approx(res["none"]["p_wrong"])  # another context, another read
+
+
 def test_context_or_weights_crosses_every_reader_with_every_sampler(walk_model, monkeypatch):
     model, tok = walk_model
     other = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -164,6 +200,7 @@ def test_context_or_weights_crosses_every_reader_with_every_sampler(walk_model, 
     assert cell["by_after"]["check"]["steps"] == 2
     assert res["matrix"]["a"]["a"]["p_wrong"] != pytest.approx(cell["p_wrong"])  # another reader reads otherwise
     json.dumps(res)  # the report is plain JSON
+    assert "ablation" not in res
 
 
 def test_cli_reads_writes_the_matrix_and_refuses_bad_model_lists(walk_model, tmp_path, capsys):
@@ -178,12 +215,13 @@ def test_cli_reads_writes_the_matrix_and_refuses_bad_model_lists(walk_model, tmp
         tok.save_pretrained(tmp_path / name)
     out = tmp_path / "reads.json"
     assert cli_main(["reads", "-q", "--model", f"a={tmp_path / 'a'}", "--model", f"b={tmp_path / 'b'}", "--levels", "2",
-                     "--per-level", "2", "--n", "2", "--max-new-tokens", "24", "--out", str(out)]) == 0
+                     "--per-level", "2", "--n", "2", "--max-new-tokens", "24", "--ablate", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     res = json.loads(out.read_text())
     assert set(res["matrix"]) == {"a", "b"} and set(printed["p_wrong"]["a"]) == {"a", "b"}
     assert res["models"] == {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")} and res["problems"] == 2
     assert res["samplers"]["a"]["responses"] == 4
+    assert set(res["ablation"]["b"]) == {"none", "repeat", "restate", "repeat+restate"} == set(printed["ablation"]["a"])
     with pytest.raises(SystemExit, match="twice"):
         cli_main(["reads", "--model", f"a={tmp_path / 'a'}", "--model", f"a={tmp_path / 'b'}"])
     with pytest.raises(SystemExit, match="NAME=DIR"):
