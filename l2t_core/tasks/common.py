@@ -139,7 +139,8 @@ class TraceStyle:
     restatement, no check of an easy step, no repeat; hard steps checked with ``hard_check`` as
     usual). A base trained only on wordy traces has never seen the short contexts a shortening
     policy writes, and reads its next step worse in them (measured in ``docs/miniature/``); a share
-    of concise traces shows it those contexts while it still over-thinks on most responses.
+    of concise traces shows it those contexts. Most traces stay wordy, but the greedy base comes out
+    far less wordy than the share suggests (0.2 on the walk: 1.31x the necessary trace, not 2.26x).
     """
 
     guess_error: float = 0.5
