@@ -190,21 +190,18 @@ def read_probabilities(reader, tokenizer, samples: Sequence[ReplayedSample], *, 
     # (sample, [(after, digit, move, token of the digit, token of the move)]), checked before any compute
     todo = []
     for s in samples:
-        token_at = None
+        reads = [(r, start) for r, start in zip(s.reads, s.starts) if r.move is not None]
+        if not reads:
+            continue
+        token_at = {a: j for j, (a, b) in enumerate(response_offsets(tokenizer, s.text, s.response_ids)) if b == a + 1}
         steps = []
-        for r, start in zip(s.reads, s.starts):
-            if r.move is None:
-                continue
-            if token_at is None:
-                token_at = {a: j for j, (a, b) in enumerate(response_offsets(tokenizer, s.text, s.response_ids))
-                            if b == a + 1}
+        for r, start in reads:
             if start not in token_at or start + 2 not in token_at:
                 raise ValueError(f"read_probabilities: the step at character {start} of a response to "
                                  f"{s.problem.problem!r} is not written one character per token; use the warm "
                                  "start's character tokenizer")
             steps.append((r.after or "none", r.digit, r.move, token_at[start], token_at[start + 2]))
-        if steps:
-            todo.append((s, steps))
+        todo.append((s, steps))
     out: list[tuple[str, float]] = []
     reader.eval()
     device = next(reader.parameters()).device
@@ -246,10 +243,11 @@ def context_or_weights(models: Mapping[str, object], tokenizer, problems: Sequen
                for name, m in models.items()}
     samplers = {}
     for name, ss in samples.items():
-        reads = [r for s in ss for r in s.reads]
+        counts = _counts(ss)
+        steps = sum(c["steps"] for c in counts["contexts"].values())
+        misread = sum(c["misread"] for c in counts["contexts"].values())
         samplers[name] = {"responses": len(ss), "accuracy": sum(s.correct for s in ss) / max(1, len(ss)),
-                          "steps": len(reads), "misread": sum(not r.right for r in reads) / max(1, len(reads)),
-                          "faults": _counts(ss)["faults"]}
+                          "steps": steps, "misread": misread / max(1, steps), "faults": counts["faults"]}
     matrix: dict[str, dict[str, dict]] = {}
     for reader_name, reader in models.items():
         row = matrix[reader_name] = {}
@@ -281,10 +279,11 @@ def episode_ablation(reader, tokenizer, samples: Sequence[ReplayedSample], *,
     probability of misreading a step (:func:`read_probabilities`), and ``episodes_cut`` per response.
     """
     out = {}
+    whole = [_episodes(s) for s in samples]
     for ks in [()] + [tuple(k) for k in kinds]:
         cut = [without_episodes(tokenizer, s, ks) for s in samples] if ks else list(samples)
         got = read_probabilities(reader, tokenizer, cut, temperature=temperature)
-        removed = [_episodes(s) - _episodes(c) for s, c in zip(samples, cut)]
+        removed = [n - _episodes(c) for n, c in zip(whole, cut)]
         out["+".join(ks) or "none"] = {"steps": len(got), "p_wrong": sum(p for _, p in got) / max(1, len(got)),
                                        "episodes_cut": sum(removed) / max(1, len(removed))}
     return out
