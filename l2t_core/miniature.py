@@ -77,6 +77,11 @@ class MiniatureConfig(_Strict):
     train_overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted TrainConfig overrides for every run.")
     eval_per_level: int = Field(60, ge=1, description="Held-out problems per difficulty level.")
     eval_levels: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    eval_samples: int = Field(0, ge=0, description="Responses sampled per held-out problem, beside the greedy "
+                              "evaluation, for pass@1 and maj@n at eval_temperature and eval_top_p "
+                              "(METHOD.md §7); 0: greedy only.")
+    eval_temperature: float = Field(0.6, gt=0, description="Sampling temperature of the sampled evaluation (METHOD.md §7).")
+    eval_top_p: float = Field(0.95, gt=0, le=1, description="Nucleus of the sampled evaluation (METHOD.md §7).")
     workers: int = Field(2, ge=1, description="Parallel training processes (one torch thread each).")
     credit_problems: int = Field(24, ge=0, description="Problems (levels 4-6, group_size samples each) of the "
                                  "SFT base's credit-by-episode-kind probe (l2t_core.episode_credit); 0 skips it.")
@@ -92,6 +97,14 @@ class MiniatureConfig(_Strict):
                 raise ValueError(f"variant name {name!r} clashes with a method name")
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one seed")
+
+    def sampled_decoding(self) -> dict | None:
+        """How the sampled evaluation decodes (the keyword arguments of ``warmstart.evaluate``), or
+        None when ``eval_samples`` is 0."""
+        if not self.eval_samples:
+            return None
+        return {"samples": self.eval_samples, "temperature": self.eval_temperature, "top_p": self.eval_top_p,
+                "seed": self.warmstart.seed}
 
 
 def _set_nested(d: dict, dotted: str, value: Any) -> None:
@@ -143,12 +156,15 @@ def _require_same(saved: dict, wanted, what: str, kind: str) -> None:
 
 
 def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens,
-                    task: str = "walk") -> dict:
-    """One run in a worker process: train (or resume), then evaluate the final checkpoint on the
-    held-out split of the synthetic ``task``."""
+                    task: str = "walk", sampled: dict | None = None) -> dict:
+    """One run in a worker process: train (or resume), then evaluate the final checkpoint greedily
+    on the held-out split of the synthetic ``task`` (``eval.json``) and, when ``sampled`` gives
+    ``warmstart.evaluate``'s sampling arguments, by sampling as well (``eval_sampled.json``,
+    returned under the key ``"sampled"``)."""
     import torch
 
     torch.set_num_threads(1)
+    from .checkpoint import RunStorage
     from .models import load_policy
     from .trainer import Trainer
     from .warmstart import evaluate, held_out
@@ -163,18 +179,54 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
         ev = json.loads(done.read_text())
         if "eval_settings" in ev:
             _require_same(ev["eval_settings"], settings, f"evaluation {done}", "evaluation settings")
-        return ev
-    t0 = time.perf_counter()
-    result = Trainer(tcfg, show_progress=False).run()
-    train_s = time.perf_counter() - t0
-    model, tok = load_policy(result.checkpoint)
-    problems = held_out(levels, per_level, task=task)
-    ev = evaluate(model, tok, problems, max_new_tokens=max_new_tokens)
-    ev.update(name=name, seed=seed, train_seconds=train_s, eval_settings=settings,
-              final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
-              final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
-    ev = json.loads(json.dumps(ev))  # level keys become strings, as when read back from disk
-    done.write_text(json.dumps(ev, indent=1))
+        model = tok = None
+    else:
+        t0 = time.perf_counter()
+        result = Trainer(tcfg, show_progress=False).run()
+        train_s = time.perf_counter() - t0
+        model, tok = load_policy(result.checkpoint)
+        ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens)
+        ev.update(name=name, seed=seed, train_seconds=train_s, eval_settings=settings,
+                  final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
+                  final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
+        ev = json.loads(json.dumps(ev))  # level keys become strings, as when read back from disk
+        done.write_text(json.dumps(ev, indent=1))
+    if sampled:
+        def policy():
+            latest = RunStorage(tcfg.out).latest_checkpoint()
+            if latest is None:
+                raise FileNotFoundError(f"run {tcfg.out} has an evaluation but no complete checkpoint to sample from; "
+                                        "delete the run directory to train it again")
+            return load_policy(latest[1])
+
+        ev = {**ev, "sampled": sampled_evaluation(done.parent / "eval_sampled.json", policy if model is None else
+                                                  (lambda: (model, tok)), levels, per_level, max_new_tokens, task,
+                                                  sampled, extra={"name": name, "seed": seed,
+                                                                  "train_seconds": ev.get("train_seconds")})}
+    return ev
+
+
+def sampled_evaluation(path: Path, policy, levels, per_level, max_new_tokens, task: str, sampled: dict,
+                       extra: dict | None = None) -> dict:
+    """``warmstart.evaluate`` with the sampling arguments ``sampled`` on the held-out split, kept in
+    ``path``: reused when it was made with the same settings, made again (it depends only on the
+    checkpoint) when not. ``policy()`` gives the (model, tokenizer) to sample from."""
+    from .warmstart import evaluate, held_out
+
+    settings = {"levels": list(levels), "per_level": per_level, "max_new_tokens": max_new_tokens, "task": task,
+                **sampled}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("eval_settings") == settings:
+            return saved
+        log.info("%s was sampled with other settings; sampling again", path)
+    model, tok = policy()
+    ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens, **sampled)
+    ev.update(**(extra or {}), eval_settings=settings)
+    ev = json.loads(json.dumps(ev))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ev, indent=1))
+    tmp.replace(path)
     return ev
 
 
@@ -183,10 +235,20 @@ BEHAVIOUR = ("mean_episodes", "redundant_share", "hard_check_rate", "easy_check_
              "restate_wrong_share")
 
 
+def decoding_label(decoding: dict | None) -> str:
+    """How an evaluation decoded (``warmstart.evaluate``'s ``decoding``), in words for reports."""
+    if not decoding or decoding.get("temperature", 0) == 0:
+        return "greedy"
+    return (f"sampled (pass@1 over {decoding['samples']} per problem, temperature {decoding['temperature']:g}, "
+            f"top-p {decoding['top_p']:g})")
+
+
 def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = None) -> dict:
     """Mean and std over seeds per method, overall and per level, plus the headline ratios (and
-    every method's tokens over the necessary trace's, ``floor``, when given)."""
-    out: dict[str, Any] = {"base": base, "methods": {}}
+    every method's tokens over the necessary trace's, ``floor``, when given). Greedy and sampled
+    evaluations aggregate alike; ``decoding`` says which (the base's), and maj@n
+    (``maj_accuracy``) is kept where every run has it."""
+    out: dict[str, Any] = {"decoding": base.get("decoding"), "base": base, "methods": {}}
     if floor is not None:
         out["floor"] = floor
     for name, runs in evals.items():
@@ -200,10 +262,15 @@ def aggregate(evals: dict[str, list[dict]], base: dict, floor: dict | None = Non
                     "mean_tokens": mean_std([r["per_level"][lv]["mean_tokens"] for r in runs]),
                 } for lv in levels
             },
-            "seeds": [{**{k: r[k] for k in ("seed", "accuracy", "mean_tokens", "train_seconds")},
+            "seeds": [{**{k: r[k] for k in ("seed", "accuracy", "mean_tokens", "train_seconds") if k in r},
                        "per_level_accuracy": {lv: r["per_level"][lv]["accuracy"] for lv in r["per_level"]}}
                       for r in runs],
         }
+        if all("maj_accuracy" in r for r in runs):
+            m = out["methods"][name]
+            m["maj_accuracy"] = mean_std([r["maj_accuracy"] for r in runs])
+            for lv in levels:
+                m["per_level"][lv]["maj_accuracy"] = mean_std([r["per_level"][lv]["maj_accuracy"] for r in runs])
         kept = [k for k in BEHAVIOUR if all(k in r for r in runs)]
         if kept:  # what the greedy responses keep and drop (warmstart.evaluate's episode census)
             out["methods"][name]["behaviour"] = {k: mean_std([r[k] for r in runs]) for k in kept}
@@ -270,7 +337,8 @@ def fault_table(report: dict) -> str | None:
     rows_of = {"SFT base": base} if base else {}
     rows_of.update({name: m["faults"][lv] for name, m in ms.items()})
     kinds = sorted({k for v in rows_of.values() for k in v["faults"]})
-    head = [f"Why level {lv}'s wrong greedy answers are wrong (counts summed over seeds; the decisive fault of "
+    word = "greedy" if decoding_label(report.get("decoding")) == "greedy" else "sampled"
+    head = [f"Why level {lv}'s wrong {word} answers are wrong (counts summed over seeds; the decisive fault of "
             "each response, `l2t_core.tasks.walk.first_fault`; *misled*: it followed a wrong `then` list or "
             "restatement; *after check / repeat*: the faulty episode came right after a check / a repeat):", "",
             "| method | wrong / n | " + " | ".join(kinds) + " | misled | after check | after repeat |",
@@ -299,7 +367,7 @@ def hardest_level(report: dict, references: tuple[str, ...] = ("length_penalty",
         st = mean_std(v)
         methods[name] = {"values": v, **st, "vs_base": None if base is None else st["mean"] - base}
     out: dict[str, Any] = {
-        "level": level, "base": base, "methods": methods,
+        "level": level, "decoding": report.get("decoding"), "base": base, "methods": methods,
         "vs": {ref: {name: welch_difference(v, values[ref]) for name, v in values.items() if name != ref}
                for ref in references if ref in values},
     }
@@ -321,26 +389,35 @@ def add_dynamics(report: dict, runs: list[tuple[str, int, TrainConfig]]) -> None
 
 
 def markdown_table(report: dict) -> str:
+    """The report as markdown: accuracy and tokens per method and level, then the ratios, the
+    episode census, the hardest level, its faults, the training dynamics and the credit probe (each
+    where the report has it), then the same for the sampled evaluation (``report["sampled"]``)."""
     ms = report["methods"]
     levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
-    head = "| method | accuracy | mean tokens | " + " | ".join(f"acc L{lv}" for lv in levels) + " | " + \
-        " | ".join(f"tok L{lv}" for lv in levels) + " |"
-    sep = "|" + "---|" * (3 + 2 * len(levels))
-    rows = [head, sep]
+    label = decoding_label(report.get("decoding"))
+    word = "greedy" if label == "greedy" else "sampled"
+    maj = bool(ms) and all("maj_accuracy" in m for m in ms.values()) and "maj_accuracy" in report["base"]
+    n = (report.get("decoding") or {}).get("samples")
+    head = "| method | accuracy | " + (f"maj@{n} | " if maj else "") + "mean tokens | " + \
+        " | ".join(f"acc L{lv}" for lv in levels) + " | " + " | ".join(f"tok L{lv}" for lv in levels) + " |"
+    sep = "|" + "---|" * (3 + maj + 2 * len(levels))
+    rows = [f"Held-out accuracy, {label}:", "", head, sep]
     b = report["base"]
-    rows.append("| SFT base | " + f"{b['accuracy']:.3f} | {b['mean_tokens']:.1f} | "
+    rows.append("| SFT base | " + f"{b['accuracy']:.3f} | " + (f"{b['maj_accuracy']:.3f} | " if maj else "")
+                + f"{b['mean_tokens']:.1f} | "
                 + " | ".join(f"{b['per_level'][lv]['accuracy']:.2f}" for lv in levels) + " | "
                 + " | ".join(f"{b['per_level'][lv]['mean_tokens']:.1f}" for lv in levels) + " |")
     if "floor" in report:
         f = report["floor"]
-        rows.append("| necessary trace (floor) | – | " + f"{f['mean_tokens']:.1f} | " + " | ".join("–" for _ in levels)
+        rows.append("| necessary trace (floor) | – | " + ("– | " if maj else "") + f"{f['mean_tokens']:.1f} | " + " | ".join("–" for _ in levels)
                     + " | " + " | ".join(f"{f['per_level'][lv]:.1f}" if lv in f["per_level"] else "–" for lv in levels)
                     + " |")
     for name, m in ms.items():
         pl = m["per_level"]
         rows.append(
             f"| {name} | {m['accuracy']['mean']:.3f} ± {m['accuracy']['std']:.3f} | "
-            f"{m['mean_tokens']['mean']:.1f} ± {m['mean_tokens']['std']:.1f} | "
+            + (f"{m['maj_accuracy']['mean']:.3f} | " if maj else "")
+            + f"{m['mean_tokens']['mean']:.1f} ± {m['mean_tokens']['std']:.1f} | "
             + " | ".join(f"{pl[lv]['accuracy']['mean']:.2f}" if lv in pl else "–" for lv in levels) + " | "
             + " | ".join(f"{pl[lv]['mean_tokens']['mean']:.1f}" if lv in pl else "–" for lv in levels) + " |"
         )
@@ -359,7 +436,7 @@ def markdown_table(report: dict) -> str:
                         "a method can reach without dropping useful checks (SFT base: "
                         f"{vf['SFT base']:.2f}× the necessary trace).")
     if any("behaviour" in m for m in ms.values()):
-        rows += ["", "Episodes of the greedy held-out responses (mean over seeds): episodes per response, share "
+        rows += ["", f"Episodes of the {word} held-out responses (mean over seeds): episodes per response, share "
                  "of redundant episodes (restatements, repeats, easy-step checks), checks per hard and per easy "
                  "step, responses that restate the problem, and those whose restatement is wrong:", "",
                  "| method | " + " | ".join(BEHAVIOUR) + " |", "|---|" + "---|" * len(BEHAVIOUR)]
@@ -388,6 +465,8 @@ def markdown_table(report: dict) -> str:
                  "minus those without it, within a group and an outcome (negative: the method favours leaving it "
                  "out; cells: the (group, outcome) cells that have both).", "",
                  credit_table(c)]
+    if report.get("sampled"):
+        rows += ["", "## Sampled evaluation (METHOD.md §7)", "", markdown_table(report["sampled"]).rstrip("\n")]
     return "\n".join(rows) + "\n"
 
 
@@ -403,7 +482,8 @@ def hardest_level_table(h: dict) -> str:
     def cell(d: dict | None) -> str:
         return "–" if d is None else f"{d['delta']:+.3f} {_interval(d)}"
 
-    rows = [f"Hardest level (L{h['level']}): greedy accuracy per seed, mean ± std, and the difference of means "
+    word = "greedy" if decoding_label(h.get("decoding")) == "greedy" else "sampled pass@1"
+    rows = [f"Hardest level (L{h['level']}): {word} accuracy per seed, mean ± std, and the difference of means "
             "from " + " and ".join(refs) + " with Welch's 95 % interval over seeds"
             + (f" (SFT base: {h['base']:.2f})" if h["base"] is not None else "") + ":", "",
             "| method | per seed | mean ± std | − SFT base | " + " | ".join(f"− {r}" for r in refs) + " |",
@@ -415,8 +495,9 @@ def hardest_level_table(h: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(report: dict, out: Path) -> list[Path]:
-    """Grouped bars per difficulty level: accuracy and mean tokens, mean ± std over seeds."""
+def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
+    """Grouped bars per difficulty level: accuracy and mean tokens, mean ± std over seeds
+    (``{prefix}accuracy.png``, ``{prefix}tokens.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,8 +506,10 @@ def plot(report: dict, out: Path) -> list[Path]:
     ms = report["methods"]
     levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
     paths = []
-    for key, fname, ylabel in (("accuracy", "accuracy.png", "greedy accuracy"),
-                               ("mean_tokens", "tokens.png", "mean response tokens")):
+    greedy = decoding_label(report.get("decoding")) == "greedy"
+    for key, fname, ylabel in (("accuracy", f"{prefix}accuracy.png", "greedy accuracy" if greedy else "sampled pass@1"),
+                               ("mean_tokens", f"{prefix}tokens.png",
+                                "mean response tokens" if greedy else "mean sampled response tokens")):
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(levels), 3.6))
         width = 0.8 / (len(ms) + 1)
         base = report["base"]
@@ -516,24 +599,35 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
         base["eval_settings"] = base_settings
         base_path.write_text(json.dumps(base, indent=1))
     log.info("SFT base: accuracy %.3f, %.1f tokens", base["accuracy"], base["mean_tokens"])
+    sampled = cfg.sampled_decoding()
+    base_sampled = None
+    if sampled:
+        base_sampled = sampled_evaluation(out / "base_eval_sampled.json", lambda: load_policy(sft_dir), cfg.eval_levels,
+                                          cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task, sampled)
+        log.info("SFT base, %s: accuracy %.3f, %.1f tokens", decoding_label(base_sampled["decoding"]),
+                 base_sampled["accuracy"], base_sampled["mean_tokens"])
     eval_problems = held_out(cfg.eval_levels, cfg.eval_per_level, task=cfg.warmstart.task)
     floor = necessary_tokens(AutoTokenizer.from_pretrained(str(sft_dir)), eval_problems)
     credit = base_credit(out, cfg, sft_dir)
 
     runs = run_configs(out, cfg, str(sft_dir))
     evals: dict[str, list[dict]] = {}
+    sampled_evals: dict[str, list[dict]] = {}
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool, \
             Progress(disable=not show_progress) as bar:
         task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs))
         futs = {
             pool.submit(_train_and_eval, name, seed, tcfg.model_dump_json(), str(Path(tcfg.out) / "eval.json"),
-                        cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task): (name, seed)
+                        cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task,
+                        sampled): (name, seed)
             for name, seed, tcfg in runs
         }
         for fut in as_completed(futs):
             name, seed = futs[fut]
             ev = fut.result()
+            if "sampled" in ev:
+                sampled_evals.setdefault(name, []).append(ev.pop("sampled"))
             evals.setdefault(name, []).append(ev)
             bar.update(task, advance=1)
             log.info("%s seed %d: accuracy %.3f, %.1f tokens (%.0fs)", name, seed, ev["accuracy"],
@@ -541,6 +635,9 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     order = list(cfg.methods) + list(cfg.variants)
     evals = {k: sorted(evals[k], key=lambda r: r["seed"]) for k in order if k in evals}
     report = aggregate(evals, base, floor)
+    if base_sampled is not None:
+        report["sampled"] = aggregate({k: sorted(sampled_evals[k], key=lambda r: r["seed"]) for k in evals},
+                                      base_sampled, floor)
     add_dynamics(report, runs)
     report["credit"] = credit
     report["seconds"] = time.perf_counter() - t0
@@ -549,6 +646,8 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     table = markdown_table(report)
     (out / "miniature.md").write_text(f"# L2T miniature\n\n{table}")
     report["plots"] = [str(p) for p in plot(report, out)]
+    if "sampled" in report:
+        report["plots"] += [str(p) for p in plot(report["sampled"], out, prefix="sampled_")]
     report["plots"].append(str(plot_dynamics({k: m["training"] for k, m in report["methods"].items()},
                                              out / "training.png")))
     report["table_path"] = str(out / "miniature.md")

@@ -7,8 +7,9 @@ it is given belong to.
 * :func:`warm_start` builds the task corpus (reference traces with useful and redundant
   re-checks, plus forced-answer examples), the character tokenizer and a tiny Qwen2, runs SFT,
   and saves the checkpoint with ``save_pretrained`` and a ``warmstart.json`` report.
-* :func:`evaluate` decodes greedily on held-out problems and reports, per difficulty level,
-  accuracy, response tokens, episodes, and how often the model re-checks hard and easy steps.
+* :func:`evaluate` decodes held-out problems (greedily, or ``samples`` per problem for pass@1 and
+  maj@n) and reports, per difficulty level, accuracy, response tokens, episodes, and how often the
+  model re-checks hard and easy steps.
 * :func:`answer_readout` measures how sharply the forced-answer readout J knows the true answer
   after complete reference traces (what L2T's fitting gain needs to carry signal).
 * :func:`check_gains` measures the fitting gain G_k (METHOD.md §2) of every kind of episode: on
@@ -184,13 +185,13 @@ def sft_pairs(problems: Sequence, style, forced_frac: float, seed: int) -> list[
 
 
 def generate(model, tokenizer, problems: Sequence, *, max_new_tokens: int, batch_size: int = 64,
-             n: int = 1, temperature: float = 0.0, seed: int = 0):
+             n: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
     """Completions of every problem's task prompt (``n`` each), batched by prompt length."""
     task = _task_of_all(problems, "generate")
     engine = HFRolloutEngine(model, tokenizer, max_batch_sequences=batch_size)
     prompts = [tokenizer(task.build_task_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
     order = sorted(range(len(problems)), key=lambda i: len(prompts[i]))
-    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     groups = engine.generate([prompts[i] for i in order], params)
     out: list = [None] * len(problems)
     for i, g in zip(order, groups):
@@ -212,7 +213,7 @@ def response_record(problem, text: str, n_tokens: int, finished: bool, verifier=
     count["restate_wrong"] = sum(k.kind == "restate" and e.text.strip() != goal for k, e in zip(kinds, seg.episodes))
     verdict = verifier.verify(text, problem.answer)
     return {
-        "level": problem.level, "correct": verdict.correct, "tokens": n_tokens,
+        "level": problem.level, "correct": verdict.correct, "answer": verdict.extracted, "tokens": n_tokens,
         "episodes": seg.num_episodes, "tagged": seg.status == "tagged", "finished": finished,
         "redundant": sum(e.redundant for e in kinds), **count, **_fault(problem, seg, verdict),
     }
@@ -277,29 +278,67 @@ def _fault_counts(records: Sequence[dict]) -> dict:
             "faults_misled": sum(bool(r["fault_misled"]) for r in wrong), "faults_after": dict(sorted(after.items()))}
 
 
-def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, batch_size: int = 64) -> dict:
-    """Greedy decoding on ``problems`` (of one task); overall and per-level (keys "1".."6") summaries.
+def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, batch_size: int = 64, *,
+             samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
+    """Decode ``problems`` (of one task); overall and per-level (keys "1".."6") summaries.
 
-    Each summary has ``n``, ``accuracy``, ``mean_tokens``, ``mean_episodes``, ``tagged_share``,
-    ``finished_share``, ``redundant_share`` (episodes that are restatements, repeats or easy-step
-    checks), ``hard_check_rate`` and ``easy_check_rate`` (checks per hard / easy step),
-    ``checks_on_hard_share``, ``mean_hard_steps``, ``mean_easy_steps``, ``restate_share``
-    (responses that restate the problem) and ``restate_wrong_share`` (responses whose restatement is
-    not the problem word for word, e.g. a move dropped, which the steps after it then follow).
+    Greedy by default. With ``temperature`` > 0, ``samples`` responses per problem are drawn at that
+    temperature and ``top_p`` (seeded by ``seed``), and every summary is over all of them: its
+    ``accuracy`` is pass@1, the mean verified correctness over the samples (METHOD.md §7), and with
+    ``samples`` >= 2 it also has ``maj_accuracy``, maj@``samples``: a problem counts as solved when
+    the most frequent extracted answer among its samples (ties: the earliest) is right
+    (:func:`majority_correct`).
+
+    Each summary has ``n`` (responses), ``accuracy``, ``mean_tokens``, ``mean_episodes``,
+    ``tagged_share``, ``finished_share``, ``redundant_share`` (episodes that are restatements,
+    repeats or easy-step checks), ``hard_check_rate`` and ``easy_check_rate`` (checks per hard /
+    easy step), ``checks_on_hard_share``, ``mean_hard_steps``, ``mean_easy_steps``,
+    ``restate_share`` (responses that restate the problem) and ``restate_wrong_share`` (responses
+    whose restatement is not the problem word for word, e.g. a move dropped, which the steps after it
+    then follow). The result also records ``decoding`` (what was asked, for reports and reuse checks).
     """
+    if samples < 1:
+        raise ValueError(f"evaluate: samples must be >= 1, got {samples}")
+    if temperature == 0 and samples != 1:
+        raise ValueError(f"evaluate: greedy decoding (temperature 0) gives one response per problem, "
+                         f"got samples={samples}; give a temperature > 0 to sample {samples} per problem")
     t0 = time.perf_counter()
     _task_of_all(problems, "evaluate")
     verifier = NumericVerifier()
-    comps = generate(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    records = [response_record(p, g[0].text, len(g[0].response_ids), g[0].finished, verifier)
-               for p, g in zip(problems, comps)]
-    out = summarize(records)
-    by_level = defaultdict(list)
-    for r in records:
-        by_level[r["level"]].append(r)
-    out["per_level"] = {str(lv): summarize(by_level[lv]) for lv in sorted(by_level)}
+    comps = generate(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     n=samples, temperature=temperature, top_p=top_p, seed=seed)
+    records = [[response_record(p, c.text, len(c.response_ids), c.finished, verifier) for c in group]
+               for p, group in zip(problems, comps)]
+    flat = [r for group in records for r in group]
+    out = summarize(flat)
+    by_level: dict[int, list] = defaultdict(list)
+    for group in records:
+        by_level[group[0]["level"]].append(group)
+    out["per_level"] = {str(lv): summarize([r for g in by_level[lv] for r in g]) for lv in sorted(by_level)}
+    if samples > 1:
+        out["maj_accuracy"] = sum(majority_correct(g) for g in records) / len(records)
+        for lv, groups in by_level.items():
+            out["per_level"][str(lv)]["maj_accuracy"] = sum(majority_correct(g) for g in groups) / len(groups)
+    out["decoding"] = {"samples": samples, "temperature": temperature, "top_p": top_p if temperature > 0 else None,
+                       "seed": seed if temperature > 0 else None}
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def majority_correct(group: Sequence[dict]) -> bool:
+    """maj@n of one problem's response records: is the most frequent extracted answer right?
+
+    Responses without an extracted answer do not vote; ties go to the answer seen first; a problem
+    none of whose responses gives an answer counts as wrong. Every record of one extracted answer
+    has the same verdict, so the winner's is the vote's."""
+    votes: dict[str, list[bool]] = {}
+    for r in group:
+        if r.get("answer") is not None:
+            votes.setdefault(r["answer"], []).append(r["correct"])
+    if not votes:
+        return False
+    winner = max(votes.values(), key=len)  # max keeps the first of equal counts: insertion order
+    return winner[0]
 
 
 def necessary_tokens(tokenizer, problems: Sequence) -> dict:

@@ -135,6 +135,26 @@ def test_miniature_end_to_end(tmp_path):
     with pytest.raises(ValueError, match=r"warm start .* different warm-start configuration \(fields: sft_steps\)"):
         run_miniature(out, MiniatureConfig.model_validate({**TINY, "warmstart": {**TINY["warmstart"], "sft_steps": 16}}),
                       show_progress=False)
+    # the sampled evaluation (METHOD.md §7) beside the greedy one: the trained runs are reused
+    sampled = run_miniature(out, MiniatureConfig.model_validate({**TINY, "eval_samples": 2}), show_progress=False)
+    assert sampled["methods"] == report["methods"]  # the greedy part unchanged: nothing trained again
+    s = sampled["sampled"]
+    assert s["decoding"] == {"samples": 2, "temperature": 0.6, "top_p": 0.95, "seed": 0}
+    assert set(s["methods"]) == set(report["methods"]) and s["base"]["n"] == 2 * 4 and "maj_accuracy" in s["base"]
+    for name, m in s["methods"].items():
+        assert set(m["per_level"]) == {"1", "2"} and 0 <= m["maj_accuracy"]["mean"] <= 1
+        ev = json.loads((out / "runs" / f"{name}-s0" / "eval_sampled.json").read_text())
+        assert ev["n"] == 2 * 4 and ev["eval_settings"]["samples"] == 2
+        assert m["accuracy"]["mean"] == ev["accuracy"] and m["seeds"][0]["train_seconds"] == ev["train_seconds"]
+    assert s["hardest_level"]["level"] == "2" and s["vs_grpo"]["l2t"]["token_ratio"] > 0
+    md = (out / "miniature.md").read_text()
+    assert "## Sampled evaluation (METHOD.md §7)" in md and "| method | accuracy | maj@2 | mean tokens |" in md
+    assert "Hardest level (L2): sampled pass@1 accuracy per seed" in md
+    assert (out / "sampled_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # other sampling settings sample again from the kept checkpoints, still without training
+    more = run_miniature(out, MiniatureConfig.model_validate({**TINY, "eval_samples": 3}), show_progress=False)
+    assert more["sampled"]["base"]["n"] == 3 * 4 and more["methods"] == report["methods"]
+    assert json.loads((out / "runs" / "l2t-s0" / "eval_sampled.json").read_text())["n"] == 3 * 4
 
 
 def test_runs_train_on_the_warm_start_task(tmp_path):

@@ -70,6 +70,46 @@ def test_evaluate_counts_per_level(warm_dir):
             assert k in s
 
 
+def test_evaluate_sampled_pass_at_1_and_majority(monkeypatch):
+    """pass@1 is the mean correctness over every sample, per level too; maj@n votes per problem on
+    the extracted answers (unanswered samples abstain, ties go to the earliest answer)."""
+    import l2t_core.warmstart as ws
+    from l2t_core.rollout.base import Completion
+
+    p1, p3 = held_out((1,), 1)[0], held_out((3,), 1)[0]
+    wrong = lambda p: str((int(p.answer) + 1) % 10)  # noqa: E731
+    answers = {p1.id: [p1.answer, wrong(p1), wrong(p1), p1.answer],  # tie 2:2, the right one first: solved
+               p3.id: [wrong(p3), None, p3.answer, wrong(p3)]}       # 2 wrong beat 1 right: not solved
+    asked = {}
+
+    def fake_generate(model, tokenizer, problems, **kw):
+        asked.update(kw)
+        return [[Completion([], [0] * 5, "no answer" if a is None else f"\\boxed{{{a}}}", True) for a in answers[p.id]]
+                for p in problems]
+
+    monkeypatch.setattr(ws, "generate", fake_generate)
+    ev = ws.evaluate(None, None, [p1, p3], max_new_tokens=8, samples=4, temperature=0.6, top_p=0.95, seed=3)
+    assert asked == {"max_new_tokens": 8, "batch_size": 64, "n": 4, "temperature": 0.6, "top_p": 0.95, "seed": 3}
+    assert ev["n"] == 8 and ev["accuracy"] == pytest.approx(3 / 8) and ev["maj_accuracy"] == pytest.approx(0.5)
+    assert ev["per_level"]["1"]["accuracy"] == 0.5 and ev["per_level"]["1"]["maj_accuracy"] == 1.0
+    assert ev["per_level"]["3"]["accuracy"] == 0.25 and ev["per_level"]["3"]["maj_accuracy"] == 0.0
+    assert ev["decoding"] == {"samples": 4, "temperature": 0.6, "top_p": 0.95, "seed": 3}
+    assert not ws.majority_correct([{"answer": None, "correct": False}])  # nobody answered
+
+
+def test_evaluate_samples_a_real_model_reproducibly(warm_dir):
+    model, tok = load_policy(warm_dir)
+    probs = held_out((1, 2), 2)
+    ev = evaluate(model, tok, probs, max_new_tokens=12, batch_size=4, samples=3, temperature=1.0, seed=7)
+    assert ev["n"] == 12 and ev["per_level"]["1"]["n"] == 6 and 0 <= ev["maj_accuracy"] <= 1
+    again = evaluate(model, tok, probs, max_new_tokens=12, batch_size=4, samples=3, temperature=1.0, seed=7)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in ev.items() if k != "seconds"}
+    greedy = evaluate(model, tok, probs, max_new_tokens=12, batch_size=4)
+    assert greedy["n"] == 4 and "maj_accuracy" not in greedy and greedy["decoding"]["temperature"] == 0
+    with pytest.raises(ValueError, match="greedy decoding .* one response per problem"):
+        evaluate(model, tok, probs, max_new_tokens=12, samples=2)
+
+
 def test_check_gains_on_reference_traces(warm_dir):
     model, tok = load_policy(warm_dir)
     style = TraceStyle(guess_error=1.0, hard_check=1.0, easy_check=1.0, repeat=0.0, restate=0.0)
