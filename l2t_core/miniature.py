@@ -15,6 +15,9 @@ held-out split per difficulty level. Writes into ``--out``:
   tabulated for the hardest level;
 * ``miniature.md``: the same as a table;
 * ``accuracy.png``, ``tokens.png``: accuracy and mean response tokens per method and level;
+* with ``eval_samples`` > 0, ``sampled``: the same report for an evaluation by sampling (pass@1 and
+  maj@n at ``eval_temperature`` / ``eval_top_p``, METHOD.md §7; ``eval_sampled.json`` per run,
+  ``base_eval_sampled.json``, ``sampled_accuracy.png``, ``sampled_tokens.png``);
 * ``training.png`` and ``methods[name]["training"]``: rollout tokens and accuracy per training step,
   reward ÷ rollout time and the score–length correlation among correct responses
   (:mod:`~l2t_core.dynamics`).
@@ -192,17 +195,18 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
         ev = json.loads(json.dumps(ev))  # level keys become strings, as when read back from disk
         done.write_text(json.dumps(ev, indent=1))
     if sampled:
-        def policy():
+        def policy():  # the model just trained, or a reused run's final checkpoint
+            if model is not None:
+                return model, tok
             latest = RunStorage(tcfg.out).latest_checkpoint()
             if latest is None:
                 raise FileNotFoundError(f"run {tcfg.out} has an evaluation but no complete checkpoint to sample from; "
                                         "delete the run directory to train it again")
             return load_policy(latest[1])
 
-        ev = {**ev, "sampled": sampled_evaluation(done.parent / "eval_sampled.json", policy if model is None else
-                                                  (lambda: (model, tok)), levels, per_level, max_new_tokens, task,
-                                                  sampled, extra={"name": name, "seed": seed,
-                                                                  "train_seconds": ev.get("train_seconds")})}
+        extra = {"name": name, "seed": seed, "train_seconds": ev.get("train_seconds")}
+        ev = {**ev, "sampled": sampled_evaluation(done.parent / "eval_sampled.json", policy, levels, per_level,
+                                                  max_new_tokens, task, sampled, extra)}
     return ev
 
 

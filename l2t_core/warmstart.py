@@ -35,6 +35,7 @@ from pydantic import Field
 
 from .config import _Strict
 from .episodes import segment, token_episode_ids
+from .eval.metrics import answer_key, maj_at_k
 from .models import build_char_tokenizer, build_tiny_qwen2, load_policy
 from .prompts import FORCE_ANSWER_SUFFIX, render_answer
 from .rewards.fitting import JItem, answer_logprobs_packed, fitting_gains
@@ -286,8 +287,8 @@ def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, ba
     temperature and ``top_p`` (seeded by ``seed``), and every summary is over all of them: its
     ``accuracy`` is pass@1, the mean verified correctness over the samples (METHOD.md §7), and with
     ``samples`` >= 2 it also has ``maj_accuracy``, maj@``samples``: a problem counts as solved when
-    the most frequent extracted answer among its samples (ties: the earliest) is right
-    (:func:`majority_correct`).
+    the most frequent extracted answer among its samples is right (``l2t_core.eval.metrics.maj_at_k``:
+    unanswered samples abstain, ties go to the earliest answer).
 
     Each summary has ``n`` (responses), ``accuracy``, ``mean_tokens``, ``mean_episodes``,
     ``tagged_share``, ``finished_share``, ``redundant_share`` (episodes that are restatements,
@@ -316,29 +317,17 @@ def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, ba
         by_level[group[0]["level"]].append(group)
     out["per_level"] = {str(lv): summarize([r for g in by_level[lv] for r in g]) for lv in sorted(by_level)}
     if samples > 1:
-        out["maj_accuracy"] = sum(majority_correct(g) for g in records) / len(records)
+        def maj(groups) -> float:
+            return sum(maj_at_k([r["answer"] for r in g], [r["correct"] for r in g], samples, key=answer_key)
+                       for g in groups) / len(groups)
+
+        out["maj_accuracy"] = maj(records)
         for lv, groups in by_level.items():
-            out["per_level"][str(lv)]["maj_accuracy"] = sum(majority_correct(g) for g in groups) / len(groups)
+            out["per_level"][str(lv)]["maj_accuracy"] = maj(groups)
     out["decoding"] = {"samples": samples, "temperature": temperature, "top_p": top_p if temperature > 0 else None,
                        "seed": seed if temperature > 0 else None}
     out["seconds"] = time.perf_counter() - t0
     return out
-
-
-def majority_correct(group: Sequence[dict]) -> bool:
-    """maj@n of one problem's response records: is the most frequent extracted answer right?
-
-    Responses without an extracted answer do not vote; ties go to the answer seen first; a problem
-    none of whose responses gives an answer counts as wrong. Every record of one extracted answer
-    has the same verdict, so the winner's is the vote's."""
-    votes: dict[str, list[bool]] = {}
-    for r in group:
-        if r.get("answer") is not None:
-            votes.setdefault(r["answer"], []).append(r["correct"])
-    if not votes:
-        return False
-    winner = max(votes.values(), key=len)  # max keeps the first of equal counts: insertion order
-    return winner[0]
 
 
 def necessary_tokens(tokenizer, problems: Sequence) -> dict:
