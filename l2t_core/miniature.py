@@ -158,6 +158,18 @@ def _require_same(saved: dict, wanted, what: str, kind: str) -> None:
                          "use a new --out, or delete it to redo it with the current configuration")
 
 
+def _relocated(saved: dict, tcfg: TrainConfig) -> dict:
+    """``saved`` (a run's saved TrainConfig) with its ``policy`` read as ``tcfg``'s when both lie at
+    the same place relative to their run directory: the experiment's own warm start, with the
+    experiment directory moved or named by another path (relative, absolute) since the run was made."""
+    pol, out = saved.get("policy"), saved.get("out")
+    if not (isinstance(pol, str) and isinstance(out, str)) or any("://" in u for u in (pol, out, tcfg.policy, tcfg.out)):
+        return saved
+    if os.path.relpath(pol, out) == os.path.relpath(tcfg.policy, tcfg.out):
+        return {**saved, "policy": tcfg.policy}
+    return saved
+
+
 def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens,
                     task: str = "walk", sampled: dict | None = None) -> dict:
     """One run in a worker process: train (or resume), then evaluate the final checkpoint greedily
@@ -178,7 +190,8 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
     if done.exists():  # a finished run is reused only if it was trained and evaluated as asked now
         saved_cfg = done.parent / "train_config.json"
         if saved_cfg.exists():
-            _require_same(json.loads(saved_cfg.read_text()), tcfg, f"run {done.parent}", "training configuration")
+            saved = _relocated(json.loads(saved_cfg.read_text()), tcfg)
+            _require_same(saved, tcfg, f"run {done.parent}", "training configuration")
         ev = json.loads(done.read_text())
         if "eval_settings" in ev:
             _require_same(ev["eval_settings"], settings, f"evaluation {done}", "evaluation settings")

@@ -4,6 +4,7 @@ is evaluated on the held-out split, and the report files (JSON, markdown, PNG pl
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -155,6 +156,23 @@ def test_miniature_end_to_end(tmp_path):
     more = run_miniature(out, MiniatureConfig.model_validate({**TINY, "eval_samples": 3}), show_progress=False)
     assert more["sampled"]["base"]["n"] == 3 * 4 and more["methods"] == report["methods"]
     assert json.loads((out / "runs" / "l2t-s0" / "eval_sampled.json").read_text())["n"] == 3 * 4
+    # an experiment directory moved elsewhere is still the same experiment: nothing is redone
+    moved = tmp_path / "elsewhere" / "mini"
+    shutil.move(out, moved)
+    there = run_miniature(moved, MiniatureConfig.model_validate({**TINY, "eval_samples": 3}), show_progress=False)
+    assert there["methods"] == report["methods"] and there["sampled"]["methods"] == more["sampled"]["methods"]
+
+
+def test_a_moved_experiment_keeps_its_runs_but_not_another_warm_start():
+    from l2t_core.config import TrainConfig
+    from l2t_core.miniature import _relocated
+
+    here = TrainConfig(policy="/new/exp/sft", out="/new/exp/runs/grpo-s0")
+    saved = {"policy": "exp/sft", "out": "exp/runs/grpo-s0"}  # made with a relative --out
+    assert _relocated(saved, here)["policy"] == "/new/exp/sft"
+    for other in ({"policy": "/elsewhere/sft", "out": "exp/runs/grpo-s0"},  # another warm start
+                  {"policy": "s3://bucket/exp/sft", "out": "s3://bucket/exp/runs/grpo-s0"}):  # URLs: as saved
+        assert _relocated(other, here) == other
 
 
 def test_runs_train_on_the_warm_start_task(tmp_path):
