@@ -17,11 +17,22 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has non-finite values at positions {bad}; rewards must be finite numbers")
 
 
-def process_rewards(gains: torch.Tensor, penalties_hat: torch.Tensor, beta: float) -> torch.Tensor:
-    """r_k^prg = G_k − β · P̂_k (METHOD.md §4)."""
+def process_rewards(gains: torch.Tensor, penalties_hat: torch.Tensor, beta: float,
+                    penalty_on: str = "all") -> torch.Tensor:
+    """r_k^prg = G_k − β · P̂_k (METHOD.md §4).
+
+    ``penalty_on="no_gain"`` (this project's option, not the paper's) charges the penalty only to
+    episodes that did not move J toward the answer: r_k^prg = G_k − β · P̂_k · 1[G_k ≤ 0].
+    """
     _check_finite("fitting gains G_k", gains)
     _check_finite("normalised penalties P̂_k", penalties_hat)
-    return gains.double() - beta * penalties_hat.double()
+    if penalty_on == "all":
+        charged = penalties_hat.double()
+    elif penalty_on == "no_gain":
+        charged = torch.where(gains <= 0, penalties_hat.double(), torch.zeros((), dtype=torch.float64))
+    else:
+        raise ValueError(f"penalty_on must be 'all' or 'no_gain', got {penalty_on!r}")
+    return gains.double() - beta * charged
 
 
 def episode_rewards(r_out: float, process: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -147,6 +147,15 @@ class CreditConfig(_Strict):
             "and a wrong response scores its outcome 0, as the length penalty treats lengths (METHOD.md §6, §10)."
         ),
     )
+    penalty_on: Literal["all", "no_gain"] = Field(
+        "all",
+        description=(
+            "all: every episode pays β·P̂_k (METHOD.md §4). no_gain (this project's option, not the paper's): "
+            "only episodes whose fitting gain G_k ≤ 0 pay it, r_k = G_k − β·P̂_k·1[G_k ≤ 0]: an episode that moves "
+            "J toward the answer (a check that repairs a wrong step) is not charged for the parameters it engages, "
+            "one that does not (a restatement, a repeat) still is."
+        ),
+    )
     correct_bonus: float = Field(0.5, ge=0.0, lt=1.0,
                                  description="Half-width of the process bonus under process_scope='correct'.")
     correct_floor: bool = Field(

@@ -19,6 +19,16 @@ def test_process_and_episode_rewards():
         adv.process_rewards(torch.tensor([float("nan")]), torch.tensor([0.0]), 0.6)
 
 
+def test_process_rewards_charge_only_episodes_without_gain():
+    g = torch.tensor([0.3, 0.0, -0.2])
+    p = torch.tensor([1.0, 0.5, 2.0])
+    r = adv.process_rewards(g, p, beta=0.6, penalty_on="no_gain")
+    torch.testing.assert_close(r, torch.tensor([0.3, 0.0 - 0.3, -0.2 - 1.2], dtype=torch.float64))
+    torch.testing.assert_close(adv.process_rewards(g, p, 0.6, "all"), adv.process_rewards(g, p, 0.6))
+    with pytest.raises(ValueError, match="penalty_on must be 'all' or 'no_gain'"):
+        adv.process_rewards(g, p, 0.6, "some")
+
+
 def test_surprise_weights_by_hand():
     logp = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.1]))  # s = ln2, 2ln2, floor, ln10
     eps = torch.tensor([0, 0, 1, 1])

@@ -222,6 +222,24 @@ def test_penalty_clip_through_the_reward_path(model, tokenizer):
         RewardConfig(compression={"penalty_clip": -1.0})
 
 
+def test_penalty_on_no_gain_through_the_reward_path(model, tokenizer):
+    texts = [GOOD, REDUNDANT, GOOD.replace("{14}", "{12}"), REDUNDANT.replace("{14}", "{13}")]
+    rollouts = _rollouts(tokenizer, texts)
+    for i, r in enumerate(rollouts):
+        r.group_id = i // 2
+    plain = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(), verifier=NumericVerifier())
+    gated = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(credit={"penalty_on": "no_gain"}),
+                            verifier=NumericVerifier())
+    beta = RewardConfig().credit.beta
+    gains = torch.cat([r.gains for r in plain.responses]).double()
+    assert (gains > 0).any()  # (the G_k <= 0 side: test_advantages, by hand)
+    for a, b in zip(plain.responses, gated.responses):
+        torch.testing.assert_close(a.penalties_hat, b.penalties_hat)  # the penalty itself is unchanged...
+        g = a.gains.double()
+        torch.testing.assert_close(b.process, torch.where(g > 0, g, g - beta * a.penalties_hat.double()))
+        torch.testing.assert_close(a.process, g - beta * a.penalties_hat.double())  # ...only who pays it
+
+
 @pytest.mark.parametrize("projected", [True, False])
 def test_one_policy_pass_equals_separate_j_penalty_and_logp_passes(model, tokenizer, projected):
     """episode_pass takes J, ‖g_k‖² and log π(z_t) from ONE packed forward (and a truncated backward);

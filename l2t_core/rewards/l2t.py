@@ -420,7 +420,7 @@ def compute_rewards(
     for n, r in enumerate(rollouts):
         k, te = k_per[n], teps[n]
         gains = fitting_gains(log_js[n]) if method.startswith("l2t") else torch.zeros(k)
-        process = adv.process_rewards(gains, hat_split[n], beta)
+        process = adv.process_rewards(gains, hat_split[n], beta, cr.penalty_on)
         ep_r = adv.episode_rewards(outs[n], process, cr.alpha)
         ids = torch.as_tensor(te.episode_ids)
         if surprise:  # the L2T family spreads R_k by surprise; the other methods use no token credit
