@@ -198,14 +198,20 @@ def _plain_reference(model, tokenizer, rollouts, teps, targets, basis):
     return sq, lps
 
 
-def test_penalty_clip_through_the_reward_path(model, tokenizer):
-    from l2t_core.rewards import compression as comp
-
+def _two_groups_with_plain_rewards(model, tokenizer):
+    """Two groups of a good and a redundant trace each (the second group's boxed answers changed)
+    and their rewards under the paper-default L2T."""
     texts = [GOOD, REDUNDANT, GOOD.replace("{14}", "{12}"), REDUNDANT.replace("{14}", "{13}")]
     rollouts = _rollouts(tokenizer, texts)
     for i, r in enumerate(rollouts):
         r.group_id = i // 2
-    plain = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(), verifier=NumericVerifier())
+    return rollouts, compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(), verifier=NumericVerifier())
+
+
+def test_penalty_clip_through_the_reward_path(model, tokenizer):
+    from l2t_core.rewards import compression as comp
+
+    rollouts, plain = _two_groups_with_plain_rewards(model, tokenizer)
     cfg = RewardConfig(compression={"penalty_clip": 0.5})
     clipped = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
     hat = torch.cat([r.penalties_hat for r in plain.responses])
@@ -223,11 +229,7 @@ def test_penalty_clip_through_the_reward_path(model, tokenizer):
 
 
 def test_penalty_on_no_gain_through_the_reward_path(model, tokenizer):
-    texts = [GOOD, REDUNDANT, GOOD.replace("{14}", "{12}"), REDUNDANT.replace("{14}", "{13}")]
-    rollouts = _rollouts(tokenizer, texts)
-    for i, r in enumerate(rollouts):
-        r.group_id = i // 2
-    plain = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(), verifier=NumericVerifier())
+    rollouts, plain = _two_groups_with_plain_rewards(model, tokenizer)
     gated = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(credit={"penalty_on": "no_gain"}),
                             verifier=NumericVerifier())
     beta = RewardConfig().credit.beta
