@@ -136,6 +136,14 @@ def test_duplicate_id_names_both_lines(tmp_path):
     with pytest.raises(DatasetError, match=r"line 8, field 'id': duplicate id 'p2' \(first seen on line 3\)") as err:
         load_benchmark("aime24", tmp_path, allow_download=False)
     assert (err.value.line, err.value.field) == (8, "id")
+    # a huge duplicated id is quoted by a short prefix, not whole (found by tests/test_fuzz.py)
+    big = "x" * 200_000
+    lines[2], lines[7] = json.dumps(_row(2, id=big)), json.dumps(_row(7, id=big))
+    _write(tmp_path, "aime24", lines)
+    with pytest.raises(DatasetError, match=r"line 8, field 'id': duplicate id 'x{79}\.\.\. \(200,002 characters\) "
+                       r"\(first seen on line 3\)") as err:
+        load_benchmark("aime24", tmp_path, allow_download=False)
+    assert len(str(err.value)) < 400
 
 
 def test_empty_answer(tmp_path):

@@ -330,7 +330,7 @@ def read_benchmark_file(spec: BenchmarkSpec, path: Path, *, expected_rows: int |
         item = _row_to_item(spec, row, path, line_no)
         if item.id in first_line:
             raise DatasetError(
-                f"duplicate id {item.id!r} (first seen on line {first_line[item.id]}); ids must be "
+                f"duplicate id {_short(repr(item.id))} (first seen on line {first_line[item.id]}); ids must be "
                 "unique, so remove or rename one of the two rows", path=path, line=line_no,
                 field="task_id" if spec.kind == "code" else "id")
         first_line[item.id] = line_no
@@ -376,7 +376,7 @@ def json_lines(path: Path, *, check_text: bool = True) -> Iterable[tuple[int, di
                     "object, so fix or remove this line", path=path, line=line_no) from None
             except _DuplicateKey as exc:
                 raise DatasetError(
-                    f"the key {exc.key!r} appears twice in one object, so the row is ambiguous; keep one "
+                    f"the key {_short(repr(exc.key))} appears twice in one object, so the row is ambiguous; keep one "
                     "of the two values", path=path, line=line_no, field=exc.key) from None
             except RecursionError:
                 raise DatasetError("the JSON is nested too deeply to read; each line must be one flat "
