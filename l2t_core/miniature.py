@@ -158,6 +158,12 @@ def _require_same(saved: dict, wanted, what: str, kind: str) -> None:
                          "use a new --out, or delete it to redo it with the current configuration")
 
 
+def _eval_settings(levels, per_level: int, max_new_tokens: int, task: str) -> dict:
+    """What a held-out evaluation depends on besides the checkpoint (and, when sampled, its decoding):
+    saved beside every evaluation and compared before one is reused."""
+    return {"levels": list(levels), "per_level": per_level, "max_new_tokens": max_new_tokens, "task": task}
+
+
 def _relocated(saved: dict, tcfg: TrainConfig) -> dict:
     """``saved`` (a run's saved TrainConfig) with its ``policy`` read as ``tcfg``'s when both lie at
     the same place relative to their run directory: the experiment's own warm start, with the
@@ -186,7 +192,7 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
 
     tcfg = TrainConfig.model_validate_json(tcfg_json)
     done = Path(eval_json)
-    settings = {"levels": list(levels), "per_level": per_level, "max_new_tokens": max_new_tokens, "task": task}
+    settings = _eval_settings(levels, per_level, max_new_tokens, task)
     if done.exists():  # a finished run is reused only if it was trained and evaluated as asked now
         saved_cfg = done.parent / "train_config.json"
         if saved_cfg.exists():
@@ -230,8 +236,7 @@ def sampled_evaluation(path: Path, policy, levels, per_level, max_new_tokens, ta
     checkpoint) when not. ``policy()`` gives the (model, tokenizer) to sample from."""
     from .warmstart import evaluate, held_out
 
-    settings = {"levels": list(levels), "per_level": per_level, "max_new_tokens": max_new_tokens, "task": task,
-                **sampled}
+    settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **sampled}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("eval_settings") == settings:
@@ -252,9 +257,15 @@ BEHAVIOUR = ("mean_episodes", "redundant_share", "hard_check_rate", "easy_check_
              "restate_wrong_share")
 
 
+def is_greedy(decoding: dict | None) -> bool:
+    """Whether an evaluation decoded greedily (``warmstart.evaluate``'s ``decoding``; reports made
+    before it was recorded were greedy)."""
+    return not decoding or decoding.get("temperature", 0) == 0
+
+
 def decoding_label(decoding: dict | None) -> str:
     """How an evaluation decoded (``warmstart.evaluate``'s ``decoding``), in words for reports."""
-    if not decoding or decoding.get("temperature", 0) == 0:
+    if is_greedy(decoding):
         return "greedy"
     return (f"sampled (pass@1 over {decoding['samples']} per problem, temperature {decoding['temperature']:g}, "
             f"top-p {decoding['top_p']:g})")
@@ -354,7 +365,7 @@ def fault_table(report: dict) -> str | None:
     rows_of = {"SFT base": base} if base else {}
     rows_of.update({name: m["faults"][lv] for name, m in ms.items()})
     kinds = sorted({k for v in rows_of.values() for k in v["faults"]})
-    word = "greedy" if decoding_label(report.get("decoding")) == "greedy" else "sampled"
+    word = "greedy" if is_greedy(report.get("decoding")) else "sampled"
     head = [f"Why level {lv}'s wrong {word} answers are wrong (counts summed over seeds; the decisive fault of "
             "each response, `l2t_core.tasks.walk.first_fault`; *misled*: it followed a wrong `then` list or "
             "restatement; *after check / repeat*: the faulty episode came right after a check / a repeat):", "",
@@ -412,7 +423,7 @@ def markdown_table(report: dict) -> str:
     ms = report["methods"]
     levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
     label = decoding_label(report.get("decoding"))
-    word = "greedy" if label == "greedy" else "sampled"
+    word = "greedy" if is_greedy(report.get("decoding")) else "sampled"
     maj = bool(ms) and all("maj_accuracy" in m for m in ms.values()) and "maj_accuracy" in report["base"]
     n = (report.get("decoding") or {}).get("samples")
     head = "| method | accuracy | " + (f"maj@{n} | " if maj else "") + "mean tokens | " + \
@@ -499,7 +510,7 @@ def hardest_level_table(h: dict) -> str:
     def cell(d: dict | None) -> str:
         return "–" if d is None else f"{d['delta']:+.3f} {_interval(d)}"
 
-    word = "greedy" if decoding_label(h.get("decoding")) == "greedy" else "sampled pass@1"
+    word = "greedy" if is_greedy(h.get("decoding")) else "sampled pass@1"
     rows = [f"Hardest level (L{h['level']}): {word} accuracy per seed, mean ± std, and the difference of means "
             "from " + " and ".join(refs) + " with Welch's 95 % interval over seeds"
             + (f" (SFT base: {h['base']:.2f})" if h["base"] is not None else "") + ":", "",
@@ -523,7 +534,7 @@ def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
     ms = report["methods"]
     levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
     paths = []
-    greedy = decoding_label(report.get("decoding")) == "greedy"
+    greedy = is_greedy(report.get("decoding"))
     for key, fname, ylabel in (("accuracy", f"{prefix}accuracy.png", "greedy accuracy" if greedy else "sampled pass@1"),
                                ("mean_tokens", f"{prefix}tokens.png",
                                 "mean response tokens" if greedy else "mean sampled response tokens")):
@@ -602,8 +613,7 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
         log.info("warm start: SFT of the tiny model on the synthetic task")
         warm_start(sft_dir, cfg.warmstart)
     base_path = out / "base_eval.json"
-    base_settings = {"levels": list(cfg.eval_levels), "per_level": cfg.eval_per_level,
-                     "max_new_tokens": cfg.max_new_tokens, "task": cfg.warmstart.task}
+    base_settings = _eval_settings(cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task)
     if base_path.exists():
         base = json.loads(base_path.read_text())
         if "eval_settings" in base:
