@@ -164,6 +164,16 @@ def _eval_settings(levels, per_level: int, max_new_tokens: int, task: str) -> di
     return {"levels": list(levels), "per_level": per_level, "max_new_tokens": max_new_tokens, "task": task}
 
 
+def _write_json(path: Path, obj: dict) -> dict:
+    """Write ``obj`` to ``path`` whole or not at all (temp file, then rename); return it as read back
+    (integer keys such as the levels become strings)."""
+    obj = json.loads(json.dumps(obj))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+    return obj
+
+
 def _relocated(saved: dict, tcfg: TrainConfig) -> dict:
     """``saved`` (a run's saved TrainConfig) with its ``policy`` read as ``tcfg``'s when both lie at
     the same place relative to their run directory: the experiment's own warm start, with the
@@ -202,27 +212,34 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
         if "eval_settings" in ev:
             _require_same(ev["eval_settings"], settings, f"evaluation {done}", "evaluation settings")
         model = tok = None
+        kept = {k: ev[k] for k in ("name", "seed", "train_seconds", "final_train_accuracy", "final_train_tokens")
+                if k in ev}
     else:
         t0 = time.perf_counter()
         result = Trainer(tcfg, show_progress=False).run()
-        train_s = time.perf_counter() - t0
         model, tok = load_policy(result.checkpoint)
-        ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens)
-        ev.update(name=name, seed=seed, train_seconds=train_s, eval_settings=settings,
-                  final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
-                  final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
-        ev = json.loads(json.dumps(ev))  # level keys become strings, as when read back from disk
-        done.write_text(json.dumps(ev, indent=1))
-    if sampled:
-        def policy():  # the model just trained, or a reused run's final checkpoint
-            if model is not None:
-                return model, tok
+        ev = None
+        kept = dict(name=name, seed=seed, train_seconds=time.perf_counter() - t0,
+                    final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
+                    final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
+
+    def policy():  # the model just trained, or a reused run's final checkpoint (loaded once)
+        nonlocal model, tok
+        if model is None:
             latest = RunStorage(tcfg.out).latest_checkpoint()
             if latest is None:
-                raise FileNotFoundError(f"run {tcfg.out} has an evaluation but no complete checkpoint to sample from; "
+                raise FileNotFoundError(f"run {tcfg.out} has an evaluation but no complete checkpoint to evaluate; "
                                         "delete the run directory to train it again")
-            return load_policy(latest[1])
+            model, tok = load_policy(latest[1])
+        return model, tok
 
+    if ev is None or lacks_census(ev):
+        if ev is not None:
+            log.info("%s predates the current episode census; evaluating the final checkpoint again", done)
+        ev = evaluate(*policy(), held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens)
+        ev.update(**kept, eval_settings=settings)
+        ev = _write_json(done, ev)
+    if sampled:
         extra = {"name": name, "seed": seed, "train_seconds": ev.get("train_seconds")}
         ev = {**ev, "sampled": sampled_evaluation(done.parent / "eval_sampled.json", policy, levels, per_level,
                                                   max_new_tokens, task, sampled, extra)}
@@ -233,28 +250,31 @@ def sampled_evaluation(path: Path, policy, levels, per_level, max_new_tokens, ta
                        extra: dict | None = None) -> dict:
     """``warmstart.evaluate`` with the sampling arguments ``sampled`` on the held-out split, kept in
     ``path``: reused when it was made with the same settings, made again (it depends only on the
-    checkpoint) when not. ``policy()`` gives the (model, tokenizer) to sample from."""
+    checkpoint) when not, or when it predates a field of the census (:func:`lacks_census`).
+    ``policy()`` gives the (model, tokenizer) to sample from."""
     from .warmstart import evaluate, held_out
 
     settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **sampled}
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("eval_settings") == settings:
+        if saved.get("eval_settings") == settings and not lacks_census(saved):
             return saved
-        log.info("%s was sampled with other settings; sampling again", path)
+        log.info("%s was sampled with other settings or predates the current episode census; sampling again", path)
     model, tok = policy()
     ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens, **sampled)
     ev.update(**(extra or {}), eval_settings=settings)
-    ev = json.loads(json.dumps(ev))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ev, indent=1))
-    tmp.replace(path)
-    return ev
+    return _write_json(path, ev)
 
 
 # warmstart.evaluate's census of the greedy responses' episodes, reported per method
-BEHAVIOUR = ("mean_episodes", "redundant_share", "hard_check_rate", "easy_check_rate", "restate_share",
-             "restate_wrong_share")
+BEHAVIOUR = ("mean_episodes", "redundant_share", "hard_check_rate", "easy_check_rate", "hard_step_error",
+             "restate_share", "restate_wrong_share")
+
+
+def lacks_census(ev: dict) -> bool:
+    """Whether a saved evaluation predates a field of the census (:data:`BEHAVIOUR`): it is then made
+    again from the same checkpoint, since its numbers are only comparable with a complete one."""
+    return any(k not in ev for k in BEHAVIOUR)
 
 
 def is_greedy(decoding: dict | None) -> bool:
@@ -466,10 +486,11 @@ def markdown_table(report: dict) -> str:
     if any("behaviour" in m for m in ms.values()):
         rows += ["", f"Episodes of the {word} held-out responses (mean over seeds): episodes per response, share "
                  "of redundant episodes (restatements, repeats, easy-step checks), checks per hard and per easy "
-                 "step, responses that restate the problem, and those whose restatement is wrong:", "",
+                 "step, the share of hard steps written wrong (before any check: how good the direct guesses "
+                 "are), responses that restate the problem, and those whose restatement is wrong:", "",
                  "| method | " + " | ".join(BEHAVIOUR) + " |", "|---|" + "---|" * len(BEHAVIOUR)]
-        if all(k in b for k in BEHAVIOUR):
-            rows.append("| SFT base | " + " | ".join(f"{b[k]:.2f}" for k in BEHAVIOUR) + " |")
+        if any(k in b for k in BEHAVIOUR):
+            rows.append("| SFT base | " + " | ".join(f"{b[k]:.2f}" if k in b else "–" for k in BEHAVIOUR) + " |")
         for name, m in ms.items():
             if "behaviour" in m:
                 rows.append(f"| {name} | " + " | ".join(
@@ -614,17 +635,14 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
         warm_start(sft_dir, cfg.warmstart)
     base_path = out / "base_eval.json"
     base_settings = _eval_settings(cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task)
-    if base_path.exists():
-        base = json.loads(base_path.read_text())
-        if "eval_settings" in base:
-            _require_same(base["eval_settings"], base_settings, f"base evaluation {base_path}", "evaluation settings")
-    else:
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
+    if base is not None and "eval_settings" in base:
+        _require_same(base["eval_settings"], base_settings, f"base evaluation {base_path}", "evaluation settings")
+    if base is None or lacks_census(base):
         model, tok = load_policy(sft_dir)
         base = evaluate(model, tok, held_out(cfg.eval_levels, cfg.eval_per_level, task=cfg.warmstart.task),
                         max_new_tokens=cfg.max_new_tokens)
-        base = json.loads(json.dumps(base))
-        base["eval_settings"] = base_settings
-        base_path.write_text(json.dumps(base, indent=1))
+        base = _write_json(base_path, {**base, "eval_settings": base_settings})
     log.info("SFT base: accuracy %.3f, %.1f tokens", base["accuracy"], base["mean_tokens"])
     sampled = cfg.sampled_decoding()
     base_sampled = None

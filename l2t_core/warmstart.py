@@ -209,6 +209,7 @@ def response_record(problem, text: str, n_tokens: int, finished: bool, verifier=
     for e in kinds:
         key = e.kind if e.kind in ("restate", "repeat", "other") else f"{e.kind}_{'hard' if e.hard else 'easy'}"
         count[key] += 1
+        count["step_hard_wrong"] += e.kind == "step" and e.hard and e.wrong  # a direct hard result written wrong
     # a restatement that is not the problem word for word (a move dropped): later steps follow it
     goal = restatement_text(problem)
     count["restate_wrong"] = sum(k.kind == "restate" and e.text.strip() != goal for k, e in zip(kinds, seg.episodes))
@@ -252,6 +253,7 @@ def summarize(records: Sequence[dict]) -> dict:
         "hard_check_rate": tot("check_hard") / max(1, tot("step_hard")),
         "easy_check_rate": tot("check_easy") / max(1, tot("step_easy")),
         "checks_on_hard_share": tot("check_hard") / max(1, checks),
+        "hard_step_error": tot("step_hard_wrong") / max(1, tot("step_hard")),
         "mean_hard_steps": tot("step_hard") / n,
         "mean_easy_steps": tot("step_easy") / n,
         "restate_share": sum(r.get("restate", 0) > 0 for r in records) / n,
@@ -293,7 +295,9 @@ def evaluate(model, tokenizer, problems: Sequence, max_new_tokens: int = 320, ba
     Each summary has ``n`` (responses), ``accuracy``, ``mean_tokens``, ``mean_episodes``,
     ``tagged_share``, ``finished_share``, ``redundant_share`` (episodes that are restatements,
     repeats or easy-step checks), ``hard_check_rate`` and ``easy_check_rate`` (checks per hard /
-    easy step), ``checks_on_hard_share``, ``mean_hard_steps``, ``mean_easy_steps``,
+    easy step), ``checks_on_hard_share``, ``hard_step_error`` (the share of hard steps whose
+    written result is wrong, before any check repairs it: how good the policy's direct guesses
+    are), ``mean_hard_steps``, ``mean_easy_steps``,
     ``restate_share`` (responses that restate the problem) and ``restate_wrong_share`` (responses
     whose restatement is not the problem word for word, e.g. a move dropped, which the steps after it
     then follow). The result also records ``decoding`` (what was asked, for reports and reuse checks).

@@ -59,13 +59,17 @@ def test_aggregate_mean_std_and_ratios():
     assert "| grpo | 1.00 | +0.000 | – | 2.00 |" in table and "0.50× GRPO's tokens" in table
     assert "behaviour" not in rep["methods"]["l2t"] and "restate_share" not in table
     # the episode census of the greedy responses, when the evaluations carry it
-    census = dict(zip(BEHAVIOUR, (10.0, 0.5, 1.0, 1.0, 0.9, 0.1)))
+    census = dict(zip(BEHAVIOUR, (10.0, 0.5, 1.0, 1.0, 0.3, 0.9, 0.1)))
     rep = aggregate({"grpo": [{**ev(0, 0.6, 40.0), **census}, {**ev(1, 0.8, 60.0), **census, "restate_share": 0.0}]},
                     {**base, **census})
     assert rep["methods"]["grpo"]["behaviour"]["restate_share"]["mean"] == pytest.approx(0.45)
     table = markdown_table(rep)
-    assert "| SFT base | 10.00 | 0.50 | 1.00 | 1.00 | 0.90 | 0.10 |" in table
-    assert "| grpo | 10.00 | 0.50 | 1.00 | 1.00 | 0.45 | 0.10 |" in table
+    assert "| SFT base | 10.00 | 0.50 | 1.00 | 1.00 | 0.30 | 0.90 | 0.10 |" in table
+    assert "| grpo | 10.00 | 0.50 | 1.00 | 1.00 | 0.30 | 0.45 | 0.10 |" in table
+    # an evaluation from before a census field: "–" where it is missing, the base row included
+    old = {k: v for k, v in census.items() if k != "hard_step_error"}
+    table = markdown_table(aggregate({"grpo": [{**ev(0, 0.6, 40.0), **old}]}, {**base, **old}))
+    assert "| SFT base | 10.00 | 0.50 | 1.00 | 1.00 | – | 0.90 | 0.10 |" in table
 
 
 def test_fault_totals_sum_over_seeds_and_tabulate_the_hardest_level():
@@ -161,6 +165,21 @@ def test_miniature_end_to_end(tmp_path):
     shutil.move(out, moved)
     there = run_miniature(moved, MiniatureConfig.model_validate({**TINY, "eval_samples": 3}), show_progress=False)
     assert there["methods"] == report["methods"] and there["sampled"]["methods"] == more["sampled"]["methods"]
+    # an evaluation made before a census field existed is made again from the kept checkpoint, nothing trained
+    run = moved / "runs" / "l2t-s0"
+    stale = [run / "eval.json", run / "eval_sampled.json", moved / "base_eval.json", moved / "base_eval_sampled.json"]
+    for f in stale:
+        d = json.loads(f.read_text())
+        del d["hard_step_error"]
+        f.write_text(json.dumps(d))
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    redone = run_miniature(moved, MiniatureConfig.model_validate({**TINY, "eval_samples": 3}), show_progress=False)
+    assert all("hard_step_error" in json.loads(f.read_text()) for f in stale)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    assert redone["methods"] == report["methods"] and redone["sampled"]["methods"] == more["sampled"]["methods"]
+    untimed = lambda ev: {k: v for k, v in ev.items() if k != "seconds"}  # noqa: E731
+    assert untimed(redone["base"]) == untimed(report["base"])
+    assert untimed(redone["sampled"]["base"]) == untimed(more["sampled"]["base"])
 
 
 def test_a_moved_experiment_keeps_its_runs_but_not_another_warm_start():

@@ -259,3 +259,20 @@ def test_summarize_counts_the_decisive_fault_of_each_wrong_response():
     q = arithmetic.dataset(1, 1, 1, seed=0)[0]
     r = response_record(q, "\\boxed{" + q.answer + "}", 3, True)
     assert "fault" not in r and "faults" not in summarize([r])
+
+
+def test_hard_step_error_is_the_share_of_hard_steps_written_wrong_checked_or_not():
+    """``hard_step_error``: of all hard steps, those whose direct result is wrong (a one-hop-short
+    guess), whether a check repairs it afterwards or not; how good the policy's guesses are."""
+    from l2t_core.tasks import walk
+    from l2t_core.warmstart import response_record, summarize
+
+    p = walk.Problem("w", "from 6: >> >", "7", 2, 6, (walk.Move(walk.HARD), walk.Move(walk.EASY)))
+    repaired = response_record(p, walk.render_trace(("6>>4 then >", "check 6>4>1", "1>7 then end"), "7"), 30, True)
+    unchecked = response_record(p, walk.render_trace(("6>>4 then >", "4>1 then end"), "1"), 20, True)
+    right = response_record(p, walk.render_trace(("6>>1 then >", "1>7 then end"), "7"), 20, True)
+    assert (repaired["step_hard_wrong"], unchecked["step_hard_wrong"], right["step_hard_wrong"]) == (1, 1, 0)
+    assert repaired["correct"] and not unchecked["correct"] and right["correct"]
+    assert summarize([repaired, unchecked, right])["hard_step_error"] == 2 / 3
+    assert summarize([right])["hard_step_error"] == 0.0
+    assert summarize([response_record(p, "\\boxed{7}", 3, True)])["hard_step_error"] == 0.0  # no hard step at all
