@@ -33,7 +33,7 @@ def test_surprise_weights_by_hand():
     logp = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.1]))  # s = ln2, 2ln2, floor, ln10
     eps = torch.tensor([0, 0, 1, 1])
     w = adv.surprise_weights(logp, eps, 2)
-    l2, l10 = math.log(2), math.log(10)
+    l10 = math.log(10)
     expected = [1 / 3, 2 / 3, 1e-6 / (1e-6 + l10), l10 / (1e-6 + l10)]
     torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64))
     assert adv.uniform_weights(eps, 2).tolist() == [0.5, 0.5, 0.5, 0.5]
