@@ -300,6 +300,21 @@ def cmd_reads(args) -> int:
     return 0
 
 
+def cmd_step_gains(args) -> int:
+    """Does the fitting gain tell a wrong hard step from a right one in a run's training rollouts?"""
+    from .episode_credit import rollout_step_gains, step_gain_sentence
+
+    first, last = args.steps if args.steps else (1, None)
+    for run in args.runs:
+        try:
+            res = rollout_step_gains(run, first, last, task=args.task)
+        except ValueError as e:
+            raise SystemExit(f"l2t step-gains: {e}") from None
+        res["reading"] = step_gain_sentence(res)
+        print(json.dumps(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="l2t", description="L2T reinforcement fine-tuning")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -373,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(are those episodes memory aids?)")
     p.add_argument("--out", help="JSON file for the full result")
     p.set_defaults(fn=cmd_reads)
+
+    p = sub.add_parser("step-gains", help="in a run's logged training rollouts (an l2t-family method), the "
+                       "fitting gain G_k of hard steps written wrong minus those written right, same prompt and move")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories of `l2t train` (local path or fsspec URL)")
+    p.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "LAST"), help="training steps to read (default: all)")
+    p.add_argument("--task", choices=["walk", "arithmetic"], default="walk", help="the synthetic task of the run")
+    p.set_defaults(fn=cmd_step_gains)
 
     p = sub.add_parser("compare", help="compare `l2t eval` reports of several models (Fig. 2 style)")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging")

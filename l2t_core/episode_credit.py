@@ -19,24 +19,104 @@ call each) and reports, per method:
   out, the outcome being equal. A reward that keeps useful work has it negative for the redundant
   kinds and not for ``check_hard``;
 * ``advantage_length_corr``: the mean within-cell Pearson correlation between A_i and the
-  response length (−1: a pure length ranking).
+  response length (−1: a pure length ranking);
+
+and once, when a method has episode gains: ``step_gain``, :func:`step_gain_calibration` of the
+samples.
 
 Only responses that segment as tagged (METHOD.md §1) have episode kinds; the share is reported.
+
+:func:`step_gain_calibration` asks whether the fitting gain G_k (METHOD.md §2) itself tells a wrong
+step from a right one: within one group and one hard move (the j-th hard step of each response),
+the mean G_k of direct results written wrong minus that of results written right, and the same
+for the check that follows them. The gains of a step and its check telescope (their sum is the
+same), so the fitting gain can only credit the right episode if J is calibrated about the
+policy's own intermediate results: a wrong step should lower J (negative difference) and its
+repair raise it. A positive difference means J rises when the model writes its typical wrong
+guess, and the process reward then pays for wrong guesses. :func:`credit_by_kind` reports it
+(``step_gain``) on its samples; :func:`rollout_step_gains` on a training run's logged rollouts.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .config import RewardConfig
 from .rewards.l2t import METHODS, Rollout, compute_rewards
+from .tasks.common import EpisodeInfo
 from .verify import NumericVerifier
 from .warmstart import _task_of_all, generate
 
 REPORTED_KINDS = ("check_easy", "check_hard", "repeat", "restate")
+
+
+def _paired(cells: Mapping[object, tuple[list[float], list[float]]]) -> dict:
+    """Mean over cells of mean(wrong) − mean(right), with its standard error and the number of
+    cells that have both."""
+    diffs = [np.mean(wrong) - np.mean(right) for wrong, right in cells.values() if wrong and right]
+    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None
+    return {"wrong_minus_right": _mean(diffs), "stderr": se, "cells": len(diffs)}
+
+
+def step_gain_calibration(responses: Iterable[tuple[object, Sequence[EpisodeInfo], Sequence[float]]]) -> dict:
+    """Whether the fitting gain tells a wrong hard step from a right one (module docstring).
+
+    ``responses``: ``(group, episode kinds, G_k per episode)`` of each tagged response. Cells are
+    (group, j) for the j-th hard direct step of the responses; ``step`` compares the G_k of the steps
+    written wrong with those written right, ``check`` the G_k of the check right after them (only
+    where there is one). Each is ``{"wrong_minus_right", "stderr", "cells"}``, None/0 without a
+    cell that has both."""
+    steps: dict = defaultdict(lambda: ([], []))
+    checks: dict = defaultdict(lambda: ([], []))
+    for group, kinds, gains in responses:
+        if len(kinds) != len(gains):
+            raise ValueError(f"step_gain_calibration: {len(kinds)} episode kinds but {len(gains)} gains "
+                             f"in group {group!r}; pass one G_k per episode of the same segmentation")
+        j = 0
+        for i, info in enumerate(kinds):
+            if info.kind != "step" or not info.hard:
+                continue
+            steps[(group, j)][0 if info.wrong else 1].append(float(gains[i]))
+            if i + 1 < len(kinds) and kinds[i + 1].kind == "check":
+                checks[(group, j)][0 if info.wrong else 1].append(float(gains[i + 1]))
+            j += 1
+    return {"step": _paired(steps), "check": _paired(checks)}
+
+
+def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: int | None = None,
+                       task: str = "walk") -> dict:
+    """:func:`step_gain_calibration` on the rollouts a training run logged (``metrics/rollouts``
+    and ``metrics/episode_rewards``, :mod:`l2t_core.metrics`) for steps ``first_step`` to
+    ``last_step``; a group is one prompt of one step. Needs a method with episode rewards (the l2t
+    family); responses whose logged episodes do not match their segmentation are left out."""
+    from .checkpoint import RunStorage
+    from .episodes import segment
+    from .metrics import read_table
+    from .tasks import get_task
+
+    storage = RunStorage(str(run))
+    rollouts, episodes = read_table(storage, "rollouts"), read_table(storage, "episode_rewards")
+    if rollouts.empty or episodes.empty:
+        raise ValueError(f"rollout_step_gains: {run} has no logged rollouts with episode rewards: it is not a "
+                         "run directory of `l2t train`, or its method is outside the l2t family (which logs G_k "
+                         "per episode)")
+    last = int(rollouts["step"].max()) if last_step is None else last_step
+    keep = lambda df: df[(df["step"] >= first_step) & (df["step"] <= last)]  # noqa: E731
+    gains = {k: g.sort_values("episode")["fitting_gain"].tolist()
+             for k, g in keep(episodes).groupby(["step", "rank", "rollout"])}
+    classify = get_task(task).classify_episodes
+
+    def responses():
+        for r in keep(rollouts).itertuples():
+            seg, g = segment(r.response), gains.get((r.step, r.rank, r.rollout))
+            if g is not None and seg.status == "tagged" and len(seg.episodes) == len(g):
+                yield (r.step, r.group), classify([e.text for e in seg.episodes]), g
+
+    return {"run": str(run), "steps": [first_step, last], **step_gain_calibration(responses())}
 
 
 def method_configs(methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig]]) -> dict[str, tuple[str, RewardConfig]]:
@@ -104,10 +184,13 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
         batch = compute_rewards(model, tokenizer, rollouts, method, cfg, verifier=verifier)
         fields: dict = defaultdict(lambda: defaultdict(list))
         cells: dict = defaultdict(list)
+        gains: list = []
         for r, x in zip(rollouts, batch.responses):
             if x.segmentation.status != "tagged":
                 continue
             kinds = task.classify_episodes([e.text for e in x.segmentation.episodes])
+            if len(x.gains) == len(kinds):
+                gains.append((r.group_id, kinds, x.gains.tolist()))
             token_adv = x.token_advantage.detach().cpu().numpy()
             for k, info in enumerate(kinds):
                 on_k = x.tokens.episode_ids == k
@@ -124,6 +207,8 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                          for kind, f in sorted(fields.items())},
             **kind_effects(cells),
         }
+        if gains and "step_gain" not in report:  # G_k depends on the samples and the policy only
+            report["step_gain"] = step_gain_calibration(gains)
     # of the last method's batch, as scored (the outcome does not depend on the method)
     report["tagged_share"] = float(np.mean([x.segmentation.status == "tagged" for x in batch.responses]))
     report["accuracy"] = float(np.mean([x.outcome for x in batch.responses]))
@@ -141,4 +226,29 @@ def credit_table(report: dict) -> str:
             cells.append("n/a" if e["delta"] is None else f"{e['delta']:+.3f} ({e['cells']})")
         c = m["advantage_length_corr"]["mean"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if c is None else f'{c:+.2f}'} |")
+    g = report.get("step_gain")
+    if g and g["step"]["cells"]:
+        lines += ["", step_gain_sentence(g)]
     return "\n".join(lines)
+
+
+def step_gain_sentence(calibration: dict) -> str:
+    """:func:`step_gain_calibration` in words, for reports."""
+    def fmt(d):
+        se = "" if d["stderr"] is None else f" ± {d['stderr']:.3f}"
+        return f"{d['wrong_minus_right']:+.3f}{se} ({d['cells']} cells)"
+
+    st, ck = calibration["step"], calibration["check"]
+    text = (f"Fitting gain of a hard step written wrong minus one written right (same group, same move): "
+            f"{fmt(st)}")
+    if ck["cells"]:
+        text += f"; of the check after it: {fmt(ck)}"
+    d, se = st["wrong_minus_right"], st["stderr"]
+    if se is None or abs(d) < 2 * se:
+        verdict = "The difference is within twice its standard error: no evidence either way"
+    elif d > 0:
+        verdict = ("J rises when the model writes a wrong step: the fitting gain pays for wrong guesses and "
+                   "charges their repairs")
+    else:
+        verdict = "J falls at a wrong step and rises at its repair, as the fitting gain needs"
+    return text + f". {verdict}."

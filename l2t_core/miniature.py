@@ -597,7 +597,8 @@ def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
                 "max_new_tokens": cfg.max_new_tokens, "methods": list(cfg.methods), "task": cfg.warmstart.task}
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
+        has_gains = any(m.startswith("l2t") for m in cfg.methods)  # made before step_gain: probed again
+        if saved.get("settings") == settings and ("step_gain" in saved or not has_gains):
             return saved
     task = cfg.warmstart.task_module()
     top = max(cfg.warmstart.min_steps, cfg.warmstart.max_steps - 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -92,3 +93,72 @@ def test_credit_by_kind_runs_every_method_on_the_same_samples(model, tokenizer):
     assert 0.0 <= rep["tagged_share"] <= 1.0 and 0.0 <= rep["accuracy"] <= 1.0
     for m in rep["methods"].values():
         assert set(m["with_minus_without"]) == {"check_easy", "check_hard", "repeat", "restate"}
+    # l2t's gains give the step-gain calibration whenever a response is tagged
+    assert ("step_gain" in rep) == (rep["tagged_share"] > 0)
+
+
+def _hard(wrong: bool) -> "walk.EpisodeInfo":
+    return walk.EpisodeInfo("step", hard=True, wrong=wrong)
+
+
+def test_step_gain_calibration_pairs_wrong_and_right_hard_steps_within_a_group_and_move():
+    from l2t_core.episode_credit import step_gain_calibration, step_gain_sentence
+
+    check = lambda wrong: walk.EpisodeInfo("check", hard=True, wrong=wrong)  # noqa: E731
+    easy = walk.EpisodeInfo("step", hard=False)
+    responses = [
+        # group 0, first hard move: wrong 0.3 (check -0.2), right 0.1 (check 0.0) -> step +0.2, check -0.2
+        ("g0", [easy, _hard(True), check(True)], [0.9, 0.3, -0.2]),
+        ("g0", [_hard(False), check(False)], [0.1, 0.0]),
+        # group 1: two wrong (mean 0.5) vs one right (0.1) on the first move -> +0.4; no check -> no check cell
+        ("g1", [_hard(True)], [0.4]),
+        ("g1", [_hard(True), easy], [0.6, 0.0]),
+        ("g1", [_hard(False), _hard(True)], [0.1, 7.0]),  # its second hard move has no right partner
+        ("g2", [_hard(True)], [1.0]),  # a group with only wrong steps pairs nothing
+    ]
+    cal = step_gain_calibration(responses)
+    assert cal["step"]["cells"] == 2 and cal["step"]["wrong_minus_right"] == pytest.approx((0.2 + 0.4) / 2)
+    assert cal["step"]["stderr"] == pytest.approx(0.1)  # std of (0.2, 0.4) with ddof 1 over sqrt(2)
+    assert cal["check"] == {"wrong_minus_right": pytest.approx(-0.2), "stderr": None, "cells": 1}
+    assert "+0.300 ± 0.100 (2 cells); of the check after it: -0.200 (1 cells)" in step_gain_sentence(cal)
+    assert "J rises when the model writes a wrong step" in step_gain_sentence(cal)  # 0.3 >= 2 standard errors
+    noisy = {**cal, "step": {**cal["step"], "stderr": 0.2}}
+    assert "no evidence either way" in step_gain_sentence(noisy)
+    calibrated = {**cal, "step": {**cal["step"], "wrong_minus_right": -0.3}}
+    assert "as the fitting gain needs" in step_gain_sentence(calibrated)
+    assert step_gain_calibration([])["step"] == {"wrong_minus_right": None, "stderr": None, "cells": 0}
+    with pytest.raises(ValueError, match="2 episode kinds but 1 gains"):
+        step_gain_calibration([("g", [_hard(True), easy], [0.1])])
+
+
+def test_rollout_step_gains_reads_a_runs_logged_rollouts(tmp_path, capsys):
+    """Joined by (step, rank, rollout), grouped by (step, group), in the chosen window of steps."""
+    from l2t_core.checkpoint import RunStorage
+    from l2t_core.episode_credit import rollout_step_gains
+    from l2t_core.metrics import MetricsWriter
+
+    wrong = walk.render_trace(("6>>4 then >", "check 6>4>1", "1>7 then end"), "7")  # F[F[6]] = 1
+    right = walk.render_trace(("6>>1 then >", "check 6>4>1", "1>7 then end"), "7")
+    writer = MetricsWriter(RunStorage(str(tmp_path)))
+    for step, (g_wrong, g_right) in ((1, (0.5, 0.2)), (2, (0.1, 0.4))):
+        for i, (text, g) in enumerate(((wrong, g_wrong), (right, g_right), ("no tags", None))):
+            writer.add("rollouts", [{"step": step, "rank": 0, "rollout": i, "group": 0, "response": text}])
+            if g is not None:  # G_k of the step, its check and the last step
+                writer.add("episode_rewards", [{"step": step, "rank": 0, "rollout": i, "episode": k + 1, "fitting_gain": v}
+                                               for k, v in enumerate((g, -g, 0.05))])
+    writer.flush(1, 2)
+    both = rollout_step_gains(tmp_path)
+    assert both["steps"] == [1, 2] and both["step"]["cells"] == 2
+    assert both["step"]["wrong_minus_right"] == pytest.approx(((0.5 - 0.2) + (0.1 - 0.4)) / 2)
+    late = rollout_step_gains(tmp_path, first_step=2)
+    assert late["step"]["wrong_minus_right"] == pytest.approx(-0.3) and late["check"]["wrong_minus_right"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no logged rollouts with episode rewards"):
+        rollout_step_gains(tmp_path / "empty")
+    # the same through the command line, one JSON line per run with the reading in words
+    from l2t_core.cli import main
+
+    assert main(["step-gains", str(tmp_path), "--steps", "2", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == [2, 2] and out["step"] == late["step"] and "no evidence either way" in out["reading"]  # one cell
+    with pytest.raises(SystemExit, match="l2t step-gains: .*no logged rollouts"):
+        main(["step-gains", str(tmp_path / "empty")])
