@@ -21,8 +21,8 @@ call each) and reports, per method:
 * ``advantage_length_corr``: the mean within-cell Pearson correlation between A_i and the
   response length (−1: a pure length ranking);
 
-and once, when a method has episode gains: ``step_gain``, :func:`step_gain_calibration` of the
-samples.
+and once, from the first method of the l2t family (the others have no fitting gain):
+``step_gain``, :func:`step_gain_calibration` of the samples.
 
 Only responses that segment as tagged (METHOD.md §1) have episode kinds; the share is reported.
 
@@ -46,7 +46,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .config import RewardConfig
-from .rewards.l2t import METHODS, Rollout, compute_rewards
+from .rewards.l2t import METHODS, Rollout, compute_rewards, has_fitting_gain
 from .tasks.common import EpisodeInfo
 from .verify import NumericVerifier
 from .warmstart import _task_of_all, generate
@@ -135,6 +135,12 @@ def method_configs(methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig
     return out
 
 
+def gain_source(configs: Mapping[str, tuple[str, RewardConfig]]) -> str | None:
+    """The first of :func:`method_configs`' entries whose method computes the fitting gain (the l2t
+    family; the others report G_k = 0), whose gains give ``step_gain``; None when there is none."""
+    return next((name for name, (method, _) in configs.items() if has_fitting_gain(method)), None)
+
+
 def _mean(xs: Sequence[float]) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
 
@@ -180,6 +186,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
     verifier = NumericVerifier()
     report: dict = {"problems": len(problems), "responses": len(rollouts), "group_size": group_size,
                     "temperature": temperature, "methods": {}}
+    source = gain_source(configs)
     for name, (method, cfg) in configs.items():
         batch = compute_rewards(model, tokenizer, rollouts, method, cfg, verifier=verifier)
         fields: dict = defaultdict(lambda: defaultdict(list))
@@ -189,7 +196,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
             if x.segmentation.status != "tagged":
                 continue
             kinds = task.classify_episodes([e.text for e in x.segmentation.episodes])
-            if len(x.gains) == len(kinds):
+            if name == source and len(x.gains) == len(kinds):
                 gains.append((r.group_id, kinds, x.gains.tolist()))
             token_adv = x.token_advantage.detach().cpu().numpy()
             for k, info in enumerate(kinds):
@@ -207,7 +214,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                          for kind, f in sorted(fields.items())},
             **kind_effects(cells),
         }
-        if gains and "step_gain" not in report:  # G_k depends on the samples and the policy only
+        if gains:  # G_k depends on the samples and the policy only: one method's is enough
             report["step_gain"] = step_gain_calibration(gains)
     # of the last method's batch, as scored (the outcome does not depend on the method)
     report["tagged_share"] = float(np.mean([x.segmentation.status == "tagged" for x in batch.responses]))
@@ -244,7 +251,7 @@ def step_gain_sentence(calibration: dict) -> str:
     if ck["cells"]:
         text += f"; of the check after it: {fmt(ck)}"
     d, se = st["wrong_minus_right"], st["stderr"]
-    if se is None or abs(d) < 2 * se:
+    if se is None or abs(d) <= 2 * se:
         verdict = "The difference is within twice its standard error: no evidence either way"
     elif d > 0:
         verdict = ("J rises when the model writes a wrong step: the fitting gain pays for wrong guesses and "

@@ -591,13 +591,14 @@ def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
         return None
     from .episode_credit import credit_by_kind
     from .models import load_policy
+    from .rewards.l2t import has_fitting_gain
 
     path = out / "credit.json"
     settings = {"problems": cfg.credit_problems, "group_size": cfg.group_size, "temperature": cfg.temperature,
                 "max_new_tokens": cfg.max_new_tokens, "methods": list(cfg.methods), "task": cfg.warmstart.task}
     if path.exists():
         saved = json.loads(path.read_text())
-        has_gains = any(m.startswith("l2t") for m in cfg.methods)  # made before step_gain: probed again
+        has_gains = any(has_fitting_gain(m) for m in cfg.methods)  # made before step_gain: probed again
         if saved.get("settings") == settings and ("step_gain" in saved or not has_gains):
             return saved
     task = cfg.warmstart.task_module()

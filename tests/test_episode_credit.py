@@ -127,6 +127,9 @@ def test_step_gain_calibration_pairs_wrong_and_right_hard_steps_within_a_group_a
     calibrated = {**cal, "step": {**cal["step"], "wrong_minus_right": -0.3}}
     assert "as the fitting gain needs" in step_gain_sentence(calibrated)
     assert step_gain_calibration([])["step"] == {"wrong_minus_right": None, "stderr": None, "cells": 0}
+    # every cell the same difference, or none at all: zero spread is no evidence of a zero difference
+    flat = {"step": {"wrong_minus_right": 0.0, "stderr": 0.0, "cells": 60}, "check": cal["check"]}
+    assert "no evidence either way" in step_gain_sentence(flat)
     with pytest.raises(ValueError, match="2 episode kinds but 1 gains"):
         step_gain_calibration([("g", [_hard(True), easy], [0.1])])
 
@@ -162,3 +165,13 @@ def test_rollout_step_gains_reads_a_runs_logged_rollouts(tmp_path, capsys):
     assert out["steps"] == [2, 2] and out["step"] == late["step"] and "no evidence either way" in out["reading"]  # one cell
     with pytest.raises(SystemExit, match="l2t step-gains: .*no logged rollouts"):
         main(["step-gains", str(tmp_path / "empty")])
+
+
+def test_step_gain_comes_from_the_first_method_that_has_a_fitting_gain():
+    """grpo, the length penalty and MRT report G_k = 0 for every episode: the probe's step_gain must
+    not be read from them (it once was, when grpo came first, and said J was calibrated)."""
+    from l2t_core.episode_credit import gain_source
+
+    assert gain_source(method_configs(["grpo", "length_penalty", "mrt", "l2t_no_penalty", "l2t"])) == "l2t_no_penalty"
+    assert gain_source(method_configs(["grpo", "length_penalty"])) is None
+    assert gain_source({"mine": ("l2t_random_layers", RewardConfig()), "l2t": ("l2t", RewardConfig())}) == "mine"

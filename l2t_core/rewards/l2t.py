@@ -42,6 +42,12 @@ Method = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_
 METHODS: tuple[str, ...] = ("grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers")
 
 
+def has_fitting_gain(method: str) -> bool:
+    """Whether ``method`` computes the fitting gain G_k (METHOD.md §2): the l2t family; the others
+    report G_k = 0 for every episode."""
+    return method.startswith("l2t")
+
+
 @dataclass
 class Rollout:
     prompt_ids: list[int]
@@ -419,7 +425,7 @@ def compute_rewards(
     results = []
     for n, r in enumerate(rollouts):
         k, te = k_per[n], teps[n]
-        gains = fitting_gains(log_js[n]) if method.startswith("l2t") else torch.zeros(k)
+        gains = fitting_gains(log_js[n]) if has_fitting_gain(method) else torch.zeros(k)
         process = adv.process_rewards(gains, hat_split[n], beta, cr.penalty_on)
         ep_r = adv.episode_rewards(outs[n], process, cr.alpha)
         ids = torch.as_tensor(te.episode_ids)
