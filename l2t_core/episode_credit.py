@@ -246,6 +246,9 @@ def step_gain_sentence(calibration: dict) -> str:
         return f"{d['wrong_minus_right']:+.3f}{se} ({d['cells']} cells)"
 
     st, ck = calibration["step"], calibration["check"]
+    if not st["cells"]:
+        return ("No group has a hard step written wrong and one written right at the same move: nothing to "
+                "compare (untagged responses, or guesses all right or all wrong).")
     text = (f"Fitting gain of a hard step written wrong minus one written right (same group, same move): "
             f"{fmt(st)}")
     if ck["cells"]:

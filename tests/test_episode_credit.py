@@ -127,6 +127,7 @@ def test_step_gain_calibration_pairs_wrong_and_right_hard_steps_within_a_group_a
     calibrated = {**cal, "step": {**cal["step"], "wrong_minus_right": -0.3}}
     assert "as the fitting gain needs" in step_gain_sentence(calibrated)
     assert step_gain_calibration([])["step"] == {"wrong_minus_right": None, "stderr": None, "cells": 0}
+    assert "nothing to compare" in step_gain_sentence(step_gain_calibration([]))  # `l2t step-gains` on such a run
     # every cell the same difference, or none at all: zero spread is no evidence of a zero difference
     flat = {"step": {"wrong_minus_right": 0.0, "stderr": 0.0, "cells": 60}, "check": cal["check"]}
     assert "no evidence either way" in step_gain_sentence(flat)
