@@ -492,12 +492,17 @@ def shard_bytes(step: int, shard: int, size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-def fill_shards(step: int, shards: int, size: int) -> Callable[[Path], None]:
+def fill_shards(step: int, shards: int, size: int, pace_s: float = 0.0) -> Callable[[Path], None]:
+    """A fill that writes ``shards`` files of known content; ``pace_s`` seconds of pause after each
+    (a slow disk's stand-in: it widens the write window so that kills timed as fractions of it land
+    inside the write on any machine, not only where the write is slower than process start-up)."""
     def fill(d: Path) -> None:
         for i in range(shards):
             with open(d / f"shard-{i}.bin", "wb") as f:
                 f.write(shard_bytes(step, i, size))
                 f.flush()
+            if pace_s:
+                time.sleep(pace_s)
     return fill
 
 
@@ -510,26 +515,28 @@ def checkpoint_intact(run: Path, step: int, shards: int, size: int) -> bool:
 
 
 def checkpoint_writer_main(argv: list[str]) -> None:
-    """Entry of the writer subprocess: ``RUN STEP SHARDS SIZE KEEP``; prints ``start <t>`` right
+    """Entry of the writer subprocess: ``RUN STEP SHARDS SIZE KEEP [PACE_S]``; prints ``start <t>`` right
     before ``write_checkpoint`` and ``done <t>`` after it (``t``: ``time.monotonic()``, the same
     clock in every process on Linux, so the parent times its kill from the writer's own start)."""
     run, step, shards, size, keep = argv[0], *map(int, argv[1:5])
+    pace_s = float(argv[5]) if len(argv) > 5 else 0.0
     from l2t_core.checkpoint import RunStorage
 
     store = RunStorage(run)
     print(f"start {time.monotonic()!r}", flush=True)
-    store.write_checkpoint(step, fill_shards(step, shards, size), keep=keep)
+    store.write_checkpoint(step, fill_shards(step, shards, size, pace_s), keep=keep)
     print(f"done {time.monotonic()!r}", flush=True)
 
 
-def _writer_cmd(run: Path, step: int, shards: int, size: int, keep: int) -> list[str]:
+def _writer_cmd(run: Path, step: int, shards: int, size: int, keep: int, pace_s: float = 0.0) -> list[str]:
     code = "import sys; from bench.faults import checkpoint_writer_main; checkpoint_writer_main(sys.argv[1:])"
-    return [sys.executable, "-c", code, str(run), str(step), str(shards), str(size), str(keep)]
+    return [sys.executable, "-c", code, str(run), str(step), str(shards), str(size), str(keep), repr(pace_s)]
 
 
 def checkpoint_kills(root: Path, cases: int = 10, seed: int = 0, shards: int = 6, size: int = 4 << 20,
-                     keep: int = 2) -> dict:
-    """Scenario 2 (see the module docstring)."""
+                     keep: int = 2, pace_s: float = 0.0) -> dict:
+    """Scenario 2 (see the module docstring). ``pace_s``: pause after each shard (see ``fill_shards``);
+    0 writes at the disk's own speed."""
     from l2t_core.checkpoint import RunStorage
 
     t_start = time.perf_counter()
@@ -544,7 +551,7 @@ def checkpoint_kills(root: Path, cases: int = 10, seed: int = 0, shards: int = 6
     # how long an uninterrupted write takes, in the writer process (from its "start" line to "done")
     times = []
     for step in (2, 3, 4):
-        p = Watched(_writer_cmd(run, step, shards, size, keep), env)
+        p = Watched(_writer_cmd(run, step, shards, size, keep, pace_s), env)
         rc = p.finish(120)
         stamps = dict(line.split() for line in p.lines if line.startswith(("start ", "done ")))
         if rc != 0 or set(stamps) != {"start", "done"}:
@@ -553,12 +560,13 @@ def checkpoint_kills(root: Path, cases: int = 10, seed: int = 0, shards: int = 6
     write_s = sorted(times)[1]
     res: dict = {"cases": 0, "kills": 0, "resumed_ok": 0, "crashes": 0, "landed": {}, "corrupt_latest": 0,
                  "torn_complete": 0, "lost_checkpoint": 0, "stale_after_next_write": 0, "leaked_tmp_dirs": 0,
-                 "problems": [], "write_s": round(write_s, 4), "shards": shards, "shard_bytes": size}
+                 "problems": [], "write_s": round(write_s, 4), "shards": shards, "shard_bytes": size,
+                 "pace_s": pace_s}
     for _ in range(cases):
         prev = store.latest_checkpoint()[0]
         new = prev + 1
         delay = rng.uniform(0.0, 1.3 * write_s)
-        p = Watched(_writer_cmd(run, new, shards, size, keep), env)
+        p = Watched(_writer_cmd(run, new, shards, size, keep, pace_s), env)
         t0 = None
         if p.wait_line(lambda line: line.startswith("start "), 120) is not None:
             t0 = float(next(line for line in p.lines if line.startswith("start ")).split()[1])
@@ -970,7 +978,7 @@ def concurrent_writers(root: Path, writers: int = 4, writes: int = 8, rows: int 
 
 
 def run(root: Path, *, train_n: int = 12, ckpt_n: int = 30, writes: int = 12, writers: int = 4, seed: int = 0,
-        scenarios: tuple[str, ...] = SCENARIOS,
+        pace_s: float = 0.0, scenarios: tuple[str, ...] = SCENARIOS,
         train_phases: tuple[str, ...] = KILL_PHASES) -> dict:
     root = Path(root)
     sections: dict = {}
@@ -981,7 +989,7 @@ def run(root: Path, *, train_n: int = 12, ckpt_n: int = 30, writes: int = 12, wr
             if name == "train":
                 sections[name] = train_kills(root / "train", kills=train_n, seed=seed, phases=train_phases)
             elif name == "checkpoint":
-                sections[name] = checkpoint_kills(root / "checkpoint", cases=ckpt_n, seed=seed)
+                sections[name] = checkpoint_kills(root / "checkpoint", cases=ckpt_n, seed=seed, pace_s=pace_s)
             elif name == "dagster":
                 sections[name] = dagster_failure(root / "dagster", seed=seed)
             elif name == "writers":
@@ -1030,6 +1038,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-kills", type=int, default=12, help="SIGKILLs of the trainer (scenario 1)")
     ap.add_argument("--checkpoint-kills", type=int, default=30, help="killed checkpoint writes (scenario 2)")
+    ap.add_argument("--pace", type=float, default=0.0, metavar="S",
+                    help="pause S seconds after each checkpoint shard (scenario 2; a slow disk's stand-in)")
     ap.add_argument("--writers", type=int, default=4, help="concurrent DuckDB writer processes (scenario 4)")
     ap.add_argument("--writes", type=int, default=12, help="writes per writer (scenario 4)")
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
@@ -1041,7 +1051,7 @@ def main(argv=None) -> dict:
         a.train_kills, a.checkpoint_kills, a.writes = 3, 8, 4
     phases = KILL_PHASES if a.train_kills > 3 else KILL_PHASES[:3]
     kw = dict(train_n=a.train_kills, ckpt_n=a.checkpoint_kills, writes=a.writes, writers=a.writers, seed=a.seed,
-              scenarios=tuple(a.scenarios), train_phases=phases)
+              pace_s=a.pace, scenarios=tuple(a.scenarios), train_phases=phases)
     t0 = time.perf_counter()
     with _stdout_to_stderr():  # what the scenarios' processes print goes to stderr, the JSON alone to stdout
         if a.keep:
