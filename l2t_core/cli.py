@@ -253,16 +253,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _named_models(specs: list[str]) -> dict[str, str]:
-    """``NAME=DIR`` pairs of ``l2t reads --model``, in order; a bare DIR is named by its position."""
+def _named_models(specs: list[str], command: str = "reads") -> dict[str, str]:
+    """``NAME=DIR`` pairs of ``l2t reads --model`` (and ``guess-trust``), in order; a bare DIR is
+    named by its position."""
     out: dict[str, str] = {}
     for i, spec in enumerate(specs):
         name, sep, path = spec.partition("=")
         name, path = (name, path) if sep else (f"model{i}", spec)
         if not name or not path:
-            raise SystemExit(f"l2t reads: --model {spec!r}: write NAME=DIR (e.g. base=runs/sft)")
+            raise SystemExit(f"l2t {command}: --model {spec!r}: write NAME=DIR (e.g. base=runs/sft)")
         if name in out:
-            raise SystemExit(f"l2t reads: the name {name!r} is given twice; give each --model its own name")
+            raise SystemExit(f"l2t {command}: the name {name!r} is given twice; give each --model its own name")
         out[name] = path
     return out
 
@@ -312,6 +313,27 @@ def cmd_step_gains(args) -> int:
             raise SystemExit(f"l2t step-gains: {e}") from None
         res["reading"] = step_gain_sentence(res)
         print(json.dumps(res))
+    return 0
+
+
+def cmd_guess_trust(args) -> int:
+    """Whom each model's forced-answer readout J believes right after an unchecked hard step."""
+    import torch
+
+    from .episode_credit import guess_trust, guess_trust_sentence
+    from .models import load_policy
+    from .tasks import walk
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed, split="heldout")
+    for name, path in _named_models(args.model, "guess-trust").items():
+        model, tok = load_policy(path)
+        try:
+            res = guess_trust(model, tok, problems, seed=args.seed)
+        except ValueError as e:
+            raise SystemExit(f"l2t guess-trust: {e}") from None
+        print(json.dumps({"model": name, "path": path, **res, "reading": guess_trust_sentence(res)}))
     return 0
 
 
@@ -396,6 +418,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "LAST"), help="training steps to read (default: all)")
     p.add_argument("--task", choices=["walk", "arithmetic"], default="walk", help="the synthetic task of the run")
     p.set_defaults(fn=cmd_step_gains)
+
+    p = sub.add_parser("guess-trust", help="right after an unchecked hard step of the walk, does the model's "
+                       "readout J believe the written result or repair it as the typical mistake? (why the fitting "
+                       "gain can pay for wrong guesses)")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                   help="a checkpoint of the walk task (repeat the flag for several)")
+    p.add_argument("--problems", type=int, default=120, help="held-out walk problems (default 120)")
+    p.add_argument("--min-steps", type=int, default=4, help="fewest moves of a problem (default 4)")
+    p.add_argument("--max-steps", type=int, default=6, help="most moves of a problem (default 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.set_defaults(fn=cmd_guess_trust)
 
     p = sub.add_parser("compare", help="compare `l2t eval` reports of several models (Fig. 2 style)")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging")

@@ -40,6 +40,7 @@ guess, and the process reward then pays for wrong guesses. :func:`credit_by_kind
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
@@ -117,6 +118,84 @@ def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: i
                 yield (r.step, r.group), classify([e.text for e in seg.episodes]), g
 
     return {"run": str(run), "steps": [first_step, last], **step_gain_calibration(responses())}
+
+
+def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
+    """Whom the forced-answer readout J believes right after an unchecked hard step of the walk: the
+    written result, or the repair of the typical mistake it might be (why :func:`step_gain_calibration`
+    can come out positive).
+
+    For every hard move of every walk problem, the reference trace with a check after each hard
+    move (no other optional episode) is cut right after that move's direct episode, once with the
+    result written right and once written as the fast guess (one hop short; both traces are right
+    up to there). J is read for three answers: the truth, the answer of *trusting* a wrong result
+    (the walk then ends one hop short) and that of *repairing* a right one as if it were the
+    mistake (one hop further). Returns, per written result (``right``, ``wrong``), the mean J of
+    each answer (``truth``, ``trust``/``repair``) and ``repair_share``, the mean of
+    J(repairing answer) / (J(trusting answer) + J(repairing answer)): how much of J's belief
+    takes the written result for the mistake. ``gain_wrong_minus_right`` is the mean over moves of
+    J(truth | wrong written) − J(truth | right written), the difference of the two steps' fitting
+    gains G_k (their contexts before the step are the same), with its standard error.
+
+    A readout that cannot tell a right result from the typical mistake learns the corpus's rate
+    of mistakes from the forced-answer examples (cut anywhere, answered with the TRUE answer):
+    then ``repair_share`` is that rate for both kinds of result, and the gain difference is about
+    2·rate − 1, positive when most written hard results in the SFT corpus were wrong.
+    """
+    from .rewards.fitting import JItem, answer_logprobs_packed
+    from .tasks import walk
+    from .tasks.common import render_answer
+    from .warmstart import _force_ids, _j_item
+
+    task = _task_of_all(problems, "guess_trust")
+    if task is not walk:
+        raise ValueError("guess_trust: the walk task only (its typical mistake is one hop short on a cycle); "
+                         f"got problems of {task.__name__.rsplit('.', 1)[-1]}")
+    styles = {w: walk.TraceStyle(guess_error=float(w == "wrong"), hard_check=1.0, easy_check=0.0, repeat=0.0,
+                                 restate=0.0) for w in ("right", "wrong")}
+    rng = random.Random(seed)  # unused by these styles (every choice has probability 0 or 1)
+    items, where = [], []  # where: (written, move index, answer label) per item
+    for n, p in enumerate(problems):
+        prompt = tokenizer(walk.build_task_prompt(p), add_special_tokens=False)["input_ids"]
+        truth = int(p.answer)
+        answers = {"right": {"truth": truth, "repair": walk.hop(truth, 1)},
+                   "wrong": {"truth": truth, "trust": walk.hop(truth, 9)}}  # F is a 10-cycle: 9 hops = one back
+        for written, style in styles.items():
+            tr = walk.build_trace(p, rng, style)
+            text = tr.text
+            item, _ = _j_item(tokenizer, p, prompt, tokenizer(text, add_special_tokens=False)["input_ids"], text)
+            if item is None:
+                raise ValueError(f"guess_trust: the reference trace of problem {n} does not segment as tagged")
+            cuts = [k + 1 for k, e in enumerate(tr.episodes) if e.kind == "step" and e.hard]
+            for label, a in answers[written].items():
+                ans = tokenizer(render_answer(str(a)), add_special_tokens=False)["input_ids"]
+                items.append(JItem(item.prompt_ids, item.response_ids, item.boundaries, ans))
+                where.append((n, written, label, cuts))
+    if not any(w[3] for w in where):
+        raise ValueError(f"guess_trust: none of the {len(problems)} problems has a hard move")
+    j: dict = {}  # (problem, written, label) -> J at each hard move's cut
+    for log_j, (n, written, label, cuts) in zip(answer_logprobs_packed(model, items, _force_ids(tokenizer)), where):
+        probs = log_j.exp().tolist()
+        j[(n, written, label)] = [probs[k] for k in cuts]
+    out: dict = {"problems": len(problems), "hard_moves": 0}
+    diffs, shares = [], {"right": [], "wrong": []}
+    sums = {("right", "truth"): [], ("right", "repair"): [], ("wrong", "truth"): [], ("wrong", "trust"): []}
+    for n in range(len(problems)):
+        rt, rr = j[(n, "right", "truth")], j[(n, "right", "repair")]
+        wt, wu = j[(n, "wrong", "truth")], j[(n, "wrong", "trust")]
+        for a, b, c, d in zip(rt, rr, wt, wu):
+            out["hard_moves"] += 1
+            sums[("right", "truth")].append(a), sums[("right", "repair")].append(b)
+            sums[("wrong", "truth")].append(c), sums[("wrong", "trust")].append(d)
+            shares["right"].append(b / (a + b) if a + b > 0 else 0.5)
+            shares["wrong"].append(c / (c + d) if c + d > 0 else 0.5)
+            diffs.append(c - a)
+    for written in ("right", "wrong"):
+        out[written] = {label: float(np.mean(v)) for (w, label), v in sums.items() if w == written}
+        out[written]["repair_share"] = float(np.mean(shares[written]))
+    out["gain_wrong_minus_right"] = float(np.mean(diffs))
+    out["stderr"] = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None
+    return out
 
 
 def method_configs(methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig]]) -> dict[str, tuple[str, RewardConfig]]:
@@ -214,8 +293,8 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                          for kind, f in sorted(fields.items())},
             **kind_effects(cells),
         }
-        if gains:  # G_k depends on the samples and the policy only: one method's is enough
-            report["step_gain"] = step_gain_calibration(gains)
+        if name == source:  # G_k depends on the samples and the policy only: one method's is enough
+            report["step_gain"] = step_gain_calibration(gains)  # no cells when nothing is tagged
     # of the last method's batch, as scored (the outcome does not depend on the method)
     report["tagged_share"] = float(np.mean([x.segmentation.status == "tagged" for x in batch.responses]))
     report["accuracy"] = float(np.mean([x.outcome for x in batch.responses]))
@@ -236,7 +315,20 @@ def credit_table(report: dict) -> str:
     g = report.get("step_gain")
     if g and g["step"]["cells"]:
         lines += ["", step_gain_sentence(g)]
+    if report.get("guess_trust"):
+        lines += ["", guess_trust_sentence(report["guess_trust"])]
     return "\n".join(lines)
+
+
+def guess_trust_sentence(trust: dict) -> str:
+    """:func:`guess_trust` in words, for reports."""
+    se = "" if trust["stderr"] is None else f" ± {trust['stderr']:.3f}"
+    return (f"Right after an unchecked hard step (reference traces, {trust['hard_moves']} moves), J takes the "
+            f"written result for the typical mistake and repairs it with share {trust['right']['repair_share']:.2f} "
+            f"when it is right and {trust['wrong']['repair_share']:.2f} when it is wrong; J(truth) is "
+            f"{trust['right']['truth']:.2f} after a right result and {trust['wrong']['truth']:.2f} after a wrong one "
+            f"(gain difference wrong − right {trust['gain_wrong_minus_right']:+.3f}{se}). A readout that cannot tell "
+            "them apart repairs both at the SFT corpus's rate of wrong hard results.")
 
 
 def step_gain_sentence(calibration: dict) -> str:

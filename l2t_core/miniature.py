@@ -586,31 +586,44 @@ def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
 
 
 def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
-    """The SFT base's credit-by-episode-kind probe (``credit.json``, reused when its settings match)."""
+    """The SFT base's credit-by-episode-kind probe (``credit.json``, reused when its settings match),
+    with :func:`~l2t_core.episode_credit.guess_trust` on the same problems (walk task, a method with
+    a fitting gain). A saved probe that lacks ``step_gain`` is made again; one that lacks only
+    ``guess_trust`` gets it added."""
     if not cfg.credit_problems:
         return None
-    from .episode_credit import credit_by_kind
+    from .episode_credit import credit_by_kind, guess_trust
     from .models import load_policy
     from .rewards.l2t import has_fitting_gain
 
     path = out / "credit.json"
     settings = {"problems": cfg.credit_problems, "group_size": cfg.group_size, "temperature": cfg.temperature,
                 "max_new_tokens": cfg.max_new_tokens, "methods": list(cfg.methods), "task": cfg.warmstart.task}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        has_gains = any(has_fitting_gain(m) for m in cfg.methods)  # made before step_gain: probed again
-        if saved.get("settings") == settings and ("step_gain" in saved or not has_gains):
-            return saved
+    has_gains = any(has_fitting_gain(m) for m in cfg.methods)
     task = cfg.warmstart.task_module()
     top = max(cfg.warmstart.min_steps, cfg.warmstart.max_steps - 2)
     problems = task.dataset(cfg.credit_problems, top, cfg.warmstart.max_steps, seed=cfg.warmstart.seed + 7)
-    log.info("credit probe: %d problems x %d samples under %s", len(problems), cfg.group_size, ", ".join(cfg.methods))
+    wants_trust = (has_gains and cfg.warmstart.task == "walk"
+                   and any(m.hard for p in problems for m in p.moves))  # guess_trust reads after hard moves
+    report = None
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings and ("step_gain" in saved or not has_gains):  # else: made before it
+            if "guess_trust" in saved or not wants_trust:
+                return saved
+            report = saved
     model, tok = load_policy(sft_dir)
-    report = credit_by_kind(model, tok, problems, cfg.methods, group_size=cfg.group_size,
-                            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.warmstart.seed)
-    report["settings"] = settings
-    path.write_text(json.dumps(report, indent=1))
-    return report
+    if report is None:
+        log.info("credit probe: %d problems x %d samples under %s", len(problems), cfg.group_size,
+                 ", ".join(cfg.methods))
+        report = credit_by_kind(model, tok, problems, cfg.methods, group_size=cfg.group_size,
+                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.warmstart.seed)
+        report["settings"] = settings
+    if wants_trust:
+        log.info("credit probe: whom J believes after an unchecked hard step (%d problems)", len(problems))
+        report["guess_trust"] = guess_trust(model, tok, problems, seed=cfg.warmstart.seed)
+    return _write_json(path, report)
 
 
 def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *, show_progress: bool = True) -> dict:

@@ -93,8 +93,9 @@ def test_credit_by_kind_runs_every_method_on_the_same_samples(model, tokenizer):
     assert 0.0 <= rep["tagged_share"] <= 1.0 and 0.0 <= rep["accuracy"] <= 1.0
     for m in rep["methods"].values():
         assert set(m["with_minus_without"]) == {"check_easy", "check_hard", "repeat", "restate"}
-    # l2t's gains give the step-gain calibration whenever a response is tagged
-    assert ("step_gain" in rep) == (rep["tagged_share"] > 0)
+    # l2t's gains give the step-gain calibration (without cells when no response is tagged)
+    assert "step_gain" in rep and (rep["step_gain"]["step"]["cells"] == 0 or rep["tagged_share"] > 0)
+    assert "step_gain" not in credit_by_kind(model, tok, problems, ["grpo"], group_size=2, max_new_tokens=12)
 
 
 def _hard(wrong: bool) -> "walk.EpisodeInfo":
@@ -176,3 +177,73 @@ def test_step_gain_comes_from_the_first_method_that_has_a_fitting_gain():
     assert gain_source(method_configs(["grpo", "length_penalty", "mrt", "l2t_no_penalty", "l2t"])) == "l2t_no_penalty"
     assert gain_source(method_configs(["grpo", "length_penalty"])) is None
     assert gain_source({"mine": ("l2t_random_layers", RewardConfig()), "l2t": ("l2t", RewardConfig())}) == "mine"
+
+
+def _brute_j(model, tok, prompt: str, prefix: str, answer: str) -> float:
+    """J = p(\\boxed{answer} | prompt ⊕ prefix ⊕ force suffix) by one plain forward pass."""
+    import torch
+
+    from l2t_core.prompts import FORCE_ANSWER_SUFFIX, render_answer
+
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ctx = enc(prompt) + enc(prefix) + enc(FORCE_ANSWER_SUFFIX)
+    ans = enc(render_answer(answer))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + ans])).logits[0].float(), -1)
+    return float(sum(logp[len(ctx) - 1 + i, a] for i, a in enumerate(ans)).exp())
+
+
+def test_guess_trust_reads_j_right_after_each_hard_step_for_the_three_answers(tmp_path, capsys):
+    """Against plain forward passes on the cut texts, on a random tiny model with the warm start's
+    character tokenizer (episode tags are single tokens, so a cut text tokenizes as the prefix)."""
+    from l2t_core.episode_credit import guess_trust
+    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=48, seed=3).eval()
+    moves = (walk.Move(">>"), walk.Move(">"), walk.Move(">>"))
+    problems = [walk._problem(4, moves, 0), walk._problem(7, (walk.Move(">"), walk.Move(">>")), 1)]
+    res = guess_trust(model, tok, problems)
+    assert res["problems"] == 2 and res["hard_moves"] == 3
+    want = {("right", "truth"): [], ("right", "repair"): [], ("wrong", "truth"): [], ("wrong", "trust"): []}
+    for p in problems:
+        x, truth = p.start, int(p.answer)
+        episodes = []
+        for i, m in enumerate(p.moves):
+            rest = p.moves[i + 1:]
+            if m.hard:
+                for written, value in (("right", m.apply(x)), ("wrong", walk.hop(x, 1))):
+                    body = episodes + [walk.step_text(x, m, value, rest)]
+                    prefix = "<think>\n" + "".join(f"<episode_{k}>{t}</episode_{k}>\n" for k, t in enumerate(body, 1))
+                    other = ("repair", walk.hop(truth, 1)) if written == "right" else ("trust", walk.hop(truth, 9))
+                    for label, a in (("truth", truth), other):
+                        want[(written, label)].append(_brute_j(model, tok, walk.build_task_prompt(p), prefix, str(a)))
+                episodes += [walk.step_text(x, m, m.apply(x), rest), walk.check_text(x, m)]
+            else:
+                episodes.append(walk.step_text(x, m, m.apply(x), rest))
+            x = m.apply(x)
+    for (written, label), js in want.items():
+        assert res[written][label] == pytest.approx(sum(js) / len(js), rel=1e-4, abs=1e-7), (written, label)
+    diffs = [w - r for w, r in zip(want[("wrong", "truth")], want[("right", "truth")])]
+    assert res["gain_wrong_minus_right"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-4, abs=1e-7)
+    shares = [b / (a + b) for a, b in zip(want[("right", "truth")], want[("right", "repair")])]
+    assert res["right"]["repair_share"] == pytest.approx(sum(shares) / len(shares), rel=1e-4)
+    with pytest.raises(ValueError, match="walk task only"):
+        guess_trust(model, tok, [arithmetic.make_problem(random.Random(0), 2)])
+    with pytest.raises(ValueError, match="none of the 1 problems has a hard move"):
+        guess_trust(model, tok, [walk._problem(2, (walk.Move(">"),), 0)])
+    # the command line: saved checkpoints, held-out problems, one JSON line per model with the reading
+    from l2t_core.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert main(["guess-trust", "--model", f"tiny={tmp_path / 'm'}", "--problems", "3", "--min-steps", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    held = walk.dataset(3, 2, 6, seed=0, split="heldout")
+    assert out["model"] == "tiny" and out["problems"] == 3
+    assert out["gain_wrong_minus_right"] == pytest.approx(guess_trust(model, tok, held)["gain_wrong_minus_right"],
+                                                          rel=1e-4, abs=1e-7)
+    assert "J takes the written result for the typical mistake" in out["reading"]
+    with pytest.raises(SystemExit, match="l2t guess-trust: --model '=x': write NAME=DIR"):
+        main(["guess-trust", "--model", "=x"])

@@ -118,6 +118,9 @@ def test_miniature_end_to_end(tmp_path):
     assert set(data["floor"]["per_level"]) == {"1", "2"} and 0 < data["floor"]["mean_tokens"]
     assert set(data["credit"]["methods"]) == {"grpo", "l2t"} and data["credit"]["responses"] == 2 * TINY["group_size"]
     assert "Credit by episode kind" in (out / "miniature.md").read_text()
+    trust = data["credit"]["guess_trust"]  # whom J believes after an unchecked hard step, on the same problems
+    assert trust["problems"] == 2 and trust["hard_moves"] > 0 and 0 <= trust["right"]["repair_share"] <= 1
+    assert "J takes the written result for the typical mistake" in (out / "miniature.md").read_text()
     for p in report["plots"]:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert (out / "training.png").exists() and "Training dynamics" in (out / "miniature.md").read_text()
@@ -130,8 +133,13 @@ def test_miniature_end_to_end(tmp_path):
         f = m["faults"]["2"]  # every wrong held-out answer has its decisive fault
         assert f["n"] == 2 and f["wrong"] == sum(f["faults"].values()) and f["misled"] <= f["wrong"]
     # finished runs are kept: a second call trains nothing and gives the same numbers
+    credit = json.loads((out / "credit.json").read_text())
+    (out / "credit.json").write_text(json.dumps({**{k: v for k, v in credit.items() if k != "guess_trust"},
+                                                 "kept": True}))  # a probe saved before guess_trust existed
     again = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
     assert again["methods"] == report["methods"]
+    credit_again = json.loads((out / "credit.json").read_text())  # guess_trust added; the sampled probe kept
+    assert credit_again["kept"] and credit_again["guess_trust"] == credit["guess_trust"]
     # ...but never when the configuration changed: stale results are refused, naming the fields
     with pytest.raises(ValueError, match=r"different training configuration \(fields: optim\)"):
         run_miniature(out, MiniatureConfig.model_validate({**TINY, "lr": 1e-4}), show_progress=False)
