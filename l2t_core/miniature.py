@@ -42,7 +42,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import Field
 
@@ -198,27 +198,20 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
     from .checkpoint import RunStorage
     from .models import load_policy
     from .trainer import Trainer
-    from .warmstart import evaluate, held_out
 
     tcfg = TrainConfig.model_validate_json(tcfg_json)
     done = Path(eval_json)
-    settings = _eval_settings(levels, per_level, max_new_tokens, task)
-    if done.exists():  # a finished run is reused only if it was trained and evaluated as asked now
+    model = tok = None
+    kept: dict = {}
+    if done.exists():  # a finished run is reused only if it was trained as asked now
         saved_cfg = done.parent / "train_config.json"
         if saved_cfg.exists():
             saved = _relocated(json.loads(saved_cfg.read_text()), tcfg)
             _require_same(saved, tcfg, f"run {done.parent}", "training configuration")
-        ev = json.loads(done.read_text())
-        if "eval_settings" in ev:
-            _require_same(ev["eval_settings"], settings, f"evaluation {done}", "evaluation settings")
-        model = tok = None
-        kept = {k: ev[k] for k in ("name", "seed", "train_seconds", "final_train_accuracy", "final_train_tokens")
-                if k in ev}
     else:
         t0 = time.perf_counter()
         result = Trainer(tcfg, show_progress=False).run()
         model, tok = load_policy(result.checkpoint)
-        ev = None
         kept = dict(name=name, seed=seed, train_seconds=time.perf_counter() - t0,
                     final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
                     final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
@@ -233,37 +226,51 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
             model, tok = load_policy(latest[1])
         return model, tok
 
-    if ev is None or lacks_census(ev):
-        if ev is not None:
-            log.info("%s predates the current episode census; evaluating the final checkpoint again", done)
-        ev = evaluate(*policy(), held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens)
-        ev.update(**kept, eval_settings=settings)
-        ev = _write_json(done, ev)
+    ev = kept_evaluation(done, policy, levels, per_level, max_new_tokens, task, extra=kept, carry=RUN_FIELDS,
+                         what="evaluation")
     if sampled:
         extra = {"name": name, "seed": seed, "train_seconds": ev.get("train_seconds")}
-        ev = {**ev, "sampled": sampled_evaluation(done.parent / "eval_sampled.json", policy, levels, per_level,
-                                                  max_new_tokens, task, sampled, extra)}
+        ev = {**ev, "sampled": kept_evaluation(done.parent / "eval_sampled.json", policy, levels, per_level,
+                                               max_new_tokens, task, sampled=sampled, extra=extra)}
     return ev
 
 
-def sampled_evaluation(path: Path, policy, levels, per_level, max_new_tokens, task: str, sampled: dict,
-                       extra: dict | None = None) -> dict:
-    """``warmstart.evaluate`` with the sampling arguments ``sampled`` on the held-out split, kept in
-    ``path``: reused when it was made with the same settings, made again (it depends only on the
-    checkpoint) when not, or when it predates a field of the census (:func:`lacks_census`).
-    ``policy()`` gives the (model, tokenizer) to sample from."""
+# what a run's evaluation records of its training, kept when the evaluation is made again
+RUN_FIELDS = ("name", "seed", "train_seconds", "final_train_accuracy", "final_train_tokens")
+
+
+def kept_evaluation(path: Path, policy, levels, per_level, max_new_tokens, task: str, *, sampled: dict | None = None,
+                    extra: dict | None = None, carry: Sequence[str] = (), what: str | None = None) -> dict:
+    """``warmstart.evaluate`` of ``policy()`` (a ``(model, tokenizer)``, loaded only when needed) on
+    the held-out split, greedy or with the sampling arguments ``sampled``, kept in ``path`` with its
+    settings (:func:`_eval_settings`) and ``extra``.
+
+    A saved evaluation is reused when made with the same settings and a complete census; one that
+    predates a census field (:func:`lacks_census`) is made again from the same checkpoint, keeping
+    its ``carry`` fields. With other settings, a sampled evaluation is sampled again (it is an
+    addition to the experiment), while a greedy one (``what`` names it in the error) is refused:
+    it is the experiment's record, and other settings make another experiment."""
     from .warmstart import evaluate, held_out
 
-    settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **sampled}
+    settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **(sampled or {})}
+    extra = dict(extra or {})
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("eval_settings") == settings and not lacks_census(saved):
+        recorded = saved.get("eval_settings")
+        if sampled:
+            other = recorded != settings
+        else:  # greedy evaluations made before the settings were recorded are taken as they are
+            if recorded is not None:
+                _require_same(recorded, settings, f"{what or 'evaluation'} {path}", "evaluation settings")
+            other = False
+        if not other and not lacks_census(saved):
             return saved
-        log.info("%s was sampled with other settings or predates the current episode census; sampling again", path)
+        log.info("%s %s; evaluating the checkpoint again", path,
+                 "was made with other settings" if other else "predates the current episode census")
+        extra = {**{k: saved[k] for k in carry if k in saved}, **extra}
     model, tok = policy()
-    ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens, **sampled)
-    ev.update(**(extra or {}), eval_settings=settings)
-    return _write_json(path, ev)
+    ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens, **(sampled or {}))
+    return _write_json(path, {**ev, **extra, "eval_settings": settings})
 
 
 # warmstart.evaluate's census of the greedy responses' episodes, reported per method
@@ -634,7 +641,7 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     from .models import load_policy
     from transformers import AutoTokenizer
 
-    from .warmstart import evaluate, held_out, necessary_tokens, warm_start
+    from .warmstart import held_out, necessary_tokens, warm_start
 
     cfg = cfg or MiniatureConfig()
     out = Path(out)
@@ -648,22 +655,14 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     else:
         log.info("warm start: SFT of the tiny model on the synthetic task")
         warm_start(sft_dir, cfg.warmstart)
-    base_path = out / "base_eval.json"
-    base_settings = _eval_settings(cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task)
-    base = json.loads(base_path.read_text()) if base_path.exists() else None
-    if base is not None and "eval_settings" in base:
-        _require_same(base["eval_settings"], base_settings, f"base evaluation {base_path}", "evaluation settings")
-    if base is None or lacks_census(base):
-        model, tok = load_policy(sft_dir)
-        base = evaluate(model, tok, held_out(cfg.eval_levels, cfg.eval_per_level, task=cfg.warmstart.task),
-                        max_new_tokens=cfg.max_new_tokens)
-        base = _write_json(base_path, {**base, "eval_settings": base_settings})
+    base = kept_evaluation(out / "base_eval.json", lambda: load_policy(sft_dir), cfg.eval_levels, cfg.eval_per_level,
+                           cfg.max_new_tokens, cfg.warmstart.task, what="base evaluation")
     log.info("SFT base: accuracy %.3f, %.1f tokens", base["accuracy"], base["mean_tokens"])
     sampled = cfg.sampled_decoding()
     base_sampled = None
     if sampled:
-        base_sampled = sampled_evaluation(out / "base_eval_sampled.json", lambda: load_policy(sft_dir), cfg.eval_levels,
-                                          cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task, sampled)
+        base_sampled = kept_evaluation(out / "base_eval_sampled.json", lambda: load_policy(sft_dir), cfg.eval_levels,
+                                       cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task, sampled=sampled)
         log.info("SFT base, %s: accuracy %.3f, %.1f tokens", decoding_label(base_sampled["decoding"]),
                  base_sampled["accuracy"], base_sampled["mean_tokens"])
     eval_problems = held_out(cfg.eval_levels, cfg.eval_per_level, task=cfg.warmstart.task)
