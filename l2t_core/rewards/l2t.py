@@ -40,12 +40,14 @@ from .fitting import (
 
 Method = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers"]
 METHODS: tuple[str, ...] = ("grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers")
+# the methods with L2T's episode reward (fitting gain, penalty, episode credit, surprise weights)
+L2T_FAMILY: tuple[str, ...] = ("l2t", "l2t_no_penalty", "l2t_random_layers")
 
 
 def has_fitting_gain(method: str) -> bool:
     """Whether ``method`` computes the fitting gain G_k (METHOD.md §2): the l2t family; the others
     report G_k = 0 for every episode."""
-    return method.startswith("l2t")
+    return method in L2T_FAMILY
 
 
 @dataclass
@@ -350,9 +352,9 @@ def compute_rewards(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     needs_penalty = method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
     c = cfg.compression
-    surprise = method.startswith("l2t") and cfg.credit.token_weights == "surprise"
+    surprise = method in L2T_FAMILY and cfg.credit.token_weights == "surprise"
     want_logps = need_logp_old or surprise
-    packed_j = method.startswith("l2t") and cfg.fitting.estimator == "answer_logprob"
+    packed_j = method in L2T_FAMILY and cfg.fitting.estimator == "answer_logprob"
     k_per = [t.num_episodes for t in teps]
     force_ids = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
     device = next(model.parameters()).device
@@ -388,7 +390,7 @@ def compute_rewards(
         log_js = res.log_j or log_js
         penalty_s = res.penalty_s
     penalty_s += svd_s
-    if method == "mrt" or (method.startswith("l2t") and cfg.fitting.estimator == "monte_carlo"):
+    if method == "mrt" or (method in L2T_FAMILY and cfg.fitting.estimator == "monte_carlo"):
         contexts, refs, owner = [], [], []
         for n, (r, te) in enumerate(zip(rollouts, teps)):
             for b in te.boundaries.tolist():
@@ -441,10 +443,10 @@ def compute_rewards(
         ))
 
     outcomes = torch.tensor(outs, dtype=torch.float64)
-    additive = method.startswith("l2t") and cr.credit == "additive"
+    additive = method in L2T_FAMILY and cr.credit == "additive"
     if additive:  # outcome's GRPO advantage + z-scored process reward per episode (project option)
         scores = outcomes
-    elif method.startswith("l2t"):
+    elif method in L2T_FAMILY:
         scores = torch.stack([adv.response_score(x.token_reward, x.episode_reward, cr.score_agg, cr.trim_frac)
                               for x in results])
         if cr.process_scope == "correct":  # project option: the process score only ranks correct responses
@@ -467,7 +469,7 @@ def compute_rewards(
         if additive:
             x.token_advantage = adv.additive_token_advantages(
                 a[n], zs[n], torch.as_tensor(x.tokens.episode_ids), cr.process_coef)
-        elif method.startswith("l2t") and cr.credit == "paper":
+        elif method in L2T_FAMILY and cr.credit == "paper":
             x.token_advantage = adv.token_advantages(a[n], x.token_reward)
         else:  # scalar advantage broadcast to every token (GRPO, the scalar baselines, credit='broadcast')
             x.token_advantage = torch.full((t,), float(a[n]), dtype=torch.float64)
