@@ -58,10 +58,18 @@ class SegmentationConfig(_Strict):
 class FittingConfig(_Strict):
     """METHOD.md §2: the fitting information gain G_k = J(s_k ⊕ z_k) − J(s_k)."""
 
-    estimator: Literal["answer_logprob", "monte_carlo"] = "answer_logprob"
-    mc_samples: int = Field(4, ge=1, description="m, the forced answers sampled per prefix (monte_carlo).")
+    estimator: Literal["answer_logprob", "monte_carlo", "continuation"] = Field("answer_logprob", description=(
+        "How J(s) is estimated: answer_logprob (the paper's, teacher-forced answer after the force-answer "
+        "suffix), monte_carlo (forced answers sampled, MRT), or continuation (not the paper's: the share of the "
+        "policy's own sampled continuations of s, without forcing, that reach the verified answer within "
+        "continuation_budget tokens; calibrated to what the policy does after s, at m generations per boundary)."))
+    mc_samples: int = Field(4, ge=1, description="m, the samples per prefix (monte_carlo, continuation).")
     mc_max_new_tokens: int = Field(32, ge=1, description="Length cap of one forced answer (monte_carlo).")
-    mc_temperature: float = Field(1.0, gt=0.0)
+    mc_temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (monte_carlo, continuation).")
+    continuation_budget: int = Field(512, ge=1, description=(
+        "continuation: the response budget in tokens (prefix + continuation), as the rollouts' max_new_tokens; "
+        "a continuation is cut where the budget ends."))
+    continuation_batch: int = Field(256, ge=1, description="continuation: contexts per generate call.")
     max_tokens_per_batch: int = Field(
         32768, ge=1, description="Packed tokens per forward pass of the answer_logprob estimator."
     )
@@ -328,3 +336,9 @@ class TrainConfig(_Strict):
             )
         if self.engine == "deepspeed" and not self.deepspeed_config:
             raise ValueError("engine='deepspeed' needs deepspeed_config (e.g. infra/deepspeed/zero2.json)")
+        f = self.reward.fitting
+        if f.estimator == "continuation" and f.continuation_budget > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"reward.fitting.continuation_budget ({f.continuation_budget}) exceeds rollout.max_new_tokens "
+                f"({self.rollout.max_new_tokens}): a continuation would get more tokens than the policy's own "
+                "responses; set it to rollout.max_new_tokens")

@@ -72,6 +72,45 @@ def test_every_method_gives_finite_rewards_on_bad_inputs(model, tokenizer, metho
         assert all(float(r.penalties_hat.abs().sum()) == 0.0 for r in batch.responses)
 
 
+def test_continuation_estimator_continues_each_prefix_without_the_force_suffix(model, tokenizer, monkeypatch):
+    """fitting.estimator = continuation: J at every boundary b from the policy's own continuations of
+    prompt ⊕ response[:b] (no force-answer suffix), each cut at continuation_budget − b tokens; the
+    gains are the differences of those J. The real sampler runs too, on the tiny model."""
+    import l2t_core.rewards.l2t as l2t_rewards
+    from l2t_core.config import TrainConfig
+
+    rollouts = _rollouts(tokenizer, [GOOD, REDUNDANT])
+    cfg = RewardConfig(fitting={"estimator": "continuation", "mc_samples": 2, "continuation_budget": 60,
+                                "continuation_batch": 3})
+    calls = []
+
+    def fake(model_, tok_, contexts, refs, verify, **kw):
+        calls.append((contexts, refs, kw))
+        return torch.linspace(0.1, 0.9, len(contexts))
+
+    monkeypatch.setattr(l2t_rewards, "monte_carlo_j", fake)
+    batch = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
+    (contexts, refs, kw), = calls
+    want, caps = [], []
+    for r, x in zip(rollouts, batch.responses):
+        b = [0] + [len(tokenizer(r.response_text[:c], add_special_tokens=False)["input_ids"])
+                   for c in x.segmentation.boundaries]
+        want += [list(r.prompt_ids) + list(r.response_ids[:k]) for k in b]
+        caps += [60 - k for k in b]
+    assert contexts == want and refs == ["14"] * len(want)
+    assert kw["caps"] == caps and kw["max_new_tokens"] == 60 and kw["samples"] == 2 and kw["batch_contexts"] == 3
+    j = torch.linspace(0.1, 0.9, len(contexts))
+    k0 = batch.responses[0].segmentation.num_episodes
+    assert batch.responses[0].gains.tolist() == pytest.approx((j[1:k0 + 1] - j[:k0]).tolist(), abs=1e-6)
+    monkeypatch.undo()
+    real = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
+    for r in real.responses:
+        assert torch.isfinite(r.token_advantage).all() and all(-1.0 <= g <= 1.0 for g in r.gains.tolist())
+    # the budget may not exceed the rollouts' own
+    with pytest.raises(ValidationError, match=r"continuation_budget \(60\) exceeds rollout.max_new_tokens \(40\)"):
+        TrainConfig(policy="p", reward=cfg, rollout={"max_new_tokens": 40})
+
+
 def test_l2t_gains_telescope_to_j_difference(model, tokenizer):
     batch = compute_rewards(model, tokenizer, _rollouts(tokenizer, [GOOD, REDUNDANT]), "l2t", verifier=NumericVerifier())
     for r in batch.responses:

@@ -87,3 +87,37 @@ def test_monte_carlo_j_counts_verified_samples(model, tokenizer):
     monte_carlo_j(model, tokenizer, [ctx, ctx], ["a", "b"], lambda t, r: seen.append(r) or False, samples=2,
                   max_new_tokens=2, seed=0)
     assert seen == ["a", "a", "b", "b"]
+
+
+def test_monte_carlo_j_caps_cut_each_contexts_generations_to_its_budget():
+    """The continuation estimator's caps: a context's samples are verified on their first cap
+    tokens only (the same stream as uncapped), a cap of 0 or less has nothing to verify (J = 0),
+    and batching the contexts keeps the order of contexts and samples. (A character tokenizer, so
+    that a cut sample decodes to a prefix of the whole one; a random model may sample lone bytes,
+    which decode to one replacement character each, so the cut is checked as a strict prefix.)"""
+    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                             intermediate_size=24, seed=2).eval()
+    ctx = tokenizer("from 6: >> >", add_special_tokens=False)["input_ids"]
+    contexts, refs = [ctx, ctx[:6], ctx], ["a", "b", "c"]
+    full, capped = [], []
+    monte_carlo_j(model, tokenizer, contexts, refs, lambda t, r: full.append((r, t)) or False,
+                  samples=2, max_new_tokens=5, seed=3, caps=[5, 5, 5])
+    j = monte_carlo_j(model, tokenizer, contexts, refs, lambda t, r: capped.append((r, t)) or True, samples=2,
+                      max_new_tokens=5, seed=3, caps=[2, 5, 0])
+    assert j.tolist() == [1.0, 1.0, 0.0]  # the third context had no budget left: never verified
+    assert [r for r, _ in capped] == ["a", "a", "b", "b"]
+    for (_, cut), (_, whole) in zip(capped[:2], full[:2]):  # the same samples, cut to 2 tokens
+        assert whole.startswith(cut)
+    assert any(len(w) > len(c) for (_, w), (_, c) in zip(full[:2], capped[:2]))  # ...and the cut cut something
+    assert capped[2:] == full[2:4]  # a cap of max_new_tokens cuts nothing
+    seen = []
+    monte_carlo_j(model, tokenizer, [ctx, ctx[:6], ctx[:3]], ["a", "b", "c"], lambda t, r: seen.append(r) or False,
+                  samples=2, max_new_tokens=3, seed=0, caps=[3, 3, 3], batch_contexts=2)
+    assert seen == ["a", "a", "b", "b", "c", "c"]
+    with pytest.raises(ValueError, match="a cap of 9 tokens exceeds max_new_tokens=5"):
+        monte_carlo_j(model, tokenizer, [ctx], ["a"], lambda t, r: True, max_new_tokens=5, caps=[9])
+    with pytest.raises(ValueError, match="1 contexts but 2 caps"):
+        monte_carlo_j(model, tokenizer, [ctx], ["a"], lambda t, r: True, caps=[1, 2])

@@ -10,6 +10,13 @@ J(s) is the policy's own probability of the correct answer when forced to answer
   :func:`answer_logprobs_naive` is the per-prefix reference it is tested against.
 * ``monte_carlo`` (MRT, the §3.2 analysis): J(s) is the share of m sampled forced answers that the
   verifier accepts (:func:`monte_carlo_j`).
+* ``continuation`` (not the paper's; an option): J(s) is the share of m of the policy's own
+  continuations of s, sampled without forcing and cut at the response budget, that reach the
+  verified answer (:func:`monte_carlo_j` with ``caps``). The forced readouts above answer from
+  what the SFT data says usually follows s; on a base whose SFT traces mostly wrote a hard step's
+  result wrong and then repaired it, they believe a right result less than a wrong one
+  (:func:`l2t_core.episode_credit.guess_trust`). A continuation sees what the policy really does
+  next: it ends wrong after an unchecked wrong step unless the policy checks it.
 """
 
 from __future__ import annotations
@@ -232,38 +239,61 @@ def monte_carlo_j(
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     seed: int | None = None,
+    caps: Sequence[int] | None = None,
+    batch_contexts: int | None = None,
 ) -> torch.Tensor:
-    """J_mc(s) = share of ``samples`` forced answers from context s that ``verify`` accepts (§2).
+    """J_mc(s) = share of ``samples`` generations from context s that ``verify`` accepts (§2).
 
-    ``contexts`` already end with the force-answer suffix f. Generation is batched with left
-    padding through ``model.generate``.
+    For the ``monte_carlo`` estimator ``contexts`` end with the force-answer suffix f and the
+    generations are forced answers; for ``continuation`` they are response prefixes and the
+    generations the policy's own continuations. ``caps`` (one per context, at most
+    ``max_new_tokens``) cuts each context's generations to that many tokens before they are
+    verified (the response budget left after the prefix; a cap of 0 or less leaves nothing to
+    verify, so J = 0). Generation is batched with left padding through ``model.generate``,
+    ``batch_contexts`` contexts at a time (all at once when None), from one seeded stream.
     """
     if not contexts:
         return torch.zeros(0)
     if len(references) != len(contexts):
         raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(references)} references")
+    if caps is not None and len(caps) != len(contexts):
+        raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(caps)} caps")
+    if caps is not None and max(caps) > max_new_tokens:
+        raise ValueError(f"monte_carlo_j: a cap of {max(caps)} tokens exceeds max_new_tokens={max_new_tokens}")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c) :] = torch.as_tensor(list(c))
-        att[i, width - len(c) :] = 1
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.no_grad():
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=att.to(device),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=samples,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    hits = torch.tensor([float(verify(t, references[i // samples])) for i, t in enumerate(texts)])
-    return hits.view(len(contexts), samples).mean(dim=1)
+    hits = torch.zeros(len(contexts), samples)
+    step = batch_contexts or len(contexts)
+    for lo in range(0, len(contexts), step):
+        chunk = range(lo, min(lo + step, len(contexts)))
+        width = max(len(contexts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            c = contexts[i]
+            ids[row, width - len(c):] = torch.as_tensor(list(c))
+            att[row, width - len(c):] = 1
+        new_tokens = max_new_tokens if caps is None else max(1, max(caps[i] for i in chunk))
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=att.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                max_new_tokens=new_tokens,
+                num_return_sequences=samples,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        out = gen[:, width:].cpu()
+        for row, i in enumerate(chunk):
+            cap = None if caps is None else caps[i]
+            if cap is not None and cap <= 0:
+                continue  # no budget left after the prefix: nothing to verify
+            for s in range(samples):
+                text = tokenizer.decode(out[row * samples + s, :cap], skip_special_tokens=True)
+                hits[i, s] = float(verify(text, references[i]))
+    return hits.mean(dim=1)

@@ -390,17 +390,22 @@ def compute_rewards(
         log_js = res.log_j or log_js
         penalty_s = res.penalty_s
     penalty_s += svd_s
-    if method == "mrt" or (method in L2T_FAMILY and cfg.fitting.estimator == "monte_carlo"):
-        contexts, refs, owner = [], [], []
+    sampled_j = method == "mrt" or (method in L2T_FAMILY and cfg.fitting.estimator != "answer_logprob")
+    if sampled_j:  # monte_carlo (forced answers; mrt always) or continuation (the policy's own continuations)
+        f = cfg.fitting
+        continuation = method != "mrt" and f.estimator == "continuation"
+        contexts, refs, owner, caps = [], [], [], []
         for n, (r, te) in enumerate(zip(rollouts, teps)):
             for b in te.boundaries.tolist():
-                contexts.append(list(r.prompt_ids) + list(r.response_ids[:b]) + list(force_ids))
+                contexts.append(list(r.prompt_ids) + list(r.response_ids[:b]) + ([] if continuation else list(force_ids)))
                 refs.append(r.reference)
                 owner.append(n)
+                caps.append(f.continuation_budget - b)
         j = monte_carlo_j(
             model, tokenizer, contexts, refs, lambda t, ref: verifier.verify(t, ref).correct,
-            samples=cfg.fitting.mc_samples, max_new_tokens=cfg.fitting.mc_max_new_tokens,
-            temperature=cfg.fitting.mc_temperature, seed=step,
+            samples=f.mc_samples, max_new_tokens=f.continuation_budget if continuation else f.mc_max_new_tokens,
+            temperature=f.mc_temperature, seed=step, caps=caps if continuation else None,
+            batch_contexts=f.continuation_batch if continuation else None,
         )
         owner_t = torch.tensor(owner)
         log_js = [torch.log(j[owner_t == n].clamp(min=0)) for n in range(len(rollouts))]
