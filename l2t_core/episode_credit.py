@@ -137,10 +137,13 @@ def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
     J(truth | wrong written) − J(truth | right written), the difference of the two steps' fitting
     gains G_k (their contexts before the step are the same), with its standard error.
 
-    A readout that cannot tell a right result from the typical mistake learns the corpus's rate
-    of mistakes from the forced-answer examples (cut anywhere, answered with the TRUE answer):
-    then ``repair_share`` is that rate for both kinds of result, and the gain difference is about
-    2·rate − 1, positive when most written hard results in the SFT corpus were wrong.
+    The forced-answer examples of the SFT corpus (a trace cut anywhere, answered with the TRUE
+    answer) teach the readout to repair a written hard result as often as the corpus got it wrong,
+    unless it can tell a right result from the typical mistake. A readout that cannot has the
+    same ``repair_share`` for both, and with a share above 1/2 J is higher after the wrong result
+    than after the right one: the fitting gain pays for the mistake. Measured on the walk warm
+    starts (tiny model, 2,400 SFT steps; right / wrong): guess_error 0.25: 0.25 / 0.48 (gain
+    difference −0.18); 0.4: 0.52 / 0.52 (+0.05); 0.6: 0.50 / 0.63 (+0.15).
     """
     from .rewards.fitting import JItem, answer_logprobs_packed
     from .tasks import walk
@@ -154,7 +157,7 @@ def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
     styles = {w: walk.TraceStyle(guess_error=float(w == "wrong"), hard_check=1.0, easy_check=0.0, repeat=0.0,
                                  restate=0.0) for w in ("right", "wrong")}
     rng = random.Random(seed)  # unused by these styles (every choice has probability 0 or 1)
-    items, where = [], []  # where: (written, move index, answer label) per item
+    items, where = [], []  # where: (problem, written, answer label, the hard moves' cuts) per item
     for n, p in enumerate(problems):
         prompt = tokenizer(walk.build_task_prompt(p), add_special_tokens=False)["input_ids"]
         truth = int(p.answer)
@@ -177,25 +180,22 @@ def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
     for log_j, (n, written, label, cuts) in zip(answer_logprobs_packed(model, items, _force_ids(tokenizer)), where):
         probs = log_j.exp().tolist()
         j[(n, written, label)] = [probs[k] for k in cuts]
-    out: dict = {"problems": len(problems), "hard_moves": 0}
-    diffs, shares = [], {"right": [], "wrong": []}
-    sums = {("right", "truth"): [], ("right", "repair"): [], ("wrong", "truth"): [], ("wrong", "trust"): []}
-    for n in range(len(problems)):
-        rt, rr = j[(n, "right", "truth")], j[(n, "right", "repair")]
-        wt, wu = j[(n, "wrong", "truth")], j[(n, "wrong", "trust")]
-        for a, b, c, d in zip(rt, rr, wt, wu):
-            out["hard_moves"] += 1
-            sums[("right", "truth")].append(a), sums[("right", "repair")].append(b)
-            sums[("wrong", "truth")].append(c), sums[("wrong", "trust")].append(d)
-            shares["right"].append(b / (a + b) if a + b > 0 else 0.5)
-            shares["wrong"].append(c / (c + d) if c + d > 0 else 0.5)
-            diffs.append(c - a)
-    for written in ("right", "wrong"):
-        out[written] = {label: float(np.mean(v)) for (w, label), v in sums.items() if w == written}
-        out[written]["repair_share"] = float(np.mean(shares[written]))
-    out["gain_wrong_minus_right"] = float(np.mean(diffs))
-    out["stderr"] = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None
-    return out
+    # one row per hard move; columns: J(truth), J(repair) after a right result; J(truth), J(trust) after a wrong one
+    a = np.array([row for n in range(len(problems)) for row in zip(
+        j[(n, "right", "truth")], j[(n, "right", "repair")], j[(n, "wrong", "truth")], j[(n, "wrong", "trust")])])
+
+    def share(repair, trust):  # of J's belief in the two readings, the repairing one's
+        total = repair + trust
+        return float(np.mean(np.where(total > 0, repair / np.where(total > 0, total, 1.0), 0.5)))
+
+    diffs = a[:, 2] - a[:, 0]
+    return {"problems": len(problems), "hard_moves": len(a),
+            "right": {"truth": float(a[:, 0].mean()), "repair": float(a[:, 1].mean()),
+                      "repair_share": share(a[:, 1], a[:, 0])},
+            "wrong": {"truth": float(a[:, 2].mean()), "trust": float(a[:, 3].mean()),
+                      "repair_share": share(a[:, 2], a[:, 3])},
+            "gain_wrong_minus_right": float(diffs.mean()),
+            "stderr": float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None}
 
 
 def method_configs(methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig]]) -> dict[str, tuple[str, RewardConfig]]:
@@ -327,8 +327,8 @@ def guess_trust_sentence(trust: dict) -> str:
             f"written result for the typical mistake and repairs it with share {trust['right']['repair_share']:.2f} "
             f"when it is right and {trust['wrong']['repair_share']:.2f} when it is wrong; J(truth) is "
             f"{trust['right']['truth']:.2f} after a right result and {trust['wrong']['truth']:.2f} after a wrong one "
-            f"(gain difference wrong − right {trust['gain_wrong_minus_right']:+.3f}{se}). A readout that cannot tell "
-            "them apart repairs both at the SFT corpus's rate of wrong hard results.")
+            f"(gain difference wrong − right {trust['gain_wrong_minus_right']:+.3f}{se}). Where J is higher after the "
+            "wrong result, the fitting gain pays for the mistake and charges its repair.")
 
 
 def step_gain_sentence(calibration: dict) -> str:
