@@ -398,7 +398,7 @@ class Trainer:
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                   verifier=self.verifier, proxy=self.proxy, step=step,
                                   need_logp_old=self.cfg.mini_batches > 1, temperature=self.lp_temperature,
-                                  all_sum=_all_sum_list if self.world > 1 else None)
+                                  all_sum=_all_sum_list if self.world > 1 else None, sampler=self.rollout)
         t_reward = device_clock(self.device) - t0
         t0 = device_clock(self.device)
         if self.reference is not None:

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from l2t_core.config import CompressionConfig, CreditConfig, RewardConfig
 from l2t_core.rewards.l2t import METHODS, Rollout, compute_rewards, response_offsets
-from l2t_core.verify import NumericVerifier
+from l2t_core.verify import NumericVerifier, Verdict
 
 GOOD = "<think>\n<episode_1>3 + 4 = 7</episode_1>\n<episode_2>7 * 2 = 14</episode_2>\n</think>\n\n\\boxed{14}"
 REDUNDANT = ("<think>\n<episode_1>3 + 4 = 7</episode_1>\n<episode_2>Check: 3 + 4 = 7</episode_2>\n"
@@ -106,6 +106,27 @@ def test_continuation_estimator_continues_each_prefix_without_the_force_suffix(m
     real = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
     for r in real.responses:
         assert torch.isfinite(r.token_advantage).all() and all(-1.0 <= g <= 1.0 for g in r.gains.tolist())
+    # through a rollout engine (the trainer passes its own): continue_from, past the prompt limit
+    from l2t_core.rollout.base import SamplingParams
+    from l2t_core.rollout.hf import HFRolloutEngine
+
+    class Parity(NumericVerifier):  # a random tiny model never boxes 14: accept by the text's parity instead
+        def verify(self, response, reference):
+            return Verdict(len(response) % 2 == 0, "correct" if len(response) % 2 == 0 else "incorrect")
+
+    engine = HFRolloutEngine(model, tokenizer, max_prompt_tokens=8)  # every context is longer
+    via = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=Parity(), sampler=engine, step=5)
+    assert engine.max_prompt_tokens == 8  # the limit is back for the rollouts
+    with pytest.raises(ValueError, match="over the limit of 8"):
+        engine.generate(contexts[:1], SamplingParams(n=1, max_new_tokens=2))
+    free = HFRolloutEngine(model, tokenizer)  # by hand: the same seeded samples, cut at each cap, verified
+    groups = free.generate(contexts, SamplingParams(n=2, temperature=1.0, max_new_tokens=60, seed=5))
+    texts = [[tokenizer.decode(c.response_ids[:cap], skip_special_tokens=True) for c in g] for g, cap in zip(groups, caps)]
+    j_hand = torch.tensor([sum(len(t) % 2 == 0 for t in ts) / 2 if cap > 0 else 0.0 for ts, cap in zip(texts, caps)])
+    assert 0 < float(j_hand.mean()) < 1  # not all alike: the comparison can fail
+    n0 = k0 + 1  # J at the first response's K + 1 boundaries, then the second's
+    for r, js in ((via.responses[0], j_hand[:n0]), (via.responses[1], j_hand[n0:])):
+        assert r.gains.tolist() == pytest.approx((js[1:] - js[:-1]).tolist(), abs=1e-6)
     # the budget may not exceed the rollouts' own
     with pytest.raises(ValidationError, match=r"continuation_budget \(60\) exceeds rollout.max_new_tokens \(40\)"):
         TrainConfig(policy="p", reward=cfg, rollout={"max_new_tokens": 40})

@@ -241,6 +241,7 @@ def monte_carlo_j(
     seed: int | None = None,
     caps: Sequence[int] | None = None,
     batch_contexts: int | None = None,
+    engine=None,
 ) -> torch.Tensor:
     """J_mc(s) = share of ``samples`` generations from context s that ``verify`` accepts (§2).
 
@@ -250,7 +251,10 @@ def monte_carlo_j(
     ``max_new_tokens``) cuts each context's generations to that many tokens before they are
     verified (the response budget left after the prefix; a cap of 0 or less leaves nothing to
     verify, so J = 0). Generation is batched with left padding through ``model.generate``,
-    ``batch_contexts`` contexts at a time (all at once when None), from one seeded stream.
+    ``batch_contexts`` contexts at a time (all at once when None), from one seeded stream; or,
+    given a rollout ``engine`` (:class:`~l2t_core.rollout.base.RolloutEngine`, e.g. vLLM with its
+    prefix cache), by :meth:`~l2t_core.rollout.base.RolloutEngine.continue_from`, which batches
+    as the engine does (``batch_contexts`` unused).
     """
     if not contexts:
         return torch.zeros(0)
@@ -260,11 +264,24 @@ def monte_carlo_j(
         raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(caps)} caps")
     if caps is not None and max(caps) > max_new_tokens:
         raise ValueError(f"monte_carlo_j: a cap of {max(caps)} tokens exceeds max_new_tokens={max_new_tokens}")
+    hits = torch.zeros(len(contexts), samples)
+    if engine is not None:
+        from ..rollout.base import SamplingParams
+
+        groups = engine.continue_from(contexts, SamplingParams(n=samples, temperature=temperature, top_p=1.0,
+                                                               max_new_tokens=max_new_tokens, seed=seed or 0))
+        for i, group in enumerate(groups):
+            cap = None if caps is None else caps[i]
+            if cap is not None and cap <= 0:
+                continue
+            for s, c in enumerate(group):
+                hits[i, s] = float(verify(tokenizer.decode(c.response_ids[:cap], skip_special_tokens=True),
+                                          references[i]))
+        return hits.mean(dim=1)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if seed is not None:
         torch.manual_seed(seed)
-    hits = torch.zeros(len(contexts), samples)
     step = batch_contexts or len(contexts)
     for lo in range(0, len(contexts), step):
         chunk = range(lo, min(lo + step, len(contexts)))

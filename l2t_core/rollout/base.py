@@ -60,6 +60,17 @@ class RolloutEngine(abc.ABC):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (called after each update)."""
 
+    def continue_from(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """:meth:`generate` from ``contexts`` that are a prompt plus part of its response (the
+        ``continuation`` estimator of J, :func:`~l2t_core.rewards.fitting.monte_carlo_j`): the same
+        sampling, without the engine's prompt length limit, which is meant for prompts."""
+        limit = getattr(self, "max_prompt_tokens", None)
+        self.max_prompt_tokens = None
+        try:
+            return self.generate(contexts, params)
+        finally:
+            self.max_prompt_tokens = limit
+
     def close(self) -> None:  # pragma: no cover - engines with resources override it
         """Release engine resources (GPU memory, worker processes)."""
 
