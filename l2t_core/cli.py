@@ -316,6 +316,36 @@ def cmd_step_gains(args) -> int:
     return 0
 
 
+def cmd_credit(args) -> int:
+    """The credit probe on one model: sampled walk responses scored by L2T under each J estimator."""
+    import time
+
+    import torch
+
+    from .config import RewardConfig
+    from .episode_credit import credit_by_kind, step_gain_sentence
+    from .models import load_policy
+    from .tasks import walk
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_policy(args.model)
+    problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed + 7)
+    fitting = {"mc_samples": args.mc_samples, "mc_temperature": args.temperature,
+               "continuation_budget": args.max_new_tokens}
+    for est in args.estimator or ["answer_logprob", "continuation"]:
+        t0 = time.perf_counter()
+        cfg = RewardConfig(fitting={**fitting, "estimator": est})
+        rep = credit_by_kind(model, tok, problems, {est: ("l2t", cfg)}, group_size=args.group_size,
+                             temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        m = rep["methods"][est]
+        print(json.dumps({"estimator": est, "responses": rep["responses"], "accuracy": rep["accuracy"],
+                          "tagged_share": rep["tagged_share"], "step_gain": m["step_gain"],
+                          "gain_by_kind": {k: {"n": v["n"], "gain": v["gain"]} for k, v in m["per_kind"].items()},
+                          "seconds": time.perf_counter() - t0, "reading": step_gain_sentence(m["step_gain"])}))
+    return 0
+
+
 def cmd_guess_trust(args) -> int:
     """Whom each model's forced-answer readout J believes right after an unchecked hard step."""
     import torch
@@ -418,6 +448,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "LAST"), help="training steps to read (default: all)")
     p.add_argument("--task", choices=["walk", "arithmetic"], default="walk", help="the synthetic task of the run")
     p.set_defaults(fn=cmd_step_gains)
+
+    p = sub.add_parser("credit", help="sample a model's walk responses (levels min..max steps) and score them with "
+                       "L2T under each J estimator: mean G_k per episode kind, and whether G_k tells a wrong hard "
+                       "step from a right one (same samples for every estimator)")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("--model", required=True, help="a checkpoint of the walk task")
+    p.add_argument("--estimator", action="append", choices=["answer_logprob", "monte_carlo", "continuation"],
+                   help="fitting.estimator (repeat the flag; default: answer_logprob and continuation)")
+    p.add_argument("--problems", type=int, default=24, help="problems (default 24, as the miniature's probe)")
+    p.add_argument("--min-steps", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--group-size", type=int, default=8, help="samples per problem (default 8)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling (and continuation) temperature")
+    p.add_argument("--max-new-tokens", type=int, default=448, help="response budget (also the continuations')")
+    p.add_argument("--mc-samples", type=int, default=2, help="samples per boundary (monte_carlo, continuation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.set_defaults(fn=cmd_credit, estimator=None)
 
     p = sub.add_parser("guess-trust", help="right after an unchecked hard step of the walk, does the model's "
                        "readout J believe the written result or repair it as the typical mistake? (why the fitting "

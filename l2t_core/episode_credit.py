@@ -21,8 +21,9 @@ call each) and reports, per method:
 * ``advantage_length_corr``: the mean within-cell Pearson correlation between A_i and the
   response length (−1: a pure length ranking);
 
-and once, from the first method of the l2t family (the others have no fitting gain):
-``step_gain``, :func:`step_gain_calibration` of the samples.
+and, for every method of the l2t family (the others have no fitting gain), ``step_gain``:
+:func:`step_gain_calibration` of the samples under that method's J (its ``fitting.estimator``);
+the report's top-level ``step_gain`` is the first such method's.
 
 Only responses that segment as tagged (METHOD.md §1) have episode kinds; the share is reported.
 
@@ -275,7 +276,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
             if x.segmentation.status != "tagged":
                 continue
             kinds = task.classify_episodes([e.text for e in x.segmentation.episodes])
-            if name == source and len(x.gains) == len(kinds):
+            if has_fitting_gain(method) and len(x.gains) == len(kinds):
                 gains.append((r.group_id, kinds, x.gains.tolist()))
             token_adv = x.token_advantage.detach().cpu().numpy()
             for k, info in enumerate(kinds):
@@ -293,8 +294,10 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                          for kind, f in sorted(fields.items())},
             **kind_effects(cells),
         }
-        if name == source:  # G_k depends on the samples and the policy only: one method's is enough
-            report["step_gain"] = step_gain_calibration(gains)  # no cells when nothing is tagged
+        if has_fitting_gain(method):  # per method: J's estimator may differ (fitting.estimator)
+            report["methods"][name]["step_gain"] = step_gain_calibration(gains)  # no cells when nothing is tagged
+        if name == source:
+            report["step_gain"] = report["methods"][name]["step_gain"]
     # of the last method's batch, as scored (the outcome does not depend on the method)
     report["tagged_share"] = float(np.mean([x.segmentation.status == "tagged" for x in batch.responses]))
     report["accuracy"] = float(np.mean([x.outcome for x in batch.responses]))

@@ -95,6 +95,7 @@ def test_credit_by_kind_runs_every_method_on_the_same_samples(model, tokenizer):
         assert set(m["with_minus_without"]) == {"check_easy", "check_hard", "repeat", "restate"}
     # l2t's gains give the step-gain calibration (without cells when no response is tagged)
     assert "step_gain" in rep and (rep["step_gain"]["step"]["cells"] == 0 or rep["tagged_share"] > 0)
+    assert rep["methods"]["l2t"]["step_gain"] == rep["step_gain"] and "step_gain" not in rep["methods"]["grpo"]
     assert "step_gain" not in credit_by_kind(model, tok, problems, ["grpo"], group_size=2, max_new_tokens=12)
 
 
@@ -247,3 +248,21 @@ def test_guess_trust_reads_j_right_after_each_hard_step_for_the_three_answers(tm
     assert "J takes the written result for the typical mistake" in out["reading"]
     with pytest.raises(SystemExit, match="l2t guess-trust: --model '=x': write NAME=DIR"):
         main(["guess-trust", "--model", "=x"])
+
+
+def test_credit_command_scores_the_same_samples_under_each_estimator(tmp_path, capsys):
+    from l2t_core.cli import main
+    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tok), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                             intermediate_size=24, seed=4)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert main(["credit", "--model", str(tmp_path / "m"), "--problems", "2", "--group-size", "2",
+                 "--max-new-tokens", "12", "--mc-samples", "1"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["estimator"] for x in lines] == ["answer_logprob", "continuation"]
+    for x in lines:  # the same samples: same outcomes; a random model tags nothing, so nothing to compare
+        assert x["responses"] == 4 and x["accuracy"] == lines[0]["accuracy"]
+        assert set(x["step_gain"]) == {"step", "check"} and "nothing to compare" in x["reading"]
