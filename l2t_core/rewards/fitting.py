@@ -264,24 +264,37 @@ def monte_carlo_j(
         raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(caps)} caps")
     if caps is not None and max(caps) > max_new_tokens:
         raise ValueError(f"monte_carlo_j: a cap of {max(caps)} tokens exceeds max_new_tokens={max_new_tokens}")
+    generated = (_engine_samples(engine, contexts, samples, max_new_tokens, temperature, seed) if engine is not None
+                 else _generate_samples(model, tokenizer, contexts, samples, max_new_tokens, temperature, seed, caps,
+                                        batch_contexts))
     hits = torch.zeros(len(contexts), samples)
-    if engine is not None:
-        from ..rollout.base import SamplingParams
+    for i, rows in enumerate(generated):  # each context's samples, cut at its cap, verified
+        cap = None if caps is None else caps[i]
+        if cap is not None and cap <= 0:
+            continue  # no budget left after the prefix: nothing to verify
+        for s, ids in enumerate(rows):
+            hits[i, s] = float(verify(tokenizer.decode(ids[:cap], skip_special_tokens=True), references[i]))
+    return hits.mean(dim=1)
 
-        groups = engine.continue_from(contexts, SamplingParams(n=samples, temperature=temperature, top_p=1.0,
-                                                               max_new_tokens=max_new_tokens, seed=seed or 0))
-        for i, group in enumerate(groups):
-            cap = None if caps is None else caps[i]
-            if cap is not None and cap <= 0:
-                continue
-            for s, c in enumerate(group):
-                hits[i, s] = float(verify(tokenizer.decode(c.response_ids[:cap], skip_special_tokens=True),
-                                          references[i]))
-        return hits.mean(dim=1)
+
+def _engine_samples(engine, contexts, samples, max_new_tokens, temperature, seed) -> list[list[list[int]]]:
+    """``samples`` generated token ids per context, through a rollout engine."""
+    from ..rollout.base import SamplingParams
+
+    groups = engine.continue_from(contexts, SamplingParams(n=samples, temperature=temperature, top_p=1.0,
+                                                           max_new_tokens=max_new_tokens, seed=seed or 0))
+    return [[c.response_ids for c in group] for group in groups]
+
+
+def _generate_samples(model, tokenizer, contexts, samples, max_new_tokens, temperature, seed, caps,
+                      batch_contexts) -> list[list[torch.Tensor]]:
+    """``samples`` generated token ids per context by ``model.generate`` (left-padded batches of
+    ``batch_contexts`` contexts, one seeded stream; each batch generates up to its largest cap)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if seed is not None:
         torch.manual_seed(seed)
+    out: list[list[torch.Tensor]] = []
     step = batch_contexts or len(contexts)
     for lo in range(0, len(contexts), step):
         chunk = range(lo, min(lo + step, len(contexts)))
@@ -305,12 +318,6 @@ def monte_carlo_j(
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        out = gen[:, width:].cpu()
-        for row, i in enumerate(chunk):
-            cap = None if caps is None else caps[i]
-            if cap is not None and cap <= 0:
-                continue  # no budget left after the prefix: nothing to verify
-            for s in range(samples):
-                text = tokenizer.decode(out[row * samples + s, :cap], skip_special_tokens=True)
-                hits[i, s] = float(verify(text, references[i]))
-    return hits.mean(dim=1)
+        new = gen[:, width:].cpu()
+        out += [[new[row * samples + s] for s in range(samples)] for row in range(len(chunk))]
+    return out

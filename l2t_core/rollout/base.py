@@ -53,8 +53,11 @@ class RolloutEngine(abc.ABC):
     name: str = "base"
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``result[i]`` holds the ``params.n`` completions of ``prompts[i]``, in a fixed order."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 limit_prompts: bool = True) -> list[list[Completion]]:
+        """``result[i]`` holds the ``params.n`` completions of ``prompts[i]``, in a fixed order.
+        ``limit_prompts=False`` lifts the engine's prompt length limit (for contexts that are a
+        prompt plus part of its response, :meth:`continue_from`)."""
 
     @abc.abstractmethod
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -63,13 +66,8 @@ class RolloutEngine(abc.ABC):
     def continue_from(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """:meth:`generate` from ``contexts`` that are a prompt plus part of its response (the
         ``continuation`` estimator of J, :func:`~l2t_core.rewards.fitting.monte_carlo_j`): the same
-        sampling, without the engine's prompt length limit, which is meant for prompts."""
-        limit = getattr(self, "max_prompt_tokens", None)
-        self.max_prompt_tokens = None
-        try:
-            return self.generate(contexts, params)
-        finally:
-            self.max_prompt_tokens = limit
+        sampling, without the prompt length limit, which is meant for prompts."""
+        return self.generate(contexts, params, limit_prompts=False)
 
     def close(self) -> None:  # pragma: no cover - engines with resources override it
         """Release engine resources (GPU memory, worker processes)."""

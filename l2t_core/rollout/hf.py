@@ -41,8 +41,9 @@ class HFRolloutEngine(RolloutEngine):
         return ids.to(device), att.to(device), width
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        check_prompts(prompts, self.max_prompt_tokens)
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 limit_prompts: bool = True) -> list[list[Completion]]:
+        check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         device = next(self.model.parameters()).device
         sample = params.temperature > 0
         # Greedy decoding gives one completion per prompt; it is repeated n times below.

@@ -99,8 +99,9 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        check_prompts(prompts, self.max_prompt_tokens)
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 limit_prompts: bool = True) -> list[list[Completion]]:
+        check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         greedy = params.temperature == 0
         n = 1 if greedy else params.n
         sampling = [
