@@ -318,8 +318,6 @@ def cmd_step_gains(args) -> int:
 
 def cmd_credit(args) -> int:
     """The credit probe on one model: sampled walk responses scored by L2T under each J estimator."""
-    import time
-
     import torch
 
     from .config import RewardConfig
@@ -333,16 +331,16 @@ def cmd_credit(args) -> int:
     problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed + 7)
     fitting = {"mc_samples": args.mc_samples, "mc_temperature": args.temperature,
                "continuation_budget": args.max_new_tokens}
-    for est in args.estimator or ["answer_logprob", "continuation"]:
-        t0 = time.perf_counter()
-        cfg = RewardConfig(fitting={**fitting, "estimator": est})
-        rep = credit_by_kind(model, tok, problems, {est: ("l2t", cfg)}, group_size=args.group_size,
-                             temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    estimators = list(dict.fromkeys(args.estimator or ["answer_logprob", "continuation"]))
+    configs = {est: ("l2t", RewardConfig(fitting={**fitting, "estimator": est})) for est in estimators}
+    rep = credit_by_kind(model, tok, problems, configs, group_size=args.group_size, temperature=args.temperature,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed)  # one set of samples, scored by each
+    for est in estimators:
         m = rep["methods"][est]
         print(json.dumps({"estimator": est, "responses": rep["responses"], "accuracy": rep["accuracy"],
                           "tagged_share": rep["tagged_share"], "step_gain": m["step_gain"],
                           "gain_by_kind": {k: {"n": v["n"], "gain": v["gain"]} for k, v in m["per_kind"].items()},
-                          "seconds": time.perf_counter() - t0, "reading": step_gain_sentence(m["step_gain"])}))
+                          "reward_seconds": m["reward_seconds"], "reading": step_gain_sentence(m["step_gain"])}))
     return 0
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
@@ -268,7 +269,9 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                     "temperature": temperature, "methods": {}}
     source = gain_source(configs)
     for name, (method, cfg) in configs.items():
+        t0 = time.perf_counter()
         batch = compute_rewards(model, tokenizer, rollouts, method, cfg, verifier=verifier)
+        reward_seconds = time.perf_counter() - t0
         fields: dict = defaultdict(lambda: defaultdict(list))
         cells: dict = defaultdict(list)
         gains: list = []
@@ -290,6 +293,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
             cells[(r.group_id, x.outcome)].append((x.advantage, Counter(i.key for i in kinds), len(r.response_ids)))
         report["methods"][name] = {
             "method": method,
+            "reward_seconds": reward_seconds,
             "per_kind": {kind: {"n": len(f["token_advantage"]), **{key: _mean(v) for key, v in f.items()}}
                          for kind, f in sorted(fields.items())},
             **kind_effects(cells),
