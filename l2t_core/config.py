@@ -69,7 +69,9 @@ class FittingConfig(_Strict):
     continuation_budget: int = Field(512, ge=1, description=(
         "continuation: the response budget in tokens (prefix + continuation), as the rollouts' max_new_tokens; "
         "a continuation is cut where the budget ends."))
-    continuation_batch: int = Field(256, ge=1, description="continuation: contexts per generate call.")
+    continuation_batch: int = Field(32, ge=1, description=(
+        "continuation: contexts per batch where the rollout engine batches by call (hf; vLLM schedules its own), "
+        "shortest first; small batches of about one prefix length end together (bench/continuation_j.py)."))
     max_tokens_per_batch: int = Field(
         32768, ge=1, description="Packed tokens per forward pass of the answer_logprob estimator."
     )

@@ -44,6 +44,26 @@ def test_penalty_fidelity_refuses_a_missing_checkpoint(tmp_path):
         main(["--policy", str(tmp_path / "nothing")])
 
 
+def test_continuation_j_bench_quick_runs(capsys):
+    import json
+
+    from bench.continuation_j import main
+
+    res = main(["--quick"])
+    out = json.loads(capsys.readouterr().out)  # one JSON object on stdout
+    assert out["continuation_over_rollout"] == res["continuation_over_rollout"] > 0
+    assert set(res["estimators"]) == {"answer_logprob", "continuation_b4", "continuation_b32"}
+    assert res["estimators"]["continuation_b32"]["reward_over_rollout"] == res["continuation_over_rollout"]
+    assert res["responses"] == 4 and res["prefixes"] >= 8 and res["rollout_s"] > 0
+
+
+def test_continuation_j_bench_refuses_a_missing_checkpoint(tmp_path):
+    from bench.continuation_j import main
+
+    with pytest.raises(SystemExit, match="l2t warmstart --out"):
+        main(["--policy", str(tmp_path / "nothing")])
+
+
 @pytest.mark.slow
 def test_reward_overhead_bench_quick_runs():
     from bench.reward_overhead import main

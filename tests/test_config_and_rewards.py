@@ -120,8 +120,15 @@ def test_continuation_estimator_continues_each_prefix_without_the_force_suffix(m
     with pytest.raises(ValueError, match="over the limit of 8"):
         engine.generate(contexts[:1], SamplingParams(n=1, max_new_tokens=2))
     free = HFRolloutEngine(model, tokenizer)  # by hand: the same seeded samples, cut at each cap, verified
-    groups = free.generate(contexts, SamplingParams(n=2, temperature=1.0, max_new_tokens=60, seed=5))
-    texts = [[tokenizer.decode(c.response_ids[:cap], skip_special_tokens=True) for c in g] for g, cap in zip(groups, caps)]
+    # the prompt (s_1 of both responses) is sampled once; then continuation_batch contexts x mc_samples a batch
+    assert contexts[0] == contexts[k0 + 1] and caps[0] == caps[k0 + 1]
+    unique = list(dict.fromkeys((tuple(c), cap) for c, cap in zip(contexts, caps)))
+    assert len(unique) < len(contexts)  # (the two responses share more than their prompt)
+    groups = free.generate([list(c) for c, _ in unique],
+                           SamplingParams(n=2, temperature=1.0, max_new_tokens=60, seed=5), max_batch_sequences=3 * 2)
+    of = dict(zip(unique, groups))
+    texts = [[tokenizer.decode(c.response_ids[:cap], skip_special_tokens=True) for c in of[(tuple(ctx), cap)]]
+             for ctx, cap in zip(contexts, caps)]
     j_hand = torch.tensor([sum(len(t) % 2 == 0 for t in ts) / 2 if cap > 0 else 0.0 for ts, cap in zip(texts, caps)])
     assert 0 < float(j_hand.mean()) < 1  # not all alike: the comparison can fail
     n0 = k0 + 1  # J at the first response's K + 1 boundaries, then the second's

@@ -89,6 +89,29 @@ def test_monte_carlo_j_counts_verified_samples(model, tokenizer):
     assert seen == ["a", "a", "b", "b"]
 
 
+def test_monte_carlo_j_samples_a_repeated_context_once(model, tokenizer):
+    """The prompt is s_1 of every response in a group: a context given again with the same cap and
+    reference is sampled once (the engine sees it once) and every copy gets its J."""
+    from l2t_core.rollout.hf import HFRolloutEngine
+
+    class Spy(HFRolloutEngine):
+        def continue_from(self, contexts, params, **kw):
+            asked.append([list(c) for c in contexts])
+            return super().continue_from(contexts, params, **kw)
+
+    asked = []
+    ctx = tokenizer("Please output the final answer directly based on the above steps:")["input_ids"]
+    contexts, caps = [ctx, ctx[:5], ctx, ctx, ctx[:5]], [4, 4, 4, 2, 4]
+    verified = []
+    j = monte_carlo_j(model, tokenizer, contexts, ["r"] * 5, lambda t, r: verified.append(t) or len(t) % 2 == 0,
+                      samples=3, max_new_tokens=4, seed=0, caps=caps, engine=Spy(model, tokenizer))
+    assert asked == [[ctx, ctx[:5], ctx]]  # the third context differs from the first by its cap
+    assert len(verified) == 3 * 3
+    assert j[2] == j[0] and j[4] == j[1]
+    hand = [sum(len(t) % 2 == 0 for t in verified[3 * u:3 * u + 3]) / 3 for u in range(3)]
+    assert j.tolist() == pytest.approx([hand[0], hand[1], hand[0], hand[2], hand[1]])
+
+
 def test_monte_carlo_j_caps_cut_each_contexts_generations_to_its_budget():
     """The continuation estimator's caps: a context's samples are verified on their first cap
     tokens only (the same stream as uncapped), a cap of 0 or less has nothing to verify (J = 0),

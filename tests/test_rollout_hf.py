@@ -95,6 +95,36 @@ def test_chunking_gives_the_same_greedy_completions(model, tokenizer, prompts):
         assert _ids(chunked) == one_batch
 
 
+def test_batches_take_the_shortest_prompts_first_and_return_the_given_order(model, tokenizer, prompts, monkeypatch):
+    """Prompts are batched shortest first (a batch of response prefixes of one length ends about
+    together) with at most max_batch_sequences sequences, the call's setting over the engine's;
+    the completions still come back in the order given."""
+    long_, short, mid = prompts[2], prompts[0], prompts[1]
+    given = [long_, short, mid]
+    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=5)
+    want = _ids(HFRolloutEngine(model, tokenizer).generate(given, greedy))
+    seen = []
+    real = model.generate
+
+    def spy(*args, **kw):
+        seen.append((kw["input_ids"].shape[0], kw["input_ids"].shape[1], kw["num_return_sequences"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    eng = HFRolloutEngine(model, tokenizer, max_batch_sequences=256)
+    groups = eng.generate(given, greedy, max_batch_sequences=2)  # greedy: one sequence a prompt, two a batch
+    assert seen == [(2, len(mid), 1), (1, len(long_), 1)]
+    assert [g[0].prompt_ids for g in groups] == [list(p) for p in given] and _ids(groups) == want
+    seen.clear()
+    sampled = eng.continue_from(given, SamplingParams(n=2, temperature=1.0, max_new_tokens=3, seed=4),
+                                max_batch_sequences=4)  # two samples a prompt: two prompts a batch
+    assert seen == [(2, len(mid), 2), (1, len(long_), 2)]
+    assert [[c.prompt_ids for c in g] for g in sampled] == [[list(p)] * 2 for p in given]
+    seen.clear()
+    eng.generate(given, greedy)  # the engine's own setting: one batch
+    assert seen == [(3, len(long_), 1)]
+
+
 def test_finished_flag_eos_stripping_and_max_new_tokens(model, tokenizer, prompts):
     eos = tokenizer.eos_token_id
     biased = copy.deepcopy(model)

@@ -250,11 +250,12 @@ def monte_carlo_j(
     generations the policy's own continuations. ``caps`` (one per context, at most
     ``max_new_tokens``) cuts each context's generations to that many tokens before they are
     verified (the response budget left after the prefix; a cap of 0 or less leaves nothing to
-    verify, so J = 0). Generation is batched with left padding through ``model.generate``,
-    ``batch_contexts`` contexts at a time (all at once when None), from one seeded stream; or,
-    given a rollout ``engine`` (:class:`~l2t_core.rollout.base.RolloutEngine`, e.g. vLLM with its
-    prefix cache), by :meth:`~l2t_core.rollout.base.RolloutEngine.continue_from`, which batches
-    as the engine does (``batch_contexts`` unused).
+    verify, so J = 0). The samples come from a rollout ``engine``
+    (:class:`~l2t_core.rollout.base.RolloutEngine`: the trainer's, e.g. vLLM with its prefix
+    cache) by :meth:`~l2t_core.rollout.base.RolloutEngine.continue_from`, or, without one, from an
+    ``hf`` engine over ``model``; seeded by ``seed``, ``batch_contexts`` contexts a batch where
+    the engine batches by call (its own setting when None). Contexts given more than once with the
+    same cap (the prompt, s_1, of every response in a group) are sampled once and share their J.
     """
     if not contexts:
         return torch.zeros(0)
@@ -264,60 +265,33 @@ def monte_carlo_j(
         raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(caps)} caps")
     if caps is not None and max(caps) > max_new_tokens:
         raise ValueError(f"monte_carlo_j: a cap of {max(caps)} tokens exceeds max_new_tokens={max_new_tokens}")
-    generated = (_engine_samples(engine, contexts, samples, max_new_tokens, temperature, seed) if engine is not None
-                 else _generate_samples(model, tokenizer, contexts, samples, max_new_tokens, temperature, seed, caps,
-                                        batch_contexts))
-    hits = torch.zeros(len(contexts), samples)
-    for i, rows in enumerate(generated):  # each context's samples, cut at its cap, verified
+    if engine is None:
+        from ..rollout.hf import HFRolloutEngine
+
+        engine = HFRolloutEngine(model, tokenizer)
+    first: dict[tuple, int] = {}  # (context, cap, reference) -> the index of its first occurrence
+    keys = [(tuple(c), None if caps is None else caps[i], references[i]) for i, c in enumerate(contexts)]
+    unique = [first.setdefault(k, i) for i, k in enumerate(keys)]
+    todo = sorted(set(unique))
+    generated = _engine_samples(engine, [contexts[i] for i in todo], samples, max_new_tokens, temperature, seed,
+                                batch_contexts)
+    j = torch.zeros(len(contexts))
+    for i, rows in zip(todo, generated):  # each context's samples, cut at its cap, verified
         cap = None if caps is None else caps[i]
         if cap is not None and cap <= 0:
             continue  # no budget left after the prefix: nothing to verify
-        for s, ids in enumerate(rows):
-            hits[i, s] = float(verify(tokenizer.decode(ids[:cap], skip_special_tokens=True), references[i]))
-    return hits.mean(dim=1)
+        hits = [verify(tokenizer.decode(ids[:cap], skip_special_tokens=True), references[i]) for ids in rows]
+        j[i] = sum(map(float, hits)) / samples
+    return j[torch.tensor(unique)]
 
 
-def _engine_samples(engine, contexts, samples, max_new_tokens, temperature, seed) -> list[list[list[int]]]:
+def _engine_samples(engine, contexts, samples, max_new_tokens, temperature, seed,
+                    batch_contexts) -> list[list[list[int]]]:
     """``samples`` generated token ids per context, through a rollout engine."""
     from ..rollout.base import SamplingParams
 
-    groups = engine.continue_from(contexts, SamplingParams(n=samples, temperature=temperature, top_p=1.0,
-                                                           max_new_tokens=max_new_tokens, seed=seed or 0))
+    params = SamplingParams(n=samples, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+                            seed=seed or 0)
+    groups = engine.continue_from(contexts, params,
+                                  max_batch_sequences=None if batch_contexts is None else batch_contexts * samples)
     return [[c.response_ids for c in group] for group in groups]
-
-
-def _generate_samples(model, tokenizer, contexts, samples, max_new_tokens, temperature, seed, caps,
-                      batch_contexts) -> list[list[torch.Tensor]]:
-    """``samples`` generated token ids per context by ``model.generate`` (left-padded batches of
-    ``batch_contexts`` contexts, one seeded stream; each batch generates up to its largest cap)."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if seed is not None:
-        torch.manual_seed(seed)
-    out: list[list[torch.Tensor]] = []
-    step = batch_contexts or len(contexts)
-    for lo in range(0, len(contexts), step):
-        chunk = range(lo, min(lo + step, len(contexts)))
-        width = max(len(contexts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            c = contexts[i]
-            ids[row, width - len(c):] = torch.as_tensor(list(c))
-            att[row, width - len(c):] = 1
-        new_tokens = max_new_tokens if caps is None else max(1, max(caps[i] for i in chunk))
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=att.to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                max_new_tokens=new_tokens,
-                num_return_sequences=samples,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        new = gen[:, width:].cpu()
-        out += [[new[row * samples + s] for s in range(samples)] for row in range(len(chunk))]
-    return out

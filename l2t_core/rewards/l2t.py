@@ -324,8 +324,9 @@ def compute_rewards(
     (``LossConfig.logprob_temperature``, :func:`~l2t_core.logprobs.logprob_temperature`).
     ``all_sum``: in a multi-rank step (each rank scores its share of the batch), a function summing
     a list of numbers over the ranks; the penalty's batch normalisation then covers the whole step.
-    ``sampler``: a rollout engine holding the same policy; the ``continuation`` estimator samples
-    through it (vLLM reuses the prefixes it has cached) instead of ``model.generate``.
+    ``sampler``: a rollout engine holding the same policy; the sampled estimators of J
+    (``continuation``, ``monte_carlo`` and MRT's) sample through it (vLLM reuses the prefixes it
+    has cached) instead of an ``hf`` engine over ``model``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -409,7 +410,7 @@ def compute_rewards(
             samples=f.mc_samples, max_new_tokens=f.continuation_budget if continuation else f.mc_max_new_tokens,
             temperature=f.mc_temperature, seed=step, caps=caps if continuation else None,
             batch_contexts=f.continuation_batch if continuation else None,
-            engine=sampler if continuation else None,
+            engine=sampler,
         )
         owner_t = torch.tensor(owner)
         log_js = [torch.log(j[owner_t == n].clamp(min=0)) for n in range(len(rollouts))]

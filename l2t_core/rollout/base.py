@@ -54,20 +54,23 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 limit_prompts: bool = True) -> list[list[Completion]]:
+                 limit_prompts: bool = True, max_batch_sequences: int | None = None) -> list[list[Completion]]:
         """``result[i]`` holds the ``params.n`` completions of ``prompts[i]``, in a fixed order.
         ``limit_prompts=False`` lifts the engine's prompt length limit (for contexts that are a
-        prompt plus part of its response, :meth:`continue_from`)."""
+        prompt plus part of its response, :meth:`continue_from`). ``max_batch_sequences`` caps the
+        sequences of one batch for this call, for engines that batch by call (``hf``; None: the
+        engine's own setting); engines that schedule their own batches (vLLM) ignore it."""
 
     @abc.abstractmethod
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (called after each update)."""
 
-    def continue_from(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def continue_from(self, contexts: Sequence[Sequence[int]], params: SamplingParams, *,
+                      max_batch_sequences: int | None = None) -> list[list[Completion]]:
         """:meth:`generate` from ``contexts`` that are a prompt plus part of its response (the
-        ``continuation`` estimator of J, :func:`~l2t_core.rewards.fitting.monte_carlo_j`): the same
+        sampled estimators of J, :func:`~l2t_core.rewards.fitting.monte_carlo_j`): the same
         sampling, without the prompt length limit, which is meant for prompts."""
-        return self.generate(contexts, params, limit_prompts=False)
+        return self.generate(contexts, params, limit_prompts=False, max_batch_sequences=max_batch_sequences)
 
     def close(self) -> None:  # pragma: no cover - engines with resources override it
         """Release engine resources (GPU memory, worker processes)."""

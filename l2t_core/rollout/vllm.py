@@ -100,7 +100,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 limit_prompts: bool = True) -> list[list[Completion]]:
+                 limit_prompts: bool = True, max_batch_sequences: int | None = None) -> list[list[Completion]]:
+        # max_batch_sequences is not used: vLLM schedules its own batches (continuous batching)
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         greedy = params.temperature == 0
         n = 1 if greedy else params.n
