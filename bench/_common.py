@@ -1,4 +1,6 @@
-"""Shared pieces of the trainer benchmarks (``bench.reward_overhead``, ``bench.trainer_vs_trl``).
+"""Shared pieces of the benchmarks: the trainer benchmarks' workspace (``bench.reward_overhead``,
+``bench.trainer_vs_trl``) and the runner of the benchmarks on a trained policy
+(``bench.penalty_fidelity``, ``bench.continuation_j``).
 
 Everything is built locally, nothing comes from a hub: a synthetic math JSONL in a temporary data
 directory, a byte-level BPE tokenizer trained on text shaped like the prompts and responses, and a
@@ -14,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -106,3 +108,40 @@ def emit(out: dict) -> dict:
     print()
     sys.stdout.flush()
     return out
+
+
+@contextlib.contextmanager
+def tiny_policy() -> Iterator[Path]:
+    """A tiny random-init Qwen2 with the character tokenizer, saved the production way (the
+    ``--quick`` smoke runs of the benchmarks on a trained policy)."""
+    import tempfile
+
+    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+
+    with tempfile.TemporaryDirectory(prefix="l2t-bench-policy-") as tmp:
+        tok = build_char_tokenizer()
+        model = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        yield Path(tmp)
+
+
+def run_on_policy(name: str, run: Callable[..., dict], policy: str, *, quick: bool, quick_kw: dict, **kw) -> dict:
+    """``run(policy, **kw)`` on a trained checkpoint of the synthetic task (``quick``: on
+    :func:`tiny_policy` with ``quick_kw`` over ``kw``), its logging kept off stdout; adds ``quick``
+    and ``seconds`` and prints the result as one JSON object."""
+    import time
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        if quick:
+            with tiny_policy() as path:
+                out = run(str(path), **{**kw, **quick_kw})
+        else:
+            if not Path(policy).exists():  # a checkpoint of the synthetic task: always local
+                raise SystemExit(f"bench.{name}: no checkpoint at {policy}; make one with "
+                                 f"`l2t warmstart --out {policy}` or pass --policy DIR")
+            out = run(policy, **kw)
+    out["quick"] = quick
+    out["seconds"] = time.perf_counter() - t0
+    return emit(out)

@@ -22,10 +22,8 @@ the numbers mean nothing). Torch runs with ``--threads`` threads (default 2).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -89,8 +87,7 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ._common import emit
-    from .penalty_fidelity import _tiny_policy
+    from ._common import run_on_policy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="runs/warmstart",
@@ -107,23 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     batches = tuple(int(b) for b in a.batches.split(",") if b.strip())
-    kw = dict(problems=a.problems, group=a.group, samples=a.samples, temperature=a.temperature,
-              max_new_tokens=a.max_new_tokens, batches=batches, seed=a.seed)
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        if a.quick:
-            kw.update(problems=2, group=2, max_new_tokens=12, batches=(4,))
-            with _tiny_policy() as path:
-                out = run(str(path), **kw)
-        else:
-            if not Path(a.policy).exists():  # a checkpoint of the synthetic task: always local
-                raise SystemExit(f"bench.continuation_j: no checkpoint at {a.policy}; make one with "
-                                 f"`l2t warmstart --out {a.policy}` or pass --policy DIR")
-            out = run(a.policy, **kw)
-    out["quick"] = a.quick
-    out["seconds"] = time.perf_counter() - t0
-    return emit(out)
-
+    return run_on_policy("continuation_j", run, a.policy, quick=a.quick,
+                         quick_kw=dict(problems=2, group=2, max_new_tokens=12, batches=(4,)), problems=a.problems,
+                         group=a.group, samples=a.samples, temperature=a.temperature,
+                         max_new_tokens=a.max_new_tokens, batches=batches, seed=a.seed)
 
 if __name__ == "__main__":
     main()

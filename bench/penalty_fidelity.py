@@ -30,11 +30,8 @@ and scores reference traces (a smoke run for the tests; the numbers mean nothing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -164,21 +161,8 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
     }
 
 
-@contextlib.contextmanager
-def _tiny_policy():
-    """A tiny random-init Qwen2 with the character tokenizer, saved the production way."""
-    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
-
-    with tempfile.TemporaryDirectory(prefix="l2t-fidelity-") as tmp:
-        tok = build_char_tokenizer()
-        model = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        yield Path(tmp)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    from ._common import emit
+    from ._common import run_on_policy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="runs/warmstart",
@@ -193,23 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny random model, reference traces (smoke run)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    kw = dict(problems=a.problems, samples=a.samples, source=a.source, temperature=a.temperature,
-              max_new_tokens=a.max_new_tokens, seed=a.seed)
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        if a.quick:
-            kw.update(problems=3, samples=1, source="reference")
-            with _tiny_policy() as path:
-                out = run(str(path), **kw)
-        else:
-            if not Path(a.policy).exists():  # a checkpoint of the synthetic task: always local
-                raise SystemExit(f"bench.penalty_fidelity: no checkpoint at {a.policy}; make one with "
-                                 f"`l2t warmstart --out {a.policy}` or pass --policy DIR")
-            out = run(a.policy, **kw)
-    out["quick"] = a.quick
-    out["seconds"] = time.perf_counter() - t0
-    return emit(out)
-
+    return run_on_policy("penalty_fidelity", run, a.policy, quick=a.quick,
+                         quick_kw=dict(problems=3, samples=1, source="reference"), problems=a.problems,
+                         samples=a.samples, source=a.source, temperature=a.temperature,
+                         max_new_tokens=a.max_new_tokens, seed=a.seed)
 
 if __name__ == "__main__":
     main()
