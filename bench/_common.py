@@ -145,3 +145,13 @@ def run_on_policy(name: str, run: Callable[..., dict], policy: str, *, quick: bo
     out["quick"] = quick
     out["seconds"] = time.perf_counter() - t0
     return emit(out)
+
+
+def policy_parser(doc: str | None):
+    """The argument parser of a benchmark on a trained policy, with its ``--policy`` argument."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="runs/warmstart",
+                    help="trained checkpoint of the synthetic task (make one: l2t warmstart --out runs/warmstart)")
+    return ap

@@ -21,7 +21,6 @@ the numbers mean nothing). Torch runs with ``--threads`` threads (default 2).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -87,11 +86,9 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ._common import run_on_policy
+    from ._common import policy_parser, run_on_policy
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default="runs/warmstart",
-                    help="trained checkpoint of the synthetic task (make one: l2t warmstart --out runs/warmstart)")
+    ap = policy_parser(__doc__)
     ap.add_argument("--problems", type=int, default=8)
     ap.add_argument("--group", type=int, default=8, help="rollouts per problem")
     ap.add_argument("--samples", type=int, default=2, help="mc_samples: continuations per prefix")

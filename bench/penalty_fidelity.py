@@ -29,7 +29,6 @@ and scores reference traces (a smoke run for the tests; the numbers mean nothing
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -162,11 +161,9 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ._common import run_on_policy
+    from ._common import policy_parser, run_on_policy
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default="runs/warmstart",
-                    help="trained checkpoint of the synthetic task (make one: l2t warmstart --out runs/warmstart)")
+    ap = policy_parser(__doc__)
     ap.add_argument("--source", choices=("samples", "reference"), default="samples")
     ap.add_argument("--problems", type=int, default=12)
     ap.add_argument("--samples", type=int, default=4, help="responses per problem")
