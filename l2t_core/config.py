@@ -7,7 +7,7 @@ misspelt option fails loudly with the field's name instead of being silently ign
 from __future__ import annotations
 
 import json
-from typing import Annotated, Iterable, Literal, get_args
+from typing import Annotated, ClassVar, Iterable, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -36,7 +36,21 @@ def config_differences(saved: dict, current: BaseModel, ignore: Iterable[str] = 
     except ValidationError:
         pass  # unreadable today: compare the raw values, which then differ where it matters
     mine = redact_urls_in(json.loads(current.model_dump_json()))
+    saved, mine = _without_inert(saved), _without_inert(mine)
     return sorted(k for k in (set(saved) | set(mine)) - set(ignore) if saved.get(k) != mine.get(k))
+
+
+def _without_inert(cfg: dict) -> dict:
+    """``cfg`` (a dumped TrainConfig or RewardConfig) without the fitting options that its J
+    estimator does not read (:attr:`FittingConfig.ESTIMATOR_ONLY`), so that a change of their
+    default does not make an earlier run look different."""
+    reward = cfg.get("reward", cfg)
+    fit = reward.get("fitting") if isinstance(reward, dict) else None
+    if not isinstance(fit, dict):
+        return cfg
+    kept = {k: v for k, v in fit.items() if FittingConfig.ESTIMATOR_ONLY.get(k, fit.get("estimator")) == fit.get("estimator")}
+    reward = {**reward, "fitting": kept}
+    return {**cfg, "reward": reward} if "reward" in cfg else reward
 
 
 class SegmentationConfig(_Strict):
@@ -75,6 +89,11 @@ class FittingConfig(_Strict):
     max_tokens_per_batch: int = Field(
         32768, ge=1, description="Packed tokens per forward pass of the answer_logprob estimator."
     )
+
+    # options read by one estimator only: a run made with another is the same run whatever they are
+    # (config_differences leaves them out; continuation_batch's default was 256 until 2026-12-05)
+    ESTIMATOR_ONLY: ClassVar[dict[str, str]] = {"continuation_budget": "continuation",
+                                                "continuation_batch": "continuation"}
 
 
 class CompressionConfig(_Strict):

@@ -447,3 +447,27 @@ def test_config_differences_fill_new_fields_with_defaults_and_ignore_locations()
     saved["reward"]["credit"]["beta"] = 0.3
     assert config_differences(saved, cur, ignore=("out",)) == ["reward"]
     assert config_differences({"bogus": 1}, cur) != []  # unreadable today: differs, never silently equal
+
+
+def test_config_differences_leave_out_options_that_the_j_estimator_does_not_read():
+    """continuation_batch and continuation_budget only matter to the continuation J: a run made
+    with the paper's J under another value (an earlier default) is the same run; with the
+    continuation J they are compared."""
+    from l2t_core.config import RewardConfig, TrainConfig, config_differences
+
+    cur = TrainConfig(policy="p", out="/runs/a", method="l2t")
+    saved = json.loads(cur.model_dump_json())
+    saved["reward"]["fitting"].update(continuation_batch=256, continuation_budget=64)
+    assert config_differences(saved, cur) == []
+    assert config_differences(saved["reward"], cur.reward) == []  # a RewardConfig alone, too
+    saved["reward"]["fitting"]["mc_samples"] = 9  # not estimator-only: compared
+    assert config_differences(saved, cur) == ["reward"]
+    cont = TrainConfig(policy="p", out="/runs/a", method="l2t",
+                       reward={"fitting": {"estimator": "continuation", "continuation_budget": 64}},
+                       rollout={"max_new_tokens": 64})
+    saved = json.loads(cont.model_dump_json())
+    assert config_differences(saved, cont) == []
+    saved["reward"]["fitting"]["continuation_batch"] = 256
+    assert config_differences(saved, cont) == ["reward"]
+    saved["reward"]["fitting"]["estimator"] = "answer_logprob"  # a run of the paper's J: not the same run
+    assert config_differences(saved, cont) == ["reward"]
