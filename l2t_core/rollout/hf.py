@@ -47,9 +47,10 @@ class HFRolloutEngine(RolloutEngine):
         the prompts taken shortest first and the completions returned in the order given. A batch
         then holds prompts of about one length: its rows pad little and, when the prompts are
         response prefixes (:meth:`continue_from`), tend to end together, where a batch runs until
-        its longest row ends. For the continuation J of 64 responses of the concise warm start
-        (773 prefixes, 2 samples each; ``bench/continuation_j.py``), shortest first in batches
-        of 64 sequences took 55-65 s against 300 s in the order given at 512 a batch."""
+        its longest row ends. Sampling the continuation J of 64 responses of the concise warm start
+        (773 prefixes, 2 samples each, 2 CPU threads) took 55-65 s shortest first in batches of 64
+        sequences against 302 s in the order given at 512 a batch (``bench/continuation_j.py``
+        times the whole reward this way)."""
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         device = next(self.model.parameters()).device
         sample = params.temperature > 0
