@@ -21,10 +21,11 @@ the numbers mean nothing). Torch runs with ``--threads`` threads (default 2).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
+
+TAG = "bench.continuation_j"
 
 
 def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, temperature: float = 0.7,
@@ -37,12 +38,14 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
     from l2t_core.tasks import walk
     from l2t_core.verify import NumericVerifier
 
+    from ._common import log
+
     model, tok = load_policy(policy)
     model.eval()
     probs = walk.dataset(problems, levels[0], levels[1], seed=seed + 11, split="heldout")
     engine = HFRolloutEngine(model, tok)
     prompts = [tok(walk.build_task_prompt(p), add_special_tokens=False)["input_ids"] for p in probs]
-    print(f"[bench.continuation_j] rollouts: {problems} problems x {group}", file=sys.stderr)
+    log(f"rollouts: {problems} problems x {group}", TAG)
     t0 = time.perf_counter()
     groups = engine.generate(prompts, SamplingParams(n=group, temperature=temperature, top_p=1.0,
                                                      max_new_tokens=max_new_tokens, seed=seed))
@@ -57,14 +60,14 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
                                          "continuation_budget": max_new_tokens, "continuation_batch": b}
     estimators, verifier = {}, NumericVerifier()
     for name, fit in configs.items():
-        print(f"[bench.continuation_j] reward with {name}", file=sys.stderr)
+        log(f"reward with {name}", TAG)
         t0 = time.perf_counter()
         batch = compute_rewards(model, tok, rollouts, "l2t", RewardConfig(fitting=fit), verifier=verifier,
                                 sampler=engine, step=seed)
         secs = time.perf_counter() - t0
-        prefixes = sum(r.segmentation.num_episodes + 1 for r in batch.responses)
         estimators[name] = {"reward_s": secs, "reward_over_rollout": secs / rollout_s,
                             "continuation_batch": fit.get("continuation_batch")}
+    prefixes = sum(r.segmentation.num_episodes + 1 for r in batch.responses)  # the same under every estimator
     head = estimators[f"continuation_b{default_batch}"]
     return {
         "continuation_over_rollout": head["reward_over_rollout"],

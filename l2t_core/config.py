@@ -48,7 +48,8 @@ def _without_inert(cfg: dict) -> dict:
     fit = reward.get("fitting") if isinstance(reward, dict) else None
     if not isinstance(fit, dict):
         return cfg
-    kept = {k: v for k, v in fit.items() if FittingConfig.ESTIMATOR_ONLY.get(k, fit.get("estimator")) == fit.get("estimator")}
+    only = FittingConfig.ESTIMATOR_ONLY
+    kept = {k: v for k, v in fit.items() if k not in only or only[k] == fit.get("estimator")}
     reward = {**reward, "fitting": kept}
     return {**cfg, "reward": reward} if "reward" in cfg else reward
 

@@ -187,17 +187,13 @@ def sft_pairs(problems: Sequence, style, forced_frac: float, seed: int) -> list[
 
 def generate(model, tokenizer, problems: Sequence, *, max_new_tokens: int, batch_size: int = 64,
              n: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
-    """Completions of every problem's task prompt (``n`` each), batched by prompt length."""
+    """Completions of every problem's task prompt (``n`` each), in the order of ``problems`` (the
+    engine batches the prompts by length)."""
     task = _task_of_all(problems, "generate")
     engine = HFRolloutEngine(model, tokenizer, max_batch_sequences=batch_size)
     prompts = [tokenizer(task.build_task_prompt(p), add_special_tokens=False)["input_ids"] for p in problems]
-    order = sorted(range(len(problems)), key=lambda i: len(prompts[i]))
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    groups = engine.generate([prompts[i] for i in order], params)
-    out: list = [None] * len(problems)
-    for i, g in zip(order, groups):
-        out[i] = g
-    return out
+    return engine.generate(prompts, params)
 
 
 def response_record(problem, text: str, n_tokens: int, finished: bool, verifier=None) -> dict:
