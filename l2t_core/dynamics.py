@@ -32,6 +32,7 @@ import pandas as pd
 
 from .checkpoint import RunStorage
 from .metrics import read_table
+from .plotting import series_colours
 from .stats import mean_std
 
 SCALARS = ("rollout_tokens_first", "rollout_tokens_last", "rollout_accuracy_first", "rollout_accuracy_last",
@@ -151,12 +152,13 @@ def plot_dynamics(methods: dict[str, dict], path: Path, smooth: int = 5) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = series_colours(list(methods))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, d in methods.items():
         c = d["curve"]
         for ax, key in zip(axes, ("mean_tokens", "accuracy")):
             ys = pd.Series(c[key]).rolling(smooth, min_periods=1).mean()
-            ax.plot(c["step"], ys, label=name)
+            ax.plot(c["step"], ys, label=name, color=colours[name])
     for ax, label in zip(axes, ("rollout mean tokens", "rollout accuracy")):
         ax.set_xlabel("training step")
         ax.set_ylabel(label)

@@ -48,6 +48,7 @@ from pydantic import Field
 
 from .config import METHOD_NAMES, TrainConfig, _Strict, config_differences
 from .dynamics import SCALARS, aggregate_dynamics, dynamics_table, plot_dynamics, run_dynamics
+from .plotting import series_colours
 from .stats import mean_std, welch_difference
 from .warmstart import WarmStartConfig
 
@@ -561,6 +562,7 @@ def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
 
     ms = report["methods"]
     levels = sorted({lv for m in ms.values() for lv in m["per_level"]}, key=int)
+    colours = series_colours(list(ms))
     paths = []
     greedy = is_greedy(report.get("decoding"))
     for key, fname, ylabel in (("accuracy", f"{prefix}accuracy.png", "greedy accuracy" if greedy else "sampled pass@1"),
@@ -574,7 +576,8 @@ def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
         for j, (name, m) in enumerate(ms.items(), start=1):
             xs = [i - 0.4 + width / 2 + j * width for i in range(len(levels))]
             ax.bar(xs, [m["per_level"][lv][key]["mean"] for lv in levels], width,
-                   yerr=[m["per_level"][lv][key]["std"] for lv in levels], capsize=2, label=name)
+                   yerr=[m["per_level"][lv][key]["std"] for lv in levels], capsize=2, label=name,
+                   color=colours[name])
         floor = report.get("floor", {}).get("per_level", {})
         if key == "mean_tokens" and floor:  # the necessary trace: what a method can reach without losing useful work
             xs = [i for i, lv in enumerate(levels) if lv in floor]

@@ -26,6 +26,8 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..plotting import series_colours
+
 REQUIRED = ("pass@1", "mean_tokens", "problems", "samples")
 AVERAGE = "average"
 
@@ -162,14 +164,14 @@ def plot_comparison(comparison: Mapping, out_dir: Path) -> list[Path]:
     rows = {(r["model"], r["benchmark"]): r for r in [*comparison["rows"], *comparison["average"]]}
     width = 0.8 / len(models)
     xs = range(len(benches))
-    colors = plt.get_cmap("tab10").colors
+    colours = series_colours(models)
 
     def grouped(ax, key: str, title: str, ylabel: str, names: Sequence[str]) -> None:
         for j, m in enumerate(names):
             vals = [rows[(m, b)][key] for b in benches]
             vals = [math.nan if v is None else v for v in vals]
             ax.bar([x + (j - (len(names) - 1) / 2) * width for x in xs], vals, width,
-                   label=m, color=colors[models.index(m) % len(colors)])
+                   label=m, color=colours[m])
         ax.set_xticks(list(xs), benches, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)

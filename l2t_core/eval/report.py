@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..plotting import series_colours
 from .runner import EvalResult
 
 
@@ -157,6 +158,7 @@ def plot_models_by_group(table: pd.DataFrame, title: str, *, group: str = "level
         raise ValueError(f"plot_models_by_group: the table lacks the column(s) {missing}")
     groups = list(dict.fromkeys(table[group].astype(str)))
     models = list(dict.fromkeys(table[model].astype(str)))
+    colours = series_colours(models)
     width = 0.8 / max(1, len(models))
     fig, axes = plt.subplots(1, 2, figsize=(3 + 1.1 * len(groups), 3.4))
     panels = ((axes[0], "accuracy", "accuracy (pass@1)"), (axes[1], "mean_tokens", "mean response tokens"))
@@ -166,7 +168,7 @@ def plot_models_by_group(table: pd.DataFrame, title: str, *, group: str = "level
             by_group = dict(zip(sub[group].astype(str), sub[col].astype(float)))
             values = [by_group.get(g, float("nan")) for g in groups]  # no bar where a model lacks a group
             ax.bar([i + (j - (len(models) - 1) / 2) * width for i in range(len(groups))], values, width=width,
-                   label=name)
+                   label=name, color=colours[name])
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)

@@ -1,0 +1,98 @@
+"""One colour per method in every plot, however many methods (matplotlib's cycle repeats after ten)."""
+
+from __future__ import annotations
+
+import matplotlib
+import pandas as pd
+import pytest
+from matplotlib.axes import Axes
+
+from l2t_core.plotting import distinct_colours, series_colours
+
+matplotlib.use("Agg")
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 10, 11, 18, 19, 40])
+def test_distinct_colours_are_distinct_and_never_grey(n):
+    colours = distinct_colours(n)
+    assert len(colours) == n and len(set(colours)) == n
+    assert all(len(set(c[:3])) > 1 for c in colours)  # r = g = b would be grey, the SFT base's colour
+
+
+def test_distinct_colours_rejects_a_negative_count():
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        distinct_colours(-1)
+
+
+def test_series_colours_one_per_name_in_order_of_appearance():
+    got = series_colours(["b", "a", "b", "c"])
+    assert list(got) == ["b", "a", "c"] and len(set(got.values())) == 3
+    assert got == series_colours(["b", "a", "c"])  # the same names, the same colours
+
+
+@pytest.fixture
+def bar_colours(monkeypatch):
+    """label -> the colour each labelled ``Axes.bar`` call asked for (None: matplotlib's cycle)."""
+    seen: dict[str, list] = {}
+    real = Axes.bar
+
+    def spy(self, *args, **kwargs):
+        if "label" in kwargs:
+            seen.setdefault(kwargs["label"], []).append(kwargs.get("color"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    return seen
+
+
+def _distinct_per_label(seen: dict[str, list], names: list[str]) -> None:
+    assert set(names) <= set(seen)
+    for name in names:  # one colour per method, in every panel ...
+        assert len({tuple(c) for c in seen[name]}) == 1 and seen[name][0] is not None
+    assert len({tuple(seen[n][0]) for n in names}) == len(names)  # ... and no two methods alike
+
+
+def test_miniature_plot_gives_twelve_methods_twelve_colours(tmp_path, bar_colours):
+    from l2t_core.miniature import plot
+
+    names = [f"method_{i}" for i in range(12)]
+    cell = {"mean": 0.5, "std": 0.1}
+    report = {
+        "decoding": None,
+        "base": {"per_level": {"1": {"accuracy": 0.4, "mean_tokens": 50.0}}},
+        "methods": {n: {"per_level": {"1": {"accuracy": cell, "mean_tokens": cell}}} for n in names},
+    }
+    paths = plot(report, tmp_path)
+    assert [p.name for p in paths] == ["accuracy.png", "tokens.png"] and all(p.stat().st_size for p in paths)
+    _distinct_per_label(bar_colours, names)
+    assert bar_colours["SFT base"] == ["lightgray", "lightgray"]
+
+
+def test_models_by_group_plot_gives_every_model_its_colour(bar_colours):
+    import matplotlib.pyplot as plt
+
+    from l2t_core.eval.report import plot_models_by_group
+
+    names = [f"model_{i}" for i in range(11)]
+    table = pd.DataFrame([{"group": g, "model_kind": n, "accuracy": 0.5, "mean_tokens": 10.0}
+                          for n in names for g in ("all", "level 1")])
+    plt.close(plot_models_by_group(table, "t", group="group"))
+    _distinct_per_label(bar_colours, names)
+
+
+def test_dynamics_plot_gives_eleven_methods_eleven_line_colours(tmp_path, monkeypatch):
+    from l2t_core.dynamics import plot_dynamics
+
+    seen: dict[str, list] = {}
+    real = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        seen.setdefault(kwargs.get("label"), []).append(kwargs.get("color"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    names = [f"method_{i}" for i in range(11)]
+    curve = {"step": [1, 2, 3], "mean_tokens": [10.0, 9.0, 8.0], "accuracy": [0.5, 0.6, 0.7]}
+    path = plot_dynamics({n: {"curve": curve} for n in names}, tmp_path / "training.png")
+    assert path.stat().st_size > 0
+    _distinct_per_label(seen, names)
