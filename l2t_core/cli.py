@@ -10,11 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+
+
+def quiet_progress_bars() -> None:
+    """``-q``: no progress bars from transformers either (its "Loading weights" bar on every
+    ``from_pretrained``), in this process and in the worker processes it starts (``l2t miniature``'s
+    runs), which read ``HF_HUB_DISABLE_PROGRESS_BARS`` when they import transformers."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # imported already: its switch was read at import
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _parse_value(text: str) -> Any:
@@ -423,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("reads", help="does a policy misread the walk because of its weights or of the contexts it "
                        "writes? every model, teacher-forced, reads every model's level samples")
-    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                    help="a checkpoint of the walk task (repeat the flag; all from one warm start)")
     p.add_argument("--levels", type=int, nargs="+", default=[6], metavar="LEVEL", help="held-out levels (default 6)")
@@ -441,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("step-gains", help="in a run's logged training rollouts (an l2t-family method), the "
                        "fitting gain G_k of hard steps written wrong minus those written right, same prompt and move")
-    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories of `l2t train` (local path or fsspec URL)")
     p.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "LAST"), help="training steps to read (default: all)")
     p.add_argument("--task", choices=["walk", "arithmetic"], default="walk", help="the synthetic task of the run")
@@ -450,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("credit", help="sample a model's walk responses (levels min..max steps) and score them with "
                        "L2T under each J estimator: mean G_k per episode kind, and whether G_k tells a wrong hard "
                        "step from a right one (same samples for every estimator)")
-    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("--model", required=True, help="a checkpoint of the walk task")
     p.add_argument("--estimator", action="append", choices=["answer_logprob", "monte_carlo", "continuation"],
                    help="fitting.estimator (repeat the flag; default: answer_logprob and continuation)")
@@ -468,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("guess-trust", help="right after an unchecked hard step of the walk, does the model's "
                        "readout J believe the written result or repair it as the typical mistake? (why the fitting "
                        "gain can pay for wrong guesses)")
-    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                    help="a checkpoint of the walk task (repeat the flag for several)")
     p.add_argument("--problems", type=int, default=120, help="held-out walk problems (default 120)")
@@ -479,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_guess_trust)
 
     p = sub.add_parser("compare", help="compare `l2t eval` reports of several models (Fig. 2 style)")
-    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("--reports", nargs="+", required=True, metavar="DIR", help="report directories of `l2t eval`")
     p.add_argument("--names", nargs="+", help="one name per report (default: each report's model)")
     p.add_argument("--base", help="name of the base model for token ratios (default: the first report)")
@@ -488,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
     refuse_credentials_in_args(args)
+    if args.quiet:
+        quiet_progress_bars()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.fn(args)

@@ -245,6 +245,39 @@ def test_cli_config_layers_and_errors(tmp_path, capsys):
         cli_main(["train", "--policy", "x", "--set", "unknown_field=1"])
 
 
+def test_cli_quiet_silences_transformers_progress_bars_here_and_in_workers(tiny_dir, monkeypatch, capfd):
+    """``-q`` means no progress bars, transformers' "Loading weights" bar included: switched off in
+    this process (transformers is imported already) and, through the environment, in the worker
+    processes a command starts (``l2t miniature``'s runs)."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    load = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1])")
+    try:
+        noisy = subprocess.run([sys.executable, "-c", load, str(tiny_dir)], capture_output=True, text=True,
+                               env=os.environ.copy(), check=True)
+        assert "Loading weights" in noisy.stderr  # the bar this option must silence
+        with pytest.raises(SystemExit, match="unknown_field"):
+            cli_main(["train", "-q", "--policy", "x", "--set", "unknown_field=1"])
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert not hf_logging.is_progress_bar_enabled()
+        capfd.readouterr()
+        AutoModelForCausalLM.from_pretrained(tiny_dir)
+        assert "Loading weights" not in capfd.readouterr().err
+        quiet = subprocess.run([sys.executable, "-c", load, str(tiny_dir)], capture_output=True, text=True,
+                               env=os.environ.copy(), check=True)
+        assert "Loading weights" not in quiet.stderr
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_logprobs_at_a_temperature_are_those_of_the_sampling_distribution(model, tokenizer):
     from l2t_core.logprobs import logprob_temperature, token_logprobs
 
