@@ -1,4 +1,5 @@
-"""The ``l2t`` command line: ``l2t warmstart``, ``l2t train``, ``l2t miniature``, ``l2t eval``, ``l2t reads``, ``l2t compare``.
+"""The ``l2t`` command line: ``l2t warmstart``, ``l2t train``, ``l2t miniature``, ``l2t pool``, ``l2t eval``, ``l2t reads``,
+``l2t compare``, and the walk-task probes (``step-gains``, ``credit``, ``guess-trust``).
 
 Configuration comes from an optional JSON/YAML file (``--config``), then dotted overrides
 (``--set reward.credit.beta=0.3``), then the explicit flags; the result is validated as one typed
@@ -251,6 +252,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_pool(args) -> int:
+    """Pool the seeds of several miniature reports of one experiment (warm-start builds as blocks)."""
+    from .pooling import pool_directories
+
+    try:
+        pool_directories(args.reports, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"l2t {e}") from None  # the messages start with "pool: "
+    print((Path(args.out) / "pooled.md").read_text())
+    return 0
+
+
 def cmd_compare(args) -> int:
     """Fig. 2-style comparison of several `l2t eval` reports against a base model."""
     from .eval.compare import ReportError, compare_reports
@@ -489,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads")
     p.set_defaults(fn=cmd_guess_trust)
+
+    p = sub.add_parser("pool", help="pool the seeds of several `l2t miniature` reports of one experiment "
+                                    "(seeds added later, on the same or a rebuilt warm start)")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
+    p.add_argument("reports", nargs="+", metavar="DIR", help="directories written by `l2t miniature` (two or more)")
+    p.add_argument("--out", required=True, help="directory for pooled.json and pooled.md")
+    p.set_defaults(fn=cmd_pool)
 
     p = sub.add_parser("compare", help="compare `l2t eval` reports of several models (Fig. 2 style)")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
