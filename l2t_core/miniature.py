@@ -87,6 +87,10 @@ class MiniatureConfig(_Strict):
     eval_temperature: float = Field(0.6, gt=0, description="Sampling temperature of the sampled evaluation (METHOD.md §7).")
     eval_top_p: float = Field(0.95, gt=0, le=1, description="Nucleus of the sampled evaluation (METHOD.md §7).")
     workers: int = Field(2, ge=1, description="Parallel training processes (one torch thread each).")
+    checkpoint_every: int = Field(10, ge=1, description="Steps between a run's checkpoints (only the latest is "
+                                  "kept): rerun an interrupted experiment with the same config and --out and "
+                                  "every unfinished run resumes from its latest checkpoint, ending as an "
+                                  "uninterrupted run would.")
     credit_problems: int = Field(24, ge=0, description="Problems (levels 4-6, group_size samples each) of the "
                                  "SFT base's credit-by-episode-kind probe (l2t_core.episode_credit); 0 skips it.")
 
@@ -127,7 +131,7 @@ def run_configs(out: Path, cfg: MiniatureConfig, policy: str) -> list[tuple[str,
             data: dict[str, Any] = {
                 "method": method, "policy": policy, "out": str(out / "runs" / f"{name}-s{seed}"),
                 "steps": cfg.steps, "prompts_per_step": cfg.prompts_per_step, "seed": seed,
-                "checkpoint_every": cfg.steps, "keep_checkpoints": 1, "device": "cpu",
+                "checkpoint_every": min(cfg.checkpoint_every, cfg.steps), "keep_checkpoints": 1, "device": "cpu",
                 "data": {"source": cfg.warmstart.task, "train_size": 4000, "min_steps": cfg.warmstart.min_steps,
                          "max_steps": cfg.warmstart.max_steps, "seed": cfg.warmstart.seed},
                 "optim": {"lr": cfg.lr, "weight_decay": 0.0, "warmup_frac": 0.1},
@@ -143,8 +147,9 @@ def run_configs(out: Path, cfg: MiniatureConfig, policy: str) -> list[tuple[str,
     return runs
 
 
-# settings that change how fast a result is made or where it lives, not the result
-NOT_COMPARED = ("threads", "workers", "out")
+# settings that change how fast a result is made, where it lives or how often it is saved, not the
+# result (a resumed run ends as an uninterrupted one: tests/test_trainer.py)
+NOT_COMPARED = ("threads", "workers", "out", "checkpoint_every")
 
 
 def _require_same(saved: dict, wanted, what: str, kind: str) -> None:

@@ -211,6 +211,27 @@ def test_runs_train_on_the_warm_start_task(tmp_path):
         assert runs and all(t.data.source == task for _, _, t in runs)
 
 
+def test_runs_checkpoint_along_the_way_and_finished_runs_stay_reusable(tmp_path):
+    """Runs save a checkpoint every ``checkpoint_every`` steps, so an interrupted experiment resumes
+    (the trainer's resume equals an uninterrupted run: tests/test_trainer.py); how often a finished
+    run was saved does not make it another run."""
+    from l2t_core.miniature import _require_same, run_configs
+
+    long = MiniatureConfig.model_validate({**TINY, "steps": 80})
+    runs = run_configs(tmp_path, long, str(tmp_path / "sft"))
+    assert {t.checkpoint_every for _, _, t in runs} == {10} and {t.keep_checkpoints for _, _, t in runs} == {1}
+    short = run_configs(tmp_path, MiniatureConfig.model_validate({**TINY, "steps": 4}), str(tmp_path / "sft"))
+    assert {t.checkpoint_every for _, _, t in short} == {4}  # never past the last step
+    _, _, tcfg = runs[0]
+    saved_once = json.loads(tcfg.model_copy(update={"checkpoint_every": 80}).model_dump_json())
+    _require_same(saved_once, tcfg, "run", "training configuration")  # a run saved only at its end is reused
+    with pytest.raises(ValueError, match=r"fields: optim"):
+        _require_same({**saved_once, "optim": {**saved_once["optim"], "lr": 1e-4}}, tcfg, "run",
+                      "training configuration")
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        MiniatureConfig.model_validate({**TINY, "checkpoint_every": 0})
+
+
 def test_hardest_level_per_seed_and_welch_against_the_references():
     def ev(seed, acc6, acc1=1.0):
         return {"seed": seed, "accuracy": (acc1 + acc6) / 2, "mean_tokens": 50.0, "train_seconds": 1.0,
