@@ -215,10 +215,10 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
             saved = _relocated(json.loads(saved_cfg.read_text()), tcfg)
             _require_same(saved, tcfg, f"run {done.parent}", "training configuration")
     else:
-        t0 = time.perf_counter()
         result = Trainer(tcfg, show_progress=False).run()
         model, tok = load_policy(result.checkpoint)
-        kept = dict(name=name, seed=seed, train_seconds=time.perf_counter() - t0,
+        # the run's own step times: a run resumed after an interruption counts its earlier sessions too
+        kept = dict(name=name, seed=seed, train_seconds=float(result.steps["step_time_s"].sum()),
                     final_train_accuracy=float(result.steps["accuracy"].iloc[-5:].mean()),
                     final_train_tokens=float(result.steps["mean_tokens"].iloc[-5:].mean()))
 

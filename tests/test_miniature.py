@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 
+from l2t_core.checkpoint import RunStorage
+from l2t_core.metrics import read_table
 from l2t_core.miniature import BEHAVIOUR, MiniatureConfig, aggregate, markdown_table, run_miniature
 from l2t_core.stats import mean_std, welch_difference
 
@@ -132,6 +134,9 @@ def test_miniature_end_to_end(tmp_path):
         assert set(m["behaviour"]) == set(BEHAVIOUR) and 0 <= m["behaviour"]["redundant_share"]["mean"] <= 1
         f = m["faults"]["2"]  # every wrong held-out answer has its decisive fault
         assert f["n"] == 2 and f["wrong"] == sum(f["faults"].values()) and f["misled"] <= f["wrong"]
+    for name, m in data["methods"].items():  # training time: the run's step times, resumed sessions included
+        steps = read_table(RunStorage(str(out / "runs" / f"{name}-s0")), "train_steps")
+        assert m["seeds"][0]["train_seconds"] == pytest.approx(steps["step_time_s"].sum()) and len(steps) == 2
     # finished runs are kept: a second call trains nothing and gives the same numbers
     credit = json.loads((out / "credit.json").read_text())
     (out / "credit.json").write_text(json.dumps({**{k: v for k, v in credit.items() if k != "guess_trust"},
