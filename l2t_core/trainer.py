@@ -53,6 +53,9 @@ log = logging.getLogger("l2t.trainer")
 
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.pt"
+# settings a run may resume under changed: where it lives and how often it is saved (a resumed run
+# ends as an uninterrupted one whatever its checkpoint steps)
+RESUME_FREE = ("out", "checkpoint_every", "keep_checkpoints")
 TIMING_COLUMNS = ("step_time_s", "rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s")
 
 
@@ -248,8 +251,8 @@ class Trainer:
             return 0
         step, url = latest
         with self.storage.local_copy(url) as d:
-            # the run is where it is: a moved run directory still resumes
-            diff = config_differences(json.loads((d / CONFIG_FILE).read_text()), self.cfg, ignore=("out",))
+            # the run is where it is: a moved run directory still resumes; how often it is saved may change
+            diff = config_differences(json.loads((d / CONFIG_FILE).read_text()), self.cfg, ignore=RESUME_FREE)
             if diff:
                 raise ValueError(
                     f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}); "

@@ -123,6 +123,10 @@ def test_resume_refuses_a_different_config(tiny_dir, toy_data, tmp_path):
     Trainer(make_cfg(tiny_dir, tmp_path / "r", steps=2), show_progress=False).run()
     with pytest.raises(ValueError, match="different configuration.*method"):
         Trainer(make_cfg(tiny_dir, tmp_path / "r", steps=2, method="grpo"), show_progress=False).run()
+    # how often it is saved is not part of a run: a finished (or interrupted) run resumes under another cadence
+    again = Trainer(make_cfg(tiny_dir, tmp_path / "r", steps=2, checkpoint_every=1, keep_checkpoints=3),
+                    show_progress=False).run()
+    assert again.final_step == 2 and list(again.steps["step"]) == [1, 2]
 
 
 @pytest.mark.slow
