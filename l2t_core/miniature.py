@@ -36,11 +36,13 @@ command after an interruption only does what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -192,15 +194,25 @@ def _relocated(saved: dict, tcfg: TrainConfig) -> dict:
     return saved
 
 
+def _tell(progress, name: str, seed: int, **event) -> None:
+    """Send a run's progress (``step``: the last finished step; ``phase``: what it does now) to the
+    parent's progress display, when there is one."""
+    if progress is not None:
+        progress.put({"run": f"{name} s{seed}", **event})
+
+
 def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens,
-                    task: str = "walk", sampled: dict | None = None) -> dict:
+                    task: str = "walk", sampled: dict | None = None, progress=None) -> dict:
     """One run in a worker process: train (or resume), then evaluate the final checkpoint greedily
     on the held-out split of the synthetic ``task`` (``eval.json``) and, when ``sampled`` gives
     ``warmstart.evaluate``'s sampling arguments, by sampling as well (``eval_sampled.json``,
-    returned under the key ``"sampled"``)."""
+    returned under the key ``"sampled"``). ``progress`` (a queue, or None) receives each finished
+    step and the phase the run is in (:func:`_tell`)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # a worker process: the experiment's display shows its progress
     from .checkpoint import RunStorage
     from .models import load_policy
     from .trainer import Trainer
@@ -214,8 +226,11 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
         if saved_cfg.exists():
             saved = _relocated(json.loads(saved_cfg.read_text()), tcfg)
             _require_same(saved, tcfg, f"run {done.parent}", "training configuration")
+        _tell(progress, name, seed, step=tcfg.steps, phase="trained earlier")
     else:
-        result = Trainer(tcfg, show_progress=False).run()
+        _tell(progress, name, seed, phase="training")
+        result = Trainer(tcfg, show_progress=False).run(
+            on_step=lambda row: _tell(progress, name, seed, step=int(row["step"])))
         model, tok = load_policy(result.checkpoint)
         # the run's own step times: a run resumed after an interruption counts its earlier sessions too
         kept = dict(name=name, seed=seed, train_seconds=float(result.steps["step_time_s"].sum()),
@@ -232,6 +247,7 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
             model, tok = load_policy(latest[1])
         return model, tok
 
+    _tell(progress, name, seed, phase="evaluating")
     ev = kept_evaluation(done, policy, levels, per_level, max_new_tokens, task, extra=kept, carry=RUN_FIELDS,
                          what="evaluation")
     if sampled:
@@ -641,10 +657,32 @@ def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
     return _write_json(path, report)
 
 
+def _show_progress(progress, bar, per_run: dict) -> None:
+    """Move each run's bar to the events its worker sent (:func:`_tell`) since the last call."""
+    while progress is not None:
+        try:
+            ev = progress.get_nowait()
+        except queue.Empty:
+            return
+        update = {"phase": ev["phase"]} if "phase" in ev else {}
+        if "step" in ev:
+            update["completed"] = ev["step"]
+        bar.update(per_run[ev["run"]], **update)
+
+
 def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *, show_progress: bool = True) -> dict:
+    """The experiment (see the module docstring). With ``show_progress``, one bar per run moved by
+    its worker's steps, and transformers' own loading bars off."""
+    from .models import transformers_bars_off
+
+    with transformers_bars_off() if show_progress else contextlib.nullcontext():
+        return _run_miniature(out, cfg, show_progress=show_progress)
+
+
+def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_progress: bool) -> dict:
     import multiprocessing as mp
 
-    from rich.progress import Progress
+    from rich.progress import MofNCompleteColumn, Progress, TextColumn
 
     from .models import load_policy
     from transformers import AutoTokenizer
@@ -681,24 +719,36 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None = None, *,
     evals: dict[str, list[dict]] = {}
     sampled_evals: dict[str, list[dict]] = {}
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool, \
-            Progress(disable=not show_progress) as bar:
-        task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs))
+    with contextlib.ExitStack() as stack:
+        # the workers report each finished step through a queue (none without a display); its manager
+        # closes after the pool, which waits for its workers
+        progress = stack.enter_context(ctx.Manager()).Queue() if show_progress else None
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx))
+        bar = stack.enter_context(Progress(*Progress.get_default_columns(), MofNCompleteColumn(),
+                                           TextColumn("{task.fields[phase]}"), disable=not show_progress))
+        task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs), phase="")
+        per_run = {f"{name} s{seed}": bar.add_task(f"  {name} s{seed}", total=tcfg.steps, phase="waiting")
+                   for name, seed, tcfg in runs}
         futs = {
             pool.submit(_train_and_eval, name, seed, tcfg.model_dump_json(), str(Path(tcfg.out) / "eval.json"),
                         cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task,
-                        sampled): (name, seed)
+                        sampled, progress): (name, seed)
             for name, seed, tcfg in runs
         }
-        for fut in as_completed(futs):
-            name, seed = futs[fut]
-            ev = fut.result()
-            if "sampled" in ev:
-                sampled_evals.setdefault(name, []).append(ev.pop("sampled"))
-            evals.setdefault(name, []).append(ev)
-            bar.update(task, advance=1)
-            log.info("%s seed %d: accuracy %.3f, %.1f tokens (%.0fs)", name, seed, ev["accuracy"],
-                     ev["mean_tokens"], ev["train_seconds"])
+        pending = set(futs)
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            _show_progress(progress, bar, per_run)
+            for fut in finished:
+                name, seed = futs[fut]
+                ev = fut.result()
+                if "sampled" in ev:
+                    sampled_evals.setdefault(name, []).append(ev.pop("sampled"))
+                evals.setdefault(name, []).append(ev)
+                bar.update(task, advance=1)
+                bar.update(per_run[f"{name} s{seed}"], phase="done")
+                log.info("%s seed %d: accuracy %.3f, %.1f tokens (%.0fs)", name, seed, ev["accuracy"],
+                         ev["mean_tokens"], ev["train_seconds"])
     order = list(cfg.methods) + list(cfg.variants)
     evals = {k: sorted(evals[k], key=lambda r: r["seed"]) for k in order if k in evals}
     report = aggregate(evals, base, floor)

@@ -8,6 +8,7 @@ same :func:`load_policy` path, so no hub access is ever needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +16,21 @@ from typing import Iterable
 import torch
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+
+
+@contextlib.contextmanager
+def transformers_bars_off():
+    """Inside, transformers draws no progress bars (its "Loading weights" and "Writing model shards"
+    bars of every load and save), for jobs that show their own progress; restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384):

@@ -4,6 +4,7 @@ is evaluated on the held-out split, and the report files (JSON, markdown, PNG pl
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -108,9 +109,13 @@ def test_fault_totals_sum_over_seeds_and_tabulate_the_hardest_level():
 
 
 @pytest.mark.slow
-def test_miniature_end_to_end(tmp_path):
+def test_miniature_end_to_end(tmp_path, capsys):
     out = tmp_path / "mini"
-    report = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=False)
+    report = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=True)
+    shown = capsys.readouterr()  # each run's bar, moved by the steps its worker reported
+    for run in ("grpo s0", "l2t s0", "l2t_additive s0"):
+        assert re.search(rf"{run} .* 2/2 done", shown.out), shown.out
+    assert "Loading weights" not in shown.out + shown.err  # transformers' own bars stay out of the display
     data = json.loads((out / "miniature.json").read_text())
     assert set(data["methods"]) == {"grpo", "l2t", "l2t_additive"}
     for m in data["methods"].values():
