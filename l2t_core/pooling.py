@@ -31,8 +31,9 @@ from typing import Any
 
 from .stats import mean_std
 
-# configuration keys that say which runs a report holds or how fast they ran, not what they measure
-POOL_FREE = ("methods", "variants", "seeds", "workers", "credit_problems")
+# configuration keys that say which runs a report holds, how fast they ran or how often they were
+# saved, not what they measure
+POOL_FREE = ("methods", "variants", "seeds", "workers", "credit_problems", "checkpoint_every")
 WARMSTART_FREE = ("threads",)
 REFERENCES = ("grpo", "length_penalty")
 
@@ -82,6 +83,16 @@ def blocked_difference(a: dict[str, Sequence[float]], b: dict[str, Sequence[floa
 
 
 def _comparable(cfg: dict) -> dict:
+    """``cfg`` read through today's :class:`~l2t_core.miniature.MiniatureConfig` (a field added since
+    a report was written takes its default, the earlier behaviour), without the pool-free keys."""
+    from pydantic import ValidationError
+
+    from .miniature import MiniatureConfig
+
+    try:
+        cfg = json.loads(MiniatureConfig.model_validate(cfg).model_dump_json())
+    except ValidationError:
+        pass  # unreadable today: compare the raw values
     keep = {k: v for k, v in cfg.items() if k not in POOL_FREE}
     keep["warmstart"] = {k: v for k, v in cfg.get("warmstart", {}).items() if k not in WARMSTART_FREE}
     return keep

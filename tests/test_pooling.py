@@ -120,6 +120,11 @@ def test_pool_reports_refuses_what_cannot_be_pooled():
         pool_reports([base, _report(0.93, {}, warmstart={"seed": 0, "guess_error": 0.25, "threads": 2})], ["a", "b"])
     with pytest.raises(ValueError, match="'lr'"):
         pool_reports([base, _report(0.93, {}, lr=1e-4)], ["a", "b"])
+    # a field added since a report was written takes its default; how often runs were saved is free
+    pool_reports([base, _report(0.93, {"grpo": [(6, 0.99, 230, 0.97)]}, seeds=[6], checkpoint_every=5,
+                                eval_top_p=0.95)], ["a", "b"])
+    with pytest.raises(ValueError, match="'eval_top_p'"):
+        pool_reports([base, _report(0.93, {}, eval_top_p=0.9)], ["a", "b"])
     # threads, workers and which methods and seeds ran are free to differ
     pool_reports([base, _report(0.93, {"grpo": [(5, 0.99, 230, 0.97)]}, workers=1, seeds=[5],
                                 warmstart={"seed": 0, "guess_error": 0.4, "threads": 1})], ["a", "b"])
