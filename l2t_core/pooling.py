@@ -29,12 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import config_differences
+from .miniature import NOT_COMPARED, MiniatureConfig
 from .stats import mean_std
 
-# configuration keys that say which runs a report holds, how fast they ran or how often they were
-# saved, not what they measure
-POOL_FREE = ("methods", "variants", "seeds", "workers", "credit_problems", "checkpoint_every")
-WARMSTART_FREE = ("threads",)
+# configuration keys that say which runs a report holds (besides NOT_COMPARED: how fast they ran,
+# where they live, how often they were saved), not what they measure
+POOL_FREE = ("methods", "variants", "seeds", "credit_problems", *NOT_COMPARED)
 REFERENCES = ("grpo", "length_penalty")
 
 
@@ -82,32 +83,13 @@ def blocked_difference(a: dict[str, Sequence[float]], b: dict[str, Sequence[floa
     return out
 
 
-def _comparable(cfg: dict) -> dict:
-    """``cfg`` read through today's :class:`~l2t_core.miniature.MiniatureConfig` (a field added since
-    a report was written takes its default, the earlier behaviour), without the pool-free keys."""
-    from pydantic import ValidationError
-
-    from .miniature import MiniatureConfig
-
-    try:
-        cfg = json.loads(MiniatureConfig.model_validate(cfg).model_dump_json())
-    except ValidationError:
-        pass  # unreadable today: compare the raw values
-    keep = {k: v for k, v in cfg.items() if k not in POOL_FREE}
-    keep["warmstart"] = {k: v for k, v in cfg.get("warmstart", {}).items() if k not in WARMSTART_FREE}
-    return keep
-
-
-def _first_difference(x: Any, y: Any, path: str = "") -> str | None:
-    if isinstance(x, dict) and isinstance(y, dict):
-        for k in sorted(set(x) | set(y)):
-            if k not in x or k not in y:
-                return f"{path}{k}"
-            d = _first_difference(x[k], y[k], f"{path}{k}.")
-            if d is not None:
-                return d
-        return None
-    return None if x == y else path.rstrip(".")
+def _differences(saved: dict, first: MiniatureConfig) -> list[str]:
+    """Settings in which a report's config differs from ``first`` (read through today's
+    :class:`~l2t_core.miniature.MiniatureConfig`, so a field added since takes its default, the
+    earlier behaviour), the warm start's as ``warmstart.<field>``; pool-free keys left out."""
+    top = config_differences(saved, first, ignore=(*POOL_FREE, "warmstart"))
+    warm = config_differences(saved.get("warmstart", {}), first.warmstart, ignore=NOT_COMPARED)
+    return top + [f"warmstart.{k}" for k in warm]
 
 
 def check_poolable(reports: Sequence[dict], labels: Sequence[str]) -> None:
@@ -115,12 +97,15 @@ def check_poolable(reports: Sequence[dict], labels: Sequence[str]) -> None:
     variant name means."""
     if len(reports) < 2:
         raise ValueError(f"pool: give at least two reports, got {len(reports)}")
-    first = _comparable(reports[0]["config"])
+    try:
+        first = MiniatureConfig.model_validate(reports[0]["config"])
+    except ValueError as e:
+        raise ValueError(f"pool: {labels[0]} holds no valid miniature config: {e}") from None
     for rep, lab in zip(reports[1:], labels[1:]):
-        diff = _first_difference(first, _comparable(rep["config"]))
-        if diff is not None:
-            raise ValueError(f"pool: {lab} differs from {labels[0]} in {diff!r}; only runs of one experiment "
-                             "(same warm-start settings, RL budget and evaluation) can be pooled")
+        diff = _differences(rep["config"], first)
+        if diff:
+            raise ValueError(f"pool: {lab} differs from {labels[0]} in {', '.join(map(repr, diff))}; only runs of "
+                             "one experiment (same warm-start settings, RL budget and evaluation) can be pooled")
     meaning: dict[str, tuple[str, Any]] = {}
     for rep, lab in zip(reports, labels):
         cfg = rep["config"]
