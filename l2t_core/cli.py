@@ -342,7 +342,8 @@ def cmd_step_gains(args) -> int:
 
 
 def cmd_credit(args) -> int:
-    """The credit probe on one model: sampled walk responses scored by L2T under each J estimator."""
+    """The credit probe on one model: the same sampled walk responses scored by L2T under each J
+    estimator and/or by every method and variant of a miniature config."""
     import torch
 
     from .config import RewardConfig
@@ -352,20 +353,32 @@ def cmd_credit(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_policy(args.model)
-    problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed + 7)
+    configs = {}
+    if args.config:  # every method and variant of a miniature config, as its runs train
+        from .miniature import MiniatureConfig, probe_configs
+
+        configs = probe_configs(Path("."), build_config(MiniatureConfig, args, {}), args.model)
     fitting = {"mc_samples": args.mc_samples, "mc_temperature": args.temperature,
                "continuation_budget": args.max_new_tokens}
-    estimators = list(dict.fromkeys(args.estimator or ["answer_logprob", "continuation"]))
-    configs = {est: ("l2t", RewardConfig(fitting={**fitting, "estimator": est})) for est in estimators}
+    estimators = list(dict.fromkeys(args.estimator or ([] if configs else ["answer_logprob", "continuation"])))
+    for est in estimators:
+        if est in configs:
+            raise SystemExit(f"l2t credit: --estimator {est} is also a method or variant name in {args.config}")
+        configs[est] = ("l2t", RewardConfig(fitting={**fitting, "estimator": est}))
+    model, tok = load_policy(args.model)
+    problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed + 7)
     rep = credit_by_kind(model, tok, problems, configs, group_size=args.group_size, temperature=args.temperature,
                          max_new_tokens=args.max_new_tokens, seed=args.seed)  # one set of samples, scored by each
-    for est in estimators:
-        m = rep["methods"][est]
-        print(json.dumps({"estimator": est, "responses": rep["responses"], "accuracy": rep["accuracy"],
-                          "tagged_share": rep["tagged_share"], "step_gain": m["step_gain"],
-                          "gain_by_kind": {k: {"n": v["n"], "gain": v["gain"]} for k, v in m["per_kind"].items()},
-                          "reward_seconds": m["reward_seconds"], "reading": step_gain_sentence(m["step_gain"])}))
+    for name, (method, _) in configs.items():
+        m = rep["methods"][name]
+        line = {"name": name, "method": method, "responses": rep["responses"], "accuracy": rep["accuracy"],
+                "tagged_share": rep["tagged_share"], "step_advantage": m["step_advantage"]}
+        if name in estimators:
+            line["estimator"] = name
+        if "step_gain" in m:  # the l2t family
+            line.update(step_gain=m["step_gain"], reading=step_gain_sentence(m["step_gain"]),
+                        gain_by_kind={k: {"n": v["n"], "gain": v["gain"]} for k, v in m["per_kind"].items()})
+        print(json.dumps({**line, "reward_seconds": m["reward_seconds"]}))
     return 0
 
 
@@ -473,12 +486,18 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_step_gains)
 
     p = sub.add_parser("credit", help="sample a model's walk responses (levels min..max steps) and score them with "
-                       "L2T under each J estimator: mean G_k per episode kind, and whether G_k tells a wrong hard "
-                       "step from a right one (same samples for every estimator)")
+                       "L2T under each J estimator, or under each method and variant of a miniature config (same "
+                       "samples for all): mean G_k per episode kind, whether G_k tells a wrong hard step from a "
+                       "right one, and what each update teaches a wrong hard step against a right one")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("--model", required=True, help="a checkpoint of the walk task")
     p.add_argument("--estimator", action="append", choices=["answer_logprob", "monte_carlo", "continuation"],
-                   help="fitting.estimator (repeat the flag; default: answer_logprob and continuation)")
+                   help="score under l2t with this fitting.estimator (repeat the flag; default without --config: "
+                        "answer_logprob and continuation)")
+    p.add_argument("--config", help="a `l2t miniature` config (JSON/YAML): score under each of its methods and "
+                   "variants as its runs train them (train_overrides and the variant's overrides applied); the "
+                   "sampling settings come from the flags below")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of --config, repeatable")
     p.add_argument("--problems", type=int, default=24, help="problems (default 24, as the miniature's probe)")
     p.add_argument("--min-steps", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=6)

@@ -21,6 +21,13 @@ call each) and reports, per method:
 * ``advantage_length_corr``: the mean within-cell Pearson correlation between A_i and the
   response length (−1: a pure length ranking);
 
+* ``step_advantage``: :func:`step_gain_calibration` of each episode's mean token advantage, what
+  the method's update teaches at a hard step: within one group and one hard move, the mean token
+  advantage of results written wrong minus that of results written right (and of the check after
+  them). Negative: the update pushes the typical mistake down against the right result, and the
+  policy learns to guess better; near zero or positive: wrong guesses are learned like right ones
+  (GRPO's broadcast credit is negative here only as far as a wrong guess ends in a wrong answer);
+
 and, for every method of the l2t family (the others have no fitting gain), ``step_gain``:
 :func:`step_gain_calibration` of the samples under that method's J (its ``fitting.estimator``);
 the report's top-level ``step_gain`` is the first such method's.
@@ -65,27 +72,35 @@ def _paired(cells: Mapping[object, tuple[list[float], list[float]]]) -> dict:
     return {"wrong_minus_right": _mean(diffs), "stderr": se, "cells": len(diffs)}
 
 
-def step_gain_calibration(responses: Iterable[tuple[object, Sequence[EpisodeInfo], Sequence[float]]]) -> dict:
+def step_gain_calibration(responses: Iterable[tuple[object, Sequence[EpisodeInfo], Sequence[float]]],
+                          what: str = "gains") -> dict:
     """Whether the fitting gain tells a wrong hard step from a right one (module docstring).
 
     ``responses``: ``(group, episode kinds, G_k per episode)`` of each tagged response. Cells are
     (group, j) for the j-th hard direct step of the responses; ``step`` compares the G_k of the steps
     written wrong with those written right, ``check`` the G_k of the check right after them (only
     where there is one). Each is ``{"wrong_minus_right", "stderr", "cells"}``, None/0 without a
-    cell that has both."""
+    cell that has both. Any per-episode value compares the same way (``what`` names it in errors):
+    :func:`credit_by_kind` passes each episode's mean token advantage for ``step_advantage``. A NaN
+    value (an episode without tokens) is left out."""
     steps: dict = defaultdict(lambda: ([], []))
     checks: dict = defaultdict(lambda: ([], []))
-    for group, kinds, gains in responses:
-        if len(kinds) != len(gains):
-            raise ValueError(f"step_gain_calibration: {len(kinds)} episode kinds but {len(gains)} gains "
-                             f"in group {group!r}; pass one G_k per episode of the same segmentation")
+
+    def add(cell: list, value) -> None:
+        if np.isfinite(value):
+            cell.append(float(value))
+
+    for group, kinds, values in responses:
+        if len(kinds) != len(values):
+            raise ValueError(f"step_gain_calibration: {len(kinds)} episode kinds but {len(values)} {what} "
+                             f"in group {group!r}; pass one value per episode of the same segmentation")
         j = 0
         for i, info in enumerate(kinds):
             if info.kind != "step" or not info.hard:
                 continue
-            steps[(group, j)][0 if info.wrong else 1].append(float(gains[i]))
+            add(steps[(group, j)][0 if info.wrong else 1], values[i])
             if i + 1 < len(kinds) and kinds[i + 1].kind == "check":
-                checks[(group, j)][0 if info.wrong else 1].append(float(gains[i + 1]))
+                add(checks[(group, j)][0 if info.wrong else 1], values[i + 1])
             j += 1
     return {"step": _paired(steps), "check": _paired(checks)}
 
@@ -275,6 +290,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
         fields: dict = defaultdict(lambda: defaultdict(list))
         cells: dict = defaultdict(list)
         gains: list = []
+        advantages: list = []
         for r, x in zip(rollouts, batch.responses):
             if x.segmentation.status != "tagged":
                 continue
@@ -282,14 +298,17 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
             if has_fitting_gain(method) and len(x.gains) == len(kinds):
                 gains.append((r.group_id, kinds, x.gains.tolist()))
             token_adv = x.token_advantage.detach().cpu().numpy()
+            per_episode = [float("nan")] * len(kinds)
             for k, info in enumerate(kinds):
                 on_k = x.tokens.episode_ids == k
                 if not on_k.any():
                     continue
+                per_episode[k] = float(token_adv[on_k].mean())
                 f = fields[info.detail_key]
-                f["token_advantage"].append(float(token_adv[on_k].mean()))
+                f["token_advantage"].append(per_episode[k])
                 for key, values in (("gain", x.gains), ("penalty_hat", x.penalties_hat), ("episode_reward", x.episode_reward)):
                     f[key].append(float(values[k]) if k < len(values) else 0.0)
+            advantages.append((r.group_id, kinds, per_episode))
             cells[(r.group_id, x.outcome)].append((x.advantage, Counter(i.key for i in kinds), len(r.response_ids)))
         report["methods"][name] = {
             "method": method,
@@ -297,6 +316,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
             "per_kind": {kind: {"n": len(f["token_advantage"]), **{key: _mean(v) for key, v in f.items()}}
                          for kind, f in sorted(fields.items())},
             **kind_effects(cells),
+            "step_advantage": step_gain_calibration(advantages, what="token advantages"),
         }
         if has_fitting_gain(method):  # per method: J's estimator may differ (fitting.estimator)
             report["methods"][name]["step_gain"] = step_gain_calibration(gains)  # no cells when nothing is tagged
@@ -310,15 +330,20 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
 
 def credit_table(report: dict) -> str:
     """Markdown: per method, ``with_minus_without`` per kind and the advantage/length correlation."""
-    head = "| method | " + " | ".join(f"{k} (cells)" for k in REPORTED_KINDS) + " | corr(A, length) |"
-    lines = [head, "|---" * (len(REPORTED_KINDS) + 2) + "|"]
+    head = ("| method | " + " | ".join(f"{k} (cells)" for k in REPORTED_KINDS)
+            + " | corr(A, length) | hard step A, wrong − right (cells) |")
+    lines = [head, "|---" * (len(REPORTED_KINDS) + 3) + "|"]
     for name, m in report["methods"].items():
         cells = []
         for k in REPORTED_KINDS:
             e = m["with_minus_without"][k]
             cells.append("n/a" if e["delta"] is None else f"{e['delta']:+.3f} ({e['cells']})")
         c = m["advantage_length_corr"]["mean"]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if c is None else f'{c:+.2f}'} |")
+        st = (m.get("step_advantage") or {}).get("step") or {"wrong_minus_right": None}
+        guess = "n/a" if st["wrong_minus_right"] is None else (
+            f"{st['wrong_minus_right']:+.3f}" + ("" if st["stderr"] is None else f" ± {st['stderr']:.3f}")
+            + f" ({st['cells']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if c is None else f'{c:+.2f}'} | {guess} |")
     g = report.get("step_gain")
     if g and g["step"]["cells"]:
         lines += ["", step_gain_sentence(g)]

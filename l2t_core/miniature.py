@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 from pydantic import Field
 
-from .config import METHOD_NAMES, TrainConfig, _Strict, config_differences
+from .config import METHOD_NAMES, RewardConfig, TrainConfig, _Strict, config_differences
 from .dynamics import SCALARS, aggregate_dynamics, dynamics_table, plot_dynamics, run_dynamics
 from .plotting import series_colours
 from .stats import mean_std, welch_difference
@@ -541,7 +541,9 @@ def markdown_table(report: dict) -> str:
         rows += ["", f"Credit by episode kind on the SFT base ({c['responses']} responses at temperature "
                  f"{c['temperature']}, {c['tagged_share']:.0%} tagged): mean group advantage of responses with the kind "
                  "minus those without it, within a group and an outcome (negative: the method favours leaving it "
-                 "out; cells: the (group, outcome) cells that have both).", "",
+                 "out; cells: the (group, outcome) cells that have both); and the mean token advantage of a hard "
+                 "step written wrong minus one written right, within a group and a hard move (negative: the "
+                 "update teaches better guesses).", "",
                  credit_table(c)]
     if report.get("sampled"):
         rows += ["", "## Sampled evaluation (METHOD.md §7)", "", markdown_table(report["sampled"]).rstrip("\n")]
@@ -616,11 +618,23 @@ def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
     return paths
 
 
+def _probe_view(reward: RewardConfig) -> dict:
+    """What of a reward configuration the credit probe uses (not the loss: no update is made)."""
+    return reward.model_dump(mode="json", exclude={"loss"})
+
+
+def probe_configs(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict[str, tuple[str, RewardConfig]]:
+    """``{name: (method, RewardConfig)}`` of every method and variant, as its runs train
+    (``train_overrides`` and the variant's overrides applied): what the credit probe scores."""
+    first = cfg.seeds[0]
+    return {name: (t.method, t.reward) for name, seed, t in run_configs(out, cfg, str(sft_dir)) if seed == first}
+
+
 def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
-    """The SFT base's credit-by-episode-kind probe (``credit.json``, reused when its settings match),
-    with :func:`~l2t_core.episode_credit.guess_trust` on the same problems (walk task, a method with
-    a fitting gain). A saved probe that lacks ``step_gain`` is made again; one that lacks only
-    ``guess_trust`` gets it added."""
+    """The SFT base's credit-by-episode-kind probe (``credit.json``, reused when its settings match)
+    of every method and variant, with :func:`~l2t_core.episode_credit.guess_trust` on the same
+    problems (walk task, a method with a fitting gain). A saved probe that lacks ``step_gain`` or
+    ``step_advantage`` is made again; one that lacks only ``guess_trust`` gets it added."""
     if not cfg.credit_problems:
         return None
     from .episode_credit import credit_by_kind, guess_trust
@@ -628,9 +642,14 @@ def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
     from .rewards.l2t import has_fitting_gain
 
     path = out / "credit.json"
+    configs = probe_configs(out, cfg, sft_dir)
     settings = {"problems": cfg.credit_problems, "group_size": cfg.group_size, "temperature": cfg.temperature,
                 "max_new_tokens": cfg.max_new_tokens, "methods": list(cfg.methods), "task": cfg.warmstart.task}
-    has_gains = any(has_fitting_gain(m) for m in cfg.methods)
+    own = {name: [method, _probe_view(reward)] for name, (method, reward) in configs.items()
+           if method != name or _probe_view(reward) != _probe_view(RewardConfig())}
+    if own:  # variants, or rewards set by train_overrides (absent otherwise: older probes stay reusable)
+        settings["configs"] = own
+    has_gains = any(has_fitting_gain(m) for m, _ in configs.values())
     task = cfg.warmstart.task_module()
     top = max(cfg.warmstart.min_steps, cfg.warmstart.max_steps - 2)
     problems = task.dataset(cfg.credit_problems, top, cfg.warmstart.max_steps, seed=cfg.warmstart.seed + 7)
@@ -639,15 +658,17 @@ def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
     report = None
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("settings") == settings and ("step_gain" in saved or not has_gains):  # else: made before it
+        made_before = ("step_gain" not in saved and has_gains) or any(
+            "step_advantage" not in m for m in saved.get("methods", {}).values())  # made before these fields
+        if saved.get("settings") == settings and not made_before:
             if "guess_trust" in saved or not wants_trust:
                 return saved
             report = saved
     model, tok = load_policy(sft_dir)
     if report is None:
         log.info("credit probe: %d problems x %d samples under %s", len(problems), cfg.group_size,
-                 ", ".join(cfg.methods))
-        report = credit_by_kind(model, tok, problems, cfg.methods, group_size=cfg.group_size,
+                 ", ".join(configs))
+        report = credit_by_kind(model, tok, problems, configs, group_size=cfg.group_size,
                                 temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                 seed=cfg.warmstart.seed)
         report["settings"] = settings

@@ -135,6 +135,12 @@ def test_step_gain_calibration_pairs_wrong_and_right_hard_steps_within_a_group_a
     assert "no evidence either way" in step_gain_sentence(flat)
     with pytest.raises(ValueError, match="2 episode kinds but 1 gains"):
         step_gain_calibration([("g", [_hard(True), easy], [0.1])])
+    # any per-episode value: an episode without a value (NaN: no tokens) is left out of its cell
+    adv = step_gain_calibration([("g", [_hard(True)], [0.5]), ("g", [_hard(True)], [float("nan")]),
+                                 ("g", [_hard(False)], [1.0])], what="token advantages")
+    assert adv["step"] == {"wrong_minus_right": pytest.approx(-0.5), "stderr": None, "cells": 1}
+    with pytest.raises(ValueError, match="1 episode kinds but 2 token advantages"):
+        step_gain_calibration([("g", [_hard(True)], [0.1, 0.2])], what="token advantages")
 
 
 def test_rollout_step_gains_reads_a_runs_logged_rollouts(tmp_path, capsys):
@@ -266,3 +272,49 @@ def test_credit_command_scores_the_same_samples_under_each_estimator(tmp_path, c
     for x in lines:  # the same samples: same outcomes; a random model tags nothing, so nothing to compare
         assert x["responses"] == 4 and x["accuracy"] == lines[0]["accuracy"]
         assert set(x["step_gain"]) == {"step", "check"} and "nothing to compare" in x["reading"]
+        assert x["step_advantage"]["step"]["cells"] == 0
+    # every method and variant of a miniature config, as its runs train them, beside an estimator
+    cfg = tmp_path / "mini.json"
+    cfg.write_text(json.dumps({"methods": ["grpo"], "variants": {
+        "l2t_add": {"method": "l2t", "overrides": {"reward.credit.credit": "additive", "reward.credit.beta": 0.2}}}}))
+    assert main(["credit", "--model", str(tmp_path / "m"), "--config", str(cfg), "--estimator", "answer_logprob",
+                 "--problems", "2", "--group-size", "2", "--max-new-tokens", "12"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["name"], x["method"]) for x in lines] == [("grpo", "grpo"), ("l2t_add", "l2t"), ("answer_logprob", "l2t")]
+    assert "step_gain" not in lines[0] and "step_gain" in lines[1] and lines[2]["estimator"] == "answer_logprob"
+    with pytest.raises(SystemExit, match="unknown method 'ppo'"):
+        cfg.write_text(json.dumps({"methods": ["ppo"]}))
+        main(["credit", "--model", str(tmp_path / "m"), "--config", str(cfg)])
+    with pytest.raises(SystemExit, match="--estimator continuation is also a method or variant name"):
+        cfg.write_text(json.dumps({"methods": [], "variants": {"continuation": {"method": "l2t"}}}))
+        main(["credit", "--model", str(tmp_path / "m"), "--config", str(cfg), "--estimator", "continuation"])
+
+
+def test_step_advantage_is_what_each_update_teaches_a_wrong_hard_step(monkeypatch):
+    """On fixed samples of one group (a hard move guessed wrong and unchecked, so answered wrong,
+    and the same move written right): GRPO broadcasts A_i = -1 and +1 (population std), so the
+    wrong step's tokens get 2 less than the right one's."""
+    import l2t_core.episode_credit as ec
+    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+    from l2t_core.rollout.base import Completion
+    from l2t_core.tasks.common import render_trace
+
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tok), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                             intermediate_size=24, seed=4)
+    problem = walk.make_problem(random.Random(3), 1, hard_prob=1.0)
+    move, x = problem.moves[0], problem.start
+    texts = [render_trace([walk.step_text(x, move, r, [])], str(r)) for r in (walk.fast_guess(x, move), move.apply(x))]
+
+    def fixed_samples(model, tokenizer, problems, **kw):
+        return [[Completion([], tokenizer(t, add_special_tokens=False)["input_ids"], t, True) for t in texts]
+                for _ in problems]
+
+    monkeypatch.setattr(ec, "generate", fixed_samples)
+    rep = credit_by_kind(model, tok, [problem], ["grpo", "l2t"], group_size=2, max_new_tokens=64)
+    assert rep["tagged_share"] == 1.0 and rep["accuracy"] == 0.5
+    grpo = rep["methods"]["grpo"]["step_advantage"]
+    assert grpo["step"]["cells"] == 1 and grpo["step"]["wrong_minus_right"] == pytest.approx(-2.0, abs=1e-5)
+    assert grpo["check"]["cells"] == 0  # neither step is checked
+    assert rep["methods"]["l2t"]["step_advantage"]["step"]["cells"] == 1
+    assert "| -2.000 (1) |" in credit_table(rep)

@@ -123,7 +123,12 @@ def test_miniature_end_to_end(tmp_path, capsys):
         assert 0.0 <= m["accuracy"]["mean"] <= 1.0 and m["mean_tokens"]["mean"] > 0
     assert "vs_grpo" in data and (out / "miniature.md").read_text().startswith("# L2T miniature")
     assert set(data["floor"]["per_level"]) == {"1", "2"} and 0 < data["floor"]["mean_tokens"]
-    assert set(data["credit"]["methods"]) == {"grpo", "l2t"} and data["credit"]["responses"] == 2 * TINY["group_size"]
+    # the credit probe scores every method and variant, the variant as its runs train (its override)
+    credit = data["credit"]
+    assert set(credit["methods"]) == {"grpo", "l2t", "l2t_additive"} and credit["responses"] == 2 * TINY["group_size"]
+    assert credit["settings"]["configs"]["l2t_additive"][1]["credit"]["credit"] == "additive"
+    assert set(credit["settings"]["configs"]) == {"l2t_additive"}  # the methods at their defaults are not listed
+    assert all("step_advantage" in m for m in credit["methods"].values())
     assert "Credit by episode kind" in (out / "miniature.md").read_text()
     trust = data["credit"]["guess_trust"]  # whom J believes after an unchecked hard step, on the same problems
     assert trust["problems"] == 2 and trust["hard_moves"] > 0 and 0 <= trust["right"]["repair_share"] <= 1
