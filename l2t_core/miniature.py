@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import queue
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -199,6 +200,26 @@ def _tell(progress, name: str, seed: int, **event) -> None:
     parent's progress display, when there is one."""
     if progress is not None:
         progress.put({"run": f"{name} s{seed}", **event})
+
+
+def _exit_with_parent(parent_pid: int, every_s: float = 1.0) -> None:
+    """Pool initializer: the worker stops within ``every_s`` seconds once the experiment's process
+    is gone. A ``ProcessPoolExecutor``'s workers do not hear a SIGTERM or SIGKILL sent to their
+    parent (a scheduler stopping the job, ``kill``): without this they trained on unattended,
+    writing into the run directories a rerun of the experiment resumes from. Checkpoints are
+    written atomically, so a run stopped this way resumes from its latest complete one."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def worker_pool(workers: int, ctx, watch_every_s: float = 1.0) -> ProcessPoolExecutor:
+    """The experiment's training processes; each stops when this process is gone (:func:`_exit_with_parent`)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                               initargs=(os.getpid(), watch_every_s))
 
 
 def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels, per_level, max_new_tokens,
@@ -744,7 +765,7 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
         # the workers report each finished step through a queue (none without a display); its manager
         # closes after the pool, which waits for its workers
         progress = stack.enter_context(ctx.Manager()).Queue() if show_progress else None
-        pool = stack.enter_context(ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx))
+        pool = stack.enter_context(worker_pool(cfg.workers, ctx))
         bar = stack.enter_context(Progress(*Progress.get_default_columns(), MofNCompleteColumn(),
                                            TextColumn("{task.fields[phase]}"), disable=not show_progress))
         task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs), phase="")

@@ -4,8 +4,14 @@ is evaluated on the held-out split, and the report files (JSON, markdown, PNG pl
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +284,39 @@ def test_hardest_level_per_seed_and_welch_against_the_references():
     apart = aggregate({"grpo": [{**ev(0, 0.5), "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 2.0}}}],
                        "l2t": [{**ev(0, 0.5), "per_level": {"6": {"accuracy": 0.5, "mean_tokens": 2.0}}}]}, base)
     assert "hardest_level" not in apart and "Hardest level" not in markdown_table(apart)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status waits for a PID 1 that may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_training_workers_stop_when_the_experiment_process_is_killed(tmp_path):
+    """SIGKILL (or a SIGTERM without handler) reaches the experiment's process only; its pool's
+    workers must not train on unattended."""
+    script = tmp_path / "experiment.py"
+    script.write_text(
+        "import multiprocessing as mp, os, signal, time\n"
+        "from l2t_core.miniature import worker_pool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = worker_pool(1, mp.get_context('spawn'), watch_every_s=0.1)\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env) as proc:
+        worker = int(proc.stdout.readline())  # not read to its end: a surviving worker holds the pipe open
+        assert proc.wait(timeout=120) == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _running(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"training worker {worker} outlived the killed experiment process")
+
