@@ -329,7 +329,8 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
 
 
 def credit_table(report: dict) -> str:
-    """Markdown: per method, ``with_minus_without`` per kind and the advantage/length correlation."""
+    """Markdown: per method, ``with_minus_without`` per kind, the advantage/length correlation and
+    ``step_advantage`` (hard step written wrong − right, mean token advantage)."""
     head = ("| method | " + " | ".join(f"{k} (cells)" for k in REPORTED_KINDS)
             + " | corr(A, length) | hard step A, wrong − right (cells) |")
     lines = [head, "|---" * (len(REPORTED_KINDS) + 3) + "|"]
