@@ -357,7 +357,7 @@ def cmd_credit(args) -> int:
     if args.config:  # every method and variant of a miniature config, as its runs train
         from .miniature import MiniatureConfig, probe_configs
 
-        configs = probe_configs(Path("."), build_config(MiniatureConfig, args, {}), args.model)
+        configs = probe_configs(build_config(MiniatureConfig, args, {}), args.model)
     fitting = {"mc_samples": args.mc_samples, "mc_temperature": args.temperature,
                "continuation_budget": args.max_new_tokens}
     estimators = list(dict.fromkeys(args.estimator or ([] if configs else ["answer_logprob", "continuation"])))

@@ -644,11 +644,12 @@ def _probe_view(reward: RewardConfig) -> dict:
     return reward.model_dump(mode="json", exclude={"loss"})
 
 
-def probe_configs(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict[str, tuple[str, RewardConfig]]:
+def probe_configs(cfg: MiniatureConfig, policy: str | os.PathLike) -> dict[str, tuple[str, RewardConfig]]:
     """``{name: (method, RewardConfig)}`` of every method and variant, as its runs train
-    (``train_overrides`` and the variant's overrides applied): what the credit probe scores."""
+    (``train_overrides`` and the variant's overrides applied): what the credit probe scores. Where
+    the runs would be written does not enter a reward configuration, so none is asked for."""
     first = cfg.seeds[0]
-    return {name: (t.method, t.reward) for name, seed, t in run_configs(out, cfg, str(sft_dir)) if seed == first}
+    return {name: (t.method, t.reward) for name, seed, t in run_configs(Path("."), cfg, str(policy)) if seed == first}
 
 
 def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
@@ -663,11 +664,12 @@ def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
     from .rewards.l2t import has_fitting_gain
 
     path = out / "credit.json"
-    configs = probe_configs(out, cfg, sft_dir)
+    configs = probe_configs(cfg, sft_dir)
     settings = {"problems": cfg.credit_problems, "group_size": cfg.group_size, "temperature": cfg.temperature,
                 "max_new_tokens": cfg.max_new_tokens, "methods": list(cfg.methods), "task": cfg.warmstart.task}
-    own = {name: [method, _probe_view(reward)] for name, (method, reward) in configs.items()
-           if method != name or _probe_view(reward) != _probe_view(RewardConfig())}
+    default = _probe_view(RewardConfig())
+    views = {name: (method, _probe_view(reward)) for name, (method, reward) in configs.items()}
+    own = {name: [method, view] for name, (method, view) in views.items() if method != name or view != default}
     if own:  # variants, or rewards set by train_overrides (absent otherwise: older probes stay reusable)
         settings["configs"] = own
     has_gains = any(has_fitting_gain(m) for m, _ in configs.values())
