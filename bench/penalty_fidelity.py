@@ -21,7 +21,10 @@ P_k = η²(‖g_k‖⁴ + λ‖g_k‖²) is increasing in ‖g_k‖², so rankin
 proxy: ``spearman`` over all episodes (the batch the penalty is normalised over) and
 ``spearman_within`` (mean over responses with >= 3 episodes: the order inside one response,
 which is what the credit of one response sees), and ``seconds`` (signals + scores for the whole
-batch). Target (issue 2): spearman >= 0.9.
+batch). Target (issue 2): spearman >= 0.9. Per proxy and for the exact penalty (``exact_redundancy``),
+``redundancy``: :func:`~l2t_core.episode_credit.penalty_separation`, the AUC of a redundant episode
+(restatement, repeat, easy-step check) paying more than a useful one, per redundant kind too: a
+faithful proxy of a penalty that cannot see redundancy cannot see it either.
 
 ``--quick`` builds a tiny random-init model and the character tokenizer in a temporary directory
 and scores reference traces (a smoke run for the tests; the numbers mean nothing).
@@ -39,7 +42,7 @@ TARGET = 0.9
 
 
 def _episodes(model, tok, problems, source: str, samples: int, temperature: float, max_new_tokens: int, seed: int):
-    """(ids [L], score mask [L], token episode [L], K) for every tagged response."""
+    """(ids [L], score mask [L], token episode [L], K, episode kinds) for every tagged response."""
     import random
 
     from l2t_core.episodes import segment, token_episode_ids
@@ -71,7 +74,7 @@ def _episodes(model, tok, problems, source: str, samples: int, temperature: floa
             score[len(prompt):] = True
             tep = torch.full((len(full),), -1)
             tep[len(prompt):] = torch.as_tensor(te.episode_ids)
-            rows.append((full, score, tep, te.num_episodes))
+            rows.append((full, score, tep, te.num_episodes, task.classify_episodes([e.text for e in seg.episodes])))
     return rows
 
 
@@ -85,7 +88,7 @@ def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float) -> tuple[l
         proxy = comp.SVDProxy(rank_frac=rank_frac)
         proxy.refresh(targets, 0)
     out = []
-    for ids, score, tep, k in rows:
+    for ids, score, tep, k, _ in rows:
         sig = comp.per_token_signals(model, ids[None], torch.ones_like(ids)[None], score[None], targets)
         out.append(comp.episode_sqnorms(sig, tep[1:][score[1:]], k, proxy))
     return out, time.perf_counter() - t0
@@ -97,13 +100,28 @@ def _rho(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def score(per_response: list[torch.Tensor], exact: list[torch.Tensor]) -> dict:
-    """Spearman over all episodes, and the mean within responses of >= 3 episodes."""
+def separation(per_response: list[torch.Tensor], rows) -> dict:
+    """:func:`~l2t_core.episode_credit.penalty_separation` of one penalty (or ‖g_k‖², which ranks P_k
+    the same way): can it tell redundant episodes from the rest at all?"""
+    from l2t_core.episode_credit import penalty_separation
+
+    eps = [(info, float(v), int(n)) for values, (_, sc, tep, k, kinds) in zip(per_response, rows)
+           for info, v, n in zip(kinds, values.tolist(), torch.bincount(tep[1:][sc[1:]], minlength=k).tolist())]
+    sep = penalty_separation(eps)
+    return {key: sep[key] for key in ("auc", "auc_by_kind", "per_token_auc", "length_auc", "top_share")}
+
+
+def score(per_response: list[torch.Tensor], exact: list[torch.Tensor], rows=None) -> dict:
+    """Spearman over all episodes, and the mean within responses of >= 3 episodes; with ``rows``,
+    the :func:`separation` of redundant episodes from the rest."""
     x = torch.cat(per_response).numpy()
     y = torch.cat(exact).numpy()
     within = [_rho(a.numpy(), b.numpy()) for a, b in zip(per_response, exact) if len(a) >= 3]
     within = [w for w in within if np.isfinite(w)]
-    return {"spearman": _rho(x, y), "spearman_within": float(np.mean(within)) if within else float("nan")}
+    out = {"spearman": _rho(x, y), "spearman_within": float(np.mean(within)) if within else float("nan")}
+    if rows is not None:
+        out["redundancy"] = separation(per_response, rows)
+    return out
 
 
 def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), source: str = "samples",
@@ -122,7 +140,7 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
                          "--source reference, or give a warm-started checkpoint (l2t warmstart --out DIR)")
     print(f"[bench.penalty_fidelity] exact all-parameter penalty: {sum(r[3] for r in rows)} episodes", file=sys.stderr)
     t0 = time.perf_counter()
-    exact = [comp.exact_episode_penalties(model, ids, sc, tep, k)[1] for ids, sc, tep, k in rows]
+    exact = [comp.exact_episode_penalties(model, ids, sc, tep, k)[1] for ids, sc, tep, k, _ in rows]
     exact_s = time.perf_counter() - t0
     last = comp.resolve_targets(model, None)
     every = comp.resolve_targets(model, [comp.ALL_DOWN_PROJ])
@@ -133,10 +151,10 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
     proxies = {}
     for name, (targets, mode, rf) in configs.items():
         sq, secs = _proxy_sqnorms(model, rows, targets, mode, rf)
-        proxies[name] = {**score(sq, exact), "seconds": secs, "targets": len(targets), "mode": mode,
+        proxies[name] = {**score(sq, exact, rows), "seconds": secs, "targets": len(targets), "mode": mode,
                          "rank_frac": rf if mode == "low_rank" else None}
-    lengths = [torch.bincount(tep[1:][sc[1:]], minlength=k).double() for _, sc, tep, k in rows]
-    proxies["episode_length"] = score(lengths, exact)
+    lengths = [torch.bincount(tep[1:][sc[1:]], minlength=k).double() for _, sc, tep, k, _ in rows]
+    proxies["episode_length"] = score(lengths, exact, rows)
     paper = proxies["last_down_proj_r5"]["spearman"]
     option = proxies["all_down_proj_r5"]["spearman"]
     return {
@@ -146,6 +164,7 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
         "targets_met": {"spearman>=0.9 (paper default)": paper >= TARGET,
                         "spearman_all_down_proj>=0.9 (option)": option >= TARGET},
         "proxies": proxies,
+        "exact_redundancy": separation(exact, rows),
         "exact_s": exact_s,
         "policy": str(policy),
         "source": source,

@@ -168,6 +168,17 @@ class CreditConfig(_Strict):
         ),
     )
     process_coef: float = Field(0.5, ge=0.0, description="Weight of the process term in credit='additive'.")
+    additive_outcome: Literal["outcome", "length_penalty"] = Field(
+        "outcome",
+        description=(
+            "The scalar whose group advantage is the outcome term A_i^outcome of credit='additive'. outcome: the "
+            "verified outcome r_i^out. length_penalty (this project's option, not the paper's): the length "
+            "baseline's reward 1[correct] · (1 − α_lp · σ(z_len)) (METHOD.md §6, baselines.length_penalty_alpha), "
+            "so the response pays for its length as under the method length_penalty while the z-scored process "
+            "term still credits each episode: the compression penalty alone does not tell redundant episodes "
+            "from useful ones on the synthetic task (bench.penalty_fidelity, `redundancy`)."
+        ),
+    )
     process_scope: Literal["all", "correct"] = Field(
         "all",
         description=(
@@ -199,6 +210,10 @@ class CreditConfig(_Strict):
 
     @model_validator(mode="after")
     def _scope_needs_paper_credit(self):
+        if self.additive_outcome != "outcome" and self.credit != "additive":
+            raise ValueError(f"credit.additive_outcome={self.additive_outcome!r} sets the outcome term of "
+                             f"credit='additive' and does nothing under credit={self.credit!r}; set "
+                             "credit.credit='additive' or leave additive_outcome at 'outcome'")
         if self.process_scope == "correct" and self.credit == "additive":
             raise ValueError("credit.process_scope='correct' ranks the paper response score S_i and needs "
                              "credit.credit='paper' or 'broadcast'; with credit='additive' the score is already "

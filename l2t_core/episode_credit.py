@@ -28,6 +28,10 @@ call each) and reports, per method:
   policy learns to guess better; near zero or positive: wrong guesses are learned like right ones
   (GRPO's broadcast credit is negative here only as far as a wrong guess ends in a wrong answer);
 
+* ``penalty_separation`` (methods that charge the compression penalty, else None):
+  :func:`penalty_separation` of the episodes' normalised penalties P̂_k, whether the penalty can
+  tell a redundant episode from a useful one at all, and how much of it a few episodes carry;
+
 and, for every method of the l2t family (the others have no fitting gain), ``step_gain``:
 :func:`step_gain_calibration` of the samples under that method's J (its ``fitting.estimator``);
 the report's top-level ``step_gain`` is the first such method's.
@@ -56,7 +60,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .config import RewardConfig
-from .rewards.l2t import METHODS, Rollout, compute_rewards, has_fitting_gain
+from .rewards.l2t import METHODS, Rollout, compute_rewards, has_fitting_gain, has_penalty
 from .tasks.common import EpisodeInfo
 from .verify import NumericVerifier
 from .warmstart import _task_of_all, generate
@@ -215,6 +219,60 @@ def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
             "stderr": float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None}
 
 
+def penalty_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], top: float = 0.05) -> dict:
+    """Whether the compression penalty tells redundant episodes from useful ones (METHOD.md §3, §10).
+
+    ``episodes``: ``(kind, P̂_k, tokens)`` of every episode of the tagged responses. Redundant are
+    restatements, repeats and checks of easy steps (:attr:`EpisodeInfo.redundant`); the rest,
+    direct steps and checks of hard steps (``other`` is left out). Reported, each None without both
+    sides:
+
+    * ``auc``: the probability that a random redundant episode pays more penalty than a random other
+      one (ties count half; Mann–Whitney U ÷ n₁n₂). 0.5: the penalty cannot tell them apart; 1: every
+      redundant episode pays more. For the penalty to teach a model to drop redundant episodes while
+      keeping the rest it must be well above 0.5;
+    * ``per_token_auc``: the same for P̂_k ÷ tokens (a cost per token said, not per episode);
+    * ``length_auc``: the same for the episode's token count alone, the baseline a penalty should
+      beat (a length penalty sees only this);
+    * ``top_share``: the share of the total penalty carried by the ``top`` (5 %) most penalised
+      episodes; near 1 means a few outliers carry it and the typical episode pays next to nothing;
+    * ``median``: the median P̂_k of the redundant and of the other episodes;
+    * ``auc_by_kind``: ``auc`` of each redundant kind alone (``restate``, ``repeat``,
+      ``check_easy``) against the other episodes, so one conspicuous kind cannot hide the rest.
+    """
+    from scipy.stats import mannwhitneyu
+
+    red: dict[str, list[float]] = {"p": [], "t": [], "n": []}
+    rest: dict[str, list[float]] = {"p": [], "t": [], "n": []}
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for info, p, n in episodes:
+        if info.kind == "other" or n <= 0 or not np.isfinite(p):
+            continue
+        side = red if info.redundant else rest
+        side["p"].append(float(p))
+        side["n"].append(float(n))
+        side["t"].append(float(p) / n)
+        if info.redundant:
+            by_kind[info.key].append(float(p))
+
+    def auc(x: list[float], y: list[float]) -> float | None:
+        return float(mannwhitneyu(x, y, alternative="two-sided").statistic) / (len(x) * len(y)) if x and y else None
+
+    every = np.array(red["p"] + rest["p"])
+    out: dict = {"redundant": len(red["p"]), "other": len(rest["p"]), "top_share": None,
+                 "median": {"redundant": None, "other": None},
+                 "auc": auc(red["p"], rest["p"]), "per_token_auc": auc(red["t"], rest["t"]),
+                 "length_auc": auc(red["n"], rest["n"]),
+                 "auc_by_kind": {k: auc(by_kind.get(k, []), rest["p"]) for k in ("restate", "repeat", "check_easy")}}
+    if every.size and every.sum() > 0:
+        m = max(1, int(np.ceil(top * every.size)))
+        out["top_share"] = float(np.sort(every)[::-1][:m].sum() / every.sum())
+    for name, side in (("redundant", red), ("other", rest)):
+        if side["p"]:
+            out["median"][name] = float(np.median(side["p"]))
+    return out
+
+
 def method_configs(methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig]]) -> dict[str, tuple[str, RewardConfig]]:
     """``{name: (method, RewardConfig)}`` from method names (paper defaults) or such a mapping."""
     if isinstance(methods, Mapping):
@@ -291,6 +349,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
         cells: dict = defaultdict(list)
         gains: list = []
         advantages: list = []
+        penalised: list = []  # (kind, P̂_k, tokens) of every tagged episode, for penalty_separation
         for r, x in zip(rollouts, batch.responses):
             if x.segmentation.status != "tagged":
                 continue
@@ -308,13 +367,17 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                 f["token_advantage"].append(per_episode[k])
                 for key, values in (("gain", x.gains), ("penalty_hat", x.penalties_hat), ("episode_reward", x.episode_reward)):
                     f[key].append(float(values[k]) if k < len(values) else 0.0)
+                if k < len(x.penalties_hat):
+                    penalised.append((info, float(x.penalties_hat[k]), int(on_k.sum())))
             advantages.append((r.group_id, kinds, per_episode))
             cells[(r.group_id, x.outcome)].append((x.advantage, Counter(i.key for i in kinds), len(r.response_ids)))
         report["methods"][name] = {
             "method": method,
             "reward_seconds": reward_seconds,
-            "per_kind": {kind: {"n": len(f["token_advantage"]), **{key: _mean(v) for key, v in f.items()}}
+            "per_kind": {kind: {"n": len(f["token_advantage"]), **{key: _mean(v) for key, v in f.items()},
+                                "penalty_hat_median": float(np.median(f["penalty_hat"]))}
                          for kind, f in sorted(fields.items())},
+            "penalty_separation": penalty_separation(penalised) if has_penalty(method, cfg) else None,
             **kind_effects(cells),
             "step_advantage": step_gain_calibration(advantages, what="token advantages"),
         }

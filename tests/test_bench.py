@@ -35,6 +35,11 @@ def test_penalty_fidelity_bench_quick_runs(capsys):
         assert -1 <= p["spearman"] <= 1 and p["seconds"] > 0
     assert res["proxies"]["all_down_proj_full_layer"]["targets"] == res["num_layers"]
     assert res["spearman"] == res["proxies"]["last_down_proj_r5"]["spearman"]
+    # whether each penalty, the exact one included, tells redundant episodes from the rest
+    for sep in [res["exact_redundancy"]] + [p["redundancy"] for p in res["proxies"].values()]:
+        assert sep["auc"] is None or 0.0 <= sep["auc"] <= 1.0
+        assert set(sep["auc_by_kind"]) == {"restate", "repeat", "check_easy"}
+    assert res["proxies"]["episode_length"]["redundancy"]["auc"] == res["exact_redundancy"]["length_auc"]
 
 
 def test_penalty_fidelity_refuses_a_missing_checkpoint(tmp_path):

@@ -185,6 +185,36 @@ def test_additive_credit_through_the_reward_path(model, tokenizer):
             assert all(len(u) == 1 for u in per_ep)  # constant within an episode
 
 
+def test_additive_credit_with_a_length_penalised_outcome(model, tokenizer):
+    """additive_outcome='length_penalty': the outcome term is the GRPO advantage of the length
+    baseline's reward (a longer correct response scores less), the process term is unchanged."""
+    from l2t_core.advantages import grpo_advantages
+    from l2t_core.rewards.baselines import length_penalty_rewards
+
+    texts = [GOOD, REDUNDANT, GOOD.replace("{14}", "{15}"), BAD_INPUTS["no_answer"]]
+    rollouts = _rollouts(tokenizer, texts)
+    plain = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(credit={"credit": "additive"}),
+                            verifier=NumericVerifier())
+    cfg = RewardConfig(credit={"credit": "additive", "additive_outcome": "length_penalty"},
+                       baselines={"length_penalty_alpha": 0.4})
+    lp = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
+    outcomes = torch.tensor([r.outcome for r in lp.responses], dtype=torch.float64)
+    assert outcomes.tolist() == [1.0, 1.0, 0.0, 0.0]
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts])
+    assert lengths[1] > lengths[0]  # the redundant trace is the longer correct one
+    groups = torch.zeros(4, dtype=torch.long)
+    scores = length_penalty_rewards(outcomes, lengths, groups, 0.4)
+    assert [r.score for r in lp.responses] == pytest.approx(scores.tolist())
+    assert lp.responses[0].score > lp.responses[1].score > 0  # the longer correct response pays
+    a = grpo_advantages(scores, groups)
+    for n, (r, q) in enumerate(zip(lp.responses, plain.responses)):
+        assert r.advantage == pytest.approx(float(a[n]))
+        # same process term: the token advantages differ by the change of the outcome term alone
+        torch.testing.assert_close(r.token_advantage - r.advantage, q.token_advantage - q.advantage)
+    with pytest.raises(ValueError, match="additive_outcome='length_penalty' sets the outcome term"):
+        RewardConfig(credit={"additive_outcome": "length_penalty"})
+
+
 def test_correct_scope_through_the_reward_path(model, tokenizer):
     """process_scope='correct': a group with no correct response gets no advantage at all (the paper
     score ranks its wrong responses by their process reward), correct responses outscore wrong ones,

@@ -97,6 +97,35 @@ def test_credit_by_kind_runs_every_method_on_the_same_samples(model, tokenizer):
     assert "step_gain" in rep and (rep["step_gain"]["step"]["cells"] == 0 or rep["tagged_share"] > 0)
     assert rep["methods"]["l2t"]["step_gain"] == rep["step_gain"] and "step_gain" not in rep["methods"]["grpo"]
     assert "step_gain" not in credit_by_kind(model, tok, problems, ["grpo"], group_size=2, max_new_tokens=12)
+    # only a method that charges the compression penalty reports how it separates redundant episodes
+    assert rep["methods"]["grpo"]["penalty_separation"] is None
+    assert set(rep["methods"]["l2t"]["penalty_separation"]) >= {"auc", "length_auc", "top_share", "auc_by_kind"}
+
+
+def test_penalty_separation_against_hand_counted_pairs():
+    """AUC = share of (redundant, other) pairs where the redundant episode pays more, ties half."""
+    from l2t_core.episode_credit import penalty_separation
+
+    restate, repeat = walk.EpisodeInfo("restate"), walk.EpisodeInfo("repeat")
+    easy_check, step = walk.EpisodeInfo("check", hard=False), walk.EpisodeInfo("step", hard=True)
+    hard_check = walk.EpisodeInfo("check", hard=True)
+    eps = [(restate, 3.0, 10), (repeat, 1.0, 4), (easy_check, 2.0, 2),  # redundant
+           (step, 2.0, 4), (hard_check, 0.0, 8),  # the rest
+           (walk.EpisodeInfo("other"), 99.0, 1), (step, float("nan"), 3)]  # left out
+    sep = penalty_separation(eps, top=0.2)
+    assert (sep["redundant"], sep["other"]) == (3, 2)
+    # pairs: 3>2, 3>0, 1<2, 1>0, 2=2 (half), 2>0 -> 4.5 of 6
+    assert sep["auc"] == pytest.approx(4.5 / 6)
+    assert sep["auc_by_kind"] == {"restate": 1.0, "repeat": 0.5, "check_easy": 0.75}
+    # per token: 0.3, 0.25, 1.0 against 0.5, 0.0 -> 0.3<0.5, 0.3>0, 0.25<0.5, 0.25>0, 1>0.5, 1>0 -> 4 of 6
+    assert sep["per_token_auc"] == pytest.approx(4 / 6)
+    # tokens 10, 4, 2 against 4, 8 -> 10>4, 10>8, 4=4 (half), 4<8, 2<4, 2<8 -> 2.5 of 6
+    assert sep["length_auc"] == pytest.approx(2.5 / 6)
+    assert sep["top_share"] == pytest.approx(3.0 / 8.0)  # the largest one episode of 5 carries 3 of 8
+    assert sep["median"] == {"redundant": 2.0, "other": 1.0}
+    none = penalty_separation([(step, 1.0, 3)])
+    assert none["auc"] is None and none["auc_by_kind"]["restate"] is None and none["median"]["redundant"] is None
+    assert penalty_separation([(step, 0.0, 3)])["top_share"] is None  # nothing charged: no share to give
 
 
 def _hard(wrong: bool) -> "walk.EpisodeInfo":

@@ -50,6 +50,12 @@ def has_fitting_gain(method: str) -> bool:
     return method in L2T_FAMILY
 
 
+def has_penalty(method: str, cfg: RewardConfig) -> bool:
+    """Whether ``method`` under ``cfg`` charges the compression penalty (METHOD.md §3): ``l2t`` and
+    ``l2t_random_layers`` with β > 0; the other methods report P_k = 0 for every episode."""
+    return method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
+
+
 @dataclass
 class Rollout:
     prompt_ids: list[int]
@@ -354,7 +360,7 @@ def compute_rewards(
     # the penalty's episode scores through a truncated backward of the same forward, log π_old
     t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    needs_penalty = method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
+    needs_penalty = has_penalty(method, cfg)
     c = cfg.compression
     surprise = method in L2T_FAMILY and cfg.credit.token_weights == "surprise"
     want_logps = need_logp_old or surprise
@@ -453,16 +459,17 @@ def compute_rewards(
         ))
 
     outcomes = torch.tensor(outs, dtype=torch.float64)
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts])
     additive = method in L2T_FAMILY and cr.credit == "additive"
     if additive:  # outcome's GRPO advantage + z-scored process reward per episode (project option)
-        scores = outcomes
+        scores = outcomes if cr.additive_outcome == "outcome" else length_penalty_rewards(
+            outcomes, lengths, groups, cfg.baselines.length_penalty_alpha)
     elif method in L2T_FAMILY:
         scores = torch.stack([adv.response_score(x.token_reward, x.episode_reward, cr.score_agg, cr.trim_frac)
                               for x in results])
         if cr.process_scope == "correct":  # project option: the process score only ranks correct responses
             scores = adv.correct_scope_scores(outcomes, scores, groups, cr.correct_bonus)
     elif method == "length_penalty":
-        lengths = torch.tensor([len(r.response_ids) for r in rollouts])
         scores = length_penalty_rewards(outcomes, lengths, groups, cfg.baselines.length_penalty_alpha)
     elif method == "mrt":
         scores = torch.tensor([mrt_reward(outs[n], torch.exp(log_js[n]), cfg.baselines.mrt_alpha)
