@@ -392,11 +392,12 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
 
 
 def credit_table(report: dict) -> str:
-    """Markdown: per method, ``with_minus_without`` per kind, the advantage/length correlation and
-    ``step_advantage`` (hard step written wrong − right, mean token advantage)."""
+    """Markdown: per method, ``with_minus_without`` per kind, the advantage/length correlation,
+    ``step_advantage`` (hard step written wrong − right, mean token advantage) and the penalty's
+    ``penalty_separation`` AUC (– for a method without the penalty; n/a in reports made before it)."""
     head = ("| method | " + " | ".join(f"{k} (cells)" for k in REPORTED_KINDS)
-            + " | corr(A, length) | hard step A, wrong − right (cells) |")
-    lines = [head, "|---" * (len(REPORTED_KINDS) + 3) + "|"]
+            + " | corr(A, length) | hard step A, wrong − right (cells) | penalty AUC, redundant > useful |")
+    lines = [head, "|---" * (len(REPORTED_KINDS) + 4) + "|"]
     for name, m in report["methods"].items():
         cells = []
         for k in REPORTED_KINDS:
@@ -407,7 +408,14 @@ def credit_table(report: dict) -> str:
         guess = "n/a" if st["wrong_minus_right"] is None else (
             f"{st['wrong_minus_right']:+.3f}" + ("" if st["stderr"] is None else f" ± {st['stderr']:.3f}")
             + f" ({st['cells']})")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if c is None else f'{c:+.2f}'} | {guess} |")
+        if "penalty_separation" not in m:
+            auc = "n/a"
+        elif m["penalty_separation"] is None:
+            auc = "–"
+        else:
+            a = m["penalty_separation"]["auc"]
+            auc = "n/a" if a is None else f"{a:.2f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if c is None else f'{c:+.2f}'} | {guess} | {auc} |")
     g = report.get("step_gain")
     if g and g["step"]["cells"]:
         lines += ["", step_gain_sentence(g)]

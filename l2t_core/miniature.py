@@ -564,7 +564,9 @@ def markdown_table(report: dict) -> str:
                  "minus those without it, within a group and an outcome (negative: the method favours leaving it "
                  "out; cells: the (group, outcome) cells that have both); and the mean token advantage of a hard "
                  "step written wrong minus one written right, within a group and a hard move (negative: the "
-                 "update teaches better guesses).", "",
+                 "update teaches better guesses); for the methods that charge the compression penalty, the "
+                 "AUC of a redundant episode paying more penalty than a useful one (0.5: blind to "
+                 "redundancy).", "",
                  credit_table(c)]
     if report.get("sampled"):
         rows += ["", "## Sampled evaluation (METHOD.md §7)", "", markdown_table(report["sampled"]).rstrip("\n")]
@@ -655,8 +657,9 @@ def probe_configs(cfg: MiniatureConfig, policy: str | os.PathLike) -> dict[str, 
 def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
     """The SFT base's credit-by-episode-kind probe (``credit.json``, reused when its settings match)
     of every method and variant, with :func:`~l2t_core.episode_credit.guess_trust` on the same
-    problems (walk task, a method with a fitting gain). A saved probe that lacks ``step_gain`` or
-    ``step_advantage`` is made again; one that lacks only ``guess_trust`` gets it added."""
+    problems (walk task, a method with a fitting gain). A saved probe that lacks ``step_gain``,
+    ``step_advantage`` or ``penalty_separation`` is made again; one that lacks only ``guess_trust``
+    gets it added."""
     if not cfg.credit_problems:
         return None
     from .episode_credit import credit_by_kind, guess_trust
@@ -681,8 +684,8 @@ def base_credit(out: Path, cfg: MiniatureConfig, sft_dir: Path) -> dict | None:
     report = None
     if path.exists():
         saved = json.loads(path.read_text())
-        made_before = ("step_gain" not in saved and has_gains) or any(
-            "step_advantage" not in m for m in saved.get("methods", {}).values())  # made before these fields
+        made_before = ("step_gain" not in saved and has_gains) or any(  # made before these fields
+            "step_advantage" not in m or "penalty_separation" not in m for m in saved.get("methods", {}).values())
         if saved.get("settings") == settings and not made_before:
             if "guess_trust" in saved or not wants_trust:
                 return saved

@@ -67,6 +67,10 @@ def test_kind_effects_by_hand():
     assert eff["advantage_length_corr"] == {"mean": pytest.approx((r0 - 1.0) / 2), "cells": 2}
     table = credit_table({"methods": {"l2t": {**eff}}})
     assert "| l2t | -1.500 (1) | n/a | -1.500 (1) | -2.000 (1) |" in table
+    assert table.splitlines()[2].endswith("| n/a | n/a |")  # a report made before step_advantage, penalty AUC
+    table = credit_table({"methods": {"l2t": {**eff, "penalty_separation": {"auc": 0.625}},
+                                      "grpo": {**eff, "penalty_separation": None}}})
+    assert table.splitlines()[2].endswith("| 0.62 |") and table.splitlines()[3].endswith("| – |")
 
 
 def test_method_configs_and_bad_input(model, tokenizer):

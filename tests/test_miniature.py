@@ -135,6 +135,8 @@ def test_miniature_end_to_end(tmp_path, capsys):
     assert credit["settings"]["configs"]["l2t_additive"][1]["credit"]["credit"] == "additive"
     assert set(credit["settings"]["configs"]) == {"l2t_additive"}  # the methods at their defaults are not listed
     assert all("step_advantage" in m for m in credit["methods"].values())
+    assert credit["methods"]["grpo"]["penalty_separation"] is None  # only a method charging the penalty has one
+    assert "auc" in credit["methods"]["l2t"]["penalty_separation"]
     assert "Credit by episode kind" in (out / "miniature.md").read_text()
     trust = data["credit"]["guess_trust"]  # whom J believes after an unchecked hard step, on the same problems
     assert trust["problems"] == 2 and trust["hard_moves"] > 0 and 0 <= trust["right"]["repair_share"] <= 1
