@@ -22,7 +22,7 @@ proxy: ``spearman`` over all episodes (the batch the penalty is normalised over)
 ``spearman_within`` (mean over responses with >= 3 episodes: the order inside one response,
 which is what the credit of one response sees), and ``seconds`` (signals + scores for the whole
 batch). Target (issue 2): spearman >= 0.9. Per proxy and for the exact penalty (``exact_redundancy``),
-``redundancy``: :func:`~l2t_core.episode_credit.penalty_separation`, the AUC of a redundant episode
+``redundancy``: :func:`~l2t_core.episode_credit.redundancy_separation`, the AUC of a redundant episode
 (restatement, repeat, easy-step check) paying more than a useful one, per redundant kind too: a
 faithful proxy of a penalty that cannot see redundancy cannot see it either.
 
@@ -101,13 +101,13 @@ def _rho(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def separation(per_response: list[torch.Tensor], rows) -> dict:
-    """:func:`~l2t_core.episode_credit.penalty_separation` of one penalty (or ‖g_k‖², which ranks P_k
+    """:func:`~l2t_core.episode_credit.redundancy_separation` of one penalty (or ‖g_k‖², which ranks P_k
     the same way): can it tell redundant episodes from the rest at all?"""
-    from l2t_core.episode_credit import penalty_separation
+    from l2t_core.episode_credit import redundancy_separation
 
     eps = [(info, float(v), int(n)) for values, (_, sc, tep, k, kinds) in zip(per_response, rows)
            for info, v, n in zip(kinds, values.tolist(), torch.bincount(tep[1:][sc[1:]], minlength=k).tolist())]
-    sep = penalty_separation(eps)
+    sep = redundancy_separation(eps)
     return {key: sep[key] for key in ("auc", "auc_by_kind", "per_token_auc", "length_auc", "top_share")}
 
 

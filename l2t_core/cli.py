@@ -377,7 +377,8 @@ def cmd_credit(args) -> int:
             line["estimator"] = name
         if "step_gain" in m:  # the l2t family
             line.update(step_gain=m["step_gain"], reading=step_gain_sentence(m["step_gain"]),
-                        gain_by_kind={k: {"n": v["n"], "gain": v["gain"]} for k, v in m["per_kind"].items()})
+                        gain_by_kind={k: {"n": v["n"], "gain": v["gain"]} for k, v in m["per_kind"].items()},
+                        gain_separation=m["gain_separation"])
         if m["penalty_separation"] is not None:  # methods that charge the compression penalty
             line.update(penalty_separation=m["penalty_separation"],
                         penalty_by_kind={k: {"mean": v["penalty_hat"], "median": v["penalty_hat_median"]}

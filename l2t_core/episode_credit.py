@@ -29,8 +29,9 @@ call each) and reports, per method:
   (GRPO's broadcast credit is negative here only as far as a wrong guess ends in a wrong answer);
 
 * ``penalty_separation`` (methods that charge the compression penalty, else None):
-  :func:`penalty_separation` of the episodes' normalised penalties P̂_k, whether the penalty can
-  tell a redundant episode from a useful one at all, and how much of it a few episodes carry;
+  :func:`redundancy_separation` of the episodes' normalised penalties P̂_k, whether the penalty can
+  tell a redundant episode from a useful one at all, and how much of it a few episodes carry; and
+  ``gain_separation`` (the l2t family, else None), the same of the fitting gains G_k;
 
 and, for every method of the l2t family (the others have no fitting gain), ``step_gain``:
 :func:`step_gain_calibration` of the samples under that method's J (its ``fitting.estimator``);
@@ -219,24 +220,27 @@ def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
             "stderr": float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None}
 
 
-def penalty_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], top: float = 0.05) -> dict:
-    """Whether the compression penalty tells redundant episodes from useful ones (METHOD.md §3, §10).
+def redundancy_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], top: float = 0.05) -> dict:
+    """Whether a per-episode value tells redundant episodes from useful ones (METHOD.md §3, §10):
+    the compression penalty P̂_k (which should be higher on redundant episodes) or the fitting gain
+    G_k (which should be lower on them).
 
-    ``episodes``: ``(kind, P̂_k, tokens)`` of every episode of the tagged responses. Redundant are
+    ``episodes``: ``(kind, value, tokens)`` of every episode of the tagged responses. Redundant are
     restatements, repeats and checks of easy steps (:attr:`EpisodeInfo.redundant`); the rest,
     direct steps and checks of hard steps (``other`` is left out). Reported, each None without both
     sides:
 
-    * ``auc``: the probability that a random redundant episode pays more penalty than a random other
-      one (ties count half; Mann–Whitney U ÷ n₁n₂). 0.5: the penalty cannot tell them apart; 1: every
-      redundant episode pays more. For the penalty to teach a model to drop redundant episodes while
-      keeping the rest it must be well above 0.5;
-    * ``per_token_auc``: the same for P̂_k ÷ tokens (a cost per token said, not per episode);
+    * ``auc``: the probability that a random redundant episode has the larger value than a random
+      other one (ties count half; Mann–Whitney U ÷ n₁n₂). 0.5: the value cannot tell them apart. For
+      a penalty to teach a model to drop redundant episodes while keeping the rest it must be well
+      above 0.5; for a gain, well below;
+    * ``per_token_auc``: the same for value ÷ tokens (a cost per token said, not per episode);
     * ``length_auc``: the same for the episode's token count alone, the baseline a penalty should
       beat (a length penalty sees only this);
-    * ``top_share``: the share of the total penalty carried by the ``top`` (5 %) most penalised
-      episodes; near 1 means a few outliers carry it and the typical episode pays next to nothing;
-    * ``median``: the median P̂_k of the redundant and of the other episodes;
+    * ``top_share``: of a non-negative value (a penalty), the share of the total carried by the
+      ``top`` (5 %) largest episodes; near 1 means a few outliers carry it and the typical episode
+      pays next to nothing (None when some value is negative or all are zero);
+    * ``median``: the median value of the redundant and of the other episodes;
     * ``auc_by_kind``: ``auc`` of each redundant kind alone (``restate``, ``repeat``,
       ``check_easy``) against the other episodes, so one conspicuous kind cannot hide the rest.
     """
@@ -264,7 +268,7 @@ def penalty_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], top: 
                  "auc": auc(red["p"], rest["p"]), "per_token_auc": auc(red["t"], rest["t"]),
                  "length_auc": auc(red["n"], rest["n"]),
                  "auc_by_kind": {k: auc(by_kind.get(k, []), rest["p"]) for k in ("restate", "repeat", "check_easy")}}
-    if every.size and every.sum() > 0:
+    if every.size and every.min() >= 0 and every.sum() > 0:
         m = max(1, int(np.ceil(top * every.size)))
         out["top_share"] = float(np.sort(every)[::-1][:m].sum() / every.sum())
     for name, side in (("redundant", red), ("other", rest)):
@@ -350,6 +354,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
         gains: list = []
         advantages: list = []
         penalised: list = []  # (kind, P̂_k, tokens) of every tagged episode, for penalty_separation
+        gained: list = []  # (kind, G_k, tokens), for gain_separation
         for r, x in zip(rollouts, batch.responses):
             if x.segmentation.status != "tagged":
                 continue
@@ -369,6 +374,8 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                     f[key].append(float(values[k]) if k < len(values) else 0.0)
                 if k < len(x.penalties_hat):
                     penalised.append((info, float(x.penalties_hat[k]), int(on_k.sum())))
+                if k < len(x.gains):
+                    gained.append((info, float(x.gains[k]), int(on_k.sum())))
             advantages.append((r.group_id, kinds, per_episode))
             cells[(r.group_id, x.outcome)].append((x.advantage, Counter(i.key for i in kinds), len(r.response_ids)))
         report["methods"][name] = {
@@ -377,7 +384,8 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
             "per_kind": {kind: {"n": len(f["token_advantage"]), **{key: _mean(v) for key, v in f.items()},
                                 "penalty_hat_median": float(np.median(f["penalty_hat"]))}
                          for kind, f in sorted(fields.items())},
-            "penalty_separation": penalty_separation(penalised) if has_penalty(method, cfg) else None,
+            "penalty_separation": redundancy_separation(penalised) if has_penalty(method, cfg) else None,
+            "gain_separation": redundancy_separation(gained) if has_fitting_gain(method) else None,
             **kind_effects(cells),
             "step_advantage": step_gain_calibration(advantages, what="token advantages"),
         }

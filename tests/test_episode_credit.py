@@ -104,11 +104,12 @@ def test_credit_by_kind_runs_every_method_on_the_same_samples(model, tokenizer):
     # only a method that charges the compression penalty reports how it separates redundant episodes
     assert rep["methods"]["grpo"]["penalty_separation"] is None
     assert set(rep["methods"]["l2t"]["penalty_separation"]) >= {"auc", "length_auc", "top_share", "auc_by_kind"}
+    assert rep["methods"]["grpo"]["gain_separation"] is None and "auc" in rep["methods"]["l2t"]["gain_separation"]
 
 
 def test_penalty_separation_against_hand_counted_pairs():
     """AUC = share of (redundant, other) pairs where the redundant episode pays more, ties half."""
-    from l2t_core.episode_credit import penalty_separation
+    from l2t_core.episode_credit import redundancy_separation
 
     restate, repeat = walk.EpisodeInfo("restate"), walk.EpisodeInfo("repeat")
     easy_check, step = walk.EpisodeInfo("check", hard=False), walk.EpisodeInfo("step", hard=True)
@@ -116,7 +117,7 @@ def test_penalty_separation_against_hand_counted_pairs():
     eps = [(restate, 3.0, 10), (repeat, 1.0, 4), (easy_check, 2.0, 2),  # redundant
            (step, 2.0, 4), (hard_check, 0.0, 8),  # the rest
            (walk.EpisodeInfo("other"), 99.0, 1), (step, float("nan"), 3)]  # left out
-    sep = penalty_separation(eps, top=0.2)
+    sep = redundancy_separation(eps, top=0.2)
     assert (sep["redundant"], sep["other"]) == (3, 2)
     # pairs: 3>2, 3>0, 1<2, 1>0, 2=2 (half), 2>0 -> 4.5 of 6
     assert sep["auc"] == pytest.approx(4.5 / 6)
@@ -127,9 +128,11 @@ def test_penalty_separation_against_hand_counted_pairs():
     assert sep["length_auc"] == pytest.approx(2.5 / 6)
     assert sep["top_share"] == pytest.approx(3.0 / 8.0)  # the largest one episode of 5 carries 3 of 8
     assert sep["median"] == {"redundant": 2.0, "other": 1.0}
-    none = penalty_separation([(step, 1.0, 3)])
+    none = redundancy_separation([(step, 1.0, 3)])
     assert none["auc"] is None and none["auc_by_kind"]["restate"] is None and none["median"]["redundant"] is None
-    assert penalty_separation([(step, 0.0, 3)])["top_share"] is None  # nothing charged: no share to give
+    assert redundancy_separation([(step, 0.0, 3)])["top_share"] is None  # nothing charged: no share to give
+    gains = redundancy_separation([(repeat, -0.1, 4), (step, 0.2, 4), (hard_check, 0.0, 4)])
+    assert gains["auc"] == 0.0 and gains["top_share"] is None  # a gain: lower on the redundant episode
 
 
 def _hard(wrong: bool) -> "walk.EpisodeInfo":
