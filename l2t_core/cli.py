@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("credit", help="sample a model's walk responses (levels min..max steps) and score them with "
                        "L2T under each J estimator, or under each method and variant of a miniature config (same "
                        "samples for all): mean G_k per episode kind, whether G_k tells a wrong hard step from a "
-                       "right one, and what each update teaches a wrong hard step against a right one")
+                       "right one, what each update teaches a wrong hard step against a right one, and whether the "
+                       "penalty and the fitting gain tell redundant episodes from useful ones (AUC)")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("--model", required=True, help="a checkpoint of the walk task")
     p.add_argument("--estimator", action="append", choices=["answer_logprob", "monte_carlo", "continuation"],
