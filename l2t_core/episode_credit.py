@@ -246,34 +246,35 @@ def redundancy_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], to
     """
     from scipy.stats import mannwhitneyu
 
-    red: dict[str, list[float]] = {"p": [], "t": [], "n": []}
-    rest: dict[str, list[float]] = {"p": [], "t": [], "n": []}
+    # per side: the value, the value per token, the token count
+    red: dict[str, list[float]] = {"v": [], "t": [], "n": []}
+    rest: dict[str, list[float]] = {"v": [], "t": [], "n": []}
     by_kind: dict[str, list[float]] = defaultdict(list)
-    for info, p, n in episodes:
-        if info.kind == "other" or n <= 0 or not np.isfinite(p):
+    for info, value, n in episodes:
+        if info.kind == "other" or n <= 0 or not np.isfinite(value):
             continue
         side = red if info.redundant else rest
-        side["p"].append(float(p))
+        side["v"].append(float(value))
         side["n"].append(float(n))
-        side["t"].append(float(p) / n)
+        side["t"].append(float(value) / n)
         if info.redundant:
-            by_kind[info.key].append(float(p))
+            by_kind[info.key].append(float(value))
 
     def auc(x: list[float], y: list[float]) -> float | None:
         return float(mannwhitneyu(x, y, alternative="two-sided").statistic) / (len(x) * len(y)) if x and y else None
 
-    every = np.array(red["p"] + rest["p"])
-    out: dict = {"redundant": len(red["p"]), "other": len(rest["p"]), "top_share": None,
+    every = np.array(red["v"] + rest["v"])
+    out: dict = {"redundant": len(red["v"]), "other": len(rest["v"]), "top_share": None,
                  "median": {"redundant": None, "other": None},
-                 "auc": auc(red["p"], rest["p"]), "per_token_auc": auc(red["t"], rest["t"]),
+                 "auc": auc(red["v"], rest["v"]), "per_token_auc": auc(red["t"], rest["t"]),
                  "length_auc": auc(red["n"], rest["n"]),
-                 "auc_by_kind": {k: auc(by_kind.get(k, []), rest["p"]) for k in ("restate", "repeat", "check_easy")}}
+                 "auc_by_kind": {k: auc(by_kind.get(k, []), rest["v"]) for k in ("restate", "repeat", "check_easy")}}
     if every.size and every.min() >= 0 and every.sum() > 0:
         m = max(1, int(np.ceil(top * every.size)))
         out["top_share"] = float(np.sort(every)[::-1][:m].sum() / every.sum())
     for name, side in (("redundant", red), ("other", rest)):
-        if side["p"]:
-            out["median"][name] = float(np.median(side["p"]))
+        if side["v"]:
+            out["median"][name] = float(np.median(side["v"]))
     return out
 
 
