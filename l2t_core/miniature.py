@@ -641,6 +641,74 @@ def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
     return paths
 
 
+def tradeoff_points(report: dict) -> dict:
+    """Where each method (and the SFT base) sits on the accuracy–token plane, overall and on the
+    hardest level: ``{name: {"tokens", "accuracy", "tokens_std", "accuracy_std", "seeds": [(tokens,
+    accuracy), ...], "hardest": {...the same means and stds on the hardest level}}}``, and ``floor``:
+    the necessary trace's tokens (overall, hardest level) when the report has it."""
+    ms = report["methods"]
+    levels = sorted({lv for m in ms.values() for lv in m["per_level"]} | set(report["base"]["per_level"]), key=int)
+    top = levels[-1]
+    base = report["base"]
+    points: dict = {"SFT base": {
+        "tokens": base["mean_tokens"], "accuracy": base["accuracy"], "tokens_std": 0.0, "accuracy_std": 0.0,
+        "seeds": [], "hardest": {"tokens": base["per_level"][top]["mean_tokens"],
+                                 "accuracy": base["per_level"][top]["accuracy"], "tokens_std": 0.0, "accuracy_std": 0.0}}}
+    for name, m in ms.items():
+        lv = m["per_level"].get(top)
+        points[name] = {
+            "tokens": m["mean_tokens"]["mean"], "accuracy": m["accuracy"]["mean"],
+            "tokens_std": m["mean_tokens"]["std"], "accuracy_std": m["accuracy"]["std"],
+            "seeds": [(r["mean_tokens"], r["accuracy"]) for r in m["seeds"]],
+            "hardest": None if lv is None else {"tokens": lv["mean_tokens"]["mean"], "accuracy": lv["accuracy"]["mean"],
+                                                "tokens_std": lv["mean_tokens"]["std"], "accuracy_std": lv["accuracy"]["std"]},
+        }
+    floor = report.get("floor")
+    return {"level": top, "points": points,
+            "floor": None if not floor else {"tokens": floor["mean_tokens"], "hardest": floor["per_level"].get(top)}}
+
+
+def plot_tradeoff(report: dict, out: Path, prefix: str = "") -> Path:
+    """``{prefix}tradeoff.png``: accuracy against mean tokens per method (mean ± std over seeds, the
+    seeds as dots), overall and on the hardest level, with the SFT base and the necessary trace's
+    tokens (dashed): up and to the left is better, and a method left of another at the same height
+    says the same with fewer tokens (issue 3's first target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = tradeoff_points(report)
+    colours = series_colours(list(report["methods"]))
+    greedy = is_greedy(report.get("decoding"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, hardest in zip(axes, (False, True)):
+        for name, pt in t["points"].items():
+            p = pt["hardest"] if hardest else pt
+            if p is None:
+                continue
+            colour = "gray" if name == "SFT base" else colours[name]
+            ax.errorbar(p["tokens"], p["accuracy"], xerr=p["tokens_std"], yerr=p["accuracy_std"], fmt="s" if
+                        name == "SFT base" else "o", color=colour, capsize=3, label=name)
+            if not hardest:
+                for x, y in pt["seeds"]:
+                    ax.plot(x, y, ".", color=colour, alpha=0.5)
+            ax.annotate(name, (p["tokens"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        f = t["floor"] and (t["floor"]["hardest"] if hardest else t["floor"]["tokens"])
+        if f:
+            ax.axvline(f, color="black", linestyle="dashed", linewidth=1, label="necessary trace")
+        ax.set_xlabel("mean response tokens" if greedy else "mean sampled response tokens")
+        ax.set_ylabel("greedy accuracy" if greedy else "sampled pass@1")
+        ax.set_title(f"level {t['level']} (hardest)" if hardest else "all levels")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("accuracy against tokens (mean ± std over seeds; up and left is better)")
+    fig.tight_layout()
+    path = out / f"{prefix}tradeoff.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _probe_view(reward: RewardConfig) -> dict:
     """What of a reward configuration the credit probe uses (not the loss: no update is made)."""
     return reward.model_dump(mode="json", exclude={"loss"})
@@ -809,9 +877,10 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
     (out / "miniature.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(report)
     (out / "miniature.md").write_text(f"# L2T miniature\n\n{table}")
-    report["plots"] = [str(p) for p in plot(report, out)]
+    report["plots"] = [str(p) for p in plot(report, out)] + [str(plot_tradeoff(report, out))]
     if "sampled" in report:
         report["plots"] += [str(p) for p in plot(report["sampled"], out, prefix="sampled_")]
+        report["plots"].append(str(plot_tradeoff(report["sampled"], out, prefix="sampled_")))
     report["plots"].append(str(plot_dynamics({k: m["training"] for k, m in report["methods"].items()},
                                              out / "training.png")))
     report["table_path"] = str(out / "miniature.md")

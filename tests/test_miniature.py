@@ -81,6 +81,33 @@ def test_aggregate_mean_std_and_ratios():
     assert "| SFT base | 10.00 | 0.50 | 1.00 | 1.00 | – | 0.90 | 0.10 |" in table
 
 
+def test_tradeoff_points_and_plot(tmp_path):
+    """The accuracy–token plane: overall means, seeds and the hardest level, the floor's tokens."""
+    from l2t_core.miniature import plot_tradeoff, tradeoff_points
+
+    def ev(seed, acc, tok, acc2, tok2):
+        return {"seed": seed, "accuracy": acc, "mean_tokens": tok, "train_seconds": 1.0,
+                "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 10.0}, "2": {"accuracy": acc2, "mean_tokens": tok2}}}
+
+    base = {"accuracy": 0.5, "mean_tokens": 40.0, "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 20.0},
+                                                                "2": {"accuracy": 0.25, "mean_tokens": 60.0}}}
+    floor = {"mean_tokens": 15.0, "per_level": {"1": 8.0, "2": 22.0}}
+    rep = aggregate({"grpo": [ev(0, 0.6, 40.0, 0.5, 70.0), ev(1, 0.8, 60.0, 0.7, 90.0)],
+                     "l2t": [ev(0, 0.7, 20.0, 0.6, 30.0), ev(1, 0.7, 30.0, 0.6, 50.0)]}, base, floor)
+    t = tradeoff_points(rep)
+    assert t["level"] == "2" and t["floor"] == {"tokens": 15.0, "hardest": 22.0}
+    g = t["points"]["grpo"]
+    assert (g["tokens"], g["accuracy"]) == (pytest.approx(50.0), pytest.approx(0.7))
+    assert g["seeds"] == [(40.0, 0.6), (60.0, 0.8)]
+    assert g["hardest"]["tokens"] == pytest.approx(80.0) and g["hardest"]["accuracy"] == pytest.approx(0.6)
+    assert t["points"]["l2t"]["hardest"]["tokens_std"] == pytest.approx(mean_std([30.0, 50.0])["std"])
+    assert t["points"]["SFT base"]["hardest"] == {"tokens": 60.0, "accuracy": 0.25, "tokens_std": 0.0,
+                                                  "accuracy_std": 0.0}
+    assert tradeoff_points({k: v for k, v in rep.items() if k != "floor"})["floor"] is None
+    path = plot_tradeoff(rep, tmp_path, prefix="sampled_")
+    assert path == tmp_path / "sampled_tradeoff.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_fault_totals_sum_over_seeds_and_tabulate_the_hardest_level():
     def ev(seed, faults, misled):
         lv = {"n": 10, "accuracy": 1 - sum(faults.values()) / 10, "mean_tokens": 5.0,
@@ -144,6 +171,7 @@ def test_miniature_end_to_end(tmp_path, capsys):
     for p in report["plots"]:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert (out / "training.png").exists() and "Training dynamics" in (out / "miniature.md").read_text()
+    assert str(out / "tradeoff.png") in report["plots"]
     for m in data["methods"].values():  # the training dynamics of every run, read back from its metrics
         t = m["training"]
         assert t["seeds"] == 1 and t["curve"]["step"] == [1, 2] and len(t["curve"]["mean_tokens"]) == 2
@@ -187,6 +215,7 @@ def test_miniature_end_to_end(tmp_path, capsys):
     assert "## Sampled evaluation (METHOD.md §7)" in md and "| method | accuracy | maj@2 | mean tokens |" in md
     assert "Hardest level (L2): sampled pass@1 accuracy per seed" in md
     assert (out / "sampled_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "sampled_tradeoff.png").read_bytes()[:4] == b"\x89PNG" and str(out / "sampled_tradeoff.png") in sampled["plots"]
     # other sampling settings sample again from the kept checkpoints, still without training
     more = run_miniature(out, MiniatureConfig.model_validate({**TINY, "eval_samples": 3}), show_progress=False)
     assert more["sampled"]["base"]["n"] == 3 * 4 and more["methods"] == report["methods"]
