@@ -373,10 +373,11 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                 f["token_advantage"].append(per_episode[k])
                 for key, values in (("gain", x.gains), ("penalty_hat", x.penalties_hat), ("episode_reward", x.episode_reward)):
                     f[key].append(float(values[k]) if k < len(values) else 0.0)
+                n_tokens = int(on_k.sum())
                 if k < len(x.penalties_hat):
-                    penalised.append((info, float(x.penalties_hat[k]), int(on_k.sum())))
+                    penalised.append((info, float(x.penalties_hat[k]), n_tokens))
                 if k < len(x.gains):
-                    gained.append((info, float(x.gains[k]), int(on_k.sum())))
+                    gained.append((info, float(x.gains[k]), n_tokens))
             advantages.append((r.group_id, kinds, per_episode))
             cells[(r.group_id, x.outcome)].append((x.advantage, Counter(i.key for i in kinds), len(r.response_ids)))
         report["methods"][name] = {

@@ -650,19 +650,18 @@ def tradeoff_points(report: dict) -> dict:
     levels = sorted({lv for m in ms.values() for lv in m["per_level"]} | set(report["base"]["per_level"]), key=int)
     top = levels[-1]
     base = report["base"]
-    points: dict = {"SFT base": {
-        "tokens": base["mean_tokens"], "accuracy": base["accuracy"], "tokens_std": 0.0, "accuracy_std": 0.0,
-        "seeds": [], "hardest": {"tokens": base["per_level"][top]["mean_tokens"],
-                                 "accuracy": base["per_level"][top]["accuracy"], "tokens_std": 0.0, "accuracy_std": 0.0}}}
+
+    def point(tokens, accuracy) -> dict:  # a method's mean_std dicts, or the base's plain numbers
+        tok, acc = (v if isinstance(v, dict) else {"mean": v, "std": 0.0} for v in (tokens, accuracy))
+        return {"tokens": tok["mean"], "accuracy": acc["mean"], "tokens_std": tok["std"], "accuracy_std": acc["std"]}
+
+    points: dict = {"SFT base": {**point(base["mean_tokens"], base["accuracy"]), "seeds": [],
+                                 "hardest": point(base["per_level"][top]["mean_tokens"], base["per_level"][top]["accuracy"])}}
     for name, m in ms.items():
         lv = m["per_level"].get(top)
-        points[name] = {
-            "tokens": m["mean_tokens"]["mean"], "accuracy": m["accuracy"]["mean"],
-            "tokens_std": m["mean_tokens"]["std"], "accuracy_std": m["accuracy"]["std"],
-            "seeds": [(r["mean_tokens"], r["accuracy"]) for r in m["seeds"]],
-            "hardest": None if lv is None else {"tokens": lv["mean_tokens"]["mean"], "accuracy": lv["accuracy"]["mean"],
-                                                "tokens_std": lv["mean_tokens"]["std"], "accuracy_std": lv["accuracy"]["std"]},
-        }
+        points[name] = {**point(m["mean_tokens"], m["accuracy"]),
+                        "seeds": [(r["mean_tokens"], r["accuracy"]) for r in m["seeds"]],
+                        "hardest": None if lv is None else point(lv["mean_tokens"], lv["accuracy"])}
     floor = report.get("floor")
     return {"level": top, "points": points,
             "floor": None if not floor else {"tokens": floor["mean_tokens"], "hardest": floor["per_level"].get(top)}}
