@@ -15,7 +15,9 @@ the same one-backward per-token signals the trainer uses:
   (``rank_frac`` 1 / 5 / 10 / 25 %) and un-projected (``full_layer``);
 * ``all_down_proj``: every block's down-projection (``compression.targets:
   ["model.layers.*.mlp.down_proj"]``, this project's option), rank 5 % and un-projected;
-* ``episode_length``: the token count alone, a baseline.
+* ``episode_length``: the token count alone, a baseline;
+* ``context_copy``: the share of the episode's token pairs already in its context
+  (:func:`~l2t_core.episode_credit.context_overlap`), a baseline that sees repetition without a model.
 
 P_k = η²(‖g_k‖⁴ + λ‖g_k‖²) is increasing in ‖g_k‖², so ranking ‖g_k‖² ranks P_k. Reported per
 proxy: ``spearman`` over all episodes (the batch the penalty is normalised over) and
@@ -94,6 +96,21 @@ def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float) -> tuple[l
     return out, time.perf_counter() - t0
 
 
+def _context_overlaps(rows) -> list[torch.Tensor]:
+    """Per response, :func:`~l2t_core.episode_credit.context_overlap` of each episode: the share of its
+    token pairs already in the prompt and the response before it (a reference signal, no model)."""
+    from l2t_core.episode_credit import context_overlap
+
+    out = []
+    for ids, _, tep, k, _ in rows:
+        values = []
+        for e in range(k):
+            at = torch.nonzero(tep == e).flatten()
+            values.append(context_overlap(ids[:at[0]].tolist(), ids[at].tolist()) if len(at) else float("nan"))
+        out.append(torch.tensor(values, dtype=torch.float64))
+    return out
+
+
 def _rho(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -155,6 +172,7 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
                          "rank_frac": rf if mode == "low_rank" else None}
     lengths = [torch.bincount(tep[1:][sc[1:]], minlength=k).double() for _, sc, tep, k, _ in rows]
     proxies["episode_length"] = score(lengths, exact, rows)
+    proxies["context_copy"] = score(_context_overlaps(rows), exact, rows)
     paper = proxies["last_down_proj_r5"]["spearman"]
     option = proxies["all_down_proj_r5"]["spearman"]
     return {

@@ -372,7 +372,8 @@ def cmd_credit(args) -> int:
     for name, (method, _) in configs.items():
         m = rep["methods"][name]
         line = {"name": name, "method": method, "responses": rep["responses"], "accuracy": rep["accuracy"],
-                "tagged_share": rep["tagged_share"], "step_advantage": m["step_advantage"]}
+                "tagged_share": rep["tagged_share"], "step_advantage": m["step_advantage"],
+                "copy_separation": rep["copy_separation"]}  # of the samples, the same on every line
         if name in estimators:
             line["estimator"] = name
         if "step_gain" in m:  # the l2t family

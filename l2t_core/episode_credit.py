@@ -33,6 +33,10 @@ call each) and reports, per method:
   tell a redundant episode from a useful one at all, and how much of it a few episodes carry; and
   ``gain_separation`` (the l2t family, else None), the same of the fitting gains G_k;
 
+and, once for the samples, ``copy_separation``: the same of :func:`context_overlap`, the share of
+an episode's token pairs already in its context, a reference no reward here uses: how far a
+signal that needs neither a model nor labels tells the redundant episodes apart on these samples;
+
 and, for every method of the l2t family (the others have no fitting gain), ``step_gain``:
 :func:`step_gain_calibration` of the samples under that method's J (its ``fitting.estimator``);
 the report's top-level ``step_gain`` is the first such method's.
@@ -278,6 +282,25 @@ def redundancy_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], to
     return out
 
 
+def context_overlap(context: Sequence[int], episode: Sequence[int], n: int = 2) -> float:
+    """The share of an episode's token n-grams that already occur in its context (the prompt and the
+    response before the episode): 1 for a verbatim copy, 0 for wholly new text; an episode shorter
+    than ``n`` counts its tokens as one n-gram. Not part of any reward: a reference for
+    :func:`redundancy_separation`, the simplest annotation-free signal that can see repetition (it
+    needs neither a model nor labels; an n-gram repetition penalty charges the same thing), against
+    which the compression penalty and the fitting gain are read."""
+    if n < 1:
+        raise ValueError(f"context_overlap: n must be >= 1, got {n}")
+    episode = list(episode)
+    if not episode:
+        raise ValueError("context_overlap: an empty episode has no n-grams; skip zero-token episodes")
+    m = min(n, len(episode))
+    context = list(context)
+    seen = {tuple(context[i:i + m]) for i in range(len(context) - m + 1)}
+    grams = [tuple(episode[i:i + m]) for i in range(len(episode) - m + 1)]
+    return sum(g in seen for g in grams) / len(grams)
+
+
 def method_configs(methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig]]) -> dict[str, tuple[str, RewardConfig]]:
     """``{name: (method, RewardConfig)}`` from method names (paper defaults) or such a mapping."""
     if isinstance(methods, Mapping):
@@ -346,6 +369,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
     report: dict = {"problems": len(problems), "responses": len(rollouts), "group_size": group_size,
                     "temperature": temperature, "methods": {}}
     source = gain_source(configs)
+    copied: list = []  # (kind, context_overlap, tokens) of every tagged episode, for copy_separation
     for name, (method, cfg) in configs.items():
         t0 = time.perf_counter()
         batch = compute_rewards(model, tokenizer, rollouts, method, cfg, verifier=verifier)
@@ -374,6 +398,10 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
                 for key, values in (("gain", x.gains), ("penalty_hat", x.penalties_hat), ("episode_reward", x.episode_reward)):
                     f[key].append(float(values[k]) if k < len(values) else 0.0)
                 n_tokens = int(on_k.sum())
+                if not report["methods"]:  # the same for every method: once
+                    first = int(np.flatnonzero(on_k)[0])
+                    copied.append((info, context_overlap(list(r.prompt_ids) + list(r.response_ids[:first]),
+                                                         np.asarray(r.response_ids)[on_k].tolist()), n_tokens))
                 if k < len(x.penalties_hat):
                     penalised.append((info, float(x.penalties_hat[k]), n_tokens))
                 if k < len(x.gains):
@@ -395,6 +423,7 @@ def credit_by_kind(model, tokenizer, problems: Sequence, methods: Sequence[str] 
             report["methods"][name]["step_gain"] = step_gain_calibration(gains)  # no cells when nothing is tagged
         if name == source:
             report["step_gain"] = report["methods"][name]["step_gain"]
+    report["copy_separation"] = redundancy_separation(copied)
     # of the last method's batch, as scored (the outcome does not depend on the method)
     report["tagged_share"] = float(np.mean([x.segmentation.status == "tagged" for x in batch.responses]))
     report["accuracy"] = float(np.mean([x.outcome for x in batch.responses]))
@@ -423,15 +452,25 @@ def credit_table(report: dict) -> str:
         elif m["penalty_separation"] is None:
             auc = "–"
         else:
-            a = m["penalty_separation"]["auc"]
-            auc = "n/a" if a is None else f"{a:.2f}"
+            auc = _auc(m["penalty_separation"]["auc"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'n/a' if c is None else f'{c:+.2f}'} | {guess} | {auc} |")
+    cs = report.get("copy_separation")
+    if cs and cs["auc"] is not None:
+        lines += ["", f"For reference, the share of an episode's token pairs already in its context (no model, no "
+                      f"labels; `context_overlap`) tells a redundant episode from a useful one with AUC {cs['auc']:.2f} "
+                      f"(restatements {_auc(cs['auc_by_kind']['restate'])}, repeats {_auc(cs['auc_by_kind']['repeat'])}, "
+                      f"easy-step checks {_auc(cs['auc_by_kind']['check_easy'])}; the episode's length alone "
+                      f"{_auc(cs['length_auc'])})."]
     g = report.get("step_gain")
     if g and g["step"]["cells"]:
         lines += ["", step_gain_sentence(g)]
     if report.get("guess_trust"):
         lines += ["", guess_trust_sentence(report["guess_trust"])]
     return "\n".join(lines)
+
+
+def _auc(a: float | None) -> str:
+    return "n/a" if a is None else f"{a:.2f}"
 
 
 def guess_trust_sentence(trust: dict) -> str:

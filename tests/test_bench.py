@@ -40,6 +40,8 @@ def test_penalty_fidelity_bench_quick_runs(capsys):
         assert sep["auc"] is None or 0.0 <= sep["auc"] <= 1.0
         assert set(sep["auc_by_kind"]) == {"restate", "repeat", "check_easy"}
     assert res["proxies"]["episode_length"]["redundancy"]["auc"] == res["exact_redundancy"]["length_auc"]
+    copy = res["proxies"]["context_copy"]  # a reference signal: the share of an episode's pairs already said
+    assert -1 <= copy["spearman"] <= 1 and copy["redundancy"]["length_auc"] == res["exact_redundancy"]["length_auc"]
 
 
 def test_penalty_fidelity_refuses_a_missing_checkpoint(tmp_path):

@@ -135,6 +135,25 @@ def test_penalty_separation_against_hand_counted_pairs():
     assert gains["auc"] == 0.0 and gains["top_share"] is None  # a gain: lower on the redundant episode
 
 
+def test_context_overlap_counts_the_pairs_already_said():
+    from l2t_core.episode_credit import context_overlap
+
+    context = [1, 2, 3, 4]
+    assert context_overlap(context, [2, 3, 4]) == 1.0  # (2,3), (3,4): both said
+    assert context_overlap(context, [3, 4, 9, 1]) == pytest.approx(1 / 3)  # (3,4) of (3,4), (4,9), (9,1)
+    assert context_overlap(context, [4, 3]) == 0.0  # the tokens, not the pair
+    assert context_overlap(context, [4]) == 1.0 and context_overlap([], [4]) == 0.0  # one token: itself
+    assert context_overlap(context, [1, 2, 3, 5], n=3) == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="empty episode"):
+        context_overlap(context, [])
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        context_overlap(context, [1], n=0)
+    # in the credit table: a sentence under it
+    sep = {"auc": 0.8, "length_auc": 0.6, "auc_by_kind": {"restate": 0.9, "repeat": 0.85, "check_easy": None}}
+    table = credit_table({"methods": {}, "copy_separation": sep})
+    assert "with AUC 0.80 (restatements 0.90, repeats 0.85, easy-step checks n/a; the episode's length alone 0.60)" in table
+
+
 def _hard(wrong: bool) -> "walk.EpisodeInfo":
     return walk.EpisodeInfo("step", hard=True, wrong=wrong)
 
@@ -354,3 +373,6 @@ def test_step_advantage_is_what_each_update_teaches_a_wrong_hard_step(monkeypatc
     assert grpo["check"]["cells"] == 0  # neither step is checked
     assert rep["methods"]["l2t"]["step_advantage"]["step"]["cells"] == 1
     assert "| -2.000 (1) |" in credit_table(rep)
+    # the reference signal, once for the samples: two steps, both useful, so no AUC
+    assert (rep["copy_separation"]["redundant"], rep["copy_separation"]["other"]) == (0, 2)
+    assert rep["copy_separation"]["auc"] is None and "For reference" not in credit_table(rep)
