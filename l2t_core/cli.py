@@ -115,9 +115,16 @@ def load_config_file(path: str | None) -> dict:
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"config file {path!r} is not valid YAML: {exc}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"config file {path!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
+                             f"{exc.colno} (a .yaml/.yml file is read as YAML)") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config file {path!r} must hold a mapping at the top level")
     return data
@@ -185,10 +192,13 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_miniature(args) -> int:
-    from .miniature import MiniatureConfig, run_miniature
+    from .miniature import MiniatureConfig, ReuseError, run_miniature
 
     cfg = build_config(MiniatureConfig, args, {"methods": "methods", "seeds": "seeds"})
-    report = run_miniature(args.out, cfg, show_progress=not args.quiet)
+    try:
+        report = run_miniature(args.out, cfg, show_progress=not args.quiet)
+    except ReuseError as exc:  # --out holds work made with another configuration: nothing was overwritten
+        raise SystemExit(f"l2t miniature --out {args.out}: {exc}") from None
     print(json.dumps({"out": args.out, "table": report["table_path"]}))
     return 0
 
@@ -203,9 +213,10 @@ def cmd_eval(args) -> int:
     from .eval.runner import EvalSettings, evaluate_math
     from .eval.synthetic import (HeldOutOptionError, HeldOutOptions, benchmark_kind, check_options, is_heldout,
                                  load_eval_benchmark)
-    from .models import load_policy
+    from .models import check_model_source, load_policy
     from .rollout import make_rollout_engine
 
+    check_model_source(args.model)  # a wrong --model path fails before any benchmark is downloaded
     try:
         kinds = {name: benchmark_kind(name) for name in args.benchmarks}  # unknown names fail here
     except DatasetError as exc:
@@ -232,6 +243,8 @@ def cmd_eval(args) -> int:
         items = {name: load_eval_benchmark(name, limit=args.limit, heldout=heldout) for name in args.benchmarks}
     except HeldOutOptionError as exc:
         raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
+    except DatasetError as exc:  # not in the data directory and not downloadable, or malformed
+        raise SystemExit(f"l2t eval --benchmarks: {exc}") from None
     model, tok = load_policy(args.model, device=args.device)
     kw = {"model_path": args.model} if args.engine == "vllm" else {}
     engine = make_rollout_engine(args.engine, model, tok, **kw)
@@ -550,7 +563,12 @@ def main(argv: list[str] | None = None) -> int:
         quiet_progress_bars()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a path given that holds no model (l2t_core.models.ModelLoadError, raised before any
+        # compute), no data file, or cannot be written: the message names it; one line, no traceback
+        raise SystemExit(f"l2t {args.command}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ guess, and the process reward then pays for wrong guesses. :func:`credit_by_kind
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -65,7 +66,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .config import RewardConfig
-from .rewards.l2t import METHODS, Rollout, compute_rewards, has_fitting_gain, has_penalty
+from .rewards.l2t import L2T_FAMILY, METHODS, Rollout, compute_rewards, has_fitting_gain, has_penalty
 from .tasks.common import EpisodeInfo
 from .verify import NumericVerifier
 from .warmstart import _task_of_all, generate
@@ -122,10 +123,16 @@ def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: i
     family); responses whose logged episodes do not match their segmentation are left out."""
     from .checkpoint import RunStorage
     from .episodes import segment
+    from .trainer import CONFIG_FILE
     from .metrics import read_table
     from .tasks import get_task
 
     storage = RunStorage(str(run))
+    if storage.exists(CONFIG_FILE):  # GRPO and the other baselines log G_k = 0 for every episode
+        method = json.loads(storage.read_bytes(CONFIG_FILE))["method"]
+        if not has_fitting_gain(method):
+            raise ValueError(f"rollout_step_gains: {run} was trained with method {method!r}, which computes no "
+                             f"fitting gain (it logs G_k = 0 for every episode); give a run of {', '.join(L2T_FAMILY)}")
     rollouts, episodes = read_table(storage, "rollouts"), read_table(storage, "episode_rewards")
     if rollouts.empty or episodes.empty:
         raise ValueError(f"rollout_step_gains: {run} has no logged rollouts with episode rewards: it is not a "

@@ -175,6 +175,11 @@ def submission_order(runs: list[tuple[str, int, TrainConfig]]) -> list[tuple[str
 NOT_COMPARED = ("threads", "workers", "out", "checkpoint_every")
 
 
+class ReuseError(ValueError):
+    """A saved warm start, evaluation or run of the output directory was made with another
+    configuration than the one asked for now."""
+
+
 def _require_same(saved: dict, wanted, what: str, kind: str) -> None:
     """Refuse to reuse ``what`` when it was made with another configuration than ``wanted``
     (a pydantic config, or a plain dict of settings)."""
@@ -183,7 +188,7 @@ def _require_same(saved: dict, wanted, what: str, kind: str) -> None:
     else:
         diff = config_differences(saved, wanted, ignore=NOT_COMPARED)
     if diff:
-        raise ValueError(f"{what} was made with a different {kind} (fields: {', '.join(diff)}); "
+        raise ReuseError(f"{what} was made with a different {kind} (fields: {', '.join(diff)}); "
                          "use a new --out, or delete it to redo it with the current configuration")
 
 

@@ -159,26 +159,50 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class ModelLoadError(FileNotFoundError):
+    """:func:`load_policy` found no model where it was told to look (no directory, no config or
+    weights in it, or nothing on the hub or in its cache); the message says which."""
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Fail fast, loading nothing, when ``name_or_path`` cannot hold a model: a path that does not
+    exist and cannot be a hub id (``org/name``), or a local directory without ``config.json`` or
+    weights (:class:`ModelLoadError`, naming what is missing). A hub id passes: only loading can
+    tell whether the hub has it."""
+    path = Path(name_or_path)
+    name = str(name_or_path)
+    if not path.exists():
+        if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name:
+            raise ModelLoadError(f"load_policy: {name} does not exist, and it cannot be a hub id (those read "
+                                 "'org/name'); check the path, or train/save the model there first")
+        return
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"load_policy: {path} has no config.json; is it a saved model directory?")
+    if not (list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        raise ModelLoadError(f"load_policy: {path} has a config.json but no weights (*.safetensors or *.bin); "
+                             "save the model with save_pretrained or point at the complete checkpoint")
+
+
 def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
     """Load (model, tokenizer) with ``from_pretrained``; a hub id or a local directory.
 
-    Fails before any compute with a message naming what is missing when a local directory has no
-    config or no weights.
+    Fails before any compute (:class:`ModelLoadError`, :func:`check_model_source`) with a message
+    naming what is missing: no such directory, no config or weights in it, or a hub id that neither
+    the hub nor its local cache has.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name_or_path)
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"load_policy: {path} has no config.json; is it a saved model directory?")
-        weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
-        if not weights:
-            raise FileNotFoundError(
-                f"load_policy: {path} has a config.json but no weights (*.safetensors or *.bin); "
-                "save the model with save_pretrained or point at the complete checkpoint"
-            )
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    check_model_source(name_or_path)
+    name = str(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        if Path(name).exists():
+            raise
+        raise ModelLoadError(f"load_policy: {name} is no local directory, and it could not be loaded from the hub or "
+                             f"its local cache: {exc} Offline, give a saved model directory or a hub id already in "
+                             "the cache (HF_HUB_OFFLINE=1)") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

@@ -229,6 +229,12 @@ def test_rollout_step_gains_reads_a_runs_logged_rollouts(tmp_path, capsys):
     assert out["steps"] == [2, 2] and out["step"] == late["step"] and "no evidence either way" in out["reading"]  # one cell
     with pytest.raises(SystemExit, match="l2t step-gains: .*no logged rollouts"):
         main(["step-gains", str(tmp_path / "empty")])
+    # a baseline logs G_k = 0 for every episode: refused, not read as "no difference"
+    (tmp_path / "train_config.json").write_text(json.dumps({"method": "grpo"}))
+    with pytest.raises(ValueError, match="method 'grpo', which computes no fitting gain"):
+        rollout_step_gains(tmp_path)
+    (tmp_path / "train_config.json").write_text(json.dumps({"method": "l2t_no_penalty"}))
+    assert rollout_step_gains(tmp_path, first_step=2)["step"] == late["step"]
 
 
 def test_step_gain_comes_from_the_first_method_that_has_a_fitting_gain():

@@ -199,6 +199,15 @@ def test_miniature_end_to_end(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"warm start .* different warm-start configuration \(fields: sft_steps\)"):
         run_miniature(out, MiniatureConfig.model_validate({**TINY, "warmstart": {**TINY["warmstart"], "sft_steps": 16}}),
                       show_progress=False)
+    # the command line says the same in one line (ReuseError), and nothing is overwritten
+    from l2t_core.cli import main as cli_main
+
+    changed = out.parent / "changed.json"
+    changed.write_text(json.dumps({**TINY, "lr": 1e-4}))
+    before = (out / "miniature.json").read_text()
+    with pytest.raises(SystemExit, match=rf"^l2t miniature --out {re.escape(str(out))}: run .* different training configuration"):
+        cli_main(["miniature", "-q", "--config", str(changed), "--out", str(out)])
+    assert (out / "miniature.json").read_text() == before
     # the sampled evaluation (METHOD.md §7) beside the greedy one: the trained runs are reused
     sampled = run_miniature(out, MiniatureConfig.model_validate({**TINY, "eval_samples": 2}), show_progress=False)
     assert sampled["methods"] == report["methods"]  # the greedy part unchanged: nothing trained again

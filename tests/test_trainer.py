@@ -247,6 +247,47 @@ def test_cli_config_layers_and_errors(tmp_path, capsys):
         cli_main(["train", "--policy", "x", "--set", "reward.credit.beta=-1"])
     with pytest.raises(SystemExit, match="unknown_field"):
         cli_main(["train", "--policy", "x", "--set", "unknown_field=1"])
+    # a config file that does not parse: where, not a traceback
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"method": "grpo",\n "steps": }')
+    with pytest.raises(SystemExit, match=r"bad\.json' is not valid JSON: Expecting value at line 2, column 11"):
+        cli_main(["train", "--config", str(bad)])
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("method: grpo\nreward: [unclosed\n")
+    with pytest.raises(SystemExit, match=r"bad\.yaml' is not valid YAML"):
+        cli_main(["train", "--config", str(bad_yaml)])
+
+
+def test_a_model_path_that_holds_no_model_fails_before_any_compute(tmp_path, tiny_dir):
+    """load_policy names what is missing (ModelLoadError, a FileNotFoundError); every command
+    that loads a model turns it into one line."""
+    from l2t_core.models import ModelLoadError, load_policy
+
+    for path, what in ((tmp_path / "nothing", "does not exist, and it cannot be a hub id"),
+                       ("./runs/nothing", "does not exist"), ("a/b/c", "does not exist"),
+                       (tmp_path, "has no config.json")):
+        with pytest.raises(ModelLoadError, match=what):
+            load_policy(path)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((Path(tiny_dir) / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_policy(no_weights)
+    for argv in (["credit", "--model", str(tmp_path / "nothing")], ["guess-trust", "--model", str(no_weights)],
+                 ["train", "--policy", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")]):
+        with pytest.raises(SystemExit, match=f"^l2t {argv[0]}: load_policy: "):
+            cli_main(argv)
+    assert not any((tmp_path / "run").rglob("*"))  # refused before anything was written to the run
+    # l2t eval checks the model before it reads (or downloads) any benchmark
+    with pytest.raises(SystemExit, match="^l2t eval: load_policy: .* does not exist"):
+        cli_main(["eval", "--model", str(tmp_path / "nothing"), "--benchmarks", "omni_math_rule",
+                  "--out", str(tmp_path / "ev")])
+
+
+def test_eval_says_which_benchmark_it_cannot_load(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("L2T_DATA_DIR", str(tmp_path))  # empty, and this set has no hub copy
+    with pytest.raises(SystemExit, match="^l2t eval --benchmarks: .*no public Hugging Face hub copy"):
+        cli_main(["eval", "--model", str(tiny_dir), "--benchmarks", "omni_math_rule", "--out", str(tmp_path / "ev")])
 
 
 def test_cli_quiet_silences_transformers_progress_bars_here_and_in_workers(tiny_dir, monkeypatch, capfd):
