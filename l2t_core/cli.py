@@ -147,6 +147,17 @@ def build_config(model_cls, args, flag_fields: dict[str, str]):
         raise SystemExit("\n".join(lines)) from None
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count (problems, samples, tokens, threads, workers): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or YAML file with the config: a local path or an fsspec URL (s3://...)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, repeatable")
@@ -461,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, help="samples per problem (default, METHOD.md §7: 20 for math, 64 for HumanEval)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=16384)
-    p.add_argument("--limit", type=int, help="first N problems of each file benchmark (not the held-out sets: "
+    p.add_argument("--max-new-tokens", type=positive_int, default=16384)
+    p.add_argument("--limit", type=positive_int, help="first N problems of each file benchmark (not the held-out sets: "
                    "see --heldout-per-level)")
     p.add_argument("--heldout-levels", type=int, nargs="+", metavar="LEVEL",
                    help="levels of the synthetic held-out benchmarks (default: all, 1-6)")
@@ -472,10 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verify-workers", type=int, default=1)
+    p.add_argument("--verify-workers", type=positive_int, default=1)
     p.add_argument("--pass-k", type=int, nargs="+", metavar="K",
                    help="HumanEval pass@k values, each in [1, n] (default: 1 and n)")
-    p.add_argument("--sandbox-workers", type=int, help="HumanEval programs run at once (default: CPU count)")
+    p.add_argument("--sandbox-workers", type=positive_int, help="HumanEval programs run at once (default: CPU count)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("reads", help="does a policy misread the walk because of its weights or of the contexts it "
@@ -484,12 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                    help="a checkpoint of the walk task (repeat the flag; all from one warm start)")
     p.add_argument("--levels", type=int, nargs="+", default=[6], metavar="LEVEL", help="held-out levels (default 6)")
-    p.add_argument("--per-level", type=int, default=60, help="held-out problems per level (default 60)")
-    p.add_argument("--n", type=int, default=8, help="samples per problem and model (default 8)")
+    p.add_argument("--per-level", type=positive_int, default=60, help="held-out problems per level (default 60)")
+    p.add_argument("--n", type=positive_int, default=8, help="samples per problem and model (default 8)")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-new-tokens", type=int, default=448)
+    p.add_argument("--max-new-tokens", type=positive_int, default=448)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=positive_int, help="torch threads")
     p.add_argument("--ablate", action="store_true",
                    help="also read each model's own samples with its repeats, its restatements, and both cut out "
                         "(are those episodes memory aids?)")
@@ -518,15 +529,15 @@ def main(argv: list[str] | None = None) -> int:
                    "variants as its runs train them (train_overrides and the variant's overrides applied); the "
                    "sampling settings come from the flags below")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of --config, repeatable")
-    p.add_argument("--problems", type=int, default=24, help="problems (default 24, as the miniature's probe)")
-    p.add_argument("--min-steps", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=6)
-    p.add_argument("--group-size", type=int, default=8, help="samples per problem (default 8)")
+    p.add_argument("--problems", type=positive_int, default=24, help="problems (default 24, as the miniature's probe)")
+    p.add_argument("--min-steps", type=positive_int, default=4)
+    p.add_argument("--max-steps", type=positive_int, default=6)
+    p.add_argument("--group-size", type=positive_int, default=8, help="samples per problem (default 8)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling (and continuation) temperature")
-    p.add_argument("--max-new-tokens", type=int, default=448, help="response budget (also the continuations')")
-    p.add_argument("--mc-samples", type=int, default=2, help="samples per boundary (monte_carlo, continuation)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=448, help="response budget (also the continuations')")
+    p.add_argument("--mc-samples", type=positive_int, default=2, help="samples per boundary (monte_carlo, continuation)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=positive_int, help="torch threads")
     p.set_defaults(fn=cmd_credit, estimator=None)
 
     p = sub.add_parser("guess-trust", help="right after an unchecked hard step of the walk, does the model's "
@@ -535,11 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                    help="a checkpoint of the walk task (repeat the flag for several)")
-    p.add_argument("--problems", type=int, default=120, help="held-out walk problems (default 120)")
-    p.add_argument("--min-steps", type=int, default=4, help="fewest moves of a problem (default 4)")
-    p.add_argument("--max-steps", type=int, default=6, help="most moves of a problem (default 6)")
+    p.add_argument("--problems", type=positive_int, default=120, help="held-out walk problems (default 120)")
+    p.add_argument("--min-steps", type=positive_int, default=4, help="fewest moves of a problem (default 4)")
+    p.add_argument("--max-steps", type=positive_int, default=6, help="most moves of a problem (default 6)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=positive_int, help="torch threads")
     p.set_defaults(fn=cmd_guess_trust)
 
     p = sub.add_parser("pool", help="pool the seeds of several `l2t miniature` reports of one experiment "
@@ -565,9 +576,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
-        # a path given that holds no model (l2t_core.models.ModelLoadError, raised before any
-        # compute), no data file, or cannot be written: the message names it; one line, no traceback
+    except OSError as exc:
+        # the environment, not the code: a path that holds no model (l2t_core.models.ModelLoadError,
+        # raised before any compute) or data file, a run directory that cannot be written, a storage
+        # or hub error; the message names it: one line, no traceback
         raise SystemExit(f"l2t {args.command}: {exc}") from None
 
 

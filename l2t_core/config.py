@@ -278,7 +278,9 @@ class RolloutConfig(_Strict):
     """How rollouts are sampled (METHOD.md §9: 8 per prompt, 4,096/16,384 prompt/completion tokens)."""
 
     engine: Literal["hf", "vllm"] = "hf"
-    group_size: int = Field(8, ge=1, description="G, rollouts per prompt.")
+    group_size: int = Field(8, ge=2, description=(
+        "G, rollouts per prompt; at least 2: every method's advantage is relative to its group, and a group "
+        "of one has advantage 0 (METHOD.md §4), so it would train on nothing."))
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(16384, ge=1)

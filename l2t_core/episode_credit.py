@@ -127,6 +127,9 @@ def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: i
     from .metrics import read_table
     from .tasks import get_task
 
+    if first_step < 1 or (last_step is not None and last_step < first_step):
+        raise ValueError(f"rollout_step_gains: steps {first_step}..{last_step} are no range of training steps; give "
+                         "1 <= first <= last")
     storage = RunStorage(str(run))
     if storage.exists(CONFIG_FILE):  # GRPO and the other baselines log G_k = 0 for every episode
         method = json.loads(storage.read_bytes(CONFIG_FILE))["method"]

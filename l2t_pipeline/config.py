@@ -46,7 +46,8 @@ class RolloutSamplingConfig(dg.Config):
     """How ``segmented_rollouts`` samples the base policy on the training prompts."""
 
     prompts: int = Field(8, ge=1, description="Training prompts sampled (the first ones of the training split).")
-    group_size: int = Field(4, ge=1, description="Responses per prompt (G).")
+    group_size: int = Field(4, ge=2, description="Responses per prompt (G); at least 2, the advantages are "
+                            "relative to the group.")
     temperature: float = Field(1.0, ge=0.0)
     max_new_tokens: int = Field(200, ge=1)
     seed: int = 0
@@ -73,7 +74,8 @@ class TrainRunConfig(dg.Config):
 
     steps: int = Field(4, ge=1)
     prompts_per_step: int = Field(4, ge=1)
-    group_size: int = Field(4, ge=1)
+    group_size: int = Field(4, ge=2, description="Rollouts per prompt (G); at least 2, the advantages are "
+                            "relative to the group.")
     max_new_tokens: int = Field(200, ge=1)
     temperature: float = 1.0
     lr: float = 3e-5

@@ -233,6 +233,8 @@ def test_rollout_step_gains_reads_a_runs_logged_rollouts(tmp_path, capsys):
     (tmp_path / "train_config.json").write_text(json.dumps({"method": "grpo"}))
     with pytest.raises(ValueError, match="method 'grpo', which computes no fitting gain"):
         rollout_step_gains(tmp_path)
+    with pytest.raises(SystemExit, match=r"steps 2\.\.1 are no range"):
+        main(["step-gains", str(tmp_path), "--steps", "2", "1"])
     (tmp_path / "train_config.json").write_text(json.dumps({"method": "l2t_no_penalty"}))
     assert rollout_step_gains(tmp_path, first_step=2)["step"] == late["step"]
 

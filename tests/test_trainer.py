@@ -284,6 +284,21 @@ def test_a_model_path_that_holds_no_model_fails_before_any_compute(tmp_path, tin
                   "--out", str(tmp_path / "ev")])
 
 
+def test_counts_on_the_command_line_are_positive_and_groups_have_two(tmp_path, capsys):
+    for argv in (["credit", "--model", "m", "--problems", "0"], ["guess-trust", "--model", "m", "--threads", "-1"],
+                 ["reads", "--model", "a=m", "--n", "x"]):
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        err = capsys.readouterr().err
+        assert "must be >= 1, got" in err or "expected a whole number >= 1, got 'x'" in err
+    with pytest.raises(SystemExit, match=r"rollout\.group_size: Input should be greater than or equal to 2"):
+        cli_main(["train", "--policy", "x", "--set", "rollout.group_size=1"])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="^l2t miniature: .*File exists"):
+        cli_main(["miniature", "-q", "--out", str(blocker), "--set", "steps=1"])
+
+
 def test_eval_says_which_benchmark_it_cannot_load(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setenv("L2T_DATA_DIR", str(tmp_path))  # empty, and this set has no hub copy
     with pytest.raises(SystemExit, match="^l2t eval --benchmarks: .*no public Hugging Face hub copy"):
