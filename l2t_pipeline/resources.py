@@ -113,7 +113,10 @@ class ModelRegistry(dg.ConfigurableResource):
         p = Path(self.path)
         if not p.is_file():
             raise FileNotFoundError(f"model registry {p} not found; set L2T_MODEL_REGISTRY or create it")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"model registry {p} is not valid YAML: {exc}") from None
         models = data.get("models") if isinstance(data, dict) else None
         if not isinstance(models, dict):
             raise ValueError(f"model registry {p}: expected a mapping under 'models', got {type(models).__name__}")

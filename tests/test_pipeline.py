@@ -222,6 +222,9 @@ def test_registry_validates_entries(tmp_path):
         bad.entries()
     with pytest.raises(FileNotFoundError):
         ModelRegistry(path=str(tmp_path / "missing.yaml")).entries()
+    (tmp_path / "broken.yaml").write_text("models:\n  a: {kind: warmstart\n")
+    with pytest.raises(ValueError, match=r"(?s)model registry .*broken\.yaml is not valid YAML: .*line 2, column 6"):
+        ModelRegistry(path=str(tmp_path / "broken.yaml")).entries()
 
 
 def test_registry_sensor_adds_partition_and_requests_one_run_per_new_model(tmp_path):
