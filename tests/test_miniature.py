@@ -17,7 +17,8 @@ import pytest
 
 from l2t_core.checkpoint import RunStorage
 from l2t_core.metrics import read_table
-from l2t_core.miniature import BEHAVIOUR, MiniatureConfig, aggregate, markdown_table, run_miniature
+from l2t_core.miniature import MiniatureConfig, run_miniature
+from l2t_core.miniature_report import BEHAVIOUR, aggregate, markdown_table
 from l2t_core.stats import mean_std, welch_difference
 
 TINY = {
@@ -83,7 +84,7 @@ def test_aggregate_mean_std_and_ratios():
 
 def test_tradeoff_points_and_plot(tmp_path):
     """The accuracy–token plane: overall means, seeds and the hardest level, the floor's tokens."""
-    from l2t_core.miniature import plot_tradeoff, tradeoff_points
+    from l2t_core.miniature_report import plot_tradeoff, tradeoff_points
 
     def ev(seed, acc, tok, acc2, tok2):
         return {"seed": seed, "accuracy": acc, "mean_tokens": tok, "train_seconds": 1.0,

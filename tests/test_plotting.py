@@ -53,7 +53,7 @@ def _distinct_per_label(seen: dict[str, list], names: list[str]) -> None:
 
 
 def test_miniature_plot_gives_twelve_methods_twelve_colours(tmp_path, bar_colours):
-    from l2t_core.miniature import plot
+    from l2t_core.miniature_report import plot
 
     names = [f"method_{i}" for i in range(12)]
     cell = {"mean": 0.5, "std": 0.1}
