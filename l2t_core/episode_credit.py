@@ -123,9 +123,9 @@ def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: i
     family); responses whose logged episodes do not match their segmentation are left out."""
     from .checkpoint import RunStorage
     from .episodes import segment
-    from .trainer import CONFIG_FILE
     from .metrics import read_table
     from .tasks import get_task
+    from .trainer import CONFIG_FILE
 
     if first_step < 1 or (last_step is not None and last_step < first_step):
         raise ValueError(f"rollout_step_gains: steps {first_step}..{last_step} are no range of training steps; give "
