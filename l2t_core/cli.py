@@ -508,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_reads)
 
     p = sub.add_parser("step-gains", help="in a run's logged training rollouts (an l2t-family method), the "
-                       "fitting gain G_k of hard steps written wrong minus those written right, same prompt and move")
+                       "fitting gain G_k of hard steps written wrong minus those written right, same prompt and "
+                       "move, and each episode kind's mean G_k, penalty P̂_k and process reward r_k")
     p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories of `l2t train` (local path or fsspec URL)")
     p.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "LAST"), help="training steps to read (default: all)")

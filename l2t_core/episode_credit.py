@@ -117,10 +117,19 @@ def step_gain_calibration(responses: Iterable[tuple[object, Sequence[EpisodeInfo
 
 def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: int | None = None,
                        task: str = "walk") -> dict:
-    """:func:`step_gain_calibration` on the rollouts a training run logged (``metrics/rollouts``
-    and ``metrics/episode_rewards``, :mod:`l2t_core.metrics`) for steps ``first_step`` to
-    ``last_step``; a group is one prompt of one step. Needs a method with episode rewards (the l2t
-    family); responses whose logged episodes do not match their segmentation are left out."""
+    """What a training run's process reward paid each kind of episode, from the rollouts it logged
+    (``metrics/rollouts`` and ``metrics/episode_rewards``, :mod:`l2t_core.metrics`) for steps
+    ``first_step`` to ``last_step``:
+
+    * ``step``/``check``: :func:`step_gain_calibration` of the logged fitting gains (a group is one
+      prompt of one step): does G_k tell a hard step written wrong from one written right?
+    * ``by_kind``: per episode kind (:attr:`EpisodeInfo.detail_key`), the episodes, the mean fitting
+      gain G_k, normalised penalty P̂_k and process reward r_k (METHOD.md §2–§4) and r_k per token (Σ r ÷
+      Σ tokens), and the median P̂_k: what the update is pushed toward on average (a few episodes
+      can carry most of a penalty; the median shows the typical one).
+
+    Needs a method with episode rewards (the l2t family); responses whose logged episodes do not
+    match their segmentation are left out."""
     from .checkpoint import RunStorage
     from .episodes import segment
     from .metrics import read_table
@@ -143,17 +152,35 @@ def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: i
                          "per episode)")
     last = int(rollouts["step"].max()) if last_step is None else last_step
     keep = lambda df: df[(df["step"] >= first_step) & (df["step"] <= last)]  # noqa: E731
-    gains = {k: g.sort_values("episode")["fitting_gain"].tolist()
-             for k, g in keep(episodes).groupby(["step", "rank", "rollout"])}
+    logged = {k: g.sort_values("episode") for k, g in keep(episodes).groupby(["step", "rank", "rollout"])}
     classify = get_task(task).classify_episodes
+    cells = []  # (group key, episode kinds, that response's logged episode rows)
+    for r in keep(rollouts).itertuples():
+        seg, g = segment(r.response), logged.get((r.step, r.rank, r.rollout))
+        if g is not None and seg.status == "tagged" and len(seg.episodes) == len(g):
+            cells.append(((r.step, r.group), classify([e.text for e in seg.episodes]), g))
+    calibration = step_gain_calibration((key, kinds, g["fitting_gain"].tolist()) for key, kinds, g in cells)
+    return {"run": str(run), "steps": [first_step, last], **calibration,
+            "by_kind": kind_rewards((kinds, g) for _, kinds, g in cells)}
 
-    def responses():
-        for r in keep(rollouts).itertuples():
-            seg, g = segment(r.response), gains.get((r.step, r.rank, r.rollout))
-            if g is not None and seg.status == "tagged" and len(seg.episodes) == len(g):
-                yield (r.step, r.group), classify([e.text for e in seg.episodes]), g
 
-    return {"run": str(run), "steps": [first_step, last], **step_gain_calibration(responses())}
+def kind_rewards(responses: Iterable[tuple[Sequence[EpisodeInfo], "object"]]) -> dict:
+    """Per episode kind (:attr:`EpisodeInfo.detail_key`) of ``(kinds, episode rows)`` responses (rows
+    with the logged columns ``fitting_gain``, ``penalty_hat``, ``process_reward``, ``num_tokens``):
+    ``n``, the means ``gain``, ``penalty_hat`` and ``process`` (r_k), ``process_per_token`` (Σ r_k ÷
+    Σ tokens) and ``penalty_hat_median``, sorted by kind."""
+    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for kinds, rows in responses:
+        for info, row in zip(kinds, rows.itertuples()):
+            a = acc[info.detail_key]
+            for key, value in (("gain", row.fitting_gain), ("penalty_hat", row.penalty_hat),
+                               ("process", row.process_reward), ("tokens", row.num_tokens)):
+                a[key].append(float(value))
+    return {kind: {"n": len(a["gain"]), "gain": _mean(a["gain"]), "penalty_hat": _mean(a["penalty_hat"]),
+                   "process": _mean(a["process"]),
+                   "process_per_token": float(np.sum(a["process"]) / np.sum(a["tokens"])) if np.sum(a["tokens"]) else None,
+                   "penalty_hat_median": float(np.median(a["penalty_hat"]))}
+            for kind, a in sorted(acc.items())}
 
 
 def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:

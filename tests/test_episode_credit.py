@@ -210,13 +210,23 @@ def test_rollout_step_gains_reads_a_runs_logged_rollouts(tmp_path, capsys):
     for step, (g_wrong, g_right) in ((1, (0.5, 0.2)), (2, (0.1, 0.4))):
         for i, (text, g) in enumerate(((wrong, g_wrong), (right, g_right), ("no tags", None))):
             writer.add("rollouts", [{"step": step, "rank": 0, "rollout": i, "group": 0, "response": text}])
-            if g is not None:  # G_k of the step, its check and the last step
-                writer.add("episode_rewards", [{"step": step, "rank": 0, "rollout": i, "episode": k + 1, "fitting_gain": v}
+            if g is not None:  # G_k of the step, its check and the last step; P̂_k 0.1, 0.2, 0.3
+                writer.add("episode_rewards", [{"step": step, "rank": 0, "rollout": i, "episode": k + 1,
+                                                "fitting_gain": v, "penalty_hat": 0.1 * (k + 1),
+                                                "process_reward": v - 0.06 * (k + 1), "num_tokens": 10}
                                                for k, v in enumerate((g, -g, 0.05))])
     writer.flush(1, 2)
     both = rollout_step_gains(tmp_path)
     assert both["steps"] == [1, 2] and both["step"]["cells"] == 2
     assert both["step"]["wrong_minus_right"] == pytest.approx(((0.5 - 0.2) + (0.1 - 0.4)) / 2)
+    # what the process reward paid each kind: the wrong step's check repairs it, the right one's confirms
+    by_kind = both["by_kind"]
+    assert list(by_kind) == ["check_hard_confirm", "check_hard_repair", "step_easy", "step_hard"]
+    assert by_kind["step_hard"]["n"] == 4 and by_kind["step_hard"]["gain"] == pytest.approx((0.5 + 0.2 + 0.1 + 0.4) / 4)
+    assert by_kind["check_hard_repair"]["gain"] == pytest.approx(-(0.5 + 0.1) / 2)
+    easy = by_kind["step_easy"]
+    assert easy["n"] == 4 and easy["penalty_hat"] == pytest.approx(0.3) and easy["penalty_hat_median"] == pytest.approx(0.3)
+    assert easy["process"] == pytest.approx(0.05 - 0.18) and easy["process_per_token"] == pytest.approx((0.05 - 0.18) / 10)
     late = rollout_step_gains(tmp_path, first_step=2)
     assert late["step"]["wrong_minus_right"] == pytest.approx(-0.3) and late["check"]["wrong_minus_right"] == pytest.approx(0.3)
     with pytest.raises(ValueError, match="no logged rollouts with episode rewards"):
