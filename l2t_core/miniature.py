@@ -316,8 +316,8 @@ def kept_evaluation(path: Path, policy, levels, per_level, max_new_tokens, task:
     settings (:func:`_eval_settings`) and ``extra``.
 
     A saved evaluation is reused when made with the same settings and a complete census; one that
-    predates a census field (:func:`~l2t_core.miniature_report.lacks_census`) is made again from the same checkpoint, keeping
-    its ``carry`` fields. With other settings, a sampled evaluation is sampled again (it is an
+    predates a census field (:func:`~l2t_core.miniature_report.lacks_census`) is made again from
+    the same checkpoint, keeping its ``carry`` fields. With other settings, a sampled evaluation is sampled again (it is an
     addition to the experiment), while a greedy one (``what`` names it in the error) is refused:
     it is the experiment's record, and other settings make another experiment."""
     from .warmstart import evaluate, held_out
