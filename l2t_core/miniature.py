@@ -159,16 +159,14 @@ def submission_order(runs: list[tuple[str, int, TrainConfig]]) -> list[tuple[str
     (``fitting.estimator: continuation``) costs several times a GRPO run on this CPU (3,000–4,600 s
     against 1,000–1,200 s at m = 2; lab notebook), sampled forced answers (``monte_carlo``, MRT)
     less, the teacher-forced J and the baselines about the same; more samples m cost more."""
-    from .rewards.l2t import L2T_FAMILY
+    from .rewards.l2t import sampled_j
+
+    order = {"continuation": 0, "monte_carlo": 1}
 
     def rank(run: tuple[str, int, TrainConfig]) -> tuple[int, int]:
         tcfg = run[2]
-        f = tcfg.reward.fitting
-        if tcfg.method in L2T_FAMILY and f.estimator == "continuation":
-            return (0, -f.mc_samples)
-        if tcfg.method == "mrt" or (tcfg.method in L2T_FAMILY and f.estimator == "monte_carlo"):
-            return (1, -f.mc_samples)
-        return (2, 0)
+        sampling = sampled_j(tcfg.method, tcfg.reward)
+        return (2, 0) if sampling is None else (order[sampling], -tcfg.reward.fitting.mc_samples)
     return sorted(runs, key=rank)  # stable: ties keep the listed order
 
 
@@ -317,9 +315,10 @@ def kept_evaluation(path: Path, policy, levels, per_level, max_new_tokens, task:
 
     A saved evaluation is reused when made with the same settings and a complete census; one that
     predates a census field (:func:`~l2t_core.miniature_report.lacks_census`) is made again from
-    the same checkpoint, keeping its ``carry`` fields. With other settings, a sampled evaluation is sampled again (it is an
-    addition to the experiment), while a greedy one (``what`` names it in the error) is refused:
-    it is the experiment's record, and other settings make another experiment."""
+    the same checkpoint, keeping its ``carry`` fields. With other settings, a sampled evaluation is
+    sampled again (it is an addition to the experiment), while a greedy one (``what`` names it in
+    the error) is refused: it is the experiment's record, and other settings make another
+    experiment."""
     from .warmstart import evaluate, held_out
 
     settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **(sampled or {})}

@@ -56,6 +56,17 @@ def has_penalty(method: str, cfg: RewardConfig) -> bool:
     return method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
 
 
+def sampled_j(method: str, cfg: RewardConfig) -> str | None:
+    """How ``method`` under ``cfg`` estimates J by sampling (METHOD.md §2): ``"monte_carlo"``
+    (sampled forced answers; MRT always), ``"continuation"`` (the policy's own continuations), or
+    None where J is teacher-forced (``answer_logprob``) or not computed at all."""
+    if method == "mrt":
+        return "monte_carlo"
+    if method in L2T_FAMILY and cfg.fitting.estimator != "answer_logprob":
+        return cfg.fitting.estimator
+    return None
+
+
 @dataclass
 class Rollout:
     prompt_ids: list[int]
@@ -400,10 +411,10 @@ def compute_rewards(
         log_js = res.log_j or log_js
         penalty_s = res.penalty_s
     penalty_s += svd_s
-    sampled_j = method == "mrt" or (method in L2T_FAMILY and cfg.fitting.estimator != "answer_logprob")
-    if sampled_j:  # monte_carlo (forced answers; mrt always) or continuation (the policy's own continuations)
+    sampling = sampled_j(method, cfg)
+    if sampling is not None:
         f = cfg.fitting
-        continuation = method != "mrt" and f.estimator == "continuation"
+        continuation = sampling == "continuation"
         contexts, refs, owner, caps = [], [], [], []
         for n, (r, te) in enumerate(zip(rollouts, teps)):
             for b in te.boundaries.tolist():
