@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .dynamics import dynamics_table
-from .plotting import series_colours
+from .plotting import separate_labels, series_colours
 from .stats import mean_std, welch_difference
 
 
@@ -372,7 +372,8 @@ def plot_tradeoff(report: dict, out: Path, prefix: str = "") -> Path:
     colours = series_colours(list(report["methods"]))
     greedy = is_greedy(report.get("decoding"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, hardest in zip(axes, (False, True)):
+    labels: list[list] = [[], []]
+    for ax, hardest, ax_labels in zip(axes, (False, True), labels):
         for name, pt in t["points"].items():
             p = pt["hardest"] if hardest else pt
             if p is None:
@@ -383,7 +384,8 @@ def plot_tradeoff(report: dict, out: Path, prefix: str = "") -> Path:
             if not hardest:
                 for x, y in pt["seeds"]:
                     ax.plot(x, y, ".", color=colour, alpha=0.5)
-            ax.annotate(name, (p["tokens"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax_labels.append(ax.annotate(name, (p["tokens"], p["accuracy"]), textcoords="offset points",
+                                         xytext=(4, 4), fontsize=7))
         f = t["floor"] and (t["floor"]["hardest"] if hardest else t["floor"]["tokens"])
         if f:
             ax.axvline(f, color="black", linestyle="dashed", linewidth=1, label="necessary trace")
@@ -393,6 +395,8 @@ def plot_tradeoff(report: dict, out: Path, prefix: str = "") -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle("accuracy against tokens (mean ± std over seeds; up and left is better)")
     fig.tight_layout()
+    for ax_labels in labels:  # two options at the same point printed their names over each other
+        separate_labels(fig, ax_labels)
     path = out / f"{prefix}tradeoff.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,8 +1,11 @@
-"""Colours for plots that draw one bar or line per method or model.
+"""Colours and labels for plots that draw one bar, line or point per method or model.
 
 Matplotlib's default cycle has ten colours, so an eleventh method is drawn in the first one's colour
 (the miniature with eleven methods drew the last in GRPO's blue). :func:`series_colours` gives
 every name its own colour, with no grey (the SFT base is drawn light grey beside them).
+
+Methods that land close together in a scatter (two L2T options at the same accuracy and length)
+had their names printed over each other; :func:`separate_labels` moves such labels apart.
 """
 
 from __future__ import annotations
@@ -30,3 +33,47 @@ def series_colours(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
     in every panel and every plot made from the same list)."""
     unique = list(dict.fromkeys(names))
     return dict(zip(unique, distinct_colours(len(unique))))
+
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def unoverlap(boxes: Sequence[Box], step: float, tries: int = 12) -> list[float]:
+    """Vertical shifts, one per box, that keep the boxes from overlapping: each box in turn, in
+    order, is left where it is if it overlaps none placed before it, else moved by ``step``, then
+    ``-step``, ``2 * step``, ``-2 * step``, ... to the first place free of them (after ``tries``
+    moves each way it stays where it is). The first box never moves."""
+    if step <= 0:
+        raise ValueError(f"unoverlap: step must be > 0, got {step}")
+    offsets = [0.0] + [sign * k * step for k in range(1, tries + 1) for sign in (1, -1)]
+    placed: list[Box] = []
+    shifts: list[float] = []
+    for x0, y0, x1, y1 in boxes:
+        shift = next((d for d in offsets
+                      if not any(_overlap((x0, y0 + d, x1, y1 + d), p) for p in placed)), 0.0)
+        placed.append((x0, y0 + shift, x1, y1 + shift))
+        shifts.append(shift)
+    return shifts
+
+
+def separate_labels(fig, annotations: Sequence) -> None:
+    """Move the text of overlapping ``Axes.annotate`` labels of one axes apart vertically (by
+    :func:`unoverlap`, one label height at a time), keeping each beside its point. Call it once the
+    axes' limits are final (after every point is drawn)."""
+    if not annotations:
+        return
+    fig.canvas.draw()  # before a draw, the data limits are not final and a label's extent is a unit box
+    extents = [a.get_window_extent() for a in annotations]
+    step = max(e.height for e in extents) * 1.1
+    if step <= 0:
+        return
+    shifts = unoverlap([(e.x0, e.y0, e.x1, e.y1) for e in extents], step)
+    points_per_pixel = 72.0 / fig.dpi
+    for a, shift in zip(annotations, shifts):
+        if shift and a.get_anncoords() == "offset points":
+            dx, dy = a.xyann
+            a.xyann = (dx, dy + shift * points_per_pixel)

@@ -1,4 +1,5 @@
-"""One colour per method in every plot, however many methods (matplotlib's cycle repeats after ten)."""
+"""One colour per method in every plot, however many methods (matplotlib's cycle repeats after ten);
+labels of points that land together moved apart."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 from matplotlib.axes import Axes
 
-from l2t_core.plotting import distinct_colours, series_colours
+from l2t_core.plotting import distinct_colours, separate_labels, series_colours, unoverlap
 
 matplotlib.use("Agg")
 
@@ -96,3 +97,36 @@ def test_dynamics_plot_gives_eleven_methods_eleven_line_colours(tmp_path, monkey
     path = plot_dynamics({n: {"curve": curve} for n in names}, tmp_path / "training.png")
     assert path.stat().st_size > 0
     _distinct_per_label(seen, names)
+
+
+def test_unoverlap_moves_only_what_overlaps_up_then_down():
+    boxes = [(0, 0, 10, 2), (5, 1, 15, 3), (20, 0, 30, 2), (0, 0, 10, 2), (0, 0, 10, 2)]
+    # the 2nd overlaps the 1st: up one step; the 3rd is apart; the 4th and 5th sit on the 1st:
+    # up one or two steps still meets the moved 2nd (x 5-15, y 3-5), so the 4th goes down one, the
+    # 5th down two
+    assert unoverlap(boxes, step=2.0) == [0.0, 2.0, 0.0, -2.0, -4.0]
+    assert unoverlap([], step=1.0) == []
+    # with no free place within `tries` steps each way, a box stays where it is
+    assert unoverlap([(0, 0, 1, 10), (0, 0, 1, 10)], step=1.0, tries=3) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="step must be > 0"):
+        unoverlap(boxes, step=0.0)
+
+
+def test_separate_labels_keeps_two_labels_of_one_point_apart():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [1, 2], "o")
+    anns = [ax.annotate(name, (1.5, 1.5), textcoords="offset points", xytext=(4, 4))
+            for name in ("l2t_cont_add", "l2t_cont_add_pc2", "far")]
+    anns[2].xy = (1.0, 1.0)
+    fig.canvas.draw()
+    before = [a.get_window_extent() for a in anns]
+    assert before[0].overlaps(before[1]) and before[0].width > 20
+    separate_labels(fig, anns)
+    fig.canvas.draw()
+    after = [a.get_window_extent() for a in anns]
+    assert not after[0].overlaps(after[1])
+    assert after[0].x0 == pytest.approx(before[0].x0) and after[1].x0 == pytest.approx(before[1].x0)
+    assert anns[0].xyann == (4, 4) and anns[2].xyann == (4, 4)  # what did not overlap stays
+    plt.close(fig)
