@@ -338,6 +338,10 @@ class TrainConfig(_Strict):
     mini_batches: int = Field(
         1, ge=1, description="Optimizer steps per rollout batch (PPO-style); 1 = one on-policy update per step."
     )
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute the decoder's activations during the policy update's backward instead of keeping them "
+        "(transformers' gradient checkpointing): one layer's activations in memory instead of every layer's, "
+        "for about a third more update compute; needed for the paper's 16,384-token responses on one GPU."))
     engine: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (see infra/deepspeed/).")
     device: Literal["auto", "cpu", "cuda"] = "auto"

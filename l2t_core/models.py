@@ -208,6 +208,44 @@ def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = 
     return model.to(device).eval(), tokenizer
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model, enabled: bool = True):
+    """Inside, the decoder layers of ``model`` keep no activations for the backward pass and
+    recompute them during it (transformers' gradient checkpointing, non-reentrant): activation
+    memory drops from one set per layer to one layer's, for about one extra forward pass of compute.
+
+    The trainer wraps only its policy update in this (``TrainConfig.gradient_checkpointing``): the
+    reward pass's truncated backward reads the target layer's inputs through a forward hook, which a
+    recomputation would run a second time. Transformers applies it only in training mode.
+    """
+    if not enabled:
+        yield model
+        return
+    check_activation_checkpointing(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        yield model
+    finally:
+        (model.activation_checkpointing_disable if hasattr(model, "activation_checkpointing_disable")
+         else model.gradient_checkpointing_disable)()
+
+
+def is_checkpointing(model) -> bool:
+    """Whether any module of ``model`` recomputes its activations (transformers' flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def check_activation_checkpointing(model) -> None:
+    """Fail before any compute if ``model`` cannot recompute its activations."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it (transformers' "
+                         "supports_gradient_checkpointing is False); set gradient_checkpointing: false")
+
+
 def decoder_and_head(model):
     """(decoder stack, output head) of a causal LM: the hidden-state model and its lm_head."""
     head = model.get_output_embeddings()

@@ -39,7 +39,7 @@ from .engines import make_train_engine
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
-from .models import load_policy, resolve_device
+from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
 from .prompts import encode_prompt
 from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
@@ -169,6 +169,8 @@ class Trainer:
             self.reference = copy.deepcopy(policy).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            check_activation_checkpointing(policy)
         policy.train()
         total_updates = cfg.steps * cfg.mini_batches
         kw = {"config_path": cfg.deepspeed_config} if cfg.engine == "deepspeed" else {}
@@ -410,7 +412,10 @@ class Trainer:
         t_ref = device_clock(self.device) - t0
         self._phase(step, "update")
         t0 = device_clock(self.device)
-        upd = self._update(rollouts, rewards, ref)
+        # the update's backward passes recompute the decoder's activations when asked; the reward
+        # pass above keeps them (its forward hook reads the target layer's inputs once)
+        with activation_checkpointing(self.engine.unwrapped(), self.cfg.gradient_checkpointing):
+            upd = self._update(rollouts, rewards, ref)
         t_update = device_clock(self.device) - t0
         row = self._record(step, rollouts, probs, rewards)
         row.update(upd)

@@ -145,6 +145,53 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_dir, toy_data, tmp_pat
         assert max(float(g.abs().max()) for g in grads["big"].values()) > 1e-4  # a real, non-zero gradient
 
 
+def test_gradient_checkpointing_recomputes_in_the_update_with_the_same_gradient(tiny_dir, toy_data, tmp_path,
+                                                                               monkeypatch):
+    """``gradient_checkpointing: true`` gives the update the same gradient, its decoder layers run a
+    second time in the backward (so it is really on), and only there: afterwards it is off again."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    from l2t_core.models import is_checkpointing
+
+    torch.set_num_threads(1)
+    grads, calls = {}, {}
+    mlp_forward = Qwen2MLP.forward
+    for name, on in (("plain", False), ("checkpointed", True)):
+        calls[name] = 0
+
+        # every MLP forward (rollout, reward, reference, update, recomputation); module hooks would
+        # not see the recomputation, which transformers runs on forward, not __call__
+        def counted(self, x, name=name):
+            calls[name] += 1
+            return mlp_forward(self, x)
+
+        monkeypatch.setattr(Qwen2MLP, "forward", counted)
+        tr = Trainer(make_cfg(tiny_dir, tmp_path / name, steps=1, mini_batches=1, gradient_checkpointing=on),
+                     show_progress=False)
+        run_recording_grads(tr, grads, name)
+        assert not is_checkpointing(tr.engine.unwrapped())
+    for n, g in grads["plain"].items():
+        torch.testing.assert_close(grads["checkpointed"][n], g, rtol=1e-5, atol=1e-8, msg=n)
+    assert max(float(g.abs().max()) for g in grads["plain"].values()) > 1e-6
+    # the same rollouts, reward pass and update forwards, plus one recomputation per layer and micro-batch
+    assert calls["checkpointed"] > calls["plain"] > 0
+
+
+def test_activation_checkpointing_is_undone_on_error_and_refused_where_unsupported(model):
+    from l2t_core.models import activation_checkpointing, is_checkpointing
+
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"), activation_checkpointing(model):
+        assert is_checkpointing(model)
+        raise RuntimeError("boom")
+    assert not is_checkpointing(model)
+    with activation_checkpointing(model, enabled=False):
+        assert not is_checkpointing(model)
+    model.eval()
+    with pytest.raises(ValueError, match="does not support it"), activation_checkpointing(torch.nn.Linear(2, 2)):
+        pass
+
+
 @pytest.mark.slow
 def test_one_update_per_batch_skips_logp_old_with_the_same_gradient(tiny_dir, toy_data, tmp_path, monkeypatch):
     """GRPO with one update per batch uses the detached current log-probs as log π_old: same
