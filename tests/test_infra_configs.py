@@ -1,0 +1,62 @@
+"""The run configurations shipped in ``infra/train/`` stay valid: each parses through the command
+line's layering as a ``TrainConfig`` for every method, names files that exist, and keeps the
+budget its comments promise (batch, epoch, sequence length)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from l2t_core.cli import build_config
+from l2t_core.config import METHOD_NAMES, TrainConfig
+from l2t_core.data import data_dir
+from l2t_core.engines.deepspeed_engine import load_ds_config
+from l2t_core.training_data import load_training_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "infra" / "train").glob("*.yaml"))
+
+
+def cli_config(path: Path, method: str | None = None, sets: list[str] | None = None) -> TrainConfig:
+    args = SimpleNamespace(config=str(path), set=sets or [], method=method, policy=None, out=None, steps=None)
+    return build_config(TrainConfig, args, {"policy": "policy", "method": "method", "out": "out", "steps": "steps"})
+
+
+def test_there_are_shipped_configs():
+    assert CONFIGS, "infra/train/ holds no run configuration"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_shipped_config_is_valid_for_every_method(path, method):
+    cfg = cli_config(path, method=method)
+    assert cfg.method == method
+    assert cfg.rollout.group_size * cfg.prompts_per_step == 256  # METHOD.md §9: batch 256
+    assert cfg.prompts_per_step % 8 == 0  # every rank of an 8-GPU launch gets the same number of prompts
+    # one full-length sequence fits a micro-batch, and the generation budget is the paper's
+    assert cfg.micro_batch_tokens >= cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    assert (cfg.rollout.max_prompt_tokens, cfg.rollout.max_new_tokens) == (4096, 16384)
+    assert cfg.optim.lr == 1e-6 and cfg.reward.credit.alpha == 0.8 and cfg.reward.credit.beta == 0.6
+    assert cfg.gradient_checkpointing
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_files_exist_and_its_data_is_one_epoch(path):
+    cfg = cli_config(path)
+    if cfg.deepspeed_config:
+        ds = load_ds_config(str(ROOT / cfg.deepspeed_config), cfg.optim, on_gpu=False)
+        assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    if not (data_dir() / cfg.data.source).is_file():
+        pytest.skip(f"{cfg.data.source} is not in the data directory {data_dir()}")
+    problems = load_training_problems(cfg.data)
+    assert len(problems) == cfg.data.train_size  # the whole file, as the comments say
+    assert cfg.steps * cfg.prompts_per_step >= len(problems) > (cfg.steps - 1) * cfg.prompts_per_step
+
+
+def test_overrides_on_the_command_line_win_over_the_file():
+    cfg = cli_config(CONFIGS[0], method="grpo", sets=["policy=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+                                                       "data.train_size=4000", "steps=125"])
+    assert (cfg.method, cfg.policy, cfg.data.train_size, cfg.steps) == (
+        "grpo", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 4000, 125)
