@@ -45,21 +45,45 @@ def response_mask(prompt_lens: Sequence[int], response_lens: Sequence[int], widt
     return ((pos >= p) & (pos < p + r)).to(device)
 
 
+def scored_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    chunk_tokens: int | None = None) -> torch.Tensor:
+    """[N] log softmax(head(h_n) / τ)[target_n] for N rows of hidden states and their next tokens.
+
+    With ``chunk_tokens`` c, the head sees at most c rows at a time, and where autograd records,
+    each chunk is checkpointed (non-reentrant): its [c, vocab] logits are freed after the forward
+    and recomputed in the backward, so neither pass ever holds the [N, vocab] logits (16,384
+    response tokens × a 151,936-token vocabulary are 10 GB in fp32, twice over with the
+    log-softmax). The values are the same rows' as without; the head runs twice under autograd."""
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float() / temperature
+        return torch.log_softmax(logits, dim=-1).gather(-1, t[:, None]).squeeze(-1)
+
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"scored_logprobs: chunk_tokens must be >= 1 or None, got {chunk_tokens}")
+    if not chunk_tokens or hidden.shape[0] <= chunk_tokens:
+        return piece(hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    grad = torch.is_grad_enabled()
+    return torch.cat([checkpoint(piece, h, t, use_reentrant=False) if grad else piece(h, t)
+                      for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))])
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, chunk_tokens: int | None = None) -> torch.Tensor:
     """[B, W] log π(z_p | z_<p) at positions where ``score_mask`` is True, 0 elsewhere; with
     ``temperature`` τ, of the sampling distribution softmax(logits / τ).
 
     Only the hidden states of scored positions go through the output head, so the [B, W, vocab]
-    logits tensor is never built."""
+    logits tensor is never built; with ``chunk_tokens``, not even the scored positions' at once
+    (:func:`scored_logprobs`)."""
     check_temperature(temperature)
     if score_mask[:, 0].any():
         raise ValueError("token_logprobs: position 0 cannot be scored (it has no context)")
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     pred = score_mask[:, 1:]
-    logits = head(hidden[:, :-1][pred]).float() / temperature
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:][pred][:, None]).squeeze(-1)
+    lp = scored_logprobs(head, hidden[:, :-1][pred], input_ids[:, 1:][pred], temperature, chunk_tokens)
     out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=lp.device)
     out[:, 1:][pred] = lp  # functional on autograd: index_put on a fresh tensor
     return out

@@ -325,7 +325,7 @@ class Trainer:
         seqs = [list(r.prompt_ids) + list(r.response_ids) for r in rs]
         ids, att = pad_right(seqs, self.pad_id, self.device)
         mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], self.device)
-        lp = token_logprobs(model, ids, att, mask, self.lp_temperature)
+        lp = token_logprobs(model, ids, att, mask, self.lp_temperature, self.cfg.head_chunk_tokens)
         return [lp[j][mask[j]] for j in range(len(rs))]
 
     def _update(self, rollouts: Sequence[Rollout], rewards: RewardBatch, ref: list[torch.Tensor] | None) -> dict:

@@ -39,7 +39,7 @@ def test_shipped_config_is_valid_for_every_method(path, method):
     assert cfg.micro_batch_tokens >= cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
     assert (cfg.rollout.max_prompt_tokens, cfg.rollout.max_new_tokens) == (4096, 16384)
     assert cfg.optim.lr == 1e-6 and cfg.reward.credit.alpha == 0.8 and cfg.reward.credit.beta == 0.6
-    assert cfg.gradient_checkpointing
+    assert cfg.gradient_checkpointing and cfg.head_chunk_tokens
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -177,6 +177,56 @@ def test_gradient_checkpointing_recomputes_in_the_update_with_the_same_gradient(
     assert calls["checkpointed"] > calls["plain"] > 0
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 10, 50])
+def test_chunked_head_gives_the_same_logprobs_and_gradients_and_recomputes_each_chunk(chunk):
+    from l2t_core.logprobs import scored_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 30, bias=False)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (10,))
+    calls = []
+    head.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+
+    def run(chunk_tokens):
+        head.zero_grad()
+        hidden.grad = None
+        lp = scored_logprobs(head, hidden, targets, temperature=0.7, chunk_tokens=chunk_tokens)
+        (lp * torch.arange(1.0, 11.0)).sum().backward()
+        return lp.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+    want = run(None)
+    calls.clear()
+    got = run(chunk)
+    for a, b in zip(got, want):  # the weight's gradient sums the chunks in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    n_chunks = -(-10 // chunk)
+    sizes = [min(chunk, 10 - i * chunk) for i in range(n_chunks)]
+    # chunked, every chunk runs again in the backward (in any order); whole, the head runs once
+    if chunk < 10:
+        assert calls[:n_chunks] == sizes and sorted(calls[n_chunks:]) == sorted(sizes)
+    else:
+        assert calls == [10]
+    calls.clear()
+    with torch.no_grad():
+        scored_logprobs(head, hidden, targets, chunk_tokens=chunk)
+    assert len(calls) == n_chunks  # nothing to recompute without autograd
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        scored_logprobs(head, hidden, targets, chunk_tokens=0)
+
+
+def test_head_chunks_in_the_trainer_give_the_same_gradient(tiny_dir, toy_data, tmp_path):
+    torch.set_num_threads(1)
+    grads = {}
+    for name, chunk in (("whole", None), ("chunked", 5)):
+        tr = Trainer(make_cfg(tiny_dir, tmp_path / name, steps=1, mini_batches=1, head_chunk_tokens=chunk),
+                     show_progress=False)
+        run_recording_grads(tr, grads, name)
+    for n, g in grads["whole"].items():  # the same sums in another order: float rounding apart
+        torch.testing.assert_close(grads["chunked"][n], g, rtol=1e-4, atol=1e-7, msg=n)
+    assert max(float(g.abs().max()) for g in grads["whole"].values()) > 1e-6
+
+
 def test_activation_checkpointing_is_undone_on_error_and_refused_where_unsupported(model):
     from l2t_core.models import activation_checkpointing, is_checkpointing
 

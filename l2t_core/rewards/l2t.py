@@ -19,7 +19,7 @@ import torch
 from .. import advantages as adv
 from ..config import RewardConfig
 from ..episodes import Segmentation, TokenEpisodes, segment, token_episode_ids
-from ..logprobs import check_temperature, pad_right, response_mask, token_logprobs
+from ..logprobs import check_temperature, pad_right, response_mask, scored_logprobs, token_logprobs
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
@@ -295,8 +295,7 @@ def episode_pass(
 def _scored_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, score: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(head(h_{p-1}) / τ)[z_p] at the scored positions p, in (row, position) order."""
     pred = score[:, 1:]
-    logits = head(hidden[:, :-1][pred]).float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:][pred][:, None]).squeeze(-1)
+    return scored_logprobs(head, hidden[:, :-1][pred], ids[:, 1:][pred], temperature)
 
 
 @torch.no_grad()
