@@ -339,9 +339,9 @@ class TrainConfig(_Strict):
         1, ge=1, description="Optimizer steps per rollout batch (PPO-style); 1 = one on-policy update per step."
     )
     head_chunk_tokens: int | None = Field(None, ge=1, description=(
-        "Policy and reference log-probs: the output head sees at most this many tokens at a time, each chunk "
-        "recomputed in the backward, so the [tokens, vocab] logits are never held at once (16,384 tokens × a "
-        "151,936-token vocabulary are 10 GB in fp32). None: all of a micro-batch's tokens at once."))
+        "The output head sees at most this many tokens at a time (the reward pass, the reference and the "
+        "update), each chunk recomputed in a backward, so the [tokens, vocab] logits are never held at once "
+        "(16,384 tokens × a 151,936-token vocabulary are 10 GB in fp32). None: a micro-batch's tokens at once."))
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute the decoder's activations during the policy update's backward instead of keeping them "
         "(transformers' gradient checkpointing): one layer's activations in memory instead of every layer's, "

@@ -403,7 +403,8 @@ class Trainer:
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                   verifier=self.verifier, proxy=self.proxy, step=step,
                                   need_logp_old=self.cfg.mini_batches > 1, temperature=self.lp_temperature,
-                                  all_sum=_all_sum_list if self.world > 1 else None, sampler=self.rollout)
+                                  all_sum=_all_sum_list if self.world > 1 else None, sampler=self.rollout,
+                                  head_chunk_tokens=self.cfg.head_chunk_tokens)
         t_reward = device_clock(self.device) - t0
         t0 = device_clock(self.device)
         if self.reference is not None:

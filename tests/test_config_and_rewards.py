@@ -151,6 +151,30 @@ def test_l2t_gains_telescope_to_j_difference(model, tokenizer):
     assert r.score == pytest.approx(r.outcome + 0.8 * float(r.process.sum()))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_reward_pass_with_a_chunked_head_gives_the_same_rewards(model, tokenizer, temperature):
+    """head_chunk_tokens changes how the policy pass holds its logits, not what it computes: the
+    same J, penalties (their truncated backward runs through the checkpointed chunks), log π_old
+    and advantages."""
+    rollouts = _rollouts(tokenizer, [GOOD, REDUNDANT, GOOD, REDUNDANT])
+    calls = {None: 0, 3: 0}
+    out = {}
+    for c in calls:
+        handle = model.get_output_embeddings().register_forward_hook(
+            lambda *_, c=c: calls.__setitem__(c, calls[c] + 1))
+        try:
+            out[c] = compute_rewards(model, tokenizer, rollouts, "l2t", verifier=NumericVerifier(),
+                                     temperature=temperature, head_chunk_tokens=c)
+        finally:
+            handle.remove()
+    whole, chunked = out[None], out[3]
+    assert calls[3] > calls[None] + 10  # many small chunks, each also recomputed in the backward
+    for a, b in zip(whole.responses, chunked.responses):
+        for field in ("log_j", "penalties", "penalties_hat", "logp_old", "token_advantage"):
+            torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-7, msg=field)
+        assert float(a.penalties.abs().max()) > 0
+
+
 def test_unknown_method_and_empty_batch(model, tokenizer):
     with pytest.raises(ValueError, match="unknown method"):
         compute_rewards(model, tokenizer, _rollouts(tokenizer, [GOOD]), "ppo")

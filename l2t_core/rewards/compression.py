@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..logprobs import scored_logprobs
 from ..models import decoder_and_head
 from ..timing import device_clock
 
@@ -196,6 +197,7 @@ def per_token_signals(
     *,
     position_ids: torch.Tensor | None = None,
     return_hidden: bool = False,
+    head_chunk_tokens: int | None = None,
 ) -> TokenSignals:
     """One forward and ONE backward of Σ_t log π(z_t) over the scored tokens (METHOD.md §3).
 
@@ -206,7 +208,8 @@ def per_token_signals(
     ``attention_mask`` is a [B, L] padding mask, or an additive [B, 1, L, L] mask with
     ``position_ids`` (the packed J layout of :mod:`.fitting`, whose response positions see exactly
     the causal prefix, so their signals equal those of a plain forward). ``return_hidden`` keeps
-    the final hidden states, so the same forward also serves J.
+    the final hidden states, so the same forward also serves J. ``head_chunk_tokens``: the output
+    head's logits a chunk of tokens at a time (:func:`~l2t_core.logprobs.scored_logprobs`).
     """
     if input_ids.shape != score_mask.shape or attention_mask.shape[0] != input_ids.shape[0] or (
         attention_mask.dim() == 2 and attention_mask.shape != input_ids.shape
@@ -241,10 +244,7 @@ def per_token_signals(
             hidden = decoder(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
             ).last_hidden_state
-            h = hidden[:, :-1][pred]
-            logits = head(h).float()
-            tgt = input_ids[:, 1:][pred]
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
+            lp = scored_logprobs(head, hidden[:, :-1][pred], input_ids[:, 1:][pred], 1.0, head_chunk_tokens)
             if not torch.isfinite(lp).all():
                 raise FloatingPointError(
                     "per_token_signals: non-finite token log-probabilities; the model's logits overflowed"

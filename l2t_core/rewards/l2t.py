@@ -212,6 +212,7 @@ def episode_pass(
     proxy: comp.SVDProxy | None = None,
     want_logps: bool = True,
     temperature: float = 1.0,
+    head_chunk_tokens: int | None = None,
 ) -> PolicyPass:
     """ONE forward per micro-batch for everything the reward needs from the policy.
 
@@ -223,7 +224,8 @@ def episode_pass(
     is given, else un-projected (Gram blocks; full_layer mode and the random_layers ablation).
     Per-token a_t and δ_t are reduced to episode scores and dropped per micro-batch. The log π
     returned are at ``temperature`` (the sampling distribution, ``LossConfig.logprob_temperature``);
-    J and the penalty's signals are always those of the model at temperature 1.
+    J and the penalty's signals are always those of the model at temperature 1. ``head_chunk_tokens``:
+    the output head's logits a chunk of tokens at a time (:func:`~l2t_core.logprobs.scored_logprobs`).
     """
     check_temperature(temperature)
     t_start = time.perf_counter()
@@ -260,7 +262,8 @@ def episode_pass(
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
         if targets:
             sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
-                                         return_hidden=j_items is not None or temperature != 1.0)
+                                         return_hidden=j_items is not None or temperature != 1.0,
+                                         head_chunk_tokens=head_chunk_tokens)
             t0 = device_clock(device)
             seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
             total = comp.episode_sqnorms(sig, seg_ids, n_seg, proxy).cpu()
@@ -268,7 +271,7 @@ def episode_pass(
             hidden, lp_rows = sig.hidden, sig.logprobs.cpu()
             if temperature != 1.0:  # the penalty's log π is at 1; the loss's at the sampling temperature
                 with torch.no_grad():
-                    lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature).cpu()
+                    lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature, head_chunk_tokens).cpu()
             for r, i in enumerate(batch):
                 sq_out[i] = total[offsets[r] : offsets[r] + token_eps[i].num_episodes]
         else:
@@ -276,7 +279,7 @@ def episode_pass(
                 hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
                 lp_rows = None
                 if want_logps:
-                    lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature).cpu()
+                    lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature, head_chunk_tokens).cpu()
         if lp_rows is not None:
             for i, lp in zip(batch, torch.split(lp_rows, score.sum(dim=1).tolist())):
                 lp_out[i] = lp
@@ -292,10 +295,11 @@ def episode_pass(
     )
 
 
-def _scored_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, score: torch.Tensor, temperature: float) -> torch.Tensor:
+def _scored_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, score: torch.Tensor, temperature: float,
+                     chunk_tokens: int | None = None) -> torch.Tensor:
     """log softmax(head(h_{p-1}) / τ)[z_p] at the scored positions p, in (row, position) order."""
     pred = score[:, 1:]
-    return scored_logprobs(head, hidden[:, :-1][pred], ids[:, 1:][pred], temperature)
+    return scored_logprobs(head, hidden[:, :-1][pred], ids[:, 1:][pred], temperature, chunk_tokens)
 
 
 @torch.no_grad()
@@ -329,6 +333,7 @@ def compute_rewards(
     temperature: float = 1.0,
     all_sum: Callable[[list[float]], list[float]] | None = None,
     sampler=None,
+    head_chunk_tokens: int | None = None,
 ) -> RewardBatch:
     """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6).
 
@@ -342,7 +347,8 @@ def compute_rewards(
     a list of numbers over the ranks; the penalty's batch normalisation then covers the whole step.
     ``sampler``: a rollout engine holding the same policy; the sampled estimators of J
     (``continuation``, ``monte_carlo`` and MRT's) sample through it (vLLM reuses the prefixes it
-    has cached) instead of an ``hf`` engine over ``model``.
+    has cached) instead of an ``hf`` engine over ``model``. ``head_chunk_tokens``: the policy pass
+    computes the output head's logits a chunk of tokens at a time (``TrainConfig.head_chunk_tokens``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -404,7 +410,7 @@ def compute_rewards(
     if needs_penalty or packed_j or want_logps:
         res = episode_pass(model, rollouts, teps, pad_id, cfg.fitting.max_tokens_per_batch, j_items=items,
                            force_ids=force_ids, targets=targets, proxy=proxy_used, want_logps=want_logps,
-                           temperature=temperature)
+                           temperature=temperature, head_chunk_tokens=head_chunk_tokens)
         sqnorms = res.sqnorms or sqnorms
         logps = res.logps or logps
         log_js = res.log_j or log_js
