@@ -215,8 +215,9 @@ def activation_checkpointing(model, enabled: bool = True):
     memory drops from one set per layer to one layer's, for about one extra forward pass of compute.
 
     The trainer wraps only its policy update in this (``TrainConfig.gradient_checkpointing``): the
-    reward pass's truncated backward reads the target layer's inputs through a forward hook, which a
-    recomputation would run a second time. Transformers applies it only in training mode.
+    reward pass reads the penalty's target layer through forward hooks and its backward ends inside
+    the last block, where a recomputation would only add work (and could run those hooks again).
+    Transformers applies it only in training mode and where autograd records.
     """
     if not enabled:
         yield model
