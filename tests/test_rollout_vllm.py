@@ -54,6 +54,49 @@ def test_missing_cuda_is_a_clear_error(monkeypatch):
         make_rollout_engine("vllm", torch.nn.Linear(2, 2), StubTokenizer(), model_path="unused")
 
 
+def test_launch_kwargs_join_a_multi_rank_launch_one_engine_per_rank():
+    from l2t_core.rollout.vllm import launch_kwargs
+
+    assert launch_kwargs(1, 7, world=1, rank=0) == {"seed": 7}
+    assert launch_kwargs(2, 7, world=1, rank=0) == {"seed": 7}  # one process: vLLM's own TP workers
+    assert launch_kwargs(1, 7, world=8, rank=3) == {"seed": 10, "distributed_executor_backend": "external_launcher"}
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size=2 in a 8-rank launch"):
+        launch_kwargs(2, 7, world=8, rank=3)
+
+
+def test_engine_passes_the_launch_kwargs_to_vllm(monkeypatch):
+    """What the engine hands ``vllm.LLM`` under a multi-rank launch (a recording stand-in for
+    vLLM, which cannot be installed here; the real engine is tested below where it exists)."""
+    import l2t_core.rollout.vllm as engine_mod
+
+    seen = {}
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def collective_rpc(self, method, args=()):
+            seen.setdefault("rpc", []).append((method, len(args[0])))
+
+        def reset_prefix_cache(self):
+            seen["reset"] = True
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = RecordingLLM
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine_mod, "_process_group", lambda: (4, 2))
+    eng = engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", seed=5)
+    assert seen["seed"] == 7 and seen["distributed_executor_backend"] == "external_launcher"
+    assert seen["worker_extension_cls"] == engine_mod.EXTENSION and seen["rpc"] == [("l2t_load_weights", 2)]
+    with pytest.raises(ValueError, match="4-rank launch"):
+        engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", tensor_parallel_size=2)
+    eng.llm = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Real vLLM on a GPU
 # ---------------------------------------------------------------------------------------------

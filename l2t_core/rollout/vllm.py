@@ -21,6 +21,12 @@ Targets vLLM >= 0.10 (the V1 engine) through its public API only:
   user already set it) and one GPU, the engine runs in the trainer's process and the tensors are
   passed by reference. Otherwise they cross the process boundary as CPU copies, in chunks.
   Afterwards the prefix cache is reset, because cached KV blocks belong to the old weights.
+* In a multi-rank launch (``deepspeed``/``torchrun``, the process group already joined) every
+  rank runs its own engine on its own GPU and samples its own share of the prompts: vLLM joins
+  the trainer's process group through ``distributed_executor_backend="external_launcher"``
+  instead of starting one of its own, and each rank's engine gets its own seed
+  (:func:`launch_kwargs`). Tensor parallelism across ranks is refused there: its partners would
+  have to sample the same prompts, and the trainer gives each rank different ones.
 * With ``enable_sleep_mode`` the engine sleeps after each ``generate`` (``LLM.sleep(level=1)``:
   weights go to CPU and the KV cache is freed), so the trainer gets the GPU memory back. It wakes
   only the weights for ``sync_weights`` and the rest before the next ``generate``
@@ -53,6 +59,29 @@ class WeightSyncExtension:
         device = next(model.parameters()).device
         model.load_weights(weights=[(n, t.to(device)) for n, t in named_tensors])
         return len(named_tensors)
+
+
+def launch_kwargs(tensor_parallel_size: int, seed: int, world: int, rank: int) -> dict:
+    """The ``vllm.LLM`` arguments that depend on how the trainer was launched: in one process,
+    vLLM's defaults and ``seed``; in a ``world``-rank launch, vLLM inside the trainer's process
+    group (``external_launcher``) with one engine per rank, seeded ``seed + rank``."""
+    if world <= 1:
+        return {"seed": seed}
+    if tensor_parallel_size != 1:
+        raise ValueError(
+            f"rollout.vllm_tensor_parallel_size={tensor_parallel_size} in a {world}-rank launch: each rank samples "
+            "its own prompts with its own engine, so vLLM's tensor parallelism (which needs its partner ranks to "
+            "sample the same prompts) is not supported there; use 1, or shard the trainer with ZeRO-3 instead")
+    return {"seed": seed + rank, "distributed_executor_backend": "external_launcher"}
+
+
+def _process_group() -> tuple[int, int]:
+    """(world size, rank) of the trainer's torch.distributed process group; (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def _import_vllm():
@@ -91,11 +120,12 @@ class VLLMRolloutEngine(RolloutEngine):
         self.sync_chunk_tensors = max(1, int(sync_chunk_tensors))
         self._by_reference = tensor_parallel_size == 1 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         self._asleep: set[str] = set()
+        launch = launch_kwargs(tensor_parallel_size, seed, *_process_group())
         self.llm = self._vllm.LLM(
-            model=str(model_path), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+            model=str(model_path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, enforce_eager=enforce_eager,
             enable_sleep_mode=enable_sleep_mode, worker_extension_cls=EXTENSION, generation_config="vllm",
-            **llm_kwargs,
+            **{**launch, **llm_kwargs},
         )
         self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
