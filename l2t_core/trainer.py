@@ -36,6 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences
 from .engines import make_train_engine
+from .engines.gather import full_state_dict, is_partitioned
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -201,9 +202,10 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
         }
 
-    def _write_main_files(self, d: Path) -> None:
-        """What rank 0 puts in every checkpoint: HF model + tokenizer, the config, trainer state."""
-        self.engine.unwrapped().save_pretrained(d)
+    def _write_main_files(self, d: Path, state_dict: dict | None = None) -> None:
+        """What rank 0 puts in every checkpoint: HF model + tokenizer, the config, trainer state.
+        ``state_dict``: the model's whole weights when ZeRO-3 partitions them (gathered by every rank)."""
+        self.engine.unwrapped().save_pretrained(d, state_dict=state_dict)
         self.tokenizer.save_pretrained(d)
         (d / CONFIG_FILE).write_text(self.cfg.model_dump_json(indent=2))
         torch.save(self._trainer_state(), d / STATE_FILE)
@@ -228,12 +230,15 @@ class Trainer:
         staging = Path(self.storage.root) / "checkpoints" / f".staging-{self.step:06d}"
         staging.mkdir(parents=True, exist_ok=True)
         self.engine.save_state(staging)
+        module = self.engine.unwrapped()
+        # ZeRO-3: every rank takes part in gathering the weights; rank 0 keeps them for the HF files
+        whole = full_state_dict(module, keep=self.rank == 0) if is_partitioned(module.parameters()) else None
         dist.barrier()
         url = None
         if self.rank == 0:
             def fill(d: Path) -> None:
                 shutil.copytree(staging, d, dirs_exist_ok=True)
-                self._write_main_files(d)
+                self._write_main_files(d, whole)
 
             url = self.storage.write_checkpoint(self.step, fill, keep=self.cfg.keep_checkpoints)
             shutil.rmtree(staging, ignore_errors=True)
@@ -266,7 +271,12 @@ class Trainer:
             weights = {}
             for f in sorted(d.glob("*.safetensors")):
                 weights.update(load_file(str(f), device=str(self.device)))
-            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if is_partitioned(model.parameters()):
+                # ZeRO-3: the engine state below restores the partitions; the HF files are checked by name
+                names = set(model.state_dict())
+                missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+            else:
+                missing, unexpected = model.load_state_dict(weights, strict=False)
             missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
             if missing or unexpected:
                 raise RuntimeError(f"checkpoint {redact_url(url)} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -26,8 +26,10 @@ import torch
 
 
 def weights_digest(module: torch.nn.Module) -> str:
+    from l2t_core.engines.gather import full_state_dict
+
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(full_state_dict(module).items()):  # whole weights, also under ZeRO-3
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()

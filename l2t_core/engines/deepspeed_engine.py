@@ -115,6 +115,13 @@ class DeepSpeedEngine(TrainEngine):
         self.world_size = dist.get_world_size()
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        # DeepSpeed's own forward() opens every micro-batch with this call, and ZeRO-3 counts its
+        # micro-steps there (the first backward of a step copies its gradient partitions, the later
+        # ones add to them). The trainer runs the module itself (decoder and head apart), so the
+        # call is made here; without it ZeRO-3 kept only the last micro-batch's gradient.
+        clear = getattr(self.ds.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
         # documented override: every micro-batch but the last is inside an accumulation window
         self.ds.set_gradient_accumulation_boundary(last)
         self.ds.backward(loss, scale_wrt_gas=False)

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..engines.gather import gathered
 from ..logprobs import scored_logprobs
 from ..models import decoder_and_head
 from ..timing import device_clock
@@ -153,9 +154,10 @@ class SVDProxy:
         if not (due or force or set(modules) != set(self.bases)):
             return False
         for name, mod in modules.items():
-            d_out, d_in = mod.weight.shape
-            r = proxy_rank(d_out, d_in, self.rank_frac, self.rank)
-            self.bases[name] = low_rank_basis(mod.weight, r, self.method, self.oversample, self.seed + step)
+            with gathered([mod.weight]):  # whole on every rank under ZeRO-3 (the same SVD everywhere)
+                d_out, d_in = mod.weight.shape
+                r = proxy_rank(d_out, d_in, self.rank_frac, self.rank)
+                self.bases[name] = low_rank_basis(mod.weight, r, self.method, self.oversample, self.seed + step)
         self._last_refresh = step
         return True
 

@@ -32,8 +32,9 @@ Targets vLLM >= 0.10 (the V1 engine) through its public API only:
   only the weights for ``sync_weights`` and the rest before the next ``generate``
   (``LLM.wake_up(tags=...)``).
 
-Not handled: quantized (e.g. fp8) engines, and sharded trainer states (ZeRO-3, FSDP); pass a
-module whose ``state_dict()`` holds full tensors. The GPU tests are in
+Weights partitioned by DeepSpeed ZeRO-3 are gathered one submodule at a time
+(:func:`~l2t_core.engines.gather.full_named_tensors`). Not handled: quantized (e.g. fp8) engines
+and FSDP-sharded modules. The GPU tests are in
 ``tests/test_rollout_vllm.py``; on a machine without vLLM or CUDA they are skipped.
 """
 
@@ -45,6 +46,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..engines.gather import full_named_tensors
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts
 
 EXTENSION = "l2t_core.rollout.vllm.WeightSyncExtension"
@@ -170,7 +172,7 @@ class VLLMRolloutEngine(RolloutEngine):
     def sync_weights(self, model: torch.nn.Module) -> None:
         self._wake("weights")
         chunk: list[tuple[str, torch.Tensor]] = []
-        for name, t in model.state_dict().items():
+        for name, t in full_named_tensors(model):  # whole tensors, also under ZeRO-3
             name = name.replace("_orig_mod.", "")  # torch.compile'd modules
             chunk.append((name, t.detach() if self._by_reference else t.detach().to("cpu")))
             if len(chunk) == self.sync_chunk_tensors:

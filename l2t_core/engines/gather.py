@@ -1,0 +1,63 @@
+"""Whole parameters of a model whose parameters DeepSpeed ZeRO-3 partitions across ranks.
+
+Under ZeRO-3 each rank holds a slice of every parameter; ``param.data`` is an empty placeholder
+between forward passes. Whatever reads weights outside a forward pass must gather them first:
+the compression penalty's SVD of the target layer (:class:`~l2t_core.rewards.compression.SVDProxy`),
+the Hugging Face checkpoint the trainer writes, and the weights it copies into the vLLM engine.
+Gathering is a collective, so every rank makes the same calls in the same order. Without ZeRO-3
+(one process, ZeRO-1/2, or a parameter DeepSpeed keeps whole) these helpers read the tensors as
+they are, with no DeepSpeed import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether any of ``params`` is a ZeRO-3 partitioned parameter (DeepSpeed marks them ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside, ``params`` hold their whole values on every rank (read-only: changes are not written
+    back to the partitions); a no-op for parameters that are not partitioned."""
+    params = list(params)
+    if not is_partitioned(params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def full_named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every entry of ``module.state_dict()``, whole, gathering one submodule's
+    parameters at a time (so no rank ever holds the whole model twice). A partitioned parameter is
+    yielded as a copy, valid after its gather ends; the others as the detached tensor itself.
+    Under ZeRO-3 every rank must consume the whole iterator, in step with the others."""
+    keys = set(module.state_dict().keys())  # persistent entries only, tied weights under each name
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        own = list(sub.named_parameters(recurse=False))
+        copy = is_partitioned(p for _, p in own)
+        with gathered(p for _, p in own):
+            for name, t in own + list(sub.named_buffers(recurse=False)):
+                full = f"{prefix}.{name}" if prefix else name
+                if full in keys:
+                    keys.discard(full)
+                    yield full, (t.detach().clone() if copy else t.detach())
+
+
+def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
+    """``module``'s whole state dict on the CPU (``keep``), or None after taking part in the
+    gathers (``keep=False``: the other ranks under ZeRO-3, which must call it too)."""
+    out = {}
+    for name, t in full_named_tensors(module):
+        if keep:
+            out[name] = t.to("cpu", copy=True)
+    return out if keep else None
