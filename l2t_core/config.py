@@ -341,7 +341,8 @@ class TrainConfig(_Strict):
     head_chunk_tokens: int | None = Field(None, ge=1, description=(
         "The output head sees at most this many tokens at a time (the reward pass, the reference and the "
         "update), each chunk recomputed in a backward, so the [tokens, vocab] logits are never held at once "
-        "(16,384 tokens × a 151,936-token vocabulary are 10 GB in fp32). None: a micro-batch's tokens at once."))
+        "(16,384 tokens × a 151,936-token vocabulary are 10 GB in fp32). None: a micro-batch's tokens at once. "
+        "Not with DeepSpeed ZeRO-3 (refused: its partitioned head is not gathered in the recomputation)."))
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute the decoder's activations during the policy update's backward instead of keeping them "
         "(transformers' gradient checkpointing): one layer's activations in memory instead of every layer's, "

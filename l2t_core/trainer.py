@@ -36,7 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences
 from .engines import make_train_engine
-from .engines.gather import full_state_dict, is_partitioned
+from .engines.gather import check_head_chunking, full_state_dict, is_partitioned
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -176,6 +176,7 @@ class Trainer:
         total_updates = cfg.steps * cfg.mini_batches
         kw = {"config_path": cfg.deepspeed_config} if cfg.engine == "deepspeed" else {}
         self.engine = make_train_engine(cfg.engine, policy, cfg.optim, total_updates, **kw)
+        check_head_chunking(self.engine.unwrapped(), cfg.head_chunk_tokens)
         rkw = dict(max_prompt_tokens=cfg.rollout.max_prompt_tokens)
         if cfg.rollout.engine == "hf":
             rkw["max_batch_sequences"] = cfg.rollout.max_batch_sequences

@@ -191,8 +191,8 @@ def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path) -> lis
 def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): the penalty's SVD, the
     Hugging Face checkpoint and the weight digests gather whole weights; gradients accumulate over
-    micro-batches (they used to keep the last one only); the run ends as ZeRO-2's does, and a run
-    resumed from its step-1 checkpoint ends as the uninterrupted one."""
+    micro-batches (they used to keep the last one only), with activation checkpointing; the run
+    ends as ZeRO-2's does, and a run resumed from its step-1 checkpoint ends as the uninterrupted one."""
     from safetensors.torch import load_file
 
     from l2t_core.checkpoint import LATEST, RunStorage
@@ -210,7 +210,7 @@ def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tm
     base = dict(policy=str(tiny_dir), steps=2, prompts_per_step=4, method="l2t", engine="deepspeed",
                 checkpoint_every=1, keep_checkpoints=2, data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
                 rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
-                micro_batch_tokens=120, mini_batches=2)
+                micro_batch_tokens=120, mini_batches=2, gradient_checkpointing=True)
     runs = {"zero2": ROOT / "infra" / "deepspeed" / "zero2.json", "zero3": tmp_path / "ds_zero3.json"}
     ranks = {k: _run_two_ranks({**base, "out": str(tmp_path / k), "deepspeed_config": str(v)}, tmp_path, k, data)
              for k, v in runs.items()}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from l2t_core.engines.gather import full_named_tensors, full_state_dict, gathered, is_partitioned
+import pytest
+
+from l2t_core.engines.gather import check_head_chunking, full_named_tensors, full_state_dict, gathered, is_partitioned
 
 
 class Tied(torch.nn.Module):
@@ -34,3 +36,16 @@ def test_full_state_dict_of_a_plain_module_is_its_state_dict():
     assert full_state_dict(m, keep=False) is None
     with gathered(m.parameters()):  # a no-op without ZeRO-3
         assert m.head.weight.shape == (5, 3)
+
+
+def test_head_chunking_is_refused_where_zero3_partitions_the_head(model):
+    check_head_chunking(model, 4096)  # a whole head: fine
+    check_head_chunking(model, None)
+    head = model.get_output_embeddings()
+    head.weight.ds_id = 0  # how DeepSpeed marks a ZeRO-3 partitioned parameter
+    try:
+        check_head_chunking(model, None)  # not asked for: fine
+        with pytest.raises(ValueError, match="head_chunk_tokens is not supported when DeepSpeed ZeRO-3"):
+            check_head_chunking(model, 4096)
+    finally:
+        del head.weight.ds_id

@@ -61,3 +61,15 @@ def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, tor
         if keep:
             out[name] = t.to("cpu", copy=True)
     return out if keep else None
+
+
+def check_head_chunking(model: torch.nn.Module, head_chunk_tokens: int | None) -> None:
+    """Refuse ``head_chunk_tokens`` where ZeRO-3 partitions the output head: the checkpointed head
+    chunks are recomputed inside the backward, where DeepSpeed does not gather the head's weight
+    (measured on two CPU ranks: torch's checkpoint finds an empty weight in the recomputation)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head_chunk_tokens and head is not None and is_partitioned(head.parameters()):
+        raise ValueError(
+            "head_chunk_tokens is not supported when DeepSpeed ZeRO-3 partitions the output head (its chunks are "
+            "recomputed in the backward, where the head's weight is not gathered); unset head_chunk_tokens, or "
+            "train with ZeRO-2 (infra/deepspeed/zero2.json)")
