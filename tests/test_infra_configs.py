@@ -60,3 +60,9 @@ def test_overrides_on_the_command_line_win_over_the_file():
                                                        "data.train_size=4000", "steps=125"])
     assert (cfg.method, cfg.policy, cfg.data.train_size, cfg.steps) == (
         "grpo", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 4000, 125)
+
+
+def test_the_7b_variant_in_the_header_validates():
+    cfg = cli_config(CONFIGS[0], sets=["deepspeed_config=infra/deepspeed/zero3_offload.json", "head_chunk_tokens=null"])
+    assert cfg.deepspeed_config.endswith("zero3_offload.json") and cfg.head_chunk_tokens is None
+    assert (ROOT / cfg.deepspeed_config).is_file()
