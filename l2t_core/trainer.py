@@ -177,6 +177,8 @@ class Trainer:
         kw = {"config_path": cfg.deepspeed_config} if cfg.engine == "deepspeed" else {}
         self.engine = make_train_engine(cfg.engine, policy, cfg.optim, total_updates, **kw)
         check_head_chunking(self.engine.unwrapped(), cfg.head_chunk_tokens)
+        if self.reference is not None:  # partitioned like the policy, or in its training dtype
+            self.reference = self.engine.prepare_reference(self.reference)
         rkw = dict(max_prompt_tokens=cfg.rollout.max_prompt_tokens)
         if cfg.rollout.engine == "hf":
             rkw["max_batch_sequences"] = cfg.rollout.max_batch_sequences

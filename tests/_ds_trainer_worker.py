@@ -4,8 +4,9 @@
 ``Trainer(cfg).run()`` (cfg: a TrainConfig as JSON, with ``engine="deepspeed"``) into the shared run
 directory of the config. Each rank then writes to OUT:
 
-* ``rank<r>.json``: its rank, world size, final step, returned checkpoint and a sha256 digest of its
-  final weights (every state-dict tensor as float32, in name order);
+* ``rank<r>.json``: its rank, world size, final step, returned checkpoint, a sha256 digest of its
+  final weights (every state-dict tensor as float32, in name order) and whether its reference
+  policy is ZeRO-3 partitioned;
 * ``rollouts-rank<r>.pkl``: ``{step: (rollouts, problems)}``, the rank's share of every step as
   ``Trainer._rollouts`` returned it, so the test can replay the whole batch in one process.
 
@@ -38,6 +39,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 def main(cfg_path: str, out: str) -> None:
     torch.set_num_threads(1)
     from l2t_core.config import TrainConfig
+    from l2t_core.engines.gather import is_partitioned
     from l2t_core.trainer import Trainer
 
     cfg = TrainConfig.model_validate_json(Path(cfg_path).read_text())
@@ -55,7 +57,8 @@ def main(cfg_path: str, out: str) -> None:
     rank = tr.rank
     (Path(out) / f"rollouts-rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     info = {"rank": rank, "world": tr.world, "final_step": res.final_step, "checkpoint": res.checkpoint,
-            "digest": weights_digest(tr.engine.unwrapped())}
+            "digest": weights_digest(tr.engine.unwrapped()),
+            "reference_partitioned": is_partitioned(tr.reference.parameters()) if tr.reference is not None else None}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(info))
     import torch.distributed as dist
 

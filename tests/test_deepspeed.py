@@ -191,8 +191,9 @@ def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path) -> lis
 def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): the penalty's SVD, the
     Hugging Face checkpoint and the weight digests gather whole weights; gradients accumulate over
-    micro-batches (they used to keep the last one only), with activation checkpointing; the run
-    ends as ZeRO-2's does, and a run resumed from its step-1 checkpoint ends as the uninterrupted one."""
+    micro-batches (they used to keep the last one only), with activation checkpointing; the frozen
+    reference is partitioned too; the run ends as ZeRO-2's does, and a run resumed from its step-1
+    checkpoint ends as the uninterrupted one."""
     from safetensors.torch import load_file
 
     from l2t_core.checkpoint import LATEST, RunStorage
@@ -225,6 +226,9 @@ def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tm
     for k in w2:
         torch.testing.assert_close(w3[k], w2[k], rtol=0, atol=1e-4, msg=k)
     assert ranks["zero3"][0]["digest"] == ranks["zero3"][1]["digest"]
+    # the frozen reference is partitioned like the policy under ZeRO-3 (and its KL the same as ZeRO-2's, below)
+    assert [r["reference_partitioned"] for r in ranks["zero3"]] == [True, True]
+    assert [r["reference_partitioned"] for r in ranks["zero2"]] == [False, False]
     steps = {k: read_table(RunStorage(str(tmp_path / k)), "train_steps") for k in runs}
     for col in ("grad_norm", "loss", "kl", "accuracy"):
         assert steps["zero3"][col].tolist() == pytest.approx(steps["zero2"][col].tolist(), rel=1e-4, abs=1e-7), col

@@ -63,3 +63,8 @@ class TrainEngine(abc.ABC):
     def unwrapped(self) -> torch.nn.Module:
         """The plain ``transformers`` model (for ``save_pretrained`` and the reward pass)."""
         return self.module
+
+    def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """The frozen reference policy, placed as this engine holds the policy (a copy made before
+        the engine took the policy over); run forward passes on what this returns."""
+        return reference

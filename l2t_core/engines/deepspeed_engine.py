@@ -110,6 +110,7 @@ class DeepSpeedEngine(TrainEngine):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+        self._ds_cfg = ds_cfg
         self.module = self.ds.module
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -144,3 +145,20 @@ class DeepSpeedEngine(TrainEngine):
 
     def unwrapped(self) -> torch.nn.Module:
         return self.ds.module
+
+    def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """Under ZeRO-3 the reference is partitioned like the policy (a DeepSpeed engine with no
+        optimizer, ZeRO-3's parameter partitioning only), so no rank holds a whole copy of it;
+        otherwise it takes the policy's dtype (bf16 where DeepSpeed trains in bf16), so the KL
+        compares the two at the same precision and the copy costs half the memory."""
+        if self.ds.zero_optimization_stage() == 3:
+            deepspeed = _require_deepspeed()
+            cfg = {k: v for k, v in self._ds_cfg.items() if k in ("bf16", "fp16", "train_micro_batch_size_per_gpu")}
+            zero = {k: v for k, v in self._ds_cfg["zero_optimization"].items()
+                    if k.startswith("stage3_param") or k in ("stage", "offload_param")}
+            ref, *_ = deepspeed.initialize(model=reference, config={**cfg, "zero_optimization": zero,
+                                                                   "gradient_accumulation_steps": 1})
+            ref.module.eval()
+            return ref.module
+        dtype = next(self.ds.module.parameters()).dtype
+        return reference.to(dtype=dtype)
