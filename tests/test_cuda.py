@@ -4,7 +4,8 @@ Every other test runs on the CPU, where the reward math is checked against brute
 Here the CUDA results are checked against those CPU results: packed J, the penalty's per-token
 signals and episode scores (low-rank, full-layer, exact all-parameter), a resumed L2T run that ends
 where an uninterrupted one does (SVD bases refreshed across the checkpoint, so they must come back
-on the device), the randomized SVD leaving the global CUDA generator alone, and both trainer
+on the device), the randomized SVD leaving the global CUDA generator alone, the memory options
+(activation checkpointing, chunked output head) changing nothing but memory, and both trainer
 benchmarks in their quick form. Run it on a GPU machine with ``pytest tests/test_cuda.py``.
 
 Tolerances are looser than the CPU tests' (1e-4 relative): CUDA kernels sum in other orders, and
@@ -123,6 +124,24 @@ def test_resumed_l2t_run_on_cuda_ends_where_an_uninterrupted_one_does(tiny_dir, 
     saved = json.loads((tmp_path / "resumed/checkpoints/step-000004/train_config.json").read_text())
     assert saved["device"] == "cuda"
     assert (full.steps["step_time_s"] > 0).all() and (full.steps["reward_time_s"] > 0).all()
+
+
+def test_memory_options_on_cuda_give_the_same_update(tiny_dir, toy_data, tmp_path):
+    """gradient_checkpointing and head_chunk_tokens on the GPU: the same step metrics and weights
+    as without them (they change what is kept in memory, not what is computed)."""
+    from safetensors.torch import load_file
+
+    from l2t_core.trainer import Trainer
+
+    runs = {}
+    for name, extra in (("plain", {}), ("memory", {"gradient_checkpointing": True, "head_chunk_tokens": 5})):
+        tr = Trainer(make_cfg(tiny_dir, tmp_path / name, steps=2, device="cuda", **extra), show_progress=False)
+        runs[name] = tr.run()
+    pd.testing.assert_frame_equal(comparable(runs["plain"].steps), comparable(runs["memory"].steps), rtol=1e-4)
+    wa = load_file(str(tmp_path / "plain/checkpoints/step-000002/model.safetensors"))
+    wb = load_file(str(tmp_path / "memory/checkpoints/step-000002/model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.slow
