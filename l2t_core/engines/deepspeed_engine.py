@@ -158,6 +158,7 @@ class DeepSpeedEngine(TrainEngine):
                     if k.startswith("stage3_param") or k in ("stage", "offload_param")}
             ref, *_ = deepspeed.initialize(model=reference, config={**cfg, "zero_optimization": zero,
                                                                    "gradient_accumulation_steps": 1})
+            self._reference_engine = ref  # owns the hooks that gather the reference's partitions
             ref.module.eval()
             return ref.module
         dtype = next(self.ds.module.parameters()).dtype
