@@ -427,7 +427,7 @@ class Trainer:
         self._phase(step, "update")
         t0 = device_clock(self.device)
         # the update's backward passes recompute the decoder's activations when asked; the reward
-        # pass above keeps them (its forward hook reads the target layer's inputs once)
+        # pass above does not (its backward ends inside the last block: see activation_checkpointing)
         with activation_checkpointing(self.engine.unwrapped(), self.cfg.gradient_checkpointing):
             upd = self._update(rollouts, rewards, ref)
         t_update = device_clock(self.device) - t0

@@ -174,7 +174,7 @@ class VLLMRolloutEngine(RolloutEngine):
         chunk: list[tuple[str, torch.Tensor]] = []
         for name, t in full_named_tensors(model):  # whole tensors, also under ZeRO-3
             name = name.replace("_orig_mod.", "")  # torch.compile'd modules
-            chunk.append((name, t.detach() if self._by_reference else t.detach().to("cpu")))
+            chunk.append((name, t if self._by_reference else t.to("cpu")))  # already detached
             if len(chunk) == self.sync_chunk_tensors:
                 self.llm.collective_rpc("l2t_load_weights", args=(chunk,))
                 chunk = []
