@@ -2,8 +2,8 @@
 
 ``python tests/_ds_worker.py OUT reference`` runs the whole batch in one process with TorchEngine;
 under ``torchrun --nproc_per_node 2 tests/_ds_worker.py OUT deepspeed`` each rank takes its share of
-the batch, in two micro-batches, with DeepSpeedEngine (ZeRO-2, gloo on CPU). Each writes its
-updated weights to OUT/<mode>-rank<r>.pt."""
+the batch, in two micro-batches, with DeepSpeedEngine (ZeRO-2, gloo on CPU; a third argument sets
+another ZeRO stage). Each writes its updated weights to OUT/<mode>-rank<r>.pt."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def micro_loss(model, idx, batch, total_tokens, world):
     return out.loss * share * world
 
 
-def main(out: str, mode: str) -> None:
+def main(out: str, mode: str, stage: int = 2) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = build_tiny_qwen2(VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -62,8 +62,11 @@ def main(out: str, mode: str) -> None:
     else:
         from l2t_core.engines.deepspeed_engine import DeepSpeedEngine
 
-        cfg = Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / "zero2.json"
-        eng = DeepSpeedEngine(model, OPT, 10, config_path=str(cfg))
+        import json
+
+        cfg = json.loads((Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / "zero2.json").read_text())
+        cfg["zero_optimization"]["stage"] = stage
+        eng = DeepSpeedEngine(model, OPT, 10, config_path=cfg)
         rank, world = eng.rank, eng.world_size
         mine = list(range(4))[rank::world]
         shares = [[i] for i in mine]  # one sequence per micro-batch: two backward calls per rank
@@ -82,5 +85,5 @@ def main(out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))
     os._exit(0)

@@ -33,11 +33,14 @@ def _env():
 
 
 @pytest.mark.slow
-def test_zero2_two_ranks_agree_and_equal_single_process(tmp_path):
+@pytest.mark.parametrize("stage", [2, 0])
+def test_two_ranks_agree_and_equal_single_process(tmp_path, stage):
+    """Stage 0 (no ZeRO) steps the client optimizer itself and keeps no gradient norm in
+    DeepSpeed; the engine measures it, so it must equal the whole batch's there too."""
     subprocess.run([sys.executable, str(WORKER), str(tmp_path), "reference"], check=True, env=_env(),
                    timeout=120, cwd=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "deepspeed"]
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "deepspeed", str(stage)]
     proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref = torch.load(tmp_path / "reference-rank0.pt", weights_only=False)

@@ -114,6 +114,10 @@ class DeepSpeedEngine(TrainEngine):
         self.module = self.ds.module
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        # ZeRO's optimizers and DeepSpeed's bf16/fp16 wrappers record the gradient norm of each
+        # step; without ZeRO (stage 0, fp32) DeepSpeed steps the client optimizer as it is and
+        # keeps no norm (``get_global_grad_norm`` is None), so this engine measures it itself
+        self._measure_norm = not hasattr(self.ds.optimizer, "_global_grad_norm")
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         # DeepSpeed's own forward() opens every micro-batch with this call, and ZeRO-3 counts its
@@ -129,8 +133,15 @@ class DeepSpeedEngine(TrainEngine):
 
     def step(self) -> dict[str, float]:
         lr = float(self.ds.get_lr()[0])
+        measured = None
+        if self._measure_norm:
+            # the last backward was the accumulation boundary: every rank holds the rank-averaged
+            # gradient, which DeepSpeed clips inside step(); the norm before clipping is reported,
+            # as TorchEngine and ZeRO report it
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            measured = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
+        norm = measured if self._measure_norm else self.ds.get_global_grad_norm()
         self.ds.zero_grad()
         return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
 
