@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run: the CUDA tests, then the reward-math and trainer benchmarks on the GPU
 # at the CPU benchmarks' tiny size and at Qwen2-0.5B's shape (896 hidden, 24 layers, 14 heads / 2 KV
-# heads, MLP 4,864, vocabulary 151,936; random weights, fp32; exact and randomized SVD). Each result is one JSON file in
+# heads, MLP 4,864, vocabulary 151,936; random weights, fp32; exact and randomized SVD), and the memory options'
+# peak GPU memory at the paper's length on the 1.5B shape (bench.train_memory). Each result is one JSON file in
 # $OUT (default ./gpu-out); a failing step is logged and the others still run; exit status 1 if any
 # step failed.
 #
@@ -41,4 +42,6 @@ for svd in exact randomized; do
   step "reward overhead, Qwen2-0.5B shape, $svd SVD" "reward_overhead_qwen05b_$svd.json" \
     "$PY" -m bench.reward_overhead --device cuda "${QWEN05B[@]}" --max-new-tokens 512 --svd "$svd"
 done
+step "memory options at the paper's length, Qwen2-1.5B shape (bf16, 16,384 response tokens)" train_memory_qwen2_1.5b.json \
+  "$PY" -m bench.train_memory --device cuda --preset qwen2-1.5b
 exit $failed

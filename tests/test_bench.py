@@ -115,3 +115,22 @@ def test_paper_scale_plan_from_a_measured_file(tmp_path, capsys):
         assert numina["gpu_hours_total"] / aime["gpu_hours_total"] == pytest.approx(4000 / 919)
     assert big["per_epoch"][next(iter(big["per_epoch"]))]["gpu_hours_total"] > \
         small["per_epoch"][next(iter(small["per_epoch"]))]["gpu_hours_total"]
+
+
+@pytest.mark.slow
+def test_train_memory_bench_quick_runs(capsys):
+    """Every pass under every setting runs in its own process and reports a peak and a time; the
+    memory options change nothing but memory and time (their outputs equal plain's)."""
+    import json
+
+    from bench.train_memory import PASSES, main
+
+    res = main(["--quick"])
+    assert json.loads(capsys.readouterr().out)["passes"].keys() == PASSES.keys()  # one JSON object on stdout
+    for which, settings in PASSES.items():
+        by = res["passes"][which]
+        assert set(by) == set(settings)
+        for setting, r in by.items():
+            assert "error" not in r and r["seconds"] > 0 and r["peak_bytes"] >= 0, (which, setting, r)
+            if setting != "plain":
+                assert r["max_rel_diff"] < 1e-4, (which, setting)
