@@ -507,7 +507,7 @@ def test_config_differences_leave_out_options_that_the_j_estimator_does_not_read
     """continuation_batch and continuation_budget only matter to the continuation J: a run made
     with the paper's J under another value (an earlier default) is the same run; with the
     continuation J they are compared."""
-    from l2t_core.config import RewardConfig, TrainConfig, config_differences
+    from l2t_core.config import TrainConfig, config_differences
 
     cur = TrainConfig(policy="p", out="/runs/a", method="l2t")
     saved = json.loads(cur.model_dump_json())
