@@ -134,3 +134,14 @@ def test_train_memory_bench_quick_runs(capsys):
             assert "error" not in r and r["seconds"] > 0 and r["peak_bytes"] >= 0, (which, setting, r)
             if setting != "plain":
                 assert r["max_rel_diff"] < 1e-4, (which, setting)
+
+
+def test_train_memory_bench_presets_and_bad_arguments():
+    from bench.train_memory import parse
+
+    args = parse(["--preset", "qwen2-1.5b"])  # the paper's base-model shape at its completion length
+    assert (args.hidden, args.layers, args.vocab, args.response, args.dtype) == (1536, 28, 151936, 16384, "bfloat16")
+    with pytest.raises(SystemExit):
+        parse(["--episodes", "0"])
+    with pytest.raises(SystemExit):
+        parse(["--chunk", "0"])
