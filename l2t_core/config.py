@@ -290,6 +290,15 @@ class RolloutConfig(_Strict):
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     # vLLM frees its KV cache and parks its weights on CPU while the trainer updates (same GPU)
     vllm_enable_sleep_mode: bool = False
+    vllm_sleep_level: Literal[1, 2] = Field(1, description=(
+        "With vllm_enable_sleep_mode: 1 parks vLLM's weights in CPU memory while it sleeps (a whole copy per "
+        "rank); 2 drops them and copies them again from the trainer on waking (no CPU copy, no copy back; the "
+        "trainer replaces them after every update anyway)."))
+
+    def model_post_init(self, __context) -> None:
+        if self.vllm_sleep_level == 2 and not self.vllm_enable_sleep_mode:
+            raise ValueError("rollout.vllm_sleep_level 2 needs rollout.vllm_enable_sleep_mode: true "
+                             "(without sleep mode vLLM never sleeps)")
 
 
 class DataConfig(_Strict):

@@ -186,7 +186,8 @@ class Trainer:
             rkw.update(model_path=cfg.policy, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                        tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size, seed=cfg.seed,
                        max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                       enable_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)
+                       enable_sleep_mode=cfg.rollout.vllm_enable_sleep_mode,
+                       sleep_level=cfg.rollout.vllm_sleep_level)
         self.rollout = make_rollout_engine(cfg.rollout.engine, self.engine.unwrapped(), self.tokenizer, **rkw)
         c = cfg.reward.compression
         self.proxy = SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps, c.seed)

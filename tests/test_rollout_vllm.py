@@ -3,7 +3,8 @@
 * Without vLLM: constructing the engine names the ``gpu`` extra, and a missing CUDA device is a
   clear error.
 * With vLLM and a GPU (skipped elsewhere): a tiny Qwen2 is sampled by real vLLM and checked
-  against the ``hf`` engine, before and after ``sync_weights``, with and without sleep mode.
+  against the ``hf`` engine, before and after ``sync_weights``, with and without sleep mode (both levels).
+* Sleep levels through a stand-in for ``vllm.LLM`` that models them (what the engine asks of vLLM, in order).
 """
 
 from __future__ import annotations
@@ -97,6 +98,103 @@ def test_engine_passes_the_launch_kwargs_to_vllm(monkeypatch):
     eng.llm = None
 
 
+class SleepyLLM:
+    """``vllm.LLM`` as this engine uses it, with its sleep levels modelled (vLLM cannot be installed
+    here; the real one runs in the GPU tests below): level 1 keeps a CPU copy of the weights, level 2
+    keeps nothing, so what wakes up is garbage (NaN) until weights are loaded. ``generate`` samples
+    one token that is a function of the weights, and refuses sleeping or garbage memory."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.weights, self.asleep, self.events = kwargs, {}, set(), []
+
+    def collective_rpc(self, method, args=()):
+        assert method == "l2t_load_weights" and "weights" not in self.asleep, "weights loaded into sleeping memory"
+        self.events.append("load")
+        self.weights.update({n: t.detach().clone() for n, t in args[0]})
+
+    def reset_prefix_cache(self):
+        assert "kv_cache" not in self.asleep
+
+    def sleep(self, level):
+        self.events.append(f"sleep{level}")
+        self.level, self.asleep = level, {"weights", "kv_cache"}
+        self.backup = {n: t.clone() for n, t in self.weights.items()} if level == 1 else None
+        self.weights = {n: torch.full_like(t, float("nan")) for n, t in self.weights.items()}
+
+    def wake_up(self, tags):
+        assert tags and all(t in self.asleep for t in tags), f"woke {tags} while asleep: {self.asleep}"
+        self.events.append("wake:" + ",".join(tags))
+        self.asleep.difference_update(tags)
+        if "weights" in tags and self.level == 1:
+            self.weights = {n: t.clone() for n, t in self.backup.items()}
+
+    def generate(self, prompts, sampling, use_tqdm=False):
+        assert not self.asleep, f"generate while {self.asleep} sleep"
+        total = float(sum(t.double().sum() for t in self.weights.values()))
+        assert total == total, "generate read weights that were dropped and never loaded again"
+        token = 2 + int(abs(total) * 1e3) % 50
+        self.events.append("generate")
+        return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"],
+                                outputs=[SimpleNamespace(index=k, token_ids=[token], finish_reason="length")
+                                         for k in range(sp.n)]) for p, sp in zip(prompts, sampling)]
+
+
+@pytest.fixture
+def sleepy_vllm(monkeypatch):
+    """The engine module with ``vllm`` replaced by :class:`SleepyLLM`; records empty_cache calls."""
+    import l2t_core.rollout.vllm as engine_mod
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = SleepyLLM
+    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine_mod, "_process_group", lambda: (1, 0))
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    return engine_mod, emptied
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_levels_sample_from_the_synced_weights_and_free_torch_cache_first(sleepy_vllm, level):
+    """What a training step does (sample, sleep, sample again for the reward, sync after the update,
+    sample): every sample comes from the trainer's weights at either level; level 2 copies them
+    again after each sleep; torch's cache is emptied before every wake-up."""
+    engine_mod, emptied = sleepy_vllm
+    model = torch.nn.Linear(3, 2)
+    eng = engine_mod.VLLMRolloutEngine(model, StubTokenizer(), model_path="m", enable_sleep_mode=True,
+                                       sleep_level=level)
+    llm = eng.llm
+    sp = SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=0)
+    first = eng.generate([[5, 6]], sp)[0][0].response_ids
+    assert eng._asleep == {"weights", "kv_cache"} and llm.events[-1] == f"sleep{level}"
+    assert eng.generate([[5, 6]], sp)[0][0].response_ids == first  # the reward pass's samples: same weights
+    with torch.no_grad():  # an update, then the trainer's sync
+        model.weight.add_(0.37)
+    eng.sync_weights(model)
+    assert llm.events[-2:] == ["wake:weights", "load"]  # the KV cache stays asleep during the copy
+    assert eng.generate([[5, 6]], sp)[0][0].response_ids != first
+    assert llm.events[-3:] == ["wake:kv_cache", "generate", f"sleep{level}"]
+    loads_after_sleep = sum(1 for a, b in zip(llm.events, llm.events[1:]) if a == "wake:weights" and b == "load")
+    assert loads_after_sleep == (1 if level == 1 else 2)  # level 2 also reloads before the reward's samples
+    assert len(emptied) == sum(e.startswith("wake") for e in llm.events)
+    eng.llm = None
+
+
+def test_sleep_level_is_checked(sleepy_vllm):
+    engine_mod, _ = sleepy_vllm
+    with pytest.raises(ValueError, match="sleep_level must be 1 .* or 2"):
+        engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", sleep_level=3)
+    from l2t_core.config import RolloutConfig
+
+    with pytest.raises(ValueError, match="vllm_sleep_level 2 needs rollout.vllm_enable_sleep_mode"):
+        RolloutConfig(engine="vllm", vllm_sleep_level=2)
+    assert RolloutConfig(engine="vllm", vllm_enable_sleep_mode=True, vllm_sleep_level=2).vllm_sleep_level == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Real vLLM on a GPU
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +216,7 @@ def _tiny(seed):
                             seed=seed)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["awake", "sleep_mode"])
+@pytest.fixture(scope="module", params=[(False, 1), (True, 1), (True, 2)], ids=["awake", "sleep_mode", "sleep_level2"])
 def gpu(request, tmp_path_factory):
     pytest.importorskip("vllm", reason="vLLM is not installed (the gpu extra: pip install -e '.[gpu]')")
     if not torch.cuda.is_available():
@@ -134,7 +232,8 @@ def gpu(request, tmp_path_factory):
     tok.save_pretrained(d)
     model, tok = load_policy(d, device="cuda")  # float32: the comparison with hf is token for token
     engine = VLLMRolloutEngine(model, tok, model_path=str(d), dtype="float32", gpu_memory_utilization=0.2,
-                               max_model_len=256, enforce_eager=True, enable_sleep_mode=request.param)
+                               max_model_len=256, enforce_eager=True, enable_sleep_mode=request.param[0],
+                               sleep_level=request.param[1])
     yield SimpleNamespace(model=model, tok=tok, vllm=engine, hf=HFRolloutEngine(model, tok),
                           prompts=[tok(t)["input_ids"] for t in TEXTS])
     engine.close()
@@ -189,7 +288,10 @@ def test_vllm_sync_weights_follows_the_trainer(gpu):
         assert _first(gpu.vllm.generate(gpu.prompts, greedy)) == before
         with torch.no_grad():  # vLLM holds a copy: changing the trainer's tensors without a sync changes nothing
             gpu.model.lm_head.weight.mul_(-1.0)
-        assert _first(gpu.vllm.generate(gpu.prompts, greedy)) == before
+        if gpu.vllm.sleep_level == 1:
+            assert _first(gpu.vllm.generate(gpu.prompts, greedy)) == before
+        else:  # ... except after a level-2 sleep, which kept no copy: it copies the module as it is now
+            assert _first(gpu.vllm.generate(gpu.prompts, greedy), 4) == _first(gpu.hf.generate(gpu.prompts, greedy), 4)
     finally:
         gpu.model.load_state_dict(original)
         gpu.vllm.sync_weights(gpu.model)

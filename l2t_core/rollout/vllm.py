@@ -27,10 +27,16 @@ Targets vLLM >= 0.10 (the V1 engine) through its public API only:
   instead of starting one of its own, and each rank's engine gets its own seed
   (:func:`launch_kwargs`). Tensor parallelism across ranks is refused there: its partners would
   have to sample the same prompts, and the trainer gives each rank different ones.
-* With ``enable_sleep_mode`` the engine sleeps after each ``generate`` (``LLM.sleep(level=1)``:
-  weights go to CPU and the KV cache is freed), so the trainer gets the GPU memory back. It wakes
-  only the weights for ``sync_weights`` and the rest before the next ``generate``
-  (``LLM.wake_up(tags=...)``).
+* With ``enable_sleep_mode`` the engine sleeps after each ``generate``, so the trainer gets the GPU
+  memory back: ``LLM.sleep(level=sleep_level)``. Level 1 (the default) frees the KV cache and
+  parks the weights in CPU memory (a whole copy per rank: 15 GB for a 7B model in bf16); level 2
+  frees both and keeps no copy, since the weights are about to be replaced anyway: on waking, the
+  engine copies them again from the module it last synced from (``sync_weights`` after an update,
+  or that module as it is now when a ``generate`` comes first, e.g. the continuation J's samples
+  in the reward pass). It wakes the weights alone for a weight copy and the KV cache after it
+  (``LLM.wake_up(tags=...)``), and before each wake-up returns the memory that torch's caching
+  allocator still holds from the update (``torch.cuda.empty_cache``): vLLM maps its memory back
+  from the driver, which cannot hand out blocks torch keeps cached.
 
 Weights partitioned by DeepSpeed ZeRO-3 are gathered one submodule at a time
 (:func:`~l2t_core.engines.gather.full_named_tensors`). Not handled: quantized (e.g. fp8) engines
@@ -107,7 +113,11 @@ class VLLMRolloutEngine(RolloutEngine):
     def __init__(self, model, tokenizer, *, model_path: str | None = None, gpu_memory_utilization: float = 0.8,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None, dtype: str = "bfloat16",
                  seed: int = 0, max_prompt_tokens: int | None = None, enforce_eager: bool = False,
-                 enable_sleep_mode: bool = False, sync_chunk_tensors: int = 64, **llm_kwargs):
+                 enable_sleep_mode: bool = False, sleep_level: int = 1, sync_chunk_tensors: int = 64,
+                 **llm_kwargs):
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VLLMRolloutEngine: sleep_level must be 1 (weights parked on CPU) or 2 (weights "
+                             f"dropped and copied again from the trainer), got {sleep_level!r}")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self._vllm, self._tokens_prompt = _import_vllm()
         if tokenizer.eos_token_id is None:
@@ -119,6 +129,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.eos = tokenizer.eos_token_id
         self.max_prompt_tokens = max_prompt_tokens
         self.sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
+        self._source: torch.nn.Module = model  # the module the engine's weights were last copied from
+        self._weights_dropped = False  # a level-2 sleep discarded them: copy them again before sampling
         self.sync_chunk_tensors = max(1, int(sync_chunk_tensors))
         self._by_reference = tensor_parallel_size == 1 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         self._asleep: set[str] = set()
@@ -144,7 +157,10 @@ class VLLMRolloutEngine(RolloutEngine):
                 stop_token_ids=[self.eos], detokenize=False)
             for i in range(len(prompts))
         ]
-        self._wake(*_TAGS)
+        self._wake("weights")
+        if self._weights_dropped:
+            self._load_weights(self._source)
+        self._wake("kv_cache")
         outs = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts], sampling,
                                  use_tqdm=False)
         self.sleep()
@@ -168,9 +184,15 @@ class VLLMRolloutEngine(RolloutEngine):
             ids.pop()
         return Completion(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished)
 
-    @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
         self._wake("weights")
+        self._load_weights(model)
+        self._source = model
+        if "kv_cache" not in self._asleep:  # LLM.sleep already dropped the cache otherwise
+            self.llm.reset_prefix_cache()
+
+    @torch.no_grad()
+    def _load_weights(self, model: torch.nn.Module) -> None:
         chunk: list[tuple[str, torch.Tensor]] = []
         for name, t in full_named_tensors(model):  # whole tensors, also under ZeRO-3
             name = name.replace("_orig_mod.", "")  # torch.compile'd modules
@@ -180,18 +202,20 @@ class VLLMRolloutEngine(RolloutEngine):
                 chunk = []
         if chunk:
             self.llm.collective_rpc("l2t_load_weights", args=(chunk,))
-        if "kv_cache" not in self._asleep:  # LLM.sleep already dropped the cache otherwise
-            self.llm.reset_prefix_cache()
+        self._weights_dropped = False
 
     def sleep(self) -> None:
-        """Free the KV cache and move the weights to CPU (only with ``enable_sleep_mode``)."""
+        """Free the KV cache and park the weights on CPU (level 1) or drop them (level 2); only
+        with ``enable_sleep_mode``."""
         if self.sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self._asleep = set(_TAGS)
+            self._weights_dropped = self.sleep_level == 2
 
     def _wake(self, *tags: str) -> None:
         todo = [t for t in tags if t in self._asleep]  # waking a tag that is awake would map it twice
         if todo:
+            torch.cuda.empty_cache()  # the update's cached blocks, so vLLM can map its memory back
             self.llm.wake_up(tags=todo)
             self._asleep.difference_update(todo)
 
