@@ -158,8 +158,8 @@ class VLLMRolloutEngine(RolloutEngine):
             for i in range(len(prompts))
         ]
         self._wake("weights")
-        if self._weights_dropped:
-            self._load_weights(self._source)
+        if self._weights_dropped:  # under ZeRO-3 a collective (it gathers): the trainer's ranks all
+            self._load_weights(self._source)  # sample at the same points of a step, so all come here
         self._wake("kv_cache")
         outs = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts], sampling,
                                  use_tqdm=False)
