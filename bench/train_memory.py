@@ -17,8 +17,10 @@ paper-length rollout) through a random-init Qwen2 of the given shape:
 
 Each (pass, setting) runs in a fresh process, so its peak is its own, twice: the peak is read
 from the first run, the time from the second. Peak = on CUDA ``torch.cuda.max_memory_allocated``
-above what the model and the inputs already hold; on the CPU the growth of the process's peak
-resident set (``ru_maxrss``), which also counts the allocator's caching (coarser). The outputs of
+above what the model and the inputs already hold; on the CPU the peak resident set during the pass
+above the resident set before it (Linux ``VmHWM`` after resetting it through
+``/proc/self/clear_refs``; where that is not allowed, the growth of ``ru_maxrss``), which also
+counts the allocator's caching. The outputs of
 every setting are compared to ``plain``'s (``max_rel_diff``, max |difference| / max |plain's value|
 of each output: the update's per-tensor gradient norms, the first 4,096 gradient entries of each
 tensor and the loss; the reference's log-probs; the reward pass's J, log π_old and penalties), since the
@@ -85,13 +87,35 @@ def _peak_probe(device):
         def peak(base):
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
+    elif _can_reset_rss_peak():
+        def start():  # the peak resident set restarts from the current one (Linux: clear_refs 5)
+            Path("/proc/self/clear_refs").write_text("5")
+            return _status_kib("VmRSS") * 1024
+
+        def peak(base):
+            return _status_kib("VmHWM") * 1024 - base
     else:
-        def start():  # ru_maxrss is in KiB on Linux
+        def start():  # the process's peak so far (ru_maxrss is in KiB on Linux); coarser
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
         def peak(base):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return start, peak
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _can_reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmHWM") > 0
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def child(args) -> dict:
@@ -212,7 +236,8 @@ def run(args) -> dict:
                 res["peak_vs_plain"] = res["peak_bytes"] / base
     return {"shape": shape, "parameters_note": "random init; one sequence per pass", "passes": results,
             "peak_measure": "torch.cuda.max_memory_allocated above the model and inputs" if args.device == "cuda"
-            else "growth of the process's peak resident set (ru_maxrss; counts allocator caching)"}
+            else ("peak resident set during the pass above the resident set before it (VmHWM reset by "
+                  "clear_refs)" if _can_reset_rss_peak() else "growth of ru_maxrss (coarser)")}
 
 
 def parse(argv=None) -> argparse.Namespace:
