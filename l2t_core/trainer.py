@@ -201,6 +201,7 @@ class Trainer:
         return {
             "step": self.step,
             "run_id": self.run_id,
+            "world": self.world,  # ranks the run was launched with: they shard prompts and seeds
             "proxy": {"bases": self.proxy.bases, "last_refresh": self.proxy._last_refresh},
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
@@ -284,8 +285,16 @@ class Trainer:
             missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
             if missing or unexpected:
                 raise RuntimeError(f"checkpoint {redact_url(url)} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            self.engine.load_state(d)
             state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+            saved_world = state.get("world", self.world)  # checkpoints before this field: not checked
+            if saved_world != self.world:
+                raise ValueError(
+                    f"{redact_url(url)} was saved by a run on {saved_world} rank(s) and this launch has {self.world}: "
+                    "each rank samples its own share of the prompts with its own seeds (and DeepSpeed saved its "
+                    f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
+                    f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
+                    f"(policy={redact_url(url)}) with a new --out")
+            self.engine.load_state(d)
         self.run_id = state["run_id"]
         # the bases were loaded to the CPU: back to the device of the weights they project
         self.proxy.bases = {n: LowRankBasis(b.U.to(self.device), b.V.to(self.device))

@@ -129,6 +129,21 @@ def test_resume_refuses_a_different_config(tiny_dir, toy_data, tmp_path):
     assert again.final_step == 2 and list(again.steps["step"]) == [1, 2]
 
 
+def test_resume_refuses_another_number_of_ranks(tiny_dir, toy_data, tmp_path):
+    """A run saved by 2 ranks (each sampled its own prompts with its own seeds, and DeepSpeed keeps
+    one optimizer partition per rank) is not resumed by 1, before its engine state is read."""
+    from l2t_core.trainer import STATE_FILE
+
+    Trainer(make_cfg(tiny_dir, tmp_path / "r", steps=2), show_progress=False).run()
+    ck = tmp_path / "r" / "checkpoints" / (tmp_path / "r" / "checkpoints" / LATEST).read_text().strip()
+    state = torch.load(ck / STATE_FILE, weights_only=False)
+    assert state["world"] == 1
+    torch.save({**state, "world": 2}, ck / STATE_FILE)
+    (ck / "engine_state.pt").rename(ck / "engine_state.moved")  # it must not be read
+    with pytest.raises(ValueError, match=r"saved by a run on 2 rank\(s\) and this launch has 1.*new --out"):
+        Trainer(make_cfg(tiny_dir, tmp_path / "r", steps=2), show_progress=False).run()
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tiny_dir, toy_data, tmp_path):
     """Many small micro-batches give the gradient of one big batch (token_mean and seq_mean)."""
