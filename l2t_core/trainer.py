@@ -270,6 +270,15 @@ class Trainer:
                     f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}); "
                     "resume with the same configuration or choose a new --out"
                 )
+            state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+            saved_world = state.get("world", self.world)  # checkpoints before this field: not checked
+            if saved_world != self.world:
+                raise ValueError(
+                    f"{redact_url(url)} was saved by a run on {saved_world} rank(s) and this launch has {self.world}: "
+                    "each rank samples its own share of the prompts with its own seeds (and DeepSpeed saved its "
+                    f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
+                    f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
+                    f"(policy={redact_url(url)}) with a new --out")
             from safetensors.torch import load_file
 
             model = self.engine.unwrapped()
@@ -285,15 +294,6 @@ class Trainer:
             missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
             if missing or unexpected:
                 raise RuntimeError(f"checkpoint {redact_url(url)} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
-            saved_world = state.get("world", self.world)  # checkpoints before this field: not checked
-            if saved_world != self.world:
-                raise ValueError(
-                    f"{redact_url(url)} was saved by a run on {saved_world} rank(s) and this launch has {self.world}: "
-                    "each rank samples its own share of the prompts with its own seeds (and DeepSpeed saved its "
-                    f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
-                    f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
-                    f"(policy={redact_url(url)}) with a new --out")
             self.engine.load_state(d)
         self.run_id = state["run_id"]
         # the bases were loaded to the CPU: back to the device of the weights they project
