@@ -224,9 +224,9 @@ _COMPARE_KEYS = {"train_steps": ["step"], "rollouts": ["step", "rollout"],
 
 
 def _comparable_columns(df) -> list[str]:
-    from l2t_core.trainer import TIMING_COLUMNS
+    from l2t_core.trainer import MEASURED_COLUMNS
 
-    return [c for c in df.columns if c != "run_id" and c not in TIMING_COLUMNS
+    return [c for c in df.columns if c != "run_id" and c not in MEASURED_COLUMNS
             and not (c.startswith("reward_") and c.endswith("_s"))]
 
 

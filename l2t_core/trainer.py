@@ -40,6 +40,7 @@ from .engines.gather import check_head_chunking, full_state_dict, is_partitioned
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
+from .memory import PeakMemory
 from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
 from .prompts import encode_prompt
 from .rewards.compression import LowRankBasis, SVDProxy
@@ -58,6 +59,10 @@ STATE_FILE = "trainer_state.pt"
 # ends as an uninterrupted one whatever its checkpoint steps)
 RESUME_FREE = ("out", "checkpoint_every", "keep_checkpoints")
 TIMING_COLUMNS = ("step_time_s", "rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s")
+# peak memory of each phase (l2t_core.memory; the highest over the ranks): like the timings, a
+# property of the machine, not of the run
+MEMORY_COLUMNS = ("rollout_peak_gib", "reward_peak_gib", "ref_peak_gib", "update_peak_gib")
+MEASURED_COLUMNS = TIMING_COLUMNS + MEMORY_COLUMNS
 
 
 def merge_rank_rows(gathered: Sequence[tuple[list[dict], list[dict]]]) -> tuple[list[dict], list[dict]]:
@@ -88,14 +93,29 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _all_sum_list(values: list[float]) -> list[float]:
-    """Element-wise sum of ``values`` over the ranks (float64 all-reduce); unchanged on one process."""
+def collective_device(dist) -> torch.device:
+    """Where the tensors of a collective must live: an NCCL process group (the GPU launch,
+    ``DeepSpeedEngine``) reduces CUDA tensors only, on this rank's current device; gloo (the CPU
+    launch) reduces CPU tensors."""
+    backend = str(dist.get_backend())  # "nccl", "gloo", or per device: "cpu:gloo,cuda:nccl"
+    if backend == "nccl" or ("cuda:" in backend and "cpu:" not in backend):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_list(values: list[float], dtype: torch.dtype, op: str = "sum") -> list:
+    """Element-wise sum or max of ``values`` over the ranks; unchanged on one process."""
     dist = _dist()
     if dist is None:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    t = torch.tensor(values, dtype=dtype, device=collective_device(dist))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def _all_sum_list(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (float64 all-reduce); unchanged on one process."""
+    return _all_reduce_list(values, torch.float64)
 
 
 def _all_sum(x: float) -> float:
@@ -103,12 +123,11 @@ def _all_sum(x: float) -> float:
 
 
 def _all_max(x: int) -> int:
-    dist = _dist()
-    if dist is None:
-        return x
-    t = torch.tensor([x], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_all_reduce_list([x], torch.long, "max")[0])
+
+
+def _all_max_list(values: list[float]) -> list[float]:
+    return _all_reduce_list(values, torch.float64, "max")
 
 
 def step_prompt_indices(num_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
@@ -192,6 +211,7 @@ class Trainer:
         c = cfg.reward.compression
         self.proxy = SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps, c.seed)
         self.metrics = MetricsWriter(self.storage)
+        self.memory = PeakMemory(self.device)
         self.step = 0
         self.run_id = uuid.uuid4().hex[:12]
         self._setup_done = True
@@ -419,9 +439,14 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         t_step = device_clock(self.device)  # each phase's clock waits for its GPU work (l2t_core.timing)
+        peaks: list[float | None] = []  # each phase's peak memory, in MEMORY_COLUMNS order
+        mem = self.memory
         self._phase(step, "rollout")
+        mem.reset()
         rollouts, probs, t_roll = self._rollouts(step)
+        peaks.append(mem.peak_gib())
         self._phase(step, "reward")
+        mem.reset()
         t0 = device_clock(self.device)
         rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                   verifier=self.verifier, proxy=self.proxy, step=step,
@@ -429,22 +454,30 @@ class Trainer:
                                   all_sum=_all_sum_list if self.world > 1 else None, sampler=self.rollout,
                                   head_chunk_tokens=self.cfg.head_chunk_tokens)
         t_reward = device_clock(self.device) - t0
+        peaks.append(mem.peak_gib())
+        mem.reset()
         t0 = device_clock(self.device)
         if self.reference is not None:
             self._phase(step, "reference")
         ref = self._reference_logprobs(rollouts)
         t_ref = device_clock(self.device) - t0
+        peaks.append(mem.peak_gib() if self.reference is not None else None)
         self._phase(step, "update")
+        mem.reset()
         t0 = device_clock(self.device)
         # the update's backward passes recompute the decoder's activations when asked; the reward
         # pass above does not (its backward ends inside the last block: see activation_checkpointing)
         with activation_checkpointing(self.engine.unwrapped(), self.cfg.gradient_checkpointing):
             upd = self._update(rollouts, rewards, ref)
         t_update = device_clock(self.device) - t0
+        peaks.append(mem.peak_gib())
+        if self.world > 1:  # the highest over the ranks (every rank joins; None travels as -1)
+            peaks = [None if v < 0 else v for v in _all_max_list([-1.0 if p is None else p for p in peaks])]
         row = self._record(step, rollouts, probs, rewards)
         row.update(upd)
         row.update(step_time_s=device_clock(self.device) - t_step, rollout_time_s=t_roll, reward_time_s=t_reward,
                    ref_time_s=t_ref, update_time_s=t_update)
+        row.update(zip(MEMORY_COLUMNS, peaks))
         row.update({f"reward_{k}": v for k, v in rewards.timings.items()})
         return row
 

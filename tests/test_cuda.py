@@ -153,3 +153,22 @@ def test_trainer_benchmarks_run_on_cuda():
     assert pen["device"] == "cuda" and pen["spearman_full_layer"] > 0.9 and pen["packed_j_max_abs_diff"] < 1e-3
     ro = reward_overhead.run(steps=1, prompts=2, group=4, max_new_tokens=48, hidden=64, layers=2, device="cuda")
     assert ro["device"].startswith("cuda") and ro["reward_over_rollout"] > 0 and ro["rollout_s"] > 0
+
+
+def test_trainer_collectives_run_on_an_nccl_process_group():
+    """A GPU launch joins an NCCL process group, which reduces CUDA tensors only: the trainer's
+    sums and maxima over ranks (batch normalisation, token counts, peak memory) must use the rank's
+    device (gloo, in the CPU tests, takes CPU tensors). One rank, a real NCCL group."""
+    import torch.distributed as dist
+
+    from l2t_core.trainer import _all_max, _all_max_list, _all_sum_list
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        assert _all_sum_list([1.5, -2.0]) == [1.5, -2.0]
+        assert _all_max(7) == 7 and _all_max_list([0.25, -1.0]) == [0.25, -1.0]
+    finally:
+        dist.destroy_process_group()

@@ -16,7 +16,7 @@ from l2t_core.cli import apply_overrides, build_config, main as cli_main
 from l2t_core.config import TrainConfig
 from l2t_core.engines import lr_lambda
 from l2t_core.metrics import read_table
-from l2t_core.trainer import TIMING_COLUMNS, Trainer, step_prompt_indices
+from l2t_core.trainer import MEASURED_COLUMNS, Trainer, step_prompt_indices
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def make_cfg(policy, out, **kw) -> TrainConfig:
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:
-    drop = [c for c in df.columns if c in TIMING_COLUMNS or c.startswith("reward_") and c.endswith("_s") or c == "run_id"]
+    drop = [c for c in df.columns if c in MEASURED_COLUMNS or c.startswith("reward_") and c.endswith("_s") or c == "run_id"]
     return df.drop(columns=drop).reset_index(drop=True)
 
 
@@ -116,6 +116,13 @@ def test_resumed_run_ends_with_the_same_metrics_and_weights(tiny_dir, toy_data, 
     assert np.isfinite(eps[["fitting_gain", "penalty_hat", "episode_reward"]].to_numpy()).all()
     saved = json.loads((tmp_path / "resumed/checkpoints/step-000004/train_config.json").read_text())
     assert TrainConfig.model_validate(saved) == make_cfg(tiny_dir, tmp_path / "resumed")
+    # each phase's peak memory is recorded (the process's resident high-water mark on this CPU)
+    from l2t_core.memory import PeakMemory
+    from l2t_core.trainer import MEMORY_COLUMNS
+
+    if PeakMemory("cpu").cpu_ok:
+        peaks = full.steps[list(MEMORY_COLUMNS)]
+        assert (peaks.notna().all().all() and (peaks > 0.05).all().all()), peaks
 
 
 @pytest.mark.slow
