@@ -14,6 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from l2t_core.config import TrainConfig
 from l2t_core.models import load_policy
+from l2t_core.trainer import MEMORY_COLUMNS
 
 from . import plots
 from .config import BaseModelConfig, DatasetsConfig, RewardSettings, RolloutSamplingConfig, TrainRunConfig
@@ -222,6 +223,9 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
     meta.update({f"{t}_rows": n for t, n in counts.items()})
     meta.update(run_url=storage.display(cfg.out), checkpoint=storage.display(latest[1]), final_step=latest[0],
                 config_hash=h, last_accuracy=float(last["accuracy"]), last_mean_tokens=float(last["mean_tokens"]))
+    peaks = tables["train_steps"].reindex(columns=list(MEMORY_COLUMNS)).astype(float)
+    if peaks.notna().any().any():  # the run's highest phase peak, to size the next one's micro-batches
+        meta["peak_memory_gib"] = float(peaks.max().max())
     return dg.MaterializeResult(metadata=meta)
 
 

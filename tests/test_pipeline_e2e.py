@@ -108,6 +108,10 @@ def test_lineage_materializes_checks_pass_and_rematerializing_adds_no_rows(env):
     # the training entrypoint reported through Dagster Pipes; the report has its plots
     ck = materialization(first["l2t"], "checkpoints")
     assert ck["logged_steps"].value == STEPS and ck["final_step"].value == STEPS and "last_accuracy" in ck
+    from l2t_core.memory import PeakMemory
+
+    if PeakMemory("cpu").cpu_ok:  # the run's highest phase peak (the trainer process's resident set)
+        assert ck["peak_memory_gib"].value > 0.05
     assert ck["train_steps_rows"].value == STEPS
     rep = materialization(first["l2t"], "benchmark_reports")
     assert rep["plots"].value.count("data:image/png;base64,") == 2
