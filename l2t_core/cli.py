@@ -162,6 +162,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or YAML file with the config: a local path or an fsspec URL (s3://...)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the whole configuration (file, overrides, flags and every default) as YAML and exit "
+                        "before any compute; the output is a valid --config")
+
+
+def print_config(cfg) -> int:
+    """The validated ``cfg`` as YAML on stdout (URLs redacted), loadable again with ``--config``."""
+    import yaml
+
+    from .urls import redact_urls_in
+
+    print(yaml.safe_dump(redact_urls_in(json.loads(cfg.model_dump_json())), sort_keys=False), end="")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -171,6 +184,8 @@ def cmd_train(args) -> int:
     from .pipes import pipes_session, step_line, step_lines, train_metadata
 
     cfg = build_config(TrainConfig, args, {"policy": "policy", "method": "method", "out": "out", "steps": "steps"})
+    if args.print_config:
+        return print_config(cfg)
     # launched by Dagster Pipes: each step is streamed as it finishes, then the run's metadata;
     # standalone: no-op
     with pipes_session() as pipes:
@@ -197,6 +212,8 @@ def cmd_warmstart(args) -> int:
     from .warmstart import WarmStartConfig, warm_start
 
     cfg = build_config(WarmStartConfig, args, {})
+    if args.print_config:
+        return print_config(cfg)
     path = warm_start(args.out, cfg)
     print(json.dumps({"checkpoint": str(path)}))
     return 0
@@ -206,6 +223,8 @@ def cmd_miniature(args) -> int:
     from .miniature import MiniatureConfig, ReuseError, run_miniature
 
     cfg = build_config(MiniatureConfig, args, {"methods": "methods", "seeds": "seeds"})
+    if args.print_config:
+        return print_config(cfg)
     try:
         report = run_miniature(args.out, cfg, show_progress=not args.quiet)
     except ReuseError as exc:  # --out holds work made with another configuration: nothing was overwritten

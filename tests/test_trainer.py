@@ -349,6 +349,28 @@ def test_bad_inputs_fail_before_compute(tiny_dir, toy_data, tmp_path):
         Trainer(make_cfg(tiny_dir, tmp_path / "m", data={"source": "missing.jsonl"}), show_progress=False).setup()
 
 
+def test_print_config_shows_every_default_and_reads_back(tmp_path, capsys):
+    """``--print-config`` prints the whole resolved configuration, paper defaults included, as YAML
+    that ``--config`` reads back to the same config, and starts nothing."""
+    import yaml
+
+    assert cli_main(["train", "--policy", "some/model", "--out", str(tmp_path / "never"), "--steps", "3",
+                     "--set", "reward.credit.beta=0.3", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    data = yaml.safe_load(text)
+    assert data["reward"]["credit"]["beta"] == 0.3 and data["steps"] == 3
+    assert data["optim"]["lr"] == 1e-6 and data["rollout"]["max_new_tokens"] == 16384  # METHOD.md §9 defaults
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "printed.yaml").write_text(text)
+    assert cli_main(["train", "--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == text
+    assert TrainConfig.model_validate(data).reward.credit.beta == 0.3
+    assert cli_main(["miniature", "--out", str(tmp_path / "m"), "--seeds", "4", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["seeds"] == [4] and not (tmp_path / "m").exists()
+    assert cli_main(["warmstart", "--out", str(tmp_path / "w"), "--print-config"]) == 0
+    assert "sft_steps" in yaml.safe_load(capsys.readouterr().out) and not (tmp_path / "w").exists()
+
+
 def test_cli_config_layers_and_errors(tmp_path, capsys):
     assert apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=\"x\"", "d=[1,2]"]) == {"a": {"b": 2, "c": "x"}, "d": [1, 2]}
     cfg_file = tmp_path / "run.yaml"
