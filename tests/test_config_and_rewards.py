@@ -124,11 +124,13 @@ def test_continuation_estimator_continues_each_prefix_without_the_force_suffix(m
     assert contexts[0] == contexts[k0 + 1] and caps[0] == caps[k0 + 1]
     unique = list(dict.fromkeys((tuple(c), cap) for c, cap in zip(contexts, caps)))
     assert len(unique) < len(contexts)  # (the two responses share more than their prompt)
-    groups = free.generate([list(c) for c, _ in unique],
-                           SamplingParams(n=2, temperature=1.0, max_new_tokens=60, seed=5), max_batch_sequences=3 * 2)
+    unique = [u for u in unique if u[1] > 0]  # no budget left: not sampled (J = 0)
+    # each context generates up to its cap only
+    groups = free.generate([list(c) for c, _ in unique], SamplingParams(n=2, temperature=1.0, max_new_tokens=60, seed=5),
+                           max_batch_sequences=3 * 2, max_new_tokens=[cap for _, cap in unique])
     of = dict(zip(unique, groups))
-    texts = [[tokenizer.decode(c.response_ids[:cap], skip_special_tokens=True) for c in of[(tuple(ctx), cap)]]
-             for ctx, cap in zip(contexts, caps)]
+    texts = [[tokenizer.decode(c.response_ids, skip_special_tokens=True) for c in of[(tuple(ctx), cap)]]
+             if cap > 0 else [] for ctx, cap in zip(contexts, caps)]
     j_hand = torch.tensor([sum(len(t) % 2 == 0 for t in ts) / 2 if cap > 0 else 0.0 for ts, cap in zip(texts, caps)])
     assert 0 < float(j_hand.mean()) < 1  # not all alike: the comparison can fail
     n0 = k0 + 1  # J at the first response's K + 1 boundaries, then the second's

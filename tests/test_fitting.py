@@ -113,24 +113,32 @@ def test_monte_carlo_j_samples_a_repeated_context_once(model, tokenizer):
 
 
 def test_monte_carlo_j_caps_cut_each_contexts_generations_to_its_budget():
-    """The continuation estimator's caps: a context's samples are verified on their first cap
-    tokens only (the same stream as uncapped), a cap of 0 or less has nothing to verify (J = 0),
-    and batching the contexts keeps the order of contexts and samples. (A character tokenizer, so
-    that a cut sample decodes to a prefix of the whole one; a random model may sample lone bytes,
-    which decode to one replacement character each, so the cut is checked as a strict prefix.)"""
+    """The continuation estimator's caps: each context is sampled only up to its cap (the engine
+    is asked for that many new tokens), its samples are those of the uncapped batch cut there (the
+    same batch, so the same stream), a context with no budget left (cap <= 0) is never sampled
+    (J = 0), and batching keeps the order of contexts and samples. (A character tokenizer, so that
+    a cut sample decodes to a prefix of the whole one; a random model may sample lone bytes, which
+    decode to one replacement character each, so the cut is checked as a strict prefix.)"""
     from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+    from l2t_core.rollout.hf import HFRolloutEngine
+
+    class Spy(HFRolloutEngine):
+        def continue_from(self, contexts, params, **kw):
+            asked.append(([list(c) for c in contexts], kw.get("max_new_tokens")))
+            return super().continue_from(contexts, params, **kw)
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                              intermediate_size=24, seed=2).eval()
     ctx = tokenizer("from 6: >> >", add_special_tokens=False)["input_ids"]
-    contexts, refs = [ctx, ctx[:6], ctx], ["a", "b", "c"]
-    full, capped = [], []
-    monte_carlo_j(model, tokenizer, contexts, refs, lambda t, r: full.append((r, t)) or False,
-                  samples=2, max_new_tokens=5, seed=3, caps=[5, 5, 5])
-    j = monte_carlo_j(model, tokenizer, contexts, refs, lambda t, r: capped.append((r, t)) or True, samples=2,
-                      max_new_tokens=5, seed=3, caps=[2, 5, 0])
-    assert j.tolist() == [1.0, 1.0, 0.0]  # the third context had no budget left: never verified
+    full, capped, asked = [], [], []
+    monte_carlo_j(model, tokenizer, [ctx, ctx[:6]], ["a", "b"], lambda t, r: full.append((r, t)) or False,
+                  samples=2, max_new_tokens=5, seed=3, caps=[5, 5])
+    j = monte_carlo_j(model, tokenizer, [ctx, ctx[:6], ctx], ["a", "b", "c"],
+                      lambda t, r: capped.append((r, t)) or True, samples=2, max_new_tokens=5, seed=3,
+                      caps=[2, 5, 0], engine=Spy(model, tokenizer))
+    assert j.tolist() == [1.0, 1.0, 0.0]  # the third context had no budget left: never sampled, never verified
+    assert asked == [([ctx, ctx[:6]], [2, 5])]  # each context asks for its cap only
     assert [r for r, _ in capped] == ["a", "a", "b", "b"]
     for (_, cut), (_, whole) in zip(capped[:2], full[:2]):  # the same samples, cut to 2 tokens
         assert whole.startswith(cut)

@@ -125,6 +125,33 @@ def test_batches_take_the_shortest_prompts_first_and_return_the_given_order(mode
     assert seen == [(3, len(long_), 1)]
 
 
+def test_per_prompt_token_limits_cut_each_row_and_run_the_batch_to_the_largest(model, tokenizer, prompts,
+                                                                                monkeypatch):
+    """``max_new_tokens`` per prompt: one batch runs to its largest limit, so its rows are the
+    unlimited batch's, each cut at its own limit (and not finished where cut); bad limits fail."""
+    sp = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=1)
+    eng = HFRolloutEngine(model, tokenizer)
+    whole = eng.generate(prompts, sp)
+    limits = [1, 6, 3]
+    seen = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.append(kw["max_new_tokens"]) or real(*a, **kw))
+    cut = eng.continue_from(prompts, sp, max_new_tokens=limits)
+    assert seen == [6]
+    for g_cut, g_whole, lim in zip(cut, whole, limits):
+        for c, w in zip(g_cut, g_whole):
+            assert c.response_ids == w.response_ids[:lim]
+            assert c.finished == (w.finished and len(w.response_ids) < lim)
+    assert any(len(w.response_ids) > 1 for w in whole[0])  # the first limit did cut something
+    seen.clear()
+    eng.generate(prompts[:1], sp, max_new_tokens=[2])  # a batch of short limits stops early
+    assert seen == [2]
+    for bad, msg in (([1, 2], "2 max_new_tokens limits for 3 prompts"), ([1, 0, 2], r"max_new_tokens\[1\] = 0"),
+                     ([1, 7, 2], r"outside 1\.\.6")):
+        with pytest.raises(ValueError, match=msg):
+            eng.generate(prompts, sp, max_new_tokens=bad)
+
+
 def test_finished_flag_eos_stripping_and_max_new_tokens(model, tokenizer, prompts):
     eos = tokenizer.eos_token_id
     biased = copy.deepcopy(model)

@@ -134,6 +134,7 @@ class SleepyLLM:
         assert total == total, "generate read weights that were dropped and never loaded again"
         token = 2 + int(abs(total) * 1e3) % 50
         self.events.append("generate")
+        self.max_tokens = [sp.max_tokens for sp in sampling]
         return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"],
                                 outputs=[SimpleNamespace(index=k, token_ids=[token], finish_reason="length")
                                          for k in range(sp.n)]) for p, sp in zip(prompts, sampling)]
@@ -181,6 +182,11 @@ def test_sleep_levels_sample_from_the_synced_weights_and_free_torch_cache_first(
     loads_after_sleep = sum(1 for a, b in zip(llm.events, llm.events[1:]) if a == "wake:weights" and b == "load")
     assert loads_after_sleep == (1 if level == 1 else 2)  # level 2 also reloads before the reward's samples
     assert len(emptied) == sum(e.startswith("wake") for e in llm.events)
+    # the continuation J's contexts each ask for the budget they have left
+    eng.continue_from([[5, 6], [5, 6, 7]], sp, max_new_tokens=[4, 1])
+    assert llm.max_tokens == [4, 1]
+    eng.generate([[5, 6]], sp)
+    assert llm.max_tokens == [sp.max_new_tokens]
     eng.llm = None
 
 

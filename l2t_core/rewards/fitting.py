@@ -272,26 +272,28 @@ def monte_carlo_j(
     first: dict[tuple, int] = {}  # (context, cap, reference) -> the index of its first occurrence
     keys = [(tuple(c), None if caps is None else caps[i], references[i]) for i, c in enumerate(contexts)]
     unique = [first.setdefault(k, i) for i, k in enumerate(keys)]
-    todo = sorted(set(unique))
+    # a context without budget left (cap <= 0) has nothing to verify: it is not sampled at all, and
+    # the others generate only up to their cap (what would be cut off anyway is never sampled)
+    todo = sorted(i for i in set(unique) if caps is None or caps[i] > 0)
     generated = _engine_samples(engine, [contexts[i] for i in todo], samples, max_new_tokens, temperature, seed,
-                                batch_contexts)
+                                batch_contexts, None if caps is None else [caps[i] for i in todo]) if todo else []
     j = torch.zeros(len(contexts))
     for i, rows in zip(todo, generated):  # each context's samples, cut at its cap, verified
         cap = None if caps is None else caps[i]
-        if cap is not None and cap <= 0:
-            continue  # no budget left after the prefix: nothing to verify
         hits = [verify(tokenizer.decode(ids[:cap], skip_special_tokens=True), references[i]) for ids in rows]
         j[i] = sum(map(float, hits)) / samples
     return j[torch.tensor(unique)]
 
 
 def _engine_samples(engine, contexts, samples, max_new_tokens, temperature, seed,
-                    batch_contexts) -> list[list[list[int]]]:
-    """``samples`` generated token ids per context, through a rollout engine."""
+                    batch_contexts, limits=None) -> list[list[list[int]]]:
+    """``samples`` generated token ids per context, through a rollout engine; ``limits``: each
+    context's own limit on new tokens (at most ``max_new_tokens``)."""
     from ..rollout.base import SamplingParams
 
     params = SamplingParams(n=samples, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
                             seed=seed or 0)
     groups = engine.continue_from(contexts, params,
-                                  max_batch_sequences=None if batch_contexts is None else batch_contexts * samples)
+                                  max_batch_sequences=None if batch_contexts is None else batch_contexts * samples,
+                                  max_new_tokens=limits)
     return [[c.response_ids for c in group] for group in groups]

@@ -54,26 +54,50 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 limit_prompts: bool = True, max_batch_sequences: int | None = None) -> list[list[Completion]]:
+                 limit_prompts: bool = True, max_batch_sequences: int | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         """``result[i]`` holds the ``params.n`` completions of ``prompts[i]``, in a fixed order.
         ``limit_prompts=False`` lifts the engine's prompt length limit (for contexts that are a
         prompt plus part of its response, :meth:`continue_from`). ``max_batch_sequences`` caps the
         sequences of one batch for this call, for engines that batch by call (``hf``; None: the
-        engine's own setting); engines that schedule their own batches (vLLM) ignore it."""
+        engine's own setting); engines that schedule their own batches (vLLM) ignore it.
+        ``max_new_tokens``: one limit per prompt, each from 1 to ``params.max_new_tokens``, in place
+        of ``params.max_new_tokens`` (:func:`token_limits`); a completion cut at its limit is not
+        ``finished``."""
 
     @abc.abstractmethod
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (called after each update)."""
 
     def continue_from(self, contexts: Sequence[Sequence[int]], params: SamplingParams, *,
-                      max_batch_sequences: int | None = None) -> list[list[Completion]]:
+                      max_batch_sequences: int | None = None,
+                      max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         """:meth:`generate` from ``contexts`` that are a prompt plus part of its response (the
         sampled estimators of J, :func:`~l2t_core.rewards.fitting.monte_carlo_j`): the same
-        sampling, without the prompt length limit, which is meant for prompts."""
-        return self.generate(contexts, params, limit_prompts=False, max_batch_sequences=max_batch_sequences)
+        sampling, without the prompt length limit, which is meant for prompts; ``max_new_tokens``
+        per context (the response budget a prefix leaves) stops each continuation where it would
+        be cut anyway."""
+        return self.generate(contexts, params, limit_prompts=False, max_batch_sequences=max_batch_sequences,
+                             max_new_tokens=max_new_tokens)
 
     def close(self) -> None:  # pragma: no cover - engines with resources override it
         """Release engine resources (GPU memory, worker processes)."""
+
+
+def token_limits(limits: Sequence[int] | None, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
+    """Each prompt's limit on new tokens: ``limits`` checked (one per prompt, 1..``params.max_new_tokens``)
+    or ``params.max_new_tokens`` for all."""
+    if limits is None:
+        return [params.max_new_tokens] * len(prompts)
+    limits = [int(x) for x in limits]
+    if len(limits) != len(prompts):
+        raise ValueError(f"rollout: {len(limits)} max_new_tokens limits for {len(prompts)} prompts")
+    bad = [(i, x) for i, x in enumerate(limits) if not 1 <= x <= params.max_new_tokens]
+    if bad:
+        i, x = bad[0]
+        raise ValueError(f"rollout: max_new_tokens[{i}] = {x} is outside 1..{params.max_new_tokens} "
+                         "(SamplingParams.max_new_tokens)")
+    return limits
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_prompt_tokens: int | None = None) -> None:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from transformers import GenerationConfig
 
-from .base import Completion, RolloutEngine, SamplingParams, check_prompts
+from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -42,7 +42,8 @@ class HFRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 limit_prompts: bool = True, max_batch_sequences: int | None = None) -> list[list[Completion]]:
+                 limit_prompts: bool = True, max_batch_sequences: int | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         """Batches of at most ``max_batch_sequences`` sequences (the engine's setting when None),
         the prompts taken shortest first and the completions returned in the order given. A batch
         then holds prompts of about one length: its rows pad little and, when the prompts are
@@ -50,8 +51,10 @@ class HFRolloutEngine(RolloutEngine):
         its longest row ends. Sampling the continuation J of 64 responses of the concise warm start
         (773 prefixes, 2 samples each, 2 CPU threads) took 55-65 s shortest first in batches of 64
         sequences against 302 s in the order given at 512 a batch (``bench/continuation_j.py``
-        times the whole reward this way)."""
+        times the whole reward this way). With ``max_new_tokens`` per prompt a batch runs to the
+        largest limit among its rows and each row is cut at its own."""
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
+        limits = token_limits(max_new_tokens, prompts, params)
         device = next(self.model.parameters()).device
         sample = params.temperature > 0
         # Greedy decoding gives one completion per prompt; it is repeated n times below.
@@ -73,13 +76,13 @@ class HFRolloutEngine(RolloutEngine):
                     chunk = order[start: start + per_chunk]
                     ids, att, width = self._left_pad([prompts[i] for i in chunk], device)
                     gen = self.model.generate(
-                        input_ids=ids, attention_mask=att, max_new_tokens=params.max_new_tokens,
+                        input_ids=ids, attention_mask=att, max_new_tokens=max(limits[i] for i in chunk),
                         num_return_sequences=reps, pad_token_id=self.pad_id, eos_token_id=self.eos, **kw,
                     )
                     rows = gen[:, width:].tolist()
                     for row, i in enumerate(chunk):
                         p = prompts[i]
-                        group = [self._completion(p, r) for r in rows[row * reps:(row + 1) * reps]]
+                        group = [self._completion(p, r[: limits[i]]) for r in rows[row * reps:(row + 1) * reps]]
                         if not sample:
                             c = group[0]
                             group = [Completion(list(p), list(c.response_ids), c.text, c.finished)
@@ -91,8 +94,9 @@ class HFRolloutEngine(RolloutEngine):
         return out  # type: ignore[return-value]
 
     def _completion(self, prompt: Sequence[int], row: list[int]) -> Completion:
-        """One generated row: cut at the first eos (after it comes only padding). A row without
-        eos ran to ``max_new_tokens`` and has no padding, since padding follows a finished row."""
+        """One generated row (already cut at its limit): cut at the first eos (after it comes only
+        padding). A row without eos ran to its limit and has no padding, since padding follows a
+        finished row."""
         finished = self.eos in row
         if finished:
             row = row[: row.index(self.eos)]

@@ -53,7 +53,7 @@ from collections.abc import Sequence
 import torch
 
 from ..engines.gather import full_named_tensors
-from .base import Completion, RolloutEngine, SamplingParams, check_prompts
+from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
 
 EXTENSION = "l2t_core.rollout.vllm.WeightSyncExtension"
 _TAGS = ("weights", "kv_cache")
@@ -145,14 +145,16 @@ class VLLMRolloutEngine(RolloutEngine):
         self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 limit_prompts: bool = True, max_batch_sequences: int | None = None) -> list[list[Completion]]:
+                 limit_prompts: bool = True, max_batch_sequences: int | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         # max_batch_sequences is not used: vLLM schedules its own batches (continuous batching)
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
+        limits = token_limits(max_new_tokens, prompts, params)
         greedy = params.temperature == 0
         n = 1 if greedy else params.n
         sampling = [
             self._vllm.SamplingParams(
-                n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
+                n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=limits[i],
                 seed=None if greedy else ((params.seed % 2**31) << 20) + i * n,
                 stop_token_ids=[self.eos], detokenize=False)
             for i in range(len(prompts))
