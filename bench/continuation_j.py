@@ -12,7 +12,8 @@ through the trainer's ``hf`` rollout engine and times, on those rollouts, the fu
 (:func:`~l2t_core.rewards.l2t.compute_rewards`, method ``l2t``, penalty included) with the paper's
 J and with the continuation J at each ``--batches`` size (``continuation_batch``: prefixes per
 generate call; the engine takes them shortest first). Reported: ``rollout_s``, per estimator
-``reward_s``, ``reward_over_rollout`` and the continuation tokens generated; the headline
+``reward_s``, ``reward_over_rollout`` and ``decoded_sequence_steps`` (sequences × decode steps of
+the continuations' generate calls, a count that CPU load does not move); the headline
 ``continuation_over_rollout`` is at the default ``continuation_batch``.
 
 ``--quick`` uses a tiny random-init model and the character tokenizer (a smoke run for the tests;
@@ -59,14 +60,27 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
         configs[f"continuation_b{b}"] = {"estimator": "continuation", "mc_samples": samples, "mc_temperature": temperature,
                                          "continuation_budget": max_new_tokens, "continuation_batch": b}
     estimators, verifier = {}, NumericVerifier()
+    steps = []  # per generate call: (sequences, decode steps): what the continuations cost, noise-free
+    real_generate = model.generate
+
+    def counting_generate(*args, **kw):
+        out = real_generate(*args, **kw)
+        steps.append((out.shape[0], out.shape[1] - kw["input_ids"].shape[1]))
+        return out
+
+    model.generate = counting_generate
     for name, fit in configs.items():
         log(f"reward with {name}", TAG)
+        steps.clear()
         t0 = time.perf_counter()
         batch = compute_rewards(model, tok, rollouts, "l2t", RewardConfig(fitting=fit), verifier=verifier,
                                 sampler=engine, step=seed)
         secs = time.perf_counter() - t0
         estimators[name] = {"reward_s": secs, "reward_over_rollout": secs / rollout_s,
-                            "continuation_batch": fit.get("continuation_batch")}
+                            "continuation_batch": fit.get("continuation_batch"),
+                            # sequences x decode steps over the generate calls (a batch runs to its longest row)
+                            "decoded_sequence_steps": sum(n * t for n, t in steps)}
+    model.generate = real_generate
     prefixes = sum(r.segmentation.num_episodes + 1 for r in batch.responses)  # the same under every estimator
     head = estimators[f"continuation_b{default_batch}"]
     return {

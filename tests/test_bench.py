@@ -62,6 +62,10 @@ def test_continuation_j_bench_quick_runs(capsys):
     assert set(res["estimators"]) == {"answer_logprob", "continuation_b4", "continuation_b32"}
     assert res["estimators"]["continuation_b32"]["reward_over_rollout"] == res["continuation_over_rollout"]
     assert res["responses"] == 4 and res["prefixes"] >= 8 and res["rollout_s"] > 0
+    # the paper's J generates nothing; the continuation J decodes for every prefix
+    est = res["estimators"]
+    assert est["answer_logprob"]["decoded_sequence_steps"] == 0
+    assert est["continuation_b4"]["decoded_sequence_steps"] >= res["prefixes"] * 2
 
 
 def test_continuation_j_bench_refuses_a_missing_checkpoint(tmp_path):
