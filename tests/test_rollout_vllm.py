@@ -65,6 +65,24 @@ def test_launch_kwargs_join_a_multi_rank_launch_one_engine_per_rank():
         launch_kwargs(2, 7, world=8, rank=3)
 
 
+def _stand_in_vllm(monkeypatch, llm_cls, world: tuple[int, int]):
+    """``import vllm`` gives a module whose ``LLM`` is ``llm_cls`` (vLLM cannot be installed here),
+    CUDA looks available, and the trainer's process group has ``world`` = (size, rank); returns the
+    engine module."""
+    import l2t_core.rollout.vllm as engine_mod
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = llm_cls
+    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine_mod, "_process_group", lambda: world)
+    return engine_mod
+
+
 def test_engine_passes_the_launch_kwargs_to_vllm(monkeypatch):
     """What the engine hands ``vllm.LLM`` under a multi-rank launch (a recording stand-in for
     vLLM, which cannot be installed here; the real engine is tested below where it exists)."""
@@ -82,14 +100,7 @@ def test_engine_passes_the_launch_kwargs_to_vllm(monkeypatch):
         def reset_prefix_cache(self):
             seen["reset"] = True
 
-    fake = types.ModuleType("vllm")
-    fake.LLM = RecordingLLM
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = dict
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(engine_mod, "_process_group", lambda: (4, 2))
+    _stand_in_vllm(monkeypatch, RecordingLLM, world=(4, 2))
     eng = engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", seed=5)
     assert seen["seed"] == 7 and seen["distributed_executor_backend"] == "external_launcher"
     assert seen["worker_extension_cls"] == engine_mod.EXTENSION and seen["rpc"] == [("l2t_load_weights", 2)]
@@ -143,17 +154,7 @@ class SleepyLLM:
 @pytest.fixture
 def sleepy_vllm(monkeypatch):
     """The engine module with ``vllm`` replaced by :class:`SleepyLLM`; records empty_cache calls."""
-    import l2t_core.rollout.vllm as engine_mod
-
-    fake = types.ModuleType("vllm")
-    fake.LLM = SleepyLLM
-    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = dict
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(engine_mod, "_process_group", lambda: (1, 0))
+    engine_mod = _stand_in_vllm(monkeypatch, SleepyLLM, world=(1, 0))
     emptied = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     return engine_mod, emptied
