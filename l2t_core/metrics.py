@@ -2,7 +2,8 @@
 
 Three tables, each a folder of parquet parts under ``<out>/metrics/<table>/``:
 
-* ``train_steps``: one row per optimizer step (reward parts, accuracy, tokens, KL, timings, ...);
+* ``train_steps``: one row per optimizer step (reward parts, accuracy, tokens, KL, each phase's time
+  and peak memory, ...);
 * ``rollouts``: one row per sampled response (text, outcome, score, advantage, episode count);
 * ``episode_rewards``: one row per episode of every response (G_k, P_k, P̂_k, r_k^prg, R_k).
 

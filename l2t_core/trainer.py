@@ -11,10 +11,13 @@ Each step:
 5. takes ``mini_batches`` clipped policy-gradient steps with the k3 KL (:func:`~l2t_core.losses.
    policy_loss`), accumulating gradients over micro-batches of at most ``micro_batch_tokens``
    tokens, so a batch of 256 fits in small memory;
-6. logs metrics and rollouts, and checkpoints atomically every ``checkpoint_every`` steps.
+6. logs metrics (with each phase's time and peak memory, :mod:`~l2t_core.memory`) and rollouts,
+   and checkpoints atomically every ``checkpoint_every`` steps.
 
 Under DeepSpeed each rank takes its share of the step's prompts; losses are scaled by the global
-token (or sequence) count so the averaged gradient equals the full batch's.
+token (or sequence) count so the averaged gradient equals the full batch's. Sums and maxima over
+ranks run on the rank's GPU under NCCL and on the CPU under gloo (:func:`collective_device`); a run
+resumes only on the number of ranks it was saved with.
 """
 
 from __future__ import annotations
