@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from bench._common import emit, log
+from l2t_core.memory import GIB, PeakMemory
 
 PASSES = {
     "update": ("plain", "checkpointing", "chunked_head", "both"),
@@ -77,23 +78,16 @@ def _inputs(args, device):
 
 
 def _peak_probe(device):
-    """(start, peak) closures: the peak memory above what is held when ``start`` is called."""
-    if device.type == "cuda":
-        def start():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
+    """(start, peak) closures: the peak memory above what is held when ``start`` is called,
+    measured as the trainer measures each phase (:class:`~l2t_core.memory.PeakMemory`)."""
+    mem = PeakMemory(device)
+    if mem.cuda or mem.cpu_ok:
+        def start():  # the peak restarts from what is held now
+            mem.reset()
+            return mem.resident_gib() * GIB
 
         def peak(base):
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base
-    elif _can_reset_rss_peak():
-        def start():  # the peak resident set restarts from the current one (Linux: clear_refs 5)
-            Path("/proc/self/clear_refs").write_text("5")
-            return _status_kib("VmRSS") * 1024
-
-        def peak(base):
-            return _status_kib("VmHWM") * 1024 - base
+            return mem.peak_gib() * GIB - base
     else:
         def start():  # the process's peak so far (ru_maxrss is in KiB on Linux); coarser
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -101,21 +95,6 @@ def _peak_probe(device):
         def peak(base):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return start, peak
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _can_reset_rss_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kib("VmHWM") > 0
-    except (OSError, KeyError, ValueError):
-        return False
 
 
 def child(args) -> dict:
@@ -237,7 +216,7 @@ def run(args) -> dict:
     return {"shape": shape, "parameters_note": "random init; one sequence per pass", "passes": results,
             "peak_measure": "torch.cuda.max_memory_allocated above the model and inputs" if args.device == "cuda"
             else ("peak resident set during the pass above the resident set before it (VmHWM reset by "
-                  "clear_refs)" if _can_reset_rss_peak() else "growth of ru_maxrss (coarser)")}
+                  "clear_refs)" if PeakMemory("cpu").cpu_ok else "growth of ru_maxrss (coarser)")}
 
 
 def parse(argv=None) -> argparse.Namespace:

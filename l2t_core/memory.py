@@ -57,6 +57,16 @@ class PeakMemory:
         elif self.cpu_ok:
             self._clear()
 
+    def resident_gib(self) -> float | None:
+        """What is held now: torch's allocation on CUDA, the resident set on a Linux CPU (a peak
+        above this is what a phase added; ``bench.train_memory`` reports that)."""
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device) / GIB
+        if self.cpu_ok:
+            kib = _status_kib("VmRSS")
+            return None if kib is None else kib * 1024 / GIB
+        return None
+
     def peak_gib(self) -> float | None:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / GIB

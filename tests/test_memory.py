@@ -16,6 +16,7 @@ def test_cpu_peak_follows_the_phase_and_resets():
         pytest.skip("this kernel does not let a process reset its resident-set high-water mark")
     mem.reset()
     before = mem.peak_gib()
+    assert 0 < mem.resident_gib() <= before  # right after a reset the peak is what is resident
     x = torch.ones(64 * 2**20)  # 256 MiB, touched
     del x
     during = mem.peak_gib()
