@@ -224,10 +224,9 @@ _COMPARE_KEYS = {"train_steps": ["step"], "rollouts": ["step", "rollout"],
 
 
 def _comparable_columns(df) -> list[str]:
-    from l2t_core.trainer import MEASURED_COLUMNS
+    from l2t_core.trainer import run_dependent
 
-    return [c for c in df.columns if c != "run_id" and c not in MEASURED_COLUMNS
-            and not (c.startswith("reward_") and c.endswith("_s"))]
+    return [c for c in df.columns if not run_dependent(c)]
 
 
 def _same_state(a, b) -> bool:

@@ -68,6 +68,13 @@ MEMORY_COLUMNS = ("rollout_peak_gib", "reward_peak_gib", "ref_peak_gib", "update
 MEASURED_COLUMNS = TIMING_COLUMNS + MEMORY_COLUMNS
 
 
+def run_dependent(column: str) -> bool:
+    """Whether a metrics column differs between two runs of one configuration whatever they
+    compute: the run's id, each phase's time and peak memory, the reward's own phase timings
+    (``reward_*_s``). Comparing a resumed run with an uninterrupted one leaves these out."""
+    return column == "run_id" or column in MEASURED_COLUMNS or (column.startswith("reward_") and column.endswith("_s"))
+
+
 def merge_rank_rows(gathered: Sequence[tuple[list[dict], list[dict]]]) -> tuple[list[dict], list[dict]]:
     """One step's rollout and episode rows of every rank, in rank order, with step-wide ids: each
     rank numbers its rollouts and groups from 0, so rank r's are shifted by the counts of ranks

@@ -16,7 +16,7 @@ from l2t_core.cli import apply_overrides, build_config, main as cli_main
 from l2t_core.config import TrainConfig
 from l2t_core.engines import lr_lambda
 from l2t_core.metrics import read_table
-from l2t_core.trainer import MEASURED_COLUMNS, Trainer, step_prompt_indices
+from l2t_core.trainer import Trainer, run_dependent, step_prompt_indices
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,7 @@ def make_cfg(policy, out, **kw) -> TrainConfig:
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:
-    drop = [c for c in df.columns if c in MEASURED_COLUMNS or c.startswith("reward_") and c.endswith("_s") or c == "run_id"]
-    return df.drop(columns=drop).reset_index(drop=True)
+    return df.drop(columns=[c for c in df.columns if run_dependent(c)]).reset_index(drop=True)
 
 
 def run_recording_grads(tr: Trainer, grads: dict, name: str) -> None:
