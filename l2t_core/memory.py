@@ -60,17 +60,13 @@ class PeakMemory:
     def resident_gib(self) -> float | None:
         """What is held now: torch's allocation on CUDA, the resident set on a Linux CPU (a peak
         above this is what a phase added; ``bench.train_memory`` reports that)."""
-        if self.cuda:
-            return torch.cuda.memory_allocated(self.device) / GIB
-        if self.cpu_ok:
-            kib = _status_kib("VmRSS")
-            return None if kib is None else kib * 1024 / GIB
-        return None
+        return self._gib(torch.cuda.memory_allocated, "VmRSS")
 
     def peak_gib(self) -> float | None:
+        return self._gib(torch.cuda.max_memory_allocated, "VmHWM")
+
+    def _gib(self, cuda_stat, status_field: str) -> float | None:
         if self.cuda:
-            return torch.cuda.max_memory_allocated(self.device) / GIB
-        if self.cpu_ok:
-            kib = _status_kib("VmHWM")
-            return None if kib is None else kib * 1024 / GIB
-        return None
+            return cuda_stat(self.device) / GIB
+        kib = _status_kib(status_field) if self.cpu_ok else None
+        return None if kib is None else kib * 1024 / GIB
