@@ -286,7 +286,12 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(16384, ge=1)
     max_prompt_tokens: int = Field(4096, ge=1)
     max_batch_sequences: int = Field(256, ge=1, description="hf engine: sequences per generate call.")
-    vllm_gpu_memory_utilization: float = Field(0.8, gt=0.0, le=1.0)
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description=(
+        "Share of the GPU's whole memory vLLM takes for its weights and KV cache. vLLM runs on the trainer's "
+        "GPU, and refuses to start (or to wake up) unless that share is free, so it must leave room for the "
+        "policy, the reference, the optimizer state and the update's activations. With "
+        "vllm_enable_sleep_mode vLLM gives its memory back between rollouts and a larger share works "
+        "(0.8 for DeepScaleR-1.5B on 8 x 80 GB, infra/train/deepscaler_1.5b.yaml)."))
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     # vLLM frees its KV cache and parks its weights on CPU while the trainer updates (same GPU)
     vllm_enable_sleep_mode: bool = False

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .models import decoder_and_head
+from .rollout.base import GREEDY_BELOW
 
 
 def check_temperature(temperature: float) -> float:
@@ -21,10 +22,11 @@ def check_temperature(temperature: float) -> float:
 
 def logprob_temperature(mode: str, rollout_temperature: float) -> float:
     """The temperature of the log-probs in the loss (``LossConfig.logprob_temperature``): the
-    rollout temperature for ``sampling`` (1 for greedy rollouts, temperature 0), else 1."""
+    rollout temperature for ``sampling`` (1 for greedy rollouts, a temperature below
+    :data:`~l2t_core.rollout.base.GREEDY_BELOW`), else 1."""
     if mode not in ("sampling", "one"):
         raise ValueError(f"logprob_temperature must be 'sampling' or 'one', got {mode!r}")
-    return float(rollout_temperature) if mode == "sampling" and rollout_temperature > 0 else 1.0
+    return float(rollout_temperature) if mode == "sampling" and rollout_temperature >= GREEDY_BELOW else 1.0
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

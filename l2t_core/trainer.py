@@ -45,10 +45,10 @@ from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
 from .memory import PeakMemory
 from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
-from .prompts import encode_prompt
+from .prompts import FORCE_ANSWER_SUFFIX, encode_prompt
 from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
-from .rewards.l2t import RewardBatch, Rollout, compute_rewards
+from .rewards.l2t import RewardBatch, Rollout, compute_rewards, longest_sampled_sequence
 from .rollout import SamplingParams, make_rollout_engine
 from .timing import device_clock
 from .urls import redact_url
@@ -214,7 +214,9 @@ class Trainer:
         else:
             rkw.update(model_path=cfg.policy, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                        tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size, seed=cfg.seed,
-                       max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                       max_model_len=longest_sampled_sequence(
+                           cfg.method, cfg.reward, cfg.rollout.max_prompt_tokens, cfg.rollout.max_new_tokens,
+                           len(self.tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"])),
                        enable_sleep_mode=cfg.rollout.vllm_enable_sleep_mode,
                        sleep_level=cfg.rollout.vllm_sleep_level)
         self.rollout = make_rollout_engine(cfg.rollout.engine, self.engine.unwrapped(), self.tokenizer, **rkw)

@@ -141,6 +141,38 @@ def test_continuation_estimator_continues_each_prefix_without_the_force_suffix(m
         TrainConfig(policy="p", reward=cfg, rollout={"max_new_tokens": 40})
 
 
+@pytest.mark.parametrize("method,estimator", [("l2t", "monte_carlo"), ("mrt", "answer_logprob"),
+                                              ("l2t", "continuation")])
+def test_sampled_contexts_fit_the_engines_model_length(model, tokenizer, monkeypatch, method, estimator):
+    """The longest sequence the reward pass asks a rollout engine for (a context plus its new
+    tokens) fits ``longest_sampled_sequence``, which sizes vLLM's ``max_model_len``; under the
+    monte_carlo J (and MRT) the forced answers reach past a rollout's own length."""
+    import l2t_core.rewards.l2t as l2t_rewards
+    from l2t_core.prompts import FORCE_ANSWER_SUFFIX
+
+    rollouts = _rollouts(tokenizer, [GOOD, REDUNDANT])
+    longest_response = max(len(r.response_ids) for r in rollouts)
+    cfg = RewardConfig(fitting={"estimator": estimator, "mc_max_new_tokens": 7,
+                                "continuation_budget": longest_response})
+    seen = []
+
+    def fake(model_, tok_, contexts, refs, verify, *, max_new_tokens, caps=None, **kw):
+        caps = caps or [max_new_tokens] * len(contexts)
+        seen.append(max(len(c) + min(cap, max_new_tokens) for c, cap in zip(contexts, caps)))
+        return torch.full((len(contexts),), 0.5)
+
+    monkeypatch.setattr(l2t_rewards, "monte_carlo_j", fake)
+    compute_rewards(model, tokenizer, rollouts, method, cfg, verifier=NumericVerifier())
+    force_len = len(tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"])
+    bound = l2t_rewards.longest_sampled_sequence(method, cfg, len(rollouts[0].prompt_ids), longest_response, force_len)
+    rollout_len = len(rollouts[0].prompt_ids) + longest_response
+    assert len(seen) == 1 and seen[0] <= bound
+    if estimator == "continuation":  # prefix + continuation stay within a rollout's budget
+        assert bound == rollout_len
+    else:  # a forced answer after the last episode reaches past the rollout's own length
+        assert seen[0] > rollout_len
+
+
 def test_l2t_gains_telescope_to_j_difference(model, tokenizer):
     batch = compute_rewards(model, tokenizer, _rollouts(tokenizer, [GOOD, REDUNDANT]), "l2t", verifier=NumericVerifier())
     for r in batch.responses:

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -103,10 +105,43 @@ def test_engine_passes_the_launch_kwargs_to_vllm(monkeypatch):
     _stand_in_vllm(monkeypatch, RecordingLLM, world=(4, 2))
     eng = engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", seed=5)
     assert seen["seed"] == 7 and seen["distributed_executor_backend"] == "external_launcher"
+    # vLLM's generation defaults come from a directory that holds only the tokenizer's EOS: no
+    # sampling defaults and no extra stop ids from the checkpoint's generation_config.json
+    gen = json.loads((Path(seen["generation_config"]) / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == EOS and not set(gen) - {"eos_token_id", "transformers_version"}
     assert seen["worker_extension_cls"] == engine_mod.EXTENSION and seen["rpc"] == [("l2t_load_weights", 2)]
     with pytest.raises(ValueError, match="4-rank launch"):
         engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", tensor_parallel_size=2)
-    eng.llm = None
+    eng.close()
+    assert not Path(seen["generation_config"]).exists()
+
+
+def test_completions_end_at_eos_whatever_the_finish_reason(monkeypatch):
+    """vLLM keeps the stop token and, before 0.12, reports an EOS sampled as the last allowed token
+    as ``"length"``: such a sample is finished and the EOS dropped, as the ``hf`` engine does."""
+    engine_mod = _stand_in_vllm(monkeypatch, SleepyLLM, world=(1, 0))
+    eng = engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m")
+    out = lambda ids, reason: SimpleNamespace(token_ids=ids, finish_reason=reason)
+    for ids, reason, want_ids, want_finished in [
+        ([4, 5, EOS], "length", [4, 5], True),  # EOS as the last allowed token (vLLM < 0.12)
+        ([4, 5, EOS], "stop", [4, 5], True),
+        ([4, 5, 6], "length", [4, 5, 6], False),
+        ([EOS], "stop", [], True),
+    ]:
+        c = eng._completion([9], out(ids, reason))
+        assert (c.response_ids, c.finished) == (want_ids, want_finished)
+    eng.close()
+
+
+def test_near_zero_temperature_is_greedy_in_both_engines(monkeypatch):
+    """vLLM refuses ``n > 1`` below its sampling epsilon (1e-5); both engines decode greedily there."""
+    engine_mod = _stand_in_vllm(monkeypatch, SleepyLLM, world=(1, 0))
+    eng = engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m")
+    sp = SamplingParams(n=3, temperature=1e-6, max_new_tokens=4)
+    assert sp.greedy and not SamplingParams(n=3, temperature=1e-5).greedy
+    group = eng.generate([[5, 6]], sp)[0]
+    assert eng.llm.n == [1] and len(group) == 3 and len({tuple(c.response_ids) for c in group}) == 1
+    eng.close()
 
 
 class SleepyLLM:
@@ -146,6 +181,7 @@ class SleepyLLM:
         token = 2 + int(abs(total) * 1e3) % 50
         self.events.append("generate")
         self.max_tokens = [sp.max_tokens for sp in sampling]
+        self.n = [sp.n for sp in sampling]
         return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"],
                                 outputs=[SimpleNamespace(index=k, token_ids=[token], finish_reason="length")
                                          for k in range(sp.n)]) for p, sp in zip(prompts, sampling)]
@@ -182,7 +218,7 @@ def test_sleep_levels_sample_from_the_synced_weights_and_free_torch_cache_first(
     assert llm.events[-3:] == ["wake:kv_cache", "generate", f"sleep{level}"]
     loads_after_sleep = sum(1 for a, b in zip(llm.events, llm.events[1:]) if a == "wake:weights" and b == "load")
     assert loads_after_sleep == (1 if level == 1 else 2)  # level 2 also reloads before the reward's samples
-    assert len(emptied) == sum(e.startswith("wake") for e in llm.events)
+    assert len(emptied) == 1 + sum(e.startswith("wake") for e in llm.events)  # once before vllm.LLM, then per wake-up
     # the continuation J's contexts each ask for the budget they have left
     eng.continue_from([[5, 6], [5, 6, 7]], sp, max_new_tokens=[4, 1])
     assert llm.max_tokens == [4, 1]
@@ -223,11 +259,21 @@ def _tiny(seed):
                             seed=seed)
 
 
-@pytest.fixture(scope="module", params=[(False, 1), (True, 1), (True, 2)], ids=["awake", "sleep_mode", "sleep_level2"])
+_ENGINES = {"awake": (False, 1), "sleep_mode": (True, 1), "sleep_level2": (True, 2)}  # (sleep mode, level)
+_SLEEP_MODE_ENGINES: list[str] = []  # the sleep-mode engines this process has built
+
+
+@pytest.fixture(scope="module", params=list(_ENGINES.values()), ids=list(_ENGINES))
 def gpu(request, tmp_path_factory):
     pytest.importorskip("vllm", reason="vLLM is not installed (the gpu extra: pip install -e '.[gpu]')")
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a CUDA device and torch.cuda.is_available() is False")
+    name = next(k for k, v in _ENGINES.items() if v == request.param)
+    if request.param[0] and _SLEEP_MODE_ENGINES:
+        # vLLM's sleep-mode memory pool outlives its engine: a second one in the same process fails
+        # ("Sleep mode can only be used for one instance per process"); bench/gpu.sh runs each alone
+        pytest.skip(f"this process already built a sleep-mode vLLM engine ({_SLEEP_MODE_ENGINES[0]}); vLLM allows "
+                    f"one per process: run pytest tests/test_rollout_vllm.py -k {name} on its own")
     from l2t_core.models import build_tokenizer, load_policy
     from l2t_core.rollout.hf import HFRolloutEngine
     from l2t_core.rollout.vllm import VLLMRolloutEngine
@@ -238,6 +284,8 @@ def gpu(request, tmp_path_factory):
     _tiny(0).save_pretrained(d)
     tok.save_pretrained(d)
     model, tok = load_policy(d, device="cuda")  # float32: the comparison with hf is token for token
+    if request.param[0]:
+        _SLEEP_MODE_ENGINES.append(name)
     engine = VLLMRolloutEngine(model, tok, model_path=str(d), dtype="float32", gpu_memory_utilization=0.2,
                                max_model_len=256, enforce_eager=True, enable_sleep_mode=request.param[0],
                                sleep_level=request.param[1])

@@ -67,6 +67,19 @@ def sampled_j(method: str, cfg: RewardConfig) -> str | None:
     return None
 
 
+def longest_sampled_sequence(method: str, cfg: RewardConfig, max_prompt_tokens: int, max_new_tokens: int,
+                             force_len: int) -> int:
+    """Tokens of the longest sequence a rollout engine holds in a training step (vLLM's
+    ``max_model_len``): a rollout, prompt + response; under the ``monte_carlo`` J (and MRT) also a
+    whole response's prefix + the force-answer suffix (``force_len`` tokens) + a forced answer of
+    ``mc_max_new_tokens``. The ``continuation`` J stays within a rollout's length: each
+    continuation is capped at the response budget its prefix leaves."""
+    longest = max_prompt_tokens + max_new_tokens
+    if sampled_j(method, cfg) == "monte_carlo":
+        longest += force_len + cfg.fitting.mc_max_new_tokens
+    return longest
+
+
 @dataclass
 class Rollout:
     prompt_ids: list[int]

@@ -15,15 +15,26 @@ from typing import Sequence
 import torch
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily, in every engine: vLLM treats them so (its sampling
+epsilon) and refuses ``n > 1`` for them, and dividing logits by them overflows."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How completions are sampled. ``temperature == 0`` means greedy decoding."""
+    """How completions are sampled. A temperature below :data:`GREEDY_BELOW` (0 included) means
+    greedy decoding (:attr:`greedy`)."""
 
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """Decode greedily: the temperature is below :data:`GREEDY_BELOW`."""
+        return self.temperature < GREEDY_BELOW
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -56,7 +56,7 @@ class HFRolloutEngine(RolloutEngine):
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         limits = token_limits(max_new_tokens, prompts, params)
         device = next(self.model.parameters()).device
-        sample = params.temperature > 0
+        sample = not params.greedy
         # Greedy decoding gives one completion per prompt; it is repeated n times below.
         reps = params.n if sample else 1
         per_chunk = max(1, (max_batch_sequences or self.max_batch_sequences) // reps)

@@ -2,15 +2,21 @@
 
 Targets vLLM >= 0.10 (the V1 engine) through its public API only:
 
-* ``vllm.LLM(model=model_path, worker_extension_cls=..., generation_config="vllm", ...)`` loads
-  the policy once from its HF directory (or hub id). ``generation_config="vllm"`` keeps the
-  checkpoint's ``generation_config.json`` out of sampling, so generation stops only at the
-  tokenizer's EOS, as in the ``hf`` engine.
+* ``vllm.LLM(model=model_path, worker_extension_cls=..., generation_config=DIR, ...)`` loads
+  the policy once from its HF directory (or hub id). ``DIR`` is a temporary directory whose
+  ``generation_config.json`` holds only the tokenizer's EOS id: vLLM would otherwise take the
+  checkpoint's sampling defaults (``generation_config="auto"``) or, even with
+  ``generation_config="vllm"``, its extra EOS ids (Qwen2.5-Instruct lists two) as stop tokens.
+  So generation stops only at the tokenizer's EOS and samples with exactly the parameters asked
+  for, as in the ``hf`` engine. vLLM keeps the stop token in ``token_ids`` (and before 0.12
+  reports an EOS sampled as the last allowed token as ``finish_reason == "length"``), so a
+  completion is finished when it ends in EOS, which is dropped.
 * ``LLM.generate`` gets ``TokensPrompt(prompt_token_ids=...)`` inputs and one
   ``vllm.SamplingParams`` per prompt. Prompt ``i`` is seeded with
   ``(seed % 2**31) * 2**20 + i * n`` and vLLM seeds its ``k``-th sample with that ``+ k``, so every
   sample has its own seed and a call is reproducible from ``SamplingParams.seed``. vLLM refuses
-  ``n > 1`` with greedy decoding, so greedy asks for one sample and repeats it ``n`` times.
+  ``n > 1`` with greedy decoding (a temperature below 1e-5, :attr:`SamplingParams.greedy`), so
+  greedy asks for one sample and repeats it ``n`` times.
   vLLM does not detokenize; text is ``tokenizer.decode(ids, skip_special_tokens=True)``.
 * :meth:`VLLMRolloutEngine.sync_weights` copies the trainer's tensors into the running engine
   with ``LLM.collective_rpc``. This calls a method of a worker extension
@@ -48,9 +54,11 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 from collections.abc import Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from ..engines.gather import full_named_tensors
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
@@ -63,7 +71,7 @@ class WeightSyncExtension:
     """Mixed into each vLLM worker class (``worker_extension_cls``); ``self`` is the worker."""
 
     def l2t_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        model = self.model_runner.model
+        model = self.model_runner.get_model()  # the model itself, not a CUDA-graph wrapper
         device = next(model.parameters()).device
         model.load_weights(weights=[(n, t.to(device)) for n, t in named_tensors])
         return len(named_tensors)
@@ -110,7 +118,7 @@ def _import_vllm():
 class VLLMRolloutEngine(RolloutEngine):
     name = "vllm"
 
-    def __init__(self, model, tokenizer, *, model_path: str | None = None, gpu_memory_utilization: float = 0.8,
+    def __init__(self, model, tokenizer, *, model_path: str | None = None, gpu_memory_utilization: float = 0.3,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None, dtype: str = "bfloat16",
                  seed: int = 0, max_prompt_tokens: int | None = None, enforce_eager: bool = False,
                  enable_sleep_mode: bool = False, sleep_level: int = 1, sync_chunk_tensors: int = 64,
@@ -136,11 +144,15 @@ class VLLMRolloutEngine(RolloutEngine):
         self._by_reference = tensor_parallel_size == 1 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         self._asleep: set[str] = set()
         launch = launch_kwargs(tensor_parallel_size, seed, *_process_group())
+        self._generation_dir = tempfile.TemporaryDirectory(prefix="l2t_vllm_generation_")
+        GenerationConfig(eos_token_id=self.eos).save_pretrained(self._generation_dir.name)
+        if torch.cuda.is_available():  # vLLM sizes itself from the free memory: give back the trainer's cache
+            torch.cuda.empty_cache()
         self.llm = self._vllm.LLM(
             model=str(model_path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, enforce_eager=enforce_eager,
-            enable_sleep_mode=enable_sleep_mode, worker_extension_cls=EXTENSION, generation_config="vllm",
-            **{**launch, **llm_kwargs},
+            enable_sleep_mode=enable_sleep_mode, worker_extension_cls=EXTENSION,
+            generation_config=self._generation_dir.name, **{**launch, **llm_kwargs},
         )
         self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
@@ -150,7 +162,7 @@ class VLLMRolloutEngine(RolloutEngine):
         # max_batch_sequences is not used: vLLM schedules its own batches (continuous batching)
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         limits = token_limits(max_new_tokens, prompts, params)
-        greedy = params.temperature == 0
+        greedy = params.greedy
         n = 1 if greedy else params.n
         sampling = [
             self._vllm.SamplingParams(
@@ -180,10 +192,14 @@ class VLLMRolloutEngine(RolloutEngine):
         return result
 
     def _completion(self, prompt: Sequence[int], out) -> Completion:
+        """Finished when the sample ends in EOS (dropped), whatever ``finish_reason`` says: before
+        vLLM 0.12 an EOS sampled as the last allowed token is reported as ``"length"``."""
         ids = list(out.token_ids)
-        finished = out.finish_reason == "stop"
-        if finished and ids and ids[-1] == self.eos:
+        finished = bool(ids) and ids[-1] == self.eos
+        if finished:
             ids.pop()
+        else:
+            finished = out.finish_reason == "stop"
         return Completion(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -226,3 +242,6 @@ class VLLMRolloutEngine(RolloutEngine):
             self.llm = None
             gc.collect()
             torch.cuda.empty_cache()
+        if getattr(self, "_generation_dir", None) is not None:
+            self._generation_dir.cleanup()
+            self._generation_dir = None
