@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -131,9 +132,11 @@ def child(args) -> dict:
             out = policy_loss(logp, old, old - 0.01, torch.full_like(logp, adv), torch.ones_like(logp),
                               kl_coef=1e-3)
             out.loss.backward()
-        grads = [p.grad.float() for p in model.parameters()]
-        return {"grad_norms": torch.stack([g.norm() for g in grads]).cpu(),
-                "grad_entries": torch.cat([g.flatten()[:4096] for g in grads]).cpu(),
+        # one parameter at a time: an fp32 copy of every bf16 gradient at once (7 GB at 1.5B) would
+        # count in the measured peak
+        grads = [p.grad for p in model.parameters()]
+        return {"grad_norms": torch.stack([g.float().norm().cpu() for g in grads]),
+                "grad_entries": torch.cat([g.flatten()[:4096].float().cpu() for g in grads]),
                 "loss": out.loss.detach().float().cpu().reshape(1)}
 
     def reference():
@@ -199,21 +202,28 @@ def run(args) -> dict:
                    "--threads", str(args.threads), "--seed", str(args.seed)]
             cmd += [a for k, v in shape.items() for a in (f"--{k.replace('_', '-')}", str(v))]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-            if proc.returncode != 0:
-                res = {"error": f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1]}
-            else:
-                res = json.loads(proc.stdout)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                                      timeout=args.case_timeout)
+                if proc.returncode != 0:
+                    res = {"error": f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1]}
+                else:
+                    res = json.loads(proc.stdout)
+            except subprocess.TimeoutExpired:
+                res = {"error": f"timed out after {args.case_timeout} s (--case-timeout)"}
             res["wall_s"] = time.perf_counter() - t0
             if save.exists() and setting != "plain" and (Path(tmp) / f"{which}-plain.pt").exists():
                 res["max_rel_diff"] = _rel_diff(torch.load(save), torch.load(Path(tmp) / f"{which}-plain.pt"))
             results[which][setting] = res
+            log(f"{which} / {setting}: " + json.dumps(res), "train_memory")  # a cut-off run keeps what it measured
     for which, by in results.items():  # each option's peak as a share of plain's
         base = by.get("plain", {}).get("peak_bytes")
         for setting, res in by.items():
             if base and "peak_bytes" in res:
                 res["peak_vs_plain"] = res["peak_bytes"] / base
     return {"shape": shape, "parameters_note": "random init; one sequence per pass", "passes": results,
+            "machine": {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)
+                        if args.device == "cuda" else platform.processor() or platform.machine()},
             "peak_measure": "torch.cuda.max_memory_allocated above the model and inputs" if args.device == "cuda"
             else ("peak resident set during the pass above the resident set before it (VmHWM reset by "
                   "clear_refs)" if PeakMemory("cpu").cpu_ok else "growth of ru_maxrss (coarser)")}
@@ -239,6 +249,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
     ap.add_argument("--settings", nargs="+", default=list(PASSES["update"]), choices=list(PASSES["update"]))
+    ap.add_argument("--case-timeout", type=float, default=600.0, help="seconds one pass/setting may take")
     ap.add_argument("--child", nargs=2, metavar=("PASS", "SETTING"), help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -264,9 +275,19 @@ def main(argv=None) -> dict:
         out = child(args)
         print(json.dumps(out), flush=True)
         return out
-    return emit(run(args))
+    out = emit(run(args))
+    failed = failures(out)
+    if failed:
+        log(f"{len(failed)} case(s) failed: {', '.join(failed)}", "train_memory")
+    return out
+
+
+def failures(result: dict) -> list[str]:
+    """The pass/setting cases that failed; running out of memory is a measurement, not a failure."""
+    return [f"{which}/{setting}" for which, by in result["passes"].items() for setting, res in by.items()
+            if "error" in res and not res.get("out_of_memory")]
 
 
 if __name__ == "__main__":
-    main()
-    os._exit(0)
+    result = main()
+    os._exit(1 if result is not None and "passes" in result and failures(result) else 0)

@@ -1,6 +1,8 @@
 """The benchmark runs and reports its keys (a smoke run; the numbers live in the README)."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -125,8 +127,6 @@ def test_paper_scale_plan_from_a_measured_file(tmp_path, capsys):
 def test_train_memory_bench_quick_runs(capsys):
     """Every pass under every setting runs in its own process and reports a peak and a time; the
     memory options change nothing but memory and time (their outputs equal plain's)."""
-    import json
-
     from bench.train_memory import PASSES, main
 
     res = main(["--quick"])
@@ -138,6 +138,27 @@ def test_train_memory_bench_quick_runs(capsys):
             assert "error" not in r and r["seconds"] > 0 and r["peak_bytes"] >= 0, (which, setting, r)
             if setting != "plain":
                 assert r["max_rel_diff"] < 1e-4, (which, setting)
+
+
+def test_train_memory_bench_fails_on_a_failed_case_not_on_running_out_of_memory():
+    """A case that failed (a crash, a timeout) makes the benchmark exit non-zero, so bench/gpu.sh
+    reports the step FAILED; running out of memory is a result, not a failure."""
+    import subprocess
+    import sys
+
+    from bench.train_memory import failures
+
+    result = {"passes": {"update": {"plain": {"out_of_memory": True, "error": "CUDA out of memory"},
+                                    "both": {"peak_bytes": 1, "seconds": 0.1}},
+                         "reward": {"plain": {"error": "timed out after 1 s (--case-timeout)"}}}}
+    assert failures(result) == ["reward/plain"]
+    assert failures({"passes": {"update": {"plain": result["passes"]["update"]["plain"]}}}) == []
+    # a child that cannot finish in time: the whole benchmark exits 1 and says which case
+    proc = subprocess.run([sys.executable, "-m", "bench.train_memory", "--quick", "--passes", "reference",
+                           "--settings", "plain", "--case-timeout", "0.01"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and "reference/plain" in proc.stderr
+    assert json.loads(proc.stdout)["passes"]["reference"]["plain"]["error"].startswith("timed out")
 
 
 def test_train_memory_bench_presets_and_bad_arguments():
