@@ -247,6 +247,9 @@ def cmd_eval(args) -> int:
     from .rollout import make_rollout_engine
 
     check_model_source(args.model)  # a wrong --model path fails before any benchmark is downloaded
+    if not 0 < args.vllm_gpu_memory_utilization <= 1:
+        raise SystemExit(f"l2t eval --vllm-gpu-memory-utilization: a share of the GPU's memory in (0, 1], "
+                         f"got {args.vllm_gpu_memory_utilization}")
     try:
         kinds = {name: benchmark_kind(name) for name in args.benchmarks}  # unknown names fail here
     except DatasetError as exc:
@@ -275,8 +278,11 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
     except DatasetError as exc:  # not in the data directory and not downloadable, or malformed
         raise SystemExit(f"l2t eval --benchmarks: {exc}") from None
-    model, tok = load_policy(args.model, device=args.device)
-    kw = {"model_path": args.model} if args.engine == "vllm" else {}
+    # with vLLM, which loads its own copy, the transformers one stays in CPU memory (vLLM copies
+    # its weights from it once) and vLLM has the GPU to itself
+    model, tok = load_policy(args.model, device="cpu" if args.engine == "vllm" else args.device)
+    kw = {"model_path": args.model, "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+          "max_model_len": args.vllm_max_model_len} if args.engine == "vllm" else {}
     engine = make_rollout_engine(args.engine, model, tok, **kw)
     results = {}
     for name, its in items.items():
@@ -500,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="held-out problems per level, at most (a level with fewer gives all of its own; default 50)")
     p.add_argument("--heldout-seed", type=int, help="seed of the held-out draw (default: the task's HELDOUT_SEED)")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the hf engine runs (vLLM runs on the GPU)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
+                   help="vllm engine: share of the GPU's memory it takes (default 0.9: evaluation has the GPU to itself)")
+    p.add_argument("--vllm-max-model-len", type=positive_int,
+                   help="vllm engine: longest prompt + response it holds (default: the model's context length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify-workers", type=positive_int, default=1)
     p.add_argument("--pass-k", type=int, nargs="+", metavar="K",

@@ -86,6 +86,40 @@ def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):
               "--pass-k", "3", "--out", str(tmp_path / "x")])
 
 
+def test_l2t_eval_with_vllm_gives_it_the_gpu(tiny_dir, tmp_path, capsys, monkeypatch):
+    """``--engine vllm``: the engine gets the evaluation's memory share and model length, and the
+    transformers copy it syncs from stays on the CPU (vLLM loads its own); bad shares are refused
+    before anything loads. (vLLM cannot be installed here: the engine factory is recorded and an
+    ``hf`` engine samples in its place.)"""
+    import l2t_core.models as models
+    import l2t_core.rollout as rollout
+    from l2t_core.cli import main
+
+    seen = {}
+    real_load = models.load_policy
+
+    def load(path, device="cpu", **kw):
+        seen["device"] = device
+        return real_load(path, device=device, **kw)
+
+    def make(engine, model, tok, **kw):
+        seen["engine"], seen["kw"] = engine, kw
+        return HFRolloutEngine(model, tok)
+
+    monkeypatch.setattr(models, "load_policy", load)
+    monkeypatch.setattr(rollout, "make_rollout_engine", make)
+    assert main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "--limit", "1", "--n", "1",
+                 "--max-new-tokens", "2", "--engine", "vllm", "--device", "cuda", "--vllm-max-model-len", "64",
+                 "--out", str(tmp_path / "rep")]) == 0
+    assert seen == {"device": "cpu", "engine": "vllm",
+                    "kw": {"model_path": str(tiny_dir), "gpu_memory_utilization": 0.9, "max_model_len": 64}}
+    seen.clear()
+    with pytest.raises(SystemExit, match="vllm-gpu-memory-utilization"):
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "--engine", "vllm",
+              "--vllm-gpu-memory-utilization", "1.5", "--out", str(tmp_path / "x")])
+    assert seen == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # The synthetic tasks' held-out splits as benchmarks of `l2t eval` (l2t_core.eval.synthetic)
 
