@@ -321,3 +321,59 @@ def test_only_rank_0_of_a_launch_talks_to_dagster_pipes():
     assert launch_rank({}) == 0 and launch_rank({"RANK": "3"}) == 3
     with pytest.raises(ValueError, match="RANK='a' is not a whole number"):
         launch_rank({"RANK": "a"})
+
+
+# ------------------------------------------------------------------------------ I/O manager (runs in separate pods)
+
+
+def test_a_run_in_another_instance_loads_the_outputs_of_an_earlier_run(tiny_dir, tmp_path, monkeypatch):
+    """Two Dagster instances (two DAGSTER_HOME folders) stand in for two run pods of
+    K8sRunLauncher: ``datasets`` is materialized in one, ``segmented_rollouts`` in the other loads
+    it through the I/O manager on the shared storage; Dagster's default (the instance's own
+    storage folder) cannot."""
+    from l2t_pipeline.assets import datasets, segmented_rollouts
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS, default_resources
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher, make_io_manager
+
+    monkeypatch.setenv("L2T_STORAGE_URL", str(tmp_path / "shared" / "storage"))
+    monkeypatch.delenv("L2T_IO_URL", raising=False)
+    assert make_io_manager().base_dir == f"{tmp_path}/shared/storage/assets"
+    monkeypatch.setenv("L2T_IO_URL", str(tmp_path / "shared" / "assets"))
+    assert default_resources()["io_manager"].base_dir == str(tmp_path / "shared" / "assets")
+    monkeypatch.setenv("L2T_IO_URL", "s3://key:secret@bucket/assets")
+    with pytest.raises(ValueError, match="L2T_IO_URL"):
+        make_io_manager()
+    monkeypatch.setenv("L2T_IO_URL", str(tmp_path / "shared" / "assets"))
+
+    registry = write_registry(tmp_path / "registry.yaml", {"tiny": {"kind": "pretrained", "path": str(tiny_dir)}})
+    from dagster_duckdb import DuckDBResource
+
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "shared" / "l2t.duckdb")), "registry": registry,
+                 "storage": L2TStorage(url=str(tmp_path / "shared" / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1), "launcher": TrainingLauncher()}
+    sampling = {"ops": {"segmented_rollouts": {"config": {"prompts": 1, "group_size": 2, "max_new_tokens": 4}}}}
+
+    def materialize(instance, asset, io_manager, **kw):
+        extra = {"io_manager": io_manager} if io_manager is not None else {}
+        return dg.materialize([*ASSETS, *all_checks], selection=[asset], resources={**resources, **extra},
+                              instance=instance, raise_on_error=False, **kw)
+
+    for pod in ("pod1", "pod2"):
+        (tmp_path / pod).mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "pod1")) as pod1:
+        assert materialize(pod1, datasets, make_io_manager()).success
+    with dg.instance_for_test(temp_dir=str(tmp_path / "pod2")) as pod2:
+        pod2.add_dynamic_partitions("base_models", ["tiny"])
+        # Dagster's default I/O manager: the output stayed in pod 1's DAGSTER_HOME
+        lost = materialize(pod2, segmented_rollouts, None, partition_key="tiny", run_config=sampling)
+        assert not lost.success
+        failure = [e for e in lost.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert "datasets" in str(failure.step_failure_data.error)
+        result = materialize(pod2, segmented_rollouts, make_io_manager(), partition_key="tiny", run_config=sampling)
+        assert result.success
+        rollouts = result.output_for_node("segmented_rollouts")
+        assert len(rollouts) == 2 and set(rollouts["base_model"]) == {"tiny"}
+    assert (tmp_path / "shared" / "assets" / "datasets").is_file()
+    assert (tmp_path / "shared" / "assets" / "segmented_rollouts" / "tiny").is_file()
