@@ -377,3 +377,74 @@ def test_a_run_in_another_instance_loads_the_outputs_of_an_earlier_run(tiny_dir,
         assert len(rollouts) == 2 and set(rollouts["base_model"]) == {"tiny"}
     assert (tmp_path / "shared" / "assets" / "datasets").is_file()
     assert (tmp_path / "shared" / "assets" / "segmented_rollouts" / "tiny").is_file()
+
+
+# ------------------------------------------------------------------------------ the warehouse lock while evaluating
+
+LOCK_PROBE = ("import sys, duckdb; from filelock import FileLock; "
+              "lock = FileLock(sys.argv[1] + '.lock'); lock.acquire(timeout=1); duckdb.connect(sys.argv[1]).close(); "
+              "lock.release()")
+PROBES: list[int] = []
+
+
+def probe_warehouse(db: str) -> int:
+    """Exit status of another process taking the warehouse's lock (1 s at most) and opening it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", LOCK_PROBE, db], capture_output=True, timeout=120).returncode
+
+
+def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
+    """While the evaluator runs (minutes to hours in production) another process can take the
+    warehouse's lock and open it: benchmark_reports reads, evaluates with no connection open, then
+    writes. The probe does fail while a connection is open."""
+    import json
+
+    from dagster_duckdb import DuckDBResource
+
+    from l2t_pipeline.assets import benchmark_reports
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import Evaluator, TrainingData, TrainingLauncher, summary_rows
+
+    db = str(tmp_path / "l2t.duckdb")
+
+    class ProbingEvaluator(Evaluator):
+        database: str
+
+        @property
+        def benchmark(self) -> str:
+            return "probe"
+
+        def settings(self) -> dict:
+            return {}
+
+        def evaluate(self, model_dir):
+            PROBES.append(probe_warehouse(self.database))
+            level = {"n": 2, "accuracy": 0.5, "mean_tokens": 10.0, "mean_episodes": 1.0, "tagged_share": 1.0,
+                     "finished_share": 1.0, "redundant_share": 0.0}
+            return summary_rows({**level, "per_level": {1: level}}, self.benchmark, self.fingerprint())
+
+    duck = DuckDBResource(database=db)
+    pk = run_key("tiny", "grpo")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    with warehouse.connect(duck) as con:
+        warehouse.replace_rows(con, "checkpoints", pd.DataFrame([{
+            "base_model": "tiny", "method": "grpo", "run_url": str(tmp_path / "run"), "checkpoint_url": str(ckpt),
+            "final_step": 1, "config_hash": "test", "config_json": json.dumps({})}]), "checkpoints", pk)
+        assert probe_warehouse(db) != 0  # the probe sees a held lock
+    resources = {"duckdb": duck, "evaluator": ProbingEvaluator(database=db),
+                 "registry": write_registry(tmp_path / "r.yaml", {"tiny": {"kind": "pretrained", "path": "/m"}}),
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(train_size=4, max_steps=1), "launcher": TrainingLauncher()}
+    instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "home"))
+    instance.add_dynamic_partitions("base_models", ["tiny"])
+    PROBES.clear()
+    result = dg.materialize([*ASSETS, *all_checks], selection=[benchmark_reports], partition_key=pk,
+                            resources=resources, instance=instance)
+    assert result.success
+    assert PROBES == [0, 0]  # base and checkpoint evaluated, each time the warehouse was free
+    with warehouse.connect(duck) as con:
+        assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == 4
