@@ -227,30 +227,66 @@ def test_registry_validates_entries(tmp_path):
         ModelRegistry(path=str(tmp_path / "broken.yaml")).entries()
 
 
-def test_registry_sensor_adds_partition_and_requests_one_run_per_new_model(tmp_path):
-    instance = dg.DagsterInstance.ephemeral()
+def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
+    """Through Dagster's sensor evaluation on an instance: a new model gets its partition and a
+    baseline run; a model whose baseline run failed is requested again (a new run key) until
+    MAX_BASELINE_ATTEMPTS runs failed; a partition added by hand gets its baseline; a model with a
+    materialized base_model gets none."""
+    from l2t_pipeline.assets import base_model
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+    from l2t_pipeline.sensors import BASE_MODEL_TAG, BASELINE_REASON, MAX_BASELINE_ATTEMPTS, REASON_TAG
+    from dagster_duckdb import DuckDBResource
+
     reg_path = tmp_path / "registry.yaml"
-    write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}})
+    registry = write_registry(reg_path, {"tiny-sft": {"kind": "pretrained", "path": str(tmp_path / "missing")}})
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1), "launcher": TrainingLauncher()}
+    with dg.instance_for_test() as instance:
+        def tick():
+            with dg.build_sensor_context(instance=instance, resources={"registry": registry}) as ctx:
+                result = model_registry_sensor(ctx)
+            for req in result.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            return result
 
-    def tick():
-        with dg.build_sensor_context(instance=instance,
-                                     resources={"registry": ModelRegistry(path=str(reg_path))}) as ctx:
-            result = model_registry_sensor(ctx)
-        for req in result.dynamic_partitions_requests or []:
-            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-        return result
+        def fail_baseline(request: dg.RunRequest):
+            """Run the requested baseline as the daemon would (its tags): the model path is missing."""
+            res = dg.materialize([*ASSETS, *all_checks], selection=[base_model], partition_key=request.partition_key,
+                                 tags=dict(request.tags), resources=resources, instance=instance, raise_on_error=False)
+            assert not res.success
 
-    first = tick()
-    assert [r.partition_key for r in first.run_requests] == ["tiny-sft"]
-    assert first.run_requests[0].asset_selection == [dg.AssetKey("base_model")]
-    assert instance.get_dynamic_partitions("base_models") == ["tiny-sft"]
-    again = tick()
-    assert not again.run_requests and "no new models" in again.skip_reason.skip_message
-    write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}, "other": {"kind": "pretrained", "path": "/m"}})
-    third = tick()
-    assert [(r.partition_key, r.run_key) for r in third.run_requests] == [("other", "baseline:other")]
-    assert sorted(instance.get_dynamic_partitions("base_models")) == ["other", "tiny-sft"]
-    assert not tick().run_requests
+        first = tick()
+        assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("tiny-sft", "baseline:tiny-sft")]
+        assert first.run_requests[0].asset_selection == [dg.AssetKey("base_model")]
+        assert first.run_requests[0].tags == {BASE_MODEL_TAG: "tiny-sft", REASON_TAG: BASELINE_REASON}
+        assert instance.get_dynamic_partitions("base_models") == ["tiny-sft"]
+        # not submitted (or submission failed): the same request again, which the run key deduplicates
+        assert [r.run_key for r in tick().run_requests] == ["baseline:tiny-sft"]
+        fail_baseline(first.run_requests[0])
+        second = tick()
+        assert [r.run_key for r in second.run_requests] == ["baseline:tiny-sft:attempt-2"]
+        fail_baseline(second.run_requests[0])
+        third = tick()
+        assert [r.run_key for r in third.run_requests] == [f"baseline:tiny-sft:attempt-{MAX_BASELINE_ATTEMPTS}"]
+        fail_baseline(third.run_requests[0])
+        assert not tick().run_requests  # gave up after MAX_BASELINE_ATTEMPTS failed runs
+
+        # a partition added by hand gets its baseline; a materialized base_model gets none
+        write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}, "other": {"kind": "pretrained", "path": "/m"},
+                                  "done": {"kind": "pretrained", "path": "/d"}})
+        instance.add_dynamic_partitions("base_models", ["other", "done"])
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="base_model", partition="done"))
+        fourth = tick()
+        assert [(r.partition_key, r.run_key) for r in fourth.run_requests] == [("other", "baseline:other")]
+        assert not fourth.dynamic_partitions_requests
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="base_model", partition="other"))
+        write_registry(reg_path, {"other": {"kind": "pretrained", "path": "/m"}})
+        last = tick()
+        assert not last.run_requests and "has a baseline" in last.skip_reason.skip_message
 
 
 # ------------------------------------------------------------------------------ S3 (moto server)
@@ -279,16 +315,36 @@ def test_s3_storage_through_moto(s3_endpoint):
     assert "testing" not in storage.display(url) and os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
 
 
-def test_reevaluation_schedule_requests_each_trained_checkpoint():
+def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
+    """Every checkpoints partition materialized at least once (also when a later run failed) and
+    still existing; a deleted base model's partitions and never-trained ones are left out."""
+    from l2t_pipeline.assets import checkpoints
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
     from l2t_pipeline.sensors import reevaluation_schedule
+    from dagster_duckdb import DuckDBResource
 
     tick = datetime(2026, 11, 22, 3, 0, tzinfo=timezone.utc)
     with dg.instance_for_test() as instance:
         # the contexts are entered and left: they set (and must reset) Dagster's current-instance state
         with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
             assert isinstance(reevaluation_schedule(ctx), dg.SkipReason)
-        for pk in ("tiny-sft|l2t", "tiny-sft|grpo"):
+        instance.add_dynamic_partitions("base_models", ["tiny-sft", "gone"])
+        for pk in ("tiny-sft|l2t", "tiny-sft|grpo", "gone|l2t"):
             instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="checkpoints", partition=pk))
+        # training runs that fail (the base model is not in the registry): after a materialization
+        # (tiny-sft|grpo) and without one (tiny-sft|mrt)
+        resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")),
+                     "registry": write_registry(tmp_path / "r.yaml", {"x": {"kind": "pretrained", "path": "/x"}}),
+                     "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                     "training_data": TrainingData(), "evaluator": HeldOutEvaluator(), "launcher": TrainingLauncher()}
+        for pk in ("tiny-sft|grpo", "tiny-sft|mrt"):
+            assert not dg.materialize([*ASSETS, *all_checks], selection=[checkpoints], partition_key=pk,
+                                      resources=resources, instance=instance, raise_on_error=False).success
+        status = instance.get_status_by_partition(checkpoints.key, ["tiny-sft|grpo"], checkpoints.partitions_def)
+        assert status == {"tiny-sft|grpo": dg.AssetPartitionStatus.FAILED}
+        instance.delete_dynamic_partition("base_models", "gone")
         with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
             reqs = reevaluation_schedule(ctx)
         assert sorted((r.partition_key, r.run_key) for r in reqs) == [
