@@ -11,6 +11,7 @@ import duckdb
 import pandas as pd
 import pytest
 import yaml
+from dagster_duckdb import DuckDBResource
 
 from conftest import moto_s3
 from l2t_core.checkpoint import RunStorage
@@ -237,8 +238,6 @@ def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path)
     from l2t_pipeline.definitions import ASSETS
     from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
     from l2t_pipeline.sensors import BASE_MODEL_TAG, BASELINE_REASON, MAX_BASELINE_ATTEMPTS, REASON_TAG
-    from dagster_duckdb import DuckDBResource
-
     reg_path = tmp_path / "registry.yaml"
     registry = write_registry(reg_path, {"tiny-sft": {"kind": "pretrained", "path": str(tmp_path / "missing")}})
     resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
@@ -323,8 +322,6 @@ def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
     from l2t_pipeline.definitions import ASSETS
     from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
     from l2t_pipeline.sensors import reevaluation_schedule
-    from dagster_duckdb import DuckDBResource
-
     tick = datetime(2026, 11, 22, 3, 0, tzinfo=timezone.utc)
     with dg.instance_for_test() as instance:
         # the contexts are entered and left: they set (and must reset) Dagster's current-instance state
@@ -403,8 +400,6 @@ def test_a_run_in_another_instance_loads_the_outputs_of_an_earlier_run(tiny_dir,
     monkeypatch.setenv("L2T_IO_URL", str(tmp_path / "shared" / "assets"))
 
     registry = write_registry(tmp_path / "registry.yaml", {"tiny": {"kind": "pretrained", "path": str(tiny_dir)}})
-    from dagster_duckdb import DuckDBResource
-
     resources = {"duckdb": DuckDBResource(database=str(tmp_path / "shared" / "l2t.duckdb")), "registry": registry,
                  "storage": L2TStorage(url=str(tmp_path / "shared" / "storage"), models_dir=str(tmp_path / "models")),
                  "training_data": TrainingData(train_size=4, max_steps=1),
@@ -457,8 +452,6 @@ def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
     writes. The probe does fail while a connection is open."""
     import json
 
-    from dagster_duckdb import DuckDBResource
-
     from l2t_pipeline.assets import benchmark_reports
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
@@ -504,3 +497,41 @@ def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
     assert PROBES == [0, 0]  # base and checkpoint evaluated, each time the warehouse was free
     with warehouse.connect(duck) as con:
         assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == 4
+
+
+# ------------------------------------------------------------------------------ blocking schema checks
+
+
+def test_a_failing_blocking_schema_check_stops_the_downstream_asset(tmp_path):
+    """The schema checks guarding downstream steps are blocking; one that fails (duplicated keys
+    written past the validation) stops the asset downstream of the checked one in the same run."""
+    from l2t_pipeline.checks import all_checks, checkpoint_quality_gate, schema_check
+
+    blocking = {spec.asset_key.to_user_string(): spec.blocking for c in all_checks for spec in c.check_specs
+                if spec.name == "stored_rows_valid"}
+    assert blocking == {"datasets": False, "segmented_rollouts": True, "episode_rewards": True,
+                        "checkpoints": True, "benchmark_reports": False}
+    (gate,) = checkpoint_quality_gate.check_specs
+    assert not gate.blocking and "a report" in gate.description
+
+    downstream_ran = []
+
+    @dg.asset(name="upstream_rows")
+    def upstream(duckdb: DuckDBResource) -> None:
+        with warehouse.connect(duckdb) as con:  # a repeated natural key, stored without validation
+            warehouse.replace_rows(con, "rollouts", pd.concat([rollout_rows(2), rollout_rows(2)]),
+                                   "upstream_rows", "__all__")
+
+    @dg.asset(deps=[upstream])
+    def downstream() -> None:
+        downstream_ran.append(True)
+
+    for block, ran in ((True, []), (False, [True])):
+        downstream_ran.clear()
+        check = schema_check(upstream, ["rollouts"], blocking=block)
+        result = dg.materialize([upstream, downstream, check], raise_on_error=False,
+                                resources={"duckdb": DuckDBResource(database=str(tmp_path / f"{block}.duckdb"))})
+        (evaluation,) = result.get_asset_check_evaluations()
+        assert not evaluation.passed and evaluation.metadata["rollouts.duplicate_keys"].value == 2
+        assert downstream_ran == ran
+        assert result.success is not block
