@@ -535,3 +535,26 @@ def test_a_failing_blocking_schema_check_stops_the_downstream_asset(tmp_path):
         assert not evaluation.passed and evaluation.metadata["rollouts.duplicate_keys"].value == 2
         assert downstream_ran == ran
         assert result.success is not block
+
+
+def test_the_installed_dagster_is_within_the_pinned_release_line():
+    """The pipeline and k8s extras pin Dagster's release line (preview APIs in use); the installed
+    Dagster packages satisfy the pins, and each pin has an upper bound."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    pins = [Requirement(r) for extra in ("pipeline", "k8s") for r in extras[extra] if r.startswith("dagster")]
+    assert {p.name for p in pins} >= {"dagster", "dagster-webserver", "dagster-duckdb", "dagster-pandera",
+                                      "dagster-pipes", "dagster-k8s"}
+    for pin in pins:
+        assert any(s.operator == "<" for s in pin.specifier), f"{pin} has no upper bound"
+        try:
+            installed = version(pin.name)
+        except PackageNotFoundError:
+            continue  # an extra not installed here (dagster-k8s without the k8s extra)
+        assert pin.specifier.contains(installed), f"{pin.name} {installed} does not satisfy {pin}"
