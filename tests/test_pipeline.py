@@ -558,3 +558,28 @@ def test_the_installed_dagster_is_within_the_pinned_release_line():
         except PackageNotFoundError:
             continue  # an extra not installed here (dagster-k8s without the k8s extra)
         assert pin.specifier.contains(installed), f"{pin.name} {installed} does not satisfy {pin}"
+
+
+def test_instances_run_one_run_per_partition_key_at_a_time(tmp_path, monkeypatch):
+    """The local and the production instance (and the Helm values rendering it) limit runs to one
+    per value of dagster/partition, the tag Dagster puts on every partitioned run."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    per_partition = {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(root / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as local:
+        limits = local.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert per_partition in limits
+    prod = yaml.safe_load((root / "infra" / "dagster" / "dagster.yaml").read_text())
+    assert per_partition in prod["concurrency"]["runs"]["tag_concurrency_limits"]
+    values = yaml.safe_load((root / "infra" / "k8s" / "values.yaml").read_text())
+    assert per_partition in values["concurrency"]["runs"]["tagConcurrencyLimits"]
+    # Dagster tags a partitioned run with its key
+    result = dg.materialize([dg.asset(name="keyed", partitions_def=dg.StaticPartitionsDefinition(["a"]))(
+        lambda: None)], partition_key="a")
+    assert result.dagster_run.tags["dagster/partition"] == "a"
