@@ -61,8 +61,9 @@ def ever_materialized(instance: dg.DagsterInstance, asset_key: dg.AssetKey,
 
 
 def baseline_runs(instance: dg.DagsterInstance, name: str) -> Sequence[dg.DagsterRun]:
-    """The baseline runs this sensor requested for base model ``name`` (newest first)."""
-    return instance.get_runs(filters=dg.RunsFilter(tags={BASE_MODEL_TAG: name, REASON_TAG: BASELINE_REASON}))
+    """The baseline runs this sensor requested for base model ``name`` (tagged ``l2t/base_model``,
+    as every version of the sensor tagged them; newest first)."""
+    return instance.get_runs(filters=dg.RunsFilter(tags={BASE_MODEL_TAG: name}))
 
 
 def baseline_run_key(name: str, attempt: int) -> str:
