@@ -583,3 +583,31 @@ def test_instances_run_one_run_per_partition_key_at_a_time(tmp_path, monkeypatch
     result = dg.materialize([dg.asset(name="keyed", partitions_def=dg.StaticPartitionsDefinition(["a"]))(
         lambda: None)], partition_key="a")
     assert result.dagster_run.tags["dagster/partition"] == "a"
+
+
+def test_the_io_manager_stores_outputs_on_s3(monkeypatch):
+    """With run storage on S3 the assets' outputs go next to it (``<L2T_STORAGE_URL>/assets``) and a
+    run in another instance loads them from there."""
+    from l2t_pipeline.resources import make_io_manager
+
+    with moto_s3(monkeypatch, "l2t", {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}) as (s3, _):
+        monkeypatch.setenv("L2T_STORAGE_URL", "s3://l2t/pipeline")
+        monkeypatch.delenv("L2T_IO_URL", raising=False)
+        assert make_io_manager().base_dir == "s3://l2t/pipeline/assets"
+
+        @dg.asset(name="frame")
+        def frame() -> pd.DataFrame:
+            return pd.DataFrame({"a": [1, 2]})
+
+        @dg.asset(name="total")
+        def total(frame: pd.DataFrame) -> int:
+            return int(frame["a"].sum())
+
+        with dg.instance_for_test() as first:
+            assert dg.materialize([frame], resources={"io_manager": make_io_manager()}, instance=first).success
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="l2t", Prefix="pipeline/assets/")["Contents"]]
+        assert keys == ["pipeline/assets/frame"]
+        with dg.instance_for_test() as second:
+            result = dg.materialize([frame, total], selection=[total], resources={"io_manager": make_io_manager()},
+                                    instance=second)
+        assert result.output_for_node("total") == 3
