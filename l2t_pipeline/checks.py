@@ -84,8 +84,9 @@ def quality_gate(evals: pd.DataFrame, max_accuracy_drop: float) -> dg.AssetCheck
 
 
 @asset_check(asset=benchmark_reports, partitions_def=runs_partitions, blocking=False,
-                description="Quality gate, a report (non-blocking): the checkpoint's held-out accuracy may not fall below its base model's "
-                            "by more than max_accuracy_drop; the token reduction is reported.")
+                description="Quality gate, a report (non-blocking): the checkpoint's held-out accuracy may not "
+                            "fall below its base model's by more than max_accuracy_drop; the token reduction is "
+                            "reported.")
 def checkpoint_quality_gate(context: dg.AssetCheckExecutionContext, config: QualityGateConfig,
                             duckdb: DuckDBResource) -> dg.AssetCheckResult:
     """A report, not a gate that stops anything: non-blocking, and no asset is downstream of
