@@ -232,14 +232,12 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
 REPORT_FILE = "benchmark_report.html"
 
 
-def base_evaluation(conn, base: str, base_path: str, evaluator: Evaluator) -> pd.DataFrame:
-    """The base model's evaluation rows: those ``base_model`` stored with the same evaluator
-    fingerprint when present, else a fresh evaluation."""
+def stored_base_evaluation(conn, base: str, evaluator: Evaluator) -> pd.DataFrame | None:
+    """The evaluation rows ``base_model`` stored for ``base`` with the same evaluator fingerprint,
+    or None when there are none."""
     stored = read_rows(conn, "eval_results", "base_model", base)
     stored = stored[stored["evaluator"] == evaluator.fingerprint()]
-    if len(stored):
-        return stored.drop(columns=["asset_key", "partition_key", "loaded_at"])
-    return with_model_columns(evaluator.evaluate(base_path), "base", base, None, base_path)
+    return stored.drop(columns=["asset_key", "partition_key", "loaded_at"]) if len(stored) else None
 
 
 def comparison(evals: pd.DataFrame) -> dict:
@@ -264,16 +262,22 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     base, method = split_run_key(context)
     asset_key, pk = _key(context)
     base_path = base_model_path(base, registry.get(base), storage)
+    # the warehouse is locked only to read and to write: evaluating takes minutes to hours, and
+    # holding the lock meanwhile would fail every other writer (WarehouseBusy)
     with connect(duckdb) as conn:
         runs = read_rows(conn, "checkpoints", "checkpoints", pk)
-        if runs.empty:
-            raise dg.Failure(f"no training run recorded for {pk}; materialize checkpoints[{pk}] first")
-        run = runs.iloc[0]
-        with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
-            ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"])
-        evals = pd.concat([base_evaluation(conn, base, base_path, evaluator), ckpt], ignore_index=True)
-        n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
+        base_evals = stored_base_evaluation(conn, base, evaluator)
         steps = read_rows(conn, "train_steps", "checkpoints", pk)
+    if runs.empty:
+        raise dg.Failure(f"no training run recorded for {pk}; materialize checkpoints[{pk}] first")
+    run = runs.iloc[0]
+    if base_evals is None:
+        base_evals = with_model_columns(evaluator.evaluate(base_path), "base", base, None, base_path)
+    with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
+        ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"])
+    evals = pd.concat([base_evals, ckpt], ignore_index=True)
+    with connect(duckdb) as conn:
+        n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
     cmp = comparison(evals)
     images = [("accuracy and tokens per level",
                plots.png_data_uri(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}")))]

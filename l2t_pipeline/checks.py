@@ -1,5 +1,9 @@
 """Asset checks: the stored rows of every asset re-validated against their pandera schema (with
-no duplicated keys), and the checkpoint quality gate on ``benchmark_reports``."""
+no duplicated keys), and the checkpoint quality gate on ``benchmark_reports``.
+
+The schema checks of ``segmented_rollouts``, ``episode_rewards`` and ``checkpoints`` are blocking:
+when one fails, the assets downstream of the checked one are not materialized in the same run.
+The quality gate is a report (non-blocking, nothing is downstream of ``benchmark_reports``)."""
 
 
 import warnings
@@ -16,8 +20,18 @@ from .schemas import failure_summary, find_violations, markdown_table
 from .warehouse import SCHEMAS, connect, read_rows
 
 _DROP = ["asset_key", "partition_key", "loaded_at"]
-# partitioned asset checks are a Dagster preview feature; the checks below depend on it knowingly
-warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*", category=dg.PreviewWarning)
+
+
+def asset_check(**kwargs):
+    """``dg.asset_check(**kwargs)``; partitioned asset checks are a Dagster preview feature, which
+    these checks use knowingly: its PreviewWarning is silenced here only, while the check is built."""
+    def decorate(fn):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*",
+                                    category=dg.PreviewWarning)
+            return dg.asset_check(**kwargs)(fn)
+
+    return decorate
 
 
 def validate_stored(conn, table: str, asset_key: str, partition_key: str) -> dg.AssetCheckResult:
@@ -38,11 +52,13 @@ def validate_stored(conn, table: str, asset_key: str, partition_key: str) -> dg.
     return dg.AssetCheckResult(passed=cases.empty and dup == 0, metadata=meta)
 
 
-def schema_check(asset: dg.AssetsDefinition, tables: Sequence[str], partitions_def=None) -> dg.AssetChecksDefinition:
-    """An asset check validating the rows ``asset`` stored in ``tables`` for the checked partition."""
+def schema_check(asset: dg.AssetsDefinition, tables: Sequence[str], partitions_def=None,
+                 blocking: bool = False) -> dg.AssetChecksDefinition:
+    """An asset check validating the rows ``asset`` stored in ``tables`` for the checked partition;
+    ``blocking``: a failure stops the assets downstream of ``asset`` in the same run."""
     asset_key = asset.key
 
-    @dg.asset_check(asset=asset, name="stored_rows_valid", partitions_def=partitions_def,
+    @asset_check(asset=asset, name="stored_rows_valid", partitions_def=partitions_def, blocking=blocking,
                     description=f"Stored rows of {', '.join(tables)} match their pandera schemas, without "
                                 "duplicated keys.")
     def _check(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
@@ -67,11 +83,15 @@ def quality_gate(evals: pd.DataFrame, max_accuracy_drop: float) -> dg.AssetCheck
                                metadata={**cmp, "max_accuracy_drop": max_accuracy_drop})
 
 
-@dg.asset_check(asset=benchmark_reports, partitions_def=runs_partitions, blocking=False,
-                description="Quality gate: the checkpoint's held-out accuracy may not fall below its base model's "
-                            "by more than max_accuracy_drop; the token reduction is reported.")
+@asset_check(asset=benchmark_reports, partitions_def=runs_partitions, blocking=False,
+                description="Quality gate, a report (non-blocking): the checkpoint's held-out accuracy may not "
+                            "fall below its base model's by more than max_accuracy_drop; the token reduction is "
+                            "reported.")
 def checkpoint_quality_gate(context: dg.AssetCheckExecutionContext, config: QualityGateConfig,
                             duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    """A report, not a gate that stops anything: non-blocking, and no asset is downstream of
+    ``benchmark_reports``. A failed evaluation (severity ERROR) marks the checkpoint in the UI and
+    the check history; promoting or discarding the checkpoint is a decision made on it."""
     with connect(duckdb) as conn:
         evals = read_rows(conn, "eval_results", "benchmark_reports", str(context.partition_key))
     if evals.empty:
@@ -81,9 +101,10 @@ def checkpoint_quality_gate(context: dg.AssetCheckExecutionContext, config: Qual
 
 schema_checks = [
     schema_check(datasets, ["problems"]),
-    schema_check(segmented_rollouts, ["rollouts"], base_models_partitions),
-    schema_check(episode_rewards, ["episode_rewards"], base_models_partitions),
-    schema_check(checkpoints, ["train_steps", "rollouts", "episode_rewards"], runs_partitions),
+    # blocking: the rows downstream steps read must be valid before they run
+    schema_check(segmented_rollouts, ["rollouts"], base_models_partitions, blocking=True),
+    schema_check(episode_rewards, ["episode_rewards"], base_models_partitions, blocking=True),
+    schema_check(checkpoints, ["train_steps", "rollouts", "episode_rewards"], runs_partitions, blocking=True),
     schema_check(benchmark_reports, ["eval_results"], runs_partitions),
 ]
 all_checks = [*schema_checks, checkpoint_quality_gate]

@@ -9,7 +9,8 @@ Asset graph (partitions in brackets)::
 Resources: ``duckdb`` (the warehouse), ``storage`` (runs on an fsspec URL, models on local
 disk), ``registry`` (model registry YAML), ``training_data``, ``evaluator`` (held-out
 evaluation, or real benchmarks with ``L2T_EVALUATOR=benchmark``) and ``launcher`` (the Pipes
-training launcher, ``L2T_LAUNCHER``). See ``l2t_pipeline/README.md``.
+training launcher, ``L2T_LAUNCHER``) and ``io_manager`` (the assets' outputs under ``L2T_IO_URL``,
+shared by every run). See ``l2t_pipeline/README.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .assets import base_model, benchmark_reports, checkpoints, datasets, episod
 from .checks import all_checks
 from .jobs import baseline_job, evaluation_job, training_job
 from .resources import (BENCHMARK_EVAL_ENV, BenchmarkEvaluator, Evaluator, HeldOutEvaluator, L2TStorage, ModelRegistry,
-                        TrainingData, TrainingLauncher, make_duckdb)
+                        TrainingData, TrainingLauncher, make_duckdb, make_io_manager)
 from .sensors import model_registry_sensor, reevaluation_schedule
 
 ASSETS = [datasets, base_model, segmented_rollouts, episode_rewards, checkpoints, benchmark_reports]
@@ -74,6 +75,7 @@ def default_resources() -> dict:
         "training_data": TrainingData(),
         "evaluator": evaluator_resource(),
         "launcher": training_launcher(),
+        "io_manager": make_io_manager(),
     }
 
 

@@ -8,6 +8,11 @@ Defaults (all overridable through the environment):
   ``dagster_home/storage``) or any fsspec URL such as ``s3://bucket/l2t``; for S3, s3fs reads the
   credentials and ``AWS_ENDPOINT_URL`` from the environment; they are never logged or stored (a URL
   with credentials in it, ``ftp://user:password@host/...``, is refused: see :mod:`l2t_core.urls`);
+* ``L2T_IO_URL``: where Dagster stores the assets' outputs (the DataFrames ``segmented_rollouts``
+  loads from ``datasets`` and ``episode_rewards`` from ``segmented_rollouts``), default
+  ``<L2T_STORAGE_URL>/assets``; a local path or an fsspec URL. Runs of one deployment must share
+  it: on Kubernetes every run is a fresh pod, so it lies on the shared volume or object storage,
+  never in a pod's ``$DAGSTER_HOME`` (:func:`make_io_manager`);
 * ``L2T_MODELS_DIR``: local directory of base models, default ``dagster_home/models``;
 * ``L2T_MODEL_REGISTRY``: the model registry YAML, default ``l2t_pipeline/model_registry.yaml``.
 
@@ -63,6 +68,20 @@ def default_storage_url() -> str:
     the code location loads, before Dagster shows or records the resource's configuration."""
     url = os.environ.get("L2T_STORAGE_URL", str(DAGSTER_HOME / "storage"))
     return refuse_credentials(url, "L2T_STORAGE_URL")
+
+
+def default_io_url() -> str:
+    """``L2T_IO_URL`` or ``<L2T_STORAGE_URL>/assets`` (credentials in it refused, as for the storage)."""
+    url = os.environ.get("L2T_IO_URL", "").strip() or default_storage_url().rstrip("/") + "/assets"
+    return refuse_credentials(url, "L2T_IO_URL")
+
+
+def make_io_manager() -> dg.FilesystemIOManager:
+    """Dagster's ``FilesystemIOManager`` (a ``UPathIOManager``: a local path or any fsspec URL, s3fs
+    reading its credentials from the environment) rooted at :func:`default_io_url`. Without it
+    Dagster pickles outputs under the ``$DAGSTER_HOME/storage`` of the process that ran the step,
+    which a later run in another pod (K8sRunLauncher) cannot read."""
+    return dg.FilesystemIOManager(base_dir=default_io_url())
 
 
 class L2TStorage(dg.ConfigurableResource):

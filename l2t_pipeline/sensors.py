@@ -1,20 +1,35 @@
 """Automation: the model-registry sensor and the weekly re-evaluation schedule.
 
-* :data:`model_registry_sensor` reads the registry YAML (``ModelRegistry``); for every model not
-  yet a ``base_models`` partition it adds the partition and requests exactly one baseline run
-  (``base_model`` for that partition: warm start or load, then the baseline evaluation). The run
-  key ``baseline:<name>`` makes a repeated tick idempotent.
+* :data:`model_registry_sensor` reads the registry YAML (``ModelRegistry``); it adds a
+  ``base_models`` partition for every model that is not one yet, and requests a baseline run
+  (``base_model`` for that partition: warm start or load, then the baseline evaluation) for every
+  registered model whose ``base_model`` partition has never been materialized: new models, models
+  whose baseline run failed or was never submitted, partitions added by hand. A model with a
+  baseline run queued or in progress waits; after :data:`MAX_BASELINE_ATTEMPTS` failed runs the
+  sensor stops requesting it (materialize it by hand once fixed). Run keys (``baseline:<name>``,
+  then ``baseline:<name>:attempt-<n>``) make a repeated tick idempotent.
 * :data:`reevaluation_schedule` re-runs ``benchmark_reports`` for every (base model, method)
-  whose ``checkpoints`` partition has been materialized.
+  whose ``checkpoints`` partition has been materialized and still exists (a deleted base model's
+  partitions are skipped).
+
+Both read the instance through Dagster's public APIs (``get_status_by_partition``,
+``fetch_materializations``, ``get_runs``).
 """
 
 
+from typing import Iterable, Sequence
+
 import dagster as dg
 
-from .assets import base_model
+from .assets import base_model, checkpoints
 from .jobs import baseline_job, evaluation_job
-from .partitions import base_models_partitions
+from .partitions import base_models_partitions, runs_partitions
 from .resources import ModelRegistry
+
+MAX_BASELINE_ATTEMPTS = 3
+BASE_MODEL_TAG = "l2t/base_model"
+REASON_TAG = "l2t/reason"
+BASELINE_REASON = "registry-baseline"
 
 
 def new_models(registered: list[str], known: list[str]) -> list[str]:
@@ -23,26 +38,87 @@ def new_models(registered: list[str], known: list[str]) -> list[str]:
     return [n for n in registered if n not in have]
 
 
+def partition_statuses(instance: dg.DagsterInstance, asset_key: dg.AssetKey, keys: Sequence[str],
+                       partitions_def: dg.PartitionsDefinition) -> dict[str, dg.AssetPartitionStatus | None]:
+    """The status (materialized, failed, in progress or None) of each of ``keys`` of an asset."""
+    return dict(instance.get_status_by_partition(asset_key, list(keys), partitions_def) or {})
+
+
+def ever_materialized(instance: dg.DagsterInstance, asset_key: dg.AssetKey,
+                      statuses: dict[str, dg.AssetPartitionStatus | None]) -> list[str]:
+    """The keys of ``statuses`` the asset has been materialized for at least once: the partitions
+    whose status is materialized, and those whose latest run failed after an earlier materialization."""
+    out = []
+    for key, status in statuses.items():
+        if status == dg.AssetPartitionStatus.MATERIALIZED:
+            out.append(key)
+        elif status == dg.AssetPartitionStatus.FAILED:
+            earlier = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key,
+                                                                            asset_partitions=[key]), limit=1)
+            if earlier.records:
+                out.append(key)
+    return out
+
+
+def baseline_runs(instance: dg.DagsterInstance, name: str) -> Sequence[dg.DagsterRun]:
+    """The baseline runs this sensor requested for base model ``name`` (tagged ``l2t/base_model``,
+    as every version of the sensor tagged them; newest first)."""
+    return instance.get_runs(filters=dg.RunsFilter(tags={BASE_MODEL_TAG: name}))
+
+
+def baseline_run_key(name: str, attempt: int) -> str:
+    return f"baseline:{name}" if attempt == 1 else f"baseline:{name}:attempt-{attempt}"
+
+
+def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
+                      log=None) -> list[dg.RunRequest]:
+    """A baseline run request for every registered model whose ``base_model`` partition has never
+    been materialized and has no run in progress, up to :data:`MAX_BASELINE_ATTEMPTS` runs."""
+    names = list(registered)
+    statuses = partition_statuses(instance, base_model.key, names, base_models_partitions)
+    done = set(ever_materialized(instance, base_model.key, statuses))
+    requests = []
+    for name in names:
+        if name in done or statuses.get(name) == dg.AssetPartitionStatus.IN_PROGRESS:
+            continue
+        runs = baseline_runs(instance, name)
+        if any(not r.is_finished for r in runs):
+            continue
+        if len(runs) >= MAX_BASELINE_ATTEMPTS:
+            if log is not None:
+                log.warning("base model %s: %d baseline runs failed; not requesting another (materialize "
+                            "base_model[%s] by hand once fixed)", name, len(runs), name)
+            continue
+        requests.append(dg.RunRequest(run_key=baseline_run_key(name, len(runs) + 1), partition_key=name,
+                                      asset_selection=[base_model.key],
+                                      tags={BASE_MODEL_TAG: name, REASON_TAG: BASELINE_REASON}))
+    return requests
+
+
 @dg.sensor(job=baseline_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
-           description="Adds a base_models partition and requests its baseline for each new registry model.")
+           description="Adds a base_models partition for each new registry model and requests a baseline run "
+                       "for every registered model without a materialized base_model (retrying failed runs).")
 def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRegistry) -> dg.SensorResult:
-    entries = registry.entries()
-    new = new_models(list(entries), list(context.instance.get_dynamic_partitions(base_models_partitions.name)))
-    if not new:
-        return dg.SensorResult(skip_reason=f"no new models in {registry.path}")
-    context.log.info("new base models in the registry: %s", ", ".join(new))
+    registered = list(registry.entries())
+    new = new_models(registered, list(context.instance.get_dynamic_partitions(base_models_partitions.name)))
+    requests = baseline_requests(context.instance, registered, context.log)
+    if not new and not requests:
+        return dg.SensorResult(skip_reason=f"every model in {registry.path} has a baseline or one in progress")
+    if new:
+        context.log.info("new base models in the registry: %s", ", ".join(new))
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"baseline:{n}", partition_key=n, asset_selection=[base_model.key],
-                                    tags={"l2t/base_model": n, "l2t/reason": "new-registry-model"})
-                      for n in new],
-        dynamic_partitions_requests=[base_models_partitions.build_add_request(new)],
+        run_requests=requests,
+        dynamic_partitions_requests=[base_models_partitions.build_add_request(new)] if new else [],
     )
 
 
 @dg.schedule(job=evaluation_job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED,
              description="Weekly re-evaluation of every trained checkpoint.")
 def reevaluation_schedule(context: dg.ScheduleEvaluationContext):
-    trained = sorted(context.instance.get_materialized_partitions(dg.AssetKey("checkpoints")))
+    # only partitions that still exist: a run request for a deleted base model would fail the tick
+    keys = [str(k) for k in runs_partitions.get_partition_keys(dynamic_partitions_store=context.instance)]
+    statuses = partition_statuses(context.instance, checkpoints.key, keys, runs_partitions)
+    trained = sorted(ever_materialized(context.instance, checkpoints.key, statuses))
     if not trained:
         return dg.SkipReason("no checkpoints materialized yet")
     stamp = context.scheduled_execution_time.strftime("%Y%m%d")  # a tick's date: one re-evaluation per tick

@@ -365,7 +365,8 @@ def test_image_installs_the_extras_and_runs_unprivileged():
         tomllib = pytest.importorskip("tomli")
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras) == {"pipeline", "distributed", "gpu", "k8s"} and set(extras) <= set(declared)
-    assert {"dagster-k8s>=0.29.27", "dagster-postgres>=0.29.27", "dagster-aws>=0.29.27"} <= set(declared["k8s"])
+    assert {"dagster-k8s>=0.29.27,<0.30", "dagster-postgres>=0.29.27,<0.30",
+            "dagster-aws>=0.29.27,<0.30"} <= set(declared["k8s"])
     assert re.search(r"^USER 10001$", text, re.M) and 'ENTRYPOINT ["tini", "--"]' in text
     ignore = (INFRA / "docker" / "Dockerfile.gpu.dockerignore").read_text()
     sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]

@@ -11,6 +11,7 @@ import duckdb
 import pandas as pd
 import pytest
 import yaml
+from dagster_duckdb import DuckDBResource
 
 from conftest import moto_s3
 from l2t_core.checkpoint import RunStorage
@@ -227,30 +228,64 @@ def test_registry_validates_entries(tmp_path):
         ModelRegistry(path=str(tmp_path / "broken.yaml")).entries()
 
 
-def test_registry_sensor_adds_partition_and_requests_one_run_per_new_model(tmp_path):
-    instance = dg.DagsterInstance.ephemeral()
+def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
+    """Through Dagster's sensor evaluation on an instance: a new model gets its partition and a
+    baseline run; a model whose baseline run failed is requested again (a new run key) until
+    MAX_BASELINE_ATTEMPTS runs failed; a partition added by hand gets its baseline; a model with a
+    materialized base_model gets none."""
+    from l2t_pipeline.assets import base_model
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+    from l2t_pipeline.sensors import BASE_MODEL_TAG, BASELINE_REASON, MAX_BASELINE_ATTEMPTS, REASON_TAG
     reg_path = tmp_path / "registry.yaml"
-    write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}})
+    registry = write_registry(reg_path, {"tiny-sft": {"kind": "pretrained", "path": str(tmp_path / "missing")}})
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1), "launcher": TrainingLauncher()}
+    with dg.instance_for_test() as instance:
+        def tick():
+            with dg.build_sensor_context(instance=instance, resources={"registry": registry}) as ctx:
+                result = model_registry_sensor(ctx)
+            for req in result.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            return result
 
-    def tick():
-        with dg.build_sensor_context(instance=instance,
-                                     resources={"registry": ModelRegistry(path=str(reg_path))}) as ctx:
-            result = model_registry_sensor(ctx)
-        for req in result.dynamic_partitions_requests or []:
-            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-        return result
+        def fail_baseline(request: dg.RunRequest):
+            """Run the requested baseline as the daemon would (its tags): the model path is missing."""
+            res = dg.materialize([*ASSETS, *all_checks], selection=[base_model], partition_key=request.partition_key,
+                                 tags=dict(request.tags), resources=resources, instance=instance, raise_on_error=False)
+            assert not res.success
 
-    first = tick()
-    assert [r.partition_key for r in first.run_requests] == ["tiny-sft"]
-    assert first.run_requests[0].asset_selection == [dg.AssetKey("base_model")]
-    assert instance.get_dynamic_partitions("base_models") == ["tiny-sft"]
-    again = tick()
-    assert not again.run_requests and "no new models" in again.skip_reason.skip_message
-    write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}, "other": {"kind": "pretrained", "path": "/m"}})
-    third = tick()
-    assert [(r.partition_key, r.run_key) for r in third.run_requests] == [("other", "baseline:other")]
-    assert sorted(instance.get_dynamic_partitions("base_models")) == ["other", "tiny-sft"]
-    assert not tick().run_requests
+        first = tick()
+        assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("tiny-sft", "baseline:tiny-sft")]
+        assert first.run_requests[0].asset_selection == [dg.AssetKey("base_model")]
+        assert first.run_requests[0].tags == {BASE_MODEL_TAG: "tiny-sft", REASON_TAG: BASELINE_REASON}
+        assert instance.get_dynamic_partitions("base_models") == ["tiny-sft"]
+        # not submitted (or submission failed): the same request again, which the run key deduplicates
+        assert [r.run_key for r in tick().run_requests] == ["baseline:tiny-sft"]
+        fail_baseline(first.run_requests[0])
+        second = tick()
+        assert [r.run_key for r in second.run_requests] == ["baseline:tiny-sft:attempt-2"]
+        fail_baseline(second.run_requests[0])
+        third = tick()
+        assert [r.run_key for r in third.run_requests] == [f"baseline:tiny-sft:attempt-{MAX_BASELINE_ATTEMPTS}"]
+        fail_baseline(third.run_requests[0])
+        assert not tick().run_requests  # gave up after MAX_BASELINE_ATTEMPTS failed runs
+
+        # a partition added by hand gets its baseline; a materialized base_model gets none
+        write_registry(reg_path, {"tiny-sft": {"kind": "warmstart"}, "other": {"kind": "pretrained", "path": "/m"},
+                                  "done": {"kind": "pretrained", "path": "/d"}})
+        instance.add_dynamic_partitions("base_models", ["other", "done"])
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="base_model", partition="done"))
+        fourth = tick()
+        assert [(r.partition_key, r.run_key) for r in fourth.run_requests] == [("other", "baseline:other")]
+        assert not fourth.dynamic_partitions_requests
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="base_model", partition="other"))
+        write_registry(reg_path, {"other": {"kind": "pretrained", "path": "/m"}})
+        last = tick()
+        assert not last.run_requests and "has a baseline" in last.skip_reason.skip_message
 
 
 # ------------------------------------------------------------------------------ S3 (moto server)
@@ -279,16 +314,34 @@ def test_s3_storage_through_moto(s3_endpoint):
     assert "testing" not in storage.display(url) and os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
 
 
-def test_reevaluation_schedule_requests_each_trained_checkpoint():
+def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
+    """Every checkpoints partition materialized at least once (also when a later run failed) and
+    still existing; a deleted base model's partitions and never-trained ones are left out."""
+    from l2t_pipeline.assets import checkpoints
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
     from l2t_pipeline.sensors import reevaluation_schedule
-
     tick = datetime(2026, 11, 22, 3, 0, tzinfo=timezone.utc)
     with dg.instance_for_test() as instance:
         # the contexts are entered and left: they set (and must reset) Dagster's current-instance state
         with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
             assert isinstance(reevaluation_schedule(ctx), dg.SkipReason)
-        for pk in ("tiny-sft|l2t", "tiny-sft|grpo"):
+        instance.add_dynamic_partitions("base_models", ["tiny-sft", "gone"])
+        for pk in ("tiny-sft|l2t", "tiny-sft|grpo", "gone|l2t"):
             instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="checkpoints", partition=pk))
+        # training runs that fail (the base model is not in the registry): after a materialization
+        # (tiny-sft|grpo) and without one (tiny-sft|mrt)
+        resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")),
+                     "registry": write_registry(tmp_path / "r.yaml", {"x": {"kind": "pretrained", "path": "/x"}}),
+                     "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                     "training_data": TrainingData(), "evaluator": HeldOutEvaluator(), "launcher": TrainingLauncher()}
+        for pk in ("tiny-sft|grpo", "tiny-sft|mrt"):
+            assert not dg.materialize([*ASSETS, *all_checks], selection=[checkpoints], partition_key=pk,
+                                      resources=resources, instance=instance, raise_on_error=False).success
+        status = instance.get_status_by_partition(checkpoints.key, ["tiny-sft|grpo"], checkpoints.partitions_def)
+        assert status == {"tiny-sft|grpo": dg.AssetPartitionStatus.FAILED}
+        instance.delete_dynamic_partition("base_models", "gone")
         with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
             reqs = reevaluation_schedule(ctx)
         assert sorted((r.partition_key, r.run_key) for r in reqs) == [
@@ -321,3 +374,240 @@ def test_only_rank_0_of_a_launch_talks_to_dagster_pipes():
     assert launch_rank({}) == 0 and launch_rank({"RANK": "3"}) == 3
     with pytest.raises(ValueError, match="RANK='a' is not a whole number"):
         launch_rank({"RANK": "a"})
+
+
+# ------------------------------------------------------------------------------ I/O manager (runs in separate pods)
+
+
+def test_a_run_in_another_instance_loads_the_outputs_of_an_earlier_run(tiny_dir, tmp_path, monkeypatch):
+    """Two Dagster instances (two DAGSTER_HOME folders) stand in for two run pods of
+    K8sRunLauncher: ``datasets`` is materialized in one, ``segmented_rollouts`` in the other loads
+    it through the I/O manager on the shared storage; Dagster's default (the instance's own
+    storage folder) cannot."""
+    from l2t_pipeline.assets import datasets, segmented_rollouts
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS, default_resources
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher, make_io_manager
+
+    monkeypatch.setenv("L2T_STORAGE_URL", str(tmp_path / "shared" / "storage"))
+    monkeypatch.delenv("L2T_IO_URL", raising=False)
+    assert make_io_manager().base_dir == f"{tmp_path}/shared/storage/assets"
+    monkeypatch.setenv("L2T_IO_URL", str(tmp_path / "shared" / "assets"))
+    assert default_resources()["io_manager"].base_dir == str(tmp_path / "shared" / "assets")
+    monkeypatch.setenv("L2T_IO_URL", "s3://key:secret@bucket/assets")
+    with pytest.raises(ValueError, match="L2T_IO_URL"):
+        make_io_manager()
+    monkeypatch.setenv("L2T_IO_URL", str(tmp_path / "shared" / "assets"))
+
+    registry = write_registry(tmp_path / "registry.yaml", {"tiny": {"kind": "pretrained", "path": str(tiny_dir)}})
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "shared" / "l2t.duckdb")), "registry": registry,
+                 "storage": L2TStorage(url=str(tmp_path / "shared" / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1), "launcher": TrainingLauncher()}
+    sampling = {"ops": {"segmented_rollouts": {"config": {"prompts": 1, "group_size": 2, "max_new_tokens": 4}}}}
+
+    def materialize(instance, asset, io_manager, **kw):
+        extra = {"io_manager": io_manager} if io_manager is not None else {}
+        return dg.materialize([*ASSETS, *all_checks], selection=[asset], resources={**resources, **extra},
+                              instance=instance, raise_on_error=False, **kw)
+
+    for pod in ("pod1", "pod2"):
+        (tmp_path / pod).mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "pod1")) as pod1:
+        assert materialize(pod1, datasets, make_io_manager()).success
+    with dg.instance_for_test(temp_dir=str(tmp_path / "pod2")) as pod2:
+        pod2.add_dynamic_partitions("base_models", ["tiny"])
+        # Dagster's default I/O manager: the output stayed in pod 1's DAGSTER_HOME
+        lost = materialize(pod2, segmented_rollouts, None, partition_key="tiny", run_config=sampling)
+        assert not lost.success
+        failure = [e for e in lost.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert "datasets" in str(failure.step_failure_data.error)
+        result = materialize(pod2, segmented_rollouts, make_io_manager(), partition_key="tiny", run_config=sampling)
+        assert result.success
+        rollouts = result.output_for_node("segmented_rollouts")
+        assert len(rollouts) == 2 and set(rollouts["base_model"]) == {"tiny"}
+    assert (tmp_path / "shared" / "assets" / "datasets").is_file()
+    assert (tmp_path / "shared" / "assets" / "segmented_rollouts" / "tiny").is_file()
+
+
+# ------------------------------------------------------------------------------ the warehouse lock while evaluating
+
+LOCK_PROBE = ("import sys, duckdb; from filelock import FileLock; "
+              "lock = FileLock(sys.argv[1] + '.lock'); lock.acquire(timeout=1); duckdb.connect(sys.argv[1]).close(); "
+              "lock.release()")
+PROBES: list[int] = []
+
+
+def probe_warehouse(db: str) -> int:
+    """Exit status of another process taking the warehouse's lock (1 s at most) and opening it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", LOCK_PROBE, db], capture_output=True, timeout=120).returncode
+
+
+def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
+    """While the evaluator runs (minutes to hours in production) another process can take the
+    warehouse's lock and open it: benchmark_reports reads, evaluates with no connection open, then
+    writes. The probe does fail while a connection is open."""
+    import json
+
+    from l2t_pipeline.assets import benchmark_reports
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import Evaluator, TrainingData, TrainingLauncher, summary_rows
+
+    db = str(tmp_path / "l2t.duckdb")
+
+    class ProbingEvaluator(Evaluator):
+        database: str
+
+        @property
+        def benchmark(self) -> str:
+            return "probe"
+
+        def settings(self) -> dict:
+            return {}
+
+        def evaluate(self, model_dir):
+            PROBES.append(probe_warehouse(self.database))
+            level = {"n": 2, "accuracy": 0.5, "mean_tokens": 10.0, "mean_episodes": 1.0, "tagged_share": 1.0,
+                     "finished_share": 1.0, "redundant_share": 0.0}
+            return summary_rows({**level, "per_level": {1: level}}, self.benchmark, self.fingerprint())
+
+    duck = DuckDBResource(database=db)
+    pk = run_key("tiny", "grpo")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    with warehouse.connect(duck) as con:
+        warehouse.replace_rows(con, "checkpoints", pd.DataFrame([{
+            "base_model": "tiny", "method": "grpo", "run_url": str(tmp_path / "run"), "checkpoint_url": str(ckpt),
+            "final_step": 1, "config_hash": "test", "config_json": json.dumps({})}]), "checkpoints", pk)
+        assert probe_warehouse(db) != 0  # the probe sees a held lock
+    resources = {"duckdb": duck, "evaluator": ProbingEvaluator(database=db),
+                 "registry": write_registry(tmp_path / "r.yaml", {"tiny": {"kind": "pretrained", "path": "/m"}}),
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(train_size=4, max_steps=1), "launcher": TrainingLauncher()}
+    instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "home"))
+    instance.add_dynamic_partitions("base_models", ["tiny"])
+    PROBES.clear()
+    result = dg.materialize([*ASSETS, *all_checks], selection=[benchmark_reports], partition_key=pk,
+                            resources=resources, instance=instance)
+    assert result.success
+    assert PROBES == [0, 0]  # base and checkpoint evaluated, each time the warehouse was free
+    with warehouse.connect(duck) as con:
+        assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == 4
+
+
+# ------------------------------------------------------------------------------ blocking schema checks
+
+
+def test_a_failing_blocking_schema_check_stops_the_downstream_asset(tmp_path):
+    """The schema checks guarding downstream steps are blocking; one that fails (duplicated keys
+    written past the validation) stops the asset downstream of the checked one in the same run."""
+    from l2t_pipeline.checks import all_checks, checkpoint_quality_gate, schema_check
+
+    blocking = {spec.asset_key.to_user_string(): spec.blocking for c in all_checks for spec in c.check_specs
+                if spec.name == "stored_rows_valid"}
+    assert blocking == {"datasets": False, "segmented_rollouts": True, "episode_rewards": True,
+                        "checkpoints": True, "benchmark_reports": False}
+    (gate,) = checkpoint_quality_gate.check_specs
+    assert not gate.blocking and "a report" in gate.description
+
+    downstream_ran = []
+
+    @dg.asset(name="upstream_rows")
+    def upstream(duckdb: DuckDBResource) -> None:
+        with warehouse.connect(duckdb) as con:  # a repeated natural key, stored without validation
+            warehouse.replace_rows(con, "rollouts", pd.concat([rollout_rows(2), rollout_rows(2)]),
+                                   "upstream_rows", "__all__")
+
+    @dg.asset(deps=[upstream])
+    def downstream() -> None:
+        downstream_ran.append(True)
+
+    for block, ran in ((True, []), (False, [True])):
+        downstream_ran.clear()
+        check = schema_check(upstream, ["rollouts"], blocking=block)
+        result = dg.materialize([upstream, downstream, check], raise_on_error=False,
+                                resources={"duckdb": DuckDBResource(database=str(tmp_path / f"{block}.duckdb"))})
+        (evaluation,) = result.get_asset_check_evaluations()
+        assert not evaluation.passed and evaluation.metadata["rollouts.duplicate_keys"].value == 2
+        assert downstream_ran == ran
+        assert result.success is not block
+
+
+def test_the_installed_dagster_is_within_the_pinned_release_line():
+    """The pipeline and k8s extras pin Dagster's release line (preview APIs in use); the installed
+    Dagster packages satisfy the pins, and each pin has an upper bound."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    pins = [Requirement(r) for extra in ("pipeline", "k8s") for r in extras[extra] if r.startswith("dagster")]
+    assert {p.name for p in pins} >= {"dagster", "dagster-webserver", "dagster-duckdb", "dagster-pandera",
+                                      "dagster-pipes", "dagster-k8s"}
+    for pin in pins:
+        assert any(s.operator == "<" for s in pin.specifier), f"{pin} has no upper bound"
+        try:
+            installed = version(pin.name)
+        except PackageNotFoundError:
+            continue  # an extra not installed here (dagster-k8s without the k8s extra)
+        assert pin.specifier.contains(installed), f"{pin.name} {installed} does not satisfy {pin}"
+
+
+def test_instances_run_one_run_per_partition_key_at_a_time(tmp_path, monkeypatch):
+    """The local and the production instance (and the Helm values rendering it) limit runs to one
+    per value of dagster/partition, the tag Dagster puts on every partitioned run."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    per_partition = {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(root / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as local:
+        limits = local.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert per_partition in limits
+    prod = yaml.safe_load((root / "infra" / "dagster" / "dagster.yaml").read_text())
+    assert per_partition in prod["concurrency"]["runs"]["tag_concurrency_limits"]
+    values = yaml.safe_load((root / "infra" / "k8s" / "values.yaml").read_text())
+    assert per_partition in values["concurrency"]["runs"]["tagConcurrencyLimits"]
+    # Dagster tags a partitioned run with its key
+    result = dg.materialize([dg.asset(name="keyed", partitions_def=dg.StaticPartitionsDefinition(["a"]))(
+        lambda: None)], partition_key="a")
+    assert result.dagster_run.tags["dagster/partition"] == "a"
+
+
+def test_the_io_manager_stores_outputs_on_s3(monkeypatch):
+    """With run storage on S3 the assets' outputs go next to it (``<L2T_STORAGE_URL>/assets``) and a
+    run in another instance loads them from there."""
+    from l2t_pipeline.resources import make_io_manager
+
+    with moto_s3(monkeypatch, "l2t", {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}) as (s3, _):
+        monkeypatch.setenv("L2T_STORAGE_URL", "s3://l2t/pipeline")
+        monkeypatch.delenv("L2T_IO_URL", raising=False)
+        assert make_io_manager().base_dir == "s3://l2t/pipeline/assets"
+
+        @dg.asset(name="frame")
+        def frame() -> pd.DataFrame:
+            return pd.DataFrame({"a": [1, 2]})
+
+        @dg.asset(name="total")
+        def total(frame: pd.DataFrame) -> int:
+            return int(frame["a"].sum())
+
+        with dg.instance_for_test() as first:
+            assert dg.materialize([frame], resources={"io_manager": make_io_manager()}, instance=first).success
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="l2t", Prefix="pipeline/assets/")["Contents"]]
+        assert keys == ["pipeline/assets/frame"]
+        with dg.instance_for_test() as second:
+            result = dg.materialize([frame, total], selection=[total], resources={"io_manager": make_io_manager()},
+                                    instance=second)
+        assert result.output_for_node("total") == 3

@@ -232,3 +232,7 @@ def test_materialize_datasets_through_graphql(webserver):
         splits = dict(con.execute("SELECT split, count(*) FROM problems GROUP BY 1").fetchall())
     assert meta["rows"]["intValue"] == stored > 0
     assert splits["train"] == 2000 and splits["heldout"] > 0  # TrainingData.train_size, the held-out split
+    # the output went to the I/O manager's shared storage (<L2T_STORAGE_URL>/assets), not to the
+    # run's DAGSTER_HOME, where a run in another pod could not load it
+    assert (webserver.artifacts / "storage" / "assets" / "datasets").is_file()
+    assert not (webserver.log.parent / "storage" / "datasets").exists()  # the DAGSTER_HOME
