@@ -59,8 +59,8 @@ def schema_check(asset: dg.AssetsDefinition, tables: Sequence[str], partitions_d
     asset_key = asset.key
 
     @asset_check(asset=asset, name="stored_rows_valid", partitions_def=partitions_def, blocking=blocking,
-                    description=f"Stored rows of {', '.join(tables)} match their pandera schemas, without "
-                                "duplicated keys.")
+                 description=f"Stored rows of {', '.join(tables)} match their pandera schemas, without "
+                             "duplicated keys.")
     def _check(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
         pk = str(context.partition_key) if partitions_def is not None else UNPARTITIONED
         with connect(duckdb) as conn:
@@ -84,9 +84,9 @@ def quality_gate(evals: pd.DataFrame, max_accuracy_drop: float) -> dg.AssetCheck
 
 
 @asset_check(asset=benchmark_reports, partitions_def=runs_partitions, blocking=False,
-                description="Quality gate, a report (non-blocking): the checkpoint's held-out accuracy may not "
-                            "fall below its base model's by more than max_accuracy_drop; the token reduction is "
-                            "reported.")
+             description="Quality gate, a report (non-blocking): the checkpoint's held-out accuracy may not "
+                         "fall below its base model's by more than max_accuracy_drop; the token reduction is "
+                         "reported.")
 def checkpoint_quality_gate(context: dg.AssetCheckExecutionContext, config: QualityGateConfig,
                             duckdb: DuckDBResource) -> dg.AssetCheckResult:
     """A report, not a gate that stops anything: non-blocking, and no asset is downstream of

@@ -296,6 +296,7 @@ BENCHMARK_EVAL_ENV = {
     "L2T_EVAL_BENCHMARKS": "benchmarks", "L2T_EVAL_LIMIT": "limit", "L2T_EVAL_MAX_NEW_TOKENS": "max_new_tokens",
     "L2T_EVAL_N": "n", "L2T_EVAL_TEMPERATURE": "temperature", "L2T_EVAL_TOP_P": "top_p", "L2T_EVAL_SEED": "seed",
     "L2T_EVAL_ENGINE": "engine", "L2T_EVAL_DEVICE": "device",
+    "L2T_EVAL_VLLM_GPU_MEMORY_UTILIZATION": "vllm_gpu_memory_utilization",
 }
 ROLLOUT_ENGINES = ("hf", "vllm")
 
@@ -326,7 +327,10 @@ class BenchmarkEvaluator(Evaluator):
     verify_workers: int = Field(1, description="Processes verifying answers (1: in process).")
     verify_timeout_s: float = Field(EvalSettings.verify_timeout_s, description="Time limit of one verification.")
     engine: str = Field("hf", description="Rollout engine: hf (transformers, any device) or vllm (GPU).")
-    device: str = Field("cpu", description="Device of the loaded model (cpu, cuda).")
+    device: str = Field("cpu", description="Device of the loaded model (cpu, cuda) for the hf engine; with vllm "
+                                           "the transformers copy stays on the CPU and vLLM has the GPU.")
+    vllm_gpu_memory_utilization: float = Field(0.9, description="vllm engine: share of the GPU's memory it takes "
+                                                                 "(evaluation has the GPU to itself), in (0, 1].")
     data_dir: Optional[str] = Field(None, description="Benchmark directory (None: $L2T_DATA_DIR).")
     allow_download: bool = Field(True, description="Download a benchmark missing from the data directory "
                                                    "from the Hugging Face hub (cached there).")
@@ -359,6 +363,9 @@ class BenchmarkEvaluator(Evaluator):
         if self.engine not in ROLLOUT_ENGINES:
             raise ValueError(f"BenchmarkEvaluator.engine {self.engine!r} is not a rollout engine; use 'hf' "
                              "(transformers, any device) or 'vllm' (a GPU and the gpu extra)")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"BenchmarkEvaluator.vllm_gpu_memory_utilization must be a share of the GPU's memory "
+                             f"in (0, 1], got {self.vllm_gpu_memory_utilization}")
         self.eval_settings()
 
     def eval_settings(self) -> EvalSettings:
@@ -420,8 +427,10 @@ class BenchmarkEvaluator(Evaluator):
         from l2t_core.rollout import make_rollout_engine
 
         items = self.items()
-        model, tok = load_policy(model_dir, device=self.device)
-        kwargs = {"model_path": str(model_dir)} if self.engine == "vllm" else {}
+        vllm = self.engine == "vllm"  # vLLM loads its own copy; the transformers one only feeds it once
+        model, tok = load_policy(model_dir, device="cpu" if vllm else self.device)
+        kwargs = {"model_path": str(model_dir), "gpu_memory_utilization": self.vllm_gpu_memory_utilization} \
+            if vllm else {}
         engine = make_rollout_engine(self.engine, model, tok, **kwargs)
         result = evaluate_math(engine, tok, items, self.eval_settings())
         rows = group_rows(result.rows)
@@ -435,7 +444,7 @@ class BenchmarkEvaluator(Evaluator):
         """The evaluator of ``L2T_EVALUATOR=benchmark``: ``L2T_EVAL_BENCHMARKS`` (comma-separated,
         default math500), ``L2T_EVAL_LIMIT``, ``L2T_EVAL_MAX_NEW_TOKENS``, ``L2T_EVAL_N``,
         ``L2T_EVAL_TEMPERATURE``, ``L2T_EVAL_TOP_P``, ``L2T_EVAL_SEED``, ``L2T_EVAL_ENGINE``,
-        ``L2T_EVAL_DEVICE``; unset ones keep the field's default. Checked here, so a bad value
+        ``L2T_EVAL_DEVICE``, ``L2T_EVAL_VLLM_GPU_MEMORY_UTILIZATION``; unset ones keep the field's default. Checked here, so a bad value
         fails when the code location loads, naming the variable."""
         env = os.environ if environ is None else environ
         kwargs: dict = {}
@@ -462,7 +471,7 @@ def _parse_env_value(var: str, field: str, raw: str):
         except ValueError:
             raise ValueError(f"{var}={raw!r} is not a whole number "
                              f"(BenchmarkEvaluator.{field}, e.g. {var}=4)") from None
-    if field in ("temperature", "top_p"):
+    if field in ("temperature", "top_p", "vllm_gpu_memory_utilization"):
         try:
             return float(raw)
         except ValueError:

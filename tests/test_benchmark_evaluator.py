@@ -146,6 +146,7 @@ def test_bad_settings_fail_with_the_setting_named(tmp_path, tiny_dir):
         (dict(max_new_tokens=0), r"EvalSettings\.max_new_tokens must be >= 1"),
         (dict(top_p=0.0), r"EvalSettings\.top_p must be in"),
         (dict(engine="tgi"), r"BenchmarkEvaluator\.engine 'tgi' is not a rollout engine"),
+        (dict(vllm_gpu_memory_utilization=0.0), r"BenchmarkEvaluator\.vllm_gpu_memory_utilization must be"),
     ]
     for over, message in cases:
         ev = quick(**over)
@@ -156,6 +157,27 @@ def test_bad_settings_fail_with_the_setting_named(tmp_path, tiny_dir):
     with pytest.raises(DatasetError, match=r"BenchmarkEvaluator cannot load benchmark 'math500'.*math500\.jsonl"
                                            r".*L2T_DATA_DIR.*data_dir"):
         missing.evaluate(tiny_dir)
+
+
+def test_vllm_gets_the_gpu_and_the_transformers_copy_stays_on_the_cpu(tiny_dir, monkeypatch, evaluated):
+    """engine='vllm': vLLM gets the evaluator's memory share, the transformers copy it syncs from
+    is loaded on the CPU whatever ``device`` says. (vLLM cannot be installed here: the engine
+    factory is recorded and an ``hf`` engine samples in its place; same rows as the hf run.)"""
+    import l2t_core.models as models
+    import l2t_core.rollout as rollout
+    from l2t_core.rollout.hf import HFRolloutEngine
+
+    seen, real_load = {}, models.load_policy
+    monkeypatch.setattr(models, "load_policy", lambda path, device="cpu", **kw: (
+        seen.setdefault("device", device), real_load(path, device=device, **kw))[1])
+    monkeypatch.setattr(rollout, "make_rollout_engine", lambda engine, model, tok, **kw: (
+        seen.update(engine=engine, kw=kw), HFRolloutEngine(model, tok))[1])
+    rows = quick(engine="vllm", device="cuda", vllm_gpu_memory_utilization=0.7).evaluate(tiny_dir)
+    assert seen == {"device": "cpu", "engine": "vllm",
+                    "kw": {"model_path": str(tiny_dir), "gpu_memory_utilization": 0.7}}
+    pd.testing.assert_frame_equal(rows.drop(columns="evaluator"), evaluated.drop(columns="evaluator"))
+    env = BenchmarkEvaluator.from_env({"L2T_EVAL_ENGINE": "vllm", "L2T_EVAL_VLLM_GPU_MEMORY_UTILIZATION": "0.5"})
+    assert env.vllm_gpu_memory_utilization == 0.5
 
 
 def test_definitions_select_the_evaluator_from_the_environment(monkeypatch):
