@@ -39,7 +39,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences
 from .engines import make_train_engine
-from .engines.gather import check_head_chunking, full_state_dict, is_partitioned
+from .engines.gather import check_head_chunking, collective_device, full_state_dict, is_partitioned
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -103,16 +103,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def collective_device(dist) -> torch.device:
-    """Where the tensors of a collective must live: an NCCL process group (the GPU launch,
-    ``DeepSpeedEngine``) reduces CUDA tensors only, on this rank's current device; gloo (the CPU
-    launch) reduces CPU tensors."""
-    backend = str(dist.get_backend())  # "nccl", "gloo", or per device: "cpu:gloo,cuda:nccl"
-    if backend == "nccl" or ("cuda:" in backend and "cpu:" not in backend):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_reduce_list(values: list[float], dtype: torch.dtype, op: str = "sum") -> list:
     """Element-wise sum or max of ``values`` over the ranks; unchanged on one process."""
     dist = _dist()
@@ -138,6 +128,34 @@ def _all_max(x: int) -> int:
 
 def _all_max_list(values: list[float]) -> list[float]:
     return _all_reduce_list(values, torch.float64, "max")
+
+
+def check_prompt_sharding(prompts_per_step: int, world: int) -> None:
+    """Refuse a step that the ranks cannot share evenly, before any compute: each rank samples
+    ``prompts_per_step / world`` prompts, and every rank must make the same collectives (ZeRO's
+    reductions in each backward, the optimizer steps of ``mini_batches``); a rank with fewer
+    rollouts would take fewer mini-batches and the others would wait for it forever."""
+    if world > 1 and (prompts_per_step < world or prompts_per_step % world):
+        raise ValueError(
+            f"prompts_per_step={prompts_per_step} cannot be shared evenly by {world} ranks: each rank samples "
+            f"its own share of a step's prompts and the ranks must run the same steps; set prompts_per_step to a "
+            f"multiple of {world} (e.g. {max(world, prompts_per_step // world * world)}) or launch a number of "
+            f"ranks that divides it")
+
+
+def zero_loss(model, device: torch.device, token_id: int = 0, temperature: float = 1.0,
+              head_chunk_tokens: int | None = None) -> torch.Tensor:
+    """A loss of exactly 0 from a real forward of a two-token sequence through the log-prob path
+    (decoder and head, as :func:`~l2t_core.logprobs.token_logprobs`), for a rank with no micro-batch
+    left while the others still have one. Its backward fires every parameter's gradient hook in the
+    order a real backward does: ZeRO-2 fills its reduction buckets in that order (a loss built from
+    the parameters alone, ``sum(p.sum()) * 0``, fired them in registration order and put the other
+    ranks' gradients on the wrong parameters), and ZeRO-3 gathers the partitioned weights only
+    inside a forward. Under ``torch.no_grad`` it is the dummy forward that keeps ZeRO-3 ranks in step."""
+    ids = torch.tensor([[token_id, token_id]], dtype=torch.long, device=device)
+    mask = response_mask([1], [1], 2, device)
+    lp = token_logprobs(model, ids, torch.ones_like(ids), mask, temperature, head_chunk_tokens)
+    return lp.sum() * 0.0
 
 
 def step_prompt_indices(num_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
@@ -171,6 +189,7 @@ class Trainer:
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
+        check_prompt_sharding(cfg.prompts_per_step, self.world)
         if self.rank == 0:
             self.storage.check_writable()
         self.problems: list[TrainProblem] = load_training_problems(cfg.data)
@@ -349,9 +368,7 @@ class Trainer:
     def _rollouts(self, step: int) -> tuple[list[Rollout], list[TrainProblem], float]:
         cfg = self.cfg
         idx = step_prompt_indices(len(self.problems), cfg.prompts_per_step, step, cfg.seed)
-        idx = idx[self.rank:: self.world]
-        if not idx:
-            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} leaves rank {self.rank} without prompts")
+        idx = idx[self.rank:: self.world]  # an equal share on every rank (check_prompt_sharding)
         t0 = device_clock(self.device)
         params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
@@ -407,8 +424,9 @@ class Trainer:
             for n_mb_i, keep in enumerate(mbs):
                 last = n_mb_i == len(mbs) - 1
                 rs = [rollouts[i] for i in keep]
-                if not rs:  # no response tokens on this rank: a zero loss keeps ranks in step
-                    self.engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, last=last)
+                if not rs:  # no micro-batch left on this rank: a real forward's zero loss keeps ranks in step
+                    self.engine.backward(zero_loss(model, self.device, self.pad_id, self.lp_temperature,
+                                                   cfg.head_chunk_tokens), last=last)
                     continue
                 logp_list = self._logps(model, rs)
                 width = max(len(x) for x in logp_list)

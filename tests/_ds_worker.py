@@ -3,7 +3,12 @@
 ``python tests/_ds_worker.py OUT reference`` runs the whole batch in one process with TorchEngine;
 under ``torchrun --nproc_per_node 2 tests/_ds_worker.py OUT deepspeed`` each rank takes its share of
 the batch, in two micro-batches, with DeepSpeedEngine (ZeRO-2, gloo on CPU; a third argument sets
-another ZeRO stage). Each writes its updated weights to OUT/<mode>-rank<r>.pt."""
+another ZeRO stage). Each writes its updated weights to OUT/<mode>-rank<r>.pt.
+
+``uneven`` (and ``uneven-reference``, its one-process TorchEngine counterpart) trains on sequences
+0-2 only: rank 0 has two micro-batches ([0], [2]) and rank 1 one ([1]), which it follows with the
+trainer's padding, :func:`l2t_core.trainer.zero_loss`, as the trainer does when ranks have
+different numbers of micro-batches. Under ZeRO-3 every parameter is partitioned."""
 
 from __future__ import annotations
 
@@ -54,11 +59,13 @@ def main(out: str, mode: str, stage: int = 2) -> None:
                              intermediate_size=48, seed=3)
     model.train()
     batch = fixed_batch()
-    total = float(sum(batch[2]))
-    if mode == "reference":
+    uneven = mode.startswith("uneven")
+    total = float(sum(batch[2][:3] if uneven else batch[2]))
+    if mode in ("reference", "uneven-reference"):
         from l2t_core.engines.torch_engine import TorchEngine
 
-        eng, rank, world, shares = TorchEngine(model, OPT, 10), 0, 1, [[0, 1, 2, 3]]
+        eng, rank, world = TorchEngine(model, OPT, 10), 0, 1
+        shares = [[0], [1], [2]] if uneven else [[0, 1, 2, 3]]
     else:
         from l2t_core.engines.deepspeed_engine import DeepSpeedEngine
 
@@ -66,16 +73,28 @@ def main(out: str, mode: str, stage: int = 2) -> None:
 
         cfg = json.loads((Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / "zero2.json").read_text())
         cfg["zero_optimization"]["stage"] = stage
+        if stage == 3:
+            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         eng = DeepSpeedEngine(model, OPT, 10, config_path=cfg)
         rank, world = eng.rank, eng.world_size
-        mine = list(range(4))[rank::world]
-        shares = [[i] for i in mine]  # one sequence per micro-batch: two backward calls per rank
+        if uneven:
+            shares = [[0], [2]] if rank == 0 else [[1], []]  # [] is padding
+        else:
+            shares = [[i] for i in list(range(4))[rank::world]]  # one sequence per micro-batch: two backward calls
     for n, idx in enumerate(shares):
-        eng.backward(micro_loss(eng.module, idx, batch, total, world), last=n == len(shares) - 1)
+        if idx:
+            loss = micro_loss(eng.module, idx, batch, total, world)
+        else:
+            from l2t_core.trainer import zero_loss
+
+            loss = zero_loss(eng.module, torch.device("cpu"))
+        eng.backward(loss, last=n == len(shares) - 1)
     stats = eng.step()
-    state = {k: v.detach().cpu().clone() for k, v in eng.unwrapped().state_dict().items()}
+    from l2t_core.engines.gather import full_state_dict
+
+    state = full_state_dict(eng.unwrapped())  # whole weights, also under ZeRO-3
     torch.save({"state": state, "stats": stats}, Path(out) / f"{mode}-rank{rank}.pt")
-    if mode == "deepspeed":  # engine state round-trip
+    if mode == "deepspeed" and stage != 3:  # engine state round-trip
         ck = Path(out) / "ckpt"
         eng.save_state(ck)
         eng.load_state(ck)

@@ -56,6 +56,30 @@ def test_two_ranks_agree_and_equal_single_process(tmp_path, stage):
     assert r0["stats"]["lr"] == pytest.approx(ref["stats"]["lr"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rank_with_fewer_micro_batches_pads_without_moving_gradients(tmp_path, stage):
+    """Rank 0 has two micro-batches and rank 1 one, which it follows with the trainer's padding
+    (``zero_loss``). The weights must equal one TorchEngine step on the three sequences: a padding
+    loss built from the parameters alone fired ZeRO-2's gradient hooks out of a backward's order
+    (12 of 27 tensors moved by about 2·lr) and failed under ZeRO-3, where the weights are empty
+    outside a forward."""
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "uneven-reference"], check=True, env=_env(),
+                   timeout=120, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "uneven", str(stage)]
+    proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "uneven-reference-rank0.pt", weights_only=False)
+    r0 = torch.load(tmp_path / "uneven-rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "uneven-rank1.pt", weights_only=False)
+    assert sorted(r0["state"]) == sorted(ref["state"])
+    for name, w in r0["state"].items():
+        assert torch.equal(w, r1["state"][name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(w, ref["state"][name], rtol=0, atol=1e-4, msg=name)
+    assert r0["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=1e-5)
+
+
 TRAINER_WORKER = Path(__file__).with_name("_ds_trainer_worker.py")
 
 

@@ -135,6 +135,29 @@ def test_resume_refuses_a_different_config(tiny_dir, toy_data, tmp_path):
     assert again.final_step == 2 and list(again.steps["step"]) == [1, 2]
 
 
+def test_prompts_that_ranks_cannot_share_evenly_fail_before_the_model_loads(tmp_path, monkeypatch):
+    """Each rank samples prompts_per_step / world prompts; an uneven share gave the ranks different
+    numbers of mini-batches (optimizer steps and their collectives) and a rank without prompts
+    failed alone while the others waited. Refused in setup, before the policy is loaded."""
+    import types
+
+    import l2t_core.trainer as trainer_mod
+    from l2t_core.trainer import check_prompt_sharding
+
+    check_prompt_sharding(6, 3)
+    check_prompt_sharding(5, 1)
+    for ppl, world in ((5, 2), (2, 4), (7, 3)):
+        with pytest.raises(ValueError, match=rf"prompts_per_step={ppl} cannot be shared evenly by {world} ranks.*multiple of {world}"):
+            check_prompt_sharding(ppl, world)
+    fake = types.SimpleNamespace(get_rank=lambda: 1, get_world_size=lambda: 2)
+    monkeypatch.setattr(trainer_mod, "_dist", lambda: fake)
+    monkeypatch.setattr(trainer_mod, "load_policy", lambda *a, **k: pytest.fail("the policy was loaded"))
+    monkeypatch.setattr(trainer_mod, "load_training_problems", lambda *a, **k: pytest.fail("the data was loaded"))
+    cfg = TrainConfig.model_validate(dict(policy=str(tmp_path), out=str(tmp_path / "run"), prompts_per_step=3))
+    with pytest.raises(ValueError, match="prompts_per_step=3 cannot be shared evenly by 2 ranks"):
+        Trainer(cfg, show_progress=False).setup()
+
+
 def test_resume_refuses_another_number_of_ranks(tiny_dir, toy_data, tmp_path):
     """A run saved by 2 ranks (each sampled its own prompts with its own seeds, and DeepSpeed keeps
     one optimizer partition per rank) is not resumed by 1, before its engine state is read."""

@@ -22,6 +22,16 @@ def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
+def collective_device(dist) -> torch.device:
+    """Where the tensors of a collective must live: an NCCL process group (the GPU launch,
+    ``DeepSpeedEngine``) reduces CUDA tensors only, on this rank's current device; gloo (the CPU
+    launch) reduces CPU tensors."""
+    backend = str(dist.get_backend())  # "nccl", "gloo", or per device: "cpu:gloo,cuda:nccl"
+    if backend == "nccl" or ("cuda:" in backend and "cpu:" not in backend):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @contextlib.contextmanager
 def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
     """Inside, ``params`` hold their whole values on every rank (read-only: changes are not written
