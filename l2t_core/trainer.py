@@ -39,7 +39,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences
 from .engines import make_train_engine
-from .engines.gather import check_head_chunking, collective_device, full_state_dict, is_partitioned
+from .engines.gather import check_head_chunking, collective_device, full_state_dict, is_partitioned, lockstep_batches
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -387,9 +387,11 @@ class Trainer:
             return None
         out: list[torch.Tensor | None] = [None] * len(rollouts)
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-        for mb in microbatches(lengths, self.cfg.micro_batch_tokens):
+        # a partitioned reference (ZeRO-3) gathers its weights in every forward: all ranks run as many forwards
+        for mb, keep in lockstep_batches(microbatches(lengths, self.cfg.micro_batch_tokens),
+                                         self.reference.parameters()):
             lp = self._logps(self.reference, [rollouts[i] for i in mb])
-            for j, i in enumerate(mb):
+            for j, i in enumerate(mb if keep else []):
                 out[i] = lp[j]
         return out  # type: ignore[return-value]
 

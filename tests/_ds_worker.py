@@ -8,7 +8,14 @@ another ZeRO stage). Each writes its updated weights to OUT/<mode>-rank<r>.pt.
 ``uneven`` (and ``uneven-reference``, its one-process TorchEngine counterpart) trains on sequences
 0-2 only: rank 0 has two micro-batches ([0], [2]) and rank 1 one ([1]), which it follows with the
 trainer's padding, :func:`l2t_core.trainer.zero_loss`, as the trainer does when ranks have
-different numbers of micro-batches. Under ZeRO-3 every parameter is partitioned."""
+different numbers of micro-batches. Under ZeRO-3 every parameter is partitioned.
+
+``lockstep`` (ZeRO-3, every parameter partitioned) gives rank 0 three sequences and rank 1 one, in
+micro-batches of one, and runs the no-gradient passes whose forwards gather the weights: the
+response log-probs, the packed J, hf generation (one prompt per call, rank 1 fewer tokens) and the
+Monte Carlo J with no contexts at all on rank 1. Without lockstep the ranks wait for each other
+forever. Each writes ``{name: (partitioned result, the unpartitioned model's)}`` to
+OUT/lockstep-rank<r>.pt."""
 
 from __future__ import annotations
 
@@ -50,6 +57,65 @@ def micro_loss(model, idx, batch, total_tokens, world):
     out = policy_loss(logp, logp.detach(), logp.detach() - 0.1 * mask, adv, mask, kl_coef=0.01)
     share = float(mask.sum()) / total_tokens
     return out.loss * share * world
+
+
+class _IdTokenizer:
+    """What the hf engine and the Monte Carlo J need of a tokenizer: ids as text, an eos."""
+
+    eos_token_id = 1
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def lockstep(out: str) -> None:
+    import copy
+    import json
+
+    from l2t_core.engines.deepspeed_engine import DeepSpeedEngine
+    from l2t_core.rewards.fitting import JItem, answer_logprobs_packed, monte_carlo_j
+    from l2t_core.rewards.l2t import Rollout, response_logprobs
+    from l2t_core.rollout.base import SamplingParams
+    from l2t_core.rollout.hf import HFRolloutEngine
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = build_tiny_qwen2(VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=48, seed=3)
+    plain = copy.deepcopy(model).eval()
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / "zero2.json").read_text())
+    cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    eng = DeepSpeedEngine(model, OPT, 10, config_path=cfg)
+    eng.module.eval()
+    rank = eng.rank
+    seqs, plens, _, _ = fixed_batch()
+    mine = [0, 1, 2] if rank == 0 else [3]
+    rollouts = [Rollout(seqs[i][: plens[i]], seqs[i][plens[i]:], "", "", 0) for i in mine]
+    items = [JItem(r.prompt_ids, r.response_ids, [0, 2, len(r.response_ids)], [5, 6]) for r in rollouts]
+    prompts = [r.prompt_ids for r in rollouts]
+    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=6 if rank == 0 else 2, seed=1)
+    contexts = [list(r.prompt_ids) + list(r.response_ids[:2]) for r in rollouts[:2]] if rank == 0 else []
+
+    def verify(text, ref):
+        return text.split(" ")[0] == ref
+
+    passes = {
+        "response_logprobs": lambda m: [x.tolist() for x in response_logprobs(m, rollouts, 0, max_tokens=1)],
+        "answer_logprobs_packed": lambda m: [x.tolist() for x in answer_logprobs_packed(m, items, [7, 8], 1)],
+        "hf_generate": lambda m: [[c.response_ids for c in g] for g in HFRolloutEngine(
+            m, _IdTokenizer(), max_batch_sequences=2).generate(prompts, greedy)],
+        "monte_carlo_j": lambda m: monte_carlo_j(m, _IdTokenizer(), contexts, ["3"] * len(contexts), verify,
+                                                 samples=2, max_new_tokens=3, temperature=0.0, seed=1).tolist(),
+    }
+    results = {}
+    for name, run in passes.items():
+        results[name] = (run(eng.module), run(plain))
+        print(f"rank {rank}: {name} done", flush=True)
+    torch.save(results, Path(out) / f"lockstep-rank{rank}.pt")
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def main(out: str, mode: str, stage: int = 2) -> None:
@@ -104,5 +170,8 @@ def main(out: str, mode: str, stage: int = 2) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))
+    if sys.argv[2] == "lockstep":
+        lockstep(sys.argv[1])
+    else:
+        main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))
     os._exit(0)

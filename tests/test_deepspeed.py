@@ -80,6 +80,49 @@ def test_rank_with_fewer_micro_batches_pads_without_moving_gradients(tmp_path, s
     assert r0["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=1e-5)
 
 
+def _run_or_fail_on_hang(cmd: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a launch with its output in ``log``; one still running after ``timeout`` seconds (ranks
+    waiting for each other in a collective) fails the test. torchrun gets SIGTERM, which it passes
+    on to its ranks (they run in sessions of their own); SIGKILL if it has not ended 60 s later."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"the ranks hung (still running after {timeout} s):\n{log.read_text()[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
+
+
+@pytest.mark.slow
+def test_zero3_ranks_with_different_forward_counts_stay_in_step(tmp_path):
+    """ZeRO-3 gathers the partitioned weights in every forward, so a rank running fewer forwards
+    than another left it waiting forever: rank 0 has three sequences and rank 1 one (micro-batches of
+    one; hf generation one prompt a call, rank 1 stopping sooner; rank 1 without any Monte Carlo
+    context). Each pass must finish and equal the unpartitioned model's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "lockstep"]
+    proc = _run_or_fail_on_hang(cmd, tmp_path / "launch.log", timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"lockstep-rank{rank}.pt", weights_only=False)
+        assert sorted(results) == ["answer_logprobs_packed", "hf_generate", "monte_carlo_j", "response_logprobs"]
+        for name in ("response_logprobs", "answer_logprobs_packed"):
+            got, want = results[name]
+            assert len(got) == (3 if rank == 0 else 1)
+            for g, w in zip(got, want):
+                assert g == pytest.approx(w, abs=1e-5), (rank, name)
+        got, want = results["hf_generate"]
+        assert got == want and len(got) == (3 if rank == 0 else 1), rank
+        got, want = results["monte_carlo_j"]
+        assert got == want and len(got) == (2 if rank == 0 else 0), rank
+
+
 TRAINER_WORKER = Path(__file__).with_name("_ds_trainer_worker.py")
 
 
