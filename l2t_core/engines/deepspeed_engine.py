@@ -1,6 +1,9 @@
 """The DeepSpeed training engine (ZeRO-2/3; the ``distributed`` extra).
 
-Configs live in ``infra/deepspeed/`` (``zero2.json``, ``zero3_offload.json``). This engine owns the
+Configs live in ``infra/deepspeed/`` (``zero2.json``, ``zero3_offload.json``); under bf16 they
+accumulate and reduce gradients in fp32 (``data_types.grad_accum_dtype``, ``communication_data_type``:
+DeepSpeed's default is the model's dtype, and bf16 sums of many micro-batches lose the small ones;
+DeepSpeed accepts that mix with ZeRO 1-3, not without ZeRO). This engine owns the
 parts the trainer's config decides, so one TrainConfig means the same thing on every engine:
 
 * the optimizer is ``torch.optim.AdamW`` with ``OptimConfig``'s lr, betas, eps and weight decay,
