@@ -15,7 +15,10 @@ micro-batches of one, and runs the no-gradient passes whose forwards gather the 
 response log-probs, the packed J, hf generation (one prompt per call, rank 1 fewer tokens) and the
 Monte Carlo J with no contexts at all on rank 1. Without lockstep the ranks wait for each other
 forever. Each writes ``{name: (partitioned result, the unpartitioned model's)}`` to
-OUT/lockstep-rank<r>.pt."""
+OUT/lockstep-rank<r>.pt.
+
+``bf16`` is ``deepspeed`` in bf16 with fp32 gradient accumulation (ZeRO-1 there: DeepSpeed's
+BF16_Optimizer, which records the gradient norm only inside its step)."""
 
 from __future__ import annotations
 
@@ -141,6 +144,8 @@ def main(out: str, mode: str, stage: int = 2) -> None:
         cfg["zero_optimization"]["stage"] = stage
         if stage == 3:
             cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        if mode == "bf16":  # bf16 on the CPU too, fp32 gradients: DeepSpeed's BF16_Optimizer under ZeRO-1
+            cfg["bf16"] = {"enabled": True}
         eng = DeepSpeedEngine(model, OPT, 10, config_path=cfg)
         rank, world = eng.rank, eng.world_size
         if uneven:
@@ -159,7 +164,8 @@ def main(out: str, mode: str, stage: int = 2) -> None:
     from l2t_core.engines.gather import full_state_dict
 
     state = full_state_dict(eng.unwrapped())  # whole weights, also under ZeRO-3
-    torch.save({"state": state, "stats": stats}, Path(out) / f"{mode}-rank{rank}.pt")
+    optimizer = type(getattr(eng, "ds", eng).optimizer).__name__
+    torch.save({"state": state, "stats": stats, "optimizer": optimizer}, Path(out) / f"{mode}-rank{rank}.pt")
     if mode == "deepspeed" and stage != 3:  # engine state round-trip
         ck = Path(out) / "ckpt"
         eng.save_state(ck)

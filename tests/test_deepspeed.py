@@ -123,6 +123,26 @@ def test_zero3_ranks_with_different_forward_counts_stay_in_step(tmp_path):
         assert got == want and len(got) == (2 if rank == 0 else 0), rank
 
 
+@pytest.mark.slow
+def test_bf16_optimizer_reports_the_gradient_norm_it_clipped(tmp_path):
+    """DeepSpeed's BF16_Optimizer (bf16 with fp32 gradients under ZeRO-1) creates its gradient norm
+    only inside step(): the engine used to decide at init that DeepSpeed kept none and measured the
+    bf16 parameters' .grad (3.75 for 2.24). With two micro-batches per rank it also added the
+    first micro-batch's gradient again at the second's end (2.96) until the engine asked for
+    ``immediate_grad_update``. The reported norm must be the whole batch's (bf16 forwards: within 5%)."""
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "reference"], check=True, env=_env(),
+                   timeout=120, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "bf16", "1"]
+    proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "reference-rank0.pt", weights_only=False)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"bf16-rank{rank}.pt", weights_only=False)
+        assert got["optimizer"] == "BF16_Optimizer"
+        assert got["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=0.05), rank
+
+
 TRAINER_WORKER = Path(__file__).with_name("_ds_trainer_worker.py")
 
 

@@ -71,7 +71,11 @@ def load_ds_config(config_path: str | dict, optim_cfg, on_gpu: bool) -> dict:
     bf16 = cfg.get("bf16", {}).get("enabled", False)
     if bf16 == "auto":
         bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    cfg["bf16"] = {"enabled": bool(bf16)}
+    # immediate_grad_update: DeepSpeed's BF16_Optimizer (bf16 with fp32 gradients without ZeRO-2/3)
+    # otherwise adds each parameter's bf16 .grad into its fp32 gradient at the end of every backward
+    # without clearing it, so with the accumulation window set here (several backward calls, one
+    # step) the first micro-batches counted again and again (measured: norm 5.18 for 2.25)
+    cfg["bf16"] = {"enabled": bool(bf16), "immediate_grad_update": True} if bf16 else {"enabled": False}
     if not on_gpu:
         cfg.pop("fp16", None)
         zero = cfg.get("zero_optimization", {})
@@ -119,8 +123,10 @@ class DeepSpeedEngine(TrainEngine):
         self.world_size = dist.get_world_size()
         # ZeRO's optimizers and DeepSpeed's bf16/fp16 wrappers record the gradient norm of each
         # step; without ZeRO (stage 0, fp32) DeepSpeed steps the client optimizer as it is and
-        # keeps no norm (``get_global_grad_norm`` is None), so this engine measures it itself
-        self._measure_norm = not hasattr(self.ds.optimizer, "_global_grad_norm")
+        # keeps no norm (``get_global_grad_norm`` is None), so this engine measures it itself. Which
+        # of the two is known only after a step (BF16_Optimizer creates its norm inside step()):
+        # the first step measures, and later ones only where DeepSpeed reported none
+        self._measure_norm = True
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         # DeepSpeed's own forward() opens every micro-batch with this call, and ZeRO-3 counts its
@@ -144,7 +150,10 @@ class DeepSpeedEngine(TrainEngine):
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
             measured = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.ds.step()
-        norm = measured if self._measure_norm else self.ds.get_global_grad_norm()
+        norm = self.ds.get_global_grad_norm()
+        self._measure_norm = norm is None
+        if norm is None:
+            norm = measured
         self.ds.zero_grad()
         return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
 
