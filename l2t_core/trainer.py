@@ -158,6 +158,30 @@ def zero_loss(model, device: torch.device, token_id: int = 0, temperature: float
     return lp.sum() * 0.0
 
 
+def safetensors_names(files: Sequence[Path]) -> set[str]:
+    """The tensor names of a checkpoint's safetensors files, read from their headers alone (no
+    tensor is loaded): what a ZeRO-3 resume checks the model against, where the weights themselves
+    come back from the engine's partitions."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            names.update(h.keys())
+    return names
+
+
+def load_safetensors_cpu(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors files, on the CPU (the caller copies them into its
+    parameters; loading them onto the GPU first would hold the model twice there, next to vLLM's)."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f), device="cpu"))
+    return weights
+
+
 def step_prompt_indices(num_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
     """Indices of the prompts of optimizer step ``step`` (1-based): consecutive slices of a seeded
     permutation per epoch; a pure function of its arguments."""
@@ -330,18 +354,15 @@ class Trainer:
                     f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
                     f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
                     f"(policy={redact_url(url)}) with a new --out")
-            from safetensors.torch import load_file
-
             model = self.engine.unwrapped()
-            weights = {}
-            for f in sorted(d.glob("*.safetensors")):
-                weights.update(load_file(str(f), device=str(self.device)))
+            files = sorted(d.glob("*.safetensors"))
             if is_partitioned(model.parameters()):
                 # ZeRO-3: the engine state below restores the partitions; the HF files are checked by name
-                names = set(model.state_dict())
-                missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+                names, saved = set(model.state_dict()), safetensors_names(files)
+                missing, unexpected = sorted(names - saved), sorted(saved - names)
             else:
-                missing, unexpected = model.load_state_dict(weights, strict=False)
+                # read to the CPU and copied into the parameters: never a second whole model on the GPU
+                missing, unexpected = model.load_state_dict(load_safetensors_cpu(files), strict=False)
             missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
             if missing or unexpected:
                 raise RuntimeError(f"checkpoint {redact_url(url)} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -158,6 +158,25 @@ def test_prompts_that_ranks_cannot_share_evenly_fail_before_the_model_loads(tmp_
         Trainer(cfg, show_progress=False).setup()
 
 
+def test_resume_reads_checkpoint_names_from_headers_and_weights_to_the_cpu(tmp_path, monkeypatch):
+    """A ZeRO-3 resume checks the HF files by name only: the names come from the safetensors
+    headers, no tensor loaded (it used to load the whole model onto every rank's GPU); the other
+    resumes load the weights to the CPU."""
+    import safetensors.torch
+    from safetensors.torch import save_file
+
+    from l2t_core.trainer import load_safetensors_cpu, safetensors_names
+
+    a, b = tmp_path / "model-1.safetensors", tmp_path / "model-2.safetensors"
+    save_file({"x.weight": torch.ones(2, 3), "y.bias": torch.zeros(3)}, str(a))
+    save_file({"z.weight": torch.full((4,), 2.0)}, str(b))
+    weights = load_safetensors_cpu([a, b])
+    assert {k: v.device.type for k, v in weights.items()} == {"x.weight": "cpu", "y.bias": "cpu", "z.weight": "cpu"}
+    assert torch.equal(weights["z.weight"], torch.full((4,), 2.0))
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("a tensor was loaded"))
+    assert safetensors_names([a, b]) == {"x.weight", "y.bias", "z.weight"}
+
+
 def test_resume_refuses_another_number_of_ranks(tiny_dir, toy_data, tmp_path):
     """A run saved by 2 ranks (each sampled its own prompts with its own seeds, and DeepSpeed keeps
     one optimizer partition per rank) is not resumed by 1, before its engine state is read."""
