@@ -178,6 +178,9 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
         for i in range(10):
             f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
     run_dir = tmp_path / "run"
+    for stale in (".staging-000001", ".staging-000009"):  # left by a save that crashed: removed, never reused
+        (run_dir / "checkpoints" / stale / "engine").mkdir(parents=True)
+        (run_dir / "checkpoints" / stale / "engine" / "stale.pt").write_text("a crashed save's shard")
     base = dict(
         policy=str(tiny_dir), out=str(run_dir), steps=2, prompts_per_step=4, method="l2t",
         engine="deepspeed", deepspeed_config=str(ROOT / "infra" / "deepspeed" / "zero2.json"),
@@ -224,6 +227,7 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in (ckpt / "engine").glob("zero_pp_rank_*_optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not list((run_dir / "checkpoints").glob(".staging-*"))
+    assert not list(ckpt.rglob("stale.pt"))
     final, _ = load_policy(ckpt)
     assert _weights_digest(final) == ranks[0]["digest"]
 

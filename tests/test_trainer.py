@@ -177,6 +177,36 @@ def test_resume_reads_checkpoint_names_from_headers_and_weights_to_the_cpu(tmp_p
     assert safetensors_names([a, b]) == {"x.weight", "y.bias", "z.weight"}
 
 
+def test_distributed_save_moves_the_staged_shards_and_removes_stale_staging(tmp_path):
+    """The ranks' engine shards go into the checkpoint by rename (the same file, not a copy of
+    gigabytes while the other ranks wait in a barrier); staging directories a crashed save left are
+    removed, and only they."""
+    import os
+
+    from l2t_core.trainer import move_contents, remove_staging_dirs
+
+    ck = tmp_path / "checkpoints"
+    assert remove_staging_dirs(ck) == []  # no checkpoints directory yet
+    for name in (".staging-000003", ".staging-000004", ".tmp-step-000001-ab", "step-000002"):
+        (ck / name / "engine").mkdir(parents=True)
+        (ck / name / "engine" / "shard.pt").write_text(name)
+    assert remove_staging_dirs(ck) == [".staging-000003", ".staging-000004"]
+    assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-000001-ab", "step-000002"]
+
+    src, dest = tmp_path / "staged", tmp_path / "dest"
+    (src / "engine").mkdir(parents=True)
+    (src / "engine" / "zero_pp_rank_0_optim_states.pt").write_bytes(b"x" * 100)
+    (src / "latest").write_text("engine")
+    dest.mkdir()
+    inode = os.stat(src / "engine" / "zero_pp_rank_0_optim_states.pt").st_ino
+    move_contents(src, dest)
+    assert list(src.iterdir()) == [] and sorted(p.name for p in dest.iterdir()) == ["engine", "latest"]
+    assert os.stat(dest / "engine" / "zero_pp_rank_0_optim_states.pt").st_ino == inode  # renamed, not copied
+    (src / "latest").write_text("again")
+    with pytest.raises(FileExistsError, match="latest exists"):
+        move_contents(src, dest)
+
+
 def test_resume_refuses_another_number_of_ranks(tiny_dir, toy_data, tmp_path):
     """A run saved by 2 ranks (each sampled its own prompts with its own seeds, and DeepSpeed keeps
     one optimizer partition per rank) is not resumed by 1, before its engine state is read."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -85,10 +86,12 @@ def load_ds_config(config_path: str | dict, optim_cfg, on_gpu: bool) -> dict:
     return cfg
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_minutes: float | None = None) -> tuple[int, int]:
     """Join the process group of a ``torchrun``/``deepspeed`` launch (nccl on GPU, gloo on CPU) and,
     on GPU, make this rank's ``LOCAL_RANK`` device the current one; returns (rank, world size).
-    Call it before anything reads the rank or puts a model on a device: the trainer does, first."""
+    Call it before anything reads the rank or puts a model on a device: the trainer does, first.
+    ``timeout_minutes``: how long a collective waits for every rank (None: DeepSpeed's default,
+    ``DEEPSPEED_TIMEOUT`` or 10 minutes); it applies only where this call creates the group."""
     deepspeed = _require_deepspeed()
     import torch.distributed as dist
 
@@ -96,7 +99,8 @@ def init_distributed() -> tuple[int, int]:
     if on_gpu and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not (dist.is_available() and dist.is_initialized()):
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        kw = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kw)
     return dist.get_rank(), dist.get_world_size()
 
 
