@@ -32,6 +32,27 @@ def _env():
     return env
 
 
+def test_init_distributed_gives_the_process_group_the_configured_timeout(monkeypatch):
+    """TrainConfig.dist_timeout_minutes reaches the process group (DeepSpeed's default is 10
+    minutes, shorter than rank 0 publishing a large model's checkpoint); None keeps DeepSpeed's."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from l2t_core.engines import deepspeed_engine
+
+    calls = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert deepspeed_engine.init_distributed(90) == (0, 1)
+    assert deepspeed_engine.init_distributed() == (0, 1)
+    assert calls == [{"dist_backend": "gloo", "timeout": timedelta(minutes=90)}, {"dist_backend": "gloo"}]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 0])
 def test_two_ranks_agree_and_equal_single_process(tmp_path, stage):
