@@ -244,7 +244,11 @@ class Trainer:
         self.problems: list[TrainProblem] = load_training_problems(cfg.data)
         self.verifier = verifier_for(cfg.data)
         self.device = resolve_device(cfg.device)
-        policy, self.tokenizer = load_policy(cfg.policy, device=str(self.device))
+        # under DeepSpeed the policy (fp32 as loaded) and its reference copy stay on the CPU: the
+        # engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it),
+        # prepare_reference the reference; two whole fp32 copies per GPU were 56 GB at 7B
+        load_device = "cpu" if cfg.engine == "deepspeed" else str(self.device)
+        policy, self.tokenizer = load_policy(cfg.policy, device=load_device)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

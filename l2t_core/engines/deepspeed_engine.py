@@ -176,8 +176,9 @@ class DeepSpeedEngine(TrainEngine):
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
         """Under ZeRO-3 the reference is partitioned like the policy (a DeepSpeed engine with no
         optimizer, ZeRO-3's parameter partitioning only), so no rank holds a whole copy of it;
-        otherwise it takes the policy's dtype (bf16 where DeepSpeed trains in bf16), so the KL
-        compares the two at the same precision and the copy costs half the memory."""
+        otherwise it takes the policy's dtype (bf16 where DeepSpeed trains in bf16) and device, so
+        the KL compares the two at the same precision and the copy costs half the memory. The
+        trainer hands it over on the CPU, so it reaches the device only in that dtype, or partitioned."""
         if self.ds.zero_optimization_stage() == 3:
             deepspeed = _require_deepspeed()
             cfg = {k: v for k, v in self._ds_cfg.items() if k in ("bf16", "fp16", "train_micro_batch_size_per_gpu")}
@@ -188,5 +189,5 @@ class DeepSpeedEngine(TrainEngine):
             self._reference_engine = ref  # owns the hooks that gather the reference's partitions
             ref.module.eval()
             return ref.module
-        dtype = next(self.ds.module.parameters()).dtype
-        return reference.to(dtype=dtype)
+        param = next(self.ds.module.parameters())
+        return reference.to(dtype=param.dtype).to(param.device)  # cast on the CPU, then moved
