@@ -151,7 +151,7 @@ def zero_loss(model, device: torch.device, token_id: int = 0, temperature: float
     order a real backward does: ZeRO-2 fills its reduction buckets in that order (a loss built from
     the parameters alone, ``sum(p.sum()) * 0``, fired them in registration order and put the other
     ranks' gradients on the wrong parameters), and ZeRO-3 gathers the partitioned weights only
-    inside a forward. Under ``torch.no_grad`` it is the dummy forward that keeps ZeRO-3 ranks in step."""
+    inside a forward."""
     ids = torch.tensor([[token_id, token_id]], dtype=torch.long, device=device)
     mask = response_mask([1], [1], 2, device)
     lp = token_logprobs(model, ids, torch.ones_like(ids), mask, temperature, head_chunk_tokens)
