@@ -287,7 +287,7 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(w, ref_state[name], rtol=0, atol=1e-4, msg=name)
 
 
-def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path) -> list[dict]:
+def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path, variant: str = "") -> list[dict]:
     from l2t_core.config import TrainConfig
 
     cfg = tmp_path / f"{name}.json"
@@ -295,7 +295,7 @@ def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path) -> lis
     out = tmp_path / f"{name}-out"
     out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(TRAINER_WORKER), str(cfg), str(out)]
+           "--master_port", str(_free_port()), str(TRAINER_WORKER), str(cfg), str(out)] + ([variant] if variant else [])
     proc = subprocess.run(cmd, env=dict(_env(), L2T_DATA_DIR=str(data)), timeout=300, cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -361,6 +361,58 @@ def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tm
     resumed = final_weights("zero3")
     for k in w3:
         torch.testing.assert_close(resumed[k], w3[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_zero3_trainer_with_fewer_micro_batches_on_one_rank_equals_one_process(tiny_dir, tmp_path, monkeypatch):
+    """The whole Trainer under ZeRO-3 (every parameter partitioned, the reference too) where rank 1's
+    responses are one token long: it has fewer micro-batches than rank 0 in the reference pass and
+    in the update, so it runs dummy forwards (the reference) and zero-loss backwards (the update).
+    The run must finish, and its weights equal one process replaying both ranks' rollouts."""
+    import dataclasses
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from l2t_core.checkpoint import RunStorage
+    from l2t_core.config import TrainConfig
+    from l2t_core.rewards.fitting import microbatches
+    from l2t_core.trainer import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "toy.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
+    zero3 = json.loads((ROOT / "infra" / "deepspeed" / "zero3_offload.json").read_text())
+    zero3["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    (tmp_path / "ds_zero3.json").write_text(json.dumps(zero3))
+    base = dict(policy=str(tiny_dir), steps=1, prompts_per_step=4, method="grpo", engine="deepspeed",
+                deepspeed_config=str(tmp_path / "ds_zero3.json"), data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
+                rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
+                micro_batch_tokens=604, out=str(tmp_path / "run"))  # two 302-token sequences, or one of 313
+    ranks = _run_two_ranks(base, tmp_path, "uneven", data, variant="uneven")
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    shares = [pickle.loads((tmp_path / "uneven-out" / f"rollouts-rank{r}.pkl").read_bytes())[1] for r in (0, 1)]
+    lengths = [[len(r.prompt_ids) + len(r.response_ids) for r in rs] for rs, _ in shares]
+    counts = [len(microbatches(x, base["micro_batch_tokens"])) for x in lengths]
+    assert counts[0] > counts[1], f"the ranks must have different numbers of micro-batches: {counts}, {lengths}"
+
+    rollouts, probs, off = [], [], 0
+    for rs, ps in shares:
+        rollouts += [dataclasses.replace(r, group_id=r.group_id + off) for r in rs]
+        probs += ps
+        off += max(r.group_id for r in rs) + 1
+    monkeypatch.setenv("L2T_DATA_DIR", str(data))
+    tr = Trainer(TrainConfig.model_validate({**base, "engine": "torch", "deepspeed_config": None,
+                                             "out": str(tmp_path / "replay")}), show_progress=False)
+    tr._rollouts = lambda step: (rollouts, probs, 0.0)
+    tr.run()
+    latest = RunStorage(str(tmp_path / "run")).latest_checkpoint()
+    got = load_file(str(Path(latest[1]) / "model.safetensors"))
+    want = tr.engine.unwrapped().state_dict()
+    for name, w in got.items():
+        torch.testing.assert_close(w, want[name], rtol=0, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow
