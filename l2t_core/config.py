@@ -363,6 +363,10 @@ class TrainConfig(_Strict):
         "for about a third more update compute; needed for the paper's 16,384-token responses on one GPU."))
     engine: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (see infra/deepspeed/).")
+    dist_timeout_minutes: float = Field(60.0, gt=0, description=(
+        "engine=deepspeed: how long a rank waits in a collective for the others before the launch fails "
+        "(DeepSpeed's default is 10 minutes; rank 0 publishing a checkpoint of a large model, or one rank's "
+        "long generation, can take longer)."))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

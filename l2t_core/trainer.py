@@ -39,7 +39,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences
 from .engines import make_train_engine
-from .engines.gather import check_head_chunking, full_state_dict, is_partitioned
+from .engines.gather import check_head_chunking, collective_device, full_state_dict, is_partitioned, lockstep_batches
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -60,7 +60,7 @@ CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.pt"
 # settings a run may resume under changed: where it lives and how often it is saved (a resumed run
 # ends as an uninterrupted one whatever its checkpoint steps)
-RESUME_FREE = ("out", "checkpoint_every", "keep_checkpoints")
+RESUME_FREE = ("out", "checkpoint_every", "keep_checkpoints", "dist_timeout_minutes")
 TIMING_COLUMNS = ("step_time_s", "rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s")
 # peak memory of each phase (l2t_core.memory; the highest over the ranks): like the timings, a
 # property of the machine, not of the run
@@ -103,16 +103,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def collective_device(dist) -> torch.device:
-    """Where the tensors of a collective must live: an NCCL process group (the GPU launch,
-    ``DeepSpeedEngine``) reduces CUDA tensors only, on this rank's current device; gloo (the CPU
-    launch) reduces CPU tensors."""
-    backend = str(dist.get_backend())  # "nccl", "gloo", or per device: "cpu:gloo,cuda:nccl"
-    if backend == "nccl" or ("cuda:" in backend and "cpu:" not in backend):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_reduce_list(values: list[float], dtype: torch.dtype, op: str = "sum") -> list:
     """Element-wise sum or max of ``values`` over the ranks; unchanged on one process."""
     dist = _dist()
@@ -138,6 +128,83 @@ def _all_max(x: int) -> int:
 
 def _all_max_list(values: list[float]) -> list[float]:
     return _all_reduce_list(values, torch.float64, "max")
+
+
+def check_prompt_sharding(prompts_per_step: int, world: int) -> None:
+    """Refuse a step that the ranks cannot share evenly, before any compute: each rank samples
+    ``prompts_per_step / world`` prompts, and every rank must make the same collectives (ZeRO's
+    reductions in each backward, the optimizer steps of ``mini_batches``); a rank with fewer
+    rollouts would take fewer mini-batches and the others would wait for it forever."""
+    if world > 1 and (prompts_per_step < world or prompts_per_step % world):
+        raise ValueError(
+            f"prompts_per_step={prompts_per_step} cannot be shared evenly by {world} ranks: each rank samples "
+            f"its own share of a step's prompts and the ranks must run the same steps; set prompts_per_step to a "
+            f"multiple of {world} (e.g. {max(world, prompts_per_step // world * world)}) or launch a number of "
+            f"ranks that divides it")
+
+
+def zero_loss(model, device: torch.device, token_id: int = 0, temperature: float = 1.0,
+              head_chunk_tokens: int | None = None) -> torch.Tensor:
+    """A loss of exactly 0 from a real forward of a two-token sequence through the log-prob path
+    (decoder and head, as :func:`~l2t_core.logprobs.token_logprobs`), for a rank with no micro-batch
+    left while the others still have one. Its backward fires every parameter's gradient hook in the
+    order a real backward does: ZeRO-2 fills its reduction buckets in that order (a loss built from
+    the parameters alone, ``sum(p.sum()) * 0``, fired them in registration order and put the other
+    ranks' gradients on the wrong parameters), and ZeRO-3 gathers the partitioned weights only
+    inside a forward."""
+    ids = torch.tensor([[token_id, token_id]], dtype=torch.long, device=device)
+    mask = response_mask([1], [1], 2, device)
+    lp = token_logprobs(model, ids, torch.ones_like(ids), mask, temperature, head_chunk_tokens)
+    return lp.sum() * 0.0
+
+
+STAGING_PREFIX = ".staging-"  # <out>/checkpoints/.staging-000010: the ranks' engine shards of step 10
+
+
+def remove_staging_dirs(checkpoints: Path) -> list[str]:
+    """Delete every multi-rank staging directory under ``checkpoints`` (left by a save that
+    crashed); returns their names. Rank 0 calls it before the ranks write a new one."""
+    import shutil
+
+    removed = sorted(p.name for p in checkpoints.glob(f"{STAGING_PREFIX}*") if p.is_dir()) if checkpoints.is_dir() else []
+    for name in removed:
+        shutil.rmtree(checkpoints / name)
+    return removed
+
+
+def move_contents(src: Path, dest: Path) -> None:
+    """Move every entry of ``src`` into ``dest`` by renaming it (both on one filesystem: the run's
+    checkpoints directory), so a checkpoint's shards are never copied; an entry already in ``dest``
+    is an error, not silently merged."""
+    for child in sorted(src.iterdir()):
+        target = dest / child.name
+        if target.exists():
+            raise FileExistsError(f"{target} exists; cannot move the staged {child.name} of {src} there")
+        child.rename(target)
+
+
+def safetensors_names(files: Sequence[Path]) -> set[str]:
+    """The tensor names of a checkpoint's safetensors files, read from their headers alone (no
+    tensor is loaded): what a ZeRO-3 resume checks the model against, where the weights themselves
+    come back from the engine's partitions."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            names.update(h.keys())
+    return names
+
+
+def load_safetensors_cpu(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors files, on the CPU (the caller copies them into its
+    parameters; loading them onto the GPU first would hold the model twice there, next to vLLM's)."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f), device="cpu"))
+    return weights
 
 
 def step_prompt_indices(num_problems: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
@@ -167,16 +234,21 @@ class Trainer:
         if cfg.engine == "deepspeed":  # join the launch's process group before reading rank and world
             from .engines.deepspeed_engine import init_distributed
 
-            init_distributed()
+            init_distributed(cfg.dist_timeout_minutes)
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
+        check_prompt_sharding(cfg.prompts_per_step, self.world)
         if self.rank == 0:
             self.storage.check_writable()
         self.problems: list[TrainProblem] = load_training_problems(cfg.data)
         self.verifier = verifier_for(cfg.data)
         self.device = resolve_device(cfg.device)
-        policy, self.tokenizer = load_policy(cfg.policy, device=str(self.device))
+        # under DeepSpeed the policy (fp32 as loaded) and its reference copy stay on the CPU: the
+        # engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it),
+        # prepare_reference the reference; two whole fp32 copies per GPU were 56 GB at 7B
+        load_device = "cpu" if cfg.engine == "deepspeed" else str(self.device)
+        policy, self.tokenizer = load_policy(cfg.policy, device=load_device)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -256,7 +328,11 @@ class Trainer:
 
     def _save_distributed(self) -> str | None:
         """Multi-rank checkpoint: every rank writes its engine shard into one staging directory on
-        the shared run filesystem; rank 0 adds the model and publishes it atomically."""
+        the shared run filesystem; rank 0 adds the model and publishes it atomically. The shards
+        are moved (renamed) into the checkpoint, not copied: on the run's own filesystem that takes
+        no time whatever their size (the optimizer state of a 1.5B model is ~20 GB), while the other
+        ranks wait in a barrier. A staging directory a crashed save left is removed first, never
+        reused (it could hold shards of another world size or step)."""
         import shutil
 
         dist = _dist()
@@ -264,8 +340,11 @@ class Trainer:
             raise NotImplementedError(
                 "multi-rank checkpoints need a shared local/NFS run directory; sync it to object storage afterwards"
             )
-        staging = Path(self.storage.root) / "checkpoints" / f".staging-{self.step:06d}"
-        staging.mkdir(parents=True, exist_ok=True)
+        staging = Path(self.storage.root) / "checkpoints" / f"{STAGING_PREFIX}{self.step:06d}"
+        if self.rank == 0:
+            remove_staging_dirs(staging.parent)
+            staging.mkdir(parents=True)
+        dist.barrier()
         self.engine.save_state(staging)
         module = self.engine.unwrapped()
         # ZeRO-3: every rank takes part in gathering the weights; rank 0 keeps them for the HF files
@@ -274,7 +353,7 @@ class Trainer:
         url = None
         if self.rank == 0:
             def fill(d: Path) -> None:
-                shutil.copytree(staging, d, dirs_exist_ok=True)
+                move_contents(staging, d)
                 self._write_main_files(d, whole)
 
             url = self.storage.write_checkpoint(self.step, fill, keep=self.cfg.keep_checkpoints)
@@ -311,18 +390,15 @@ class Trainer:
                     f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
                     f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
                     f"(policy={redact_url(url)}) with a new --out")
-            from safetensors.torch import load_file
-
             model = self.engine.unwrapped()
-            weights = {}
-            for f in sorted(d.glob("*.safetensors")):
-                weights.update(load_file(str(f), device=str(self.device)))
+            files = sorted(d.glob("*.safetensors"))
             if is_partitioned(model.parameters()):
                 # ZeRO-3: the engine state below restores the partitions; the HF files are checked by name
-                names = set(model.state_dict())
-                missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+                names, saved = set(model.state_dict()), safetensors_names(files)
+                missing, unexpected = sorted(names - saved), sorted(saved - names)
             else:
-                missing, unexpected = model.load_state_dict(weights, strict=False)
+                # read to the CPU and copied into the parameters: never a second whole model on the GPU
+                missing, unexpected = model.load_state_dict(load_safetensors_cpu(files), strict=False)
             missing = [m for m in missing if not (m.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
             if missing or unexpected:
                 raise RuntimeError(f"checkpoint {redact_url(url)} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -349,9 +425,7 @@ class Trainer:
     def _rollouts(self, step: int) -> tuple[list[Rollout], list[TrainProblem], float]:
         cfg = self.cfg
         idx = step_prompt_indices(len(self.problems), cfg.prompts_per_step, step, cfg.seed)
-        idx = idx[self.rank:: self.world]
-        if not idx:
-            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} leaves rank {self.rank} without prompts")
+        idx = idx[self.rank:: self.world]  # an equal share on every rank (check_prompt_sharding)
         t0 = device_clock(self.device)
         params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens,
@@ -370,9 +444,11 @@ class Trainer:
             return None
         out: list[torch.Tensor | None] = [None] * len(rollouts)
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-        for mb in microbatches(lengths, self.cfg.micro_batch_tokens):
+        # a partitioned reference (ZeRO-3) gathers its weights in every forward: all ranks run as many forwards
+        for mb, keep in lockstep_batches(microbatches(lengths, self.cfg.micro_batch_tokens),
+                                         self.reference.parameters()):
             lp = self._logps(self.reference, [rollouts[i] for i in mb])
-            for j, i in enumerate(mb):
+            for j, i in enumerate(mb if keep else []):
                 out[i] = lp[j]
         return out  # type: ignore[return-value]
 
@@ -407,8 +483,9 @@ class Trainer:
             for n_mb_i, keep in enumerate(mbs):
                 last = n_mb_i == len(mbs) - 1
                 rs = [rollouts[i] for i in keep]
-                if not rs:  # no response tokens on this rank: a zero loss keeps ranks in step
-                    self.engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, last=last)
+                if not rs:  # no micro-batch left on this rank: a real forward's zero loss keeps ranks in step
+                    self.engine.backward(zero_loss(model, self.device, self.pad_id, self.lp_temperature,
+                                                   cfg.head_chunk_tokens), last=last)
                     continue
                 logp_list = self._logps(model, rs)
                 width = max(len(x) for x in logp_list)

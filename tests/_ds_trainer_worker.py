@@ -10,6 +10,9 @@ directory of the config. Each rank then writes to OUT:
 * ``rollouts-rank<r>.pkl``: ``{step: (rollouts, problems)}``, the rank's share of every step as
   ``Trainer._rollouts`` returned it, so the test can replay the whole batch in one process.
 
+A third argument ``uneven`` cuts rank 1's responses to their first token, so its sequences are
+shorter and it has fewer micro-batches than rank 0 in the reference pass and the update.
+
 Like ``l2t train`` under ``deepspeed``/``torchrun``, it does not set up the process group itself:
 the Trainer (its DeepSpeed engine) must.
 """
@@ -36,7 +39,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def main(cfg_path: str, out: str) -> None:
+def main(cfg_path: str, out: str, variant: str = "") -> None:
     torch.set_num_threads(1)
     from l2t_core.config import TrainConfig
     from l2t_core.engines.gather import is_partitioned
@@ -49,6 +52,12 @@ def main(cfg_path: str, out: str) -> None:
 
     def recording_rollouts(step):
         rollouts, probs, t = original(step)
+        if variant == "uneven" and tr.rank == 1:
+            import dataclasses
+
+            rollouts = [dataclasses.replace(r, response_ids=list(r.response_ids[:1]),
+                                            response_text=tr.tokenizer.decode(r.response_ids[:1], skip_special_tokens=True))
+                        for r in rollouts]
         seen[step] = (rollouts, probs)
         return rollouts, probs, t
 
@@ -66,5 +75,5 @@ def main(cfg_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
     os._exit(0)

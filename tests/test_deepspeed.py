@@ -32,6 +32,27 @@ def _env():
     return env
 
 
+def test_init_distributed_gives_the_process_group_the_configured_timeout(monkeypatch):
+    """TrainConfig.dist_timeout_minutes reaches the process group (DeepSpeed's default is 10
+    minutes, shorter than rank 0 publishing a large model's checkpoint); None keeps DeepSpeed's."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from l2t_core.engines import deepspeed_engine
+
+    calls = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert deepspeed_engine.init_distributed(90) == (0, 1)
+    assert deepspeed_engine.init_distributed() == (0, 1)
+    assert calls == [{"dist_backend": "gloo", "timeout": timedelta(minutes=90)}, {"dist_backend": "gloo"}]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 0])
 def test_two_ranks_agree_and_equal_single_process(tmp_path, stage):
@@ -54,6 +75,93 @@ def test_two_ranks_agree_and_equal_single_process(tmp_path, stage):
     # the accumulated, rank-averaged gradient equals the whole batch's (before the optimizer)
     assert r0["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=1e-5)
     assert r0["stats"]["lr"] == pytest.approx(ref["stats"]["lr"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rank_with_fewer_micro_batches_pads_without_moving_gradients(tmp_path, stage):
+    """Rank 0 has two micro-batches and rank 1 one, which it follows with the trainer's padding
+    (``zero_loss``). The weights must equal one TorchEngine step on the three sequences: a padding
+    loss built from the parameters alone fired ZeRO-2's gradient hooks out of a backward's order
+    (12 of 27 tensors moved by about 2·lr) and failed under ZeRO-3, where the weights are empty
+    outside a forward."""
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "uneven-reference"], check=True, env=_env(),
+                   timeout=120, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "uneven", str(stage)]
+    proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "uneven-reference-rank0.pt", weights_only=False)
+    r0 = torch.load(tmp_path / "uneven-rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "uneven-rank1.pt", weights_only=False)
+    assert sorted(r0["state"]) == sorted(ref["state"])
+    for name, w in r0["state"].items():
+        assert torch.equal(w, r1["state"][name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(w, ref["state"][name], rtol=0, atol=1e-4, msg=name)
+    assert r0["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=1e-5)
+
+
+def _run_or_fail_on_hang(cmd: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a launch with its output in ``log``; one still running after ``timeout`` seconds (ranks
+    waiting for each other in a collective) fails the test. torchrun gets SIGTERM, which it passes
+    on to its ranks (they run in sessions of their own); SIGKILL if it has not ended 60 s later."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"the ranks hung (still running after {timeout} s):\n{log.read_text()[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
+
+
+@pytest.mark.slow
+def test_zero3_ranks_with_different_forward_counts_stay_in_step(tmp_path):
+    """ZeRO-3 gathers the partitioned weights in every forward, so a rank running fewer forwards
+    than another left it waiting forever: rank 0 has three sequences and rank 1 one (micro-batches of
+    one; hf generation one prompt a call, rank 1 stopping sooner; rank 1 without any Monte Carlo
+    context). Each pass must finish and equal the unpartitioned model's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "lockstep"]
+    proc = _run_or_fail_on_hang(cmd, tmp_path / "launch.log", timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"lockstep-rank{rank}.pt", weights_only=False)
+        assert sorted(results) == ["answer_logprobs_packed", "hf_generate", "monte_carlo_j", "response_logprobs"]
+        for name in ("response_logprobs", "answer_logprobs_packed"):
+            got, want = results[name]
+            assert len(got) == (3 if rank == 0 else 1)
+            for g, w in zip(got, want):
+                assert g == pytest.approx(w, abs=1e-5), (rank, name)
+        got, want = results["hf_generate"]
+        assert got == want and len(got) == (3 if rank == 0 else 1), rank
+        got, want = results["monte_carlo_j"]
+        assert got == want and len(got) == (2 if rank == 0 else 0), rank
+
+
+@pytest.mark.slow
+def test_bf16_optimizer_reports_the_gradient_norm_it_clipped(tmp_path):
+    """DeepSpeed's BF16_Optimizer (bf16 with fp32 gradients under ZeRO-1) creates its gradient norm
+    only inside step(): the engine used to decide at init that DeepSpeed kept none and measured the
+    bf16 parameters' .grad (3.75 for 2.24). With two micro-batches per rank it also added the
+    first micro-batch's gradient again at the second's end (2.96) until the engine asked for
+    ``immediate_grad_update``. The reported norm must be the whole batch's (bf16 forwards: within 5%)."""
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "reference"], check=True, env=_env(),
+                   timeout=120, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "bf16", "1"]
+    proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "reference-rank0.pt", weights_only=False)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"bf16-rank{rank}.pt", weights_only=False)
+        assert got["optimizer"] == "BF16_Optimizer"
+        assert got["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=0.05), rank
 
 
 TRAINER_WORKER = Path(__file__).with_name("_ds_trainer_worker.py")
@@ -91,6 +199,9 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
         for i in range(10):
             f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
     run_dir = tmp_path / "run"
+    for stale in (".staging-000001", ".staging-000009"):  # left by a save that crashed: removed, never reused
+        (run_dir / "checkpoints" / stale / "engine").mkdir(parents=True)
+        (run_dir / "checkpoints" / stale / "engine" / "stale.pt").write_text("a crashed save's shard")
     base = dict(
         policy=str(tiny_dir), out=str(run_dir), steps=2, prompts_per_step=4, method="l2t",
         engine="deepspeed", deepspeed_config=str(ROOT / "infra" / "deepspeed" / "zero2.json"),
@@ -137,6 +248,7 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in (ckpt / "engine").glob("zero_pp_rank_*_optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not list((run_dir / "checkpoints").glob(".staging-*"))
+    assert not list(ckpt.rglob("stale.pt"))
     final, _ = load_policy(ckpt)
     assert _weights_digest(final) == ranks[0]["digest"]
 
@@ -175,7 +287,7 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(w, ref_state[name], rtol=0, atol=1e-4, msg=name)
 
 
-def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path) -> list[dict]:
+def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path, variant: str = "") -> list[dict]:
     from l2t_core.config import TrainConfig
 
     cfg = tmp_path / f"{name}.json"
@@ -183,7 +295,7 @@ def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path) -> lis
     out = tmp_path / f"{name}-out"
     out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(TRAINER_WORKER), str(cfg), str(out)]
+           "--master_port", str(_free_port()), str(TRAINER_WORKER), str(cfg), str(out)] + ([variant] if variant else [])
     proc = subprocess.run(cmd, env=dict(_env(), L2T_DATA_DIR=str(data)), timeout=300, cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -249,6 +361,58 @@ def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tm
     resumed = final_weights("zero3")
     for k in w3:
         torch.testing.assert_close(resumed[k], w3[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_zero3_trainer_with_fewer_micro_batches_on_one_rank_equals_one_process(tiny_dir, tmp_path, monkeypatch):
+    """The whole Trainer under ZeRO-3 (every parameter partitioned, the reference too) where rank 1's
+    responses are one token long: it has fewer micro-batches than rank 0 in the reference pass and
+    in the update, so it runs dummy forwards (the reference) and zero-loss backwards (the update).
+    The run must finish, and its weights equal one process replaying both ranks' rollouts."""
+    import dataclasses
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from l2t_core.checkpoint import RunStorage
+    from l2t_core.config import TrainConfig
+    from l2t_core.rewards.fitting import microbatches
+    from l2t_core.trainer import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "toy.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
+    zero3 = json.loads((ROOT / "infra" / "deepspeed" / "zero3_offload.json").read_text())
+    zero3["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    (tmp_path / "ds_zero3.json").write_text(json.dumps(zero3))
+    base = dict(policy=str(tiny_dir), steps=1, prompts_per_step=4, method="grpo", engine="deepspeed",
+                deepspeed_config=str(tmp_path / "ds_zero3.json"), data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
+                rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
+                micro_batch_tokens=604, out=str(tmp_path / "run"))  # two 302-token sequences, or one of 313
+    ranks = _run_two_ranks(base, tmp_path, "uneven", data, variant="uneven")
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    shares = [pickle.loads((tmp_path / "uneven-out" / f"rollouts-rank{r}.pkl").read_bytes())[1] for r in (0, 1)]
+    lengths = [[len(r.prompt_ids) + len(r.response_ids) for r in rs] for rs, _ in shares]
+    counts = [len(microbatches(x, base["micro_batch_tokens"])) for x in lengths]
+    assert counts[0] > counts[1], f"the ranks must have different numbers of micro-batches: {counts}, {lengths}"
+
+    rollouts, probs, off = [], [], 0
+    for rs, ps in shares:
+        rollouts += [dataclasses.replace(r, group_id=r.group_id + off) for r in rs]
+        probs += ps
+        off += max(r.group_id for r in rs) + 1
+    monkeypatch.setenv("L2T_DATA_DIR", str(data))
+    tr = Trainer(TrainConfig.model_validate({**base, "engine": "torch", "deepspeed_config": None,
+                                             "out": str(tmp_path / "replay")}), show_progress=False)
+    tr._rollouts = lambda step: (rollouts, probs, 0.0)
+    tr.run()
+    latest = RunStorage(str(tmp_path / "run")).latest_checkpoint()
+    got = load_file(str(Path(latest[1]) / "model.safetensors"))
+    want = tr.engine.unwrapped().state_dict()
+    for name, w in got.items():
+        torch.testing.assert_close(w, want[name], rtol=0, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from l2t_core.cli import build_config
 from l2t_core.config import METHOD_NAMES, TrainConfig
@@ -66,3 +67,21 @@ def test_the_7b_variant_in_the_header_validates():
     cfg = cli_config(CONFIGS[0], sets=["deepspeed_config=infra/deepspeed/zero3_offload.json", "head_chunk_tokens=null"])
     assert cfg.deepspeed_config.endswith("zero3_offload.json") and cfg.head_chunk_tokens is None
     assert (ROOT / cfg.deepspeed_config).is_file()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "infra" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_accumulate_and_reduce_gradients_in_fp32(path):
+    """Under bf16 DeepSpeed accumulates the micro-batches' gradients in the model's dtype and
+    reduces them over the ranks in it unless told otherwise (bf16 keeps 8 bits of mantissa: a sum of
+    many micro-batches loses the small ones). Every shipped config asks for fp32, and DeepSpeed's
+    own parser reads it so, with bf16 on as on a GPU."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (the distributed extra)")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from l2t_core.config import OptimConfig
+
+    ds = load_ds_config(str(path), OptimConfig(), on_gpu=False)
+    ds["bf16"] = {"enabled": True}
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.bfloat16_config.enabled and parsed.zero_optimization_stage in (2, 3)
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32

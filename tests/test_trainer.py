@@ -135,6 +135,78 @@ def test_resume_refuses_a_different_config(tiny_dir, toy_data, tmp_path):
     assert again.final_step == 2 and list(again.steps["step"]) == [1, 2]
 
 
+def test_prompts_that_ranks_cannot_share_evenly_fail_before_the_model_loads(tmp_path, monkeypatch):
+    """Each rank samples prompts_per_step / world prompts; an uneven share gave the ranks different
+    numbers of mini-batches (optimizer steps and their collectives) and a rank without prompts
+    failed alone while the others waited. Refused in setup, before the policy is loaded."""
+    import types
+
+    import l2t_core.trainer as trainer_mod
+    from l2t_core.trainer import check_prompt_sharding
+
+    check_prompt_sharding(6, 3)
+    check_prompt_sharding(5, 1)
+    for ppl, world in ((5, 2), (2, 4), (7, 3)):
+        with pytest.raises(ValueError, match=rf"prompts_per_step={ppl} cannot be shared evenly by {world} ranks.*multiple of {world}"):
+            check_prompt_sharding(ppl, world)
+    fake = types.SimpleNamespace(get_rank=lambda: 1, get_world_size=lambda: 2)
+    monkeypatch.setattr(trainer_mod, "_dist", lambda: fake)
+    monkeypatch.setattr(trainer_mod, "load_policy", lambda *a, **k: pytest.fail("the policy was loaded"))
+    monkeypatch.setattr(trainer_mod, "load_training_problems", lambda *a, **k: pytest.fail("the data was loaded"))
+    cfg = TrainConfig.model_validate(dict(policy=str(tmp_path), out=str(tmp_path / "run"), prompts_per_step=3))
+    with pytest.raises(ValueError, match="prompts_per_step=3 cannot be shared evenly by 2 ranks"):
+        Trainer(cfg, show_progress=False).setup()
+
+
+def test_resume_reads_checkpoint_names_from_headers_and_weights_to_the_cpu(tmp_path, monkeypatch):
+    """A ZeRO-3 resume checks the HF files by name only: the names come from the safetensors
+    headers, no tensor loaded (it used to load the whole model onto every rank's GPU); the other
+    resumes load the weights to the CPU."""
+    import safetensors.torch
+    from safetensors.torch import save_file
+
+    from l2t_core.trainer import load_safetensors_cpu, safetensors_names
+
+    a, b = tmp_path / "model-1.safetensors", tmp_path / "model-2.safetensors"
+    save_file({"x.weight": torch.ones(2, 3), "y.bias": torch.zeros(3)}, str(a))
+    save_file({"z.weight": torch.full((4,), 2.0)}, str(b))
+    weights = load_safetensors_cpu([a, b])
+    assert {k: v.device.type for k, v in weights.items()} == {"x.weight": "cpu", "y.bias": "cpu", "z.weight": "cpu"}
+    assert torch.equal(weights["z.weight"], torch.full((4,), 2.0))
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("a tensor was loaded"))
+    assert safetensors_names([a, b]) == {"x.weight", "y.bias", "z.weight"}
+
+
+def test_distributed_save_moves_the_staged_shards_and_removes_stale_staging(tmp_path):
+    """The ranks' engine shards go into the checkpoint by rename (the same file, not a copy of
+    gigabytes while the other ranks wait in a barrier); staging directories a crashed save left are
+    removed, and only they."""
+    import os
+
+    from l2t_core.trainer import move_contents, remove_staging_dirs
+
+    ck = tmp_path / "checkpoints"
+    assert remove_staging_dirs(ck) == []  # no checkpoints directory yet
+    for name in (".staging-000003", ".staging-000004", ".tmp-step-000001-ab", "step-000002"):
+        (ck / name / "engine").mkdir(parents=True)
+        (ck / name / "engine" / "shard.pt").write_text(name)
+    assert remove_staging_dirs(ck) == [".staging-000003", ".staging-000004"]
+    assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-000001-ab", "step-000002"]
+
+    src, dest = tmp_path / "staged", tmp_path / "dest"
+    (src / "engine").mkdir(parents=True)
+    (src / "engine" / "zero_pp_rank_0_optim_states.pt").write_bytes(b"x" * 100)
+    (src / "latest").write_text("engine")
+    dest.mkdir()
+    inode = os.stat(src / "engine" / "zero_pp_rank_0_optim_states.pt").st_ino
+    move_contents(src, dest)
+    assert list(src.iterdir()) == [] and sorted(p.name for p in dest.iterdir()) == ["engine", "latest"]
+    assert os.stat(dest / "engine" / "zero_pp_rank_0_optim_states.pt").st_ino == inode  # renamed, not copied
+    (src / "latest").write_text("again")
+    with pytest.raises(FileExistsError, match="latest exists"):
+        move_contents(src, dest)
+
+
 def test_resume_refuses_another_number_of_ranks(tiny_dir, toy_data, tmp_path):
     """A run saved by 2 ranks (each sampled its own prompts with its own seeds, and DeepSpeed keeps
     one optimizer partition per rank) is not resumed by 1, before its engine state is read."""

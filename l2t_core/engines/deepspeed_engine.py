@@ -1,6 +1,9 @@
 """The DeepSpeed training engine (ZeRO-2/3; the ``distributed`` extra).
 
-Configs live in ``infra/deepspeed/`` (``zero2.json``, ``zero3_offload.json``). This engine owns the
+Configs live in ``infra/deepspeed/`` (``zero2.json``, ``zero3_offload.json``); under bf16 they
+accumulate and reduce gradients in fp32 (``data_types.grad_accum_dtype``, ``communication_data_type``:
+DeepSpeed's default is the model's dtype, and bf16 sums of many micro-batches lose the small ones;
+DeepSpeed accepts that mix with ZeRO 1-3, not without ZeRO). This engine owns the
 parts the trainer's config decides, so one TrainConfig means the same thing on every engine:
 
 * the optimizer is ``torch.optim.AdamW`` with ``OptimConfig``'s lr, betas, eps and weight decay,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -68,7 +72,11 @@ def load_ds_config(config_path: str | dict, optim_cfg, on_gpu: bool) -> dict:
     bf16 = cfg.get("bf16", {}).get("enabled", False)
     if bf16 == "auto":
         bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    cfg["bf16"] = {"enabled": bool(bf16)}
+    # immediate_grad_update: DeepSpeed's BF16_Optimizer (bf16 with fp32 gradients without ZeRO-2/3)
+    # otherwise adds each parameter's bf16 .grad into its fp32 gradient at the end of every backward
+    # without clearing it, so with the accumulation window set here (several backward calls, one
+    # step) the first micro-batches counted again and again (measured: norm 5.18 for 2.25)
+    cfg["bf16"] = {"enabled": bool(bf16), "immediate_grad_update": True} if bf16 else {"enabled": False}
     if not on_gpu:
         cfg.pop("fp16", None)
         zero = cfg.get("zero_optimization", {})
@@ -78,10 +86,12 @@ def load_ds_config(config_path: str | dict, optim_cfg, on_gpu: bool) -> dict:
     return cfg
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_minutes: float | None = None) -> tuple[int, int]:
     """Join the process group of a ``torchrun``/``deepspeed`` launch (nccl on GPU, gloo on CPU) and,
     on GPU, make this rank's ``LOCAL_RANK`` device the current one; returns (rank, world size).
-    Call it before anything reads the rank or puts a model on a device: the trainer does, first."""
+    Call it before anything reads the rank or puts a model on a device: the trainer does, first.
+    ``timeout_minutes``: how long a collective waits for every rank (None: DeepSpeed's default,
+    ``DEEPSPEED_TIMEOUT`` or 10 minutes); it applies only where this call creates the group."""
     deepspeed = _require_deepspeed()
     import torch.distributed as dist
 
@@ -89,7 +99,8 @@ def init_distributed() -> tuple[int, int]:
     if on_gpu and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not (dist.is_available() and dist.is_initialized()):
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        kw = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kw)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -116,8 +127,10 @@ class DeepSpeedEngine(TrainEngine):
         self.world_size = dist.get_world_size()
         # ZeRO's optimizers and DeepSpeed's bf16/fp16 wrappers record the gradient norm of each
         # step; without ZeRO (stage 0, fp32) DeepSpeed steps the client optimizer as it is and
-        # keeps no norm (``get_global_grad_norm`` is None), so this engine measures it itself
-        self._measure_norm = not hasattr(self.ds.optimizer, "_global_grad_norm")
+        # keeps no norm (``get_global_grad_norm`` is None), so this engine measures it itself. Which
+        # of the two is known only after a step (BF16_Optimizer creates its norm inside step()):
+        # the first step measures, and later ones only where DeepSpeed reported none
+        self._measure_norm = True
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         # DeepSpeed's own forward() opens every micro-batch with this call, and ZeRO-3 counts its
@@ -141,7 +154,10 @@ class DeepSpeedEngine(TrainEngine):
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
             measured = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.ds.step()
-        norm = measured if self._measure_norm else self.ds.get_global_grad_norm()
+        norm = self.ds.get_global_grad_norm()
+        self._measure_norm = norm is None
+        if norm is None:
+            norm = measured
         self.ds.zero_grad()
         return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
 
@@ -160,8 +176,9 @@ class DeepSpeedEngine(TrainEngine):
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
         """Under ZeRO-3 the reference is partitioned like the policy (a DeepSpeed engine with no
         optimizer, ZeRO-3's parameter partitioning only), so no rank holds a whole copy of it;
-        otherwise it takes the policy's dtype (bf16 where DeepSpeed trains in bf16), so the KL
-        compares the two at the same precision and the copy costs half the memory."""
+        otherwise it takes the policy's dtype (bf16 where DeepSpeed trains in bf16) and device, so
+        the KL compares the two at the same precision and the copy costs half the memory. The
+        trainer hands it over on the CPU, so it reaches the device only in that dtype, or partitioned."""
         if self.ds.zero_optimization_stage() == 3:
             deepspeed = _require_deepspeed()
             cfg = {k: v for k, v in self._ds_cfg.items() if k in ("bf16", "fp16", "train_micro_batch_size_per_gpu")}
@@ -172,5 +189,5 @@ class DeepSpeedEngine(TrainEngine):
             self._reference_engine = ref  # owns the hooks that gather the reference's partitions
             ref.module.eval()
             return ref.module
-        dtype = next(self.ds.module.parameters()).dtype
-        return reference.to(dtype=dtype)
+        param = next(self.ds.module.parameters())
+        return reference.to(dtype=param.dtype).to(param.device)  # cast on the CPU, then moved

@@ -22,6 +22,55 @@ def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
+def _process_group():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def collective_device(dist) -> torch.device:
+    """Where the tensors of a collective must live: an NCCL process group (the GPU launch,
+    ``DeepSpeedEngine``) reduces CUDA tensors only, on this rank's current device; gloo (the CPU
+    launch) reduces CPU tensors."""
+    backend = str(dist.get_backend())  # "nccl", "gloo", or per device: "cpu:gloo,cuda:nccl"
+    if backend == "nccl" or ("cuda:" in backend and "cpu:" not in backend):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def in_lockstep(params: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether every rank must run each forward of the module owning ``params`` together with the
+    others: ZeRO-3 gathers a partitioned module's parameters in every forward (a collective), so a
+    rank running one forward more than the others waits for them forever."""
+    return _process_group() is not None and is_partitioned(params)
+
+
+def lockstep_count(n: int, params: Iterable[torch.nn.Parameter]) -> int:
+    """How many forwards (micro-batches, generate calls) this rank must run where it has ``n`` of
+    its own: the most of any rank when the module is :func:`in_lockstep` (the extra ones are
+    dummies whose results are dropped), else ``n``. A collective in that case: every rank calls it."""
+    if not in_lockstep(params):
+        return n
+    dist = _process_group()
+    t = torch.tensor([n], dtype=torch.long, device=collective_device(dist))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def lockstep_batches(batches: list[list[int]], params: Iterable[torch.nn.Parameter]) -> list[tuple[list[int], bool]]:
+    """``(batch, keep)`` for every micro-batch of ``batches`` (keep True), followed by as many
+    dummies as the busiest rank has micro-batches more (:func:`lockstep_count`; keep False: run the
+    forward, drop its results). A dummy is the first item of this rank's first micro-batch, so it
+    takes the same code path as a real one at the cost of one sequence."""
+    out = [(b, True) for b in batches]
+    pad = lockstep_count(len(batches), params) - len(batches)
+    if pad and not batches:
+        raise ValueError("a rank has no sequences while the others run forwards of a ZeRO-3 partitioned model; "
+                         "every rank needs at least one (shard prompts evenly: prompts_per_step a multiple of "
+                         "the number of ranks)")
+    return out + [(batches[0][:1], False)] * pad
+
+
 @contextlib.contextmanager
 def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
     """Inside, ``params`` hold their whole values on every rank (read-only: changes are not written

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..engines.gather import lockstep_batches
 from ..models import decoder_and_head
 
 
@@ -173,12 +174,21 @@ def packed_inputs(packs: Sequence[_Packed], pad_id: int = 0) -> tuple[torch.Tens
     return ids, pos, length
 
 
-def log_j_from_hidden(head, hidden: torch.Tensor, pack: _Packed) -> torch.Tensor:
-    """log J(s_k), k = 0..K, of one pack from its row of final hidden states [L, H] (no grad)."""
+def log_j_of_batch(head, hidden: torch.Tensor, packs: Sequence[_Packed]) -> list[torch.Tensor]:
+    """log J(s_k), k = 0..K, of every pack of a micro-batch from its final hidden states [B, L, H]
+    (row r: ``packs[r]``), on the CPU, no grad, through ONE call of the output head: under ZeRO-3
+    each call gathers the head's weight (a collective), so the number of calls must not depend on
+    how many items a rank's micro-batch holds."""
     with torch.no_grad():
-        lp = _answer_logprob_from_hidden(head, hidden[pack.pred_pos], pack.targets.to(hidden.device))
-        k1 = int(pack.suffix_of.max()) + 1 if len(pack.suffix_of) else 0
-        return torch.zeros(k1, device=lp.device).index_add_(0, pack.suffix_of.to(lp.device), lp).cpu()
+        rows = torch.cat([torch.full((len(p.pred_pos),), r, dtype=torch.long) for r, p in enumerate(packs)])
+        pos = torch.cat([p.pred_pos for p in packs])
+        targets = torch.cat([p.targets for p in packs]).to(hidden.device)
+        lp = _answer_logprob_from_hidden(head, hidden[rows.to(hidden.device), pos.to(hidden.device)], targets).cpu()
+        out = []
+        for p, part in zip(packs, torch.split(lp, [len(p.pred_pos) for p in packs])):
+            k1 = int(p.suffix_of.max()) + 1 if len(p.suffix_of) else 0
+            out.append(torch.zeros(k1).index_add_(0, p.suffix_of, part))
+        return out
 
 
 @torch.no_grad()
@@ -199,7 +209,9 @@ def answer_logprobs_packed(
         item.validate(f"answer_logprobs_packed item {n}")
         packs.append(pack_item(item, force_ids))
     results: list[torch.Tensor | None] = [None] * len(items)
-    for batch in microbatches([len(p.input_ids) for p in packs], max_tokens_per_batch):
+    # under ZeRO-3 with several ranks every rank runs as many forwards as the busiest one
+    for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens_per_batch),
+                                        model.parameters()):
         bp = [packs[i] for i in batch]
         ids, pos, length = packed_inputs(bp)
         mask = packed_attention_mask(bp, length, param.dtype)
@@ -209,8 +221,9 @@ def answer_logprobs_packed(
             position_ids=pos.to(param.device),
             use_cache=False,
         ).last_hidden_state
-        for r, i in enumerate(batch):
-            results[i] = log_j_from_hidden(head, hidden[r], packs[i])
+        log_j = log_j_of_batch(head, hidden, bp)  # a dummy's too: every rank makes the same head calls
+        for i, lj in zip(batch if keep else [], log_j):
+            results[i] = lj
     return results  # type: ignore[return-value]
 
 
@@ -257,18 +270,21 @@ def monte_carlo_j(
     the engine batches by call (its own setting when None). Contexts given more than once with the
     same cap (the prompt, s_1, of every response in a group) are sampled once and share their J.
     """
-    if not contexts:
-        return torch.zeros(0)
     if len(references) != len(contexts):
         raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(references)} references")
     if caps is not None and len(caps) != len(contexts):
         raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(caps)} caps")
-    if caps is not None and max(caps) > max_new_tokens:
+    if caps and max(caps) > max_new_tokens:
         raise ValueError(f"monte_carlo_j: a cap of {max(caps)} tokens exceeds max_new_tokens={max_new_tokens}")
     if engine is None:
         from ..rollout.hf import HFRolloutEngine
 
         engine = HFRolloutEngine(model, tokenizer)
+    # where sampling is a collective (RolloutEngine.lockstep), a rank with nothing to sample still
+    # makes the engine's call, so that every rank makes the same calls
+    lockstep = engine.lockstep()
+    if not contexts and not lockstep:
+        return torch.zeros(0)
     first: dict[tuple, int] = {}  # (context, cap, reference) -> the index of its first occurrence
     keys = [(tuple(c), None if caps is None else caps[i], references[i]) for i, c in enumerate(contexts)]
     unique = [first.setdefault(k, i) for i, k in enumerate(keys)]
@@ -276,13 +292,14 @@ def monte_carlo_j(
     # the others generate only up to their cap (what would be cut off anyway is never sampled)
     todo = sorted(i for i in set(unique) if caps is None or caps[i] > 0)
     generated = _engine_samples(engine, [contexts[i] for i in todo], samples, max_new_tokens, temperature, seed,
-                                batch_contexts, None if caps is None else [caps[i] for i in todo]) if todo else []
+                                batch_contexts, None if caps is None else [caps[i] for i in todo]
+                                ) if todo or lockstep else []
     j = torch.zeros(len(contexts))
     for i, rows in zip(todo, generated):  # each context's samples, cut at its cap, verified
         cap = None if caps is None else caps[i]
         hits = [verify(tokenizer.decode(ids[:cap], skip_special_tokens=True), references[i]) for ids in rows]
         j[i] = sum(map(float, hits)) / samples
-    return j[torch.tensor(unique)]
+    return j[torch.tensor(unique, dtype=torch.long)]
 
 
 def _engine_samples(engine, contexts, samples, max_new_tokens, temperature, seed,

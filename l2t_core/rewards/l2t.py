@@ -24,12 +24,13 @@ from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
+from ..engines.gather import lockstep_batches
 from ..models import decoder_and_head
 from ..timing import device_clock
 from .fitting import (
     JItem,
     fitting_gains,
-    log_j_from_hidden,
+    log_j_of_batch,
     microbatches,
     monte_carlo_j,
     pack_item,
@@ -259,7 +260,10 @@ def episode_pass(
     sq_out: list[torch.Tensor | None] = [None] * n_items
     lp_out: list[torch.Tensor | None] = [None] * n_items
     penalty_s = 0.0
-    for batch in microbatches([len(p.input_ids) for p in packs], max_tokens):
+    # under ZeRO-3 with several ranks every rank runs as many forwards (and truncated backwards) as
+    # the busiest one; a dummy's results are dropped
+    for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens),
+                                        model.parameters()):
         bp = [packs[i] for i in batch]
         ids, pos, length = packed_inputs(bp, pad_id)
         mask = packed_attention_mask(bp, length, param.dtype)
@@ -285,7 +289,7 @@ def episode_pass(
             if temperature != 1.0:  # the penalty's log π is at 1; the loss's at the sampling temperature
                 with torch.no_grad():
                     lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature, head_chunk_tokens).cpu()
-            for r, i in enumerate(batch):
+            for r, i in enumerate(batch if keep else []):
                 sq_out[i] = total[offsets[r] : offsets[r] + token_eps[i].num_episodes]
         else:
             with torch.no_grad():
@@ -293,12 +297,16 @@ def episode_pass(
                 lp_rows = None
                 if want_logps:
                     lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature, head_chunk_tokens).cpu()
+        # one head call per micro-batch, a dummy's too (under ZeRO-3 each call is a collective)
+        batch_j = log_j_of_batch(head, hidden, bp) if j_items is not None else None
+        if not keep:
+            continue
         if lp_rows is not None:
             for i, lp in zip(batch, torch.split(lp_rows, score.sum(dim=1).tolist())):
                 lp_out[i] = lp
-        if j_items is not None:
-            for r, i in enumerate(batch):
-                log_j[i] = log_j_from_hidden(head, hidden[r], packs[i])
+        if batch_j is not None:
+            for i, lj in zip(batch, batch_j):
+                log_j[i] = lj
     return PolicyPass(
         log_j=log_j if j_items is not None else None,  # type: ignore[arg-type]
         sqnorms=sq_out if targets else None,  # type: ignore[arg-type]
@@ -322,12 +330,12 @@ def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_token
     device = next(model.parameters()).device
     out: list[torch.Tensor | None] = [None] * len(rollouts)
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-    for batch in microbatches(lengths, max_tokens):
+    for batch, keep in lockstep_batches(microbatches(lengths, max_tokens), model.parameters()):  # ZeRO-3: in step
         rs = [rollouts[i] for i in batch]
         ids, att = pad_right([list(r.prompt_ids) + list(r.response_ids) for r in rs], pad_id, device)
         mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], device)
         lp = token_logprobs(model, ids, att, mask, temperature)
-        for j, i in enumerate(batch):
+        for j, i in enumerate(batch if keep else []):
             out[i] = lp[j][mask[j]].cpu()
     return out  # type: ignore[return-value]
 

@@ -76,6 +76,12 @@ class RolloutEngine(abc.ABC):
         of ``params.max_new_tokens`` (:func:`token_limits`); a completion cut at its limit is not
         ``finished``."""
 
+    def lockstep(self) -> bool:
+        """Whether a :meth:`generate` call is a collective, which every rank must make with the
+        others, in the same order, even with no prompts of its own (then it returns ``[]``): true
+        where sampling runs forwards of a ZeRO-3 partitioned module or gathers its weights."""
+        return False
+
     @abc.abstractmethod
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (called after each update)."""

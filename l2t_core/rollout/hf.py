@@ -1,7 +1,11 @@
 """The ``hf`` rollout engine: transformers ``generate`` with a KV cache, batched, left-padded.
 
 It samples from the trainer's own module, so :meth:`HFRolloutEngine.sync_weights` has nothing to
-copy. Sampling is seeded per call (``SamplingParams.seed``) inside a forked RNG, so a resumed run
+copy. Under DeepSpeed ZeRO-3 with several ranks every forward of that module gathers its weights (a
+collective), so generation runs in lockstep (:meth:`HFRolloutEngine.lockstep`): ``synced_gpus``
+keeps a rank whose sequences have all ended forwarding until every rank's have, and every rank
+makes as many ``generate`` calls as the busiest one. (transformers turns ``synced_gpus`` on by
+itself only under an ``HfDeepSpeedConfig``, which this project does not create.) Sampling is seeded per call (``SamplingParams.seed``) inside a forked RNG, so a resumed run
 draws exactly the completions an uninterrupted one would, and the caller's RNG is untouched.
 """
 
@@ -12,6 +16,7 @@ from typing import Sequence
 import torch
 from transformers import GenerationConfig
 
+from ..engines.gather import in_lockstep, lockstep_count
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
 
 
@@ -30,6 +35,9 @@ class HFRolloutEngine(RolloutEngine):
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same process, same module: nothing to copy
+
+    def lockstep(self) -> bool:
+        return in_lockstep(self.model.parameters())
 
     def _left_pad(self, prompts: Sequence[Sequence[int]], device):
         width = max(len(p) for p in prompts)
@@ -53,7 +61,9 @@ class HFRolloutEngine(RolloutEngine):
         sequences against 302 s in the order given at 512 a batch (``bench/continuation_j.py``
         times the whole reward this way). With ``max_new_tokens`` per prompt a batch runs to the
         largest limit among its rows and each row is cut at its own."""
-        check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
+        lockstep = self.lockstep()
+        if prompts or not lockstep:  # in lockstep a rank with no prompts still runs the others' forwards
+            check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         limits = token_limits(max_new_tokens, prompts, params)
         device = next(self.model.parameters()).device
         sample = not params.greedy
@@ -63,6 +73,10 @@ class HFRolloutEngine(RolloutEngine):
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         kw = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) if sample else dict(
             do_sample=False, temperature=None, top_p=None, top_k=None)
+        starts = list(range(0, len(prompts), per_chunk))
+        # in lockstep: as many calls as the busiest rank, the extra ones a one-token dummy; synced_gpus
+        # keeps each call forwarding until every rank's sequences have ended
+        dummies = lockstep_count(len(starts), self.model.parameters()) - len(starts) if lockstep else 0
         was_training, saved_config = self.model.training, getattr(self.model, "generation_config", None)
         # Only the sampling parameters asked for apply: a checkpoint's generation_config.json
         # (repetition_penalty, top_k, ...) would silently change the policy's distribution.
@@ -72,12 +86,13 @@ class HFRolloutEngine(RolloutEngine):
         try:
             with torch.random.fork_rng(devices=self._cuda_devices()):
                 torch.manual_seed(params.seed)  # seeds the CPU and every CUDA generator
-                for start in range(0, len(prompts), per_chunk):
+                for start in starts:
                     chunk = order[start: start + per_chunk]
                     ids, att, width = self._left_pad([prompts[i] for i in chunk], device)
                     gen = self.model.generate(
                         input_ids=ids, attention_mask=att, max_new_tokens=max(limits[i] for i in chunk),
-                        num_return_sequences=reps, pad_token_id=self.pad_id, eos_token_id=self.eos, **kw,
+                        num_return_sequences=reps, pad_token_id=self.pad_id, eos_token_id=self.eos,
+                        synced_gpus=lockstep, **kw,
                     )
                     rows = gen[:, width:].tolist()
                     for row, i in enumerate(chunk):
@@ -88,6 +103,10 @@ class HFRolloutEngine(RolloutEngine):
                             group = [Completion(list(p), list(c.response_ids), c.text, c.finished)
                                      for _ in range(params.n)]
                         out[i] = group
+                for _ in range(dummies):  # after the real calls: their samples do not depend on it
+                    ids, att, _ = self._left_pad([[self.eos]], device)
+                    self.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=1, synced_gpus=True,
+                                        pad_token_id=self.pad_id, eos_token_id=self.eos, **kw)
         finally:
             self.model.generation_config = saved_config
             self.model.train(was_training)

@@ -60,7 +60,7 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-from ..engines.gather import full_named_tensors
+from ..engines.gather import full_named_tensors, in_lockstep
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
 
 EXTENSION = "l2t_core.rollout.vllm.WeightSyncExtension"
@@ -160,7 +160,8 @@ class VLLMRolloutEngine(RolloutEngine):
                  limit_prompts: bool = True, max_batch_sequences: int | None = None,
                  max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         # max_batch_sequences is not used: vLLM schedules its own batches (continuous batching)
-        check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
+        if prompts or not self.lockstep():  # in lockstep a rank with no prompts still takes part in the gather
+            check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
         limits = token_limits(max_new_tokens, prompts, params)
         greedy = params.greedy
         n = 1 if greedy else params.n
@@ -176,7 +177,7 @@ class VLLMRolloutEngine(RolloutEngine):
             self._load_weights(self._source)  # sample at the same points of a step, so all come here
         self._wake("kv_cache")
         outs = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts], sampling,
-                                 use_tqdm=False)
+                                 use_tqdm=False) if prompts else []
         self.sleep()
         if len(outs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(prompts)} prompts")
@@ -201,6 +202,11 @@ class VLLMRolloutEngine(RolloutEngine):
         else:
             finished = out.finish_reason == "stop"
         return Completion(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished)
+
+    def lockstep(self) -> bool:
+        """A level-2 sleep drops the weights, and :meth:`generate` copies them again from the
+        trainer's module: under ZeRO-3 with several ranks that copy gathers (a collective)."""
+        return self.sleep_mode and self.sleep_level == 2 and in_lockstep(self._source.parameters())
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self._wake("weights")
