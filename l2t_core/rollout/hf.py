@@ -5,8 +5,9 @@ copy. Under DeepSpeed ZeRO-3 with several ranks every forward of that module gat
 collective), so generation runs in lockstep (:meth:`HFRolloutEngine.lockstep`): ``synced_gpus``
 keeps a rank whose sequences have all ended forwarding until every rank's have, and every rank
 makes as many ``generate`` calls as the busiest one. (transformers turns ``synced_gpus`` on by
-itself only under an ``HfDeepSpeedConfig``, which this project does not create.) Sampling is seeded per call (``SamplingParams.seed``) inside a forked RNG, so a resumed run
-draws exactly the completions an uninterrupted one would, and the caller's RNG is untouched.
+itself only under an ``HfDeepSpeedConfig``, which this project does not create.) Sampling is
+seeded per call (``SamplingParams.seed``) inside a forked RNG, so a resumed run draws exactly the
+completions an uninterrupted one would, and the caller's RNG is untouched.
 """
 
 from __future__ import annotations
