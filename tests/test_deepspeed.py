@@ -53,20 +53,26 @@ def test_init_distributed_gives_the_process_group_the_configured_timeout(monkeyp
     assert calls == [{"dist_backend": "gloo", "timeout": timedelta(minutes=90)}, {"dist_backend": "gloo"}]
 
 
+def _one_process_and_two_ranks(tmp_path: Path, mode: str, stage: int) -> tuple[dict, dict, dict]:
+    """The worker's ``<mode>-reference`` step in one process, then its ``mode`` step on 2 gloo ranks
+    under ZeRO ``stage``; their saved results (reference, rank 0, rank 1)."""
+    reference = "reference" if mode == "deepspeed" else f"{mode}-reference"
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path), reference], check=True, env=_env(),
+                   timeout=120, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), mode, str(stage)]
+    proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tuple(torch.load(tmp_path / f"{name}.pt", weights_only=False)
+                 for name in (f"{reference}-rank0", f"{mode}-rank0", f"{mode}-rank1"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 0])
 def test_two_ranks_agree_and_equal_single_process(tmp_path, stage):
     """Stage 0 (no ZeRO) steps the client optimizer itself and keeps no gradient norm in
     DeepSpeed; the engine measures it, so it must equal the whole batch's there too."""
-    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "reference"], check=True, env=_env(),
-                   timeout=120, cwd=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "deepspeed", str(stage)]
-    proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ref = torch.load(tmp_path / "reference-rank0.pt", weights_only=False)
-    r0 = torch.load(tmp_path / "deepspeed-rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "deepspeed-rank1.pt", weights_only=False)
+    ref, r0, r1 = _one_process_and_two_ranks(tmp_path, "deepspeed", stage)
     for name, w in r0["state"].items():
         assert torch.equal(w, r1["state"][name]), f"ranks disagree on {name}"
         # Adam's first step is ~lr·sign(g) (lr 1e-2), so float noise in near-zero gradient entries
@@ -85,15 +91,7 @@ def test_rank_with_fewer_micro_batches_pads_without_moving_gradients(tmp_path, s
     loss built from the parameters alone fired ZeRO-2's gradient hooks out of a backward's order
     (12 of 27 tensors moved by about 2·lr) and failed under ZeRO-3, where the weights are empty
     outside a forward."""
-    subprocess.run([sys.executable, str(WORKER), str(tmp_path), "uneven-reference"], check=True, env=_env(),
-                   timeout=120, cwd=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "uneven", str(stage)]
-    proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ref = torch.load(tmp_path / "uneven-reference-rank0.pt", weights_only=False)
-    r0 = torch.load(tmp_path / "uneven-rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "uneven-rank1.pt", weights_only=False)
+    ref, r0, r1 = _one_process_and_two_ranks(tmp_path, "uneven", stage)
     assert sorted(r0["state"]) == sorted(ref["state"])
     for name, w in r0["state"].items():
         assert torch.equal(w, r1["state"][name]), f"ranks disagree on {name}"
