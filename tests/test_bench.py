@@ -170,3 +170,36 @@ def test_train_memory_bench_presets_and_bad_arguments():
         parse(["--episodes", "0"])
     with pytest.raises(SystemExit):
         parse(["--chunk", "0"])
+
+
+def test_gpu_script_runs_the_named_steps_times_them_out_and_refuses_unknown_tags(tmp_path):
+    """bench/gpu.sh, driven by a stand-in interpreter (no GPU here): ONLY picks the steps, each
+    step's output lands in its own file, a failing or hanging step fails the run (exit 1) and the
+    others still run, and a tag it does not know, or none at all, is refused (exit 2) before any
+    step, so a short GPU lease is not spent on a typo."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\ncase "$*" in *train_memory*) sleep 30;; esac\necho "ran $*"\n')
+    fake.chmod(0o755)
+
+    def run(only: str, step_timeout: int = 60):
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(out), "ONLY": only,
+               "STEP_TIMEOUT": str(step_timeout)}
+        proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=120)
+        return proc, out
+
+    proc, out = run("tests penalty")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["penalty_qwen05b.json", "penalty_qwen05b_randomized.json",
+                                                     "penalty_tiny.json", "pytest.txt"]
+    assert "ran -m pytest" in (out / "pytest.txt").read_text() and "skipped (ONLY=tests penalty)" in proc.stderr
+    proc, out = run("tests memory", step_timeout=2)  # the memory step hangs: timed out, the run fails
+    assert proc.returncode == 1 and "TIMED OUT after 2 s" in proc.stderr and "CUDA tests: ok" in proc.stderr
+    for only in ("tests,memory", "test", " "):
+        proc, out = run(only)
+        assert proc.returncode == 2, (only, proc.stderr)
+        assert not out.exists() or not any(out.iterdir()), only
