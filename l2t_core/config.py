@@ -233,6 +233,10 @@ class LossConfig(_Strict):
         description="sampling: log π in the ratio, the KL and the surprise weights is that of the distribution the "
                     "rollouts were drawn from, logits ÷ the rollout temperature (as TRL's and verl's GRPO do); one: "
                     "the model's plain log π at temperature 1. J and the penalty always use temperature 1.")
+    train_eos: bool = Field(False, description=(
+        "Also train the end-of-sequence token that closes each finished response (as TRL's and verl's GRPO "
+        "do): the policy gradient then moves the decision to stop, with the advantage of the response's last "
+        "token. Off by default: the project's results so far train the response tokens only."))
 
 
 class BaselineConfig(_Strict):

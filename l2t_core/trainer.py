@@ -130,6 +130,17 @@ def _all_max_list(values: list[float]) -> list[float]:
     return _all_reduce_list(values, torch.float64, "max")
 
 
+def _with_eos(values: torch.Tensor, eos_value: float | None, trained: int) -> torch.Tensor:
+    """Per-token ``values`` of a response's tokens, with ``eos_value`` appended when the loss also
+    trains its EOS token (``trained`` = response tokens + 1)."""
+    if trained == len(values):
+        return values
+    if trained != len(values) + 1 or eos_value is None:
+        raise RuntimeError(f"the loss trains {trained} tokens of a response with {len(values)} per-token values and "
+                           f"{'no' if eos_value is None else 'one'} EOS value")
+    return torch.cat([values, torch.tensor([eos_value], dtype=values.dtype)])
+
+
 def check_prompt_sharding(prompts_per_step: int, world: int) -> None:
     """Refuse a step that the ranks cannot share evenly, before any compute: each rank samples
     ``prompts_per_step / world`` prompts, and every rank must make the same collectives (ZeRO's
@@ -434,7 +445,8 @@ class Trainer:
         rollouts, probs = [], []
         for g, (i, comps) in enumerate(zip(idx, groups)):
             for c in comps:
-                rollouts.append(Rollout(c.prompt_ids, c.response_ids, c.text, self.problems[i].answer, g))
+                rollouts.append(Rollout(c.prompt_ids, c.response_ids, c.text, self.problems[i].answer, g,
+                                        c.finished))
                 probs.append(self.problems[i])
         return rollouts, probs, device_clock(self.device) - t0
 
@@ -443,7 +455,7 @@ class Trainer:
         if self.reference is None:
             return None
         out: list[torch.Tensor | None] = [None] * len(rollouts)
-        lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+        lengths = [len(r.prompt_ids) + len(self._trained_ids(r)) for r in rollouts]
         # a partitioned reference (ZeRO-3) gathers its weights in every forward: all ranks run as many forwards
         for mb, keep in lockstep_batches(microbatches(lengths, self.cfg.micro_batch_tokens),
                                          self.reference.parameters()):
@@ -452,10 +464,27 @@ class Trainer:
                 out[i] = lp[j]
         return out  # type: ignore[return-value]
 
+    def _trained_ids(self, r: Rollout) -> list[int]:
+        """The tokens the loss trains of rollout ``r``: its response, and with ``loss.train_eos``
+        the EOS that closed it when it finished (an empty response has no token to take the
+        advantage from, and stays untrained)."""
+        eos = self.cfg.reward.loss.train_eos and r.finished and len(r.response_ids) > 0
+        return list(r.response_ids) + ([self.tokenizer.eos_token_id] if eos else [])
+
+    def _rewards(self, rollouts: Sequence[Rollout], step: int, need_logp_old: bool | None = None) -> RewardBatch:
+        """The reward pass of ``step`` (log π_old only where the update needs it: several updates per batch)."""
+        return compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
+                               verifier=self.verifier, proxy=self.proxy, step=step,
+                               need_logp_old=self.cfg.mini_batches > 1 if need_logp_old is None else need_logp_old,
+                               temperature=self.lp_temperature, all_sum=_all_sum_list if self.world > 1 else None,
+                               sampler=self.rollout, head_chunk_tokens=self.cfg.head_chunk_tokens,
+                               eos_id=self.tokenizer.eos_token_id if self.cfg.reward.loss.train_eos else None)
+
     def _logps(self, model, rs: Sequence[Rollout]) -> list[torch.Tensor]:
-        seqs = [list(r.prompt_ids) + list(r.response_ids) for r in rs]
+        trained = [self._trained_ids(r) for r in rs]
+        seqs = [list(r.prompt_ids) + t for r, t in zip(rs, trained)]
         ids, att = pad_right(seqs, self.pad_id, self.device)
-        mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], self.device)
+        mask = response_mask([len(r.prompt_ids) for r in rs], [len(t) for t in trained], ids.shape[1], self.device)
         lp = token_logprobs(model, ids, att, mask, self.lp_temperature, self.cfg.head_chunk_tokens)
         return [lp[j][mask[j]] for j in range(len(rs))]
 
@@ -470,7 +499,7 @@ class Trainer:
         opt_stats = {"grad_norm": 0.0, "lr": 0.0}
         tok_total = 0.0
         for mini in minis:
-            n_tok = [len(rollouts[i].response_ids) for i in mini]
+            n_tok = [len(self._trained_ids(rollouts[i])) for i in mini]
             if cfg.reward.loss.aggregation == "token_mean":
                 denom = _all_sum(float(sum(n_tok)))
             else:
@@ -499,9 +528,12 @@ class Trainer:
                 logp = torch.nn.utils.rnn.pad_sequence(logp_list, batch_first=True)
                 mask = stack([torch.ones(len(x)) for x in logp_list])
                 # one update per batch: π_old is the current policy (ratio 1, the PG gradient)
-                old = stack([rewards.responses[i].logp_old if rewards.responses[i].logp_old is not None
-                             else lp.detach() for i, lp in zip(keep, logp_list)])
-                advs = stack([rewards.responses[i].token_advantage for i in keep])
+                res = [rewards.responses[i] for i in keep]
+                old = stack([_with_eos(x.logp_old, x.eos_logp_old, len(lp)) if x.logp_old is not None else lp.detach()
+                             for x, lp in zip(res, logp_list)])
+                # a trained EOS token takes the advantage of the response's last token
+                advs = stack([_with_eos(x.token_advantage, float(x.token_advantage[-1]) if len(x.token_advantage)
+                                        else None, len(lp)) for x, lp in zip(res, logp_list)])
                 refl = stack([ref[i] for i in keep]) if ref is not None else None
                 out = policy_loss(logp, old, refl, advs, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
                                   kl_coef=lc.kl_coef, aggregation=lc.aggregation)
@@ -537,11 +569,7 @@ class Trainer:
         self._phase(step, "reward")
         mem.reset()
         t0 = device_clock(self.device)
-        rewards = compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
-                                  verifier=self.verifier, proxy=self.proxy, step=step,
-                                  need_logp_old=self.cfg.mini_batches > 1, temperature=self.lp_temperature,
-                                  all_sum=_all_sum_list if self.world > 1 else None, sampler=self.rollout,
-                                  head_chunk_tokens=self.cfg.head_chunk_tokens)
+        rewards = self._rewards(rollouts, step)
         t_reward = device_clock(self.device) - t0
         peaks.append(mem.peak_gib())
         mem.reset()

@@ -615,6 +615,58 @@ def test_loss_ratio_is_one_on_the_first_update_at_the_sampling_temperature(tiny_
     assert steps["clip_frac"].iloc[0] == 0.0
 
 
+# the penalty's pass (l2t) or a plain forward (grpo) gives log π_old; one update per batch or two
+@pytest.mark.parametrize("method,mini_batches", [("l2t", 1), ("l2t", 2), ("grpo", 1)])
+def test_train_eos_trains_the_stop_token_of_finished_responses(tiny_dir, toy_data, tmp_path, monkeypatch,
+                                                                method, mini_batches):
+    """``loss.train_eos``: a finished response's EOS is one more trained token, with log π(EOS |
+    prompt ⊕ response) at the sampling temperature, the advantage of the response's last token, and
+    (from the reward pass) a log π_old equal to the policy's before the update: ratio 1 on the first
+    update. Off, nothing changes. (The tiny random model rarely samples EOS: half the rollouts are
+    marked finished, as if they had ended with it.)"""
+    import dataclasses
+
+    import l2t_core.trainer as trainer_mod
+
+    torch.set_num_threads(1)
+    seen, real = {}, trainer_mod.policy_loss
+    for train_eos in (False, True):
+        cfg = make_cfg(tiny_dir, tmp_path / f"eos{train_eos}", steps=1, mini_batches=mini_batches, method=method,
+                       rollout={"group_size": 4, "max_new_tokens": 16, "max_prompt_tokens": 512, "temperature": 0.7},
+                       reward={"loss": {"train_eos": train_eos}})
+        tr = Trainer(cfg, show_progress=False)
+        tr.setup()
+        rollouts, _, _ = tr._rollouts(1)
+        rollouts = [dataclasses.replace(r, finished=n % 2 == 0) for n, r in enumerate(rollouts)]
+        model, eos = tr.engine.unwrapped(), tr.tokenizer.eos_token_id
+        logps = tr._logps(model, rollouts)
+        for r, lp in zip(rollouts, logps):
+            assert len(lp) == len(r.response_ids) + (train_eos and r.finished and len(r.response_ids) > 0)
+        rewards = tr._rewards(rollouts, 1, need_logp_old=True)
+        for r, lp, x in zip(rollouts, logps, rewards.responses):
+            if train_eos and r.finished:  # brute force: the last position of prompt ⊕ response, EOS, at τ 0.7
+                with torch.no_grad():
+                    ids = torch.tensor([list(r.prompt_ids) + list(r.response_ids)])
+                    want = torch.log_softmax(model(ids).logits[0, -1].float() / 0.7, -1)[eos]
+                assert lp[-1].item() == pytest.approx(want.item(), abs=1e-5)
+                assert x.eos_logp_old == pytest.approx(want.item(), abs=1e-5)
+            else:
+                assert x.eos_logp_old is None
+        masks = []
+
+        def capture(logp, old, ref, advs, mask, **kw):
+            masks.append(mask)
+            return real(logp, old, ref, advs, mask, **kw)
+
+        monkeypatch.setattr(trainer_mod, "policy_loss", capture)
+        stats = tr._update(rollouts, rewards, tr._reference_logprobs(rollouts))
+        seen[train_eos] = sum(float(m.sum()) for m in masks)  # the tokens the loss trained
+        if mini_batches == 1:
+            assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # π_old of every token, EOS included
+    n_eos = sum(1 for n, r in enumerate(rollouts) if n % 2 == 0 and len(r.response_ids) > 0)
+    assert n_eos > 0 and seen[True] == seen[False] + n_eos
+
+
 def test_rank_rows_get_step_wide_rollout_and_group_ids():
     """Under DeepSpeed every rank numbers its rollouts and groups from 0; gathered rows must stay
     unique per (step, rollout) (the rollouts table's key) and keep each episode with its rollout."""

@@ -88,6 +88,7 @@ class Rollout:
     response_text: str
     reference: str
     group_id: int
+    finished: bool = False  # the response ended with EOS (not cut at the token limit)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class ResponseReward:
     score: float = 0.0
     advantage: float = 0.0
     token_advantage: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    eos_logp_old: float | None = None  # log π_old(EOS | the whole response) of a finished one (eos_id given)
 
 
 @dataclass
@@ -209,6 +211,7 @@ class PolicyPass:
     log_j: list[torch.Tensor] | None  # per response, log J at b_0..b_K (packed layout); None without J
     sqnorms: list[torch.Tensor] | None  # per response, ‖g_k‖² summed over targets; None without penalty
     logps: list[torch.Tensor] | None  # per response, log π(z_t) of every response token
+    eos_logps: list[float | None] | None  # per response, log π(EOS | response) if finished; None without eos_id
     penalty_s: float  # seconds of the truncated backward and the episode-score reduction
     total_s: float
 
@@ -227,6 +230,7 @@ def episode_pass(
     want_logps: bool = True,
     temperature: float = 1.0,
     head_chunk_tokens: int | None = None,
+    eos_id: int | None = None,
 ) -> PolicyPass:
     """ONE forward per micro-batch for everything the reward needs from the policy.
 
@@ -240,6 +244,9 @@ def episode_pass(
     returned are at ``temperature`` (the sampling distribution, ``LossConfig.logprob_temperature``);
     J and the penalty's signals are always those of the model at temperature 1. ``head_chunk_tokens``:
     the output head's logits a chunk of tokens at a time (:func:`~l2t_core.logprobs.scored_logprobs`).
+    ``eos_id``: wherever log π is returned, also log π(EOS | prompt ⊕ response) of each finished
+    rollout, at ``temperature``, from the same forward (the last response position's hidden state;
+    for a trainer that trains the EOS token, ``LossConfig.train_eos``).
     """
     check_temperature(temperature)
     t_start = time.perf_counter()
@@ -259,6 +266,8 @@ def episode_pass(
     log_j: list[torch.Tensor | None] = [None] * n_items
     sq_out: list[torch.Tensor | None] = [None] * n_items
     lp_out: list[torch.Tensor | None] = [None] * n_items
+    want_eos = eos_id is not None and (want_logps or bool(targets))
+    eos_out: list[float | None] = [None] * n_items
     penalty_s = 0.0
     # under ZeRO-3 with several ranks every rank runs as many forwards (and truncated backwards) as
     # the busiest one; a dummy's results are dropped
@@ -279,7 +288,7 @@ def episode_pass(
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
         if targets:
             sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
-                                         return_hidden=j_items is not None or temperature != 1.0,
+                                         return_hidden=j_items is not None or temperature != 1.0 or want_eos,
                                          head_chunk_tokens=head_chunk_tokens)
             t0 = device_clock(device)
             seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
@@ -299,8 +308,18 @@ def episode_pass(
                     lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature, head_chunk_tokens).cpu()
         # one head call per micro-batch, a dummy's too (under ZeRO-3 each call is a collective)
         batch_j = log_j_of_batch(head, hidden, bp) if j_items is not None else None
+        eos_rows = None
+        if want_eos:  # one head call per micro-batch too
+            last = [len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids) - 1 for i in batch]
+            with torch.no_grad():
+                h = hidden[torch.arange(len(batch), device=device), torch.tensor(last, device=device)]
+                eos_rows = scored_logprobs(head, h, torch.full((len(batch),), eos_id, device=device), temperature,
+                                           head_chunk_tokens).cpu()
         if not keep:
             continue
+        if eos_rows is not None:
+            for i, v in zip(batch, eos_rows.tolist()):
+                eos_out[i] = v if rollouts[i].finished else None
         if lp_rows is not None:
             for i, lp in zip(batch, torch.split(lp_rows, score.sum(dim=1).tolist())):
                 lp_out[i] = lp
@@ -311,6 +330,7 @@ def episode_pass(
         log_j=log_j if j_items is not None else None,  # type: ignore[arg-type]
         sqnorms=sq_out if targets else None,  # type: ignore[arg-type]
         logps=lp_out if (want_logps or targets) else None,  # type: ignore[arg-type]
+        eos_logps=eos_out if want_eos else None,
         penalty_s=penalty_s,
         total_s=time.perf_counter() - t_start,
     )
@@ -355,6 +375,7 @@ def compute_rewards(
     all_sum: Callable[[list[float]], list[float]] | None = None,
     sampler=None,
     head_chunk_tokens: int | None = None,
+    eos_id: int | None = None,
 ) -> RewardBatch:
     """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6).
 
@@ -370,6 +391,7 @@ def compute_rewards(
     (``continuation``, ``monte_carlo`` and MRT's) sample through it (vLLM reuses the prefixes it
     has cached) instead of an ``hf`` engine over ``model``. ``head_chunk_tokens``: the policy pass
     computes the output head's logits a chunk of tokens at a time (``TrainConfig.head_chunk_tokens``).
+    ``eos_id``: with ``logp_old``, each finished rollout's ``eos_logp_old`` too (``LossConfig.train_eos``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -426,14 +448,16 @@ def compute_rewards(
             items.append(JItem(r.prompt_ids, r.response_ids, te.boundaries.tolist(), ans))
     sqnorms = [torch.zeros(k, dtype=torch.float64) for k in k_per]
     logps: list[torch.Tensor | None] = [None] * len(rollouts)
+    eos_logps: list[float | None] = [None] * len(rollouts)
     log_js: list[torch.Tensor] = [torch.zeros(k + 1) for k in k_per]
     penalty_s = 0.0
     if needs_penalty or packed_j or want_logps:
         res = episode_pass(model, rollouts, teps, pad_id, cfg.fitting.max_tokens_per_batch, j_items=items,
                            force_ids=force_ids, targets=targets, proxy=proxy_used, want_logps=want_logps,
-                           temperature=temperature, head_chunk_tokens=head_chunk_tokens)
+                           temperature=temperature, head_chunk_tokens=head_chunk_tokens, eos_id=eos_id)
         sqnorms = res.sqnorms or sqnorms
         logps = res.logps or logps
+        eos_logps = res.eos_logps or eos_logps
         log_js = res.log_j or log_js
         penalty_s = res.penalty_s
     penalty_s += svd_s
@@ -492,7 +516,7 @@ def compute_rewards(
         results.append(ResponseReward(
             segmentation=segs[n], tokens=te, outcome=outs[n], verdict_status=statuses[n],
             log_j=log_js[n], gains=gains, penalties=raw[n], penalties_hat=hat_split[n], process=process,
-            episode_reward=ep_r, logp_old=logps[n], token_reward=tok_r,
+            episode_reward=ep_r, logp_old=logps[n], token_reward=tok_r, eos_logp_old=eos_logps[n],
         ))
 
     outcomes = torch.tensor(outs, dtype=torch.float64)
