@@ -99,6 +99,21 @@ def test_rank_with_fewer_micro_batches_pads_without_moving_gradients(tmp_path, s
     assert r0["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=1e-5)
 
 
+def _toy_data_and_zero3(tmp_path: Path, **zero) -> Path:
+    """``tmp_path/data/toy.jsonl`` (ten one-step sums) and ``tmp_path/ds_zero3.json``: the shipped
+    ZeRO-3 config with every parameter partitioned (persistence threshold 0) and ``zero`` added;
+    returns the data directory."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "toy.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
+    zero3 = json.loads((ROOT / "infra" / "deepspeed" / "zero3_offload.json").read_text())
+    zero3["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0, **zero}
+    (tmp_path / "ds_zero3.json").write_text(json.dumps(zero3))
+    return data
+
+
 def _run_or_fail_on_hang(cmd: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
     """Run a launch with its output in ``log``; one still running after ``timeout`` seconds (ranks
     waiting for each other in a collective) fails the test. torchrun gets SIGTERM, which it passes
@@ -312,15 +327,7 @@ def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tm
     from l2t_core.checkpoint import LATEST, RunStorage
     from l2t_core.metrics import read_table
 
-    data = tmp_path / "data"
-    data.mkdir()
-    with open(data / "toy.jsonl", "w") as f:
-        for i in range(10):
-            f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
-    zero3 = json.loads((ROOT / "infra" / "deepspeed" / "zero3_offload.json").read_text())
-    zero3["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                  "stage3_gather_16bit_weights_on_model_save": True}
-    (tmp_path / "ds_zero3.json").write_text(json.dumps(zero3))
+    data = _toy_data_and_zero3(tmp_path, stage3_gather_16bit_weights_on_model_save=True)
     base = dict(policy=str(tiny_dir), steps=2, prompts_per_step=4, method="l2t", engine="deepspeed",
                 checkpoint_every=1, keep_checkpoints=2, data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
                 rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
@@ -377,14 +384,7 @@ def test_zero3_trainer_with_fewer_micro_batches_on_one_rank_equals_one_process(t
     from l2t_core.rewards.fitting import microbatches
     from l2t_core.trainer import Trainer
 
-    data = tmp_path / "data"
-    data.mkdir()
-    with open(data / "toy.jsonl", "w") as f:
-        for i in range(10):
-            f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
-    zero3 = json.loads((ROOT / "infra" / "deepspeed" / "zero3_offload.json").read_text())
-    zero3["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
-    (tmp_path / "ds_zero3.json").write_text(json.dumps(zero3))
+    data = _toy_data_and_zero3(tmp_path)
     base = dict(policy=str(tiny_dir), steps=1, prompts_per_step=4, method="grpo", engine="deepspeed",
                 deepspeed_config=str(tmp_path / "ds_zero3.json"), data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
                 rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
