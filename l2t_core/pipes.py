@@ -28,7 +28,7 @@ PIPES_CONTEXT_ENV_VAR = "DAGSTER_PIPES_CONTEXT"
 
 # last-step columns of the trainer's train_steps table reported as materialization metadata
 STEP_METADATA_COLUMNS = (
-    "accuracy", "mean_tokens", "episodes_per_response", "tagged_share", "score_mean", "kl", "loss",
+    "accuracy", "mean_tokens", "episodes_per_response", "tagged_share", "finished_share", "score_mean", "kl", "loss",
     "grad_norm", "fitting_gain_mean", "penalty_hat_mean", "process_reward_mean", "step_time_s",
 )
 

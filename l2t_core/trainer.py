@@ -608,6 +608,7 @@ class Trainer:
                 "reference": r.reference, "num_tokens": len(r.response_ids), "outcome": x.outcome,
                 "verdict": x.verdict_status, "segmentation": x.segmentation.status,
                 "num_episodes": x.segmentation.num_episodes, "score": x.score, "advantage": x.advantage,
+                "finished": r.finished,
             })
             lens = np.diff(np.asarray(x.tokens.boundaries)) if x.segmentation.num_episodes else []
             for k in range(x.segmentation.num_episodes):
@@ -631,6 +632,8 @@ class Trainer:
             "accuracy": float(rdf["outcome"].mean()), "mean_tokens": float(rdf["num_tokens"].mean()),
             "episodes_per_response": float(rdf["num_episodes"].mean()),
             "tagged_share": float((rdf["segmentation"] == "tagged").mean()),
+            # the share that ended with EOS; the rest were cut at rollout.max_new_tokens
+            "finished_share": float(rdf["finished"].mean()),
             "score_mean": float(rdf["score"].mean()), "score_std": float(rdf["score"].std(ddof=0)),
         }
         for col in ("fitting_gain", "penalty_hat", "process_reward", "episode_reward"):

@@ -610,6 +610,10 @@ def test_loss_ratio_is_one_on_the_first_update_at_the_sampling_temperature(tiny_
                    rollout={"group_size": 4, "max_new_tokens": 16, "max_prompt_tokens": 512, "temperature": 0.7})
     tr = Trainer(cfg, show_progress=False)
     steps = tr.run().steps
+    rollouts = read_table(RunStorage(str(tmp_path / method)), "rollouts")
+    # every rollout says whether it ended with EOS; the step reports the share that did
+    assert rollouts["finished"].dtype == bool and len(rollouts) == 8
+    assert steps["finished_share"].iloc[0] == pytest.approx(rollouts["finished"].mean())
     assert tr.lp_temperature == 0.7
     assert steps["ratio_mean"].iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert steps["clip_frac"].iloc[0] == 0.0
