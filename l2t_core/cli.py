@@ -243,8 +243,8 @@ def cmd_eval(args) -> int:
     from .eval.runner import EvalSettings, evaluate_math
     from .eval.synthetic import (HeldOutOptionError, HeldOutOptions, benchmark_kind, check_options, is_heldout,
                                  load_eval_benchmark)
-    from .models import check_model_source, load_policy
-    from .rollout import make_rollout_engine
+    from .models import check_model_source
+    from .rollout import load_engine
 
     check_model_source(args.model)  # a wrong --model path fails before any benchmark is downloaded
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
@@ -278,12 +278,9 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
     except DatasetError as exc:  # not in the data directory and not downloadable, or malformed
         raise SystemExit(f"l2t eval --benchmarks: {exc}") from None
-    # with vLLM, which loads its own copy, the transformers one stays in CPU memory (vLLM copies
-    # its weights from it once) and vLLM has the GPU to itself
-    model, tok = load_policy(args.model, device="cpu" if args.engine == "vllm" else args.device)
-    kw = {"model_path": args.model, "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
-          "max_model_len": args.vllm_max_model_len} if args.engine == "vllm" else {}
-    engine = make_rollout_engine(args.engine, model, tok, **kw)
+    engine, tok = load_engine(args.engine, args.model, args.device,
+                              gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                              max_model_len=args.vllm_max_model_len)
     results = {}
     for name, its in items.items():
         if kinds[name] == "code":

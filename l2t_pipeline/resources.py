@@ -421,17 +421,13 @@ class BenchmarkEvaluator(Evaluator):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
         """Overall (``level='all'``) and per-group results of the model in ``model_dir``, loaded
-        with ``l2t_core.models.load_policy``."""
+        through ``l2t_core.rollout.load_engine``."""
         from l2t_core.eval.runner import evaluate_math, group_rows
-        from l2t_core.models import load_policy
-        from l2t_core.rollout import make_rollout_engine
+        from l2t_core.rollout import load_engine
 
         items = self.items()
-        vllm = self.engine == "vllm"  # vLLM loads its own copy; the transformers one only feeds it once
-        model, tok = load_policy(model_dir, device="cpu" if vllm else self.device)
-        kwargs = {"model_path": str(model_dir), "gpu_memory_utilization": self.vllm_gpu_memory_utilization} \
-            if vllm else {}
-        engine = make_rollout_engine(self.engine, model, tok, **kwargs)
+        engine, tok = load_engine(self.engine, model_dir, self.device,
+                                  gpu_memory_utilization=self.vllm_gpu_memory_utilization)
         result = evaluate_math(engine, tok, items, self.eval_settings())
         rows = group_rows(result.rows)
         rows["benchmark"] = self.benchmark
