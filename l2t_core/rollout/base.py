@@ -117,9 +117,12 @@ def token_limits(limits: Sequence[int] | None, prompts: Sequence[Sequence[int]],
     return limits
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], max_prompt_tokens: int | None = None) -> None:
-    """Fail before any compute on an empty batch, an empty prompt or one over the length limit."""
-    if len(prompts) == 0:
+def check_prompts(prompts: Sequence[Sequence[int]], max_prompt_tokens: int | None = None, *,
+                  allow_empty: bool = False) -> None:
+    """Fail before any compute on an empty batch, an empty prompt or one over the length limit.
+    ``allow_empty``: an empty batch is a call to take part in (an engine in lockstep, where a rank
+    with no prompts still runs the others' forwards: :meth:`RolloutEngine.lockstep`)."""
+    if len(prompts) == 0 and not allow_empty:
         raise ValueError("rollout: no prompts to generate from")
     for i, p in enumerate(prompts):
         if len(p) == 0:

@@ -63,8 +63,7 @@ class HFRolloutEngine(RolloutEngine):
         times the whole reward this way). With ``max_new_tokens`` per prompt a batch runs to the
         largest limit among its rows and each row is cut at its own."""
         lockstep = self.lockstep()
-        if prompts or not lockstep:  # in lockstep a rank with no prompts still runs the others' forwards
-            check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
+        check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None, allow_empty=lockstep)
         limits = token_limits(max_new_tokens, prompts, params)
         device = next(self.model.parameters()).device
         sample = not params.greedy

@@ -160,8 +160,7 @@ class VLLMRolloutEngine(RolloutEngine):
                  limit_prompts: bool = True, max_batch_sequences: int | None = None,
                  max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         # max_batch_sequences is not used: vLLM schedules its own batches (continuous batching)
-        if prompts or not self.lockstep():  # in lockstep a rank with no prompts still takes part in the gather
-            check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None)
+        check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None, allow_empty=self.lockstep())
         limits = token_limits(max_new_tokens, prompts, params)
         greedy = params.greedy
         n = 1 if greedy else params.n
