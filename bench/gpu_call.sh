@@ -20,5 +20,4 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   echo "no .whl/ carried: pydantic and math-verify must already be installed (bash bench/gpu_wheels.sh here)" >&2
 fi
-export HF_HUB_OFFLINE=1
 ONLY="$TAGS" OUT="$OUT" timeout -k 15 "${CALL_TIMEOUT:-570}" bash bench/gpu.sh 2>&1 | tee "$OUT/log"
