@@ -559,3 +559,46 @@ def test_config_differences_leave_out_options_that_the_j_estimator_does_not_read
     assert config_differences(saved, cont) == ["reward"]
     saved["reward"]["fitting"]["estimator"] = "answer_logprob"  # a run of the paper's J: not the same run
     assert config_differences(saved, cont) == ["reward"]
+
+
+def test_offsets_when_the_text_was_decoded_without_a_sampled_special_token(tokenizer):
+    """The engines decode a response with skip_special_tokens=True, so a special token sampled
+    inside it (a pad, a chat-control token) has no characters in the text: it is zero-width, and the
+    tokens after it keep their own offsets (METHOD.md §1: every token in its own episode, b_K at
+    </think>). Failed with offsets measured on the text WITH the special token: every later token
+    shifted by its length, the last context b_K stopped before the second episode (G_2 = 0)."""
+    from l2t_core.episodes import segment, token_episode_ids
+
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    head, tail = enc("<think>ab"), enc("\n\ncd</think>x")
+    ids = head + [tokenizer.pad_token_id] + tail
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert text == "<think>ab\n\ncd</think>x"
+    clean = response_offsets(tokenizer, text, head + tail)  # the same text without the special token
+    got = response_offsets(tokenizer, text, ids)
+    at = clean[len(head) - 1][1]
+    assert got == clean[: len(head)] + [(at, at)] + clean[len(head):]
+    te = token_episode_ids(segment(text), got)
+    want = token_episode_ids(segment(text), clean)
+    assert te.episode_ids.tolist() == want.episode_ids.tolist()[: len(head)] + [0] + want.episode_ids.tolist()[len(head):]
+    assert te.boundaries.tolist() == [0, want.boundaries[1] + 1, want.boundaries[2] + 1]
+    # the same on random sequences: special tokens dropped from the text are zero-width wherever they sit
+    import random
+
+    rng = random.Random(0)
+    special = sorted(set(tokenizer.all_special_ids))
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    for _ in range(20):
+        base = [rng.choice(vocab) for _ in range(rng.randint(1, 30))]
+        text = tokenizer.decode(base, skip_special_tokens=True)
+        where = [rng.randint(0, len(base)) for _ in range(rng.randint(1, 3))]
+        ids, expect, clean, prev = [], [], response_offsets(tokenizer, text, base), 0
+        for t in range(len(base) + 1):
+            for _ in range(where.count(t)):
+                ids.append(rng.choice(special))
+                expect.append((prev, prev))
+            if t < len(base):
+                ids.append(base[t])
+                expect.append(clean[t])
+                prev = clean[t][1]
+        assert response_offsets(tokenizer, text, ids) == expect

@@ -127,29 +127,34 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
     back exactly ``ids`` (METHOD.md §1). Otherwise (sampling can produce a non-canonical token
     sequence) offsets come from the lengths of the decoded prefixes, computed span by span
     (:func:`span_decode_offsets`) when the decoder concatenates, else by full prefix decoding.
+    The rollout engines decode with ``skip_special_tokens=True``: where ``text`` is ``ids`` decoded
+    so and not with the special tokens kept, the decoding here skips them too, so a special token
+    sampled inside the response is zero-width and the tokens after it keep their own offsets.
     """
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     if list(enc["input_ids"]) == list(ids):
         return [tuple(o) for o in enc["offset_mapping"]]
+    skip = _decode_many(tokenizer, [ids], True)[0] == text != _decode_many(tokenizer, [ids])[0]
     # each token decoded alone: exact when the pieces concatenate to the text (no multi-byte
     # character split across tokens); O(T) instead of the O(T²) prefix decoding below
-    pieces = _decode_many(tokenizer, [[int(t)] for t in ids])
+    pieces = _decode_many(tokenizer, [[int(t)] for t in ids], skip)
     if "".join(pieces) == text:
         ends = np.cumsum([len(p) for p in pieces]).tolist()
         return [(e - len(p), e) for p, e in zip(pieces, ends)]
-    spans = span_decode_offsets(tokenizer, text, ids, pieces)
-    return spans if spans is not None else prefix_decode_offsets(tokenizer, text, ids)
+    spans = span_decode_offsets(tokenizer, text, ids, pieces, skip_special_tokens=skip)
+    return spans if spans is not None else prefix_decode_offsets(tokenizer, text, ids, skip_special_tokens=skip)
 
 
-def _decode_many(tokenizer, seqs: Sequence[Sequence[int]]) -> list[str]:
-    """``decode`` of each id sequence, special tokens kept and no clean-up. A fast tokenizer decodes
+def _decode_many(tokenizer, seqs: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+    """``decode`` of each id sequence, special tokens kept (unless ``skip_special_tokens``) and no clean-up. A fast tokenizer decodes
     them all in one batched call of its Rust backend (the same decoder ``decode`` runs, without the
     per-call Python conversion); others call ``decode`` per sequence."""
     seqs = [[int(t) for t in s] for s in seqs]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return list(backend.decode_batch(seqs, skip_special_tokens=False))
-    return [tokenizer.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in seqs]
+        return list(backend.decode_batch(seqs, skip_special_tokens=skip_special_tokens))
+    return [tokenizer.decode(s, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+            for s in seqs]
 
 
 def _offsets_from_prefix_lengths(lengths: Sequence[int], text_len: int) -> list[tuple[int, int]]:
@@ -162,14 +167,16 @@ def _offsets_from_prefix_lengths(lengths: Sequence[int], text_len: int) -> list[
     return out
 
 
-def prefix_decode_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
+def prefix_decode_offsets(tokenizer, text: str, ids: Sequence[int], *,
+                          skip_special_tokens: bool = False) -> list[tuple[int, int]]:
     """Offsets from the lengths of the decoded prefixes ids[:t+1] (O(T²) characters; the general
     fallback, one batched backend call on a fast tokenizer)."""
-    lengths = [len(s) for s in _decode_many(tokenizer, [ids[: t + 1] for t in range(len(ids))])]
+    lengths = [len(s) for s in _decode_many(tokenizer, [ids[: t + 1] for t in range(len(ids))], skip_special_tokens)]
     return _offsets_from_prefix_lengths(lengths, len(text))
 
 
-def span_decode_offsets(tokenizer, text: str, ids: Sequence[int], pieces: Sequence[str]) -> list[tuple[int, int]] | None:
+def span_decode_offsets(tokenizer, text: str, ids: Sequence[int], pieces: Sequence[str], *,
+                        skip_special_tokens: bool = False) -> list[tuple[int, int]] | None:
     """The offsets :func:`prefix_decode_offsets` gives, in O(T + Σ run²) instead of O(T²).
 
     ``pieces`` are the tokens decoded one by one. A token whose piece holds U+FFFD carries part of
@@ -190,7 +197,7 @@ def span_decode_offsets(tokenizer, text: str, ids: Sequence[int], pieces: Sequen
         spans.append((i, j))
         i = j
     runs = [(a, b) for a, b in spans if bad[a]]
-    decoded = iter(_decode_many(tokenizer, [ids[a : t + 1] for a, b in runs for t in range(a, b)]))
+    decoded = iter(_decode_many(tokenizer, [ids[a : t + 1] for a, b in runs for t in range(a, b)], skip_special_tokens))
     lengths: list[int] = []
     parts: list[str] = []
     pos = 0
