@@ -60,6 +60,13 @@ def policy_loss(
     ):
         if not torch.isfinite(t[m]).all():
             raise ValueError(f"policy_loss: {name} has NaN/inf on response tokens; refusing to step on them")
+    # padding is ignored whatever it holds: neutral values there (ratio 1, k3 0, A 0), since the
+    # aggregation's 0 · NaN or 0 · inf would be NaN (torch.where passes no gradient to padding)
+    logp = torch.where(m, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    old_logp = torch.where(m, old_logp, logp.detach())
+    advantages = torch.where(m, advantages, torch.zeros((), dtype=advantages.dtype, device=advantages.device))
+    if ref_logp is not None:
+        ref_logp = torch.where(m, ref_logp, logp.detach())
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     surrogate = torch.minimum(ratio * advantages, clipped * advantages)

@@ -57,6 +57,33 @@ def test_loss_refuses_nan_and_bad_shapes():
         aggregate(ok, ok, "sum")
 
 
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_non_finite_padding_changes_neither_loss_nor_gradient(aggregation):
+    """Padding (mask 0) is ignored (METHOD.md §5 aggregates over response tokens only): NaN or ±inf
+    there, in any input, leaves the loss, its statistics and the gradient as with zeros there.
+    Failed with a NaN loss: masking by multiplication keeps 0 · inf = NaN."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    inputs = {"logp": torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]]),
+              "old": torch.tensor([[-1.1, -1.9, 0.0], [-0.4, 0.0, 0.0]]),
+              "ref": torch.tensor([[-1.0, -2.2, 0.0], [-0.6, 0.0, 0.0]]),
+              "adv": torch.tensor([[1.0, -1.0, 0.0], [0.5, 0.0, 0.0]])}
+
+    def run(fill):
+        x = {k: torch.where(mask.bool(), v, torch.tensor(fill[k])) for k, v in inputs.items()}
+        lp = x["logp"].clone().requires_grad_(True)
+        out = policy_loss(lp, x["old"], x["ref"], x["adv"], mask, aggregation=aggregation)
+        out.loss.backward()
+        return out, lp.grad
+
+    want, want_grad = run({"logp": 0.0, "old": 0.0, "ref": 0.0, "adv": 0.0})
+    assert torch.isfinite(want.loss)
+    got, got_grad = run({"logp": float("nan"), "old": float("-inf"), "ref": float("inf"), "adv": float("nan")})
+    for name in ("loss", "pg_loss", "kl", "clip_frac", "ratio_mean"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
+    torch.testing.assert_close(got_grad * mask, want_grad * mask)
+    assert torch.isfinite(got_grad).all()
+
 def test_length_penalty_by_hand():
     correct = torch.tensor([1, 1, 0, 1, 1, 0])
     lengths = torch.tensor([10, 20, 5, 30, 7, 9])
