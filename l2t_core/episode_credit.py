@@ -139,9 +139,15 @@ def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: i
     if first_step < 1 or (last_step is not None and last_step < first_step):
         raise ValueError(f"rollout_step_gains: steps {first_step}..{last_step} are no range of training steps; give "
                          "1 <= first <= last")
+    from .config import SegmentationConfig
+
     storage = RunStorage(str(run))
+    seg_cfg = SegmentationConfig()
     if storage.exists(CONFIG_FILE):  # GRPO and the other baselines log G_k = 0 for every episode
-        method = json.loads(storage.read_bytes(CONFIG_FILE))["method"]
+        saved = json.loads(storage.read_bytes(CONFIG_FILE))
+        method = saved["method"]
+        # the episodes are those the run's reward saw: its own segmentation (max_episodes, numbering)
+        seg_cfg = SegmentationConfig(**(saved.get("reward") or {}).get("segmentation", {}))
         if not has_fitting_gain(method):
             raise ValueError(f"rollout_step_gains: {run} was trained with method {method!r}, which computes no "
                              f"fitting gain (it logs G_k = 0 for every episode); give a run of {', '.join(L2T_FAMILY)}")
@@ -156,7 +162,8 @@ def rollout_step_gains(run: str | os.PathLike, first_step: int = 1, last_step: i
     classify = get_task(task).classify_episodes
     cells = []  # (group key, episode kinds, that response's logged episode rows)
     for r in keep(rollouts).itertuples():
-        seg, g = segment(r.response), logged.get((r.step, r.rank, r.rollout))
+        seg = segment(r.response, seg_cfg.max_episodes, seg_cfg.numbering)
+        g = logged.get((r.step, r.rank, r.rollout))
         if g is not None and seg.status == "tagged" and len(seg.episodes) == len(g):
             cells.append(((r.step, r.group), classify([e.text for e in seg.episodes]), g))
     calibration = step_gain_calibration((key, kinds, g["fitting_gain"].tolist()) for key, kinds, g in cells)

@@ -249,6 +249,38 @@ def test_rollout_step_gains_reads_a_runs_logged_rollouts(tmp_path, capsys):
     assert rollout_step_gains(tmp_path, first_step=2)["step"] == late["step"]
 
 
+
+def test_rollout_step_gains_segments_with_the_runs_own_segmentation(tmp_path):
+    """A run trained with segmentation.numbering='ignore' logged episode rewards for misnumbered
+    traces (its reward segmented them as tagged): the reading segments them the same way. Failed
+    with the default segmentation: every such response read as malformed and was left out."""
+    from l2t_core.checkpoint import RunStorage
+    from l2t_core.config import TrainConfig
+    from l2t_core.episode_credit import rollout_step_gains
+    from l2t_core.episodes import segment
+    from l2t_core.metrics import MetricsWriter
+
+    def misnumbered(text):  # <episode_2> ... <episode_3>: 1, 3, 4 instead of 1, 2, 3
+        for k in (3, 2):
+            text = text.replace(f"episode_{k}>", f"episode_{k + 1}>")
+        return text
+
+    wrong = misnumbered(walk.render_trace(("6>>4 then >", "check 6>4>1", "1>7 then end"), "7"))
+    right = misnumbered(walk.render_trace(("6>>1 then >", "check 6>4>1", "1>7 then end"), "7"))
+    assert segment(wrong).status == "malformed" and segment(wrong, numbering="ignore").status == "tagged"
+    cfg = TrainConfig(policy="p", method="l2t", reward={"segmentation": {"numbering": "ignore"}})
+    (tmp_path / "train_config.json").write_text(cfg.model_dump_json())
+    writer = MetricsWriter(RunStorage(str(tmp_path)))
+    for i, (text, g) in enumerate(((wrong, 0.5), (right, 0.2))):
+        writer.add("rollouts", [{"step": 1, "rank": 0, "rollout": i, "group": 0, "response": text}])
+        writer.add("episode_rewards", [{"step": 1, "rank": 0, "rollout": i, "episode": k + 1, "fitting_gain": v,
+                                        "penalty_hat": 0.1, "process_reward": v, "num_tokens": 10}
+                                       for k, v in enumerate((g, -g, 0.05))])
+    writer.flush(1, 1)
+    out = rollout_step_gains(tmp_path)
+    assert out["step"]["cells"] == 1 and out["step"]["wrong_minus_right"] == pytest.approx(0.5 - 0.2)
+    assert out["by_kind"]["step_hard"]["n"] == 2
+
 def test_step_gain_comes_from_the_first_method_that_has_a_fitting_gain():
     """grpo, the length penalty and MRT report G_k = 0 for every episode: the probe's step_gain must
     not be read from them (it once was, when grpo came first, and said J was calibrated)."""
