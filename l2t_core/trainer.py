@@ -610,7 +610,9 @@ class Trainer:
                 "num_episodes": x.segmentation.num_episodes, "score": x.score, "advantage": x.advantage,
                 "finished": r.finished,
             })
-            lens = np.diff(np.asarray(x.tokens.boundaries)) if x.segmentation.num_episodes else []
+            # each episode's own tokens; the last one's include the answer after </think> (METHOD.md §1), which
+            # the boundaries (where the contexts of J end) leave out
+            lens = x.tokens.token_counts()
             for k in range(x.segmentation.num_episodes):
                 erows.append({
                     "run_id": self.run_id, "step": step, "rank": self.rank, "rollout": n, "episode": k + 1,

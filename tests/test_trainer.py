@@ -689,3 +689,31 @@ def test_rank_rows_get_step_wide_rollout_and_group_ids():
     assert all(by_id[e["rollout"]] == e["tag"] for e in erows) and len(erows) == 30
     assert [r["rank"] for r in rrows] == [0] * 6 + [1] * 3 + [3] * 6
     assert merge_rank_rows([rank_rows(0, 2, 3)]) == rank_rows(0, 2, 3)  # one rank: unchanged
+
+
+def test_logged_episode_tokens_are_each_episodes_own_tokens(model, tokenizer):
+    """metrics/episode_rewards' num_tokens is the episode's own token count: the last episode owns
+    the answer after </think> too (METHOD.md §1), so the counts sum to the response's tokens.
+    Failed with the differences of J's context boundaries, which end the last one at </think>."""
+    from types import SimpleNamespace
+
+    from l2t_core.rewards.l2t import Rollout, compute_rewards
+    from l2t_core.verify import NumericVerifier
+
+    text = ("<think>\n<episode_1>We add 3 and 4 to get 7.</episode_1>\n<episode_2>Then 7 * 2 = 14.</episode_2>\n"
+            "</think>\n\nThe answer is \\boxed{14}")
+    prompt = tokenizer("Compute (3 + 4) * 2.")["input_ids"]
+    rollouts = [Rollout(prompt, tokenizer(text, add_special_tokens=False)["input_ids"], text, "14", 0),
+                Rollout(prompt, tokenizer("7 * 2", add_special_tokens=False)["input_ids"], "7 * 2", "14", 0)]
+    rewards = compute_rewards(model, tokenizer, rollouts, "l2t", verifier=NumericVerifier())
+    tables = {}
+    fake = SimpleNamespace(run_id="r", rank=0, world=1, cfg=SimpleNamespace(log_rollouts=False, method="l2t"),
+                           metrics=SimpleNamespace(add=lambda name, rows: tables.setdefault(name, rows)))
+    probs = [SimpleNamespace(id=str(i), level=1) for i in range(2)]
+    Trainer._record(fake, 1, rollouts, probs, rewards)
+    eps = pd.DataFrame(tables["episode_rewards"])
+    for n, (r, x) in enumerate(zip(rollouts, rewards.responses)):
+        got = eps[eps["rollout"] == n].sort_values("episode")["num_tokens"].tolist()
+        assert got == np.bincount(x.tokens.episode_ids, minlength=x.tokens.num_episodes).tolist()
+        assert sum(got) == len(r.response_ids)
+    assert rewards.responses[0].tokens.boundaries[-1] < len(rollouts[0].response_ids)  # the answer is after b_K
