@@ -146,9 +146,10 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int]) -> list[tuple[int
 
 
 def _decode_many(tokenizer, seqs: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
-    """``decode`` of each id sequence, special tokens kept (unless ``skip_special_tokens``) and no clean-up. A fast tokenizer decodes
-    them all in one batched call of its Rust backend (the same decoder ``decode`` runs, without the
-    per-call Python conversion); others call ``decode`` per sequence."""
+    """``decode`` of each id sequence, special tokens kept (unless ``skip_special_tokens``) and no
+    clean-up. A fast tokenizer decodes them all in one batched call of its Rust backend (the same
+    decoder ``decode`` runs, without the per-call Python conversion); others call ``decode`` per
+    sequence."""
     seqs = [[int(t) for t in s] for s in seqs]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
