@@ -30,8 +30,9 @@ demo: venv
 demo-core: venv
 	$(PY) -m l2t_core.demo
 
+# the 25 slowest tests are listed at the end: CI must stay under 20 minutes
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: venv
 	$(PY) -m bench.penalty
