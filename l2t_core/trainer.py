@@ -52,7 +52,7 @@ from .rewards.l2t import RewardBatch, Rollout, compute_rewards, longest_sampled_
 from .rollout import SamplingParams, make_rollout_engine
 from .timing import device_clock
 from .urls import redact_url
-from .training_data import TrainProblem, load_training_problems, verifier_for
+from .training_data import TrainingDataError, TrainProblem, load_training_problems, verifier_for
 
 log = logging.getLogger("l2t.trainer")
 
@@ -270,9 +270,9 @@ class Trainer:
         for p in self.problems:
             ids = encode_prompt(self.tokenizer, p.prompt)
             if not ids:
-                raise ValueError(f"training problem {p.id!r}: the prompt tokenized to nothing")
+                raise TrainingDataError(f"training problem {p.id!r}: the prompt tokenized to nothing")
             if len(ids) > cfg.rollout.max_prompt_tokens:
-                raise ValueError(
+                raise TrainingDataError(
                     f"training problem {p.id!r}: prompt has {len(ids)} tokens, over rollout.max_prompt_tokens="
                     f"{cfg.rollout.max_prompt_tokens}; raise the limit or filter the data"
                 )

@@ -420,6 +420,19 @@ def test_bad_inputs_fail_before_compute(tiny_dir, toy_data, tmp_path):
         Trainer(make_cfg(tiny_dir, tmp_path / "m", data={"source": "missing.jsonl"}), show_progress=False).setup()
 
 
+def test_cli_refuses_bad_training_data_in_one_line(tiny_dir, toy_data, tmp_path):
+    """An empty data file or a prompt over rollout.max_prompt_tokens is the user's input, not a
+    bug: ``l2t train`` names it in one line (SystemExit), as it does a missing model, not with a
+    traceback."""
+    base = ["train", "--policy", str(tiny_dir), "--steps", "1", "-q"]
+    with pytest.raises(SystemExit, match=r"^l2t train: data\.source 'empty\.jsonl': .*empty\.jsonl: the file has no rows"):
+        cli_main([*base, "--out", str(tmp_path / "e"), "--set", "data.source=empty.jsonl"])
+    with pytest.raises(SystemExit, match=r"^l2t train: training problem 't0': prompt has \d+ tokens, over "
+                                         r"rollout\.max_prompt_tokens=3; raise the limit or filter the data$"):
+        cli_main([*base, "--out", str(tmp_path / "z"), "--set", "data.source=toy.jsonl",
+                  "--set", "rollout.max_prompt_tokens=3"])
+
+
 def test_print_config_shows_every_default_and_reads_back(tmp_path, capsys):
     """``--print-config`` prints the whole resolved configuration, paper defaults included, as YAML
     that ``--config`` reads back to the same config, and starts nothing."""
