@@ -135,6 +135,18 @@ def test_resume_refuses_a_different_config(tiny_dir, toy_data, tmp_path):
     assert again.final_step == 2 and list(again.steps["step"]) == [1, 2]
 
 
+def test_cli_refuses_to_resume_another_config_in_one_line_naming_the_setting(tiny_dir, toy_data, tmp_path):
+    """A second ``l2t train`` into the same --out with one setting changed is refused before any
+    compute in one line (no traceback) that names the setting as --set spells it and both values."""
+    argv = ["train", "--policy", str(tiny_dir), "--out", str(tmp_path / "r"), "--steps", "1", "-q",
+            "--set", "data.source=toy.jsonl", "--set", "prompts_per_step=2", "--set", "rollout.group_size=2",
+            "--set", "rollout.max_new_tokens=8"]
+    assert cli_main([*argv, "--set", "optim.lr=0.001"]) == 0
+    with pytest.raises(SystemExit, match=r"^l2t train: .* holds a run with a different configuration \(fields: "
+                                         r"optim; optim\.lr: 0\.001 in the saved run, 0\.002 now\); resume with"):
+        cli_main([*argv, "--set", "optim.lr=0.002"])
+
+
 def test_prompts_that_ranks_cannot_share_evenly_fail_before_the_model_loads(tmp_path, monkeypatch):
     """Each rank samples prompts_per_step / world prompts; an uneven share gave the ranks different
     numbers of mini-batches (optimizer steps and their collectives) and a rank without prompts
