@@ -179,7 +179,8 @@ def print_config(cfg) -> int:
 
 def cmd_train(args) -> int:
     from .config import TrainConfig
-    from .trainer import Trainer
+    from .trainer import ResumeError, Trainer
+    from .training_data import TrainingDataError
 
     from .pipes import pipes_session, step_line, step_lines, train_metadata
 
@@ -196,7 +197,10 @@ def cmd_train(args) -> int:
             pipes.log(step_line(row))
             streamed.append(int(row["step"]))
 
-        result = trainer.run(on_step=report if pipes.active else None)
+        try:
+            result = trainer.run(on_step=report if pipes.active else None)
+        except (TrainingDataError, ResumeError) as exc:  # refused before any compute: one line, no traceback
+            raise SystemExit(f"l2t train: {exc}") from None
         for line in step_lines(result, skip=streamed):  # steps of earlier sessions (a resumed run)
             pipes.log(line)
         latest = trainer.storage.latest_checkpoint()
@@ -364,11 +368,20 @@ def cmd_reads(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
-    print(json.dumps({"out": args.out, "p_wrong": {r: {s: round(c["p_wrong"], 5) for s, c in row.items()}
+    def r5(x):  # None: no tagged walk step was read
+        return None if x is None else round(x, 5)
+
+    print(json.dumps({"out": args.out, "p_wrong": {r: {s: r5(c["p_wrong"]) for s, c in row.items()}
                                                    for r, row in res["matrix"].items()},
-                      "sampled_misread": {n: round(v["misread"], 5) for n, v in res["samplers"].items()},
-                      "ablation": {n: {k: round(c["p_wrong"], 5) for k, c in a.items()}
+                      "sampled_misread": {n: r5(v["misread"]) for n, v in res["samplers"].items()},
+                      "ablation": {n: {k: r5(c["p_wrong"]) for k, c in a.items()}
                                    for n, a in res.get("ablation", {}).items()}}))
+    unread = [n for n, v in res["samplers"].items() if not v["steps"]]
+    if unread:
+        logging.getLogger("l2t.reads").warning(
+            "no tagged walk step to read in the samples of %s (faults: %s): their misread and p_wrong are null, "
+            "not 0; check that the models are walk-task checkpoints, or raise --max-new-tokens",
+            ", ".join(unread), "; ".join(f"{n} {res['samplers'][n]['faults']}" for n in unread))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`make demo`: the core L2T reward path on the embedded default, end to end on a CPU.
+"""`make demo-core`: the core L2T reward path on the embedded default, end to end on a CPU
+(`make demo` is the Dagster lineage, :mod:`l2t_pipeline.demo`).
 
 1. Warm-starts the embedded default (:func:`~l2t_core.warmstart.warm_start`): the synthetic
    digit-walk task (:mod:`l2t_core.tasks.walk`), a character tokenizer and a tiny Qwen2, SFT on episode-tagged traces with
@@ -7,7 +8,8 @@
 3. Samples a group of responses per held-out prompt and scores every group with each method
    (grpo, length_penalty, mrt, l2t, ...): segmentation, outcome, per-episode fitting gain G_k,
    normalised compression penalty P̂_k, episode reward R_k, response score and advantage.
-4. Writes ``rewards.json`` (every response with its per-episode rewards) and ``config.json``.
+4. Writes ``rewards.json`` (every response with its per-episode rewards), ``config.json`` and
+   ``summary.json`` under ``--out`` (default ``runs/demo``).
 """
 
 from __future__ import annotations

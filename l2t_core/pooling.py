@@ -118,11 +118,13 @@ def check_poolable(reports: Sequence[dict], labels: Sequence[str]) -> None:
 
 
 def _blocks(reports: Sequence[dict]) -> list[int]:
-    """The warm-start block of each report: reports whose SFT base evaluated identically share one."""
+    """The warm-start block of each report: reports whose SFT base evaluated identically share one.
+    The evaluation's wall time (``seconds``) is not part of what it found: the same base evaluated
+    again (a second ``l2t miniature`` into another directory) takes another time."""
     keys: list[str] = []
     out = []
     for rep in reports:
-        k = json.dumps(rep["base"], sort_keys=True)
+        k = json.dumps({f: v for f, v in rep["base"].items() if f != "seconds"}, sort_keys=True)
         if k not in keys:
             keys.append(k)
         out.append(keys.index(k))

@@ -233,7 +233,8 @@ def context_or_weights(models: Mapping[str, object], tokenizer, problems: Sequen
 
     Returns ``samplers`` (per model: responses, accuracy, steps read and the share misread in its
     own samples, faults) and ``matrix[reader][sampler]``: ``steps`` and ``p_wrong``, the reader's mean
-    probability of misreading a step of the sampler's responses (:func:`read_probabilities`), also
+    probability of misreading a step of the sampler's responses (:func:`read_probabilities`; ``misread``
+    and ``p_wrong`` are None where no tagged walk step was read), also
     ``by_after`` the kind of episode before the step. With ``ablate`` (entries of kinds, e.g.
     ``[["repeat"]]``), also ``ablation[model]``: each model reading its own samples with those
     episodes cut out (:func:`episode_ablation`). All models must share ``tokenizer``.
@@ -247,7 +248,7 @@ def context_or_weights(models: Mapping[str, object], tokenizer, problems: Sequen
         steps = sum(c["steps"] for c in counts["contexts"].values())
         misread = sum(c["misread"] for c in counts["contexts"].values())
         samplers[name] = {"responses": len(ss), "accuracy": sum(s.correct for s in ss) / max(1, len(ss)),
-                          "steps": steps, "misread": misread / max(1, steps), "faults": counts["faults"]}
+                          "steps": steps, "misread": _share(misread, steps), "faults": counts["faults"]}
     matrix: dict[str, dict[str, dict]] = {}
     for reader_name, reader in models.items():
         row = matrix[reader_name] = {}
@@ -257,7 +258,7 @@ def context_or_weights(models: Mapping[str, object], tokenizer, problems: Sequen
             for after, p in got:
                 by_after[after].append(p)
             row[sampler_name] = {
-                "steps": len(got), "p_wrong": sum(p for _, p in got) / max(1, len(got)),
+                "steps": len(got), "p_wrong": _share(sum(p for _, p in got), len(got)),
                 "by_after": {k: {"steps": len(v), "p_wrong": sum(v) / len(v)} for k, v in sorted(by_after.items())},
             }
     out = {"temperature": temperature, "n": n, "problems": len(problems), "samplers": samplers, "matrix": matrix}
@@ -265,6 +266,12 @@ def context_or_weights(models: Mapping[str, object], tokenizer, problems: Sequen
         out["ablation"] = {name: episode_ablation(m, tokenizer, samples[name], kinds=ablate, temperature=temperature)
                            for name, m in models.items()}
     return out
+
+
+def _share(total: float, steps: int) -> float | None:
+    """``total / steps``, or None when no step was read (no tagged walk step in the samples): a rate
+    of nothing is not 0."""
+    return total / steps if steps else None
 
 
 DEFAULT_ABLATIONS: tuple[tuple[str, ...], ...] = (("repeat",), ("restate",), ("repeat", "restate"))
@@ -284,7 +291,7 @@ def episode_ablation(reader, tokenizer, samples: Sequence[ReplayedSample], *,
         cut = [without_episodes(tokenizer, s, ks) for s in samples] if ks else list(samples)
         got = read_probabilities(reader, tokenizer, cut, temperature=temperature)
         removed = [n - _episodes(c) for n, c in zip(whole, cut)]
-        out["+".join(ks) or "none"] = {"steps": len(got), "p_wrong": sum(p for _, p in got) / max(1, len(got)),
+        out["+".join(ks) or "none"] = {"steps": len(got), "p_wrong": _share(sum(p for _, p in got), len(got)),
                                        "episodes_cut": sum(removed) / max(1, len(removed))}
     return out
 

@@ -37,7 +37,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .checkpoint import RunStorage
-from .config import TrainConfig, config_differences
+from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
 from .engines.gather import check_head_chunking, collective_device, full_state_dict, is_partitioned, lockstep_batches
 from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
@@ -52,9 +52,14 @@ from .rewards.l2t import RewardBatch, Rollout, compute_rewards, longest_sampled_
 from .rollout import SamplingParams, make_rollout_engine
 from .timing import device_clock
 from .urls import redact_url
-from .training_data import TrainProblem, load_training_problems, verifier_for
+from .training_data import TrainingDataError, TrainProblem, load_training_problems, verifier_for
 
 log = logging.getLogger("l2t.trainer")
+
+
+class ResumeError(ValueError):
+    """``out`` holds a run this launch cannot continue (another configuration, another number of
+    ranks); raised before any compute, and ``l2t train`` prints it as one line."""
 
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.pt"
@@ -270,9 +275,9 @@ class Trainer:
         for p in self.problems:
             ids = encode_prompt(self.tokenizer, p.prompt)
             if not ids:
-                raise ValueError(f"training problem {p.id!r}: the prompt tokenized to nothing")
+                raise TrainingDataError(f"training problem {p.id!r}: the prompt tokenized to nothing")
             if len(ids) > cfg.rollout.max_prompt_tokens:
-                raise ValueError(
+                raise TrainingDataError(
                     f"training problem {p.id!r}: prompt has {len(ids)} tokens, over rollout.max_prompt_tokens="
                     f"{cfg.rollout.max_prompt_tokens}; raise the limit or filter the data"
                 )
@@ -386,16 +391,19 @@ class Trainer:
         step, url = latest
         with self.storage.local_copy(url) as d:
             # the run is where it is: a moved run directory still resumes; how often it is saved may change
-            diff = config_differences(json.loads((d / CONFIG_FILE).read_text()), self.cfg, ignore=RESUME_FREE)
+            saved_cfg = json.loads((d / CONFIG_FILE).read_text())
+            diff = config_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
             if diff:
-                raise ValueError(
-                    f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}); "
+                settings = setting_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
+                raise ResumeError(
+                    f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}"
+                    f"{'; ' + '; '.join(settings) if settings else ''}); "
                     "resume with the same configuration or choose a new --out"
                 )
             state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
             saved_world = state.get("world", self.world)  # checkpoints before this field: not checked
             if saved_world != self.world:
-                raise ValueError(
+                raise ResumeError(
                     f"{redact_url(url)} was saved by a run on {saved_world} rank(s) and this launch has {self.world}: "
                     "each rank samples its own share of the prompts with its own seeds (and DeepSpeed saved its "
                     f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "

@@ -112,6 +112,20 @@ def test_pool_reports_blocks_seeds_and_references():
     assert "| length_penalty | 3 (B0) + 2 (B1) |" in pooled_markdown(pooled)
 
 
+def test_the_same_base_evaluated_again_is_one_block_whatever_its_evaluation_took():
+    """A second ``l2t miniature`` into another directory rebuilds and re-evaluates the same warm
+    start (bit for bit on one machine); only the evaluation's wall time differs, so it is the same
+    block and the seeds pool as one two-sample t-test."""
+    first = _report(0.93, {"grpo": [(0, 0.98, 230, 0.97), (1, 0.99, 228, 0.96)]})
+    again = _report(0.93, {"grpo": [(2, 0.97, 233, 0.99)]}, seeds=[2])
+    first["base"]["seconds"], again["base"]["seconds"] = 20.9, 25.2
+    pooled = pool_reports([first, again], ["a", "b"])
+    assert pooled["blocks"] == {"a": "B0", "b": "B0"}
+    assert pooled["greedy"]["methods"]["grpo"]["seeds"] == {"B0": [0, 1, 2]}
+    again["base"]["accuracy"] = 0.95  # another evaluation result: another build, another block
+    assert pool_reports([first, again], ["a", "b"])["blocks"] == {"a": "B0", "b": "B1"}
+
+
 def test_pool_reports_refuses_what_cannot_be_pooled():
     base = _report(0.93, {"grpo": [(0, 0.98, 230, 0.97), (1, 0.99, 228, 0.96)]})
     with pytest.raises(ValueError, match="at least two"):

@@ -203,6 +203,18 @@ def test_context_or_weights_crosses_every_reader_with_every_sampler(walk_model, 
     assert "ablation" not in res
 
 
+def test_context_or_weights_reports_no_rate_where_no_step_was_read(walk_model, monkeypatch):
+    """Samples without a tagged walk step give nothing to read: their misread share and p_wrong are
+    None (0.0 read as "never misreads"), and the report stays plain JSON."""
+    model, tok = walk_model
+    monkeypatch.setattr(reading, "generate", _fake_generate(tok, ["no tags here, \\boxed{7}"]))
+    res = reading.context_or_weights({"a": model}, tok, [P], n=1, ablate=[["repeat"]])
+    assert res["samplers"]["a"]["steps"] == 0 and res["samplers"]["a"]["misread"] is None
+    assert res["matrix"]["a"]["a"] == {"steps": 0, "p_wrong": None, "by_after": {}}
+    assert res["ablation"]["a"]["none"]["p_wrong"] is None and res["ablation"]["a"]["repeat"]["steps"] == 0
+    json.dumps(res)
+
+
 def test_cli_reads_writes_the_matrix_and_refuses_bad_model_lists(walk_model, tmp_path, capsys):
     from l2t_core.cli import main as cli_main
     from l2t_core.models import build_tokenizer

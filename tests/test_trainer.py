@@ -135,6 +135,18 @@ def test_resume_refuses_a_different_config(tiny_dir, toy_data, tmp_path):
     assert again.final_step == 2 and list(again.steps["step"]) == [1, 2]
 
 
+def test_cli_refuses_to_resume_another_config_in_one_line_naming_the_setting(tiny_dir, toy_data, tmp_path):
+    """A second ``l2t train`` into the same --out with one setting changed is refused before any
+    compute in one line (no traceback) that names the setting as --set spells it and both values."""
+    argv = ["train", "--policy", str(tiny_dir), "--out", str(tmp_path / "r"), "--steps", "1", "-q",
+            "--set", "data.source=toy.jsonl", "--set", "prompts_per_step=2", "--set", "rollout.group_size=2",
+            "--set", "rollout.max_new_tokens=8"]
+    assert cli_main([*argv, "--set", "optim.lr=0.001"]) == 0
+    with pytest.raises(SystemExit, match=r"^l2t train: .* holds a run with a different configuration \(fields: "
+                                         r"optim; optim\.lr: 0\.001 in the saved run, 0\.002 now\); resume with"):
+        cli_main([*argv, "--set", "optim.lr=0.002"])
+
+
 def test_prompts_that_ranks_cannot_share_evenly_fail_before_the_model_loads(tmp_path, monkeypatch):
     """Each rank samples prompts_per_step / world prompts; an uneven share gave the ranks different
     numbers of mini-batches (optimizer steps and their collectives) and a rank without prompts
@@ -418,6 +430,19 @@ def test_bad_inputs_fail_before_compute(tiny_dir, toy_data, tmp_path):
         Trainer(make_cfg(tiny_dir, tmp_path / "e", data={"source": "empty.jsonl"}), show_progress=False).setup()
     with pytest.raises(FileNotFoundError, match="L2T_DATA_DIR"):
         Trainer(make_cfg(tiny_dir, tmp_path / "m", data={"source": "missing.jsonl"}), show_progress=False).setup()
+
+
+def test_cli_refuses_bad_training_data_in_one_line(tiny_dir, toy_data, tmp_path):
+    """An empty data file or a prompt over rollout.max_prompt_tokens is the user's input, not a
+    bug: ``l2t train`` names it in one line (SystemExit), as it does a missing model, not with a
+    traceback."""
+    base = ["train", "--policy", str(tiny_dir), "--steps", "1", "-q"]
+    with pytest.raises(SystemExit, match=r"^l2t train: data\.source 'empty\.jsonl': .*empty\.jsonl: the file has no rows"):
+        cli_main([*base, "--out", str(tmp_path / "e"), "--set", "data.source=empty.jsonl"])
+    with pytest.raises(SystemExit, match=r"^l2t train: training problem 't0': prompt has \d+ tokens, over "
+                                         r"rollout\.max_prompt_tokens=3; raise the limit or filter the data$"):
+        cli_main([*base, "--out", str(tmp_path / "z"), "--set", "data.source=toy.jsonl",
+                  "--set", "rollout.max_prompt_tokens=3"])
 
 
 def test_print_config_shows_every_default_and_reads_back(tmp_path, capsys):
