@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", help="HF directory or hub id of the initial policy")
     p.add_argument("--method", help="grpo | length_penalty | mrt | l2t | l2t_no_penalty | l2t_random_layers")
     p.add_argument("--out", help="run directory (local path or fsspec URL)")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="RL steps of the whole run (the lr schedule spans them; resuming needs the same value)")
     # the deepspeed launcher appends --local_rank=N; the rank comes from the environment instead
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_train)
