@@ -90,12 +90,17 @@ class RunStorage:
         return self.path("checkpoints")
 
     def check_writable(self) -> None:
-        """Fail before any compute when the run URL cannot be written (bad bucket, no permission)."""
+        """Fail before any compute when the run URL cannot be written (bad bucket, no permission).
+        A local run directory the probe had to create is removed again: a launch refused by a later
+        check (bad data, a prompt over the limit) leaves nothing behind."""
         probe = self.path(f".write-probe-{uuid.uuid4().hex}")
         try:
+            created = self.is_local and not self.fs.exists(self.root)
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm(probe)
+            if created:
+                self.fs.rmdir(self.root)
         except Exception as exc:  # noqa: BLE001 - any backend error means "unusable"
             raise OSError(
                 f"the run directory {self.url!r} is not writable ({type(exc).__name__}: {exc}); "

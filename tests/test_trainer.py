@@ -443,6 +443,7 @@ def test_cli_refuses_bad_training_data_in_one_line(tiny_dir, toy_data, tmp_path)
                                          r"rollout\.max_prompt_tokens=3; raise the limit or filter the data$"):
         cli_main([*base, "--out", str(tmp_path / "z"), "--set", "data.source=toy.jsonl",
                   "--set", "rollout.max_prompt_tokens=3"])
+    assert not (tmp_path / "e").exists() and not (tmp_path / "z").exists()  # refused: no run directory left
 
 
 def test_print_config_shows_every_default_and_reads_back(tmp_path, capsys):
