@@ -152,7 +152,9 @@ class MathVerifier:
 
         return parse(f"${scientific_latex(expr)}$", parsing_timeout=None)
 
-    def _check(self, gold: str, pred_text: str, boxed: str | None) -> bool:
+    def _check(self, gold: str, pred_text: str, boxed: str | None) -> tuple[bool, str | None]:
+        """(correct, the predicted answer's text): the boxed answer, else the text math-verify
+        extracted from the answer span (None when it found none)."""
         from math_verify import parse, verify
 
         gold_parsed = self._parse(gold)
@@ -160,15 +162,19 @@ class MathVerifier:
             pred_parsed = self._parse(boxed)
         else:
             pred_parsed = parse(pred_text, parsing_timeout=None)
+        extracted = boxed if boxed is not None else (str(pred_parsed[-1]) if pred_parsed else None)
         candidate = boxed if boxed is not None else pred_text
         if _normalise_text(gold) == _normalise_text(candidate):
-            return True
+            return True, extracted if extracted is not None else candidate.strip()
         scientific = _E_NOTATION.fullmatch(gold)
         if scientific is not None:
-            return bool(pred_parsed) and same_in_scale(scientific, pred_parsed[0])
-        return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+            return bool(pred_parsed) and same_in_scale(scientific, pred_parsed[0]), extracted
+        return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None)), extracted
 
     def verify(self, response: str, reference: str) -> Verdict:
+        """The verdict of ``response`` against ``reference``; ``extracted`` is the answer it was
+        judged by (the last box of the answer span, else math-verify's extraction from the span),
+        so majority votes count unboxed answers too."""
         if reference is None or not str(reference).strip():
             return Verdict(False, "invalid_reference", None, "the reference answer is empty")
         if not isinstance(response, str) or not response.strip():
@@ -177,12 +183,13 @@ class MathVerifier:
         boxed = extract_boxed(span)
         if boxed is None and not span.strip():
             return Verdict(False, "no_answer", None, "nothing after </think>")
-        done, ok, err = run_with_deadline(lambda: self._check(str(reference), span, boxed), self.timeout_s)
+        done, out, err = run_with_deadline(lambda: self._check(str(reference), span, boxed), self.timeout_s)
         if not done:
             return Verdict(False, "timeout", boxed, f"verification took over {self.timeout_s}s")
         if err is not None:
             return Verdict(False, "error", boxed, f"{type(err).__name__}: {err}")
-        return Verdict(bool(ok), "correct" if ok else "incorrect", boxed)
+        ok, extracted = out
+        return Verdict(bool(ok), "correct" if ok else "incorrect", extracted)
 
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
