@@ -330,3 +330,25 @@ def test_unboxed_correct_answers_count_in_the_majority_vote():
                          "response_tokens": [5] * 4, "finished": [True] * 4})
     s = summarize(rows, 4)
     assert s["pass@1"] == pytest.approx(0.75) and s["maj@4"] == 1.0
+
+
+def test_a_response_cut_before_closing_its_think_block_has_no_answer():
+    """A response that ran into max_new_tokens inside its reasoning gave no final answer; the
+    verifier alone scores the whole text as the answer span, so the last number of the unfinished
+    reasoning (70 here, AIME 2025 I-1's answer) counted as correct."""
+    from l2t_core.eval.runner import score_math
+    from l2t_core.rollout import Completion
+
+    item = load_benchmark("aime25", limit=1)[0]
+    assert item.answer == "70"
+    texts = [("<think>\nThe bases are 21 and 49. Recheck the sum: 21 + 49 = 70", False),
+             ("<think>\nThen \\boxed{70}? Let me check b = 49 again", False),
+             ("<think>\n21 + 49 = 70\n</think>\n\nThe sum is \\boxed{70}. Each base", False),  # cut after answering
+             ("<think>\n21 + 49 = 70\n</think>\n\n\\boxed{70}", True),
+             ("The bases are 21 and 49, so the sum is \\boxed{70}.", True)]  # finished without tags
+    group = [Completion([1], [5] * (10 + k), text, finished) for k, (text, finished) in enumerate(texts)]
+    res = score_math([item], [group], EvalSettings(n=5, maj_k=4))
+    assert res.rows["correct"].tolist() == [False, False, True, True, True]
+    assert res.rows["status"].tolist()[:2] == ["no_answer", "no_answer"]
+    assert res.rows["response_tokens"].tolist() == [10, 11, 12, 13, 14]  # cut ones still count their tokens
+    assert res.summary["pass@1"] == pytest.approx(0.6)
