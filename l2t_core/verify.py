@@ -107,11 +107,17 @@ def _normalise_text(s: str) -> str:
 _E_NOTATION = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+))[eE]([-+]?\d+)\s*")
 
 
+# A Python float literal divided, "1./3" (two MinervaMATH gold answers: -1./3 and -3./2);
+# math-verify reads "-1./3" as -1.
+_PY_FLOAT_DIV = re.compile(r"(\d)\.(?=\s*/)")
+
+
 def scientific_latex(expr: str) -> str:
     """``expr`` in LaTeX's scientific notation when it is a single E-notation number
-    (``3e8`` -> ``3 \\times 10^{8}``), else unchanged."""
+    (``3e8`` -> ``3 \\times 10^{8}``), else with a Python float literal's trailing point before a
+    division dropped (``-1./3`` -> ``-1/3``), else unchanged."""
     m = _E_NOTATION.fullmatch(expr)
-    return f"{m.group(1)} \\times 10^{{{m.group(2)}}}" if m else expr
+    return f"{m.group(1)} \\times 10^{{{m.group(2)}}}" if m else _PY_FLOAT_DIV.sub(r"\1", expr)
 
 
 def same_in_scale(gold: re.Match, pred, decimals: int = 6) -> bool:

@@ -99,3 +99,12 @@ def test_e_notation_gold_answers_match_other_notations():
     # math-verify rounds floats to 6 places; in the gold's own scale 0 is not 2.88e-19
     assert not v.verify("</think> \\boxed{0}", "2.88e-19").correct
     assert v.verify("</think> \\boxed{2.88 \\times 10^{-19} \\text{ J}}", "2.88e-19").correct
+
+
+def test_python_float_division_gold_answers():
+    """MinervaMATH's gold -1./3 and -3./2 (Python float literals) read as -1 and -3 by math-verify."""
+    v = MathVerifier()
+    for gold, right, wrong in (("-1./3", "-\\frac{1}{3}", "-1"), ("-3./2", "-1.5", "-3")):
+        assert v.verify(f"</think> \\boxed{{{right}}}", gold).correct
+        assert not v.verify(f"</think> \\boxed{{{wrong}}}", gold).correct
+        assert v.verify(f"</think> \\boxed{{{gold}}}", gold).correct
