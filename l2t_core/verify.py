@@ -102,8 +102,50 @@ def _normalise_text(s: str) -> str:
     return re.sub(r"\s+", "", s).strip(".").lower()
 
 
+# A whole answer that is one number in E notation ("3e8", "-1.77E-6"), as MinervaMATH's gold
+# answers are written; math-verify reads the e there as Euler's number (3e8 -> 3*e*8).
+_E_NOTATION = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+))[eE]([-+]?\d+)\s*")
+
+
+# A Python float literal divided, "1./3" (two MinervaMATH gold answers: -1./3 and -3./2);
+# math-verify reads "-1./3" as -1.
+_PY_FLOAT_DIV = re.compile(r"(\d)\.(?=\s*/)")
+
+
+def scientific_latex(expr: str) -> str:
+    """``expr`` in LaTeX's scientific notation when it is a single E-notation number
+    (``3e8`` -> ``3 \\times 10^{8}``), else with a Python float literal's trailing point before a
+    division dropped (``-1./3`` -> ``-1/3``), else unchanged."""
+    m = _E_NOTATION.fullmatch(expr)
+    return f"{m.group(1)} \\times 10^{{{m.group(2)}}}" if m else _PY_FLOAT_DIV.sub(r"\1", expr)
+
+
+def same_in_scale(gold: re.Match, pred, decimals: int = 6) -> bool:
+    """Whether the sympy value ``pred`` is a number equal to the E-notation gold ``gold`` (a match
+    of :data:`_E_NOTATION`) when both are written in units of the gold's power of ten and rounded
+    to ``decimals`` places (math-verify's float rule, applied to the mantissa: ``1.77e-6`` takes
+    ``0.00000177`` and ``1.77 \\times 10^{-6}``, not ``1.78 \\times 10^{-6}`` or 0)."""
+    try:
+        if not getattr(pred, "is_number", False):
+            return False
+        value = complex(pred.evalf(30))
+    except (TypeError, ValueError, AttributeError, ArithmeticError):
+        return False
+    if value.imag != 0 or not math.isfinite(value.real):
+        return False
+    exponent = int(gold.group(2))
+    return round(value.real / 10.0 ** exponent, decimals) == round(float(gold.group(1)), decimals)
+
+
 class MathVerifier:
-    """math-verify based checker (gold first), thread-safe, with a per-check deadline."""
+    """math-verify based checker (gold first), thread-safe, with a per-check deadline.
+
+    A gold or boxed answer that is a single E-notation number (MinervaMATH writes ``3e8``) is
+    read as ``3 \\times 10^{8}`` (:func:`scientific_latex`): math-verify alone reads ``3e8`` as
+    3·e·8, so no correct answer in any other notation matched it. Against such a gold the
+    prediction must be a number equal to it in the gold's scale (:func:`same_in_scale`):
+    math-verify rounds floats to 6 decimal places, so for a gold like ``2.88e-19`` it would
+    accept any small number, 0 included."""
 
     def __init__(self, timeout_s: float = 5.0):
         if timeout_s <= 0:
@@ -114,9 +156,11 @@ class MathVerifier:
     def _parse(expr: str):
         from math_verify import parse
 
-        return parse(f"${expr}$", parsing_timeout=None)
+        return parse(f"${scientific_latex(expr)}$", parsing_timeout=None)
 
-    def _check(self, gold: str, pred_text: str, boxed: str | None) -> bool:
+    def _check(self, gold: str, pred_text: str, boxed: str | None) -> tuple[bool, str | None]:
+        """(correct, the predicted answer's text): the boxed answer, else the text math-verify
+        extracted from the answer span (None when it found none)."""
         from math_verify import parse, verify
 
         gold_parsed = self._parse(gold)
@@ -124,12 +168,19 @@ class MathVerifier:
             pred_parsed = self._parse(boxed)
         else:
             pred_parsed = parse(pred_text, parsing_timeout=None)
-        if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
-            return True
+        extracted = boxed if boxed is not None else (str(pred_parsed[-1]) if pred_parsed else None)
         candidate = boxed if boxed is not None else pred_text
-        return _normalise_text(gold) == _normalise_text(candidate)
+        if _normalise_text(gold) == _normalise_text(candidate):
+            return True, extracted if extracted is not None else candidate.strip()
+        scientific = _E_NOTATION.fullmatch(gold)
+        if scientific is not None:
+            return bool(pred_parsed) and same_in_scale(scientific, pred_parsed[0]), extracted
+        return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None)), extracted
 
     def verify(self, response: str, reference: str) -> Verdict:
+        """The verdict of ``response`` against ``reference``; ``extracted`` is the answer it was
+        judged by (the last box of the answer span, else math-verify's extraction from the span),
+        so majority votes count unboxed answers too."""
         if reference is None or not str(reference).strip():
             return Verdict(False, "invalid_reference", None, "the reference answer is empty")
         if not isinstance(response, str) or not response.strip():
@@ -138,12 +189,13 @@ class MathVerifier:
         boxed = extract_boxed(span)
         if boxed is None and not span.strip():
             return Verdict(False, "no_answer", None, "nothing after </think>")
-        done, ok, err = run_with_deadline(lambda: self._check(str(reference), span, boxed), self.timeout_s)
+        done, out, err = run_with_deadline(lambda: self._check(str(reference), span, boxed), self.timeout_s)
         if not done:
             return Verdict(False, "timeout", boxed, f"verification took over {self.timeout_s}s")
         if err is not None:
             return Verdict(False, "error", boxed, f"{type(err).__name__}: {err}")
-        return Verdict(bool(ok), "correct" if ok else "incorrect", boxed)
+        ok, extracted = out
+        return Verdict(bool(ok), "correct" if ok else "incorrect", extracted)
 
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")

@@ -51,3 +51,24 @@ def test_depth_curve_rows(model, tokenizer):
     assert set(df.columns) >= {"group", "depth", "accuracy", "maj", "mean_tokens", "problems"}
     assert df["problems"].sum() >= len(items) and (df["depth"] >= 1).all()
     assert df["accuracy"].between(0, 1).all() and df["maj"].between(0, 1).all()
+
+
+def test_depth_curve_prompts_ask_for_at_most_max_depth_segments(model, tokenizer):
+    """METHOD.md §8: the §3.2 depth analysis uses the template with "at most 30" segments."""
+    from l2t_core.eval.analyses import depth_prompt
+    from l2t_core.prompts import build_prompt, encode_prompt
+
+    items = load_benchmark("math500", limit=2)
+    assert "Use at most 30 segments." in depth_prompt(items[0])
+    assert depth_prompt(items[0], 12) == build_prompt(items[0].problem, max_episodes=12)
+    engine = HFRolloutEngine(model, tokenizer)
+    seen = []
+    generate = engine.generate
+
+    def recording(prompts, params):  # the real engine generates; the greedy call's prompts are kept
+        seen.append([list(p) for p in prompts])
+        return generate(prompts, params)
+
+    engine.generate = recording
+    depth_curve(engine, tokenizer, items, max_new_tokens=4, max_depth=30, maj_samples=1, answer_tokens=2)
+    assert seen[0] == [encode_prompt(tokenizer, build_prompt(i.problem, max_episodes=30)) for i in items]

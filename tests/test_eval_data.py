@@ -66,16 +66,39 @@ def test_math500_levels_are_the_manifest_levels():
     assert Counter(it.level for it in items) == {5: 134, 4: 128, 3: 105, 2: 90, 1: 43}
 
 
-def test_minerva_alternatives_come_from_deepscaler():
+def test_minerva_alternatives_come_from_deepscaler_without_the_prompts_own_answers():
     items = _load_or_skip("minerva")
     for it in items:
         listed = it.meta["answer_alternatives_deepscaler"]
-        assert set(listed) <= set(it.accepted_answers)
+        assert set(it.alternatives) <= set(listed)
         assert it.accepted_answers[0] == it.answer
-    with_alternatives = [it for it in items if it.alternatives]
-    # MANIFEST.md: the deepscaler string differs from the boxed answer in 131 rows
-    assert len(with_alternatives) >= 131
+    assert sum(len(it.alternatives) for it in items) == 131
     assert {"41.8^\\circ", "41.8^{\\circ}"} <= set(items[2].alternatives)
+    assert items[10].alternatives == ("3.83 \\times 10^{35}",)
+    # multi-part problems quote the earlier parts' solutions; DeepScaleR's list holds 37 of
+    # those earlier answers, which a model could copy from its prompt
+    by_id = {it.id: it for it in items}
+    dropped = {it.id: sorted(set(it.meta["answer_alternatives_deepscaler"]) - {it.answer} - set(it.alternatives))
+               for it in items}
+    assert sum(map(len, dropped.values())) == 37
+    assert dropped["minerva-145"] == ["1"] and "\\boxed{1}" in by_id["minerva-145"].problem
+    assert by_id["minerva-145"].accepted_answers == ("400000",)
+    assert dropped["minerva-57"] == ["4.4 \\times 10^7", "4.4e7"]  # part 0's \boxed{4.4e7}; part 1 is 0.53
+    assert dropped["minerva-151"] == ["188"] and by_id["minerva-151"].accepted_answers == ("566",)
+
+
+def test_an_answer_the_problem_states_is_not_an_alternative(tmp_path):
+    spec = BENCHMARKS["minerva"]
+    problem = ("Subproblem 0: the age in minutes.\n\nSolution: \\boxed{1} minute.\n\nFinal answer: The final "
+               "answer is 1. I hope it is correct.\n\nSubproblem 1: the age in years.")
+    rows = [{"id": "a", "problem": problem, "answer": "400000", "solution": None,
+             "meta": {spec.alternatives_key: ["1", "4 \\times 10^{5}"]}},
+            {"id": "b", "problem": "Part 0 gave The final answer is 3e8. I hope it is correct. Now part 1.",
+             "answer": "2", "solution": None, "meta": {spec.alternatives_key: ["3 \\times 10^8", "2.0"]}}]
+    path = tmp_path / spec.file
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = load_benchmark("minerva", tmp_path, strict_count=False)
+    assert a.alternatives == ("4 \\times 10^{5}",) and b.alternatives == ("2.0",)
 
 
 def test_omni_tiers_cover_every_row():
@@ -255,3 +278,19 @@ def test_hub_rows_are_normalised_to_the_file_schema(tmp_path):
         load_benchmark("gsm8k_test", tmp_path, allow_download=False)
     (item,) = load_benchmark("gsm8k_test", tmp_path, allow_download=False, strict_count=False)
     assert (item.id, item.answer, item.meta["hub_repo"]) == ("gsm8k-test-0", "1234", "openai/gsm8k")
+
+
+def test_omni_answers_cut_before_their_last_brace_are_closed_and_verify():
+    """Four Omni-MATH rule answers lack their last ``}`` upstream; nothing verified against them."""
+    from l2t_core.verify import MathVerifier
+
+    items = {it.id: it for it in _load_or_skip("omni_math_rule")}
+    closed = {"omni-rule-183": "\\frac{5055}{2^{15}}", "omni-rule-682": "\\frac{81^{10}}{82^{10}}",
+              "omni-rule-710": "\\frac{2 k n}{n+k-1}-2 \\frac{k!n!}{(k+n-1)!}", "omni-rule-1469": "\\frac{11}{2^{20}}"}
+    assert {i for i, it in items.items() if "answer_unclosed" in it.meta} == set(closed)
+    v = MathVerifier()
+    for id_, answer in closed.items():
+        it = items[id_]
+        assert it.answer == answer and it.meta["answer_unclosed"] == answer[:-1]
+        assert v.verify(f"</think> \\boxed{{{answer}}}", it.answer).correct
+        assert not v.verify("</think> \\boxed{\\frac{1}{3}}", it.answer).correct

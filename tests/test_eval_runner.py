@@ -315,3 +315,40 @@ def test_l2t_eval_scores_a_quick_warm_start_on_walk_heldout(tmp_path, capsys):
     assert walk["pass@1"] >= 0.7  # seed 0 measured 0.95; the least of seeds 0-4 0.85; chance 0.1
     per_level = {g.removeprefix("level "): s["pass@1"] for g, s in walk["per_group"].items()}
     assert per_level == pytest.approx(own["accuracy_per_level"], abs=0.01)
+
+
+def test_unboxed_correct_answers_count_in_the_majority_vote():
+    """A response that states its answer without a box is verified by math-verify's extraction;
+    that answer must also be its vote in maj@k (it was None, so maj@4 was 0 while pass@1 was 1)."""
+    responses = ["<think>\nok\n</think>\n\nThe answer is 18.", "<think>\nok\n</think>\n\nSo it is $18$.",
+                 "<think>\nok\n</think>\n\n\\boxed{18}", "<think>\nok\n</think>\n\nThe answer is 20."]
+    verdicts = verify_all(responses, [("18",)] * 4)
+    assert [v.correct for v in verdicts] == [True, True, True, False]
+    assert [v.extracted for v in verdicts] == ["18", "18", "18", "20"]
+    rows = pd.DataFrame({"problem_id": ["p"] * 4, "sample": range(4), "group": ["all"] * 4,
+                         "correct": [v.correct for v in verdicts], "answer": [v.extracted for v in verdicts],
+                         "response_tokens": [5] * 4, "finished": [True] * 4})
+    s = summarize(rows, 4)
+    assert s["pass@1"] == pytest.approx(0.75) and s["maj@4"] == 1.0
+
+
+def test_a_response_cut_before_closing_its_think_block_has_no_answer():
+    """A response that ran into max_new_tokens inside its reasoning gave no final answer; the
+    verifier alone scores the whole text as the answer span, so the last number of the unfinished
+    reasoning (70 here, AIME 2025 I-1's answer) counted as correct."""
+    from l2t_core.eval.runner import score_math
+    from l2t_core.rollout import Completion
+
+    item = load_benchmark("aime25", limit=1)[0]
+    assert item.answer == "70"
+    texts = [("<think>\nThe bases are 21 and 49. Recheck the sum: 21 + 49 = 70", False),
+             ("<think>\nThen \\boxed{70}? Let me check b = 49 again", False),
+             ("<think>\n21 + 49 = 70\n</think>\n\nThe sum is \\boxed{70}. Each base", False),  # cut after answering
+             ("<think>\n21 + 49 = 70\n</think>\n\n\\boxed{70}", True),
+             ("The bases are 21 and 49, so the sum is \\boxed{70}.", True)]  # finished without tags
+    group = [Completion([1], [5] * (10 + k), text, finished) for k, (text, finished) in enumerate(texts)]
+    res = score_math([item], [group], EvalSettings(n=5, maj_k=4))
+    assert res.rows["correct"].tolist() == [False, False, True, True, True]
+    assert res.rows["status"].tolist()[:2] == ["no_answer", "no_answer"]
+    assert res.rows["response_tokens"].tolist() == [10, 11, 12, 13, 14]  # cut ones still count their tokens
+    assert res.summary["pass@1"] == pytest.approx(0.6)

@@ -1,5 +1,6 @@
 """Outcome verification on the real MATH500 file and the numeric verifier."""
 
+import re
 import threading
 
 import pytest
@@ -70,3 +71,40 @@ def test_numeric_verifier():
     assert not v.verify("<think>..</think> \\boxed{14x}", "14").correct
     assert v.verify("\\boxed{1}", "nan").status == "invalid_reference"
     assert v.verify("<think>..</think> nothing", "2").status == "no_answer"
+
+
+def test_e_notation_gold_answers_match_other_notations():
+    """MinervaMATH writes 58 of its gold answers in E notation ("3e8"); math-verify alone reads
+    that as 3·e·8, so a correct answer in LaTeX or as a plain number never verified."""
+    try:
+        minerva = read_math_jsonl("minerva_math.jsonl")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    e_gold = [r for r in minerva if re.fullmatch(r"-?[\d.]+e-?\d+", r["answer"])]
+    assert len(e_gold) == 58
+    v = MathVerifier()
+    fails = []
+    for r in e_gold:
+        mantissa, exponent = r["answer"].split("e")
+        latex = f"{mantissa} \\times 10^{{{int(exponent)}}}"
+        if not v.verify(f"</think> \\boxed{{{latex}}}", r["answer"]).correct:
+            fails.append((r["id"], r["answer"], latex))
+        wrong = f"{float(mantissa) + 1:g} \\times 10^{{{int(exponent)}}}"
+        if v.verify(f"</think> \\boxed{{{wrong}}}", r["answer"]).correct:
+            fails.append((r["id"], r["answer"], "accepted", wrong))
+    assert fails == []
+    assert v.verify("</think> \\boxed{300000000}", "3e8").correct
+    assert v.verify("</think> \\boxed{3e8}", "3 \\times 10^8").correct  # boxed E notation too
+    assert not v.verify("</think> \\boxed{24e}", "3e8").correct  # 3·e·8 is not 3e8
+    # math-verify rounds floats to 6 places; in the gold's own scale 0 is not 2.88e-19
+    assert not v.verify("</think> \\boxed{0}", "2.88e-19").correct
+    assert v.verify("</think> \\boxed{2.88 \\times 10^{-19} \\text{ J}}", "2.88e-19").correct
+
+
+def test_python_float_division_gold_answers():
+    """MinervaMATH's gold -1./3 and -3./2 (Python float literals) read as -1 and -3 by math-verify."""
+    v = MathVerifier()
+    for gold, right, wrong in (("-1./3", "-\\frac{1}{3}", "-1"), ("-3./2", "-1.5", "-3")):
+        assert v.verify(f"</think> \\boxed{{{right}}}", gold).correct
+        assert not v.verify(f"</think> \\boxed{{{wrong}}}", gold).correct
+        assert v.verify(f"</think> \\boxed{{{gold}}}", gold).correct

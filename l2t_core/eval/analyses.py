@@ -6,7 +6,8 @@ generation, scored by the verifier.
 
 * :func:`budget_curve` (Fig. 3): every sampled response truncated at each token budget b
   (responses shorter than b are kept whole and scored as they are); pass@1 against b.
-* :func:`depth_curve` (Fig. 1, §3.2): greedy responses force-stopped at the end of each episode
+* :func:`depth_curve` (Fig. 1, §3.2): greedy responses to the §8 prompt that asks for at most
+  ``max_depth`` segments (:func:`depth_prompt`) force-stopped at the end of each episode
   k = 1..K; Acc(k) (greedy forced answer), maj@m(k) (m sampled forced answers) and T̄(k) (the
   response tokens up to the end of episode k), per difficulty group. A response with fewer than
   k episodes contributes its full answer at depth k, as if it had stopped by itself.
@@ -84,7 +85,7 @@ def depth_curve(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem]
                 max_depth: int = 30, maj_samples: int = 4, maj_temperature: float = 0.6,
                 answer_tokens: int = 32, seed: int = 0, verify_workers: int = 1) -> pd.DataFrame:
     """Acc(k), maj@m(k) and T̄(k) per group and depth k = 1..max_depth (greedy responses)."""
-    greedy = engine.generate([list(_prompt_ids(tokenizer, i)) for i in items],
+    greedy = engine.generate([encode_prompt(tokenizer, depth_prompt(i, max_depth)) for i in items],
                              SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
     records = []  # (item, depth, context ids, tokens used) or (item, depth, full text, tokens)
     for item, (c,) in zip(items, greedy):
@@ -125,5 +126,7 @@ def depth_curve(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem]
                  problems=("problem_id", "nunique")))
 
 
-def _prompt_ids(tokenizer, item: BenchmarkItem) -> list[int]:
-    return encode_prompt(tokenizer, build_prompt(item.problem))
+def depth_prompt(item: BenchmarkItem, max_depth: int = 30) -> str:
+    """The prompt of the depth analysis: METHOD.md §8's template with its §3.2 clause, "Use at
+    most ``max_depth`` segments." (30 in the paper)."""
+    return build_prompt(item.problem, max_episodes=max_depth)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,6 +469,7 @@ def _row_to_item(spec: BenchmarkSpec, row: dict, path: Path, line_no: int) -> Be
     id_ = _required_text(row, "id", path, line_no, fix=fix)
     problem = _required_text(row, "problem", path, line_no, fix=fix)
     answer = _required_text(row, "answer", path, line_no, fix=fix)
+    closed = close_braces(answer)
     solution = row.get("solution")
     if solution is not None and not isinstance(solution, str):
         raise DatasetError(f"must be a string or null, got {type(solution).__name__}", path=path,
@@ -476,10 +478,35 @@ def _row_to_item(spec: BenchmarkSpec, row: dict, path: Path, line_no: int) -> Be
     if not isinstance(meta, dict):
         raise DatasetError(f"must be a JSON object, got {type(meta).__name__}", path=path, line=line_no,
                            field="meta")
+    if closed != answer:  # keep what the file says next to the repaired answer
+        meta = {**meta, "answer_unclosed": answer}
+        answer = closed
     return BenchmarkItem(
         id=id_, problem=problem, answer=answer, benchmark=spec.name, solution=solution,
-        alternatives=_alternatives(spec, meta, answer, path, line_no),
+        alternatives=_alternatives(spec, meta, answer, problem, path, line_no),
         level=_level(spec, meta, path, line_no), tier=_tier(spec, meta, path, line_no), meta=meta)
+
+
+def close_braces(answer: str) -> str:
+    """``answer`` with the ``}`` it lacks appended, when it opens more ``{`` than it closes
+    (escaped ``\\{``/``\\}`` aside), else unchanged.
+
+    Four Omni-MATH rule answers were cut before their last brace upstream (omni-rule-183 is
+    ``\\frac{5055}{2^{15}``, its solution ends in ``\\frac{5055}{2^{15}}``); math-verify cannot
+    read them, so no response, the correct one included, verified against them."""
+    depth = 0
+    i = 0
+    while i < len(answer):
+        c = answer[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}" and depth > 0:
+            depth -= 1
+        i += 1
+    return answer + "}" * depth
 
 
 def _code_item(spec: BenchmarkSpec, row: dict, path: Path, line_no: int) -> BenchmarkItem:
@@ -490,14 +517,50 @@ def _code_item(spec: BenchmarkSpec, row: dict, path: Path, line_no: int) -> Benc
                          benchmark=spec.name, test=values["test"], entry_point=values["entry_point"], meta=meta)
 
 
-def _alternatives(spec: BenchmarkSpec, meta: dict, answer: str, path: Path, line_no: int) -> tuple[str, ...]:
+def _alternatives(spec: BenchmarkSpec, meta: dict, answer: str, problem: str, path: Path,
+                  line_no: int) -> tuple[str, ...]:
+    """The accepted answers besides ``answer`` from ``meta[spec.alternatives_key]``, without any
+    that the problem text itself states as the answer of an earlier part (:func:`leaked_answers`)."""
     if spec.alternatives_key is None or spec.alternatives_key not in meta:
         return ()
     values = meta[spec.alternatives_key]
     if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
         raise DatasetError(f"must be a list of non-empty strings, got {_short(values, 200)}", path=path,
                            line=line_no, field=f"meta.{spec.alternatives_key}")
-    return tuple(dict.fromkeys(v for v in values if v != answer))
+    candidates = tuple(dict.fromkeys(v for v in values if v != answer))
+    leaked = leaked_answers(problem, candidates)
+    return tuple(v for v in candidates if v not in leaked)
+
+
+_STATED = re.compile(r"\\boxed\s*\{|The final answer is (.+?)\. I hope it is correct")
+
+
+def leaked_answers(problem: str, candidates: Iterable[str]) -> set[str]:
+    """The ``candidates`` that ``problem`` itself states as an answer (in a ``\\boxed{}`` or a
+    "The final answer is X. I hope it is correct." line), equal as text (whitespace aside) or by
+    :class:`~l2t_core.verify.MathVerifier`.
+
+    MinervaMATH's multi-part problems quote the solved earlier parts, answers included, and the
+    DeepScaleR answer lists matched to them by problem text hold 37 such earlier-part answers
+    (minerva-145 asks for the age in years, 400000; the list has 1, the minutes of part 0 that
+    the prompt shows as \\boxed{1}). Accepting those would score a copy of the prompt's
+    answer as correct."""
+    from ..verify import MathVerifier, extract_boxed
+
+    candidates = list(candidates)
+    if not candidates:
+        return set()
+    stated = set()
+    for m in _STATED.finditer(problem):
+        text = m.group(1) if m.group(1) is not None else extract_boxed(problem[m.start():])
+        if text and text.strip():
+            stated.add(text.strip())
+    if not stated:
+        return set()
+    squash = lambda t: "".join(t.split())  # noqa: E731
+    verifier = MathVerifier()
+    return {c for c in candidates
+            if any(squash(c) == squash(s) or verifier.verify(f"\\boxed{{{s}}}", c).correct for s in stated)}
 
 
 def _level(spec: BenchmarkSpec, meta: dict, path: Path, line_no: int) -> int | None:

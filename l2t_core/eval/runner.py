@@ -3,7 +3,8 @@
 :func:`evaluate_math` generates ``n`` samples per problem through any
 :class:`~l2t_core.rollout.RolloutEngine` (vLLM on a GPU, ``hf`` on a CPU), verifies every sample
 against the problem's accepted answers (gold first, math-verify; in a process pool when
-``verify_workers > 1``), and returns one row per sample plus a summary: pass@1 (mean correctness
+``verify_workers > 1``; a sample cut at ``max_new_tokens`` before ``</think>`` has no answer:
+:func:`cut_while_thinking`), and returns one row per sample plus a summary: pass@1 (mean correctness
 over the n samples), maj@k on the first k samples, mean response tokens, and both per
 level/tier. Items with a prompt of their own (the synthetic held-out sets of
 :mod:`l2t_core.eval.synthetic`) are prompted with it, every other item with METHOD.md §8's math
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from rich.progress import Progress
 
-from ..prompts import build_prompt, encode_prompt
+from ..prompts import THINK_CLOSE, build_prompt, encode_prompt
 from ..rollout import Completion, RolloutEngine, SamplingParams
 from ..verify import MathVerifier, Verdict
 from .datasets import BenchmarkItem
@@ -81,6 +82,16 @@ def prompt_text(item: BenchmarkItem) -> str:
     sets carry their task's prompt, see :mod:`l2t_core.eval.synthetic`), else METHOD.md §8's
     math prompt of its problem (:func:`~l2t_core.prompts.build_prompt`)."""
     return item.prompt if item.prompt is not None else build_prompt(item.problem)
+
+
+CUT_WHILE_THINKING = Verdict(False, "no_answer", None, "cut at max_new_tokens before </think>: no final answer")
+
+
+def cut_while_thinking(completion: Completion) -> bool:
+    """Whether a completion ran into the token limit without closing its think block: it gave no
+    final answer, and the last box or number of its unfinished reasoning is not one (the verifier
+    alone, which sees no ``finished`` flag, would score the whole text as the answer span)."""
+    return not completion.finished and THINK_CLOSE not in completion.text
 
 
 def _verify_one(args: tuple[str, tuple[str, ...], float]) -> Verdict:
@@ -160,15 +171,31 @@ def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkIte
     encoded by :func:`~l2t_core.prompts.encode_prompt`."""
     if not items:
         raise ValueError("evaluate_math: no problems to evaluate")
-    kinds = {getattr(i, "benchmark", "") for i in items}
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, prompt_text(i)) for i in items]
     groups = sample_responses(engine, prompts, settings, show_progress=show_progress)
     gen_s = time.perf_counter() - t0
+    result = score_math(items, groups, settings)
+    result.summary.update(generation_s=gen_s)
+    return result
+
+
+def score_math(items: Sequence[BenchmarkItem], groups: Sequence[Sequence[Completion]],
+               settings: EvalSettings = EvalSettings()) -> EvalResult:
+    """Verify and summarise sampled responses: ``groups[i]`` holds the completions of ``items[i]``
+    (the second half of :func:`evaluate_math`). A completion cut at the token limit before
+    ``</think>`` is not verified: it has no answer (:func:`cut_while_thinking`)."""
+    if len(items) != len(groups):
+        raise ValueError(f"score_math: {len(items)} problems but {len(groups)} groups of completions")
+    kinds = {getattr(i, "benchmark", "") for i in items}
     flat = [(item, k, c) for item, g in zip(items, groups) for k, c in enumerate(g)]
     t1 = time.perf_counter()
-    verdicts = verify_all([c.text for _, _, c in flat], [i.accepted_answers for i, _, _ in flat],
-                          workers=settings.verify_workers, timeout_s=settings.verify_timeout_s)
+    answered = [k for k, (_, _, c) in enumerate(flat) if not cut_while_thinking(c)]
+    checked = verify_all([flat[k][2].text for k in answered], [flat[k][0].accepted_answers for k in answered],
+                         workers=settings.verify_workers, timeout_s=settings.verify_timeout_s)
+    verdicts = [CUT_WHILE_THINKING] * len(flat)
+    for k, v in zip(answered, checked):
+        verdicts[k] = v
     verify_s = time.perf_counter() - t1
     rows = pd.DataFrame([{
         "benchmark": item.benchmark, "problem_id": item.id, "sample": k, "group": group_of(item),
@@ -176,8 +203,7 @@ def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkIte
         "status": v.status, "answer": v.extracted, "response": c.text if settings.keep_text else None,
     } for (item, k, c), v in zip(flat, verdicts)], columns=list(ROW_COLUMNS))
     summary = summarize(rows, settings.maj_k)
-    summary.update(benchmarks=sorted(kinds), generation_s=gen_s, verification_s=verify_s,
-                   settings=dict(settings.__dict__))
+    summary.update(benchmarks=sorted(kinds), verification_s=verify_s, settings=dict(settings.__dict__))
     return EvalResult(rows, summary)
 
 
