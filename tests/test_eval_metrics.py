@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l2t_core.eval.metrics import efficiency, maj_at_k, majority_answer, mean_pass_at_k, pass_at_k
+from l2t_core.eval.metrics import answer_classes, efficiency, maj_at_k, majority_answer, mean_pass_at_k, pass_at_k
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -58,3 +58,19 @@ def test_efficiency():
     for bad in ((1000, 0), (float("nan"), 3), (-1, 3)):
         with pytest.raises(ValueError, match="efficiency"):
             efficiency(*bad)
+
+
+def test_answer_classes_group_by_key_then_by_equivalence():
+    """Same text (whitespace aside) is one class without asking ``same``; another text joins the
+    first class whose representative ``same`` accepts; None stays None; classes are numbered in
+    order of first appearance and ``same`` is asked at most once per new text and class."""
+    calls = []
+
+    def same(a, b):
+        calls.append((a, b))
+        return abs(eval(a) - eval(b)) < 1e-9
+
+    assert answer_classes(["1/2", "3", None, "0.5", "1 / 2", "3.0", "4"], same) == [0, 1, None, 0, 0, 1, 2]
+    assert calls == [("1/2", "3"), ("1/2", "0.5"), ("1/2", "3.0"), ("3", "3.0"), ("1/2", "4"), ("3", "4")]
+    assert answer_classes([None, None], same) == [None, None]
+    assert maj_at_k(answer_classes(["7", "0.5", "1/2", "2/4"], same), [False, True, True, True], 4) is True

@@ -332,6 +332,22 @@ def test_unboxed_correct_answers_count_in_the_majority_vote():
     assert s["pass@1"] == pytest.approx(0.75) and s["maj@4"] == 1.0
 
 
+def test_equivalent_answers_vote_together_in_maj_at_k():
+    """maj@k votes over answers, not strings: 0.5, \\frac{1}{2} and \\dfrac12 are one answer. Grouped
+    by their text the four votes were four classes, the tie went to the first (a wrong 7) and maj@4
+    was 0 where three of four samples agree on the right answer."""
+    responses = ["<think>\nok\n</think>\n\n\\boxed{7}", "<think>\nok\n</think>\n\n\\boxed{0.5}",
+                 "<think>\nok\n</think>\n\n\\boxed{\\frac{1}{2}}", "<think>\nok\n</think>\n\n\\boxed{\\dfrac12}"]
+    verdicts = verify_all(responses, [("\\frac{1}{2}",)] * 4)
+    assert [v.correct for v in verdicts] == [False, True, True, True]
+    assert len({v.extracted for v in verdicts}) == 4
+    rows = pd.DataFrame({"problem_id": ["p"] * 4, "sample": range(4), "group": ["all"] * 4,
+                         "correct": [v.correct for v in verdicts], "answer": [v.extracted for v in verdicts],
+                         "response_tokens": [5] * 4, "finished": [True] * 4})
+    s = summarize(rows, 4)
+    assert s["pass@1"] == pytest.approx(0.75) and s["maj@4"] == 1.0 and s["per_group"]["all"]["maj@4"] == 1.0
+
+
 def test_a_response_cut_before_closing_its_think_block_has_no_answer():
     """A response that ran into max_new_tokens inside its reasoning gave no final answer; the
     verifier alone scores the whole text as the answer span, so the last number of the unfinished

@@ -24,8 +24,8 @@ from ..prompts import FORCE_ANSWER_SUFFIX, build_prompt, encode_prompt
 from ..rewards.l2t import response_offsets
 from ..rollout import Completion, RolloutEngine, SamplingParams
 from .datasets import BenchmarkItem
-from .metrics import answer_key, maj_at_k
-from .runner import group_of, verify_all
+from .metrics import maj_at_k
+from .runner import group_of, majority_classes, verify_all
 
 
 def forced_answers(engine: RolloutEngine, tokenizer, contexts: Sequence[Sequence[int]], *, n: int = 1,
@@ -116,8 +116,7 @@ def depth_curve(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem]
     rows = []
     for j, o in enumerate(owners):
         vs = mv[j * maj_samples:(j + 1) * maj_samples]
-        maj = maj_at_k([v.extracted for v in vs], [v.correct for v in vs], maj_samples,
-                       key=answer_key)
+        maj = maj_at_k(majority_classes([v.extracted for v in vs]), [v.correct for v in vs], maj_samples)
         rows.append({"problem_id": o[0].id, "group": group_of(o[0]), "depth": o[1], "tokens": o[3],
                      "correct": bool(acc[j]), "maj": bool(maj)})
     df = pd.DataFrame(rows)

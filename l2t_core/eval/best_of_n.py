@@ -6,7 +6,8 @@ For the N sampled candidates of a problem, each with its own extracted answer a_
   answer minus the compression penalty; J is computed with the candidate's own answer (§2, the
   packed one-pass estimator) and P̂_k normalised over the problem's candidates (§3);
 * ``loglik``: the mean token log-probability of the candidate;
-* ``majority``: the most frequent answer (ties to the first).
+* ``majority``: the most frequent answer, mathematically equivalent answers voting together
+  (:func:`~l2t_core.eval.runner.majority_classes`; ties to the first).
 
 Candidates without an answer are never chosen while another one has an answer. A problem counts
 as solved by a selector when its chosen candidate is verified correct against the reference.
@@ -25,8 +26,8 @@ from ..rewards.l2t import Rollout, compute_rewards, response_logprobs
 from ..rollout import Completion
 from ..verify import answer_span, extract_boxed
 from .datasets import BenchmarkItem
-from .metrics import answer_key, majority_answer
-from .runner import verify_all
+from .metrics import majority_answer
+from .runner import majority_classes, verify_all
 
 SELECTORS = ("l2t", "loglik", "majority")
 
@@ -81,7 +82,7 @@ def best_of_n(model, tokenizer, items: Sequence[BenchmarkItem], groups: Sequence
         scores = {"l2t": l2t_scores(model, tokenizer, group, answers, cfg),
                   "loglik": loglik_scores(model, tokenizer, group, answers)}
         chosen = {k: max(range(len(group)), key=lambda i, s=s: (s[i], -i)) for k, s in scores.items()}
-        maj = majority_answer(answers, key=answer_key)
+        maj = majority_answer(majority_classes(answers))
         chosen["majority"] = maj if maj is not None else 0
         for sel in SELECTORS:
             rows.append({"problem_id": item.id, "selector": sel, "chosen": chosen[sel],

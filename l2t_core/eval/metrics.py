@@ -7,8 +7,11 @@ aggregates per benchmark and per difficulty tier.
   samples of which ``c`` are correct, ``1 - C(n-c, k) / C(n, k)``; pass@1 is then ``c / n``
   (§7: "the mean verified correctness over n samples").
 * :func:`majority_answer` / :func:`maj_at_k`: the most frequent answer among the first ``k``
-  samples (equivalence classes by a caller-given key, e.g. the normalised boxed answer), ties
-  broken by first occurrence; maj@k is whether that answer is correct.
+  samples (equivalence classes by a caller-given key, e.g. the normalised boxed answer, or the
+  classes of :func:`answer_classes`), ties broken by first occurrence; maj@k is whether that
+  answer is correct.
+* :func:`answer_classes`: answers grouped by a caller-given equivalence (the evaluation runner's
+  is math-verify's, so ``0.5`` and ``\\frac{1}{2}`` vote together).
 * :func:`efficiency`: ``tokens_base / tokens_method`` (§7).
 """
 
@@ -69,6 +72,29 @@ def majority_answer(answers: Sequence[T | None], key: Callable[[T], Hashable] = 
 def answer_key(answer) -> str:
     """The class of an extracted answer for majority voting: its text without whitespace."""
     return "".join(str(answer).split())
+
+
+def answer_classes(answers: Sequence[T | None], same: Callable[[T, T], bool],
+                   key: Callable[[T], Hashable] = answer_key) -> list[int | None]:
+    """The class of each answer for majority voting, numbered in order of first appearance (None
+    stays None): answers with the same ``key`` share a class, and any other answer joins the
+    first class whose representative (first member) ``same(representative, answer)`` accepts,
+    else opens a new one. ``same`` is only called between answers of different keys, at most
+    once per answer and class."""
+    reps: list[T] = []
+    by_key: dict[Hashable, int] = {}
+    out: list[int | None] = []
+    for a in answers:
+        if a is None:
+            out.append(None)
+            continue
+        kk = key(a)
+        if kk not in by_key:
+            by_key[kk] = next((c for c, rep in enumerate(reps) if same(rep, a)), len(reps))
+            if by_key[kk] == len(reps):
+                reps.append(a)
+        out.append(by_key[kk])
+    return out
 
 
 def maj_at_k(answers: Sequence[T | None], correct: Sequence[bool], k: int,

@@ -16,6 +16,7 @@ samples with :func:`sample_responses` and writes rows of the same columns.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from ..prompts import THINK_CLOSE, build_prompt, encode_prompt
 from ..rollout import Completion, RolloutEngine, SamplingParams
 from ..verify import MathVerifier, Verdict
 from .datasets import BenchmarkItem
-from .metrics import answer_key, maj_at_k
+from .metrics import answer_classes, maj_at_k
 
 ROW_COLUMNS = ("benchmark", "problem_id", "sample", "group", "response_tokens", "finished", "correct",
                "status", "answer", "response")
@@ -116,8 +117,23 @@ def verify_all(responses: Sequence[str], accepted: Sequence[tuple[str, ...]], *,
         return list(pool.map(_verify_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
 
 
+@functools.lru_cache(maxsize=65536)
+def equivalent_answers(a: str, b: str) -> bool:
+    """Whether two extracted answers are the same answer for a majority vote: math-verify accepts
+    ``b`` against ``a`` (``0.5`` and ``\\frac{1}{2}``, ``90^\\circ`` and ``90``). Cached: a vote
+    compares the same few answers again for every group of the summary."""
+    return MathVerifier().verify(f"\\boxed{{{b}}}", a).correct
+
+
+def majority_classes(answers: Sequence[str | None]) -> list[int | None]:
+    """:func:`~l2t_core.eval.metrics.answer_classes` under :func:`equivalent_answers`: the voting
+    classes of maj@k and of the best-of-N majority selector."""
+    return answer_classes([a if isinstance(a, str) else None for a in answers], equivalent_answers)
+
+
 def summarize(rows: pd.DataFrame, maj_k: int) -> dict:
-    """pass@1, maj@k and mean tokens of a sample table, overall and per group."""
+    """pass@1, maj@k and mean tokens of a sample table, overall and per group; maj@k votes over
+    mathematically equivalent answers (:func:`majority_classes`)."""
 
     def block(df: pd.DataFrame) -> dict:
         per_problem = df.groupby("problem_id", sort=False)
@@ -125,8 +141,8 @@ def summarize(rows: pd.DataFrame, maj_k: int) -> dict:
         for _, g in per_problem:
             g = g.sort_values("sample")
             if len(g) >= maj_k:
-                majs.append(maj_at_k(list(g["answer"]), list(g["correct"]), maj_k,
-                                     key=answer_key))
+                first = list(g["answer"])[:maj_k]
+                majs.append(maj_at_k(majority_classes(first), list(g["correct"])[:maj_k], maj_k))
         return {
             "problems": int(df["problem_id"].nunique()),
             "samples": int(len(df)),
