@@ -28,7 +28,8 @@ def episode_instruction(max_episodes: int | None = None) -> str:
 
 
 def build_prompt(problem: str, max_episodes: int | None = None) -> str:
-    """A plain-text prompt: the problem, the §8 instruction, and an opened think block."""
+    """A plain-text prompt: the problem and the §8 instruction. No think block is opened here: the
+    model opens it, or its chat template's generation prompt does (:func:`encode_prompt`)."""
     if not problem or not problem.strip():
         raise ValueError("build_prompt: the problem text is empty; every prompt needs a problem statement.")
     return f"{problem.strip()}\n\n{episode_instruction(max_episodes)}\n"
