@@ -61,6 +61,10 @@ def test_depth_curve_prompts_ask_for_at_most_max_depth_segments(model, tokenizer
     items = load_benchmark("math500", limit=2)
     assert "Use at most 30 segments." in depth_prompt(items[0])
     assert depth_prompt(items[0], 12) == build_prompt(items[0].problem, max_episodes=12)
+    from l2t_core.eval.synthetic import HeldOutOptions, load_heldout
+
+    walk = load_heldout("walk_heldout", HeldOutOptions(levels=[2], per_level=1))[0]
+    assert walk.prompt and depth_prompt(walk) == walk.prompt  # a synthetic task's own prompt
     engine = HFRolloutEngine(model, tokenizer)
     seen = []
     generate = engine.generate

@@ -127,5 +127,7 @@ def depth_curve(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem]
 
 def depth_prompt(item: BenchmarkItem, max_depth: int = 30) -> str:
     """The prompt of the depth analysis: METHOD.md §8's template with its §3.2 clause, "Use at
-    most ``max_depth`` segments." (30 in the paper)."""
-    return build_prompt(item.problem, max_episodes=max_depth)
+    most ``max_depth`` segments." (30 in the paper). An item with a prompt of its own (a synthetic
+    task's held-out problem, :mod:`l2t_core.eval.synthetic`) keeps it, as in every evaluation: its
+    model was trained on that prompt, not on the math template."""
+    return item.prompt if item.prompt is not None else build_prompt(item.problem, max_episodes=max_depth)
