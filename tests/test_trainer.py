@@ -733,10 +733,11 @@ def test_logged_episode_tokens_are_each_episodes_own_tokens(model, tokenizer):
                 Rollout(prompt, tokenizer("7 * 2", add_special_tokens=False)["input_ids"], "7 * 2", "14", 0)]
     rewards = compute_rewards(model, tokenizer, rollouts, "l2t", verifier=NumericVerifier())
     tables = {}
-    fake = SimpleNamespace(run_id="r", rank=0, world=1, cfg=SimpleNamespace(log_rollouts=False, method="l2t"),
-                           metrics=SimpleNamespace(add=lambda name, rows: tables.setdefault(name, rows)))
+    # a stand-in trainer holding only what _record reads (a whole Trainer would sample and train)
+    stand_in = SimpleNamespace(run_id="r", rank=0, world=1, cfg=SimpleNamespace(log_rollouts=False, method="l2t"),
+                               metrics=SimpleNamespace(add=lambda name, rows: tables.setdefault(name, rows)))
     probs = [SimpleNamespace(id=str(i), level=1) for i in range(2)]
-    Trainer._record(fake, 1, rollouts, probs, rewards)
+    Trainer._record(stand_in, 1, rollouts, probs, rewards)
     eps = pd.DataFrame(tables["episode_rewards"])
     for n, (r, x) in enumerate(zip(rollouts, rewards.responses)):
         got = eps[eps["rollout"] == n].sort_values("episode")["num_tokens"].tolist()
