@@ -38,3 +38,18 @@ def test_selectors_on_known_candidates(model, tokenizer):
     assert all(math.isfinite(x) for x in s[:3] + ll[:3]) and s[3] == -math.inf and ll[3] == -math.inf
     with pytest.raises(ValueError, match="candidate groups"):
         best_of_n(model, tokenizer, items, groups[:1])
+
+
+def test_a_candidate_cut_while_thinking_is_neither_chosen_nor_counted(model, tokenizer):
+    """A candidate that ran into the token limit before </think> gave no answer: the box in its
+    unfinished reasoning is neither a vote nor a pick, and the oracle does not count it (it was
+    verified on that box, so every selector and the oracle scored the problem solved)."""
+    item = load_benchmark("math500", limit=1)[0]
+    text = f"<think>\n<episode_1>Maybe \\boxed{{{item.answer}}}? Let me check</episode_1>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = Completion([5, 6, 7], ids, tokenizer.decode(ids, skip_special_tokens=True), False)
+    assert item.answer in cut.text
+    group = [_cand(tokenizer, "123456789"), cut]
+    df = best_of_n(model, tokenizer, [item], [group]).set_index("selector")
+    assert not df["correct"].any()
+    assert (df.loc[["l2t", "loglik", "majority"], "chosen"] == 0).all()

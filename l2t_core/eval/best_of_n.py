@@ -9,8 +9,9 @@ For the N sampled candidates of a problem, each with its own extracted answer a_
 * ``majority``: the most frequent answer, mathematically equivalent answers voting together
   (:func:`~l2t_core.eval.runner.majority_classes`; ties to the first).
 
-Candidates without an answer are never chosen while another one has an answer. A problem counts
-as solved by a selector when its chosen candidate is verified correct against the reference.
+Candidates without an answer (none boxed, or cut at the token limit before ``</think>``) are never
+chosen while another one has an answer. A problem counts as solved by a selector when its chosen
+candidate is verified correct against the reference.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..rollout import Completion
 from ..verify import answer_span, extract_boxed
 from .datasets import BenchmarkItem
 from .metrics import majority_answer
-from .runner import majority_classes, verify_all
+from .runner import cut_while_thinking, majority_classes, verify_completions
 
 SELECTORS = ("l2t", "loglik", "majority")
 
@@ -77,8 +78,9 @@ def best_of_n(model, tokenizer, items: Sequence[BenchmarkItem], groups: Sequence
     for item, group in zip(items, groups):
         if not group:
             raise ValueError(f"best_of_n: problem {item.id!r} has no candidates")
-        answers = [extract_boxed(answer_span(c.text)) for c in group]
-        verdicts = verify_all([c.text for c in group], [item.accepted_answers] * len(group))
+        # a candidate cut at the token limit while thinking has no answer, as in evaluate_math
+        answers = [None if cut_while_thinking(c) else extract_boxed(answer_span(c.text)) for c in group]
+        verdicts = verify_completions(group, [item.accepted_answers] * len(group))
         scores = {"l2t": l2t_scores(model, tokenizer, group, answers, cfg),
                   "loglik": loglik_scores(model, tokenizer, group, answers)}
         chosen = {k: max(range(len(group)), key=lambda i, s=s: (s[i], -i)) for k, s in scores.items()}

@@ -95,6 +95,19 @@ def cut_while_thinking(completion: Completion) -> bool:
     return not completion.finished and THINK_CLOSE not in completion.text
 
 
+def verify_completions(completions: Sequence[Completion], accepted: Sequence[tuple[str, ...]], *,
+                       workers: int = 1, timeout_s: float = 5.0) -> list[Verdict]:
+    """:func:`verify_all` of sampled completions, in order: one cut at the token limit before
+    ``</think>`` is not verified and gets :data:`CUT_WHILE_THINKING` (:func:`cut_while_thinking`)."""
+    answered = [k for k, c in enumerate(completions) if not cut_while_thinking(c)]
+    checked = verify_all([completions[k].text for k in answered], [accepted[k] for k in answered],
+                         workers=workers, timeout_s=timeout_s)
+    verdicts = [CUT_WHILE_THINKING] * len(completions)
+    for k, v in zip(answered, checked):
+        verdicts[k] = v
+    return verdicts
+
+
 def _verify_one(args: tuple[str, tuple[str, ...], float]) -> Verdict:
     """Correct when the response matches any accepted answer (gold first)."""
     response, accepted, timeout_s = args
@@ -206,12 +219,8 @@ def score_math(items: Sequence[BenchmarkItem], groups: Sequence[Sequence[Complet
     kinds = {getattr(i, "benchmark", "") for i in items}
     flat = [(item, k, c) for item, g in zip(items, groups) for k, c in enumerate(g)]
     t1 = time.perf_counter()
-    answered = [k for k, (_, _, c) in enumerate(flat) if not cut_while_thinking(c)]
-    checked = verify_all([flat[k][2].text for k in answered], [flat[k][0].accepted_answers for k in answered],
-                         workers=settings.verify_workers, timeout_s=settings.verify_timeout_s)
-    verdicts = [CUT_WHILE_THINKING] * len(flat)
-    for k, v in zip(answered, checked):
-        verdicts[k] = v
+    verdicts = verify_completions([c for _, _, c in flat], [i.accepted_answers for i, _, _ in flat],
+                                  workers=settings.verify_workers, timeout_s=settings.verify_timeout_s)
     verify_s = time.perf_counter() - t1
     rows = pd.DataFrame([{
         "benchmark": item.benchmark, "problem_id": item.id, "sample": k, "group": group_of(item),
