@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -196,6 +197,15 @@ class MathVerifier:
             return Verdict(False, "error", boxed, f"{type(err).__name__}: {err}")
         ok, extracted = out
         return Verdict(bool(ok), "correct" if ok else "incorrect", extracted)
+
+
+@functools.lru_cache(maxsize=65536)
+def equivalent_answers(a: str, b: str) -> bool:
+    """Whether two answers are the same answer: :class:`MathVerifier` accepts ``b`` (boxed)
+    against ``a`` (``0.5`` and ``\\frac{1}{2}``, ``90^\\circ`` and ``90``). Used for majority votes
+    and to find a benchmark's alternatives that its problem text states; cached, since a vote
+    compares the same few answers again for every group of a summary."""
+    return MathVerifier().verify(f"\\boxed{{{b}}}", a).correct
 
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")

@@ -538,14 +538,14 @@ _STATED = re.compile(r"\\boxed\s*\{|The final answer is (.+?)\. I hope it is cor
 def leaked_answers(problem: str, candidates: Iterable[str]) -> set[str]:
     """The ``candidates`` that ``problem`` itself states as an answer (in a ``\\boxed{}`` or a
     "The final answer is X. I hope it is correct." line), equal as text (whitespace aside) or by
-    :class:`~l2t_core.verify.MathVerifier`.
+    :func:`~l2t_core.verify.equivalent_answers`.
 
     MinervaMATH's multi-part problems quote the solved earlier parts, answers included, and the
     DeepScaleR answer lists matched to them by problem text hold 37 such earlier-part answers
     (minerva-145 asks for the age in years, 400000; the list has 1, the minutes of part 0 that
     the prompt shows as \\boxed{1}). Accepting those would score a copy of the prompt's
     answer as correct."""
-    from ..verify import MathVerifier, extract_boxed
+    from ..verify import equivalent_answers, extract_boxed
 
     candidates = list(candidates)
     if not candidates:
@@ -558,9 +558,7 @@ def leaked_answers(problem: str, candidates: Iterable[str]) -> set[str]:
     if not stated:
         return set()
     squash = lambda t: "".join(t.split())  # noqa: E731
-    verifier = MathVerifier()
-    return {c for c in candidates
-            if any(squash(c) == squash(s) or verifier.verify(f"\\boxed{{{s}}}", c).correct for s in stated)}
+    return {c for c in candidates if any(squash(c) == squash(s) or equivalent_answers(c, s) for s in stated)}
 
 
 def _level(spec: BenchmarkSpec, meta: dict, path: Path, line_no: int) -> int | None:

@@ -16,7 +16,6 @@ samples with :func:`sample_responses` and writes rows of the same columns.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from rich.progress import Progress
 
 from ..prompts import THINK_CLOSE, build_prompt, encode_prompt
 from ..rollout import Completion, RolloutEngine, SamplingParams
-from ..verify import MathVerifier, Verdict
+from ..verify import MathVerifier, Verdict, equivalent_answers
 from .datasets import BenchmarkItem
 from .metrics import answer_classes, maj_at_k
 
@@ -130,17 +129,9 @@ def verify_all(responses: Sequence[str], accepted: Sequence[tuple[str, ...]], *,
         return list(pool.map(_verify_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
 
 
-@functools.lru_cache(maxsize=65536)
-def equivalent_answers(a: str, b: str) -> bool:
-    """Whether two extracted answers are the same answer for a majority vote: math-verify accepts
-    ``b`` against ``a`` (``0.5`` and ``\\frac{1}{2}``, ``90^\\circ`` and ``90``). Cached: a vote
-    compares the same few answers again for every group of the summary."""
-    return MathVerifier().verify(f"\\boxed{{{b}}}", a).correct
-
-
 def majority_classes(answers: Sequence[str | None]) -> list[int | None]:
-    """:func:`~l2t_core.eval.metrics.answer_classes` under :func:`equivalent_answers`: the voting
-    classes of maj@k and of the best-of-N majority selector."""
+    """:func:`~l2t_core.eval.metrics.answer_classes` under :func:`~l2t_core.verify.equivalent_answers`:
+    the voting classes of maj@k and of the best-of-N majority selector."""
     return answer_classes([a if isinstance(a, str) else None for a in answers], equivalent_answers)
 
 
