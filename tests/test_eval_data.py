@@ -72,19 +72,22 @@ def test_minerva_alternatives_come_from_deepscaler_without_the_prompts_own_answe
         listed = it.meta["answer_alternatives_deepscaler"]
         assert set(it.alternatives) <= set(listed)
         assert it.accepted_answers[0] == it.answer
-    assert sum(len(it.alternatives) for it in items) == 131
+    assert sum(len(it.alternatives) for it in items) == 130
     assert {"41.8^\\circ", "41.8^{\\circ}"} <= set(items[2].alternatives)
     assert items[10].alternatives == ("3.83 \\times 10^{35}",)
-    # multi-part problems quote the earlier parts' solutions; DeepScaleR's list holds 37 of
+    # multi-part problems quote the earlier parts' solutions; DeepScaleR's list holds 38 of
     # those earlier answers, which a model could copy from its prompt
     by_id = {it.id: it for it in items}
     dropped = {it.id: sorted(set(it.meta["answer_alternatives_deepscaler"]) - {it.answer} - set(it.alternatives))
                for it in items}
-    assert sum(map(len, dropped.values())) == 37
+    assert sum(map(len, dropped.values())) == 38
     assert dropped["minerva-145"] == ["1"] and "\\boxed{1}" in by_id["minerva-145"].problem
     assert by_id["minerva-145"].accepted_answers == ("400000",)
     assert dropped["minerva-57"] == ["4.4 \\times 10^7", "4.4e7"]  # part 0's \boxed{4.4e7}; part 1 is 0.53
     assert dropped["minerva-151"] == ["188"] and by_id["minerva-151"].accepted_answers == ("566",)
+    # part 0's frequency, quoted unboxed as a result (=4.4677 \times 10^{14} {s}^{-1}); part 1 is the wave number
+    assert dropped["minerva-149"] == ["4.4677 \\times 10^{14}"]
+    assert by_id["minerva-149"].accepted_answers == ("1.4903e4",)
 
 
 def test_an_answer_the_problem_states_is_not_an_alternative(tmp_path):
@@ -94,11 +97,16 @@ def test_an_answer_the_problem_states_is_not_an_alternative(tmp_path):
     rows = [{"id": "a", "problem": problem, "answer": "400000", "solution": None,
              "meta": {spec.alternatives_key: ["1", "4 \\times 10^{5}"]}},
             {"id": "b", "problem": "Part 0 gave The final answer is 3e8. I hope it is correct. Now part 1.",
-             "answer": "2", "solution": None, "meta": {spec.alternatives_key: ["3 \\times 10^8", "2.0"]}}]
+             "answer": "2", "solution": None, "meta": {spec.alternatives_key: ["3 \\times 10^8", "2.0"]}},
+            # results the quoted part computes, unboxed (4.47e14, 2.5 m); "x = 2.50" states neither 2 nor 2.5
+            {"id": "c", "problem": "Solution: $v = c/\\lambda = 4.47 \\times 10^{14} s^{-1}$, x = 2.50, y = 2.5 m.",
+             "answer": "7", "solution": None,
+             "meta": {spec.alternatives_key: ["4.47\\times 10^{14}", "7.0", "2", "2.5"]}}]
     path = tmp_path / spec.file
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    a, b = load_benchmark("minerva", tmp_path, strict_count=False)
+    a, b, c = load_benchmark("minerva", tmp_path, strict_count=False)
     assert a.alternatives == ("4 \\times 10^{5}",) and b.alternatives == ("2.0",)
+    assert c.alternatives == ("7.0", "2")
 
 
 def test_omni_tiers_cover_every_row():

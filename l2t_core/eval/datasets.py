@@ -535,30 +535,40 @@ def _alternatives(spec: BenchmarkSpec, meta: dict, answer: str, problem: str, pa
 _STATED = re.compile(r"\\boxed\s*\{|The final answer is (.+?)\. I hope it is correct")
 
 
+def _stated_as_result(candidate: str, problem: str) -> bool:
+    """``candidate`` follows an ``=`` in ``problem`` and ends there (whitespace ignored): a result the
+    quoted solution of an earlier part computes, as ``v = c/λ = 4.4677 \\times 10^{14} s^{-1}``."""
+    squash = "".join(candidate.split())
+    stated = re.search("=" + re.escape(squash) + r"(?![0-9.])", "".join(problem.split()))
+    return bool(squash) and stated is not None
+
+
 def leaked_answers(problem: str, candidates: Iterable[str]) -> set[str]:
     """The ``candidates`` that ``problem`` itself states as an answer (in a ``\\boxed{}`` or a
-    "The final answer is X. I hope it is correct." line), equal as text (whitespace aside) or by
-    :func:`~l2t_core.verify.equivalent_answers`.
+    "The final answer is X. I hope it is correct." line, equal as text (whitespace aside) or by
+    :func:`~l2t_core.verify.equivalent_answers`) or as a computed result (right after an ``=``,
+    as text).
 
     MinervaMATH's multi-part problems quote the solved earlier parts, answers included, and the
     DeepScaleR answer lists matched to them by problem text hold 37 such earlier-part answers
     (minerva-145 asks for the age in years, 400000; the list has 1, the minutes of part 0 that
-    the prompt shows as \\boxed{1}). Accepting those would score a copy of the prompt's
-    answer as correct."""
+    the prompt shows as \\boxed{1}). One more is quoted unboxed: minerva-149 asks for the wave
+    number, 1.4903e4, and the list has the frequency 4.4677 \\times 10^{14} that the quoted part 0
+    computes (``=4.4677 \\times 10^{14} {s}^{-1}= \\boxed{4.4677} Hz``). Accepting those would score
+    a copy of the prompt's answer as correct."""
     from ..verify import equivalent_answers, extract_boxed
 
     candidates = list(candidates)
     if not candidates:
         return set()
+    results = {c for c in candidates if _stated_as_result(c, problem)}
     stated = set()
     for m in _STATED.finditer(problem):
         text = m.group(1) if m.group(1) is not None else extract_boxed(problem[m.start():])
         if text and text.strip():
             stated.add(text.strip())
-    if not stated:
-        return set()
     squash = lambda t: "".join(t.split())  # noqa: E731
-    return {c for c in candidates if any(squash(c) == squash(s) or equivalent_answers(c, s) for s in stated)}
+    return results | {c for c in candidates if any(squash(c) == squash(s) or equivalent_answers(c, s) for s in stated)}
 
 
 def _level(spec: BenchmarkSpec, meta: dict, path: Path, line_no: int) -> int | None:
