@@ -8,13 +8,18 @@ matters: a TRAINED checkpoint of the synthetic task (``--policy``, e.g. the warm
 responses that segment as tagged) or the task's reference traces (``--source reference``).
 
 For every episode it computes ‖g_k‖² of the exact all-parameter gradient (one backward per
-episode, :func:`~l2t_core.rewards.compression.exact_episode_penalties`) and of each proxy, from
-the same one-backward per-token signals the trainer uses:
+episode, :func:`~l2t_core.rewards.compression.exact_episode_penalties`) and of each proxy, as the
+trainer computes it:
 
 * ``last_down_proj``: the paper's θ, the last block's MLP down-projection, in the rank-r SVD proxy
   (``rank_frac`` 1 / 5 / 10 / 25 %) and un-projected (``full_layer``);
 * ``all_down_proj``: every block's down-projection (``compression.targets:
   ["model.layers.*.mlp.down_proj"]``, this project's option), rank 5 % and un-projected;
+* ``random_layers``: the §5.3(iii) ablation's blocks (30 %, seed 0), un-projected.
+
+For targets below the last block the trainer runs one backward per episode
+(``compression.attribution: per_episode``, exact); the ``*_single_backward`` rows rank the same
+targets from the one backward instead, which credits each position with every later token's signal.
 * ``episode_length``: the token count alone, a baseline;
 * ``context_copy``: the share of the episode's token pairs already in its context
   (:func:`~l2t_core.episode_credit.context_overlap`), a baseline that sees repetition without a model.
@@ -80,8 +85,11 @@ def _episodes(model, tok, problems, source: str, samples: int, temperature: floa
     return rows
 
 
-def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float) -> tuple[list[torch.Tensor], float]:
-    """‖g_k‖² per response under one proxy, from the trainer's one-backward per-token signals."""
+def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float,
+                   attribution: str = "per_episode") -> tuple[list[torch.Tensor], float]:
+    """‖g_k‖² per response under one proxy, as the trainer computes it: the one-backward per-token
+    signals where they are exact or ``attribution`` is ``single_backward``, else one backward per
+    episode (``compression.attribution``)."""
     from l2t_core.rewards import compression as comp
 
     t0 = time.perf_counter()
@@ -89,8 +97,13 @@ def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float) -> tuple[l
     if mode == "low_rank":
         proxy = comp.SVDProxy(rank_frac=rank_frac)
         proxy.refresh(targets, 0)
+    per_episode = attribution == "per_episode" and not comp.attributed_by_position(model, targets)
     out = []
     for ids, score, tep, k, _ in rows:
+        if per_episode:
+            out.append(comp.per_episode_sqnorms(model, ids[None], torch.ones_like(ids)[None], score[None], tep[None],
+                                                targets, proxy=proxy).sqnorms[0, :k])
+            continue
         sig = comp.per_token_signals(model, ids[None], torch.ones_like(ids)[None], score[None], targets)
         out.append(comp.episode_sqnorms(sig, tep[1:][score[1:]], k, proxy))
     return out, time.perf_counter() - t0
@@ -163,13 +176,18 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
     every = comp.resolve_targets(model, [comp.ALL_DOWN_PROJ])
     configs = {f"last_down_proj_r{int(rf * 100)}": (last, "low_rank", rf) for rf in (0.01, 0.05, 0.1, 0.25)}
     configs["last_down_proj_full_layer"] = (last, "full_layer", 1.0)
-    configs["all_down_proj_r5"] = (every, "low_rank", 0.05)
-    configs["all_down_proj_full_layer"] = (every, "full_layer", 1.0)
+    random = comp.resolve_targets(model, comp.random_layer_targets(model, 0.3, seed=0))
+    for attribution, suffix in (("per_episode", ""), ("single_backward", "_single_backward")):
+        configs[f"all_down_proj_r5{suffix}"] = (every, "low_rank", 0.05, attribution)
+        configs[f"all_down_proj_full_layer{suffix}"] = (every, "full_layer", 1.0, attribution)
+        configs[f"random_layers{suffix}"] = (random, "full_layer", 1.0, attribution)
     proxies = {}
-    for name, (targets, mode, rf) in configs.items():
-        sq, secs = _proxy_sqnorms(model, rows, targets, mode, rf)
+    for name, (targets, mode, rf, *attribution) in configs.items():
+        sq, secs = _proxy_sqnorms(model, rows, targets, mode, rf, *attribution)
         proxies[name] = {**score(sq, exact, rows), "seconds": secs, "targets": len(targets), "mode": mode,
-                         "rank_frac": rf if mode == "low_rank" else None}
+                         "rank_frac": rf if mode == "low_rank" else None,
+                         "attribution": (attribution or ["per_episode"])[0]
+                         if not comp.attributed_by_position(model, targets) else "exact_by_position"}
     lengths = [torch.bincount(tep[1:][sc[1:]], minlength=k).double() for _, sc, tep, k, _ in rows]
     proxies["episode_length"] = score(lengths, exact, rows)
     proxies["context_copy"] = score(_context_overlaps(rows), exact, rows)

@@ -138,8 +138,9 @@ class CompressionConfig(_Strict):
         description=(
             "Named nn.Linear modules forming θ; a name with * ? [ is an fnmatch pattern. None: the MLP "
             "down-projection of the last block (paper). 'model.layers.*.mlp.down_proj' (every block's, this "
-            "project's option) tracks the all-parameter penalty better on a trained model: Spearman 0.91 vs 0.77 "
-            "at rank_frac 0.05 (bench.penalty_fidelity)."
+            "project's option) tracks the all-parameter penalty far better on a trained model: Spearman 0.96-0.97 "
+            "vs 0.73-0.75 at rank_frac 0.05 (bench.penalty_fidelity), at the cost of one backward per episode "
+            "(see attribution)."
         ),
     )
     rank_frac: float = Field(0.05, gt=0.0, le=1.0, description="r = ceil(rank_frac · min(d_out, d_in)).")
@@ -165,6 +166,18 @@ class CompressionConfig(_Strict):
                     "ranks responses by those outliers rather than by how much they say; the clip bounds "
                     "what one episode can cost.")
     random_layer_frac: float = Field(0.3, gt=0.0, le=1.0, description="Share of blocks for the method l2t_random_layers.")
+    attribution: Literal["per_episode", "single_backward"] = Field(
+        "per_episode",
+        description=(
+            "How episodes' gradients are told apart where a target is not in the last block after its attention "
+            "(the method l2t_random_layers, targets in earlier blocks); the default target is exact either way and "
+            "takes one backward. per_episode: one backward per episode, batched, each episode's gradient summed "
+            "over every position, prompt included (METHOD.md §3, exact). single_backward (this project's option): "
+            "the one backward of the default target, each position's signal credited to the episode of the token "
+            "it enters at, which also carries every later token's signal through that position (an "
+            "approximation; K times cheaper)."
+        ),
+    )
     seed: int = 0
 
 

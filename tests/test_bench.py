@@ -36,6 +36,13 @@ def test_penalty_fidelity_bench_quick_runs(capsys):
         p = res["proxies"][name]
         assert -1 <= p["spearman"] <= 1 and p["seconds"] > 0
     assert res["proxies"]["all_down_proj_full_layer"]["targets"] == res["num_layers"]
+    # below the last block the trainer's per-episode backwards, and the one backward beside them
+    attribution = {name: p.get("attribution") for name, p in res["proxies"].items()}
+    assert attribution["last_down_proj_r5"] == attribution["last_down_proj_full_layer"] == "exact_by_position"
+    for name in ("all_down_proj_r5", "all_down_proj_full_layer"):
+        assert attribution[name] == "per_episode" and attribution[f"{name}_single_backward"] == "single_backward"
+        assert res["proxies"][name]["spearman"] != res["proxies"][f"{name}_single_backward"]["spearman"]
+    assert attribution["random_layers"] in ("per_episode", "exact_by_position")  # the last block drawn alone
     assert res["spearman"] == res["proxies"]["last_down_proj_r5"]["spearman"]
     # whether each penalty, the exact one included, tells redundant episodes from the rest
     for sep in [res["exact_redundancy"]] + [p["redundancy"] for p in res["proxies"].values()]:

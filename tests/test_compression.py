@@ -264,3 +264,98 @@ def test_penalty_normalisation_over_ranks_equals_the_whole_batch():
     torch.testing.assert_close(split, whole)
     local = torch.cat([normalise_penalties(p, r, n) for p, r, n in shares])
     assert not torch.allclose(local, whole)
+
+
+def _episode_gradients_by_autograd(model, ids, att, score, episodes, names):
+    """Brute force: each row alone, one backward per episode, ∇_W Σ_{t∈k} log π(z_t) of each
+    target weight (every parameter's gradient on); ‖·‖² per row and episode, and the gradients."""
+    modules = dict(model.named_modules())
+    sq, grads = {}, {}
+    for b in range(ids.shape[0]):
+        n = int(att[b].sum())
+        logits = model(input_ids=ids[b: b + 1, :n]).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[b, 1:n, None]).squeeze(-1)
+        ep, sc = episodes[b, 1:n], score[b, 1:n]
+        for k in range(int(ep.max()) + 1):
+            g = torch.autograd.grad(lp[sc & (ep == k)].sum(), [modules[m].weight for m in names], retain_graph=True)
+            grads[b, k] = dict(zip(names, g))
+            sq[b, k] = sum(float(x.double().pow(2).sum()) for x in g)
+    return sq, grads
+
+
+def _episodes_of(score, sizes):
+    """Episode ids (-1 off the scored tokens): row b's scored tokens cut into episodes of ``sizes[b]``."""
+    ep = torch.full(score.shape, -1, dtype=torch.long)
+    for b, row in enumerate(sizes):
+        ep[b, score[b]] = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
+    return ep
+
+
+def test_per_episode_sqnorms_equal_each_episodes_own_gradient_in_any_block(model):
+    """METHOD.md §3's full per-episode gradients, for blocks that a later attention follows (the
+    random-layers ablation): one batched backward per episode slot equals a separate autograd
+    backward per episode, padded rows and episode chunks of one included; the single backward's
+    per-position attribution does not (it credits a position with every later token's signal)."""
+    names = ["model.layers.0.mlp.down_proj", "model.layers.3.mlp.down_proj", "model.layers.7.mlp.down_proj"]
+    targets = comp.resolve_targets(model, names)
+    assert not comp.attributed_by_position(model, names) and comp.attributed_by_position(model, names[2:])
+    assert comp.attributed_by_position(model, ["model.layers.7.mlp.up_proj", "model.layers.7.self_attn.o_proj"])
+    assert not comp.attributed_by_position(model, ["model.layers.7.self_attn.v_proj"])
+    ids, att, score = _batch(model.config.vocab_size, [11, 7], seed=5)
+    episodes = _episodes_of(score, [[4, 3, 4], [2, 5]])
+    want, _ = _episode_gradients_by_autograd(model, ids, att, score, episodes, names)
+    for chunk in (1 << 26, 1):  # all slots in one batched backward; one slot per backward
+        got = comp.per_episode_sqnorms(model, ids, att, score, episodes, targets, max_chunk_elements=chunk)
+        assert got.sqnorms.shape == (2, 3) and got.sqnorms[1, 2] == 0  # row 1 has two episodes
+        for (b, k), v in want.items():
+            assert float(got.sqnorms[b, k]) == pytest.approx(v, rel=1e-4)
+    sig = comp.per_token_signals(model, ids, att, score, targets)
+    single = comp.episode_sqnorms(sig, episodes[score], 3)  # row 0 only: its episodes are 0..2
+    assert float(single[0]) != pytest.approx(want[0, 0], rel=0.05)
+    torch.testing.assert_close(got.logprobs, sig.logprobs, atol=1e-5, rtol=0)
+    # the last block's down-projection alone: one backward was exact already, and both agree
+    last = comp.resolve_targets(model, names[2:])
+    exact = comp.per_episode_sqnorms(model, ids, att, score, episodes, last).sqnorms
+    seg = (episodes + torch.tensor([[0], [3]]))[score]
+    flat = comp.episode_sqnorms(comp.per_token_signals(model, ids, att, score, last), seg, 5)
+    torch.testing.assert_close(torch.cat([exact[0], exact[1, :2]]), flat, rtol=1e-4, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly at the scored tokens"):
+        comp.per_episode_sqnorms(model, ids, att, score, torch.zeros_like(episodes), targets)
+
+
+def test_per_episode_sqnorms_in_the_low_rank_proxy(model):
+    """With a proxy, ‖Uᵀ G_k V‖² of each episode's own gradient G_k."""
+    names = ["model.layers.2.mlp.down_proj"]
+    targets = comp.resolve_targets(model, names)
+    proxy = comp.SVDProxy(rank=6)
+    proxy.refresh(targets, 0)
+    ids, att, score = _batch(model.config.vocab_size, [9, 8], seed=6)
+    episodes = _episodes_of(score, [[5, 4], [3, 3, 2]])
+    _, grads = _episode_gradients_by_autograd(model, ids, att, score, episodes, names)
+    got = comp.per_episode_sqnorms(model, ids, att, score, episodes, targets, proxy=proxy).sqnorms
+    basis = proxy.bases[names[0]]
+    for (b, k), g in grads.items():
+        want = float((basis.U.T @ g[names[0]] @ basis.V).double().pow(2).sum())
+        assert float(got[b, k]) == pytest.approx(want, rel=1e-4)
+
+
+def test_per_episode_sqnorms_run_the_busiest_ranks_backward_count(model, monkeypatch):
+    """Under ZeRO-3 every rank runs as many backwards as the busiest (each gathers weights, a
+    collective): the extra ones carry no episode and change nothing."""
+    names = ["model.layers.1.mlp.down_proj"]
+    targets = comp.resolve_targets(model, names)
+    ids, att, score = _batch(model.config.vocab_size, [8, 6], seed=7)
+    episodes = _episodes_of(score, [[3, 5], [2, 2, 2]])
+    alone = comp.per_episode_sqnorms(model, ids, att, score, episodes, targets, max_chunk_elements=1).sqnorms
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(kwargs["grad_outputs"].shape[0])
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(comp, "lockstep_count", lambda n, params: n + 2)
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    padded = comp.per_episode_sqnorms(model, ids, att, score, episodes, targets, max_chunk_elements=1).sqnorms
+    assert calls == [1, 1, 1, 1, 1]  # three episode slots, one at a time, then two with no episode
+    torch.testing.assert_close(padded, alone, rtol=0, atol=0)

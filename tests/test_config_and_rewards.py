@@ -602,3 +602,51 @@ def test_offsets_when_the_text_was_decoded_without_a_sampled_special_token(token
                 expect.append(clean[t])
                 prev = clean[t][1]
         assert response_offsets(tokenizer, text, ids) == expect
+
+
+def test_random_layers_penalty_takes_each_episodes_own_gradient(model, tokenizer):
+    """l2t_random_layers (METHOD.md §3 ablation): blocks that a later attention follows get each
+    episode's own gradient (one backward per episode), through the packed J layout and padded
+    micro-batches as on a plain forward of each response; attribution='single_backward' keeps the
+    one backward, whose per-position credit differs there."""
+    from l2t_core.episodes import segment, token_episode_ids
+    from l2t_core.prompts import FORCE_ANSWER_SUFFIX, render_answer
+    from l2t_core.rewards import compression as comp
+    from l2t_core.rewards.fitting import JItem
+    from l2t_core.rewards.l2t import episode_pass
+
+    rollouts = _rollouts(tokenizer, [GOOD, REDUNDANT, GOOD + " and more words to pad"])
+    teps = [token_episode_ids(segment(r.response_text), response_offsets(tokenizer, r.response_text, r.response_ids))
+            for r in rollouts]
+    force = tokenizer(FORCE_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+    ans = tokenizer(render_answer("14"), add_special_tokens=False)["input_ids"]
+    items = [JItem(r.prompt_ids, r.response_ids, te.boundaries.tolist(), ans) for r, te in zip(rollouts, teps)]
+    cfg = RewardConfig()
+    names = comp.random_layer_targets(model, cfg.compression.random_layer_frac, cfg.compression.seed)
+    targets = comp.resolve_targets(model, names)
+    assert not comp.attributed_by_position(model, names)
+    want = []
+    for r, te in zip(rollouts, teps):  # each response alone, plain causal layout
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        score = torch.zeros_like(ids, dtype=torch.bool)
+        score[0, len(r.prompt_ids):] = True
+        episodes = torch.full_like(ids, -1)
+        episodes[score] = torch.as_tensor(te.episode_ids)
+        want.append(comp.per_episode_sqnorms(model, ids, torch.ones_like(ids), score, episodes, targets).sqnorms[0])
+    for budget in (100_000, 150):
+        res = episode_pass(model, rollouts, teps, tokenizer.pad_token_id or 0, budget, j_items=items,
+                           force_ids=force, targets=targets)
+        for got, w in zip(res.sqnorms, want):
+            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-12)
+    single = episode_pass(model, rollouts, teps, 0, 100_000, j_items=items, force_ids=force, targets=targets,
+                          attribution="single_backward")
+    assert not torch.allclose(torch.cat(single.sqnorms), torch.cat(res.sqnorms), rtol=0.05)
+    with pytest.raises(ValueError, match="attribution"):
+        episode_pass(model, rollouts, teps, 0, 100_000, targets=targets, attribution="exact")
+    # the method's raw penalties are P_k of these ‖G_k‖² (Thm 4.2), under either setting
+    for attribution, sq in (("per_episode", res.sqnorms), ("single_backward", single.sqnorms)):
+        c = RewardConfig(compression={"attribution": attribution})
+        out = compute_rewards(model, tokenizer, rollouts, "l2t_random_layers", c, verifier=NumericVerifier())
+        for r, s in zip(out.responses, sq):
+            torch.testing.assert_close(r.penalties.double(), comp.penalty(s, c.compression.adapt_lr,
+                                                                          c.compression.damping), rtol=1e-4, atol=0)

@@ -13,11 +13,13 @@ normalised so the batch's average response pays a total of 1 (:func:`normalise_p
 
 :func:`exact_episode_penalties` is the all-parameter reference (tests and benchmarks only), and
 ``random_layers`` mode is the §5.3(iii) ablation: full, un-projected down-projection gradients on
-a random 30 % of the blocks (:func:`full_episode_sqnorms`).
+a random 30 % of the blocks, each episode's own (:func:`per_episode_sqnorms`).
 
-For a target that is NOT the last block's down-projection, later attention mixes positions, so the
-per-token attribution of one backward pass is an approximation (signal credited to the position
-where it enters W); the default target is exact.
+For a target in an earlier block, later attention mixes positions, so one backward pass cannot
+tell the episodes' gradients apart (δ_t holds every later token's signal through position t):
+:func:`per_episode_sqnorms` then runs one backward per episode, batched, and sums each episode's
+gradient over every position (``CompressionConfig.attribution``, default ``per_episode``). The
+default target needs only the one backward (:func:`attributed_by_position`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..engines.gather import gathered
+from ..engines.gather import gathered, lockstep_count
 from ..logprobs import scored_logprobs
 from ..models import decoder_and_head
 from ..timing import device_clock
@@ -190,41 +192,29 @@ class TokenSignals:
     backward_s: float = 0.0  # seconds spent in the truncated backward pass
 
 
-def per_token_signals(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    score_mask: torch.Tensor,
-    targets: dict[str, torch.nn.Linear],
-    *,
-    position_ids: torch.Tensor | None = None,
-    return_hidden: bool = False,
-    head_chunk_tokens: int | None = None,
-) -> TokenSignals:
-    """One forward and ONE backward of Σ_t log π(z_t) over the scored tokens (METHOD.md §3).
-
-    ``score_mask[b, p]`` marks the tokens z_t whose log-probability is scored (response tokens);
-    token p is predicted at position p−1, so its a_t and δ_t are read at p−1. Parameters are frozen
-    and a zero leaf is added to each target's output, so the backward stops at the lowest target.
-
-    ``attention_mask`` is a [B, L] padding mask, or an additive [B, 1, L, L] mask with
-    ``position_ids`` (the packed J layout of :mod:`.fitting`, whose response positions see exactly
-    the causal prefix, so their signals equal those of a plain forward). ``return_hidden`` keeps
-    the final hidden states, so the same forward also serves J. ``head_chunk_tokens``: the output
-    head's logits a chunk of tokens at a time (:func:`~l2t_core.logprobs.scored_logprobs`).
-    """
+def _check_layout(caller: str, input_ids, attention_mask, score_mask) -> None:
     if input_ids.shape != score_mask.shape or attention_mask.shape[0] != input_ids.shape[0] or (
         attention_mask.dim() == 2 and attention_mask.shape != input_ids.shape
     ) or (attention_mask.dim() == 4 and attention_mask.shape[-2:] != (input_ids.shape[1],) * 2) or (
         attention_mask.dim() not in (2, 4)
     ):
         raise ValueError(
-            f"per_token_signals: input_ids {tuple(input_ids.shape)}, attention_mask "
+            f"{caller}: input_ids {tuple(input_ids.shape)}, attention_mask "
             f"{tuple(attention_mask.shape)} and score_mask {tuple(score_mask.shape)} must agree: "
             "masks [B, L] or an additive attention mask [B, 1, L, L]"
         )
     if score_mask[:, 0].any():
-        raise ValueError("per_token_signals: the first position cannot be scored (it has no context)")
+        raise ValueError(f"{caller}: the first position cannot be scored (it has no context)")
+
+
+@contextlib.contextmanager
+def _hooked_forward(caller, model, input_ids, attention_mask, score_mask, targets, position_ids,
+                    head_chunk_tokens):
+    """The forward both backward variants share: parameters frozen, a zero leaf added to each
+    target's output (the backward stops at the lowest target), the layer inputs kept. Yields
+    (inputs {name: [B, L, d_in]}, leaves {name: [B, L, d_out]}, log π(z_t) of the scored tokens
+    [N] in (row, position) order, final hidden states [B, L, H])."""
+    _check_layout(caller, input_ids, attention_mask, score_mask)
     decoder, head = decoder_and_head(model)
     captured_in: dict[str, torch.Tensor] = {}
     leaves: dict[str, torch.Tensor] = {}
@@ -249,14 +239,50 @@ def per_token_signals(
             lp = scored_logprobs(head, hidden[:, :-1][pred], input_ids[:, 1:][pred], 1.0, head_chunk_tokens)
             if not torch.isfinite(lp).all():
                 raise FloatingPointError(
-                    "per_token_signals: non-finite token log-probabilities; the model's logits overflowed"
+                    f"{caller}: non-finite token log-probabilities; the model's logits overflowed"
                 )
-            t0 = device_clock(lp.device)
-            grads = torch.autograd.grad(lp.sum(), [leaves[n] for n in targets], allow_unused=True)
-            backward_s = device_clock(lp.device) - t0
+            for hd in handles:
+                hd.remove()
+            handles = []
+            yield captured_in, leaves, lp, hidden
     finally:
         for hd in handles:
             hd.remove()
+
+
+def per_token_signals(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    targets: dict[str, torch.nn.Linear],
+    *,
+    position_ids: torch.Tensor | None = None,
+    return_hidden: bool = False,
+    head_chunk_tokens: int | None = None,
+) -> TokenSignals:
+    """One forward and ONE backward of Σ_t log π(z_t) over the scored tokens (METHOD.md §3).
+
+    ``score_mask[b, p]`` marks the tokens z_t whose log-probability is scored (response tokens);
+    token p is predicted at position p−1, so its a_t and δ_t are read at p−1. Parameters are frozen
+    and a zero leaf is added to each target's output, so the backward stops at the lowest target.
+
+    ``attention_mask`` is a [B, L] padding mask, or an additive [B, 1, L, L] mask with
+    ``position_ids`` (the packed J layout of :mod:`.fitting`, whose response positions see exactly
+    the causal prefix, so their signals equal those of a plain forward). ``return_hidden`` keeps
+    the final hidden states, so the same forward also serves J. ``head_chunk_tokens``: the output
+    head's logits a chunk of tokens at a time (:func:`~l2t_core.logprobs.scored_logprobs`).
+
+    The signals are exact for targets that no attention follows (:func:`attributed_by_position`);
+    for any other, δ_t holds every later token's signal through position t, and
+    :func:`per_episode_sqnorms` gives the episodes' gradients exactly.
+    """
+    with _hooked_forward("per_token_signals", model, input_ids, attention_mask, score_mask, targets,
+                         position_ids, head_chunk_tokens) as (captured_in, leaves, lp, hidden):
+        t0 = device_clock(lp.device)
+        grads = torch.autograd.grad(lp.sum(), [leaves[n] for n in targets], allow_unused=True)
+        backward_s = device_clock(lp.device) - t0
+    pred = score_mask[:, 1:]
     deltas, inputs = {}, {}
     for n, g in zip(targets, grads):
         g = torch.zeros_like(leaves[n]) if g is None else g
@@ -264,6 +290,110 @@ def per_token_signals(
         inputs[n] = captured_in[n][:, :-1][pred].float()
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(pred)[pred]
     return TokenSignals(inputs, deltas, lp.detach(), rows, hidden.detach() if return_hidden else None, backward_s)
+
+
+def attributed_by_position(model, names: Sequence[str]) -> bool:
+    """Whether ONE backward pass gives every target's per-token signal exactly: each target lies
+    in the last block after its attention (a Linear of the MLP, or the attention's output
+    projection), so nothing mixes positions between it and the logits and ∂ log π(z_t)/∂y_s = 0
+    for s ≠ t (METHOD.md §3). For a target in an earlier block a later attention carries y_s into
+    every later token's log-probability, and the episodes' gradients need one backward each
+    (:func:`per_episode_sqnorms`)."""
+    decoder, _ = decoder_and_head(model)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) == 0:
+        return False
+    last = _name_of(model, layers[-1])
+    return all(n.startswith(f"{last}.mlp.") or n == f"{last}.self_attn.o_proj" for n in names)
+
+
+@dataclass
+class EpisodeSignals:
+    """:func:`per_episode_sqnorms`' result: ‖g_k‖² per row and episode, and, as in
+    :class:`TokenSignals`, log π(z_t) of the scored tokens from the same forward."""
+
+    sqnorms: torch.Tensor  # [B, K_max] float64, summed over the targets; 0 past a row's episodes
+    logprobs: torch.Tensor  # [N]
+    hidden: torch.Tensor | None = None  # [B, L, H] final hidden states (detached), when asked for
+    backward_s: float = 0.0  # seconds of the backward passes and the reduction
+
+
+def per_episode_sqnorms(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    episode_ids: torch.Tensor,
+    targets: dict[str, torch.nn.Linear],
+    *,
+    proxy: SVDProxy | None = None,
+    position_ids: torch.Tensor | None = None,
+    return_hidden: bool = False,
+    head_chunk_tokens: int | None = None,
+    max_chunk_elements: int = 1 << 26,
+) -> EpisodeSignals:
+    """‖G_k‖² with G_k = ∇_W Σ_{t∈k} log π(z_t), each episode's own gradient, for any targets
+    (METHOD.md §3: "full per-episode gradients"; the random-layers ablation's blocks): one forward,
+    then one backward per episode.
+
+    ``episode_ids[b, p]`` is the episode (0-based within row b) of scored token p, −1 elsewhere.
+    Slot k of a backward holds the k-th episode of every row at once (rows do not see each other),
+    and the slots go through batched backwards (``is_grads_batched``, at most
+    ``max_chunk_elements`` signal entries at a time). G_k = Σ_p δ_p^(k) a_pᵀ over EVERY position p
+    of the row up to its last scored prediction, the prompt's included: through attention an
+    episode's tokens depend on W at every earlier position. In the rank-r proxy of ``proxy`` when
+    given (g_k = Uᵀ G_k V), else un-projected. Other arguments as in :func:`per_token_signals`;
+    for targets that :func:`attributed_by_position` the result equals its segment sums, at K
+    backwards instead of one.
+    """
+    if episode_ids.shape != input_ids.shape:
+        raise ValueError(f"per_episode_sqnorms: episode_ids {tuple(episode_ids.shape)} must have the shape of "
+                         f"input_ids {tuple(input_ids.shape)}")
+    if ((episode_ids >= 0) != score_mask).any():
+        raise ValueError("per_episode_sqnorms: episode_ids must be >= 0 exactly at the scored tokens")
+    n_rows, length = input_ids.shape
+    with _hooked_forward("per_episode_sqnorms", model, input_ids, attention_mask, score_mask, targets,
+                         position_ids, head_chunk_tokens) as (captured_in, leaves, lp, hidden):
+        t0 = device_clock(lp.device)
+        ep = episode_ids.to(lp.device)[score_mask]  # [N], the order of lp
+        k_max = int(ep.max()) + 1 if ep.numel() else 0
+        sq = torch.zeros(n_rows, k_max, dtype=torch.float64, device=lp.device)
+        # positions that can carry an episode's gradient: up to each row's last prediction position
+        pos = torch.arange(length, device=lp.device)
+        last = torch.where(score_mask.to(lp.device), pos, -1).amax(dim=1)  # last scored token (-1: none)
+        live = (pos[None, :] < last[:, None])[..., None]  # [B, L, 1]
+        names = list(targets)
+        widest = max(max(leaves[n].shape[-1] * n_rows * length, targets[n].weight.numel()) for n in names)
+        chunk = max(1, max_chunk_elements // max(1, widest))
+        starts = list(range(0, k_max, chunk))
+        # under ZeRO-3 a backward gathers the partitioned weights (a collective): every rank runs as
+        # many as the busiest one, the extra ones with no episode and their results dropped
+        for call in range(lockstep_count(len(starts), model.parameters())):
+            dummy = call >= len(starts)
+            start = k_max if dummy else starts[call]
+            slots = torch.arange(start, min(k_max, start + chunk), device=lp.device)
+            cotangents = (ep[None, :] == slots[:, None]).to(lp.dtype)  # [k, N]: slot k's tokens
+            if dummy:
+                cotangents = torch.zeros(1, lp.numel(), dtype=lp.dtype, device=lp.device)
+            grads = torch.autograd.grad(lp, [leaves[n] for n in names], grad_outputs=cotangents,
+                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+            if dummy:
+                continue
+            for n, g in zip(names, grads):
+                if g is None:
+                    continue
+                d = torch.where(live, g.float(), 0.0)  # [k, B, L, d_out]
+                a = torch.where(live, captured_in[n].float(), 0.0)  # [B, L, d_in]
+                if proxy is not None:
+                    basis = proxy.bases[n]
+                    g_k = torch.einsum("kblo,bli->kboi", d @ basis.U.to(d), a @ basis.V.to(a))
+                    sq[:, start: start + len(slots)] += g_k.double().pow(2).sum(dim=(2, 3)).T
+                else:
+                    for b in range(n_rows):
+                        g_k = torch.einsum("klo,li->koi", d[:, b], a[b])  # [k, d_out, d_in]
+                        sq[b, start: start + len(slots)] += g_k.double().pow(2).sum(dim=(1, 2))
+        backward_s = device_clock(lp.device) - t0
+    return EpisodeSignals(sq, lp.detach(), hidden.detach() if return_hidden else None, backward_s)
 
 
 # ----------------------------------------------------------------------------- episode scores

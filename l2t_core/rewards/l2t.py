@@ -239,6 +239,7 @@ def episode_pass(
     temperature: float = 1.0,
     head_chunk_tokens: int | None = None,
     eos_id: int | None = None,
+    attribution: str = "per_episode",
 ) -> PolicyPass:
     """ONE forward per micro-batch for everything the reward needs from the policy.
 
@@ -255,6 +256,9 @@ def episode_pass(
     ``eos_id``: wherever log π is returned, also log π(EOS | prompt ⊕ response) of each finished
     rollout, at ``temperature``, from the same forward (the last response position's hidden state;
     for a trainer that trains the EOS token, ``LossConfig.train_eos``).
+    ``attribution`` (``CompressionConfig.attribution``): with ``per_episode`` and a target that
+    one backward cannot attribute by position (:func:`~.compression.attributed_by_position`), the
+    episodes' gradients come from one backward each (:func:`~.compression.per_episode_sqnorms`).
     """
     check_temperature(temperature)
     t_start = time.perf_counter()
@@ -277,6 +281,9 @@ def episode_pass(
     want_eos = eos_id is not None and (want_logps or bool(targets))
     eos_out: list[float | None] = [None] * n_items
     penalty_s = 0.0
+    if attribution not in ("per_episode", "single_backward"):
+        raise ValueError(f"episode_pass: attribution must be 'per_episode' or 'single_backward', got {attribution!r}")
+    per_episode = bool(targets) and attribution == "per_episode" and not comp.attributed_by_position(model, targets)
     # under ZeRO-3 with several ranks every rank runs as many forwards (and truncated backwards) as
     # the busiest one; a dummy's results are dropped
     for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens),
@@ -285,23 +292,31 @@ def episode_pass(
         ids, pos, length = packed_inputs(bp, pad_id)
         mask = packed_attention_mask(bp, length, param.dtype)
         score = torch.zeros(len(bp), length, dtype=torch.bool)
-        seg = torch.full((len(bp), length), -1, dtype=torch.long)
+        local = torch.full((len(bp), length), -1, dtype=torch.long)  # episode within its response
         offsets, n_seg = [], 0
         for r, i in enumerate(batch):
             p, t = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
             score[r, p : p + t] = True
-            seg[r, p : p + t] = torch.as_tensor(token_eps[i].episode_ids) + n_seg
+            local[r, p : p + t] = torch.as_tensor(token_eps[i].episode_ids)
             offsets.append(n_seg)
             n_seg += token_eps[i].num_episodes
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
-        if targets:
+        return_hidden = j_items is not None or temperature != 1.0 or want_eos
+        if targets and per_episode:
+            sig = comp.per_episode_sqnorms(model, ids, mask, score_d, local.to(device), targets, proxy=proxy,
+                                           position_ids=pos, return_hidden=return_hidden,
+                                           head_chunk_tokens=head_chunk_tokens)
+            rows = sig.sqnorms.cpu()
+            total = torch.cat([rows[r, : token_eps[i].num_episodes] for r, i in enumerate(batch)])
+            penalty_s += sig.backward_s
+        elif targets:
             sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
-                                         return_hidden=j_items is not None or temperature != 1.0 or want_eos,
-                                         head_chunk_tokens=head_chunk_tokens)
+                                         return_hidden=return_hidden, head_chunk_tokens=head_chunk_tokens)
             t0 = device_clock(device)
-            seg_ids = seg[score].to(device)  # scored tokens in (row, position) order, as in sig
+            seg_ids = (local + torch.as_tensor(offsets)[:, None])[score].to(device)  # (row, position) order, as in sig
             total = comp.episode_sqnorms(sig, seg_ids, n_seg, proxy).cpu()
             penalty_s += sig.backward_s + device_clock(device) - t0
+        if targets:
             hidden, lp_rows = sig.hidden, sig.logprobs.cpu()
             if temperature != 1.0:  # the penalty's log π is at 1; the loss's at the sampling temperature
                 with torch.no_grad():
@@ -462,7 +477,8 @@ def compute_rewards(
     if needs_penalty or packed_j or want_logps:
         res = episode_pass(model, rollouts, teps, pad_id, cfg.fitting.max_tokens_per_batch, j_items=items,
                            force_ids=force_ids, targets=targets, proxy=proxy_used, want_logps=want_logps,
-                           temperature=temperature, head_chunk_tokens=head_chunk_tokens, eos_id=eos_id)
+                           temperature=temperature, head_chunk_tokens=head_chunk_tokens, eos_id=eos_id,
+                           attribution=c.attribution)
         sqnorms = res.sqnorms or sqnorms
         logps = res.logps or logps
         eos_logps = res.eos_logps or eos_logps
