@@ -2,7 +2,8 @@
 
 Every other test runs on the CPU, where the reward math is checked against brute-force references.
 Here the CUDA results are checked against those CPU results: packed J, the penalty's per-token
-signals and episode scores (low-rank, full-layer, exact all-parameter), a resumed L2T run that ends
+signals and episode scores (low-rank, full-layer, each episode's own gradient below the last block,
+exact all-parameter), a resumed L2T run that ends
 where an uninterrupted one does (SVD bases refreshed across the checkpoint, so they must come back
 on the device), the randomized SVD leaving the global CUDA generator alone, the memory options
 (activation checkpointing, chunked output head) changing nothing but memory, and both trainer
@@ -72,6 +73,27 @@ def test_penalty_signals_and_scores_on_cuda_equal_the_cpu(pair):
         out[dev] = (sig.deltas[name].cpu(), sig.inputs[name].cpu(), sig.logprobs.cpu(), sq_lr, sq_full)
     for a, b in zip(out["cuda"], out["cpu"]):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_per_episode_penalty_on_cuda_equals_the_cpu(pair):
+    """Each episode's own gradient below the last block (batched backwards through CUDA's attention
+    kernels, under vmap), in the proxy and un-projected, against the CPU's (which the CPU tests
+    check against one autograd backward per episode)."""
+    from test_compression import _episodes_of
+
+    cpu, gpu = pair
+    names = ["model.layers.0.mlp.down_proj", "model.layers.4.mlp.down_proj"]
+    ids, att, score = _batch(cpu.config.vocab_size, [11, 7], seed=5)
+    episodes = _episodes_of(score, [[4, 3, 4], [2, 5]])
+    out = {}
+    for dev, m in (("cpu", cpu), ("cuda", gpu)):
+        targets = comp.resolve_targets(m, names)
+        proxy = comp.SVDProxy(rank_frac=0.05)
+        proxy.refresh(targets, 0)
+        args = (m, ids.to(dev), att.to(dev), score.to(dev), episodes.to(dev), targets)
+        out[dev] = [comp.per_episode_sqnorms(*args, proxy=p).sqnorms.cpu() for p in (None, proxy)]
+    for a, b in zip(out["cuda"], out["cpu"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
 
 
 def test_exact_reference_on_cuda_equals_the_cpu(pair):
