@@ -158,15 +158,26 @@ def submission_order(runs: list[tuple[str, int, TrainConfig]]) -> list[tuple[str
     listed. A run's cost is set by how it estimates J: sampling the policy's own continuations
     (``fitting.estimator: continuation``) costs several times a GRPO run on this CPU (3,000–4,600 s
     against 1,000–1,200 s at m = 2; lab notebook), sampled forced answers (``monte_carlo``, MRT)
-    less, the teacher-forced J and the baselines about the same; more samples m cost more."""
-    from .rewards.l2t import sampled_j
+    less, the teacher-forced J and the baselines about the same; more samples m cost more. A
+    penalty on blocks below the last one (``l2t_random_layers``, ``compression.targets``) takes one
+    backward per episode (``compression.attribution: per_episode``): it goes right after the
+    continuation J (``l2t_random_layers`` 2,890–2,910 s for 80 steps where ``l2t`` took 580 s; lab
+    notebook)."""
+    from .rewards.l2t import has_penalty, sampled_j
 
-    order = {"continuation": 0, "monte_carlo": 1}
+    order = {"continuation": 0, "monte_carlo": 2}
+
+    def per_episode_penalty(tcfg: TrainConfig) -> bool:
+        c = tcfg.reward.compression
+        below_last = tcfg.method == "l2t_random_layers" or bool(c.targets)
+        return has_penalty(tcfg.method, tcfg.reward) and below_last and c.attribution == "per_episode"
 
     def rank(run: tuple[str, int, TrainConfig]) -> tuple[int, int]:
         tcfg = run[2]
         sampling = sampled_j(tcfg.method, tcfg.reward)
-        return (2, 0) if sampling is None else (order[sampling], -tcfg.reward.fitting.mc_samples)
+        if sampling is not None:
+            return order[sampling], -tcfg.reward.fitting.mc_samples
+        return (1, 0) if per_episode_penalty(tcfg) else (3, 0)
     return sorted(runs, key=rank)  # stable: ties keep the listed order
 
 

@@ -274,24 +274,28 @@ def test_runs_train_on_the_warm_start_task(tmp_path):
 
 
 def test_the_slowest_runs_go_to_the_workers_first(tmp_path):
-    """Longest first: runs sampling the policy's continuations for J, then sampled forced answers
-    (more samples first), then the rest in the order listed (methods, then variants; seeds in order)."""
+    """Longest first: runs sampling the policy's continuations for J, then a penalty with one
+    backward per episode, then sampled forced answers (more samples first), then the rest in the
+    order listed (methods, then variants; seeds in order)."""
     from l2t_core.miniature import run_configs, submission_order
 
     cont = {"reward.fitting.estimator": "continuation", "reward.fitting.mc_samples": 2,
             "reward.fitting.continuation_budget": TINY["max_new_tokens"]}
     cfg = MiniatureConfig.model_validate({
-        **TINY, "methods": ["grpo", "length_penalty", "l2t", "mrt"], "seeds": [0, 1],
+        **TINY, "methods": ["grpo", "length_penalty", "l2t", "mrt", "l2t_random_layers"], "seeds": [0, 1],
         "variants": {"l2t_mc": {"method": "l2t", "overrides": {"reward.fitting.estimator": "monte_carlo"}},
                      "l2t_cont": {"method": "l2t", "overrides": cont},
                      "l2t_cont4": {"method": "l2t", "overrides": {**cont, "reward.fitting.mc_samples": 4}},
-                     "grpo_cont": {"method": "grpo", "overrides": cont}}})  # GRPO estimates no J
+                     "grpo_cont": {"method": "grpo", "overrides": cont},  # GRPO estimates no J
+                     "l2t_rl_single": {"method": "l2t_random_layers",
+                                       "overrides": {"reward.compression.attribution": "single_backward"}}}})
     runs = run_configs(tmp_path, cfg, str(tmp_path / "sft"))
     order = [f"{name}-s{seed}" for name, seed, _ in submission_order(runs)]
     assert order == ["l2t_cont4-s0", "l2t_cont4-s1", "l2t_cont-s0", "l2t_cont-s1",
+                     "l2t_random_layers-s0", "l2t_random_layers-s1",  # one backward per episode
                      "mrt-s0", "mrt-s1", "l2t_mc-s0", "l2t_mc-s1",  # both m = 4: as listed
                      "grpo-s0", "grpo-s1", "length_penalty-s0", "length_penalty-s1", "l2t-s0", "l2t-s1",
-                     "grpo_cont-s0", "grpo_cont-s1"]
+                     "grpo_cont-s0", "grpo_cont-s1", "l2t_rl_single-s0", "l2t_rl_single-s1"]
     assert sorted(order) == sorted(f"{n}-s{s}" for n, s, _ in runs)  # every run, once
 
 
