@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data import ENV_VAR, data_dir as default_data_dir
+from .metrics import answer_key
 
 Kind = Literal["math", "code"]
 AnswerRule = Literal["column", "after_hashes", "last_boxed"]
@@ -535,12 +536,12 @@ def _alternatives(spec: BenchmarkSpec, meta: dict, answer: str, problem: str, pa
 _STATED = re.compile(r"\\boxed\s*\{|The final answer is (.+?)\. I hope it is correct")
 
 
-def _stated_as_result(candidate: str, problem: str) -> bool:
-    """``candidate`` follows an ``=`` in ``problem`` and ends there (whitespace ignored): a result the
-    quoted solution of an earlier part computes, as ``v = c/λ = 4.4677 \\times 10^{14} s^{-1}``."""
-    squash = "".join(candidate.split())
-    stated = re.search("=" + re.escape(squash) + r"(?![0-9.])", "".join(problem.split()))
-    return bool(squash) and stated is not None
+def _stated_as_result(candidate: str, squashed_problem: str) -> bool:
+    """``candidate`` follows an ``=`` in the problem text and ends there (both without whitespace,
+    :func:`~.metrics.answer_key`): a result the quoted solution of an earlier part computes, as
+    ``v = c/λ = 4.4677 \\times 10^{14} s^{-1}``."""
+    key = answer_key(candidate)
+    return bool(key) and re.search("=" + re.escape(key) + r"(?![0-9.])", squashed_problem) is not None
 
 
 def leaked_answers(problem: str, candidates: Iterable[str]) -> set[str]:
@@ -561,14 +562,15 @@ def leaked_answers(problem: str, candidates: Iterable[str]) -> set[str]:
     candidates = list(candidates)
     if not candidates:
         return set()
-    results = {c for c in candidates if _stated_as_result(c, problem)}
+    squashed = answer_key(problem)
+    results = {c for c in candidates if _stated_as_result(c, squashed)}
     stated = set()
     for m in _STATED.finditer(problem):
         text = m.group(1) if m.group(1) is not None else extract_boxed(problem[m.start():])
         if text and text.strip():
             stated.add(text.strip())
-    squash = lambda t: "".join(t.split())  # noqa: E731
-    return results | {c for c in candidates if any(squash(c) == squash(s) or equivalent_answers(c, s) for s in stated)}
+    return results | {c for c in candidates
+                       if any(answer_key(c) == answer_key(s) or equivalent_answers(c, s) for s in stated)}
 
 
 def _level(spec: BenchmarkSpec, meta: dict, path: Path, line_no: int) -> int | None:

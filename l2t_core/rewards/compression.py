@@ -369,16 +369,15 @@ def per_episode_sqnorms(
         # under ZeRO-3 a backward gathers the partitioned weights (a collective): every rank runs as
         # many as the busiest one, the extra ones with no episode and their results dropped
         for call in range(lockstep_count(len(starts), model.parameters())):
-            dummy = call >= len(starts)
-            start = k_max if dummy else starts[call]
+            if call >= len(starts):  # a dummy: no episode, results dropped
+                torch.autograd.grad(lp, [leaves[n] for n in names], grad_outputs=torch.zeros_like(lp)[None],
+                                    is_grads_batched=True, retain_graph=True, allow_unused=True)
+                continue
+            start = starts[call]
             slots = torch.arange(start, min(k_max, start + chunk), device=lp.device)
             cotangents = (ep[None, :] == slots[:, None]).to(lp.dtype)  # [k, N]: slot k's tokens
-            if dummy:
-                cotangents = torch.zeros(1, lp.numel(), dtype=lp.dtype, device=lp.device)
             grads = torch.autograd.grad(lp, [leaves[n] for n in names], grad_outputs=cotangents,
                                         is_grads_batched=True, retain_graph=True, allow_unused=True)
-            if dummy:
-                continue
             for n, g in zip(names, grads):
                 if g is None:
                     continue

@@ -302,7 +302,7 @@ def episode_pass(
             n_seg += token_eps[i].num_episodes
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
         return_hidden = j_items is not None or temperature != 1.0 or want_eos
-        if targets and per_episode:
+        if per_episode:  # implies targets
             sig = comp.per_episode_sqnorms(model, ids, mask, score_d, local.to(device), targets, proxy=proxy,
                                            position_ids=pos, return_hidden=return_hidden,
                                            head_chunk_tokens=head_chunk_tokens)
