@@ -1,6 +1,7 @@
 """Typed config validation and the whole reward path on bad inputs (METHOD.md §1–§6)."""
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -633,11 +634,25 @@ def test_random_layers_penalty_takes_each_episodes_own_gradient(model, tokenizer
         episodes = torch.full_like(ids, -1)
         episodes[score] = torch.as_tensor(te.episode_ids)
         want.append(comp.per_episode_sqnorms(model, ids, torch.ones_like(ids), score, episodes, targets).sqnorms[0])
+    lengths, real = [], comp.per_episode_sqnorms
+
+    def recording(model, ids, *args, **kwargs):
+        lengths.append(ids.shape[1])
+        return real(model, ids, *args, **kwargs)
+
+    plain = episode_pass(model, rollouts, teps, 0, 100_000, j_items=items, force_ids=force)  # no penalty
     for budget in (100_000, 150):
-        res = episode_pass(model, rollouts, teps, tokenizer.pad_token_id or 0, budget, j_items=items,
-                           force_ids=force, targets=targets)
+        lengths.clear()
+        with mock.patch.object(comp, "per_episode_sqnorms", recording):
+            res = episode_pass(model, rollouts, teps, tokenizer.pad_token_id or 0, budget, j_items=items,
+                               force_ids=force, targets=targets)
         for got, w in zip(res.sqnorms, want):
             torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-12)
+        # the K backwards ran over prompt ⊕ response, not the packed layout's J suffixes; J and
+        # log π are those of the packed forward
+        assert max(lengths) == max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+        for a, b in zip(res.log_j + res.logps, plain.log_j + plain.logps):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     single = episode_pass(model, rollouts, teps, 0, 100_000, j_items=items, force_ids=force, targets=targets,
                           attribution="single_backward")
     assert not torch.allclose(torch.cat(single.sqnorms), torch.cat(res.sqnorms), rtol=0.05)

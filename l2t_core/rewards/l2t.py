@@ -224,6 +224,20 @@ class PolicyPass:
     total_s: float
 
 
+def _plain_per_episode(model, rollouts: Sequence[Rollout], local: torch.Tensor, targets, proxy, pad_id: int,
+                       dtype: torch.dtype, device, head_chunk_tokens) -> comp.EpisodeSignals:
+    """:func:`~.compression.per_episode_sqnorms` of a micro-batch laid out as prompt ⊕ response
+    (no J suffixes). ``local`` [B, L_packed] holds each scored token's episode in the packed layout,
+    whose prompt ⊕ response positions come first, so its first L_plain columns serve here too."""
+    packs = [plain_pack(r.prompt_ids, r.response_ids) for r in rollouts]
+    ids, pos, length = packed_inputs(packs, pad_id)
+    mask = packed_attention_mask(packs, length, dtype)
+    episodes = local[:, :length]
+    return comp.per_episode_sqnorms(model, ids.to(device), mask.to(device), (episodes >= 0).to(device),
+                                    episodes.to(device), targets, proxy=proxy, position_ids=pos.to(device),
+                                    head_chunk_tokens=head_chunk_tokens)
+
+
 def episode_pass(
     model,
     rollouts: Sequence[Rollout],
@@ -258,7 +272,9 @@ def episode_pass(
     for a trainer that trains the EOS token, ``LossConfig.train_eos``).
     ``attribution`` (``CompressionConfig.attribution``): with ``per_episode`` and a target that
     one backward cannot attribute by position (:func:`~.compression.attributed_by_position`), the
-    episodes' gradients come from one backward each (:func:`~.compression.per_episode_sqnorms`).
+    episodes' gradients come from one backward each (:func:`~.compression.per_episode_sqnorms`);
+    with ``j_items`` those backwards run over a second forward of prompt ⊕ response alone, shorter
+    than the packed layout by its J suffixes, and the packed forward (J, log π) runs without a graph.
     """
     check_temperature(temperature)
     t_start = time.perf_counter()
@@ -302,7 +318,21 @@ def episode_pass(
             n_seg += token_eps[i].num_episodes
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
         return_hidden = j_items is not None or temperature != 1.0 or want_eos
-        if per_episode:  # implies targets
+        if per_episode and j_items is not None:  # implies targets
+            # the K backwards run over prompt ⊕ response alone, not over the J suffixes the packed
+            # layout appends ((K+1)·|f ⊕ a| more positions, a third of a walk row; their cotangent is
+            # zero): one more forward, of the plain layout, for K shorter backwards. Every micro-batch
+            # takes this path, so ZeRO-3 ranks issue the same forwards
+            t0 = device_clock(device)
+            sig = _plain_per_episode(model, [rollouts[i] for i in batch], local, targets, proxy, pad_id,
+                                     param.dtype, device, head_chunk_tokens)
+            penalty_s += device_clock(device) - t0
+            with torch.no_grad():
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            sig.hidden = hidden
+            rows = sig.sqnorms.cpu()
+            total = torch.cat([rows[r, : token_eps[i].num_episodes] for r, i in enumerate(batch)])
+        elif per_episode:  # implies targets
             sig = comp.per_episode_sqnorms(model, ids, mask, score_d, local.to(device), targets, proxy=proxy,
                                            position_ids=pos, return_hidden=return_hidden,
                                            head_chunk_tokens=head_chunk_tokens)
