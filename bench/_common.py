@@ -126,6 +126,30 @@ def tiny_policy() -> Iterator[Path]:
         yield Path(tmp)
 
 
+def policy_rollouts(model, tok, *, problems: int, group: int, temperature: float, max_new_tokens: int,
+                    levels: tuple[int, int], seed: int):
+    """``group`` sampled rollouts of each of ``problems`` held-out walk problems (levels ``levels``)
+    through the trainer's ``hf`` engine: (rollouts as the reward path takes them, the sampling's
+    seconds, the engine, which the sampled J estimators reuse)."""
+    import time
+
+    from l2t_core.rewards.l2t import Rollout
+    from l2t_core.rollout import SamplingParams
+    from l2t_core.rollout.hf import HFRolloutEngine
+    from l2t_core.tasks import walk
+
+    probs = walk.dataset(problems, levels[0], levels[1], seed=seed + 11, split="heldout")
+    engine = HFRolloutEngine(model, tok)
+    prompts = [tok(walk.build_task_prompt(p), add_special_tokens=False)["input_ids"] for p in probs]
+    t0 = time.perf_counter()
+    groups = engine.generate(prompts, SamplingParams(n=group, temperature=temperature, top_p=1.0,
+                                                     max_new_tokens=max_new_tokens, seed=seed))
+    rollout_s = time.perf_counter() - t0
+    rollouts = [Rollout(list(c.prompt_ids), list(c.response_ids), c.text, p.answer, gid, c.finished)
+                for gid, (p, g) in enumerate(zip(probs, groups)) for c in g]
+    return rollouts, rollout_s, engine
+
+
 def run_on_policy(name: str, run: Callable[..., dict], policy: str, *, quick: bool, quick_kw: dict, **kw) -> dict:
     """``run(policy, **kw)`` on a trained checkpoint of the synthetic task (``quick``: on
     :func:`tiny_policy` with ``quick_kw`` over ``kw``), its logging kept off stdout; adds ``quick``

@@ -33,26 +33,16 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
         max_new_tokens: int = 448, batches: tuple[int, ...] = (256, 64, 32, 16), levels=(4, 6), seed: int = 0) -> dict:
     from l2t_core.config import RewardConfig
     from l2t_core.models import load_policy
-    from l2t_core.rewards.l2t import Rollout, compute_rewards
-    from l2t_core.rollout import SamplingParams
-    from l2t_core.rollout.hf import HFRolloutEngine
-    from l2t_core.tasks import walk
+    from l2t_core.rewards.l2t import compute_rewards
     from l2t_core.verify import NumericVerifier
 
-    from ._common import log
+    from ._common import log, policy_rollouts
 
     model, tok = load_policy(policy)
     model.eval()
-    probs = walk.dataset(problems, levels[0], levels[1], seed=seed + 11, split="heldout")
-    engine = HFRolloutEngine(model, tok)
-    prompts = [tok(walk.build_task_prompt(p), add_special_tokens=False)["input_ids"] for p in probs]
     log(f"rollouts: {problems} problems x {group}", TAG)
-    t0 = time.perf_counter()
-    groups = engine.generate(prompts, SamplingParams(n=group, temperature=temperature, top_p=1.0,
-                                                     max_new_tokens=max_new_tokens, seed=seed))
-    rollout_s = time.perf_counter() - t0
-    rollouts = [Rollout(list(c.prompt_ids), list(c.response_ids), c.text, p.answer, gid)
-                for gid, (p, g) in enumerate(zip(probs, groups)) for c in g]
+    rollouts, rollout_s, engine = policy_rollouts(model, tok, problems=problems, group=group, temperature=temperature,
+                                                  max_new_tokens=max_new_tokens, levels=levels, seed=seed)
     response_tokens = sum(len(r.response_ids) for r in rollouts)
     default_batch = RewardConfig().fitting.continuation_batch
     configs = {"answer_logprob": {}}

@@ -77,6 +77,30 @@ def test_continuation_j_bench_quick_runs(capsys):
     assert est["continuation_b4"]["decoded_sequence_steps"] >= res["prefixes"] * 2
 
 
+def test_reward_methods_bench_quick_runs(capsys):
+    import json
+
+    from bench.reward_methods import main
+
+    res = main(["--quick", "--methods", "grpo,l2t,l2t_no_penalty,l2t_random_layers,l2t_every_block"])
+    out = json.loads(capsys.readouterr().out)  # one JSON object on stdout
+    assert set(out["methods"]) == set(res["methods"]) == {"grpo", "l2t", "l2t_no_penalty", "l2t_random_layers",
+                                                          "l2t_every_block"}
+    assert res["responses"] == 4 and res["rollout_s"] > 0
+    for name, m in res["methods"].items():
+        assert m["reward_s"] > 0 and m["reward_over_rollout"] == m["reward_s"] / res["rollout_s"]
+        # only the methods with a compression penalty spend time on it
+        assert (m["penalty_s"] > 0) == (name in ("l2t", "l2t_random_layers", "l2t_every_block")), name
+    assert res["methods"]["l2t_every_block"]["method"] == "l2t"
+
+
+def test_reward_methods_bench_refuses_an_unknown_method():
+    from bench.reward_methods import main
+
+    with pytest.raises(SystemExit, match="unknown method.*'l2t_fast'"):
+        main(["--quick", "--methods", "l2t,l2t_fast"])
+
+
 def test_continuation_j_bench_refuses_a_missing_checkpoint(tmp_path):
     from bench.continuation_j import main
 
