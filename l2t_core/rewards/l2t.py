@@ -225,13 +225,14 @@ class PolicyPass:
 
 
 def _plain_per_episode(model, rollouts: Sequence[Rollout], local: torch.Tensor, targets, proxy, pad_id: int,
-                       dtype: torch.dtype, device, head_chunk_tokens) -> comp.EpisodeSignals:
+                       device, head_chunk_tokens) -> comp.EpisodeSignals:
     """:func:`~.compression.per_episode_sqnorms` of a micro-batch laid out as prompt ⊕ response
     (no J suffixes). ``local`` [B, L_packed] holds each scored token's episode in the packed layout,
     whose prompt ⊕ response positions come first, so its first L_plain columns serve here too."""
     packs = [plain_pack(r.prompt_ids, r.response_ids) for r in rollouts]
     ids, pos, length = packed_inputs(packs, pad_id)
-    mask = packed_attention_mask(packs, length, dtype)
+    # a [B, L] padding mask (right padding): the model's own causal path, flash attention where it has one
+    mask = (torch.arange(length)[None, :] < torch.tensor([len(p.input_ids) for p in packs])[:, None]).long()
     episodes = local[:, :length]
     return comp.per_episode_sqnorms(model, ids.to(device), mask.to(device), (episodes >= 0).to(device),
                                     episodes.to(device), targets, proxy=proxy, position_ids=pos.to(device),
@@ -324,8 +325,8 @@ def episode_pass(
             # zero): one more forward, of the plain layout, for K shorter backwards. Every micro-batch
             # takes this path, so ZeRO-3 ranks issue the same forwards
             t0 = device_clock(device)
-            sig = _plain_per_episode(model, [rollouts[i] for i in batch], local, targets, proxy, pad_id,
-                                     param.dtype, device, head_chunk_tokens)
+            sig = _plain_per_episode(model, [rollouts[i] for i in batch], local, targets, proxy, pad_id, device,
+                                     head_chunk_tokens)
             penalty_s += device_clock(device) - t0
             with torch.no_grad():
                 hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
