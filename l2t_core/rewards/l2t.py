@@ -319,27 +319,26 @@ def episode_pass(
             n_seg += token_eps[i].num_episodes
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
         return_hidden = j_items is not None or temperature != 1.0 or want_eos
-        if per_episode and j_items is not None:  # implies targets
-            # the K backwards run over prompt ⊕ response alone, not over the J suffixes the packed
-            # layout appends ((K+1)·|f ⊕ a| more positions, a third of a walk row; their cotangent is
-            # zero): one more forward, of the plain layout, for K shorter backwards. Every micro-batch
-            # takes this path, so ZeRO-3 ranks issue the same forwards
-            t0 = device_clock(device)
-            sig = _plain_per_episode(model, [rollouts[i] for i in batch], local, targets, proxy, pad_id, device,
-                                     head_chunk_tokens)
-            penalty_s += device_clock(device) - t0
-            with torch.no_grad():
-                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-            sig.hidden = hidden
+        if per_episode:  # implies targets
+            if j_items is not None:
+                # the K backwards run over prompt ⊕ response alone, not over the J suffixes the packed
+                # layout appends ((K+1)·|f ⊕ a| more positions, a third of a walk row; their cotangent
+                # is zero): one more forward, of the plain layout, for K shorter backwards. Every
+                # micro-batch takes this path, so ZeRO-3 ranks issue the same forwards
+                t0 = device_clock(device)
+                sig = _plain_per_episode(model, [rollouts[i] for i in batch], local, targets, proxy, pad_id, device,
+                                         head_chunk_tokens)
+                penalty_s += device_clock(device) - t0
+                with torch.no_grad():
+                    sig.hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                         use_cache=False).last_hidden_state
+            else:
+                sig = comp.per_episode_sqnorms(model, ids, mask, score_d, local.to(device), targets, proxy=proxy,
+                                               position_ids=pos, return_hidden=return_hidden,
+                                               head_chunk_tokens=head_chunk_tokens)
+                penalty_s += sig.backward_s
             rows = sig.sqnorms.cpu()
             total = torch.cat([rows[r, : token_eps[i].num_episodes] for r, i in enumerate(batch)])
-        elif per_episode:  # implies targets
-            sig = comp.per_episode_sqnorms(model, ids, mask, score_d, local.to(device), targets, proxy=proxy,
-                                           position_ids=pos, return_hidden=return_hidden,
-                                           head_chunk_tokens=head_chunk_tokens)
-            rows = sig.sqnorms.cpu()
-            total = torch.cat([rows[r, : token_eps[i].num_episodes] for r, i in enumerate(batch)])
-            penalty_s += sig.backward_s
         elif targets:
             sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
                                          return_hidden=return_hidden, head_chunk_tokens=head_chunk_tokens)
@@ -536,8 +535,9 @@ def compute_rewards(
         )
         owner_t = torch.tensor(owner)
         log_js = [torch.log(j[owner_t == n].clamp(min=0)) for n in range(len(rollouts))]
-    # penalty_s: the proxy's SVD refresh, the truncated backward and the episode-score reduction;
-    # fitting_s: the rest of the policy pass (the forward, J, log π_old) and any Monte Carlo J
+    # penalty_s: the proxy's SVD refresh, the truncated backward (or the per-episode backwards and,
+    # beside the packed J layout, their own forward) and the episode-score reduction; fitting_s: the
+    # rest of the policy pass (the forward, J, log π_old) and any Monte Carlo J
     timings["penalty_s"] = penalty_s
     timings["penalty_svd_s"] = svd_s
     timings["fitting_s"] = device_clock(device) - t0 - penalty_s
