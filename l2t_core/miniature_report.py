@@ -277,15 +277,15 @@ def hardest_level_table(h: dict) -> str:
         return "–" if d is None else f"{d['delta']:+.3f} {_interval(d)}"
 
     word = "greedy" if is_greedy(h.get("decoding")) else "sampled pass@1"
+    against = (" and ".join(refs) + " with Welch's 95 % interval over seeds") if refs else "the SFT base"
     rows = [f"Hardest level (L{h['level']}): {word} accuracy per seed, mean ± std, and the difference of means "
-            "from " + " and ".join(refs) + " with Welch's 95 % interval over seeds"
-            + (f" (SFT base: {h['base']:.2f})" if h["base"] is not None else "") + ":", "",
-            "| method | per seed | mean ± std | − SFT base | " + " | ".join(f"− {r}" for r in refs) + " |",
+            f"from {against}" + (f" (SFT base: {h['base']:.2f})" if h["base"] is not None else "") + ":", "",
+            "| method | per seed | mean ± std | − SFT base |" + "".join(f" − {r} |" for r in refs),
             "|---|---|---|---|" + "---|" * len(refs)]
     for name, m in h["methods"].items():
         vs_base = "–" if m["vs_base"] is None else f"{m['vs_base']:+.3f}"
         rows.append(f"| {name} | {', '.join(f'{v:.2f}' for v in m['values'])} | {m['mean']:.3f} ± {m['std']:.3f} | "
-                    f"{vs_base} | " + " | ".join(cell(h["vs"][r].get(name)) for r in refs) + " |")
+                    f"{vs_base} |" + "".join(f" {cell(h['vs'][r].get(name))} |" for r in refs))
     return "\n".join(rows)
 
 

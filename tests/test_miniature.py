@@ -351,6 +351,13 @@ def test_hardest_level_per_seed_and_welch_against_the_references():
     apart = aggregate({"grpo": [{**ev(0, 0.5), "per_level": {"1": {"accuracy": 1.0, "mean_tokens": 2.0}}}],
                        "l2t": [{**ev(0, 0.5), "per_level": {"6": {"accuracy": 0.5, "mean_tokens": 2.0}}}]}, base)
     assert "hardest_level" not in apart and "Hardest level" not in markdown_table(apart)
+    # no reference method among the runs (an ablation experiment): the base is the only comparison
+    ablation = aggregate({"l2t": [ev(s, a) for s, a in enumerate(l2t)]}, base)
+    sentence, table = markdown_table(ablation).split("Hardest level (L6)")[1].split("\n\n")[:2]
+    assert sentence.endswith("difference of means from the SFT base (SFT base: 0.60):")
+    lines = table.splitlines()
+    assert lines[0] == "| method | per seed | mean ± std | − SFT base |"
+    assert all(ln.count("|") == 5 for ln in lines), lines
 
 
 def _running(pid: int) -> bool:
