@@ -8,7 +8,9 @@
 * ``spearman``: rank correlation of the low-rank (paper default r = 5 %) vs exact penalties across
   all episodes; ``spearman_full_layer`` for the un-projected layer (``mode='full_layer'``),
   ``spearman_by_rank_frac`` for other ranks, ``spearman_episode_length`` for the episode length
-  alone (a baseline: how much of the ranking is just length).
+  alone (a baseline: how much of the ranking is just length); ``spearman_last_block`` (and
+  ``speedup_last_block``) for the option ``compression.targets: ["last_block"]`` at r = 5 %: every
+  Linear of the last block that no attention follows, from the same one truncated backward.
 * ``packed_j_speedup``: naive per-prefix J time / packed one-pass J time.
 Targets (issue 2): speedup >= 100, spearman >= 0.9, packed_j_speedup >= 3 at 12 episodes.
 """
@@ -92,6 +94,14 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
         sig = comp.per_token_signals(model, ids, att, score, targets)
         return comp.penalty(comp.full_episode_sqnorms(sig.inputs[name], sig.deltas[name], seg_ids, responses * episodes))
 
+    block = comp.resolve_targets(model, [comp.LAST_BLOCK])
+
+    def last_block():  # compression.targets: ["last_block"], rank 5 %, the same one truncated backward
+        proxy = comp.SVDProxy(rank_frac=0.05, method=svd)
+        proxy.refresh(block, 0)
+        sig = comp.per_token_signals(model, ids, att, score, block)
+        return comp.penalty(comp.episode_sqnorms(sig, seg_ids, responses * episodes, proxy))
+
     def exact():
         return torch.cat([comp.exact_episode_penalties(model, ids[i], score[i], tok_ep[i], episodes)[0]
                           for i in range(responses)])
@@ -99,6 +109,7 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
     print(f"[bench.penalty] low-rank penalty x{repeats}", file=sys.stderr)
     t_lr, p_lr = _timed(low_rank, repeats, dev)
     t_full, p_full = _timed(full_layer, repeats, dev)
+    t_block, p_block = _timed(last_block, repeats, dev)
     print(f"[bench.penalty] exact all-parameter penalty x{exact_repeats}", file=sys.stderr)
     t_ex, p_ex = _timed(exact, exact_repeats, dev)
     p_ex = p_ex.cpu()
@@ -166,6 +177,8 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
         "speedup_full_layer": t_ex / t_full,
         "spearman": rho_of(p_lr),
         "spearman_full_layer": rho_of(p_full),
+        "spearman_last_block": rho_of(p_block),
+        "speedup_last_block": t_ex / t_block,
         "spearman_by_rank_frac": by_rank,
         "spearman_episode_length": rho_of(lengths),
         "svd": svd,
@@ -175,6 +188,7 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
         "lowrank_s": t_lr,
         "exact_s": t_ex,
         "full_layer_s": t_full,
+        "last_block_s": t_block,
         "reward_pass_s": t_pass_j,
         "reward_pass_with_penalty_s": t_pass_pen,
         "penalty_in_reward_pass_s": marginal,

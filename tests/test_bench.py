@@ -18,6 +18,7 @@ def test_penalty_bench_quick_runs():
     # the penalty taken from the reward pass's packed forward equals the standalone low-rank penalty
     assert res["fused_vs_standalone_max_rel_diff"] < 1e-4
     assert res["speedup_in_reward_pass"] > 0 and math.isfinite(res["spearman_full_layer"])
+    assert -1 <= res["spearman_last_block"] <= 1 and res["speedup_last_block"] > 0 and res["last_block_s"] > 0
     # the SVD is timed apart, both ways; --svd picks the one in the timed penalty
     assert res["svd"] == "exact" and set(res["svd_s"]) == set(res["spearman_by_svd"]) == {"exact", "randomized"}
     assert all(t > 0 for t in res["svd_s"].values()) and res["device"] == "cpu"
@@ -44,6 +45,10 @@ def test_penalty_fidelity_bench_quick_runs(capsys):
         assert res["proxies"][name]["spearman"] != res["proxies"][f"{name}_single_backward"]["spearman"]
     assert attribution["random_layers"] in ("per_episode", "exact_by_position")  # the last block drawn alone
     assert res["spearman"] == res["proxies"]["last_down_proj_r5"]["spearman"]
+    # the last block's position-wise layers: one backward, exact, four matrices (gate, up, down, o_proj)
+    for name in ("last_block_r5", "last_block_full_layer"):
+        assert attribution[name] == "exact_by_position" and res["proxies"][name]["targets"] == 4
+    assert res["spearman_last_block"] == res["proxies"]["last_block_r5"]["spearman"]
     # whether each penalty, the exact one included, tells redundant episodes from the rest
     for sep in [res["exact_redundancy"]] + [p["redundancy"] for p in res["proxies"].values()]:
         assert sep["auc"] is None or 0.0 <= sep["auc"] <= 1.0

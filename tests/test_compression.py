@@ -323,6 +323,34 @@ def test_per_episode_sqnorms_equal_each_episodes_own_gradient_in_any_block(model
         comp.per_episode_sqnorms(model, ids, att, score, torch.zeros_like(episodes), targets)
 
 
+def test_last_block_targets_take_one_exact_backward(model):
+    """'last_block': the last block's MLP projections and attention output projection, whatever the
+    depth; ONE backward gives each episode's gradient of all four exactly (brute-force autograd per
+    episode), un-projected and in the proxy at full rank."""
+    last = model.config.num_hidden_layers - 1
+    names = comp.last_block_targets(model)
+    assert sorted(names) == sorted(f"model.layers.{last}.{n}" for n in
+                                   ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert comp.attributed_by_position(model, names)
+    targets = comp.resolve_targets(model, [comp.LAST_BLOCK])
+    assert list(targets) == [n for n, _ in model.named_modules() if n in names]  # model order
+    # with other names beside it, each module once
+    assert len(comp.resolve_targets(model, [comp.LAST_BLOCK, f"model.layers.{last}.mlp.down_proj",
+                                            "model.layers.0.mlp.down_proj"])) == 5
+    ids, att, score = _batch(model.config.vocab_size, [9, 6], seed=7)
+    episodes = _episodes_of(score, [[3, 2, 4], [4, 2]])
+    want, _ = _episode_gradients_by_autograd(model, ids, att, score, episodes, list(targets))
+    seg = (episodes + torch.tensor([[0], [3]]))[score]
+    sig = comp.per_token_signals(model, ids, att, score, targets)
+    got = comp.episode_sqnorms(sig, seg, 5)
+    full = comp.SVDProxy(rank=10_000)
+    full.refresh(targets, 0)
+    in_proxy = comp.episode_sqnorms(sig, seg, 5, full)
+    for (b, k), v in want.items():
+        assert float(got[3 * b + k]) == pytest.approx(v, rel=1e-4)
+        assert float(in_proxy[3 * b + k]) == pytest.approx(v, rel=1e-4)
+
+
 def test_per_episode_sqnorms_in_the_low_rank_proxy(model):
     """With a proxy, ‖Uᵀ G_k V‖² of each episode's own gradient G_k."""
     names = ["model.layers.2.mlp.down_proj"]

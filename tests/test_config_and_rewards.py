@@ -470,6 +470,11 @@ def test_compression_target_pattern_in_the_reward_path(model, tokenizer):
     for a, b, c in zip(pattern, listed, last):
         torch.testing.assert_close(a.penalties, b.penalties, rtol=1e-6, atol=1e-12)
         assert (a.penalties > c.penalties).all()
+    # "last_block": the last block's four position-wise matrices, named for the model at hand
+    block, block_listed = run([comp.LAST_BLOCK]), run(comp.last_block_targets(model))
+    for a, b, c in zip(block, block_listed, last):
+        torch.testing.assert_close(a.penalties, b.penalties, rtol=1e-6, atol=1e-12)
+        assert (a.penalties > c.penalties).all()
 
 
 def test_fast_offsets_equal_prefix_decoding_on_random_token_sequences(tokenizer):

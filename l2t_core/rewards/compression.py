@@ -72,6 +72,27 @@ def _name_of(model, module) -> str:
 
 
 ALL_DOWN_PROJ = "model.layers.*.mlp.down_proj"  # every block's MLP down-projection (Qwen2/Llama naming)
+LAST_BLOCK = "last_block"  # every nn.Linear of the last block that no attention follows (last_block_targets)
+
+
+def last_block_targets(model) -> list[str]:
+    """Names of every nn.Linear of the last block that no attention follows: its MLP's projections
+    (gate, up, down) and its attention's output projection. Like the paper's θ (the down-projection
+    alone) they are position-wise after the last attention, so ONE backward gives each episode's
+    gradient exactly (:func:`attributed_by_position`); together they hold ~3× its parameters and
+    rank episodes much closer to the all-parameter penalty (``bench.penalty_fidelity``). The
+    target name :data:`LAST_BLOCK` in ``CompressionConfig.targets`` stands for this set."""
+    decoder, _ = decoder_and_head(model)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise TypeError(f"{type(model).__name__}: no transformer blocks found under the decoder's .layers")
+    last = _name_of(model, layers[-1])
+    names = [n for n, mod in layers[-1].named_modules() if isinstance(mod, torch.nn.Linear)
+             and attributed_by_position(model, [f"{last}.{n}"])]
+    if not names:
+        raise TypeError(f"{type(model).__name__}: the last block has no nn.Linear under .mlp or at "
+                        "self_attn.o_proj; name the compression targets explicitly (CompressionConfig.targets)")
+    return [f"{last}.{n}" for n in names]
 
 
 def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Linear]:
@@ -80,8 +101,12 @@ def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Li
     A name with a glob character (``*``, ``?``, ``[``) is an ``fnmatch`` pattern over module names,
     e.g. :data:`ALL_DOWN_PROJ` (``model.layers.*.mlp.down_proj``: every block's down-projection);
     it must match at least one nn.Linear, and matches that are not nn.Linear are skipped.
+    :data:`LAST_BLOCK` (``last_block``) stands for :func:`last_block_targets`, whatever the model's
+    depth.
     """
     names = list(names) if names else [default_target(model)]
+    if LAST_BLOCK in names:
+        names = [n for n in names if n != LAST_BLOCK] + last_block_targets(model)
     modules = dict(model.named_modules())
     chosen: set[str] = set()
     for n in names:
