@@ -40,13 +40,17 @@ from ..timing import device_clock
 
 
 # ----------------------------------------------------------------------------- targets
-def default_target(model) -> str:
-    """Name of the last transformer block's MLP down-projection (METHOD.md §3 default θ)."""
+def _last_block(model) -> torch.nn.Module:
     decoder, _ = decoder_and_head(model)
     layers = getattr(decoder, "layers", None)
     if layers is None or len(layers) == 0:
         raise TypeError(f"{type(model).__name__}: no transformer blocks found under the decoder's .layers")
-    target = getattr(getattr(layers[-1], "mlp", None), "down_proj", None)
+    return layers[-1]
+
+
+def default_target(model) -> str:
+    """Name of the last transformer block's MLP down-projection (METHOD.md §3 default θ)."""
+    target = getattr(getattr(_last_block(model), "mlp", None), "down_proj", None)
     if not isinstance(target, torch.nn.Linear):
         raise TypeError(
             f"{type(model).__name__}: the last block has no mlp.down_proj Linear; "
@@ -82,12 +86,9 @@ def last_block_targets(model) -> list[str]:
     gradient exactly (:func:`attributed_by_position`); together they hold ~3× its parameters and
     rank episodes much closer to the all-parameter penalty (``bench.penalty_fidelity``). The
     target name :data:`LAST_BLOCK` in ``CompressionConfig.targets`` stands for this set."""
-    decoder, _ = decoder_and_head(model)
-    layers = getattr(decoder, "layers", None)
-    if layers is None or len(layers) == 0:
-        raise TypeError(f"{type(model).__name__}: no transformer blocks found under the decoder's .layers")
-    last = _name_of(model, layers[-1])
-    names = [n for n, mod in layers[-1].named_modules() if isinstance(mod, torch.nn.Linear)
+    block = _last_block(model)
+    last = _name_of(model, block)
+    names = [n for n, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)
              and attributed_by_position(model, [f"{last}.{n}"])]
     if not names:
         raise TypeError(f"{type(model).__name__}: the last block has no nn.Linear under .mlp or at "
