@@ -140,7 +140,7 @@ class CompressionConfig(_Strict):
             "down-projection of the last block (paper). Options of this project, which track the all-parameter "
             "penalty far better on a trained model (bench.penalty_fidelity, rank_frac 0.05): 'last_block', every "
             "Linear of the last block that no attention follows (MLP gate/up/down, attention o_proj), still ONE "
-            "backward, Spearman 0.91-0.92 against 0.73-0.75, 1.2-1.4x the default's time; "
+            "backward, Spearman 0.90-0.92 against 0.73-0.75, 1.2-1.4x the default's time; "
             "'model.layers.*.mlp.down_proj' (every block's) 0.96-0.97, at the cost of one backward per episode "
             "(see attribution)."
         ),
