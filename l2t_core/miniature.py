@@ -161,15 +161,17 @@ def submission_order(runs: list[tuple[str, int, TrainConfig]]) -> list[tuple[str
     less, the teacher-forced J and the baselines about the same; more samples m cost more. A
     penalty on blocks below the last one (``l2t_random_layers``, ``compression.targets``) takes one
     backward per episode (``compression.attribution: per_episode``): it goes right after the
-    continuation J (``l2t_random_layers`` 2,890–2,910 s for 80 steps where ``l2t`` took 580 s; lab
-    notebook)."""
+    continuation J (``l2t_random_layers`` 2,890–2,910 s for 80 steps where ``l2t`` took 580 s, with
+    the backwards over the packed J layout; about half the penalty's time since; lab notebook).
+    ``targets: ["last_block"]`` takes the one backward, like the default."""
+    from .rewards.compression import LAST_BLOCK
     from .rewards.l2t import has_penalty, sampled_j
 
     order = {"continuation": 0, "monte_carlo": 2}
 
     def per_episode_penalty(tcfg: TrainConfig) -> bool:
         c = tcfg.reward.compression
-        below_last = tcfg.method == "l2t_random_layers" or bool(c.targets)
+        below_last = tcfg.method == "l2t_random_layers" or any(t != LAST_BLOCK for t in c.targets or ())
         return has_penalty(tcfg.method, tcfg.reward) and below_last and c.attribution == "per_episode"
 
     def rank(run: tuple[str, int, TrainConfig]) -> tuple[int, int]:

@@ -288,14 +288,17 @@ def test_the_slowest_runs_go_to_the_workers_first(tmp_path):
                      "l2t_cont4": {"method": "l2t", "overrides": {**cont, "reward.fitting.mc_samples": 4}},
                      "grpo_cont": {"method": "grpo", "overrides": cont},  # GRPO estimates no J
                      "l2t_rl_single": {"method": "l2t_random_layers",
-                                       "overrides": {"reward.compression.attribution": "single_backward"}}}})
+                                       "overrides": {"reward.compression.attribution": "single_backward"}},
+                     "l2t_every": {"method": "l2t", "overrides": {"reward.compression.targets": ["model.layers.*.mlp.down_proj"]}},
+                     "l2t_last": {"method": "l2t", "overrides": {"reward.compression.targets": ["last_block"]}}}})
     runs = run_configs(tmp_path, cfg, str(tmp_path / "sft"))
     order = [f"{name}-s{seed}" for name, seed, _ in submission_order(runs)]
     assert order == ["l2t_cont4-s0", "l2t_cont4-s1", "l2t_cont-s0", "l2t_cont-s1",
-                     "l2t_random_layers-s0", "l2t_random_layers-s1",  # one backward per episode
+                     "l2t_random_layers-s0", "l2t_random_layers-s1", "l2t_every-s0", "l2t_every-s1",  # per episode
                      "mrt-s0", "mrt-s1", "l2t_mc-s0", "l2t_mc-s1",  # both m = 4: as listed
                      "grpo-s0", "grpo-s1", "length_penalty-s0", "length_penalty-s1", "l2t-s0", "l2t-s1",
-                     "grpo_cont-s0", "grpo_cont-s1", "l2t_rl_single-s0", "l2t_rl_single-s1"]
+                     "grpo_cont-s0", "grpo_cont-s1", "l2t_rl_single-s0", "l2t_rl_single-s1", "l2t_last-s0",
+                     "l2t_last-s1"]  # the last block's layers: one backward
     assert sorted(order) == sorted(f"{n}-s{s}" for n, s, _ in runs)  # every run, once
 
 
