@@ -8,12 +8,14 @@ through the trainer's ``hf`` rollout engine and times, on those same rollouts,
 the signals' forward where the penalty has its own, its backwards, the episode-score reduction, the
 SVD) and its fitting part (``fitting_s``), and ``reward_over_rollout``.
 
-Besides the trainer's methods, ``l2t_every_block`` is ``l2t`` with the penalty on every block's
-MLP down-projection (``compression.targets: ["model.layers.*.mlp.down_proj"]``, rank 5 %), the
-fidelity option of ``bench.penalty_fidelity``. Its blocks, like ``l2t_random_layers``', lie below
-an attention, so the trainer takes each episode's own gradient there (``compression.attribution:
-per_episode``): one backward per episode, over a forward of prompt ⊕ response of its own.
-``l2t`` (the last block) needs one truncated backward of the reward pass's forward.
+Besides the trainer's methods, two penalty options of ``bench.penalty_fidelity`` run as ``l2t``
+variants, rank 5 %: ``l2t_last_block`` on the last block's four position-wise matrices
+(``compression.targets: ["last_block"]``) and ``l2t_every_block`` on every block's MLP
+down-projection (``["model.layers.*.mlp.down_proj"]``). The latter's blocks, like
+``l2t_random_layers``', lie below an attention, so the trainer takes each episode's own gradient
+there (``compression.attribution: per_episode``): one backward per episode, over a forward of
+prompt ⊕ response of its own. ``l2t`` and ``l2t_last_block`` need one truncated backward of the
+reward pass's forward.
 
 ``--quick`` uses a tiny random-init model and the character tokenizer (a smoke run for the tests;
 the numbers mean nothing). Torch runs with ``--threads`` threads (default 1: on a shared 2-core
@@ -27,8 +29,10 @@ import time
 import torch
 
 TAG = "bench.reward_methods"
-METHODS = ("grpo", "length_penalty", "l2t", "l2t_no_penalty", "l2t_random_layers", "l2t_every_block")
-VARIANTS = {"l2t_every_block": ("l2t", {"compression": {"targets": ["model.layers.*.mlp.down_proj"]}})}
+METHODS = ("grpo", "length_penalty", "l2t", "l2t_no_penalty", "l2t_last_block", "l2t_random_layers",
+           "l2t_every_block")
+VARIANTS = {"l2t_last_block": ("l2t", {"compression": {"targets": ["last_block"]}}),
+            "l2t_every_block": ("l2t", {"compression": {"targets": ["model.layers.*.mlp.down_proj"]}})}
 
 
 def run(policy: str, *, methods: tuple[str, ...] = METHODS, problems: int = 8, group: int = 8, repeats: int = 2,

@@ -87,15 +87,15 @@ def test_reward_methods_bench_quick_runs(capsys):
 
     from bench.reward_methods import main
 
-    res = main(["--quick", "--methods", "grpo,l2t,l2t_no_penalty,l2t_random_layers,l2t_every_block"])
+    res = main(["--quick"])
     out = json.loads(capsys.readouterr().out)  # one JSON object on stdout
-    assert set(out["methods"]) == set(res["methods"]) == {"grpo", "l2t", "l2t_no_penalty", "l2t_random_layers",
-                                                          "l2t_every_block"}
+    assert set(out["methods"]) == set(res["methods"]) == {"grpo", "length_penalty", "l2t", "l2t_no_penalty",
+                                                          "l2t_last_block", "l2t_random_layers", "l2t_every_block"}
     assert res["responses"] == 4 and res["rollout_s"] > 0
     for name, m in res["methods"].items():
         assert m["reward_s"] > 0 and m["reward_over_rollout"] == m["reward_s"] / res["rollout_s"]
         # only the methods with a compression penalty spend time on it
-        assert (m["penalty_s"] > 0) == (name in ("l2t", "l2t_random_layers", "l2t_every_block")), name
+        assert (m["penalty_s"] > 0) == (name in ("l2t", "l2t_last_block", "l2t_random_layers", "l2t_every_block")), name
     assert res["methods"]["l2t_every_block"]["method"] == "l2t"
 
 
