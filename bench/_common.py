@@ -150,6 +150,12 @@ def policy_rollouts(model, tok, *, problems: int, group: int, temperature: float
     return rollouts, rollout_s, engine
 
 
+def policy_facts(model, policy) -> dict:
+    """What every benchmark on a trained policy reports about where it ran."""
+    return {"policy": str(policy), "parameters": sum(p.numel() for p in model.parameters()),
+            "torch_threads": torch.get_num_threads(), "device": "cpu"}
+
+
 def run_on_policy(name: str, run: Callable[..., dict], policy: str, *, quick: bool, quick_kw: dict, **kw) -> dict:
     """``run(policy, **kw)`` on a trained checkpoint of the synthetic task (``quick``: on
     :func:`tiny_policy` with ``quick_kw`` over ``kw``), its logging kept off stdout; adds ``quick``

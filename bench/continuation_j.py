@@ -36,7 +36,7 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
     from l2t_core.rewards.l2t import compute_rewards
     from l2t_core.verify import NumericVerifier
 
-    from ._common import log, policy_rollouts
+    from ._common import log, policy_facts, policy_rollouts
 
     model, tok = load_policy(policy)
     model.eval()
@@ -85,10 +85,7 @@ def run(policy: str, *, problems: int = 8, group: int = 8, samples: int = 2, tem
         "mc_samples": samples,
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
-        "policy": str(policy),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
+        **policy_facts(model, policy),
     }
 
 

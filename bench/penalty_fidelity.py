@@ -163,6 +163,8 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
     from l2t_core.rewards import compression as comp
     from l2t_core.tasks import walk
 
+    from ._common import policy_facts
+
     model, tok = load_policy(policy)
     model.eval()
     probs = walk.dataset(problems, levels[0], levels[1], seed=seed + 11, split="heldout")
@@ -211,16 +213,13 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
         "proxies": proxies,
         "exact_redundancy": separation(exact, rows),
         "exact_s": exact_s,
-        "policy": str(policy),
         "source": source,
         "responses": len(rows),
         "episodes": int(sum(r[3] for r in rows)),
         "mean_episodes": float(np.mean([r[3] for r in rows])),
         "num_layers": int(model.config.num_hidden_layers),
-        "parameters": sum(p.numel() for p in model.parameters()),
         "temperature": temperature if source == "samples" else None,
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
+        **policy_facts(model, policy),
     }
 
 
