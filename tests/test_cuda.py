@@ -3,7 +3,8 @@
 Every other test runs on the CPU, where the reward math is checked against brute-force references.
 Here the CUDA results are checked against those CPU results: packed J, the penalty's per-token
 signals and episode scores (low-rank, full-layer, each episode's own gradient below the last block,
-exact all-parameter), a resumed L2T run that ends
+the last block's four position-wise matrices, exact all-parameter; the reward pass with a penalty
+below the last block), a resumed L2T run that ends
 where an uninterrupted one does (SVD bases refreshed across the checkpoint, so they must come back
 on the device), the randomized SVD leaving the global CUDA generator alone, the memory options
 (activation checkpointing, chunked output head) changing nothing but memory, and both trainer
@@ -94,6 +95,45 @@ def test_per_episode_penalty_on_cuda_equals_the_cpu(pair):
         out[dev] = [comp.per_episode_sqnorms(*args, proxy=p).sqnorms.cpu() for p in (None, proxy)]
     for a, b in zip(out["cuda"], out["cpu"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_reward_pass_with_per_episode_penalty_on_cuda_equals_the_cpu(pair):
+    """The trainer's reward pass with a penalty below the last block: J and log π from the packed
+    forward, each episode's gradient from a second, plain forward's batched backwards ([B, L]
+    padding mask, CUDA's causal attention), padded micro-batches included; and the last block's
+    four position-wise matrices from one backward."""
+    import numpy as np
+
+    from l2t_core.episodes import TokenEpisodes
+    from l2t_core.rewards.l2t import Rollout, episode_pass
+    from test_fitting import _item
+
+    cpu, gpu = pair
+    rng = random.Random(11)
+    vocab = cpu.config.vocab_size
+    items, rollouts, teps = [], [], []
+    for n, k in enumerate((3, 5, 2, 4)):
+        it = _item(rng, vocab, k)
+        bounds = list(it.boundaries[:-1]) + [len(it.response_ids)]  # every token in an episode
+        it = type(it)(it.prompt_ids, it.response_ids, bounds, it.answer_ids)
+        ep = np.zeros(len(it.response_ids), dtype=np.int64)
+        for e in range(k):
+            ep[bounds[e]: bounds[e + 1]] = e
+        items.append(it)
+        rollouts.append(Rollout(list(it.prompt_ids), list(it.response_ids), "", "", n))
+        teps.append(TokenEpisodes(ep, np.asarray(bounds)))
+    force = [rng.randrange(vocab) for _ in range(9)]
+    for names in (["model.layers.1.mlp.down_proj", "model.layers.4.mlp.down_proj"], [comp.LAST_BLOCK]):
+        out = {}
+        for dev, m in (("cpu", cpu), ("cuda", gpu)):
+            targets = comp.resolve_targets(m, names)
+            out[dev] = [episode_pass(m, rollouts, teps, 0, budget, j_items=items, force_ids=force, targets=targets)
+                        for budget in (100_000, 150)]
+        for got, want in zip(out["cuda"], out["cpu"]):
+            for a, b in zip(got.sqnorms, want.sqnorms):
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-9)
+            for a, b in zip(got.log_j + got.logps, want.log_j + want.logps):
+                torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-4)
 
 
 def test_exact_reference_on_cuda_equals_the_cpu(pair):
