@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     from ._common import policy_parser, run_on_policy
 
     ap = policy_parser(__doc__)
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma separated; l2t_every_block is the "
-                    "every-block penalty option (see above)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma separated; l2t_last_block and "
+                    "l2t_every_block are the penalty options above")
     ap.add_argument("--problems", type=int, default=8)
     ap.add_argument("--group", type=int, default=8, help="rollouts per problem")
     ap.add_argument("--repeats", type=int, default=2, help="reward calls per method (the fastest is reported)")
