@@ -151,7 +151,7 @@ def run(responses=4, episodes=12, response_tokens=240, prompt_tokens=20, hidden=
     # alternate the two passes and take the median of the paired differences (drift cancels)
     reward_pass(True), reward_pass(False)  # warm-up
     pairs = []
-    for _ in range(max(7, repeats)):
+    for _ in range(max(25, repeats)):
         t0 = device_clock(dev)
         res_pen = reward_pass(True)
         t1 = device_clock(dev)
