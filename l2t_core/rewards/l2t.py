@@ -229,13 +229,10 @@ def _plain_per_episode(model, rollouts: Sequence[Rollout], local: torch.Tensor, 
     """:func:`~.compression.per_episode_sqnorms` of a micro-batch laid out as prompt ⊕ response
     (no J suffixes). ``local`` [B, L_packed] holds each scored token's episode in the packed layout,
     whose prompt ⊕ response positions come first, so its first L_plain columns serve here too."""
-    packs = [plain_pack(r.prompt_ids, r.response_ids) for r in rollouts]
-    ids, pos, length = packed_inputs(packs, pad_id)
-    # a [B, L] padding mask (right padding): the model's own causal path, flash attention where it has one
-    mask = (torch.arange(length)[None, :] < torch.tensor([len(p.input_ids) for p in packs])[:, None]).long()
-    episodes = local[:, :length]
-    return comp.per_episode_sqnorms(model, ids.to(device), mask.to(device), (episodes >= 0).to(device),
-                                    episodes.to(device), targets, proxy=proxy, position_ids=pos.to(device),
+    # right-padded with a [B, L] padding mask: the model's own causal path, flash attention where it has one
+    ids, att = pad_right([list(r.prompt_ids) + list(r.response_ids) for r in rollouts], pad_id, device)
+    episodes = local[:, : ids.shape[1]].to(device)
+    return comp.per_episode_sqnorms(model, ids, att, episodes >= 0, episodes, targets, proxy=proxy,
                                     head_chunk_tokens=head_chunk_tokens)
 
 
@@ -319,6 +316,11 @@ def episode_pass(
             n_seg += token_eps[i].num_episodes
         ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
         return_hidden = j_items is not None or temperature != 1.0 or want_eos
+
+        def packed_hidden() -> torch.Tensor:  # the packed forward without a graph
+            with torch.no_grad():
+                return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
         if per_episode:  # implies targets
             if j_items is not None:
                 # the K backwards run over prompt ⊕ response alone, not over the J suffixes the packed
@@ -329,9 +331,7 @@ def episode_pass(
                 sig = _plain_per_episode(model, [rollouts[i] for i in batch], local, targets, proxy, pad_id, device,
                                          head_chunk_tokens)
                 penalty_s += device_clock(device) - t0
-                with torch.no_grad():
-                    sig.hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                         use_cache=False).last_hidden_state
+                sig.hidden = packed_hidden()
             else:
                 sig = comp.per_episode_sqnorms(model, ids, mask, score_d, local.to(device), targets, proxy=proxy,
                                                position_ids=pos, return_hidden=return_hidden,
@@ -354,10 +354,10 @@ def episode_pass(
             for r, i in enumerate(batch if keep else []):
                 sq_out[i] = total[offsets[r] : offsets[r] + token_eps[i].num_episodes]
         else:
-            with torch.no_grad():
-                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-                lp_rows = None
-                if want_logps:
+            hidden = packed_hidden()
+            lp_rows = None
+            if want_logps:
+                with torch.no_grad():
                     lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature, head_chunk_tokens).cpu()
         # one head call per micro-batch, a dummy's too (under ZeRO-3 each call is a collective)
         batch_j = log_j_of_batch(head, hidden, bp) if j_items is not None else None
