@@ -25,7 +25,11 @@ For targets below the last block the trainer runs one backward per episode
 targets from the one backward instead, which credits each position with every later token's signal.
 * ``episode_length``: the token count alone, a baseline;
 * ``context_copy``: the share of the episode's token pairs already in its context
-  (:func:`~l2t_core.episode_credit.context_overlap`), a baseline that sees repetition without a model.
+  (:func:`~l2t_core.episode_credit.context_overlap`), a baseline that sees repetition without a model;
+* ``surprise`` and ``entropy``: the model's own uncertainty over the episode, the mean per token of
+  −log π(z_t) and of the entropy of π(·|z_<t) at temperature 1 (:func:`episode_uncertainty`;
+  reference signals that no reward uses: does an episode the model writes unsurely carry the
+  penalty, and is a redundant episode written more surely than a useful one?).
 
 P_k = η²(‖g_k‖⁴ + λ‖g_k‖²) is increasing in ‖g_k‖², so ranking ‖g_k‖² ranks P_k. Reported per
 proxy: ``spearman`` over all episodes (the batch the penalty is normalised over) and
@@ -127,6 +131,22 @@ def _context_overlaps(rows) -> list[torch.Tensor]:
     return out
 
 
+def episode_uncertainty(model, rows) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per response, each episode's mean surprise −log π(z_t | z_<t) and mean entropy
+    H(π(·| z_<t)) over its tokens, at temperature 1 (one forward per response, no gradient)."""
+    surprise, entropy = [], []
+    for ids, score, tep, k, _ in rows:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None]).logits[0, :-1].double(), dim=-1)
+        s = -logp.gather(-1, ids[1:, None])[:, 0]
+        h = -(logp.exp() * logp).sum(-1)
+        e = tep[1:]  # token t+1's episode, predicted at position t
+        count = torch.bincount(e[e >= 0], minlength=k).double()[:k]
+        surprise.append(torch.zeros(k, dtype=torch.float64).index_add_(0, e[e >= 0], s[e >= 0]) / count)
+        entropy.append(torch.zeros(k, dtype=torch.float64).index_add_(0, e[e >= 0], h[e >= 0]) / count)
+    return surprise, entropy
+
+
 def _rho(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -199,6 +219,9 @@ def run(policy: str, *, problems: int = 12, samples: int = 4, levels=(3, 6), sou
     lengths = [torch.bincount(tep[1:][sc[1:]], minlength=k).double() for _, sc, tep, k, _ in rows]
     proxies["episode_length"] = score(lengths, exact, rows)
     proxies["context_copy"] = score(_context_overlaps(rows), exact, rows)
+    surprise, entropy = episode_uncertainty(model, rows)
+    proxies["surprise"] = score(surprise, exact, rows)
+    proxies["entropy"] = score(entropy, exact, rows)
     paper = proxies["last_down_proj_r5"]["spearman"]
     option = proxies["all_down_proj_r5"]["spearman"]
     last_block = proxies["last_block_r5"]["spearman"]

@@ -48,7 +48,7 @@ from .models import activation_checkpointing, check_activation_checkpointing, lo
 from .prompts import FORCE_ANSWER_SUFFIX, encode_prompt
 from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
-from .rewards.l2t import RewardBatch, Rollout, compute_rewards, longest_sampled_sequence
+from .rewards.l2t import RewardBatch, Rollout, compute_rewards, has_penalty, longest_sampled_sequence, penalty_targets
 from .rollout import SamplingParams, make_rollout_engine
 from .timing import device_clock
 from .urls import redact_url
@@ -267,6 +267,8 @@ class Trainer:
         policy, self.tokenizer = load_policy(cfg.policy, device=load_device)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
+        if has_penalty(cfg.method, cfg.reward):  # a compression target the model lacks fails before any rollout
+            penalty_targets(policy, cfg.method, cfg.reward.compression)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         # log π of the loss (ratio, KL, surprise weights): of the distribution the rollouts are drawn from
         self.lp_temperature = logprob_temperature(cfg.reward.loss.logprob_temperature, cfg.rollout.temperature)

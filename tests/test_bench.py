@@ -56,6 +56,30 @@ def test_penalty_fidelity_bench_quick_runs(capsys):
     assert res["proxies"]["episode_length"]["redundancy"]["auc"] == res["exact_redundancy"]["length_auc"]
     copy = res["proxies"]["context_copy"]  # a reference signal: the share of an episode's pairs already said
     assert -1 <= copy["spearman"] <= 1 and copy["redundancy"]["length_auc"] == res["exact_redundancy"]["length_auc"]
+    for name in ("surprise", "entropy"):  # the model's own uncertainty, reference signals
+        assert -1 <= res["proxies"][name]["spearman"] <= 1
+
+
+def test_episode_uncertainty_matches_one_prefix_at_a_time(model):
+    """Each episode's mean surprise and entropy equal a forward per prefix (no padding, no batching)."""
+    import torch
+
+    from bench.penalty_fidelity import episode_uncertainty
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (14,), generator=g)
+    tep = torch.tensor([-1] * 4 + [0, 0, 0, 1, 2, 2, 2, 2, 1, 1])  # 4 prompt tokens, 3 episodes
+    surprise, entropy = episode_uncertainty(model, [(ids, tep >= 0, tep, 3, None)])
+    want_s, want_h = [[] for _ in range(3)], [[] for _ in range(3)]
+    for t in range(4, 14):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None, :t]).logits[0, -1].double(), dim=-1)
+        want_s[tep[t]].append(-logp[ids[t]].item())
+        want_h[tep[t]].append(-(logp.exp() * logp).sum().item())
+    torch.testing.assert_close(surprise[0], torch.tensor([sum(v) / len(v) for v in want_s], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy[0], torch.tensor([sum(v) / len(v) for v in want_h], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_penalty_fidelity_refuses_a_missing_checkpoint(tmp_path):

@@ -207,6 +207,10 @@ def test_random_layers_and_targets(model):
         comp.resolve_targets(model, ["model.layers.99.mlp.down_proj"])
     with pytest.raises(TypeError, match="not an nn.Linear"):
         comp.resolve_targets(model, ["model.layers.0.mlp"])
+    # the output head and a pattern that reaches it are refused: the penalty's signals come from the blocks
+    for names in (["lm_head"], ["*"], ["last_block", "lm_head"]):
+        with pytest.raises(ValueError, match=r"\['lm_head'\] are outside the transformer blocks \(model\.layers\.\*\)"):
+            comp.resolve_targets(model, names)
 
 
 def test_target_patterns_select_every_block_in_model_order(model):

@@ -430,6 +430,13 @@ def test_bad_inputs_fail_before_compute(tiny_dir, toy_data, tmp_path):
         Trainer(make_cfg(tiny_dir, tmp_path / "e", data={"source": "empty.jsonl"}), show_progress=False).setup()
     with pytest.raises(FileNotFoundError, match="L2T_DATA_DIR"):
         Trainer(make_cfg(tiny_dir, tmp_path / "m", data={"source": "missing.jsonl"}), show_progress=False).setup()
+    # a compression target the policy lacks, or one outside its blocks, fails at setup, not at the first reward
+    with pytest.raises(KeyError, match="not a module of the model"):
+        Trainer(make_cfg(tiny_dir, tmp_path / "t", reward={"compression": {"targets": ["model.layers.0.mlp.nope"]}}),
+                show_progress=False).setup()
+    with pytest.raises(ValueError, match=r"\['lm_head'\] are outside the transformer blocks"):
+        Trainer(make_cfg(tiny_dir, tmp_path / "h", reward={"compression": {"targets": ["lm_head"]}}),
+                show_progress=False).setup()
 
 
 def test_cli_refuses_bad_training_data_in_one_line(tiny_dir, toy_data, tmp_path):

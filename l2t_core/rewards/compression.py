@@ -40,12 +40,16 @@ from ..timing import device_clock
 
 
 # ----------------------------------------------------------------------------- targets
-def _last_block(model) -> torch.nn.Module:
+def _blocks(model) -> torch.nn.ModuleList:
     decoder, _ = decoder_and_head(model)
     layers = getattr(decoder, "layers", None)
     if layers is None or len(layers) == 0:
         raise TypeError(f"{type(model).__name__}: no transformer blocks found under the decoder's .layers")
-    return layers[-1]
+    return layers
+
+
+def _last_block(model) -> torch.nn.Module:
+    return _blocks(model)[-1]
 
 
 def default_target(model) -> str:
@@ -61,8 +65,7 @@ def default_target(model) -> str:
 
 def random_layer_targets(model, frac: float = 0.3, seed: int = 0) -> list[str]:
     """Down-projections of a random ``frac`` of the blocks (at least one), for the §5.3(iii) ablation."""
-    decoder, _ = decoder_and_head(model)
-    layers = list(decoder.layers)
+    layers = list(_blocks(model))
     n = max(1, math.ceil(frac * len(layers)))
     chosen = sorted(random.Random(seed).sample(range(len(layers)), n))
     return [_name_of(model, layers[i].mlp.down_proj) for i in chosen]
@@ -103,7 +106,8 @@ def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Li
     e.g. :data:`ALL_DOWN_PROJ` (``model.layers.*.mlp.down_proj``: every block's down-projection);
     it must match at least one nn.Linear, and matches that are not nn.Linear are skipped.
     :data:`LAST_BLOCK` (``last_block``) stands for :func:`last_block_targets`, whatever the model's
-    depth.
+    depth. Every target must lie inside the transformer blocks (``model.layers.*`` for Qwen2): the
+    output head, which the reward pass applies to the scored positions only, is refused (ValueError).
     """
     names = list(names) if names else [default_target(model)]
     if LAST_BLOCK in names:
@@ -125,6 +129,13 @@ def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Li
         if not isinstance(mod, torch.nn.Linear):
             raise TypeError(f"compression target {n!r} is a {type(mod).__name__}, not an nn.Linear")
         chosen.add(n)
+    blocks = _name_of(model, _blocks(model))
+    outside = sorted(n for n in chosen if not n.startswith(f"{blocks}."))
+    if outside:
+        raise ValueError(f"compression targets {outside} are outside the transformer blocks ({blocks}.*): the "
+                         "penalty's per-token signals are read inside the decoder's forward, and the output head "
+                         f"sees only the scored positions; name Linears of the blocks, e.g. {LAST_BLOCK!r} or "
+                         f"'{blocks}.*.mlp.down_proj'")
     return {m: modules[m] for m in modules if m in chosen}
 
 

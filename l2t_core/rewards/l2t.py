@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import advantages as adv
-from ..config import RewardConfig
+from ..config import CompressionConfig, RewardConfig
 from ..episodes import Segmentation, TokenEpisodes, segment, token_episode_ids
 from ..logprobs import check_temperature, pad_right, response_mask, scored_logprobs, token_logprobs
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
@@ -55,6 +55,15 @@ def has_penalty(method: str, cfg: RewardConfig) -> bool:
     """Whether ``method`` under ``cfg`` charges the compression penalty (METHOD.md §3): ``l2t`` and
     ``l2t_random_layers`` with β > 0; the other methods report P_k = 0 for every episode."""
     return method in ("l2t", "l2t_random_layers") and cfg.credit.beta > 0
+
+
+def penalty_targets(model, method: str, c: CompressionConfig) -> dict[str, torch.nn.Linear]:
+    """θ of the compression penalty (METHOD.md §3), name → nn.Linear in model order: the §5.3(iii)
+    ablation's random blocks for ``l2t_random_layers``, else ``c.targets`` (None: the last block's
+    down-projection). Raises on a name the model lacks, so the trainer calls it before any rollout."""
+    if method == "l2t_random_layers":
+        return comp.resolve_targets(model, comp.random_layer_targets(model, c.random_layer_frac, c.seed))
+    return comp.resolve_targets(model, c.targets)
 
 
 def sampled_j(method: str, cfg: RewardConfig) -> str | None:
@@ -482,17 +491,13 @@ def compute_rewards(
     device = next(model.parameters()).device
     targets, proxy_used, svd_s = None, None, 0.0
     if needs_penalty:
-        if method == "l2t_random_layers":
-            targets = comp.resolve_targets(model, comp.random_layer_targets(model, c.random_layer_frac, c.seed))
-        else:
-            targets = comp.resolve_targets(model, c.targets)
-            if c.mode == "low_rank":
-                proxy = proxy or comp.SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps,
-                                               c.seed)
-                t_svd = device_clock(device)
-                proxy.refresh(targets, step)  # the SVD, when due (every svd_refresh_steps)
-                svd_s = device_clock(device) - t_svd
-                proxy_used = proxy
+        targets = penalty_targets(model, method, c)
+        if method != "l2t_random_layers" and c.mode == "low_rank":
+            proxy = proxy or comp.SVDProxy(c.rank_frac, c.rank, c.svd, c.svd_oversample, c.svd_refresh_steps, c.seed)
+            t_svd = device_clock(device)
+            proxy.refresh(targets, step)  # the SVD, when due (every svd_refresh_steps)
+            svd_s = device_clock(device) - t_svd
+            proxy_used = proxy
     items = None
     if packed_j:
         items = []
