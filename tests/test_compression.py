@@ -203,13 +203,13 @@ def test_random_layers_and_targets(model):
     names = comp.random_layer_targets(model, 0.3, seed=0)
     assert len(names) == 3 and all(n.endswith("mlp.down_proj") for n in names)
     assert names == comp.random_layer_targets(model, 0.3, seed=0)
-    with pytest.raises(KeyError, match="not a module"):
+    with pytest.raises(comp.TargetError, match="not a module"):
         comp.resolve_targets(model, ["model.layers.99.mlp.down_proj"])
-    with pytest.raises(TypeError, match="not an nn.Linear"):
+    with pytest.raises(comp.TargetError, match="not an nn.Linear"):
         comp.resolve_targets(model, ["model.layers.0.mlp"])
     # the output head and a pattern that reaches it are refused: the penalty's signals come from the blocks
     for names in (["lm_head"], ["*"], ["last_block", "lm_head"]):
-        with pytest.raises(ValueError, match=r"\['lm_head'\] are outside the transformer blocks \(model\.layers\.\*\)"):
+        with pytest.raises(comp.TargetError, match=r"\['lm_head'\] are outside the transformer blocks \(model\.layers\.\*\)"):
             comp.resolve_targets(model, names)
 
 
@@ -223,7 +223,7 @@ def test_target_patterns_select_every_block_in_model_order(model):
     mixed = comp.resolve_targets(model, ["model.layers.7.mlp.down_proj", "model.layers.[67].mlp.down_proj"])
     assert list(mixed) == ["model.layers.6.mlp.down_proj", "model.layers.7.mlp.down_proj"]
     assert len(comp.resolve_targets(model, ["model.layers.0.mlp*"])) == 3
-    with pytest.raises(KeyError, match="matches no nn.Linear"):
+    with pytest.raises(comp.TargetError, match="matches no nn.Linear"):
         comp.resolve_targets(model, ["model.layers.*.mlp.up"])
 
 

@@ -16,6 +16,7 @@ from l2t_core.cli import apply_overrides, build_config, main as cli_main
 from l2t_core.config import TrainConfig
 from l2t_core.engines import lr_lambda
 from l2t_core.metrics import read_table
+from l2t_core.rewards.compression import TargetError
 from l2t_core.trainer import Trainer, run_dependent, step_prompt_indices
 
 
@@ -431,17 +432,17 @@ def test_bad_inputs_fail_before_compute(tiny_dir, toy_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="L2T_DATA_DIR"):
         Trainer(make_cfg(tiny_dir, tmp_path / "m", data={"source": "missing.jsonl"}), show_progress=False).setup()
     # a compression target the policy lacks, or one outside its blocks, fails at setup, not at the first reward
-    with pytest.raises(KeyError, match="not a module of the model"):
+    with pytest.raises(TargetError, match="not a module of the model"):
         Trainer(make_cfg(tiny_dir, tmp_path / "t", reward={"compression": {"targets": ["model.layers.0.mlp.nope"]}}),
                 show_progress=False).setup()
-    with pytest.raises(ValueError, match=r"\['lm_head'\] are outside the transformer blocks"):
+    with pytest.raises(TargetError, match=r"\['lm_head'\] are outside the transformer blocks"):
         Trainer(make_cfg(tiny_dir, tmp_path / "h", reward={"compression": {"targets": ["lm_head"]}}),
                 show_progress=False).setup()
 
 
 def test_cli_refuses_bad_training_data_in_one_line(tiny_dir, toy_data, tmp_path):
-    """An empty data file or a prompt over rollout.max_prompt_tokens is the user's input, not a
-    bug: ``l2t train`` names it in one line (SystemExit), as it does a missing model, not with a
+    """An empty data file, a prompt over rollout.max_prompt_tokens or a compression target the
+    penalty cannot take is the user's input, not a bug: ``l2t train`` names it in one line (SystemExit), as it does a missing model, not with a
     traceback."""
     base = ["train", "--policy", str(tiny_dir), "--steps", "1", "-q"]
     with pytest.raises(SystemExit, match=r"^l2t train: data\.source 'empty\.jsonl': .*empty\.jsonl: the file has no rows"):
@@ -450,7 +451,12 @@ def test_cli_refuses_bad_training_data_in_one_line(tiny_dir, toy_data, tmp_path)
                                          r"rollout\.max_prompt_tokens=3; raise the limit or filter the data$"):
         cli_main([*base, "--out", str(tmp_path / "z"), "--set", "data.source=toy.jsonl",
                   "--set", "rollout.max_prompt_tokens=3"])
-    assert not (tmp_path / "e").exists() and not (tmp_path / "z").exists()  # refused: no run directory left
+    with pytest.raises(SystemExit, match=r"^l2t train: compression targets \['lm_head'\] are outside the transformer "
+                                         r"blocks \(model\.layers\.\*\).*e\.g\. 'last_block'"):
+        cli_main([*base, "--out", str(tmp_path / "h"), "--set", "data.source=toy.jsonl",
+                  "--set", 'reward.compression.targets=["lm_head"]'])
+    for run in ("e", "z", "h"):  # refused: no run directory left
+        assert not (tmp_path / run).exists()
 
 
 def test_print_config_shows_every_default_and_reads_back(tmp_path, capsys):

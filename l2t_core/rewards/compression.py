@@ -40,11 +40,17 @@ from ..timing import device_clock
 
 
 # ----------------------------------------------------------------------------- targets
+class TargetError(ValueError):
+    """θ cannot be chosen as asked (METHOD.md §3): a target name the model lacks, a module that is not
+    an nn.Linear, one outside the transformer blocks, or a model without the default's layout. The
+    message names the target and what to name instead; ``l2t train`` prints it in one line."""
+
+
 def _blocks(model) -> torch.nn.ModuleList:
     decoder, _ = decoder_and_head(model)
     layers = getattr(decoder, "layers", None)
     if layers is None or len(layers) == 0:
-        raise TypeError(f"{type(model).__name__}: no transformer blocks found under the decoder's .layers")
+        raise TargetError(f"{type(model).__name__}: no transformer blocks found under the decoder's .layers")
     return layers
 
 
@@ -56,7 +62,7 @@ def default_target(model) -> str:
     """Name of the last transformer block's MLP down-projection (METHOD.md §3 default θ)."""
     target = getattr(getattr(_last_block(model), "mlp", None), "down_proj", None)
     if not isinstance(target, torch.nn.Linear):
-        raise TypeError(
+        raise TargetError(
             f"{type(model).__name__}: the last block has no mlp.down_proj Linear; "
             "name the compression targets explicitly (CompressionConfig.targets)"
         )
@@ -94,7 +100,7 @@ def last_block_targets(model) -> list[str]:
     names = [n for n, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)
              and attributed_by_position(model, [f"{last}.{n}"])]
     if not names:
-        raise TypeError(f"{type(model).__name__}: the last block has no nn.Linear under .mlp or at "
+        raise TargetError(f"{type(model).__name__}: the last block has no nn.Linear under .mlp or at "
                         "self_attn.o_proj; name the compression targets explicitly (CompressionConfig.targets)")
     return [f"{last}.{n}" for n in names]
 
@@ -107,7 +113,8 @@ def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Li
     it must match at least one nn.Linear, and matches that are not nn.Linear are skipped.
     :data:`LAST_BLOCK` (``last_block``) stands for :func:`last_block_targets`, whatever the model's
     depth. Every target must lie inside the transformer blocks (``model.layers.*`` for Qwen2): the
-    output head, which the reward pass applies to the scored positions only, is refused (ValueError).
+    output head, which the reward pass applies to the scored positions only, is refused. Every refusal
+    is a :class:`TargetError`.
     """
     names = list(names) if names else [default_target(model)]
     if LAST_BLOCK in names:
@@ -118,21 +125,21 @@ def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Li
         if any(c in n for c in "*?["):
             hits = [m for m, mod in modules.items() if fnmatch.fnmatchcase(m, n) and isinstance(mod, torch.nn.Linear)]
             if not hits:
-                raise KeyError(f"compression target pattern {n!r} matches no nn.Linear of the model; "
+                raise TargetError(f"compression target pattern {n!r} matches no nn.Linear of the model; "
                                f"for example {default_target(model)!r} is one")
             chosen.update(hits)
             continue
         mod = modules.get(n)
         if mod is None:
             close = [m for m in modules if m.endswith(n.split(".")[-1])][:5]
-            raise KeyError(f"compression target {n!r} is not a module of the model; similar names: {close}")
+            raise TargetError(f"compression target {n!r} is not a module of the model; similar names: {close}")
         if not isinstance(mod, torch.nn.Linear):
-            raise TypeError(f"compression target {n!r} is a {type(mod).__name__}, not an nn.Linear")
+            raise TargetError(f"compression target {n!r} is a {type(mod).__name__}, not an nn.Linear")
         chosen.add(n)
     blocks = _name_of(model, _blocks(model))
     outside = sorted(n for n in chosen if not n.startswith(f"{blocks}."))
     if outside:
-        raise ValueError(f"compression targets {outside} are outside the transformer blocks ({blocks}.*): the "
+        raise TargetError(f"compression targets {outside} are outside the transformer blocks ({blocks}.*): the "
                          "penalty's per-token signals are read inside the decoder's forward, and the output head "
                          f"sees only the scored positions; name Linears of the blocks, e.g. {LAST_BLOCK!r} or "
                          f"'{blocks}.*.mlp.down_proj'")
