@@ -168,6 +168,16 @@ class CompressionConfig(_Strict):
                     "ranks responses by those outliers rather than by how much they say; the clip bounds "
                     "what one episode can cost.")
     random_layer_frac: float = Field(0.3, gt=0.0, le=1.0, description="Share of blocks for the method l2t_random_layers.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_name_something(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and (not v or any(not n.strip() for n in v)):
+            raise ValueError("an empty list (or an empty name) names no layer: leave targets unset (null) for the "
+                             "paper's θ, the last block's down-projection, or set reward.credit.beta: 0 to turn "
+                             "the penalty off")
+        return v
+
     attribution: Literal["per_episode", "single_backward"] = Field(
         "per_episode",
         description=(

@@ -416,6 +416,9 @@ def test_bad_inputs_fail_before_compute(tiny_dir, toy_data, tmp_path):
         make_cfg(tiny_dir, tmp_path / "x", reward={"credit": {"beta": -0.5}})
     with pytest.raises(ValueError, match="deepspeed_config"):
         make_cfg(tiny_dir, tmp_path / "x", engine="deepspeed")
+    for empty in ([], [" "]):  # names no layer: not silently the default θ
+        with pytest.raises(ValueError, match="names no layer: leave targets unset"):
+            make_cfg(tiny_dir, tmp_path / "x", reward={"compression": {"targets": empty}})
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="not writable"):
