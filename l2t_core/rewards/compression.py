@@ -101,7 +101,7 @@ def last_block_targets(model) -> list[str]:
              and attributed_by_position(model, [f"{last}.{n}"])]
     if not names:
         raise TargetError(f"{type(model).__name__}: the last block has no nn.Linear under .mlp or at "
-                        "self_attn.o_proj; name the compression targets explicitly (CompressionConfig.targets)")
+                          "self_attn.o_proj; name the compression targets explicitly (CompressionConfig.targets)")
     return [f"{last}.{n}" for n in names]
 
 
@@ -126,7 +126,7 @@ def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Li
             hits = [m for m, mod in modules.items() if fnmatch.fnmatchcase(m, n) and isinstance(mod, torch.nn.Linear)]
             if not hits:
                 raise TargetError(f"compression target pattern {n!r} matches no nn.Linear of the model; "
-                               f"for example {default_target(model)!r} is one")
+                                  f"for example {default_target(model)!r} is one")
             chosen.update(hits)
             continue
         mod = modules.get(n)
@@ -140,9 +140,9 @@ def resolve_targets(model, names: Sequence[str] | None) -> dict[str, torch.nn.Li
     outside = sorted(n for n in chosen if not n.startswith(f"{blocks}."))
     if outside:
         raise TargetError(f"compression targets {outside} are outside the transformer blocks ({blocks}.*): the "
-                         "penalty's per-token signals are read inside the decoder's forward, and the output head "
-                         f"sees only the scored positions; name Linears of the blocks, e.g. {LAST_BLOCK!r} or "
-                         f"'{blocks}.*.mlp.down_proj'")
+                          "penalty's per-token signals are read inside the decoder's forward, and the output head "
+                          f"sees only the scored positions; name Linears of the blocks, e.g. {LAST_BLOCK!r} or "
+                          f"'{blocks}.*.mlp.down_proj'")
     return {m: modules[m] for m in modules if m in chosen}
 
 
