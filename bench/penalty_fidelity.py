@@ -140,10 +140,11 @@ def episode_uncertainty(model, rows) -> tuple[list[torch.Tensor], list[torch.Ten
             logp = torch.log_softmax(model(ids[None]).logits[0, :-1].double(), dim=-1)
         s = -logp.gather(-1, ids[1:, None])[:, 0]
         h = -(logp.exp() * logp).sum(-1)
-        e = tep[1:]  # token t+1's episode, predicted at position t
-        count = torch.bincount(e[e >= 0], minlength=k).double()[:k]
-        surprise.append(torch.zeros(k, dtype=torch.float64).index_add_(0, e[e >= 0], s[e >= 0]) / count)
-        entropy.append(torch.zeros(k, dtype=torch.float64).index_add_(0, e[e >= 0], h[e >= 0]) / count)
+        live = tep[1:] >= 0  # token t+1's episode, predicted at position t
+        e = tep[1:][live]
+        count = torch.bincount(e, minlength=k).double()
+        surprise.append(torch.bincount(e, weights=s[live], minlength=k) / count)
+        entropy.append(torch.bincount(e, weights=h[live], minlength=k) / count)
     return surprise, entropy
 
 
