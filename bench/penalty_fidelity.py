@@ -25,7 +25,7 @@ For targets below the last block the trainer runs one backward per episode
 targets from the one backward instead, which credits each position with every later token's signal.
 * ``episode_length``: the token count alone, a baseline;
 * ``context_copy``: the share of the episode's token pairs already in its context
-  (:func:`~l2t_core.episode_credit.context_overlap`), a baseline that sees repetition without a model;
+  (:func:`~l2t_core.rewards.copying.context_overlap`), a baseline that sees repetition without a model;
 * ``surprise`` and ``entropy``: the model's own uncertainty over the episode, the mean per token of
   −log π(z_t) and of the entropy of π(·|z_<t) at temperature 1 (:func:`episode_uncertainty`;
   reference signals that no reward uses: does an episode the model writes unsurely carry the
@@ -117,9 +117,9 @@ def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float,
 
 
 def _context_overlaps(rows) -> list[torch.Tensor]:
-    """Per response, :func:`~l2t_core.episode_credit.context_overlap` of each episode: the share of its
+    """Per response, :func:`~l2t_core.rewards.copying.context_overlap` of each episode: the share of its
     token pairs already in the prompt and the response before it (a reference signal, no model)."""
-    from l2t_core.episode_credit import context_overlap
+    from l2t_core.rewards.copying import context_overlap
 
     out = []
     for ids, _, tep, k, _ in rows:

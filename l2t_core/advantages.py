@@ -18,11 +18,14 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
 
 
 def process_rewards(gains: torch.Tensor, penalties_hat: torch.Tensor, beta: float,
-                    penalty_on: str = "all") -> torch.Tensor:
+                    penalty_on: str = "all", copies: torch.Tensor | None = None,
+                    copy_coef: float = 0.0) -> torch.Tensor:
     """r_k^prg = G_k − β · P̂_k (METHOD.md §4).
 
     ``penalty_on="no_gain"`` (this project's option, not the paper's) charges the penalty only to
     episodes that did not move J toward the answer: r_k^prg = G_k − β · P̂_k · 1[G_k ≤ 0].
+    ``copies`` c_k with ``copy_coef`` γ (this project's option, :mod:`l2t_core.rewards.copying`)
+    also charges each episode the share of it that its context already said: − γ · c_k.
     """
     _check_finite("fitting gains G_k", gains)
     _check_finite("normalised penalties P̂_k", penalties_hat)
@@ -32,7 +35,14 @@ def process_rewards(gains: torch.Tensor, penalties_hat: torch.Tensor, beta: floa
         charged = torch.where(gains <= 0, penalties_hat.double(), torch.zeros((), dtype=torch.float64))
     else:
         raise ValueError(f"penalty_on must be 'all' or 'no_gain', got {penalty_on!r}")
-    return gains.double() - beta * charged
+    out = gains.double() - beta * charged
+    if copy_coef:
+        if copies is None or copies.shape != gains.shape:
+            raise ValueError(f"copy_coef {copy_coef} needs one copy share per episode ({tuple(gains.shape)}), got "
+                             f"{None if copies is None else tuple(copies.shape)}")
+        _check_finite("copy shares c_k", copies)
+        out = out - copy_coef * copies.double()
+    return out
 
 
 def episode_rewards(r_out: float, process: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -34,8 +34,9 @@ call each) and reports, per method:
   ``gain_separation`` (the l2t family, else None), the same of the fitting gains G_k;
 
 and, once for the samples, ``copy_separation``: the same of :func:`context_overlap`, the share of
-an episode's token pairs already in its context, a reference no reward here uses: how far a
-signal that needs neither a model nor labels tells the redundant episodes apart on these samples;
+an episode's token pairs already in its context (the copy share c_k that the option
+``reward.copying.coef`` charges): how far a signal that needs neither a model nor labels tells the
+redundant episodes apart on these samples;
 
 and, for every method of the l2t family (the others have no fitting gain), ``step_gain``:
 :func:`step_gain_calibration` of the samples under that method's J (its ``fitting.estimator``);
@@ -66,6 +67,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .config import RewardConfig
+from .rewards.copying import context_overlap
 from .rewards.l2t import L2T_FAMILY, METHODS, Rollout, compute_rewards, has_fitting_gain, has_penalty
 from .tasks.common import EpisodeInfo
 from .verify import NumericVerifier
@@ -324,25 +326,6 @@ def redundancy_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], to
         if side["v"]:
             out["median"][name] = float(np.median(side["v"]))
     return out
-
-
-def context_overlap(context: Sequence[int], episode: Sequence[int], n: int = 2) -> float:
-    """The share of an episode's token n-grams that already occur in its context (the prompt and the
-    response before the episode): 1 for a verbatim copy, 0 for wholly new text; an episode shorter
-    than ``n`` counts its tokens as one n-gram. Not part of any reward: a reference for
-    :func:`redundancy_separation`, the simplest annotation-free signal that can see repetition (it
-    needs neither a model nor labels; an n-gram repetition penalty charges the same thing), against
-    which the compression penalty and the fitting gain are read."""
-    if n < 1:
-        raise ValueError(f"context_overlap: n must be >= 1, got {n}")
-    episode = list(episode)
-    if not episode:
-        raise ValueError("context_overlap: an empty episode has no n-grams; skip zero-token episodes")
-    m = min(n, len(episode))
-    context = list(context)
-    seen = {tuple(context[i:i + m]) for i in range(len(context) - m + 1)}
-    grams = [tuple(episode[i:i + m]) for i in range(len(episode) - m + 1)]
-    return sum(g in seen for g in grams) / len(grams)
 
 
 def method_configs(methods: Sequence[str] | Mapping[str, tuple[str, RewardConfig]]) -> dict[str, tuple[str, RewardConfig]]:

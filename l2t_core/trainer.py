@@ -629,6 +629,8 @@ class Trainer:
                     "num_tokens": int(lens[k]), "fitting_gain": float(x.gains[k]), "penalty": float(x.penalties[k]),
                     "penalty_hat": float(x.penalties_hat[k]), "process_reward": float(x.process[k]),
                     "episode_reward": float(x.episode_reward[k]),
+                    # c_k where reward.copying.coef > 0 charged it, else null
+                    "copy_share": None if x.copies is None else float(x.copies[k]),
                 })
         dist = _dist()
         if dist is not None:

@@ -29,6 +29,19 @@ def test_process_rewards_charge_only_episodes_without_gain():
         adv.process_rewards(g, p, 0.6, "some")
 
 
+def test_process_rewards_charge_the_copy_share():
+    g, p, c = torch.tensor([0.3, -0.1]), torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.8])
+    r = adv.process_rewards(g, p, 0.6, copies=c, copy_coef=0.5)
+    torch.testing.assert_close(r, torch.tensor([0.3 - 0.6, -0.1 - 0.3 - 0.4], dtype=torch.float64))
+    torch.testing.assert_close(adv.process_rewards(g, p, 0.6, copies=c), adv.process_rewards(g, p, 0.6))  # γ = 0
+    with pytest.raises(ValueError, match="one copy share per episode"):
+        adv.process_rewards(g, p, 0.6, copies=torch.tensor([0.1]), copy_coef=0.5)
+    with pytest.raises(ValueError, match="one copy share per episode"):
+        adv.process_rewards(g, p, 0.6, copy_coef=0.5)
+    with pytest.raises(ValueError, match="non-finite"):
+        adv.process_rewards(g, p, 0.6, copies=torch.tensor([0.1, float("nan")]), copy_coef=0.5)
+
+
 def test_surprise_weights_by_hand():
     logp = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.1]))  # s = ln2, 2ln2, floor, ln10
     eps = torch.tensor([0, 0, 1, 1])

@@ -3,11 +3,12 @@
 import json
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
-from l2t_core.config import CompressionConfig, CreditConfig, RewardConfig
+from l2t_core.config import CompressionConfig, CreditConfig, RewardConfig, TrainConfig
 from l2t_core.rewards.l2t import METHODS, Rollout, compute_rewards, response_offsets
 from l2t_core.verify import NumericVerifier, Verdict
 
@@ -396,6 +397,39 @@ def test_penalty_on_no_gain_through_the_reward_path(model, tokenizer):
         g = a.gains.double()
         torch.testing.assert_close(b.process, torch.where(g > 0, g, g - beta * a.penalties_hat.double()))
         torch.testing.assert_close(a.process, g - beta * a.penalties_hat.double())  # ...only who pays it
+
+
+def test_copy_share_through_the_reward_path(model, tokenizer):
+    """reward.copying.coef γ charges each episode its copy share: r_k = G_k − β·P̂_k − γ·c_k, with c_k
+    the brute-force share of its token pairs already in the prompt or the response before it; the
+    gains and penalties are untouched, and the redundant trace's repeated episodes copy more."""
+    from l2t_core.rewards.copying import context_overlap
+
+    rollouts, plain = _two_groups_with_plain_rewards(model, tokenizer)
+    cfg = RewardConfig(copying={"coef": 0.7})
+    charged = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
+    for r, a, b in zip(rollouts, plain.responses, charged.responses):
+        assert a.copies is None
+        eid = np.asarray(b.tokens.episode_ids)
+        want = []
+        for k in range(b.tokens.num_episodes):
+            at = np.flatnonzero(eid == k)
+            want.append(context_overlap(list(r.prompt_ids) + list(r.response_ids[:at[0]]),
+                                        [r.response_ids[t] for t in at]) if len(at) else 0.0)
+        torch.testing.assert_close(b.copies, torch.tensor(want, dtype=torch.float64))
+        torch.testing.assert_close(b.gains, a.gains)
+        torch.testing.assert_close(b.penalties_hat, a.penalties_hat)
+        torch.testing.assert_close(b.process, a.process - 0.7 * b.copies)
+    good, redundant = charged.responses[0].copies, charged.responses[1].copies
+    assert redundant.max() > good.max()  # the re-checks repeat what was said
+    # no process reward, nothing to charge: the outcome-only methods ignore it, a TrainConfig refuses it
+    grpo = compute_rewards(model, tokenizer, rollouts, "grpo", cfg, verifier=NumericVerifier())
+    assert all(x.copies is None for x in grpo.responses)
+    with pytest.raises(ValueError, match="reward.copying.coef .* method 'grpo'"):
+        TrainConfig(method="grpo", policy="p", reward=cfg)
+    TrainConfig(method="l2t_no_penalty", policy="p", reward=cfg)
+    with pytest.raises(ValueError, match="ngram"):
+        RewardConfig(copying={"ngram": 0})
 
 
 @pytest.mark.parametrize("projected", [True, False])

@@ -135,20 +135,7 @@ def test_penalty_separation_against_hand_counted_pairs():
     assert gains["auc"] == 0.0 and gains["top_share"] is None  # a gain: lower on the redundant episode
 
 
-def test_context_overlap_counts_the_pairs_already_said():
-    from l2t_core.episode_credit import context_overlap
-
-    context = [1, 2, 3, 4]
-    assert context_overlap(context, [2, 3, 4]) == 1.0  # (2,3), (3,4): both said
-    assert context_overlap(context, [3, 4, 9, 1]) == pytest.approx(1 / 3)  # (3,4) of (3,4), (4,9), (9,1)
-    assert context_overlap(context, [4, 3]) == 0.0  # the tokens, not the pair
-    assert context_overlap(context, [4]) == 1.0 and context_overlap([], [4]) == 0.0  # one token: itself
-    assert context_overlap(context, [1, 2, 3, 5], n=3) == pytest.approx(1 / 2)
-    with pytest.raises(ValueError, match="empty episode"):
-        context_overlap(context, [])
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        context_overlap(context, [1], n=0)
-    # in the credit table: a sentence under it
+def test_credit_table_reports_the_copy_separation():
     sep = {"auc": 0.8, "length_auc": 0.6, "auc_by_kind": {"restate": 0.9, "repeat": 0.85, "check_easy": None}}
     table = credit_table({"methods": {}, "copy_separation": sep})
     assert "with AUC 0.80 (restatements 0.90, repeats 0.85, easy-step checks n/a; the episode's length alone 0.60)" in table

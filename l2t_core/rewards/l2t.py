@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from .. import advantages as adv
-from ..config import CompressionConfig, RewardConfig
+from ..config import L2T_FAMILY, CompressionConfig, RewardConfig
 from ..episodes import Segmentation, TokenEpisodes, segment, token_episode_ids
 from ..logprobs import check_temperature, pad_right, response_mask, scored_logprobs, token_logprobs
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
+from .copying import episode_copy_shares
 from ..engines.gather import lockstep_batches
 from ..models import decoder_and_head
 from ..timing import device_clock
@@ -41,8 +42,6 @@ from .fitting import (
 
 Method = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers"]
 METHODS: tuple[str, ...] = ("grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers")
-# the methods with L2T's episode reward (fitting gain, penalty, episode credit, surprise weights)
-L2T_FAMILY: tuple[str, ...] = ("l2t", "l2t_no_penalty", "l2t_random_layers")
 
 
 def has_fitting_gain(method: str) -> bool:
@@ -119,6 +118,7 @@ class ResponseReward:
     score: float = 0.0
     advantage: float = 0.0
     token_advantage: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    copies: torch.Tensor | None = None  # [K] copy shares c_k where reward.copying.coef > 0, else None
     eos_logp_old: float | None = None  # log π_old(EOS | the whole response) of a finished one (eos_id given)
 
 
@@ -561,11 +561,14 @@ def compute_rewards(
     # credit (§4) and advantages
     cr = cfg.credit
     beta = 0.0 if method == "l2t_no_penalty" else cr.beta
+    copy_coef = cfg.copying.coef if method in L2T_FAMILY else 0.0
     results = []
     for n, r in enumerate(rollouts):
         k, te = k_per[n], teps[n]
         gains = fitting_gains(log_js[n]) if has_fitting_gain(method) else torch.zeros(k)
-        process = adv.process_rewards(gains, hat_split[n], beta, cr.penalty_on)
+        copies = (episode_copy_shares(r.prompt_ids, r.response_ids, te.episode_ids, k, cfg.copying.ngram)
+                  if copy_coef else None)
+        process = adv.process_rewards(gains, hat_split[n], beta, cr.penalty_on, copies, copy_coef)
         ep_r = adv.episode_rewards(outs[n], process, cr.alpha)
         ids = torch.as_tensor(te.episode_ids)
         if surprise:  # the L2T family spreads R_k by surprise; the other methods use no token credit
@@ -576,7 +579,7 @@ def compute_rewards(
         results.append(ResponseReward(
             segmentation=segs[n], tokens=te, outcome=outs[n], verdict_status=statuses[n],
             log_j=log_js[n], gains=gains, penalties=raw[n], penalties_hat=hat_split[n], process=process,
-            episode_reward=ep_r, logp_old=logps[n], token_reward=tok_r, eos_logp_old=eos_logps[n],
+            episode_reward=ep_r, logp_old=logps[n], token_reward=tok_r, eos_logp_old=eos_logps[n], copies=copies,
         ))
 
     outcomes = torch.tensor(outs, dtype=torch.float64)
