@@ -5,7 +5,8 @@ Three tables, each a folder of parquet parts under ``<out>/metrics/<table>/``:
 * ``train_steps``: one row per optimizer step (reward parts, accuracy, tokens, KL, each phase's time
   and peak memory, ...);
 * ``rollouts``: one row per sampled response (text, outcome, score, advantage, episode count);
-* ``episode_rewards``: one row per episode of every response (G_k, P_k, P̂_k, r_k^prg, R_k).
+* ``episode_rewards``: one row per episode of every response (G_k, P_k, P̂_k, r_k^prg, R_k, and the
+  copy share c_k where ``reward.copying.coef`` charges it).
 
 Rows are buffered and written as ``part-<first>-<last>.parquet`` for the steps since the previous
 checkpoint, just before that checkpoint is published. A run resumed from checkpoint ``s`` first
