@@ -30,28 +30,15 @@ def quiet_progress_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def apply_overrides(base: dict, overrides: list[str]) -> dict:
-    """``a.b.c=value`` strings applied to a nested dict (values parsed as JSON when they can be)."""
-    out = json.loads(json.dumps(base))
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value (e.g. reward.credit.beta=0.3), got {item!r}")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SystemExit(f"--set {key}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
-    return out
+    """``a.b.c=value`` strings applied to a nested dict (values parsed as JSON when they can be);
+    a malformed one ends the command with its reason (:func:`l2t_core.config.apply_settings`)."""
+    from .config import apply_settings
+
+    try:
+        return apply_settings(base, overrides, "--set")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _refuse_url_credentials(what: str, value: str) -> None:

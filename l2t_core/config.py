@@ -78,6 +78,36 @@ def _without_inert(cfg: dict) -> dict:
     return {**cfg, "reward": reward} if "reward" in cfg else reward
 
 
+def parse_setting_value(text: str):
+    """The value of a ``key=value`` setting: JSON when it parses (``2``, ``true``, ``"additive"``,
+    ``[1, 2]``), else the text itself (``additive``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_settings(base: dict, settings: Iterable[str], what: str = "setting") -> dict:
+    """``a.b.c=value`` strings applied to a copy of the nested dict ``base`` (values through
+    :func:`parse_setting_value`); the result is for a config model to validate. Raises ValueError
+    naming ``what`` and the setting when one is not ``key=value`` or walks into a value."""
+    out = json.loads(json.dumps(base))
+    for item in settings:
+        if "=" not in item:
+            raise ValueError(f"{what} expects key=value (e.g. credit.beta=0.3), got {item!r}")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"{what} {item!r}: the key {key.strip()!r} has an empty part")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{what} {key}: {p!r} is not a section")
+        node[parts[-1]] = parse_setting_value(value)
+    return out
+
+
 class SegmentationConfig(_Strict):
     """METHOD.md §1."""
 

@@ -13,7 +13,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from l2t_core.config import DataConfig, RewardConfig, TrainConfig
+from l2t_core.config import DataConfig, RewardConfig, TrainConfig, apply_settings
 from l2t_core.warmstart import WarmStartConfig
 
 
@@ -53,6 +53,13 @@ class RolloutSamplingConfig(dg.Config):
     seed: int = 0
 
 
+REWARD_SETTINGS_HELP = (
+    "Any other l2t_core RewardConfig setting as dotted key=value, applied over the fields above, as "
+    "`l2t train --set reward.KEY=VALUE` takes them (values read as JSON when they parse): e.g. "
+    "'copying.coef=2', 'credit.credit=additive', 'fitting.estimator=continuation'. A misspelt key or a bad value "
+    "fails with its name before any compute.")
+
+
 class RewardSettings(dg.Config):
     """The reward path of ``episode_rewards`` (``l2t_core.config.RewardConfig``; METHOD.md §1-§4)."""
 
@@ -61,11 +68,12 @@ class RewardSettings(dg.Config):
     beta: float = 0.6
     rank_frac: float = 0.05
     max_episodes: int = 30
+    settings: list[str] = Field(default_factory=list, description=REWARD_SETTINGS_HELP)
 
     def to_core(self) -> RewardConfig:
-        return RewardConfig(segmentation={"max_episodes": self.max_episodes},
-                            compression={"rank_frac": self.rank_frac},
-                            credit={"alpha": self.alpha, "beta": self.beta})
+        base = {"segmentation": {"max_episodes": self.max_episodes}, "compression": {"rank_frac": self.rank_frac},
+                "credit": {"alpha": self.alpha, "beta": self.beta}}
+        return RewardConfig.model_validate(apply_settings(base, self.settings, "RewardSettings.settings"))
 
 
 class TrainRunConfig(dg.Config):
@@ -84,6 +92,7 @@ class TrainRunConfig(dg.Config):
     beta: float = 0.6
     micro_batch_tokens: int = 8192
     seed: int = 0
+    reward_settings: list[str] = Field(default_factory=list, description=REWARD_SETTINGS_HELP)
 
     def to_core(self, *, policy: str, method: str, out: str, data: DataConfig) -> TrainConfig:
         return TrainConfig(
@@ -93,7 +102,8 @@ class TrainRunConfig(dg.Config):
             optim={"lr": self.lr},
             rollout={"group_size": self.group_size, "temperature": self.temperature,
                      "max_new_tokens": self.max_new_tokens},
-            reward={"credit": {"alpha": self.alpha, "beta": self.beta}, "loss": {"kl_coef": self.kl_coef}},
+            reward=apply_settings({"credit": {"alpha": self.alpha, "beta": self.beta}, "loss": {"kl_coef": self.kl_coef}},
+                                  self.reward_settings, "TrainRunConfig.reward_settings"),
         )
 
 

@@ -611,3 +611,29 @@ def test_the_io_manager_stores_outputs_on_s3(monkeypatch):
             result = dg.materialize([frame, total], selection=[total], resources={"io_manager": make_io_manager()},
                                     instance=second)
         assert result.output_for_node("total") == 3
+
+
+def test_reward_settings_reach_every_reward_option_and_bad_ones_fail_by_name():
+    """The launchpad's `settings` / `reward_settings` take any RewardConfig option as `l2t train --set`
+    does (here the copy share and the additive credit), over the explicit fields; a misspelt key, a bad
+    value or a malformed entry fails naming it, before any compute."""
+    from pydantic import ValidationError
+
+    from l2t_core.config import DataConfig
+    from l2t_pipeline.config import RewardSettings, TrainRunConfig
+
+    r = RewardSettings(beta=0.3, settings=["copying.coef=2", "credit.credit=additive"]).to_core()
+    assert (r.copying.coef, r.credit.credit, r.credit.beta) == (2.0, "additive", 0.3)
+    assert RewardSettings().to_core() == RewardSettings(settings=[]).to_core()
+    t = TrainRunConfig(kl_coef=0.01, reward_settings=["copying.coef=1.5", "credit.alpha=0.4"]).to_core(
+        policy="p", method="l2t", out="o", data=DataConfig())
+    assert (t.reward.copying.coef, t.reward.credit.alpha, t.reward.loss.kl_coef) == (1.5, 0.4, 0.01)
+    with pytest.raises(ValidationError, match="copying.coeff"):
+        RewardSettings(settings=["copying.coeff=2"]).to_core()
+    with pytest.raises(ValidationError, match="copying.coef"):
+        RewardSettings(settings=["copying.coef=-1"]).to_core()
+    with pytest.raises(ValueError, match="RewardSettings.settings expects key=value"):
+        RewardSettings(settings=["copying.coef"]).to_core()
+    with pytest.raises(ValueError, match="TrainRunConfig.reward_settings credit.beta.x: 'beta' is not a section"):
+        TrainRunConfig(reward_settings=["credit.beta.x=1"]).to_core(policy="p", method="l2t", out="o",
+                                                                     data=DataConfig())
