@@ -36,7 +36,7 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
     from .config import apply_settings
 
     try:
-        return apply_settings(base, overrides, "--set")
+        return apply_settings(base, overrides, "--set", example="reward.credit.beta=0.3")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 

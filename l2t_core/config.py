@@ -87,14 +87,16 @@ def parse_setting_value(text: str):
         return text
 
 
-def apply_settings(base: dict, settings: Iterable[str], what: str = "setting") -> dict:
+def apply_settings(base: dict, settings: Iterable[str], what: str = "setting",
+                   example: str = "credit.beta=0.3") -> dict:
     """``a.b.c=value`` strings applied to a copy of the nested dict ``base`` (values through
     :func:`parse_setting_value`); the result is for a config model to validate. Raises ValueError
-    naming ``what`` and the setting when one is not ``key=value`` or walks into a value."""
+    naming ``what`` and the setting (with ``example``, a well-formed one) when one is not
+    ``key=value`` or walks into a value."""
     out = json.loads(json.dumps(base))
     for item in settings:
         if "=" not in item:
-            raise ValueError(f"{what} expects key=value (e.g. credit.beta=0.3), got {item!r}")
+            raise ValueError(f"{what} expects key=value (e.g. {example}), got {item!r}")
         key, value = item.split("=", 1)
         node = out
         parts = key.strip().split(".")

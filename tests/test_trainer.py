@@ -486,6 +486,10 @@ def test_print_config_shows_every_default_and_reads_back(tmp_path, capsys):
 
 def test_cli_config_layers_and_errors(tmp_path, capsys):
     assert apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=\"x\"", "d=[1,2]"]) == {"a": {"b": 2, "c": "x"}, "d": [1, 2]}
+    with pytest.raises(SystemExit, match=r"--set expects key=value \(e.g. reward.credit.beta=0.3\), got 'steps'"):
+        apply_overrides({}, ["steps"])
+    with pytest.raises(SystemExit, match="--set a.b.c: 'b' is not a section"):
+        apply_overrides({"a": {"b": 1}}, ["a.b.c=2"])
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("policy: some/model\nmethod: grpo\nreward:\n  credit:\n    alpha: 0.5\n")
 
