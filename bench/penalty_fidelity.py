@@ -117,17 +117,16 @@ def _proxy_sqnorms(model, rows, targets, mode: str, rank_frac: float,
 
 
 def _context_overlaps(rows) -> list[torch.Tensor]:
-    """Per response, :func:`~l2t_core.rewards.copying.context_overlap` of each episode: the share of its
-    token pairs already in the prompt and the response before it (a reference signal, no model)."""
-    from l2t_core.rewards.copying import context_overlap
+    """Per response, each episode's copy share (:func:`~l2t_core.rewards.copying.episode_copy_shares`):
+    the share of its token pairs already in the prompt and the response before it (a reference signal,
+    no model); NaN for an episode without tokens, which has nothing to rank."""
+    from l2t_core.rewards.copying import episode_copy_shares
 
     out = []
     for ids, _, tep, k, _ in rows:
-        values = []
-        for e in range(k):
-            at = torch.nonzero(tep == e).flatten()
-            values.append(context_overlap(ids[:at[0]].tolist(), ids[at].tolist()) if len(at) else float("nan"))
-        out.append(torch.tensor(values, dtype=torch.float64))
+        start = int((tep < 0).sum())  # the prompt's tokens carry episode -1
+        shares = episode_copy_shares(ids[:start].tolist(), ids[start:].tolist(), tep[start:].numpy(), k)
+        out.append(torch.where(torch.bincount(tep[start:], minlength=k) > 0, shares, float("nan")))
     return out
 
 
