@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .. import advantages as adv
-from ..config import L2T_FAMILY, CompressionConfig, RewardConfig
+from ..config import L2T_FAMILY, METHOD_NAMES, CompressionConfig, MethodName, RewardConfig
 from ..episodes import Segmentation, TokenEpisodes, segment, token_episode_ids
 from ..logprobs import check_temperature, pad_right, response_mask, scored_logprobs, token_logprobs
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
@@ -40,8 +40,8 @@ from .fitting import (
     plain_pack,
 )
 
-Method = Literal["grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers"]
-METHODS: tuple[str, ...] = ("grpo", "length_penalty", "mrt", "l2t", "l2t_no_penalty", "l2t_random_layers")
+Method = MethodName  # the config's list of methods, one place for both
+METHODS: tuple[str, ...] = METHOD_NAMES
 
 
 def has_fitting_gain(method: str) -> bool:
