@@ -17,15 +17,27 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has non-finite values at positions {bad}; rewards must be finite numbers")
 
 
+def _charge(out: torch.Tensor, name: str, coef: float, values: torch.Tensor | None) -> torch.Tensor:
+    """out − coef · values, with ``values`` one finite number per episode (the checks of a process term)."""
+    if values is None or values.shape != out.shape:
+        raise ValueError(f"a {name} weight of {coef} needs one {name} per episode ({tuple(out.shape)}), got "
+                         f"{None if values is None else tuple(values.shape)}")
+    _check_finite(f"{name}s", values)
+    return out - coef * values.double()
+
+
 def process_rewards(gains: torch.Tensor, penalties_hat: torch.Tensor, beta: float,
                     penalty_on: str = "all", copies: torch.Tensor | None = None,
-                    copy_coef: float = 0.0) -> torch.Tensor:
+                    copy_coef: float = 0.0, labels: torch.Tensor | None = None,
+                    label_coef: float = 0.0) -> torch.Tensor:
     """r_k^prg = G_k − β · P̂_k (METHOD.md §4).
 
     ``penalty_on="no_gain"`` (this project's option, not the paper's) charges the penalty only to
     episodes that did not move J toward the answer: r_k^prg = G_k − β · P̂_k · 1[G_k ≤ 0].
     ``copies`` c_k with ``copy_coef`` γ (this project's option, :mod:`l2t_core.rewards.copying`)
     also charges each episode the share of it that its context already said: − γ · c_k.
+    ``labels`` ℓ_k with ``label_coef`` λ (a diagnostic control, :mod:`l2t_core.rewards.oracle`)
+    charges each episode the synthetic task's own redundancy label: − λ · ℓ_k.
     """
     _check_finite("fitting gains G_k", gains)
     _check_finite("normalised penalties P̂_k", penalties_hat)
@@ -37,11 +49,9 @@ def process_rewards(gains: torch.Tensor, penalties_hat: torch.Tensor, beta: floa
         raise ValueError(f"penalty_on must be 'all' or 'no_gain', got {penalty_on!r}")
     out = gains.double() - beta * charged
     if copy_coef:
-        if copies is None or copies.shape != gains.shape:
-            raise ValueError(f"copy_coef {copy_coef} needs one copy share per episode ({tuple(gains.shape)}), got "
-                             f"{None if copies is None else tuple(copies.shape)}")
-        _check_finite("copy shares c_k", copies)
-        out = out - copy_coef * copies.double()
+        out = _charge(out, "copy share", copy_coef, copies)
+    if label_coef:
+        out = _charge(out, "oracle label", label_coef, labels)
     return out
 
 

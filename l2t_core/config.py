@@ -11,6 +11,7 @@ from typing import Annotated, ClassVar, Iterable, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .tasks import TaskName
 from .urls import credentials_message, redact_url, redact_urls_in, url_credentials
 
 
@@ -341,6 +342,19 @@ class CopyingConfig(_Strict):
         "on the synthetic task's samples (AUC 0.82 against 0.78 for 1 and 0.79 for 3)."))
 
 
+class OracleConfig(_Strict):
+    """A diagnostic control, not a method: the synthetic task's own redundancy label ℓ_k of each
+    episode in the process reward, r_k^prg = G_k − β·P̂_k − γ·c_k − λ·ℓ_k
+    (:mod:`l2t_core.rewards.oracle`; the L2T family only, and only on the task that gives the labels)."""
+
+    coef: float = Field(0.0, ge=0.0, description=(
+        "λ, the charge of an episode the task's classifier calls redundant (a restatement, a repeated step, "
+        "a check of an easy step). 0 (default): off. No real task has these labels: it measures what a process "
+        "reward that knew exactly which episodes are redundant would buy, the ceiling of per-episode credit."))
+    task: TaskName = Field("walk", description=(
+        "The synthetic task whose episode classifier gives the labels; a run must train on it (data.source)."))
+
+
 class RewardConfig(_Strict):
     """Everything the reward path needs, one object, serialisable next to a checkpoint."""
 
@@ -349,6 +363,7 @@ class RewardConfig(_Strict):
     compression: CompressionConfig = CompressionConfig()
     credit: CreditConfig = CreditConfig()
     copying: CopyingConfig = CopyingConfig()
+    oracle: OracleConfig = OracleConfig()
     loss: LossConfig = LossConfig()
     baselines: BaselineConfig = BaselineConfig()
 
@@ -509,6 +524,18 @@ class TrainConfig(_Strict):
                 f"reward.copying.coef ({self.reward.copying.coef}) weighs the copy share in L2T's process reward, "
                 f"which method {self.method!r} does not have; use a method of the l2t family "
                 f"({', '.join(L2T_FAMILY)}) or leave reward.copying.coef at 0")
+        o = self.reward.oracle
+        if o.coef > 0 and self.method not in L2T_FAMILY:
+            raise ValueError(
+                f"reward.oracle.coef ({o.coef}) charges the oracle label in L2T's process reward, which method "
+                f"{self.method!r} does not have; use a method of the l2t family ({', '.join(L2T_FAMILY)}) or leave "
+                "reward.oracle.coef at 0")
+        if o.coef > 0 and self.data.source != o.task:
+            raise ValueError(
+                f"reward.oracle.coef ({o.coef}) labels episodes with the {o.task!r} task's classifier, but the run "
+                f"trains on data.source {self.data.source!r}; the oracle exists only for the synthetic tasks: set "
+                f"reward.oracle.task to the task trained on ({', '.join(get_args(TaskName))}) or leave "
+                "reward.oracle.coef at 0")
         f = self.reward.fitting
         if f.estimator == "continuation" and f.continuation_budget > self.rollout.max_new_tokens:
             raise ValueError(

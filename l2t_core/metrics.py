@@ -6,7 +6,8 @@ Three tables, each a folder of parquet parts under ``<out>/metrics/<table>/``:
   and peak memory, ...);
 * ``rollouts``: one row per sampled response (text, outcome, score, advantage, episode count);
 * ``episode_rewards``: one row per episode of every response (G_k, P_k, P̂_k, r_k^prg, R_k, and the
-  copy share c_k where ``reward.copying.coef`` charges it).
+  copy share c_k where ``reward.copying.coef`` charges it, the oracle label ℓ_k where
+  ``reward.oracle.coef`` does).
 
 Rows are buffered and written as ``part-<first>-<last>.parquet`` for the steps since the previous
 checkpoint, just before that checkpoint is published. A run resumed from checkpoint ``s`` first

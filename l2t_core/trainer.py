@@ -631,6 +631,8 @@ class Trainer:
                     "episode_reward": float(x.episode_reward[k]),
                     # c_k where reward.copying.coef > 0 charged it, else null
                     "copy_share": None if x.copies is None else float(x.copies[k]),
+                    # ℓ_k where reward.oracle.coef > 0 charged it (the diagnostic control), else null
+                    "oracle_label": None if x.labels is None else float(x.labels[k]),
                 })
         dist = _dist()
         if dist is not None:

@@ -42,6 +42,21 @@ def test_process_rewards_charge_the_copy_share():
         adv.process_rewards(g, p, 0.6, copies=torch.tensor([0.1, float("nan")]), copy_coef=0.5)
 
 
+def test_process_rewards_charge_the_oracle_label():
+    g, p, c, lab = torch.tensor([0.3, -0.1]), torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.8]), torch.tensor([0.0, 1.0])
+    r = adv.process_rewards(g, p, 0.6, labels=lab, label_coef=2.0)
+    torch.testing.assert_close(r, torch.tensor([0.3 - 0.6, -0.1 - 0.3 - 2.0], dtype=torch.float64))
+    both = adv.process_rewards(g, p, 0.6, copies=c, copy_coef=0.5, labels=lab, label_coef=2.0)
+    torch.testing.assert_close(both, torch.tensor([0.3 - 0.6 - 0.25, -0.1 - 0.3 - 0.4 - 2.0], dtype=torch.float64))
+    torch.testing.assert_close(adv.process_rewards(g, p, 0.6, labels=lab), adv.process_rewards(g, p, 0.6))  # λ = 0
+    with pytest.raises(ValueError, match="one oracle label per episode"):
+        adv.process_rewards(g, p, 0.6, labels=torch.tensor([1.0]), label_coef=1.0)
+    with pytest.raises(ValueError, match="one oracle label per episode"):
+        adv.process_rewards(g, p, 0.6, label_coef=1.0)
+    with pytest.raises(ValueError, match="oracle labels has non-finite"):
+        adv.process_rewards(g, p, 0.6, labels=torch.tensor([0.0, float("inf")]), label_coef=1.0)
+
+
 def test_surprise_weights_by_hand():
     logp = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.1]))  # s = ln2, 2ln2, floor, ln10
     eps = torch.tensor([0, 0, 1, 1])

@@ -765,11 +765,13 @@ def test_logged_episode_tokens_are_each_episodes_own_tokens(model, tokenizer):
         assert sum(got) == len(r.response_ids)
     assert rewards.responses[0].tokens.boundaries[-1] < len(rollouts[0].response_ids)  # the answer is after b_K
     assert eps["copy_share"].isna().all()  # reward.copying off: not computed, logged as null
+    assert eps["oracle_label"].isna().all()  # reward.oracle off: likewise
     from l2t_core.config import RewardConfig
 
-    charged = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(copying={"coef": 1.0}),
-                              verifier=NumericVerifier())
+    charged = compute_rewards(model, tokenizer, rollouts, "l2t",
+                              RewardConfig(copying={"coef": 1.0}, oracle={"coef": 1.0}), verifier=NumericVerifier())
     tables.clear()
     Trainer._record(stand_in, 1, rollouts, probs, charged)
     eps = pd.DataFrame(tables["episode_rewards"])
     assert eps["copy_share"].tolist() == [c for x in charged.responses for c in x.copies.tolist()]
+    assert eps["oracle_label"].tolist() == [c for x in charged.responses for c in x.labels.tolist()]

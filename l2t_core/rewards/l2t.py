@@ -25,6 +25,7 @@ from ..verify import MathVerifier, Verifier
 from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
 from .copying import episode_copy_shares
+from .oracle import redundancy_labels
 from ..engines.gather import lockstep_batches
 from ..models import decoder_and_head
 from ..timing import device_clock
@@ -119,6 +120,7 @@ class ResponseReward:
     advantage: float = 0.0
     token_advantage: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     copies: torch.Tensor | None = None  # [K] copy shares c_k where reward.copying.coef > 0, else None
+    labels: torch.Tensor | None = None  # [K] oracle redundancy labels ℓ_k where reward.oracle.coef > 0, else None
     eos_logp_old: float | None = None  # log π_old(EOS | the whole response) of a finished one (eos_id given)
 
 
@@ -562,13 +564,16 @@ def compute_rewards(
     cr = cfg.credit
     beta = 0.0 if method == "l2t_no_penalty" else cr.beta
     copy_coef = cfg.copying.coef if method in L2T_FAMILY else 0.0
+    label_coef = cfg.oracle.coef if method in L2T_FAMILY else 0.0
     results = []
     for n, r in enumerate(rollouts):
         k, te = k_per[n], teps[n]
         gains = fitting_gains(log_js[n]) if has_fitting_gain(method) else torch.zeros(k)
         copies = (episode_copy_shares(r.prompt_ids, r.response_ids, te.episode_ids, k, cfg.copying.ngram)
                   if copy_coef else None)
-        process = adv.process_rewards(gains, hat_split[n], beta, cr.penalty_on, copies, copy_coef)
+        labels = (redundancy_labels([e.text for e in segs[n].episodes], cfg.oracle.task)
+                  if label_coef else None)
+        process = adv.process_rewards(gains, hat_split[n], beta, cr.penalty_on, copies, copy_coef, labels, label_coef)
         ep_r = adv.episode_rewards(outs[n], process, cr.alpha)
         ids = torch.as_tensor(te.episode_ids)
         if surprise:  # the L2T family spreads R_k by surprise; the other methods use no token credit
@@ -580,6 +585,7 @@ def compute_rewards(
             segmentation=segs[n], tokens=te, outcome=outs[n], verdict_status=statuses[n],
             log_j=log_js[n], gains=gains, penalties=raw[n], penalties_hat=hat_split[n], process=process,
             episode_reward=ep_r, logp_old=logps[n], token_reward=tok_r, eos_logp_old=eos_logps[n], copies=copies,
+            labels=labels,
         ))
 
     outcomes = torch.tensor(outs, dtype=torch.float64)
