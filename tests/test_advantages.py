@@ -29,32 +29,28 @@ def test_process_rewards_charge_only_episodes_without_gain():
         adv.process_rewards(g, p, 0.6, "some")
 
 
-def test_process_rewards_charge_the_copy_share():
+@pytest.mark.parametrize("values, coef, name", [("copies", "copy_coef", "copy share"),
+                                                 ("labels", "label_coef", "oracle label")])
+def test_process_rewards_charge_each_extra_term(values, coef, name):
+    """− γ·c_k (the copy share) and − λ·ℓ_k (the oracle label): charged with a weight, ignored at 0,
+    refused when missing, of the wrong size or not finite."""
     g, p, c = torch.tensor([0.3, -0.1]), torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.8])
-    r = adv.process_rewards(g, p, 0.6, copies=c, copy_coef=0.5)
+    r = adv.process_rewards(g, p, 0.6, **{values: c, coef: 0.5})
     torch.testing.assert_close(r, torch.tensor([0.3 - 0.6, -0.1 - 0.3 - 0.4], dtype=torch.float64))
-    torch.testing.assert_close(adv.process_rewards(g, p, 0.6, copies=c), adv.process_rewards(g, p, 0.6))  # γ = 0
-    with pytest.raises(ValueError, match="one copy share per episode"):
-        adv.process_rewards(g, p, 0.6, copies=torch.tensor([0.1]), copy_coef=0.5)
-    with pytest.raises(ValueError, match="one copy share per episode"):
-        adv.process_rewards(g, p, 0.6, copy_coef=0.5)
-    with pytest.raises(ValueError, match="non-finite"):
-        adv.process_rewards(g, p, 0.6, copies=torch.tensor([0.1, float("nan")]), copy_coef=0.5)
+    torch.testing.assert_close(adv.process_rewards(g, p, 0.6, **{values: c}), adv.process_rewards(g, p, 0.6))  # 0
+    with pytest.raises(ValueError, match=f"one {name} per episode"):
+        adv.process_rewards(g, p, 0.6, **{values: torch.tensor([0.1]), coef: 0.5})
+    with pytest.raises(ValueError, match=f"one {name} per episode"):
+        adv.process_rewards(g, p, 0.6, **{coef: 0.5})
+    with pytest.raises(ValueError, match=f"{name}s has non-finite"):
+        adv.process_rewards(g, p, 0.6, **{values: torch.tensor([0.1, float("nan")]), coef: 0.5})
 
 
-def test_process_rewards_charge_the_oracle_label():
-    g, p, c, lab = torch.tensor([0.3, -0.1]), torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.8]), torch.tensor([0.0, 1.0])
-    r = adv.process_rewards(g, p, 0.6, labels=lab, label_coef=2.0)
-    torch.testing.assert_close(r, torch.tensor([0.3 - 0.6, -0.1 - 0.3 - 2.0], dtype=torch.float64))
+def test_process_rewards_charge_both_extra_terms():
+    g, p = torch.tensor([0.3, -0.1]), torch.tensor([1.0, 0.5])
+    c, lab = torch.tensor([0.5, 0.8]), torch.tensor([0.0, 1.0])
     both = adv.process_rewards(g, p, 0.6, copies=c, copy_coef=0.5, labels=lab, label_coef=2.0)
     torch.testing.assert_close(both, torch.tensor([0.3 - 0.6 - 0.25, -0.1 - 0.3 - 0.4 - 2.0], dtype=torch.float64))
-    torch.testing.assert_close(adv.process_rewards(g, p, 0.6, labels=lab), adv.process_rewards(g, p, 0.6))  # λ = 0
-    with pytest.raises(ValueError, match="one oracle label per episode"):
-        adv.process_rewards(g, p, 0.6, labels=torch.tensor([1.0]), label_coef=1.0)
-    with pytest.raises(ValueError, match="one oracle label per episode"):
-        adv.process_rewards(g, p, 0.6, label_coef=1.0)
-    with pytest.raises(ValueError, match="oracle labels has non-finite"):
-        adv.process_rewards(g, p, 0.6, labels=torch.tensor([0.0, float("inf")]), label_coef=1.0)
 
 
 def test_surprise_weights_by_hand():
