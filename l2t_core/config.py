@@ -351,6 +351,9 @@ class OracleConfig(_Strict):
         "λ, the charge of an episode the task's classifier calls redundant (a restatement, a repeated step, "
         "a check of an easy step). 0 (default): off. No real task has these labels: it measures what a process "
         "reward that knew exactly which episodes are redundant would buy, the ceiling of per-episode credit."))
+    hard_check_bonus: float = Field(0.0, ge=0.0, description=(
+        "b: a check of a hard step (the useful check) gets the label -b, so it is paid lambda*b; 0 (default): "
+        "labelled like a step."))
     task: TaskName = Field("walk", description=(
         "The synthetic task whose episode classifier gives the labels; a run must train on it (data.source)."))
 

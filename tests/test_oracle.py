@@ -33,6 +33,11 @@ def test_labels_are_the_traces_own_kinds(task):
         assert got.tolist() == [_redundant(e) for e in tr.episodes]
         seen.update((e.kind, e.hard) for e in tr.episodes)
     assert {("restate", False), ("repeat", True), ("check", True), ("check", False), ("step", True)} <= seen
+    tr = walk.build_trace(walk.make_problem(rng, 5, 0), rng, walk.TraceStyle(guess_error=0.5, hard_check=1.0))
+    texts = [e.text for e in tr.episodes]
+    bonus = redundancy_labels(texts, "walk", hard_check_bonus=0.5).tolist()
+    assert bonus == [-0.5 if e.kind == "check" and e.hard else _redundant(e) for e in tr.episodes]
+    assert -0.5 in bonus
     assert redundancy_labels([], "walk").numel() == 0
     assert redundancy_labels(["no such episode"], "walk").tolist() == [0.0]  # unreadable text: not labelled
 
@@ -41,7 +46,7 @@ def test_oracle_label_through_the_reward_path(model, tokenizer):
     """r_k = plain r_k − λ·ℓ_k with ℓ_k the trace's own redundancy, gains and penalties untouched;
     the outcome-only methods ignore it and a TrainConfig refuses it off the labelled task."""
     rng = random.Random(3)
-    rollouts, want = [], []
+    rollouts, want, paid = [], [], []
     for g in range(2):
         for i in range(3):
             p = walk.make_problem(rng, 4, i)
@@ -50,6 +55,7 @@ def test_oracle_label_through_the_reward_path(model, tokenizer):
             rollouts.append(Rollout(tokenizer(walk.build_task_prompt(p))["input_ids"],
                                     tokenizer(text, add_special_tokens=False)["input_ids"], text, str(p.answer), g))
             want.append([_redundant(e) for e in tr.episodes])
+            paid.append([-0.5 if e.kind == "check" and e.hard else _redundant(e) for e in tr.episodes])
     assert any(1.0 in w for w in want) and any(0.0 in w for w in want)
     plain = compute_rewards(model, tokenizer, rollouts, "l2t", verifier=NumericVerifier())
     cfg = RewardConfig(oracle={"coef": 0.8})
@@ -60,6 +66,9 @@ def test_oracle_label_through_the_reward_path(model, tokenizer):
         torch.testing.assert_close(b.gains, a.gains)
         torch.testing.assert_close(b.penalties_hat, a.penalties_hat)
         torch.testing.assert_close(b.process, a.process - 0.8 * b.labels)
+    bonus = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(oracle={"coef": 0.8, "hard_check_bonus": 0.5}),
+                            verifier=NumericVerifier())
+    assert [b.labels.tolist() for b in bonus.responses] == paid and paid != want
     grpo = compute_rewards(model, tokenizer, rollouts, "grpo", cfg, verifier=NumericVerifier())
     assert all(x.labels is None for x in grpo.responses)
     with pytest.raises(ValueError, match="reward.oracle.coef .* method 'grpo'"):

@@ -571,7 +571,7 @@ def compute_rewards(
         gains = fitting_gains(log_js[n]) if has_fitting_gain(method) else torch.zeros(k)
         copies = (episode_copy_shares(r.prompt_ids, r.response_ids, te.episode_ids, k, cfg.copying.ngram)
                   if copy_coef else None)
-        labels = (redundancy_labels([e.text for e in segs[n].episodes], cfg.oracle.task)
+        labels = (redundancy_labels([e.text for e in segs[n].episodes], cfg.oracle.task, cfg.oracle.hard_check_bonus)
                   if label_coef else None)
         process = adv.process_rewards(gains, hat_split[n], beta, cr.penalty_on, copies, copy_coef, labels, label_coef)
         ep_r = adv.episode_rewards(outs[n], process, cr.alpha)
