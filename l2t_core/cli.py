@@ -1,5 +1,5 @@
 """The ``l2t`` command line: ``l2t warmstart``, ``l2t train``, ``l2t miniature``, ``l2t pool``, ``l2t eval``, ``l2t reads``,
-``l2t compare``, and the walk-task probes (``step-gains``, ``credit``, ``guess-trust``).
+``l2t compare``, and the walk-task probes (``step-gains``, ``credit``, ``guess-trust``, ``check-odds``).
 
 Configuration comes from an optional JSON/YAML file (``--config``), then dotted overrides
 (``--set reward.credit.beta=0.3``), then the explicit flags; the result is validated as one typed
@@ -435,25 +435,44 @@ def cmd_credit(args) -> int:
     return 0
 
 
-def cmd_guess_trust(args) -> int:
-    """Whom each model's forced-answer readout J believes right after an unchecked hard step."""
+def _walk_probe(args, command: str, probe) -> int:
+    """Run ``probe(model, tokenizer, problems) -> dict`` for every ``--model`` on the same held-out
+    walk problems; one JSON line per model."""
     import torch
 
-    from .episode_credit import guess_trust, guess_trust_sentence
     from .models import load_policy
     from .tasks import walk
 
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed, split="heldout")
-    for name, path in _named_models(args.model, "guess-trust").items():
+    for name, path in _named_models(args.model, command).items():
         model, tok = load_policy(path)
         try:
-            res = guess_trust(model, tok, problems, seed=args.seed)
+            res = probe(model, tok, problems)
         except ValueError as e:
-            raise SystemExit(f"l2t guess-trust: {e}") from None
-        print(json.dumps({"model": name, "path": path, **res, "reading": guess_trust_sentence(res)}))
+            raise SystemExit(f"l2t {command}: {e}") from None
+        print(json.dumps({"model": name, "path": path, **res}))
     return 0
+
+
+def cmd_guess_trust(args) -> int:
+    """Whom each model's forced-answer readout J believes right after an unchecked hard step."""
+    from .episode_credit import guess_trust, guess_trust_sentence
+
+    def probe(model, tok, problems) -> dict:
+        res = guess_trust(model, tok, problems, seed=args.seed)
+        return {**res, "reading": guess_trust_sentence(res)}
+
+    return _walk_probe(args, "guess-trust", probe)
+
+
+def cmd_check_odds(args) -> int:
+    """How each model decides to check right after an easy and after a hard step."""
+    from .episode_credit import check_decisions
+
+    return _walk_probe(args, "check-odds", lambda model, tok, problems: check_decisions(
+        model, tok, problems, seed=args.seed, gradients=args.gradients, context=args.context))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -568,18 +587,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=positive_int, help="torch threads")
     p.set_defaults(fn=cmd_credit, estimator=None)
 
+    def walk_probe_args(p, min_steps: int) -> None:
+        p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
+        p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                       help="a checkpoint of the walk task (repeat the flag for several)")
+        p.add_argument("--problems", type=positive_int, default=120, help="held-out walk problems (default 120)")
+        p.add_argument("--min-steps", type=positive_int, default=min_steps,
+                       help=f"fewest moves of a problem (default {min_steps})")
+        p.add_argument("--max-steps", type=positive_int, default=6, help="most moves of a problem (default 6)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=positive_int, help="torch threads")
+
     p = sub.add_parser("guess-trust", help="right after an unchecked hard step of the walk, does the model's "
                        "readout J believe the written result or repair it as the typical mistake? (why the fitting "
                        "gain can pay for wrong guesses)")
-    p.add_argument("-q", "--quiet", action="store_true", help="less logging, no progress bars")
-    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                   help="a checkpoint of the walk task (repeat the flag for several)")
-    p.add_argument("--problems", type=positive_int, default=120, help="held-out walk problems (default 120)")
-    p.add_argument("--min-steps", type=positive_int, default=4, help="fewest moves of a problem (default 4)")
-    p.add_argument("--max-steps", type=positive_int, default=6, help="most moves of a problem (default 6)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, help="torch threads")
+    walk_probe_args(p, 4)
     p.set_defaults(fn=cmd_guess_trust)
+
+    p = sub.add_parser("check-odds", help="right after an easy and after a hard step of the walk, the model's "
+                       "log-odds of writing a check, and with --gradients how far lowering one moves the other "
+                       "(can a policy drop the easy checks and keep the hard ones?)")
+    walk_probe_args(p, 3)
+    p.add_argument("--gradients", action="store_true",
+                   help="also the cosine of the two decisions' mean gradients and the first-order transfer")
+    p.add_argument("--context", choices=["mixed", "necessary"], default="mixed",
+                   help="the traces cut: each step checked with probability 1/2 (mixed) or only the hard ones")
+    p.set_defaults(fn=cmd_check_odds)
 
     p = sub.add_parser("pool", help="pool the seeds of several `l2t miniature` reports of one experiment "
                                     "(seeds added later, on the same or a rebuilt warm start)")

@@ -62,7 +62,7 @@ import os
 import random
 import time
 from collections import Counter, defaultdict
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -268,6 +268,112 @@ def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
                       "repair_share": share(a[:, 2], a[:, 3])},
             "gain_wrong_minus_right": float(diffs.mean()),
             "stderr": float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None}
+
+
+CheckPlace = Literal["middle", "last"]
+
+
+def check_decisions(model, tokenizer, problems: Sequence, *, seed: int = 0, gradients: bool = False,
+                    context: Literal["mixed", "necessary"] = "mixed") -> dict:
+    """How the model decides to write a check right after a step of the walk, for easy and for hard
+    steps: the two decisions a shortening policy must tell apart (drop the easy-step check, keep
+    the hard-step one).
+
+    The reference trace of every problem (every step right, no repeat or restatement; ``context``
+    ``mixed``: each step followed by a check with probability 1/2, drawn with ``seed``; ``necessary``:
+    every hard step checked, no easy one) is cut right after each step, where the model decides.
+    After a step with moves after it (``middle``) the next episode's opening tag always follows and
+    its first token decides: p is the probability of the check's first token after the tag. After the
+    last step (``last``) the tag itself decides, against ``</think>``: p is the probability of the
+    next episode's opening tag (a check, or a repeat) right after the step's closing tag and newline.
+    Returns per place and step kind (``middle``/``last`` × ``easy``/``hard``) the number of decision
+    points, the mean log-odds log p − log(1 − p) and the mean p; per place, ``gap``, the hard mean
+    log-odds minus the easy one. With ``gradients``, also per place ``gradient_cosine``, the cosine of
+    the mean gradients (over all parameters) of the easy and of the hard log-odds, and
+    ``hard_per_easy``, (ḡ_hard · ḡ_easy) / ‖ḡ_easy‖²: to first order, how far a small step that lowers
+    the easy points' mean log-odds by one lowers the hard points' (1: the two decisions move as one;
+    0: independently).
+
+    The probe needs a tokenizer with the episode tags as their own tokens (the warm start's character
+    tokenizer): every cut must tokenize as a prefix of the whole trace.
+    """
+    import torch
+
+    from .tasks import walk
+
+    task = _task_of_all(problems, "check_decisions")
+    if task is not walk:
+        raise ValueError("check_decisions: the walk task only (its checks follow easy or hard moves); "
+                         f"got problems of {task.__name__.rsplit('.', 1)[-1]}")
+    if context not in ("mixed", "necessary"):
+        raise ValueError(f"check_decisions: context must be 'mixed' or 'necessary', got {context!r}")
+    style = walk.TraceStyle(guess_error=0.0, hard_check=0.5 if context == "mixed" else 1.0,
+                            easy_check=0.5 if context == "mixed" else 0.0, repeat=0.0, restate=0.0)
+    rng = random.Random(seed)
+
+    def ids_of(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    points: dict[tuple[CheckPlace, str], list[tuple[list[int], int]]] = defaultdict(list)  # (context, token)
+    for n, p in enumerate(problems):
+        prompt = ids_of(walk.build_task_prompt(p))
+        tr = walk.build_trace(p, rng, style)
+        text = tr.text
+        full = ids_of(text)
+        for j, e in enumerate(tr.episodes):
+            if e.kind != "step":
+                continue
+            last = e.step == len(p.moves) - 1
+            close = f"</episode_{j + 1}>\n"
+            tag = f"<episode_{j + 2}>"
+            at = text.index(close) + len(close) + (0 if last else len(tag))
+            pre = ids_of(text[:at])
+            # the decisive token: the check's first one after the tag, or (last step) the tag itself
+            ahead = ids_of(text[:at] + (tag if last else walk.check_text(0, walk.Move(">"))))
+            if full[:len(pre)] != pre or ahead[:len(pre)] != pre:
+                raise ValueError(f"check_decisions: problem {n}: the trace cut after its step {e.step + 1} does not "
+                                 "tokenize as a prefix of the trace; this probe needs a tokenizer with the episode "
+                                 "tags as their own tokens (the warm start's character tokenizer)")
+            points[("last" if last else "middle", "hard" if e.hard else "easy")].append((prompt + pre, ahead[len(pre)]))
+    places = [pl for pl in ("middle", "last") if points[(pl, "easy")] and points[(pl, "hard")]]
+    if not places:
+        raise ValueError(f"check_decisions: none of the {len(problems)} problems' traces has both an easy and a hard "
+                         "step at the same place (give problems of several moves)")
+    device = next(model.parameters()).device
+
+    def log_odds(ids: list[int], token: int) -> torch.Tensor:
+        logits = model(torch.tensor([ids], device=device)).logits[0, -1].float()
+        lp = torch.log_softmax(logits, -1)[token]
+        return lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-7))
+
+    def mean_gradient(pts) -> torch.Tensor:
+        params = [q for q in model.parameters() if q.requires_grad]
+        acc = [torch.zeros_like(q, dtype=torch.float64) for q in params]
+        for ids, token in pts:
+            for a, g in zip(acc, torch.autograd.grad(log_odds(ids, token), params, allow_unused=True)):
+                if g is not None:
+                    a += g.double()
+        return torch.cat([a.flatten() for a in acc]) / len(pts)
+
+    was_training = model.training
+    model.eval()
+    out: dict = {"problems": len(problems), "context": context}
+    try:
+        for pl in places:
+            res: dict = {}
+            for kind in ("easy", "hard"):
+                with torch.no_grad():
+                    lo = np.array([float(log_odds(ids, token)) for ids, token in points[(pl, kind)]])
+                res[kind] = {"points": len(lo), "log_odds": float(lo.mean()), "check_prob": float((1 / (1 + np.exp(-lo))).mean())}
+            res["gap"] = res["hard"]["log_odds"] - res["easy"]["log_odds"]
+            if gradients:
+                ge, gh = mean_gradient(points[(pl, "easy")]), mean_gradient(points[(pl, "hard")])
+                res["gradient_cosine"] = float(ge @ gh / (ge.norm() * gh.norm()))
+                res["hard_per_easy"] = float(gh @ ge / (ge @ ge))
+            out[pl] = res
+    finally:
+        model.train(was_training)
+    return out
 
 
 def redundancy_separation(episodes: Iterable[tuple[EpisodeInfo, float, int]], top: float = 0.05) -> dict:

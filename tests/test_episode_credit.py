@@ -413,3 +413,71 @@ def test_step_advantage_is_what_each_update_teaches_a_wrong_hard_step(monkeypatc
     # the reference signal, once for the samples: two steps, both useful, so no AUC
     assert (rep["copy_separation"]["redundant"], rep["copy_separation"]["other"]) == (0, 2)
     assert rep["copy_separation"]["auc"] is None and "For reference" not in credit_table(rep)
+
+
+def test_check_decisions_read_the_check_token_in_the_middle_and_the_tag_after_the_last_step(tmp_path, capsys):
+    """Against plain forward passes on the cut texts (a random tiny model, the warm start's character
+    tokenizer), and the gradient transfer against per-point autograd."""
+    import torch
+
+    from l2t_core.episode_credit import check_decisions
+    from l2t_core.models import build_char_tokenizer, build_tiny_qwen2
+
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(len(tok), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=48, seed=5).eval()
+    moves = (walk.Move(">>"), walk.Move(">"), walk.Move(">>"), walk.Move(">"))
+    problems = [walk._problem(4, moves, 0), walk._problem(7, (walk.Move(">"), walk.Move(">>")), 1)]
+    res = check_decisions(model, tok, problems, context="necessary", gradients=True)
+
+    def brute(prefix_text, prompt, nxt):  # log-odds of the first token of nxt after prefix_text
+        pre = tok(prefix_text, add_special_tokens=False)["input_ids"]
+        token = tok(prefix_text + nxt, add_special_tokens=False)["input_ids"][len(pre)]
+        ids = tok(prompt, add_special_tokens=False)["input_ids"] + pre
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)[token]
+        return lp - torch.log1p(-lp.exp())
+
+    want = {(pl, k): [] for pl in ("middle", "last") for k in ("easy", "hard")}
+    for p in problems:  # the necessary trace: every hard step checked, nothing else
+        x, body = p.start, []
+        for i, m in enumerate(p.moves):
+            body.append(walk.step_text(x, m, m.apply(x), p.moves[i + 1:]))
+            k = len(body)
+            head = "<think>\n" + "".join(f"<episode_{n}>{t}</episode_{n}>\n" for n, t in enumerate(body, 1))
+            last = i == len(p.moves) - 1
+            point = (head, f"<episode_{k + 1}>") if last else (head + f"<episode_{k + 1}>", "check")
+            want[("last" if last else "middle", "hard" if m.hard else "easy")].append((walk.build_task_prompt(p), *point))
+            if m.hard:
+                body.append(walk.check_text(x, m))
+            x = m.apply(x)
+    for (pl, k), pts in want.items():
+        lo = [brute(text, prompt, nxt).item() for prompt, text, nxt in pts]
+        assert res[pl][k]["points"] == len(pts)
+        assert res[pl][k]["log_odds"] == pytest.approx(sum(lo) / len(lo), rel=1e-4, abs=1e-5), (pl, k)
+    for pl in ("middle", "last"):
+        g = {}
+        for k in ("easy", "hard"):
+            grads = []
+            for prompt, text, nxt in want[(pl, k)]:
+                model.zero_grad()
+                brute(text, prompt, nxt).backward()
+                grads.append(torch.cat([q.grad.flatten().double() for q in model.parameters()]))
+            g[k] = torch.stack(grads).mean(0)
+        assert res[pl]["hard_per_easy"] == pytest.approx(float(g["hard"] @ g["easy"] / (g["easy"] @ g["easy"])), rel=1e-3)
+        assert res[pl]["gradient_cosine"] == pytest.approx(
+            float(g["hard"] @ g["easy"] / (g["hard"].norm() * g["easy"].norm())), rel=1e-3)
+        assert res[pl]["gap"] == pytest.approx(res[pl]["hard"]["log_odds"] - res[pl]["easy"]["log_odds"])
+    with pytest.raises(ValueError, match="walk task only"):
+        check_decisions(model, tok, [arithmetic.make_problem(random.Random(0), 2)])
+    with pytest.raises(ValueError, match="has both an easy and a hard step"):
+        check_decisions(model, tok, [walk._problem(2, (walk.Move(">"),), 0)])
+    # the command line: one JSON line per model, on held-out problems
+    from l2t_core.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert main(["check-odds", "--model", f"tiny={tmp_path / 'm'}", "--problems", "4", "--context", "necessary"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    held = walk.dataset(4, 3, 6, seed=0, split="heldout")
+    assert out["model"] == "tiny" and out["context"] == "necessary" and "gradient_cosine" not in out["middle"]
+    assert out["middle"]["gap"] == pytest.approx(check_decisions(model, tok, held, context="necessary")["middle"]["gap"])
