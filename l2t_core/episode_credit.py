@@ -296,6 +296,11 @@ def check_decisions(model, tokenizer, problems: Sequence, *, seed: int = 0, grad
 
     The probe needs a tokenizer with the episode tags as their own tokens (the warm start's character
     tokenizer): every cut must tokenize as a prefix of the whole trace.
+
+    Measured on the rebuilt concise walk warm start (120 held-out problems of levels 3–6, ``mixed``):
+    middle gap 3.31 (gradient cosine 0.59, hard_per_easy 0.50), last gap 1.84 (0.90, 0.89); after 80
+    RL steps of any reward (the paper's L2T, the copy share, an oracle) the middle gap is 4.4–4.9 and
+    the last one still 1.74–1.91 (lab notebook).
     """
     import torch
 
