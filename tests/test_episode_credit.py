@@ -292,6 +292,16 @@ def _brute_j(model, tok, prompt: str, prefix: str, answer: str) -> float:
     return float(sum(logp[len(ctx) - 1 + i, a] for i, a in enumerate(ans)).exp())
 
 
+def _walk_probe_cli(tmp_path, capsys, model, tok, command: str, *args: str) -> dict:
+    """``l2t COMMAND --model tiny=DIR ARGS`` on ``model`` saved with its tokenizer; its one JSON line."""
+    from l2t_core.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert main([command, "--model", f"tiny={tmp_path / 'm'}", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_guess_trust_reads_j_right_after_each_hard_step_for_the_three_answers(tmp_path, capsys):
     """Against plain forward passes on the cut texts, on a random tiny model with the warm start's
     character tokenizer (episode tags are single tokens, so a cut text tokenizes as the prefix)."""
@@ -333,17 +343,14 @@ def test_guess_trust_reads_j_right_after_each_hard_step_for_the_three_answers(tm
     with pytest.raises(ValueError, match="none of the 1 problems has a hard move"):
         guess_trust(model, tok, [walk._problem(2, (walk.Move(">"),), 0)])
     # the command line: saved checkpoints, held-out problems, one JSON line per model with the reading
-    from l2t_core.cli import main
-
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    assert main(["guess-trust", "--model", f"tiny={tmp_path / 'm'}", "--problems", "3", "--min-steps", "2"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = _walk_probe_cli(tmp_path, capsys, model, tok, "guess-trust", "--problems", "3", "--min-steps", "2")
     held = walk.dataset(3, 2, 6, seed=0, split="heldout")
     assert out["model"] == "tiny" and out["problems"] == 3
     assert out["gain_wrong_minus_right"] == pytest.approx(guess_trust(model, tok, held)["gain_wrong_minus_right"],
                                                           rel=1e-4, abs=1e-7)
     assert "J takes the written result for the typical mistake" in out["reading"]
+    from l2t_core.cli import main
+
     with pytest.raises(SystemExit, match="l2t guess-trust: --model '=x': write NAME=DIR"):
         main(["guess-trust", "--model", "=x"])
 
@@ -472,12 +479,7 @@ def test_check_decisions_read_the_check_token_in_the_middle_and_the_tag_after_th
     with pytest.raises(ValueError, match="has both an easy and a hard step"):
         check_decisions(model, tok, [walk._problem(2, (walk.Move(">"),), 0)])
     # the command line: one JSON line per model, on held-out problems
-    from l2t_core.cli import main
-
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    assert main(["check-odds", "--model", f"tiny={tmp_path / 'm'}", "--problems", "4", "--context", "necessary"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = _walk_probe_cli(tmp_path, capsys, model, tok, "check-odds", "--problems", "4", "--context", "necessary")
     held = walk.dataset(4, 3, 6, seed=0, split="heldout")
     assert out["model"] == "tiny" and out["context"] == "necessary" and "gradient_cosine" not in out["middle"]
     assert out["middle"]["gap"] == pytest.approx(check_decisions(model, tok, held, context="necessary")["middle"]["gap"])
