@@ -522,17 +522,14 @@ class TrainConfig(_Strict):
             )
         if self.engine == "deepspeed" and not self.deepspeed_config:
             raise ValueError("engine='deepspeed' needs deepspeed_config (e.g. infra/deepspeed/zero2.json)")
-        if self.reward.copying.coef > 0 and self.method not in L2T_FAMILY:
-            raise ValueError(
-                f"reward.copying.coef ({self.reward.copying.coef}) weighs the copy share in L2T's process reward, "
-                f"which method {self.method!r} does not have; use a method of the l2t family "
-                f"({', '.join(L2T_FAMILY)}) or leave reward.copying.coef at 0")
+        # the process reward's extra terms: only the l2t family has a process reward to charge them in
+        for key, coef, does in (("reward.copying.coef", self.reward.copying.coef, "weighs the copy share"),
+                                ("reward.oracle.coef", self.reward.oracle.coef, "charges the oracle label")):
+            if coef > 0 and self.method not in L2T_FAMILY:
+                raise ValueError(
+                    f"{key} ({coef}) {does} in L2T's process reward, which method {self.method!r} does not have; "
+                    f"use a method of the l2t family ({', '.join(L2T_FAMILY)}) or leave {key} at 0")
         o = self.reward.oracle
-        if o.coef > 0 and self.method not in L2T_FAMILY:
-            raise ValueError(
-                f"reward.oracle.coef ({o.coef}) charges the oracle label in L2T's process reward, which method "
-                f"{self.method!r} does not have; use a method of the l2t family ({', '.join(L2T_FAMILY)}) or leave "
-                "reward.oracle.coef at 0")
         if o.coef > 0 and self.data.source != o.task:
             raise ValueError(
                 f"reward.oracle.coef ({o.coef}) labels episodes with the {o.task!r} task's classifier, but the run "
