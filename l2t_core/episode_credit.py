@@ -67,6 +67,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from .config import RewardConfig
+from .models import eval_mode
 from .rewards.copying import context_overlap
 from .rewards.l2t import L2T_FAMILY, METHODS, Rollout, compute_rewards, has_fitting_gain, has_penalty
 from .tasks.common import EpisodeInfo
@@ -192,6 +193,15 @@ def kind_rewards(responses: Iterable[tuple[Sequence[EpisodeInfo], "object"]]) ->
             for kind, a in sorted(acc.items())}
 
 
+def _walk_only(problems: Sequence, name: str, why: str) -> None:
+    """Refuse ``problems`` of any task but the walk, for the probes that read the walk's own moves."""
+    from .tasks import walk
+
+    task = _task_of_all(problems, name)
+    if task is not walk:
+        raise ValueError(f"{name}: the walk task only ({why}); got problems of {task.__name__.rsplit('.', 1)[-1]}")
+
+
 def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
     """Whom the forced-answer readout J believes right after an unchecked hard step of the walk: the
     written result, or the repair of the typical mistake it might be (why :func:`step_gain_calibration`
@@ -222,10 +232,7 @@ def guess_trust(model, tokenizer, problems: Sequence, *, seed: int = 0) -> dict:
     from .tasks.common import render_answer
     from .warmstart import _force_ids, _j_item
 
-    task = _task_of_all(problems, "guess_trust")
-    if task is not walk:
-        raise ValueError("guess_trust: the walk task only (its typical mistake is one hop short on a cycle); "
-                         f"got problems of {task.__name__.rsplit('.', 1)[-1]}")
+    _walk_only(problems, "guess_trust", "its typical mistake is one hop short on a cycle")
     styles = {w: walk.TraceStyle(guess_error=float(w == "wrong"), hard_check=1.0, easy_check=0.0, repeat=0.0,
                                  restate=0.0) for w in ("right", "wrong")}
     rng = random.Random(seed)  # unused by these styles (every choice has probability 0 or 1)
@@ -306,10 +313,7 @@ def check_decisions(model, tokenizer, problems: Sequence, *, seed: int = 0, grad
 
     from .tasks import walk
 
-    task = _task_of_all(problems, "check_decisions")
-    if task is not walk:
-        raise ValueError("check_decisions: the walk task only (its checks follow easy or hard moves); "
-                         f"got problems of {task.__name__.rsplit('.', 1)[-1]}")
+    _walk_only(problems, "check_decisions", "its checks follow easy or hard moves")
     if context not in ("mixed", "necessary"):
         raise ValueError(f"check_decisions: context must be 'mixed' or 'necessary', got {context!r}")
     style = walk.TraceStyle(guess_error=0.0, hard_check=0.5 if context == "mixed" else 1.0,
@@ -360,10 +364,8 @@ def check_decisions(model, tokenizer, problems: Sequence, *, seed: int = 0, grad
                     a += g.double()
         return torch.cat([a.flatten() for a in acc]) / len(pts)
 
-    was_training = model.training
-    model.eval()
     out: dict = {"problems": len(problems), "context": context}
-    try:
+    with eval_mode(model):
         for pl in places:
             res: dict = {}
             for kind in ("easy", "hard"):
@@ -376,8 +378,6 @@ def check_decisions(model, tokenizer, problems: Sequence, *, seed: int = 0, grad
                 res["gradient_cosine"] = float(ge @ gh / (ge.norm() * gh.norm()))
                 res["hard_per_easy"] = float(gh @ ge / (ge @ ge))
             out[pl] = res
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -33,6 +33,18 @@ def transformers_bars_off():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Inside, ``model`` is in eval mode (no dropout); its training mode is restored on exit, also
+    after an exception."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384):
     """Train a byte-level BPE tokenizer on ``corpus`` (any text; every byte stays encodable).
 

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from rich.progress import Progress
 
+from .models import eval_mode
+
 log = logging.getLogger("l2t.sft")
 
 Encoded = tuple[list[int], list[bool]]  # (token ids, trained flag per token); ends with eos
@@ -103,19 +105,16 @@ def lr_factor(step: int, total: int, warmup_frac: float, min_frac: float) -> flo
 @torch.no_grad()
 def eval_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 64) -> float:
     """Mean per-token response cross-entropy of ``model`` on ``encoded`` pairs."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for s in range(0, len(encoded), batch_size):
-        ids, att, labels = collate(encoded[s:s + batch_size], pad_id)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
-        tgt = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((tgt != -100).sum())
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        for s in range(0, len(encoded), batch_size):
+            ids, att, labels = collate(encoded[s:s + batch_size], pad_id)
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+            tgt = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((tgt != -100).sum())
     return total / max(1, count)
 
 

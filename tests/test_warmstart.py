@@ -276,3 +276,21 @@ def test_hard_step_error_is_the_share_of_hard_steps_written_wrong_checked_or_not
     assert summarize([repaired, unchecked, right])["hard_step_error"] == 2 / 3
     assert summarize([right])["hard_step_error"] == 0.0
     assert summarize([response_record(p, "\\boxed{7}", 3, True)])["hard_step_error"] == 0.0  # no hard step at all
+
+
+def test_eval_mode_restores_the_training_mode_also_after_an_error():
+    import torch
+
+    from l2t_core.models import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    for training in (True, False):
+        model.train(training)
+        with eval_mode(model) as m:
+            assert m is model and not model.training and not model[1].training
+        assert model.training is training
+    model.train()
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model):
+            raise RuntimeError("inside")
+    assert model.training
