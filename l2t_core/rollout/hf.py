@@ -18,6 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..engines.gather import in_lockstep, lockstep_count
+from ..models import eval_mode
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
 
 
@@ -77,14 +78,13 @@ class HFRolloutEngine(RolloutEngine):
         # in lockstep: as many calls as the busiest rank, the extra ones a one-token dummy; synced_gpus
         # keeps each call forwarding until every rank's sequences have ended
         dummies = lockstep_count(len(starts), self.model.parameters()) - len(starts) if lockstep else 0
-        was_training, saved_config = self.model.training, getattr(self.model, "generation_config", None)
+        saved_config = getattr(self.model, "generation_config", None)
         # Only the sampling parameters asked for apply: a checkpoint's generation_config.json
         # (repetition_penalty, top_k, ...) would silently change the policy's distribution.
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=self.eos)
-        self.model.eval()
         out: list[list[Completion] | None] = [None] * len(prompts)
         try:
-            with torch.random.fork_rng(devices=self._cuda_devices()):
+            with eval_mode(self.model), torch.random.fork_rng(devices=self._cuda_devices()):
                 torch.manual_seed(params.seed)  # seeds the CPU and every CUDA generator
                 for start in starts:
                     chunk = order[start: start + per_chunk]
@@ -109,7 +109,6 @@ class HFRolloutEngine(RolloutEngine):
                                         pad_token_id=self.pad_id, eos_token_id=self.eos, **kw)
         finally:
             self.model.generation_config = saved_config
-            self.model.train(was_training)
         return out  # type: ignore[return-value]
 
     def _completion(self, prompt: Sequence[int], row: list[int]) -> Completion:
