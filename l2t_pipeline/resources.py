@@ -493,12 +493,16 @@ class TrainingLauncher(dg.ConfigurableResource):
         """``cfg`` as this launcher runs it: a local process runs it unchanged."""
         return cfg
 
-    def command(self, config_path: str | Path) -> list[str]:
+    def command(self, config_path: str | Path, log_dir: str | Path | None = None) -> list[str]:
+        """The training command; under torchrun, ``log_dir`` is torchrun's ``--log-dir``: its per-rank
+        error files, which it also prints when a rank fails (without one torchrun makes a
+        ``torchelastic_*`` directory in the system temp dir and leaves it there)."""
         entry = ["-m", "l2t_core.cli", "train", "--config", str(config_path)]
         if self.nproc_per_node == 1:
             return [self.python, *entry]
+        logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
         return [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc_per_node),
-                "--master_addr", "127.0.0.1", "--master_port", str(self.master_port), *entry]
+                "--master_addr", "127.0.0.1", "--master_port", str(self.master_port), *logs, *entry]
 
     def check_config(self, cfg: TrainConfig) -> None:
         """Refuse, before launching, a configuration this launcher cannot run."""
@@ -516,4 +520,4 @@ class TrainingLauncher(dg.ConfigurableResource):
         with tempfile.TemporaryDirectory(prefix="l2t-train-") as tmp:
             path = Path(tmp) / "train.yaml"
             path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-            return client.run(command=self.command(path), context=context)
+            return client.run(command=self.command(path, log_dir=Path(tmp) / "torchrun"), context=context)

@@ -27,6 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(tmp_path: Path) -> list[str]:
+    """torchrun with 2 local ranks, its logs in the test's directory (by default it leaves a
+    ``torchelastic_*`` directory in the system temp dir on every launch)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "--log-dir", str(tmp_path / "torchrun")]
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     return env
@@ -59,8 +66,7 @@ def _one_process_and_two_ranks(tmp_path: Path, mode: str, stage: int) -> tuple[d
     reference = "reference" if mode == "deepspeed" else f"{mode}-reference"
     subprocess.run([sys.executable, str(WORKER), str(tmp_path), reference], check=True, env=_env(),
                    timeout=120, cwd=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), mode, str(stage)]
+    cmd = _torchrun(tmp_path) + [str(WORKER), str(tmp_path), mode, str(stage)]
     proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tuple(torch.load(tmp_path / f"{name}.pt", weights_only=False)
@@ -139,8 +145,7 @@ def test_zero3_ranks_with_different_forward_counts_stay_in_step(tmp_path):
     than another left it waiting forever: rank 0 has three sequences and rank 1 one (micro-batches of
     one; hf generation one prompt a call, rank 1 stopping sooner; rank 1 without any Monte Carlo
     context). Each pass must finish and equal the unpartitioned model's."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "lockstep"]
+    cmd = _torchrun(tmp_path) + [str(WORKER), str(tmp_path), "lockstep"]
     proc = _run_or_fail_on_hang(cmd, tmp_path / "launch.log", timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:]
     for rank in (0, 1):
@@ -166,8 +171,7 @@ def test_bf16_optimizer_reports_the_gradient_norm_it_clipped(tmp_path):
     ``immediate_grad_update``. The reported norm must be the whole batch's (bf16 forwards: within 5%)."""
     subprocess.run([sys.executable, str(WORKER), str(tmp_path), "reference"], check=True, env=_env(),
                    timeout=120, cwd=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path), "bf16", "1"]
+    cmd = _torchrun(tmp_path) + [str(WORKER), str(tmp_path), "bf16", "1"]
     proc = subprocess.run(cmd, env=_env(), timeout=240, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref = torch.load(tmp_path / "reference-rank0.pt", weights_only=False)
@@ -225,8 +229,7 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
         # so the one-process replay below gets the same rewards
     )
     (tmp_path / "cfg.json").write_text(TrainConfig.model_validate(base).model_dump_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(TRAINER_WORKER), str(tmp_path / "cfg.json"), str(tmp_path)]
+    cmd = _torchrun(tmp_path) + [str(TRAINER_WORKER), str(tmp_path / "cfg.json"), str(tmp_path)]
     env = dict(_env(), L2T_DATA_DIR=str(data))
     proc = subprocess.run(cmd, env=env, timeout=240, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -307,8 +310,7 @@ def _run_two_ranks(cfg_dict: dict, tmp_path: Path, name: str, data: Path, varian
     cfg.write_text(TrainConfig.model_validate(cfg_dict).model_dump_json())
     out = tmp_path / f"{name}-out"
     out.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(TRAINER_WORKER), str(cfg), str(out)] + ([variant] if variant else [])
+    cmd = _torchrun(tmp_path) + [str(TRAINER_WORKER), str(cfg), str(out)] + ([variant] if variant else [])
     proc = subprocess.run(cmd, env=dict(_env(), L2T_DATA_DIR=str(data)), timeout=300, cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -430,7 +432,12 @@ def test_pipes_launcher_runs_two_ranks_under_torchrun_and_rank_0_reports(tiny_di
     with open(data / "toy.jsonl", "w") as f:
         for i in range(6):
             f.write(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.", "answer": str(i + 1)}) + "\n")
-    for k, v in (("L2T_DATA_DIR", str(data)), ("DS_ACCELERATOR", "cpu"), ("PYTHONPATH", str(ROOT))):
+    # torchrun (a child of the launch) sees this temp dir: without --log-dir it would leave a
+    # torchelastic_* directory there
+    child_tmp = tmp_path / "child_tmp"
+    child_tmp.mkdir()
+    for k, v in (("L2T_DATA_DIR", str(data)), ("DS_ACCELERATOR", "cpu"), ("PYTHONPATH", str(ROOT)),
+                 ("TMPDIR", str(child_tmp))):
         monkeypatch.setenv(k, v)
     cfg = TrainConfig.model_validate(dict(
         policy=str(tiny_dir), out=str(tmp_path / "run"), steps=1, prompts_per_step=2, method="grpo",
@@ -451,6 +458,7 @@ def test_pipes_launcher_runs_two_ranks_under_torchrun_and_rank_0_reports(tiny_di
     rollouts = read_table(RunStorage(str(tmp_path / "run")), "rollouts")
     assert sorted(rollouts["rank"].unique().tolist()) == [0, 1] and sorted(rollouts["rollout"]) == [0, 1, 2, 3]
     assert RunStorage(str(tmp_path / "run")).latest_checkpoint() is not None
+    assert not list(child_tmp.glob("torchelastic_*"))
 
 
 @pytest.mark.slow

@@ -358,6 +358,11 @@ def test_local_launcher_runs_torchrun_for_several_processes_and_refuses_a_single
     assert two.command("c.yaml") == ["/py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                                      "127.0.0.1", "--master_port", "29600", "-m", "l2t_core.cli", "train",
                                      "--config", "c.yaml"]
+    assert two.command("c.yaml", log_dir="/t/logs")[:10] == [
+        "/py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", "29600", "--log-dir"]
+    assert two.command("c.yaml", log_dir="/t/logs")[10:12] == ["/t/logs", "-m"]
+    assert one.command("c.yaml", log_dir="/t/logs") == one.command("c.yaml")  # one process: no torchrun
     cfg = TrainConfig(policy=str(tmp_path), out=str(tmp_path / "run"), method="grpo")
     two.check_config(cfg.model_copy(update={"engine": "deepspeed"}))
     with pytest.raises(ValueError, match=r"nproc_per_node=2 .* needs engine 'deepspeed' \(the run's engine is 'torch'\)"):
