@@ -211,6 +211,22 @@ def cmd_warmstart(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from .eval.datasets import DatasetError
+    from .models import ModelLoadError
+    from .sft import SFTConfig, SFTDataError, run_sft
+
+    cfg = build_config(SFTConfig, args, {"model": "model", "data": "data", "out": "out", "steps": "steps"})
+    if args.print_config:
+        return print_config(cfg)
+    try:
+        out = run_sft(cfg, show_progress=not args.quiet)
+    except (SFTDataError, DatasetError, ModelLoadError, FileExistsError) as exc:  # refused before any compute
+        raise SystemExit(f"l2t sft: {exc}") from None
+    print(json.dumps({"checkpoint": str(out)}))
+    return 0
+
+
 def cmd_miniature(args) -> int:
     from .miniature import MiniatureConfig, ReuseError, run_miniature
 
@@ -493,6 +509,15 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--out", required=True, help="directory for the SFT checkpoint")
     p.set_defaults(fn=cmd_warmstart)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of a policy on reasoning traces (a JSONL file of "
+                                   "problem/prompt and response) before RL; writes an HF model directory")
+    _common(p)
+    p.add_argument("--model", help="HF directory or hub id of the model to fine-tune")
+    p.add_argument("--data", help="JSONL file of traces (a path, or a file name in L2T_DATA_DIR)")
+    p.add_argument("--out", help="directory for the fine-tuned model (must not exist)")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps")
+    p.set_defaults(fn=cmd_sft)
 
     p = sub.add_parser("miniature", help="the CPU miniature of the paper's headline experiment")
     _common(p)

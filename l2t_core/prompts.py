@@ -44,6 +44,16 @@ def render_answer(answer: str) -> str:
     return "\\boxed{" + str(answer).strip() + "}"
 
 
+def render_prompt(tokenizer, text: str) -> str:
+    """The prompt as text: a user turn plus the generation prompt through the tokenizer's chat
+    template when it has one, else ``text`` itself. Tokenised without special tokens it gives
+    :func:`encode_prompt`'s ids (which is how transformers tokenises a rendered template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return text
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt: through the tokenizer's chat template when it has one (a user turn
     plus the generation prompt, as chat-tuned reasoning models expect), else the plain text."""

@@ -1,4 +1,5 @@
-"""Supervised warm start on (prompt, response) text pairs.
+"""Supervised warm start on (prompt, response) text pairs, and the ``l2t sft`` job
+(:class:`SFTConfig`, :func:`run_sft`) that runs it on any policy and a JSONL file of traces.
 
 Next-token cross-entropy on the response tokens only (the prompt is context), AdamW with linear
 warm-up and cosine decay, gradient clipping, batches of similar lengths (less padding) and an
@@ -11,16 +12,21 @@ force-answer suffix, answer)`` to train the prefix and the answer but never the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Literal, Optional, Sequence
 
 import torch
+from pydantic import Field, field_validator
 from rich.progress import Progress
 
+from .config import _Strict
 from .models import eval_mode
 
 log = logging.getLogger("l2t.sft")
@@ -102,6 +108,30 @@ def lr_factor(step: int, total: int, warmup_frac: float, min_frac: float) -> flo
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _trained_tokens(labels: torch.Tensor) -> int:
+    """Tokens a causal LM's loss counts: the labels after the first position that are not -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _accumulate_batch(model, batch: Sequence[Encoded], pad_id: int, micro_batch_size: int | None) -> float:
+    """Backward of one batch's mean-token loss, in passes of ``micro_batch_size`` examples; the
+    batch's loss. Each pass's mean loss is weighted by its share of the batch's trained tokens
+    (exactly 1 for a single pass, which is then the plain ``loss.backward()``)."""
+    device = next(model.parameters()).device
+    size = micro_batch_size or len(batch)
+    chunks = [collate(batch[s:s + size], pad_id) for s in range(0, len(batch), size)]
+    total = sum(_trained_tokens(labels) for _, _, labels in chunks)
+    loss_value = 0.0
+    for ids, att, labels in chunks:
+        share = _trained_tokens(labels) / max(1, total)
+        if share == 0:  # nothing trained in this pass (every target cut off): no gradient to add
+            continue
+        loss = model(input_ids=ids.to(device), attention_mask=att.to(device), labels=labels.to(device)).loss
+        (loss * share).backward()
+        loss_value += loss.item() * share
+    return loss_value
+
+
 @torch.no_grad()
 def eval_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 64) -> float:
     """Mean per-token response cross-entropy of ``model`` on ``encoded`` pairs."""
@@ -109,8 +139,9 @@ def eval_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 
     with eval_mode(model):
         for s in range(0, len(encoded), batch_size):
             ids, att, labels = collate(encoded[s:s + batch_size], pad_id)
-            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
-            tgt = labels[:, 1:]
+            device = next(model.parameters()).device
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits[:, :-1].float()
+            tgt = labels[:, 1:].to(device)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
             total += loss.item()
@@ -132,17 +163,23 @@ def sft(
     eval_pairs: Sequence[Sequence[str]] = (),
     eval_every: int = 0,
     seed: int = 0,
+    micro_batch_size: int | None = None,
     show_progress: bool = True,
 ) -> SFTResult:
     """Fine-tune ``model`` in place on ``pairs``; returns the losses and the wall time.
 
     ``eval_pairs`` are scored (mean token cross-entropy) every ``eval_every`` steps (0: only at
-    the end) when given.
+    the end) when given. A batch runs in forward/backward passes of ``micro_batch_size`` examples
+    (None: the whole batch in one), each pass's mean loss weighted by its share of the batch's
+    trained tokens, so the gradient is the whole batch's mean-token loss gradient whatever the
+    split. Batches are moved to the device of the model's parameters.
     """
     if not pairs:
         raise ValueError("sft: no training pairs")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"sft: steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"sft: micro_batch_size must be >= 1 (or None), got {micro_batch_size}")
     if lr <= 0:
         raise ValueError(f"sft: lr must be > 0, got {lr}")
     t0 = time.perf_counter()
@@ -162,14 +199,11 @@ def sft(
         for step in range(steps):
             if not queue:
                 queue = length_grouped_batches(lengths, min(batch_size, len(enc)), rng)
-            ids, att, labels = collate([enc[i] for i in queue.pop()], pad)
-            loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
             opt.zero_grad()
-            loss.backward()
+            result.losses.append(_accumulate_batch(model, [enc[i] for i in queue.pop()], pad, micro_batch_size))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            result.losses.append(loss.item())
             if enc_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 result.eval_losses.append((step + 1, eval_loss(model, enc_eval, pad)))
             bar.update(task, advance=1, description=f"SFT warm start (loss {result.losses[-1]:.3f})")
@@ -183,3 +217,237 @@ def sft(
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# `l2t sft`: the supervised warm start of any policy on reasoning traces in a JSONL file
+
+
+class SFTConfig(_Strict):
+    """One supervised fine-tuning job (``l2t sft``): a policy trained on reasoning traces before
+    RL, e.g. to write the METHOD.md §8 episode format. Saved as ``sft_config.json`` next to the
+    model it makes, whose directory is a ``policy`` for ``l2t train``."""
+
+    model: str = Field(..., min_length=1, description="Initial model: a local HF directory or a hub id.")
+    data: str = Field(..., min_length=1, description=(
+        "JSONL file of traces: a path, or a file name in the data directory (L2T_DATA_DIR). Each line is an "
+        "object with 'response' (the text the model learns to write after the prompt) and either 'problem' "
+        "(the prompt is built as in training: the problem and the §8 episode instruction) or 'prompt' (used "
+        "as it is); optional 'id' (named in errors) and 'answer' (the response's final answer is checked "
+        "against it and the count reported)."))
+    out: str = Field(..., min_length=1, description="Directory for the model, tokenizer, sft_config.json and "
+                                                   "sft_report.json; must not exist yet (a local path).")
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per optimizer step.")
+    micro_batch_size: Optional[int] = Field(None, ge=1, description=(
+        "Examples per forward/backward pass (gradient accumulation; None: the whole batch at once). The "
+        "gradient is the batch's mean-token loss gradient whatever the split."))
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    warmup_frac: float = Field(0.1, ge=0, le=1, description="Linear warm-up share of the steps, then cosine decay.")
+    min_lr_frac: float = Field(0.05, ge=0, le=1, description="Learning rate at the end of the decay, as a share "
+                                                            "of lr.")
+    weight_decay: float = Field(0.0, ge=0)
+    eval_size: int = Field(0, ge=0, description="Rows held out (drawn with the seed) for the evaluation loss.")
+    eval_every: int = Field(0, ge=0, description="Evaluation loss every N steps (0: only at the end).")
+    max_tokens: Optional[int] = Field(None, ge=2, description=(
+        "Longest example (prompt + response + eos) in tokens; a longer one is an error naming its line. "
+        "None: the model's max_position_embeddings."))
+    max_episodes: int = Field(30, ge=1, description="Segmentation of the responses for the format check "
+                                                    "(METHOD.md §1).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
+                                                            "(less memory, about one more forward).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, ge=1, description="torch threads (None: unchanged).")
+    seed: int = 0
+
+    @field_validator("out")
+    @classmethod
+    def _local_out(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"{v!r} is a URL; the SFT model is written to a local directory (the policy that "
+                             "`l2t train` loads with from_pretrained), e.g. runs/sft")
+        return v
+
+
+class SFTDataError(ValueError):
+    """The traces of an SFT job cannot be used; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class SFTRow:
+    """One trace: the prompt text (before the chat template), the response, and where it came from."""
+
+    id: str
+    line: int
+    prompt: str
+    response: str
+    answer: Optional[str] = None
+
+
+def sft_data_path(data: str) -> Path:
+    """``data`` as given when that file exists, else a file of that name in the data directory."""
+    from .data import data_dir
+
+    path = Path(data).expanduser()
+    if path.is_file():
+        return path
+    if path.name == data and (data_dir() / data).is_file():
+        return data_dir() / data
+    raise SFTDataError(f"SFT data {data!r} is no file (nor a file in the data directory {data_dir()}, "
+                       "L2T_DATA_DIR); give the path of a JSONL file of traces")
+
+
+def read_sft_jsonl(path: Path) -> list[SFTRow]:
+    """The traces in ``path``, validated: each line an object with a non-empty string ``response``
+    and exactly one of ``problem`` / ``prompt``; ``id`` and ``answer`` optional strings (numbers are
+    read as their text). Errors name the file, the line and the field."""
+    from .eval.datasets import DatasetError, json_lines
+    from .prompts import build_prompt
+
+    rows: list[SFTRow] = []
+    try:
+        for line_no, row in json_lines(path):
+            def text(field: str, required: bool) -> Optional[str]:
+                v = row.get(field)
+                if v is None and not required:
+                    return None
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and field in ("id", "answer"):
+                    v = str(v)
+                if not isinstance(v, str) or not v.strip():
+                    shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."
+                    raise DatasetError(f"must be a non-empty string, got {shown}", path=path, line=line_no,
+                                       field=field)
+                return v
+
+            has = [f for f in ("problem", "prompt") if row.get(f) is not None]
+            if len(has) != 1:
+                raise DatasetError("needs exactly one of 'problem' (the prompt is built with the §8 episode "
+                                   "instruction, as in training) and 'prompt' (used as it is), got "
+                                   f"{has or 'neither'}", path=path, line=line_no)
+            prompt = build_prompt(text("problem", True)) if has[0] == "problem" else text("prompt", True)
+            rows.append(SFTRow(id=text("id", False) or f"line {line_no}", line=line_no, prompt=prompt,
+                               response=text("response", True), answer=text("answer", False)))
+    except DatasetError as exc:
+        raise SFTDataError(str(exc)) from None
+    if not rows:
+        raise SFTDataError(f"{path}: the file has no traces")
+    return rows
+
+
+def check_traces(rows: Sequence[SFTRow], max_episodes: int = 30) -> dict:
+    """What the traces teach, checked before any compute: how each response segments (METHOD.md
+    §1; L2T reads its episodes from ``<episode_k>`` tags) and, for rows with an ``answer``, whether
+    the response's final answer verifies against it (math-verify)."""
+    from .episodes import segment
+    from .verify import MathVerifier
+
+    status = Counter(segment(r.response, max_episodes=max_episodes).status for r in rows)
+    verifier = MathVerifier()
+    checked = [r for r in rows if r.answer is not None]
+    wrong = [r.id for r in checked if not verifier.verify(r.response, r.answer).correct]
+    return {"segmentation": dict(sorted(status.items())),
+            "answers": {"checked": len(checked), "correct": len(checked) - len(wrong), "wrong_ids": wrong[:20]}}
+
+
+def _pairs(tokenizer, rows: Sequence[SFTRow]) -> list[tuple[str, str]]:
+    """(prompt through the tokenizer's chat template, response): the context the trainer samples
+    the policy in (:func:`~l2t_core.prompts.encode_prompt`), and what it learns to write there."""
+    from .prompts import render_prompt
+
+    return [(render_prompt(tokenizer, r.prompt), r.response) for r in rows]
+
+
+def _encode_rows(tokenizer, rows: Sequence[SFTRow], max_tokens: int, path: Path) -> list[Encoded]:
+    """The rows' examples as :func:`sft` encodes them; refuses any longer than ``max_tokens``."""
+    enc = encode_pairs(tokenizer, _pairs(tokenizer, rows))
+    long = [(r, len(ids)) for r, (ids, _) in zip(rows, enc) if len(ids) > max_tokens]
+    if long:
+        shown = ", ".join(f"line {r.line} ({n} tokens)" for r, n in long[:5])
+        raise SFTDataError(f"{path}: {len(long)} of {len(rows)} traces are longer than max_tokens={max_tokens} "
+                           f"(prompt + response + eos): {shown}{', ...' if len(long) > 5 else ''}; shorten or "
+                           "drop them, or raise max_tokens (at most the model's context)")
+    return enc
+
+
+def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
+    """Run the SFT job of ``cfg``: validate everything before any compute (the output directory,
+    the traces, the model, the lengths), train, and write the model, tokenizer,
+    ``sft_config.json`` and ``sft_report.json`` into a staging directory beside ``cfg.out`` that
+    is renamed to ``cfg.out`` only when all of it is written; a failed or interrupted job leaves
+    no ``cfg.out`` and removes its staging directory."""
+    import shutil
+    import tempfile
+
+    from .models import activation_checkpointing, load_policy, resolve_device
+
+    out = Path(cfg.out).expanduser()
+    if out.exists():
+        raise FileExistsError(f"SFT output {out} already exists; choose another out or remove it (a finished "
+                              "SFT model is never overwritten)")
+    path = sft_data_path(cfg.data)
+    rows = read_sft_jsonl(path)
+    if cfg.eval_size >= len(rows):
+        raise SFTDataError(f"eval_size={cfg.eval_size} holds out every one of the {len(rows)} traces in {path}; "
+                           "keep some for training")
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    model, tok = load_policy(cfg.model, device=str(device))
+    max_tokens = cfg.max_tokens or getattr(model.config, "max_position_embeddings", None) or 2 ** 31
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    held = sorted(order[:cfg.eval_size])
+    train_rows = [rows[i] for i in sorted(order[cfg.eval_size:])]
+    eval_rows = [rows[i] for i in held]
+    enc = _encode_rows(tok, train_rows, max_tokens, path)
+    _encode_rows(tok, eval_rows, max_tokens, path)
+    checks = check_traces(rows, cfg.max_episodes)
+    untagged = len(rows) - checks["segmentation"].get("tagged", 0)
+    if untagged:
+        log.warning("%d of %d traces do not segment as <episode_k> blocks (%s): a policy trained on them does "
+                    "not write the episodes L2T credits (METHOD.md §1, §8)", untagged, len(rows),
+                    checks["segmentation"])
+    if checks["answers"]["checked"] > checks["answers"]["correct"]:
+        log.warning("%d of %d traces with an answer end in another answer (first: %s): the model learns them too",
+                    checks["answers"]["checked"] - checks["answers"]["correct"], checks["answers"]["checked"],
+                    ", ".join(checks["answers"]["wrong_ids"][:5]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("SFT of %s (%.1fM parameters, %s): %d traces (%d held out), %d steps of %d", cfg.model,
+                 n_params / 1e6, device, len(train_rows), len(eval_rows), cfg.steps, cfg.batch_size)
+        with activation_checkpointing(model, cfg.gradient_checkpointing):
+            res = sft(model, tok, _pairs(tok, train_rows), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_frac=cfg.warmup_frac,
+                      min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay,
+                      eval_pairs=_pairs(tok, eval_rows), eval_every=cfg.eval_every, seed=cfg.seed,
+                      micro_batch_size=cfg.micro_batch_size, show_progress=show_progress)
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        report = {
+            "config": json.loads(cfg.model_dump_json()),
+            "data": str(path),
+            "parameters": n_params,
+            "examples": len(train_rows),
+            "eval_examples": len(eval_rows),
+            "trained_tokens": sum(sum(t) for _, t in enc),
+            "max_example_tokens": max(len(ids) for ids, _ in enc),
+            **checks,
+            "final_loss": res.final_loss,
+            "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10])
+                           for i in range(0, len(res.losses), 10)],
+            "eval_losses": res.eval_losses,
+            "sft_seconds": res.seconds,
+            "device": str(device),
+            "wall_seconds": time.perf_counter() - t0,
+        }
+        (staging / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
+        (staging / "sft_report.json").write_text(json.dumps(report, indent=1))
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("SFT done in %.0f s: loss %.3f%s; model in %s", report["wall_seconds"], res.final_loss,
+             f", evaluation loss {res.eval_losses[-1][1]:.3f}" if res.eval_losses else "", out)
+    return out

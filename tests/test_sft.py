@@ -1,0 +1,173 @@
+"""`l2t sft`: supervised fine-tuning of any policy on a JSONL file of traces (l2t_core.sft)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2t_core.sft import SFTConfig, SFTDataError, _accumulate_batch, encode_pairs, read_sft_jsonl, run_sft
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _trace(a: int, b: int) -> str:
+    return (f"<think>\n<episode_1>We add {a} and {b} to get {a + b}.</episode_1>\n"
+            f"<episode_2>Check: {a + b} - {b} = {a}.</episode_2>\n</think>\n\nThe answer is \\boxed{{{a + b}}}")
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(n: int = 12) -> list[dict]:
+    return [{"id": f"r{i}", "problem": f"Compute {i} + {i + 2}.", "response": _trace(i, i + 2), "answer": str(2 * i + 2)}
+            for i in range(n)]
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tiny):
+    """Passes of 1, 2 or 3 examples, each weighted by its share of the batch's trained tokens,
+    give the gradient of one pass over the whole batch (examples of different lengths, so an
+    unweighted mean of the passes' losses would not)."""
+    model, tok = tiny
+    batch = encode_pairs(tok, [("Compute 1 + 2.\n", _trace(1, 2)), ("p\n", "<think>x</think> \\boxed{3}"),
+                               ("Compute 10 + 22 now.\n", _trace(10, 22) * 2), ("q\n", "ok")])
+    pad = tok.pad_token_id
+    grads, losses = {}, {}
+    for size in (None, 1, 2, 3):
+        model.zero_grad()
+        losses[size] = _accumulate_batch(model, batch, pad, size)
+        grads[size] = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for size in (1, 2, 3):
+        assert losses[size] == pytest.approx(losses[None], rel=1e-5)
+        for g, ref in zip(grads[size], grads[None]):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_render_prompt_tokenises_to_encode_prompt(tokenizer):
+    """With a chat template, the rendered prompt tokenises to encode_prompt's ids (the context the
+    trainer samples in); without one the prompt is the text itself."""
+    from transformers import PreTrainedTokenizerFast
+
+    from l2t_core.prompts import build_prompt, encode_prompt, render_prompt
+
+    text = build_prompt("Compute (3 + 4) * 2.")
+    assert render_prompt(tokenizer, text) == text
+    chat = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+    rendered = render_prompt(chat, text)
+    assert rendered == f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    assert chat(rendered, add_special_tokens=False)["input_ids"] == encode_prompt(chat, text)
+
+
+def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path):
+    """The whole job on the tiny model: the traces are checked (segmentation, answers), the model
+    learns them (held-out loss falls), and out holds a loadable policy with its config and report,
+    with no staging directory left beside it."""
+    from l2t_core.models import load_policy
+
+    rows = _rows(12)
+    rows[3]["answer"] = "999"  # a trace that ends in another answer: counted, and trained on all the same
+    rows[5]["response"] = "no tags here \\boxed{12}"
+    del rows[5]["answer"]
+    rows[7] = {"prompt": "Add 7 and 9.", "response": _trace(7, 9)}
+    data = _write(tmp_path / "traces.jsonl", rows)
+    cfg = SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "sft"), steps=30, batch_size=4,
+                    lr=3e-3, eval_size=2, device="cpu")
+    out = run_sft(cfg, show_progress=False)
+    assert out == tmp_path / "sft"
+    report = json.loads((out / "sft_report.json").read_text())
+    assert report["segmentation"] == {"fallback": 1, "tagged": 11}
+    assert report["answers"] == {"checked": 10, "correct": 9, "wrong_ids": ["r3"]}
+    assert report["examples"] == 10 and report["eval_examples"] == 2
+    assert report["eval_losses"][-1][1] < 0.7 * report["loss_curve"][0]
+    assert SFTConfig.model_validate_json((out / "sft_config.json").read_text()) == cfg
+    model, tok = load_policy(out)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft", "traces.jsonl"]
+
+
+def test_sft_command_line(tiny_dir, tmp_path, capsys):
+    from l2t_core.cli import main
+
+    data = _write(tmp_path / "traces.jsonl", _rows(4))
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model: {tiny_dir}\ndata: {data}\nbatch_size: 2\ndevice: cpu\n")
+    assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "m"), "--steps", "2", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"checkpoint": str(tmp_path / "m")}
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit, match=r"l2t sft: SFT output .*/m already exists; choose another out"):
+        main(["sft", "--config", str(cfg), "--out", str(tmp_path / "m"), "--steps", "2", "-q"])
+    with pytest.raises(SystemExit, match=r"invalid SFTConfig:\n  out: Value error, 's3://b/m' is a URL"):
+        main(["sft", "--config", str(cfg), "--out", "s3://b/m", "--print-config"])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"problem": "p"}, r"line 2, field 'response'.*non-empty string, got None"),
+    ({"problem": "p", "prompt": "q", "response": "r"}, r"line 2.*exactly one of 'problem'.*got \['problem', 'prompt'\]"),
+    ({"response": "r"}, r"line 2.*exactly one of 'problem'.*got neither"),
+    ({"problem": "  ", "response": "r"}, r"line 2, field 'problem'.*non-empty string"),
+    ({"problem": "p", "response": "r", "answer": ["5"]}, r"line 2, field 'answer'.*non-empty string, got \['5'\]"),
+])
+def test_bad_traces_are_refused_with_their_line_and_field(tmp_path, row, message):
+    data = _write(tmp_path / "t.jsonl", [_rows(1)[0], row])
+    with pytest.raises(SFTDataError, match=message):
+        read_sft_jsonl(data)
+
+
+def test_numbers_as_ids_and_answers_are_read_as_text(tmp_path):
+    rows = read_sft_jsonl(_write(tmp_path / "t.jsonl", [{"id": 7, "problem": "p", "response": "r", "answer": 4}]))
+    assert (rows[0].id, rows[0].answer, rows[0].line) == ("7", "4", 1)
+
+
+def test_sft_job_refuses_before_any_compute(tiny_dir, tmp_path, monkeypatch):
+    """Every refusal comes before the model is trained, and none leaves anything behind."""
+    import l2t_core.sft as sft_module
+
+    data = _write(tmp_path / "t.jsonl", _rows(3))
+    base = dict(model=str(tiny_dir), data=str(data), out=str(tmp_path / "out"), steps=1, device="cpu")
+    trained = []
+    monkeypatch.setattr(sft_module, "sft", lambda *a, **k: trained.append(1))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_sft(SFTConfig(**{**base, "out": str(tmp_path / "taken")}))
+    with pytest.raises(SFTDataError, match=r"'nope.jsonl' is no file \(nor a file in the data directory"):
+        run_sft(SFTConfig(**{**base, "data": "nope.jsonl"}))
+    with pytest.raises(SFTDataError, match=r"eval_size=3 holds out every one of the 3 traces"):
+        run_sft(SFTConfig(**{**base, "eval_size": 3}))
+    with pytest.raises(SFTDataError, match=r"3 of 3 traces are longer than max_tokens=20 .*: line 1 \(\d+ tokens\)"):
+        run_sft(SFTConfig(**{**base, "max_tokens": 20}))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SFTDataError, match="has no traces"):
+        run_sft(SFTConfig(**{**base, "data": str(empty)}))
+    assert not trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "t.jsonl", "taken"]
+
+
+def test_a_failed_job_leaves_neither_out_nor_its_staging_directory(tiny_dir, tmp_path, monkeypatch):
+    import l2t_core.sft as sft_module
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sft_module, "sft", boom)
+    data = _write(tmp_path / "t.jsonl", _rows(3))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_sft(SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "out"), steps=1, device="cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_data_is_found_in_the_data_directory(tmp_path, monkeypatch):
+    from l2t_core.sft import sft_data_path
+
+    monkeypatch.setenv("L2T_DATA_DIR", str(tmp_path))
+    _write(tmp_path / "mine.jsonl", _rows(1))
+    assert sft_data_path("mine.jsonl") == tmp_path / "mine.jsonl"
+    with pytest.raises(SFTDataError, match="no file"):
+        sft_data_path("sub/mine.jsonl")
