@@ -297,6 +297,17 @@ def sft_data_path(data: str) -> Path:
                        "L2T_DATA_DIR); give the path of a JSONL file of traces")
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (what tells one version of a traces file from another)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_sft_jsonl(path: Path) -> list[SFTRow]:
     """The traces in ``path``, validated: each line an object with a non-empty string ``response``
     and exactly one of ``problem`` / ``prompt``; ``id`` and ``answer`` optional strings (numbers are
@@ -385,6 +396,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         raise FileExistsError(f"SFT output {out} already exists; choose another out or remove it (a finished "
                               "SFT model is never overwritten)")
     path = sft_data_path(cfg.data)
+    data_sha256 = file_sha256(path)  # of the bytes read next
     rows = read_sft_jsonl(path)
     if cfg.eval_size >= len(rows):
         raise SFTDataError(f"eval_size={cfg.eval_size} holds out every one of the {len(rows)} traces in {path}; "
@@ -428,6 +440,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         report = {
             "config": json.loads(cfg.model_dump_json()),
             "data": str(path),
+            "data_sha256": data_sha256,
             "parameters": n_params,
             "examples": len(train_rows),
             "eval_examples": len(eval_rows),

@@ -52,13 +52,46 @@ def build_or_reuse_warm_start(out: Path, cfg) -> tuple[dict, bool]:
     return json.loads(report_path.read_text()), False
 
 
+def build_or_reuse_sft(out: Path, cfg) -> tuple[dict, bool]:
+    """``l2t sft`` into ``out`` unless it already holds the SFT of ``cfg`` on the same traces
+    (``sft_report.json``'s ``data_sha256``); returns (sft_report.json, reused). A changed SFT is
+    trained beside ``out`` and swapped in only once complete: a failure keeps the old model."""
+    import shutil
+
+    from l2t_core.config import config_differences
+    from l2t_core.sft import file_sha256, run_sft, sft_data_path
+
+    saved, report_path = out / "sft_config.json", out / "sft_report.json"
+    if saved.is_file() and report_path.is_file():
+        report = json.loads(report_path.read_text())
+        same = not config_differences(json.loads(saved.read_text()), cfg, ignore=("out", "threads"))
+        if same and report.get("data_sha256") == file_sha256(sft_data_path(cfg.data)):
+            return report, True
+    if not out.exists():
+        run_sft(cfg, show_progress=False)
+    else:
+        fresh, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+        for leftover in (fresh, old):  # of a job killed between its renames
+            shutil.rmtree(leftover, ignore_errors=True)
+        run_sft(cfg.model_copy(update={"out": str(fresh)}), show_progress=False)
+        out.rename(old)
+        fresh.rename(out)
+        shutil.rmtree(old)
+    return json.loads(report_path.read_text()), False
+
+
+MODEL_REPORTS = {"warmstart": "warmstart.json", "sft": "sft_report.json"}
+
+
 def base_model_path(name: str, entry: ModelEntry, storage: L2TStorage) -> str:
-    """Where the policy of base model ``name`` is: the warm start's directory or the registry path."""
+    """Where the policy of base model ``name`` is: the registry path, or the directory the asset
+    built (a warm start or an SFT)."""
     if entry.kind == "pretrained":
         return str(entry.path)
     d = storage.model_dir(name)
-    if not (d / "warmstart.json").is_file():
-        raise FileNotFoundError(f"base model {name!r} has no warm start in {d}; materialize base_model[{name}] first")
+    if not (d / MODEL_REPORTS[entry.kind]).is_file():
+        raise FileNotFoundError(f"base model {name!r} has no {'warm start' if entry.kind == 'warmstart' else 'SFT'} "
+                                f"in {d}; materialize base_model[{name}] first")
     return str(d)
 
 
@@ -73,7 +106,8 @@ def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: 
 
 @dg.asset(partitions_def=base_models_partitions, group_name="models", kinds={"pytorch", "duckdb"},
           description="The base policy of a partition: the embedded default warm-started by SFT on the "
-                      "synthetic task, or a registry model; its baseline evaluation goes to eval_results.")
+                      "synthetic task, a registry model, or a registry model fine-tuned by `l2t sft` on traces; "
+                      "its baseline evaluation goes to eval_results.")
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: L2TStorage,
                registry: ModelRegistry, training_data: TrainingData, evaluator: Evaluator,
                duckdb: DuckDBResource) -> dg.MaterializeResult:
@@ -90,6 +124,12 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         report, reused = build_or_reuse_warm_start(out, config.to_core(data.source, data.min_steps, data.max_steps))
         meta.update(reused=reused, parameters=report["parameters"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"])
+    elif entry.kind == "sft":
+        report, reused = build_or_reuse_sft(storage.model_dir(name), entry.sft_config(storage.model_dir(name)))
+        meta.update(reused=reused, finetuned_from=storage.display(str(entry.path)), parameters=report["parameters"],
+                    sft_examples=report["examples"], sft_final_loss=report["final_loss"],
+                    sft_seconds=report["sft_seconds"], sft_segmentation=report["segmentation"],
+                    sft_answers_correct=f"{report['answers']['correct']} of {report['answers']['checked']}")
     path = base_model_path(name, entry, storage)
     context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
     evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)

@@ -114,12 +114,31 @@ class L2TStorage(dg.ConfigurableResource):
 
 
 class ModelEntry(dg.Config):
-    """A registry entry: ``warmstart`` (the embedded default, built by SFT) or ``pretrained``
-    (a local HF directory or a hub id in ``path``)."""
+    """A registry entry: ``warmstart`` (the embedded default, built by SFT), ``pretrained`` (a
+    local HF directory or a hub id in ``path``) or ``sft`` (the model in ``path`` fine-tuned by
+    ``l2t sft`` on the traces in ``data``, with ``settings``)."""
 
-    kind: Literal["warmstart", "pretrained"] = "pretrained"
+    kind: Literal["warmstart", "pretrained", "sft"] = "pretrained"
     path: Optional[str] = None
+    data: Optional[str] = Field(None, description="sft: the JSONL file of traces (a path, or a file name in "
+                                                 "L2T_DATA_DIR).")
+    settings: list[str] = Field(default_factory=list, description=(
+        "sft: SFTConfig fields as key=value (e.g. 'steps=600', 'lr=1e-5', 'micro_batch_size=4')."))
     description: str = ""
+
+    def sft_config(self, out: str | Path):
+        """The ``l2t_core.sft.SFTConfig`` of an ``sft`` entry, writing to ``out``; a bad setting
+        fails naming its field."""
+        from l2t_core.config import apply_settings
+        from l2t_core.sft import SFTConfig
+
+        base = {"model": self.path, "data": self.data, "out": str(out)}
+        data = apply_settings(base, self.settings, "settings", example="steps=600")
+        clash = sorted(set(base) & {item.split("=", 1)[0].strip() for item in self.settings})
+        if clash:
+            raise ValueError(f"settings {clash} are the entry's own fields: set 'path' for the model and 'data' "
+                             "for the traces; the output directory is the storage's models_dir/<name>")
+        return SFTConfig.model_validate(data)
 
 
 class ModelRegistry(dg.ConfigurableResource):
@@ -145,10 +164,19 @@ class ModelRegistry(dg.ConfigurableResource):
                 e = ModelEntry(**(entry or {}))
             except Exception as exc:  # noqa: BLE001 - name the entry
                 raise ValueError(f"model registry {p}: entry {name!r} is invalid: {exc}") from exc
-            if e.kind == "pretrained" and not e.path:
-                raise ValueError(f"model registry {p}: entry {name!r} of kind 'pretrained' needs a 'path'")
+            if e.kind in ("pretrained", "sft") and not e.path:
+                raise ValueError(f"model registry {p}: entry {name!r} of kind {e.kind!r} needs a 'path'")
+            if e.kind == "sft":
+                if not e.data:
+                    raise ValueError(f"model registry {p}: entry {name!r} of kind 'sft' needs 'data' (a JSONL "
+                                     "file of traces)")
+                try:
+                    e.sft_config(f"models/{name}")
+                except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                    raise ValueError(f"model registry {p}: entry {name!r}: {exc}") from None
             # the path is logged, shown as metadata and stored with the evaluations: no credentials
             refuse_credentials(e.path, f"model registry {p}: entry {name!r}, path")
+            refuse_credentials(e.data, f"model registry {p}: entry {name!r}, data")
             out[str(name)] = e
         return out
 

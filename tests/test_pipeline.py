@@ -4,6 +4,7 @@ quarantine, the quality gate, Pipes reporting, the registry sensor and S3 storag
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -226,6 +227,97 @@ def test_registry_validates_entries(tmp_path):
     (tmp_path / "broken.yaml").write_text("models:\n  a: {kind: warmstart\n")
     with pytest.raises(ValueError, match=r"(?s)model registry .*broken\.yaml is not valid YAML: .*line 2, column 6"):
         ModelRegistry(path=str(tmp_path / "broken.yaml")).entries()
+
+
+def test_registry_validates_sft_entries(tmp_path):
+    """An ``sft`` entry needs the model and the traces, and its settings are SFTConfig fields,
+    checked when the registry is read."""
+    ok = write_registry(tmp_path / "ok.yaml", {"s": {"kind": "sft", "path": "/m", "data": "t.jsonl",
+                                                     "settings": ["steps=7", "lr=1e-4"]}})
+    cfg = ok.get("s").sft_config(tmp_path / "models" / "s")
+    assert (cfg.model, cfg.data, cfg.out, cfg.steps, cfg.lr) == ("/m", "t.jsonl", str(tmp_path / "models" / "s"), 7, 1e-4)
+    for entry, message in [
+        ({"kind": "sft", "data": "t.jsonl"}, "'s' of kind 'sft' needs a 'path'"),
+        ({"kind": "sft", "path": "/m"}, "'s' of kind 'sft' needs 'data'"),
+        ({"kind": "sft", "path": "/m", "data": "t", "settings": ["stepz=3"]}, r"(?s)entry 's': .*stepz\n  Extra inputs"),
+        ({"kind": "sft", "path": "/m", "data": "t", "settings": ["steps=-1"]}, r"(?s)entry 's': .*steps\n  Input should be"),
+        ({"kind": "sft", "path": "/m", "data": "t", "settings": ["out=/x"]}, r"settings \['out'\] are the entry's own"),
+        ({"kind": "sft", "path": "/m", "data": "s3://k:secret@b/t.jsonl"}, r"entry 's', data"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            write_registry(tmp_path / "bad.yaml", {"s": entry}).entries()
+
+
+def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tiny_dir, tmp_path):
+    """base_model[s] of kind ``sft``: fine-tunes the registry model on its traces into the models
+    directory and evaluates it; materialized again it reuses that SFT; after the traces change it
+    trains again and swaps the new model in, leaving no staging or old directory."""
+    import json
+
+    from l2t_pipeline.assets import base_model
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+
+    traces = tmp_path / "traces.jsonl"
+
+    def write_traces(n: int) -> None:
+        traces.write_text("".join(json.dumps({"problem": f"Compute {i} + 1.", "answer": str(i + 1), "response":
+                                              f"<think>\n<episode_1>{i} + 1 = {i + 1}.</episode_1>\n</think>\n\n"
+                                              f"\\boxed{{{i + 1}}}"}) + "\n" for i in range(n)))
+
+    write_traces(4)
+    registry = write_registry(tmp_path / "registry.yaml", {"s": {
+        "kind": "sft", "path": str(tiny_dir), "data": str(traces), "settings": ["steps=2", "batch_size=2", "device=cpu"]}})
+    models = tmp_path / "models"
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(models)),
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
+
+    def materialize() -> dict:
+        res = dg.materialize([*ASSETS, *all_checks], selection=[base_model], partition_key="s", resources=resources,
+                             instance=instance)
+        meta = res.asset_materializations_for_node("base_model")[0].metadata
+        return {k: v.value for k, v in meta.items()}
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("base_models", ["s"])
+        first = materialize()
+        assert first["kind"] == "sft" and first["reused"] is False and first["sft_examples"] == 4
+        assert first["sft_answers_correct"] == "4 of 4" and first["path"] == str(models / "s")
+        weights = (models / "s" / "model.safetensors").read_bytes()
+        assert materialize()["reused"] is True
+        write_traces(6)
+        third = materialize()
+        assert third["reused"] is False and third["sft_examples"] == 6
+        assert (models / "s" / "model.safetensors").read_bytes() != weights
+    assert sorted(p.name for p in models.iterdir()) == ["s"]
+
+
+def test_a_failed_sft_rebuild_keeps_the_model_it_would_replace(tmp_path, monkeypatch):
+    import l2t_core.sft
+    from l2t_core.sft import SFTConfig
+    from l2t_pipeline.assets import build_or_reuse_sft
+
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "sft_config.json").write_text(SFTConfig(model="/m", data="/t", out=str(out), steps=5).model_dump_json())
+    (out / "sft_report.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"old")
+    traces = tmp_path / "t.jsonl"
+    traces.write_text("{}\n")
+
+    def fails(cfg, **kw):
+        Path(cfg.out).mkdir()  # as if killed after its rename: the next attempt must clear it
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(l2t_core.sft, "run_sft", fails)
+    cfg = SFTConfig(model="/m", data=str(traces), out=str(out), steps=6)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            build_or_reuse_sft(out, cfg)
+        assert (out / "model.safetensors").read_bytes() == b"old"
 
 
 def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
