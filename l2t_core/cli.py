@@ -219,10 +219,18 @@ def cmd_sft(args) -> int:
     cfg = build_config(SFTConfig, args, {"model": "model", "data": "data", "out": "out", "steps": "steps"})
     if args.print_config:
         return print_config(cfg)
-    try:
-        out = run_sft(cfg, show_progress=not args.quiet)
-    except (SFTDataError, DatasetError, ModelLoadError, FileExistsError) as exc:  # refused before any compute
-        raise SystemExit(f"l2t sft: {exc}") from None
+    from .pipes import pipes_session
+
+    # launched by Dagster Pipes (the pipeline's base_model of kind 'sft'): the summary goes to the
+    # run's event log; standalone: no-op
+    with pipes_session() as pipes:
+        try:
+            out = run_sft(cfg, show_progress=not args.quiet and not pipes.active)
+        except (SFTDataError, DatasetError, ModelLoadError, FileExistsError) as exc:  # refused before any compute
+            raise SystemExit(f"l2t sft: {exc}") from None
+        report = json.loads((out / "sft_report.json").read_text())
+        pipes.log(f"SFT of {cfg.model} on {report['examples']} traces done in {report['sft_seconds']:.0f} s: "
+                  f"loss {report['final_loss']:.3f}; model in {out}")
     print(json.dumps({"checkpoint": str(out)}))
     return 0
 

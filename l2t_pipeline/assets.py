@@ -52,14 +52,18 @@ def build_or_reuse_warm_start(out: Path, cfg) -> tuple[dict, bool]:
     return json.loads(report_path.read_text()), False
 
 
-def build_or_reuse_sft(out: Path, cfg) -> tuple[dict, bool]:
+def build_or_reuse_sft(out: Path, cfg, run=None) -> tuple[dict, bool]:
     """``l2t sft`` into ``out`` unless it already holds the SFT of ``cfg`` on the same traces
-    (``sft_report.json``'s ``data_sha256``); returns (sft_report.json, reused). A changed SFT is
-    trained beside ``out`` and swapped in only once complete: a failure keeps the old model."""
+    (``sft_report.json``'s ``data_sha256``); returns (sft_report.json, reused). ``run(cfg)`` runs
+    the SFT (the launcher's ``launch_sft``; default: ``l2t_core.sft.run_sft`` in this process). A
+    changed SFT is trained beside ``out`` and swapped in only once complete: a failure keeps the
+    old model."""
     import shutil
 
     from l2t_core.config import config_differences
     from l2t_core.sft import file_sha256, run_sft, sft_data_path
+
+    run = run or (lambda c: run_sft(c, show_progress=False))
 
     saved, report_path = out / "sft_config.json", out / "sft_report.json"
     if saved.is_file() and report_path.is_file():
@@ -68,12 +72,12 @@ def build_or_reuse_sft(out: Path, cfg) -> tuple[dict, bool]:
         if same and report.get("data_sha256") == file_sha256(sft_data_path(cfg.data)):
             return report, True
     if not out.exists():
-        run_sft(cfg, show_progress=False)
+        run(cfg)
     else:
         fresh, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
         for leftover in (fresh, old):  # of a job killed between its renames
             shutil.rmtree(leftover, ignore_errors=True)
-        run_sft(cfg.model_copy(update={"out": str(fresh)}), show_progress=False)
+        run(cfg.model_copy(update={"out": str(fresh)}))
         out.rename(old)
         fresh.rename(out)
         shutil.rmtree(old)
@@ -110,7 +114,7 @@ def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: 
                       "its baseline evaluation goes to eval_results.")
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: L2TStorage,
                registry: ModelRegistry, training_data: TrainingData, evaluator: Evaluator,
-               duckdb: DuckDBResource) -> dg.MaterializeResult:
+               duckdb: DuckDBResource, launcher: TrainingLauncher) -> dg.MaterializeResult:
     name = context.partition_key
     entry = registry.get(name)
     meta: dict = {"kind": entry.kind}
@@ -125,7 +129,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         meta.update(reused=reused, parameters=report["parameters"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"])
     elif entry.kind == "sft":
-        report, reused = build_or_reuse_sft(storage.model_dir(name), entry.sft_config(storage.model_dir(name)))
+        out = storage.model_dir(name)
+        report, reused = build_or_reuse_sft(out, entry.sft_config(out), lambda c: launcher.launch_sft(context, c))
         meta.update(reused=reused, finetuned_from=storage.display(str(entry.path)), parameters=report["parameters"],
                     sft_examples=report["examples"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"], sft_segmentation=report["segmentation"],

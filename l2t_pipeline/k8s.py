@@ -52,6 +52,7 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 
 DEFAULT_DEEPSPEED_CONFIG = "infra/deepspeed/zero2.json"  # relative to the image's working directory
 CONTAINER_NAME = "l2t-train"
+Job = Literal["train", "sft"]  # what a pod runs: `l2t train` or `l2t sft`
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
@@ -251,9 +252,16 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
                 "set) or register a hub id in the model registry")
 
     # ------------------------------------------------------------------ the pod
-    def command(self, config: str) -> list[str]:
+    def job_gpus(self, job: Job = "train") -> int:
+        """GPUs of a ``job``'s pod: ``gpus`` for training, at most one for an SFT (one process)."""
+        return self.gpus if job == "train" else min(self.gpus, 1)
+
+    def command(self, config: str, job: Job = "train") -> list[str]:
         """The container's arguments: the ``l2t`` entrypoint on ``config`` (a URL or path the pod
-        can read); one process per GPU through torchrun or deepspeed when the pod has several."""
+        can read); for training, one process per GPU through torchrun or deepspeed when the pod has
+        several; ``l2t sft`` runs one process."""
+        if job == "sft":
+            return ["python", "-m", "l2t_core.cli", "sft", "--config", config, "-q"]
         train = ["python", "-m", "l2t_core.cli", "train", "--config", config]
         if self.gpus <= 1:
             return train
@@ -264,13 +272,13 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         # the deepspeed launcher appends --local_rank=N, which l2t_core.cli accepts
         return ["deepspeed", "--num_gpus", str(self.gpus), "--no_python", *rank0]
 
-    def container(self, config: str) -> dict:
+    def container(self, config: str, job: Job = "train") -> dict:
         """The training container (camelCase Kubernetes fields). The command goes into ``args`` so
         the image's entrypoint (tini, which forwards signals to the ranks) stays PID 1."""
         requests = {"cpu": self.cpu_request, "memory": self.memory_request}
         limits = {"memory": self.memory_limit or self.memory_request}
-        if self.gpus:
-            limits["nvidia.com/gpu"] = str(self.gpus)  # extended resources: the request equals the limit
+        if self.job_gpus(job):  # extended resources: the request equals the limit
+            limits["nvidia.com/gpu"] = str(self.job_gpus(job))
         env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
         if self.shared_volume_claim:
@@ -278,7 +286,7 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         c = {
             "name": CONTAINER_NAME,
             "image": self.image,
-            "args": self.command(config),
+            "args": self.command(config, job),
             "env": [{"name": k, "value": v} for k, v in env.items()],
             "resources": {"requests": requests, "limits": limits},
             "volumeMounts": mounts,
@@ -287,15 +295,15 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
             c["envFrom"] = [{"secretRef": {"name": s}} for s in self.env_secrets]
         return c
 
-    def pod_spec(self, config: str) -> dict:
+    def pod_spec(self, config: str, job: Job = "train") -> dict:
         """``base_pod_spec`` for ``PipesK8sClient.run``: the container, GPU placement, volumes."""
         volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": self.shm_size}}]
         if self.shared_volume_claim:
             volumes.append({"name": "l2t-shared", "persistentVolumeClaim": {"claimName": self.shared_volume_claim}})
         # the training process needs no Kubernetes API access: no service account token in the pod
         spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False,
-                      "containers": [self.container(config)], "volumes": volumes}
-        if self.gpus and self.tolerations:
+                      "containers": [self.container(config, job)], "volumes": volumes}
+        if self.job_gpus(job) and self.tolerations:
             spec["tolerations"] = [t.to_k8s() for t in self.tolerations]
         if self.node_selector:
             spec["nodeSelector"] = dict(self.node_selector)
@@ -305,18 +313,20 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
             spec["imagePullSecrets"] = [{"name": s} for s in self.image_pull_secrets]
         return spec
 
-    def pod_meta(self, partition_key: str | None, config: str) -> dict:
-        """``base_pod_meta``: labels to select training pods, the partition and config as annotations."""
+    def pod_meta(self, partition_key: str | None, config: str, job: Job = "train") -> dict:
+        """``base_pod_meta``: labels to select training (or SFT) pods, the partition and config as
+        annotations."""
         annotations = {"l2t/config-url": redact_url(config)}
         if partition_key:
             annotations["l2t/partition"] = str(partition_key)
-        return {"labels": {"app.kubernetes.io/name": "l2t", "app.kubernetes.io/component": "training"},
+        component = "training" if job == "train" else "sft"
+        return {"labels": {"app.kubernetes.io/name": "l2t", "app.kubernetes.io/component": component},
                 "annotations": annotations}
 
-    def client_run_kwargs(self, partition_key: str | None, config: str) -> dict:
+    def client_run_kwargs(self, partition_key: str | None, config: str, job: Job = "train") -> dict:
         """Everything ``PipesK8sClient.run`` receives besides ``context``."""
-        return {"namespace": self.namespace, "base_pod_meta": self.pod_meta(partition_key, config),
-                "base_pod_spec": self.pod_spec(config), "pod_wait_timeout": self.pod_wait_timeout_s,
+        return {"namespace": self.namespace, "base_pod_meta": self.pod_meta(partition_key, config, job),
+                "base_pod_spec": self.pod_spec(config, job), "pod_wait_timeout": self.pod_wait_timeout_s,
                 "delete_pod_on_completion": self.delete_pod_on_completion}
 
     # ------------------------------------------------------------------ launch
@@ -332,3 +342,37 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         partition = context.partition_key if context.has_partition_key else None
         client = dagster_k8s.PipesK8sClient(poll_interval=self.poll_interval_s)
         return client.run(context=context, **self.client_run_kwargs(partition, url))
+
+    # ------------------------------------------------------------------ SFT
+    def placed_sft_config(self, cfg):
+        """An ``l2t_core.sft.SFTConfig`` as the pod runs it: on a GPU, ``device='cuda'``."""
+        return cfg if self.gpus == 0 else cfg.model_copy(update={"device": "cuda"})
+
+    def check_sft(self, cfg) -> None:
+        """Fail before any pod starts when the SFT pod could not read its model or traces or write
+        its output: each local path must be on the shared volume."""
+        for field, value in (("out", cfg.out), ("model", cfg.model), ("data", cfg.data)):
+            local = field == "out" or posixpath.isabs(value)  # a relative model/data: a hub id, a data-dir file
+            if local and not self._mounted(value):
+                raise ValueError(
+                    f"the SFT's {field} {value!r} is a local path the pod cannot see: set shared_volume_claim "
+                    f"(L2T_K8S_SHARED_PVC) to a ReadWriteMany PVC mounted at {self.shared_mount_path!r} in the run "
+                    f"worker too, and keep it under that path (L2T_MODELS_DIR for the SFT's output)")
+
+    def launch_sft(self, context: dg.AssetExecutionContext, cfg) -> dg.PipesClientCompletedInvocation:
+        """Run ``l2t sft`` on ``cfg`` in a pod with at most one GPU (SFT runs one process): the
+        config is written beside the output on the shared volume (``.launch/sft-<run id>.yaml``)."""
+        dagster_k8s, _ = _require_k8s()
+        placed = self.placed_sft_config(cfg)
+        self.check_sft(placed)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", context.run.run_id or ""):
+            raise ValueError(f"launch_sft: run id {context.run.run_id!r} must be a file-name-safe string")
+        path = posixpath.join(posixpath.dirname(posixpath.normpath(placed.out)), ".launch",
+                              f"sft-{context.run.run_id}.yaml")
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(yaml.safe_dump(json.loads(placed.model_dump_json()), sort_keys=False))
+        context.log.info("SFT config at %s; pod image %s, %d GPU", path, self.image, self.job_gpus("sft"))
+        partition = context.partition_key if context.has_partition_key else None
+        client = dagster_k8s.PipesK8sClient(poll_interval=self.poll_interval_s)
+        return client.run(context=context, **self.client_run_kwargs(partition, path, "sft"))

@@ -539,13 +539,27 @@ class TrainingLauncher(dg.ConfigurableResource):
                              f"GPU, which needs engine 'deepspeed' (the run's engine is {cfg.engine!r}); set "
                              "engine: deepspeed with a deepspeed_config, or nproc_per_node: 1")
 
+    def _client(self) -> dg.PipesSubprocessClient:
+        env = {"OMP_NUM_THREADS": str(self.torch_threads), "MKL_NUM_THREADS": str(self.torch_threads),
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        return dg.PipesSubprocessClient(env=env, cwd=self.cwd or str(REPO_ROOT))
+
     def launch(self, context: dg.AssetExecutionContext, cfg: TrainConfig) -> dg.PipesClientCompletedInvocation:
         """Write ``cfg`` to a temporary YAML file and run the training entrypoint on it."""
         self.check_config(cfg)
-        env = {"OMP_NUM_THREADS": str(self.torch_threads), "MKL_NUM_THREADS": str(self.torch_threads),
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        client = dg.PipesSubprocessClient(env=env, cwd=self.cwd or str(REPO_ROOT))
         with tempfile.TemporaryDirectory(prefix="l2t-train-") as tmp:
             path = Path(tmp) / "train.yaml"
             path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-            return client.run(command=self.command(path, log_dir=Path(tmp) / "torchrun"), context=context)
+            return self._client().run(command=self.command(path, log_dir=Path(tmp) / "torchrun"), context=context)
+
+    def sft_command(self, config_path: str | Path) -> list[str]:
+        """``l2t sft`` on ``config_path``: one process whatever ``nproc_per_node`` (SFT is not distributed)."""
+        return [self.python, "-m", "l2t_core.cli", "sft", "--config", str(config_path), "-q"]
+
+    def launch_sft(self, context: dg.AssetExecutionContext, cfg) -> dg.PipesClientCompletedInvocation:
+        """Run ``l2t sft`` on an ``l2t_core.sft.SFTConfig`` in a subprocess through Dagster Pipes
+        (its log lines stream to the run's compute logs)."""
+        with tempfile.TemporaryDirectory(prefix="l2t-sft-") as tmp:
+            path = Path(tmp) / "sft.yaml"
+            path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+            return self._client().run(command=self.sft_command(path), context=context)

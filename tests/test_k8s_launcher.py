@@ -244,6 +244,48 @@ def test_launch_writes_the_config_then_calls_the_cluster(tmp_path, monkeypatch):
     assert "L2T_K8S_SHARED_PVC" in error and not Path(config_url(cfg.out, run_id)).exists()
 
 
+def test_sft_pod_runs_one_process_on_at_most_one_gpu_and_sees_its_paths(tmp_path, monkeypatch):
+    """A registry model of kind 'sft' on the cluster: ``l2t sft`` in a pod with one GPU (whatever
+    the training pods get), device cuda, its config written beside the output on the shared
+    volume, where the CLI reads it back; paths the pod cannot see are refused before any pod."""
+    from l2t_core.sft import SFTConfig
+
+    mount = str(tmp_path)
+    launcher = K8sTrainingLauncher(image=IMAGE, gpus=8, shared_volume_claim="l2t-shared", shared_mount_path=mount)
+    cfg = SFTConfig(model=f"{mount}/hub/qwen", data="traces.jsonl", out=f"{mount}/models/s", device="cpu")
+    placed = launcher.placed_sft_config(cfg)
+    assert placed.device == "cuda" and placed.model_copy(update={"device": "cpu"}) == cfg
+    launcher.check_sft(placed)
+    config = f"{mount}/models/.launch/sft-{RUN_ID}.yaml"
+    p = build_pod_body(pod_name="dagster-3f2a9c4e-base-model-0123456789", image=None, command=None,
+                       env_vars={"DAGSTER_PIPES_CONTEXT": "ctx"}, base_pod_meta=launcher.pod_meta("s", config, "sft"),
+                       base_pod_spec=launcher.pod_spec(config, "sft"))
+    ctr = p.spec.containers[0]
+    assert ctr.args == ["python", "-m", "l2t_core.cli", "sft", "--config", config, "-q"]
+    assert ctr.resources.limits["nvidia.com/gpu"] == "1" and p.spec.tolerations
+    assert p.metadata.labels["app.kubernetes.io/component"] == "sft"
+    assert launcher.pod_spec("c.yaml")["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    cpu_only = K8sTrainingLauncher(image=IMAGE, gpus=0, shared_volume_claim="l2t-shared", shared_mount_path=mount)
+    assert cpu_only.placed_sft_config(cfg) == cfg and "tolerations" not in cpu_only.pod_spec(config, "sft")
+    for field, value in (("out", "/elsewhere/models/s"), ("model", "/elsewhere/qwen"), ("data", "/elsewhere/t.jsonl")):
+        with pytest.raises(ValueError, match=f"the SFT's {field} '{value}' is a local path the pod cannot see"):
+            launcher.check_sft(placed.model_copy(update={field: value}))
+    launcher.check_sft(placed.model_copy(update={"model": "Qwen/Qwen2.5-Math-1.5B"}))  # a hub id
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+
+    @dg.asset(required_resource_keys={"launcher"})
+    def sft_base(context) -> None:
+        context.resources.launcher.launch_sft(context, cfg)
+
+    result = dg.materialize([sft_base], resources={"launcher": launcher}, raise_on_error=False)
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "kube-config" in str(failure.step_failure_data.error).lower()
+    written = tmp_path / "models" / ".launch" / f"sft-{result.run_id}.yaml"
+    assert build_config(SFTConfig, Namespace(config=str(written), set=None), {}) == placed
+
+
 def test_launcher_switch(monkeypatch):
     assert type(training_launcher({})) is TrainingLauncher
     assert type(training_launcher({"L2T_LAUNCHER": "local"})) is TrainingLauncher

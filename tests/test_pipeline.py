@@ -455,6 +455,7 @@ def test_local_launcher_runs_torchrun_for_several_processes_and_refuses_a_single
         "--master_port", "29600", "--log-dir"]
     assert two.command("c.yaml", log_dir="/t/logs")[10:12] == ["/t/logs", "-m"]
     assert one.command("c.yaml", log_dir="/t/logs") == one.command("c.yaml")  # one process: no torchrun
+    assert two.sft_command("s.yaml") == ["/py", "-m", "l2t_core.cli", "sft", "--config", "s.yaml", "-q"]  # never torchrun
     cfg = TrainConfig(policy=str(tmp_path), out=str(tmp_path / "run"), method="grpo")
     two.check_config(cfg.model_copy(update={"engine": "deepspeed"}))
     with pytest.raises(ValueError, match=r"nproc_per_node=2 .* needs engine 'deepspeed' \(the run's engine is 'torch'\)"):
