@@ -254,6 +254,8 @@ class SFTConfig(_Strict):
         "None: the model's max_position_embeddings."))
     max_episodes: int = Field(30, ge=1, description="Segmentation of the responses for the format check "
                                                     "(METHOD.md §1).")
+    check_answers: bool = Field(True, description="Verify each response's final answer against the row's "
+                                                  "'answer' (math-verify, milliseconds a row) and report the count.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
                                                             "(less memory, about one more forward).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -345,16 +347,16 @@ def read_sft_jsonl(path: Path) -> list[SFTRow]:
     return rows
 
 
-def check_traces(rows: Sequence[SFTRow], max_episodes: int = 30) -> dict:
+def check_traces(rows: Sequence[SFTRow], max_episodes: int = 30, check_answers: bool = True) -> dict:
     """What the traces teach, checked before any compute: how each response segments (METHOD.md
-    §1; L2T reads its episodes from ``<episode_k>`` tags) and, for rows with an ``answer``, whether
-    the response's final answer verifies against it (math-verify)."""
+    §1; L2T reads its episodes from ``<episode_k>`` tags) and, for rows with an ``answer`` (unless
+    ``check_answers`` is off), whether the response's final answer verifies against it (math-verify)."""
     from .episodes import segment
     from .verify import MathVerifier
 
     status = Counter(segment(r.response, max_episodes=max_episodes).status for r in rows)
     verifier = MathVerifier()
-    checked = [r for r in rows if r.answer is not None]
+    checked = [r for r in rows if r.answer is not None and check_answers]
     wrong = [r.id for r in checked if not verifier.verify(r.response, r.answer).correct]
     return {"segmentation": dict(sorted(status.items())),
             "answers": {"checked": len(checked), "correct": len(checked) - len(wrong), "wrong_ids": wrong[:20]}}
@@ -414,7 +416,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     eval_rows = [rows[i] for i in held]
     enc = _encode_rows(tok, train_rows, max_tokens, path)
     _encode_rows(tok, eval_rows, max_tokens, path)
-    checks = check_traces(rows, cfg.max_episodes)
+    checks = check_traces(rows, cfg.max_episodes, cfg.check_answers)
     untagged = len(rows) - checks["segmentation"].get("tagged", 0)
     if untagged:
         log.warning("%d of %d traces do not segment as <episode_k> blocks (%s): a policy trained on them does "

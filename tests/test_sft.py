@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2t_core.sft import SFTConfig, SFTDataError, _accumulate_batch, encode_pairs, read_sft_jsonl, run_sft
+from l2t_core.sft import (SFTConfig, SFTDataError, _accumulate_batch, check_traces, encode_pairs, read_sft_jsonl,
+                          run_sft)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -84,6 +85,8 @@ def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path):
     report = json.loads((out / "sft_report.json").read_text())
     assert report["segmentation"] == {"fallback": 1, "tagged": 11}
     assert report["answers"] == {"checked": 10, "correct": 9, "wrong_ids": ["r3"]}
+    assert check_traces(read_sft_jsonl(data), check_answers=False)["answers"] == {
+        "checked": 0, "correct": 0, "wrong_ids": []}
     assert report["examples"] == 10 and report["eval_examples"] == 2
     assert report["eval_losses"][-1][1] < 0.7 * report["loss_curve"][0]
     assert SFTConfig.model_validate_json((out / "sft_config.json").read_text()) == cfg
