@@ -7,8 +7,8 @@ the last block's four position-wise matrices, exact all-parameter; the reward pa
 below the last block), a resumed L2T run that ends
 where an uninterrupted one does (SVD bases refreshed across the checkpoint, so they must come back
 on the device), the randomized SVD leaving the global CUDA generator alone, the memory options
-(activation checkpointing, chunked output head) changing nothing but memory, and both trainer
-benchmarks in their quick form. Run it on a GPU machine with ``pytest tests/test_cuda.py``.
+(activation checkpointing, chunked output head) changing nothing but memory, ``l2t sft``'s
+accumulated gradient and whole job, and both trainer benchmarks in their quick form. Run it on a GPU machine with ``pytest tests/test_cuda.py``.
 
 Tolerances are looser than the CPU tests' (1e-4 relative): CUDA kernels sum in other orders, and
 index_add/scatter backward passes are not bit-reproducible on a GPU.
@@ -207,6 +207,36 @@ def test_memory_options_on_cuda_give_the_same_update(tiny_dir, toy_data, tmp_pat
 
 
 @pytest.mark.slow
+def test_sft_on_cuda_takes_the_cpu_gradient_and_writes_a_loadable_policy(pair, tiny_dir, tmp_path):
+    """l2t sft on the GPU: a batch's accumulated gradient (micro-batches, moved to the device)
+    equals the CPU's, and the whole job writes a policy that loads."""
+    from l2t_core.models import load_policy
+    from l2t_core.sft import SFTConfig, _accumulate_batch, encode_pairs, run_sft
+
+    cpu, gpu = pair
+    _, tok = load_policy(tiny_dir)
+    batch = encode_pairs(tok, [("Compute 1 + 2.\n", "<think>1 + 2 = 3</think> \\boxed{3}"), ("p\n", "ok"),
+                               ("Compute 10 + 22 now.\n", "<think>32</think> \\boxed{32}")])
+    grads = []
+    for model, size in ((cpu, None), (gpu, 1)):
+        model.zero_grad()
+        _accumulate_batch(model, batch, tok.pad_token_id, size)
+        grads.append([p.grad.detach().cpu().clone() for p in model.parameters()])
+        model.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"Compute {i} + 1.", "answer": str(i + 1),
+                                        "response": f"<think>\n<episode_1>{i} + 1 = {i + 1}</episode_1>\n</think>"
+                                                    f"\n\n\\boxed{{{i + 1}}}"}) + "\n" for i in range(8)))
+    out = run_sft(SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "sft"), steps=20,
+                            batch_size=4, micro_batch_size=2, lr=3e-3, device="cuda"), show_progress=False)
+    report = json.loads((out / "sft_report.json").read_text())
+    assert report["device"] == "cuda" and report["answers"]["correct"] == 8
+    assert report["loss_curve"][-1] < report["loss_curve"][0]
+    load_policy(out, device="cuda")
+
+
 def test_trainer_benchmarks_run_on_cuda():
     from bench import penalty, reward_overhead
 
