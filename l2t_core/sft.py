@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -47,6 +47,24 @@ class SFTResult:
         """Mean training loss over the last 10 % of the steps (at least one)."""
         tail = self.losses[-max(1, len(self.losses) // 10):]
         return sum(tail) / len(tail)
+
+
+@dataclass
+class SFTState:
+    """Everything besides the weights that :func:`sft` needs to go on after ``step`` steps exactly
+    as if it had never stopped: optimizer and schedule, the batch order still to come, the random
+    states and the losses so far."""
+
+    step: int
+    optimizer: dict
+    scheduler: dict
+    batch_rng: tuple
+    queue: list[list[int]]
+    torch_rng: torch.Tensor
+    cuda_rng: Optional[torch.Tensor]
+    losses: list[float]
+    eval_losses: list[tuple[int, float]]
+    seconds: float
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Sequence[str]]) -> list[Encoded]:
@@ -164,6 +182,9 @@ def sft(
     eval_every: int = 0,
     seed: int = 0,
     micro_batch_size: int | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[SFTState], None] | None = None,
+    resume: SFTState | None = None,
     show_progress: bool = True,
 ) -> SFTResult:
     """Fine-tune ``model`` in place on ``pairs``; returns the losses and the wall time.
@@ -173,6 +194,11 @@ def sft(
     (None: the whole batch in one), each pass's mean loss weighted by its share of the batch's
     trained tokens, so the gradient is the whole batch's mean-token loss gradient whatever the
     split. Batches are moved to the device of the model's parameters.
+
+    Every ``checkpoint_every`` steps (0: never; not after the last) ``on_checkpoint`` gets the
+    :class:`SFTState`, for the caller to save with the model's weights. Given back as ``resume``,
+    with ``model`` holding the weights saved with it and the same arguments otherwise, the run goes
+    on from that step and ends exactly where an uninterrupted run would.
     """
     if not pairs:
         raise ValueError("sft: no training pairs")
@@ -194,9 +220,23 @@ def sft(
     result = SFTResult(losses=[])
     model.train()
     queue: list[list[int]] = []
+    start = 0
+    if resume is not None:
+        if not 0 < resume.step < steps:
+            raise ValueError(f"sft: cannot resume after step {resume.step} of a {steps}-step run")
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
+        rng.setstate(resume.batch_rng)
+        queue = [list(b) for b in resume.queue]
+        torch.set_rng_state(resume.torch_rng)
+        if resume.cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(resume.cuda_rng)
+        result.losses, result.eval_losses = list(resume.losses), [tuple(e) for e in resume.eval_losses]
+        start, t0 = resume.step, t0 - resume.seconds
+        log.info("SFT resumed after step %d of %d", start, steps)
     with Progress(disable=not show_progress, transient=True) as bar:
-        task = bar.add_task("SFT warm start", total=steps)
-        for step in range(steps):
+        task = bar.add_task("SFT warm start", total=steps, completed=start)
+        for step in range(start, steps):
             if not queue:
                 queue = length_grouped_batches(lengths, min(batch_size, len(enc)), rng)
             opt.zero_grad()
@@ -208,10 +248,16 @@ def sft(
                 result.eval_losses.append((step + 1, eval_loss(model, enc_eval, pad)))
             bar.update(task, advance=1, description=f"SFT warm start (loss {result.losses[-1]:.3f})")
             if (step + 1) % max(1, steps // 10) == 0 and step + 1 < steps:  # a log line every 10 %
-                spent = time.perf_counter() - t0
+                spent = time.perf_counter() - t0 - (resume.seconds if resume is not None else 0.0)
                 log.info("SFT step %d/%d: loss %.3f, %.0f s spent, about %.0f s left", step + 1, steps,
                          sum(result.losses[-10:]) / len(result.losses[-10:]), spent,
-                         spent / (step + 1) * (steps - step - 1))
+                         spent / (step + 1 - start) * (steps - step - 1))
+            if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                    and step + 1 < steps:
+                cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+                on_checkpoint(SFTState(step + 1, opt.state_dict(), sched.state_dict(), rng.getstate(),
+                                       [list(b) for b in queue], torch.get_rng_state(), cuda, list(result.losses),
+                                       list(result.eval_losses), time.perf_counter() - t0))
     if enc_eval:
         result.eval_losses.append((steps, eval_loss(model, enc_eval, pad)))
     model.eval()
@@ -256,6 +302,9 @@ class SFTConfig(_Strict):
                                                     "(METHOD.md §1).")
     check_answers: bool = Field(True, description="Verify each response's final answer against the row's "
                                                   "'answer' (math-verify, milliseconds a row) and report the count.")
+    checkpoint_every: int = Field(200, ge=0, description=(
+        "Steps between checkpoints of the work in progress (beside out, in .<name>.partial; 0: none); the "
+        "same job run again after a failure resumes from the last one."))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
                                                             "(less memory, about one more forward).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -273,6 +322,10 @@ class SFTConfig(_Strict):
 
 class SFTDataError(ValueError):
     """The traces of an SFT job cannot be used; the message names the file, line and field."""
+
+
+class SFTResumeError(ValueError):
+    """An unfinished SFT into the same output was made with another configuration or traces."""
 
 
 @dataclass(frozen=True)
@@ -382,15 +435,51 @@ def _encode_rows(tokenizer, rows: Sequence[SFTRow], max_tokens: int, path: Path)
     return enc
 
 
+def _partial_dir(out: Path) -> Path:
+    """Where an unfinished SFT into ``out`` keeps its config and last checkpoint, beside ``out``."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState) -> None:
+    """The weights, tokenizer and :class:`SFTState` in ``partial/checkpoint``, replaced whole: the
+    new one is written beside it and renamed in, the old one removed after."""
+    import shutil
+
+    tmp, ckpt, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state.__dict__, tmp / "state.pt")  # written last: a checkpoint without it is incomplete
+    if ckpt.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _last_checkpoint(partial: Path) -> Optional[Path]:
+    """The newest complete checkpoint of an unfinished SFT (``checkpoint``, or ``checkpoint.old``
+    when a job stopped between the two renames of :func:`_save_checkpoint`)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (partial / name / "state.pt").is_file():
+            return partial / name
+    return None
+
+
 def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     """Run the SFT job of ``cfg``: validate everything before any compute (the output directory,
     the traces, the model, the lengths), train, and write the model, tokenizer,
-    ``sft_config.json`` and ``sft_report.json`` into a staging directory beside ``cfg.out`` that
-    is renamed to ``cfg.out`` only when all of it is written; a failed or interrupted job leaves
-    no ``cfg.out`` and removes its staging directory."""
-    import shutil
-    import tempfile
+    ``sft_config.json`` and ``sft_report.json`` into ``cfg.out`` only when all of it is written.
 
+    The work in progress lives beside ``cfg.out`` in ``.<name>.partial``: its config, the traces'
+    SHA-256 and, every ``checkpoint_every`` steps, a checkpoint. A job that fails or is killed
+    keeps it, and the same job run again resumes from the last checkpoint and ends exactly where
+    an uninterrupted one would; run with another config or other traces, it is refused, naming
+    what differs, until that directory is removed. The finished model is staged in it and renamed
+    to ``cfg.out``; then it is removed."""
+    import shutil
+
+    from .config import config_differences
     from .models import activation_checkpointing, load_policy, resolve_device
 
     out = Path(cfg.out).expanduser()
@@ -403,11 +492,28 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     if cfg.eval_size >= len(rows):
         raise SFTDataError(f"eval_size={cfg.eval_size} holds out every one of the {len(rows)} traces in {path}; "
                            "keep some for training")
+    partial = _partial_dir(out)
+    if (partial / "sft_config.json").is_file():
+        differs = config_differences(json.loads((partial / "sft_config.json").read_text()), cfg,
+                                     ignore=("threads", "device"))
+        saved_sha = json.loads((partial / "data.json").read_text()).get("sha256") \
+            if (partial / "data.json").is_file() else None
+        if saved_sha != data_sha256:
+            differs.append(f"the traces' bytes ({path})")
+        if differs:
+            raise SFTResumeError(f"{partial} holds an unfinished SFT into {out} with another configuration "
+                                 f"(differs in: {', '.join(differs)}); rerun it with the same configuration and "
+                                 "traces to resume it, or remove that directory to start over")
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    model, tok = load_policy(cfg.model, device=str(device))
+    checkpoint = _last_checkpoint(partial)
+    model, tok = load_policy(checkpoint or cfg.model, device=str(device))
+    resume = None
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        resume = SFTState(**state)
     max_tokens = cfg.max_tokens or getattr(model.config, "max_position_embeddings", None) or 2 ** 31
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
@@ -426,43 +532,53 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         log.warning("%d of %d traces with an answer end in another answer (first: %s): the model learns them too",
                     checks["answers"]["checked"] - checks["answers"]["correct"], checks["answers"]["checked"],
                     ", ".join(checks["answers"]["wrong_ids"][:5]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
+    (partial / "data.json").write_text(json.dumps({"path": str(path), "sha256": data_sha256}))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("SFT of %s (%.1fM parameters, %s): %d traces (%d held out), %d steps of %d%s", cfg.model,
+             n_params / 1e6, device, len(train_rows), len(eval_rows), cfg.steps, cfg.batch_size,
+             f", resuming after step {resume.step} from {checkpoint}" if resume else "")
     try:
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("SFT of %s (%.1fM parameters, %s): %d traces (%d held out), %d steps of %d", cfg.model,
-                 n_params / 1e6, device, len(train_rows), len(eval_rows), cfg.steps, cfg.batch_size)
         with activation_checkpointing(model, cfg.gradient_checkpointing):
-            res = sft(model, tok, _pairs(tok, train_rows), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_frac=cfg.warmup_frac,
-                      min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay,
+            res = sft(model, tok, _pairs(tok, train_rows), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                      warmup_frac=cfg.warmup_frac, min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay,
                       eval_pairs=_pairs(tok, eval_rows), eval_every=cfg.eval_every, seed=cfg.seed,
-                      micro_batch_size=cfg.micro_batch_size, show_progress=show_progress)
-        model.save_pretrained(staging)
-        tok.save_pretrained(staging)
-        report = {
-            "config": json.loads(cfg.model_dump_json()),
-            "data": str(path),
-            "data_sha256": data_sha256,
-            "parameters": n_params,
-            "examples": len(train_rows),
-            "eval_examples": len(eval_rows),
-            "trained_tokens": sum(sum(t) for _, t in enc),
-            "max_example_tokens": max(len(ids) for ids, _ in enc),
-            **checks,
-            "final_loss": res.final_loss,
-            "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10])
-                           for i in range(0, len(res.losses), 10)],
-            "eval_losses": res.eval_losses,
-            "sft_seconds": res.seconds,
-            "device": str(device),
-            "wall_seconds": time.perf_counter() - t0,
-        }
-        (staging / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
-        (staging / "sft_report.json").write_text(json.dumps(report, indent=1))
-        staging.rename(out)
+                      micro_batch_size=cfg.micro_batch_size, checkpoint_every=cfg.checkpoint_every,
+                      on_checkpoint=lambda st: _save_checkpoint(partial, model, tok, st), resume=resume,
+                      show_progress=show_progress)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        last = _last_checkpoint(partial)
+        log.error("SFT stopped; %s is kept: run the same job again to resume %s", partial,
+                  f"after step {torch.load(last / 'state.pt', weights_only=False)['step']}" if last else
+                  "(no checkpoint yet: from the start)")
         raise
+    staging = partial / "final"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    report = {
+        "config": json.loads(cfg.model_dump_json()),
+        "data": str(path),
+        "data_sha256": data_sha256,
+        "parameters": n_params,
+        "examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "trained_tokens": sum(sum(t) for _, t in enc),
+        "max_example_tokens": max(len(ids) for ids, _ in enc),
+        **checks,
+        "final_loss": res.final_loss,
+        "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10]) for i in range(0, len(res.losses), 10)],
+        "eval_losses": res.eval_losses,
+        "resumed_after_step": resume.step if resume else None,
+        "sft_seconds": res.seconds,
+        "device": str(device),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    (staging / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
+    (staging / "sft_report.json").write_text(json.dumps(report, indent=1))
+    staging.rename(out)
+    shutil.rmtree(partial)
     log.info("SFT done in %.0f s: loss %.3f%s; model in %s", report["wall_seconds"], res.final_loss,
              f", evaluation loss {res.eval_losses[-1][1]:.3f}" if res.eval_losses else "", out)
     return out

@@ -153,17 +153,56 @@ def test_sft_job_refuses_before_any_compute(tiny_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "t.jsonl", "taken"]
 
 
-def test_a_failed_job_leaves_neither_out_nor_its_staging_directory(tiny_dir, tmp_path, monkeypatch):
+def test_a_job_killed_midway_resumes_and_ends_where_an_uninterrupted_one_does(tiny_dir, tmp_path, monkeypatch):
+    """A job that fails after its step-4 checkpoint keeps its work beside out (no out); run again
+    it resumes there and ends with the weights and losses of an uninterrupted run, bit for bit.
+    Run with another config meanwhile, it is refused naming what differs."""
+    import l2t_core.sft as sft_module
+    from safetensors.torch import load_file
+
+    data = _write(tmp_path / "t.jsonl", _rows(10))
+    base = dict(model=str(tiny_dir), data=str(data), steps=7, batch_size=3, lr=3e-3, eval_size=2, eval_every=3,
+                checkpoint_every=2, device="cpu")
+    whole = run_sft(SFTConfig(**base, out=str(tmp_path / "whole")), show_progress=False)
+
+    real, calls = sft_module._accumulate_batch, []
+
+    def dies_in_step_6(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # as a kill would, after the checkpoints of steps 2 and 4
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft_module, "_accumulate_batch", dies_in_step_6)
+    cfg = SFTConfig(**base, out=str(tmp_path / "cut"))
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(cfg, show_progress=False)
+    monkeypatch.setattr(sft_module, "_accumulate_batch", real)
+    partial = tmp_path / ".cut.partial"
+    assert not (tmp_path / "cut").exists() and (partial / "checkpoint" / "state.pt").is_file()
+    with pytest.raises(sft_module.SFTResumeError, match=r"\.cut\.partial holds an unfinished SFT .*differs in: lr\)"):
+        run_sft(cfg.model_copy(update={"lr": 1e-3}), show_progress=False)
+    out = run_sft(cfg, show_progress=False)
+    assert not partial.exists()
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "sft_report.json").read_text()) for d in (whole, out))
+    assert rb["resumed_after_step"] == 4 and ra["resumed_after_step"] is None
+    assert rb["loss_curve"] == ra["loss_curve"] and rb["eval_losses"] == ra["eval_losses"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "t.jsonl", "whole"]
+
+
+def test_changed_traces_are_not_resumed(tiny_dir, tmp_path, monkeypatch):
     import l2t_core.sft as sft_module
 
-    def boom(*a, **k):
-        raise RuntimeError("out of memory")
-
-    monkeypatch.setattr(sft_module, "sft", boom)
-    data = _write(tmp_path / "t.jsonl", _rows(3))
+    data = _write(tmp_path / "t.jsonl", _rows(4))
+    monkeypatch.setattr(sft_module, "sft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    cfg = SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "out"), steps=1, device="cpu")
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_sft(SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "out"), steps=1, device="cpu"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+        run_sft(cfg)
+    _write(data, _rows(5))
+    with pytest.raises(sft_module.SFTResumeError, match=r"differs in: the traces' bytes"):
+        run_sft(cfg)
 
 
 def test_data_is_found_in_the_data_directory(tmp_path, monkeypatch):
