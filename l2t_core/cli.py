@@ -326,6 +326,26 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def cmd_traces(args) -> int:
+    """Worked solutions of a math JSONL file as METHOD.md §8 traces for ``l2t sft``."""
+    from .data import read_math_file
+    from .eval.datasets import DatasetError
+    from .sft import SFTDataError, sft_data_path
+    from .traces import traces, write_jsonl
+
+    try:
+        rows = read_math_file(sft_data_path(args.source))
+    except (SFTDataError, DatasetError) as exc:
+        raise SystemExit(f"l2t traces: {exc}") from None
+    out, outcomes = traces(rows, args.split, args.max_episodes, args.limit)
+    if not out:
+        raise SystemExit(f"l2t traces: no row of {args.source} gives a trace ({dict(outcomes)}); it needs worked "
+                         "'solution' texts (e.g. gsm8k_train.jsonl; math_train_answers.jsonl has none)")
+    write_jsonl(out, args.out)  # an existing file: FileExistsError, one line from main()
+    print(json.dumps({"out": args.out, "traces": len(out), "rows": dict(sorted(outcomes.items()))}))
+    return 0
+
+
 def cmd_compare(args) -> int:
     """Fig. 2-style comparison of several `l2t eval` reports against a base model."""
     from .eval.compare import ReportError, compare_reports
@@ -526,6 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="directory for the fine-tuned model (must not exist)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps")
     p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("traces", help="the worked solutions of a math JSONL file (e.g. gsm8k_train.jsonl) as "
+                                      "episode-tagged METHOD.md §8 traces, the rows `l2t sft` trains on")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    p.add_argument("source", help="math JSONL with 'solution' texts: a path, or a file name in L2T_DATA_DIR")
+    p.add_argument("--out", required=True, help="JSONL file to write (must not exist)")
+    p.add_argument("--split", choices=["lines", "paragraphs"], default="lines",
+                   help="one episode per non-empty line (GSM8K) or per blank-line-separated paragraph")
+    p.add_argument("--max-episodes", type=positive_int, default=30, help="skip solutions with more steps")
+    p.add_argument("--limit", type=positive_int, help="at most this many traces")
+    p.set_defaults(fn=cmd_traces)
 
     p = sub.add_parser("miniature", help="the CPU miniature of the paper's headline experiment")
     _common(p)

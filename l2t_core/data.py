@@ -33,6 +33,11 @@ REQUIRED_MATH_FIELDS = ("id", "problem", "answer")
 
 
 def read_math_jsonl(name: str) -> list[dict]:
+    """Rows of the math JSONL file ``name`` in the data directory, validated (:func:`read_math_file`)."""
+    return read_math_file(data_file(name))
+
+
+def read_math_file(path: Path) -> list[dict]:
     """Rows of a math JSONL file ``{id, problem, answer, solution, meta}``, validated: every line is
     a JSON object with non-empty ``id``/``problem``/``answer`` strings and ids are unique. Errors name
     the file, the line and the field."""
@@ -41,7 +46,6 @@ def read_math_jsonl(name: str) -> list[dict]:
     # pass: the pipeline's schema check quarantines those rows, all of them listed.
     from .eval.datasets import DatasetError, json_lines
 
-    path = data_file(name)
     rows, seen = [], {}
     for line_no, row in json_lines(path, check_text=False):
         for f in REQUIRED_MATH_FIELDS:
