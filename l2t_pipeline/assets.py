@@ -68,7 +68,9 @@ def build_or_reuse_sft(out: Path, cfg, run=None) -> tuple[dict, bool]:
     saved, report_path = out / "sft_config.json", out / "sft_report.json"
     if saved.is_file() and report_path.is_file():
         report = json.loads(report_path.read_text())
-        same = not config_differences(json.loads(saved.read_text()), cfg, ignore=("out", "threads"))
+        # where it ran does not change what it learned: the output directory (a rebuild's sits beside
+        # out), threads, the device a launcher placed it on (cuda on a GPU pod)
+        same = not config_differences(json.loads(saved.read_text()), cfg, ignore=("out", "threads", "device"))
         if same and report.get("data_sha256") == file_sha256(sft_data_path(cfg.data)):
             return report, True
     if not out.exists():

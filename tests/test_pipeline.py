@@ -296,8 +296,10 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
 
 
 def test_a_failed_sft_rebuild_keeps_the_model_it_would_replace(tmp_path, monkeypatch):
+    import json
+
     import l2t_core.sft
-    from l2t_core.sft import SFTConfig
+    from l2t_core.sft import SFTConfig, file_sha256
     from l2t_pipeline.assets import build_or_reuse_sft
 
     out = tmp_path / "s"
@@ -318,6 +320,10 @@ def test_a_failed_sft_rebuild_keeps_the_model_it_would_replace(tmp_path, monkeyp
         with pytest.raises(RuntimeError, match="out of memory"):
             build_or_reuse_sft(out, cfg)
         assert (out / "model.safetensors").read_bytes() == b"old"
+    # the same SFT placed on a GPU pod (device cuda, out beside) is reused, not trained again
+    (out / "sft_config.json").write_text(cfg.model_copy(update={"device": "cuda", "out": "/x/.s.new"}).model_dump_json())
+    (out / "sft_report.json").write_text(json.dumps({"data_sha256": file_sha256(traces)}))
+    assert build_or_reuse_sft(out, cfg) == ({"data_sha256": file_sha256(traces)}, True)
 
 
 def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
