@@ -56,6 +56,35 @@ def test_shipped_config_files_exist_and_its_data_is_one_epoch(path):
     assert cfg.steps * cfg.prompts_per_step >= len(problems) > (cfg.steps - 1) * cfg.prompts_per_step
 
 
+SFT_CONFIGS = sorted((ROOT / "infra" / "sft").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SFT_CONFIGS, ids=[p.name for p in SFT_CONFIGS])
+def test_shipped_sft_config_is_valid_and_spans_the_epochs_it_promises(path, tmp_path):
+    """Each file in infra/sft/ parses as an SFTConfig through the command line, its steps cover the
+    two epochs of the held-in traces its comments promise, and `l2t traces` makes its data from
+    the named data-directory file with the row count the comments give."""
+    import re
+
+    from l2t_core.data import data_file, read_math_file
+    from l2t_core.sft import SFTConfig
+    from l2t_core.traces import traces
+
+    args = SimpleNamespace(config=str(path), set=[], model=None, data=None, out=None, steps=None)
+    cfg = build_config(SFTConfig, args, {"model": "model", "data": "data", "out": "out", "steps": "steps"})
+    text = path.read_text()
+    rows = int(re.search(r"# (\d[\d,]*) traces, all tagged", text).group(1).replace(",", ""))
+    assert cfg.steps == -(-2 * (rows - cfg.eval_size) // cfg.batch_size)  # two epochs, rounded up
+    assert cfg.batch_size % cfg.micro_batch_size == 0 and cfg.checkpoint_every and cfg.gradient_checkpointing
+    source = re.search(r"l2t traces (\S+) --out (\S+)", text)
+    assert source.group(2) == cfg.data
+    try:
+        made, outcomes = traces(read_math_file(data_file(source.group(1))))
+    except FileNotFoundError:
+        pytest.skip(f"{source.group(1)} is not in the data directory {data_dir()}")
+    assert len(made) == rows and outcomes == {"ok": rows}
+
+
 def test_overrides_on_the_command_line_win_over_the_file():
     cfg = cli_config(CONFIGS[0], method="grpo", sets=["policy=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
                                                        "data.train_size=4000", "steps=125"])
