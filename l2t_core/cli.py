@@ -214,7 +214,7 @@ def cmd_warmstart(args) -> int:
 def cmd_sft(args) -> int:
     from .eval.datasets import DatasetError
     from .models import ModelLoadError
-    from .sft import SFTConfig, SFTDataError, SFTResumeError, run_sft
+    from .sft import SFTConfig, SFTError, run_sft
 
     cfg = build_config(SFTConfig, args, {"model": "model", "data": "data", "out": "out", "steps": "steps"})
     if args.print_config:
@@ -226,7 +226,7 @@ def cmd_sft(args) -> int:
     with pipes_session() as pipes:
         try:
             out = run_sft(cfg, show_progress=not args.quiet and not pipes.active)
-        except (SFTDataError, SFTResumeError, DatasetError, ModelLoadError, FileExistsError) as exc:  # before compute
+        except (SFTError, DatasetError, ModelLoadError, FileExistsError) as exc:  # refused before any compute
             raise SystemExit(f"l2t sft: {exc}") from None
         report = json.loads((out / "sft_report.json").read_text())
         pipes.log(f"SFT of {cfg.model} on {report['examples']} traces done in {report['sft_seconds']:.0f} s: "

@@ -198,7 +198,8 @@ def sft(
     Every ``checkpoint_every`` steps (0: never; not after the last) ``on_checkpoint`` gets the
     :class:`SFTState`, for the caller to save with the model's weights. Given back as ``resume``,
     with ``model`` holding the weights saved with it and the same arguments otherwise, the run goes
-    on from that step and ends exactly where an uninterrupted run would.
+    on from that step and ends exactly where an uninterrupted run would (its optimizer state is
+    released once loaded).
     """
     if not pairs:
         raise ValueError("sft: no training pairs")
@@ -215,6 +216,7 @@ def sft(
     enc = encode_pairs(tokenizer, pairs)
     enc_eval = encode_pairs(tokenizer, eval_pairs) if eval_pairs else []
     lengths = [len(ids) for ids, _ in enc]
+    eval_batch = micro_batch_size or 64  # the evaluation's logits must fit where a training pass's do
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_frac, min_lr_frac))
     result = SFTResult(losses=[])
@@ -226,6 +228,7 @@ def sft(
             raise ValueError(f"sft: cannot resume after step {resume.step} of a {steps}-step run")
         opt.load_state_dict(resume.optimizer)
         sched.load_state_dict(resume.scheduler)
+        resume.optimizer = {}  # loaded: do not keep a second copy of the moments for the whole run
         rng.setstate(resume.batch_rng)
         queue = [list(b) for b in resume.queue]
         torch.set_rng_state(resume.torch_rng)
@@ -245,7 +248,7 @@ def sft(
             opt.step()
             sched.step()
             if enc_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-                result.eval_losses.append((step + 1, eval_loss(model, enc_eval, pad)))
+                result.eval_losses.append((step + 1, eval_loss(model, enc_eval, pad, eval_batch)))
             bar.update(task, advance=1, description=f"SFT warm start (loss {result.losses[-1]:.3f})")
             if (step + 1) % max(1, steps // 10) == 0 and step + 1 < steps:  # a log line every 10 %
                 spent = time.perf_counter() - t0 - (resume.seconds if resume is not None else 0.0)
@@ -259,7 +262,7 @@ def sft(
                                        [list(b) for b in queue], torch.get_rng_state(), cuda, list(result.losses),
                                        list(result.eval_losses), time.perf_counter() - t0))
     if enc_eval:
-        result.eval_losses.append((steps, eval_loss(model, enc_eval, pad)))
+        result.eval_losses.append((steps, eval_loss(model, enc_eval, pad, eval_batch)))
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
@@ -320,12 +323,20 @@ class SFTConfig(_Strict):
         return v
 
 
-class SFTDataError(ValueError):
+class SFTError(ValueError):
+    """An SFT job that cannot run as configured, found before any compute; the message says why."""
+
+
+class SFTDataError(SFTError):
     """The traces of an SFT job cannot be used; the message names the file, line and field."""
 
 
-class SFTResumeError(ValueError):
+class SFTResumeError(SFTError):
     """An unfinished SFT into the same output was made with another configuration or traces."""
+
+
+# SFTConfig fields that do not change the trained weights: an unfinished SFT resumes across them
+RESUME_IGNORES = ("threads", "device", "check_answers", "max_episodes", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -435,7 +446,7 @@ def _encode_rows(tokenizer, rows: Sequence[SFTRow], max_tokens: int, path: Path)
     return enc
 
 
-def _partial_dir(out: Path) -> Path:
+def partial_dir(out: Path) -> Path:
     """Where an unfinished SFT into ``out`` keeps its config and last checkpoint, beside ``out``."""
     return out.parent / f".{out.name}.partial"
 
@@ -466,24 +477,50 @@ def _last_checkpoint(partial: Path) -> Optional[Path]:
     return None
 
 
+def stale_partial(cfg: SFTConfig, data_sha256: str) -> Optional[str]:
+    """Why the unfinished SFT beside ``cfg.out`` cannot be resumed by ``cfg`` (the config fields,
+    or the traces' bytes, that differ; :data:`RESUME_IGNORES` do not count), or None when there is
+    none or it can."""
+    from .config import config_differences
+
+    partial = partial_dir(Path(cfg.out).expanduser())
+    try:
+        saved = json.loads((partial / "sft_config.json").read_text())
+        saved_sha = json.loads((partial / "data.json").read_text()).get("sha256")
+    except FileNotFoundError:
+        return None
+    differs = config_differences(saved, cfg, ignore=RESUME_IGNORES)
+    if saved_sha != data_sha256:
+        differs.append("the traces' bytes")
+    return ", ".join(differs) or None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     """Run the SFT job of ``cfg``: validate everything before any compute (the output directory,
-    the traces, the model, the lengths), train, and write the model, tokenizer,
+    the traces, the device, the model, the lengths), train, and write the model, tokenizer,
     ``sft_config.json`` and ``sft_report.json`` into ``cfg.out`` only when all of it is written.
 
     The work in progress lives beside ``cfg.out`` in ``.<name>.partial``: its config, the traces'
     SHA-256 and, every ``checkpoint_every`` steps, a checkpoint. A job that fails or is killed
     keeps it, and the same job run again resumes from the last checkpoint and ends exactly where
-    an uninterrupted one would; run with another config or other traces, it is refused, naming
-    what differs, until that directory is removed. The finished model is staged in it and renamed
-    to ``cfg.out``; then it is removed."""
+    an uninterrupted one would; run with another config (other than :data:`RESUME_IGNORES`) or
+    other traces, it is refused, naming what differs, until that directory is removed. The
+    finished model is staged in it and renamed to ``cfg.out``; then it is removed."""
     import shutil
 
-    from .config import config_differences
-    from .models import activation_checkpointing, load_policy, resolve_device
+    from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
 
     out = Path(cfg.out).expanduser()
+    partial = partial_dir(out)
     if out.exists():
+        if (out / "sft_report.json").is_file() and partial.exists():  # finished, stopped before cleaning up
+            shutil.rmtree(partial)
         raise FileExistsError(f"SFT output {out} already exists; choose another out or remove it (a finished "
                               "SFT model is never overwritten)")
     path = sft_data_path(cfg.data)
@@ -492,28 +529,30 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     if cfg.eval_size >= len(rows):
         raise SFTDataError(f"eval_size={cfg.eval_size} holds out every one of the {len(rows)} traces in {path}; "
                            "keep some for training")
-    partial = _partial_dir(out)
-    if (partial / "sft_config.json").is_file():
-        differs = config_differences(json.loads((partial / "sft_config.json").read_text()), cfg,
-                                     ignore=("threads", "device"))
-        saved_sha = json.loads((partial / "data.json").read_text()).get("sha256") \
-            if (partial / "data.json").is_file() else None
-        if saved_sha != data_sha256:
-            differs.append(f"the traces' bytes ({path})")
-        if differs:
-            raise SFTResumeError(f"{partial} holds an unfinished SFT into {out} with another configuration "
-                                 f"(differs in: {', '.join(differs)}); rerun it with the same configuration and "
-                                 "traces to resume it, or remove that directory to start over")
-    device = resolve_device(cfg.device)
+    differs = stale_partial(cfg, data_sha256)
+    if differs:
+        raise SFTResumeError(f"{partial} holds an unfinished SFT into {out} with another configuration or traces "
+                             f"(differs in: {differs}); rerun it with the same configuration and traces to resume "
+                             "it, or remove that directory to start over")
+    try:
+        device = resolve_device(cfg.device)
+    except RuntimeError as exc:
+        raise SFTError(f"device: {exc}") from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     checkpoint = _last_checkpoint(partial)
     model, tok = load_policy(checkpoint or cfg.model, device=str(device))
+    if tok.eos_token_id is None:
+        raise SFTError(f"the tokenizer of {cfg.model} has no eos token: the model could never learn to stop")
+    if cfg.gradient_checkpointing:
+        try:
+            check_activation_checkpointing(model)
+        except ValueError as exc:
+            raise SFTError(str(exc)) from None
     resume = None
     if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-        resume = SFTState(**state)
+        resume = SFTState(**torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False))
     max_tokens = cfg.max_tokens or getattr(model.config, "max_position_embeddings", None) or 2 ** 31
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
@@ -533,26 +572,31 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
                     checks["answers"]["checked"] - checks["answers"]["correct"], checks["answers"]["checked"],
                     ", ".join(checks["answers"]["wrong_ids"][:5]))
     partial.mkdir(parents=True, exist_ok=True)
-    (partial / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
-    (partial / "data.json").write_text(json.dumps({"path": str(path), "sha256": data_sha256}))
+    _write_atomic(partial / "sft_config.json", cfg.model_dump_json(indent=1))
+    _write_atomic(partial / "data.json", json.dumps({"path": str(path), "sha256": data_sha256}))
     n_params = sum(p.numel() for p in model.parameters())
+    resumed_after = resume.step if resume else None
     log.info("SFT of %s (%.1fM parameters, %s): %d traces (%d held out), %d steps of %d%s", cfg.model,
              n_params / 1e6, device, len(train_rows), len(eval_rows), cfg.steps, cfg.batch_size,
-             f", resuming after step {resume.step} from {checkpoint}" if resume else "")
+             f", resuming after step {resumed_after} from {checkpoint}" if resume else "")
+    saved_step = [resumed_after]
+
+    def save(state: SFTState) -> None:
+        _save_checkpoint(partial, model, tok, state)
+        saved_step[0] = state.step
+
     try:
         with activation_checkpointing(model, cfg.gradient_checkpointing):
             res = sft(model, tok, _pairs(tok, train_rows), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                       warmup_frac=cfg.warmup_frac, min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay,
                       eval_pairs=_pairs(tok, eval_rows), eval_every=cfg.eval_every, seed=cfg.seed,
                       micro_batch_size=cfg.micro_batch_size, checkpoint_every=cfg.checkpoint_every,
-                      on_checkpoint=lambda st: _save_checkpoint(partial, model, tok, st), resume=resume,
-                      show_progress=show_progress)
+                      on_checkpoint=save, resume=resume, show_progress=show_progress)
     except BaseException:
-        last = _last_checkpoint(partial)
         log.error("SFT stopped; %s is kept: run the same job again to resume %s", partial,
-                  f"after step {torch.load(last / 'state.pt', weights_only=False)['step']}" if last else
-                  "(no checkpoint yet: from the start)")
+                  f"after step {saved_step[0]}" if saved_step[0] else "(no checkpoint yet: from the start)")
         raise
+    del resume
     staging = partial / "final"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -570,10 +614,10 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         "final_loss": res.final_loss,
         "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10]) for i in range(0, len(res.losses), 10)],
         "eval_losses": res.eval_losses,
-        "resumed_after_step": resume.step if resume else None,
-        "sft_seconds": res.seconds,
+        "resumed_after_step": resumed_after,
+        "sft_seconds": res.seconds,  # the training loop's time, earlier sessions of a resumed job included
         "device": str(device),
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": time.perf_counter() - t0,  # this session's, loading and checks included
     }
     (staging / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
     (staging / "sft_report.json").write_text(json.dumps(report, indent=1))

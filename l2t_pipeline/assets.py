@@ -52,34 +52,44 @@ def build_or_reuse_warm_start(out: Path, cfg) -> tuple[dict, bool]:
     return json.loads(report_path.read_text()), False
 
 
-def build_or_reuse_sft(out: Path, cfg, run=None) -> tuple[dict, bool]:
+def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
     """``l2t sft`` into ``out`` unless it already holds the SFT of ``cfg`` on the same traces
     (``sft_report.json``'s ``data_sha256``); returns (sft_report.json, reused). ``run(cfg)`` runs
-    the SFT (the launcher's ``launch_sft``; default: ``l2t_core.sft.run_sft`` in this process). A
-    changed SFT is trained beside ``out`` and swapped in only once complete: a failure keeps the
-    old model."""
+    the SFT (the launcher's ``launch_sft``; default: ``l2t_core.sft.run_sft`` in this process).
+
+    A changed SFT is trained beside ``out`` (``.<name>.new``) and swapped in only once complete: a
+    failure keeps the old model, and the next materialization resumes the unfinished SFT from its
+    last checkpoint. The pipeline owns these directories: an unfinished SFT of an older config or
+    older traces is removed rather than refused, and a job stopped between the two renames of the
+    swap is completed."""
     import shutil
 
     from l2t_core.config import config_differences
-    from l2t_core.sft import file_sha256, run_sft, sft_data_path
+    from l2t_core.sft import file_sha256, partial_dir, run_sft, sft_data_path, stale_partial
 
     run = run or (lambda c: run_sft(c, show_progress=False))
-
+    log = log or (lambda msg: None)
+    fresh, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+    if not out.exists() and (fresh / "sft_report.json").is_file():  # stopped between the swap's renames
+        fresh.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    data_sha256 = file_sha256(sft_data_path(cfg.data))
     saved, report_path = out / "sft_config.json", out / "sft_report.json"
     if saved.is_file() and report_path.is_file():
         report = json.loads(report_path.read_text())
         # where it ran does not change what it learned: the output directory (a rebuild's sits beside
         # out), threads, the device a launcher placed it on (cuda on a GPU pod)
         same = not config_differences(json.loads(saved.read_text()), cfg, ignore=("out", "threads", "device"))
-        if same and report.get("data_sha256") == file_sha256(sft_data_path(cfg.data)):
+        if same and report.get("data_sha256") == data_sha256:
             return report, True
-    if not out.exists():
-        run(cfg)
-    else:
-        fresh, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
-        for leftover in (fresh, old):  # of a job killed between its renames
-            shutil.rmtree(leftover, ignore_errors=True)
-        run(cfg.model_copy(update={"out": str(fresh)}))
+    target = cfg if not out.exists() else cfg.model_copy(update={"out": str(fresh)})
+    shutil.rmtree(fresh, ignore_errors=True)  # an SFT's output is complete or absent; its work is in .partial
+    differs = stale_partial(target, data_sha256)
+    if differs:
+        log(f"removing the unfinished SFT in {partial_dir(Path(target.out))} (made with other {differs})")
+        shutil.rmtree(partial_dir(Path(target.out)))
+    run(target)
+    if target is not cfg:
         out.rename(old)
         fresh.rename(out)
         shutil.rmtree(old)
@@ -132,7 +142,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
                     sft_seconds=report["sft_seconds"])
     elif entry.kind == "sft":
         out = storage.model_dir(name)
-        report, reused = build_or_reuse_sft(out, entry.sft_config(out), lambda c: launcher.launch_sft(context, c))
+        report, reused = build_or_reuse_sft(out, entry.sft_config(out), lambda c: launcher.launch_sft(context, c),
+                                            context.log.info)
         meta.update(reused=reused, finetuned_from=storage.display(str(entry.path)), parameters=report["parameters"],
                     sft_examples=report["examples"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"], sft_segmentation=report["segmentation"],

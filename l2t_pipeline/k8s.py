@@ -193,6 +193,11 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
     def check(self, cfg: TrainConfig) -> None:
         """Fail before any pod starts when the pod could not run ``cfg`` or the spec would be wrong;
         each message names the field and how to fix it."""
+        self.check_pod()
+        self._check_run(cfg)
+
+    def check_pod(self) -> None:
+        """The pod spec's own settings (image, quantities, names, env, tolerations, mount path)."""
         _, parse_quantity = _require_k8s()
         if not self.image.strip() or any(c.isspace() for c in self.image):
             raise ValueError(f"K8sTrainingLauncher.image {self.image!r} is not an image reference "
@@ -230,6 +235,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
                                  "needs a value for 'Equal' and none for 'Exists'")
         if not posixpath.isabs(self.shared_mount_path):
             raise ValueError(f"K8sTrainingLauncher.shared_mount_path {self.shared_mount_path!r} must be absolute")
+
+    def _check_run(self, cfg: TrainConfig) -> None:
         if self.gpus > 1 and cfg.engine != "deepspeed":
             raise ValueError(f"a run on {self.gpus} GPUs needs engine='deepspeed' (got {cfg.engine!r}); "
                              "use placed_config() or set engine and deepspeed_config in the TrainConfig")
@@ -350,14 +357,19 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
 
     def check_sft(self, cfg) -> None:
         """Fail before any pod starts when the SFT pod could not read its model or traces or write
-        its output: each local path must be on the shared volume."""
-        for field, value in (("out", cfg.out), ("model", cfg.model), ("data", cfg.data)):
-            local = field == "out" or posixpath.isabs(value)  # a relative model/data: a hub id, a data-dir file
-            if local and not self._mounted(value):
+        its output: the output and the traces (which the run worker hashes too, to tell when the SFT
+        is stale) must be absolute paths on the shared volume, the model there too or a hub id."""
+        self.check_pod()
+        for field, value in (("out", cfg.out), ("data", cfg.data), ("model", cfg.model)):
+            hub_id = field == "model" and not posixpath.isabs(value) and not value.startswith((".", "~")) \
+                and value.count("/") == 1
+            if not hub_id and not (posixpath.isabs(value) and self._mounted(value)):
                 raise ValueError(
-                    f"the SFT's {field} {value!r} is a local path the pod cannot see: set shared_volume_claim "
-                    f"(L2T_K8S_SHARED_PVC) to a ReadWriteMany PVC mounted at {self.shared_mount_path!r} in the run "
-                    f"worker too, and keep it under that path (L2T_MODELS_DIR for the SFT's output)")
+                    f"the SFT's {field} {value!r} is not an absolute path on the shared volume, which is all the pod "
+                    f"and the run worker both see: set shared_volume_claim (L2T_K8S_SHARED_PVC) to a ReadWriteMany "
+                    f"PVC mounted at {self.shared_mount_path!r} in the run worker too, and keep it under that path "
+                    "(L2T_MODELS_DIR for the SFT's output)" + ("; or register a hub id ('org/name')"
+                                                                if field == "model" else ""))
 
     def launch_sft(self, context: dg.AssetExecutionContext, cfg) -> dg.PipesClientCompletedInvocation:
         """Run ``l2t sft`` on ``cfg`` in a pod with at most one GPU (SFT runs one process): the
@@ -375,4 +387,7 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         context.log.info("SFT config at %s; pod image %s, %d GPU", path, self.image, self.job_gpus("sft"))
         partition = context.partition_key if context.has_partition_key else None
         client = dagster_k8s.PipesK8sClient(poll_interval=self.poll_interval_s)
-        return client.run(context=context, **self.client_run_kwargs(partition, path, "sft"))
+        try:
+            return client.run(context=context, **self.client_run_kwargs(partition, path, "sft"))
+        finally:  # the SFT keeps its own config (sft_config.json): the launch file is not needed after
+            os.remove(path)

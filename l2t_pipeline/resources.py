@@ -132,7 +132,11 @@ class ModelEntry(dg.Config):
         from l2t_core.config import apply_settings
         from l2t_core.sft import SFTConfig
 
-        base = {"model": self.path, "data": self.data, "out": str(out)}
+        def local(value: Optional[str]) -> Optional[str]:  # an existing local path, made absolute: the
+            p = Path(value).expanduser() if value else None  # launched process has another working directory
+            return str(p.resolve()) if p is not None and p.exists() else value
+
+        base = {"model": local(self.path), "data": local(self.data), "out": str(Path(out).expanduser().resolve())}
         data = apply_settings(base, self.settings, "settings", example="steps=600")
         clash = sorted(set(base) & {item.split("=", 1)[0].strip() for item in self.settings})
         if clash:

@@ -252,7 +252,7 @@ def test_sft_pod_runs_one_process_on_at_most_one_gpu_and_sees_its_paths(tmp_path
 
     mount = str(tmp_path)
     launcher = K8sTrainingLauncher(image=IMAGE, gpus=8, shared_volume_claim="l2t-shared", shared_mount_path=mount)
-    cfg = SFTConfig(model=f"{mount}/hub/qwen", data="traces.jsonl", out=f"{mount}/models/s", device="cpu")
+    cfg = SFTConfig(model=f"{mount}/hub/qwen", data=f"{mount}/traces.jsonl", out=f"{mount}/models/s", device="cpu")
     placed = launcher.placed_sft_config(cfg)
     assert placed.device == "cuda" and placed.model_copy(update={"device": "cpu"}) == cfg
     launcher.check_sft(placed)
@@ -267,10 +267,13 @@ def test_sft_pod_runs_one_process_on_at_most_one_gpu_and_sees_its_paths(tmp_path
     assert launcher.pod_spec("c.yaml")["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     cpu_only = K8sTrainingLauncher(image=IMAGE, gpus=0, shared_volume_claim="l2t-shared", shared_mount_path=mount)
     assert cpu_only.placed_sft_config(cfg) == cfg and "tolerations" not in cpu_only.pod_spec(config, "sft")
-    for field, value in (("out", "/elsewhere/models/s"), ("model", "/elsewhere/qwen"), ("data", "/elsewhere/t.jsonl")):
-        with pytest.raises(ValueError, match=f"the SFT's {field} '{value}' is a local path the pod cannot see"):
+    for field, value in (("out", "/elsewhere/models/s"), ("model", "/elsewhere/qwen"), ("data", "/elsewhere/t.jsonl"),
+                         ("data", "traces.jsonl"), ("data", "runs/t.jsonl"), ("model", "./qwen"), ("out", "runs/s")):
+        with pytest.raises(ValueError, match=f"the SFT's {field} '{value}' is not an absolute path on the shared"):
             launcher.check_sft(placed.model_copy(update={field: value}))
     launcher.check_sft(placed.model_copy(update={"model": "Qwen/Qwen2.5-Math-1.5B"}))  # a hub id
+    with pytest.raises(ValueError, match="is not an image reference"):
+        K8sTrainingLauncher(image=" ", shared_volume_claim="l2t-shared", shared_mount_path=mount).check_sft(placed)
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
@@ -282,8 +285,13 @@ def test_sft_pod_runs_one_process_on_at_most_one_gpu_and_sees_its_paths(tmp_path
     result = dg.materialize([sft_base], resources={"launcher": launcher}, raise_on_error=False)
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     assert "kube-config" in str(failure.step_failure_data.error).lower()
-    written = tmp_path / "models" / ".launch" / f"sft-{result.run_id}.yaml"
-    assert build_config(SFTConfig, Namespace(config=str(written), set=None), {}) == placed
+    assert not list((tmp_path / "models" / ".launch").iterdir())  # the launch file is removed after the pod
+
+    written = {}
+    monkeypatch.setattr(dagster_k8s.PipesK8sClient, "run", lambda self, context, **kw: written.update(
+        cfg=build_config(SFTConfig, Namespace(config=kw["base_pod_spec"]["containers"][0]["args"][5], set=None), {})))
+    assert dg.materialize([sft_base], resources={"launcher": launcher}).success
+    assert written["cfg"] == placed  # what the pod read: the placed config
 
 
 def test_launcher_switch(monkeypatch):

@@ -326,6 +326,43 @@ def test_a_failed_sft_rebuild_keeps_the_model_it_would_replace(tmp_path, monkeyp
     assert build_or_reuse_sft(out, cfg) == ({"data_sha256": file_sha256(traces)}, True)
 
 
+def test_sft_rebuild_removes_an_unfinished_sft_of_another_config_and_completes_a_cut_swap(tmp_path):
+    """The pipeline owns its SFT directories: an unfinished SFT made with older settings is removed
+    (the CLI would refuse it) and the job runs; a swap stopped between its renames is completed
+    and the finished model reused, not trained again."""
+    import json
+
+    from l2t_core.sft import SFTConfig, file_sha256, partial_dir
+    from l2t_pipeline.assets import build_or_reuse_sft
+
+    traces = tmp_path / "t.jsonl"
+    traces.write_text("{}\n")
+    out = tmp_path / "models" / "s"
+    out.parent.mkdir()
+    cfg = SFTConfig(model="/m", data=str(traces), out=str(out), steps=6)
+    stale = partial_dir(out)
+    stale.mkdir()
+    (stale / "sft_config.json").write_text(cfg.model_copy(update={"micro_batch_size": 8}).model_dump_json())
+    (stale / "data.json").write_text(json.dumps({"sha256": file_sha256(traces)}))
+    ran, logged = [], []
+
+    def run(c):
+        ran.append(c)
+        assert not stale.exists()
+        Path(c.out).mkdir()
+        (Path(c.out) / "sft_config.json").write_text(c.model_dump_json())
+        (Path(c.out) / "sft_report.json").write_text(json.dumps({"data_sha256": file_sha256(traces)}))
+
+    assert build_or_reuse_sft(out, cfg, run, logged.append)[1] is False
+    assert ran == [cfg] and "made with other micro_batch_size" in logged[0]
+    # stopped after `out -> .s.old`, before `.s.new -> out`: completed, then reused
+    fresh = out.with_name(".s.new")
+    out.rename(fresh)
+    out.with_name(".s.old").mkdir()
+    assert build_or_reuse_sft(out, cfg, run)[1] is True and len(ran) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["s"]
+
+
 def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
     """Through Dagster's sensor evaluation on an instance: a new model gets its partition and a
     baseline run; a model whose baseline run failed is requested again (a new run key) until

@@ -205,6 +205,27 @@ def test_changed_traces_are_not_resumed(tiny_dir, tmp_path, monkeypatch):
         run_sft(cfg)
 
 
+def test_device_and_evaluation_batches(tiny_dir, tmp_path, monkeypatch):
+    """A CUDA device on a machine without one is refused before the model loads (one line from the
+    command line); the evaluation loss runs in passes of micro_batch_size, like training, so its
+    logits fit where a training pass's do."""
+    import l2t_core.sft as sft_module
+    from l2t_core.cli import main
+
+    data = _write(tmp_path / "t.jsonl", _rows(6))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_dir}\ndata: {data}\ndevice: cuda\n")
+    with pytest.raises(SystemExit, match=r"l2t sft: device: device='cuda' but no CUDA device is available"):
+        main(["sft", "--config", str(cfg), "--out", str(tmp_path / "o"), "-q"])
+    batches = []
+    real = sft_module.eval_loss
+    monkeypatch.setattr(sft_module, "eval_loss", lambda m, e, p, b: batches.append(b) or real(m, e, p, b))
+    run_sft(SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "o"), steps=2, batch_size=4,
+                      micro_batch_size=3, eval_size=2, device="cpu"), show_progress=False)
+    assert batches == [3]
+
+
 def test_data_is_found_in_the_data_directory(tmp_path, monkeypatch):
     from l2t_core.sft import sft_data_path
 
