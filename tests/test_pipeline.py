@@ -229,6 +229,18 @@ def test_registry_validates_entries(tmp_path):
         ModelRegistry(path=str(tmp_path / "broken.yaml")).entries()
 
 
+def test_the_shipped_registry_and_its_commented_sft_example_validate(tmp_path):
+    from l2t_pipeline.resources import DEFAULT_REGISTRY
+
+    text = Path(DEFAULT_REGISTRY).read_text()
+    assert set(ModelRegistry(path=str(DEFAULT_REGISTRY)).entries()) == {"tiny-sft"}
+    example = [line[4:] for line in text.splitlines() if line.startswith("  #   ") or line.startswith("  # q")]
+    (tmp_path / "r.yaml").write_text("models:\n" + "\n".join("  " + line for line in example) + "\n")
+    (entry,) = ModelRegistry(path=str(tmp_path / "r.yaml")).entries().values()
+    cfg = entry.sft_config("/mnt/l2t/models/q")
+    assert entry.kind == "sft" and (cfg.steps, cfg.micro_batch_size, cfg.gradient_checkpointing) == (228, 8, True)
+
+
 def test_registry_validates_sft_entries(tmp_path):
     """An ``sft`` entry needs the model and the traces, and its settings are SFTConfig fields,
     checked when the registry is read."""
