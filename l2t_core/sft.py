@@ -477,6 +477,33 @@ def _last_checkpoint(partial: Path) -> Optional[Path]:
     return None
 
 
+def plot_losses(losses: Sequence[float], eval_losses: Sequence[tuple[int, float]], path: Path) -> Path:
+    """``loss.png``: the training loss per step (faint) and its 10-step mean, and the held-out
+    evaluation losses as points, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
+    mean = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
+    ax.plot(steps, mean, color="tab:blue", lw=1.6, label="training loss (10-step mean)")
+    if eval_losses:
+        ax.plot([s for s, _ in eval_losses], [v for _, v in eval_losses], "o-", color="tab:orange",
+                label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy per response token")
+    ax.set_yscale("log")
+    ax.legend(frameon=False)
+    ax.set_title("l2t sft")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def stale_partial(cfg: SFTConfig, data_sha256: str) -> Optional[str]:
     """Why the unfinished SFT beside ``cfg.out`` cannot be resumed by ``cfg`` (the config fields,
     or the traces' bytes, that differ; :data:`RESUME_IGNORES` do not count), or None when there is
@@ -621,6 +648,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     }
     (staging / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
     (staging / "sft_report.json").write_text(json.dumps(report, indent=1))
+    plot_losses(res.losses, res.eval_losses, staging / "loss.png")
     staging.rename(out)
     shutil.rmtree(partial)
     log.info("SFT done in %.0f s: loss %.3f%s; model in %s", report["wall_seconds"], res.final_loss,

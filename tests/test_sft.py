@@ -93,6 +93,7 @@ def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path):
     model, tok = load_policy(out)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft", "traces.jsonl"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sft_command_line(tiny_dir, tmp_path, capsys):
