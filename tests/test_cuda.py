@@ -209,7 +209,7 @@ def test_memory_options_on_cuda_give_the_same_update(tiny_dir, toy_data, tmp_pat
 @pytest.mark.slow
 def test_sft_on_cuda_takes_the_cpu_gradient_and_writes_a_loadable_policy(pair, tiny_dir, tmp_path):
     """l2t sft on the GPU: a batch's accumulated gradient (micro-batches, moved to the device)
-    equals the CPU's, and the whole job writes a policy that loads."""
+    equals the CPU's, and the whole job (bf16 mixed precision) writes a policy that loads."""
     from l2t_core.models import load_policy
     from l2t_core.sft import SFTConfig, _accumulate_batch, encode_pairs, run_sft
 
@@ -230,7 +230,8 @@ def test_sft_on_cuda_takes_the_cpu_gradient_and_writes_a_loadable_policy(pair, t
                                         "response": f"<think>\n<episode_1>{i} + 1 = {i + 1}</episode_1>\n</think>"
                                                     f"\n\n\\boxed{{{i + 1}}}"}) + "\n" for i in range(8)))
     out = run_sft(SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "sft"), steps=20,
-                            batch_size=4, micro_batch_size=2, lr=3e-3, device="cuda"), show_progress=False)
+                            batch_size=4, micro_batch_size=2, lr=3e-3, device="cuda", precision="bf16"),
+                  show_progress=False)
     report = json.loads((out / "sft_report.json").read_text())
     assert report["device"] == "cuda" and report["answers"]["correct"] == 8
     assert report["loss_curve"][-1] < report["loss_curve"][0]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2t_core.sft import (SFTConfig, SFTDataError, _accumulate_batch, check_traces, encode_pairs, read_sft_jsonl,
-                          run_sft)
+from l2t_core.sft import (SFTConfig, SFTDataError, _accumulate_batch, check_traces, encode_pairs, eval_loss,
+                          read_sft_jsonl, run_sft)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -48,6 +48,26 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny):
         assert losses[size] == pytest.approx(losses[None], rel=1e-5)
         for g, ref in zip(grads[size], grads[None]):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_keeps_fp32_weights_and_gradients_near_fp32(tiny):
+    """precision bf16: the forward runs in bfloat16 under torch.autocast (its loss differs from
+    fp32's by bf16 rounding, not more), the gradients land in the fp32 weights' own dtype and
+    point the same way; an unknown precision is refused."""
+    model, tok = tiny
+    batch = encode_pairs(tok, [("Compute 1 + 2.\n", _trace(1, 2)), ("Compute 10 + 22 now.\n", _trace(10, 22))])
+    out = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        loss = _accumulate_batch(model, batch, tok.pad_token_id, 1, precision)
+        out[precision] = loss, torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    (l32, g32), (l16, g16) = out["fp32"], out["bf16"]
+    assert l16 != l32 and abs(l16 - l32) < 0.02 * l32
+    assert g16.dtype == torch.float32 and torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert eval_loss(model, batch, tok.pad_token_id, 2, "bf16") == pytest.approx(l32, rel=0.02)
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        _accumulate_batch(model, batch, tok.pad_token_id, 1, "fp16")
 
 
 def test_render_prompt_tokenises_to_encode_prompt(tokenizer):
@@ -101,7 +121,7 @@ def test_sft_command_line(tiny_dir, tmp_path, capsys):
 
     data = _write(tmp_path / "traces.jsonl", _rows(4))
     cfg = tmp_path / "sft.yaml"
-    cfg.write_text(f"model: {tiny_dir}\ndata: {data}\nbatch_size: 2\ndevice: cpu\n")
+    cfg.write_text(f"model: {tiny_dir}\ndata: {data}\nbatch_size: 2\ndevice: cpu\nprecision: bf16\n")
     assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "m"), "--steps", "2", "-q"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"checkpoint": str(tmp_path / "m")}
     assert (tmp_path / "m" / "model.safetensors").is_file()
@@ -221,7 +241,7 @@ def test_device_and_evaluation_batches(tiny_dir, tmp_path, monkeypatch):
         main(["sft", "--config", str(cfg), "--out", str(tmp_path / "o"), "-q"])
     batches = []
     real = sft_module.eval_loss
-    monkeypatch.setattr(sft_module, "eval_loss", lambda m, e, p, b: batches.append(b) or real(m, e, p, b))
+    monkeypatch.setattr(sft_module, "eval_loss", lambda m, e, p, b, *a: batches.append(b) or real(m, e, p, b, *a))
     run_sft(SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "o"), steps=2, batch_size=4,
                       micro_batch_size=3, eval_size=2, device="cpu"), show_progress=False)
     assert batches == [3]
