@@ -60,3 +60,28 @@ def test_trainer_vs_trl_without_trl_prints_an_error(monkeypatch, capsys):
     out = json.loads(capsys.readouterr().out)
     assert "trl is not installed" in out["error"] and "step_throughput_ratio" not in out
     assert res["error"] == out["error"]
+
+
+@pytest.mark.slow
+def test_sft_vs_trl_quick(capsys):
+    pytest.importorskip("trl")
+    from bench.sft_vs_trl import main
+
+    res = main(["--quick"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(res))
+    assert "error" not in res, res.get("error")
+    assert _positive(res["step_throughput_ratio"])
+    for side in ("ours", "trl"):
+        assert res[side]["measured_steps"] >= 3 and _positive(res[side]["examples_per_s"])
+        assert _positive(res[side]["tokens_per_example"])
+    assert res["step_throughput_ratio"] == pytest.approx(res["ours"]["examples_per_s"] / res["trl"]["examples_per_s"])
+
+
+def test_sft_vs_trl_without_trl_prints_an_error(monkeypatch, capsys):
+    import bench.sft_vs_trl as b
+
+    monkeypatch.setattr(b, "_trl_version", lambda: None)
+    res = b.main(["--quick"])
+    out = json.loads(capsys.readouterr().out)
+    assert "trl is not installed" in out["error"] and "step_throughput_ratio" not in out
+    assert res["error"] == out["error"]
