@@ -156,6 +156,20 @@ def policy_facts(model, policy) -> dict:
             "torch_threads": torch.get_num_threads(), "device": "cpu"}
 
 
+def run_and_emit(run: Callable[..., dict], *, quick: bool, **kw) -> dict:
+    """``run(**kw)`` with libraries' stdout chatter (DeepSpeed's accelerator banner, TRL and
+    transformers notices) sent to stderr; adds ``quick`` and ``seconds`` and prints the result as
+    one JSON object on stdout."""
+    import time
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        out = run(**kw)
+    out["quick"] = quick
+    out["seconds"] = time.perf_counter() - t0
+    return emit(out)
+
+
 def run_on_policy(name: str, run: Callable[..., dict], policy: str, *, quick: bool, quick_kw: dict, **kw) -> dict:
     """``run(policy, **kw)`` on a trained checkpoint of the synthetic task (``quick``: on
     :func:`tiny_policy` with ``quick_kw`` over ``kw``), its logging kept off stdout; adds ``quick``

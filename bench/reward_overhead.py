@@ -26,14 +26,11 @@ which distorts the ratio. ``--threads 2`` on an idle machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
 import tempfile
-import time
 
 import torch
 
-from ._common import DATA_FILE, build_workspace, data_dir_env, emit, log, torch_threads
+from ._common import DATA_FILE, build_workspace, data_dir_env, log, run_and_emit, torch_threads
 
 TARGET = 0.25
 PARTS = ("segment_verify_s", "penalty_s", "fitting_s")
@@ -160,18 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                     help="the trainer's device (TrainConfig.device); phases are timed after a CUDA sync")
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
     kw = dict(steps=args.steps, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
               hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads,
               kv_heads=args.kv_heads, svd=args.svd)
     if args.quick:
         kw.update(steps=1, prompts=2, group=4, max_new_tokens=48, hidden=64, layers=2)
-    # libraries that print to stdout (DeepSpeed's accelerator banner) go to stderr: stdout holds one JSON object
-    with contextlib.redirect_stdout(sys.stderr):
-        out = run(threads=args.threads, method=args.method, profile=args.profile, device=args.device, **kw)
-    out["quick"] = args.quick
-    out["seconds"] = time.perf_counter() - t0
-    return emit(out)
+    return run_and_emit(run, quick=args.quick, threads=args.threads, method=args.method, profile=args.profile,
+                        device=args.device, **kw)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,11 @@ The default is one thread because this machine's 2 cores are shared (see ``bench
 from __future__ import annotations
 
 import argparse
-import contextlib
 import random
-import sys
 import tempfile
 import time
 
-from ._common import THREADS_NOTE, build_workspace, emit, log, torch_threads
+from ._common import THREADS_NOTE, build_workspace, log, run_and_emit, torch_threads
 
 TARGET = 1.0
 
@@ -159,12 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         kw.update(steps=5, warmup=1, batch=4, hidden=64, layers=2)
     if kw["steps"] < kw["warmup"] + 3:
         ap.error(f"--steps must leave at least 3 steps after --warmup {kw['warmup']}")
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout holds exactly one JSON object
-        out = run(lr=args.lr, threads=args.threads, seed=args.seed, **kw)
-    out["quick"] = args.quick
-    out["seconds"] = time.perf_counter() - t0
-    return emit(out)
+    return run_and_emit(run, quick=args.quick, lr=args.lr, threads=args.threads, seed=args.seed, **kw)
 
 
 if __name__ == "__main__":

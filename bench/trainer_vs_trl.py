@@ -56,7 +56,6 @@ nothing about either trainer. Pass ``--threads 2`` on an idle machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import sys
@@ -66,7 +65,7 @@ import traceback
 
 import torch
 
-from ._common import DATA_FILE, Workspace, build_workspace, data_dir_env, emit, log, torch_threads
+from ._common import DATA_FILE, Workspace, build_workspace, data_dir_env, log, run_and_emit, torch_threads
 
 TARGET = 1.0
 TAG = "trainer_vs_trl"
@@ -319,14 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
               hidden=args.hidden, layers=args.layers)
     if args.quick:
         kw.update(steps=1, prompts=2, group=4, max_new_tokens=32, hidden=64, layers=2)
-    t0 = time.perf_counter()
-    # libraries that print to stdout (DeepSpeed's accelerator banner, TRL/transformers notices) go to
-    # stderr, so stdout holds exactly one JSON object
-    with contextlib.redirect_stdout(sys.stderr):
-        out = run(lr=args.lr, threads=args.threads, seed=args.seed, **kw)
-    out["quick"] = args.quick
-    out["seconds"] = time.perf_counter() - t0
-    return emit(out)
+    return run_and_emit(run, quick=args.quick, lr=args.lr, threads=args.threads, seed=args.seed, **kw)
 
 
 if __name__ == "__main__":

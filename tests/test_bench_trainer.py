@@ -52,9 +52,11 @@ def test_trainer_vs_trl_quick(capsys):
     assert res["trl_version"] and res["threads"] >= 1
 
 
-def test_trainer_vs_trl_without_trl_prints_an_error(monkeypatch, capsys):
-    import bench.trainer_vs_trl as b
+@pytest.mark.parametrize("bench", ["trainer_vs_trl", "sft_vs_trl"])
+def test_the_trl_benchmarks_without_trl_print_an_error(bench, monkeypatch, capsys):
+    import importlib
 
+    b = importlib.import_module(f"bench.{bench}")
     monkeypatch.setattr(b, "_trl_version", lambda: None)
     res = b.main(["--quick"])
     out = json.loads(capsys.readouterr().out)
@@ -75,13 +77,3 @@ def test_sft_vs_trl_quick(capsys):
         assert res[side]["measured_steps"] >= 3 and _positive(res[side]["examples_per_s"])
         assert _positive(res[side]["tokens_per_example"])
     assert res["step_throughput_ratio"] == pytest.approx(res["ours"]["examples_per_s"] / res["trl"]["examples_per_s"])
-
-
-def test_sft_vs_trl_without_trl_prints_an_error(monkeypatch, capsys):
-    import bench.sft_vs_trl as b
-
-    monkeypatch.setattr(b, "_trl_version", lambda: None)
-    res = b.main(["--quick"])
-    out = json.loads(capsys.readouterr().out)
-    assert "trl is not installed" in out["error"] and "step_throughput_ratio" not in out
-    assert res["error"] == out["error"]
