@@ -147,7 +147,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         meta.update(reused=reused, finetuned_from=storage.display(str(entry.path)), parameters=report["parameters"],
                     sft_examples=report["examples"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"], sft_segmentation=report["segmentation"],
-                    sft_answers_correct=f"{report['answers']['correct']} of {report['answers']['checked']}")
+                    sft_answers_correct=f"{report['answers']['correct']} of {report['answers']['checked']}",
+                    sft_loss_plot=dg.MetadataValue.path(str(out / "loss.png")))
     path = base_model_path(name, entry, storage)
     context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
     evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)

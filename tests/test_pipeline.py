@@ -298,6 +298,7 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
         first = materialize()
         assert first["kind"] == "sft" and first["reused"] is False and first["sft_examples"] == 4
         assert first["sft_answers_correct"] == "4 of 4" and first["path"] == str(models / "s")
+        assert first["sft_loss_plot"] == str(models / "s" / "loss.png") and Path(first["sft_loss_plot"]).is_file()
         weights = (models / "s" / "model.safetensors").read_bytes()
         assert materialize()["reused"] is True
         write_traces(6)
