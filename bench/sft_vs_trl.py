@@ -8,7 +8,8 @@ forward, backward, gradient clipping, AdamW, the schedule), the first ``--warmup
 excluded. Ours: between consecutive calls of ``sft``'s ``on_checkpoint`` hook, called after every
 step but the last (``checkpoint_every=1``; the hook only reads the clock, and ``sft`` builds the
 state it passes, a few list copies, which ours pays and TRL does not), so ours times one step
-fewer; TRL: from a callback's ``on_step_begin`` to its ``on_step_end``. Both sides see every example once (one epoch of ``--steps`` × ``--batch``), so
+fewer; TRL: between consecutive calls of a callback's ``on_step_end`` (``on_step_begin`` would
+leave out the loading and collation of the batch, which TRL does before it). TRL runs first. Both sides see every example once (one epoch of ``--steps`` × ``--batch``), so
 each step's examples are a batch of the same data; tokens per second are reported as examples per
 second times each side's own mean tokens per example (TRL tokenises prompt + completion together,
 ours each apart, as the policy generates them).
@@ -92,12 +93,14 @@ def _trl(model_dir, pairs, out_dir, *, steps: int, batch: int, lr: float, warmup
     data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
     times: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+    class Clock(TrainerCallback):  # step k's time: from the end of step k - 1 to its own end, so
+        def on_train_begin(self, args, state, control, **kw):  # loading and collating its batch count,
+            self.t = time.perf_counter()  # as they do in ours (TRL does both before on_step_begin)
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
 
     cfg = SFTConfig(output_dir=str(out_dir), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                     num_train_epochs=1, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",

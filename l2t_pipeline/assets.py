@@ -59,29 +59,48 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
 
     A changed SFT is trained beside ``out`` (``.<name>.new``) and swapped in only once complete: a
     failure keeps the old model, and the next materialization resumes the unfinished SFT from its
-    last checkpoint. The pipeline owns these directories: an unfinished SFT of an older config or
-    older traces is removed rather than refused, and a job stopped between the two renames of the
-    swap is completed."""
+    last checkpoint. The pipeline owns these directories: an unfinished SFT of older settings or
+    traces is removed rather than refused, a finished one left beside ``out`` by a worker that
+    died before the swap is swapped in, and the work directories of a reused SFT are removed."""
     import shutil
 
     from l2t_core.config import config_differences
-    from l2t_core.sft import file_sha256, partial_dir, run_sft, sft_data_path, stale_partial
+    from l2t_core.sft import RESUME_IGNORES, file_sha256, partial_dir, run_sft, sft_data_path, stale_partial
 
     run = run or (lambda c: run_sft(c, show_progress=False))
     log = log or (lambda msg: None)
+    out = Path(cfg.out)  # as the SFT writes it (the registry resolves it to an absolute path)
     fresh, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+    data_sha256 = file_sha256(sft_data_path(cfg.data))
+
+    def finished(d: Path) -> dict | None:
+        """The report of the SFT of ``cfg`` in ``d``, if ``d`` holds one; where and with how many
+        threads or checks it ran does not change what it learned."""
+        try:
+            saved, report = (json.loads((d / name).read_text()) for name in ("sft_config.json", "sft_report.json"))
+        except FileNotFoundError:
+            return None
+        same = not config_differences(saved, cfg, ignore=("out", *RESUME_IGNORES))
+        return report if same and report.get("data_sha256") == data_sha256 else None
+
+    def swap_in_fresh() -> None:
+        if out.exists():
+            out.rename(old)
+        fresh.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
     if not out.exists() and (fresh / "sft_report.json").is_file():  # stopped between the swap's renames
         fresh.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    data_sha256 = file_sha256(sft_data_path(cfg.data))
-    saved, report_path = out / "sft_config.json", out / "sft_report.json"
-    if saved.is_file() and report_path.is_file():
-        report = json.loads(report_path.read_text())
-        # where it ran does not change what it learned: the output directory (a rebuild's sits beside
-        # out), threads, the device a launcher placed it on (cuda on a GPU pod)
-        same = not config_differences(json.loads(saved.read_text()), cfg, ignore=("out", "threads", "device"))
-        if same and report.get("data_sha256") == data_sha256:
-            return report, True
+    report, reused = finished(out), True
+    if report is None and finished(fresh) is not None:  # trained, but the worker died before the swap
+        log(f"swapping in the finished SFT left in {fresh}")
+        swap_in_fresh()
+        report, reused = finished(out), False
+    if report is not None:
+        for leftover in (fresh, partial_dir(out), partial_dir(fresh)):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return report, reused
     target = cfg if not out.exists() else cfg.model_copy(update={"out": str(fresh)})
     shutil.rmtree(fresh, ignore_errors=True)  # an SFT's output is complete or absent; its work is in .partial
     differs = stale_partial(target, data_sha256)
@@ -90,10 +109,8 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
         shutil.rmtree(partial_dir(Path(target.out)))
     run(target)
     if target is not cfg:
-        out.rename(old)
-        fresh.rename(out)
-        shutil.rmtree(old)
-    return json.loads(report_path.read_text()), False
+        swap_in_fresh()
+    return json.loads((out / "sft_report.json").read_text()), False
 
 
 MODEL_REPORTS = {"warmstart": "warmstart.json", "sft": "sft_report.json"}
@@ -141,14 +158,16 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         meta.update(reused=reused, parameters=report["parameters"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"])
     elif entry.kind == "sft":
-        out = storage.model_dir(name)
-        report, reused = build_or_reuse_sft(out, entry.sft_config(out), lambda c: launcher.launch_sft(context, c),
+        sft_cfg = entry.sft_config(storage.model_dir(name))
+        report, reused = build_or_reuse_sft(Path(sft_cfg.out), sft_cfg, lambda c: launcher.launch_sft(context, c),
                                             context.log.info)
+        plot = Path(sft_cfg.out) / "loss.png"  # absent from SFTs made before the plot was
         meta.update(reused=reused, finetuned_from=storage.display(str(entry.path)), parameters=report["parameters"],
                     sft_examples=report["examples"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"], sft_segmentation=report["segmentation"],
-                    sft_answers_correct=f"{report['answers']['correct']} of {report['answers']['checked']}",
-                    sft_loss_plot=dg.MetadataValue.path(str(out / "loss.png")))
+                    sft_answers_correct=f"{report['answers']['correct']} of {report['answers']['checked']}")
+        if plot.is_file():
+            meta["sft_loss_plot"] = dg.MetadataValue.path(str(plot))
     path = base_model_path(name, entry, storage)
     context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
     evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)

@@ -26,6 +26,7 @@ The pure parts (:meth:`~K8sTrainingLauncher.command`, :meth:`~K8sTrainingLaunche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -362,7 +363,7 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         self.check_pod()
         for field, value in (("out", cfg.out), ("data", cfg.data), ("model", cfg.model)):
             hub_id = field == "model" and not posixpath.isabs(value) and not value.startswith((".", "~")) \
-                and value.count("/") == 1
+                and value.count("/") <= 1  # 'org/name', or a bare name such as 'gpt2'
             if not hub_id and not (posixpath.isabs(value) and self._mounted(value)):
                 raise ValueError(
                     f"the SFT's {field} {value!r} is not an absolute path on the shared volume, which is all the pod "
@@ -390,4 +391,5 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         try:
             return client.run(context=context, **self.client_run_kwargs(partition, path, "sft"))
         finally:  # the SFT keeps its own config (sft_config.json): the launch file is not needed after
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)

@@ -271,7 +271,8 @@ def test_sft_pod_runs_one_process_on_at_most_one_gpu_and_sees_its_paths(tmp_path
                          ("data", "traces.jsonl"), ("data", "runs/t.jsonl"), ("model", "./qwen"), ("out", "runs/s")):
         with pytest.raises(ValueError, match=f"the SFT's {field} '{value}' is not an absolute path on the shared"):
             launcher.check_sft(placed.model_copy(update={field: value}))
-    launcher.check_sft(placed.model_copy(update={"model": "Qwen/Qwen2.5-Math-1.5B"}))  # a hub id
+    for hub_id in ("Qwen/Qwen2.5-Math-1.5B", "gpt2"):
+        launcher.check_sft(placed.model_copy(update={"model": hub_id}))
     with pytest.raises(ValueError, match="is not an image reference"):
         K8sTrainingLauncher(image=" ", shared_volume_claim="l2t-shared", shared_mount_path=mount).check_sft(placed)
 

@@ -374,6 +374,18 @@ def test_sft_rebuild_removes_an_unfinished_sft_of_another_config_and_completes_a
     out.with_name(".s.old").mkdir()
     assert build_or_reuse_sft(out, cfg, run)[1] is True and len(ran) == 1
     assert sorted(p.name for p in out.parent.iterdir()) == ["s"]
+    # the worker died after the rebuild finished, before the swap: the finished SFT is swapped in,
+    # not trained again; a reused SFT's leftover work directories go
+    old_cfg = cfg.model_copy(update={"steps": 3})
+    out.rename(fresh)
+    run(old_cfg)
+    partial_dir(out).mkdir()
+    assert build_or_reuse_sft(out, cfg, run, logged.append) == ({"data_sha256": file_sha256(traces)}, False)
+    assert len(ran) == 2 and "swapping in the finished SFT" in logged[-1]
+    assert json.loads((out / "sft_config.json").read_text())["steps"] == 6
+    assert sorted(p.name for p in out.parent.iterdir()) == ["s"]
+    # a setting that does not change the weights does not retrain
+    assert build_or_reuse_sft(out, cfg.model_copy(update={"checkpoint_every": 7}), run)[1] is True and len(ran) == 2
 
 
 def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
