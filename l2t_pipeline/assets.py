@@ -105,8 +105,9 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
     shutil.rmtree(fresh, ignore_errors=True)  # an SFT's output is complete or absent; its work is in .partial
     differs = stale_partial(target, data_sha256)
     if differs:
-        log(f"removing the unfinished SFT in {partial_dir(Path(target.out))} (made with other {differs})")
-        shutil.rmtree(partial_dir(Path(target.out)))
+        work = partial_dir(Path(target.out))  # a local directory: SFTConfig refuses URLs for out
+        log(f"removing the unfinished SFT in {work} (made with other {differs})")
+        shutil.rmtree(work)
     run(target)
     if target is not cfg:
         swap_in_fresh()
