@@ -176,6 +176,12 @@ class ModelLoadError(FileNotFoundError):
     weights in it, or nothing on the hub or in its cache); the message says which."""
 
 
+def could_be_hub_id(name: str) -> bool:
+    """Whether ``name`` can name a model on the hub (``org/name`` or a bare ``name``) rather than
+    only a local path (absolute, ``./``, ``~``, deeper than one ``/``, or with backslashes)."""
+    return not (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name)
+
+
 def check_model_source(name_or_path: str | os.PathLike) -> None:
     """Fail fast, loading nothing, when ``name_or_path`` cannot hold a model: a path that does not
     exist and cannot be a hub id (``org/name``), or a local directory without ``config.json`` or
@@ -184,7 +190,7 @@ def check_model_source(name_or_path: str | os.PathLike) -> None:
     path = Path(name_or_path)
     name = str(name_or_path)
     if not path.exists():
-        if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name:
+        if not could_be_hub_id(name):
             raise ModelLoadError(f"load_policy: {name} does not exist, and it cannot be a hub id (those read "
                                  "'org/name'); check the path, or train/save the model there first")
         return

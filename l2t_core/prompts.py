@@ -46,8 +46,7 @@ def render_answer(answer: str) -> str:
 
 def render_prompt(tokenizer, text: str) -> str:
     """The prompt as text: a user turn plus the generation prompt through the tokenizer's chat
-    template when it has one, else ``text`` itself. Tokenised without special tokens it gives
-    :func:`encode_prompt`'s ids (which is how transformers tokenises a rendered template)."""
+    template when it has one (as chat-tuned reasoning models expect), else ``text`` itself."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
@@ -55,12 +54,6 @@ def render_prompt(tokenizer, text: str) -> str:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt: through the tokenizer's chat template when it has one (a user turn
-    plus the generation prompt, as chat-tuned reasoning models expect), else the plain text."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of a prompt: :func:`render_prompt` tokenised without adding special tokens (a
+    chat template writes its own), which is how transformers tokenises a template it renders."""
+    return tokenizer(render_prompt(tokenizer, text), add_special_tokens=False)["input_ids"]

@@ -230,7 +230,7 @@ def sft(
     if lr <= 0:
         raise ValueError(f"sft: lr must be > 0, got {lr}")
     autocast(model, precision)  # refuses an unknown precision before any compute
-    t0 = time.perf_counter()
+    t0 = session_start = time.perf_counter()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -256,7 +256,7 @@ def sft(
         if resume.cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(resume.cuda_rng)
         result.losses, result.eval_losses = list(resume.losses), [tuple(e) for e in resume.eval_losses]
-        start, t0 = resume.step, t0 - resume.seconds
+        start, t0 = resume.step, t0 - resume.seconds  # result.seconds counts earlier sessions too
         log.info("SFT resumed after step %d of %d", start, steps)
     with Progress(disable=not show_progress, transient=True) as bar:
         task = bar.add_task("SFT warm start", total=steps, completed=start)
@@ -273,7 +273,7 @@ def sft(
                 result.eval_losses.append((step + 1, eval_loss(model, enc_eval, pad, eval_batch, precision)))
             bar.update(task, advance=1, description=f"SFT warm start (loss {result.losses[-1]:.3f})")
             if (step + 1) % max(1, steps // 10) == 0 and step + 1 < steps:  # a log line every 10 %
-                spent = time.perf_counter() - t0 - (resume.seconds if resume is not None else 0.0)
+                spent = time.perf_counter() - session_start
                 log.info("SFT step %d/%d: loss %.3f, %.0f s spent, about %.0f s left", step + 1, steps,
                          sum(result.losses[-10:]) / len(result.losses[-10:]), spent,
                          spent / (step + 1 - start) * (steps - step - 1))
@@ -461,8 +461,12 @@ def _pairs(tokenizer, rows: Sequence[SFTRow]) -> list[tuple[str, str]]:
 
 
 def _encode_rows(tokenizer, rows: Sequence[SFTRow], max_tokens: int, path: Path) -> list[Encoded]:
-    """The rows' examples as :func:`sft` encodes them; refuses any longer than ``max_tokens``."""
-    enc = encode_pairs(tokenizer, _pairs(tokenizer, rows))
+    """The rows' examples as :func:`sft` encodes them; refuses any longer than ``max_tokens``, and a
+    tokenizer :func:`encode_pairs` refuses (one without an eos token), as an :class:`SFTError`."""
+    try:
+        enc = encode_pairs(tokenizer, _pairs(tokenizer, rows))
+    except ValueError as exc:  # the rows are validated: only the tokenizer can be at fault here
+        raise SFTError(str(exc)) from None
     long = [(r, len(ids)) for r, (ids, _) in zip(rows, enc) if len(ids) > max_tokens]
     if long:
         shown = ", ".join(f"line {r.line} ({n} tokens)" for r, n in long[:5])
@@ -596,8 +600,6 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     t0 = time.perf_counter()
     checkpoint = _last_checkpoint(partial)
     model, tok = load_policy(checkpoint or cfg.model, device=str(device))
-    if tok.eos_token_id is None:
-        raise SFTError(f"the tokenizer of {cfg.model} has no eos token: the model could never learn to stop")
     if cfg.gradient_checkpointing:
         try:
             check_activation_checkpointing(model)

@@ -39,6 +39,7 @@ from pydantic import Field
 
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
+from l2t_core.models import could_be_hub_id
 from l2t_core.urls import redact_url
 
 # only rank 0 of a multi-process launch talks to Dagster Pipes: the other ranks lose the variables
@@ -362,8 +363,7 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         is stale) must be absolute paths on the shared volume, the model there too or a hub id."""
         self.check_pod()
         for field, value in (("out", cfg.out), ("data", cfg.data), ("model", cfg.model)):
-            hub_id = field == "model" and not posixpath.isabs(value) and not value.startswith((".", "~")) \
-                and value.count("/") <= 1  # 'org/name', or a bare name such as 'gpt2'
+            hub_id = field == "model" and could_be_hub_id(value)  # 'org/name', or a bare name such as 'gpt2'
             if not hub_id and not (posixpath.isabs(value) and self._mounted(value)):
                 raise ValueError(
                     f"the SFT's {field} {value!r} is not an absolute path on the shared volume, which is all the pod "

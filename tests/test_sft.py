@@ -83,7 +83,10 @@ def test_render_prompt_tokenises_to_encode_prompt(tokenizer):
                                    pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
     rendered = render_prompt(chat, text)
     assert rendered == f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-    assert chat(rendered, add_special_tokens=False)["input_ids"] == encode_prompt(chat, text)
+    direct = chat.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    direct = direct["input_ids"] if hasattr(direct, "keys") else direct  # BatchEncoding in newer transformers
+    assert encode_prompt(chat, text) == list(direct) == chat(rendered, add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path):
