@@ -477,6 +477,12 @@ class TrainConfig(_Strict):
         "update), each chunk recomputed in a backward, so the [tokens, vocab] logits are never held at once "
         "(16,384 tokens × a 151,936-token vocabulary are 10 GB in fp32). None: a micro-batch's tokens at once. "
         "Not with DeepSpeed ZeRO-3 (refused: its partitioned head is not gathered in the recomputation)."))
+    share_prompts: bool = Field(True, description=(
+        "The reward pass, the reference log-probs and the update run each distinct prompt of a micro-batch once "
+        "and expand its KV cache to the rollouts that share it (l2t_core.prefix_sharing), instead of once per "
+        "rollout: G rollouts per prompt save the prompt's tokens G − 1 times. Results equal the unshared "
+        "forward's up to float rounding. Off by itself where it cannot apply: the update under "
+        "gradient_checkpointing, per-episode penalty backwards, DeepSpeed ZeRO-3 across ranks."))
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute the decoder's activations during the policy update's backward instead of keeping them "
         "(transformers' gradient checkpointing): one layer's activations in memory instead of every layer's, "

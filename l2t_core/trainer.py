@@ -39,12 +39,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
-from .engines.gather import check_head_chunking, collective_device, full_state_dict, is_partitioned, lockstep_batches
-from .logprobs import logprob_temperature, pad_right, response_mask, token_logprobs
+from .engines.gather import (check_head_chunking, collective_device, full_state_dict, in_lockstep, is_partitioned,
+                             lockstep_batches)
+from .logprobs import logprob_temperature, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
 from .memory import PeakMemory
-from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
+from .models import (activation_checkpointing, check_activation_checkpointing, is_checkpointing, load_policy,
+                     resolve_device)
+from .prefix_sharing import continuation_logprobs
 from .prompts import FORCE_ANSWER_SUFFIX, encode_prompt
 from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
@@ -488,15 +491,18 @@ class Trainer:
                                need_logp_old=self.cfg.mini_batches > 1 if need_logp_old is None else need_logp_old,
                                temperature=self.lp_temperature, all_sum=_all_sum_list if self.world > 1 else None,
                                sampler=self.rollout, head_chunk_tokens=self.cfg.head_chunk_tokens,
-                               eos_id=self.tokenizer.eos_token_id if self.cfg.reward.loss.train_eos else None)
+                               eos_id=self.tokenizer.eos_token_id if self.cfg.reward.loss.train_eos else None,
+                               share_prompts=self.cfg.share_prompts)
 
     def _logps(self, model, rs: Sequence[Rollout]) -> list[torch.Tensor]:
         trained = [self._trained_ids(r) for r in rs]
-        seqs = [list(r.prompt_ids) + t for r, t in zip(rs, trained)]
-        ids, att = pad_right(seqs, self.pad_id, self.device)
-        mask = response_mask([len(r.prompt_ids) for r in rs], [len(t) for t in trained], ids.shape[1], self.device)
-        lp = token_logprobs(model, ids, att, mask, self.lp_temperature, self.cfg.head_chunk_tokens)
-        return [lp[j][mask[j]] for j in range(len(rs))]
+        # the rollouts of a prompt run it once (l2t_core.prefix_sharing), except where a layer would
+        # recompute its forward against the extended cache, or ZeRO-3 ranks must make the same forwards
+        share = (self.cfg.share_prompts and not in_lockstep(model.parameters())
+                 and not (torch.is_grad_enabled() and is_checkpointing(model)))
+        return continuation_logprobs(model, [r.prompt_ids for r in rs], trained, self.pad_id,
+                                     temperature=self.lp_temperature, chunk_tokens=self.cfg.head_chunk_tokens,
+                                     share=share)
 
     def _update(self, rollouts: Sequence[Rollout], rewards: RewardBatch, ref: list[torch.Tensor] | None) -> dict:
         """``mini_batches`` optimizer steps over the batch, each accumulated over micro-batches."""

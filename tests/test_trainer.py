@@ -272,8 +272,9 @@ def test_gradient_checkpointing_recomputes_in_the_update_with_the_same_gradient(
             return mlp_forward(self, x)
 
         monkeypatch.setattr(Qwen2MLP, "forward", counted)
-        tr = Trainer(make_cfg(tiny_dir, tmp_path / name, steps=1, mini_batches=1, gradient_checkpointing=on),
-                     show_progress=False)
+        # unshared prompts on both sides (the checkpointed update cannot share them): the same forwards
+        tr = Trainer(make_cfg(tiny_dir, tmp_path / name, steps=1, mini_batches=1, gradient_checkpointing=on,
+                              share_prompts=False), show_progress=False)
         run_recording_grads(tr, grads, name)
         assert not is_checkpointing(tr.engine.unwrapped())
     for n, g in grads["plain"].items():
@@ -281,6 +282,44 @@ def test_gradient_checkpointing_recomputes_in_the_update_with_the_same_gradient(
     assert max(float(g.abs().max()) for g in grads["plain"].values()) > 1e-6
     # the same rollouts, reward pass and update forwards, plus one recomputation per layer and micro-batch
     assert calls["checkpointed"] > calls["plain"] > 0
+
+
+@pytest.mark.parametrize("method", ["l2t", "grpo"])
+def test_shared_prompts_give_the_update_the_same_gradient_from_fewer_prompt_tokens(tiny_dir, toy_data, tmp_path,
+                                                                                   method):
+    """``share_prompts`` (the default) runs each prompt once per micro-batch in the reward pass, the
+    reference and the update; the step's metrics and gradient equal the unshared step's up to float
+    rounding, with fewer tokens through the decoder."""
+    torch.set_num_threads(1)
+    grads, tokens, rows = {}, {}, {}
+    for share in (True, False):
+        # micro-batches that hold whole groups (a group split over micro-batches shares less)
+        tr = Trainer(make_cfg(tiny_dir, tmp_path / str(share), steps=1, mini_batches=1, method=method,
+                              share_prompts=share, micro_batch_tokens=100_000, reward={"loss": {"kl_coef": 0.05}}),
+                     show_progress=False)
+        tokens[share] = 0
+
+        def count(mod, args, out, share=share):
+            tokens[share] += args[0].numel()
+
+        tr.setup()
+        hook = tr.engine.unwrapped().get_input_embeddings().register_forward_hook(count)
+        step = tr.engine.step
+
+        def recording_step(share=share, step=step):
+            grads[share] = {n: p.grad.detach().clone() for n, p in tr.engine.module.named_parameters()}
+            return step()
+
+        tr.engine.step = recording_step
+        tr.run()
+        hook.remove()
+        rows[share] = read_table(tr.storage, "train_steps").iloc[0]
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-3, atol=1e-6, msg=n)
+    assert max(float(g.abs().max()) for g in grads[False].values()) > 1e-6
+    for k in ("loss", "kl", "score_mean", "episode_reward_mean", "mean_tokens"):
+        assert rows[True][k] == pytest.approx(rows[False][k], rel=1e-4, abs=1e-6), k
+    assert tokens[True] < tokens[False]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 10, 50])

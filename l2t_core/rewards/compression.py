@@ -36,6 +36,7 @@ import torch
 from ..engines.gather import gathered, lockstep_count
 from ..logprobs import scored_logprobs
 from ..models import decoder_and_head
+from ..prefix_sharing import cache_kwarg
 from ..timing import device_clock
 
 
@@ -236,16 +237,19 @@ class TokenSignals:
     backward_s: float = 0.0  # seconds spent in the truncated backward pass
 
 
-def _check_layout(caller: str, input_ids, attention_mask, score_mask) -> None:
+def _check_layout(caller: str, input_ids, attention_mask, score_mask, cache=None) -> None:
+    n_past = cache.get_seq_length() if cache is not None else 0
+    length = input_ids.shape[1]
     if input_ids.shape != score_mask.shape or attention_mask.shape[0] != input_ids.shape[0] or (
-        attention_mask.dim() == 2 and attention_mask.shape != input_ids.shape
-    ) or (attention_mask.dim() == 4 and attention_mask.shape[-2:] != (input_ids.shape[1],) * 2) or (
+        attention_mask.dim() == 2 and (attention_mask.shape != input_ids.shape or cache is not None)
+    ) or (attention_mask.dim() == 4 and attention_mask.shape[-2:] != (length, n_past + length)) or (
         attention_mask.dim() not in (2, 4)
     ):
         raise ValueError(
             f"{caller}: input_ids {tuple(input_ids.shape)}, attention_mask "
             f"{tuple(attention_mask.shape)} and score_mask {tuple(score_mask.shape)} must agree: "
-            "masks [B, L] or an additive attention mask [B, 1, L, L]"
+            "masks [B, L] or an additive attention mask [B, 1, L, L] ([B, 1, L, P + L] after a "
+            f"cache of P positions; this cache holds {n_past})"
         )
     if score_mask[:, 0].any():
         raise ValueError(f"{caller}: the first position cannot be scored (it has no context)")
@@ -253,12 +257,12 @@ def _check_layout(caller: str, input_ids, attention_mask, score_mask) -> None:
 
 @contextlib.contextmanager
 def _hooked_forward(caller, model, input_ids, attention_mask, score_mask, targets, position_ids,
-                    head_chunk_tokens):
+                    head_chunk_tokens, cache=None):
     """The forward both backward variants share: parameters frozen, a zero leaf added to each
     target's output (the backward stops at the lowest target), the layer inputs kept. Yields
     (inputs {name: [B, L, d_in]}, leaves {name: [B, L, d_out]}, log π(z_t) of the scored tokens
     [N] in (row, position) order, final hidden states [B, L, H])."""
-    _check_layout(caller, input_ids, attention_mask, score_mask)
+    _check_layout(caller, input_ids, attention_mask, score_mask, cache)
     decoder, head = decoder_and_head(model)
     captured_in: dict[str, torch.Tensor] = {}
     leaves: dict[str, torch.Tensor] = {}
@@ -275,6 +279,8 @@ def _hooked_forward(caller, model, input_ids, attention_mask, score_mask, target
     handles = [mod.register_forward_hook(make_hook(n)) for n, mod in targets.items()]
     pred = score_mask[:, 1:]  # prediction positions p-1 for scored tokens p
     extra = {} if position_ids is None else {"position_ids": position_ids}
+    if cache is not None:  # the shared prompts' keys and values (l2t_core.prefix_sharing)
+        extra[cache_kwarg(decoder)] = cache
     try:
         with frozen_parameters(model), torch.enable_grad():
             hidden = decoder(
@@ -304,6 +310,7 @@ def per_token_signals(
     position_ids: torch.Tensor | None = None,
     return_hidden: bool = False,
     head_chunk_tokens: int | None = None,
+    cache=None,
 ) -> TokenSignals:
     """One forward and ONE backward of Σ_t log π(z_t) over the scored tokens (METHOD.md §3).
 
@@ -313,7 +320,9 @@ def per_token_signals(
 
     ``attention_mask`` is a [B, L] padding mask, or an additive [B, 1, L, L] mask with
     ``position_ids`` (the packed J layout of :mod:`.fitting`, whose response positions see exactly
-    the causal prefix, so their signals equal those of a plain forward). ``return_hidden`` keeps
+    the causal prefix, so their signals equal those of a plain forward), [B, 1, L, P + L] after a
+    ``cache`` of the rows' shared prompts (:mod:`l2t_core.prefix_sharing`; the targets must lie
+    where the backward does not reach the cached positions, as :func:`attributed_by_position`'s do). ``return_hidden`` keeps
     the final hidden states, so the same forward also serves J. ``head_chunk_tokens``: the output
     head's logits a chunk of tokens at a time (:func:`~l2t_core.logprobs.scored_logprobs`).
 
@@ -322,7 +331,7 @@ def per_token_signals(
     :func:`per_episode_sqnorms` gives the episodes' gradients exactly.
     """
     with _hooked_forward("per_token_signals", model, input_ids, attention_mask, score_mask, targets,
-                         position_ids, head_chunk_tokens) as (captured_in, leaves, lp, hidden):
+                         position_ids, head_chunk_tokens, cache) as (captured_in, leaves, lp, hidden):
         t0 = device_clock(lp.device)
         grads = torch.autograd.grad(lp.sum(), [leaves[n] for n in targets], allow_unused=True)
         backward_s = device_clock(lp.device) - t0

@@ -174,14 +174,17 @@ def packed_inputs(packs: Sequence[_Packed], pad_id: int = 0) -> tuple[torch.Tens
     return ids, pos, length
 
 
-def log_j_of_batch(head, hidden: torch.Tensor, packs: Sequence[_Packed]) -> list[torch.Tensor]:
+def log_j_of_batch(head, hidden: torch.Tensor, packs: Sequence[_Packed],
+                   starts: Sequence[int] | None = None) -> list[torch.Tensor]:
     """log J(s_k), k = 0..K, of every pack of a micro-batch from its final hidden states [B, L, H]
-    (row r: ``packs[r]``), on the CPU, no grad, through ONE call of the output head: under ZeRO-3
-    each call gathers the head's weight (a collective), so the number of calls must not depend on
-    how many items a rank's micro-batch holds."""
+    (row r: ``packs[r]``; with ``starts``, column j of row r holds its pack's position
+    ``starts[r] + j``, as in :func:`l2t_core.prefix_sharing.row_layout`), on the CPU, no grad,
+    through ONE call of the output head: under ZeRO-3 each call gathers the head's weight (a
+    collective), so the number of calls must not depend on how many items a rank's micro-batch holds."""
+    starts = [0] * len(packs) if starts is None else list(starts)
     with torch.no_grad():
         rows = torch.cat([torch.full((len(p.pred_pos),), r, dtype=torch.long) for r, p in enumerate(packs)])
-        pos = torch.cat([p.pred_pos for p in packs])
+        pos = torch.cat([p.pred_pos - s for p, s in zip(packs, starts)])
         targets = torch.cat([p.targets for p in packs]).to(hidden.device)
         lp = _answer_logprob_from_hidden(head, hidden[rows.to(hidden.device), pos.to(hidden.device)], targets).cpu()
         out = []

@@ -19,15 +19,16 @@ import torch
 from .. import advantages as adv
 from ..config import L2T_FAMILY, METHOD_NAMES, CompressionConfig, MethodName, RewardConfig
 from ..episodes import Segmentation, TokenEpisodes, segment, token_episode_ids
-from ..logprobs import check_temperature, pad_right, response_mask, scored_logprobs, token_logprobs
+from ..logprobs import check_temperature, pad_right, scored_logprobs
 from ..prompts import FORCE_ANSWER_SUFFIX, render_answer
 from ..verify import MathVerifier, Verifier
 from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
 from .copying import episode_copy_shares
 from .oracle import redundancy_labels
-from ..engines.gather import lockstep_batches
+from ..engines.gather import in_lockstep, lockstep_batches
 from ..models import decoder_and_head
+from ..prefix_sharing import continuation_logprobs, decoder_hidden, prefix_cache, row_layout
 from ..timing import device_clock
 from .fitting import (
     JItem,
@@ -36,8 +37,6 @@ from .fitting import (
     microbatches,
     monte_carlo_j,
     pack_item,
-    packed_attention_mask,
-    packed_inputs,
     plain_pack,
 )
 
@@ -263,6 +262,7 @@ def episode_pass(
     head_chunk_tokens: int | None = None,
     eos_id: int | None = None,
     attribution: str = "per_episode",
+    share_prompts: bool = True,
 ) -> PolicyPass:
     """ONE forward per micro-batch for everything the reward needs from the policy.
 
@@ -284,6 +284,9 @@ def episode_pass(
     episodes' gradients come from one backward each (:func:`~.compression.per_episode_sqnorms`);
     with ``j_items`` those backwards run over a second forward of prompt ⊕ response alone, shorter
     than the packed layout by its J suffixes, and the packed forward (J, log π) runs without a graph.
+    ``share_prompts``: the rollouts of a micro-batch that share a prompt run it once
+    (:mod:`l2t_core.prefix_sharing`); not with per-episode backwards, which reach the prompt's
+    positions, nor under ZeRO-3 in lockstep, where every rank must make the same forwards.
     """
     check_temperature(temperature)
     t_start = time.perf_counter()
@@ -309,28 +312,32 @@ def episode_pass(
     if attribution not in ("per_episode", "single_backward"):
         raise ValueError(f"episode_pass: attribution must be 'per_episode' or 'single_backward', got {attribution!r}")
     per_episode = bool(targets) and attribution == "per_episode" and not comp.attributed_by_position(model, targets)
+    share = share_prompts and not per_episode and not in_lockstep(model.parameters())
     # under ZeRO-3 with several ranks every rank runs as many forwards (and truncated backwards) as
     # the busiest one; a dummy's results are dropped
     for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens),
                                         model.parameters()):
         bp = [packs[i] for i in batch]
-        ids, pos, length = packed_inputs(bp, pad_id)
-        mask = packed_attention_mask(bp, length, param.dtype)
+        # column j of row r is position starts[r] + j of its pack (0 unless the prompt is shared)
+        lay = row_layout(bp, [len(rollouts[i].prompt_ids) for i in batch], pad_id, param.dtype, share).to(device)
+        starts = lay.start.tolist()
+        ids, pos, mask = lay.input_ids, lay.position_ids, lay.attention_mask
+        length = ids.shape[1]
         score = torch.zeros(len(bp), length, dtype=torch.bool)
         local = torch.full((len(bp), length), -1, dtype=torch.long)  # episode within its response
         offsets, n_seg = [], 0
         for r, i in enumerate(batch):
-            p, t = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
+            p, t = len(rollouts[i].prompt_ids) - starts[r], len(rollouts[i].response_ids)
             score[r, p : p + t] = True
             local[r, p : p + t] = torch.as_tensor(token_eps[i].episode_ids)
             offsets.append(n_seg)
             n_seg += token_eps[i].num_episodes
-        ids, pos, mask, score_d = ids.to(device), pos.to(device), mask.to(device), score.to(device)
+        score_d = score.to(device)
         return_hidden = j_items is not None or temperature != 1.0 or want_eos
 
         def packed_hidden() -> torch.Tensor:  # the packed forward without a graph
             with torch.no_grad():
-                return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                return decoder_hidden(decoder, lay)
 
         if per_episode:  # implies targets
             if j_items is not None:
@@ -352,7 +359,8 @@ def episode_pass(
             total = torch.cat([rows[r, : token_eps[i].num_episodes] for r, i in enumerate(batch)])
         elif targets:
             sig = comp.per_token_signals(model, ids, mask, score_d, targets, position_ids=pos,
-                                         return_hidden=return_hidden, head_chunk_tokens=head_chunk_tokens)
+                                         return_hidden=return_hidden, head_chunk_tokens=head_chunk_tokens,
+                                         cache=prefix_cache(decoder, lay))
             t0 = device_clock(device)
             seg_ids = (local + torch.as_tensor(offsets)[:, None])[score].to(device)  # (row, position) order, as in sig
             total = comp.episode_sqnorms(sig, seg_ids, n_seg, proxy).cpu()
@@ -371,10 +379,10 @@ def episode_pass(
                 with torch.no_grad():
                     lp_rows = _scored_logprobs(head, hidden, ids, score_d, temperature, head_chunk_tokens).cpu()
         # one head call per micro-batch, a dummy's too (under ZeRO-3 each call is a collective)
-        batch_j = log_j_of_batch(head, hidden, bp) if j_items is not None else None
+        batch_j = log_j_of_batch(head, hidden, bp, starts) if j_items is not None else None
         eos_rows = None
         if want_eos:  # one head call per micro-batch too
-            last = [len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids) - 1 for i in batch]
+            last = [len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids) - 1 - s for i, s in zip(batch, starts)]
             with torch.no_grad():
                 h = hidden[torch.arange(len(batch), device=device), torch.tensor(last, device=device)]
                 eos_rows = scored_logprobs(head, h, torch.full((len(batch),), eos_id, device=device), temperature,
@@ -410,17 +418,18 @@ def _scored_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, score: torch
 @torch.no_grad()
 def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_tokens: int,
                       temperature: float = 1.0) -> list[torch.Tensor]:
-    """log π(z_t) of every response token at ``temperature``, micro-batched (no gradient)."""
-    device = next(model.parameters()).device
+    """log π(z_t) of every response token at ``temperature``, micro-batched (no gradient), the
+    rollouts of a micro-batch that share a prompt running it once (:mod:`l2t_core.prefix_sharing`;
+    not under ZeRO-3 in lockstep, where every rank must make the same forwards)."""
     out: list[torch.Tensor | None] = [None] * len(rollouts)
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+    share = not in_lockstep(model.parameters())
     for batch, keep in lockstep_batches(microbatches(lengths, max_tokens), model.parameters()):  # ZeRO-3: in step
         rs = [rollouts[i] for i in batch]
-        ids, att = pad_right([list(r.prompt_ids) + list(r.response_ids) for r in rs], pad_id, device)
-        mask = response_mask([len(r.prompt_ids) for r in rs], [len(r.response_ids) for r in rs], ids.shape[1], device)
-        lp = token_logprobs(model, ids, att, mask, temperature)
-        for j, i in enumerate(batch if keep else []):
-            out[i] = lp[j][mask[j]].cpu()
+        lps = continuation_logprobs(model, [r.prompt_ids for r in rs], [r.response_ids for r in rs], pad_id,
+                                    temperature=temperature, share=share)
+        for lp, i in zip(lps, batch if keep else []):
+            out[i] = lp.cpu()
     return out  # type: ignore[return-value]
 
 
@@ -440,6 +449,7 @@ def compute_rewards(
     sampler=None,
     head_chunk_tokens: int | None = None,
     eos_id: int | None = None,
+    share_prompts: bool = True,
 ) -> RewardBatch:
     """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6).
 
@@ -456,6 +466,8 @@ def compute_rewards(
     has cached) instead of an ``hf`` engine over ``model``. ``head_chunk_tokens``: the policy pass
     computes the output head's logits a chunk of tokens at a time (``TrainConfig.head_chunk_tokens``).
     ``eos_id``: with ``logp_old``, each finished rollout's ``eos_logp_old`` too (``LossConfig.train_eos``).
+    ``share_prompts``: the policy pass runs each distinct prompt of a micro-batch once
+    (:mod:`l2t_core.prefix_sharing`; ``TrainConfig.share_prompts``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -515,7 +527,7 @@ def compute_rewards(
         res = episode_pass(model, rollouts, teps, pad_id, cfg.fitting.max_tokens_per_batch, j_items=items,
                            force_ids=force_ids, targets=targets, proxy=proxy_used, want_logps=want_logps,
                            temperature=temperature, head_chunk_tokens=head_chunk_tokens, eos_id=eos_id,
-                           attribution=c.attribution)
+                           attribution=c.attribution, share_prompts=share_prompts)
         sqnorms = res.sqnorms or sqnorms
         logps = res.logps or logps
         eos_logps = res.eos_logps or eos_logps
