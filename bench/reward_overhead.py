@@ -61,7 +61,7 @@ def _profile_reward(tr, step: int, top: int = 25) -> list[dict]:
 def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int = 192, hidden: int = 128,
         layers: int = 4, threads: int | None = 1, seed: int = 0, method: str = "l2t",
         profile: bool = False, device: str = "cpu", intermediate: int | None = None, heads: int = 4,
-        kv_heads: int = 2, svd: str = "exact", share_prompts: bool = True) -> dict:
+        kv_heads: int = 2, svd: str = "exact", share_prompts: bool = True, verify_workers: int = 0) -> dict:
     from l2t_core.config import TrainConfig
     from l2t_core.trainer import Trainer
 
@@ -71,7 +71,7 @@ def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int
         with data_dir_env(ws.data_dir):
             cfg = TrainConfig(policy=str(ws.model_dir), out=f"{tmp}/run", method=method, steps=steps + 1,
                               prompts_per_step=prompts, checkpoint_every=10_000, seed=seed, log_rollouts=False,
-                              device=device, share_prompts=share_prompts,
+                              device=device, share_prompts=share_prompts, verify_workers=verify_workers,
                               data={"source": DATA_FILE}, optim={"lr": 1e-6},
                               reward={"compression": {"svd": svd}},
                               rollout={"group_size": group, "max_new_tokens": max_new_tokens,
@@ -86,6 +86,7 @@ def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int
                 log(f"step {s}: rollout {rows[-1]['rollout_time_s']:.2f}s reward {rows[-1]['reward_time_s']:.2f}s",
                     "reward_overhead")
             prof = _profile_reward(tr, steps + 2) if profile else None
+            tr.close()
     n = len(rows)
     tot = {k: sum(r.get(k, 0.0) for r in rows) for k in
            ("rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s", "step_time_s")
@@ -103,6 +104,7 @@ def run(*, steps: int = 3, prompts: int = 8, group: int = 8, max_new_tokens: int
         "method": method,
         "svd": svd,
         "share_prompts": share_prompts,
+        "verify_workers": verify_workers,
         "rollout_s": per["rollout_time_s"],
         "reward_s": per["reward_time_s"],
         "reward_segment_verify_s": per["reward_segment_verify_s"],
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--svd", default="exact", choices=("exact", "randomized"), help="CompressionConfig.svd")
     ap.add_argument("--no-share-prompts", dest="share_prompts", action="store_false",
                     help="TrainConfig.share_prompts off: every rollout runs its prompt in every pass")
+    ap.add_argument("--verify-workers", type=int, default=0,
+                    help="TrainConfig.verify_workers: verify in worker processes beside the policy pass")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see above)")
     ap.add_argument("--profile", action="store_true", help="add a cProfile of one reward computation")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     kw = dict(steps=args.steps, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
               hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads,
-              kv_heads=args.kv_heads, svd=args.svd, share_prompts=args.share_prompts)
+              kv_heads=args.kv_heads, svd=args.svd, share_prompts=args.share_prompts,
+              verify_workers=args.verify_workers)
     if args.quick:
         kw.update(steps=1, prompts=2, group=4, max_new_tokens=48, hidden=64, layers=2)
     return run_and_emit(run, quick=args.quick, threads=args.threads, method=args.method, profile=args.profile,

@@ -483,6 +483,11 @@ class TrainConfig(_Strict):
         "rollout: G rollouts per prompt save the prompt's tokens G − 1 times. Results equal the unshared "
         "forward's up to float rounding. Off by itself where it cannot apply: the update under "
         "gradient_checkpointing, per-episode penalty backwards, DeepSpeed ZeRO-3 across ranks."))
+    verify_workers: int = Field(0, ge=0, description=(
+        "Worker processes that verify the rollouts' answers (math-verify) while the reward's policy pass runs "
+        "(l2t_core.verify_pool): spawned once, reused every step, the same verdicts. 0: in the trainer's process, "
+        "before the pass. Worth it where verification takes a share of the step and cores are free (a GPU node); "
+        "a worker that dies is replaced and its rollouts verified in-process."))
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute the decoder's activations during the policy update's backward instead of keeping them "
         "(transformers' gradient checkpointing): one layer's activations in memory instead of every layer's, "

@@ -132,7 +132,8 @@ def prefix_cache(decoder, layout: RowLayout, grad: bool = False):
         return None
     with torch.set_grad_enabled(grad):
         out = decoder(input_ids=layout.prefix_ids, attention_mask=layout.prefix_mask, use_cache=True)
-    cache = out.past_key_values
+    # transformers 5.x names the output's cache ``cache`` (``past_key_values`` before, deprecated)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     if cache is None:
         raise RuntimeError("prompt sharing: the decoder returned no KV cache for the prompts; "
                            "run with prompt sharing off (share_prompts: false)")

@@ -22,6 +22,7 @@ resumes only on the number of ranks it was saved with.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -48,6 +49,7 @@ from .memory import PeakMemory
 from .models import (activation_checkpointing, check_activation_checkpointing, is_checkpointing, load_policy,
                      resolve_device)
 from .prefix_sharing import continuation_logprobs
+from .verify_pool import VerifierPool
 from .prompts import FORCE_ANSWER_SUFFIX, encode_prompt
 from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
@@ -68,7 +70,7 @@ CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.pt"
 # settings a run may resume under changed: where it lives and how often it is saved (a resumed run
 # ends as an uninterrupted one whatever its checkpoint steps)
-RESUME_FREE = ("out", "checkpoint_every", "keep_checkpoints", "dist_timeout_minutes")
+RESUME_FREE = ("out", "checkpoint_every", "keep_checkpoints", "dist_timeout_minutes", "verify_workers")
 TIMING_COLUMNS = ("step_time_s", "rollout_time_s", "reward_time_s", "ref_time_s", "update_time_s")
 # peak memory of each phase (l2t_core.memory; the highest over the ranks): like the timings, a
 # property of the machine, not of the run
@@ -262,6 +264,7 @@ class Trainer:
             self.storage.check_writable()
         self.problems: list[TrainProblem] = load_training_problems(cfg.data)
         self.verifier = verifier_for(cfg.data)
+        self.verify_pool = VerifierPool(self.verifier, cfg.verify_workers) if cfg.verify_workers else None
         self.device = resolve_device(cfg.device)
         # under DeepSpeed the policy (fp32 as loaded) and its reference copy stay on the CPU: the
         # engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it),
@@ -492,7 +495,7 @@ class Trainer:
                                temperature=self.lp_temperature, all_sum=_all_sum_list if self.world > 1 else None,
                                sampler=self.rollout, head_chunk_tokens=self.cfg.head_chunk_tokens,
                                eos_id=self.tokenizer.eos_token_id if self.cfg.reward.loss.train_eos else None,
-                               share_prompts=self.cfg.share_prompts)
+                               share_prompts=self.cfg.share_prompts, verify_pool=self.verify_pool)
 
     def _logps(self, model, rs: Sequence[Rollout]) -> list[torch.Tensor]:
         trained = [self._trained_ids(r) for r in rs]
@@ -683,7 +686,8 @@ class Trainer:
         done = 0
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, disable=not (self.show_progress and self.rank == 0), transient=False) as bar:
+        with Progress(*columns, disable=not (self.show_progress and self.rank == 0), transient=False) as bar, \
+                contextlib.closing(self):
             task = bar.add_task(f"{cfg.method}", total=cfg.steps, completed=start, info="")
             for step in range(start + 1, cfg.steps + 1):
                 self.step = step
@@ -704,6 +708,13 @@ class Trainer:
                     break
         steps = read_table(self.storage, "train_steps") if self.rank == 0 else pd.DataFrame()
         return RunResult(cfg.out, self.step, last_ckpt, steps)
+
+
+    def close(self) -> None:
+        """Stop the verification workers (``verify_workers``); :meth:`run` does on its way out, and
+        a trainer used again starts new ones."""
+        if getattr(self, "verify_pool", None) is not None:
+            self.verify_pool.close()
 
 
 def train(cfg: TrainConfig, **kwargs) -> RunResult:

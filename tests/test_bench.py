@@ -146,6 +146,17 @@ def test_reward_overhead_bench_quick_runs():
     assert res["per_step_s"]["rollout_time_s"] > 0 and res["rollouts_per_step"] == 8
 
 
+def test_verify_pool_bench_quick_runs(capsys):
+    import json
+
+    from bench.verify_pool import main
+
+    res = main(["--quick", "--workers", "2"])
+    assert json.loads(capsys.readouterr().out)["responses"] == 24
+    assert res["same_verdicts"] is True and res["speedup"] > 0
+    assert 0.3 < res["correct_share"] < 0.7  # own golds accepted, the next row's rejected
+
+
 def test_eval_throughput_bench_quick_runs(capsys):
     import json
 

@@ -322,6 +322,24 @@ def test_shared_prompts_give_the_update_the_same_gradient_from_fewer_prompt_toke
     assert tokens[True] < tokens[False]
 
 
+def test_verification_workers_give_the_same_step_and_stop_with_the_run(tiny_dir, toy_data, tmp_path):
+    """``verify_workers`` verifies in worker processes beside the reward's policy pass: the same
+    outcomes and metrics as in-process, the workers stopped when the run ends; a run may resume
+    with another number of workers."""
+    torch.set_num_threads(1)
+    cfg = dict(steps=2, checkpoint_every=1)
+    plain = Trainer(make_cfg(tiny_dir, tmp_path / "plain", verify_workers=0, **cfg), show_progress=False)
+    expected = comparable(plain.run().steps)
+    assert plain.verify_pool is None
+    pooled = Trainer(make_cfg(tiny_dir, tmp_path / "pooled", verify_workers=2, **cfg), show_progress=False)
+    pooled.run(stop_after=1)
+    assert pooled.verify_pool._executor is None  # the workers were stopped with the run
+    # resumed in-process for its second step: the same run as the in-process one throughout
+    resumed = Trainer(make_cfg(tiny_dir, tmp_path / "pooled", verify_workers=0, **cfg), show_progress=False).run()
+    pd.testing.assert_frame_equal(comparable(resumed.steps), expected, check_exact=False, rtol=1e-6)
+    assert resumed.final_step == 2
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 7, 10, 50])
 def test_chunked_head_gives_the_same_logprobs_and_gradients_and_recomputes_each_chunk(chunk):
     from l2t_core.logprobs import scored_logprobs

@@ -450,6 +450,7 @@ def compute_rewards(
     head_chunk_tokens: int | None = None,
     eos_id: int | None = None,
     share_prompts: bool = True,
+    verify_pool=None,
 ) -> RewardBatch:
     """Rewards and advantages for a batch of rollouts under ``method`` (METHOD.md §4, §6).
 
@@ -467,7 +468,9 @@ def compute_rewards(
     computes the output head's logits a chunk of tokens at a time (``TrainConfig.head_chunk_tokens``).
     ``eos_id``: with ``logp_old``, each finished rollout's ``eos_logp_old`` too (``LossConfig.train_eos``).
     ``share_prompts``: the policy pass runs each distinct prompt of a micro-batch once
-    (:mod:`l2t_core.prefix_sharing`; ``TrainConfig.share_prompts``).
+    (:mod:`l2t_core.prefix_sharing`; ``TrainConfig.share_prompts``). ``verify_pool``: a
+    :class:`~l2t_core.verify_pool.VerifierPool` over ``verifier`` that verifies the outcomes in
+    worker processes while the policy pass runs (``TrainConfig.verify_workers``); the same verdicts.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -481,13 +484,18 @@ def compute_rewards(
     for n, r in enumerate(rollouts):
         if len(r.prompt_ids) == 0:
             raise ValueError(f"rollout {n}: the prompt has no tokens; every rollout needs its prompt ids")
+    # with a pool the outcomes are verified in its workers while this process runs the policy pass
+    pending = (verify_pool.submit([r.response_text for r in rollouts], [r.reference for r in rollouts])
+               if verify_pool is not None else None)
+    for r in rollouts:
         seg = segment(r.response_text, cfg.segmentation.max_episodes, cfg.segmentation.numbering)
         offs = response_offsets(tokenizer, r.response_text, r.response_ids)
         segs.append(seg)
         teps.append(token_episode_ids(seg, offs))
-        v = verifier.verify(r.response_text, r.reference)
-        outs.append(v.reward)
-        statuses.append(v.status)
+        if pending is None:
+            v = verifier.verify(r.response_text, r.reference)
+            outs.append(v.reward)
+            statuses.append(v.status)
     timings["segment_verify_s"] = time.perf_counter() - t0
     groups = torch.tensor([r.group_id for r in rollouts])
 
@@ -560,6 +568,12 @@ def compute_rewards(
     timings["penalty_s"] = penalty_s
     timings["penalty_svd_s"] = svd_s
     timings["fitting_s"] = device_clock(device) - t0 - penalty_s
+    if pending is not None:  # segment_verify_s counts the wait that the policy pass did not cover
+        t_wait = time.perf_counter()
+        for v in pending.result():
+            outs.append(v.reward)
+            statuses.append(v.status)
+        timings["segment_verify_s"] += time.perf_counter() - t_wait
 
     # penalties: P_k and the batch normalisation P̂_k
     raw = [comp.penalty(sq, c.adapt_lr, c.damping) if needs_penalty else torch.zeros(k, dtype=torch.float64)

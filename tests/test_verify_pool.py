@@ -1,0 +1,102 @@
+"""Verification in worker processes (l2t_core.verify_pool): the same verdicts as in-process, in
+order; a pool that loses a worker loses no verdict."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from l2t_core.verify import MathVerifier, NumericVerifier, Verdict
+from l2t_core.verify_pool import VerifierPool
+
+MATH_CASES = [
+    ("<think>\nSo it is a half.\n</think>\n\\boxed{\\frac{1}{2}}", "0.5"),
+    ("<think>\nok\n</think>\nThe answer is \\boxed{3}", "4"),
+    ("<think>\nnever closed", "7"),
+    ("", "1"),
+    ("<think>\nx\n</think>\n\\boxed{x^2+2x+1}", "(x+1)^2"),
+    ("<think>\ny\n</think>\n\\boxed{90^\\circ}", "90"),
+    ("<think>\nz\n</think>\n\\boxed{3e8}", "3 \\times 10^{8}"),
+    ("no think tags, just 12", "12"),
+    ("<think>\nw\n</think>\n\\boxed{5}", ""),
+]
+
+
+class SlowVerifier:
+    """Numeric verification that takes ``delay_s`` per check (a stand-in for a slow math-verify)."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    def verify(self, response: str, reference: str) -> Verdict:
+        time.sleep(self.delay_s)
+        return NumericVerifier().verify(response, reference)
+
+
+class RaisingVerifier:
+    def verify(self, response: str, reference: str) -> Verdict:
+        raise RuntimeError(f"cannot judge {response!r}")
+
+
+@pytest.mark.parametrize("verifier", [MathVerifier(), NumericVerifier()], ids=["math", "numeric"])
+def test_pool_verdicts_equal_in_process_verdicts_in_order(verifier):
+    responses, refs = zip(*(MATH_CASES * 3))
+    with VerifierPool(verifier, workers=2) as pool:
+        got = pool.verify(responses, refs)
+        again = pool.submit(responses[:4], refs[:4]).result()  # the same workers, reused
+    assert got == [verifier.verify(r, a) for r, a in zip(responses, refs)]
+    assert again == got[:4]
+    assert pool._executor is None  # closed on exit
+    assert pool.verify([], []) == []
+
+
+def test_a_dead_worker_loses_no_verdict_and_the_pool_is_replaced():
+    n = 24
+    responses = [f"\\boxed{{{k}}}" for k in range(n)]
+    refs = [str(k if k % 3 else k + 1) for k in range(n)]
+    expected = [NumericVerifier().verify(r, a) for r, a in zip(responses, refs)]
+    with VerifierPool(SlowVerifier(0.05), workers=2) as pool:
+        pending = pool.submit(responses, refs)
+        time.sleep(0.5)  # the workers have started and are busy with the first chunks
+        os.kill(next(iter(pool._executor._processes)), signal.SIGKILL)
+        assert pending.result() == expected
+        assert pool.breaks == 1
+        assert pool.verify(responses[:6], refs[:6]) == expected[:6]  # a new pool for the next batch
+        assert pool.breaks == 1
+
+
+def test_the_verifiers_own_error_is_raised_not_swallowed():
+    with VerifierPool(RaisingVerifier(), workers=1) as pool:
+        with pytest.raises(RuntimeError, match="cannot judge"):
+            pool.verify(["a", "b"], ["1", "2"])
+
+
+def test_bad_pools_are_refused_before_any_worker_starts():
+    class Local:  # a class defined in a function does not pickle
+        def verify(self, response, reference):
+            return NumericVerifier().verify(response, reference)
+
+    with pytest.raises(ValueError, match="cannot be sent to a worker process.*verify_workers: 0"):
+        VerifierPool(Local(), workers=2)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        VerifierPool(MathVerifier(), workers=0)
+    with pytest.raises(ValueError):  # one reference per response
+        VerifierPool(MathVerifier(), workers=1).submit(["a", "b"], ["1"])
+
+
+def test_reward_pass_with_a_pool_gets_the_same_outcomes(model, tokenizer):
+    from l2t_core.config import RewardConfig
+    from l2t_core.rewards.l2t import Rollout, compute_rewards
+
+    prompt = tokenizer("What is 7 + 7?", add_special_tokens=False)["input_ids"]
+    texts = ["<think>\nStep.\n\nSo 14.\n</think>\n\\boxed{14}", "<think>\nStep, 13.\n</think>\n\\boxed{13}",
+             "garbage", "<think>\nunfinished"]
+    rollouts = [Rollout(prompt, tokenizer(t, add_special_tokens=False)["input_ids"], t, "14", 0) for t in texts]
+    serial = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig())
+    with VerifierPool(MathVerifier(), workers=2) as pool:
+        pooled = compute_rewards(model, tokenizer, rollouts, "l2t", RewardConfig(), verify_pool=pool)
+    assert [x.outcome for x in pooled.responses] == [x.outcome for x in serial.responses] == [1.0, 0.0, 0.0, 0.0]
+    assert [x.verdict_status for x in pooled.responses] == [x.verdict_status for x in serial.responses]
+    assert [x.advantage for x in pooled.responses] == pytest.approx([x.advantage for x in serial.responses])
+    assert pooled.timings["segment_verify_s"] > 0
