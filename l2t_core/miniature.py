@@ -53,6 +53,7 @@ from typing import Any, Sequence
 from pydantic import Field
 
 from .config import METHOD_NAMES, RewardConfig, TrainConfig, _Strict, config_differences
+from .atomic_files import write_json_atomic
 from .dynamics import SCALARS, aggregate_dynamics, plot_dynamics, run_dynamics
 from .miniature_report import aggregate, decoding_label, lacks_census, markdown_table, plot, plot_tradeoff
 from .warmstart import WarmStartConfig
@@ -215,9 +216,7 @@ def _write_json(path: Path, obj: dict) -> dict:
     """Write ``obj`` to ``path`` whole or not at all (temp file, then rename); return it as read back
     (integer keys such as the levels become strings)."""
     obj = json.loads(json.dumps(obj))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    write_json_atomic(path, obj)
     return obj
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic_files import write_text_atomic
 from .config import config_differences
 from .miniature import NOT_COMPARED, MiniatureConfig
 from .stats import mean_std
@@ -240,7 +241,5 @@ def pool_directories(dirs: Sequence[str | Path], out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("pooled.json", json.dumps(pooled, indent=1)), ("pooled.md", pooled_markdown(pooled))):
-        tmp = out / f"{name}.tmp"  # whole or not at all
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
     return pooled

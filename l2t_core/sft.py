@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from rich.progress import Progress
 
 from .config import _Strict
+from .atomic_files import write_json_atomic, write_text_atomic
 from .models import eval_mode
 
 log = logging.getLogger("l2t.sft")
@@ -552,12 +553,6 @@ def stale_partial(cfg: SFTConfig, data_sha256: str) -> Optional[str]:
     return ", ".join(differs) or None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     """Run the SFT job of ``cfg``: validate everything before any compute (the output directory,
     the traces, the device, the model, the lengths), train, and write the model, tokenizer,
@@ -627,8 +622,8 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
                     checks["answers"]["checked"] - checks["answers"]["correct"], checks["answers"]["checked"],
                     ", ".join(checks["answers"]["wrong_ids"][:5]))
     partial.mkdir(parents=True, exist_ok=True)
-    _write_atomic(partial / "sft_config.json", cfg.model_dump_json(indent=1))
-    _write_atomic(partial / "data.json", json.dumps({"path": str(path), "sha256": data_sha256}))
+    write_text_atomic(partial / "sft_config.json", cfg.model_dump_json(indent=1))
+    write_json_atomic(partial / "data.json", {"path": str(path), "sha256": data_sha256}, indent=None)
     n_params = sum(p.numel() for p in model.parameters())
     resumed_after = resume.step if resume else None
     log.info("SFT of %s (%.1fM parameters, %s): %d traces (%d held out), %d steps of %d%s", cfg.model,

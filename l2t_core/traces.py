@@ -13,14 +13,12 @@ or its blank-line-separated paragraphs (``split="paragraphs"``). GSM8K's calcula
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
+from .atomic_files import write_jsonl_atomic
 from .tasks.common import render_trace
 
 Split = Literal["lines", "paragraphs"]
@@ -73,17 +71,4 @@ def traces(rows: Iterable[dict], split: Split = "lines", max_episodes: int = 30,
 def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
     """``rows`` as JSONL at ``path``, written to a temporary file beside it and renamed into place;
     an existing file is refused, never overwritten."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; choose another --out or remove it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_jsonl_atomic(path, rows, overwrite=False)

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..atomic_files import write_jsonl_atomic
 from ..data import ENV_VAR, data_dir as default_data_dir
 from .metrics import answer_key
 
@@ -685,13 +686,8 @@ def _hub_answer(spec: BenchmarkSpec, row: Mapping[str, Any], solution: str | Non
 
 
 def _write_jsonl_atomic(dest: Path, rows: list[dict]) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, dest)
+        write_jsonl_atomic(dest, rows)
     except OSError as exc:
         raise DatasetError(f"cannot write the hub copy ({exc.strerror}); set {ENV_VAR} to a writable "
                            "directory", path=dest) from exc
