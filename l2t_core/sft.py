@@ -91,6 +91,11 @@ def encode_pairs(tokenizer, pairs: Sequence[Sequence[str]]) -> list[Encoded]:
     return out
 
 
+def padding_token(tokenizer) -> int:
+    """The token :func:`collate` pads with: the tokenizer's pad token, else its eos token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the targets."""
     width = max(len(ids) for ids, _ in batch)
@@ -186,18 +191,28 @@ def eval_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 
     return total / max(1, count)
 
 
-def sft(
+def sft(model, tokenizer, pairs: Sequence[Sequence[str]], *, eval_pairs: Sequence[Sequence[str]] = (),
+        **kwargs) -> SFTResult:
+    """:func:`sft_encoded` on ``pairs`` (and ``eval_pairs``) tokenised by :func:`encode_pairs`,
+    padded with the tokenizer's pad token (its eos token when it has none)."""
+    if not pairs:
+        raise ValueError("sft: no training pairs")
+    return sft_encoded(model, encode_pairs(tokenizer, pairs), pad_id=padding_token(tokenizer),
+                       eval_examples=encode_pairs(tokenizer, eval_pairs) if eval_pairs else (), **kwargs)
+
+
+def sft_encoded(
     model,
-    tokenizer,
-    pairs: Sequence[Sequence[str]],
+    examples: Sequence[Encoded],
     *,
+    pad_id: int,
+    eval_examples: Sequence[Encoded] = (),
     steps: int = 300,
     batch_size: int = 32,
     lr: float = 3e-3,
     warmup_frac: float = 0.05,
     min_lr_frac: float = 0.05,
     weight_decay: float = 0.0,
-    eval_pairs: Sequence[Sequence[str]] = (),
     eval_every: int = 0,
     seed: int = 0,
     micro_batch_size: int | None = None,
@@ -207,9 +222,10 @@ def sft(
     resume: SFTState | None = None,
     show_progress: bool = True,
 ) -> SFTResult:
-    """Fine-tune ``model`` in place on ``pairs``; returns the losses and the wall time.
+    """Fine-tune ``model`` in place on tokenised ``examples`` (:func:`encode_pairs`' output, right-
+    padded with ``pad_id``); returns the losses and the wall time.
 
-    ``eval_pairs`` are scored (mean token cross-entropy) every ``eval_every`` steps (0: only at
+    ``eval_examples`` are scored (mean token cross-entropy) every ``eval_every`` steps (0: only at
     the end) when given. A batch runs in forward/backward passes of ``micro_batch_size`` examples
     (None: the whole batch in one), each pass's mean loss weighted by its share of the batch's
     trained tokens, so the gradient is the whole batch's mean-token loss gradient whatever the
@@ -222,8 +238,8 @@ def sft(
     on from that step and ends exactly where an uninterrupted run would (its optimizer state is
     released once loaded).
     """
-    if not pairs:
-        raise ValueError("sft: no training pairs")
+    if not examples:
+        raise ValueError("sft: no training examples")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"sft: steps and batch_size must be >= 1, got {steps}, {batch_size}")
     if micro_batch_size is not None and micro_batch_size < 1:
@@ -234,9 +250,7 @@ def sft(
     t0 = session_start = time.perf_counter()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = encode_pairs(tokenizer, pairs)
-    enc_eval = encode_pairs(tokenizer, eval_pairs) if eval_pairs else []
+    pad, enc, enc_eval = pad_id, list(examples), list(eval_examples)
     lengths = [len(ids) for ids, _ in enc]
     eval_batch = micro_batch_size or 64  # the evaluation's logits must fit where a training pass's do
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -610,7 +624,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     train_rows = [rows[i] for i in sorted(order[cfg.eval_size:])]
     eval_rows = [rows[i] for i in held]
     enc = _encode_rows(tok, train_rows, max_tokens, path)
-    _encode_rows(tok, eval_rows, max_tokens, path)
+    enc_eval = _encode_rows(tok, eval_rows, max_tokens, path)
     checks = check_traces(rows, cfg.max_episodes, cfg.check_answers)
     untagged = len(rows) - checks["segmentation"].get("tagged", 0)
     if untagged:
@@ -637,9 +651,10 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
 
     try:
         with activation_checkpointing(model, cfg.gradient_checkpointing):
-            res = sft(model, tok, _pairs(tok, train_rows), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+            res = sft_encoded(model, enc, pad_id=padding_token(tok), eval_examples=enc_eval, steps=cfg.steps,
+                      batch_size=cfg.batch_size, lr=cfg.lr,
                       warmup_frac=cfg.warmup_frac, min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay,
-                      eval_pairs=_pairs(tok, eval_rows), eval_every=cfg.eval_every, seed=cfg.seed,
+                      eval_every=cfg.eval_every, seed=cfg.seed,
                       micro_batch_size=cfg.micro_batch_size, precision=cfg.precision,
                       checkpoint_every=cfg.checkpoint_every,
                       on_checkpoint=save, resume=resume, show_progress=show_progress)

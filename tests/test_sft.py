@@ -89,11 +89,16 @@ def test_render_prompt_tokenises_to_encode_prompt(tokenizer):
     assert encode_prompt(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path):
-    """The whole job on the tiny model: the traces are checked (segmentation, answers), the model
-    learns them (held-out loss falls), and out holds a loadable policy with its config and report,
-    with no staging directory left beside it."""
+def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path, monkeypatch):
+    """The whole job on the tiny model: the traces are checked (segmentation, answers), tokenised
+    once, the model learns them (held-out loss falls), and out holds a loadable policy with its
+    config and report, with no staging directory left beside it."""
+    import l2t_core.sft as sft_module
     from l2t_core.models import load_policy
+
+    encoded = []
+    encode = sft_module.encode_pairs
+    monkeypatch.setattr(sft_module, "encode_pairs", lambda tok, pairs: encoded.append(len(pairs)) or encode(tok, pairs))
 
     rows = _rows(12)
     rows[3]["answer"] = "999"  # a trace that ends in another answer: counted, and trained on all the same
@@ -111,6 +116,7 @@ def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path):
     assert check_traces(read_sft_jsonl(data), check_answers=False)["answers"] == {
         "checked": 0, "correct": 0, "wrong_ids": []}
     assert report["examples"] == 10 and report["eval_examples"] == 2
+    assert encoded == [10, 2]  # the checks' encoding is the one trained on
     assert report["eval_losses"][-1][1] < 0.7 * report["loss_curve"][0]
     assert SFTConfig.model_validate_json((out / "sft_config.json").read_text()) == cfg
     model, tok = load_policy(out)
@@ -159,7 +165,7 @@ def test_sft_job_refuses_before_any_compute(tiny_dir, tmp_path, monkeypatch):
     data = _write(tmp_path / "t.jsonl", _rows(3))
     base = dict(model=str(tiny_dir), data=str(data), out=str(tmp_path / "out"), steps=1, device="cpu")
     trained = []
-    monkeypatch.setattr(sft_module, "sft", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(sft_module, "sft_encoded", lambda *a, **k: trained.append(1))
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         run_sft(SFTConfig(**{**base, "out": str(tmp_path / "taken")}))
@@ -220,7 +226,7 @@ def test_changed_traces_are_not_resumed(tiny_dir, tmp_path, monkeypatch):
     import l2t_core.sft as sft_module
 
     data = _write(tmp_path / "t.jsonl", _rows(4))
-    monkeypatch.setattr(sft_module, "sft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    monkeypatch.setattr(sft_module, "sft_encoded", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
     cfg = SFTConfig(model=str(tiny_dir), data=str(data), out=str(tmp_path / "out"), steps=1, device="cpu")
     with pytest.raises(RuntimeError, match="out of memory"):
         run_sft(cfg)
