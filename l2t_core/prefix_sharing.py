@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .logprobs import check_temperature, scored_logprobs
+from .logprobs import check_temperature, pad_right, response_mask, scored_logprobs, token_logprobs
 from .models import decoder_and_head, is_checkpointing
 from .rewards.fitting import _Packed, plain_pack
 
@@ -171,8 +171,16 @@ def continuation_logprobs(model, prompts: Sequence[Sequence[int]], continuations
     if share and is_checkpointing(model) and torch.is_grad_enabled():
         raise ValueError("continuation_logprobs: prompt sharing under activation checkpointing would recompute "
                          "the rows' forward against a cache it already extended; pass share=False")
+    if not prompts:
+        return []
     decoder, head = decoder_and_head(model)
     param = next(model.parameters())
+    if not share or max(len(p) for p in prompts) < 2:  # nothing shared: the plain right-padded forward,
+        # the very computation of versions before prompt sharing (share_prompts: false reproduces them)
+        ids, att = pad_right([list(p) + list(c) for p, c in zip(prompts, continuations)], pad_id, param.device)
+        mask = response_mask([len(p) for p in prompts], [len(c) for c in continuations], ids.shape[1], param.device)
+        lp = token_logprobs(model, ids, att, mask, temperature, chunk_tokens)
+        return [lp[j][mask[j]] for j in range(len(prompts))]
     packs = [plain_pack(p, c) for p, c in zip(prompts, continuations)]
     lay = row_layout(packs, [len(p) for p in prompts], pad_id, param.dtype, share).to(param.device)
     hidden = decoder_hidden(decoder, lay)
