@@ -473,8 +473,7 @@ class Trainer:
         out: list[torch.Tensor | None] = [None] * len(rollouts)
         lengths = [len(r.prompt_ids) + len(self._trained_ids(r)) for r in rollouts]
         # a partitioned reference (ZeRO-3) gathers its weights in every forward: all ranks run as many forwards
-        for mb, keep in lockstep_batches(microbatches(lengths, self.cfg.micro_batch_tokens,
-                                                      self._prefixes(self.reference, rollouts)),
+        for mb, keep in lockstep_batches(microbatches(lengths, self.cfg.micro_batch_tokens),
                                          self.reference.parameters()):
             lp = self._logps(self.reference, [rollouts[i] for i in mb])
             for j, i in enumerate(mb if keep else []):
@@ -498,22 +497,15 @@ class Trainer:
                                eos_id=self.tokenizer.eos_token_id if self.cfg.reward.loss.train_eos else None,
                                share_prompts=self.cfg.share_prompts, verify_pool=self.verify_pool)
 
-    def _shares_prompts(self, model) -> bool:
-        """Whether ``model``'s passes run each prompt of a micro-batch once (l2t_core.prefix_sharing):
-        not where a layer would recompute its forward against the extended cache (the update under
-        gradient_checkpointing), nor where ZeRO-3 ranks must make the same forwards."""
-        return (self.cfg.share_prompts and not in_lockstep(model.parameters())
-                and not (torch.is_grad_enabled() and is_checkpointing(model)))
-
-    def _prefixes(self, model, rs: Sequence[Rollout]) -> list[list[int]] | None:
-        """Each rollout's shared prompt prefix for :func:`microbatches` (None where nothing is shared)."""
-        return [list(r.prompt_ids[:-1]) for r in rs] if self._shares_prompts(model) else None
-
     def _logps(self, model, rs: Sequence[Rollout]) -> list[torch.Tensor]:
         trained = [self._trained_ids(r) for r in rs]
+        # the rollouts of a prompt run it once (l2t_core.prefix_sharing), except where a layer would
+        # recompute its forward against the extended cache, or ZeRO-3 ranks must make the same forwards
+        share = (self.cfg.share_prompts and not in_lockstep(model.parameters())
+                 and not (torch.is_grad_enabled() and is_checkpointing(model)))
         return continuation_logprobs(model, [r.prompt_ids for r in rs], trained, self.pad_id,
                                      temperature=self.lp_temperature, chunk_tokens=self.cfg.head_chunk_tokens,
-                                     share=self._shares_prompts(model))
+                                     share=share)
 
     def _update(self, rollouts: Sequence[Rollout], rewards: RewardBatch, ref: list[torch.Tensor] | None) -> dict:
         """``mini_batches`` optimizer steps over the batch, each accumulated over micro-batches."""
@@ -532,9 +524,7 @@ class Trainer:
             else:
                 denom = _all_sum(float(sum(1 for t in n_tok if t > 0)))
             lengths = [len(rollouts[i].prompt_ids) + n_tok[j] for j, i in enumerate(mini)]
-            prefixes = self._prefixes(model, [rollouts[i] for i in mini])
-            mbs = [[mini[j] for j in mb if n_tok[j] > 0]
-                   for mb in microbatches(lengths, cfg.micro_batch_tokens, prefixes)]
+            mbs = [[mini[j] for j in mb if n_tok[j] > 0] for mb in microbatches(lengths, cfg.micro_batch_tokens)]
             mbs = [mb for mb in mbs if mb]
             # every rank makes the same number of backward calls (ZeRO reduces in each of them)
             mbs += [[]] * (_all_max(len(mbs)) - len(mbs)) if self.world > 1 else ([] if mbs else [[]])

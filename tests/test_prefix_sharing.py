@@ -160,15 +160,3 @@ def test_reward_pass_with_shared_prompts_equals_the_unshared_one(model, tokenize
         torch.testing.assert_close(x.penalties, y.penalties, atol=1e-6, rtol=1e-3)
         assert x.eos_logp_old == pytest.approx(y.eos_logp_old, abs=1e-4)
         torch.testing.assert_close(x.token_advantage, y.token_advantage, atol=1e-4, rtol=1e-3)
-
-
-def test_micro_batches_count_a_shared_prompt_once():
-    from l2t_core.rewards.fitting import microbatches
-
-    lengths = [40] * 8  # two groups of four rollouts, each sharing a 30-token prefix
-    prefixes = [[1] * 30] * 4 + [[2] * 30] * 4
-    assert microbatches(lengths, 100) == [[0, 1], [2, 3], [4, 5], [6, 7]]  # 2 x 40 tokens at most
-    # 30 prefix tokens + 4 rows x 10 of their own: a group per batch; a second prefix would not fit
-    assert microbatches(lengths, 100, prefixes) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert microbatches(lengths, 1000, prefixes) == [list(range(8))]
-    assert microbatches([5, 3], 1, [[], []]) == [[1], [0]]  # a row over budget still gets a batch

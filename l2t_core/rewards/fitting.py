@@ -139,30 +139,17 @@ def packed_attention_mask(packs: Sequence[_Packed], length: int, dtype: torch.dt
     return mask
 
 
-def microbatches(lengths: Sequence[int], max_tokens: int,
-                 prefixes: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
-    """Greedy batches (in length order) whose padded size B · max(L) stays within ``max_tokens``.
-
-    With ``prefixes`` (row i's shared prompt prefix, :mod:`l2t_core.prefix_sharing`) a batch costs
-    the tokens its forward runs: each distinct prefix once, plus B · max(L − prefix length)."""
+def microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Greedy batches (in length order) whose padded size B · max(L) stays within ``max_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    keys = [tuple(p) for p in prefixes] if prefixes is not None else None
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_max, seen = 0, set()
-    prefix_tokens = 0
+    batches, cur, cur_max = [], [], 0
     for i in order:
-        n_pre = len(keys[i]) if keys is not None else 0
-        new_max = max(cur_max, lengths[i] - n_pre)
-        new_prefix = prefix_tokens + (n_pre if keys is not None and keys[i] not in seen else 0)
-        if cur and new_prefix + new_max * (len(cur) + 1) > max_tokens:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > max_tokens:
             batches.append(cur)
-            cur, seen = [], set()
-            new_max, new_prefix = lengths[i] - n_pre, n_pre
+            cur, new_max = [], lengths[i]
         cur.append(i)
-        if keys is not None:
-            seen.add(keys[i])
-        cur_max, prefix_tokens = new_max, new_prefix
+        cur_max = new_max
     if cur:
         batches.append(cur)
     return batches

@@ -315,8 +315,7 @@ def episode_pass(
     share = share_prompts and not per_episode and not in_lockstep(model.parameters())
     # under ZeRO-3 with several ranks every rank runs as many forwards (and truncated backwards) as
     # the busiest one; a dummy's results are dropped
-    prefixes = [r.prompt_ids[:-1] for r in rollouts] if share else None  # what row_layout shares
-    for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens, prefixes),
+    for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens),
                                         model.parameters()):
         bp = [packs[i] for i in batch]
         # column j of row r is position starts[r] + j of its pack (0 unless the prompt is shared)
@@ -425,9 +424,7 @@ def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_token
     out: list[torch.Tensor | None] = [None] * len(rollouts)
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
     share = not in_lockstep(model.parameters())
-    prefixes = [r.prompt_ids[:-1] for r in rollouts] if share else None
-    for batch, keep in lockstep_batches(microbatches(lengths, max_tokens, prefixes),
-                                        model.parameters()):  # ZeRO-3: in step
+    for batch, keep in lockstep_batches(microbatches(lengths, max_tokens), model.parameters()):  # ZeRO-3: in step
         rs = [rollouts[i] for i in batch]
         lps = continuation_logprobs(model, [r.prompt_ids for r in rs], [r.response_ids for r in rs], pad_id,
                                     temperature=temperature, share=share)
