@@ -2,7 +2,9 @@
 
 Every report, config and data file the project writes on local disk goes through here: the
 content is written to a uniquely named temporary file beside the destination (same directory, so
-the rename cannot cross file systems), flushed to disk, and renamed over the destination. A
+the rename cannot cross file systems), flushed to disk, and renamed over the destination (the
+directory synced after it). With ``overwrite=False`` it is hard-linked in instead, which fails if
+the name exists, so an existing file is never replaced even by a writer racing this one. A
 reader sees the old file or the new one, never a half-written one; a failure (a value that does
 not serialise, a full disk, an interrupt) removes the temporary file and leaves the destination as
 it was. Run directories on fsspec URLs have their own staging (:mod:`l2t_core.checkpoint`).
@@ -12,15 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterable
-
-# the process's umask, read once: temporary files are created private (mkstemp), and get the mode an
-# ordinary open() would have given the destination before they replace it
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """``text`` (UTF-8) at ``path``, whole or not at all; its directory is created. With
@@ -48,17 +44,49 @@ def _write(path: Path, write, overwrite: bool) -> Path:
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; choose another path or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # created new (O_EXCL) with mode 0o666 under the process's umask, as open() would create the file
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if not overwrite and path.exists():  # appeared meanwhile: still never replaced
-            raise FileExistsError(f"{path} already exists; choose another path or remove it")
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a crash
     return path
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` only if nothing is there (a hard link fails on an existing name:
+    no window between the check and the rename), then drop ``tmp``; on a file system without hard
+    links, check and rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; choose another path or remove it") from None
+    except OSError:
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; choose another path or remove it") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -57,13 +57,24 @@ class RowLayout:
                             "prefix_of_row")))
 
 
+def shares_any(prefixes: Sequence[Sequence[int]]) -> bool:
+    """Whether two rows have the same non-empty prefix (else sharing would only add a forward)."""
+    seen: set[tuple[int, ...]] = set()
+    for p in prefixes:
+        key = tuple(p)
+        if key and key in seen:
+            return True
+        seen.add(key)
+    return False
+
+
 def row_layout(packs: Sequence[_Packed], prompt_lens: Sequence[int], pad_id: int, dtype: torch.dtype,
                share: bool = True) -> RowLayout:
     """Lay out a micro-batch of packs whose first ``prompt_lens[r]`` tokens are row r's prompt.
 
     Rows whose prompts (but for the last token) are equal share one prefix. Without ``share``, or
-    when no prompt has more than one token, every row starts at 0 and the mask is the packs' own
-    (padding rows see only themselves, so no softmax row is empty)."""
+    when no two rows share a prompt of more than one token, every row starts at 0 and the mask is
+    the packs' own (padding rows see only themselves, so no softmax row is empty)."""
     if len(packs) != len(prompt_lens):
         raise ValueError(f"row_layout: {len(packs)} packs but {len(prompt_lens)} prompt lengths")
     for r, (p, n) in enumerate(zip(packs, prompt_lens)):
@@ -71,8 +82,8 @@ def row_layout(packs: Sequence[_Packed], prompt_lens: Sequence[int], pad_id: int
             raise ValueError(f"row_layout: row {r} has a prompt of {n} tokens in a pack of {len(p.input_ids)}; "
                              "a prompt needs at least one token and must lie inside its pack")
     starts = [n - 1 for n in prompt_lens] if share else [0] * len(packs)
-    if max(starts) == 0:
-        starts, share = [0] * len(packs), False
+    if share and not shares_any([p.input_ids[:s].tolist() for p, s in zip(packs, starts)]):
+        starts, share = [0] * len(packs), False  # no two rows share a prompt: the plain layout
     b = len(packs)
     width = max(len(p.input_ids) - s for p, s in zip(packs, starts))
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -114,6 +125,20 @@ def row_layout(packs: Sequence[_Packed], prompt_lens: Sequence[int], pad_id: int
                      prefix_of_row)
 
 
+def sharing_supported(model) -> bool:
+    """Whether ``model``'s attention applies a 4-D mask after a cache exactly as given, so a shared
+    prefix gives the unshared forward's values: every layer full attention (a sliding window crops
+    the cache and masks by its own rule: measured wrong log-probs on a sliding-window Qwen2) under
+    ``sdpa`` or ``eager`` attention (flash attention takes no 4-D mask)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None)
+                                                                                         or ())):
+        return False
+    return getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+
+
 def cache_kwarg(decoder) -> str:
     """The decoder's keyword for a KV cache: ``cache`` from transformers 5.x's renaming, else
     ``past_key_values``."""
@@ -135,8 +160,8 @@ def prefix_cache(decoder, layout: RowLayout, grad: bool = False):
     # transformers 5.x names the output's cache ``cache`` (``past_key_values`` before, deprecated)
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     if cache is None:
-        raise RuntimeError("prompt sharing: the decoder returned no KV cache for the prompts; "
-                           "run with prompt sharing off (share_prompts: false)")
+        raise RuntimeError("prompt sharing: the decoder returned no KV cache for the prompts; turn prompt "
+                           "sharing off (TrainConfig share_prompts: false; share_prompts=False in the API)")
     cache.reorder_cache(layout.prefix_of_row)  # index_select over the batch: prefix u -> its rows
     return cache
 
@@ -175,8 +200,9 @@ def continuation_logprobs(model, prompts: Sequence[Sequence[int]], continuations
         return []
     decoder, head = decoder_and_head(model)
     param = next(model.parameters())
-    if not share or max(len(p) for p in prompts) < 2:  # nothing shared: the plain right-padded forward,
-        # the very computation of versions before prompt sharing (share_prompts: false reproduces them)
+    share = share and sharing_supported(model)
+    if not share or not shares_any([p[:-1] for p in prompts]):  # nothing shared: the plain right-padded
+        # forward, the very computation of versions before prompt sharing (share_prompts: false reproduces them)
         ids, att = pad_right([list(p) + list(c) for p, c in zip(prompts, continuations)], pad_id, param.device)
         mask = response_mask([len(p) for p in prompts], [len(c) for c in continuations], ids.shape[1], param.device)
         lp = token_logprobs(model, ids, att, mask, temperature, chunk_tokens)

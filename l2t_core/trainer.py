@@ -500,9 +500,13 @@ class Trainer:
     def _logps(self, model, rs: Sequence[Rollout]) -> list[torch.Tensor]:
         trained = [self._trained_ids(r) for r in rs]
         # the rollouts of a prompt run it once (l2t_core.prefix_sharing), except where a layer would
-        # recompute its forward against the extended cache, or ZeRO-3 ranks must make the same forwards
+        # recompute its forward against the extended cache, where ZeRO-3 ranks must make the same
+        # forwards, and in a multi-rank update: a shared prefix changes the order in which the
+        # parameters' gradients arrive, and ZeRO-2 fills its reduction buckets in that order, so a rank
+        # that shares beside one that does not (a padding micro-batch) would mix up gradients
+        update = torch.is_grad_enabled()
         share = (self.cfg.share_prompts and not in_lockstep(model.parameters())
-                 and not (torch.is_grad_enabled() and is_checkpointing(model)))
+                 and not (update and (is_checkpointing(model) or self.world > 1)))
         return continuation_logprobs(model, [r.prompt_ids for r in rs], trained, self.pad_id,
                                      temperature=self.lp_temperature, chunk_tokens=self.cfg.head_chunk_tokens,
                                      share=share)

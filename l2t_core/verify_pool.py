@@ -8,9 +8,10 @@ of a few hundred rollouts verifies for seconds on the trainer's process while it
 verification runs beside that forward and on other cores. The verdicts are the verifier's own,
 in order (each worker runs ``verifier.verify``, deadline included).
 
-A pool that breaks (a worker killed, out of memory) is replaced on the next batch, and the part of
-the batch it lost is verified in the trainer's process: no verdict is lost and the step goes on.
-An exception the verifier itself raises is raised, as it would be in-process.
+A pool that breaks (a worker killed, out of memory) or stalls (no result within the verifier's
+deadline per response, plus a minute) is replaced on the next batch, and the part of the batch it
+lost is verified in the trainer's process: no verdict is lost and the step goes on. An exception
+the verifier itself raises is raised, as it would be in-process.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
-from concurrent.futures import Future, ProcessPoolExecutor
+import time
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Sequence
 
@@ -34,19 +37,22 @@ def _verify_chunk(verifier: Verifier, pairs: Sequence[tuple[str, str]]) -> list[
 class PendingVerdicts:
     """Verdicts on their way from the pool (:meth:`VerifierPool.submit`)."""
 
-    def __init__(self, pool: "VerifierPool", chunks: list[list[tuple[str, str]]], futures: list[Future | None]):
+    def __init__(self, pool: "VerifierPool", chunks: list[list[tuple[str, str]]],
+                 futures: list[tuple[Future, ProcessPoolExecutor] | None]):
         self._pool, self._chunks, self._futures = pool, chunks, futures
 
     def result(self) -> list[Verdict]:
-        """Every verdict, in the order submitted; a chunk whose worker died is verified here."""
+        """Every verdict, in the order submitted; a chunk whose worker died or stalled is verified here."""
         out: list[Verdict] = []
-        for chunk, fut in zip(self._chunks, self._futures):
-            if fut is not None:
+        per_check = float(getattr(self._pool.verifier, "timeout_s", 5.0))
+        for chunk, sent in zip(self._chunks, self._futures):
+            if sent is not None:
+                fut, executor = sent
                 try:
-                    out.extend(fut.result())
+                    out.extend(fut.result(timeout=per_check * len(chunk) + self._pool.stall_slack_s))
                     continue
-                except BrokenProcessPool as exc:
-                    self._pool._broken(exc)
+                except (BrokenProcessPool, CancelledError, FutureTimeout) as exc:
+                    self._pool._broken(exc, executor)
             out.extend(_verify_chunk(self._pool.verifier, chunk))
         return out
 
@@ -54,7 +60,7 @@ class PendingVerdicts:
 class VerifierPool:
     """``workers`` spawned processes that run ``verifier.verify`` (which must pickle)."""
 
-    def __init__(self, verifier: Verifier, workers: int, chunks_per_worker: int = 4):
+    def __init__(self, verifier: Verifier, workers: int, chunks_per_worker: int = 4, stall_slack_s: float = 60.0):
         if workers < 1:
             raise ValueError(f"VerifierPool: workers must be >= 1, got {workers}")
         try:
@@ -63,6 +69,7 @@ class VerifierPool:
             raise ValueError(f"VerifierPool: the verifier {type(verifier).__name__} cannot be sent to a worker "
                              f"process ({type(exc).__name__}: {exc}); verify in-process (verify_workers: 0)") from exc
         self.verifier, self.workers, self.chunks_per_worker = verifier, workers, chunks_per_worker
+        self.stall_slack_s = stall_slack_s  # beyond the verifier's deadlines, before a chunk counts as stalled
         self._executor: ProcessPoolExecutor | None = None
         self.breaks = 0  # how many times a broken pool was replaced
 
@@ -72,25 +79,30 @@ class VerifierPool:
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self._executor
 
-    def _broken(self, exc: BaseException) -> None:
-        if self._executor is not None:
+    def _broken(self, exc: BaseException, executor: ProcessPoolExecutor | None) -> None:
+        """Replace ``executor`` (the one a failed chunk went to) if it is still the pool's."""
+        if executor is not None and executor is self._executor:
             self.breaks += 1
-            log.warning("verification worker pool broke (%s: %s); verifying this batch's rest in-process and "
-                        "starting a new pool for the next", type(exc).__name__, exc)
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            log.warning("verification worker pool failed (%s%s); verifying the rest of this batch in-process and "
+                        "starting a new pool for the next", type(exc).__name__, f": {exc}" if str(exc) else "")
             self._executor = None
+            # a stalled (even stopped) worker is not ended by shutdown(); kill them all (they hold no state)
+            for proc in list((getattr(executor, "_processes", None) or {}).values()):
+                proc.kill()
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, responses: Sequence[str], references: Sequence[str]) -> PendingVerdicts:
         """Start verifying ``responses`` against ``references``; returns at once."""
         pairs = list(zip(responses, references, strict=True))
         n = min(len(pairs), self.workers * self.chunks_per_worker)
         chunks = [pairs[len(pairs) * k // n: len(pairs) * (k + 1) // n] for k in range(n)] if n else []
-        futures: list[Future | None] = []
+        futures: list[tuple[Future, ProcessPoolExecutor] | None] = []
         for chunk in chunks:
+            executor = self._get()
             try:
-                futures.append(self._get().submit(_verify_chunk, self.verifier, chunk))
+                futures.append((executor.submit(_verify_chunk, self.verifier, chunk), executor))
             except BrokenProcessPool as exc:
-                self._broken(exc)
+                self._broken(exc, executor)
                 futures.append(None)
         return PendingVerdicts(self, chunks, futures)
 
@@ -98,11 +110,20 @@ class VerifierPool:
         """Verdicts of every response, in order (:meth:`submit` and wait)."""
         return self.submit(responses, references).result()
 
-    def close(self) -> None:
-        """Stop the workers (a pool that is used again starts new ones)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop the workers (a pool that is used again starts new ones): each idle worker ends on
+        its own; one still running (a hung check, a stopped process) after ``grace_s`` is killed."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        procs = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)
 
     def __enter__(self) -> "VerifierPool":
         return self

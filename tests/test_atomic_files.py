@@ -37,3 +37,17 @@ def test_overwrite_false_refuses_an_existing_file(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         write_text_atomic(path, "second", overwrite=False)
     assert path.read_text() == "first"
+
+
+def test_overwrite_false_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypatch):
+    """The no-clobber write links the finished file in: a file another writer created after the
+    first check is kept, and no temporary file is left."""
+    from pathlib import Path
+
+    path = tmp_path / "race.txt"
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == path else real_exists(self))
+    path.write_text("theirs")
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_text_atomic(path, "mine", overwrite=False)
+    assert path.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["race.txt"]

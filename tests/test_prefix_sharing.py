@@ -160,3 +160,55 @@ def test_reward_pass_with_shared_prompts_equals_the_unshared_one(model, tokenize
         torch.testing.assert_close(x.penalties, y.penalties, atol=1e-6, rtol=1e-3)
         assert x.eos_logp_old == pytest.approx(y.eos_logp_old, abs=1e-4)
         torch.testing.assert_close(x.token_advantage, y.token_advantage, atol=1e-4, rtol=1e-3)
+
+
+def test_sharing_falls_back_where_it_would_be_wrong_or_useless(tiny_dir):
+    """A sliding-window model masks by its own rule after a cache (shared log-probs measured 0.04-0.07
+    off): sharing is off and the result is the plain forward's, bit for bit. Rows that share no
+    prompt get the plain layout (no second forward)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from l2t_core.models import build_tiny_qwen2
+    from l2t_core.prefix_sharing import sharing_supported
+
+    assert sharing_supported(build_tiny_qwen2(320, hidden_size=32, num_layers=2, intermediate_size=64, seed=0))
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=64, use_sliding_window=True,
+                                     sliding_window=16, max_window_layers=0, attn_implementation="sdpa"))
+    assert "sliding_attention" in m.config.layer_types and not sharing_supported(m)
+    rows = _groups(random.Random(5), 320)
+    prompts, conts = [r[0] for r in rows], [r[1] for r in rows]
+    with torch.no_grad():
+        shared = continuation_logprobs(m, prompts, conts, 0, share=True)
+        plain = continuation_logprobs(m, prompts, conts, 0, share=False)
+    assert all(torch.equal(a, b) for a, b in zip(shared, plain))
+    distinct = _groups(random.Random(6), 50, sizes=(1, 1, 1))
+    lay = row_layout(_packs(distinct), [len(r[0]) for r in distinct], 0, torch.float32)
+    assert not lay.shared and lay.start.tolist() == [0, 0, 0]
+
+
+def test_the_multi_rank_update_does_not_share(tiny_dir, tmp_path, monkeypatch):
+    """In a multi-rank update a shared prefix would change the order of the gradient hooks, which
+    ZeRO-2's buckets follow: the update shares on one rank only; the no-grad passes share anyway."""
+    import l2t_core.trainer as trainer_module
+    from l2t_core.config import TrainConfig
+
+    cfg = TrainConfig(policy=str(tiny_dir), out=str(tmp_path / "run"), method="grpo", data={"source": "gsm8k"})
+    tr = trainer_module.Trainer(cfg, show_progress=False)
+    tr.cfg, tr.world, tr.pad_id, tr.lp_temperature = cfg, 2, 0, 1.0
+    tr.tokenizer = type("Tok", (), {"eos_token_id": 1})()
+    seen = []
+    monkeypatch.setattr(trainer_module, "continuation_logprobs", lambda *a, share, **k: seen.append(share))
+    rs = [Rollout([5, 6, 7], [8, 9], "", "1", 0)] * 2
+    from l2t_core.models import load_policy
+
+    model, _ = load_policy(tiny_dir)
+    with torch.enable_grad():
+        tr._logps(model, rs)
+    with torch.no_grad():
+        tr._logps(model, rs)
+    tr.world = 1
+    with torch.enable_grad():
+        tr._logps(model, rs)
+    assert seen == [False, True, True]

@@ -332,7 +332,12 @@ def test_verification_workers_give_the_same_step_and_stop_with_the_run(tiny_dir,
     expected = comparable(plain.run().steps)
     assert plain.verify_pool is None
     pooled = Trainer(make_cfg(tiny_dir, tmp_path / "pooled", verify_workers=2, **cfg), show_progress=False)
+    pooled.setup()
+    submitted = []
+    submit = pooled.verify_pool.submit
+    pooled.verify_pool.submit = lambda responses, refs: submitted.append(len(responses)) or submit(responses, refs)
     pooled.run(stop_after=1)
+    assert submitted == [8]  # the step's rollouts went through the workers
     assert pooled.verify_pool._executor is None  # the workers were stopped with the run
     # resumed in-process for its second step: the same run as the in-process one throughout
     resumed = Trainer(make_cfg(tiny_dir, tmp_path / "pooled", verify_workers=0, **cfg), show_progress=False).run()

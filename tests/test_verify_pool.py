@@ -100,3 +100,48 @@ def test_reward_pass_with_a_pool_gets_the_same_outcomes(model, tokenizer):
     assert [x.verdict_status for x in pooled.responses] == [x.verdict_status for x in serial.responses]
     assert [x.advantage for x in pooled.responses] == pytest.approx([x.advantage for x in serial.responses])
     assert pooled.timings["segment_verify_s"] > 0
+
+
+class TimedSlowVerifier(SlowVerifier):
+    timeout_s = 0.01  # the deadline per check the pool's stall limit is built from
+
+
+def test_a_stalled_worker_is_replaced_and_its_chunk_verified_in_process():
+    n = 16
+    responses = [f"\\boxed{{{k}}}" for k in range(n)]
+    refs = [str(k) for k in range(n)]
+    expected = [NumericVerifier().verify(r, a) for r, a in zip(responses, refs)]
+    with VerifierPool(TimedSlowVerifier(0.05), workers=2, stall_slack_s=1.0) as pool:
+        assert pool.verify(responses[:2], refs[:2]) == expected[:2]  # the workers are up
+        stopped = list(pool._executor._processes.values())
+        for proc in stopped:  # workers that never answer
+            os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        assert pool.verify(responses, refs) == expected
+        assert time.perf_counter() - t0 < 30
+        assert pool.breaks == 1
+        for proc in stopped:
+            proc.join(timeout=10)
+            assert not proc.is_alive()  # killed, not left stopped
+        assert pool.verify(responses[:4], refs[:4]) == expected[:4]
+
+
+def test_close_does_not_wait_forever_for_a_stopped_worker():
+    pool = VerifierPool(NumericVerifier(), workers=1)
+    assert pool.verify(["\\boxed{1}"], ["1"])[0].correct
+    proc = next(iter(pool._executor._processes.values()))
+    os.kill(proc.pid, signal.SIGSTOP)
+    t0 = time.perf_counter()
+    pool.close(grace_s=1.0)
+    assert time.perf_counter() - t0 < 30 and pool._executor is None
+    proc.join(timeout=10)
+    assert not proc.is_alive()
+
+
+def test_reward_pass_refuses_a_pool_with_another_verifier(model, tokenizer):
+    from l2t_core.rewards.l2t import Rollout, compute_rewards
+
+    rollouts = [Rollout([1, 2], [3], "\\boxed{1}", "1", 0)]
+    with VerifierPool(MathVerifier(), workers=1) as pool:
+        with pytest.raises(ValueError, match="its own verifier"):
+            compute_rewards(model, tokenizer, rollouts, "grpo", verifier=NumericVerifier(), verify_pool=pool)

@@ -60,11 +60,12 @@ def l2t_scores(model, tokenizer, candidates: Sequence[Completion], answers: Sequ
 
 
 def loglik_scores(model, tokenizer, candidates: Sequence[Completion], answers: Sequence[str | None],
-                  max_tokens: int = 8192) -> list[float]:
-    """Mean token log-probability per candidate; -inf without an answer or without tokens."""
+                  max_tokens: int = 8192, share_prompts: bool = True) -> list[float]:
+    """Mean token log-probability per candidate; -inf without an answer or without tokens. The
+    candidates of a prompt run it once with ``share_prompts`` (:mod:`l2t_core.prefix_sharing`)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rs = [Rollout(c.prompt_ids, c.response_ids, c.text, "", 0) for c in candidates]
-    lps = response_logprobs(model, rs, pad, max_tokens)
+    lps = response_logprobs(model, rs, pad, max_tokens, share_prompts=share_prompts)
     return [float(lp.mean()) if a and len(lp) else -math.inf for lp, a in zip(lps, answers)]
 
 

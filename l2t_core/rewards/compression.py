@@ -321,8 +321,10 @@ def per_token_signals(
     ``attention_mask`` is a [B, L] padding mask, or an additive [B, 1, L, L] mask with
     ``position_ids`` (the packed J layout of :mod:`.fitting`, whose response positions see exactly
     the causal prefix, so their signals equal those of a plain forward), [B, 1, L, P + L] after a
-    ``cache`` of the rows' shared prompts (:mod:`l2t_core.prefix_sharing`; the targets must lie
-    where the backward does not reach the cached positions, as :func:`attributed_by_position`'s do). ``return_hidden`` keeps
+    ``cache`` of the rows' shared prompts (:mod:`l2t_core.prefix_sharing`): the signals are read at
+    the scored positions only, none of which is cached, so they equal the unshared forward's for
+    any target (the cached prompt positions carry no leaf; :func:`per_episode_sqnorms`, which
+    needs them, never runs after a cache). ``return_hidden`` keeps
     the final hidden states, so the same forward also serves J. ``head_chunk_tokens``: the output
     head's logits a chunk of tokens at a time (:func:`~l2t_core.logprobs.scored_logprobs`).
 

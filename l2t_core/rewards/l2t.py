@@ -28,7 +28,7 @@ from .copying import episode_copy_shares
 from .oracle import redundancy_labels
 from ..engines.gather import in_lockstep, lockstep_batches
 from ..models import decoder_and_head
-from ..prefix_sharing import continuation_logprobs, decoder_hidden, prefix_cache, row_layout
+from ..prefix_sharing import continuation_logprobs, decoder_hidden, prefix_cache, row_layout, sharing_supported
 from ..timing import device_clock
 from .fitting import (
     JItem,
@@ -312,7 +312,8 @@ def episode_pass(
     if attribution not in ("per_episode", "single_backward"):
         raise ValueError(f"episode_pass: attribution must be 'per_episode' or 'single_backward', got {attribution!r}")
     per_episode = bool(targets) and attribution == "per_episode" and not comp.attributed_by_position(model, targets)
-    share = share_prompts and not per_episode and not in_lockstep(model.parameters())
+    share = (share_prompts and not per_episode and not in_lockstep(model.parameters())
+             and sharing_supported(model))
     # under ZeRO-3 with several ranks every rank runs as many forwards (and truncated backwards) as
     # the busiest one; a dummy's results are dropped
     for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens),
@@ -417,13 +418,14 @@ def _scored_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, score: torch
 
 @torch.no_grad()
 def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_tokens: int,
-                      temperature: float = 1.0) -> list[torch.Tensor]:
+                      temperature: float = 1.0, share_prompts: bool = True) -> list[torch.Tensor]:
     """log π(z_t) of every response token at ``temperature``, micro-batched (no gradient), the
-    rollouts of a micro-batch that share a prompt running it once (:mod:`l2t_core.prefix_sharing`;
-    not under ZeRO-3 in lockstep, where every rank must make the same forwards)."""
+    rollouts of a micro-batch that share a prompt running it once with ``share_prompts``
+    (:mod:`l2t_core.prefix_sharing`; not under ZeRO-3 in lockstep, where every rank must make the
+    same forwards)."""
     out: list[torch.Tensor | None] = [None] * len(rollouts)
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-    share = not in_lockstep(model.parameters())
+    share = share_prompts and not in_lockstep(model.parameters())
     for batch, keep in lockstep_batches(microbatches(lengths, max_tokens), model.parameters()):  # ZeRO-3: in step
         rs = [rollouts[i] for i in batch]
         lps = continuation_logprobs(model, [r.prompt_ids for r in rs], [r.response_ids for r in rs], pad_id,
@@ -477,6 +479,11 @@ def compute_rewards(
     if not rollouts:
         raise ValueError("compute_rewards: the batch has no rollouts")
     cfg = cfg or RewardConfig()
+    if verify_pool is not None:
+        if verifier is not None and verifier is not verify_pool.verifier:
+            raise ValueError("compute_rewards: verify_pool verifies with its own verifier; pass that one as "
+                             "verifier, or none")
+        verifier = verify_pool.verifier
     verifier = verifier or MathVerifier()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
