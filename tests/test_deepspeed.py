@@ -225,6 +225,7 @@ def test_trainer_two_ranks_end_to_end(tiny_dir, tmp_path, monkeypatch):
         checkpoint_every=1, keep_checkpoints=1, data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
         rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
         micro_batch_tokens=120, mini_batches=2,  # several micro-batches and two optimizer steps per step
+        share_prompts=False,  # the one-process replay shares in its update, the ranks cannot: the same computation
         # the default penalty_norm (batch_response_mean): summed over the ranks, P̂ is the whole step's,
         # so the one-process replay below gets the same rewards
     )
@@ -333,7 +334,8 @@ def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tm
     base = dict(policy=str(tiny_dir), steps=2, prompts_per_step=4, method="l2t", engine="deepspeed",
                 checkpoint_every=1, keep_checkpoints=2, data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
                 rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
-                micro_batch_tokens=120, mini_batches=2, gradient_checkpointing=True)
+                micro_batch_tokens=120, mini_batches=2, gradient_checkpointing=True,
+                share_prompts=False)  # ZeRO-3 cannot share prompts: ZeRO-2 makes the same computation
     runs = {"zero2": ROOT / "infra" / "deepspeed" / "zero2.json", "zero3": tmp_path / "ds_zero3.json"}
     ranks = {k: _run_two_ranks({**base, "out": str(tmp_path / k), "deepspeed_config": str(v)}, tmp_path, k, data)
              for k, v in runs.items()}
@@ -390,7 +392,8 @@ def test_zero3_trainer_with_fewer_micro_batches_on_one_rank_equals_one_process(t
     base = dict(policy=str(tiny_dir), steps=1, prompts_per_step=4, method="grpo", engine="deepspeed",
                 deepspeed_config=str(tmp_path / "ds_zero3.json"), data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
                 rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512},
-                micro_batch_tokens=604, out=str(tmp_path / "run"))  # two 302-token sequences, or one of 313
+                micro_batch_tokens=604, out=str(tmp_path / "run"),  # two 302-token sequences, or one of 313
+                share_prompts=False)  # ZeRO-3 cannot share prompts: the one-process replay makes the same computation
     ranks = _run_two_ranks(base, tmp_path, "uneven", data, variant="uneven")
     assert ranks[0]["digest"] == ranks[1]["digest"]
     shares = [pickle.loads((tmp_path / "uneven-out" / f"rollouts-rank{r}.pkl").read_bytes())[1] for r in (0, 1)]
@@ -471,7 +474,8 @@ def test_zero3_random_layers_penalty_takes_each_episodes_gradient_like_zero2(tin
     data = _toy_data_and_zero3(tmp_path)
     base = dict(policy=str(tiny_dir), steps=1, prompts_per_step=4, method="l2t_random_layers", engine="deepspeed",
                 data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
-                rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512}, micro_batch_tokens=120)
+                rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512}, micro_batch_tokens=120,
+                share_prompts=False)  # ZeRO-3 cannot share prompts: ZeRO-2 makes the same computation
     runs = {"zero2": ROOT / "infra" / "deepspeed" / "zero2.json", "zero3": tmp_path / "ds_zero3.json"}
     for k, v in runs.items():
         _run_two_ranks({**base, "out": str(tmp_path / k), "deepspeed_config": str(v)}, tmp_path, k, data)
