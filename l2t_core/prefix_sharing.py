@@ -19,12 +19,14 @@ would be a collective the others do not make).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from .engines.gather import in_lockstep
 from .logprobs import check_temperature, pad_right, response_mask, scored_logprobs, token_logprobs
 from .models import decoder_and_head, is_checkpointing
 from .rewards.fitting import _Packed, plain_pack
@@ -82,7 +84,8 @@ def row_layout(packs: Sequence[_Packed], prompt_lens: Sequence[int], pad_id: int
             raise ValueError(f"row_layout: row {r} has a prompt of {n} tokens in a pack of {len(p.input_ids)}; "
                              "a prompt needs at least one token and must lie inside its pack")
     starts = [n - 1 for n in prompt_lens] if share else [0] * len(packs)
-    if share and not shares_any([p.input_ids[:s].tolist() for p, s in zip(packs, starts)]):
+    keys = [tuple(p.input_ids[:s].tolist()) for p, s in zip(packs, starts)] if share else []
+    if share and not shares_any(keys):
         starts, share = [0] * len(packs), False  # no two rows share a prompt: the plain layout
     b = len(packs)
     width = max(len(p.input_ids) - s for p, s in zip(packs, starts))
@@ -100,7 +103,6 @@ def row_layout(packs: Sequence[_Packed], prompt_lens: Sequence[int], pad_id: int
     n_prefix = 0
     if share:
         first: dict[tuple[int, ...], int] = {}
-        keys = [tuple(p.input_ids[:s].tolist()) for p, s in zip(packs, starts)]
         for k in keys:
             if k:
                 first.setdefault(k, len(first))
@@ -126,12 +128,14 @@ def row_layout(packs: Sequence[_Packed], prompt_lens: Sequence[int], pad_id: int
 
 
 def sharing_supported(model) -> bool:
-    """Whether ``model``'s attention applies a 4-D mask after a cache exactly as given, so a shared
-    prefix gives the unshared forward's values: every layer full attention (a sliding window crops
-    the cache and masks by its own rule: measured wrong log-probs on a sliding-window Qwen2) under
-    ``sdpa`` or ``eager`` attention (flash attention takes no 4-D mask)."""
+    """Whether ``model`` can share prompts: not under ZeRO-3 in lockstep (a rank's prefix forward
+    would be a collective the other ranks do not make), and its attention applies a 4-D mask after
+    a cache exactly as given, so a shared prefix gives the unshared forward's values: every layer
+    full attention (a sliding window crops the cache and masks by its own rule: measured wrong
+    log-probs on a sliding-window Qwen2) under ``sdpa`` or ``eager`` attention (flash attention
+    takes no 4-D mask)."""
     cfg = getattr(model, "config", None)
-    if cfg is None:
+    if cfg is None or in_lockstep(model.parameters()):
         return False
     if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None)
                                                                                          or ())):
@@ -142,8 +146,12 @@ def sharing_supported(model) -> bool:
 def cache_kwarg(decoder) -> str:
     """The decoder's keyword for a KV cache: ``cache`` from transformers 5.x's renaming, else
     ``past_key_values``."""
-    params = inspect.signature(type(decoder).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _cache_kwarg_of(type(decoder))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(decoder_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
 
 
 def prefix_cache(decoder, layout: RowLayout, grad: bool = False):
@@ -166,20 +174,15 @@ def prefix_cache(decoder, layout: RowLayout, grad: bool = False):
     return cache
 
 
-def decoder_kwargs(decoder, layout: RowLayout, cache) -> dict:
-    """Keyword arguments of the decoder's forward over the layout's row columns."""
-    kw = dict(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
-              position_ids=layout.position_ids, use_cache=False)
-    if cache is not None:
-        kw[cache_kwarg(decoder)] = cache
-    return kw
-
-
 def decoder_hidden(decoder, layout: RowLayout) -> torch.Tensor:
     """Final hidden states [B, Lq, H] at the layout's row columns, the prefixes' included in the
     graph where autograd records."""
+    kw = dict(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+              position_ids=layout.position_ids, use_cache=False)
     cache = prefix_cache(decoder, layout, grad=torch.is_grad_enabled())
-    return decoder(**decoder_kwargs(decoder, layout, cache)).last_hidden_state
+    if cache is not None:
+        kw[cache_kwarg(decoder)] = cache
+    return decoder(**kw).last_hidden_state
 
 
 def continuation_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],

@@ -40,7 +40,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
-from .engines.gather import (check_head_chunking, collective_device, full_state_dict, in_lockstep, is_partitioned,
+from .engines.gather import (check_head_chunking, collective_device, full_state_dict, is_partitioned,
                              lockstep_batches)
 from .logprobs import logprob_temperature, response_mask, token_logprobs
 from .losses import policy_loss
@@ -499,14 +499,13 @@ class Trainer:
 
     def _logps(self, model, rs: Sequence[Rollout]) -> list[torch.Tensor]:
         trained = [self._trained_ids(r) for r in rs]
-        # the rollouts of a prompt run it once (l2t_core.prefix_sharing), except where a layer would
-        # recompute its forward against the extended cache, where ZeRO-3 ranks must make the same
-        # forwards, and in a multi-rank update: a shared prefix changes the order in which the
+        # the rollouts of a prompt run it once (l2t_core.prefix_sharing; it turns itself off under
+        # ZeRO-3's lockstep and on attention it cannot mask), except where a layer would recompute its
+        # forward against the extended cache, and in a multi-rank update: a shared prefix changes the order in which the
         # parameters' gradients arrive, and ZeRO-2 fills its reduction buckets in that order, so a rank
         # that shares beside one that does not (a padding micro-batch) would mix up gradients
         update = torch.is_grad_enabled()
-        share = (self.cfg.share_prompts and not in_lockstep(model.parameters())
-                 and not (update and (is_checkpointing(model) or self.world > 1)))
+        share = self.cfg.share_prompts and not (update and (is_checkpointing(model) or self.world > 1))
         return continuation_logprobs(model, [r.prompt_ids for r in rs], trained, self.pad_id,
                                      temperature=self.lp_temperature, chunk_tokens=self.cfg.head_chunk_tokens,
                                      share=share)

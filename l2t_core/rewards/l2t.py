@@ -26,7 +26,7 @@ from . import compression as comp
 from .baselines import length_penalty_rewards, mrt_reward
 from .copying import episode_copy_shares
 from .oracle import redundancy_labels
-from ..engines.gather import in_lockstep, lockstep_batches
+from ..engines.gather import lockstep_batches
 from ..models import decoder_and_head
 from ..prefix_sharing import continuation_logprobs, decoder_hidden, prefix_cache, row_layout, sharing_supported
 from ..timing import device_clock
@@ -312,8 +312,7 @@ def episode_pass(
     if attribution not in ("per_episode", "single_backward"):
         raise ValueError(f"episode_pass: attribution must be 'per_episode' or 'single_backward', got {attribution!r}")
     per_episode = bool(targets) and attribution == "per_episode" and not comp.attributed_by_position(model, targets)
-    share = (share_prompts and not per_episode and not in_lockstep(model.parameters())
-             and sharing_supported(model))
+    share = share_prompts and not per_episode and sharing_supported(model)
     # under ZeRO-3 with several ranks every rank runs as many forwards (and truncated backwards) as
     # the busiest one; a dummy's results are dropped
     for batch, keep in lockstep_batches(microbatches([len(p.input_ids) for p in packs], max_tokens),
@@ -425,11 +424,10 @@ def response_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, max_token
     same forwards)."""
     out: list[torch.Tensor | None] = [None] * len(rollouts)
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-    share = share_prompts and not in_lockstep(model.parameters())
     for batch, keep in lockstep_batches(microbatches(lengths, max_tokens), model.parameters()):  # ZeRO-3: in step
         rs = [rollouts[i] for i in batch]
         lps = continuation_logprobs(model, [r.prompt_ids for r in rs], [r.response_ids for r in rs], pad_id,
-                                    temperature=temperature, share=share)
+                                    temperature=temperature, share=share_prompts)
         for lp, i in zip(lps, batch if keep else []):
             out[i] = lp.cpu()
     return out  # type: ignore[return-value]
