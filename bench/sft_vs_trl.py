@@ -72,7 +72,7 @@ def _ours(model_dir, pairs, *, steps: int, batch: int, lr: float, warmup: int, s
     model, tok = load_policy(model_dir)
     stamps: list[float] = []
     sft(model, tok, pairs, steps=steps, batch_size=batch, lr=lr, warmup_frac=0.0, min_lr_frac=1.0, seed=seed,
-        checkpoint_every=1, on_checkpoint=lambda state: stamps.append(time.perf_counter()), show_progress=False)
+        checkpoint_every=1, on_checkpoint=lambda state, engine: stamps.append(time.perf_counter()), show_progress=False)
     # stamps[i] is the end of step i + 1 (none after the last step): steps warmup+1 .. steps-1 are timed
     measured = stamps[warmup - 1:] if warmup else stamps
     seconds = measured[-1] - measured[0]

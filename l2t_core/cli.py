@@ -545,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="JSONL file of traces (a path, or a file name in L2T_DATA_DIR)")
     p.add_argument("--out", help="directory for the fine-tuned model (must not exist)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # as for train
     p.set_defaults(fn=cmd_sft)
 
     p = sub.add_parser("traces", help="the worked solutions of a math JSONL file (e.g. gsm8k_train.jsonl) as "

@@ -20,8 +20,9 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -29,7 +30,11 @@ from rich.progress import Progress
 
 from .config import _Strict
 from .atomic_files import write_json_atomic, write_text_atomic
+from .engines.gather import all_reduce_list
 from .models import eval_mode
+
+if TYPE_CHECKING:
+    from .engines import TrainEngine
 
 log = logging.getLogger("l2t.sft")
 
@@ -38,11 +43,13 @@ Encoded = tuple[list[int], list[bool]]  # (token ids, trained flag per token); e
 
 @dataclass
 class SFTResult:
-    """Loss per training step, evaluation losses as (step, loss), and the wall time."""
+    """Loss and gradient norm (before clipping) per training step, evaluation losses as (step,
+    loss), and the wall time."""
 
     losses: list[float]
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -53,13 +60,13 @@ class SFTResult:
 
 @dataclass
 class SFTState:
-    """Everything besides the weights that :func:`sft` needs to go on after ``step`` steps exactly
-    as if it had never stopped: optimizer and schedule, the batch order still to come, the random
-    states and the losses so far."""
+    """Everything besides the weights and the training engine's own state (optimizer and schedule,
+    :meth:`~l2t_core.engines.TrainEngine.save_state`) that :func:`sft_encoded` needs to go on after
+    ``step`` steps exactly as if it had never stopped: the batch order still to come, the random
+    states, the losses so far, and the number of ranks that trained (DeepSpeed's optimizer state is
+    partitioned over them)."""
 
     step: int
-    optimizer: dict
-    scheduler: dict
     batch_rng: tuple
     queue: list[list[int]]
     torch_rng: torch.Tensor
@@ -67,6 +74,8 @@ class SFTState:
     losses: list[float]
     eval_losses: list[tuple[int, float]]
     seconds: float
+    grad_norms: list[float] = field(default_factory=list)
+    world: int = 1
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Sequence[str]]) -> list[Encoded]:
@@ -149,25 +158,53 @@ def autocast(model, precision: str = "fp32"):
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
+def _trained_in(example: Encoded) -> int:
+    """The tokens of one example a causal LM's loss counts (:func:`_trained_tokens` of it alone)."""
+    return sum(example[1][1:])
+
+
 def _accumulate_batch(model, batch: Sequence[Encoded], pad_id: int, micro_batch_size: int | None,
-                      precision: str = "fp32") -> float:
-    """Backward of one batch's mean-token loss, in passes of ``micro_batch_size`` examples; the
-    batch's loss. Each pass's mean loss is weighted by its share of the batch's trained tokens
-    (exactly 1 for a single pass, which is then the plain ``loss.backward()``). The forward passes
-    run in ``precision`` (:func:`autocast`), the backward outside it, as torch.autocast asks."""
+                      precision: str = "fp32", *, backward: Callable[[torch.Tensor, bool], None] | None = None,
+                      rank: int = 0, world: int = 1) -> float:
+    """Backward of one batch's mean-token loss, in passes of ``micro_batch_size`` examples; this
+    rank's share of the batch's loss. Each pass's mean loss is weighted by its share of the whole
+    batch's trained tokens (exactly 1 for a single pass on one process, which is then the plain
+    ``loss.backward()``). The forward passes run in ``precision`` (:func:`autocast`), the backward
+    outside it, as torch.autocast asks. ``backward(loss, last)`` takes each pass's loss (default
+    ``loss.backward()``); ``last`` marks the batch's final pass (where DeepSpeed reduces).
+
+    On ``world`` ranks (data parallel, DeepSpeed) rank ``r`` runs the examples ``batch[r::world]``
+    and scales its losses by ``world``, since DeepSpeed averages the ranks' gradients: the average
+    is the whole batch's gradient. Every rank runs the same number of passes (ZeRO-2 reduces in the
+    last backward of every rank, ZeRO-3 gathers weights in every forward), a rank short of examples
+    a zero loss from a real forward of two padding tokens, whose backward fires every gradient hook
+    in the order a real one does (the trainer's :func:`~l2t_core.trainer.zero_loss` explains why)."""
+    backward = backward or (lambda loss, last: loss.backward())
     device = next(model.parameters()).device
-    size = micro_batch_size or len(batch)
-    chunks = [collate(batch[s:s + size], pad_id) for s in range(0, len(batch), size)]
-    total = sum(_trained_tokens(labels) for _, _, labels in chunks)
+    total = sum(_trained_in(ex) for ex in batch)
+    per_rank = -(-len(batch) // world)
+    size = micro_batch_size or per_rank
+    mine = list(batch[rank::world])
+    passes = [collate(mine[s:s + size], pad_id) for s in range(0, len(mine), size)]
+    passes = [(p, _trained_tokens(p[2])) for p in passes]
+    if world == 1:  # a pass with nothing trained (every target cut off) has no gradient to add
+        passes = [(p, n) for p, n in passes if n > 0]
+    count = len(passes) if world == 1 else -(-per_rank // size)
     loss_value = 0.0
-    for ids, att, labels in chunks:
-        share = _trained_tokens(labels) / max(1, total)
-        if share == 0:  # nothing trained in this pass (every target cut off): no gradient to add
-            continue
-        with autocast(model, precision):
-            loss = model(input_ids=ids.to(device), attention_mask=att.to(device), labels=labels.to(device)).loss
-        (loss * share).backward()
-        loss_value += loss.item() * share
+    for i in range(count):
+        last = i == count - 1
+        if i < len(passes) and passes[i][1] > 0:
+            (ids, att, labels), n = passes[i]
+            share = n / max(1, total)
+            with autocast(model, precision):
+                loss = model(input_ids=ids.to(device), attention_mask=att.to(device), labels=labels.to(device)).loss
+            backward(loss * (share * world), last)
+            loss_value += loss.item() * share
+        else:  # the other ranks still train: take part with a loss of exactly 0
+            ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+            with autocast(model, precision):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            backward(logits.float().sum() * 0.0, last)
     return loss_value
 
 
@@ -217,9 +254,12 @@ def sft_encoded(
     seed: int = 0,
     micro_batch_size: int | None = None,
     precision: str = "fp32",
+    engine: str = "torch",
+    deepspeed_config: str | dict | None = None,
     checkpoint_every: int = 0,
-    on_checkpoint: Callable[[SFTState], None] | None = None,
+    on_checkpoint: Callable[[SFTState, TrainEngine], None] | None = None,
     resume: SFTState | None = None,
+    resume_from: Path | None = None,
     show_progress: bool = True,
 ) -> SFTResult:
     """Fine-tune ``model`` in place on tokenised ``examples`` (:func:`encode_pairs`' output, right-
@@ -229,14 +269,22 @@ def sft_encoded(
     the end) when given. A batch runs in forward/backward passes of ``micro_batch_size`` examples
     (None: the whole batch in one), each pass's mean loss weighted by its share of the batch's
     trained tokens, so the gradient is the whole batch's mean-token loss gradient whatever the
-    split. Batches are moved to the device of the model's parameters; the forward passes run in
-    ``precision`` (:func:`autocast`: ``fp32``, or ``bf16`` mixed precision).
+    split. The forward passes run in ``precision`` (:func:`autocast`: ``fp32``, or ``bf16`` mixed
+    precision).
+
+    The training ``engine`` (:func:`~l2t_core.engines.make_train_engine`) owns AdamW (``lr``,
+    ``weight_decay``), the warm-up + cosine schedule (:func:`lr_factor`) and the clipping of the
+    gradient norm at 1: ``torch`` on the device of the model's parameters, or ``deepspeed``
+    (``deepspeed_config``, ZeRO-2/3) on every rank of a ``deepspeed``/``torchrun`` launch, each
+    rank running its share of every batch (:func:`_accumulate_batch`) with the same batch order;
+    the evaluation loss is every rank's, over all ``eval_examples``.
 
     Every ``checkpoint_every`` steps (0: never; not after the last) ``on_checkpoint`` gets the
-    :class:`SFTState`, for the caller to save with the model's weights. Given back as ``resume``,
-    with ``model`` holding the weights saved with it and the same arguments otherwise, the run goes
-    on from that step and ends exactly where an uninterrupted run would (its optimizer state is
-    released once loaded).
+    :class:`SFTState` and the engine (whose :meth:`~l2t_core.engines.TrainEngine.save_state`
+    writes the optimizer's), for the caller to save with the model's weights; under DeepSpeed
+    every rank calls it. Given back as ``resume``, with ``model`` holding the weights saved with it,
+    ``resume_from`` the directory the engine's state was saved into, and the same arguments
+    otherwise, the run goes on from that step and ends exactly where an uninterrupted run would.
     """
     if not examples:
         raise ValueError("sft: no training examples")
@@ -246,15 +294,26 @@ def sft_encoded(
         raise ValueError(f"sft: micro_batch_size must be >= 1 (or None), got {micro_batch_size}")
     if lr <= 0:
         raise ValueError(f"sft: lr must be > 0, got {lr}")
+    if resume is not None and resume_from is None:
+        raise ValueError("sft: resume needs resume_from, the directory the engine's state was saved into")
     autocast(model, precision)  # refuses an unknown precision before any compute
+    from .config import OptimConfig
+    from .engines import make_train_engine
+
     t0 = session_start = time.perf_counter()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pad, enc, enc_eval = pad_id, list(examples), list(eval_examples)
     lengths = [len(ids) for ids, _ in enc]
     eval_batch = micro_batch_size or 64  # the evaluation's logits must fit where a training pass's do
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup_frac, min_lr_frac))
+    optim = OptimConfig(lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac, min_lr_ratio=min_lr_frac,
+                        grad_clip=1.0)
+    kw = {"config_path": deepspeed_config} if engine == "deepspeed" else {}
+    eng = make_train_engine(engine, model, optim, steps,
+                            lr_schedule=partial(lr_factor, total=steps, warmup_frac=warmup_frac, min_frac=min_lr_frac),
+                            **kw)
+    model = eng.module
+    main, world = eng.is_main, eng.world_size
     result = SFTResult(losses=[])
     model.train()
     queue: list[list[int]] = []
@@ -262,32 +321,34 @@ def sft_encoded(
     if resume is not None:
         if not 0 < resume.step < steps:
             raise ValueError(f"sft: cannot resume after step {resume.step} of a {steps}-step run")
-        opt.load_state_dict(resume.optimizer)
-        sched.load_state_dict(resume.scheduler)
-        resume.optimizer = {}  # loaded: do not keep a second copy of the moments for the whole run
+        eng.load_state(resume_from)
         rng.setstate(resume.batch_rng)
         queue = [list(b) for b in resume.queue]
         torch.set_rng_state(resume.torch_rng)
         if resume.cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(resume.cuda_rng)
         result.losses, result.eval_losses = list(resume.losses), [tuple(e) for e in resume.eval_losses]
+        result.grad_norms = list(resume.grad_norms)
         start, t0 = resume.step, t0 - resume.seconds  # result.seconds counts earlier sessions too
-        log.info("SFT resumed after step %d of %d", start, steps)
-    with Progress(disable=not show_progress, transient=True) as bar:
+        if main:
+            log.info("SFT resumed after step %d of %d", start, steps)
+
+    def backward(loss: torch.Tensor, last: bool) -> None:
+        eng.backward(loss, last=last)
+
+    with Progress(disable=not (show_progress and main), transient=True) as bar:
         task = bar.add_task("SFT warm start", total=steps, completed=start)
         for step in range(start, steps):
             if not queue:
                 queue = length_grouped_batches(lengths, min(batch_size, len(enc)), rng)
-            opt.zero_grad()
-            result.losses.append(_accumulate_batch(model, [enc[i] for i in queue.pop()], pad, micro_batch_size,
-                                                   precision))
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            loss = _accumulate_batch(model, [enc[i] for i in queue.pop()], pad, micro_batch_size, precision,
+                                     backward=backward, rank=eng.rank, world=world)
+            result.losses.append(all_reduce_list([loss], torch.float64)[0] if world > 1 else loss)
+            result.grad_norms.append(eng.step()["grad_norm"])
             if enc_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 result.eval_losses.append((step + 1, eval_loss(model, enc_eval, pad, eval_batch, precision)))
             bar.update(task, advance=1, description=f"SFT warm start (loss {result.losses[-1]:.3f})")
-            if (step + 1) % max(1, steps // 10) == 0 and step + 1 < steps:  # a log line every 10 %
+            if main and (step + 1) % max(1, steps // 10) == 0 and step + 1 < steps:  # a log line every 10 %
                 spent = time.perf_counter() - session_start
                 log.info("SFT step %d/%d: loss %.3f, %.0f s spent, about %.0f s left", step + 1, steps,
                          sum(result.losses[-10:]) / len(result.losses[-10:]), spent,
@@ -295,9 +356,9 @@ def sft_encoded(
             if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
                     and step + 1 < steps:
                 cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-                on_checkpoint(SFTState(step + 1, opt.state_dict(), sched.state_dict(), rng.getstate(),
-                                       [list(b) for b in queue], torch.get_rng_state(), cuda, list(result.losses),
-                                       list(result.eval_losses), time.perf_counter() - t0))
+                on_checkpoint(SFTState(step + 1, rng.getstate(), [list(b) for b in queue], torch.get_rng_state(),
+                                       cuda, list(result.losses), list(result.eval_losses),
+                                       time.perf_counter() - t0, list(result.grad_norms), world), eng)
     if enc_eval:
         result.eval_losses.append((steps, eval_loss(model, enc_eval, pad, eval_batch, precision)))
     model.eval()
@@ -351,9 +412,27 @@ class SFTConfig(_Strict):
         "faster on GPUs with bf16 tensor cores."))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
                                                             "(less memory, about one more forward).")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["torch", "deepspeed"] = Field("torch", description=(
+        "torch: one device. deepspeed: data parallel over the ranks of a deepspeed/torchrun launch with ZeRO-2/3 "
+        "(deepspeed_config), each rank training its share of every batch; the gradient is the whole batch's, "
+        "as on one device. The weights train in the DeepSpeed config's dtype (bf16 'auto': bf16 on GPUs that "
+        "have it, fp32 master weights in the optimizer)."))
+    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON for engine deepspeed (see "
+                                                               "infra/deepspeed/).")
+    dist_timeout_minutes: float = Field(60.0, gt=0, description=(
+        "engine deepspeed: how long a rank waits in a collective for the others before the launch fails."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "engine torch: where to train (auto: CUDA when present). engine deepspeed trains on each rank's "
+        "device (its LOCAL_RANK GPU under NCCL, the CPU under gloo); cuda is still refused where there is none."))
     threads: Optional[int] = Field(None, ge=1, description="torch threads (None: unchanged).")
     seed: int = 0
+
+    def model_post_init(self, __context) -> None:
+        if self.engine == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("engine='deepspeed' needs deepspeed_config (e.g. infra/deepspeed/zero2.json)")
+        if self.engine != "deepspeed" and self.deepspeed_config:
+            raise ValueError(f"deepspeed_config is set but engine is {self.engine!r}; set engine=deepspeed to "
+                             "train with it, or unset deepspeed_config")
 
     @field_validator("out")
     @classmethod
@@ -377,7 +456,7 @@ class SFTResumeError(SFTError):
 
 
 # SFTConfig fields that do not change the trained weights: an unfinished SFT resumes across them
-RESUME_IGNORES = ("threads", "device", "check_answers", "max_episodes", "checkpoint_every")
+RESUME_IGNORES = ("threads", "device", "check_answers", "max_episodes", "checkpoint_every", "dist_timeout_minutes")
 
 
 @dataclass(frozen=True)
@@ -496,21 +575,34 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState) -> None:
-    """The weights, tokenizer and :class:`SFTState` in ``partial/checkpoint``, replaced whole: the
-    new one is written beside it and renamed in, the old one removed after."""
+def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState, engine: "TrainEngine") -> None:
+    """The weights, tokenizer, the engine's optimizer state and the :class:`SFTState` in
+    ``partial/checkpoint``, replaced whole: the new one is written beside it and renamed in, the old
+    one removed after. Every rank calls it: each writes its engine state (DeepSpeed: its shard of
+    the optimizer) and, under ZeRO-3, takes part in gathering the weights; rank 0 writes the rest
+    and publishes it, while the others wait."""
     import shutil
 
+    from .engines.gather import barrier, full_state_dict, is_partitioned
+
     tmp, ckpt, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state.__dict__, tmp / "state.pt")  # written last: a checkpoint without it is incomplete
-    if ckpt.exists():
+    main = engine.is_main
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_state(tmp)
+    whole = full_state_dict(model, keep=main) if is_partitioned(model.parameters()) else None
+    if main:
+        model.save_pretrained(tmp, state_dict=whole)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state.__dict__, tmp / "state.pt")  # written last: a checkpoint without it is incomplete
+        if ckpt.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            ckpt.rename(old)
+        tmp.rename(ckpt)
         shutil.rmtree(old, ignore_errors=True)
-        ckpt.rename(old)
-    tmp.rename(ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def _last_checkpoint(partial: Path) -> Optional[Path]:
@@ -520,6 +612,20 @@ def _last_checkpoint(partial: Path) -> Optional[Path]:
         if (partial / name / "state.pt").is_file():
             return partial / name
     return None
+
+
+def _load_state(checkpoint: Path) -> SFTState:
+    """The :class:`SFTState` of a checkpoint. One written before the training engines took the
+    optimizer over holds its AdamW and schedule state itself: they are moved into the torch
+    engine's state file there, from which :meth:`~l2t_core.engines.TrainEngine.load_state` reads."""
+    from .engines.torch_engine import STATE_FILE
+
+    raw = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    if "optimizer" in raw:
+        optimizer, scheduler = raw.pop("optimizer"), raw.pop("scheduler")
+        if not (checkpoint / STATE_FILE).is_file():
+            torch.save({"optimizer": optimizer, "scheduler": scheduler}, checkpoint / STATE_FILE)
+    return SFTState(**raw)
 
 
 def plot_losses(losses: Sequence[float], eval_losses: Sequence[tuple[int, float]], path: Path) -> Path:
@@ -577,16 +683,22 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     keeps it, and the same job run again resumes from the last checkpoint and ends exactly where
     an uninterrupted one would; run with another config (other than :data:`RESUME_IGNORES`) or
     other traces, it is refused, naming what differs, until that directory is removed. The
-    finished model is staged in it and renamed to ``cfg.out``; then it is removed."""
+    finished model is staged in it and renamed to ``cfg.out``; then it is removed.
+
+    With ``engine: deepspeed`` every rank of the launch runs this (``deepspeed --module l2t_core.cli
+    sft ...``): each validates the same inputs, trains its share of every batch, and takes part in
+    the checkpoints; rank 0 writes the files, so ``out`` must be on a filesystem every rank sees (a
+    shared one across nodes). A job resumes only on the number of ranks it was saved with."""
     import shutil
 
+    from .engines.gather import barrier, full_state_dict, is_partitioned
     from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
 
     out = Path(cfg.out).expanduser()
     partial = partial_dir(out)
     if out.exists():
         if (out / "sft_report.json").is_file() and partial.exists():  # finished, stopped before cleaning up
-            shutil.rmtree(partial)
+            shutil.rmtree(partial, ignore_errors=True)
         raise FileExistsError(f"SFT output {out} already exists; choose another out or remove it (a finished "
                               "SFT model is never overwritten)")
     path = sft_data_path(cfg.data)
@@ -604,19 +716,28 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         device = resolve_device(cfg.device)
     except RuntimeError as exc:
         raise SFTError(f"device: {exc}") from None
+    rank, world = 0, 1
+    if cfg.engine == "deepspeed":  # join the launch's process group before reading the rank
+        from .engines.deepspeed_engine import init_distributed
+
+        rank, world = init_distributed(cfg.dist_timeout_minutes)
+    main = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     checkpoint = _last_checkpoint(partial)
-    model, tok = load_policy(checkpoint or cfg.model, device=str(device))
+    resume = _load_state(checkpoint) if checkpoint is not None else None
+    if resume is not None and resume.world != world:
+        raise SFTResumeError(f"{partial} holds an unfinished SFT saved by {resume.world} rank(s) and this launch has "
+                             f"{world}: DeepSpeed saved its optimizer state in {resume.world} partitions; launch it on "
+                             f"{resume.world} rank(s) again, or remove that directory to start over")
+    # the DeepSpeed engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it)
+    model, tok = load_policy(checkpoint or cfg.model, device="cpu" if cfg.engine == "deepspeed" else str(device))
     if cfg.gradient_checkpointing:
         try:
             check_activation_checkpointing(model)
         except ValueError as exc:
             raise SFTError(str(exc)) from None
-    resume = None
-    if checkpoint is not None:
-        resume = SFTState(**torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False))
     max_tokens = cfg.max_tokens or getattr(model.config, "max_position_embeddings", None) or 2 ** 31
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
@@ -627,69 +748,79 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     enc_eval = _encode_rows(tok, eval_rows, max_tokens, path)
     checks = check_traces(rows, cfg.max_episodes, cfg.check_answers)
     untagged = len(rows) - checks["segmentation"].get("tagged", 0)
-    if untagged:
+    if untagged and main:
         log.warning("%d of %d traces do not segment as <episode_k> blocks (%s): a policy trained on them does "
                     "not write the episodes L2T credits (METHOD.md §1, §8)", untagged, len(rows),
                     checks["segmentation"])
-    if checks["answers"]["checked"] > checks["answers"]["correct"]:
+    if checks["answers"]["checked"] > checks["answers"]["correct"] and main:
         log.warning("%d of %d traces with an answer end in another answer (first: %s): the model learns them too",
                     checks["answers"]["checked"] - checks["answers"]["correct"], checks["answers"]["checked"],
                     ", ".join(checks["answers"]["wrong_ids"][:5]))
-    partial.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(partial / "sft_config.json", cfg.model_dump_json(indent=1))
-    write_json_atomic(partial / "data.json", {"path": str(path), "sha256": data_sha256}, indent=None)
+    if main:
+        partial.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(partial / "sft_config.json", cfg.model_dump_json(indent=1))
+        write_json_atomic(partial / "data.json", {"path": str(path), "sha256": data_sha256}, indent=None)
     n_params = sum(p.numel() for p in model.parameters())
     resumed_after = resume.step if resume else None
-    log.info("SFT of %s (%.1fM parameters, %s): %d traces (%d held out), %d steps of %d%s", cfg.model,
-             n_params / 1e6, device, len(train_rows), len(eval_rows), cfg.steps, cfg.batch_size,
-             f", resuming after step {resumed_after} from {checkpoint}" if resume else "")
+    where = f"{world} DeepSpeed rank(s)" if cfg.engine == "deepspeed" else str(device)
+    if main:
+        log.info("SFT of %s (%.1fM parameters, %s): %d traces (%d held out), %d steps of %d%s", cfg.model,
+                 n_params / 1e6, where, len(train_rows), len(eval_rows), cfg.steps, cfg.batch_size,
+                 f", resuming after step {resumed_after} from {checkpoint}" if resume else "")
     saved_step = [resumed_after]
 
-    def save(state: SFTState) -> None:
-        _save_checkpoint(partial, model, tok, state)
+    def save(state: SFTState, engine: "TrainEngine") -> None:
+        _save_checkpoint(partial, model, tok, state, engine)
         saved_step[0] = state.step
 
     try:
         with activation_checkpointing(model, cfg.gradient_checkpointing):
             res = sft_encoded(model, enc, pad_id=padding_token(tok), eval_examples=enc_eval, steps=cfg.steps,
-                      batch_size=cfg.batch_size, lr=cfg.lr,
-                      warmup_frac=cfg.warmup_frac, min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay,
-                      eval_every=cfg.eval_every, seed=cfg.seed,
-                      micro_batch_size=cfg.micro_batch_size, precision=cfg.precision,
-                      checkpoint_every=cfg.checkpoint_every,
-                      on_checkpoint=save, resume=resume, show_progress=show_progress)
+                              batch_size=cfg.batch_size, lr=cfg.lr, warmup_frac=cfg.warmup_frac,
+                              min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay, eval_every=cfg.eval_every,
+                              seed=cfg.seed, micro_batch_size=cfg.micro_batch_size, precision=cfg.precision,
+                              engine=cfg.engine, deepspeed_config=cfg.deepspeed_config,
+                              checkpoint_every=cfg.checkpoint_every, on_checkpoint=save, resume=resume,
+                              resume_from=checkpoint, show_progress=show_progress)
     except BaseException:
         log.error("SFT stopped; %s is kept: run the same job again to resume %s", partial,
                   f"after step {saved_step[0]}" if saved_step[0] else "(no checkpoint yet: from the start)")
         raise
     del resume
-    staging = partial / "final"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tok.save_pretrained(staging)
-    report = {
-        "config": json.loads(cfg.model_dump_json()),
-        "data": str(path),
-        "data_sha256": data_sha256,
-        "parameters": n_params,
-        "examples": len(train_rows),
-        "eval_examples": len(eval_rows),
-        "trained_tokens": sum(sum(t) for _, t in enc),
-        "max_example_tokens": max(len(ids) for ids, _ in enc),
-        **checks,
-        "final_loss": res.final_loss,
-        "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10]) for i in range(0, len(res.losses), 10)],
-        "eval_losses": res.eval_losses,
-        "resumed_after_step": resumed_after,
-        "sft_seconds": res.seconds,  # the training loop's time, earlier sessions of a resumed job included
-        "device": str(device),
-        "wall_seconds": time.perf_counter() - t0,  # this session's, loading and checks included
-    }
-    (staging / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
-    (staging / "sft_report.json").write_text(json.dumps(report, indent=1))
-    plot_losses(res.losses, res.eval_losses, staging / "loss.png")
-    staging.rename(out)
-    shutil.rmtree(partial)
-    log.info("SFT done in %.0f s: loss %.3f%s; model in %s", report["wall_seconds"], res.final_loss,
-             f", evaluation loss {res.eval_losses[-1][1]:.3f}" if res.eval_losses else "", out)
+    whole = full_state_dict(model, keep=main) if is_partitioned(model.parameters()) else None  # ZeRO-3: every rank
+    if main:
+        staging = partial / "final"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, state_dict=whole)
+        tok.save_pretrained(staging)
+        report = {
+            "config": json.loads(cfg.model_dump_json()),
+            "data": str(path),
+            "data_sha256": data_sha256,
+            "parameters": n_params,
+            "examples": len(train_rows),
+            "eval_examples": len(eval_rows),
+            "trained_tokens": sum(sum(t) for _, t in enc),
+            "max_example_tokens": max(len(ids) for ids, _ in enc),
+            **checks,
+            "final_loss": res.final_loss,
+            "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10]) for i in range(0, len(res.losses), 10)],
+            "grad_norm_curve": [sum(res.grad_norms[i:i + 10]) / len(res.grad_norms[i:i + 10])
+                                for i in range(0, len(res.grad_norms), 10)],  # before clipping, 10-step means
+            "eval_losses": res.eval_losses,
+            "resumed_after_step": resumed_after,
+            "sft_seconds": res.seconds,  # the training loop's time, earlier sessions of a resumed job included
+            "device": str(device) if cfg.engine == "torch" else str(next(model.parameters()).device),
+            "engine": cfg.engine,
+            "world": world,
+            "wall_seconds": time.perf_counter() - t0,  # this session's, loading and checks included
+        }
+        (staging / "sft_config.json").write_text(cfg.model_dump_json(indent=1))
+        (staging / "sft_report.json").write_text(json.dumps(report, indent=1))
+        plot_losses(res.losses, res.eval_losses, staging / "loss.png")
+        staging.rename(out)
+        shutil.rmtree(partial)
+        log.info("SFT done in %.0f s: loss %.3f%s; model in %s", report["wall_seconds"], res.final_loss,
+                 f", evaluation loss {res.eval_losses[-1][1]:.3f}" if res.eval_losses else "", out)
+    barrier()  # the other ranks return once the model is in place
     return out

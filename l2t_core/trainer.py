@@ -40,8 +40,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
-from .engines.gather import (check_head_chunking, collective_device, full_state_dict, is_partitioned,
-                             lockstep_batches)
+from .engines.gather import (all_reduce_list, barrier, check_head_chunking, full_state_dict, initialized_group,
+                             is_partitioned, lockstep_batches)
 from .logprobs import logprob_temperature, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -107,25 +107,9 @@ class RunResult:
     steps: pd.DataFrame
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _all_reduce_list(values: list[float], dtype: torch.dtype, op: str = "sum") -> list:
-    """Element-wise sum or max of ``values`` over the ranks; unchanged on one process."""
-    dist = _dist()
-    if dist is None:
-        return list(values)
-    t = torch.tensor(values, dtype=dtype, device=collective_device(dist))
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.cpu().tolist()
-
-
 def _all_sum_list(values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over the ranks (float64 all-reduce); unchanged on one process."""
-    return _all_reduce_list(values, torch.float64)
+    return all_reduce_list(values, torch.float64)
 
 
 def _all_sum(x: float) -> float:
@@ -133,11 +117,11 @@ def _all_sum(x: float) -> float:
 
 
 def _all_max(x: int) -> int:
-    return int(_all_reduce_list([x], torch.long, "max")[0])
+    return int(all_reduce_list([x], torch.long, "max")[0])
 
 
 def _all_max_list(values: list[float]) -> list[float]:
-    return _all_reduce_list(values, torch.float64, "max")
+    return all_reduce_list(values, torch.float64, "max")
 
 
 def _with_eos(values: torch.Tensor, eos_value: float | None, trained: int) -> torch.Tensor:
@@ -256,7 +240,7 @@ class Trainer:
             from .engines.deepspeed_engine import init_distributed
 
             init_distributed(cfg.dist_timeout_minutes)
-        dist = _dist()
+        dist = initialized_group()
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
         check_prompt_sharding(cfg.prompts_per_step, self.world)
@@ -359,7 +343,7 @@ class Trainer:
         reused (it could hold shards of another world size or step)."""
         import shutil
 
-        dist = _dist()
+        dist = initialized_group()
         if not self.storage.is_local:
             raise NotImplementedError(
                 "multi-rank checkpoints need a shared local/NFS run directory; sync it to object storage afterwards"
@@ -443,8 +427,7 @@ class Trainer:
         self.rollout.sync_weights(self.engine.unwrapped())
         if self.rank == 0:  # one rank deletes the metrics of steps after the checkpoint
             self.metrics.drop_after(step)
-        if _dist() is not None:
-            _dist().barrier()
+        barrier()
         log.info("resumed run %s from %s (step %d)", self.run_id, redact_url(url), step)
         return step
 
@@ -646,7 +629,7 @@ class Trainer:
                     # ℓ_k where reward.oracle.coef > 0 charged it (the diagnostic control), else null
                     "oracle_label": None if x.labels is None else float(x.labels[k]),
                 })
-        dist = _dist()
+        dist = initialized_group()
         if dist is not None:
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, (rrows, erows))

@@ -75,6 +75,15 @@ def answer_span(response: str) -> str:
     return response if at == -1 else response[at + len(THINK_CLOSE) :]
 
 
+VERIFY_THREAD = "l2t-verify"
+
+
+def abandoned_checks() -> int:
+    """How many checks of this process :func:`run_with_deadline` abandoned past their deadline are
+    still running (a finished check's thread is gone)."""
+    return sum(1 for t in threading.enumerate() if t.name == VERIFY_THREAD)
+
+
 def run_with_deadline(fn, timeout_s: float):
     """Run ``fn()`` in a daemon thread; return (finished, value, error). No signals involved.
 
@@ -88,7 +97,7 @@ def run_with_deadline(fn, timeout_s: float):
         except BaseException as exc:  # reported to the caller, never swallowed silently
             box["error"] = exc
 
-    t = threading.Thread(target=target, daemon=True, name="l2t-verify")
+    t = threading.Thread(target=target, daemon=True, name=VERIFY_THREAD)
     t.start()
     t.join(timeout_s)
     if t.is_alive():

@@ -11,7 +11,9 @@ in order (each worker runs ``verifier.verify``, deadline included).
 A pool that breaks (a worker killed, out of memory) or stalls (no result within the verifier's
 deadline per response, plus a minute) is replaced on the next batch, and the part of the batch it
 lost is verified in the trainer's process: no verdict is lost and the step goes on. An exception
-the verifier itself raises is raised, as it would be in-process.
+the verifier itself raises is raised, as it would be in-process. Workers that still run checks
+abandoned past the verifier's deadline are replaced once their batch is in, which stops those
+checks; in the trainer's process (``verify_workers: 0``) an abandoned check runs until it ends.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Sequence
 
-from .verify import Verdict, Verifier
+from .verify import Verdict, Verifier, abandoned_checks
 
 log = logging.getLogger(__name__)
 
 
 def _verify_chunk(verifier: Verifier, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
     return [verifier.verify(response, reference) for response, reference in pairs]
+
+
+def _verify_chunk_in_worker(verifier: Verifier, pairs: Sequence[tuple[str, str]]) -> tuple[list[Verdict], int]:
+    """:func:`_verify_chunk` in a worker, and how many checks this worker has abandoned past their
+    deadline that still run (:func:`~l2t_core.verify.run_with_deadline`: a thread cannot be killed,
+    and a check that never ends, a pathological sympy expression, keeps a core busy for good)."""
+    return _verify_chunk(verifier, pairs), abandoned_checks()
 
 
 class PendingVerdicts:
@@ -45,15 +54,21 @@ class PendingVerdicts:
         """Every verdict, in the order submitted; a chunk whose worker died or stalled is verified here."""
         out: list[Verdict] = []
         per_check = float(getattr(self._pool.verifier, "timeout_s", 5.0))
+        stuck: dict[int, tuple[ProcessPoolExecutor, int]] = {}
         for chunk, sent in zip(self._chunks, self._futures):
             if sent is not None:
                 fut, executor = sent
                 try:
-                    out.extend(fut.result(timeout=per_check * len(chunk) + self._pool.stall_slack_s))
+                    verdicts, abandoned = fut.result(timeout=per_check * len(chunk) + self._pool.stall_slack_s)
+                    out.extend(verdicts)
+                    if abandoned:
+                        stuck[id(executor)] = executor, max(abandoned, stuck.get(id(executor), (None, 0))[1])
                     continue
                 except (BrokenProcessPool, CancelledError, FutureTimeout) as exc:
                     self._pool._broken(exc, executor)
             out.extend(_verify_chunk(self._pool.verifier, chunk))
+        for executor, abandoned in stuck.values():  # the batch is in: its workers are idle
+            self._pool._recycle(executor, abandoned)
         return out
 
 
@@ -72,6 +87,7 @@ class VerifierPool:
         self.stall_slack_s = stall_slack_s  # beyond the verifier's deadlines, before a chunk counts as stalled
         self._executor: ProcessPoolExecutor | None = None
         self.breaks = 0  # how many times a broken pool was replaced
+        self.recycles = 0  # how many times workers with abandoned checks were replaced
 
     def _get(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -91,6 +107,18 @@ class VerifierPool:
                 proc.kill()
             executor.shutdown(wait=False, cancel_futures=True)
 
+    def _recycle(self, executor: ProcessPoolExecutor, abandoned: int) -> None:
+        """Replace ``executor``, whose workers run checks abandoned past their deadline, if it is
+        still the pool's: ending the processes is the only way to stop those threads."""
+        if executor is self._executor:
+            self.recycles += 1
+            log.warning("a verification worker still runs %d check(s) abandoned past the verifier's deadline; "
+                        "replacing the workers so they stop", abandoned)
+            self._executor = None
+            for proc in list((getattr(executor, "_processes", None) or {}).values()):
+                proc.kill()
+            executor.shutdown(wait=False, cancel_futures=True)
+
     def submit(self, responses: Sequence[str], references: Sequence[str]) -> PendingVerdicts:
         """Start verifying ``responses`` against ``references``; returns at once."""
         pairs = list(zip(responses, references, strict=True))
@@ -100,7 +128,7 @@ class VerifierPool:
         for chunk in chunks:
             executor = self._get()
             try:
-                futures.append((executor.submit(_verify_chunk, self.verifier, chunk), executor))
+                futures.append((executor.submit(_verify_chunk_in_worker, self.verifier, chunk), executor))
             except BrokenProcessPool as exc:
                 self._broken(exc, executor)
                 futures.append(None)

@@ -131,7 +131,8 @@ def test_sft_command_line(tiny_dir, tmp_path, capsys):
     data = _write(tmp_path / "traces.jsonl", _rows(4))
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(f"model: {tiny_dir}\ndata: {data}\nbatch_size: 2\ndevice: cpu\nprecision: bf16\n")
-    assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "m"), "--steps", "2", "-q"]) == 0
+    # the deepspeed launcher appends --local_rank=N (the rank comes from the environment)
+    assert main(["sft", "--config", str(cfg), "--out", str(tmp_path / "m"), "--steps", "2", "-q", "--local_rank=0"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"checkpoint": str(tmp_path / "m")}
     assert (tmp_path / "m" / "model.safetensors").is_file()
     with pytest.raises(SystemExit, match=r"l2t sft: SFT output .*/m already exists; choose another out"):
@@ -183,10 +184,12 @@ def test_sft_job_refuses_before_any_compute(tiny_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "t.jsonl", "taken"]
 
 
-def test_a_job_killed_midway_resumes_and_ends_where_an_uninterrupted_one_does(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["engine", "before_engines"])
+def test_a_job_killed_midway_resumes_and_ends_where_an_uninterrupted_one_does(tiny_dir, tmp_path, monkeypatch, layout):
     """A job that fails after its step-4 checkpoint keeps its work beside out (no out); run again
     it resumes there and ends with the weights and losses of an uninterrupted run, bit for bit.
-    Run with another config meanwhile, it is refused naming what differs."""
+    Run with another config meanwhile, it is refused naming what differs. A checkpoint written
+    before the training engines (AdamW and schedule state inside state.pt) resumes the same way."""
     import l2t_core.sft as sft_module
     from safetensors.torch import load_file
 
@@ -210,6 +213,18 @@ def test_a_job_killed_midway_resumes_and_ends_where_an_uninterrupted_one_does(ti
     monkeypatch.setattr(sft_module, "_accumulate_batch", real)
     partial = tmp_path / ".cut.partial"
     assert not (tmp_path / "cut").exists() and (partial / "checkpoint" / "state.pt").is_file()
+    if layout == "before_engines":
+        engine_file = partial / "checkpoint" / "engine_state.pt"
+        state = torch.load(partial / "checkpoint" / "state.pt", weights_only=False)
+        torch.save({**state, **torch.load(engine_file, weights_only=False)}, partial / "checkpoint" / "state.pt")
+        engine_file.unlink()
+    else:  # saved by two DeepSpeed ranks: a one-process job cannot take their optimizer partitions over
+        state_file = partial / "checkpoint" / "state.pt"
+        saved = state_file.read_bytes()
+        torch.save({**torch.load(state_file, weights_only=False), "world": 2}, state_file)
+        with pytest.raises(sft_module.SFTResumeError, match=r"saved by 2 rank\(s\) and this launch has 1"):
+            run_sft(cfg, show_progress=False)
+        state_file.write_bytes(saved)
     with pytest.raises(sft_module.SFTResumeError, match=r"\.cut\.partial holds an unfinished SFT .*differs in: lr\)"):
         run_sft(cfg.model_copy(update={"lr": 1e-3}), show_progress=False)
     out = run_sft(cfg, show_progress=False)
@@ -220,6 +235,14 @@ def test_a_job_killed_midway_resumes_and_ends_where_an_uninterrupted_one_does(ti
     assert rb["resumed_after_step"] == 4 and ra["resumed_after_step"] is None
     assert rb["loss_curve"] == ra["loss_curve"] and rb["eval_losses"] == ra["eval_losses"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "t.jsonl", "whole"]
+
+
+def test_deepspeed_settings_go_together():
+    base = dict(model="m", data="d.jsonl", out="o")
+    with pytest.raises(ValueError, match="engine='deepspeed' needs deepspeed_config"):
+        SFTConfig(**base, engine="deepspeed")
+    with pytest.raises(ValueError, match="deepspeed_config is set but engine is 'torch'"):
+        SFTConfig(**base, deepspeed_config="infra/deepspeed/zero2.json")
 
 
 def test_changed_traces_are_not_resumed(tiny_dir, tmp_path, monkeypatch):

@@ -163,7 +163,7 @@ def test_prompts_that_ranks_cannot_share_evenly_fail_before_the_model_loads(tmp_
         with pytest.raises(ValueError, match=rf"prompts_per_step={ppl} cannot be shared evenly by {world} ranks.*multiple of {world}"):
             check_prompt_sharding(ppl, world)
     fake = types.SimpleNamespace(get_rank=lambda: 1, get_world_size=lambda: 2)
-    monkeypatch.setattr(trainer_mod, "_dist", lambda: fake)
+    monkeypatch.setattr(trainer_mod, "initialized_group", lambda: fake)
     monkeypatch.setattr(trainer_mod, "load_policy", lambda *a, **k: pytest.fail("the policy was loaded"))
     monkeypatch.setattr(trainer_mod, "load_training_problems", lambda *a, **k: pytest.fail("the data was loaded"))
     cfg = TrainConfig.model_validate(dict(policy=str(tmp_path), out=str(tmp_path / "run"), prompts_per_step=3))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from l2t_core.verify import MathVerifier, NumericVerifier, Verdict
+from l2t_core.verify import MathVerifier, NumericVerifier, Verdict, run_with_deadline
 from l2t_core.verify_pool import VerifierPool
 
 MATH_CASES = [
@@ -34,6 +34,19 @@ class SlowVerifier:
         return NumericVerifier().verify(response, reference)
 
 
+class HangingVerifier:
+    """Numeric verification, except that a check of the response "hang" never ends: it is abandoned
+    at the deadline (``run_with_deadline``), as a pathological math-verify expression would be."""
+
+    timeout_s = 0.2
+
+    def verify(self, response: str, reference: str) -> Verdict:
+        if response == "hang":
+            run_with_deadline(lambda: time.sleep(60), self.timeout_s)
+            return Verdict(False, "timeout")
+        return NumericVerifier().verify(response, reference)
+
+
 class RaisingVerifier:
     def verify(self, response: str, reference: str) -> Verdict:
         raise RuntimeError(f"cannot judge {response!r}")
@@ -47,6 +60,7 @@ def test_pool_verdicts_equal_in_process_verdicts_in_order(verifier):
         again = pool.submit(responses[:4], refs[:4]).result()  # the same workers, reused
     assert got == [verifier.verify(r, a) for r, a in zip(responses, refs)]
     assert again == got[:4]
+    assert pool.recycles == 0 and pool.breaks == 0
     assert pool._executor is None  # closed on exit
     assert pool.verify([], []) == []
 
@@ -124,6 +138,21 @@ def test_a_stalled_worker_is_replaced_and_its_chunk_verified_in_process():
             proc.join(timeout=10)
             assert not proc.is_alive()  # killed, not left stopped
         assert pool.verify(responses[:4], refs[:4]) == expected[:4]
+
+
+def test_workers_running_abandoned_checks_are_replaced_once_their_batch_is_in():
+    """A check past its deadline is abandoned, and its thread would run on in the worker for good;
+    the worker is replaced after the batch, which ends that thread with its process."""
+    with VerifierPool(HangingVerifier(), workers=1) as pool:
+        pending = pool.submit(["hang", "\\boxed{2}"], ["1", "2"])
+        workers = list(pool._executor._processes.values())
+        assert [v.correct for v in pending.result()] == [False, True]
+        assert pool.recycles == 1 and pool._executor is None
+        for proc in workers:
+            proc.join(timeout=10)
+            assert not proc.is_alive()
+        assert pool.verify(["\\boxed{3}"], ["3"])[0].correct  # new workers
+        assert pool.recycles == 1
 
 
 def test_close_does_not_wait_forever_for_a_stopped_worker():

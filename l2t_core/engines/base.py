@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import math
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,6 +30,12 @@ def lr_lambda(step: int, total_steps: int, warmup_frac: float, schedule: str, mi
     span = max(1, total_steps - warm)
     progress = min(1.0, (step - warm) / span)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_of(optim_cfg, total_steps: int) -> Callable[[int], float]:
+    """``optim_cfg``'s learning-rate multiplier per step (:func:`lr_lambda`), as a ``LambdaLR`` takes it."""
+    return partial(lr_lambda, total_steps=total_steps, warmup_frac=optim_cfg.warmup_frac,
+                   schedule=optim_cfg.schedule, min_lr_ratio=optim_cfg.min_lr_ratio)
 
 
 class TrainEngine(abc.ABC):

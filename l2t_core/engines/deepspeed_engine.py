@@ -8,8 +8,8 @@ parts the trainer's config decides, so one TrainConfig means the same thing on e
 
 * the optimizer is ``torch.optim.AdamW`` with ``OptimConfig``'s lr, betas, eps and weight decay,
   passed to ``deepspeed.initialize`` as the client optimizer (ZeRO partitions its state);
-* the schedule is the same warm-up + cosine :func:`~l2t_core.engines.base.lr_lambda`, a client
-  ``LambdaLR`` that DeepSpeed steps with the optimizer;
+* the schedule is the same warm-up + cosine :func:`~l2t_core.engines.base.lr_lambda` (or the
+  caller's ``lr_schedule``: ``l2t sft``'s), a client ``LambdaLR`` that DeepSpeed steps with the optimizer;
 * ``gradient_clipping`` is ``OptimConfig.grad_clip``; ``bf16: "auto"`` becomes enabled only on a
   GPU that supports it (CPU runs are fp32).
 
@@ -34,12 +34,12 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .base import TrainEngine, lr_lambda
+from .base import TrainEngine, schedule_of
 
 TAG = "engine"
 
@@ -105,7 +105,8 @@ def init_distributed(timeout_minutes: float | None = None) -> tuple[int, int]:
 
 
 class DeepSpeedEngine(TrainEngine):
-    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, *, config_path: str | dict):
+    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, *, config_path: str | dict,
+                 lr_schedule: Callable[[int], float] | None = None):
         deepspeed = _require_deepspeed()
         import torch.distributed as dist
 
@@ -116,9 +117,7 @@ class DeepSpeedEngine(TrainEngine):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                                       weight_decay=optim_cfg.weight_decay)
-        schedule = partial(lr_lambda, total_steps=total_steps, warmup_frac=optim_cfg.warmup_frac,
-                           schedule=optim_cfg.schedule, min_lr_ratio=optim_cfg.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule or schedule_of(optim_cfg, total_steps))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
         self._ds_cfg = ds_cfg

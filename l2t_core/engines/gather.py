@@ -38,6 +38,31 @@ def collective_device(dist) -> torch.device:
     return torch.device("cpu")
 
 
+def initialized_group():
+    """``torch.distributed`` when this process has joined a process group (of any size), else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def all_reduce_list(values: list[float], dtype: torch.dtype, op: str = "sum") -> list:
+    """Element-wise sum or max of ``values`` over the ranks, as ``dtype``; unchanged on one process.
+    A collective where a process group exists: every rank calls it."""
+    dist = initialized_group()
+    if dist is None:
+        return list(values)
+    t = torch.tensor(values, dtype=dtype, device=collective_device(dist))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op on one process)."""
+    dist = initialized_group()
+    if dist is not None:
+        dist.barrier()
+
+
 def in_lockstep(params: Iterable[torch.nn.Parameter]) -> bool:
     """Whether every rank must run each forward of the module owning ``params`` together with the
     others: ZeRO-3 gathers a partitioned module's parameters in every forward (a collective), so a

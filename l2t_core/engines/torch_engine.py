@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .base import TrainEngine, lr_lambda
+from .base import TrainEngine, schedule_of
 
 STATE_FILE = "engine_state.pt"
 
 
 class TorchEngine(TrainEngine):
-    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int):
+    def __init__(self, model: torch.nn.Module, optim_cfg, total_steps: int, *,
+                 lr_schedule: Callable[[int], float] | None = None):
         self.module = model
         self.cfg = optim_cfg
         params = [p for p in model.parameters() if p.requires_grad]
@@ -24,10 +25,7 @@ class TorchEngine(TrainEngine):
             weight_decay=optim_cfg.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            partial(lr_lambda, total_steps=total_steps, warmup_frac=optim_cfg.warmup_frac,
-                    schedule=optim_cfg.schedule, min_lr_ratio=optim_cfg.min_lr_ratio),
-        )
+            self.optimizer, lr_schedule or schedule_of(optim_cfg, total_steps))
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
