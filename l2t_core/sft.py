@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from rich.progress import Progress
 
 from .config import _Strict
 from .atomic_files import write_json_atomic, write_text_atomic
-from .engines.gather import all_reduce_list
+from .engines.gather import all_gather_objects, all_reduce_list
 from .models import eval_mode
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class SFTState:
     seconds: float
     grad_norms: list[float] = field(default_factory=list)
     world: int = 1
+    rank_rngs: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor]]]] = None  # every rank's (torch, cuda)
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Sequence[str]]) -> list[Encoded]:
@@ -175,10 +177,11 @@ def _accumulate_batch(model, batch: Sequence[Encoded], pad_id: int, micro_batch_
 
     On ``world`` ranks (data parallel, DeepSpeed) rank ``r`` runs the examples ``batch[r::world]``
     and scales its losses by ``world``, since DeepSpeed averages the ranks' gradients: the average
-    is the whole batch's gradient. Every rank runs the same number of passes (ZeRO-2 reduces in the
-    last backward of every rank, ZeRO-3 gathers weights in every forward), a rank short of examples
-    a zero loss from a real forward of two padding tokens, whose backward fires every gradient hook
-    in the order a real one does (the trainer's :func:`~l2t_core.trainer.zero_loss` explains why)."""
+    is the whole batch's gradient. Every rank runs the same number of passes (ZeRO-2's gradient
+    hooks take part in collectives in every backward, ZeRO-3 gathers weights in every forward), a
+    rank short of examples a zero loss from a real forward of two padding tokens, whose backward
+    fires every gradient hook in the order a real one does (the trainer's
+    :func:`~l2t_core.trainer.zero_loss` explains why)."""
     backward = backward or (lambda loss, last: loss.backward())
     device = next(model.parameters()).device
     total = sum(_trained_in(ex) for ex in batch)
@@ -324,9 +327,10 @@ def sft_encoded(
         eng.load_state(resume_from)
         rng.setstate(resume.batch_rng)
         queue = [list(b) for b in resume.queue]
-        torch.set_rng_state(resume.torch_rng)
-        if resume.cuda_rng is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(resume.cuda_rng)
+        torch_rng, cuda_rng = resume.rank_rngs[eng.rank] if resume.rank_rngs else (resume.torch_rng, resume.cuda_rng)
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_rng)
         result.losses, result.eval_losses = list(resume.losses), [tuple(e) for e in resume.eval_losses]
         result.grad_norms = list(resume.grad_norms)
         start, t0 = resume.step, t0 - resume.seconds  # result.seconds counts earlier sessions too
@@ -356,9 +360,11 @@ def sft_encoded(
             if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
                     and step + 1 < steps:
                 cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+                # each rank's random states (dropout draws differ between the ranks' shares)
+                rank_rngs = all_gather_objects((torch.get_rng_state(), cuda)) if world > 1 else None
                 on_checkpoint(SFTState(step + 1, rng.getstate(), [list(b) for b in queue], torch.get_rng_state(),
                                        cuda, list(result.losses), list(result.eval_losses),
-                                       time.perf_counter() - t0, list(result.grad_norms), world), eng)
+                                       time.perf_counter() - t0, list(result.grad_norms), world, rank_rngs), eng)
     if enc_eval:
         result.eval_losses.append((steps, eval_loss(model, enc_eval, pad, eval_batch, precision)))
     model.eval()
@@ -408,8 +414,9 @@ class SFTConfig(_Strict):
         "same job run again after a failure resumes from the last one."))
     precision: Literal["fp32", "bf16"] = Field("fp32", description=(
         "Forward passes in fp32, or in bf16 mixed precision (torch.autocast; the weights, gradients and "
-        "optimizer state stay fp32, the loss is taken in fp32): about half the activation memory, and "
-        "faster on GPUs with bf16 tensor cores."))
+        "optimizer state stay in the weights' dtype, fp32 on the torch engine, the loss is taken in fp32): about "
+        "half the activation memory, and faster on GPUs with bf16 tensor cores. Under DeepSpeed the weights' "
+        "dtype is its config's (bf16 'auto': bf16 weights, fp32 master weights in the optimizer)."))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
                                                             "(less memory, about one more forward).")
     engine: Literal["torch", "deepspeed"] = Field("torch", description=(
@@ -570,6 +577,16 @@ def _encode_rows(tokenizer, rows: Sequence[SFTRow], max_tokens: int, path: Path)
     return enc
 
 
+def _curve(values: Sequence[float], every: int = 10) -> list[Optional[float]]:
+    """Means of ``every`` consecutive values (None where none is finite: gradient norms a checkpoint
+    from before they were recorded lacks)."""
+    out: list[Optional[float]] = []
+    for i in range(0, len(values), every):
+        finite = [v for v in values[i:i + every] if math.isfinite(v)]
+        out.append(sum(finite) / len(finite) if finite else None)
+    return out
+
+
 def partial_dir(out: Path) -> Path:
     """Where an unfinished SFT into ``out`` keeps its config and last checkpoint, beside ``out``."""
     return out.parent / f".{out.name}.partial"
@@ -623,8 +640,10 @@ def _load_state(checkpoint: Path) -> SFTState:
     raw = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
     if "optimizer" in raw:
         optimizer, scheduler = raw.pop("optimizer"), raw.pop("scheduler")
-        if not (checkpoint / STATE_FILE).is_file():
-            torch.save({"optimizer": optimizer, "scheduler": scheduler}, checkpoint / STATE_FILE)
+        tmp = checkpoint / f"{STATE_FILE}.tmp"
+        torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp)
+        os.replace(tmp, checkpoint / STATE_FILE)  # whole or not at all: state.pt still holds them meanwhile
+        raw.setdefault("grad_norms", [float("nan")] * len(raw["losses"]))  # not recorded then
     return SFTState(**raw)
 
 
@@ -655,21 +674,23 @@ def plot_losses(losses: Sequence[float], eval_losses: Sequence[tuple[int, float]
     return path
 
 
-def stale_partial(cfg: SFTConfig, data_sha256: str) -> Optional[str]:
+def stale_partial(cfg: SFTConfig, data_sha256: str, deepspeed_sha256: Optional[str] = None) -> Optional[str]:
     """Why the unfinished SFT beside ``cfg.out`` cannot be resumed by ``cfg`` (the config fields,
-    or the traces' bytes, that differ; :data:`RESUME_IGNORES` do not count), or None when there is
-    none or it can."""
+    the traces' bytes or the DeepSpeed config's bytes that differ; :data:`RESUME_IGNORES` do not
+    count), or None when there is none or it can."""
     from .config import config_differences
 
     partial = partial_dir(Path(cfg.out).expanduser())
     try:
         saved = json.loads((partial / "sft_config.json").read_text())
-        saved_sha = json.loads((partial / "data.json").read_text()).get("sha256")
+        inputs = json.loads((partial / "data.json").read_text())
     except FileNotFoundError:
         return None
     differs = config_differences(saved, cfg, ignore=RESUME_IGNORES)
-    if saved_sha != data_sha256:
+    if inputs.get("sha256") != data_sha256:
         differs.append("the traces' bytes")
+    if inputs.get("deepspeed_sha256") != deepspeed_sha256:
+        differs.append("the DeepSpeed config's bytes")
     return ", ".join(differs) or None
 
 
@@ -707,7 +728,13 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     if cfg.eval_size >= len(rows):
         raise SFTDataError(f"eval_size={cfg.eval_size} holds out every one of the {len(rows)} traces in {path}; "
                            "keep some for training")
-    differs = stale_partial(cfg, data_sha256)
+    ds_sha256 = None
+    if cfg.deepspeed_config:
+        if not Path(cfg.deepspeed_config).is_file():
+            raise SFTError(f"deepspeed_config {cfg.deepspeed_config!r} is no file; give the path of a DeepSpeed JSON "
+                           "(see infra/deepspeed/)")
+        ds_sha256 = file_sha256(Path(cfg.deepspeed_config))
+    differs = stale_partial(cfg, data_sha256, ds_sha256)
     if differs:
         raise SFTResumeError(f"{partial} holds an unfinished SFT into {out} with another configuration or traces "
                              f"(differs in: {differs}); rerun it with the same configuration and traces to resume "
@@ -759,7 +786,8 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     if main:
         partial.mkdir(parents=True, exist_ok=True)
         write_text_atomic(partial / "sft_config.json", cfg.model_dump_json(indent=1))
-        write_json_atomic(partial / "data.json", {"path": str(path), "sha256": data_sha256}, indent=None)
+        write_json_atomic(partial / "data.json", {"path": str(path), "sha256": data_sha256,
+                                                  "deepspeed_sha256": ds_sha256}, indent=None)
     n_params = sum(p.numel() for p in model.parameters())
     resumed_after = resume.step if resume else None
     where = f"{world} DeepSpeed rank(s)" if cfg.engine == "deepspeed" else str(device)
@@ -805,8 +833,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
             **checks,
             "final_loss": res.final_loss,
             "loss_curve": [sum(res.losses[i:i + 10]) / len(res.losses[i:i + 10]) for i in range(0, len(res.losses), 10)],
-            "grad_norm_curve": [sum(res.grad_norms[i:i + 10]) / len(res.grad_norms[i:i + 10])
-                                for i in range(0, len(res.grad_norms), 10)],  # before clipping, 10-step means
+            "grad_norm_curve": _curve(res.grad_norms),  # before clipping
             "eval_losses": res.eval_losses,
             "resumed_after_step": resumed_after,
             "sft_seconds": res.seconds,  # the training loop's time, earlier sessions of a resumed job included

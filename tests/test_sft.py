@@ -234,15 +234,33 @@ def test_a_job_killed_midway_resumes_and_ends_where_an_uninterrupted_one_does(ti
     ra, rb = (json.loads((d / "sft_report.json").read_text()) for d in (whole, out))
     assert rb["resumed_after_step"] == 4 and ra["resumed_after_step"] is None
     assert rb["loss_curve"] == ra["loss_curve"] and rb["eval_losses"] == ra["eval_losses"]
+    if layout == "engine":
+        assert rb["grad_norm_curve"] == ra["grad_norm_curve"]
+    else:  # steps 1-4 were not recorded then: the mean of steps 5-7
+        assert len(rb["grad_norm_curve"]) == 1 and rb["grad_norm_curve"][0] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "t.jsonl", "whole"]
 
 
-def test_deepspeed_settings_go_together():
-    base = dict(model="m", data="d.jsonl", out="o")
+def test_deepspeed_settings_go_together(tmp_path):
+    import l2t_core.sft as sft_module
+
+    base = dict(model="m", data="d.jsonl", out=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="engine='deepspeed' needs deepspeed_config"):
         SFTConfig(**base, engine="deepspeed")
     with pytest.raises(ValueError, match="deepspeed_config is set but engine is 'torch'"):
         SFTConfig(**base, deepspeed_config="infra/deepspeed/zero2.json")
+    data = _write(tmp_path / "t.jsonl", _rows(4))
+    missing = SFTConfig(**{**base, "data": str(data)}, engine="deepspeed", deepspeed_config=str(tmp_path / "no.json"))
+    with pytest.raises(sft_module.SFTError, match=r"deepspeed_config '.*no.json' is no file"):
+        run_sft(missing)  # before joining a process group or loading the model
+    # an unfinished job resumes only with the DeepSpeed config it was started with, byte for byte
+    partial = sft_module.partial_dir(tmp_path / "o")
+    partial.mkdir()
+    cfg = SFTConfig(**base, engine="deepspeed", deepspeed_config="ds.json")
+    (partial / "sft_config.json").write_text(cfg.model_dump_json())
+    (partial / "data.json").write_text(json.dumps({"sha256": "d", "deepspeed_sha256": "a"}))
+    assert sft_module.stale_partial(cfg, "d", "a") is None
+    assert sft_module.stale_partial(cfg, "d", "b") == "the DeepSpeed config's bytes"
 
 
 def test_changed_traces_are_not_resumed(tiny_dir, tmp_path, monkeypatch):

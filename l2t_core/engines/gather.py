@@ -56,6 +56,16 @@ def all_reduce_list(values: list[float], dtype: torch.dtype, op: str = "sum") ->
     return t.cpu().tolist()
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` on one process. A collective."""
+    dist = initialized_group()
+    if dist is None:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op on one process)."""
     dist = initialized_group()
