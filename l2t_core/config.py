@@ -406,6 +406,11 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(16384, ge=1)
     max_prompt_tokens: int = Field(4096, ge=1)
     max_batch_sequences: int = Field(256, ge=1, description="hf engine: sequences per generate call.")
+    max_batch_tokens: int | None = Field(None, ge=1, description=(
+        "hf engine: the most KV-cache positions one generate call holds, sequences x (longest prompt + "
+        "max_new_tokens); a batch of prompts (shortest first) ends before it would pass them. None: "
+        "max_batch_sequences alone. Bounds generation memory at long lengths (256 sequences of the paper's "
+        "4,096 + 16,384 tokens would be 5.2M positions) and keeps a long context from padding short ones."))
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description=(
         "Share of the GPU's whole memory vLLM takes for its weights and KV cache. vLLM runs on the trainer's "
         "GPU, and refuses to start (or to wake up) unless that share is free, so it must leave room for the "

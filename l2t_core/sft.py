@@ -600,7 +600,7 @@ def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState, engine: "
     and publishes it, while the others wait."""
     import shutil
 
-    from .engines.gather import barrier, full_state_dict, is_partitioned
+    from .engines.gather import barrier, full_state_dict, is_partitioned, on_rank_0
 
     tmp, ckpt, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
     main = engine.is_main
@@ -610,7 +610,8 @@ def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState, engine: "
     barrier()
     engine.save_state(tmp)
     whole = full_state_dict(model, keep=main) if is_partitioned(model.parameters()) else None
-    if main:
+
+    def publish() -> None:
         model.save_pretrained(tmp, state_dict=whole)
         tokenizer.save_pretrained(tmp)
         torch.save(state.__dict__, tmp / "state.pt")  # written last: a checkpoint without it is incomplete
@@ -619,7 +620,8 @@ def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState, engine: "
             ckpt.rename(old)
         tmp.rename(ckpt)
         shutil.rmtree(old, ignore_errors=True)
-    barrier()
+
+    on_rank_0(main, publish, "write the SFT checkpoint")
 
 
 def _last_checkpoint(partial: Path) -> Optional[Path]:
@@ -712,7 +714,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     shared one across nodes). A job resumes only on the number of ranks it was saved with."""
     import shutil
 
-    from .engines.gather import barrier, full_state_dict, is_partitioned
+    from .engines.gather import full_state_dict, is_partitioned, on_rank_0
     from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
 
     out = Path(cfg.out).expanduser()
@@ -816,7 +818,8 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         raise
     del resume
     whole = full_state_dict(model, keep=main) if is_partitioned(model.parameters()) else None  # ZeRO-3: every rank
-    if main:
+
+    def publish() -> None:
         staging = partial / "final"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, state_dict=whole)
@@ -849,5 +852,11 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         shutil.rmtree(partial)
         log.info("SFT done in %.0f s: loss %.3f%s; model in %s", report["wall_seconds"], res.final_loss,
                  f", evaluation loss {res.eval_losses[-1][1]:.3f}" if res.eval_losses else "", out)
-    barrier()  # the other ranks return once the model is in place
+
+    try:
+        on_rank_0(main, publish, "write the finished model")  # the other ranks return once it is in place
+    except BaseException:
+        log.error("SFT trained but its model was not written; %s is kept: run the same job again to resume %s",
+                  partial, f"after step {saved_step[0]}" if saved_step[0] else "(no checkpoint: from the start)")
+        raise
     return out

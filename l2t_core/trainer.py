@@ -41,7 +41,7 @@ from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
 from .engines.gather import (all_reduce_list, barrier, check_head_chunking, full_state_dict, initialized_group,
-                             is_partitioned, lockstep_batches)
+                             is_partitioned, lockstep_batches, on_rank_0)
 from .logprobs import logprob_temperature, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -291,6 +291,7 @@ class Trainer:
         rkw = dict(max_prompt_tokens=cfg.rollout.max_prompt_tokens)
         if cfg.rollout.engine == "hf":
             rkw["max_batch_sequences"] = cfg.rollout.max_batch_sequences
+            rkw["max_batch_tokens"] = cfg.rollout.max_batch_tokens
         else:
             rkw.update(model_path=cfg.policy, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                        tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size, seed=cfg.seed,
@@ -358,22 +359,23 @@ class Trainer:
         # ZeRO-3: every rank takes part in gathering the weights; rank 0 keeps them for the HF files
         whole = full_state_dict(module, keep=self.rank == 0) if is_partitioned(module.parameters()) else None
         dist.barrier()
-        url = None
-        if self.rank == 0:
+
+        def publish() -> str:
             def fill(d: Path) -> None:
                 move_contents(staging, d)
                 self._write_main_files(d, whole)
 
             url = self.storage.write_checkpoint(self.step, fill, keep=self.cfg.keep_checkpoints)
             shutil.rmtree(staging, ignore_errors=True)
-        dist.barrier()
-        return url
+            return url
+
+        return on_rank_0(self.rank == 0, publish, f"publish the checkpoint of step {self.step}")
 
     def checkpoint(self, first_step: int) -> str | None:
         """Flush metrics of steps ``first_step..self.step``, then publish the checkpoint."""
         self._phase(self.step, "checkpoint")
-        if self.rank == 0:
-            self.metrics.flush(first_step, self.step)
+        on_rank_0(self.rank == 0, lambda: self.metrics.flush(first_step, self.step),
+                  f"write the metrics of step {self.step}")
         return self._save_distributed() if self.world > 1 else self._save()
 
     def _resume(self) -> int:

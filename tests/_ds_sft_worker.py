@@ -7,7 +7,9 @@
 as float32, in name order, gathered whole under ZeRO-3).
 
 With DIE_IN_STEP every rank raises KeyboardInterrupt (as a kill would) when that step's batch starts,
-after the checkpoints before it, and exits non-zero.
+after the checkpoints before it, and exits non-zero. With ``final`` instead, rank 0 fails to write the
+finished model (``save_pretrained`` raises OSError, as on a full disk) and every rank must exit
+non-zero at once, not wait for rank 0 until the process group times out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 
 def main(cfg_path: str, out: str, die_in_step: str = "") -> None:
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
     import l2t_core.sft as sft
     from _ds_trainer_worker import weights_digest
 
@@ -40,14 +44,24 @@ def main(cfg_path: str, out: str, die_in_step: str = "") -> None:
         return real_batch(*a, **k)
 
     sft.sft_encoded = recording
-    if die_in_step:
+    if die_in_step == "final":
+        from transformers import PreTrainedModel
+
+        real_save = PreTrainedModel.save_pretrained
+
+        def full_disk(self, path, *a, **k):
+            if dist.get_rank() == 0 and Path(path).name == "final":
+                raise OSError(28, "No space left on device")
+            return real_save(self, path, *a, **k)
+
+        PreTrainedModel.save_pretrained = full_disk
+    elif die_in_step:
         sft._accumulate_batch = dying
     try:
         sft.run_sft(cfg, show_progress=False)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, OSError, RuntimeError) as exc:
+        print(f"rank {os.environ.get('RANK')}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(3)
-    import torch.distributed as dist
-
     rank = dist.get_rank()
     info = {"rank": rank, "world": dist.get_world_size(), "digest": weights_digest(trained[0])}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(info))

@@ -95,6 +95,41 @@ def test_chunking_gives_the_same_greedy_completions(model, tokenizer, prompts):
         assert _ids(chunked) == one_batch
 
 
+def test_batch_chunks_keep_each_generate_call_within_the_token_budget():
+    """KV-cache positions of a batch = sequences × (longest prompt + largest limit); a batch ends
+    before it would pass max_tokens, a prompt over it alone runs alone; None: sequences only."""
+    from l2t_core.rollout.hf import batch_chunks
+
+    lengths, limits = [10, 12, 5000, 11, 4990], [4] * 5
+    order = sorted(range(5), key=lambda i: lengths[i])  # 0, 3, 1, 4, 2
+    assert batch_chunks(order, lengths, limits, 2, 256) == [[0, 3, 1, 4, 2]]
+    assert batch_chunks(order, lengths, limits, 2, 2) == [[0, 3], [1, 4], [2]]
+    assert batch_chunks(order, lengths, limits, 2, 256, max_tokens=20_016) == [[0, 3, 1], [4, 2]]  # 2·2·5004
+    assert batch_chunks(order, lengths, limits, 2, 256, max_tokens=20_015) == [[0, 3, 1], [4], [2]]
+    assert batch_chunks(order, lengths, limits, 2, 256, max_tokens=200) == [[0, 3, 1], [4], [2]]
+    # the largest limit counts too: prompt 3's 30 new tokens leave no room for a third row
+    assert batch_chunks(order, lengths, [4, 4, 4, 30, 4], 2, 256, max_tokens=200) == [[0, 3], [1], [4], [2]]
+    assert batch_chunks(order, lengths, limits, 2, 2, max_tokens=10**9) == [[0, 3], [1, 4], [2]]
+
+
+def test_a_token_budget_splits_calls_and_keeps_the_greedy_completions(model, tokenizer, prompts, monkeypatch):
+    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=5)
+    want = _ids(HFRolloutEngine(model, tokenizer).generate(prompts, greedy))
+    seen = []
+    real = model.generate
+
+    def spy(*args, **kw):
+        seen.append(kw["input_ids"].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    budget = 2 * (len(prompts[1]) + 5)  # greedy: one sequence a prompt; the two shorter prompts fit, not all three
+    got = HFRolloutEngine(model, tokenizer, max_batch_tokens=budget).generate(prompts, greedy)
+    assert _ids(got) == want and len(seen) == 2 and all(r * (w + 5) <= budget or r == 1 for r, w in seen)
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 1"):
+        HFRolloutEngine(model, tokenizer, max_batch_tokens=0)
+
+
 def test_batches_take_the_shortest_prompts_first_and_return_the_given_order(model, tokenizer, prompts, monkeypatch):
     """Prompts are batched shortest first (a batch of response prefixes of one length ends about
     together) with at most max_batch_sequences sequences, the call's setting over the engine's;

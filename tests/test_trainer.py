@@ -837,3 +837,10 @@ def test_logged_episode_tokens_are_each_episodes_own_tokens(model, tokenizer):
     eps = pd.DataFrame(tables["episode_rewards"])
     assert eps["copy_share"].tolist() == [c for x in charged.responses for c in x.copies.tolist()]
     assert eps["oracle_label"].tolist() == [c for x in charged.responses for c in x.labels.tolist()]
+
+
+def test_rollout_token_budget_reaches_the_hf_engine(tiny_dir, tmp_path, toy_data):
+    tr = Trainer(make_cfg(tiny_dir, tmp_path / "r", rollout={"group_size": 2, "max_new_tokens": 8,
+                                                             "max_batch_tokens": 4096}), show_progress=False)
+    tr.setup()
+    assert tr.rollout.max_batch_tokens == 4096

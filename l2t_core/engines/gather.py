@@ -12,9 +12,12 @@ they are, with no DeepSpeed import.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
@@ -64,6 +67,31 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_succeeded(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (``ok`` itself on one process). A collective that also
+    synchronises the ranks: where one rank alone writes files, the others learn here whether it
+    failed instead of waiting for it in a later collective until the process group times out."""
+    return bool(all_reduce_list([0 if ok else 1], torch.long, "max")[0] == 0)
+
+
+def on_rank_0(main: bool, write: Callable[[], T], what: str) -> T | None:
+    """``write()`` on rank 0 (``main``) while the other ranks wait; its result there, None on the
+    others. Every rank raises if it failed (rank 0 its own error, the others a RuntimeError naming
+    ``what``), so none waits for rank 0 in a later collective until the process group times out."""
+    error: BaseException | None = None
+    result = None
+    if main:
+        try:
+            result = write()
+        except BaseException as exc:  # raised below, once the other ranks have heard of it
+            error = exc
+    if not all_succeeded(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 failed to {what} (its log says why); this rank stops too")
+    return result
 
 
 def barrier() -> None:

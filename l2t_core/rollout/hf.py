@@ -22,15 +22,40 @@ from ..models import eval_mode
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
 
 
+def batch_chunks(order: Sequence[int], lengths: Sequence[int], limits: Sequence[int], reps: int, per_chunk: int,
+                 max_tokens: int | None = None) -> list[list[int]]:
+    """``order`` (prompt indices, shortest first) cut into the batches of one ``generate`` call each:
+    at most ``per_chunk`` prompts (of ``reps`` sequences each), and with ``max_tokens`` at most that
+    many KV-cache positions, sequences × (longest prompt + largest new-token limit) of the batch; a
+    prompt that alone passes the budget is a batch of its own."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    width = new = 0
+    for i in order:
+        w, n = max(width, lengths[i]), max(new, limits[i])
+        if cur and (len(cur) == per_chunk or (max_tokens is not None and (len(cur) + 1) * reps * (w + n) > max_tokens)):
+            chunks.append(cur)
+            cur, w, n = [], lengths[i], limits[i]
+        cur.append(i)
+        width, new = w, n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
 class HFRolloutEngine(RolloutEngine):
     name = "hf"
 
-    def __init__(self, model, tokenizer, *, max_batch_sequences: int = 256, max_prompt_tokens: int | None = None):
+    def __init__(self, model, tokenizer, *, max_batch_sequences: int = 256, max_prompt_tokens: int | None = None,
+                 max_batch_tokens: int | None = None):
         if tokenizer.eos_token_id is None:
             raise ValueError("HFRolloutEngine: the tokenizer has no eos token; generation could never stop")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_sequences = max(1, int(max_batch_sequences))
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"HFRolloutEngine: max_batch_tokens must be >= 1 (or None), got {max_batch_tokens}")
+        self.max_batch_tokens = max_batch_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.eos = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -62,7 +87,10 @@ class HFRolloutEngine(RolloutEngine):
         (773 prefixes, 2 samples each, 2 CPU threads) took 55-65 s shortest first in batches of 64
         sequences against 302 s in the order given at 512 a batch (``bench/continuation_j.py``
         times the whole reward this way). With ``max_new_tokens`` per prompt a batch runs to the
-        largest limit among its rows and each row is cut at its own."""
+        largest limit among its rows and each row is cut at its own. With the engine's
+        ``max_batch_tokens`` a batch also ends before its sequences × (its longest prompt + its
+        largest limit), the positions its KV cache holds, would pass that budget (a prompt over it
+        runs alone): one long context no longer pads a batch of short ones to its length."""
         lockstep = self.lockstep()
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None, allow_empty=lockstep)
         limits = token_limits(max_new_tokens, prompts, params)
@@ -72,12 +100,12 @@ class HFRolloutEngine(RolloutEngine):
         reps = params.n if sample else 1
         per_chunk = max(1, (max_batch_sequences or self.max_batch_sequences) // reps)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        chunks = batch_chunks(order, [len(p) for p in prompts], limits, reps, per_chunk, self.max_batch_tokens)
         kw = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) if sample else dict(
             do_sample=False, temperature=None, top_p=None, top_k=None)
-        starts = list(range(0, len(prompts), per_chunk))
         # in lockstep: as many calls as the busiest rank, the extra ones a one-token dummy; synced_gpus
         # keeps each call forwarding until every rank's sequences have ended
-        dummies = lockstep_count(len(starts), self.model.parameters()) - len(starts) if lockstep else 0
+        dummies = lockstep_count(len(chunks), self.model.parameters()) - len(chunks) if lockstep else 0
         saved_config = getattr(self.model, "generation_config", None)
         # Only the sampling parameters asked for apply: a checkpoint's generation_config.json
         # (repetition_penalty, top_k, ...) would silently change the policy's distribution.
@@ -86,8 +114,7 @@ class HFRolloutEngine(RolloutEngine):
         try:
             with eval_mode(self.model), torch.random.fork_rng(devices=self._cuda_devices()):
                 torch.manual_seed(params.seed)  # seeds the CPU and every CUDA generator
-                for start in starts:
-                    chunk = order[start: start + per_chunk]
+                for chunk in chunks:
                     ids, att, width = self._left_pad([prompts[i] for i in chunk], device)
                     gen = self.model.generate(
                         input_ids=ids, attention_mask=att, max_new_tokens=max(limits[i] for i in chunk),
