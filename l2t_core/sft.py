@@ -600,14 +600,16 @@ def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState, engine: "
     and publishes it, while the others wait."""
     import shutil
 
-    from .engines.gather import barrier, full_state_dict, is_partitioned, on_rank_0
+    from .engines.gather import full_state_dict, is_partitioned, on_rank_0
 
     tmp, ckpt, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
     main = engine.is_main
-    if main:
+
+    def fresh_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
+
+    on_rank_0(main, fresh_tmp, f"create {tmp}")
     engine.save_state(tmp)
     whole = full_state_dict(model, keep=main) if is_partitioned(model.parameters()) else None
 
@@ -785,11 +787,13 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         log.warning("%d of %d traces with an answer end in another answer (first: %s): the model learns them too",
                     checks["answers"]["checked"] - checks["answers"]["correct"], checks["answers"]["checked"],
                     ", ".join(checks["answers"]["wrong_ids"][:5]))
-    if main:
+    def record_job() -> None:
         partial.mkdir(parents=True, exist_ok=True)
         write_text_atomic(partial / "sft_config.json", cfg.model_dump_json(indent=1))
         write_json_atomic(partial / "data.json", {"path": str(path), "sha256": data_sha256,
                                                   "deepspeed_sha256": ds_sha256}, indent=None)
+
+    on_rank_0(main, record_job, f"write the job's config into {partial}")
     n_params = sum(p.numel() for p in model.parameters())
     resumed_after = resume.step if resume else None
     where = f"{world} DeepSpeed rank(s)" if cfg.engine == "deepspeed" else str(device)
@@ -849,7 +853,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
         (staging / "sft_report.json").write_text(json.dumps(report, indent=1))
         plot_losses(res.losses, res.eval_losses, staging / "loss.png")
         staging.rename(out)
-        shutil.rmtree(partial)
+        shutil.rmtree(partial, ignore_errors=True)  # the model is in place: what is left is only work in progress
         log.info("SFT done in %.0f s: loss %.3f%s; model in %s", report["wall_seconds"], res.final_loss,
                  f", evaluation loss {res.eval_losses[-1][1]:.3f}" if res.eval_losses else "", out)
 

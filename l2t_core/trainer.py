@@ -350,10 +350,12 @@ class Trainer:
                 "multi-rank checkpoints need a shared local/NFS run directory; sync it to object storage afterwards"
             )
         staging = Path(self.storage.root) / "checkpoints" / f"{STAGING_PREFIX}{self.step:06d}"
-        if self.rank == 0:
+
+        def fresh_staging() -> None:
             remove_staging_dirs(staging.parent)
             staging.mkdir(parents=True)
-        dist.barrier()
+
+        on_rank_0(self.rank == 0, fresh_staging, f"create {staging}")
         self.engine.save_state(staging)
         module = self.engine.unwrapped()
         # ZeRO-3: every rank takes part in gathering the weights; rank 0 keeps them for the HF files
