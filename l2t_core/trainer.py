@@ -40,7 +40,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
-from .engines.gather import (all_reduce_list, barrier, check_head_chunking, full_state_dict, initialized_group,
+from .engines.gather import (all_reduce_list, check_head_chunking, full_state_dict, initialized_group,
                              is_partitioned, lockstep_batches, on_rank_0)
 from .logprobs import logprob_temperature, response_mask, token_logprobs
 from .losses import policy_loss
@@ -244,8 +244,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
         check_prompt_sharding(cfg.prompts_per_step, self.world)
-        if self.rank == 0:
-            self.storage.check_writable()
+        on_rank_0(self.rank == 0, self.storage.check_writable, f"write into the run directory {redact_url(cfg.out)}")
         self.problems: list[TrainProblem] = load_training_problems(cfg.data)
         self.verifier = verifier_for(cfg.data)
         self.verify_pool = VerifierPool(self.verifier, cfg.verify_workers) if cfg.verify_workers else None
@@ -429,9 +428,8 @@ class Trainer:
         if state["rng"].get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.rollout.sync_weights(self.engine.unwrapped())
-        if self.rank == 0:  # one rank deletes the metrics of steps after the checkpoint
-            self.metrics.drop_after(step)
-        barrier()
+        # one rank deletes the metrics of steps after the checkpoint
+        on_rank_0(self.rank == 0, lambda: self.metrics.drop_after(step), "drop the metrics after the checkpoint")
         log.info("resumed run %s from %s (step %d)", self.run_id, redact_url(url), step)
         return step
 
@@ -665,8 +663,9 @@ class Trainer:
             self.setup()
         cfg = self.cfg
         start = self._resume()
-        if self.rank == 0 and start == 0:
-            self.storage.write_bytes(CONFIG_FILE, cfg.model_dump_json(indent=2).encode())
+        if start == 0:
+            config = cfg.model_dump_json(indent=2).encode()
+            on_rank_0(self.rank == 0, lambda: self.storage.write_bytes(CONFIG_FILE, config), f"write {CONFIG_FILE}")
         # a resumed run reports the checkpoint it resumed from until it writes a newer one, so an
         # already finished run returns its final step and checkpoint
         self.step = start
@@ -682,10 +681,7 @@ class Trainer:
             for step in range(start + 1, cfg.steps + 1):
                 self.step = step
                 row = self.train_step(step)
-                if self.rank == 0:
-                    self.metrics.add("train_steps", [row])
-                    if on_step is not None:
-                        on_step(row)
+                on_rank_0(self.rank == 0, lambda: self._record_step(row, on_step), f"record step {step}")
                 info = (f"acc {row['accuracy']:.2f} tok {row['mean_tokens']:.1f} kl {row['kl']:.4f} "
                         f"{row['step_time_s']:.1f}s")
                 bar.update(task, advance=1, info=info)
@@ -699,6 +695,12 @@ class Trainer:
         steps = read_table(self.storage, "train_steps") if self.rank == 0 else pd.DataFrame()
         return RunResult(cfg.out, self.step, last_ckpt, steps)
 
+
+    def _record_step(self, row: dict, on_step) -> None:
+        """Rank 0: the step's metrics row, and the caller's ``on_step`` with it."""
+        self.metrics.add("train_steps", [row])
+        if on_step is not None:
+            on_step(row)
 
     def close(self) -> None:
         """Stop the verification workers (``verify_workers``); :meth:`run` does on its way out, and
