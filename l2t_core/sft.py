@@ -144,11 +144,6 @@ def lr_factor(step: int, total: int, warmup_frac: float, min_frac: float) -> flo
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _trained_tokens(labels: torch.Tensor) -> int:
-    """Tokens a causal LM's loss counts: the labels after the first position that are not -100."""
-    return int((labels[:, 1:] != -100).sum())
-
-
 def autocast(model, precision: str = "fp32"):
     """The forward passes' precision: ``fp32`` as the weights are, or ``bf16`` mixed precision
     (``torch.autocast``: matrix products in bfloat16, the weights, their gradients and AdamW's
@@ -161,7 +156,8 @@ def autocast(model, precision: str = "fp32"):
 
 
 def _trained_in(example: Encoded) -> int:
-    """The tokens of one example a causal LM's loss counts (:func:`_trained_tokens` of it alone)."""
+    """The tokens of one example a causal LM's loss counts: its trained tokens after the first
+    position (the first token is never predicted)."""
     return sum(example[1][1:])
 
 
@@ -188,8 +184,8 @@ def _accumulate_batch(model, batch: Sequence[Encoded], pad_id: int, micro_batch_
     per_rank = -(-len(batch) // world)
     size = micro_batch_size or per_rank
     mine = list(batch[rank::world])
-    passes = [collate(mine[s:s + size], pad_id) for s in range(0, len(mine), size)]
-    passes = [(p, _trained_tokens(p[2])) for p in passes]
+    passes = [(collate(mine[s:s + size], pad_id), sum(_trained_in(ex) for ex in mine[s:s + size]))
+              for s in range(0, len(mine), size)]
     if world == 1:  # a pass with nothing trained (every target cut off) has no gradient to add
         passes = [(p, n) for p, n in passes if n > 0]
     count = len(passes) if world == 1 else -(-per_rank // size)

@@ -94,13 +94,6 @@ def on_rank_0(main: bool, write: Callable[[], T], what: str) -> T | None:
     return result
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op on one process)."""
-    dist = initialized_group()
-    if dist is not None:
-        dist.barrier()
-
-
 def in_lockstep(params: Iterable[torch.nn.Parameter]) -> bool:
     """Whether every rank must run each forward of the module owning ``params`` together with the
     others: ZeRO-3 gathers a partitioned module's parameters in every forward (a collective), so a
