@@ -15,6 +15,11 @@ Writing is two-phase, so an interrupted write never becomes "latest":
 2. only then is the ``LATEST`` pointer replaced (through a temporary file and a rename on local
    disks; a single object PUT, which is atomic, on object stores).
 
+A multi-rank run (DeepSpeed) on an object store uploads every rank's engine shard straight into
+the checkpoint's URL (:meth:`RunStorage.upload_into_checkpoint`); rank 0 then adds its files with
+``write_checkpoint(..., uploaded=True)``, ``COMPLETE`` last, so the marker again makes the whole
+directory appear at once.
+
 :func:`latest_checkpoint` trusts ``LATEST`` only when the directory it names has ``COMPLETE``; it
 otherwise falls back to the newest complete ``step-*`` directory, so a crash at any point leaves
 the previous checkpoint usable. A process killed mid-write (``kill -9``, preemption) leaves only a
@@ -41,7 +46,7 @@ from typing import Callable, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .urls import refuse_credentials
+from .urls import redact_url, refuse_credentials
 
 log = logging.getLogger("l2t.checkpoint")
 
@@ -83,7 +88,13 @@ class RunStorage:
 
     # ------------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
+        """A path inside the run directory as the filesystem names it (no ``s3://``)."""
         return "/".join([self.root, *parts])
+
+    def url_of(self, path: str) -> str:
+        """The URL of a path of :meth:`path` that a person or another tool can use: the local path
+        itself, on other filesystems with the protocol (``s3://bucket/run/...``)."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
 
     @property
     def checkpoints(self) -> str:
@@ -156,22 +167,48 @@ class RunStorage:
             name = self.read_bytes(f"checkpoints/{LATEST}").decode().strip()
             m = _STEP_RE.match(name)
             if m and self.fs.exists(self.path("checkpoints", name, COMPLETE)):
-                return int(m.group(1)), self.path("checkpoints", name)
+                return int(m.group(1)), self.url_of(self.path("checkpoints", name))
             log.warning("LATEST names %r, which is not a complete checkpoint; scanning for one", name)
         steps = self.complete_steps()
         if not steps:
             return None
-        return steps[-1], self.path("checkpoints", checkpoint_name(steps[-1]))
+        return steps[-1], self.checkpoint_url(steps[-1])
 
-    def write_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None = None) -> str:
+    def checkpoint_url(self, step: int) -> str:
+        return self.url_of(self.path("checkpoints", checkpoint_name(step)))
+
+    def clear_checkpoint(self, step: int) -> None:
+        """Remove whatever stands under checkpoint ``step``'s name (a stale complete one, or the
+        files of an upload cut short), ``COMPLETE`` first."""
+        url = self.checkpoint_url(step)
+        if self.fs.exists(url) or self.fs.exists(f"{url}/{COMPLETE}"):
+            self._remove_checkpoint(url)
+
+    def upload_into_checkpoint(self, step: int, local: Path) -> None:
+        """Object stores: upload the files under the local directory ``local`` into checkpoint
+        ``step``'s URL, keeping their relative paths. The checkpoint stays incomplete (no
+        ``COMPLETE``) until :meth:`write_checkpoint` with ``uploaded=True`` adds the rest: a
+        multi-rank save, where every rank uploads its own engine shard. Local run directories take
+        the shards by rename instead (the trainer's staging directory), so they refuse this."""
+        if self.is_local:
+            raise ValueError(f"upload_into_checkpoint is for object stores; {self.url!r} is a local directory")
+        if any(p.is_file() for p in Path(local).rglob("*")):
+            self.fs.put(str(local).rstrip("/") + "/", self.checkpoint_url(step) + "/", recursive=True)
+
+    def write_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None = None, *,
+                         uploaded: bool = False) -> str:
         """Write checkpoint ``step``: ``fill(local_dir)`` puts every file into a temporary local
         directory (a ``.tmp-*`` one inside the run directory on local disks, one under ``TMPDIR``
         for object stores); it is then published atomically (see the module docstring). Returns
-        its URL."""
+        its URL. ``uploaded`` (object stores): files already uploaded into the checkpoint with
+        :meth:`upload_into_checkpoint` belong to it and stay; otherwise whatever stands under its
+        name is replaced."""
         name = checkpoint_name(step)
         self._remove_stale_temporaries()
         final = self.path("checkpoints", name)
         self.fs.makedirs(self.checkpoints, exist_ok=True)
+        if uploaded and self.is_local:
+            raise ValueError(f"write_checkpoint(uploaded=True) is for object stores; {self.url!r} is a local directory")
         if self.is_local:
             # filled in place under a temporary name on the run's own filesystem (no second copy,
             # and a killed write leaves nothing outside the run directory); COMPLETE is inside the
@@ -192,15 +229,15 @@ class RunStorage:
                 local = Path(tmp) / name
                 local.mkdir()
                 fill(local)
-                if self.fs.exists(final):
-                    self._remove_checkpoint(final)
+                if not uploaded:
+                    self.clear_checkpoint(step)
                 self.fs.put(str(local) + "/", final + "/", recursive=True)
                 self.fs.pipe_file(f"{final}/{COMPLETE}", f"{step}\n".encode())  # written last
         self.write_bytes(f"checkpoints/{LATEST}", f"{name}\n".encode())
-        log.info("checkpoint %s written to %s", name, final)
+        log.info("checkpoint %s written to %s", name, redact_url(self.url_of(final)))
         if keep:
             self.prune(keep)
-        return final
+        return self.url_of(final)
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest ``keep`` complete checkpoints up to the one ``latest_checkpoint``
@@ -238,5 +275,9 @@ class RunStorage:
             yield Path(url)
             return
         with tempfile.TemporaryDirectory(prefix="l2t-ckpt-") as tmp:
-            self.fs.get(url.rstrip("/") + "/", tmp + "/", recursive=True)
+            self.download(url, Path(tmp))
             yield Path(tmp)
+
+    def download(self, url: str, dest: Path) -> None:
+        """Copy the directory at ``url`` (on this storage's filesystem) into the local ``dest``."""
+        self.fs.get(url.rstrip("/") + "/", str(dest).rstrip("/") + "/", recursive=True)

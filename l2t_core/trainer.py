@@ -40,8 +40,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
-from .engines.gather import (all_reduce_list, check_head_chunking, full_state_dict, initialized_group,
-                             is_partitioned, lockstep_batches, on_rank_0)
+from .engines.gather import (all_reduce_list, check_head_chunking, initialized_group, is_partitioned,
+                             lockstep_batches, on_rank_0)
 from .logprobs import logprob_temperature, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
@@ -55,6 +55,7 @@ from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
 from .rewards.l2t import RewardBatch, Rollout, compute_rewards, has_penalty, longest_sampled_sequence, penalty_targets
 from .rollout import SamplingParams, make_rollout_engine
+from .sharded_checkpoint import host_local_copy, save_sharded
 from .timing import device_clock
 from .urls import redact_url
 from .training_data import TrainingDataError, TrainProblem, load_training_problems, verifier_for
@@ -161,31 +162,6 @@ def zero_loss(model, device: torch.device, token_id: int = 0, temperature: float
     mask = response_mask([1], [1], 2, device)
     lp = token_logprobs(model, ids, torch.ones_like(ids), mask, temperature, head_chunk_tokens)
     return lp.sum() * 0.0
-
-
-STAGING_PREFIX = ".staging-"  # <out>/checkpoints/.staging-000010: the ranks' engine shards of step 10
-
-
-def remove_staging_dirs(checkpoints: Path) -> list[str]:
-    """Delete every multi-rank staging directory under ``checkpoints`` (left by a save that
-    crashed); returns their names. Rank 0 calls it before the ranks write a new one."""
-    import shutil
-
-    removed = sorted(p.name for p in checkpoints.glob(f"{STAGING_PREFIX}*") if p.is_dir()) if checkpoints.is_dir() else []
-    for name in removed:
-        shutil.rmtree(checkpoints / name)
-    return removed
-
-
-def move_contents(src: Path, dest: Path) -> None:
-    """Move every entry of ``src`` into ``dest`` by renaming it (both on one filesystem: the run's
-    checkpoints directory), so a checkpoint's shards are never copied; an entry already in ``dest``
-    is an error, not silently merged."""
-    for child in sorted(src.iterdir()):
-        target = dest / child.name
-        if target.exists():
-            raise FileExistsError(f"{target} exists; cannot move the staged {child.name} of {src} there")
-        child.rename(target)
 
 
 def safetensors_names(files: Sequence[Path]) -> set[str]:
@@ -335,42 +311,10 @@ class Trainer:
         return self.storage.write_checkpoint(self.step, fill, keep=self.cfg.keep_checkpoints)
 
     def _save_distributed(self) -> str | None:
-        """Multi-rank checkpoint: every rank writes its engine shard into one staging directory on
-        the shared run filesystem; rank 0 adds the model and publishes it atomically. The shards
-        are moved (renamed) into the checkpoint, not copied: on the run's own filesystem that takes
-        no time whatever their size (the optimizer state of a 1.5B model is ~20 GB), while the other
-        ranks wait in a barrier. A staging directory a crashed save left is removed first, never
-        reused (it could hold shards of another world size or step)."""
-        import shutil
-
-        dist = initialized_group()
-        if not self.storage.is_local:
-            raise NotImplementedError(
-                "multi-rank checkpoints need a shared local/NFS run directory; sync it to object storage afterwards"
-            )
-        staging = Path(self.storage.root) / "checkpoints" / f"{STAGING_PREFIX}{self.step:06d}"
-
-        def fresh_staging() -> None:
-            remove_staging_dirs(staging.parent)
-            staging.mkdir(parents=True)
-
-        on_rank_0(self.rank == 0, fresh_staging, f"create {staging}")
-        self.engine.save_state(staging)
-        module = self.engine.unwrapped()
-        # ZeRO-3: every rank takes part in gathering the weights; rank 0 keeps them for the HF files
-        whole = full_state_dict(module, keep=self.rank == 0) if is_partitioned(module.parameters()) else None
-        dist.barrier()
-
-        def publish() -> str:
-            def fill(d: Path) -> None:
-                move_contents(staging, d)
-                self._write_main_files(d, whole)
-
-            url = self.storage.write_checkpoint(self.step, fill, keep=self.cfg.keep_checkpoints)
-            shutil.rmtree(staging, ignore_errors=True)
-            return url
-
-        return on_rank_0(self.rank == 0, publish, f"publish the checkpoint of step {self.step}")
+        """Multi-rank checkpoint: every rank its engine shard, rank 0 the model and the rest
+        (:func:`~l2t_core.sharded_checkpoint.save_sharded`; a shared filesystem or an object store)."""
+        return save_sharded(self.storage, self.step, rank=self.rank, engine=self.engine,
+                            write_main=self._write_main_files, keep=self.cfg.keep_checkpoints)
 
     def checkpoint(self, first_step: int) -> str | None:
         """Flush metrics of steps ``first_step..self.step``, then publish the checkpoint."""
@@ -384,7 +328,7 @@ class Trainer:
         if latest is None:
             return 0
         step, url = latest
-        with self.storage.local_copy(url) as d:
+        with host_local_copy(self.storage, url) as d:
             # the run is where it is: a moved run directory still resumes; how often it is saved may change
             saved_cfg = json.loads((d / CONFIG_FILE).read_text())
             diff = config_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)

@@ -249,11 +249,6 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
                     f"volume: set shared_volume_claim (L2T_K8S_SHARED_PVC) to a ReadWriteMany PVC mounted at "
                     f"{self.shared_mount_path!r} in the run worker too, and L2T_STORAGE_URL under that path; "
                     "or use object storage (L2T_STORAGE_URL=s3://bucket/prefix)")
-        elif self.gpus > 1:
-            raise ValueError(
-                f"a run on {self.gpus} GPUs writes sharded checkpoints to a shared filesystem, but the run "
-                f"directory is {redact_url(cfg.out)!r}: set L2T_STORAGE_URL to a path under shared_mount_path "
-                f"({self.shared_mount_path!r}, a ReadWriteMany PVC in shared_volume_claim), or use gpus=1")
         if posixpath.isabs(cfg.policy) and not self._mounted(cfg.policy):
             raise ValueError(
                 f"the base policy {cfg.policy!r} is a local directory the training pod cannot see: keep base models "

@@ -11,7 +11,9 @@ directory of the config. Each rank then writes to OUT:
   ``Trainer._rollouts`` returned it, so the test can replay the whole batch in one process.
 
 A third argument ``uneven`` cuts rank 1's responses to their first token, so its sequences are
-shorter and it has fewer micro-batches than rank 0 in the reference pass and the update.
+shorter and it has fewer micro-batches than rank 0 in the reference pass and the update;
+``upload-fails`` makes rank 1's upload of its engine shard of step 2 fail as a full disk would
+(object-store run directories, :mod:`l2t_core.sharded_checkpoint`).
 
 Like ``l2t train`` under ``deepspeed``/``torchrun``, it does not set up the process group itself:
 the Trainer (its DeepSpeed engine) must.
@@ -46,6 +48,17 @@ def main(cfg_path: str, out: str, variant: str = "") -> None:
     from l2t_core.trainer import Trainer
 
     cfg = TrainConfig.model_validate_json(Path(cfg_path).read_text())
+    if variant == "upload-fails" and os.environ.get("RANK") == "1":
+        from l2t_core.checkpoint import RunStorage
+
+        upload = RunStorage.upload_into_checkpoint
+
+        def failing_upload(self, step, local):
+            if step == 2:
+                raise OSError(28, "No space left on device (injected on rank 1)")
+            return upload(self, step, local)
+
+        RunStorage.upload_into_checkpoint = failing_upload
     tr = Trainer(cfg, show_progress=False)
     seen = {}
     original = tr._rollouts
@@ -66,6 +79,7 @@ def main(cfg_path: str, out: str, variant: str = "") -> None:
     rank = tr.rank
     (Path(out) / f"rollouts-rank{rank}.pkl").write_bytes(pickle.dumps(seen))
     info = {"rank": rank, "world": tr.world, "final_step": res.final_step, "checkpoint": res.checkpoint,
+            "steps_run": sorted(seen),
             "digest": weights_digest(tr.engine.unwrapped()),
             "reference_partitioned": is_partitioned(tr.reference.parameters()) if tr.reference is not None else None}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(info))

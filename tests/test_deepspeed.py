@@ -6,6 +6,7 @@ and under ZeRO-3 with partitioned weights, against ZeRO-2 and through a resume."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -370,6 +371,72 @@ def test_zero3_partitioned_weights_train_save_and_resume_like_zero2(tiny_dir, tm
     resumed = final_weights("zero3")
     for k in w3:
         torch.testing.assert_close(resumed[k], w3[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_trainer_two_ranks_checkpoint_to_object_storage_fail_together_and_resume(tiny_dir, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """A two-rank ZeRO-2 run whose run directory is on an object store (a local S3 server): every
+    rank uploads its own engine shard into the checkpoint, rank 0 the model and COMPLETE last. When
+    rank 1's upload of step 2 fails (a full disk), both ranks stop at once (rank 0 hears of it,
+    instead of waiting in a collective until the process group times out) and step 2 stays
+    incomplete; run again, the job resumes from step 1, downloading the checkpoint once for the
+    host, and ends with the weights and metrics of an uninterrupted run on a local directory."""
+    from safetensors.torch import load_file
+
+    from conftest import moto_s3
+    from l2t_core.checkpoint import COMPLETE, RunStorage
+    from l2t_core.config import TrainConfig
+    from l2t_core.metrics import read_table
+
+    data = _toy_data_and_zero3(tmp_path)
+    base = dict(policy=str(tiny_dir), steps=2, prompts_per_step=4, method="l2t", engine="deepspeed",
+                deepspeed_config=str(ROOT / "infra" / "deepspeed" / "zero2.json"), checkpoint_every=1,
+                keep_checkpoints=2, data={"source": "toy.jsonl"}, optim={"lr": 1e-3},
+                rollout={"group_size": 2, "max_new_tokens": 12, "max_prompt_tokens": 512}, micro_batch_tokens=120,
+                share_prompts=False, dist_timeout_minutes=10)
+    local = _run_two_ranks({**base, "out": str(tmp_path / "local")}, tmp_path, "local", data)
+    with moto_s3(monkeypatch, "l2t-ds", {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}):
+        url = "s3://l2t-ds/runs/two-ranks"
+        cfg = tmp_path / "s3.json"
+        cfg.write_text(TrainConfig.model_validate({**base, "out": url}).model_dump_json())
+        out = tmp_path / "s3-failed"
+        out.mkdir()
+        failed = subprocess.run(_torchrun(tmp_path) + [str(TRAINER_WORKER), str(cfg), str(out), "upload-fails"],
+                                env=dict(_env(), L2T_DATA_DIR=str(data)), timeout=300, cwd=ROOT,
+                                capture_output=True, text=True)
+        said = failed.stdout + failed.stderr
+        assert failed.returncode != 0
+        assert "No space left on device (injected on rank 1)" in said
+        assert "rank 1 failed to upload its engine shard of step 2" in said, said[-3000:]  # rank 0 heard of it
+        store = RunStorage(url)
+        assert store.complete_steps() == [1]
+        assert not store.exists(f"checkpoints/step-000002/{COMPLETE}")
+        assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.glob(store.path("checkpoints/step-000001/engine/*"))
+                      if "optim_states" in p) == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                   "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+        caplog.set_level(logging.INFO, logger="werkzeug")  # the S3 server's request log
+        caplog.clear()
+        resumed = _run_two_ranks({**base, "out": url}, tmp_path, "s3-resumed", data)
+        assert [r["steps_run"] for r in resumed] == [[2], [2]]  # it resumed after step 1
+        downloads = [m for m in caplog.messages if "GET /l2t-ds/runs/two-ranks/checkpoints/step-000001/" in m]
+        assert sum("model.safetensors" in m for m in downloads) == 1, downloads  # once for the host, not per rank
+        assert sum("zero_pp_rank_1_mp_rank_00_optim_states.pt" in m for m in downloads) == 1, downloads
+        assert [r["checkpoint"] for r in resumed] == [f"{url}/checkpoints/step-000002", None]
+        assert store.complete_steps() == [1, 2]
+        with store.local_copy(store.path("checkpoints", "step-000002")) as d:
+            assert len(list(d.glob("engine/zero_pp_rank_*_optim_states.pt"))) == 2
+            remote = load_file(str(d / "model.safetensors"))
+        steps = read_table(store, "train_steps")
+    assert resumed[0]["digest"] == resumed[1]["digest"] == local[0]["digest"]
+    expected = load_file(str(tmp_path / "local" / "checkpoints" / "step-000002" / "model.safetensors"))
+    for k in expected:
+        torch.testing.assert_close(remote[k], expected[k], rtol=0, atol=0, msg=k)
+    local_steps = read_table(RunStorage(str(tmp_path / "local")), "train_steps")
+    assert steps["step"].tolist() == [1, 2]  # the failed session's step-2 row was dropped on resume
+    for col in ("grad_norm", "loss", "kl", "accuracy"):
+        assert steps[col].tolist() == pytest.approx(local_steps[col].tolist(), rel=1e-6, abs=1e-9), col
 
 
 @pytest.mark.slow

@@ -156,12 +156,15 @@ def test_eight_gpu_pod_torchrun_and_deepspeed():
     assert (dargs.num_gpus, dargs.no_python, dargs.user_script, dargs.user_args) == (8, True, "/bin/sh", rank0)
 
 
-def test_eight_gpus_need_deepspeed_and_a_shared_run_directory():
+def test_eight_gpus_need_deepspeed_and_a_run_directory_every_rank_reaches():
     launcher = K8sTrainingLauncher(image=IMAGE, gpus=8, shared_volume_claim="l2t-shared")
     with pytest.raises(ValueError, match=r"8 GPUs needs engine='deepspeed'"):
         launcher.check(train_cfg("/mnt/l2t/storage/runs/x"))  # not placed: still the torch engine
-    with pytest.raises(ValueError, match=r"sharded checkpoints to a shared filesystem.*s3://l2t-runs/x"):
-        launcher.check(launcher.placed_config(train_cfg("s3://l2t-runs/x")))
+    # object storage: every rank uploads its own shard (l2t_core.sharded_checkpoint)
+    launcher.check(launcher.placed_config(train_cfg("s3://l2t-runs/x")))
+    with pytest.raises(ValueError, match=r"local path, which the training pod sees only on a shared volume"):
+        K8sTrainingLauncher(image=IMAGE, gpus=8).check(
+            K8sTrainingLauncher(image=IMAGE, gpus=8).placed_config(train_cfg("/home/me/runs/x")))
     # a config that already names a DeepSpeed setup keeps it
     own = train_cfg("/mnt/l2t/r", engine="deepspeed", deepspeed_config="infra/deepspeed/zero3_offload.json")
     assert launcher.placed_config(own).deepspeed_config == "infra/deepspeed/zero3_offload.json"

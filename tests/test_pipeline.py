@@ -468,7 +468,8 @@ def test_s3_storage_through_moto(s3_endpoint):
     writer.add("episode_rewards", [{"run_id": "r", "step": 1, "rollout": 0, "episode": e} for e in (1, 2)])
     writer.flush(1, 1)
     run.write_checkpoint(1, lambda d: (d / "model.txt").write_text("w"))
-    assert RunStorage(url).latest_checkpoint() == (1, "l2t/pipeline/runs/m/grpo/abc/checkpoints/step-000001")
+    # with its protocol: a URL a person can use (it goes into the warehouse's checkpoint_url)
+    assert RunStorage(url).latest_checkpoint() == (1, "s3://l2t/pipeline/runs/m/grpo/abc/checkpoints/step-000001")
     tables = trainer_tables(RunStorage(url), "m", "grpo")
     assert len(tables["train_steps"]) == 1 and tables["episode_rewards"]["outcome_reward"].tolist() == [0.5, 0.5]
     assert "testing" not in storage.display(url) and os.environ["AWS_ENDPOINT_URL"] == s3_endpoint

@@ -196,7 +196,7 @@ def test_distributed_save_moves_the_staged_shards_and_removes_stale_staging(tmp_
     removed, and only they."""
     import os
 
-    from l2t_core.trainer import move_contents, remove_staging_dirs
+    from l2t_core.sharded_checkpoint import move_contents, remove_staging_dirs
 
     ck = tmp_path / "checkpoints"
     assert remove_staging_dirs(ck) == []  # no checkpoints directory yet

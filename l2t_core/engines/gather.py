@@ -7,6 +7,11 @@ the Hugging Face checkpoint the trainer writes, and the weights it copies into t
 Gathering is a collective, so every rank makes the same calls in the same order. Without ZeRO-3
 (one process, ZeRO-1/2, or a parameter DeepSpeed keeps whole) these helpers read the tensors as
 they are, with no DeepSpeed import.
+
+The process-group helpers the trainer and ``l2t sft`` share live here too: reductions and gathers
+over the ranks, and the agreement on a failure (:func:`on_rank_0` for what rank 0 does alone,
+:func:`on_every_rank` for what every rank does for itself), so that a rank that fails stops the
+others at once instead of leaving them in a collective until the process group times out.
 """
 
 from __future__ import annotations
@@ -92,6 +97,27 @@ def on_rank_0(main: bool, write: Callable[[], T], what: str) -> T | None:
             raise error
         raise RuntimeError(f"rank 0 failed to {what} (its log says why); this rank stops too")
     return result
+
+
+def on_every_rank(work: Callable[[], T], what: str) -> T:
+    """``work()`` on every rank; its result. Every rank raises if it failed on any: a rank that
+    failed its own error, the others a RuntimeError naming the ranks that failed, ``what`` and the
+    first one's error, so none waits for a failed rank in a later collective until the process
+    group times out (one ``all_gather_object``)."""
+    error: BaseException | None = None
+    result = None
+    try:
+        result = work()
+    except BaseException as exc:  # raised below, once every rank has heard of it
+        error = exc
+    reports = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    if failed:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise RuntimeError(f"rank {ranks} failed to {what} ({failed[0][1]}); this rank stops too")
+    return result  # type: ignore[return-value]
 
 
 def in_lockstep(params: Iterable[torch.nn.Parameter]) -> bool:

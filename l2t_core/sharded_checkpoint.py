@@ -1,0 +1,157 @@
+"""Checkpoints of a multi-rank (DeepSpeed) run: every rank writes its engine shard, rank 0 the rest.
+
+A checkpoint holds what one process would write (the Hugging Face model, the config, the trainer
+state; :mod:`l2t_core.checkpoint`) and, under DeepSpeed, every rank's optimizer (and, under ZeRO-3,
+parameter) partition, written by that rank. How the shards reach the checkpoint depends on the
+run directory:
+
+* **a local or shared filesystem** (NFS, a ReadWriteMany volume): the ranks save into one staging
+  directory, ``<out>/checkpoints/.staging-<step>``, and rank 0 moves (renames) its contents into
+  the checkpoint it publishes atomically, so no shard is ever copied, whatever its size (the
+  optimizer state of a 1.5B model is ~20 GB). A staging directory a crashed save left is removed
+  first, never reused (it could hold shards of another world size or step);
+* **an object store** (``s3://``, no rename and no shared directory): every rank saves into a
+  local temporary directory and uploads its files straight into the checkpoint's URL; rank 0 then
+  uploads its own files and writes ``COMPLETE`` last (:meth:`~l2t_core.checkpoint.RunStorage.
+  write_checkpoint` with ``uploaded=True``), so the checkpoint is complete at once or not at all.
+
+Either way a rank that fails its part stops every rank with it (:func:`~l2t_core.engines.gather.
+on_rank_0`, :func:`~l2t_core.engines.gather.on_every_rank`) rather than leaving them in a
+collective until the process group times out; a failure inside DeepSpeed's own save, which holds
+barriers of its own, still can.
+
+Resuming from an object store, DeepSpeed's loader reads every rank's shard, so every host needs the
+whole checkpoint: :func:`host_local_copy` downloads it once per host, not once per rank.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .checkpoint import COMPLETE, RunStorage
+from .engines.gather import (all_gather_objects, all_succeeded, full_state_dict, initialized_group, is_partitioned,
+                             on_every_rank, on_rank_0)
+from .urls import redact_url
+
+STAGING_PREFIX = ".staging-"  # <out>/checkpoints/.staging-000010: the ranks' engine shards of step 10
+
+WriteMain = Callable[[Path, "dict | None"], None]  # rank 0's files into a directory, given ZeRO-3's whole weights
+
+
+def remove_staging_dirs(checkpoints: Path) -> list[str]:
+    """Delete every multi-rank staging directory under ``checkpoints`` (left by a save that
+    crashed); returns their names. Rank 0 calls it before the ranks write a new one."""
+    removed = sorted(p.name for p in checkpoints.glob(f"{STAGING_PREFIX}*") if p.is_dir()) if checkpoints.is_dir() else []
+    for name in removed:
+        shutil.rmtree(checkpoints / name)
+    return removed
+
+
+def move_contents(src: Path, dest: Path) -> None:
+    """Move every entry of ``src`` into ``dest`` by renaming it (both on one filesystem: the run's
+    checkpoints directory), so a checkpoint's shards are never copied; an entry already in ``dest``
+    is an error, not silently merged."""
+    for child in sorted(src.iterdir()):
+        target = dest / child.name
+        if target.exists():
+            raise FileExistsError(f"{target} exists; cannot move the staged {child.name} of {src} there")
+        child.rename(target)
+
+
+def _whole_weights(engine, rank: int) -> dict | None:
+    """ZeRO-3: the model's whole weights, gathered by every rank (a collective) and kept by rank 0
+    for the Hugging Face files; None where the weights are not partitioned."""
+    module = engine.unwrapped()
+    return full_state_dict(module, keep=rank == 0) if is_partitioned(module.parameters()) else None
+
+
+def save_sharded(storage: RunStorage, step: int, *, rank: int, engine, write_main: WriteMain,
+                 keep: int | None = None) -> str | None:
+    """Checkpoint ``step`` of a multi-rank run (every rank calls it): each rank's engine shard
+    (``engine.save_state``), and rank 0's ``write_main(dir, whole_weights)`` files; ``keep``: the
+    complete checkpoints to keep. Returns the checkpoint's URL on rank 0, None on the others."""
+    if initialized_group() is None:
+        raise RuntimeError("save_sharded: no torch.distributed process group; one process writes its "
+                           "checkpoint with RunStorage.write_checkpoint")
+    if storage.is_local:
+        return _save_staged(storage, step, rank, engine, write_main, keep)
+    return _save_uploaded(storage, step, rank, engine, write_main, keep)
+
+
+def _save_staged(storage: RunStorage, step: int, rank: int, engine, write_main: WriteMain,
+                 keep: int | None) -> str | None:
+    staging = Path(storage.root) / "checkpoints" / f"{STAGING_PREFIX}{step:06d}"
+
+    def fresh_staging() -> None:
+        remove_staging_dirs(staging.parent)
+        staging.mkdir(parents=True)
+
+    on_rank_0(rank == 0, fresh_staging, f"create {staging}")
+    engine.save_state(staging)
+    whole = _whole_weights(engine, rank)
+    initialized_group().barrier()  # every shard is in place before rank 0 moves them
+
+    def publish() -> str:
+        def fill(d: Path) -> None:
+            move_contents(staging, d)
+            write_main(d, whole)
+
+        url = storage.write_checkpoint(step, fill, keep=keep)
+        shutil.rmtree(staging, ignore_errors=True)
+        return url
+
+    return on_rank_0(rank == 0, publish, f"publish the checkpoint of step {step}")
+
+
+def _save_uploaded(storage: RunStorage, step: int, rank: int, engine, write_main: WriteMain,
+                   keep: int | None) -> str | None:
+    # an upload cut short, or a stale checkpoint of this step, must not mix with this one's shards
+    on_rank_0(rank == 0, lambda: storage.clear_checkpoint(step), f"clear the checkpoint name of step {step}")
+    with tempfile.TemporaryDirectory(prefix=f"l2t-shard-{step:06d}-rank{rank}-") as tmp:
+        engine.save_state(Path(tmp))
+        whole = _whole_weights(engine, rank)
+        on_every_rank(lambda: storage.upload_into_checkpoint(step, Path(tmp)),
+                      f"upload its engine shard of step {step} to {redact_url(storage.checkpoint_url(step))}")
+    return on_rank_0(rank == 0, lambda: storage.write_checkpoint(step, lambda d: write_main(d, whole), keep=keep,
+                                                                 uploaded=True),
+                     f"publish the checkpoint of step {step}")
+
+
+@contextmanager
+def host_local_copy(storage: RunStorage, url: str) -> Iterator[Path]:
+    """The checkpoint at ``url`` as a local directory, on every rank (a collective where a process
+    group exists: every rank enters it). On a local or shared filesystem, the directory itself; on
+    an object store with several ranks, one download per host, made by the host's lowest rank
+    into its temporary directory and read by the host's other ranks, then removed once all of them
+    are done. A rank that cannot see that directory (a container of its own on the host)
+    downloads its own copy. A failed download stops every rank."""
+    dist = initialized_group()
+    if storage.is_local or dist is None or dist.get_world_size() == 1:
+        with storage.local_copy(url) as d:
+            yield d
+        return
+    rank = dist.get_rank()
+    hosts = all_gather_objects(socket.gethostname())
+    leader = hosts.index(hosts[rank])
+    what = f"download the checkpoint {redact_url(url)}"
+    mine = tempfile.mkdtemp(prefix="l2t-ckpt-") if rank == leader else None
+    try:
+        on_every_rank(lambda: storage.download(url, Path(mine)) if mine else None, what)
+        where = Path(all_gather_objects(mine)[leader])
+        if not (where / COMPLETE).is_file():  # the leader's temporary directory is not this rank's
+            mine = tempfile.mkdtemp(prefix="l2t-ckpt-")
+            where = Path(mine)
+            own = True
+        else:
+            own = False
+        on_every_rank(lambda: storage.download(url, where) if own else None, what)  # a collective: every rank
+        yield where
+        all_succeeded(True)  # every rank has read it before the host's copy goes
+    finally:
+        if mine:
+            shutil.rmtree(mine, ignore_errors=True)
