@@ -145,8 +145,10 @@ class FittingConfig(_Strict):
         "continuation: contexts per batch where the rollout engine batches by call (hf; vLLM schedules its own), "
         "shortest first; small batches of about one prefix length end together (bench/continuation_j.py)."))
     max_tokens_per_batch: int = Field(
-        32768, ge=1, description="Packed tokens per forward pass of the answer_logprob estimator."
-    )
+        32768, ge=1, description=(
+            "Packed tokens per forward pass of the answer_logprob estimator; for the sampled estimators "
+            "(monte_carlo, continuation) computed without the trainer's rollout engine, the KV-cache positions "
+            "per generate call of the hf engine they build (the trainer's engine has rollout.max_batch_tokens)."))
 
     # options read by one estimator only: a run made with another is the same run whatever they are
     # (config_differences leaves them out; continuation_batch's default was 256 until 2026-12-05)

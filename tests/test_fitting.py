@@ -89,6 +89,39 @@ def test_monte_carlo_j_counts_verified_samples(model, tokenizer):
     assert seen == ["a", "a", "b", "b"]
 
 
+def test_monte_carlo_j_without_an_engine_keeps_to_its_token_budget(model, tokenizer, monkeypatch):
+    """Without the trainer's engine, monte_carlo_j's own hf engine cuts its generate calls to
+    max_batch_tokens KV-cache positions (sequences × (longest context + new-token limit)); the
+    reward pass gives it RewardConfig.fitting.max_tokens_per_batch."""
+    from l2t_core.config import RewardConfig
+    from l2t_core.rewards.l2t import Rollout, compute_rewards
+
+    ctx = tokenizer("Please output the final answer directly based on the above steps:")["input_ids"]
+    contexts = [ctx, ctx[:8], ctx[:6], ctx[:4]]
+    calls = []
+    real = model.generate
+
+    def spy(*args, **kw):
+        calls.append(kw["input_ids"].shape[0] * kw.get("num_return_sequences", 1) * (kw["input_ids"].shape[1] + 3))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    monte_carlo_j(model, tokenizer, contexts, ["1"] * 4, lambda t, r: False, samples=2, max_new_tokens=3, seed=0)
+    assert len(calls) == 1
+    calls.clear()
+    budget = 2 * 2 * (len(ctx) + 3)  # two contexts of two samples each at the most
+    monte_carlo_j(model, tokenizer, contexts, ["1"] * 4, lambda t, r: False, samples=2, max_new_tokens=3, seed=0,
+                  max_batch_tokens=budget)
+    assert len(calls) >= 2 and max(calls) <= budget, calls
+    calls.clear()
+    cfg = RewardConfig.model_validate({"fitting": {"estimator": "monte_carlo", "mc_samples": 2, "mc_max_new_tokens": 3,
+                                                   "max_tokens_per_batch": budget}})
+    rollout = Rollout(prompt_ids=ctx[:4], response_ids=ctx[4:20], response_text=tokenizer.decode(ctx[4:20]),
+                      reference="1", group_id=0)
+    compute_rewards(model, tokenizer, [rollout, rollout], "l2t_no_penalty", cfg)
+    assert len(calls) >= 2 and max(calls) <= budget, calls
+
+
 def test_monte_carlo_j_samples_a_repeated_context_once(model, tokenizer):
     """The prompt is s_1 of every response in a group: a context given again with the same cap and
     reference is sampled once (the engine sees it once) and every copy gets its J."""

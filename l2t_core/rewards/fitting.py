@@ -258,6 +258,7 @@ def monte_carlo_j(
     caps: Sequence[int] | None = None,
     batch_contexts: int | None = None,
     engine=None,
+    max_batch_tokens: int | None = None,
 ) -> torch.Tensor:
     """J_mc(s) = share of ``samples`` generations from context s that ``verify`` accepts (§2).
 
@@ -269,9 +270,11 @@ def monte_carlo_j(
     verify, so J = 0). The samples come from a rollout ``engine``
     (:class:`~l2t_core.rollout.base.RolloutEngine`: the trainer's, e.g. vLLM with its prefix
     cache) by :meth:`~l2t_core.rollout.base.RolloutEngine.continue_from`, or, without one, from an
-    ``hf`` engine over ``model``; seeded by ``seed``, ``batch_contexts`` contexts a batch where
-    the engine batches by call (its own setting when None). Contexts given more than once with the
-    same cap (the prompt, s_1, of every response in a group) are sampled once and share their J.
+    ``hf`` engine over ``model`` whose generate calls hold at most ``max_batch_tokens`` KV-cache
+    positions (:class:`~l2t_core.rollout.hf.HFRolloutEngine`; an engine given keeps its own
+    budget); seeded by ``seed``, ``batch_contexts`` contexts a batch where the engine batches by
+    call (its own setting when None). Contexts given more than once with the same cap (the prompt,
+    s_1, of every response in a group) are sampled once and share their J.
     """
     if len(references) != len(contexts):
         raise ValueError(f"monte_carlo_j: {len(contexts)} contexts but {len(references)} references")
@@ -282,7 +285,7 @@ def monte_carlo_j(
     if engine is None:
         from ..rollout.hf import HFRolloutEngine
 
-        engine = HFRolloutEngine(model, tokenizer)
+        engine = HFRolloutEngine(model, tokenizer, max_batch_tokens=max_batch_tokens)
     # where sampling is a collective (RolloutEngine.lockstep), a rank with nothing to sample still
     # makes the engine's call, so that every rank makes the same calls
     lockstep = engine.lockstep()

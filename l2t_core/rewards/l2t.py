@@ -563,7 +563,7 @@ def compute_rewards(
             samples=f.mc_samples, max_new_tokens=f.continuation_budget if continuation else f.mc_max_new_tokens,
             temperature=f.mc_temperature, seed=step, caps=caps if continuation else None,
             batch_contexts=f.continuation_batch if continuation else None,
-            engine=sampler,
+            engine=sampler, max_batch_tokens=f.max_tokens_per_batch,
         )
         owner_t = torch.tensor(owner)
         log_js = [torch.log(j[owner_t == n].clamp(min=0)) for n in range(len(rollouts))]
