@@ -17,8 +17,9 @@ run directory:
 
 Either way a rank that fails its part stops every rank with it (:func:`~l2t_core.engines.gather.
 on_rank_0`, :func:`~l2t_core.engines.gather.on_every_rank`) rather than leaving them in a
-collective until the process group times out; a failure inside DeepSpeed's own save, which holds
-barriers of its own, still can.
+collective until the process group times out. A rank that fails inside DeepSpeed's own save (which
+holds barriers of its own) exits; the others then stop when their collective finds it gone, or when
+the launcher (``torchrun``, ``deepspeed``) stops them.
 
 Resuming from an object store, DeepSpeed's loader reads every rank's shard, so every host needs the
 whole checkpoint: :func:`host_local_copy` downloads it once per host, not once per rank.
