@@ -17,13 +17,14 @@ Writing is two-phase, so an interrupted write never becomes "latest":
 
 A multi-rank run (DeepSpeed) on an object store uploads every rank's engine shard straight into
 the checkpoint's URL (:meth:`RunStorage.upload_into_checkpoint`); rank 0 then adds its files with
-``write_checkpoint(..., uploaded=True)``, ``COMPLETE`` last, so the marker again makes the whole
-directory appear at once.
+:meth:`RunStorage.complete_uploaded_checkpoint`, ``COMPLETE`` last, so the marker again makes the
+whole directory appear at once.
 
 :func:`latest_checkpoint` trusts ``LATEST`` only when the directory it names has ``COMPLETE``; it
 otherwise falls back to the newest complete ``step-*`` directory, so a crash at any point leaves
 the previous checkpoint usable. A process killed mid-write (``kill -9``, preemption) leaves only a
-``.tmp-*`` directory in the run directory, removed by the next write. Deleting a checkpoint
+``.tmp-*`` directory in the run directory on local disks, and on object stores a ``step-*``
+directory without ``COMPLETE``; the next checkpoint written removes either. Deleting a checkpoint
 (pruning, or replacing a directory of the same step) removes its ``COMPLETE`` first, so a deletion
 cut short never leaves a half-deleted directory that looks complete.
 
@@ -93,8 +94,14 @@ class RunStorage:
 
     def url_of(self, path: str) -> str:
         """The URL of a path of :meth:`path` that a person or another tool can use: the local path
-        itself, on other filesystems with the protocol (``s3://bucket/run/...``)."""
-        return path if self.is_local else self.fs.unstrip_protocol(path)
+        itself; elsewhere the run's own URL (its protocol, host and options as given, e.g.
+        ``s3://bucket/run``) followed by the path inside the run directory. Values to return and
+        log; the filesystem is always given :meth:`path`'s form."""
+        if self.is_local:
+            return path
+        if path == self.root or path.startswith(self.root + "/"):
+            return self.url + path[len(self.root):]
+        return self.fs.unstrip_protocol(path)
 
     @property
     def checkpoints(self) -> str:
@@ -180,35 +187,40 @@ class RunStorage:
     def clear_checkpoint(self, step: int) -> None:
         """Remove whatever stands under checkpoint ``step``'s name (a stale complete one, or the
         files of an upload cut short), ``COMPLETE`` first."""
-        url = self.checkpoint_url(step)
-        if self.fs.exists(url) or self.fs.exists(f"{url}/{COMPLETE}"):
-            self._remove_checkpoint(url)
+        self._remove_checkpoint(self.path("checkpoints", checkpoint_name(step)))
 
     def upload_into_checkpoint(self, step: int, local: Path) -> None:
         """Object stores: upload the files under the local directory ``local`` into checkpoint
         ``step``'s URL, keeping their relative paths. The checkpoint stays incomplete (no
-        ``COMPLETE``) until :meth:`write_checkpoint` with ``uploaded=True`` adds the rest: a
-        multi-rank save, where every rank uploads its own engine shard. Local run directories take
-        the shards by rename instead (the trainer's staging directory), so they refuse this."""
+        ``COMPLETE``) until :meth:`complete_uploaded_checkpoint` adds the rest: a multi-rank save,
+        where every rank uploads its own engine shard. Local run directories take the shards by
+        rename instead (the trainer's staging directory), so they refuse this."""
         if self.is_local:
             raise ValueError(f"upload_into_checkpoint is for object stores; {self.url!r} is a local directory")
         if any(p.is_file() for p in Path(local).rglob("*")):
-            self.fs.put(str(local).rstrip("/") + "/", self.checkpoint_url(step) + "/", recursive=True)
+            self.fs.put(str(local).rstrip("/") + "/", self.path("checkpoints", checkpoint_name(step)) + "/",
+                        recursive=True)
 
-    def write_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None = None, *,
-                         uploaded: bool = False) -> str:
+    def write_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None = None) -> str:
         """Write checkpoint ``step``: ``fill(local_dir)`` puts every file into a temporary local
         directory (a ``.tmp-*`` one inside the run directory on local disks, one under ``TMPDIR``
-        for object stores); it is then published atomically (see the module docstring). Returns
-        its URL. ``uploaded`` (object stores): files already uploaded into the checkpoint with
-        :meth:`upload_into_checkpoint` belong to it and stay; otherwise whatever stands under its
-        name is replaced."""
+        for object stores); it is then published atomically (see the module docstring), replacing
+        whatever stood under its name. Returns its URL; ``keep``: :meth:`prune` to that many."""
+        return self._write_checkpoint(step, fill, keep, uploaded=False)
+
+    def complete_uploaded_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None = None) -> str:
+        """Object stores: add ``fill``'s files to checkpoint ``step``, whose other files (every
+        rank's engine shard) :meth:`upload_into_checkpoint` put there, and publish it, ``COMPLETE``
+        last, as :meth:`write_checkpoint` does."""
+        if self.is_local:
+            raise ValueError(f"complete_uploaded_checkpoint is for object stores; {self.url!r} is a local directory")
+        return self._write_checkpoint(step, fill, keep, uploaded=True)
+
+    def _write_checkpoint(self, step: int, fill: Callable[[Path], None], keep: int | None, uploaded: bool) -> str:
         name = checkpoint_name(step)
         self._remove_stale_temporaries()
         final = self.path("checkpoints", name)
         self.fs.makedirs(self.checkpoints, exist_ok=True)
-        if uploaded and self.is_local:
-            raise ValueError(f"write_checkpoint(uploaded=True) is for object stores; {self.url!r} is a local directory")
         if self.is_local:
             # filled in place under a temporary name on the run's own filesystem (no second copy,
             # and a killed write leaves nothing outside the run directory); COMPLETE is inside the
@@ -235,6 +247,7 @@ class RunStorage:
                 self.fs.pipe_file(f"{final}/{COMPLETE}", f"{step}\n".encode())  # written last
         self.write_bytes(f"checkpoints/{LATEST}", f"{name}\n".encode())
         log.info("checkpoint %s written to %s", name, redact_url(self.url_of(final)))
+        self._remove_incomplete(but=step)
         if keep:
             self.prune(keep)
         return self.url_of(final)
@@ -262,6 +275,17 @@ class RunStorage:
             self.fs.rm(marker)
         if self.fs.exists(url):
             self.fs.rm(url, recursive=True)
+
+    def _remove_incomplete(self, but: int) -> None:
+        """Delete every ``step-*`` directory other than ``but``'s that has no ``COMPLETE``: the
+        files of a save cut short on an object store (some ranks' engine shards; there is no
+        rename there), or a deletion cut short after its marker went. With one writer per run and
+        checkpoint ``but`` just published, none of them is still being written."""
+        for name in self.list("checkpoints"):
+            m = _STEP_RE.match(name)
+            if m and int(m.group(1)) != but and not self.fs.exists(self.path("checkpoints", name, COMPLETE)):
+                log.info("removing %s: an incomplete checkpoint (a save or deletion cut short)", name)
+                self._remove_checkpoint(self.path("checkpoints", name))
 
     def _remove_stale_temporaries(self) -> None:
         for name in self.list("checkpoints"):

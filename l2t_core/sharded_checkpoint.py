@@ -13,7 +13,9 @@ run directory:
 * **an object store** (``s3://``, no rename and no shared directory): every rank saves into a
   local temporary directory and uploads its files straight into the checkpoint's URL; rank 0 then
   uploads its own files and writes ``COMPLETE`` last (:meth:`~l2t_core.checkpoint.RunStorage.
-  write_checkpoint` with ``uploaded=True``), so the checkpoint is complete at once or not at all.
+  complete_uploaded_checkpoint`), so the checkpoint is complete at once or not at all. Each rank
+  needs local disk for its shard (``TMPDIR``); a save cut short leaves an incomplete ``step-*``
+  directory, which the next checkpoint written removes.
 
 Either way a rank that fails its part stops every rank with it (:func:`~l2t_core.engines.gather.
 on_rank_0`, :func:`~l2t_core.engines.gather.on_every_rank`) rather than leaving them in a
@@ -112,14 +114,13 @@ def _save_staged(storage: RunStorage, step: int, rank: int, engine, write_main: 
 def _save_uploaded(storage: RunStorage, step: int, rank: int, engine, write_main: WriteMain,
                    keep: int | None) -> str | None:
     # an upload cut short, or a stale checkpoint of this step, must not mix with this one's shards
-    on_rank_0(rank == 0, lambda: storage.clear_checkpoint(step), f"clear the checkpoint name of step {step}")
+    on_rank_0(rank == 0, lambda: storage.clear_checkpoint(step), f"remove an earlier, incomplete checkpoint of step {step}")
     with tempfile.TemporaryDirectory(prefix=f"l2t-shard-{step:06d}-rank{rank}-") as tmp:
         engine.save_state(Path(tmp))
         whole = _whole_weights(engine, rank)
         on_every_rank(lambda: storage.upload_into_checkpoint(step, Path(tmp)),
                       f"upload its engine shard of step {step} to {redact_url(storage.checkpoint_url(step))}")
-    return on_rank_0(rank == 0, lambda: storage.write_checkpoint(step, lambda d: write_main(d, whole), keep=keep,
-                                                                 uploaded=True),
+    return on_rank_0(rank == 0, lambda: storage.complete_uploaded_checkpoint(step, lambda d: write_main(d, whole), keep),
                      f"publish the checkpoint of step {step}")
 
 
@@ -130,7 +131,8 @@ def host_local_copy(storage: RunStorage, url: str) -> Iterator[Path]:
     an object store with several ranks, one download per host, made by the host's lowest rank
     into its temporary directory and read by the host's other ranks, then removed once all of them
     are done. A rank that cannot see that directory (a container of its own on the host)
-    downloads its own copy. A failed download stops every rank."""
+    downloads its own copy. A failed download, or a failure of the caller's work on any rank,
+    stops every rank; the copy is removed only once every rank is through with it."""
     dist = initialized_group()
     if storage.is_local or dist is None or dist.get_world_size() == 1:
         with storage.local_copy(url) as d:
@@ -140,19 +142,26 @@ def host_local_copy(storage: RunStorage, url: str) -> Iterator[Path]:
     hosts = all_gather_objects(socket.gethostname())
     leader = hosts.index(hosts[rank])
     what = f"download the checkpoint {redact_url(url)}"
-    mine = tempfile.mkdtemp(prefix="l2t-ckpt-") if rank == leader else None
+    made: list[str] = []  # this rank's temporary directories
+
+    def download() -> str:
+        made.append(tempfile.mkdtemp(prefix="l2t-ckpt-"))
+        storage.download(url, Path(made[-1]))
+        return made[-1]
+
     try:
-        on_every_rank(lambda: storage.download(url, Path(mine)) if mine else None, what)
-        where = Path(all_gather_objects(mine)[leader])
-        if not (where / COMPLETE).is_file():  # the leader's temporary directory is not this rank's
-            mine = tempfile.mkdtemp(prefix="l2t-ckpt-")
-            where = Path(mine)
-            own = True
-        else:
-            own = False
-        on_every_rank(lambda: storage.download(url, where) if own else None, what)  # a collective: every rank
-        yield where
-        all_succeeded(True)  # every rank has read it before the host's copy goes
+        where = Path(all_gather_objects(on_every_rank(lambda: download() if rank == leader else None, what))[leader])
+        # a rank that does not see the leader's temporary directory fetches its own copy
+        own = on_every_rank(lambda: download() if rank != leader and not (where / COMPLETE).is_file() else None, what)
+        where = Path(own) if own else where
+        done = False
+        try:
+            yield where
+            done = True
+        finally:
+            if not all_succeeded(done) and done:  # this rank is through, another rank failed with the copy
+                raise RuntimeError(f"another rank failed while reading the checkpoint {redact_url(url)}; "
+                                   "this rank stops too")
     finally:
-        if mine:
-            shutil.rmtree(mine, ignore_errors=True)
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import random
@@ -37,7 +38,7 @@ import pandas as pd
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .checkpoint import RunStorage
+from .checkpoint import RunStorage, checkpoint_name
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
 from .engines.gather import (all_reduce_list, check_head_chunking, initialized_group, is_partitioned,
@@ -328,26 +329,29 @@ class Trainer:
         if latest is None:
             return 0
         step, url = latest
+        # the small files first, read where they lie: a refused resume downloads no weights
+        where = f"checkpoints/{checkpoint_name(step)}"
+        # the run is where it is: a moved run directory still resumes; how often it is saved may change
+        saved_cfg = json.loads(self.storage.read_bytes(f"{where}/{CONFIG_FILE}"))
+        diff = config_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
+        if diff:
+            settings = setting_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
+            raise ResumeError(
+                f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}"
+                f"{'; ' + '; '.join(settings) if settings else ''}); "
+                "resume with the same configuration or choose a new --out"
+            )
+        state = torch.load(io.BytesIO(self.storage.read_bytes(f"{where}/{STATE_FILE}")), map_location="cpu",
+                           weights_only=False)
+        saved_world = state.get("world", self.world)  # checkpoints before this field: not checked
+        if saved_world != self.world:
+            raise ResumeError(
+                f"{redact_url(url)} was saved by a run on {saved_world} rank(s) and this launch has {self.world}: "
+                "each rank samples its own share of the prompts with its own seeds (and DeepSpeed saved its "
+                f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
+                f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
+                f"(policy={redact_url(url)}) with a new --out")
         with host_local_copy(self.storage, url) as d:
-            # the run is where it is: a moved run directory still resumes; how often it is saved may change
-            saved_cfg = json.loads((d / CONFIG_FILE).read_text())
-            diff = config_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
-            if diff:
-                settings = setting_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
-                raise ResumeError(
-                    f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}"
-                    f"{'; ' + '; '.join(settings) if settings else ''}); "
-                    "resume with the same configuration or choose a new --out"
-                )
-            state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
-            saved_world = state.get("world", self.world)  # checkpoints before this field: not checked
-            if saved_world != self.world:
-                raise ResumeError(
-                    f"{redact_url(url)} was saved by a run on {saved_world} rank(s) and this launch has {self.world}: "
-                    "each rank samples its own share of the prompts with its own seeds (and DeepSpeed saved its "
-                    f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
-                    f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
-                    f"(policy={redact_url(url)}) with a new --out")
             model = self.engine.unwrapped()
             files = sorted(d.glob("*.safetensors"))
             if is_partitioned(model.parameters()):

@@ -6,7 +6,10 @@
   math-verify's SIGALRM timeouts are switched off (they raise off the main thread); instead each
   check runs in a daemon thread with a deadline, so verification works from any thread, such as
   Dagster's thread pool or a data-loader worker. A check past its deadline counts as incorrect
-  with status ``timeout``.
+  with status ``timeout``. A check that could hold the interpreter past any deadline (an exponent
+  above :data:`POWER_LIMIT`, e.g. ``10^{10^{10}}``, or a factorial above :data:`FACTORIAL_LIMIT`,
+  in the reference or the answer) is not evaluated: the answer is correct only if its text equals
+  the reference's, else incorrect with status ``timeout``.
 * :class:`NumericVerifier` checks the synthetic task's numeric answers exactly.
 """
 
@@ -50,7 +53,8 @@ def extract_boxed(text: str) -> str | None:
     """Content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced.
 
     An unbalanced last box (a truncated response) is skipped in favour of the one before it.
-    ``\\boxed 5`` (no braces) is accepted too. Returns None when there is no complete box.
+    ``\\boxed 5`` (no braces) is accepted too. Returns None when there is no complete box, or when
+    the last one is empty.
     """
     if not text:
         return None
@@ -63,8 +67,8 @@ def extract_boxed(text: str) -> str | None:
                 continue
             depth += (c == "{") - (c == "}")
             i += 1
-        if depth == 0:
-            return text[m.end() : i - 1].strip()
+        if depth == 0:  # an empty last box is no answer (and no class in a majority vote)
+            return text[m.end() : i - 1].strip() or None
     bare = re.findall(r"\\boxed\s+([^\s$]+)", text)
     return bare[-1] if bare else None
 
@@ -106,10 +110,79 @@ def run_with_deadline(fn, timeout_s: float):
 
 
 def _normalise_text(s: str) -> str:
+    """The answer's text for the exact-match shortcut before math-verify: ``\\text{}``, sizing and
+    spacing commands (whole commands only: ``\\leftarrow`` stays), ``$`` and white space dropped,
+    a trailing period dropped (never a leading one: ``.35625`` is not ``35625``), and plain text
+    without LaTeX commands lower-cased (``Yes`` is ``yes``; ``\\Pi`` is not ``\\pi``)."""
     s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
-    s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:)", "", s)
+    s = re.sub(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[!,;:]", "", s)
     s = s.replace("$", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return re.sub(r"\s+", "", s).strip(".").lower()
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    return s if "\\" in s else s.lower()
+
+
+# The largest exponent and factorial argument a check evaluates: sympy computes 7^{7^{8}} (an
+# integer of 4.9M digits) or 10^{10^{10}} in one step that holds the interpreter, so the check's
+# deadline (a thread join) cannot fire, and the latter exhausts memory.
+POWER_LIMIT = 100_000
+FACTORIAL_LIMIT = 10_000
+
+
+def _operand(text: str, i: int) -> tuple[str, int]:
+    """The operand of ``^`` that starts at ``text[i]``: a braced group, a run of digits, a LaTeX
+    command or one character; and the index after it."""
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text):
+        return "", i
+    if text[i] == "{":
+        depth, j = 1, i + 1
+        while j < len(text) and depth:
+            depth += (text[j] == "{") - (text[j] == "}")
+            j += 1
+        return text[i + 1 : j - 1], j
+    m = re.compile(r"\d+|\\[A-Za-z]+|.").match(text, i)
+    return m.group(0), m.end()
+
+
+def _integer_power(expr: str) -> float | None:
+    """The value of ``expr`` when it is an integer or a tower of integers (``10^{10}``,
+    ``2^{3^2}``; braces and parentheses around it allowed), ``inf`` past :data:`POWER_LIMIT`;
+    None for anything else."""
+    expr = expr.strip()
+    while len(expr) > 1 and expr[0] + expr[-1] in ("{}", "()"):
+        expr = expr[1:-1].strip()
+    if expr.isdigit():
+        return int(expr)
+    m = re.match(r"(\d+)\s*\^", expr)
+    if m is None:
+        return None
+    exponent_text, end = _operand(expr, m.end())
+    if expr[end:].strip():
+        return None
+    base, exponent = int(m.group(1)), _integer_power(exponent_text)
+    if exponent is None:
+        return None
+    if base in (0, 1):
+        return base
+    if exponent * math.log10(base) > math.log10(POWER_LIMIT):
+        return math.inf
+    return base ** int(exponent)
+
+
+def too_costly(expr: str) -> str | None:
+    """Why evaluating ``expr`` could hold a check past any deadline (an exponent above
+    :data:`POWER_LIMIT`, possibly a tower such as ``10^{10^{10}}``, or a factorial above
+    :data:`FACTORIAL_LIMIT`); None when it is safe to hand to math-verify."""
+    for m in re.finditer(r"\^", expr):
+        operand, _ = _operand(expr, m.end())
+        value = _integer_power(operand)
+        if value is not None and value > POWER_LIMIT:
+            return f"an exponent above {POWER_LIMIT} ({operand.strip()[:40]})"
+    for m in re.finditer(r"(\d+)\s*!", expr):
+        if int(m.group(1)) > FACTORIAL_LIMIT:
+            return f"a factorial above {FACTORIAL_LIMIT}! ({m.group(1)[:40]}!)"
+    return None
 
 
 # A whole answer that is one number in E notation ("3e8", "-1.77E-6"), as MinervaMATH's gold
@@ -199,6 +272,12 @@ class MathVerifier:
         boxed = extract_boxed(span)
         if boxed is None and not span.strip():
             return Verdict(False, "no_answer", None, "nothing after </think>")
+        candidate = boxed if boxed is not None else span
+        costly = too_costly(str(reference)) or too_costly(candidate)
+        if costly is not None:  # judged by its text alone: evaluating it could outrun the deadline
+            if _normalise_text(str(reference)) == _normalise_text(candidate):
+                return Verdict(True, "correct", boxed if boxed is not None else candidate.strip())
+            return Verdict(False, "timeout", boxed, f"not evaluated: {costly} (equal text only)")
         done, out, err = run_with_deadline(lambda: self._check(str(reference), span, boxed), self.timeout_s)
         if not done:
             return Verdict(False, "timeout", boxed, f"verification took over {self.timeout_s}s")

@@ -67,6 +67,11 @@ def humaneval():
     ("    return a - b", "    return a - b\n"),
     # only thinking, nothing after it
     ("<think>\n```python\nx = 1\n```\n</think>\n\n", ""),
+    # an empty block right after </think> is no answer; the later block is
+    ("<think>x</think>```python\n```\nThen the answer:\n```python\ndef f(x):\n    return 1\n```",
+     "def f(x):\n    return 1\n"),
+    # a closing fence at the end of the last line of code
+    ("</think>```python\ndef f(x):\n    return 1```\nDone.", "def f(x):\n    return 1\n"),
 ])
 def test_extract_code(response, code):
     assert extract_code(response) == code

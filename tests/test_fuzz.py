@@ -362,6 +362,20 @@ def test_pipeline_reader_names_file_and_line_of_an_unreadable_row(tmp_path, monk
     assert (err.value.path, err.value.line) == (path, 2) and f"{path}, line 2" in str(err.value), str(err.value)[:200]
 
 
+def test_reader_walks_any_nesting_json_accepts(tmp_path):
+    """A value nested 600 deep is valid JSON (json.loads takes it): the check for unpaired
+    surrogate escapes walks it without recursion (it overflowed the stack as a RecursionError)."""
+    from l2t_core.eval.datasets import json_lines
+
+    deep = '{"id": "%s", "problem": "p", "answer": "1", "x": ' + "[" * 600 + '"%s"' + "]" * 600 + "}"
+    ok, bad = tmp_path / "ok.jsonl", tmp_path / "bad.jsonl"
+    ok.write_text(deep % ("a", "fine") + "\n")
+    bad.write_text(deep % ("b", "\\ud800") + "\n")
+    assert [r["id"] for _, r in json_lines(ok)] == ["a"]
+    with pytest.raises(DatasetError, match="field 'x': holds a .*escape that is not part of a surrogate pair"):
+        list(json_lines(bad))
+
+
 def test_datasets_asset_quarantines_a_bad_benchmark_file(tmp_path, monkeypatch):
     """The real asset in process (temporary DuckDB and instance): a file with an unpaired surrogate
     escape and a negative level fails the step, lists both rows, quarantines exactly them and

@@ -47,6 +47,43 @@ def test_bad_inputs_get_a_status_not_a_crash():
     assert not v.verify("<think>\\boxed{3}</think> \\boxed{4}", "3").correct  # only the answer span counts
 
 
+def test_exact_text_shortcut_never_equates_different_answers(math500):
+    """The text match before math-verify drops a trailing period, never a leading one (MATH500's
+    gold .35625 is not 35625), only whole sizing commands (\\leftarrow stays) and lower-cases only
+    plain text; an empty last box is no answer (no class of a majority vote)."""
+    v = MathVerifier()
+    gold = {r["id"]: r["answer"] for r in math500}["test/number_theory/410.json"]
+    assert gold == ".35625"
+    assert not v.verify(r"\boxed{35625}", gold).correct
+    assert v.verify(r"\boxed{0.35625}", gold).correct and v.verify(r"\boxed{.35625}", gold).correct
+    assert v.verify(r"\boxed{5.}", "5").correct and v.verify(r"\boxed{Yes}", "yes").correct
+    assert v.verify(r"\boxed{\left(1,2\right)}", "(1,2)").correct
+    assert not v.verify(r"\boxed{x \leftarrow y}", r"x \rightarrow y").correct
+    empty = v.verify(r"<think>a</think> so \boxed{ }", "5")
+    assert (empty.correct, empty.extracted) == (False, None) and extract_boxed(r"\boxed{5} \boxed{}") is None
+
+
+@pytest.mark.parametrize("answer, reference, correct, status", [
+    (r"\boxed{7^{7^{8}}}", "3", False, "timeout"),  # 4.9M digits: sympy held the interpreter 3 s past a 0.3 s deadline
+    (r"\boxed{10^{10^{10}}}", "7", False, "timeout"),  # would exhaust memory
+    (r"\boxed{10^{10^{10}}}", r"10^{10^{10}}", True, "correct"),  # equal text: still judged
+    (r"\boxed{100000!}", "5", False, "timeout"),
+    (r"\boxed{5}", r"2^{10^{6}}", False, "timeout"),  # the reference is screened too
+    (r"\boxed{2^{2^{2}}}", "16", True, "correct"),  # small towers are evaluated
+    (r"\boxed{2^{100000}}", r"2^{100000}", True, "correct"),
+])
+def test_answers_too_costly_to_evaluate_are_judged_by_their_text(answer, reference, correct, status):
+    """A power tower or a huge exponent or factorial is never handed to sympy, whose one long step
+    would hold the check far past its deadline; it is correct only when its text equals the
+    reference's."""
+    import time
+
+    t = time.perf_counter()
+    verdict = MathVerifier(timeout_s=0.3).verify(answer, reference)
+    assert (verdict.correct, verdict.status) == (correct, status), verdict
+    assert time.perf_counter() - t < 2.0
+
+
 def test_works_off_the_main_thread():
     out = {}
     t = threading.Thread(target=lambda: out.update(v=MathVerifier().verify("\\boxed{\\frac{1}{2}}", "0.5")))

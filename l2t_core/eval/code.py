@@ -11,9 +11,10 @@ summarises with the unbiased pass@k estimator, per problem and overall.
 Completion extraction (:func:`extract_code`, then :func:`completion_from_code`):
 
 1. the answer part is the text after the last ``</think>``; without one, the whole response;
-2. the code is the last fenced block of the answer part tagged ``python``/``py``/``python3``
-   (else the last untagged one; an unclosed last fence runs to the end); without a fence, the
-   answer part itself;
+2. the code is the last non-empty fenced block of the answer part tagged ``python``/``py``/
+   ``python3`` (else the last untagged one; :func:`fenced_blocks`: a fence closes at a line of
+   three backticks or at three backticks ending a line of code, and an unclosed last fence runs to
+   the end); without a fence, the answer part itself;
 3. code that defines the entry point at its top level is a *full definition*: it is appended
    after the prompt on its own lines (it redefines the function; the prompt's imports and helper
    functions stay available), a top-level ``if __name__ == "__main__":`` block is dropped, and
@@ -59,7 +60,8 @@ CODE_INSTRUCTION = (
 # METHOD.md §7: HumanEval is sampled 64 times per problem.
 HUMANEVAL_N = 64
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
+_OPEN_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)")
+_CLOSE_FENCE = re.compile(r"[ \t]*```[ \t]*")
 _PYTHON_TAGS = frozenset({"python", "py", "python3"})
 _CODE_START = re.compile(r"^(?:from[ \t]+\S+[ \t]+import\b|import[ \t]|(?:async[ \t]+)?def[ \t]|class[ \t]|@)", re.M)
 
@@ -77,16 +79,44 @@ def extract_code(response: str) -> str:
     cut = response.rfind(THINK_CLOSE)
     answer = response[cut + len(THINK_CLOSE):] if cut >= 0 else response
     tagged, untagged = None, None
-    for m in _FENCE.finditer(answer):
-        tag = m.group(1).lower()
+    for tag, body in fenced_blocks(answer):
+        if not body.strip():
+            continue  # an empty block is no answer
         if tag in _PYTHON_TAGS:
-            tagged = m.group(2)
+            tagged = body
         elif not tag:
-            untagged = m.group(2)
+            untagged = body
     code = tagged if tagged is not None else untagged if untagged is not None else answer
     code = re.sub(r"\A(?:[ \t]*\r?\n)+", "", code)  # leading blank lines, not the first line's indent
     code = code.rstrip()
     return code + "\n" if code else ""
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language tag, lower-cased; body) of every fenced block of ``text``, read line by line: a
+    fence opens where a line holds three backticks (and the tag after them) and closes at a line of
+    three backticks alone or at three backticks ending a line of code (``return 1```` ``); an
+    unclosed last block runs to the end of the text."""
+    blocks: list[tuple[str, str]] = []
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        opened = _OPEN_FENCE.search(lines[i])
+        i += 1
+        if opened is None:
+            continue
+        body: list[str] = []
+        while i < len(lines):
+            line = lines[i]
+            i += 1
+            if _CLOSE_FENCE.fullmatch(line):
+                break
+            if line.rstrip().endswith("```"):  # code```: the block ends with this line's code
+                body.append(line.rstrip()[:-3])
+                break
+            body.append(line)
+        blocks.append((opened.group(1).lower(), "\n".join(body)))
+    return blocks
 
 
 def defines_entry_point(code: str, entry_point: str) -> bool:

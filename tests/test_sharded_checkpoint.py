@@ -1,0 +1,118 @@
+"""Rank agreement and multi-rank checkpoint I/O on two gloo processes (no DeepSpeed): on_every_rank
+and on_rank_0 raise on every rank when one fails; host_local_copy downloads a checkpoint once per
+host, falls back to a rank's own copy, and stops every rank on a failed download or a failed read.
+(The whole multi-rank save and resume under DeepSpeed, on local disk and S3: test_deepspeed.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _two_ranks(rank: int, world: int, init: str, out: str, case: str) -> None:
+    """One rank of a two-process gloo group: runs ``case`` and writes what it saw to out/rank<r>.json."""
+    import torch.distributed as dist
+
+    from l2t_core import sharded_checkpoint
+    from l2t_core.checkpoint import RunStorage
+    from l2t_core.engines.gather import on_every_rank, on_rank_0
+    from l2t_core.sharded_checkpoint import host_local_copy
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    seen: dict = {"rank": rank}
+
+    def outcome(fn):
+        try:
+            return {"result": fn()}
+        except BaseException as exc:  # noqa: BLE001 - what each rank raised is the point
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    if case == "agreement":
+        def shard():
+            if rank == 1:
+                raise OSError(28, "No space left on device")
+            return rank * 10
+
+        seen["every_fails"] = outcome(lambda: on_every_rank(shard, "write its shard"))
+        seen["every_ok"] = outcome(lambda: on_every_rank(lambda: rank + 1, "count"))
+        seen["rank0_fails"] = outcome(lambda: on_rank_0(rank == 0, lambda: 1 / 0, "publish"))
+        seen["rank0_ok"] = outcome(lambda: on_rank_0(rank == 0, lambda: "published", "publish"))
+    else:  # host_local_copy: every process holds the same checkpoint in its own in-memory filesystem
+        store = RunStorage(f"memory://l2t-host-copy-{os.getpid()}")
+        store.write_checkpoint(3, lambda d: (d / "model.txt").write_text("weights of step 3"))
+        downloads, dirs = [], []
+        original = store.download
+
+        def counted(url, dest):
+            downloads.append(str(dest))
+            if case == "download_fails" and rank == 0:
+                raise OSError(5, "Input/output error")
+            return original(url, dest)
+
+        store.download = counted
+        if case == "own_copy" and rank == 1:  # as if rank 1 ran in a container that does not see rank 0's /tmp
+            sharded_checkpoint.COMPLETE = "not-visible-here"
+
+        def read():
+            with host_local_copy(store, store.checkpoint_url(3)) as d:
+                dirs.append(str(d))
+                if case == "read_fails" and rank == 1:
+                    raise ValueError("unreadable config")
+                return (d / "model.txt").read_text()
+
+        seen["read"] = outcome(read)
+        seen["downloads"] = len(downloads)
+        seen["dirs"] = dirs
+        dist.barrier()  # both ranks are out: every copy is removed
+        seen["removed"] = not any(Path(d).exists() for d in dirs) and not any(Path(d).exists() for d in downloads)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def _spawn(tmp_path: Path, case: str) -> tuple[dict, dict]:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_ranks, args=(2, f"file://{tmp_path}/pg", str(tmp_path), case), nprocs=2, join=True)
+    return tuple(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+
+
+def test_every_rank_raises_when_one_fails(tmp_path):
+    """on_every_rank: a rank that fails raises its own error, the other a RuntimeError naming it,
+    what failed and why (neither waits in a later collective); on_rank_0 likewise for rank 0's
+    work; results come back where nothing fails."""
+    r0, r1 = _spawn(tmp_path, "agreement")
+    assert r1["every_fails"] == {"error": "OSError: [Errno 28] No space left on device"}
+    assert r0["every_fails"] == {"error": "RuntimeError: rank 1 failed to write its shard (OSError: [Errno 28] "
+                                          "No space left on device); this rank stops too"}
+    assert (r0["every_ok"], r1["every_ok"]) == ({"result": 1}, {"result": 2})
+    assert r0["rank0_fails"] == {"error": "ZeroDivisionError: division by zero"}
+    assert r1["rank0_fails"] == {"error": "RuntimeError: rank 0 failed to publish (its log says why); "
+                                          "this rank stops too"}
+    assert (r0["rank0_ok"], r1["rank0_ok"]) == ({"result": "published"}, {"result": None})
+
+
+@pytest.mark.parametrize("case", ["shared", "own_copy", "download_fails", "read_fails"])
+def test_host_local_copy_downloads_once_per_host(tmp_path, case):
+    """One download for the host, by its lowest rank, read by both and removed once both are done;
+    a rank that cannot see that copy downloads its own; a failed download stops both ranks, and so
+    does a rank failing while it reads (the other learns of it on the way out, and the copy is
+    removed on both)."""
+    r0, r1 = _spawn(tmp_path, case)
+    assert r0["removed"] and r1["removed"]
+    if case == "shared":
+        assert r0["read"] == r1["read"] == {"result": "weights of step 3"}
+        assert r0["dirs"] == r1["dirs"]  # rank 1 read the copy rank 0 made
+        assert (r0["downloads"], r1["downloads"]) == (1, 0)
+    elif case == "own_copy":
+        assert r0["read"] == r1["read"] == {"result": "weights of step 3"}
+        assert r0["dirs"] != r1["dirs"] and (r0["downloads"], r1["downloads"]) == (1, 1)
+    elif case == "download_fails":
+        assert r0["read"] == {"error": "OSError: [Errno 5] Input/output error"}
+        assert r1["read"]["error"].startswith("RuntimeError: rank 0 failed to download the checkpoint memory://")
+        assert r1["downloads"] == 0
+    else:
+        assert r1["read"] == {"error": "ValueError: unreadable config"}
+        assert r0["read"]["error"].startswith("RuntimeError: another rank failed while reading the checkpoint")
