@@ -116,3 +116,40 @@ def test_host_local_copy_downloads_once_per_host(tmp_path, case):
     else:
         assert r1["read"] == {"error": "ValueError: unreadable config"}
         assert r0["read"]["error"].startswith("RuntimeError: another rank failed while reading the checkpoint")
+
+
+def test_object_store_checkpoints_from_uploaded_shards(tmp_path):
+    """RunStorage on an object store (fsspec's in-memory filesystem): shards uploaded into a step,
+    completed by rank 0's files, COMPLETE last; a save cut short (shards without COMPLETE) is never
+    taken for a checkpoint and goes with the next one written; URLs carry the run URL's protocol;
+    local run directories refuse the upload path (their shards are renamed into place)."""
+    import uuid
+
+    from l2t_core.checkpoint import COMPLETE, RunStorage
+
+    url = f"memory://l2t-uploads-{uuid.uuid4().hex[:8]}/run"
+    store = RunStorage(url)
+    shard = tmp_path / "shard"
+    (shard / "engine").mkdir(parents=True)
+    (shard / "engine" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"rank 1's partition")
+    store.upload_into_checkpoint(1, shard)
+    assert store.latest_checkpoint() is None  # no COMPLETE yet
+    got = store.complete_uploaded_checkpoint(1, lambda d: (d / "model.safetensors").write_bytes(b"w1"), keep=None)
+    assert got == store.checkpoint_url(1) == f"{url}/checkpoints/step-000001"
+    assert store.latest_checkpoint() == (1, got)
+    with store.local_copy(got) as d:
+        assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) == [
+            COMPLETE, "engine/zero_pp_rank_1_optim_states.pt", "model.safetensors"]
+
+    store.upload_into_checkpoint(2, shard)  # a save cut short: rank 0 never completed step 2
+    assert store.latest_checkpoint() == (1, got) and store.complete_steps() == [1]
+    store.write_checkpoint(3, lambda d: (d / "model.safetensors").write_bytes(b"w3"))
+    assert store.list("checkpoints") == ["LATEST", "step-000001", "step-000003"]  # step 2's shards are gone
+    assert store.latest_checkpoint() == (3, f"{url}/checkpoints/step-000003")
+
+    local = RunStorage(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="for object stores"):
+        local.upload_into_checkpoint(1, shard)
+    with pytest.raises(ValueError, match="for object stores"):
+        local.complete_uploaded_checkpoint(1, lambda d: None)
+    assert local.write_checkpoint(1, lambda d: None) == str(tmp_path / "run" / "checkpoints" / "step-000001")
