@@ -674,6 +674,17 @@ def plot_losses(losses: Sequence[float], eval_losses: Sequence[tuple[int, float]
     return path
 
 
+def deepspeed_config_sha256(cfg: SFTConfig) -> Optional[str]:
+    """The SHA-256 of the job's DeepSpeed config file (what a resume must find unchanged), None
+    without one; a path that is no file is refused."""
+    if not cfg.deepspeed_config:
+        return None
+    if not Path(cfg.deepspeed_config).is_file():
+        raise SFTError(f"deepspeed_config {cfg.deepspeed_config!r} is no file; give the path of a DeepSpeed JSON "
+                       "(see infra/deepspeed/)")
+    return file_sha256(Path(cfg.deepspeed_config))
+
+
 def stale_partial(cfg: SFTConfig, data_sha256: str, deepspeed_sha256: Optional[str] = None) -> Optional[str]:
     """Why the unfinished SFT beside ``cfg.out`` cannot be resumed by ``cfg`` (the config fields,
     the traces' bytes or the DeepSpeed config's bytes that differ; :data:`RESUME_IGNORES` do not
@@ -728,12 +739,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     if cfg.eval_size >= len(rows):
         raise SFTDataError(f"eval_size={cfg.eval_size} holds out every one of the {len(rows)} traces in {path}; "
                            "keep some for training")
-    ds_sha256 = None
-    if cfg.deepspeed_config:
-        if not Path(cfg.deepspeed_config).is_file():
-            raise SFTError(f"deepspeed_config {cfg.deepspeed_config!r} is no file; give the path of a DeepSpeed JSON "
-                           "(see infra/deepspeed/)")
-        ds_sha256 = file_sha256(Path(cfg.deepspeed_config))
+    ds_sha256 = deepspeed_config_sha256(cfg)
     differs = stale_partial(cfg, data_sha256, ds_sha256)
     if differs:
         raise SFTResumeError(f"{partial} holds an unfinished SFT into {out} with another configuration or traces "

@@ -48,6 +48,9 @@ def build_or_reuse_warm_start(out: Path, cfg) -> tuple[dict, bool]:
         report = json.loads(report_path.read_text())
         if report.get("config") == json.loads(cfg.model_dump_json()):
             return report, True
+    # the weights are rewritten in place and the report last: without the old report first, a
+    # rebuild cut short would leave new weights under the old settings' report, reused as those
+    report_path.unlink(missing_ok=True)
     warm_start(out, cfg, show_progress=False)
     return json.loads(report_path.read_text()), False
 
@@ -65,7 +68,8 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
     import shutil
 
     from l2t_core.config import config_differences
-    from l2t_core.sft import RESUME_IGNORES, file_sha256, partial_dir, run_sft, sft_data_path, stale_partial
+    from l2t_core.sft import (RESUME_IGNORES, deepspeed_config_sha256, file_sha256, partial_dir, run_sft,
+                              sft_data_path, stale_partial)
 
     run = run or (lambda c: run_sft(c, show_progress=False))
     log = log or (lambda msg: None)
@@ -103,7 +107,7 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
         return report, reused
     target = cfg if not out.exists() else cfg.model_copy(update={"out": str(fresh)})
     shutil.rmtree(fresh, ignore_errors=True)  # an SFT's output is complete or absent; its work is in .partial
-    differs = stale_partial(target, data_sha256)
+    differs = stale_partial(target, data_sha256, deepspeed_config_sha256(target))
     if differs:
         work = partial_dir(Path(target.out))  # a local directory: SFTConfig refuses URLs for out
         log(f"removing the unfinished SFT in {work} (made with other {differs})")
@@ -257,9 +261,31 @@ def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, s
 # --------------------------------------------------------------------------------------------
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """A short hash of a run's configuration without its output URL (the run directory's name)."""
-    blob = json.dumps({k: v for k, v in json.loads(cfg.model_dump_json()).items() if k != "out"}, sort_keys=True)
+def inputs_fingerprint(cfg: TrainConfig) -> dict:
+    """What a run's configuration names only by location, by content: the SHA-256 of the base
+    model's weight files (a local directory; a hub id stands for itself) and of the training data
+    file (a synthetic task is its settings). A base model rebuilt in place (other warm-start or SFT
+    settings, new traces) or an edited data file then makes a new run, never the old one's
+    checkpoint reused."""
+    from l2t_core.data import data_file
+    from l2t_core.sft import file_sha256
+    from l2t_core.tasks import TASKS
+
+    out: dict = {}
+    policy = Path(cfg.policy)
+    if policy.is_dir():
+        weights = sorted(policy.glob("*.safetensors")) or sorted(policy.glob("*.bin"))
+        out["policy_weights"] = {f.name: file_sha256(f) for f in weights}
+    if cfg.data.source not in TASKS:
+        out["data_sha256"] = file_sha256(data_file(cfg.data.source))
+    return out
+
+
+def config_hash(cfg: TrainConfig, inputs: dict | None = None) -> str:
+    """A short hash of a run's configuration without its output URL, and of ``inputs`` (its
+    :func:`inputs_fingerprint`): the run directory's name."""
+    settings = {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k != "out"}
+    blob = json.dumps({**settings, **({"inputs": inputs} if inputs else {})}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -279,7 +305,7 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
     # run directory and the recorded config_json describe what really trains
     draft = launcher.placed_config(config.to_core(policy=policy, method=method, out="unset",
                                                   data=training_data.to_core()))
-    h = config_hash(draft)
+    h = config_hash(draft, inputs_fingerprint(draft))
     cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
     context.log.info("training %s with %s into %s (config %s)", base, method, storage.display(cfg.out), h)
     invocation = launcher.launch(context, cfg)
@@ -311,11 +337,11 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
 REPORT_FILE = "benchmark_report.html"
 
 
-def stored_base_evaluation(conn, base: str, evaluator: Evaluator) -> pd.DataFrame | None:
-    """The evaluation rows ``base_model`` stored for ``base`` with the same evaluator fingerprint,
-    or None when there are none."""
+def stored_base_evaluation(conn, base: str, fingerprint: str) -> pd.DataFrame | None:
+    """The evaluation rows ``base_model`` stored for ``base`` with the evaluator fingerprint
+    ``fingerprint`` (:meth:`Evaluator.fingerprint`), or None when there are none."""
     stored = read_rows(conn, "eval_results", "base_model", base)
-    stored = stored[stored["evaluator"] == evaluator.fingerprint()]
+    stored = stored[stored["evaluator"] == fingerprint]
     return stored.drop(columns=["asset_key", "partition_key", "loaded_at"]) if len(stored) else None
 
 
@@ -341,11 +367,13 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     base, method = split_run_key(context)
     asset_key, pk = _key(context)
     base_path = base_model_path(base, registry.get(base), storage)
-    # the warehouse is locked only to read and to write: evaluating takes minutes to hours, and
-    # holding the lock meanwhile would fail every other writer (WarehouseBusy)
+    # the warehouse is locked only to read and to write: evaluating takes minutes to hours (and the
+    # fingerprint reads the benchmark, maybe from the hub), and holding the lock meanwhile would
+    # fail every other writer (WarehouseBusy)
+    fingerprint = evaluator.fingerprint()
     with connect(duckdb) as conn:
         runs = read_rows(conn, "checkpoints", "checkpoints", pk)
-        base_evals = stored_base_evaluation(conn, base, evaluator)
+        base_evals = stored_base_evaluation(conn, base, fingerprint)
         steps = read_rows(conn, "train_steps", "checkpoints", pk)
     if runs.empty:
         raise dg.Failure(f"no training run recorded for {pk}; materialize checkpoints[{pk}] first")
@@ -355,8 +383,6 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
         ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"])
     evals = pd.concat([base_evals, ckpt], ignore_index=True)
-    with connect(duckdb) as conn:
-        n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
     cmp = comparison(evals)
     images = [("accuracy and tokens per level",
                plots.png_data_uri(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}")))]
@@ -369,9 +395,12 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     page = plots.html_report(f"{base} / {method} on {evaluator.benchmark}",
                              {**cmp, "checkpoint": storage.display(run["checkpoint_url"])}, table, images)
     run_store.write_bytes(REPORT_FILE, page.encode())
+    # the rows last: a report that could not be written leaves the warehouse as it was
+    with connect(duckdb) as conn:
+        n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
     context.add_output_metadata({
         **cmp, "rows": n, "benchmark": evaluator.benchmark, "checkpoint": storage.display(run["checkpoint_url"]),
-        "report": storage.display(run_store.path(REPORT_FILE)),
+        "report": storage.display(run_store.url_of(run_store.path(REPORT_FILE))),
         "plots": dg.MetadataValue.md(figs), "evaluation": dg.MetadataValue.md(markdown_table(table)),
     })
     return evals

@@ -8,7 +8,7 @@ field's name before any compute).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -93,11 +93,13 @@ class TrainRunConfig(dg.Config):
     micro_batch_tokens: int = 8192
     seed: int = 0
     reward_settings: list[str] = Field(default_factory=list, description=REWARD_SETTINGS_HELP)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the run trains: 'auto' (CUDA when the training process has a GPU, "
+                                            "else the CPU), 'cpu' or 'cuda'. A launcher may place it (a GPU pod: cuda).")
 
     def to_core(self, *, policy: str, method: str, out: str, data: DataConfig) -> TrainConfig:
         return TrainConfig(
             method=method, policy=policy, out=out, steps=self.steps, prompts_per_step=self.prompts_per_step,
-            micro_batch_tokens=self.micro_batch_tokens, device="cpu", checkpoint_every=self.steps,
+            micro_batch_tokens=self.micro_batch_tokens, device=self.device, checkpoint_every=self.steps,
             keep_checkpoints=1, seed=self.seed, data=data,
             optim={"lr": self.lr},
             rollout={"group_size": self.group_size, "temperature": self.temperature,

@@ -507,6 +507,10 @@ def _parse_env_value(var: str, field: str, raw: str):
     return raw
 
 
+# the shipped ZeRO-2 config, beside the package in a checkout or an editable install
+LOCAL_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / "zero2.json"
+
+
 class TrainingLauncher(dg.ConfigurableResource):
     """Launches ``python -m l2t_core.cli train --config FILE`` through Dagster Pipes
     (``PipesSubprocessClient``); the entrypoint reports back through ``l2t_core.pipes``. With
@@ -519,11 +523,19 @@ class TrainingLauncher(dg.ConfigurableResource):
     nproc_per_node: int = Field(1, ge=1, description="Training processes (GPUs) on this machine; > 1 launches "
                                                      "torchrun and needs engine 'deepspeed'.")
     master_port: int = Field(29511, ge=1, le=65535, description="torchrun's rendezvous port (nproc_per_node > 1).")
+    deepspeed_config: str = Field(str(LOCAL_DEEPSPEED_CONFIG), description=(
+        "The DeepSpeed config of a run on nproc_per_node > 1 processes whose config names none (the torch "
+        "engine trains in one process)."))
     cwd: Optional[str] = None
 
     def placed_config(self, cfg: TrainConfig) -> TrainConfig:
-        """``cfg`` as this launcher runs it: a local process runs it unchanged."""
-        return cfg
+        """``cfg`` as this launcher runs it: unchanged in one process; on several, with the DeepSpeed
+        engine and ``deepspeed_config`` unless the config already names DeepSpeed."""
+        if self.nproc_per_node == 1 or cfg.engine != "torch":
+            return cfg
+        data = json.loads(cfg.model_dump_json())
+        data.update(engine="deepspeed", deepspeed_config=self.deepspeed_config)
+        return TrainConfig.model_validate(data)
 
     def command(self, config_path: str | Path, log_dir: str | Path | None = None) -> list[str]:
         """The training command; under torchrun, ``log_dir`` is torchrun's ``--log-dir``: its per-rank

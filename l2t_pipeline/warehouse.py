@@ -293,13 +293,17 @@ def _replace(conn, table: str, frame: pd.DataFrame, asset_key: str, partition_ke
 
 def replace_tables(conn, frames: dict[str, pd.DataFrame], asset_key: str, partition_key: str) -> dict[str, int]:
     """Replace the rows ``(asset_key, partition_key)`` of every table in ``frames`` in ONE
-    transaction (all tables change or none). Returns the rows inserted per table."""
+    transaction (all tables change or none), and clear the quarantine of those tables' rows of that
+    asset and partition: the rows stored now replace the ones it held back. Returns the rows
+    inserted per table."""
     ensure_schema(conn)
     prepared = {t: _frame_for(t, df, asset_key, partition_key) for t, df in frames.items()}
     conn.execute("BEGIN TRANSACTION")
     try:
         for t, frame in prepared.items():
             _replace(conn, t, frame, asset_key, partition_key)
+            conn.execute("DELETE FROM quarantine WHERE table_name = ? AND asset_key = ? AND partition_key = ?",
+                         [t, asset_key, partition_key])
         conn.execute("COMMIT")
     except Exception:
         conn.execute("ROLLBACK")

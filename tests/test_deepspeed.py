@@ -509,15 +509,17 @@ def test_pipes_launcher_runs_two_ranks_under_torchrun_and_rank_0_reports(tiny_di
     for k, v in (("L2T_DATA_DIR", str(data)), ("DS_ACCELERATOR", "cpu"), ("PYTHONPATH", str(ROOT)),
                  ("TMPDIR", str(child_tmp))):
         monkeypatch.setenv(k, v)
-    cfg = TrainConfig.model_validate(dict(
+    cfg = TrainConfig.model_validate(dict(  # the torch engine, as TrainRunConfig.to_core makes it
         policy=str(tiny_dir), out=str(tmp_path / "run"), steps=1, prompts_per_step=2, method="grpo",
-        engine="deepspeed", deepspeed_config=str(ROOT / "infra" / "deepspeed" / "zero2.json"),
         data={"source": "toy.jsonl"}, rollout={"group_size": 2, "max_new_tokens": 8, "max_prompt_tokens": 512}))
     launcher = TrainingLauncher(nproc_per_node=2, master_port=_free_port(), cwd=str(ROOT))
+    placed = launcher.placed_config(cfg)  # what the checkpoints asset launches: DeepSpeed with the shipped ZeRO-2
+    assert (placed.engine, Path(placed.deepspeed_config), placed.device) == (
+        "deepspeed", ROOT / "infra" / "deepspeed" / "zero2.json", "cpu")
 
     @dg.asset
     def two_rank_run(context):  # a local function: no string annotation for Dagster to resolve
-        return launcher.launch(context, cfg).get_materialize_result()
+        return launcher.launch(context, placed).get_materialize_result()
 
     result = dg.materialize([two_rank_run])
     assert result.success

@@ -137,6 +137,9 @@ def test_schema_violation_fails_shows_rows_and_quarantines():
     dup = pd.concat([rollout_rows(2), rollout_rows(2)], ignore_index=True)
     with pytest.raises(SchemaViolation, match="rollouts"):
         warehouse.write_validated(con, {"rollouts": dup}, "segmented_rollouts", "dup")
+    # a valid write of the partition clears its quarantine (the other partition's stays)
+    warehouse.write_validated(con, {"rollouts": rollout_rows(2)}, "segmented_rollouts", "m")
+    assert con.execute("SELECT partition_key FROM quarantine").df()["partition_key"].unique().tolist() == ["dup"]
 
 
 # ------------------------------------------------------------------------------ quality gate
@@ -388,6 +391,81 @@ def test_sft_rebuild_removes_an_unfinished_sft_of_another_config_and_completes_a
     assert build_or_reuse_sft(out, cfg.model_copy(update={"checkpoint_every": 7}), run)[1] is True and len(ran) == 2
 
 
+def test_a_warm_start_rebuild_cut_short_leaves_no_report_of_the_old_settings(tmp_path, monkeypatch):
+    """A warm start is rebuilt in place, its report written last: the old report goes first, so a
+    rebuild killed after writing new weights leaves no warm start to reuse (base_model_path refuses
+    it, the next materialization rebuilds) instead of new weights under the old settings."""
+    import json
+
+    import l2t_core.warmstart as warmstart
+    from l2t_pipeline.assets import build_or_reuse_warm_start
+
+    out = tmp_path / "tiny-sft"
+    out.mkdir()
+    (out / "warmstart.json").write_text(json.dumps({"config": {"sft_steps": 1}}))
+
+    def killed(o, cfg, show_progress=True):
+        (Path(o) / "model.safetensors").write_bytes(b"the new settings' weights")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(warmstart, "warm_start", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_or_reuse_warm_start(out, warmstart.WarmStartConfig())
+    assert not (out / "warmstart.json").exists()
+
+
+def test_sft_rebuild_resumes_an_unfinished_deepspeed_sft_of_the_same_config(tmp_path):
+    """An unfinished SFT of the same config on DeepSpeed (its config file's bytes recorded beside the
+    traces') is left for the job to resume, not removed as if made with other settings."""
+    import json
+
+    from l2t_core.sft import SFTConfig, file_sha256, partial_dir
+    from l2t_pipeline.assets import build_or_reuse_sft
+
+    traces, ds = tmp_path / "t.jsonl", tmp_path / "zero2.json"
+    traces.write_text("{}\n")
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    out = tmp_path / "models" / "s"
+    out.parent.mkdir()
+    cfg = SFTConfig(model="/m", data=str(traces), out=str(out), steps=6, engine="deepspeed", deepspeed_config=str(ds))
+    work = partial_dir(out)
+    work.mkdir()
+    (work / "sft_config.json").write_text(cfg.model_dump_json())
+    (work / "data.json").write_text(json.dumps({"sha256": file_sha256(traces), "deepspeed_sha256": file_sha256(ds)}))
+    seen = []
+
+    def run(c):
+        seen.append(work.exists())
+        Path(c.out).mkdir()
+        (Path(c.out) / "sft_config.json").write_text(c.model_dump_json())
+        (Path(c.out) / "sft_report.json").write_text(json.dumps({"data_sha256": file_sha256(traces)}))
+
+    logged = []
+    assert build_or_reuse_sft(out, cfg, run, logged.append)[1] is False
+    assert seen == [True] and not logged  # the job found its work to resume
+
+
+def test_local_launcher_places_runs_on_its_ranks_and_runs_train_where_a_gpu_is():
+    """The local launcher runs a config as it is in one process, and on several processes with the
+    DeepSpeed engine and the shipped ZeRO-2 config unless the run names DeepSpeed itself (the
+    torchrun launch itself: test_deepspeed.py); a pipeline run trains on the GPU where there is one
+    (device auto), or where its config says."""
+    from l2t_core.config import DataConfig, TrainConfig
+    from l2t_pipeline.config import TrainRunConfig
+    from l2t_pipeline.resources import TrainingLauncher
+
+    cfg = TrainRunConfig().to_core(policy="p", method="l2t", out="o", data=DataConfig())
+    assert cfg.device == "auto"
+    assert TrainRunConfig(device="cpu").to_core(policy="p", method="l2t", out="o", data=DataConfig()).device == "cpu"
+    assert TrainingLauncher().placed_config(cfg) == cfg
+    eight = TrainingLauncher(nproc_per_node=8)
+    placed = eight.placed_config(cfg)
+    assert placed.engine == "deepspeed" and Path(placed.deepspeed_config).is_file()
+    eight.check_config(placed)
+    own = TrainConfig.model_validate({**cfg.model_dump(), "engine": "deepspeed", "deepspeed_config": "mine.json"})
+    assert eight.placed_config(own).deepspeed_config == "mine.json"
+
+
 def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
     """Through Dagster's sensor evaluation on an instance: a new model gets its partition and a
     baseline run; a model whose baseline run failed is requested again (a new run key) until
@@ -473,6 +551,41 @@ def test_s3_storage_through_moto(s3_endpoint):
     tables = trainer_tables(RunStorage(url), "m", "grpo")
     assert len(tables["train_steps"]) == 1 and tables["episode_rewards"]["outcome_reward"].tolist() == [0.5, 0.5]
     assert "testing" not in storage.display(url) and os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
+
+
+def test_run_directory_follows_the_base_weights_and_the_data_file(tiny_dir, tmp_path, monkeypatch):
+    """A run's directory (its config hash) names the base model and the data file by content: a base
+    rebuilt in place or an edited data file gives a new run, so checkpoints never returns the old
+    base's run as the new one's; identical inputs give the same run (reused)."""
+    import json
+    import shutil
+
+    from l2t_core.config import TrainConfig
+    from l2t_pipeline.assets import config_hash, inputs_fingerprint
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2"}) + "\n")
+    monkeypatch.setenv("L2T_DATA_DIR", str(data))
+    cfg = TrainConfig(policy=str(base), out="unset", data={"source": "train.jsonl"})
+
+    def run_hash():
+        return config_hash(cfg, inputs_fingerprint(cfg))
+
+    first = run_hash()
+    assert run_hash() == first
+    weights = base / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1  # the base rebuilt in place: other weights under the same path
+    weights.write_bytes(bytes(raw))
+    rebuilt = run_hash()
+    assert rebuilt != first
+    (data / "train.jsonl").write_text(json.dumps({"id": "a", "problem": "1+2?", "answer": "3"}) + "\n")
+    assert run_hash() not in (first, rebuilt)
+    hub = TrainConfig(policy="Qwen/Qwen2.5-Math-1.5B", out="unset")  # a hub id and a synthetic task
+    assert inputs_fingerprint(hub) == {}
 
 
 def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
