@@ -24,6 +24,29 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = T
     return _write(Path(path), lambda fh: fh.write(text), overwrite)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+    """``data`` at ``path``, whole or not at all (:func:`write_text_atomic`)."""
+    return _write(Path(path), lambda fh: fh.write(data), overwrite, binary=True)
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, **savefig) -> Path:
+    """A matplotlib figure as an image at ``path`` (its format from the suffix), whole or not at all."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def write_parquet_atomic(frame, path: str | os.PathLike, **to_parquet) -> Path:
+    """A pandas DataFrame as a parquet file at ``path``, whole or not at all."""
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, **to_parquet)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
 def write_json_atomic(path: str | os.PathLike, obj, *, indent: int | None = 1, overwrite: bool = True) -> Path:
     """``obj`` as JSON at ``path`` (:func:`write_text_atomic`)."""
     return write_text_atomic(path, json.dumps(obj, indent=indent), overwrite=overwrite)
@@ -40,7 +63,7 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict], *, overwri
     return _write(Path(path), write, overwrite)
 
 
-def _write(path: Path, write, overwrite: bool) -> Path:
+def _write(path: Path, write, overwrite: bool, binary: bool = False) -> Path:
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; choose another path or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +71,7 @@ def _write(path: Path, write, overwrite: bool) -> Path:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .atomic_files import write_text_atomic
+
 
 def quiet_progress_bars() -> None:
     """``-q``: no progress bars from transformers either (its "Loading weights" bar on every
@@ -306,7 +308,8 @@ def cmd_eval(args) -> int:
             results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet)
             if is_heldout(name):  # which held-out problems: recorded in report.json, named in the report
                 results[name].summary["heldout"] = heldout.describe(name)
-    report = write_report(args.out, results, model=args.model)
+        # the report of every benchmark done so far: a failure later keeps their samples and scores
+        report = write_report(args.out, results, model=args.model)
     print(json.dumps({"out": args.out, "files": report["files"],
                       "pass@1": {n: r.summary["pass@1"] for n, r in results.items()},
                       "pass@k": {n: {k: v for k, v in r.summary.items() if k.startswith("pass@") and k != "pass@1"}
@@ -398,8 +401,7 @@ def cmd_reads(args) -> int:
     res["models"] = paths
     res["levels"] = list(args.levels)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        write_text_atomic(args.out, json.dumps(res, indent=1))
     def r5(x):  # None: no tagged walk step was read
         return None if x is None else round(x, 5)
 

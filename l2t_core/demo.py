@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from .atomic_files import write_text_atomic
 from .config import RewardConfig
 from .models import load_policy
 from .rewards.l2t import METHODS, Rollout, compute_rewards
@@ -111,10 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "episode_rewards": x.episode_reward.tolist(),
             }
         records.append(rec)
-    (out / "rewards.json").write_text(json.dumps(records, indent=1))
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    write_text_atomic(out / "rewards.json", json.dumps(records, indent=1))
+    write_text_atomic(out / "config.json", cfg.model_dump_json(indent=2))
     summary["seconds"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     console.print(f"[bold green]done[/] in {summary['seconds']:.0f}s: greedy accuracy {acc:.3f}, "
                   f"{mean_tok:.1f} tokens; rewards in {out / 'rewards.json'}")
     return summary

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .atomic_files import save_figure_atomic
 from .checkpoint import RunStorage
 from .metrics import read_table
 from .plotting import series_colours
@@ -166,6 +167,6 @@ def plot_dynamics(methods: dict[str, dict], path: Path, smooth: int = 5) -> Path
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path

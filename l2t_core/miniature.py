@@ -53,7 +53,7 @@ from typing import Any, Sequence
 from pydantic import Field
 
 from .config import METHOD_NAMES, RewardConfig, TrainConfig, _Strict, config_differences
-from .atomic_files import write_json_atomic
+from .atomic_files import write_json_atomic, write_text_atomic
 from .dynamics import SCALARS, aggregate_dynamics, plot_dynamics, run_dynamics
 from .miniature_report import aggregate, decoding_label, lacks_census, markdown_table, plot, plot_tradeoff
 from .warmstart import WarmStartConfig
@@ -466,7 +466,7 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
     cfg = cfg or MiniatureConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "miniature_config.json").write_text(cfg.model_dump_json(indent=2))
+    write_text_atomic(out / "miniature_config.json", cfg.model_dump_json(indent=2))
     t0 = time.perf_counter()
     sft_dir = out / "sft"
     if (sft_dir / "warmstart.json").exists():  # reused only if built with the same warm-start config
@@ -533,9 +533,9 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
     report["credit"] = credit
     report["seconds"] = time.perf_counter() - t0
     report["config"] = json.loads(cfg.model_dump_json())
-    (out / "miniature.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(out / "miniature.json", json.dumps(report, indent=1))
     table = markdown_table(report)
-    (out / "miniature.md").write_text(f"# L2T miniature\n\n{table}")
+    write_text_atomic(out / "miniature.md", f"# L2T miniature\n\n{table}")
     report["plots"] = [str(p) for p in plot(report, out)] + [str(plot_tradeoff(report, out))]
     if "sampled" in report:
         report["plots"] += [str(p) for p in plot(report["sampled"], out, prefix="sampled_")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .atomic_files import save_figure_atomic
 from .dynamics import dynamics_table
 from .plotting import separate_labels, series_colours
 from .stats import mean_std, welch_difference
@@ -326,7 +327,7 @@ def plot(report: dict, out: Path, prefix: str = "") -> list[Path]:
         ax.legend(fontsize=8, ncols=2)
         fig.tight_layout()
         p = out / fname
-        fig.savefig(p, dpi=110)
+        save_figure_atomic(fig, p, dpi=110)
         plt.close(fig)
         paths.append(p)
     return paths
@@ -398,6 +399,6 @@ def plot_tradeoff(report: dict, out: Path, prefix: str = "") -> Path:
     for ax_labels in labels:  # two options at the same point printed their names over each other
         separate_labels(fig, ax_labels)
     path = out / f"{prefix}tradeoff.png"
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -33,6 +33,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
+from .atomic_files import write_text_atomic
 from .config import _Strict
 from .episodes import segment, token_episode_ids
 from .eval.metrics import answer_key, maj_at_k
@@ -513,7 +514,7 @@ def warm_start(out_dir, cfg: WarmStartConfig | None = None, *, show_progress: bo
         "answer_readout": readout,
         "wall_seconds": time.perf_counter() - t0,
     }
-    (out / "warmstart.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(out / "warmstart.json", json.dumps(report, indent=1))
     log.info("warm start done in %.0fs (SFT %.0fs): loss %.3f, held-out greedy accuracy %.3f, %.1f tokens, "
              "J of the true answer after a reference trace %.2f", report["wall_seconds"], res.seconds,
              res.final_loss, ev["accuracy"], ev["mean_tokens"], readout["j_end"])
@@ -536,7 +537,7 @@ def measure(out_dir, cfg: WarmStartConfig | None = None, *, gain_problems: int =
         "gains_samples": check_gains(model, tok, probs, source="samples", n=n, seed=seed),
         "gains_reference": check_gains(model, tok, probs, source="reference", n=n, style=cfg.trace_style(), seed=seed),
     }
-    (out / "measure.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(out / "measure.json", json.dumps(result, indent=1))
     return result
 
 

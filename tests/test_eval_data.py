@@ -279,6 +279,11 @@ def test_hub_rows_are_normalised_to_the_file_schema(tmp_path):
     assert amc[0]["answer"] == "27" and amc[0]["problem"] == "q"
     with pytest.raises(DatasetError, match=r"none of the columns \['Problem'\]"):
         normalise_hub_rows(get_spec("aime24"), [{"problem": "x", "answer": "1"}])
+    # a changed hub schema or a row without an answer: a DatasetError naming it, never KeyError or "None"
+    with pytest.raises(DatasetError, match=r"has no column 'ID' for its id .*update id_template"):
+        normalise_hub_rows(get_spec("aime24"), [{"Problem": "x", "Answer": "1", "Solution": "s"}])
+    with pytest.raises(DatasetError, match=r"hub row 0 of .* has no answer \(None"):
+        normalise_hub_rows(get_spec("amc23"), [{"question": "q", "answer": None, "id": 0}])
 
     # a normalised hub copy is read back through the same validation, from <name>.hub.jsonl
     (tmp_path / "gsm8k_test.hub.jsonl").write_text(json.dumps(gsm[0]) + "\n", encoding="utf-8")

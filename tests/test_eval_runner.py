@@ -86,6 +86,30 @@ def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):
               "--pass-k", "3", "--out", str(tmp_path / "x")])
 
 
+def test_l2t_eval_keeps_the_finished_benchmarks_when_a_later_one_fails(tiny_dir, tmp_path, monkeypatch):
+    """The report is rewritten after every benchmark: a failure in the second keeps the first's
+    samples and scores (files written whole, never half)."""
+    import l2t_core.eval.runner as runner
+    from l2t_core.cli import main
+
+    real, calls = runner.evaluate_math, []
+
+    def second_fails(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the GPU fell off the bus")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "evaluate_math", second_fails)
+    with pytest.raises(RuntimeError, match="fell off"):
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "amc23", "--limit", "2", "--n", "1",
+              "--max-new-tokens", "4", "--out", str(tmp_path / "rep")])
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert list(report["benchmarks"]) == ["aime24"]
+    assert len(pd.read_parquet(tmp_path / "rep" / "eval_results.parquet")) == 2
+    assert not list((tmp_path / "rep").glob(".*.tmp"))
+
+
 def test_l2t_eval_with_vllm_gives_it_the_gpu(tiny_dir, tmp_path, capsys, monkeypatch):
     """``--engine vllm``: the engine gets the evaluation's memory share and model length, and the
     transformers copy it syncs from stays on the CPU (vLLM loads its own); bad shares are refused

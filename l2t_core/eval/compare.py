@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..atomic_files import save_figure_atomic, write_text_atomic
 from ..plotting import series_colours
 
 REQUIRED = ("pass@1", "mean_tokens", "problems", "samples")
@@ -182,7 +183,7 @@ def plot_comparison(comparison: Mapping, out_dir: Path) -> list[Path]:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=min(len(models), 6), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     p1 = out_dir / "comparison.png"
-    fig.savefig(p1, dpi=110)
+    save_figure_atomic(fig, p1, dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(3 + 0.8 * len(benches) * max(1, len(models) / 2), 3.6))
     others = [m for m in models if m != comparison["base"]]
@@ -191,7 +192,7 @@ def plot_comparison(comparison: Mapping, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     p2 = out_dir / "token_ratio.png"
-    fig.savefig(p2, dpi=110)
+    save_figure_atomic(fig, p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
 
@@ -212,15 +213,16 @@ def write_comparison(out_dir, comparison: Mapping) -> dict:
     md += ([""] + notes if notes else []) + [""] + [f"![{p.stem}]({p.name})" for p in plots]
     files = {"comparison.json": out / "comparison.json", "comparison.md": out / "comparison.md",
              "comparison.html": out / "comparison.html"}
-    files["comparison.md"].write_text("\n".join(md) + "\n")
+    write_text_atomic(files["comparison.md"], "\n".join(md) + "\n")
     esc = html.escape
     table = ("<table border='1' cellpadding='4'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells) + "</table>")
-    files["comparison.html"].write_text(
+    write_text_atomic(
+        files["comparison.html"],
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title></head><body>"
         f"<h1>{esc(title)}</h1>{table}" + "".join(f"<p>{esc(n[2:])}</p>" for n in notes)
         + "".join(f"<p><img src='{p.name}' alt='{p.stem}'></p>" for p in plots) + "</body></html>")
-    files["comparison.json"].write_text(json.dumps(comparison, indent=1))
+    write_text_atomic(files["comparison.json"], json.dumps(comparison, indent=1))
     return {"files": {k: str(v) for k, v in files.items()}, "plots": [str(p) for p in plots]}
 
 

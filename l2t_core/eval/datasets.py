@@ -658,8 +658,14 @@ def normalise_hub_rows(spec: BenchmarkSpec, rows: Iterable[Mapping[str, Any]]) -
     for index, row in enumerate(kept):
         problem = _first_column(spec, row, hub.problem, index)
         solution = _first_column(spec, row, hub.solution, index) if hub.solution else None
+        try:
+            row_id = hub.id_template.format_map({**row, "name": spec.name, "index": index})
+        except KeyError as exc:
+            raise DatasetError(
+                f"hub row {index} of {hub.repo_id} has no column {exc.args[0]!r} for its id (it has {sorted(row)}); "
+                f"update id_template in BENCHMARKS[{spec.name!r}].hub") from None
         out.append({
-            "id": hub.id_template.format_map({**row, "name": spec.name, "index": index}),
+            "id": row_id,
             "problem": problem,
             "answer": _hub_answer(spec, row, solution, index),
             "solution": solution,
@@ -685,6 +691,9 @@ def _hub_answer(spec: BenchmarkSpec, row: Mapping[str, Any], solution: str | Non
 
         return extract_boxed(solution or "") or ""
     value = _first_column(spec, row, hub.answer, index)
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        raise DatasetError(f"hub row {index} of {hub.repo_id} has no answer ({value!r} in its answer column); "
+                           f"the hub copy is incomplete: give the benchmark as a file in the data directory")
     if hub.answer_rule == "after_hashes":
         return str(value).rsplit("####", 1)[-1].strip().replace(",", "")
     if isinstance(value, float) and value.is_integer():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..atomic_files import save_figure_atomic, write_parquet_atomic, write_text_atomic
 from ..plotting import series_colours
 from .runner import EvalResult
 
@@ -44,7 +45,7 @@ def plot_report(results: Mapping[str, EvalResult], out_dir: Path, model: str) ->
     _bars(axes[1], names, [results[n].summary["mean_tokens"] for n in names], "mean response tokens", "tokens")
     fig.tight_layout()
     p1 = out_dir / "accuracy_tokens.png"
-    fig.savefig(p1, dpi=110)
+    save_figure_atomic(fig, p1, dpi=110)
     plt.close(fig)
     labels, values = [], []
     for n in names:
@@ -55,7 +56,7 @@ def plot_report(results: Mapping[str, EvalResult], out_dir: Path, model: str) ->
     _bars(ax, labels, values, "pass@1 per level / tier", "pass@1")
     fig.tight_layout()
     p2 = out_dir / "groups.png"
-    fig.savefig(p2, dpi=110)
+    save_figure_atomic(fig, p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
 
@@ -112,12 +113,12 @@ def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = pd.concat([r.rows.assign(model=model) for r in results.values()], ignore_index=True)
-    rows.to_parquet(out / "eval_results.parquet", index=False)
+    write_parquet_atomic(rows, out / "eval_results.parquet", index=False)
     summary = {"model": model, "benchmarks": {n: r.summary for n, r in results.items()}}
-    (out / "report.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text_atomic(out / "report.json", json.dumps(summary, indent=1, default=str))
     md = markdown_summary(results, model)
     plots = plot_report(results, out, model)
-    (out / "report.md").write_text(md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    write_text_atomic(out / "report.md", md + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     metrics = metric_keys(r.summary for r in results.values())
     table = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{r.summary['problems']}</td>"
@@ -129,7 +130,8 @@ def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> d
         f"<td>{s['pass@1']:.3f}</td><td>{s['mean_tokens']:.1f}</td></tr>"
         for n, r in results.items() for g, s in r.summary["per_group"].items())
     notes = "".join(f"<li>{html.escape(n)}: {html.escape(text)}</li>" for n, text in heldout_notes(results).items())
-    (out / "report.html").write_text(
+    write_text_atomic(
+        out / "report.html",
         f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation of {html.escape(model)}</title></head>"
         f"<body><h1>Evaluation of {html.escape(model)}</h1><table border='1' cellpadding='4'>"
         f"<tr><th>benchmark</th><th>problems</th>{head}<th>mean tokens</th></tr>{table}</table>"
