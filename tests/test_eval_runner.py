@@ -58,6 +58,10 @@ def test_verification_and_summary_on_gold_answers():
     s = summarize(rows, 4)
     assert s["pass@1"] == pytest.approx((0.5 + 0.25) / 2) and s["maj@4"] == pytest.approx(0.5)
     assert s["per_group"]["g"]["problems"] == 2
+    # two benchmarks of one table that reuse an id are two problems, not one of eight samples
+    both = rows.assign(benchmark=["x"] * 4 + ["y"] * 4, problem_id=["1"] * 8)
+    s2 = summarize(both, 4)
+    assert (s2["problems"], s2["pass@1"], s2["maj@4"]) == (2, s["pass@1"], s["maj@4"])
 
 
 def test_settings_and_empty_input_errors(model, tokenizer):

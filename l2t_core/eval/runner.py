@@ -19,7 +19,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -107,26 +106,42 @@ def verify_completions(completions: Sequence[Completion], accepted: Sequence[tup
     return verdicts
 
 
-def _verify_one(args: tuple[str, tuple[str, ...], float]) -> Verdict:
-    """Correct when the response matches any accepted answer (gold first)."""
-    response, accepted, timeout_s = args
-    verifier = MathVerifier(timeout_s)
-    last = None
-    for ans in accepted:
-        last = verifier.verify(response, ans)
-        if last.correct:
-            return last
-    return last  # type: ignore[return-value]
+class AcceptedAnswers:
+    """A verifier whose reference is a tuple of accepted answers (gold first): correct when the
+    response matches any of them. ``timeout_s`` is one check's deadline times the most answers a
+    reference has, the longest one verification can take (what a worker pool waits for)."""
+
+    def __init__(self, timeout_s: float, most_answers: int = 1):
+        self.check = MathVerifier(timeout_s)
+        self.timeout_s = timeout_s * max(1, most_answers)
+
+    def verify(self, response: str, accepted: tuple[str, ...]) -> Verdict:
+        last = None
+        for ans in accepted:
+            last = self.check.verify(response, ans)
+            if last.correct:
+                return last
+        return last  # type: ignore[return-value]
 
 
 def verify_all(responses: Sequence[str], accepted: Sequence[tuple[str, ...]], *, workers: int = 1,
                timeout_s: float = 5.0) -> list[Verdict]:
-    """Verdicts of every response against its accepted answers, in order."""
-    jobs = [(r, tuple(a), timeout_s) for r, a in zip(responses, accepted, strict=True)]
-    if workers <= 1 or len(jobs) < 2 * workers:
-        return [_verify_one(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_verify_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    """Verdicts of every response against its accepted answers, in order; with ``workers`` > 1 in
+    a :class:`~l2t_core.verify_pool.VerifierPool` (spawned processes, so none is forked from a
+    process that holds a GPU engine; a worker that dies or stalls is replaced)."""
+    from ..verify_pool import VerifierPool
+
+    references = [tuple(a) for a in accepted]
+    if len(references) != len(responses):
+        raise ValueError(f"verify_all: {len(responses)} responses but {len(references)} accepted-answer tuples")
+    verifier = AcceptedAnswers(timeout_s, max((len(a) for a in references), default=1))
+    if workers <= 1 or len(references) < 2 * workers:
+        return [verifier.verify(r, a) for r, a in zip(responses, references)]
+    pool = VerifierPool(verifier, workers)
+    try:
+        return pool.verify(list(responses), references)
+    finally:
+        pool.close()
 
 
 def majority_classes(answers: Sequence[str | None]) -> list[int | None]:
@@ -140,7 +155,8 @@ def summarize(rows: pd.DataFrame, maj_k: int) -> dict:
     mathematically equivalent answers (:func:`majority_classes`)."""
 
     def block(df: pd.DataFrame) -> dict:
-        per_problem = df.groupby("problem_id", sort=False)
+        # a problem is its benchmark's: two benchmarks of one table may reuse an id
+        per_problem = df.groupby(["benchmark", "problem_id"] if "benchmark" in df else "problem_id", sort=False)
         majs = []
         for _, g in per_problem:
             g = g.sort_values("sample")
@@ -148,7 +164,7 @@ def summarize(rows: pd.DataFrame, maj_k: int) -> dict:
                 first = list(g["answer"])[:maj_k]
                 majs.append(maj_at_k(majority_classes(first), list(g["correct"])[:maj_k], maj_k))
         return {
-            "problems": int(df["problem_id"].nunique()),
+            "problems": int(per_problem.ngroups),
             "samples": int(len(df)),
             "pass@1": float(per_problem["correct"].mean().mean()),
             f"maj@{maj_k}": float(sum(majs) / len(majs)) if majs else None,
