@@ -6,7 +6,9 @@ models are used three ways:
 * as Dagster types (``dagster_pandera.pandera_schema_to_dagster_type``) on asset outputs, so the
   UI shows the schema and a returned frame is type-checked;
 * by :func:`find_violations` (through ``warehouse.write_validated``) before any write, together
-  with a check that every text cell is valid Unicode (:func:`unencodable_text`): a violation
+  with a check that every text cell is valid Unicode (:func:`unencodable_text`) and that no value
+  would be changed by the schemas' coercion instead of refused (:func:`lossy_values`: a fraction
+  in an integer column, a number in a text column, an infinite float): a violation
   copies the failing rows into the ``quarantine`` table (with the reasons) and fails the step with
   those rows shown; nothing is silently dropped and nothing invalid reaches the main tables;
 * by the asset checks (``l2t_pipeline.checks``), which re-validate what is stored.
@@ -58,6 +60,41 @@ def unencodable_text(df: pd.DataFrame) -> pd.DataFrame:
             if not _encodable(value):
                 cases.append({"schema_context": "Column", "column": col, "check": UNENCODABLE_CHECK,
                               "check_number": None, "failure_case": value, "index": idx})
+    return pd.DataFrame(cases)
+
+
+def lossy_values(df: pd.DataFrame, model: type[pa.DataFrameModel]) -> pd.DataFrame:
+    """Failure cases (pandera's columns) for the values the schemas' coercion would change rather
+    than refuse: a fraction in an integer column (1.7 stored as 1), a float or a list in a text
+    column (1.0 stored as '1.0'; a whole number is its text), text of white space alone where text
+    is required, and an infinite number in a float column (null stays allowed where the column is
+    nullable)."""
+    cases = []
+    for name, column in model.to_schema().columns.items():
+        if name not in df.columns:
+            continue  # pandera reports a missing column itself
+        values = df[name]
+        present = values.notna()
+        dtype = str(column.dtype)
+        if dtype in ("int64", "Int64", "float64"):
+            numbers = pd.to_numeric(values.where(~values.map(lambda v: isinstance(v, bool)), np.nan), errors="coerce")
+            if dtype == "float64":
+                bad = present & ~np.isfinite(numbers.astype(float).fillna(np.inf))
+                check = "finite_number (no inf, no text)"
+            else:
+                bad = present & (numbers.isna() | (numbers % 1 != 0))
+                check = "whole_number (a fraction is not truncated)"
+        elif dtype == "str":  # text, or a whole number (a level 3 is the text '3'); never 1.0 or a list
+            is_text = values.map(lambda v: isinstance(v, (str, int, np.integer)) and not isinstance(v, (bool, np.bool_)))
+            required = any("str_length" in str(c) for c in column.checks)
+            blank = values.map(lambda v: isinstance(v, str) and not v.strip()) if required else False
+            bad = present & (~is_text | blank)
+            check = "text (not a float, list or other value written as text" + (", not blank)" if required else ")")
+        else:
+            continue
+        for idx, value in values[bad].items():
+            cases.append({"schema_context": "Column", "column": name, "check": check, "check_number": None,
+                          "failure_case": value, "index": idx})
     return pd.DataFrame(cases)
 
 
@@ -166,7 +203,7 @@ class EvalResultsSchema(_Base):
 
     model_kind: Series[str] = pa.Field(isin=["base", "checkpoint"])
     base_model: Series[str] = pa.Field(str_length={"min_value": 1})
-    method: Series[str] = pa.Field(nullable=True)
+    method: Series[str] = pa.Field(nullable=True, isin=list(METHOD_NAMES))
     model_path: Series[str] = pa.Field(str_length={"min_value": 1})
     benchmark: Series[str] = pa.Field(str_length={"min_value": 1})
     evaluator: Series[str] = pa.Field(str_length={"min_value": 1})
@@ -178,6 +215,10 @@ class EvalResultsSchema(_Base):
     tagged_share: Series[float] = pa.Field(in_range={"min_value": 0.0, "max_value": 1.0})
     finished_share: Series[float] = pa.Field(in_range={"min_value": 0.0, "max_value": 1.0})
     redundant_share: Series[float] = pa.Field(in_range={"min_value": 0.0, "max_value": 1.0})
+
+    @pa.dataframe_check(error="a checkpoint's row names the method that trained it")
+    def checkpoint_has_method(cls, df: pd.DataFrame) -> pd.Series:
+        return ~((df["model_kind"] == "checkpoint") & df["method"].isna())
 
     class Config:
         unique = ["model_kind", "base_model", "method", "benchmark", "level"]
@@ -267,7 +308,7 @@ def find_violations(df: pd.DataFrame, table: str) -> tuple[pd.DataFrame, pd.Data
     table-wide failure (a missing column) marks every row.
     """
     model = SCHEMAS[table]
-    text_cases = unencodable_text(df)
+    text_cases = pd.concat([unencodable_text(df), lossy_values(df, model)], ignore_index=True)
     try:
         validated = model.validate(df, lazy=True)
         fc = pd.DataFrame()

@@ -9,8 +9,8 @@
   sensor stops requesting it (materialize it by hand once fixed). Run keys (``baseline:<name>``,
   then ``baseline:<name>:attempt-<n>``) make a repeated tick idempotent.
 * :data:`reevaluation_schedule` re-runs ``benchmark_reports`` for every (base model, method)
-  whose ``checkpoints`` partition has been materialized and still exists (a deleted base model's
-  partitions are skipped).
+  whose ``checkpoints`` partition has been materialized and still exists, of a base model still
+  in the registry (a deleted partition or a model taken out of the registry is skipped).
 
 Both read the instance through Dagster's public APIs (``get_status_by_partition``,
 ``fetch_materializations``, ``get_runs``).
@@ -114,9 +114,12 @@ def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRe
 
 @dg.schedule(job=evaluation_job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED,
              description="Weekly re-evaluation of every trained checkpoint.")
-def reevaluation_schedule(context: dg.ScheduleEvaluationContext):
-    # only partitions that still exist: a run request for a deleted base model would fail the tick
-    keys = [str(k) for k in runs_partitions.get_partition_keys(dynamic_partitions_store=context.instance)]
+def reevaluation_schedule(context: dg.ScheduleEvaluationContext, registry: ModelRegistry):
+    # only partitions that still exist (a run request for a deleted base model would fail the tick)
+    # and whose base model is still registered (its run would fail on registry.get, every week)
+    registered = set(registry.entries())
+    keys = [str(k) for k in runs_partitions.get_partition_keys(dynamic_partitions_store=context.instance)
+            if k.keys_by_dimension["base_model"] in registered]
     statuses = partition_statuses(context.instance, checkpoints.key, keys, runs_partitions)
     trained = sorted(ever_materialized(context.instance, checkpoints.key, statuses))
     if not trained:

@@ -229,18 +229,47 @@ def table_columns(table: str) -> list[tuple[str, str]]:
     return [*KEY_COLUMNS, *cols, ("loaded_at", "TIMESTAMP")]
 
 
+SCHEMA_TABLE = "l2t_schema"  # one row: the fingerprint of the tables' columns and the views this warehouse has
+
+
+def schema_fingerprint() -> str:
+    """A hash of every table's columns and every view's SQL, as this version of the code defines them."""
+    import hashlib
+
+    spec = {"tables": {t: table_columns(t) for t in TABLES}, "views": VIEWS}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def ensure_schema(conn) -> None:
-    """Create every table (if missing) and (re)create the views. A connection that already has
-    every table and view is left alone, so read-only connections can read."""
+    """Bring the warehouse to this code's schema: create missing tables, add the columns a newer
+    version of a table has (existing rows get NULL), (re)create the views, and record the schema's
+    fingerprint. A warehouse already at this fingerprint is left alone, so read-only connections
+    can read; one that is not, opened read-only, is read as it is (a writable connection, e.g. any
+    materialization, migrates it)."""
+    fingerprint = schema_fingerprint()
     have = {r[0] for r in conn.execute("SELECT table_name FROM duckdb_tables() UNION ALL "
                                        "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-    if have >= set(TABLES) | set(VIEWS):
-        return
-    for t in TABLES:
-        cols = ", ".join(f"{_q(n)} {typ}" for n, typ in table_columns(t))
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(t)} ({cols})")
-    for name, sql in VIEWS.items():
-        conn.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {sql}")
+    if SCHEMA_TABLE in have and have >= set(TABLES) | set(VIEWS):
+        row = conn.execute(f"SELECT fingerprint FROM {_q(SCHEMA_TABLE)}").fetchone()
+        if row is not None and row[0] == fingerprint:
+            return
+    try:
+        for t in TABLES:
+            cols = ", ".join(f"{_q(n)} {typ}" for n, typ in table_columns(t))
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(t)} ({cols})")
+            present = {r[0] for r in conn.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = current_schema()",
+                [t]).fetchall()}
+            for n, typ in table_columns(t):
+                if n not in present:
+                    conn.execute(f"ALTER TABLE {_q(t)} ADD COLUMN {_q(n)} {typ}")
+        for name, sql in VIEWS.items():
+            conn.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {sql}")
+        conn.execute(f"CREATE OR REPLACE TABLE {_q(SCHEMA_TABLE)} (fingerprint VARCHAR)")
+        conn.execute(f"INSERT INTO {_q(SCHEMA_TABLE)} VALUES (?)", [fingerprint])
+    except Exception as exc:  # noqa: BLE001 - only a read-only connection is let through
+        if "read-only" not in str(exc).lower():
+            raise
 
 
 def _frame_for(table: str, df: pd.DataFrame, asset_key: str, partition_key: str) -> pd.DataFrame:

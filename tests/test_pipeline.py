@@ -142,6 +142,56 @@ def test_schema_violation_fails_shows_rows_and_quarantines():
     assert con.execute("SELECT partition_key FROM quarantine").df()["partition_key"].unique().tolist() == ["dup"]
 
 
+def test_schemas_refuse_values_their_coercion_would_change():
+    """pandera coerces before it checks: a fraction in an integer column would be stored truncated,
+    a float id as '1.0', an infinite score as inf. Each is a violation naming the row instead; a
+    whole number in a text column (a level 3) is still its text."""
+    from l2t_pipeline.schemas import find_violations
+
+    df = rollout_rows(5).astype({"step": object, "problem_id": object, "score": float})
+    df.loc[0, "step"] = 1.7
+    df.loc[1, "problem_id"] = 1.0
+    df.loc[2, "score"] = float("inf")
+    df.loc[3, "base_model"] = "   "
+    df.loc[4, "problem_id"] = 7  # an integer id: the text '7'
+    ok, cases, bad = find_violations(df, "rollouts")
+    assert sorted(bad.index) == [0, 1, 2, 3]
+    assert sorted(set(cases["column"])) == ["base_model", "problem_id", "score", "step"]
+    assert "whole_number" in bad.loc[0, "reasons"] and "finite_number" in bad.loc[2, "reasons"]
+    ok, cases, bad = find_violations(rollout_rows(2).assign(problem_id=[7, "p"]), "rollouts")
+    assert cases.empty and ok["problem_id"].tolist() == ["7", "p"]
+    evals = pd.DataFrame([{"model_kind": "checkpoint", "base_model": "m", "method": method, "model_path": "/m",
+                           "benchmark": "b", "evaluator": "e", "level": "all", "n": 1, "accuracy": 0.5,
+                           "mean_tokens": 3.0, "mean_episodes": 1.0, "tagged_share": 1.0, "finished_share": 1.0,
+                           "redundant_share": 0.0} for method in (None, "", "grpo")])
+    _, cases, bad = find_violations(evals, "eval_results")
+    assert sorted(bad.index) == [0, 1]  # a checkpoint row names a real method
+
+
+def test_warehouse_of_an_older_version_is_migrated_and_read_only_reads_it_as_it_is(tmp_path):
+    """A warehouse made by an older version (a table without a column added since, an old view)
+    gets the new column (NULL in its rows), the current views and the schema fingerprint on the
+    next writable connection; a read-only connection reads an outdated one as it is."""
+    path = str(tmp_path / "old.duckdb")
+    con = duckdb.connect(path)
+    warehouse.ensure_schema(con)
+    con.execute("ALTER TABLE rollouts DROP COLUMN advantage")
+    con.execute("CREATE OR REPLACE VIEW v_run_summary AS SELECT 1 AS stale")
+    con.execute(f"DROP TABLE {warehouse.SCHEMA_TABLE}")
+    con.execute("INSERT INTO rollouts BY NAME SELECT 'a' AS asset_key, 'p' AS partition_key, 7 AS step")
+    con.close()
+    ro = duckdb.connect(path, read_only=True)
+    warehouse.ensure_schema(ro)  # cannot migrate: reads as it is
+    assert ro.execute("SELECT * FROM v_run_summary").fetchall() == [(1,)]
+    ro.close()
+    con = duckdb.connect(path)
+    warehouse.ensure_schema(con)
+    assert con.execute("SELECT step, advantage FROM rollouts").fetchall() == [(7, None)]
+    assert "stale" not in [d[0] for d in con.execute("SELECT * FROM v_run_summary").description]
+    assert con.execute(f"SELECT fingerprint FROM {warehouse.SCHEMA_TABLE}").fetchall() == [(warehouse.schema_fingerprint(),)]
+    con.close()
+
+
 # ------------------------------------------------------------------------------ quality gate
 
 
@@ -590,19 +640,23 @@ def test_run_directory_follows_the_base_weights_and_the_data_file(tiny_dir, tmp_
 
 def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
     """Every checkpoints partition materialized at least once (also when a later run failed) and
-    still existing; a deleted base model's partitions and never-trained ones are left out."""
+    still existing, of a base model still registered; a deleted base model's partitions, a model
+    taken out of the registry and never-trained ones are left out."""
     from l2t_pipeline.assets import checkpoints
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
     from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
     from l2t_pipeline.sensors import reevaluation_schedule
     tick = datetime(2026, 11, 22, 3, 0, tzinfo=timezone.utc)
+    registered = write_registry(tmp_path / "registered.yaml", {"tiny-sft": {"kind": "warmstart"},
+                                                               "gone": {"kind": "warmstart"}})
     with dg.instance_for_test() as instance:
         # the contexts are entered and left: they set (and must reset) Dagster's current-instance state
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                       resources={"registry": registered}) as ctx:
             assert isinstance(reevaluation_schedule(ctx), dg.SkipReason)
-        instance.add_dynamic_partitions("base_models", ["tiny-sft", "gone"])
-        for pk in ("tiny-sft|l2t", "tiny-sft|grpo", "gone|l2t"):
+        instance.add_dynamic_partitions("base_models", ["tiny-sft", "gone", "retired"])
+        for pk in ("tiny-sft|l2t", "tiny-sft|grpo", "gone|l2t", "retired|l2t"):
             instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="checkpoints", partition=pk))
         # training runs that fail (the base model is not in the registry): after a materialization
         # (tiny-sft|grpo) and without one (tiny-sft|mrt)
@@ -616,7 +670,8 @@ def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
         status = instance.get_status_by_partition(checkpoints.key, ["tiny-sft|grpo"], checkpoints.partitions_def)
         assert status == {"tiny-sft|grpo": dg.AssetPartitionStatus.FAILED}
         instance.delete_dynamic_partition("base_models", "gone")
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick) as ctx:
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                       resources={"registry": registered}) as ctx:  # "retired" is not in it
             reqs = reevaluation_schedule(ctx)
         assert sorted((r.partition_key, r.run_key) for r in reqs) == [
             ("tiny-sft|grpo", "reeval:20261122:tiny-sft|grpo"), ("tiny-sft|l2t", "reeval:20261122:tiny-sft|l2t")]
