@@ -96,7 +96,7 @@ class RunStorage:
         """The URL of a path of :meth:`path` that a person or another tool can use: the local path
         itself; elsewhere the run's own URL (its protocol, host and options as given, e.g.
         ``s3://bucket/run``) followed by the path inside the run directory. Values to return and
-        log; the filesystem is always given :meth:`path`'s form."""
+        log; :meth:`fs_path` turns one back into the filesystem's form."""
         if self.is_local:
             return path
         if path == self.root or path.startswith(self.root + "/"):
@@ -303,5 +303,13 @@ class RunStorage:
             yield Path(tmp)
 
     def download(self, url: str, dest: Path) -> None:
-        """Copy the directory at ``url`` (on this storage's filesystem) into the local ``dest``."""
-        self.fs.get(url.rstrip("/") + "/", str(dest).rstrip("/") + "/", recursive=True)
+        """Copy the directory at ``url`` (on this storage's filesystem: a URL :meth:`url_of` gave,
+        or a path of :meth:`path`) into the local ``dest``."""
+        self.fs.get(self.fs_path(url).rstrip("/") + "/", str(dest).rstrip("/") + "/", recursive=True)
+
+    def fs_path(self, url: str) -> str:
+        """The filesystem's own form of a URL inside the run directory (the inverse of
+        :meth:`url_of`; a chained ``simplecache::s3://`` URL included); anything else unchanged."""
+        if not self.is_local and (url == self.url or url.startswith(self.url + "/")):
+            return self.root + url[len(self.url):]
+        return url

@@ -66,10 +66,19 @@ def _redact_params(text: str, found: list[str], kind: str = "query parameter") -
     return "".join(parts)
 
 
+# a database string of the form "scheme:name?options" (DuckDB's "md:db?motherduck_token=...")
+_SCHEME_QUERY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:(?:[^/?#][^?#]*)?)\?(.*)$", re.S)
+
+
 def _redact_one(text: str, found: list[str]) -> str:
     scheme, sep, rest = text.partition("://")
-    if not sep or scheme.lower() == "file":
-        return text  # a plain path or a local file URL: kept as written
+    if not sep:
+        m = _SCHEME_QUERY.match(text)
+        if m:  # no "//" but options after a "?": their credential values go too
+            return f"{m.group(1)}?{_redact_params(m.group(2), found)}"
+        return text  # a plain path: kept as written
+    if scheme.lower() == "file":
+        return text  # a local file URL: kept as written
     first_at = rest.find("@")
     if first_at != -1:
         before = rest[:first_at]
@@ -114,7 +123,9 @@ def redact_url(url: Any) -> str:
     query (or fragment) parameters that carry credentials (``X-Amz-Signature``, ``token``, ``sig``,
     ``password``, ...) replaced by ``REDACTED``; the rest is kept as written (host case, IPv6
     brackets, escapes). Plain paths and ``file://`` URLs are returned unchanged, and so is the
-    container of an Azure URL (``abfs://container@account.dfs.core.windows.net/...``).
+    container of an Azure URL (``abfs://container@account.dfs.core.windows.net/...``). A database
+    string without ``//`` has its options' credentials replaced too (MotherDuck's
+    ``md:db?motherduck_token=...``).
 
     ``user:password@`` is removed even when the password holds characters a URL should have
     escaped, as AWS secret keys do (``/``, ``+``; also ``?``, ``#``, ``@``): after a ``user:``

@@ -49,12 +49,12 @@ class Verifier(Protocol):
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced.
+def last_box(text: str) -> str | None:
+    """Content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced,
+    stripped: ``""`` for an empty box, None when there is no complete box.
 
     An unbalanced last box (a truncated response) is skipped in favour of the one before it.
-    ``\\boxed 5`` (no braces) is accepted too. Returns None when there is no complete box, or when
-    the last one is empty.
+    ``\\boxed 5`` (no braces) is accepted too.
     """
     if not text:
         return None
@@ -67,10 +67,19 @@ def extract_boxed(text: str) -> str | None:
                 continue
             depth += (c == "{") - (c == "}")
             i += 1
-        if depth == 0:  # an empty last box is no answer (and no class in a majority vote)
-            return text[m.end() : i - 1].strip() or None
+        if depth == 0:
+            return text[m.end() : i - 1].strip()
     bare = re.findall(r"\\boxed\s+([^\s$]+)", text)
     return bare[-1] if bare else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """The answer in the last box of ``text`` (:func:`last_box`); None when there is none or it is
+    empty (no answer, and no class in a majority vote)."""
+    return last_box(text) or None
+
+
+EMPTY_BOX = "the last \\boxed{} is empty"
 
 
 def answer_span(response: str) -> str:
@@ -126,62 +135,103 @@ def _normalise_text(s: str) -> str:
 # deadline (a thread join) cannot fire, and the latter exhausts memory.
 POWER_LIMIT = 100_000
 FACTORIAL_LIMIT = 10_000
+_MAX_DEPTH = 32  # a deeper tower of integers counts as too large
+_ASCII_DIGITS = re.compile(r"[0-9]+")  # not str.isdigit: '²'.isdigit() is True and int('²') fails
+_PAIRS = {"{": "}", "(": ")"}
+_LONG_OPERAND = 400  # a longer integer (tower) is far above the limits
+_TOWER_TEXT = re.compile(r"[\s0-9{}()^+\-]+")
 
 
-def _operand(text: str, i: int) -> tuple[str, int]:
-    """The operand of ``^`` that starts at ``text[i]``: a braced group, a run of digits, a LaTeX
-    command or one character; and the index after it."""
-    while i < len(text) and text[i].isspace():
+def _groups(text: str) -> dict[int, int]:
+    """For every ``{`` and ``(`` of ``text``, the index after its matching close (``len(text)`` if
+    it never closes), in one pass with a stack."""
+    ends: dict[int, int] = {}
+    stack: list[int] = []
+    for i, c in enumerate(text):
+        if c in _PAIRS:
+            stack.append(i)
+        elif c in ("}", ")") and stack and _PAIRS[text[stack[-1]]] == c:
+            ends[stack.pop()] = i + 1
+    for i in stack:
+        ends[i] = len(text)
+    return ends
+
+
+def _operand(text: str, i: int, ends: dict[int, int]) -> tuple[str, int]:
+    """The operand that starts at ``text[i]`` (after white space and a sign): a braced or
+    parenthesised group, a run of digits, a LaTeX command or one character; and the index after it."""
+    while i < len(text) and (text[i].isspace() or text[i] in "+-"):
         i += 1
     if i >= len(text):
         return "", i
-    if text[i] == "{":
-        depth, j = 1, i + 1
-        while j < len(text) and depth:
-            depth += (text[j] == "{") - (text[j] == "}")
-            j += 1
-        return text[i + 1 : j - 1], j
-    m = re.compile(r"\d+|\\[A-Za-z]+|.").match(text, i)
+    if text[i] in _PAIRS:
+        end = ends.get(i, len(text))
+        return text[i:end], end
+    m = re.compile(r"[0-9]+|\\[A-Za-z]+|.", re.S).match(text, i)
     return m.group(0), m.end()
 
 
-def _integer_power(expr: str) -> float | None:
-    """The value of ``expr`` when it is an integer or a tower of integers (``10^{10}``,
-    ``2^{3^2}``; braces and parentheses around it allowed), ``inf`` past :data:`POWER_LIMIT`;
-    None for anything else."""
-    expr = expr.strip()
-    while len(expr) > 1 and expr[0] + expr[-1] in ("{}", "()"):
-        expr = expr[1:-1].strip()
-    if expr.isdigit():
-        return int(expr)
-    m = re.match(r"(\d+)\s*\^", expr)
-    if m is None:
-        return None
-    exponent_text, end = _operand(expr, m.end())
-    if expr[end:].strip():
-        return None
-    base, exponent = int(m.group(1)), _integer_power(exponent_text)
-    if exponent is None:
-        return None
-    if base in (0, 1):
-        return base
-    if exponent * math.log10(base) > math.log10(POWER_LIMIT):
+def _log10_size(expr: str, depth: int = 0) -> float | None:
+    """log10 of the magnitude of ``expr`` when it is an integer or a power tower of integers
+    (``10^{10}``, ``2^{3^2}``, ``{10}^{(10^{10})}``; groups and signs allowed), ``inf`` past
+    :data:`_MAX_DEPTH` levels; None for anything else (a symbol, a fraction, an operator)."""
+    if depth > _MAX_DEPTH:
         return math.inf
-    return base ** int(exponent)
+    expr = expr.strip().lstrip("+-").strip()
+    if len(expr) > _LONG_OPERAND:  # judged without parsing, so the screen stays linear in the text
+        return math.inf if _TOWER_TEXT.fullmatch(expr) else None
+    while len(expr) > 1 and expr[0] in _PAIRS and _groups(expr).get(0) == len(expr) and expr[-1] == _PAIRS[expr[0]]:
+        expr = expr[1:-1].strip().lstrip("+-").strip()
+    if _ASCII_DIGITS.fullmatch(expr):
+        digits = expr.lstrip("0")
+        if not digits:
+            return -math.inf  # zero
+        return float(len(digits)) if len(digits) > 15 else math.log10(int(digits))
+    ends = _groups(expr)
+    base, after_base = _operand(expr, 0, ends)
+    rest = expr[after_base:].lstrip()
+    if not base or not rest.startswith("^"):
+        return None
+    exponent, end = _operand(rest, 1, _groups(rest))
+    if rest[end:].strip():
+        return None  # more after the power: not a single tower
+    base_size, exponent_size = _log10_size(base, depth + 1), _log10_size(exponent, depth + 1)
+    if base_size is None or exponent_size is None:
+        return None
+    if base_size <= 0:
+        return base_size  # a base of 0 or 1 stays as it is
+    if exponent_size > 12:
+        return math.inf
+    return base_size * 10.0 ** exponent_size
 
 
 def too_costly(expr: str) -> str | None:
     """Why evaluating ``expr`` could hold a check past any deadline (an exponent above
-    :data:`POWER_LIMIT`, possibly a tower such as ``10^{10^{10}}``, or a factorial above
-    :data:`FACTORIAL_LIMIT`); None when it is safe to hand to math-verify."""
-    for m in re.finditer(r"\^", expr):
-        operand, _ = _operand(expr, m.end())
-        value = _integer_power(operand)
-        if value is not None and value > POWER_LIMIT:
-            return f"an exponent above {POWER_LIMIT} ({operand.strip()[:40]})"
-    for m in re.finditer(r"(\d+)\s*!", expr):
-        if int(m.group(1)) > FACTORIAL_LIMIT:
-            return f"a factorial above {FACTORIAL_LIMIT}! ({m.group(1)[:40]}!)"
+    :data:`POWER_LIMIT`, possibly a tower such as ``10^{10^{10}}`` or a negative one, or a factorial
+    above :data:`FACTORIAL_LIMIT`, of a number or of a group such as ``(10^{10})!``); None when it
+    is safe to hand to math-verify. Linear in the length of ``expr``, and it never raises on text."""
+    ends = _groups(expr)
+    opener_of = {end: start for start, end in ends.items()}
+    power_limit, factorial_limit = math.log10(POWER_LIMIT), math.log10(FACTORIAL_LIMIT)
+    for i, c in enumerate(expr):
+        if c == "^":
+            operand, _ = _operand(expr, i + 1, ends)
+            size = _log10_size(operand)
+            if size is not None and size > power_limit:
+                return f"an exponent above {POWER_LIMIT} ({operand.strip()[:40]})"
+        elif c == "!":
+            j = i
+            while j > 0 and expr[j - 1].isspace():
+                j -= 1
+            if j > 0 and expr[j - 1] in "})":
+                opener = opener_of.get(j)
+                operand = expr[opener:j] if opener is not None else ""
+            else:
+                m = re.search(r"[0-9]+$", expr[:j])
+                operand = m.group(0) if m else ""
+            size = _log10_size(operand) if operand else None
+            if size is not None and size > factorial_limit:
+                return f"a factorial above {FACTORIAL_LIMIT}! ({operand.strip()[:40]}!)"
     return None
 
 
@@ -269,11 +319,16 @@ class MathVerifier:
         if not isinstance(response, str) or not response.strip():
             return Verdict(False, "no_answer", None, "the response is empty")
         span = answer_span(response)
-        boxed = extract_boxed(span)
+        boxed = last_box(span)
+        if boxed == "":  # the answer given is empty: not one to look for elsewhere in the text
+            return Verdict(False, "no_answer", None, EMPTY_BOX)
         if boxed is None and not span.strip():
             return Verdict(False, "no_answer", None, "nothing after </think>")
         candidate = boxed if boxed is not None else span
-        costly = too_costly(str(reference)) or too_costly(candidate)
+        try:
+            costly = too_costly(str(reference)) or too_costly(candidate)
+        except Exception as exc:  # noqa: BLE001 - a verdict, never an exception out of verify()
+            return Verdict(False, "error", boxed, f"screening the answer failed: {type(exc).__name__}: {exc}")
         if costly is not None:  # judged by its text alone: evaluating it could outrun the deadline
             if _normalise_text(str(reference)) == _normalise_text(candidate):
                 return Verdict(True, "correct", boxed if boxed is not None else candidate.strip())
@@ -316,7 +371,9 @@ class NumericVerifier:
         if not isinstance(response, str) or not response.strip():
             return Verdict(False, "no_answer", None, "the response is empty")
         span = answer_span(response)
-        boxed = extract_boxed(span)
+        boxed = last_box(span)
+        if boxed == "":
+            return Verdict(False, "no_answer", None, EMPTY_BOX)
         cand = boxed if boxed is not None else (_NUMBER.findall(span) or [None])[-1]
         if cand is None:
             return Verdict(False, "no_answer", None, "no number in the answer span")

@@ -263,10 +263,11 @@ def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, s
 
 def inputs_fingerprint(cfg: TrainConfig) -> dict:
     """What a run's configuration names only by location, by content: the SHA-256 of the base
-    model's weight files (a local directory; a hub id stands for itself) and of the training data
-    file (a synthetic task is its settings). A base model rebuilt in place (other warm-start or SFT
-    settings, new traces) or an edited data file then makes a new run, never the old one's
-    checkpoint reused."""
+    model's weight files (a local directory; a hub id stands for itself), of the training data
+    file (a synthetic task is its settings) and of the DeepSpeed config file. A base model rebuilt
+    in place (other warm-start or SFT settings, new traces) or an edited data file then makes a new
+    run, never the old one's checkpoint reused. Hashing reads the weights (seconds for a 1.5B
+    model)."""
     from l2t_core.data import data_file
     from l2t_core.sft import file_sha256
     from l2t_core.tasks import TASKS
@@ -278,13 +279,18 @@ def inputs_fingerprint(cfg: TrainConfig) -> dict:
         out["policy_weights"] = {f.name: file_sha256(f) for f in weights}
     if cfg.data.source not in TASKS:
         out["data_sha256"] = file_sha256(data_file(cfg.data.source))
+    if cfg.deepspeed_config and Path(cfg.deepspeed_config).is_file():
+        out["deepspeed_config_sha256"] = file_sha256(Path(cfg.deepspeed_config))
     return out
 
 
 def config_hash(cfg: TrainConfig, inputs: dict | None = None) -> str:
     """A short hash of a run's configuration without its output URL, and of ``inputs`` (its
-    :func:`inputs_fingerprint`): the run directory's name."""
+    :func:`inputs_fingerprint`): the run directory's name. A DeepSpeed config fingerprinted by its
+    bytes is left out by its path (an absolute path of one checkout or image)."""
     settings = {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k != "out"}
+    if inputs and "deepspeed_config_sha256" in inputs:
+        settings.pop("deepspeed_config", None)
     blob = json.dumps({**settings, **({"inputs": inputs} if inputs else {})}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

@@ -63,6 +63,9 @@ def unencodable_text(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(cases)
 
 
+INFINITE_ALLOWED = frozenset({"grad_norm"})  # torch's clip_grad_norm_ returns inf for an overflowing step
+
+
 def lossy_values(df: pd.DataFrame, model: type[pa.DataFrameModel]) -> pd.DataFrame:
     """Failure cases (pandera's columns) for the values the schemas' coercion would change rather
     than refuse: a fraction in an integer column (1.7 stored as 1), a float or a list in a text
@@ -77,9 +80,15 @@ def lossy_values(df: pd.DataFrame, model: type[pa.DataFrameModel]) -> pd.DataFra
         present = values.notna()
         dtype = str(column.dtype)
         if dtype in ("int64", "Int64", "float64"):
-            numbers = pd.to_numeric(values.where(~values.map(lambda v: isinstance(v, bool)), np.nan), errors="coerce")
+            numeric = values
+            if values.dtype == object:  # booleans and text among numbers: neither is a number here
+                numeric = values.where(~values.map(lambda v: isinstance(v, (bool, np.bool_))), "not a number")
+            numbers = pd.to_numeric(numeric, errors="coerce")
             if dtype == "float64":
-                bad = present & ~np.isfinite(numbers.astype(float).fillna(np.inf))
+                finite = np.isfinite(numbers.astype(float).fillna(np.inf))
+                if name in INFINITE_ALLOWED:  # inf is a value there (an overflowing step's gradient norm)
+                    finite |= np.isinf(numbers.astype(float).fillna(0.0))
+                bad = present & ~finite
                 check = "finite_number (no inf, no text)"
             else:
                 bad = present & (numbers.isna() | (numbers % 1 != 0))

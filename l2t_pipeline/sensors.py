@@ -117,12 +117,15 @@ def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRe
 def reevaluation_schedule(context: dg.ScheduleEvaluationContext, registry: ModelRegistry):
     # only partitions that still exist (a run request for a deleted base model would fail the tick)
     # and whose base model is still registered (its run would fail on registry.get, every week)
-    registered = set(registry.entries())
+    try:
+        registered = set(registry.entries())
+    except Exception as exc:  # noqa: BLE001 - a missing or malformed registry: said, not a failed tick
+        return dg.SkipReason(f"cannot read the model registry ({type(exc).__name__}: {exc}); fix it to re-evaluate")
     keys = [str(k) for k in runs_partitions.get_partition_keys(dynamic_partitions_store=context.instance)
             if k.keys_by_dimension["base_model"] in registered]
     statuses = partition_statuses(context.instance, checkpoints.key, keys, runs_partitions)
     trained = sorted(ever_materialized(context.instance, checkpoints.key, statuses))
     if not trained:
-        return dg.SkipReason("no checkpoints materialized yet")
+        return dg.SkipReason("no checkpoint of a registered base model materialized yet")
     stamp = context.scheduled_execution_time.strftime("%Y%m%d")  # a tick's date: one re-evaluation per tick
     return [dg.RunRequest(run_key=f"reeval:{stamp}:{pk}", partition_key=pk) for pk in trained]

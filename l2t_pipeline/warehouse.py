@@ -169,7 +169,8 @@ def _open(resource, database: str, deadline: float, timeout: float):
                 raise
             if left <= 0:
                 raise WarehouseBusy(
-                    f"the DuckDB warehouse {database} stayed locked for {timeout:.0f}s ({exc}). DuckDB allows one "
+                    f"the DuckDB warehouse {redact_url(database)} stayed locked for {timeout:.0f}s "
+                    f"({str(exc).replace(database, redact_url(database))}). DuckDB allows one "
                     f"writing process per file: close the process named above (a DuckDB shell, a notebook, "
                     f"another pipeline), or wait longer by raising {LOCK_TIMEOUT_ENV} (seconds)"
                 ) from exc
@@ -197,7 +198,7 @@ def connect(resource, timeout: float | None = None) -> Iterator:
             lock.acquire(timeout=max(timeout, 0.0), poll_interval=0.01)
         except Timeout:
             raise WarehouseBusy(
-                f"another l2t process held the lock {lock.lock_file} of the DuckDB warehouse {database} for "
+                f"another l2t process held the lock {lock.lock_file} of the DuckDB warehouse {redact_url(database)} for "
                 f"{timeout:.0f}s; a long write is still running (see the Dagster runs in progress), or raise "
                 f"{LOCK_TIMEOUT_ENV} (seconds) to wait longer"
             ) from None
@@ -254,22 +255,36 @@ def ensure_schema(conn) -> None:
         if row is not None and row[0] == fingerprint:
             return
     try:
+        conn.execute("BEGIN TRANSACTION")
+    except Exception as exc:  # noqa: BLE001 - a read-only connection reads the warehouse as it is
+        if "read-only" in str(exc).lower():
+            return
+        raise
+    try:
         for t in TABLES:
             cols = ", ".join(f"{_q(n)} {typ}" for n, typ in table_columns(t))
             conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(t)} ({cols})")
-            present = {r[0] for r in conn.execute(
-                "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = current_schema()",
-                [t]).fetchall()}
+            present = dict(conn.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ? "
+                "AND schema_name = current_schema()", [t]).fetchall())
             for n, typ in table_columns(t):
                 if n not in present:
-                    conn.execute(f"ALTER TABLE {_q(t)} ADD COLUMN {_q(n)} {typ}")
+                    conn.execute(f"ALTER TABLE {_q(t)} ADD COLUMN IF NOT EXISTS {_q(n)} {typ}")
+                elif present[n].upper() != typ.upper():
+                    raise RuntimeError(
+                        f"the warehouse's {t}.{n} is {present[n]}, this version stores {typ}: it was made by "
+                        "another version of l2t; move the DuckDB file aside (its rows stay readable there) and "
+                        "materialize again, or convert the column yourself")
         for name, sql in VIEWS.items():
             conn.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {sql}")
         conn.execute(f"CREATE OR REPLACE TABLE {_q(SCHEMA_TABLE)} (fingerprint VARCHAR)")
         conn.execute(f"INSERT INTO {_q(SCHEMA_TABLE)} VALUES (?)", [fingerprint])
-    except Exception as exc:  # noqa: BLE001 - only a read-only connection is let through
-        if "read-only" not in str(exc).lower():
-            raise
+        conn.execute("COMMIT")
+    except Exception as exc:
+        conn.execute("ROLLBACK")
+        if "read-only" in str(exc).lower():  # noqa: BLE001 - as above
+            return
+        raise
 
 
 def _frame_for(table: str, df: pd.DataFrame, asset_key: str, partition_key: str) -> pd.DataFrame:

@@ -72,6 +72,10 @@ def humaneval():
      "def f(x):\n    return 1\n"),
     # a closing fence at the end of the last line of code
     ("</think>```python\ndef f(x):\n    return 1```\nDone.", "def f(x):\n    return 1\n"),
+    # a line that starts with a fence closes the block: four backticks, prose after it, or a new block
+    ("```python\nx = 1\n````\nDone", "x = 1\n"),
+    ("```python\nx = 2\n``` Explanation: it works\nmore prose", "x = 2\n"),
+    ("```python\nx = 3\n```python\ny = 4\n```", "y = 4\n"),
 ])
 def test_extract_code(response, code):
     assert extract_code(response) == code

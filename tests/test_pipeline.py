@@ -160,6 +160,14 @@ def test_schemas_refuse_values_their_coercion_would_change():
     assert "whole_number" in bad.loc[0, "reasons"] and "finite_number" in bad.loc[2, "reasons"]
     ok, cases, bad = find_violations(rollout_rows(2).assign(problem_id=[7, "p"]), "rollouts")
     assert cases.empty and ok["problem_id"].tolist() == ["7", "p"]
+    df = rollout_rows(2).astype({"step": object})
+    df.loc[0, "step"] = True  # a boolean is no step number
+    _, cases, bad = find_violations(df, "rollouts")
+    assert list(bad.index) == [0] and cases["failure_case"].tolist() == [True]
+    from l2t_pipeline.schemas import lossy_values, TrainStepsSchema
+
+    steps = pd.DataFrame({"grad_norm": [float("inf"), 1.0], "step_time_s": [1.0, float("inf")]})
+    assert lossy_values(steps, TrainStepsSchema)["column"].tolist() == ["step_time_s"]  # an overflowing step's norm is inf
     evals = pd.DataFrame([{"model_kind": "checkpoint", "base_model": "m", "method": method, "model_path": "/m",
                            "benchmark": "b", "evaluator": "e", "level": "all", "n": 1, "accuracy": 0.5,
                            "mean_tokens": 3.0, "mean_episodes": 1.0, "tagged_share": 1.0, "finished_share": 1.0,
@@ -636,6 +644,15 @@ def test_run_directory_follows_the_base_weights_and_the_data_file(tiny_dir, tmp_
     assert run_hash() not in (first, rebuilt)
     hub = TrainConfig(policy="Qwen/Qwen2.5-Math-1.5B", out="unset")  # a hub id and a synthetic task
     assert inputs_fingerprint(hub) == {}
+    # a DeepSpeed config counts by its bytes, not by where this checkout keeps it
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "zero2.json").write_text('{"zero_optimization": {"stage": 2}}')
+    here, there = (hub.model_copy(update={"engine": "deepspeed", "deepspeed_config": str(tmp_path / n / "zero2.json")})
+                   for n in ("a", "b"))
+    assert config_hash(here, inputs_fingerprint(here)) == config_hash(there, inputs_fingerprint(there))
+    (tmp_path / "b" / "zero2.json").write_text('{"zero_optimization": {"stage": 3}}')
+    assert config_hash(here, inputs_fingerprint(here)) != config_hash(there, inputs_fingerprint(there))
 
 
 def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):

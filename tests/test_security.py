@@ -423,6 +423,9 @@ SECRET = "Zq9sEcReT-l2t-canary"  # in every credentialed URL below; found anywhe
      "abfs://c@acct.dfs.core.windows.net/x?sv=2024&sig=REDACTED"),
     (f"az://container:{SECRET}@acct.blob.core.windows.net/x", "az://acct.blob.core.windows.net/x"),
     (f"https://host/cb#access_token={SECRET}&state=1", "https://host/cb#access_token=REDACTED&state=1"),
+    # a database string without "//": MotherDuck's token in the options
+    (f"md:l2t?motherduck_token={SECRET}&saas_mode=true", "md:l2t?motherduck_token=REDACTED&saas_mode=true"),
+    (f"md:?motherduck_token={SECRET}", "md:?motherduck_token=REDACTED"),
     # fsspec chains: every URL of the chain
     (f"simplecache::ftp://u:{SECRET}@host/x", "simplecache::ftp://host/x"),
     (f"zip://member.txt::https://host/a.zip?token={SECRET}", "zip://member.txt::https://host/a.zip?token=REDACTED"),

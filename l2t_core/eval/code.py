@@ -61,7 +61,7 @@ CODE_INSTRUCTION = (
 HUMANEVAL_N = 64
 
 _OPEN_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)")
-_CLOSE_FENCE = re.compile(r"[ \t]*```[ \t]*")
+_LINE_FENCE = re.compile(r"[ \t]*```+[ \t]*([A-Za-z0-9_+.-]*)(.*)")  # a line that starts with a fence
 _PYTHON_TAGS = frozenset({"python", "py", "python3"})
 _CODE_START = re.compile(r"^(?:from[ \t]+\S+[ \t]+import\b|import[ \t]|(?:async[ \t]+)?def[ \t]|class[ \t]|@)", re.M)
 
@@ -93,29 +93,37 @@ def extract_code(response: str) -> str:
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:
-    """(language tag, lower-cased; body) of every fenced block of ``text``, read line by line: a
-    fence opens where a line holds three backticks (and the tag after them) and closes at a line of
-    three backticks alone or at three backticks ending a line of code (``return 1```` ``); an
-    unclosed last block runs to the end of the text."""
+    """(language tag, lower-cased; body) of every fenced block of ``text``, read line by line. A
+    fence opens where a line holds three backticks (and the tag after them). It closes at a line
+    that starts with three or more backticks (what follows them, if it is a tag such as
+    ``python``, opens the next block; other text after them is prose) or at three backticks ending
+    a line of code (``return 1````); an unclosed last block runs to the end of the text."""
     blocks: list[tuple[str, str]] = []
     lines = text.split("\n")
-    i = 0
-    while i < len(lines):
-        opened = _OPEN_FENCE.search(lines[i])
-        i += 1
+    i, opened = 0, None
+    while i < len(lines) or opened is not None:
         if opened is None:
+            m = _OPEN_FENCE.search(lines[i])
+            i += 1
+            if m is not None:
+                opened = m.group(1).lower()
             continue
         body: list[str] = []
+        reopened = None
         while i < len(lines):
             line = lines[i]
             i += 1
-            if _CLOSE_FENCE.fullmatch(line):
+            fence = _LINE_FENCE.match(line)
+            if fence is not None:  # a line that starts with a fence ends the block
+                tag, after = fence.group(1), fence.group(2)
+                reopened = tag.lower() if tag and not after.strip() else None
                 break
             if line.rstrip().endswith("```"):  # code```: the block ends with this line's code
                 body.append(line.rstrip()[:-3])
                 break
             body.append(line)
-        blocks.append((opened.group(1).lower(), "\n".join(body)))
+        blocks.append((opened, "\n".join(body)))
+        opened = reopened
     return blocks
 
 
