@@ -31,7 +31,7 @@ from rich.progress import Progress
 
 from .config import _Strict
 from .atomic_files import write_json_atomic, write_text_atomic
-from .engines.gather import all_gather_objects, all_reduce_list
+from .engines.ranks import all_gather_objects, all_reduce_list
 from .models import eval_mode
 
 if TYPE_CHECKING:
@@ -596,7 +596,8 @@ def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState, engine: "
     and publishes it, while the others wait."""
     import shutil
 
-    from .engines.gather import full_state_dict, is_partitioned, on_rank_0
+    from .engines.gather import full_state_dict, is_partitioned
+    from .engines.ranks import on_rank_0
 
     tmp, ckpt, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
     main = engine.is_main
@@ -723,7 +724,8 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     shared one across nodes). A job resumes only on the number of ranks it was saved with."""
     import shutil
 
-    from .engines.gather import full_state_dict, is_partitioned, on_rank_0
+    from .engines.gather import full_state_dict, is_partitioned
+    from .engines.ranks import on_rank_0
     from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
 
     out = Path(cfg.out).expanduser()

@@ -17,8 +17,8 @@ run directory:
   needs local disk for its shard (``TMPDIR``); a save cut short leaves an incomplete ``step-*``
   directory, which the next checkpoint written removes.
 
-Either way a rank that fails its part stops every rank with it (:func:`~l2t_core.engines.gather.
-on_rank_0`, :func:`~l2t_core.engines.gather.on_every_rank`) rather than leaving them in a
+Either way a rank that fails its part stops every rank with it (:func:`~l2t_core.engines.ranks.
+on_rank_0`, :func:`~l2t_core.engines.ranks.on_every_rank`) rather than leaving them in a
 collective until the process group times out. A rank that fails inside DeepSpeed's own save (which
 holds barriers of its own) exits; the others then stop when their collective finds it gone, or when
 the launcher (``torchrun``, ``deepspeed``) stops them.
@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .checkpoint import COMPLETE, RunStorage
-from .engines.gather import (all_gather_objects, all_succeeded, full_state_dict, initialized_group, is_partitioned,
-                             on_every_rank, on_rank_0)
+from .engines.gather import full_state_dict, is_partitioned
+from .engines.ranks import all_gather_objects, all_succeeded, initialized_group, on_every_rank, on_rank_0
 from .urls import redact_url
 
 STAGING_PREFIX = ".staging-"  # <out>/checkpoints/.staging-000010: the ranks' engine shards of step 10

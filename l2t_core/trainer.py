@@ -41,8 +41,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .checkpoint import RunStorage, checkpoint_name
 from .config import TrainConfig, config_differences, setting_differences
 from .engines import make_train_engine
-from .engines.gather import (all_reduce_list, check_head_chunking, initialized_group, is_partitioned,
-                             lockstep_batches, on_rank_0)
+from .engines.gather import check_head_chunking, is_partitioned, lockstep_batches
+from .engines.ranks import all_reduce_list, initialized_group, on_rank_0
 from .logprobs import logprob_temperature, response_mask, token_logprobs
 from .losses import policy_loss
 from .metrics import MetricsWriter, read_table

@@ -156,6 +156,9 @@ def test_summarize_code_hand_computed_and_k_checks():
     assert s["pass@4"] == 1.0 and s["mean_tokens"] == 45.0 and s["finished_share"] == 7 / 8
     assert s["per_problem"]["a"]["passed"] == 1 and s["per_problem"]["b"]["pass@2"] == pytest.approx(5 / 6)
     assert s["status_counts"] == {"failed": 3, "killed": 1, "passed": 3, "timeout": 1}
+    # two benchmarks of one table that reuse an id are two problems
+    both = summarize_code(rows.assign(benchmark=["x"] * 4 + ["y"] * 4, problem_id=["p"] * 8), (4, 1, 2))
+    assert (both["problems"], both["pass@2"]) == (2, s["pass@2"]) and sorted(both["per_problem"]) == ["x/p", "y/p"]
     with pytest.raises(ValueError, match=r"outside \[1, n=4\]"):
         summarize_code(rows, (1, 5))
     with pytest.raises(ValueError, match="no k values"):

@@ -28,7 +28,7 @@ def test_cpu_peak_follows_the_phase_and_resets():
 def test_collectives_use_the_process_groups_device(monkeypatch):
     """NCCL (GPU launches) reduces CUDA tensors only: the trainer's sums and maxima go to the rank's
     current CUDA device there, and stay on the CPU with gloo."""
-    from l2t_core.engines.gather import collective_device
+    from l2t_core.engines.ranks import collective_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert collective_device(types.SimpleNamespace(get_backend=lambda: "gloo")) == torch.device("cpu")
@@ -42,7 +42,7 @@ def test_a_process_group_without_a_cpu_backend_refuses_cpu_tensors(monkeypatch):
     (as NCCL's does) refuses a CPU tensor; ``collective_device`` names CUDA for such a group."""
     import torch.distributed as dist
 
-    from l2t_core.engines.gather import collective_device
+    from l2t_core.engines.ranks import collective_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # this CPU build has no CUDA to ask
     dist.init_process_group("cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)

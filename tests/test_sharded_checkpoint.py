@@ -18,7 +18,7 @@ def _two_ranks(rank: int, world: int, init: str, out: str, case: str) -> None:
 
     from l2t_core import sharded_checkpoint
     from l2t_core.checkpoint import RunStorage
-    from l2t_core.engines.gather import on_every_rank, on_rank_0
+    from l2t_core.engines.ranks import on_every_rank, on_rank_0
     from l2t_core.sharded_checkpoint import host_local_copy
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

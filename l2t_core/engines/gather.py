@@ -8,21 +8,17 @@ Gathering is a collective, so every rank makes the same calls in the same order.
 (one process, ZeRO-1/2, or a parameter DeepSpeed keeps whole) these helpers read the tensors as
 they are, with no DeepSpeed import.
 
-The process-group helpers the trainer and ``l2t sft`` share live here too: reductions and gathers
-over the ranks, and the agreement on a failure (:func:`on_rank_0` for what rank 0 does alone,
-:func:`on_every_rank` for what every rank does for itself), so that a rank that fails stops the
-others at once instead of leaving them in a collective until the process group times out.
+The process group itself (reductions, gathers, agreement on failures): :mod:`l2t_core.engines.ranks`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Iterable, Iterator
 
 import torch
 
-T = TypeVar("T")
+from .ranks import collective_device, multi_rank_group
 
 
 def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
@@ -30,101 +26,11 @@ def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
-def _process_group():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
-
-
-def collective_device(dist) -> torch.device:
-    """Where the tensors of a collective must live: an NCCL process group (the GPU launch,
-    ``DeepSpeedEngine``) reduces CUDA tensors only, on this rank's current device; gloo (the CPU
-    launch) reduces CPU tensors."""
-    backend = str(dist.get_backend())  # "nccl", "gloo", or per device: "cpu:gloo,cuda:nccl"
-    if backend == "nccl" or ("cuda:" in backend and "cpu:" not in backend):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def initialized_group():
-    """``torch.distributed`` when this process has joined a process group (of any size), else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def all_reduce_list(values: list[float], dtype: torch.dtype, op: str = "sum") -> list:
-    """Element-wise sum or max of ``values`` over the ranks, as ``dtype``; unchanged on one process.
-    A collective where a process group exists: every rank calls it."""
-    dist = initialized_group()
-    if dist is None:
-        return list(values)
-    t = torch.tensor(values, dtype=dtype, device=collective_device(dist))
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.cpu().tolist()
-
-
-def all_gather_objects(obj) -> list:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` on one process. A collective."""
-    dist = initialized_group()
-    if dist is None:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_succeeded(ok: bool) -> bool:
-    """Whether ``ok`` holds on every rank (``ok`` itself on one process). A collective that also
-    synchronises the ranks: where one rank alone writes files, the others learn here whether it
-    failed instead of waiting for it in a later collective until the process group times out."""
-    return bool(all_reduce_list([0 if ok else 1], torch.long, "max")[0] == 0)
-
-
-def on_rank_0(main: bool, write: Callable[[], T], what: str) -> T | None:
-    """``write()`` on rank 0 (``main``) while the other ranks wait; its result there, None on the
-    others. Every rank raises if it failed (rank 0 its own error, the others a RuntimeError naming
-    ``what``), so none waits for rank 0 in a later collective until the process group times out."""
-    error: BaseException | None = None
-    result = None
-    if main:
-        try:
-            result = write()
-        except BaseException as exc:  # raised below, once the other ranks have heard of it
-            error = exc
-    if not all_succeeded(error is None):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"rank 0 failed to {what} (its log says why); this rank stops too")
-    return result
-
-
-def on_every_rank(work: Callable[[], T], what: str) -> T:
-    """``work()`` on every rank; its result. Every rank raises if it failed on any: a rank that
-    failed its own error, the others a RuntimeError naming the ranks that failed, ``what`` and the
-    first one's error, so none waits for a failed rank in a later collective until the process
-    group times out (one ``all_gather_object``)."""
-    error: BaseException | None = None
-    result = None
-    try:
-        result = work()
-    except BaseException as exc:  # raised below, once every rank has heard of it
-        error = exc
-    reports = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
-    if failed:
-        ranks = ", ".join(str(r) for r, _ in failed)
-        raise RuntimeError(f"rank {ranks} failed to {what} ({failed[0][1]}); this rank stops too")
-    return result  # type: ignore[return-value]
-
-
 def in_lockstep(params: Iterable[torch.nn.Parameter]) -> bool:
     """Whether every rank must run each forward of the module owning ``params`` together with the
     others: ZeRO-3 gathers a partitioned module's parameters in every forward (a collective), so a
     rank running one forward more than the others waits for them forever."""
-    return _process_group() is not None and is_partitioned(params)
+    return multi_rank_group() is not None and is_partitioned(params)
 
 
 def lockstep_count(n: int, params: Iterable[torch.nn.Parameter]) -> int:
@@ -133,7 +39,7 @@ def lockstep_count(n: int, params: Iterable[torch.nn.Parameter]) -> int:
     dummies whose results are dropped), else ``n``. A collective in that case: every rank calls it."""
     if not in_lockstep(params):
         return n
-    dist = _process_group()
+    dist = multi_rank_group()
     t = torch.tensor([n], dtype=torch.long, device=collective_device(dist))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

@@ -225,12 +225,15 @@ def failure_kind(result: ExecResult) -> str:
 def summarize_code(rows: pd.DataFrame, k_values: Sequence[int]) -> dict:
     """pass@k (unbiased estimator, mean over problems) and mean tokens, overall, per group and per problem.
 
-    Every problem must have at least ``max(k_values)`` samples."""
-    counts = rows.groupby("problem_id", sort=False)["correct"].agg(["size", "sum"])
+    Every problem must have at least ``max(k_values)`` samples. A problem is its benchmark's (two
+    benchmarks of one table may reuse an id); ``per_problem`` names one ``benchmark/id`` where the
+    table holds several benchmarks."""
+    key = ["benchmark", "problem_id"] if "benchmark" in rows and rows["benchmark"].nunique() > 1 else "problem_id"
+    counts = rows.groupby(key, sort=False)["correct"].agg(["size", "sum"])
     ks = check_k_values(k_values, int(counts["size"].min()))
 
     def block(df: pd.DataFrame) -> dict:
-        c = df.groupby("problem_id", sort=False)["correct"].agg(["size", "sum"])
+        c = df.groupby(key, sort=False)["correct"].agg(["size", "sum"])
         out = {"problems": int(len(c)), "samples": int(len(df))}
         for k in ks:
             out[f"pass@{k}"] = float(sum(pass_at_k(int(n), int(s), k) for n, s in zip(c["size"], c["sum"])) / len(c))
@@ -239,8 +242,8 @@ def summarize_code(rows: pd.DataFrame, k_values: Sequence[int]) -> dict:
 
     out = block(rows)
     out["per_group"] = {str(g): block(df) for g, df in rows.groupby("group", sort=True)}
-    out["per_problem"] = {str(pid): {"samples": int(n), "passed": int(s),
-                                     **{f"pass@{k}": pass_at_k(int(n), int(s), k) for k in ks}}
+    out["per_problem"] = {"/".join(map(str, pid)) if isinstance(pid, tuple) else str(pid):
+                          {"samples": int(n), "passed": int(s), **{f"pass@{k}": pass_at_k(int(n), int(s), k) for k in ks}}
                           for pid, n, s in zip(counts.index, counts["size"], counts["sum"])}
     out["status_counts"] = {str(k): int(v) for k, v in rows["status"].value_counts().sort_index().items()}
     return out
