@@ -9,10 +9,8 @@ verification runs beside that forward and on other cores. The verdicts are the v
 in order (each worker runs ``verifier.verify``, deadline included).
 
 A pool that breaks (a worker killed, out of memory) or stalls (no result within the verifier's
-deadline per response, plus a minute) is replaced, and the part of the batch it lost is verified
-again in the new workers; lost again, it is split in halves down to single responses, and a
-response that kills or stalls its worker alone gets an ``error`` verdict. Nothing is verified in
-the trainer's process, which whatever killed a worker would take down too, and the step goes on. An exception
+deadline per response, plus a minute) is replaced on the next batch, and the part of the batch it
+lost is verified in the trainer's process: no verdict is lost and the step goes on. An exception
 the verifier itself raises is raised, as it would be in-process. Workers that still run checks
 abandoned past the verifier's deadline are replaced once their batch is in, which stops those
 checks; in the trainer's process (``verify_workers: 0``) an abandoned check runs until it ends.
@@ -53,8 +51,7 @@ class PendingVerdicts:
         self._pool, self._chunks, self._futures = pool, chunks, futures
 
     def result(self) -> list[Verdict]:
-        """Every verdict, in the order submitted; a chunk whose worker died or stalled is verified
-        again in new workers (:meth:`VerifierPool._verify_apart`)."""
+        """Every verdict, in the order submitted; a chunk whose worker died or stalled is verified here."""
         out: list[Verdict] = []
         per_check = float(getattr(self._pool.verifier, "timeout_s", 5.0))
         stuck: dict[int, tuple[ProcessPoolExecutor, int]] = {}
@@ -69,7 +66,7 @@ class PendingVerdicts:
                     continue
                 except (BrokenProcessPool, CancelledError, FutureTimeout) as exc:
                     self._pool._broken(exc, executor)
-            out.extend(self._pool._verify_apart(chunk, per_check))
+            out.extend(_verify_chunk(self._pool.verifier, chunk))
         for executor, abandoned in stuck.values():  # the batch is in: its workers are idle
             self._pool._recycle(executor, abandoned)
         return out
@@ -102,34 +99,13 @@ class VerifierPool:
         """Replace ``executor`` (the one a failed chunk went to) if it is still the pool's."""
         if executor is not None and executor is self._executor:
             self.breaks += 1
-            log.warning("verification worker pool failed (%s%s); verifying what it lost again in new workers",
-                        type(exc).__name__, f": {exc}" if str(exc) else "")
+            log.warning("verification worker pool failed (%s%s); verifying the rest of this batch in-process and "
+                        "starting a new pool for the next", type(exc).__name__, f": {exc}" if str(exc) else "")
             self._executor = None
             # a stalled (even stopped) worker is not ended by shutdown(); kill them all (they hold no state)
             for proc in list((getattr(executor, "_processes", None) or {}).values()):
                 proc.kill()
             executor.shutdown(wait=False, cancel_futures=True)
-
-    def _verify_apart(self, chunk: list[tuple[str, str]], per_check: float) -> list[Verdict]:
-        """Verdicts of a chunk whose worker died or stalled: the chunk again in new workers; lost
-        again, each half of it, down to single responses. A response whose worker dies or stalls
-        alone gets an ``error`` verdict: it is never checked in the trainer's process, where what
-        killed a worker (memory, a crash, a check that holds the interpreter) would take the
-        trainer with it. The other responses keep their real verdicts."""
-        executor = self._get()
-        try:
-            fut = executor.submit(_verify_chunk_in_worker, self.verifier, chunk)
-            verdicts, abandoned = fut.result(timeout=per_check * len(chunk) + self.stall_slack_s)
-        except (BrokenProcessPool, CancelledError, FutureTimeout) as exc:
-            self._broken(exc, executor)
-            if len(chunk) == 1:
-                return [Verdict(False, "error", None, f"its verification worker died or stalled ({type(exc).__name__}) "
-                                                      "twice; it is not verified in the trainer's process")]
-            mid = len(chunk) // 2
-            return self._verify_apart(chunk[:mid], per_check) + self._verify_apart(chunk[mid:], per_check)
-        if abandoned:
-            self._recycle(executor, abandoned)
-        return verdicts
 
     def _recycle(self, executor: ProcessPoolExecutor, abandoned: int) -> None:
         """Replace ``executor``, whose workers run checks abandoned past their deadline, if it is
