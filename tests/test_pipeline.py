@@ -197,6 +197,13 @@ def test_warehouse_of_an_older_version_is_migrated_and_read_only_reads_it_as_it_
     assert con.execute("SELECT step, advantage FROM rollouts").fetchall() == [(7, None)]
     assert "stale" not in [d[0] for d in con.execute("SELECT * FROM v_run_summary").description]
     assert con.execute(f"SELECT fingerprint FROM {warehouse.SCHEMA_TABLE}").fetchall() == [(warehouse.schema_fingerprint(),)]
+    # a column of another type is refused, and nothing of the migration is applied
+    con.execute("ALTER TABLE rollouts ALTER COLUMN step TYPE VARCHAR")
+    con.execute(f"DROP TABLE {warehouse.SCHEMA_TABLE}")
+    con.execute("CREATE OR REPLACE VIEW v_run_summary AS SELECT 1 AS stale")
+    with pytest.raises(RuntimeError, match=r"rollouts\.step is VARCHAR, this version stores BIGINT"):
+        warehouse.ensure_schema(con)
+    assert con.execute("SELECT * FROM v_run_summary").fetchall() == [(1,)]  # rolled back
     con.close()
 
 
@@ -692,6 +699,11 @@ def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
             reqs = reevaluation_schedule(ctx)
         assert sorted((r.partition_key, r.run_key) for r in reqs) == [
             ("tiny-sft|grpo", "reeval:20261122:tiny-sft|grpo"), ("tiny-sft|l2t", "reeval:20261122:tiny-sft|l2t")]
+        # a registry that cannot be read: the tick says so and skips, it does not fail
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                       resources={"registry": ModelRegistry(path=str(tmp_path / "gone.yaml"))}) as ctx:
+            skipped = reevaluation_schedule(ctx)
+        assert isinstance(skipped, dg.SkipReason) and "cannot read the model registry" in skipped.skip_message
 
 
 def test_local_launcher_runs_torchrun_for_several_processes_and_refuses_a_single_process_engine(tmp_path):

@@ -147,6 +147,14 @@ def test_object_store_checkpoints_from_uploaded_shards(tmp_path):
     assert store.list("checkpoints") == ["LATEST", "step-000001", "step-000003"]  # step 2's shards are gone
     assert store.latest_checkpoint() == (3, f"{url}/checkpoints/step-000003")
 
+    # a chained URL: reported as given, read back through its filesystem form
+    chained = RunStorage(f"simplecache::memory://l2t-chain-{uuid.uuid4().hex[:8]}/run")
+    chained.write_checkpoint(1, lambda d: (d / "model.safetensors").write_bytes(b"c1"))
+    step, got = chained.latest_checkpoint()
+    assert got == f"{chained.url}/checkpoints/step-000001" and got.startswith("simplecache::memory://")
+    with chained.local_copy(got) as d:
+        assert (d / "model.safetensors").read_bytes() == b"c1"
+
     local = RunStorage(str(tmp_path / "run"))
     with pytest.raises(ValueError, match="for object stores"):
         local.upload_into_checkpoint(1, shard)
