@@ -160,13 +160,17 @@ class RunStorage:
             self.fs.rm(p, recursive=True)
 
     # ------------------------------------------------------------------ checkpoints
-    def complete_steps(self) -> list[int]:
-        steps = []
+    def _step_dirs(self) -> list[tuple[str, int, bool]]:
+        """(name, step, whether it has ``COMPLETE``) of every ``step-*`` directory under ``checkpoints``."""
+        found = []
         for name in self.list("checkpoints"):
             m = _STEP_RE.match(name)
-            if m and self.fs.exists(self.path("checkpoints", name, COMPLETE)):
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+            if m:
+                found.append((name, int(m.group(1)), self.fs.exists(self.path("checkpoints", name, COMPLETE))))
+        return found
+
+    def complete_steps(self) -> list[int]:
+        return sorted(step for _, step, complete in self._step_dirs() if complete)
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """(step, URL) of the newest complete checkpoint, or None when the run has none."""
@@ -281,9 +285,8 @@ class RunStorage:
         files of a save cut short on an object store (some ranks' engine shards; there is no
         rename there), or a deletion cut short after its marker went. With one writer per run and
         checkpoint ``but`` just published, none of them is still being written."""
-        for name in self.list("checkpoints"):
-            m = _STEP_RE.match(name)
-            if m and int(m.group(1)) != but and not self.fs.exists(self.path("checkpoints", name, COMPLETE)):
+        for name, step, complete in self._step_dirs():
+            if step != but and not complete:
                 log.info("removing %s: an incomplete checkpoint (a save or deletion cut short)", name)
                 self._remove_checkpoint(self.path("checkpoints", name))
 
