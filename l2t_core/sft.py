@@ -596,19 +596,12 @@ def _save_checkpoint(partial: Path, model, tokenizer, state: SFTState, engine: "
     and publishes it, while the others wait."""
     import shutil
 
-    from .engines.gather import full_state_dict, is_partitioned
     from .engines.ranks import on_rank_0
+    from .sharded_checkpoint import stage_engine_state
 
     tmp, ckpt, old = partial / "checkpoint.tmp", partial / "checkpoint", partial / "checkpoint.old"
     main = engine.is_main
-
-    def fresh_tmp() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
-    on_rank_0(main, fresh_tmp, f"create {tmp}")
-    engine.save_state(tmp)
-    whole = full_state_dict(model, keep=main) if is_partitioned(model.parameters()) else None
+    whole = stage_engine_state(tmp, engine, main)
 
     def publish() -> None:
         model.save_pretrained(tmp, state_dict=whole)
@@ -724,7 +717,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     shared one across nodes). A job resumes only on the number of ranks it was saved with."""
     import shutil
 
-    from .engines.gather import full_state_dict, is_partitioned
+    from .engines.gather import weights_to_save
     from .engines.ranks import on_rank_0
     from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
 
@@ -825,7 +818,7 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
                   f"after step {saved_step[0]}" if saved_step[0] else "(no checkpoint yet: from the start)")
         raise
     del resume
-    whole = full_state_dict(model, keep=main) if is_partitioned(model.parameters()) else None  # ZeRO-3: every rank
+    whole = weights_to_save(model, keep=main)  # ZeRO-3: every rank
 
     def publish() -> None:
         staging = partial / "final"

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .checkpoint import COMPLETE, RunStorage
-from .engines.gather import full_state_dict, is_partitioned
+from .engines.gather import weights_to_save
 from .engines.ranks import all_gather_objects, all_succeeded, initialized_group, on_every_rank, on_rank_0
 from .urls import redact_url
 
@@ -66,13 +66,6 @@ def move_contents(src: Path, dest: Path) -> None:
         child.rename(target)
 
 
-def _whole_weights(engine, rank: int) -> dict | None:
-    """ZeRO-3: the model's whole weights, gathered by every rank (a collective) and kept by rank 0
-    for the Hugging Face files; None where the weights are not partitioned."""
-    module = engine.unwrapped()
-    return full_state_dict(module, keep=rank == 0) if is_partitioned(module.parameters()) else None
-
-
 def save_sharded(storage: RunStorage, step: int, *, rank: int, engine, write_main: WriteMain,
                  keep: int | None = None) -> str | None:
     """Checkpoint ``step`` of a multi-rank run (every rank calls it): each rank's engine shard
@@ -86,18 +79,28 @@ def save_sharded(storage: RunStorage, step: int, *, rank: int, engine, write_mai
     return _save_uploaded(storage, step, rank, engine, write_main, keep)
 
 
+def stage_engine_state(staging: Path, engine, main: bool, clear: Callable[[], None] | None = None) -> "dict | None":
+    """Every rank's part of a checkpoint written into a directory on a shared filesystem, which
+    rank 0 (``main``) then publishes: rank 0 runs ``clear()`` (what else to remove first) and makes
+    ``staging`` afresh, every rank saves its engine state into it (DeepSpeed: its shard of the
+    optimizer), and under ZeRO-3 the ranks gather the whole weights (rank 0 keeps them; the
+    ``save_pretrained`` state dict, :func:`~l2t_core.engines.gather.weights_to_save`). Returns once
+    every rank's state is in place; a rank that failed to save stops every rank. Also on one process."""
+    def fresh() -> None:
+        if clear is not None:
+            clear()
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+
+    on_rank_0(main, fresh, f"create {staging}")
+    on_every_rank(lambda: engine.save_state(staging), f"save its engine state into {staging}")
+    return weights_to_save(engine.unwrapped(), keep=main)
+
+
 def _save_staged(storage: RunStorage, step: int, rank: int, engine, write_main: WriteMain,
                  keep: int | None) -> str | None:
     staging = Path(storage.root) / "checkpoints" / f"{STAGING_PREFIX}{step:06d}"
-
-    def fresh_staging() -> None:
-        remove_staging_dirs(staging.parent)
-        staging.mkdir(parents=True)
-
-    on_rank_0(rank == 0, fresh_staging, f"create {staging}")
-    engine.save_state(staging)
-    whole = _whole_weights(engine, rank)
-    initialized_group().barrier()  # every shard is in place before rank 0 moves them
+    whole = stage_engine_state(staging, engine, rank == 0, clear=lambda: remove_staging_dirs(staging.parent))
 
     def publish() -> str:
         def fill(d: Path) -> None:
@@ -117,7 +120,7 @@ def _save_uploaded(storage: RunStorage, step: int, rank: int, engine, write_main
     on_rank_0(rank == 0, lambda: storage.clear_checkpoint(step), f"remove an earlier, incomplete checkpoint of step {step}")
     with tempfile.TemporaryDirectory(prefix=f"l2t-shard-{step:06d}-rank{rank}-") as tmp:
         engine.save_state(Path(tmp))
-        whole = _whole_weights(engine, rank)
+        whole = weights_to_save(engine.unwrapped(), keep=rank == 0)
         on_every_rank(lambda: storage.upload_into_checkpoint(step, Path(tmp)),
                       f"upload its engine shard of step {step} to {redact_url(storage.checkpoint_url(step))}")
     return on_rank_0(rank == 0, lambda: storage.complete_uploaded_checkpoint(step, lambda d: write_main(d, whole), keep),

@@ -13,7 +13,8 @@ directory of the config. Each rank then writes to OUT:
 A third argument ``uneven`` cuts rank 1's responses to their first token, so its sequences are
 shorter and it has fewer micro-batches than rank 0 in the reference pass and the update;
 ``upload-fails`` makes rank 1's upload of its engine shard of step 2 fail as a full disk would
-(object-store run directories, :mod:`l2t_core.sharded_checkpoint`).
+(object-store run directories, :mod:`l2t_core.sharded_checkpoint`), after writing the digest of its
+step-2 weights to ``rank1-failed.json``.
 
 Like ``l2t train`` under ``deepspeed``/``torchrun``, it does not set up the process group itself:
 the Trainer (its DeepSpeed engine) must.
@@ -54,7 +55,8 @@ def main(cfg_path: str, out: str, variant: str = "") -> None:
         upload = RunStorage.upload_into_checkpoint
 
         def failing_upload(self, step, local):
-            if step == 2:
+            if step == 2:  # the weights this session ends with, for the resumed run to match
+                (Path(out) / "rank1-failed.json").write_text(json.dumps({"digest": weights_digest(tr.engine.unwrapped())}))
                 raise OSError(28, "No space left on device (injected on rank 1)")
             return upload(self, step, local)
 

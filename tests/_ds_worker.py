@@ -1,9 +1,12 @@
 """Worker for tests/test_deepspeed.py: one optimizer step of the clipped policy loss on a fixed batch.
 
-``python tests/_ds_worker.py OUT reference`` runs the whole batch in one process with TorchEngine;
-under ``torchrun --nproc_per_node 2 tests/_ds_worker.py OUT deepspeed`` each rank takes its share of
-the batch, in two micro-batches, with DeepSpeedEngine (ZeRO-2, gloo on CPU; a third argument sets
-another ZeRO stage). Each writes its updated weights to OUT/<mode>-rank<r>.pt.
+``python tests/_ds_worker.py OUT CASE...`` runs its cases in order, in one process (one launch);
+a case is ``MODE`` or ``MODE:STAGE`` (the ZeRO stage, 2 by default).
+
+``reference`` runs the whole batch in one process with TorchEngine; under ``torchrun
+--nproc_per_node 2 tests/_ds_worker.py OUT deepspeed:STAGE`` each rank takes its share of the batch,
+in two micro-batches, with DeepSpeedEngine (gloo on CPU). A reference writes its updated weights to
+OUT/<mode>-rank0.pt, a DeepSpeed case to OUT/<mode>-<stage>-rank<r>.pt.
 
 ``uneven`` (and ``uneven-reference``, its one-process TorchEngine counterpart) trains on sequences
 0-2 only: rank 0 has two micro-batches ([0], [2]) and rank 1 one ([1]), which it follows with the
@@ -165,9 +168,10 @@ def main(out: str, mode: str, stage: int = 2) -> None:
 
     state = full_state_dict(eng.unwrapped())  # whole weights, also under ZeRO-3
     optimizer = type(getattr(eng, "ds", eng).optimizer).__name__
-    torch.save({"state": state, "stats": stats, "optimizer": optimizer}, Path(out) / f"{mode}-rank{rank}.pt")
+    name = mode if mode.endswith("reference") else f"{mode}-{stage}"
+    torch.save({"state": state, "stats": stats, "optimizer": optimizer}, Path(out) / f"{name}-rank{rank}.pt")
     if mode == "deepspeed" and stage != 3:  # engine state round-trip
-        ck = Path(out) / "ckpt"
+        ck = Path(out) / f"ckpt-{stage}"
         eng.save_state(ck)
         eng.load_state(ck)
         import torch.distributed as dist
@@ -176,8 +180,11 @@ def main(out: str, mode: str, stage: int = 2) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[2] == "lockstep":
-        lockstep(sys.argv[1])
-    else:
-        main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))
+    for case in sys.argv[2:]:  # one launch runs several cases: each launch costs seconds of imports
+        mode, _, stage = case.partition(":")
+        if mode == "lockstep":
+            lockstep(sys.argv[1])
+        else:
+            main(sys.argv[1], mode, int(stage or 2))
+        print(f"case {case} done", flush=True)
     os._exit(0)

@@ -86,6 +86,19 @@ def load_ds_config(config_path: str | dict, optim_cfg, on_gpu: bool) -> dict:
     return cfg
 
 
+def _skip_cpu_inference_kernel() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce kernel.
+
+    DeepSpeed builds that C++ kernel (``deepspeed_shm_comm``, with a compiler, about 50 s on two
+    cores) the first time a process group is made on a CPU machine, though only
+    ``inference_all_reduce`` (tensor-parallel inference) uses it; training's collectives go through
+    gloo either way. It is marked unavailable here, as DeepSpeed marks it on platforms without it,
+    so that the first multi-rank CPU launch of a fresh machine does not wait for the build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_minutes: float | None = None) -> tuple[int, int]:
     """Join the process group of a ``torchrun``/``deepspeed`` launch (nccl on GPU, gloo on CPU) and,
     on GPU, make this rank's ``LOCAL_RANK`` device the current one; returns (rank, world size).
@@ -98,6 +111,8 @@ def init_distributed(timeout_minutes: float | None = None) -> tuple[int, int]:
     on_gpu = torch.cuda.is_available()
     if on_gpu and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not on_gpu:
+        _skip_cpu_inference_kernel()
     if not (dist.is_available() and dist.is_initialized()):
         kw = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kw)

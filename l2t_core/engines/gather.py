@@ -110,3 +110,10 @@ def check_head_chunking(model: torch.nn.Module, head_chunk_tokens: int | None) -
             "head_chunk_tokens is not supported when DeepSpeed ZeRO-3 partitions the output head (its chunks are "
             "recomputed in the backward, where the head's weight is not gathered); unset head_chunk_tokens, or "
             "train with ZeRO-2 (infra/deepspeed/zero2.json)")
+
+
+def weights_to_save(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The ``state_dict`` to hand ``save_pretrained`` for ``module``: under ZeRO-3 its whole weights,
+    gathered by every rank (a collective: every rank calls it) and kept where ``keep`` (the rank
+    that writes); None where the weights are not partitioned (``save_pretrained`` reads the module)."""
+    return full_state_dict(module, keep=keep) if is_partitioned(module.parameters()) else None
