@@ -280,10 +280,7 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
     model = tok = None
     kept: dict = {}
     if done.exists():  # a finished run is reused only if it was trained as asked now
-        saved_cfg = done.parent / "train_config.json"
-        if saved_cfg.exists():
-            saved = _relocated(json.loads(saved_cfg.read_text()), tcfg)
-            _require_same(saved, tcfg, f"run {done.parent}", "training configuration")
+        _require_trained_as(done.parent, tcfg)
         _tell(progress, name, seed, step=tcfg.steps, phase="trained earlier")
     else:
         _tell(progress, name, seed, phase="training")
@@ -315,6 +312,32 @@ def _train_and_eval(name: str, seed: int, tcfg_json: str, eval_json: str, levels
     return ev
 
 
+def _require_trained_as(run: Path, tcfg: TrainConfig) -> None:
+    """Refuse a finished ``run`` trained with another configuration than ``tcfg`` (naming the fields)."""
+    saved_cfg = run / "train_config.json"
+    if saved_cfg.exists():
+        saved = _relocated(json.loads(saved_cfg.read_text()), tcfg)
+        _require_same(saved, tcfg, f"run {run}", "training configuration")
+
+
+def finished_run(tcfg: TrainConfig, eval_json: Path, levels, per_level, max_new_tokens, task: str,
+                 sampled: dict | None) -> dict | None:
+    """What :func:`_train_and_eval` returns for a run that is already trained and evaluated with
+    these settings, read in this process without loading a model; None when the run must train or
+    be evaluated (again) in a worker. A run trained with another configuration, or a greedy
+    evaluation made with other settings, is refused here, before any worker starts."""
+    if not eval_json.exists():
+        return None
+    _require_trained_as(eval_json.parent, tcfg)
+    ev = _reusable_evaluation(eval_json, _eval_settings(levels, per_level, max_new_tokens, task), sampled=False,
+                              what="evaluation")
+    if ev is None or not sampled:
+        return ev
+    settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **sampled}
+    more = _reusable_evaluation(eval_json.parent / "eval_sampled.json", settings, sampled=True, what=None)
+    return None if more is None else {**ev, "sampled": more}
+
+
 # what a run's evaluation records of its training, kept when the evaluation is made again
 RUN_FIELDS = ("name", "seed", "train_seconds", "final_train_accuracy", "final_train_tokens")
 
@@ -334,24 +357,35 @@ def kept_evaluation(path: Path, policy, levels, per_level, max_new_tokens, task:
     from .warmstart import evaluate, held_out
 
     settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **(sampled or {})}
+    reused = _reusable_evaluation(path, settings, sampled=bool(sampled), what=what)
+    if reused is not None:
+        return reused
     extra = dict(extra or {})
     if path.exists():
         saved = json.loads(path.read_text())
-        recorded = saved.get("eval_settings")
-        if sampled:
-            other = recorded != settings
-        else:  # greedy evaluations made before the settings were recorded are taken as they are
-            if recorded is not None:
-                _require_same(recorded, settings, f"{what or 'evaluation'} {path}", "evaluation settings")
-            other = False
-        if not other and not lacks_census(saved):
-            return saved
         log.info("%s %s; evaluating the checkpoint again", path,
-                 "was made with other settings" if other else "predates the current episode census")
+                 "was made with other settings" if sampled and saved.get("eval_settings") != settings
+                 else "predates the current episode census")
         extra = {**{k: saved[k] for k in carry if k in saved}, **extra}
     model, tok = policy()
     ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens, **(sampled or {}))
     return _write_json(path, {**ev, **extra, "eval_settings": settings})
+
+
+def _reusable_evaluation(path: Path, settings: dict, *, sampled: bool, what: str | None) -> dict | None:
+    """The evaluation saved in ``path`` if :func:`kept_evaluation` reuses it as it is, else None (it
+    is missing, or must be made again); a greedy one made with other ``settings`` is refused."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    recorded = saved.get("eval_settings")
+    if sampled:
+        other = recorded != settings
+    else:  # greedy evaluations made before the settings were recorded are taken as they are
+        if recorded is not None:
+            _require_same(recorded, settings, f"{what or 'evaluation'} {path}", "evaluation settings")
+        other = False
+    return None if other or lacks_census(saved) else saved
 
 
 def add_dynamics(report: dict, runs: list[tuple[str, int, TrainConfig]]) -> None:
@@ -492,22 +526,41 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
     runs = run_configs(out, cfg, str(sft_dir))
     evals: dict[str, list[dict]] = {}
     sampled_evals: dict[str, list[dict]] = {}
+
+    def collect(name: str, seed: int, ev: dict) -> None:
+        if "sampled" in ev:
+            sampled_evals.setdefault(name, []).append(ev.pop("sampled"))
+        evals.setdefault(name, []).append(ev)
+        log.info("%s seed %d: accuracy %.3f, %.1f tokens (%.0fs)", name, seed, ev["accuracy"],
+                 ev["mean_tokens"], ev["train_seconds"])
+
+    todo = []  # the runs to train or evaluate in workers; finished ones are read here, and no worker starts for them
+    for name, seed, tcfg in submission_order(runs):
+        ev = finished_run(tcfg, Path(tcfg.out) / "eval.json", cfg.eval_levels, cfg.eval_per_level,
+                          cfg.max_new_tokens, cfg.warmstart.task, sampled)
+        if ev is None:
+            todo.append((name, seed, tcfg))
+        else:
+            collect(name, seed, ev)
     ctx = mp.get_context("spawn")
     with contextlib.ExitStack() as stack:
         # the workers report each finished step through a queue (none without a display); its manager
         # closes after the pool, which waits for its workers
-        progress = stack.enter_context(ctx.Manager()).Queue() if show_progress else None
-        pool = stack.enter_context(worker_pool(cfg.workers, ctx))
+        progress = stack.enter_context(ctx.Manager()).Queue() if show_progress and todo else None
+        pool = stack.enter_context(worker_pool(cfg.workers, ctx)) if todo else None
         bar = stack.enter_context(Progress(*Progress.get_default_columns(), MofNCompleteColumn(),
                                            TextColumn("{task.fields[phase]}"), disable=not show_progress))
-        task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs), phase="")
-        per_run = {f"{name} s{seed}": bar.add_task(f"  {name} s{seed}", total=tcfg.steps, phase="waiting")
+        task = bar.add_task(f"miniature: {len(runs)} runs", total=len(runs), completed=len(runs) - len(todo), phase="")
+        waiting = {(name, seed) for name, seed, _ in todo}
+        per_run = {f"{name} s{seed}": bar.add_task(f"  {name} s{seed}", total=tcfg.steps,
+                                                   **({"phase": "waiting"} if (name, seed) in waiting else
+                                                      {"phase": "done earlier", "completed": tcfg.steps}))
                    for name, seed, tcfg in runs}
         futs = {
             pool.submit(_train_and_eval, name, seed, tcfg.model_dump_json(), str(Path(tcfg.out) / "eval.json"),
                         cfg.eval_levels, cfg.eval_per_level, cfg.max_new_tokens, cfg.warmstart.task,
                         sampled, progress): (name, seed)
-            for name, seed, tcfg in submission_order(runs)
+            for name, seed, tcfg in todo
         }
         pending = set(futs)
         while pending:
@@ -515,14 +568,9 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
             _show_progress(progress, bar, per_run)
             for fut in finished:
                 name, seed = futs[fut]
-                ev = fut.result()
-                if "sampled" in ev:
-                    sampled_evals.setdefault(name, []).append(ev.pop("sampled"))
-                evals.setdefault(name, []).append(ev)
+                collect(name, seed, fut.result())
                 bar.update(task, advance=1)
                 bar.update(per_run[f"{name} s{seed}"], phase="done")
-                log.info("%s seed %d: accuracy %.3f, %.1f tokens (%.0fs)", name, seed, ev["accuracy"],
-                         ev["mean_tokens"], ev["train_seconds"])
     order = list(cfg.methods) + list(cfg.variants)
     evals = {k: sorted(evals[k], key=lambda r: r["seed"]) for k in order if k in evals}
     report = aggregate(evals, base, floor)

@@ -1,8 +1,10 @@
-"""Worker for tests/test_deepspeed.py::test_trainer_two_ranks_end_to_end: the real Trainer on one rank.
+"""Worker for tests/test_deepspeed.py: the real Trainer on one rank.
 
-``torchrun --nproc_per_node 2 tests/_ds_trainer_worker.py CFG_JSON OUT`` makes every rank run
-``Trainer(cfg).run()`` (cfg: a TrainConfig as JSON, with ``engine="deepspeed"``) into the shared run
-directory of the config. Each rank then writes to OUT:
+``torchrun --nproc_per_node 2 tests/_ds_trainer_worker.py CFG_JSON OUT [VARIANT]`` makes every rank
+run ``Trainer(cfg).run()`` (cfg: a TrainConfig as JSON, with ``engine="deepspeed"``) into the shared
+run directory of the config; ``CFG_JSON OUT [VARIANT] + CFG_JSON OUT [VARIANT] ...`` runs several
+Trainers, one after the other, in one launch (each launch costs seconds of imports). Each rank then
+writes to OUT:
 
 * ``rank<r>.json``: its rank, world size, final step, returned checkpoint, a sha256 digest of its
   final weights (every state-dict tensor as float32, in name order) and whether its reference
@@ -91,5 +93,13 @@ def main(cfg_path: str, out: str, variant: str = "") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    runs, run = [], []
+    for arg in sys.argv[1:] + ["+"]:
+        if arg == "+":
+            runs.append(run)
+            run = []
+        else:
+            run.append(arg)
+    for args in runs:
+        main(*args)
     os._exit(0)

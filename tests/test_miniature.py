@@ -143,7 +143,7 @@ def test_fault_totals_sum_over_seeds_and_tabulate_the_hardest_level():
 
 
 @pytest.mark.slow
-def test_miniature_end_to_end(tmp_path, capsys):
+def test_miniature_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "mini"
     report = run_miniature(out, MiniatureConfig.model_validate(TINY), show_progress=True)
     shown = capsys.readouterr()  # each run's bar, moved by the steps its worker reported
@@ -184,7 +184,14 @@ def test_miniature_end_to_end(tmp_path, capsys):
     for name, m in data["methods"].items():  # training time: the run's step times, resumed sessions included
         steps = read_table(RunStorage(str(out / "runs" / f"{name}-s0")), "train_steps")
         assert m["seeds"][0]["train_seconds"] == pytest.approx(steps["step_time_s"].sum()) and len(steps) == 2
-    # finished runs are kept: a second call trains nothing and gives the same numbers
+    # finished runs are kept: a second call trains nothing and gives the same numbers, read without
+    # starting a worker; a refused configuration is refused before any starts
+    import l2t_core.miniature as miniature
+
+    def no_workers(*a, **k):
+        raise AssertionError("a worker pool started for finished runs")
+
+    monkeypatch.setattr(miniature, "worker_pool", no_workers)
     credit = json.loads((out / "credit.json").read_text())
     (out / "credit.json").write_text(json.dumps({**{k: v for k, v in credit.items() if k != "guess_trust"},
                                                  "kept": True}))  # a probe saved before guess_trust existed
@@ -209,6 +216,7 @@ def test_miniature_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit, match=rf"^l2t miniature --out {re.escape(str(out))}: run .* different training configuration"):
         cli_main(["miniature", "-q", "--config", str(changed), "--out", str(out)])
     assert (out / "miniature.json").read_text() == before
+    monkeypatch.undo()
     # the sampled evaluation (METHOD.md §7) beside the greedy one: the trained runs are reused
     sampled = run_miniature(out, MiniatureConfig.model_validate({**TINY, "eval_samples": 2}), show_progress=False)
     assert sampled["methods"] == report["methods"]  # the greedy part unchanged: nothing trained again
