@@ -10,15 +10,30 @@ EXTRAS ?= dev,distributed,pipeline,k8s
 # DeepSpeed builds its C++/CUDA ops lazily at run time; nothing is compiled at install.
 export DS_BUILD_OPS ?= 0
 export L2T_DATA_DIR ?= $(abspath ../shared/data)
+# The installer: uv resolves and installs the same packages as pip (measured: 1 min instead of 3 on
+# 2 cores, bytecode compiled as pip does); INSTALLER=pip uses pip alone. If uv cannot be installed
+# or fails, pip installs everything.
+INSTALLER ?= uv
+# pip's local wheel directories (the CPU torch wheel of this machine), passed on to uv, which reads no pip config
+UV_FIND_LINKS := $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 
-.PHONY: venv demo demo-core test bench clean
+.PHONY: venv install-with-uv install-with-pip demo demo-core test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if [ "$(INSTALLER)" = uv ] && $(PY) -m pip install -q uv && $(MAKE) --no-print-directory install-with-uv; then :; \
+	else $(MAKE) --no-print-directory install-with-pip; fi
+	touch $@
+
+# one resolution: TORCH_SPEC holds torch to the build asked for while the project's packages resolve
+install-with-uv:
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode $(UV_FIND_LINKS) \
+		$(if $(TORCH_SPEC),"$(TORCH_SPEC)") -e ".[$(EXTRAS)]"
+
+install-with-pip:
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	touch $@
 
 venv: $(VENV)/.installed
 

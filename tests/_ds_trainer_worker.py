@@ -16,7 +16,7 @@ A third argument ``uneven`` cuts rank 1's responses to their first token, so its
 shorter and it has fewer micro-batches than rank 0 in the reference pass and the update;
 ``upload-fails`` makes rank 1's upload of its engine shard of step 2 fail as a full disk would
 (object-store run directories, :mod:`l2t_core.sharded_checkpoint`), after writing the digest of its
-step-2 weights to ``rank1-failed.json``.
+step-2 weights to ``rank1-failed.json`` (the launch fails there: launch it alone).
 
 Like ``l2t train`` under ``deepspeed``/``torchrun``, it does not set up the process group itself:
 the Trainer (its DeepSpeed engine) must.
@@ -57,7 +57,8 @@ def main(cfg_path: str, out: str, variant: str = "") -> None:
         upload = RunStorage.upload_into_checkpoint
 
         def failing_upload(self, step, local):
-            if step == 2:  # the weights this session ends with, for the resumed run to match
+            if step == 2:  # the weights this session ends with, for the resumed run to match (ZeRO-2:
+                # whole weights on every rank; under ZeRO-3 this gather would need every rank)
                 (Path(out) / "rank1-failed.json").write_text(json.dumps({"digest": weights_digest(tr.engine.unwrapped())}))
                 raise OSError(28, "No space left on device (injected on rank 1)")
             return upload(self, step, local)

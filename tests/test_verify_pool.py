@@ -36,7 +36,7 @@ def _ended(proc, timeout_s: float = 10.0) -> bool:
             with open(f"/proc/{proc.pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
                     return True
-        except FileNotFoundError:
+        except OSError:  # gone (FileNotFoundError), or reaped between the open and the read (ESRCH)
             return True
         if time.monotonic() > deadline:
             return False
