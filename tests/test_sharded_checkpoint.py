@@ -12,8 +12,23 @@ from pathlib import Path
 import pytest
 
 
-def _two_ranks(rank: int, world: int, init: str, out: str, case: str) -> None:
-    """One rank of a two-process gloo group: runs ``case`` and writes what it saw to out/rank<r>.json."""
+CASES = ["agreement", "shared", "own_copy", "download_fails", "read_fails"]
+
+
+def _two_ranks(rank: int, world: int, init: str, out: str, cases: list[str]) -> None:
+    """One rank of a two-process gloo group: runs each of ``cases`` in turn (one spawn: each costs
+    seconds of imports) and writes what it saw to out/<case>-rank<r>.json."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    for case in cases:
+        seen = _run_case(rank, case)
+        Path(out, f"{case}-rank{rank}.json").write_text(json.dumps(seen))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_case(rank: int, case: str) -> dict:
     import torch.distributed as dist
 
     from l2t_core import sharded_checkpoint
@@ -21,7 +36,6 @@ def _two_ranks(rank: int, world: int, init: str, out: str, case: str) -> None:
     from l2t_core.engines.ranks import on_every_rank, on_rank_0
     from l2t_core.sharded_checkpoint import host_local_copy
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     seen: dict = {"rank": rank}
 
     def outcome(fn):
@@ -41,7 +55,7 @@ def _two_ranks(rank: int, world: int, init: str, out: str, case: str) -> None:
         seen["rank0_fails"] = outcome(lambda: on_rank_0(rank == 0, lambda: 1 / 0, "publish"))
         seen["rank0_ok"] = outcome(lambda: on_rank_0(rank == 0, lambda: "published", "publish"))
     else:  # host_local_copy: every process holds the same checkpoint in its own in-memory filesystem
-        store = RunStorage(f"memory://l2t-host-copy-{os.getpid()}")
+        store = RunStorage(f"memory://l2t-host-copy-{os.getpid()}-{case}")
         store.write_checkpoint(3, lambda d: (d / "model.txt").write_text("weights of step 3"))
         downloads, dirs = [], []
         original = store.download
@@ -53,6 +67,7 @@ def _two_ranks(rank: int, world: int, init: str, out: str, case: str) -> None:
             return original(url, dest)
 
         store.download = counted
+        complete = sharded_checkpoint.COMPLETE
         if case == "own_copy" and rank == 1:  # as if rank 1 ran in a container that does not see rank 0's /tmp
             sharded_checkpoint.COMPLETE = "not-visible-here"
 
@@ -64,26 +79,33 @@ def _two_ranks(rank: int, world: int, init: str, out: str, case: str) -> None:
                 return (d / "model.txt").read_text()
 
         seen["read"] = outcome(read)
+        sharded_checkpoint.COMPLETE = complete
         seen["downloads"] = len(downloads)
         seen["dirs"] = dirs
         dist.barrier()  # both ranks are out: every copy is removed
         seen["removed"] = not any(Path(d).exists() for d in dirs) and not any(Path(d).exists() for d in downloads)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
-    dist.destroy_process_group()
+    return seen
 
 
-def _spawn(tmp_path: Path, case: str) -> tuple[dict, dict]:
+@pytest.fixture(scope="module")
+def two_rank_cases(tmp_path_factory) -> Path:
+    """Every case of :func:`_run_case` on one spawned pair of gloo ranks; the directory of their reports."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_two_ranks, args=(2, f"file://{tmp_path}/pg", str(tmp_path), case), nprocs=2, join=True)
-    return tuple(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+    out = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_two_ranks, args=(2, f"file://{out}/pg", str(out), CASES), nprocs=2, join=True)
+    return out
 
 
-def test_every_rank_raises_when_one_fails(tmp_path):
+def _reports(out: Path, case: str) -> tuple[dict, dict]:
+    return tuple(json.loads((out / f"{case}-rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+
+
+def test_every_rank_raises_when_one_fails(two_rank_cases):
     """on_every_rank: a rank that fails raises its own error, the other a RuntimeError naming it,
     what failed and why (neither waits in a later collective); on_rank_0 likewise for rank 0's
     work; results come back where nothing fails."""
-    r0, r1 = _spawn(tmp_path, "agreement")
+    r0, r1 = _reports(two_rank_cases, "agreement")
     assert r1["every_fails"] == {"error": "OSError: [Errno 28] No space left on device"}
     assert r0["every_fails"] == {"error": "RuntimeError: rank 1 failed to write its shard (OSError: [Errno 28] "
                                           "No space left on device); this rank stops too"}
@@ -95,12 +117,12 @@ def test_every_rank_raises_when_one_fails(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["shared", "own_copy", "download_fails", "read_fails"])
-def test_host_local_copy_downloads_once_per_host(tmp_path, case):
+def test_host_local_copy_downloads_once_per_host(two_rank_cases, case):
     """One download for the host, by its lowest rank, read by both and removed once both are done;
     a rank that cannot see that copy downloads its own; a failed download stops both ranks, and so
     does a rank failing while it reads (the other learns of it on the way out, and the copy is
     removed on both)."""
-    r0, r1 = _spawn(tmp_path, case)
+    r0, r1 = _reports(two_rank_cases, case)
     assert r0["removed"] and r1["removed"]
     if case == "shared":
         assert r0["read"] == r1["read"] == {"result": "weights of step 3"}
