@@ -396,8 +396,7 @@ def plot_tradeoff(report: dict, out: Path, prefix: str = "") -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle("accuracy against tokens (mean ± std over seeds; up and left is better)")
     fig.tight_layout()
-    for ax_labels in labels:  # two options at the same point printed their names over each other
-        separate_labels(fig, ax_labels)
+    separate_labels(fig, *labels)  # two options at the same point printed their names over each other
     path = out / f"{prefix}tradeoff.png"
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)

@@ -60,20 +60,23 @@ def unoverlap(boxes: Sequence[Box], step: float, tries: int = 12) -> list[float]
     return shifts
 
 
-def separate_labels(fig, annotations: Sequence) -> None:
-    """Move the text of overlapping ``Axes.annotate`` labels of one axes apart vertically (by
-    :func:`unoverlap`, one label height at a time), keeping each beside its point. Call it once the
-    axes' limits are final (after every point is drawn)."""
-    if not annotations:
+def separate_labels(fig, *groups: Sequence) -> None:
+    """Move the text of overlapping ``Axes.annotate`` labels apart vertically (by :func:`unoverlap`,
+    one label height at a time), keeping each beside its point; each of ``groups`` (the labels of
+    one axes) is separated on its own, after one draw of the figure. Call it once the axes' limits
+    are final (after every point is drawn)."""
+    groups = tuple(g for g in groups if g)
+    if not groups:
         return
     fig.canvas.draw()  # before a draw, the data limits are not final and a label's extent is a unit box
-    extents = [a.get_window_extent() for a in annotations]
-    step = max(e.height for e in extents) * 1.1
-    if step <= 0:
-        return
-    shifts = unoverlap([(e.x0, e.y0, e.x1, e.y1) for e in extents], step)
     points_per_pixel = 72.0 / fig.dpi
-    for a, shift in zip(annotations, shifts):
-        if shift and a.get_anncoords() == "offset points":
-            dx, dy = a.xyann
-            a.xyann = (dx, dy + shift * points_per_pixel)
+    for labels in groups:
+        extents = [a.get_window_extent() for a in labels]
+        step = max(e.height for e in extents) * 1.1
+        if step <= 0:
+            continue
+        shifts = unoverlap([(e.x0, e.y0, e.x1, e.y1) for e in extents], step)
+        for a, shift in zip(labels, shifts):
+            if shift and a.get_anncoords() == "offset points":
+                dx, dy = a.xyann
+                a.xyann = (dx, dy + shift * points_per_pixel)

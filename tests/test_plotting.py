@@ -130,3 +130,26 @@ def test_separate_labels_keeps_two_labels_of_one_point_apart():
     assert after[0].x0 == pytest.approx(before[0].x0) and after[1].x0 == pytest.approx(before[1].x0)
     assert anns[0].xyann == (4, 4) and anns[2].xyann == (4, 4)  # what did not overlap stays
     plt.close(fig)
+
+
+def test_separate_labels_separates_each_axes_group_on_its_own_after_one_draw(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2)
+    groups = []
+    for ax in axes:
+        ax.plot([1, 2], [1, 2], "o")
+        groups.append([ax.annotate(name, (1.5, 1.5), textcoords="offset points", xytext=(4, 4))
+                       for name in ("grpo", "l2t")])
+    alone = [axes[1].annotate("base", (1.0, 1.0), textcoords="offset points", xytext=(4, 4))]
+    draws = []
+    draw = fig.canvas.draw
+    monkeypatch.setattr(fig.canvas, "draw", lambda: (draws.append(1), draw())[1])
+    separate_labels(fig, *groups, alone, [])
+    assert len(draws) == 1
+    fig.canvas.draw()
+    for group in groups:
+        a, b = (x.get_window_extent() for x in group)
+        assert not a.overlaps(b)
+    assert alone[0].xyann == (4, 4)
+    plt.close(fig)
