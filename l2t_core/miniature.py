@@ -329,13 +329,15 @@ def finished_run(tcfg: TrainConfig, eval_json: Path, levels, per_level, max_new_
     if not eval_json.exists():
         return None
     _require_trained_as(eval_json.parent, tcfg)
-    ev = _reusable_evaluation(eval_json, _eval_settings(levels, per_level, max_new_tokens, task), sampled=False,
-                              what="evaluation")
-    if ev is None or not sampled:
+    greedy = _eval_settings(levels, per_level, max_new_tokens, task)
+    ev, redo = _saved_evaluation(eval_json, greedy, sampled=False, what="evaluation")
+    if ev is None or redo:
+        return None
+    if not sampled:
         return ev
-    settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **sampled}
-    more = _reusable_evaluation(eval_json.parent / "eval_sampled.json", settings, sampled=True, what=None)
-    return None if more is None else {**ev, "sampled": more}
+    more, redo = _saved_evaluation(eval_json.parent / "eval_sampled.json", {**greedy, **sampled}, sampled=True,
+                                   what=None)
+    return None if more is None or redo else {**ev, "sampled": more}
 
 
 # what a run's evaluation records of its training, kept when the evaluation is made again
@@ -357,35 +359,31 @@ def kept_evaluation(path: Path, policy, levels, per_level, max_new_tokens, task:
     from .warmstart import evaluate, held_out
 
     settings = {**_eval_settings(levels, per_level, max_new_tokens, task), **(sampled or {})}
-    reused = _reusable_evaluation(path, settings, sampled=bool(sampled), what=what)
-    if reused is not None:
-        return reused
+    saved, redo = _saved_evaluation(path, settings, sampled=bool(sampled), what=what)
+    if saved is not None and not redo:
+        return saved
     extra = dict(extra or {})
-    if path.exists():
-        saved = json.loads(path.read_text())
-        log.info("%s %s; evaluating the checkpoint again", path,
-                 "was made with other settings" if sampled and saved.get("eval_settings") != settings
-                 else "predates the current episode census")
+    if saved is not None:
+        log.info("%s %s; evaluating the checkpoint again", path, redo)
         extra = {**{k: saved[k] for k in carry if k in saved}, **extra}
     model, tok = policy()
     ev = evaluate(model, tok, held_out(levels, per_level, task=task), max_new_tokens=max_new_tokens, **(sampled or {}))
     return _write_json(path, {**ev, **extra, "eval_settings": settings})
 
 
-def _reusable_evaluation(path: Path, settings: dict, *, sampled: bool, what: str | None) -> dict | None:
-    """The evaluation saved in ``path`` if :func:`kept_evaluation` reuses it as it is, else None (it
-    is missing, or must be made again); a greedy one made with other ``settings`` is refused."""
+def _saved_evaluation(path: Path, settings: dict, *, sampled: bool, what: str | None) -> tuple[dict | None, str]:
+    """The evaluation saved in ``path`` (None if there is none) and why :func:`kept_evaluation` must
+    make it again ("" when it is reused as it is); a greedy one made with other ``settings`` is refused."""
     if not path.exists():
-        return None
+        return None, ""
     saved = json.loads(path.read_text())
     recorded = saved.get("eval_settings")
-    if sampled:
-        other = recorded != settings
-    else:  # greedy evaluations made before the settings were recorded are taken as they are
-        if recorded is not None:
-            _require_same(recorded, settings, f"{what or 'evaluation'} {path}", "evaluation settings")
-        other = False
-    return None if other or lacks_census(saved) else saved
+    if sampled and recorded != settings:
+        return saved, "was made with other settings"
+    # greedy evaluations made before the settings were recorded are taken as they are
+    if not sampled and recorded is not None:
+        _require_same(recorded, settings, f"{what or 'evaluation'} {path}", "evaluation settings")
+    return saved, "predates the current episode census" if lacks_census(saved) else ""
 
 
 def add_dynamics(report: dict, runs: list[tuple[str, int, TrainConfig]]) -> None:
