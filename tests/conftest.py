@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import _exclusive
 from l2t_core.models import build_tiny_qwen2, build_tokenizer, load_policy
 
 CORPUS = [
@@ -27,6 +28,27 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Tiny models run fastest on one thread; on a shared 2-core machine two OpenMP threads spin-wait
 # behind other processes and small kernels stall (tests that need more set it themselves).
 torch.set_num_threads(1)
+
+
+_LOCK_DIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """The controller of an xdist run makes the lock directory of tests marked `exclusive`
+    (tests/_exclusive.py) before its workers start; they inherit it from the environment."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        config.stash[_LOCK_DIR] = _exclusive.make_lock_dir()
+
+
+def pytest_unconfigure(config):
+    if _LOCK_DIR in config.stash:
+        _exclusive.remove_lock_dir(config.stash[_LOCK_DIR])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    with _exclusive.turn(item.get_closest_marker("exclusive") is not None):  # setup, call and teardown
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,6 +24,9 @@ from l2t_core.eval.sandbox import (
     run_program,
 )
 
+# fork bombs count the machine's processes, and runs are timed: alone under make test's two workers
+pytestmark = pytest.mark.exclusive
+
 HAVE_NAMESPACES = network_isolation() == "namespaces"
 MODES = [pytest.param("namespaces", marks=pytest.mark.skipif(not HAVE_NAMESPACES, reason=isolation_report()["reason"])),
          "audit-hook"]

@@ -10,6 +10,9 @@ import pytest
 from l2t_core.verify import MathVerifier, NumericVerifier, Verdict, run_with_deadline
 from l2t_core.verify_pool import VerifierPool
 
+# checks run against short deadlines and workers are killed and counted: alone under make test's two workers
+pytestmark = pytest.mark.exclusive
+
 MATH_CASES = [
     ("<think>\nSo it is a half.\n</think>\n\\boxed{\\frac{1}{2}}", "0.5"),
     ("<think>\nok\n</think>\nThe answer is \\boxed{3}", "4"),
