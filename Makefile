@@ -45,12 +45,13 @@ demo: venv
 demo-core: venv
 	$(PY) -m l2t_core.demo
 
-# Two pytest-xdist workers, a test file to each in turn (a file's module fixtures are made once);
-# tests marked `exclusive` run alone (tests/_exclusive.py). TEST_WORKERS=0 runs them in one process.
+# Two pytest-xdist workers, a test file to each in turn (a file's module fixtures are made once), in
+# the order tests/conftest.py gives (slow files first, files with `exclusive` tests last); tests
+# marked `exclusive` run alone (tests/_exclusive.py). TEST_WORKERS=0 runs them in one process.
 # The 25 slowest tests are listed at the end: CI must stay under 20 minutes.
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: venv
 	$(PY) -m bench.penalty

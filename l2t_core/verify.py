@@ -97,6 +97,28 @@ def abandoned_checks() -> int:
     return sum(1 for t in threading.enumerate() if t.name == VERIFY_THREAD)
 
 
+_WARM_LOCK = threading.Lock()
+_warmed = False
+
+
+def warm_up() -> None:
+    """Load math-verify, sympy and the LaTeX parser once per process, outside any deadline.
+
+    The first check of a process otherwise spends its deadline importing them: about 1 s on an
+    idle 2-core machine (measured), several seconds on a loaded one, where a correct answer then
+    timed out (a verification worker's first check, with training processes on the same cores)."""
+    global _warmed
+    if _warmed:
+        return
+    with _WARM_LOCK:
+        if not _warmed:
+            from math_verify import parse, verify
+
+            verify(parse("$\\frac{1}{2}$", parsing_timeout=None), parse("$0.5$", parsing_timeout=None),
+                   timeout_seconds=None)
+            _warmed = True
+
+
 def run_with_deadline(fn, timeout_s: float):
     """Run ``fn()`` in a daemon thread; return (finished, value, error). No signals involved.
 
@@ -333,6 +355,7 @@ class MathVerifier:
             if _normalise_text(str(reference)) == _normalise_text(candidate):
                 return Verdict(True, "correct", boxed if boxed is not None else candidate.strip())
             return Verdict(False, "timeout", boxed, f"not evaluated: {costly} (equal text only)")
+        warm_up()  # once per process: the deadline is the check's, not the imports'
         done, out, err = run_with_deadline(lambda: self._check(str(reference), span, boxed), self.timeout_s)
         if not done:
             return Verdict(False, "timeout", boxed, f"verification took over {self.timeout_s}s")

@@ -45,6 +45,20 @@ def pytest_unconfigure(config):
         _exclusive.remove_lock_dir(config.stash[_LOCK_DIR])
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test files in the order make test's workers take them (``--dist loadfile
+    --no-loadscope-reorder`` hands out files in collection order): the files with the most slow
+    tests first, so that neither worker is left with a long file at the end while the other idles
+    (longest first); the files with exclusive tests last, where waiting for their turn (for the
+    other worker's test in progress to end) costs least. Within a file the order is kept."""
+    files: dict = {}
+    for pos, item in enumerate(items):
+        f = files.setdefault(item.path, {"pos": pos, "slow": 0, "exclusive": False})
+        f["slow"] += item.get_closest_marker("slow") is not None
+        f["exclusive"] |= item.get_closest_marker("exclusive") is not None
+    items.sort(key=lambda item: (files[item.path]["exclusive"], -files[item.path]["slow"], files[item.path]["pos"]))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     with _exclusive.turn(item.get_closest_marker("exclusive") is not None):  # setup, call and teardown

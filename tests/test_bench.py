@@ -157,6 +157,7 @@ def test_verify_pool_bench_quick_runs(capsys):
     assert 0.3 < res["correct_share"] < 0.7  # own golds accepted, the next row's rejected
 
 
+@pytest.mark.slow
 def test_eval_throughput_bench_quick_runs(capsys):
     import json
 

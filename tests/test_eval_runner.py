@@ -44,6 +44,7 @@ def test_tiny_model_on_math500_and_aime24_slices(model, tokenizer, tmp_path):
     assert json.loads(open(rep["files"]["report.json"]).read())["benchmarks"]["aime24"]["problems"] == 20
 
 
+@pytest.mark.slow
 def test_verification_and_summary_on_gold_answers():
     items = load_benchmark("math500", limit=12)
     gold = [f"<think>\nok\n</think>\n\n\\boxed{{{i.answer}}}" for i in items]

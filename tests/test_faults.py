@@ -245,7 +245,6 @@ def _holder(db: Path, seconds: float, through_warehouse: bool) -> faults.Watched
     return p
 
 
-@pytest.mark.exclusive  # times its waits for the lock
 def test_a_foreign_holder_fails_the_writer_clearly_after_the_bounded_wait(tmp_path):
     from dagster_duckdb import DuckDBResource
 
@@ -266,7 +265,6 @@ def test_a_foreign_holder_fails_the_writer_clearly_after_the_bounded_wait(tmp_pa
     assert 1.4 <= waited < 10, waited
 
 
-@pytest.mark.exclusive  # times its waits for the lock
 def test_a_writer_waits_for_a_holder_that_lets_go(tmp_path):
     """Retry with backoff (a bare DuckDB holder) and the file lock (an l2t holder): the writer gets
     the database once it is free, within the wait, and its rows land."""
@@ -288,7 +286,6 @@ def test_a_writer_waits_for_a_holder_that_lets_go(tmp_path):
     con.close()
 
 
-@pytest.mark.exclusive  # times its waits for the lock
 def test_an_l2t_holder_of_the_file_lock_names_the_lock_when_the_wait_runs_out(tmp_path):
     from dagster_duckdb import DuckDBResource
 

@@ -283,6 +283,7 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode()
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None, suppress_health_check=SLOW_OK)
 @given(case=pipeline_files())
 def test_pipeline_quarantines_and_lists_bad_rows_and_writes_nothing_partial(case, monkeypatch):

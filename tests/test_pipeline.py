@@ -328,6 +328,7 @@ def test_registry_validates_sft_entries(tmp_path):
             write_registry(tmp_path / "bad.yaml", {"s": entry}).entries()
 
 
+@pytest.mark.slow
 def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tiny_dir, tmp_path):
     """base_model[s] of kind ``sft``: fine-tunes the registry model on its traces into the models
     directory and evaluates it; materialized again it reuses that SFT; after the traces change it

@@ -24,9 +24,6 @@ from l2t_core.eval.sandbox import (
     run_program,
 )
 
-# fork bombs count the machine's processes, and runs are timed: alone under make test's two workers
-pytestmark = pytest.mark.exclusive
-
 HAVE_NAMESPACES = network_isolation() == "namespaces"
 MODES = [pytest.param("namespaces", marks=pytest.mark.skipif(not HAVE_NAMESPACES, reason=isolation_report()["reason"])),
          "audit-hook"]
@@ -34,6 +31,8 @@ needs_namespaces = pytest.mark.skipif(not HAVE_NAMESPACES, reason="no namespace 
 
 
 def _processes() -> int:
+    """Every process of the machine: the tests that count them are marked `exclusive`, so that no
+    other test starts or ends processes meanwhile under make test's two workers."""
     return sum(name.isdigit() for name in os.listdir("/proc"))
 
 
@@ -91,6 +90,7 @@ def test_cpu_limit_kills():
     assert r.status == "killed" and "SIGXCPU" in r.detail and r.duration_s < 8
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("mode", MODES)
 def test_fork_bomb_is_contained(mode):
     before = _processes()
@@ -101,6 +101,7 @@ def test_fork_bomb_is_contained(mode):
     assert run_program("print('after')", isolation=mode).stdout == "after\n"
 
 
+@pytest.mark.exclusive
 @needs_namespaces
 def test_fork_bomb_is_contained_by_the_kernel_alone():
     before = _processes()

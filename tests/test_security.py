@@ -32,9 +32,6 @@ from conftest import moto_s3
 from l2t_core.eval.sandbox import isolation_report, network_isolation, run_program
 from l2t_pipeline.resources import TrainingLauncher  # noqa: F401 - resolves the asset's annotation
 
-# sandboxed runs with short timeouts and process scans: alone under make test's two workers
-pytestmark = pytest.mark.exclusive
-
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_NAMESPACES = network_isolation() == "namespaces"
 MODES = [pytest.param("namespaces", marks=pytest.mark.skipif(not HAVE_NAMESPACES, reason=isolation_report()["reason"])),

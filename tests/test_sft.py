@@ -89,6 +89,7 @@ def test_render_prompt_tokenises_to_encode_prompt(tokenizer):
     assert encode_prompt(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_sft_job_trains_and_writes_a_policy_directory(tiny_dir, tmp_path, monkeypatch):
     """The whole job on the tiny model: the traces are checked (segmentation, answers), tokenised
     once, the model learns them (held-out loss falls), and out holds a loadable policy with its

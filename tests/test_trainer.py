@@ -625,6 +625,7 @@ def test_eval_says_which_benchmark_it_cannot_load(tmp_path, tiny_dir, monkeypatc
         cli_main(["eval", "--model", str(tiny_dir), "--benchmarks", "omni_math_rule", "--out", str(tmp_path / "ev")])
 
 
+@pytest.mark.slow
 def test_cli_quiet_silences_transformers_progress_bars_here_and_in_workers(tiny_dir, monkeypatch, capfd):
     """``-q`` means no progress bars, transformers' "Loading weights" bar included: switched off in
     this process (transformers is imported already) and, through the environment, in the worker

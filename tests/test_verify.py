@@ -160,3 +160,26 @@ def test_python_float_division_gold_answers():
         assert v.verify(f"</think> \\boxed{{{right}}}", gold).correct
         assert not v.verify(f"</think> \\boxed{{{wrong}}}", gold).correct
         assert v.verify(f"</think> \\boxed{{{gold}}}", gold).correct
+
+
+def test_a_process_first_check_does_not_spend_its_deadline_loading_math_verify():
+    """The deadline times the check, not the one-time imports (math-verify, sympy, the LaTeX
+    parser: about 1 s, several on a loaded machine, where a correct answer timed out): in a fresh
+    interpreter they are loaded before the deadline's thread starts, and only once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import l2t_core.verify as v\n"
+        "assert 'math_verify' not in sys.modules\n"
+        "started = []\n"
+        "def timed(fn, timeout_s, _run=v.run_with_deadline):\n"
+        "    started.append('math_verify' in sys.modules and 'sympy' in sys.modules)\n"
+        "    return _run(fn, timeout_s)\n"
+        "v.run_with_deadline = timed\n"
+        "verdicts = [v.MathVerifier().verify(r, '0.5').status for r in ('\\\\boxed{\\\\frac{1}{2}}', '\\\\boxed{1/2}')]\n"
+        "print(started, verdicts)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[True, True] ['correct', 'correct']"
