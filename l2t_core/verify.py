@@ -27,6 +27,7 @@ from .prompts import THINK_CLOSE
 
 VerdictStatus = Literal["correct", "incorrect", "no_answer", "invalid_reference", "timeout", "error"]
 
+logger = logging.getLogger(__name__)
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
@@ -106,16 +107,23 @@ def warm_up() -> None:
 
     The first check of a process otherwise spends its deadline importing them: about 1 s on an
     idle 2-core machine (measured), several seconds on a loaded one, where a correct answer then
-    timed out (a verification worker's first check, with training processes on the same cores)."""
+    timed out (a verification worker's first check, with training processes on the same cores).
+    Tried once per process, with no time limit (a fixed, small expression); a failure is logged
+    and left to each check, which reports it as an ``error`` verdict."""
     global _warmed
     if _warmed:
         return
     with _WARM_LOCK:
-        if not _warmed:
+        if _warmed:
+            return
+        try:
             from math_verify import parse, verify
 
             verify(parse("$\\frac{1}{2}$", parsing_timeout=None), parse("$0.5$", parsing_timeout=None),
                    timeout_seconds=None)
+        except Exception as exc:  # noqa: BLE001 - tried once; each check then reports it as its verdict
+            logger.warning("loading math-verify failed (%s: %s); checks will report it", type(exc).__name__, exc)
+        finally:
             _warmed = True
 
 

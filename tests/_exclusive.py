@@ -5,8 +5,9 @@ other test holds it shared, so an exclusive test runs while no other test does, 
 one in progress on the other worker. A second file is a turnstile that a waiting exclusive test
 holds, so a stream of shared holders on the other worker cannot starve it.
 
-The controller process makes the lock directory before it starts the workers (they inherit its
-environment, LOCK_DIR_ENV) and removes it at the end. Outside xdist (``-n 0``, a plain
+The controller makes the run's lock directory when it configures its first worker and hands it to
+each worker in its ``workerinput`` (WORKERINPUT_KEY; never through the environment, so no
+subprocess of a test inherits it), and removes it at the end. Outside xdist (``-n 0``, a plain
 ``pytest``) there is nothing to share the machine with and no lock is taken.
 
 Kept free of heavy imports: tests/test_exclusive.py runs it in child processes.
@@ -20,27 +21,22 @@ import os
 import shutil
 import tempfile
 
-LOCK_DIR_ENV = "L2T_TESTS_LOCK_DIR"
+WORKERINPUT_KEY = "l2t_lock_dir"
 
 
 def make_lock_dir() -> str:
-    """A fresh directory for one run's lock files, named in the environment the workers inherit."""
-    d = tempfile.mkdtemp(prefix="l2t-tests-")
-    os.environ[LOCK_DIR_ENV] = d
-    return d
+    """A fresh directory for one run's lock files."""
+    return tempfile.mkdtemp(prefix="l2t-tests-")
 
 
 def remove_lock_dir(d: str) -> None:
     shutil.rmtree(d, ignore_errors=True)
-    if os.environ.get(LOCK_DIR_ENV) == d:
-        del os.environ[LOCK_DIR_ENV]
 
 
 @contextlib.contextmanager
-def turn(exclusive: bool, lock_dir: str | None = None):
-    """Hold this test's turn: the machine alone if ``exclusive``, else shared with other shared tests.
-    ``lock_dir`` defaults to the run's (LOCK_DIR_ENV); without one, no lock is taken."""
-    lock_dir = lock_dir or os.environ.get(LOCK_DIR_ENV)
+def turn(exclusive: bool, lock_dir: str | None):
+    """Hold this test's turn in ``lock_dir``: the machine alone if ``exclusive``, else shared with
+    other shared tests. Without a directory (not under xdist), no lock is taken."""
     if not lock_dir:
         yield
         return

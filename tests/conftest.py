@@ -33,11 +33,14 @@ torch.set_num_threads(1)
 _LOCK_DIR = pytest.StashKey[str]()
 
 
-def pytest_configure(config):
-    """The controller of an xdist run makes the lock directory of tests marked `exclusive`
-    (tests/_exclusive.py) before its workers start; they inherit it from the environment."""
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist's controller, for each worker it starts: the run's lock directory for tests
+    marked `exclusive` (tests/_exclusive.py), made with the first worker, goes in its workerinput."""
+    config = node.config
+    if _LOCK_DIR not in config.stash:
         config.stash[_LOCK_DIR] = _exclusive.make_lock_dir()
+    node.workerinput[_exclusive.WORKERINPUT_KEY] = config.stash[_LOCK_DIR]
 
 
 def pytest_unconfigure(config):
@@ -61,7 +64,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    with _exclusive.turn(item.get_closest_marker("exclusive") is not None):  # setup, call and teardown
+    lock_dir = getattr(item.config, "workerinput", {}).get(_exclusive.WORKERINPUT_KEY)  # None: not a worker
+    with _exclusive.turn(item.get_closest_marker("exclusive") is not None, lock_dir):  # setup, call and teardown
         yield
 
 

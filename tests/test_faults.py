@@ -274,7 +274,7 @@ def test_a_writer_waits_for_a_holder_that_lets_go(tmp_path):
 
     db = tmp_path / "w.duckdb"
     for through in (False, True):
-        p = _holder(db, 1.5, through_warehouse=through)
+        p = _holder(db, 3.0, through_warehouse=through)  # held 3 s: waited > 0.5 s even if this process is slow to go on
         t0 = time.monotonic()
         with warehouse.connect(DuckDBResource(database=str(db)), timeout=60) as conn:
             waited = time.monotonic() - t0

@@ -43,6 +43,7 @@ def humaneval():
     return load_benchmark("humaneval", allow_download=False)[:10]
 
 
+@pytest.mark.exclusive  # timed
 def test_canonical_solutions_pass_in_parallel(humaneval):
     start = time.monotonic()
     results = run_many([humaneval_program(it, it.answer) for it in humaneval], workers=4, cpu_s=1, timeout_s=10)
@@ -77,6 +78,7 @@ def test_the_work_directory_is_writable_and_removed():
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.exclusive  # timed
 @pytest.mark.parametrize("mode", MODES)
 def test_infinite_loop_times_out(mode):
     start = time.monotonic()
@@ -85,12 +87,13 @@ def test_infinite_loop_times_out(mode):
     assert run_program("print(2 + 2)", isolation=mode).stdout == "4\n"
 
 
+@pytest.mark.exclusive  # timed
 def test_cpu_limit_kills():
     r = run_program("while True:\n    pass", timeout_s=10, cpu_s=1)
     assert r.status == "killed" and "SIGXCPU" in r.detail and r.duration_s < 8
 
 
-@pytest.mark.exclusive
+@pytest.mark.exclusive  # counts the machine's processes
 @pytest.mark.parametrize("mode", MODES)
 def test_fork_bomb_is_contained(mode):
     before = _processes()
@@ -101,7 +104,7 @@ def test_fork_bomb_is_contained(mode):
     assert run_program("print('after')", isolation=mode).stdout == "after\n"
 
 
-@pytest.mark.exclusive
+@pytest.mark.exclusive  # counts the machine's processes
 @needs_namespaces
 def test_fork_bomb_is_contained_by_the_kernel_alone():
     before = _processes()

@@ -165,7 +165,7 @@ def test_python_float_division_gold_answers():
 def test_a_process_first_check_does_not_spend_its_deadline_loading_math_verify():
     """The deadline times the check, not the one-time imports (math-verify, sympy, the LaTeX
     parser: about 1 s, several on a loaded machine, where a correct answer timed out): in a fresh
-    interpreter they are loaded before the deadline's thread starts, and only once."""
+    interpreter they are loaded before the deadline's thread of its first check starts."""
     import subprocess
     import sys
 
