@@ -9,11 +9,24 @@ verification runs beside that forward and on other cores. The verdicts are the v
 in order (each worker runs ``verifier.verify``, deadline included).
 
 A pool that breaks (a worker killed, out of memory) or stalls (no result within the verifier's
-deadline per response, plus a minute) is replaced on the next batch, and the part of the batch it
-lost is verified in the trainer's process: no verdict is lost and the step goes on. An exception
-the verifier itself raises is raised, as it would be in-process. Workers that still run checks
-abandoned past the verifier's deadline are replaced once their batch is in, which stops those
-checks; in the trainer's process (``verify_workers: 0``) an abandoned check runs until it ends.
+deadline per response, plus a minute) is replaced, and the responses it lost are verified again,
+never in the trainer's process (the response that killed a worker would kill the trainer, and on
+resume the same rollouts would kill it again):
+
+1. each lost response alone, in parallel, in the new pool; most losses (a worker killed from
+   outside) end here with the verdicts the lost chunk would have given;
+2. the responses lost again, one at a time in a one-worker process. A response that ends or stalls
+   that worker twice, while a canary check ``("", "0")`` on a fresh worker between the two
+   tries is answered, is scored incorrect with status ``error`` (:data:`POISON_DETAIL`): a
+   response that kills its verifier is not credited, and the step goes on. Where the canary is not
+   answered either, the workers cannot verify at all (not the responses' fault), and what is left
+   is verified in the trainer's process, with a warning.
+
+No verdict is lost and none is invented: every verdict is the verifier's own, or ``error`` for a
+response proven to kill or stall it. An exception the verifier itself raises is raised, as it
+would be in-process. Workers that still run checks abandoned past the verifier's deadline are
+replaced once their batch is in, which stops those checks; in the trainer's process
+(``verify_workers: 0``) an abandoned check runs until it ends.
 """
 
 from __future__ import annotations
@@ -31,6 +44,10 @@ from .verify import Verdict, Verifier, abandoned_checks
 
 log = logging.getLogger(__name__)
 
+POISON_DETAIL = "the verification worker ended or stalled on this response twice (a healthy worker answered between)"
+CANARY = ("", "0")  # a check every verifier answers at once (no answer), or raises for: either way, alive
+_LOST = (BrokenProcessPool, CancelledError, FutureTimeout)
+
 
 def _verify_chunk(verifier: Verifier, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
     return [verifier.verify(response, reference) for response, reference in pairs]
@@ -43,6 +60,19 @@ def _verify_chunk_in_worker(verifier: Verifier, pairs: Sequence[tuple[str, str]]
     return _verify_chunk(verifier, pairs), abandoned_checks()
 
 
+def _spawn(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the trainer's process holds CUDA and torch's thread pools
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _kill(executor: ProcessPoolExecutor) -> None:
+    """End ``executor``'s workers now: a stalled (even stopped) worker is not ended by
+    ``shutdown()``, and they hold no state."""
+    for proc in list((getattr(executor, "_processes", None) or {}).values()):
+        proc.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
 class PendingVerdicts:
     """Verdicts on their way from the pool (:meth:`VerifierPool.submit`)."""
 
@@ -51,9 +81,11 @@ class PendingVerdicts:
         self._pool, self._chunks, self._futures = pool, chunks, futures
 
     def result(self) -> list[Verdict]:
-        """Every verdict, in the order submitted; a chunk whose worker died or stalled is verified here."""
-        out: list[Verdict] = []
-        per_check = float(getattr(self._pool.verifier, "timeout_s", 5.0))
+        """Every verdict, in the order submitted; the responses of a chunk whose worker died or
+        stalled are verified again in new workers (the module's docstring)."""
+        out: list[Verdict | None] = []
+        lost: list[int] = []
+        per_check = self._pool.per_check_s
         stuck: dict[int, tuple[ProcessPoolExecutor, int]] = {}
         for chunk, sent in zip(self._chunks, self._futures):
             if sent is not None:
@@ -64,12 +96,17 @@ class PendingVerdicts:
                     if abandoned:
                         stuck[id(executor)] = executor, max(abandoned, stuck.get(id(executor), (None, 0))[1])
                     continue
-                except (BrokenProcessPool, CancelledError, FutureTimeout) as exc:
+                except _LOST as exc:
                     self._pool._broken(exc, executor)
-            out.extend(_verify_chunk(self._pool.verifier, chunk))
+            lost.extend(range(len(out), len(out) + len(chunk)))
+            out.extend([None] * len(chunk))
         for executor, abandoned in stuck.values():  # the batch is in: its workers are idle
             self._pool._recycle(executor, abandoned)
-        return out
+        if lost:
+            pairs = [pair for chunk in self._chunks for pair in chunk]
+            for i, verdict in self._pool._recover({i: pairs[i] for i in lost}).items():
+                out[i] = verdict
+        return out  # type: ignore[return-value]
 
 
 class VerifierPool:
@@ -88,12 +125,97 @@ class VerifierPool:
         self._executor: ProcessPoolExecutor | None = None
         self.breaks = 0  # how many times a broken pool was replaced
         self.recycles = 0  # how many times workers with abandoned checks were replaced
+        self.poisoned = 0  # responses scored ``error`` because they ended or stalled their worker twice
+        self.in_process = 0  # responses verified in this process because no worker could verify at all
+
+    @property
+    def per_check_s(self) -> float:
+        """The verifier's deadline per check (5 s where it has none), from which stalls are judged."""
+        return float(getattr(self.verifier, "timeout_s", 5.0))
 
     def _get(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            # spawn, not fork: the trainer's process holds CUDA and torch's thread pools
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._executor = _spawn(self.workers)
         return self._executor
+
+    def _recover(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
+        """Verdicts of the responses a broken or stalled pool lost (the module's docstring, steps 1-2)."""
+        log.warning("verifying the %d response(s) the failed pool lost again, each alone in new workers", len(lost))
+        out: dict[int, Verdict] = {}
+        executor = self._get()
+        sent: dict[int, Future | None] = {}
+        for i, pair in lost.items():
+            try:
+                sent[i] = executor.submit(_verify_chunk_in_worker, self.verifier, [pair])
+            except BrokenProcessPool as exc:
+                self._broken(exc, executor)
+                sent[i] = None
+        abandoned = 0
+        for i, fut in sent.items():
+            if fut is None:
+                continue
+            try:
+                verdicts, left = fut.result(timeout=self.per_check_s + self.stall_slack_s)
+                out[i], abandoned = verdicts[0], max(abandoned, left)
+            except _LOST as exc:
+                self._broken(exc, executor)
+        if abandoned:
+            self._recycle(executor, abandoned)
+        again = {i: pair for i, pair in lost.items() if i not in out}
+        if again:
+            out.update(self._isolate(again))
+        return out
+
+    def _isolate(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
+        """Step 2: each response alone in a one-worker process, tried twice with a canary between."""
+        log.warning("verifying %d response(s) one at a time in an isolated worker: one of them ended or stalled "
+                    "the verification workers", len(lost))
+        out: dict[int, Verdict] = {}
+        worker: list[ProcessPoolExecutor | None] = [None]
+
+        def attempt(pair: tuple[str, str]) -> Verdict | None:
+            """The verdict of ``pair`` in the isolated worker, or None if the worker died or stalled on it."""
+            if worker[0] is None:
+                worker[0] = _spawn(1)
+            try:
+                verdicts, abandoned = worker[0].submit(_verify_chunk_in_worker, self.verifier, [pair]).result(
+                    timeout=self.per_check_s + self.stall_slack_s)
+            except _LOST:  # the verifier's own error is raised, as in-process
+                _kill(worker[0])
+                worker[0] = None
+                return None
+            if abandoned:  # a check past its deadline runs on in that worker: end it before the next
+                _kill(worker[0])
+                worker[0] = None
+            return verdicts[0]
+
+        try:
+            items = list(lost.items())
+            for k, (i, pair) in enumerate(items):
+                verdict = attempt(pair)
+                if verdict is None:
+                    try:
+                        canary_answered = attempt(CANARY) is not None
+                    except Exception:  # noqa: BLE001 - the verifier raised on the canary: the worker is alive
+                        canary_answered = True
+                    if not canary_answered:
+                        rest = items[k:]
+                        self.in_process += len(rest)
+                        log.warning("a fresh verification worker cannot answer even the canary check; verifying "
+                                    "the %d response(s) left in this process", len(rest))
+                        out.update((j, self.verifier.verify(*p)) for j, p in rest)
+                        return out
+                    verdict = attempt(pair)
+                if verdict is None:
+                    self.poisoned += 1
+                    log.warning("response %d of the batch ended or stalled its verification worker twice: scored "
+                                "incorrect with status 'error' (first 200 characters: %r)", i, pair[0][:200])
+                    verdict = Verdict(False, "error", None, POISON_DETAIL)
+                out[i] = verdict
+            return out
+        finally:
+            if worker[0] is not None:
+                _kill(worker[0])
 
     def _broken(self, exc: BaseException, executor: ProcessPoolExecutor | None) -> None:
         """Replace ``executor`` (the one a failed chunk went to) if it is still the pool's."""
@@ -102,10 +224,7 @@ class VerifierPool:
             log.warning("verification worker pool failed (%s%s); verifying the rest of this batch in-process and "
                         "starting a new pool for the next", type(exc).__name__, f": {exc}" if str(exc) else "")
             self._executor = None
-            # a stalled (even stopped) worker is not ended by shutdown(); kill them all (they hold no state)
-            for proc in list((getattr(executor, "_processes", None) or {}).values()):
-                proc.kill()
-            executor.shutdown(wait=False, cancel_futures=True)
+            _kill(executor)
 
     def _recycle(self, executor: ProcessPoolExecutor, abandoned: int) -> None:
         """Replace ``executor``, whose workers run checks abandoned past their deadline, if it is
@@ -115,9 +234,7 @@ class VerifierPool:
             log.warning("a verification worker still runs %d check(s) abandoned past the verifier's deadline; "
                         "replacing the workers so they stop", abandoned)
             self._executor = None
-            for proc in list((getattr(executor, "_processes", None) or {}).values()):
-                proc.kill()
-            executor.shutdown(wait=False, cancel_futures=True)
+            _kill(executor)
 
     def submit(self, responses: Sequence[str], references: Sequence[str]) -> PendingVerdicts:
         """Start verifying ``responses`` against ``references``; returns at once."""

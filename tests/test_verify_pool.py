@@ -8,7 +8,7 @@ import time
 import pytest
 
 from l2t_core.verify import MathVerifier, NumericVerifier, Verdict, run_with_deadline
-from l2t_core.verify_pool import VerifierPool
+from l2t_core.verify_pool import POISON_DETAIL, VerifierPool
 
 # checks run against short deadlines and workers are killed and counted: alone under make test's two workers
 pytestmark = pytest.mark.exclusive
@@ -67,6 +67,35 @@ class HangingVerifier:
         if response == "hang":
             run_with_deadline(lambda: time.sleep(60), self.timeout_s)
             return Verdict(False, "timeout")
+        return NumericVerifier().verify(response, reference)
+
+
+def _in_worker() -> bool:
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
+class PoisonVerifier:
+    """Numeric verification, except that the response "die" ends the worker's process (as a
+    segfault or the OOM killer would) and "hang" holds it for good without a deadline (as a check
+    holding the interpreter in C would); ``everything=True``: every check ends its worker. In the
+    test's own process (the trainer's) it refuses: a lost chunk must not be verified there."""
+
+    timeout_s = 0.01
+
+    def __init__(self, everything: bool = False):
+        self.everything = everything
+
+    def verify(self, response: str, reference: str) -> Verdict:
+        if not _in_worker():
+            if self.everything:
+                return NumericVerifier().verify(response, reference)
+            raise AssertionError(f"{response!r} verified in the trainer's process")
+        if response == "die" or self.everything:
+            os._exit(3)
+        if response == "hang":
+            time.sleep(3600)
         return NumericVerifier().verify(response, reference)
 
 
@@ -143,12 +172,12 @@ class TimedSlowVerifier(SlowVerifier):
     timeout_s = 0.01  # the deadline per check the pool's stall limit is built from
 
 
-def test_a_stalled_worker_is_replaced_and_its_chunk_verified_in_process():
+def test_stopped_workers_are_replaced_and_their_chunks_verified_again_in_new_workers():
     n = 16
     responses = [f"\\boxed{{{k}}}" for k in range(n)]
     refs = [str(k) for k in range(n)]
     expected = [NumericVerifier().verify(r, a) for r, a in zip(responses, refs)]
-    with VerifierPool(TimedSlowVerifier(0.05), workers=2, stall_slack_s=1.0) as pool:
+    with VerifierPool(TimedSlowVerifier(0.05), workers=2, stall_slack_s=3.0) as pool:
         assert pool.verify(responses[:2], refs[:2]) == expected[:2]  # the workers are up
         stopped = list(pool._executor._processes.values())
         for proc in stopped:  # workers that never answer
@@ -160,6 +189,39 @@ def test_a_stalled_worker_is_replaced_and_its_chunk_verified_in_process():
         for proc in stopped:
             assert _ended(proc)  # killed, not left stopped
         assert pool.verify(responses[:4], refs[:4]) == expected[:4]
+
+
+def test_a_response_that_kills_its_worker_scores_error_and_the_rest_keep_their_verdicts():
+    n = 12
+    responses = [f"\\boxed{{{k}}}" for k in range(n)]
+    refs = [str(k if k % 4 else k + 1) for k in range(n)]
+    responses[5] = "die"
+    expected = [NumericVerifier().verify(r, a) for r, a in zip(responses, refs)]
+    expected[5] = Verdict(False, "error", None, POISON_DETAIL)
+    with VerifierPool(PoisonVerifier(), workers=2) as pool:
+        assert pool.verify(responses, refs) == expected
+        assert (pool.poisoned, pool.in_process) == (1, 0) and pool.breaks >= 1
+        assert pool.verify(responses[:4], refs[:4]) == expected[:4]  # new workers for the next batch
+
+
+def test_a_response_that_hangs_its_worker_scores_error():
+    responses = [f"\\boxed{{{k}}}" for k in range(5)] + ["hang"]
+    refs = [str(k) for k in range(6)]
+    expected = [NumericVerifier().verify(r, a) for r, a in zip(responses, refs)]
+    expected[-1] = Verdict(False, "error", None, POISON_DETAIL)
+    with VerifierPool(PoisonVerifier(), workers=2, stall_slack_s=2.0) as pool:
+        assert pool.verify(responses, refs) == expected
+        assert (pool.poisoned, pool.in_process) == (1, 0)
+
+
+def test_workers_that_cannot_verify_at_all_leave_the_batch_to_the_trainers_process():
+    """Where a fresh worker cannot answer even the canary, the responses are not to blame: none is
+    scored ``error``; they are verified in this process."""
+    responses = [f"\\boxed{{{k}}}" for k in range(6)]
+    refs = [str(k % 3) for k in range(6)]
+    with VerifierPool(PoisonVerifier(everything=True), workers=2) as pool:
+        assert pool.verify(responses, refs) == [NumericVerifier().verify(r, a) for r, a in zip(responses, refs)]
+        assert (pool.poisoned, pool.in_process) == (0, 6)
 
 
 def test_workers_running_abandoned_checks_are_replaced_once_their_batch_is_in():
