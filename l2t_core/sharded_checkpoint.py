@@ -119,7 +119,7 @@ def _save_uploaded(storage: RunStorage, step: int, rank: int, engine, write_main
     # an upload cut short, or a stale checkpoint of this step, must not mix with this one's shards
     on_rank_0(rank == 0, lambda: storage.clear_checkpoint(step), f"remove an earlier, incomplete checkpoint of step {step}")
     with tempfile.TemporaryDirectory(prefix=f"l2t-shard-{step:06d}-rank{rank}-") as tmp:
-        engine.save_state(Path(tmp))
+        on_every_rank(lambda: engine.save_state(Path(tmp)), f"save its engine state into {tmp}")
         whole = weights_to_save(engine.unwrapped(), keep=rank == 0)
         on_every_rank(lambda: storage.upload_into_checkpoint(step, Path(tmp)),
                       f"upload its engine shard of step {step} to {redact_url(storage.checkpoint_url(step))}")

@@ -12,23 +12,26 @@ from pathlib import Path
 import pytest
 
 
-CASES = ["agreement", "shared", "own_copy", "download_fails", "read_fails"]
+CASES = ["agreement", "shared", "own_copy", "download_fails", "read_fails", "save_fails_local", "save_fails_uploaded"]
 
 
 def _two_ranks(rank: int, world: int, init: str, out: str, cases: list[str]) -> None:
     """One rank of a two-process gloo group: runs each of ``cases`` in turn (one spawn: each costs
     seconds of imports) and writes what it saw to out/<case>-rank<r>.json."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a rank left waiting in a collective fails the test in two minutes rather than hanging it
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     for case in cases:
-        seen = _run_case(rank, case)
+        seen = _run_case(rank, case, out)
         Path(out, f"{case}-rank{rank}.json").write_text(json.dumps(seen))
         dist.barrier()
     dist.destroy_process_group()
 
 
-def _run_case(rank: int, case: str) -> dict:
+def _run_case(rank: int, case: str, out: str) -> dict:
     import torch.distributed as dist
 
     from l2t_core import sharded_checkpoint
@@ -54,6 +57,31 @@ def _run_case(rank: int, case: str) -> dict:
         seen["every_ok"] = outcome(lambda: on_every_rank(lambda: rank + 1, "count"))
         seen["rank0_fails"] = outcome(lambda: on_rank_0(rank == 0, lambda: 1 / 0, "publish"))
         seen["rank0_ok"] = outcome(lambda: on_rank_0(rank == 0, lambda: "published", "publish"))
+    elif case.startswith("save_fails"):
+        import torch
+
+        class Engine:  # a DeepSpeed engine's checkpoint surface; rank 1's disk is full on the first save
+            fail = True
+
+            def save_state(self, d: Path) -> None:
+                if rank == 1 and self.fail:
+                    raise OSError(28, "No space left on device")
+                (d / f"shard-rank{rank}.pt").write_text("optimizer shard")
+
+            def unwrapped(self) -> torch.nn.Module:
+                return torch.nn.Linear(2, 2)
+
+        engine = Engine()
+        root = Path(out, "save_root") if case.endswith("local") else None
+        store = RunStorage(str(root) if root else f"memory://l2t-save-{os.getpid()}")
+
+        def write_main(d: Path, whole) -> None:
+            (d / "config.json").write_text("{}")
+
+        save = lambda: sharded_checkpoint.save_sharded(store, 1, rank=rank, engine=engine, write_main=write_main)  # noqa: E731
+        seen["first"] = outcome(save)
+        engine.fail = False
+        seen["again"] = outcome(save)  # the ranks are still in step: the next save completes
     else:  # host_local_copy: every process holds the same checkpoint in its own in-memory filesystem
         store = RunStorage(f"memory://l2t-host-copy-{os.getpid()}-{case}")
         store.write_checkpoint(3, lambda d: (d / "model.txt").write_text("weights of step 3"))
@@ -138,6 +166,17 @@ def test_host_local_copy_downloads_once_per_host(two_rank_cases, case):
     else:
         assert r1["read"] == {"error": "ValueError: unreadable config"}
         assert r0["read"]["error"].startswith("RuntimeError: another rank failed while reading the checkpoint")
+
+
+@pytest.mark.parametrize("where", ["local", "uploaded"])
+def test_a_rank_that_fails_to_save_its_engine_state_stops_both(two_rank_cases, where):
+    """save_sharded, on a shared filesystem (staged) and on an object store (uploaded): a rank whose
+    engine state cannot be saved raises its error, the other a RuntimeError naming it, at once
+    (neither waits for the other in a later collective); the next save completes on both."""
+    r0, r1 = _reports(two_rank_cases, f"save_fails_{where}")
+    assert r1["first"] == {"error": "OSError: [Errno 28] No space left on device"}
+    assert r0["first"]["error"].startswith("RuntimeError: rank 1 failed to save its engine state into ")
+    assert r0["again"]["result"].rstrip("/").endswith("checkpoints/step-000001") and r1["again"] == {"result": None}
 
 
 def test_object_store_checkpoints_from_uploaded_shards(tmp_path):
