@@ -4,6 +4,7 @@ schema and replaces its partition's rows in DuckDB (see :mod:`l2t_pipeline.wareh
 """
 
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from l2t_core.config import TrainConfig
+from l2t_core.model_lock import using_model
 from l2t_core.models import load_policy
 from l2t_core.trainer import MEMORY_COLUMNS
 
@@ -133,6 +135,17 @@ def base_model_path(name: str, entry: ModelEntry, storage: L2TStorage) -> str:
     return str(d)
 
 
+def base_model_in_use(context, name: str, entry: ModelEntry, storage: L2TStorage, *, rebuild: bool = False):
+    """Hold base model ``name``'s directory while this step reads it, or exclusively while
+    base_model rebuilds it (``rebuild``); the step fails at once, naming the other steps, where
+    they exclude it (:mod:`l2t_core.model_lock`). A ``pretrained`` entry is the registry's, never
+    rebuilt here: nothing to hold."""
+    if entry.kind == "pretrained":
+        return contextlib.nullcontext()
+    who = f"{context.asset_key.to_user_string()}[{context.partition_key}] of Dagster run {context.run.run_id}"
+    return using_model(storage.model_dir(name), exclusive=rebuild, who=who)
+
+
 def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: str | None, path: str) -> pd.DataFrame:
     out = evals.copy()
     out["model_kind"] = kind
@@ -142,16 +155,12 @@ def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: 
     return out
 
 
-@dg.asset(partitions_def=base_models_partitions, group_name="models", kinds={"pytorch", "duckdb"},
-          description="The base policy of a partition: the embedded default warm-started by SFT on the "
-                      "synthetic task, a registry model, or a registry model fine-tuned by `l2t sft` on traces; "
-                      "its baseline evaluation goes to eval_results.")
-def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: L2TStorage,
-               registry: ModelRegistry, training_data: TrainingData, evaluator: Evaluator,
-               duckdb: DuckDBResource, launcher: TrainingLauncher) -> dg.MaterializeResult:
-    name = context.partition_key
-    entry = registry.get(name)
-    meta: dict = {"kind": entry.kind}
+def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: ModelEntry, storage: L2TStorage,
+                      config: BaseModelConfig, training_data: TrainingData, evaluator: Evaluator,
+                      launcher: TrainingLauncher) -> dict:
+    """Build (or reuse) the warm start or the SFT of base model ``name`` (nothing for a
+    ``pretrained`` entry); the metadata that says how."""
+    meta: dict = {}
     if entry.kind == "warmstart":
         if not training_data.synthetic:
             raise ValueError(f"base model {name!r} is a warm start, which needs a synthetic task as training data; "
@@ -173,9 +182,25 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
                     sft_answers_correct=f"{report['answers']['correct']} of {report['answers']['checked']}")
         if plot.is_file():
             meta["sft_loss_plot"] = dg.MetadataValue.path(str(plot))
-    path = base_model_path(name, entry, storage)
-    context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
-    evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)
+    return meta
+
+
+@dg.asset(partitions_def=base_models_partitions, group_name="models", kinds={"pytorch", "duckdb"},
+          description="The base policy of a partition: the embedded default warm-started by SFT on the "
+                      "synthetic task, a registry model, or a registry model fine-tuned by `l2t sft` on traces; "
+                      "its baseline evaluation goes to eval_results.")
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: L2TStorage,
+               registry: ModelRegistry, training_data: TrainingData, evaluator: Evaluator,
+               duckdb: DuckDBResource, launcher: TrainingLauncher) -> dg.MaterializeResult:
+    name = context.partition_key
+    entry = registry.get(name)
+    meta: dict = {"kind": entry.kind}
+    with base_model_in_use(context, name, entry, storage, rebuild=True):
+        meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
+    with base_model_in_use(context, name, entry, storage):
+        path = base_model_path(name, entry, storage)
+        context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
+        evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
@@ -215,9 +240,10 @@ def segmented_rollouts(context: dg.AssetExecutionContext, config: RolloutSamplin
                        storage: L2TStorage, registry: ModelRegistry, training_data: TrainingData,
                        duckdb: DuckDBResource) -> pd.DataFrame:
     name = context.partition_key
-    path = base_model_path(name, registry.get(name), storage)
+    entry = registry.get(name)
+    with base_model_in_use(context, name, entry, storage):  # until its weights are loaded
+        model, tok = load_policy(base_model_path(name, entry, storage))
     prompts = datasets[(datasets["dataset"] == training_data.dataset_name) & (datasets["split"] == "train")]
-    model, tok = load_policy(path)
     model.eval()
     df = sample_base_rollouts(model, tok, prompts.head(config.prompts), training_data.to_core(), name,
                               n=config.group_size, temperature=config.temperature,
@@ -241,7 +267,9 @@ def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, s
                     storage: L2TStorage, registry: ModelRegistry, training_data: TrainingData,
                     duckdb: DuckDBResource) -> pd.DataFrame:
     name = context.partition_key
-    model, tok = load_policy(base_model_path(name, registry.get(name), storage))
+    entry = registry.get(name)
+    with base_model_in_use(context, name, entry, storage):  # until its weights are loaded
+        model, tok = load_policy(base_model_path(name, entry, storage))
     model.eval()
     episodes, scored = score_base_rollouts(model, tok, segmented_rollouts, config.method, config.to_core(),
                                            training_data.to_core())
@@ -306,7 +334,17 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
                 registry: ModelRegistry, training_data: TrainingData, launcher: TrainingLauncher,
                 duckdb: DuckDBResource) -> dg.MaterializeResult:
     base, method = split_run_key(context)
-    policy = base_model_path(base, registry.get(base), storage)
+    entry = registry.get(base)
+    # held for the whole run: it fingerprints the base weights here, loads them, and loads them again
+    # as its reference policy whenever it resumes
+    with base_model_in_use(context, base, entry, storage):
+        return _train(context, config, storage, training_data, launcher, duckdb, base, method,
+                      base_model_path(base, entry, storage))
+
+
+def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L2TStorage, training_data: TrainingData,
+           launcher: TrainingLauncher, duckdb: DuckDBResource, base: str, method: str, policy: str) -> dg.MaterializeResult:
+    """checkpoints' run of ``method`` on the base policy at ``policy``, launched and recorded."""
     # the config as the launcher runs it (e.g. device and engine on a GPU pod), so that the hash, the
     # run directory and the recorded config_json describe what really trains
     draft = launcher.placed_config(config.to_core(policy=policy, method=method, out="unset",
@@ -372,7 +410,8 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
                       evaluator: Evaluator, duckdb: DuckDBResource) -> pd.DataFrame:
     base, method = split_run_key(context)
     asset_key, pk = _key(context)
-    base_path = base_model_path(base, registry.get(base), storage)
+    entry = registry.get(base)
+    base_path = base_model_path(base, entry, storage)
     # the warehouse is locked only to read and to write: evaluating takes minutes to hours (and the
     # fingerprint reads the benchmark, maybe from the hub), and holding the lock meanwhile would
     # fail every other writer (WarehouseBusy)
@@ -385,7 +424,8 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
         raise dg.Failure(f"no training run recorded for {pk}; materialize checkpoints[{pk}] first")
     run = runs.iloc[0]
     if base_evals is None:
-        base_evals = with_model_columns(evaluator.evaluate(base_path), "base", base, None, base_path)
+        with base_model_in_use(context, base, entry, storage):
+            base_evals = with_model_columns(evaluator.evaluate(base_path), "base", base, None, base_path)
     with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
         ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"])
     evals = pd.concat([base_evals, ckpt], ignore_index=True)

@@ -374,7 +374,46 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
         third = materialize()
         assert third["reused"] is False and third["sft_examples"] == 6
         assert (models / "s" / "model.safetensors").read_bytes() != weights
-    assert sorted(p.name for p in models.iterdir()) == ["s"]
+    assert sorted(p.name for p in models.iterdir()) == [".locks", "s"]  # no staging or old directory left
+    locks = models / ".locks"  # l2t_core.model_lock's, no holder left
+    assert sorted(p.name for p in locks.iterdir()) == ["s.lock", "s.users"] and not any((locks / "s.users").iterdir())
+
+
+def test_a_base_model_is_not_rebuilt_under_a_run_that_reads_it_nor_read_while_rebuilt(tiny_dir, tmp_path):
+    """base_model[s] fails at once, naming the training run that reads the model, and builds
+    nothing; checkpoints[s|grpo] fails at once while base_model[s] rebuilds (l2t_core.model_lock)."""
+    from l2t_core.model_lock import using_model
+    from l2t_pipeline.assets import base_model, checkpoints
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.partitions import run_key
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text('{"problem": "Compute 1 + 1.", "answer": "2", "response": "<think>\\n1 + 1 = 2.\\n</think>\\n\\\\boxed{2}"}\n')
+    registry = write_registry(tmp_path / "registry.yaml", {"s": {
+        "kind": "sft", "path": str(tiny_dir), "data": str(traces), "settings": ["steps=2", "batch_size=2", "device=cpu"]}})
+    models = tmp_path / "models"
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(models)),
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
+
+    def failure(asset, key) -> str:
+        res = dg.materialize([*ASSETS, *all_checks], selection=[asset], partition_key=key, resources=resources,
+                             instance=instance, raise_on_error=False)
+        assert not res.success
+        return str(res.get_step_failure_events()[0].event_specific_data.error)
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("base_models", ["s"])
+        with using_model(models / "s", exclusive=False, who="checkpoints[s|grpo] of Dagster run r1"):
+            msg = failure(base_model, "s")
+        assert "ModelInUse" in msg and "cannot rebuild" in msg and "checkpoints[s|grpo] of Dagster run r1" in msg
+        assert not (models / "s").exists()  # nothing trained
+        with using_model(models / "s", exclusive=True, who="base_model[s] of Dagster run r2"):
+            msg = failure(checkpoints, run_key("s", "grpo"))
+        assert "cannot read" in msg and "being rebuilt by base_model[s] of Dagster run r2" in msg
 
 
 def test_a_failed_sft_rebuild_keeps_the_model_it_would_replace(tmp_path, monkeypatch):

@@ -1,0 +1,104 @@
+"""A model directory in use: shared by the jobs that read it, exclusive to the job that rebuilds it.
+
+The pipeline rebuilds a base model in place (a warm start rewrites its weights, an SFT swaps a new
+directory in) while training runs, rollouts and evaluations of that model may be reading it. A
+training run could then load half-written weights, fingerprint the old weights and train on the
+new ones, or, resumed, load a reference policy other than the one it started with.
+:func:`using_model` takes an advisory lock (``flock``) on a file beside the directory (a
+rebuild replaces the directory itself): any number of readers hold it shared, a rebuild holds
+it exclusively, and neither waits: one that cannot have it raises :class:`ModelInUse`, naming the
+holders, at once (a rebuild waiting behind a training run would wait for hours, unseen).
+
+The lock is ``.locks/<name>.lock`` beside the model directories. Each holder also leaves a note
+(``.locks/<name>.users/<host>-<pid>-<n>``: what it is) for that message;
+the lock itself is the kernel's and ends with its process, so a holder killed with ``kill -9``
+blocks nobody, and its note is removed by the next holder on the same host. The lock works
+between processes of one machine and, on a shared volume that supports ``flock`` (NFSv4: Linux
+maps it to a byte-range lock), between machines.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+_COUNTER = itertools.count()
+
+
+class ModelInUse(RuntimeError):
+    """The model directory is locked by another job in a way that excludes this one."""
+
+
+LOCKS = ".locks"  # beside the model directories: a rebuild may replace a model's directory
+
+
+def lock_path(model_dir: Path) -> Path:
+    """The lock file of ``model_dir``: ``<parent>/.locks/<name>.lock``."""
+    return model_dir.parent / LOCKS / f"{model_dir.name}.lock"
+
+
+def _notes_dir(model_dir: Path) -> Path:
+    return model_dir.parent / LOCKS / f"{model_dir.name}.users"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def holders(model_dir: Path) -> list[str]:
+    """What the live holders of ``model_dir``'s lock said they are, sorted; notes of dead
+    processes on this host are removed (those of other hosts are listed as they are)."""
+    notes = _notes_dir(model_dir)
+    host = socket.gethostname()
+    out = []
+    for note in sorted(notes.glob("*")) if notes.is_dir() else []:
+        note_host, _, pid = note.name.rpartition("-")[0].rpartition("-")  # <host>-<pid>-<n>
+        if note_host == host and pid.isdigit() and not _alive(int(pid)):
+            note.unlink(missing_ok=True)
+            continue
+        try:
+            out.append(note.read_text())
+        except OSError:  # removed by its holder meanwhile
+            continue
+    return out
+
+
+@contextmanager
+def using_model(model_dir: str | Path, *, exclusive: bool, who: str) -> Iterator[None]:
+    """Hold ``model_dir`` shared (to read it) or ``exclusive`` (to rebuild it) for the ``with``
+    block; ``who`` says what holds it, for another job's error. Raises :class:`ModelInUse` at once
+    where a holder excludes this one."""
+    model_dir = Path(model_dir)
+    lock_path(model_dir).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(model_dir), os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            others = holders(model_dir)
+            by = "; ".join(others) if others else "a job that left no note (another host, or one just starting)"
+            if exclusive:
+                raise ModelInUse(f"cannot rebuild {model_dir}: it is in use by {by}. Rebuilding would change the "
+                                 f"weights under them; run this again once they are done, or cancel them") from None
+            raise ModelInUse(f"cannot read {model_dir}: it is being rebuilt by {by}. Run this again once that "
+                             f"is done") from None
+        note = _notes_dir(model_dir) / f"{socket.gethostname()}-{os.getpid()}-{next(_COUNTER)}"
+        note.parent.mkdir(exist_ok=True)
+        note.write_text(f"{who} ({'rebuilding' if exclusive else 'reading'}, pid {os.getpid()})")
+        try:
+            yield
+        finally:
+            note.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the lock

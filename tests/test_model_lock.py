@@ -1,0 +1,61 @@
+"""l2t_core.model_lock: readers share a model directory, a rebuild has it alone, and whoever cannot
+have it fails at once, naming the holders; a killed holder blocks nobody."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from l2t_core.model_lock import ModelInUse, holders, lock_path, using_model
+
+
+def test_readers_share_and_a_rebuild_is_refused_while_they_read(tmp_path):
+    d = tmp_path / "models" / "tiny-sft"
+    with using_model(d, exclusive=False, who="checkpoints[tiny-sft|l2t] of run a"):
+        with using_model(d, exclusive=False, who="benchmark_reports[tiny-sft|grpo] of run b"):
+            assert sorted(holders(d)) == [f"benchmark_reports[tiny-sft|grpo] of run b (reading, pid {os.getpid()})",
+                                          f"checkpoints[tiny-sft|l2t] of run a (reading, pid {os.getpid()})"]
+            with pytest.raises(ModelInUse, match=r"cannot rebuild .*tiny-sft: it is in use by checkpoints"
+                                                 r"\[tiny-sft\|l2t\] of run a .*; benchmark_reports\[tiny-sft\|grpo\] "
+                                                 r"of run b .*run this again once they are done"):
+                with using_model(d, exclusive=True, who="base_model[tiny-sft]"):
+                    pytest.fail("rebuilt under its readers")
+    assert holders(d) == []  # notes go with their holders
+    with using_model(d, exclusive=True, who="base_model[tiny-sft] of run c"):
+        with pytest.raises(ModelInUse, match=r"cannot read .*tiny-sft: it is being rebuilt by base_model\[tiny-sft\] "
+                                             r"of run c \(rebuilding"):
+            with using_model(d, exclusive=False, who="segmented_rollouts[tiny-sft]"):
+                pytest.fail("read while rebuilt")
+        with pytest.raises(ModelInUse, match="cannot rebuild"):
+            with using_model(d, exclusive=True, who="base_model[tiny-sft] of run d"):
+                pytest.fail("two rebuilds at once")
+    with using_model(d, exclusive=True, who="base_model[tiny-sft] of run e"):  # free again
+        pass
+    assert lock_path(d).parent.parent == d.parent and not d.exists()  # the lock lies beside the directory, never in it
+
+
+def test_a_holder_in_another_process_excludes_and_a_killed_one_does_not(tmp_path):
+    d = tmp_path / "m"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from l2t_core.model_lock import using_model
+        with using_model({str(d)!r}, exclusive=False, who="checkpoints[m|grpo] of run x"):
+            print("held", flush=True)
+            time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ModelInUse, match=rf"checkpoints\[m\|grpo\] of run x \(reading, pid {holder.pid}\)"):
+            with using_model(d, exclusive=True, who="base_model[m]"):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        assert holders(d) == []  # the dead holder's note is cleared
+        with using_model(d, exclusive=True, who="base_model[m]"):  # the kernel dropped its lock
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
