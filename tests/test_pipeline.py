@@ -329,6 +329,19 @@ def test_registry_validates_sft_entries(tmp_path):
 
 
 @pytest.mark.slow
+def sft_entry_resources(tmp_path, tiny_dir, traces) -> dict:
+    """Resources of a pipeline whose registry has one ``sft`` entry ``s`` (the tiny model, 2 SFT steps on
+    ``traces``), models in tmp_path/models, a one-problem held-out evaluation."""
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+
+    registry = write_registry(tmp_path / "registry.yaml", {"s": {
+        "kind": "sft", "path": str(tiny_dir), "data": str(traces), "settings": ["steps=2", "batch_size=2", "device=cpu"]}})
+    return {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
+            "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+            "training_data": TrainingData(train_size=4, max_steps=1),
+            "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
+
+
 def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tiny_dir, tmp_path):
     """base_model[s] of kind ``sft``: fine-tunes the registry model on its traces into the models
     directory and evaluates it; materialized again it reuses that SFT; after the traces change it
@@ -338,7 +351,6 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
     from l2t_pipeline.assets import base_model
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
-    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
 
     traces = tmp_path / "traces.jsonl"
 
@@ -348,13 +360,8 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
                                               f"\\boxed{{{i + 1}}}"}) + "\n" for i in range(n)))
 
     write_traces(4)
-    registry = write_registry(tmp_path / "registry.yaml", {"s": {
-        "kind": "sft", "path": str(tiny_dir), "data": str(traces), "settings": ["steps=2", "batch_size=2", "device=cpu"]}})
     models = tmp_path / "models"
-    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
-                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(models)),
-                 "training_data": TrainingData(train_size=4, max_steps=1),
-                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
+    resources = sft_entry_resources(tmp_path, tiny_dir, traces)
 
     def materialize() -> dict:
         res = dg.materialize([*ASSETS, *all_checks], selection=[base_model], partition_key="s", resources=resources,
@@ -387,17 +394,11 @@ def test_a_base_model_is_not_rebuilt_under_a_run_that_reads_it_nor_read_while_re
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
     from l2t_pipeline.partitions import run_key
-    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
 
     traces = tmp_path / "traces.jsonl"
     traces.write_text('{"problem": "Compute 1 + 1.", "answer": "2", "response": "<think>\\n1 + 1 = 2.\\n</think>\\n\\\\boxed{2}"}\n')
-    registry = write_registry(tmp_path / "registry.yaml", {"s": {
-        "kind": "sft", "path": str(tiny_dir), "data": str(traces), "settings": ["steps=2", "batch_size=2", "device=cpu"]}})
     models = tmp_path / "models"
-    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
-                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(models)),
-                 "training_data": TrainingData(train_size=4, max_steps=1),
-                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
+    resources = sft_entry_resources(tmp_path, tiny_dir, traces)
 
     def failure(asset, key) -> str:
         res = dg.materialize([*ASSETS, *all_checks], selection=[asset], partition_key=key, resources=resources,
