@@ -495,7 +495,7 @@ class TrainConfig(_Strict):
         "(l2t_core.verify_pool): spawned once, reused every step, the same verdicts. 0: in the trainer's process, "
         "before the pass. Worth it where verification takes a share of the step and cores are free (a GPU node); "
         "a worker that dies or stalls is replaced and its rollouts verified again in new workers; a rollout that "
-        "kills its worker twice scores 0 with status 'error'."))
+        "kills two workers that could verify scores 0 with status 'error' (l2t_core.verify_pool)."))
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute the decoder's activations during the policy update's backward instead of keeping them "
         "(transformers' gradient checkpointing): one layer's activations in memory instead of every layer's, "

@@ -310,6 +310,10 @@ class MathVerifier:
     math-verify rounds floats to 6 decimal places, so for a gold like ``2.88e-19`` it would
     accept any small number, 0 included."""
 
+    #: a check that runs math-verify (no text shortcut), for a worker pool to see that a worker can
+    #: verify (:mod:`l2t_core.verify_pool`)
+    canary = ("\\boxed{\\frac{1}{2}}", "0.5")
+
     def __init__(self, timeout_s: float = 5.0):
         if timeout_s <= 0:
             raise ValueError(f"MathVerifier: timeout_s must be > 0 seconds, got {timeout_s}")
@@ -388,6 +392,8 @@ _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 class NumericVerifier:
     """Exact numeric check for the synthetic task: the last ``\\boxed{}`` (else the last number
     of the answer span) must equal the reference number within ``tol``."""
+
+    canary = ("\\boxed{3}", "3")  # for a worker pool (see MathVerifier.canary)
 
     def __init__(self, tol: float = 1e-9):
         self.tol = tol

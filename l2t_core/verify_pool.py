@@ -10,20 +10,26 @@ in order (each worker runs ``verifier.verify``, deadline included).
 
 A pool that breaks (a worker killed, out of memory) or stalls (no result within the verifier's
 deadline per response, plus a minute) is replaced, and the responses it lost are verified again,
-never in the trainer's process (the response that killed a worker would kill the trainer, and on
-resume the same rollouts would kill it again):
+never in the trainer's process while one of them may be what killed the worker (it would kill or
+hang the trainer, and on resume the same rollouts would do it again):
 
 1. each lost response alone, in parallel, in the new pool; most losses (a worker killed from
    outside) end here with the verdicts the lost chunk would have given;
-2. the responses lost again, one at a time in a one-worker process. A response that ends or stalls
-   that worker twice, while a canary check ``("", "0")`` on a fresh worker between the two
-   tries is answered, is scored incorrect with status ``error`` (:data:`POISON_DETAIL`): a
-   response that kills its verifier is not credited, and the step goes on. Where the canary is not
-   answered either, the workers cannot verify at all (not the responses' fault), and what is left
-   is verified in the trainer's process, with a warning.
+2. the responses lost again, one at a time in a one-worker process. Each such worker first shows
+   it can verify: it must reproduce a known verdict (the canary: the verifier's own ``canary``
+   pair, such as :attr:`~l2t_core.verify.MathVerifier.canary`, which runs math-verify, else a
+   response a worker verified before) within a start-up allowance, so the stall clock of a
+   response never counts a worker's start. A response that ends or stalls two such workers is
+   scored incorrect with status ``error`` (:data:`POISON_DETAIL`): a response that kills its
+   verifier is not credited, and the step goes on.
 
-No verdict is lost and none is invented: every verdict is the verifier's own, or ``error`` for a
-response proven to kill or stall it. An exception the verifier itself raises is raised, as it
+Where a fresh worker cannot reproduce the canary, the workers cannot verify at all (not the
+responses' fault): the pool stops using workers for good (:attr:`VerifierPool.disabled`, with a
+warning) and verifies in the trainer's process, except the one response a worker was lost on
+alone, which is scored ``error`` (:data:`UNPROVEN_DETAIL`) rather than risked there.
+
+Every verdict is the verifier's own, or ``error`` for a response that killed or stalled its
+verifier. An exception the verifier itself raises (a ``TimeoutError`` included) is raised, as it
 would be in-process. Workers that still run checks abandoned past the verifier's deadline are
 replaced once their batch is in, which stops those checks; in the trainer's process
 (``verify_workers: 0``) an abandoned check runs until it ends.
@@ -45,8 +51,27 @@ from .verify import Verdict, Verifier, abandoned_checks
 log = logging.getLogger(__name__)
 
 POISON_DETAIL = "the verification worker ended or stalled on this response twice (a healthy worker answered between)"
-CANARY = ("", "0")  # a check every verifier answers at once (no answer), or raises for: either way, alive
-_LOST = (BrokenProcessPool, CancelledError, FutureTimeout)
+UNPROVEN_DETAIL = ("a verification worker ended or stalled on this response, and no new worker could verify; "
+                   "not verified in the trainer's process")
+WEAK_CANARY = ("", "0")  # for a verifier without a canary that has verified nothing in a worker yet
+
+
+class _Lost(Exception):
+    """A check's worker ended or stalled (not an error of the verifier)."""
+
+
+def _wait(fut: Future, timeout_s: float):
+    """``fut``'s result; :class:`_Lost` where its worker ended or did not answer within
+    ``timeout_s``. The verifier's own exceptions pass through: a ``TimeoutError`` raised by the
+    check itself is the same class as the wait's own, told apart by the future being done."""
+    try:
+        return fut.result(timeout=timeout_s)
+    except (BrokenProcessPool, CancelledError) as exc:
+        raise _Lost(exc) from exc
+    except FutureTimeout as exc:
+        if fut.done():
+            raise
+        raise _Lost(exc) from exc
 
 
 def _verify_chunk(verifier: Verifier, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
@@ -91,13 +116,15 @@ class PendingVerdicts:
             if sent is not None:
                 fut, executor = sent
                 try:
-                    verdicts, abandoned = fut.result(timeout=per_check * len(chunk) + self._pool.stall_slack_s)
+                    verdicts, abandoned = _wait(fut, per_check * len(chunk) + self._pool.stall_slack_s)
+                except _Lost as lost_with:
+                    self._pool._broken(lost_with.__cause__, executor)
+                else:
                     out.extend(verdicts)
+                    self._pool._remember(chunk[0], verdicts[0])
                     if abandoned:
                         stuck[id(executor)] = executor, max(abandoned, stuck.get(id(executor), (None, 0))[1])
                     continue
-                except _LOST as exc:
-                    self._pool._broken(exc, executor)
             lost.extend(range(len(out), len(out) + len(chunk)))
             out.extend([None] * len(chunk))
         for executor, abandoned in stuck.values():  # the batch is in: its workers are idle
@@ -112,7 +139,8 @@ class PendingVerdicts:
 class VerifierPool:
     """``workers`` spawned processes that run ``verifier.verify`` (which must pickle)."""
 
-    def __init__(self, verifier: Verifier, workers: int, chunks_per_worker: int = 4, stall_slack_s: float = 60.0):
+    def __init__(self, verifier: Verifier, workers: int, chunks_per_worker: int = 4, stall_slack_s: float = 60.0,
+                 start_timeout_s: float = 120.0):
         if workers < 1:
             raise ValueError(f"VerifierPool: workers must be >= 1, got {workers}")
         try:
@@ -125,8 +153,13 @@ class VerifierPool:
         self._executor: ProcessPoolExecutor | None = None
         self.breaks = 0  # how many times a broken pool was replaced
         self.recycles = 0  # how many times workers with abandoned checks were replaced
-        self.poisoned = 0  # responses scored ``error`` because they ended or stalled their worker twice
+        self.start_timeout_s = start_timeout_s  # for a fresh worker to start and answer the canary
+        self.poisoned = 0  # responses scored ``error``: they ended or stalled two healthy workers
+        self.unproven = 0  # responses scored ``error``: lost alone with a worker, and no worker could verify after
         self.in_process = 0  # responses verified in this process because no worker could verify at all
+        self.disabled: str | None = None  # why the pool stopped using workers (they could not verify)
+        self._known: tuple[tuple[str, str], Verdict] | None = None  # a pair a worker verified, and its verdict
+        self._canary_expected: Verdict | None = None
 
     @property
     def per_check_s(self) -> float:
@@ -138,27 +171,50 @@ class VerifierPool:
             self._executor = _spawn(self.workers)
         return self._executor
 
+    def _remember(self, pair: tuple[str, str], verdict: Verdict) -> None:
+        """Keep the first pair a worker verified, with its verdict: a canary for a verifier without one."""
+        if self._known is None:
+            self._known = (pair, verdict)
+
+    def _canary(self) -> tuple[tuple[str, str], Verdict]:
+        """A pair and the verdict a healthy worker must give it: the verifier's ``canary`` (its
+        verdict taken here once: a fixed check its author chose, safe in any process), else a pair a
+        worker verified before, else :data:`WEAK_CANARY` (which proves little more than a live worker)."""
+        own = getattr(self.verifier, "canary", None)
+        if own is None and self._known is not None:
+            return self._known
+        pair = tuple(own) if own is not None else WEAK_CANARY
+        if self._canary_expected is None:
+            self._canary_expected = self.verifier.verify(*pair)
+        return pair, self._canary_expected  # type: ignore[return-value]
+
+    def _in_process(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
+        self.in_process += len(lost)
+        return {i: self.verifier.verify(*pair) for i, pair in lost.items()}
+
     def _recover(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
         """Verdicts of the responses a broken or stalled pool lost (the module's docstring, steps 1-2)."""
+        if self.disabled:
+            return self._in_process(lost)
         log.warning("verifying the %d response(s) the failed pool lost again, each alone in new workers", len(lost))
         out: dict[int, Verdict] = {}
         executor = self._get()
-        sent: dict[int, Future | None] = {}
+        sent: dict[int, Future] = {}
         for i, pair in lost.items():
             try:
                 sent[i] = executor.submit(_verify_chunk_in_worker, self.verifier, [pair])
             except BrokenProcessPool as exc:
                 self._broken(exc, executor)
-                sent[i] = None
+                break
         abandoned = 0
         for i, fut in sent.items():
-            if fut is None:
-                continue
             try:
-                verdicts, left = fut.result(timeout=self.per_check_s + self.stall_slack_s)
-                out[i], abandoned = verdicts[0], max(abandoned, left)
-            except _LOST as exc:
-                self._broken(exc, executor)
+                verdicts, left = _wait(fut, self.per_check_s + self.stall_slack_s)
+            except _Lost as lost_with:
+                self._broken(lost_with.__cause__, executor)
+                continue
+            out[i], abandoned = verdicts[0], max(abandoned, left)
+            self._remember(lost[i], verdicts[0])
         if abandoned:
             self._recycle(executor, abandoned)
         again = {i: pair for i, pair in lost.items() if i not in out}
@@ -167,62 +223,83 @@ class VerifierPool:
         return out
 
     def _isolate(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
-        """Step 2: each response alone in a one-worker process, tried twice with a canary between."""
+        """Step 2: each response alone in a one-worker process that has answered the canary, tried
+        in two such workers before it is scored ``error``."""
         log.warning("verifying %d response(s) one at a time in an isolated worker: one of them ended or stalled "
                     "the verification workers", len(lost))
         out: dict[int, Verdict] = {}
-        worker: list[ProcessPoolExecutor | None] = [None]
+        worker: ProcessPoolExecutor | None = None
+
+        def fresh_worker() -> bool:
+            """A new one-worker process that reproduces the canary's verdict; False if it cannot."""
+            nonlocal worker
+            if worker is not None:
+                _kill(worker)
+            worker = _spawn(1)
+            pair, expected = self._canary()
+            try:
+                verdicts, abandoned = _wait(worker.submit(_verify_chunk_in_worker, self.verifier, [pair]),
+                                            self.start_timeout_s + self.per_check_s)
+                return verdicts[0] == expected and not abandoned
+            except _Lost:
+                return False
+            except Exception:  # noqa: BLE001 - the verifier fails on a pair it verified before: it cannot verify
+                return False
 
         def attempt(pair: tuple[str, str]) -> Verdict | None:
-            """The verdict of ``pair`` in the isolated worker, or None if the worker died or stalled on it."""
-            if worker[0] is None:
-                worker[0] = _spawn(1)
+            """The verdict of ``pair`` in the isolated worker, or None if the worker ended or stalled on it."""
+            nonlocal worker
+            assert worker is not None
             try:
-                verdicts, abandoned = worker[0].submit(_verify_chunk_in_worker, self.verifier, [pair]).result(
-                    timeout=self.per_check_s + self.stall_slack_s)
-            except _LOST:  # the verifier's own error is raised, as in-process
-                _kill(worker[0])
-                worker[0] = None
+                verdicts, abandoned = _wait(worker.submit(_verify_chunk_in_worker, self.verifier, [pair]),
+                                            self.per_check_s + self.stall_slack_s)
+            except _Lost:
+                _kill(worker)
+                worker = None
                 return None
             if abandoned:  # a check past its deadline runs on in that worker: end it before the next
-                _kill(worker[0])
-                worker[0] = None
+                _kill(worker)
+                worker = None
             return verdicts[0]
+
+        def give_up(suspect: int | None, rest: list[tuple[int, tuple[str, str]]]) -> None:
+            self.disabled = "a fresh verification worker could not reproduce the canary's verdict"
+            log.error("%s; verifying in this process from now on (the rest of this batch: %d response(s))",
+                      self.disabled, len(rest))
+            if suspect is not None:
+                self.unproven += 1
+                out[suspect] = Verdict(False, "error", None, UNPROVEN_DETAIL)
+            out.update(self._in_process(dict(rest)))
 
         try:
             items = list(lost.items())
             for k, (i, pair) in enumerate(items):
+                if worker is None and not fresh_worker():
+                    give_up(None, items[k:])
+                    break
                 verdict = attempt(pair)
-                if verdict is None:
-                    try:
-                        canary_answered = attempt(CANARY) is not None
-                    except Exception:  # noqa: BLE001 - the verifier raised on the canary: the worker is alive
-                        canary_answered = True
-                    if not canary_answered:
-                        rest = items[k:]
-                        self.in_process += len(rest)
-                        log.warning("a fresh verification worker cannot answer even the canary check; verifying "
-                                    "the %d response(s) left in this process", len(rest))
-                        out.update((j, self.verifier.verify(*p)) for j, p in rest)
-                        return out
+                if verdict is None:  # lost alone: try once more in a new worker that can verify
+                    if not fresh_worker():
+                        give_up(i, items[k + 1:])
+                        break
                     verdict = attempt(pair)
                 if verdict is None:
                     self.poisoned += 1
-                    log.warning("response %d of the batch ended or stalled its verification worker twice: scored "
-                                "incorrect with status 'error' (first 200 characters: %r)", i, pair[0][:200])
+                    log.warning("response %d of the batch ended or stalled two verification workers: scored incorrect "
+                                "with status 'error' (first 200 characters: %r)", i, pair[0][:200])
                     verdict = Verdict(False, "error", None, POISON_DETAIL)
                 out[i] = verdict
             return out
         finally:
-            if worker[0] is not None:
-                _kill(worker[0])
+            if worker is not None:
+                _kill(worker)
 
     def _broken(self, exc: BaseException, executor: ProcessPoolExecutor | None) -> None:
         """Replace ``executor`` (the one a failed chunk went to) if it is still the pool's."""
         if executor is not None and executor is self._executor:
             self.breaks += 1
-            log.warning("verification worker pool failed (%s%s); verifying the rest of this batch in-process and "
-                        "starting a new pool for the next", type(exc).__name__, f": {exc}" if str(exc) else "")
+            log.warning("verification worker pool failed (%s%s); replacing it", type(exc).__name__,
+                        f": {exc}" if str(exc) else "")
             self._executor = None
             _kill(executor)
 
@@ -243,6 +320,9 @@ class VerifierPool:
         chunks = [pairs[len(pairs) * k // n: len(pairs) * (k + 1) // n] for k in range(n)] if n else []
         futures: list[tuple[Future, ProcessPoolExecutor] | None] = []
         for chunk in chunks:
+            if self.disabled:  # verified in this process when collected
+                futures.append(None)
+                continue
             executor = self._get()
             try:
                 futures.append((executor.submit(_verify_chunk_in_worker, self.verifier, chunk), executor))

@@ -111,6 +111,8 @@ class AcceptedAnswers:
     response matches any of them. ``timeout_s`` is one check's deadline times the most answers a
     reference has, the longest one verification can take (what a worker pool waits for)."""
 
+    canary = ("\\boxed{\\frac{1}{2}}", ("0.5",))  # runs math-verify, for a worker pool (see MathVerifier.canary)
+
     def __init__(self, timeout_s: float, most_answers: int = 1):
         self.check = MathVerifier(timeout_s)
         self.timeout_s = timeout_s * max(1, most_answers)
