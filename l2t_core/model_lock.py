@@ -10,11 +10,12 @@ it exclusively, and neither waits: one that cannot have it raises :class:`ModelI
 holders, at once (a rebuild waiting behind a training run would wait for hours, unseen).
 
 The lock is ``.locks/<name>.lock`` beside the model directories. Each holder also leaves a note
-(``.locks/<name>.users/<host>-<pid>-<n>``: what it is) for that message;
-the lock itself is the kernel's and ends with its process, so a holder killed with ``kill -9``
-blocks nobody, and its note is removed by the next holder on the same host. The lock works
-between processes of one machine and, on a shared volume that supports ``flock`` (NFSv4: Linux
-maps it to a byte-range lock), between machines.
+(``.locks/<name>.users/<host>-<pid>-<n>``: what it is) for that message, best effort (a note that
+cannot be written is left out). The lock itself is the kernel's and ends with its process, so a
+holder killed with ``kill -9`` blocks nobody; its note stays until an exclusive holder clears every
+note (none can be live then) or a refused job on the same host finds its process gone. The lock
+works between processes of one machine and, on a shared volume that supports ``flock`` (NFSv4:
+Linux maps it to a byte-range lock), between machines.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def using_model(model_dir: str | Path, *, exclusive: bool, who: str) -> Iterator
     where a holder excludes this one."""
     model_dir = Path(model_dir)
     lock_path(model_dir).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(model_dir), os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by subprocesses
+    # read-only is enough for flock, and works where another user made the file; not inherited by subprocesses
+    fd = os.open(lock_path(model_dir), os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -93,12 +95,20 @@ def using_model(model_dir: str | Path, *, exclusive: bool, who: str) -> Iterator
                                  f"weights under them; run this again once they are done, or cancel them") from None
             raise ModelInUse(f"cannot read {model_dir}: it is being rebuilt by {by}. Run this again once that "
                              f"is done") from None
-        note = _notes_dir(model_dir) / f"{socket.gethostname()}-{os.getpid()}-{next(_COUNTER)}"
-        note.parent.mkdir(exist_ok=True)
-        note.write_text(f"{who} ({'rebuilding' if exclusive else 'reading'}, pid {os.getpid()})")
+        notes = _notes_dir(model_dir)
+        if exclusive:  # nobody else holds the lock: every note left is a dead holder's
+            for stale in notes.glob("*") if notes.is_dir() else []:
+                stale.unlink(missing_ok=True)
+        note: Path | None = notes / f"{socket.gethostname()}-{os.getpid()}-{next(_COUNTER)}"
+        try:
+            notes.mkdir(exist_ok=True)
+            note.write_text(f"{who} ({'rebuilding' if exclusive else 'reading'}, pid {os.getpid()})")
+        except OSError:  # the note only names this holder in another job's error; the lock is what counts
+            note = None
         try:
             yield
         finally:
-            note.unlink(missing_ok=True)
+            if note is not None:
+                note.unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the lock

@@ -14,7 +14,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from l2t_core.config import TrainConfig
-from l2t_core.model_lock import using_model
+from l2t_core.model_lock import ModelInUse, using_model
 from l2t_core.models import load_policy
 from l2t_core.trainer import MEMORY_COLUMNS
 
@@ -40,9 +40,11 @@ def _key(context: dg.AssetExecutionContext) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_or_reuse_warm_start(out: Path, cfg) -> tuple[dict, bool]:
+def build_or_reuse_warm_start(out: Path, cfg, rewrite=contextlib.nullcontext) -> tuple[dict, bool]:
     """Warm-start into ``out`` unless it already holds a warm start of exactly ``cfg`` (SFT is
-    deterministic for a config); returns (warmstart.json report, reused)."""
+    deterministic for a config); returns (warmstart.json report, reused). ``rewrite()``: a context
+    held while ``out`` is rewritten (base_model's exclusive hold on the model, which a warm start
+    rewrites in place)."""
     from l2t_core.warmstart import warm_start
 
     report_path = out / "warmstart.json"
@@ -52,12 +54,13 @@ def build_or_reuse_warm_start(out: Path, cfg) -> tuple[dict, bool]:
             return report, True
     # the weights are rewritten in place and the report last: without the old report first, a
     # rebuild cut short would leave new weights under the old settings' report, reused as those
-    report_path.unlink(missing_ok=True)
-    warm_start(out, cfg, show_progress=False)
+    with rewrite():
+        report_path.unlink(missing_ok=True)
+        warm_start(out, cfg, show_progress=False)
     return json.loads(report_path.read_text()), False
 
 
-def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
+def build_or_reuse_sft(out: Path, cfg, run=None, log=None, rewrite=contextlib.nullcontext) -> tuple[dict, bool]:
     """``l2t sft`` into ``out`` unless it already holds the SFT of ``cfg`` on the same traces
     (``sft_report.json``'s ``data_sha256``); returns (sft_report.json, reused). ``run(cfg)`` runs
     the SFT (the launcher's ``launch_sft``; default: ``l2t_core.sft.run_sft`` in this process).
@@ -66,7 +69,10 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
     failure keeps the old model, and the next materialization resumes the unfinished SFT from its
     last checkpoint. The pipeline owns these directories: an unfinished SFT of older settings or
     traces is removed rather than refused, a finished one left beside ``out`` by a worker that
-    died before the swap is swapped in, and the work directories of a reused SFT are removed."""
+    died before the swap is swapped in, and the work directories of a reused SFT are removed.
+    ``rewrite()``: a context held while ``out`` is replaced (the swap; base_model's exclusive hold
+    on the model): the SFT itself trains beside it while ``out`` is still read. A swap refused
+    there leaves the finished SFT beside ``out``, and the next call swaps it in without training."""
     import shutil
 
     from l2t_core.config import config_differences
@@ -90,9 +96,14 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None) -> tuple[dict, bool]:
         return report if same and report.get("data_sha256") == data_sha256 else None
 
     def swap_in_fresh() -> None:
-        if out.exists():
-            out.rename(old)
-        fresh.rename(out)
+        try:
+            with rewrite():
+                if out.exists():
+                    out.rename(old)
+                fresh.rename(out)
+        except ModelInUse as exc:
+            raise ModelInUse(f"{exc}. The new SFT is complete in {fresh}: the next materialization swaps it in "
+                             f"without training") from None
         shutil.rmtree(old, ignore_errors=True)
 
     if not out.exists() and (fresh / "sft_report.json").is_file():  # stopped between the swap's renames
@@ -159,8 +170,13 @@ def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: Model
                       config: BaseModelConfig, training_data: TrainingData, evaluator: Evaluator,
                       launcher: TrainingLauncher) -> dict:
     """Build (or reuse) the warm start or the SFT of base model ``name`` (nothing for a
-    ``pretrained`` entry); the metadata that says how."""
+    ``pretrained`` entry), holding the model exclusively only while it is rewritten; the
+    metadata that says how."""
     meta: dict = {}
+
+    def rewrite():
+        return base_model_in_use(context, name, entry, storage, rebuild=True)
+
     if entry.kind == "warmstart":
         if not training_data.synthetic:
             raise ValueError(f"base model {name!r} is a warm start, which needs a synthetic task as training data; "
@@ -168,13 +184,14 @@ def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: Model
         evaluator.check_base_model(name, training_data.source)
         data = training_data.to_core()
         out = storage.model_dir(name)
-        report, reused = build_or_reuse_warm_start(out, config.to_core(data.source, data.min_steps, data.max_steps))
+        report, reused = build_or_reuse_warm_start(out, config.to_core(data.source, data.min_steps, data.max_steps),
+                                                   rewrite)
         meta.update(reused=reused, parameters=report["parameters"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"])
     elif entry.kind == "sft":
         sft_cfg = entry.sft_config(storage.model_dir(name))
         report, reused = build_or_reuse_sft(Path(sft_cfg.out), sft_cfg, lambda c: launcher.launch_sft(context, c),
-                                            context.log.info)
+                                            context.log.info, rewrite)
         plot = Path(sft_cfg.out) / "loss.png"  # absent from SFTs made before the plot was
         meta.update(reused=reused, finetuned_from=storage.display(str(entry.path)), parameters=report["parameters"],
                     sft_examples=report["examples"], sft_final_loss=report["final_loss"],
@@ -195,8 +212,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     name = context.partition_key
     entry = registry.get(name)
     meta: dict = {"kind": entry.kind}
-    with base_model_in_use(context, name, entry, storage, rebuild=True):
-        meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
+    meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
     with base_model_in_use(context, name, entry, storage):
         path = base_model_path(name, entry, storage)
         context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
@@ -411,7 +427,6 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     base, method = split_run_key(context)
     asset_key, pk = _key(context)
     entry = registry.get(base)
-    base_path = base_model_path(base, entry, storage)
     # the warehouse is locked only to read and to write: evaluating takes minutes to hours (and the
     # fingerprint reads the benchmark, maybe from the hub), and holding the lock meanwhile would
     # fail every other writer (WarehouseBusy)
@@ -425,6 +440,7 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     run = runs.iloc[0]
     if base_evals is None:
         with base_model_in_use(context, base, entry, storage):
+            base_path = base_model_path(base, entry, storage)
             base_evals = with_model_columns(evaluator.evaluate(base_path), "base", base, None, base_path)
     with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
         ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"])

@@ -3,6 +3,7 @@ have it fails at once, naming the holders; a killed holder blocks nobody."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -37,6 +38,19 @@ def test_readers_share_and_a_rebuild_is_refused_while_they_read(tmp_path):
     assert lock_path(d).parent.parent == d.parent and not d.exists()  # the lock lies beside the directory, never in it
 
 
+def test_a_dead_holders_note_is_dropped_from_the_message(tmp_path):
+    d = tmp_path / "m"
+    notes = lock_path(d).parent / "m.users"
+    with using_model(d, exclusive=False, who="reader"):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        (notes / f"{socket.gethostname()}-{int(dead.stdout)}-0").write_text("checkpoints[m|grpo] of a killed run")
+        with pytest.raises(ModelInUse) as refused:
+            with using_model(d, exclusive=True, who="base_model[m]"):
+                pass
+        assert "killed run" not in str(refused.value) and "reader (reading" in str(refused.value)
+        assert len(list(notes.iterdir())) == 1
+
+
 def test_a_holder_in_another_process_excludes_and_a_killed_one_does_not(tmp_path):
     d = tmp_path / "m"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -53,9 +67,8 @@ def test_a_holder_in_another_process_excludes_and_a_killed_one_does_not(tmp_path
                 pass
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-        assert holders(d) == []  # the dead holder's note is cleared
         with using_model(d, exclusive=True, who="base_model[m]"):  # the kernel dropped its lock
-            pass
+            assert holders(d) == [f"base_model[m] (rebuilding, pid {os.getpid()})"]  # the dead one's note cleared
     finally:
         holder.kill()
         holder.wait(timeout=30)

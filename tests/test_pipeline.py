@@ -328,7 +328,6 @@ def test_registry_validates_sft_entries(tmp_path):
             write_registry(tmp_path / "bad.yaml", {"s": entry}).entries()
 
 
-@pytest.mark.slow
 def sft_entry_resources(tmp_path, tiny_dir, traces) -> dict:
     """Resources of a pipeline whose registry has one ``sft`` entry ``s`` (the tiny model, 2 SFT steps on
     ``traces``), models in tmp_path/models, a one-problem held-out evaluation."""
@@ -342,15 +341,22 @@ def sft_entry_resources(tmp_path, tiny_dir, traces) -> dict:
             "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
 
 
+@pytest.mark.slow
 def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tiny_dir, tmp_path):
     """base_model[s] of kind ``sft``: fine-tunes the registry model on its traces into the models
-    directory and evaluates it; materialized again it reuses that SFT; after the traces change it
-    trains again and swaps the new model in, leaving no staging or old directory."""
+    directory and evaluates it; materialized again it reuses that SFT, also while a training run
+    reads the model; after the traces change it trains the new model beside the old, and swaps it
+    in only when nobody reads the old (l2t_core.model_lock): under a training run's hold the swap
+    fails at once, naming that run, the old model stays, and the next materialization swaps the
+    finished SFT in without training; no staging or old directory is left. checkpoints[s|grpo]
+    fails at once while base_model[s] rewrites the model."""
     import json
 
-    from l2t_pipeline.assets import base_model
+    from l2t_core.model_lock import using_model
+    from l2t_pipeline.assets import base_model, checkpoints
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.partitions import run_key
 
     traces = tmp_path / "traces.jsonl"
 
@@ -363,12 +369,15 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
     models = tmp_path / "models"
     resources = sft_entry_resources(tmp_path, tiny_dir, traces)
 
-    def materialize() -> dict:
-        res = dg.materialize([*ASSETS, *all_checks], selection=[base_model], partition_key="s", resources=resources,
-                             instance=instance)
+    def materialize(asset=base_model, key="s"):
+        res = dg.materialize([*ASSETS, *all_checks], selection=[asset], partition_key=key, resources=resources,
+                             instance=instance, raise_on_error=False)
+        if not res.success:
+            return str(res.get_step_failure_events()[0].event_specific_data.error)
         meta = res.asset_materializations_for_node("base_model")[0].metadata
         return {k: v.value for k, v in meta.items()}
 
+    reading = using_model(models / "s", exclusive=False, who="checkpoints[s|grpo] of Dagster run r1")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("base_models", ["s"])
         first = materialize()
@@ -376,45 +385,23 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
         assert first["sft_answers_correct"] == "4 of 4" and first["path"] == str(models / "s")
         assert first["sft_loss_plot"] == str(models / "s" / "loss.png") and Path(first["sft_loss_plot"]).is_file()
         weights = (models / "s" / "model.safetensors").read_bytes()
-        assert materialize()["reused"] is True
-        write_traces(6)
+        with reading:
+            assert materialize()["reused"] is True
+            write_traces(6)
+            refused = materialize()
+        assert "ModelInUse" in refused and "cannot rebuild" in refused and "checkpoints[s|grpo] of Dagster run r1" in refused
+        assert f"The new SFT is complete in {models / '.s.new'}" in refused
+        assert (models / "s" / "model.safetensors").read_bytes() == weights  # still the model being read
         third = materialize()
         assert third["reused"] is False and third["sft_examples"] == 6
+        assert third["sft_seconds"] == json.loads((models / "s" / "sft_report.json").read_text())["sft_seconds"]
         assert (models / "s" / "model.safetensors").read_bytes() != weights
+        with using_model(models / "s", exclusive=True, who="base_model[s] of Dagster run r2"):
+            refused = materialize(checkpoints, run_key("s", "grpo"))
+        assert "cannot read" in refused and "being rebuilt by base_model[s] of Dagster run r2" in refused
     assert sorted(p.name for p in models.iterdir()) == [".locks", "s"]  # no staging or old directory left
     locks = models / ".locks"  # l2t_core.model_lock's, no holder left
     assert sorted(p.name for p in locks.iterdir()) == ["s.lock", "s.users"] and not any((locks / "s.users").iterdir())
-
-
-def test_a_base_model_is_not_rebuilt_under_a_run_that_reads_it_nor_read_while_rebuilt(tiny_dir, tmp_path):
-    """base_model[s] fails at once, naming the training run that reads the model, and builds
-    nothing; checkpoints[s|grpo] fails at once while base_model[s] rebuilds (l2t_core.model_lock)."""
-    from l2t_core.model_lock import using_model
-    from l2t_pipeline.assets import base_model, checkpoints
-    from l2t_pipeline.checks import all_checks
-    from l2t_pipeline.definitions import ASSETS
-    from l2t_pipeline.partitions import run_key
-
-    traces = tmp_path / "traces.jsonl"
-    traces.write_text('{"problem": "Compute 1 + 1.", "answer": "2", "response": "<think>\\n1 + 1 = 2.\\n</think>\\n\\\\boxed{2}"}\n')
-    models = tmp_path / "models"
-    resources = sft_entry_resources(tmp_path, tiny_dir, traces)
-
-    def failure(asset, key) -> str:
-        res = dg.materialize([*ASSETS, *all_checks], selection=[asset], partition_key=key, resources=resources,
-                             instance=instance, raise_on_error=False)
-        assert not res.success
-        return str(res.get_step_failure_events()[0].event_specific_data.error)
-
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("base_models", ["s"])
-        with using_model(models / "s", exclusive=False, who="checkpoints[s|grpo] of Dagster run r1"):
-            msg = failure(base_model, "s")
-        assert "ModelInUse" in msg and "cannot rebuild" in msg and "checkpoints[s|grpo] of Dagster run r1" in msg
-        assert not (models / "s").exists()  # nothing trained
-        with using_model(models / "s", exclusive=True, who="base_model[s] of Dagster run r2"):
-            msg = failure(checkpoints, run_key("s", "grpo"))
-        assert "cannot read" in msg and "being rebuilt by base_model[s] of Dagster run r2" in msg
 
 
 def test_a_failed_sft_rebuild_keeps_the_model_it_would_replace(tmp_path, monkeypatch):
