@@ -595,6 +595,10 @@ class Trainer:
             "tagged_share": float((rdf["segmentation"] == "tagged").mean()),
             # the share that ended with EOS; the rest were cut at rollout.max_new_tokens
             "finished_share": float(rdf["finished"].mean()),
+            # verdicts that are no judgement of the answer: a check past the verifier's deadline, and an
+            # error (the verifier's, or a response that ended its verification worker; l2t_core.verify_pool)
+            "verify_timeout_share": float((rdf["verdict"] == "timeout").mean()),
+            "verify_error_share": float((rdf["verdict"] == "error").mean()),
             "score_mean": float(rdf["score"].mean()), "score_std": float(rdf["score"].std(ddof=0)),
         }
         for col in ("fitting_gain", "penalty_hat", "process_reward", "episode_reward"):

@@ -723,6 +723,8 @@ def test_loss_ratio_is_one_on_the_first_update_at_the_sampling_temperature(tiny_
     # every rollout says whether it ended with EOS; the step reports the share that did
     assert rollouts["finished"].dtype == bool and len(rollouts) == 8
     assert steps["finished_share"].iloc[0] == pytest.approx(rollouts["finished"].mean())
+    for status in ("timeout", "error"):  # verdicts that judge nothing, for monitoring
+        assert steps[f"verify_{status}_share"].iloc[0] == pytest.approx((rollouts["verdict"] == status).mean())
     assert tr.lp_temperature == 0.7
     assert steps["ratio_mean"].iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert steps["clip_frac"].iloc[0] == 0.0
