@@ -15,7 +15,9 @@ cannot be written is left out). The lock itself is the kernel's and ends with it
 holder killed with ``kill -9`` blocks nobody; its note stays until an exclusive holder clears every
 note (none can be live then) or a refused job on the same host finds its process gone. The lock
 works between processes of one machine and, on a shared volume that supports ``flock`` (NFSv4:
-Linux maps it to a byte-range lock), between machines.
+Linux maps it to a byte-range lock), between machines. On such a volume the locks are the
+process's, not the open file's: one process must not hold the same model twice (the pipeline's
+steps hold each model once), since closing either would release both.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 _COUNTER = itertools.count()
 
@@ -76,25 +78,58 @@ def holders(model_dir: Path) -> list[str]:
 
 
 @contextmanager
+def building_model(model_dir: str | Path, *, who: str) -> Iterator[None]:
+    """Hold the right to build ``model_dir`` (exclusive, ``.locks/<name>.build.lock``): one build
+    of a model at a time, whatever launched it (two would train into the same staging directory
+    and remove each other's work), while readers go on; :class:`ModelInUse` at once where another
+    build holds it."""
+    model_dir = Path(model_dir)
+    with _hold(model_dir.with_name(f"{model_dir.name}.build"), True, who, "building",
+               lambda by: f"cannot build {model_dir}: another build of it is running ({by}); run this again once "
+                          f"it is done"):
+        yield
+
+
+@contextmanager
 def using_model(model_dir: str | Path, *, exclusive: bool, who: str) -> Iterator[None]:
     """Hold ``model_dir`` shared (to read it) or ``exclusive`` (to rebuild it) for the ``with``
     block; ``who`` says what holds it, for another job's error. Raises :class:`ModelInUse` at once
     where a holder excludes this one."""
     model_dir = Path(model_dir)
-    lock_path(model_dir).parent.mkdir(parents=True, exist_ok=True)
-    # read-only is enough for flock, and works where another user made the file; not inherited by subprocesses
-    fd = os.open(lock_path(model_dir), os.O_RDONLY | os.O_CREAT, 0o644)
+
+    def refused(by: str) -> str:
+        if exclusive:
+            return (f"cannot rebuild {model_dir}: it is in use by {by}. Rebuilding would change the weights under "
+                    f"them; run this again once they are done, or cancel them")
+        return f"cannot read {model_dir}: it is being rebuilt by {by}. Run this again once that is done"
+
+    with _hold(model_dir, exclusive, who, "rebuilding" if exclusive else "reading", refused):
+        yield
+
+
+@contextmanager
+def _hold(model_dir: Path, exclusive: bool, who: str, doing: str, refused: Callable[[str], str]) -> Iterator[None]:
+    """The lock of ``model_dir`` (:func:`lock_path`) with this holder's note (``who``, ``doing``);
+    where it is taken, :class:`ModelInUse` with ``refused(what holds it)``."""
+    path = lock_path(model_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # opened for writing: NFS maps flock onto byte-range locks, and an exclusive one needs a file open for
+    # writing; a reader may make do with read-only where another user made the file. Not inherited by
+    # subprocesses.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    except PermissionError:
+        if exclusive:
+            raise PermissionError(f"cannot open {path} for writing, which an exclusive lock needs (on NFS); "
+                                  f"make it writable for this user") from None
+        fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             others = holders(model_dir)
             by = "; ".join(others) if others else "a job that left no note (another host, or one just starting)"
-            if exclusive:
-                raise ModelInUse(f"cannot rebuild {model_dir}: it is in use by {by}. Rebuilding would change the "
-                                 f"weights under them; run this again once they are done, or cancel them") from None
-            raise ModelInUse(f"cannot read {model_dir}: it is being rebuilt by {by}. Run this again once that "
-                             f"is done") from None
+            raise ModelInUse(refused(by)) from None
         notes = _notes_dir(model_dir)
         if exclusive:  # nobody else holds the lock: every note left is a dead holder's
             for stale in notes.glob("*") if notes.is_dir() else []:
@@ -102,7 +137,7 @@ def using_model(model_dir: str | Path, *, exclusive: bool, who: str) -> Iterator
         note: Path | None = notes / f"{socket.gethostname()}-{os.getpid()}-{next(_COUNTER)}"
         try:
             notes.mkdir(exist_ok=True)
-            note.write_text(f"{who} ({'rebuilding' if exclusive else 'reading'}, pid {os.getpid()})")
+            note.write_text(f"{who} ({doing}, pid {os.getpid()})")
         except OSError:  # the note only names this holder in another job's error; the lock is what counts
             note = None
         try:

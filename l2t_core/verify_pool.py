@@ -9,24 +9,27 @@ verification runs beside that forward and on other cores. The verdicts are the v
 in order (each worker runs ``verifier.verify``, deadline included).
 
 A pool that breaks (a worker killed, out of memory) or stalls (no result within the verifier's
-deadline per response, plus a minute) is replaced, and the responses it lost are verified again,
-never in the trainer's process while one of them may be what killed the worker (it would kill or
-hang the trainer, and on resume the same rollouts would do it again):
+deadline per response, plus a minute) is replaced, and the responses it lost are verified again in
+new workers, not in the trainer's process, where the response that killed a worker would kill or
+hang the trainer (and on resume the same rollouts would do it again):
 
 1. each lost response alone, in parallel, in the new pool; most losses (a worker killed from
    outside) end here with the verdicts the lost chunk would have given;
 2. the responses lost again, one at a time in a one-worker process. Each such worker first shows
    it can verify: it must reproduce a known verdict (the canary: the verifier's own ``canary``
    pair, such as :attr:`~l2t_core.verify.MathVerifier.canary`, which runs math-verify, else a
-   response a worker verified before) within a start-up allowance, so the stall clock of a
-   response never counts a worker's start. A response that ends or stalls two such workers is
-   scored incorrect with status ``error`` (:data:`POISON_DETAIL`): a response that kills its
-   verifier is not credited, and the step goes on.
+   response a worker judged before) within a start-up allowance, so here a response's stall
+   clock never counts a worker's start (in step 1 it may: a response lost that way comes here).
+   A response that ends or stalls two such workers is scored incorrect with status ``error``
+   (:data:`POISON_DETAIL`): a response that kills its verifier is not credited, and the step
+   goes on.
 
-Where a fresh worker cannot reproduce the canary, the workers cannot verify at all (not the
-responses' fault): the pool stops using workers for good (:attr:`VerifierPool.disabled`, with a
-warning) and verifies in the trainer's process, except the one response a worker was lost on
-alone, which is scored ``error`` (:data:`UNPROVEN_DETAIL`) rather than risked there.
+Where :data:`CANARY_TRIES` new workers in a row cannot reproduce the canary, the workers cannot
+verify at all (a broken install, a machine out of memory), which explains the losses better than
+the responses do: the pool stops using workers for good (:attr:`VerifierPool.disabled`, logged
+with the reason) and verifies in the trainer's process from then on, the rest of this batch
+included, except a response just lost alone in a worker that could verify, which is scored
+``error`` (:data:`UNPROVEN_DETAIL`) rather than risked there.
 
 Every verdict is the verifier's own, or ``error`` for a response that killed or stalled its
 verifier. An exception the verifier itself raises (a ``TimeoutError`` included) is raised, as it
@@ -54,6 +57,9 @@ POISON_DETAIL = "the verification worker ended or stalled on this response twice
 UNPROVEN_DETAIL = ("a verification worker ended or stalled on this response, and no new worker could verify; "
                    "not verified in the trainer's process")
 WEAK_CANARY = ("", "0")  # for a verifier without a canary that has verified nothing in a worker yet
+CANARY_TRIES = 3  # new workers that must fail the canary before the pool stops using workers
+# verdicts that judge the answer, the same in every run: a canary's (a timeout or an error is not)
+_REPRODUCIBLE = ("correct", "incorrect", "no_answer", "invalid_reference")
 
 
 class _Lost(Exception):
@@ -69,9 +75,13 @@ def _wait(fut: Future, timeout_s: float):
     except (BrokenProcessPool, CancelledError) as exc:
         raise _Lost(exc) from exc
     except FutureTimeout as exc:
-        if fut.done():
-            raise
+        if fut.done():  # the check's own TimeoutError, or an answer just after the deadline
+            return fut.result()
         raise _Lost(exc) from exc
+
+
+class _CannotVerify(Exception):
+    """No new worker could reproduce the canary's verdict (the message says why)."""
 
 
 def _verify_chunk(verifier: Verifier, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
@@ -172,8 +182,9 @@ class VerifierPool:
         return self._executor
 
     def _remember(self, pair: tuple[str, str], verdict: Verdict) -> None:
-        """Keep the first pair a worker verified, with its verdict: a canary for a verifier without one."""
-        if self._known is None:
+        """Keep the first pair a worker judged (no timeout or error, which need not recur), with its
+        verdict: a canary for a verifier without one."""
+        if self._known is None and verdict.status in _REPRODUCIBLE:
             self._known = (pair, verdict)
 
     def _canary(self) -> tuple[tuple[str, str], Verdict]:
@@ -184,9 +195,10 @@ class VerifierPool:
         if own is None and self._known is not None:
             return self._known
         pair = tuple(own) if own is not None else WEAK_CANARY
-        if self._canary_expected is None:
-            self._canary_expected = self.verifier.verify(*pair)
-        return pair, self._canary_expected  # type: ignore[return-value]
+        expected = self._canary_expected or self.verifier.verify(*pair)
+        if expected.status in _REPRODUCIBLE:  # a timeout here (a loaded trainer) is asked again next time
+            self._canary_expected = expected
+        return pair, expected  # type: ignore[return-value]
 
     def _in_process(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
         self.in_process += len(lost)
@@ -223,66 +235,76 @@ class VerifierPool:
         return out
 
     def _isolate(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
-        """Step 2: each response alone in a one-worker process that has answered the canary, tried
-        in two such workers before it is scored ``error``."""
+        """Step 2: each response alone in a one-worker process that has reproduced the canary's
+        verdict, tried in two such workers before it is scored ``error``."""
         log.warning("verifying %d response(s) one at a time in an isolated worker: one of them ended or stalled "
                     "the verification workers", len(lost))
         out: dict[int, Verdict] = {}
         worker: ProcessPoolExecutor | None = None
 
-        def fresh_worker() -> bool:
-            """A new one-worker process that reproduces the canary's verdict; False if it cannot."""
+        def fresh_worker() -> ProcessPoolExecutor:
+            """A new one-worker process that reproduces the canary's verdict within the start-up
+            allowance; :class:`_CannotVerify` after :data:`CANARY_TRIES` new workers did not."""
             nonlocal worker
-            if worker is not None:
-                _kill(worker)
-            worker = _spawn(1)
-            pair, expected = self._canary()
-            try:
-                verdicts, abandoned = _wait(worker.submit(_verify_chunk_in_worker, self.verifier, [pair]),
-                                            self.start_timeout_s + self.per_check_s)
-                return verdicts[0] == expected and not abandoned
-            except _Lost:
-                return False
-            except Exception:  # noqa: BLE001 - the verifier fails on a pair it verified before: it cannot verify
-                return False
+            why = ""
+            for _ in range(CANARY_TRIES):
+                if worker is not None:
+                    _kill(worker)
+                worker = _spawn(1)
+                pair, expected = self._canary()
+                try:
+                    verdicts, abandoned = _wait(worker.submit(_verify_chunk_in_worker, self.verifier, [pair]),
+                                                self.start_timeout_s + self.per_check_s)
+                except _Lost as exc:
+                    why = f"it ended or did not answer within {self.start_timeout_s + self.per_check_s:g} s " \
+                          f"({type(exc.__cause__).__name__})"
+                    continue
+                except Exception as exc:  # noqa: BLE001 - failing the canary in any way: it cannot verify
+                    why = f"{type(exc).__name__}: {exc}"
+                    continue
+                if verdicts[0] == expected and not abandoned:
+                    return worker
+                why = f"it gave {verdicts[0]} where {expected} was expected"
+            _kill(worker)
+            worker = None
+            raise _CannotVerify(why)
 
         def attempt(pair: tuple[str, str]) -> Verdict | None:
-            """The verdict of ``pair`` in the isolated worker, or None if the worker ended or stalled on it."""
+            """The verdict of ``pair`` in a worker that can verify, or None if the worker ended or
+            stalled on it."""
             nonlocal worker
-            assert worker is not None
+            current = worker or fresh_worker()
             try:
-                verdicts, abandoned = _wait(worker.submit(_verify_chunk_in_worker, self.verifier, [pair]),
-                                            self.per_check_s + self.stall_slack_s)
+                fut = current.submit(_verify_chunk_in_worker, self.verifier, [pair])
+            except BrokenProcessPool:  # it ended after its last answer, before this check: not this response's doing
+                current = fresh_worker()
+                try:
+                    fut = current.submit(_verify_chunk_in_worker, self.verifier, [pair])
+                except BrokenProcessPool:
+                    raise _CannotVerify("a new worker that reproduced the canary ended before it took a check") from None
+            try:
+                verdicts, abandoned = _wait(fut, self.per_check_s + self.stall_slack_s)
             except _Lost:
-                _kill(worker)
+                _kill(current)
                 worker = None
                 return None
             if abandoned:  # a check past its deadline runs on in that worker: end it before the next
-                _kill(worker)
+                _kill(current)
                 worker = None
             return verdicts[0]
-
-        def give_up(suspect: int | None, rest: list[tuple[int, tuple[str, str]]]) -> None:
-            self.disabled = "a fresh verification worker could not reproduce the canary's verdict"
-            log.error("%s; verifying in this process from now on (the rest of this batch: %d response(s))",
-                      self.disabled, len(rest))
-            if suspect is not None:
-                self.unproven += 1
-                out[suspect] = Verdict(False, "error", None, UNPROVEN_DETAIL)
-            out.update(self._in_process(dict(rest)))
 
         try:
             items = list(lost.items())
             for k, (i, pair) in enumerate(items):
-                if worker is None and not fresh_worker():
-                    give_up(None, items[k:])
-                    break
-                verdict = attempt(pair)
-                if verdict is None:  # lost alone: try once more in a new worker that can verify
-                    if not fresh_worker():
-                        give_up(i, items[k + 1:])
-                        break
+                lost_alone = False
+                try:
                     verdict = attempt(pair)
+                    if verdict is None:  # lost alone: once more, in a new worker that can verify
+                        lost_alone = True
+                        verdict = attempt(pair)
+                except _CannotVerify as exc:
+                    self._give_up(str(exc), out, i if lost_alone else None, items[k + 1:] if lost_alone else items[k:])
+                    break
                 if verdict is None:
                     self.poisoned += 1
                     log.warning("response %d of the batch ended or stalled two verification workers: scored incorrect "
@@ -293,6 +315,18 @@ class VerifierPool:
         finally:
             if worker is not None:
                 _kill(worker)
+
+    def _give_up(self, why: str, out: dict[int, Verdict], suspect: int | None,
+                 rest: list[tuple[int, tuple[str, str]]]) -> None:
+        """No new worker can verify: stop using workers; ``suspect`` (lost alone in a worker that
+        could verify) is scored ``error``, ``rest`` verified in this process."""
+        self.disabled = f"{CANARY_TRIES} new verification workers could not reproduce the canary's verdict (last: {why})"
+        log.error("%s; verifying in this process from now on (the rest of this batch: %d response(s))",
+                  self.disabled, len(rest))
+        if suspect is not None:
+            self.unproven += 1
+            out[suspect] = Verdict(False, "error", None, UNPROVEN_DETAIL)
+        out.update(self._in_process(dict(rest)))
 
     def _broken(self, exc: BaseException, executor: ProcessPoolExecutor | None) -> None:
         """Replace ``executor`` (the one a failed chunk went to) if it is still the pool's."""

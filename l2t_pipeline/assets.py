@@ -14,7 +14,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from l2t_core.config import TrainConfig
-from l2t_core.model_lock import ModelInUse, using_model
+from l2t_core.model_lock import ModelInUse, building_model, using_model
 from l2t_core.models import load_policy
 from l2t_core.trainer import MEMORY_COLUMNS
 
@@ -153,8 +153,12 @@ def base_model_in_use(context, name: str, entry: ModelEntry, storage: L2TStorage
     rebuilt here: nothing to hold."""
     if entry.kind == "pretrained":
         return contextlib.nullcontext()
-    who = f"{context.asset_key.to_user_string()}[{context.partition_key}] of Dagster run {context.run.run_id}"
-    return using_model(storage.model_dir(name), exclusive=rebuild, who=who)
+    return using_model(storage.model_dir(name), exclusive=rebuild, who=_holder(context))
+
+
+def _holder(context) -> str:
+    """This step, as a lock's note names it to another step that it refuses."""
+    return f"{context.asset_key.to_user_string()}[{context.partition_key}] of Dagster run {context.run.run_id}"
 
 
 def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: str | None, path: str) -> pd.DataFrame:
@@ -212,7 +216,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     name = context.partition_key
     entry = registry.get(name)
     meta: dict = {"kind": entry.kind}
-    meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
+    if entry.kind != "pretrained":
+        with building_model(storage.model_dir(name), who=_holder(context)):  # one build of it at a time
+            meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
     with base_model_in_use(context, name, entry, storage):
         path = base_model_path(name, entry, storage)
         context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from l2t_core.model_lock import ModelInUse, holders, lock_path, using_model
+from l2t_core.model_lock import ModelInUse, building_model, holders, lock_path, using_model
 
 
 def test_readers_share_and_a_rebuild_is_refused_while_they_read(tmp_path):
@@ -72,3 +72,18 @@ def test_a_holder_in_another_process_excludes_and_a_killed_one_does_not(tmp_path
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_one_build_of_a_model_at_a_time_and_readers_go_on_beside_it(tmp_path):
+    d = tmp_path / "models" / "s"
+    with building_model(d, who="base_model[s] of run a"):
+        with pytest.raises(ModelInUse, match=r"cannot build .*/s: another build of it is running \(base_model\[s\] "
+                                             r"of run a \(building, pid \d+\)\); run this again once it is done"):
+            with building_model(d, who="base_model[s] of run b"):
+                pytest.fail("two builds at once")
+        with using_model(d, exclusive=False, who="checkpoints[s|grpo]"):  # readers are not the build's business
+            pass
+        with using_model(d, exclusive=True, who="base_model[s] of run a"):  # nor its own swap
+            pass
+    with building_model(d, who="base_model[s] of run b"):
+        pass

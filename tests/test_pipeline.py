@@ -392,16 +392,18 @@ def test_base_model_of_an_sft_entry_trains_reuses_and_retrains_on_new_traces(tin
         assert "ModelInUse" in refused and "cannot rebuild" in refused and "checkpoints[s|grpo] of Dagster run r1" in refused
         assert f"The new SFT is complete in {models / '.s.new'}" in refused
         assert (models / "s" / "model.safetensors").read_bytes() == weights  # still the model being read
+        waiting = (models / ".s.new" / "sft_report.json").read_text()
         third = materialize()
         assert third["reused"] is False and third["sft_examples"] == 6
-        assert third["sft_seconds"] == json.loads((models / "s" / "sft_report.json").read_text())["sft_seconds"]
+        assert (models / "s" / "sft_report.json").read_text() == waiting  # swapped in, not trained again
         assert (models / "s" / "model.safetensors").read_bytes() != weights
         with using_model(models / "s", exclusive=True, who="base_model[s] of Dagster run r2"):
             refused = materialize(checkpoints, run_key("s", "grpo"))
         assert "cannot read" in refused and "being rebuilt by base_model[s] of Dagster run r2" in refused
     assert sorted(p.name for p in models.iterdir()) == [".locks", "s"]  # no staging or old directory left
     locks = models / ".locks"  # l2t_core.model_lock's, no holder left
-    assert sorted(p.name for p in locks.iterdir()) == ["s.lock", "s.users"] and not any((locks / "s.users").iterdir())
+    assert sorted(p.name for p in locks.iterdir()) == ["s.build.lock", "s.build.users", "s.lock", "s.users"]
+    assert not any((locks / "s.users").iterdir()) and not any((locks / "s.build.users").iterdir())
 
 
 def test_a_failed_sft_rebuild_keeps_the_model_it_would_replace(tmp_path, monkeypatch):
@@ -505,6 +507,34 @@ def test_a_warm_start_rebuild_cut_short_leaves_no_report_of_the_old_settings(tmp
     with pytest.raises(RuntimeError, match="killed"):
         build_or_reuse_warm_start(out, warmstart.WarmStartConfig())
     assert not (out / "warmstart.json").exists()
+
+
+def test_a_warm_start_is_not_rewritten_under_a_reader_and_a_reused_one_needs_no_hold(tmp_path, monkeypatch):
+    """The in-place warm start is rewritten only under base_model's exclusive hold: with a training
+    run reading the model the rebuild fails at once, before the old report or any weight is
+    touched; a warm start of the same settings is reused without a hold."""
+    import json
+
+    import l2t_core.warmstart as warmstart
+    from l2t_core.model_lock import ModelInUse, using_model
+    from l2t_pipeline.assets import build_or_reuse_warm_start
+
+    out = tmp_path / "tiny-sft"
+    out.mkdir()
+    old_report = json.dumps({"config": {"sft_steps": 1}})
+    (out / "warmstart.json").write_text(old_report)
+    monkeypatch.setattr(warmstart, "warm_start", lambda *a, **k: pytest.fail("rewritten under a reader"))
+
+    def rewrite():
+        return using_model(out, exclusive=True, who="base_model[tiny-sft]")
+
+    with using_model(out, exclusive=False, who="checkpoints[tiny-sft|l2t] of Dagster run r1"):
+        with pytest.raises(ModelInUse, match=r"cannot rebuild .*in use by checkpoints\[tiny-sft\|l2t\] of Dagster run r1"):
+            build_or_reuse_warm_start(out, warmstart.WarmStartConfig(), rewrite)
+        assert (out / "warmstart.json").read_text() == old_report
+        same = warmstart.WarmStartConfig()
+        (out / "warmstart.json").write_text(json.dumps({"config": json.loads(same.model_dump_json())}))
+        assert build_or_reuse_warm_start(out, same, rewrite)[1] is True  # reused under the reader's hold
 
 
 def test_sft_rebuild_resumes_an_unfinished_deepspeed_sft_of_the_same_config(tmp_path):
