@@ -561,3 +561,9 @@ class TrainConfig(_Strict):
                 f"reward.fitting.continuation_budget ({f.continuation_budget}) exceeds rollout.max_new_tokens "
                 f"({self.rollout.max_new_tokens}): a continuation would get more tokens than the policy's own "
                 "responses; set it to rollout.max_new_tokens")
+        if self.rollout.engine == "vllm":  # before any compute: vLLM would sample these at 0.01
+            from .rollout.base import check_vllm_temperature
+
+            check_vllm_temperature(self.rollout.temperature, "rollout.temperature")
+            if f.estimator in ("monte_carlo", "continuation"):  # J's samples come from the rollout engine
+                check_vllm_temperature(f.mc_temperature, "reward.fitting.mc_temperature")

@@ -424,6 +424,8 @@ class Trainer:
         """The reward pass of ``step`` (log π_old only where the update needs it: several updates per batch)."""
         return compute_rewards(self.engine.unwrapped(), self.tokenizer, rollouts, self.cfg.method, self.cfg.reward,
                                verifier=self.verifier, proxy=self.proxy, step=step,
+                               # J's samples: rank 0 as a one-process run, the other ranks on streams of their own
+                               sample_seed=step if self.rank == 0 else (step * 1_000_003 + self.rank) % (2**31),
                                need_logp_old=self.cfg.mini_batches > 1 if need_logp_old is None else need_logp_old,
                                temperature=self.lp_temperature, all_sum=_all_sum_list if self.world > 1 else None,
                                sampler=self.rollout, head_chunk_tokens=self.cfg.head_chunk_tokens,

@@ -105,6 +105,11 @@ def test_continuation_estimator_continues_each_prefix_without_the_force_suffix(m
     j = torch.linspace(0.1, 0.9, len(contexts))
     k0 = batch.responses[0].segmentation.num_episodes
     assert batch.responses[0].gains.tolist() == pytest.approx((j[1:k0 + 1] - j[:k0]).tolist(), abs=1e-6)
+    # the samples' seed: the step by default, or the rank's own (the trainer's ranks other than 0)
+    assert kw["seed"] == 0
+    for extra, seed in (({"step": 4}, 4), ({"step": 4, "sample_seed": 9}, 9)):
+        compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier(), **extra)
+        assert calls[-1][2]["seed"] == seed
     monkeypatch.undo()
     real = compute_rewards(model, tokenizer, rollouts, "l2t", cfg, verifier=NumericVerifier())
     for r in real.responses:
@@ -142,6 +147,19 @@ def test_continuation_estimator_continues_each_prefix_without_the_force_suffix(m
     # the budget may not exceed the rollouts' own
     with pytest.raises(ValidationError, match=r"continuation_budget \(60\) exceeds rollout.max_new_tokens \(40\)"):
         TrainConfig(policy="p", reward=cfg, rollout={"max_new_tokens": 40})
+
+
+def test_temperatures_the_vllm_engine_would_change_are_refused_before_any_compute():
+    """vLLM samples any temperature in (0, 0.01) at 0.01; a vllm run asking for one (to roll out,
+    or to sample J's continuations) is refused by its config, naming the field; hf keeps them."""
+    TrainConfig(policy="p", rollout={"engine": "hf", "temperature": 0.005})
+    TrainConfig(policy="p", rollout={"engine": "vllm", "temperature": 0.0})  # greedy
+    with pytest.raises(ValidationError, match=r"rollout.temperature=0.005 with the vllm engine"):
+        TrainConfig(policy="p", rollout={"engine": "vllm", "temperature": 0.005})
+    cont = {"fitting": {"estimator": "continuation", "mc_temperature": 0.001, "continuation_budget": 16}}
+    with pytest.raises(ValidationError, match=r"reward.fitting.mc_temperature=0.001 with the vllm engine"):
+        TrainConfig(policy="p", reward=cont, rollout={"engine": "vllm", "max_new_tokens": 16})
+    TrainConfig(policy="p", reward={"fitting": {"mc_temperature": 0.001}}, rollout={"engine": "vllm"})  # not sampled
 
 
 @pytest.mark.parametrize("method,estimator", [("l2t", "monte_carlo"), ("mrt", "answer_logprob"),

@@ -82,6 +82,7 @@ def _stand_in_vllm(monkeypatch, llm_cls, world: tuple[int, int]):
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(engine_mod, "_process_group", lambda: world)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # the engine sets it: restored after
     return engine_mod
 
 
@@ -141,7 +142,31 @@ def test_near_zero_temperature_is_greedy_in_both_engines(monkeypatch):
     assert sp.greedy and not SamplingParams(n=3, temperature=1e-5).greedy
     group = eng.generate([[5, 6]], sp)[0]
     assert eng.llm.n == [1] and len(group) == 3 and len({tuple(c.response_ids) for c in group}) == 1
+    assert eng.llm.temperature == [0.0]  # vLLM would raise 1e-6 to 0.01 and sample, unseeded
     eng.close()
+
+
+def test_temperatures_vllm_would_raise_to_its_floor_are_refused(monkeypatch):
+    """vLLM samples any temperature in (0, 0.01) at 0.01: from 1e-5 (greedy below) up to 0.01 the
+    engine refuses, where the trainer would score samples under another temperature than they
+    were drawn at; 0.01 itself samples as asked."""
+    engine_mod = _stand_in_vllm(monkeypatch, SleepyLLM, world=(1, 0))
+    eng = engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m")
+    for t in (1e-5, 0.005, 0.0099):
+        with pytest.raises(ValueError, match=r"vLLM raises temperatures in \(0, 0.01\) to 0.01.*use 0 \(greedy\) or >= 0.01"):
+            eng.generate([[5, 6]], SamplingParams(n=2, temperature=t, max_new_tokens=4))
+    eng.generate([[5, 6]], SamplingParams(n=2, temperature=0.01, max_new_tokens=4))
+    assert eng.llm.temperature == [0.01] and eng.llm.n == [2]
+    eng.close()
+
+
+def test_a_separate_engine_core_process_is_refused(monkeypatch):
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=1 vLLM's engine core is another process, which the
+    weight copy cannot reach with tensors: refused before vLLM starts, naming the variable."""
+    engine_mod = _stand_in_vllm(monkeypatch, SleepyLLM, world=(1, 0))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(ValueError, match="VLLM_ENABLE_V1_MULTIPROCESSING=1 .*unset it or set it to 0"):
+        engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m")
 
 
 class SleepyLLM:
@@ -182,6 +207,7 @@ class SleepyLLM:
         self.events.append("generate")
         self.max_tokens = [sp.max_tokens for sp in sampling]
         self.n = [sp.n for sp in sampling]
+        self.temperature = [sp.temperature for sp in sampling]
         return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"],
                                 outputs=[SimpleNamespace(index=k, token_ids=[token], finish_reason="length")
                                          for k in range(sp.n)]) for p, sp in zip(prompts, sampling)]

@@ -443,6 +443,7 @@ def compute_rewards(
     verifier: Verifier | None = None,
     proxy: comp.SVDProxy | None = None,
     step: int = 0,
+    sample_seed: int | None = None,
     need_logp_old: bool = True,
     temperature: float = 1.0,
     all_sum: Callable[[list[float]], list[float]] | None = None,
@@ -467,6 +468,8 @@ def compute_rewards(
     has cached) instead of an ``hf`` engine over ``model``. ``head_chunk_tokens``: the policy pass
     computes the output head's logits a chunk of tokens at a time (``TrainConfig.head_chunk_tokens``).
     ``eos_id``: with ``logp_old``, each finished rollout's ``eos_logp_old`` too (``LossConfig.train_eos``).
+    ``sample_seed``: the seed of J's sampled continuations (default ``step``; each rank of a
+    multi-rank run passes its own, so that the ranks' samples draw on different random streams).
     ``share_prompts``: the policy pass runs each distinct prompt of a micro-batch once
     (:mod:`l2t_core.prefix_sharing`; ``TrainConfig.share_prompts``). ``verify_pool``: a
     :class:`~l2t_core.verify_pool.VerifierPool` over ``verifier`` that verifies the outcomes in
@@ -561,7 +564,8 @@ def compute_rewards(
         j = monte_carlo_j(
             model, tokenizer, contexts, refs, lambda t, ref: verifier.verify(t, ref).correct,
             samples=f.mc_samples, max_new_tokens=f.continuation_budget if continuation else f.mc_max_new_tokens,
-            temperature=f.mc_temperature, seed=step, caps=caps if continuation else None,
+            temperature=f.mc_temperature, seed=step if sample_seed is None else sample_seed,
+            caps=caps if continuation else None,
             batch_contexts=f.continuation_batch if continuation else None,
             engine=sampler, max_batch_tokens=f.max_tokens_per_batch,
         )

@@ -19,6 +19,20 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily, in every engine: vLLM treats them so (its sampling
 epsilon) and refuses ``n > 1`` for them, and dividing logits by them overflows."""
 
+VLLM_MIN_TEMPERATURE = 0.01
+"""The lowest temperature vLLM samples at: it raises any temperature in (0, 0.01) to 0.01
+(``vllm.SamplingParams``), so the ``vllm`` engine refuses the range [:data:`GREEDY_BELOW`, 0.01)
+rather than sample from another distribution than the one the trainer scores."""
+
+
+def check_vllm_temperature(temperature: float, what: str) -> None:
+    """Refuse a sampling temperature the ``vllm`` engine would silently change (:data:`VLLM_MIN_TEMPERATURE`)."""
+    if GREEDY_BELOW <= temperature < VLLM_MIN_TEMPERATURE:
+        raise ValueError(f"{what}={temperature:g} with the vllm engine: vLLM raises temperatures in (0, "
+                         f"{VLLM_MIN_TEMPERATURE:g}) to {VLLM_MIN_TEMPERATURE:g}, so it would sample from another "
+                         f"distribution than the one the trainer scores; use 0 (greedy) or >= "
+                         f"{VLLM_MIN_TEMPERATURE:g}, or the hf engine")
+
 
 @dataclass(frozen=True)
 class SamplingParams:

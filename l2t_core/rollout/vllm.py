@@ -1,6 +1,7 @@
 """The ``vllm`` rollout engine: vLLM's offline ``LLM`` on a GPU (the ``gpu`` extra).
 
-Targets vLLM >= 0.10 (the V1 engine) through its public API only:
+Targets vLLM 0.27-0.32 (the ``gpu`` extra's range: the releases built on torch 2.13, the torch
+this project is tested with; later ones pin torch 2.14) through its public API only:
 
 * ``vllm.LLM(model=model_path, worker_extension_cls=..., generation_config=DIR, ...)`` loads
   the policy once from its HF directory (or hub id). ``DIR`` is a temporary directory whose
@@ -16,16 +17,19 @@ Targets vLLM >= 0.10 (the V1 engine) through its public API only:
   ``(seed % 2**31) * 2**20 + i * n`` and vLLM seeds its ``k``-th sample with that ``+ k``, so every
   sample has its own seed and a call is reproducible from ``SamplingParams.seed``. vLLM refuses
   ``n > 1`` with greedy decoding (a temperature below 1e-5, :attr:`SamplingParams.greedy`), so
-  greedy asks for one sample and repeats it ``n`` times.
+  greedy asks for one sample at temperature 0 and repeats it ``n`` times. vLLM raises any other
+  temperature below 0.01 to 0.01, so those are refused (:func:`~l2t_core.rollout.base.check_vllm_temperature`).
   vLLM does not detokenize; text is ``tokenizer.decode(ids, skip_special_tokens=True)``.
 * :meth:`VLLMRolloutEngine.sync_weights` copies the trainer's tensors into the running engine
   with ``LLM.collective_rpc``. This calls a method of a worker extension
   (:class:`WeightSyncExtension`, installed with ``worker_extension_cls``) on every worker. That
   method passes the tensors to the model's own ``load_weights``, the loader vLLM uses for
   checkpoints, which handles the fused QKV and gate/up projections and tensor-parallel shards.
-  Nothing is written to disk. With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here unless the
-  user already set it) and one GPU, the engine runs in the trainer's process and the tensors are
-  passed by reference. Otherwise they cross the process boundary as CPU copies, in chunks.
+  Nothing is written to disk. The engine core runs in the trainer's process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here; ``=1`` is refused: vLLM then sends the
+  arguments to its engine-core process as msgpack, which turns tensors into plain lists). With one
+  GPU the tensors are passed by reference; with tensor parallelism they reach the other GPUs'
+  workers as CPU copies, in chunks.
   Afterwards the prefix cache is reset, because cached KV blocks belong to the old weights.
 * In a multi-rank launch (``deepspeed``/``torchrun``, the process group already joined) every
   rank runs its own engine on its own GPU and samples its own share of the prompts: vLLM joins
@@ -61,7 +65,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..engines.gather import full_named_tensors, in_lockstep
-from .base import Completion, RolloutEngine, SamplingParams, check_prompts, token_limits
+from .base import Completion, RolloutEngine, SamplingParams, check_prompts, check_vllm_temperature, token_limits
 
 EXTENSION = "l2t_core.rollout.vllm.WeightSyncExtension"
 _TAGS = ("weights", "kv_cache")
@@ -106,7 +110,7 @@ def _import_vllm():
         from vllm.inputs import TokensPrompt
     except ImportError as exc:
         raise ImportError(
-            "the 'vllm' rollout engine needs vLLM >= 0.10: install the gpu extra with "
+            "the 'vllm' rollout engine needs vLLM (0.27-0.32): install the gpu extra with "
             "pip install -e \".[gpu]\" on a machine with an NVIDIA GPU, or set rollout.engine='hf'"
         ) from exc
     if not torch.cuda.is_available():
@@ -126,7 +130,13 @@ class VLLMRolloutEngine(RolloutEngine):
         if sleep_level not in (1, 2):
             raise ValueError(f"VLLMRolloutEngine: sleep_level must be 1 (weights parked on CPU) or 2 (weights "
                              f"dropped and copied again from the trainer), got {sleep_level!r}")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError(
+                "VLLMRolloutEngine: VLLM_ENABLE_V1_MULTIPROCESSING="
+                f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']} puts vLLM's engine core in a process of its own, "
+                "where the weight copy after each update cannot reach it (vLLM sends the call's arguments as "
+                "msgpack, which turns tensors into lists); unset it or set it to 0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self._vllm, self._tokens_prompt = _import_vllm()
         if tokenizer.eos_token_id is None:
             raise ValueError("VLLMRolloutEngine: the tokenizer has no eos token; generation could never stop")
@@ -141,7 +151,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._source: torch.nn.Module = model  # the module the engine's weights were last copied from
         self._weights_dropped = False  # a level-2 sleep discarded them: copy them again before sampling
         self.sync_chunk_tensors = max(1, int(sync_chunk_tensors))
-        self._by_reference = tensor_parallel_size == 1 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        self._by_reference = tensor_parallel_size == 1  # the worker runs in this process
         self._asleep: set[str] = set()
         launch = launch_kwargs(tensor_parallel_size, seed, *_process_group())
         self._generation_dir = tempfile.TemporaryDirectory(prefix="l2t_vllm_generation_")
@@ -163,10 +173,12 @@ class VLLMRolloutEngine(RolloutEngine):
         check_prompts(prompts, self.max_prompt_tokens if limit_prompts else None, allow_empty=self.lockstep())
         limits = token_limits(max_new_tokens, prompts, params)
         greedy = params.greedy
+        if not greedy:
+            check_vllm_temperature(params.temperature, "SamplingParams.temperature")
         n = 1 if greedy else params.n
         sampling = [
             self._vllm.SamplingParams(
-                n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=limits[i],
+                n=n, temperature=0.0 if greedy else params.temperature, top_p=params.top_p, max_tokens=limits[i],
                 seed=None if greedy else ((params.seed % 2**31) << 20) + i * n,
                 stop_token_ids=[self.eos], detokenize=False)
             for i in range(len(prompts))
@@ -211,8 +223,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self._wake("weights")
         self._load_weights(model)
         self._source = model
-        if "kv_cache" not in self._asleep:  # LLM.sleep already dropped the cache otherwise
-            self.llm.reset_prefix_cache()
+        if "kv_cache" not in self._asleep and self.llm.reset_prefix_cache() is False:  # asleep: dropped already
+            raise RuntimeError("vLLM did not reset its prefix cache after the weight copy (requests still running?): "
+                               "cached KV blocks of the old weights would be reused")
 
     @torch.no_grad()
     def _load_weights(self, model: torch.nn.Module) -> None:
