@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,17 @@ def _read_config_text(path: str) -> str:
         p = Path(path)
         if not p.is_file():
             raise SystemExit(f"config file {path!r} not found")
-        return p.read_text()
+        data = p.read_bytes()
+    else:
+        data = _read_config_url(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"config file {path!r} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 4]!r}); "
+                         "save it as UTF-8") from None
+
+
+def _read_config_url(path: str) -> bytes:
     import fsspec
 
     try:
@@ -87,12 +98,50 @@ def _read_config_text(path: str) -> str:
     except (ImportError, ValueError) as exc:
         raise SystemExit(f"cannot open config URL {path!r}: {exc}. For s3:// install the 'pipeline' extra (s3fs).")
     try:
-        return fs.cat_file(fs_path).decode()
+        return fs.cat_file(fs_path)
     except FileNotFoundError:
         raise SystemExit(f"config file {path!r} not found") from None
     except Exception as exc:  # noqa: BLE001 - any backend error (permissions, endpoint) stops here
         raise SystemExit(f"cannot read config URL {path!r} ({type(exc).__name__}: {exc}); check the URL and "
                          "the storage credentials in the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} is given twice in one object; keep one")
+        out[key] = value
+    return out
+
+
+def _unique_keys_loader():
+    """yaml's SafeLoader, refusing a key given twice in one mapping (it keeps the last silently)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    hash(key)
+                except TypeError:  # refused by the SafeLoader itself, with its own message
+                    continue
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
 
 
 def load_config_file(path: str | None) -> dict:
@@ -105,15 +154,17 @@ def load_config_file(path: str | None) -> dict:
         import yaml
 
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_unique_keys_loader()) or {}
         except yaml.YAMLError as exc:
             raise SystemExit(f"config file {path!r} is not valid YAML: {exc}") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"config file {path!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
                              f"{exc.colno} (a .yaml/.yml file is read as YAML)") from None
+        except _DuplicateKey as exc:
+            raise SystemExit(f"config file {path!r}: {exc}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config file {path!r} must hold a mapping at the top level")
     return data
@@ -208,6 +259,9 @@ def cmd_warmstart(args) -> int:
     cfg = build_config(WarmStartConfig, args, {})
     if args.print_config:
         return print_config(cfg)
+    if (Path(args.out) / "warmstart.json").exists():  # as l2t sft: a finished model is never overwritten
+        raise SystemExit(f"l2t warmstart --out {args.out}: it holds a warm start already; choose another --out or "
+                         f"remove it")
     path = warm_start(args.out, cfg)
     print(json.dumps({"checkpoint": str(path)}))
     return 0
@@ -256,13 +310,14 @@ def cmd_eval(args) -> int:
     and the synthetic tasks' held-out splits (``walk_heldout``, ..., with their task prompt)
     through evaluate_math, HumanEval (kind "code") through evaluate_code, one report."""
     from .eval.code import HUMANEVAL_N, check_k_values, evaluate_code
-    from .eval.datasets import DatasetError
-    from .eval.report import write_report
+    from .eval.datasets import DatasetError, benchmark_source
+    from .eval.report import ReportDirError, check_report_dir, write_report
     from .eval.runner import EvalSettings, evaluate_math
     from .eval.synthetic import (HeldOutOptionError, HeldOutOptions, benchmark_kind, check_options, is_heldout,
                                  load_eval_benchmark)
     from .models import check_model_source
     from .rollout import load_engine
+    from .rollout.base import check_vllm_temperature
 
     check_model_source(args.model)  # a wrong --model path fails before any benchmark is downloaded
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
@@ -282,7 +337,13 @@ def cmd_eval(args) -> int:
                 verify_workers=args.verify_workers)
     if args.n is not None and args.n < 1:
         raise SystemExit(f"l2t eval --n: samples per problem must be >= 1, got {args.n}")
-    settings = {"math": EvalSettings(n=args.n or 20, **base), "code": EvalSettings(n=args.n or HUMANEVAL_N, **base)}
+    try:  # bad flags fail here, before the model loads
+        settings = {"math": EvalSettings(n=args.n or 20, **base), "code": EvalSettings(n=args.n or HUMANEVAL_N, **base)}
+        if args.engine == "vllm" and args.temperature > 0:
+            check_vllm_temperature(args.temperature, "--temperature")
+    except ValueError as exc:  # named by its flag: EvalSettings.top_p is --top-p
+        raise SystemExit("l2t eval: " + re.sub(r"EvalSettings\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                                                str(exc))) from None
     code_k = None
     if "code" in kinds.values():
         n = settings["code"].n
@@ -290,6 +351,10 @@ def cmd_eval(args) -> int:
             code_k = check_k_values(args.pass_k if args.pass_k else (1, n), n)
         except ValueError as exc:
             raise SystemExit(f"l2t eval --pass-k: {exc}") from None
+    try:  # before hours of sampling: a report that cannot be written, or would replace another evaluation's
+        check_report_dir(args.out, model=args.model, benchmarks=list(args.benchmarks))
+    except ReportDirError as exc:
+        raise SystemExit(f"l2t eval --out: {exc}") from None
     try:  # all loaded and validated before the model
         items = {name: load_eval_benchmark(name, limit=args.limit, heldout=heldout) for name in args.benchmarks}
     except HeldOutOptionError as exc:
@@ -308,6 +373,8 @@ def cmd_eval(args) -> int:
             results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet)
             if is_heldout(name):  # which held-out problems: recorded in report.json, named in the report
                 results[name].summary["heldout"] = heldout.describe(name)
+            else:  # which file: the data directory's, or the hub copy (report.json)
+                results[name].summary["source"] = benchmark_source(name)
         # the report of every benchmark done so far: a failure later keeps their samples and scores
         report = write_report(args.out, results, model=args.model)
     print(json.dumps({"out": args.out, "files": report["files"],
@@ -444,6 +511,9 @@ def cmd_credit(args) -> int:
     from .models import load_policy
     from .tasks import walk
 
+    if getattr(args, "set", None) and not args.config:
+        raise SystemExit("l2t credit --set: overrides apply to a miniature config, and no --config was given; "
+                         "pass --config FILE with them, or use the probe's own flags")
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = {}

@@ -33,21 +33,23 @@ REQUIRED_MATH_FIELDS = ("id", "problem", "answer")
 
 
 def read_math_jsonl(name: str) -> list[dict]:
-    """Rows of the math JSONL file ``name`` in the data directory, validated (:func:`read_math_file`)."""
-    return read_math_file(data_file(name))
+    """Rows of the math JSONL file ``name`` in the data directory, validated (:func:`read_math_file`),
+    unpaired surrogate escapes let through: the pipeline's schema check quarantines those rows, all
+    of them listed (its ``datasets`` asset reads benchmark files with this)."""
+    return read_math_file(data_file(name), check_text=False)
 
 
-def read_math_file(path: Path) -> list[dict]:
+def read_math_file(path: Path, *, check_text: bool = True) -> list[dict]:
     """Rows of a math JSONL file ``{id, problem, answer, solution, meta}``, validated: every line is
     a JSON object with non-empty ``id``/``problem``/``answer`` strings and ids are unique. Errors name
-    the file, the line and the field."""
+    the file, the line and the field, an unpaired surrogate escape (text no tokenizer or file can
+    take) included unless ``check_text`` is off."""
     # bytes per line, as the benchmark loaders read: bad UTF-8, deep nesting and huge numbers fail
-    # with the file, the line and the field (DatasetError is a ValueError). Unpaired surrogate escapes
-    # pass: the pipeline's schema check quarantines those rows, all of them listed.
+    # with the file, the line and the field (DatasetError is a ValueError)
     from .eval.datasets import DatasetError, json_lines
 
     rows, seen = [], {}
-    for line_no, row in json_lines(path, check_text=False):
+    for line_no, row in json_lines(path, check_text=check_text):
         for f in REQUIRED_MATH_FIELDS:
             v = row.get(f)
             if not isinstance(v, str) or not v.strip():

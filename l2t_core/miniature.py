@@ -498,7 +498,6 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
     cfg = cfg or MiniatureConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "miniature_config.json", cfg.model_dump_json(indent=2))
     t0 = time.perf_counter()
     sft_dir = out / "sft"
     if (sft_dir / "warmstart.json").exists():  # reused only if built with the same warm-start config
@@ -540,6 +539,9 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
             todo.append((name, seed, tcfg))
         else:
             collect(name, seed, ev)
+    # what reruns this directory, written once every reuse check above has passed: a run refused as
+    # made with another configuration leaves the record of the one that made it
+    write_text_atomic(out / "miniature_config.json", cfg.model_dump_json(indent=2))
     ctx = mp.get_context("spawn")
     with contextlib.ExitStack() as stack:
         # the workers report each finished step through a queue (none without a display); its manager

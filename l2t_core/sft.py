@@ -531,6 +531,11 @@ def read_sft_jsonl(path: Path) -> list[SFTRow]:
         raise SFTDataError(str(exc)) from None
     if not rows:
         raise SFTDataError(f"{path}: the file has no traces")
+    first: dict[tuple[str, str], int] = {}
+    for r in rows:  # a copy would weigh a trace twice, and could sit in the training and the held-out rows at once
+        seen = first.setdefault((r.prompt, r.response), r.line)
+        if seen != r.line:
+            raise SFTDataError(f"{path}, line {r.line}: the same prompt and response as line {seen}; remove the copy")
     return rows
 
 
@@ -772,6 +777,12 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
     held = sorted(order[:cfg.eval_size])
     train_rows = [rows[i] for i in sorted(order[cfg.eval_size:])]
     eval_rows = [rows[i] for i in held]
+    trained_prompts = {r.prompt for r in train_rows}
+    shared = sum(r.prompt in trained_prompts for r in eval_rows)
+    if shared and main:
+        log.warning("%d of the %d held-out traces share their prompt with a training trace (other responses to the "
+                    "same problem): the evaluation loss measures those prompts as seen in training", shared,
+                    len(eval_rows))
     enc = _encode_rows(tok, train_rows, max_tokens, path)
     enc_eval = _encode_rows(tok, eval_rows, max_tokens, path)
     checks = check_traces(rows, cfg.max_episodes, cfg.check_answers)

@@ -619,7 +619,14 @@ class Trainer:
         start = self._resume()
         if start == 0:
             config = cfg.model_dump_json(indent=2).encode()
-            on_rank_0(self.rank == 0, lambda: self.storage.write_bytes(CONFIG_FILE, config), f"write {CONFIG_FILE}")
+
+            def begin() -> None:
+                # metrics a session wrote before it died without a complete checkpoint (other parts
+                # than this session's would stay beside its own, under another run_id)
+                self.metrics.drop_after(0)
+                self.storage.write_bytes(CONFIG_FILE, config)
+
+            on_rank_0(self.rank == 0, begin, f"clear stale metrics and write {CONFIG_FILE}")
         # a resumed run reports the checkpoint it resumed from until it writes a newer one, so an
         # already finished run returns its final step and checkpoint
         self.step = start

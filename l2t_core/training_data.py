@@ -1,12 +1,13 @@
-"""Training prompts for a run: a synthetic task (``walk`` or ``arithmetic``) or a math JSONL file
-from the data directory."""
+"""Training prompts for a run: a synthetic task (``walk`` or ``arithmetic``) or a math JSONL file:
+a path (``./my.jsonl``, ``/data/x.jsonl``) where it is, a bare name in the data directory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import DataConfig
-from .data import read_math_jsonl
+from .data import data_file, read_math_file
 from .eval.datasets import DatasetError
 from .prompts import build_prompt
 from .tasks import TASKS, get_task
@@ -28,6 +29,19 @@ class TrainProblem:
     level: int | None = None
 
 
+def source_path(source: str) -> Path:
+    """The JSONL file of a ``data.source`` that is no synthetic task: a path (one with a directory
+    part, ``./my.jsonl``) where it is, a bare name (``math500.jsonl``) in the data directory
+    (:func:`~l2t_core.data.data_file`; a file of that name in the working directory does not
+    shadow it). FileNotFoundError, naming where it looked, when there is no such file."""
+    path = Path(source).expanduser()
+    if path.name == source:
+        return data_file(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    return path
+
+
 def load_training_problems(cfg: DataConfig) -> list[TrainProblem]:
     """The run's training problems; fails with a clear message on an empty or unreadable source."""
     if cfg.source in TASKS:
@@ -36,9 +50,12 @@ def load_training_problems(cfg: DataConfig) -> list[TrainProblem]:
         out = [TrainProblem(p.id, task.build_task_prompt(p), p.answer, p.steps) for p in probs]
     else:
         try:
-            rows = read_math_jsonl(cfg.source)[: cfg.train_size]
-        except DatasetError as exc:  # the file, line and field of the bad row (a missing file stays an OSError)
+            rows = read_math_file(source_path(cfg.source))[: cfg.train_size]
+        except DatasetError as exc:  # the file, line and field of the bad row
             raise TrainingDataError(f"data.source {cfg.source!r}: {exc}") from exc
+        except FileNotFoundError as exc:
+            raise TrainingDataError(
+                f"data.source {cfg.source!r} is neither a synthetic task ({', '.join(TASKS)}) nor a file: {exc}") from None
         out = [TrainProblem(r["id"], build_prompt(r["problem"]), r["answer"], None) for r in rows]
     if not out:
         raise TrainingDataError(f"training data {cfg.source!r} gave no problems; check data.source and data.train_size")

@@ -466,6 +466,9 @@ def warm_start(out_dir, cfg: WarmStartConfig | None = None, *, show_progress: bo
     cfg = cfg or WarmStartConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # the report goes first and comes back last: a build cut short leaves weights without a report,
+    # which nothing reuses (l2t miniature and the pipeline reuse a warm start by its report)
+    (out / "warmstart.json").unlink(missing_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()

@@ -318,7 +318,7 @@ def inputs_fingerprint(cfg: TrainConfig) -> dict:
     in place (other warm-start or SFT settings, new traces) or an edited data file then makes a new
     run, never the old one's checkpoint reused. Hashing reads the weights (seconds for a 1.5B
     model)."""
-    from l2t_core.data import data_file
+    from l2t_core.training_data import source_path
     from l2t_core.sft import file_sha256
     from l2t_core.tasks import TASKS
 
@@ -328,7 +328,7 @@ def inputs_fingerprint(cfg: TrainConfig) -> dict:
         weights = sorted(policy.glob("*.safetensors")) or sorted(policy.glob("*.bin"))
         out["policy_weights"] = {f.name: file_sha256(f) for f in weights}
     if cfg.data.source not in TASKS:
-        out["data_sha256"] = file_sha256(data_file(cfg.data.source))
+        out["data_sha256"] = file_sha256(source_path(cfg.data.source))
     if cfg.deepspeed_config and Path(cfg.deepspeed_config).is_file():
         out["deepspeed_config_sha256"] = file_sha256(Path(cfg.deepspeed_config))
     return out

@@ -19,6 +19,7 @@ from l2t_core.eval.datasets import (
     DatasetError,
     get_spec,
     load_benchmark,
+    benchmark_source,
     normalise_hub_rows,
     omni_tier,
 )
@@ -262,7 +263,7 @@ def test_offline_hub_is_a_clear_error(tmp_path):
     assert not (tmp_path / "data" / "aime24.hub.jsonl").exists()
 
 
-def test_hub_rows_are_normalised_to_the_file_schema(tmp_path):
+def test_hub_rows_are_normalised_to_the_file_schema(tmp_path, caplog):
     gsm = normalise_hub_rows(get_spec("gsm8k_test"), [
         {"question": "Tom has 1,200 apples and buys 34. How many?", "answer": "1200+34=<<1200+34=1234>>1234\n#### 1,234"}])
     assert gsm == [{"id": "gsm8k-test-0", "problem": "Tom has 1,200 apples and buys 34. How many?", "answer": "1234",
@@ -289,8 +290,14 @@ def test_hub_rows_are_normalised_to_the_file_schema(tmp_path):
     (tmp_path / "gsm8k_test.hub.jsonl").write_text(json.dumps(gsm[0]) + "\n", encoding="utf-8")
     with pytest.raises(DatasetError, match="has 1 rows but benchmark 'gsm8k_test' expects 1319"):
         load_benchmark("gsm8k_test", tmp_path, allow_download=False)
-    (item,) = load_benchmark("gsm8k_test", tmp_path, allow_download=False, strict_count=False)
+    with caplog.at_level("WARNING", logger="l2t_core.eval.datasets"):
+        (item,) = load_benchmark("gsm8k_test", tmp_path, allow_download=False, strict_count=False)
     assert (item.id, item.answer, item.meta["hub_repo"]) == ("gsm8k-test-0", "1234", "openai/gsm8k")
+    # never silently: the log says the data directory lacks the file, and a report records which copy it read
+    assert "gsm8k_test: gsm8k_test.jsonl is not in the data directory" in caplog.text and "openai/gsm8k" in caplog.text
+    assert benchmark_source("gsm8k_test", tmp_path) == f"hub copy openai/gsm8k ({tmp_path / 'gsm8k_test.hub.jsonl'})"
+    (tmp_path / "gsm8k_test.jsonl").write_text("")
+    assert benchmark_source("gsm8k_test", tmp_path) == str(tmp_path / "gsm8k_test.jsonl")
 
 
 def test_omni_answers_cut_before_their_last_brace_are_closed_and_verify():

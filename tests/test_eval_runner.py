@@ -89,6 +89,22 @@ def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="outside"):  # pass@3 from 2 samples: refused before any compute
         main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "humaneval", "--limit", "1", "--n", "2",
               "--pass-k", "3", "--out", str(tmp_path / "x")])
+    # refused before any sampling: a report of another evaluation in --out (kept), an --out that cannot be
+    # written, bad sampling flags (named as flags), a temperature vLLM would raise to its floor
+    before = (tmp_path / "rep" / "report.json").read_text()
+    with pytest.raises(SystemExit, match=r"--out: .*rep holds the report of .* on aime24, amc23; this evaluation "
+                                         r"\(.* on aime25\) would replace it"):
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime25", "--out", str(tmp_path / "rep")])
+    assert (tmp_path / "rep" / "report.json").read_text() == before
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out: cannot write the report into .*file/r: .*file is a file"):
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "--out", str(tmp_path / "file" / "r")])
+    with pytest.raises(SystemExit, match=r"l2t eval: --top-p must be in \(0, 1\], got 0.0"):
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "--top-p", "0", "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match=r"l2t eval: --temperature=0.005 with the vllm engine"):
+        main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "--engine", "vllm", "--temperature",
+              "0.005", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()
 
 
 def test_l2t_eval_keeps_the_finished_benchmarks_when_a_later_one_fails(tiny_dir, tmp_path, monkeypatch):

@@ -213,9 +213,11 @@ def test_miniature_end_to_end(tmp_path, capsys, monkeypatch):
     changed = out.parent / "changed.json"
     changed.write_text(json.dumps({**TINY, "lr": 1e-4}))
     before = (out / "miniature.json").read_text()
+    recorded = (out / "miniature_config.json").read_text()
     with pytest.raises(SystemExit, match=rf"^l2t miniature --out {re.escape(str(out))}: run .* different training configuration"):
         cli_main(["miniature", "-q", "--config", str(changed), "--out", str(out)])
     assert (out / "miniature.json").read_text() == before
+    assert (out / "miniature_config.json").read_text() == recorded  # still the configuration that made it
     monkeypatch.undo()
     # the sampled evaluation (METHOD.md §7) beside the greedy one: the trained runs are reused
     sampled = run_miniature(out, MiniatureConfig.model_validate({**TINY, "eval_samples": 2}), show_progress=False)

@@ -181,8 +181,12 @@ def test_sft_job_refuses_before_any_compute(tiny_dir, tmp_path, monkeypatch):
     empty.write_text("\n")
     with pytest.raises(SFTDataError, match="has no traces"):
         run_sft(SFTConfig(**{**base, "data": str(empty)}))
+    copied = tmp_path / "copied.jsonl"
+    copied.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[1])
+    with pytest.raises(SFTDataError, match=r"copied.jsonl, line 4: the same prompt and response as line 2; remove the copy"):
+        run_sft(SFTConfig(**{**base, "data": str(copied)}))
     assert not trained
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "t.jsonl", "taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied.jsonl", "empty.jsonl", "t.jsonl", "taken"]
 
 
 @pytest.mark.parametrize("layout", ["engine", "before_engines"])

@@ -148,6 +148,31 @@ def test_cli_refuses_to_resume_another_config_in_one_line_naming_the_setting(tin
         cli_main([*argv, "--set", "optim.lr=0.002"])
 
 
+def test_data_source_is_a_task_a_path_where_it_is_or_a_name_in_the_data_directory(toy_data, tmp_path, monkeypatch):
+    """``data.source``: a path with a directory part is read where it is (as ``l2t sft --data``), a
+    bare name in the data directory even where the working directory has a file of that name; a
+    source that is neither says so, naming the synthetic tasks and where it looked."""
+    from l2t_core.config import DataConfig
+    from l2t_core.training_data import TrainingDataError, load_training_problems
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"id": "m0", "problem": "Compute 2 + 2.", "answer": "4"}) + "\n")
+    (tmp_path / "toy.jsonl").write_text(json.dumps({"id": "x", "problem": "shadow", "answer": "0"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert [p.id for p in load_training_problems(DataConfig(source="./mine.jsonl"))] == ["m0"]
+    assert [p.id for p in load_training_problems(DataConfig(source=str(mine)))] == ["m0"]
+    assert len(load_training_problems(DataConfig(source="toy.jsonl", train_size=4))) == 4  # the data directory's
+    with pytest.raises(TrainingDataError, match=r"data.source 'arithmetc' is neither a synthetic task \(.*arithmetic.*\) "
+                                                r"nor a file: data file 'arithmetc' not found in the data directory"):
+        load_training_problems(DataConfig(source="arithmetc"))
+    with pytest.raises(TrainingDataError, match=r"data.source './nope.jsonl' is neither .* nor a file: no file at nope.jsonl"):
+        load_training_problems(DataConfig(source="./nope.jsonl"))
+    half = tmp_path / "half.jsonl"  # an unpaired surrogate escape: no tokenizer takes it; refused naming the line
+    half.write_text(json.dumps({"id": "h", "problem": "half a pair \ud83d", "answer": "1"}) + "\n")
+    with pytest.raises(TrainingDataError, match=r"half.jsonl, line 1, field 'problem': holds a .* not part of a surrogate pair"):
+        load_training_problems(DataConfig(source=str(half)))
+
+
 def test_prompts_that_ranks_cannot_share_evenly_fail_before_the_model_loads(tmp_path, monkeypatch):
     """Each rank samples prompts_per_step / world prompts; an uneven share gave the ranks different
     numbers of mini-batches (optimizer steps and their collectives) and a rank without prompts
@@ -494,7 +519,7 @@ def test_bad_inputs_fail_before_compute(tiny_dir, toy_data, tmp_path):
         Trainer(make_cfg(tiny_dir, tmp_path / "z", rollout={"max_prompt_tokens": 3}), show_progress=False).setup()
     with pytest.raises(ValueError, match="no rows"):
         Trainer(make_cfg(tiny_dir, tmp_path / "e", data={"source": "empty.jsonl"}), show_progress=False).setup()
-    with pytest.raises(FileNotFoundError, match="L2T_DATA_DIR"):
+    with pytest.raises(ValueError, match=r"'missing.jsonl' is neither a synthetic task \(walk, arithmetic\) nor a file: .*L2T_DATA_DIR"):
         Trainer(make_cfg(tiny_dir, tmp_path / "m", data={"source": "missing.jsonl"}), show_progress=False).setup()
     # a compression target the policy lacks, or one outside its blocks, fails at setup, not at the first reward
     with pytest.raises(TargetError, match="not a module of the model"):
@@ -544,10 +569,31 @@ def test_print_config_shows_every_default_and_reads_back(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["seeds"] == [4] and not (tmp_path / "m").exists()
     assert cli_main(["warmstart", "--out", str(tmp_path / "w"), "--print-config"]) == 0
     assert "sft_steps" in yaml.safe_load(capsys.readouterr().out) and not (tmp_path / "w").exists()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "warmstart.json").write_text("{}")  # a finished warm start is never overwritten
+    with pytest.raises(SystemExit, match=r"l2t warmstart --out .*/w: it holds a warm start already"):
+        cli_main(["warmstart", "--out", str(tmp_path / "w")])
+    assert (tmp_path / "w" / "warmstart.json").read_text() == "{}"
 
 
 def test_cli_config_layers_and_errors(tmp_path, capsys):
     assert apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=\"x\"", "d=[1,2]"]) == {"a": {"b": 2, "c": "x"}, "d": [1, 2]}
+    with pytest.raises(SystemExit, match=r"l2t credit --set: overrides apply to a miniature config, and no --config"):
+        cli_main(["credit", "--model", str(tmp_path / "nowhere"), "--set", "lr=0.1"])  # never silently ignored
+    # a key given twice is refused (YAML and JSON keep the last silently); a YAML merge key may be overridden
+    from l2t_core.cli import load_config_file
+
+    (tmp_path / "twice.yaml").write_text("steps: 1\nreward:\n  credit: {beta: 0.1}\nsteps: 2\n")
+    with pytest.raises(SystemExit, match=r"not valid YAML: the key 'steps' is given twice in one mapping"):
+        load_config_file(str(tmp_path / "twice.yaml"))
+    (tmp_path / "twice.json").write_text('{"optim": {"lr": 1, "lr": 2}}')
+    with pytest.raises(SystemExit, match=r"twice.json': the key 'lr' is given twice in one object"):
+        load_config_file(str(tmp_path / "twice.json"))
+    (tmp_path / "merged.yaml").write_text("base: &b {steps: 1, seed: 2}\nrun:\n  <<: *b\n  steps: 3\n")
+    assert load_config_file(str(tmp_path / "merged.yaml"))["run"] == {"steps": 3, "seed": 2}
+    (tmp_path / "latin1.yaml").write_bytes("policy: café\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"latin1.yaml' is not UTF-8 text \(byte 11"):
+        load_config_file(str(tmp_path / "latin1.yaml"))
     with pytest.raises(SystemExit, match=r"--set expects key=value \(e.g. reward.credit.beta=0.3\), got 'steps'"):
         apply_overrides({}, ["steps"])
     with pytest.raises(SystemExit, match="--set a.b.c: 'b' is not a section"):
@@ -718,7 +764,12 @@ def test_loss_ratio_is_one_on_the_first_update_at_the_sampling_temperature(tiny_
     cfg = make_cfg(tiny_dir, tmp_path / method, steps=1, mini_batches=1, method=method,
                    rollout={"group_size": 4, "max_new_tokens": 16, "max_prompt_tokens": 512, "temperature": 0.7})
     tr = Trainer(cfg, show_progress=False)
+    # metrics of an earlier session that died before its first checkpoint (other steps, another run_id)
+    stale = pd.DataFrame([{"run_id": "dead", "step": 2, "accuracy": 0.0}])
+    RunStorage(str(tmp_path / method)).write_bytes("metrics/train_steps/part-000002-000050.parquet",
+                                                   stale.to_parquet(index=False))
     steps = tr.run().steps
+    assert read_table(RunStorage(str(tmp_path / method)), "train_steps")["step"].tolist() == [1]  # not kept
     rollouts = read_table(RunStorage(str(tmp_path / method)), "rollouts")
     # every rollout says whether it ended with EOS; the step reports the share that did
     assert rollouts["finished"].dtype == bool and len(rollouts) == 8

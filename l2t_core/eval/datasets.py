@@ -42,6 +42,7 @@ have no :class:`BenchmarkSpec`; :func:`get_spec` says where to load them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -64,6 +65,8 @@ PARQUET_REVISION = "refs/convert/parquet"
 OMNI_TIERS: tuple[str, ...] = ("d<=3", "3<d<=5", "5<d<=7", "d>7")
 
 CODE_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -306,7 +309,14 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, *, allo
     local, cached = root / spec.file, root / spec.hub_cache_file
     if local.is_file():
         return read_benchmark_file(spec, local, expected_rows=spec.rows, limit=limit, strict_count=strict_count)
+
+    def hub_copy() -> None:  # said every time: the hub copy need not equal the file a run was meant to read
+        log.warning("benchmark %s: %s is not in the data directory %s (%s); using the Hugging Face hub copy %s "
+                    "(cached as %s), which can differ from it (e.g. fewer accepted answers)", name, spec.file, root,
+                    ENV_VAR, spec.hub.repo_id if spec.hub is not None else "", cached)
+
     if cached.is_file():
+        hub_copy()
         expected = spec.hub.rows if spec.hub is not None else None
         return read_benchmark_file(spec, cached, expected_rows=expected, limit=limit, strict_count=strict_count)
     if spec.hub is None:
@@ -321,7 +331,19 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, *, allo
             f"download from the Hugging Face hub dataset {spec.hub.repo_id} (allow_download=True), "
             f"which is cached as {cached}", path=local)
     download_from_hub(spec, cached)
+    hub_copy()
     return read_benchmark_file(spec, cached, expected_rows=spec.hub.rows, limit=limit, strict_count=strict_count)
+
+
+def benchmark_source(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """Which file :func:`load_benchmark` reads for ``name``: the data directory's, or the hub copy
+    (cached or to download), as a report records it."""
+    spec = get_spec(name)
+    root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
+    if (root / spec.file).is_file():
+        return str(root / spec.file)
+    repo = spec.hub.repo_id if spec.hub is not None else "none"
+    return f"hub copy {repo} ({root / spec.hub_cache_file})"
 
 
 def read_benchmark_file(spec: BenchmarkSpec, path: Path, *, expected_rows: int | None,

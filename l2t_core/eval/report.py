@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -104,6 +105,39 @@ def heldout_notes(results: Mapping[str, EvalResult]) -> dict[str, str]:
                       f"{', '.join(map(str, h.get('levels', [])))}, up to {h.get('per_level')} problems per level "
                       f"(seed {h.get('seed')}), prompted with the task's own prompt")
     return out
+
+
+class ReportDirError(ValueError):
+    """An output directory that cannot take this evaluation's report."""
+
+
+def check_report_dir(out_dir, *, model: str, benchmarks: list[str]) -> None:
+    """Before any sampling (creating nothing): ``out_dir`` can be written, and holds no report of another evaluation
+    (another model, or other benchmarks), which :func:`write_report` would replace. The same
+    evaluation's report is replaced by its rerun."""
+    out = Path(out_dir)
+    existing = out  # nothing is created here: the nearest existing directory must let it be
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ReportDirError(f"cannot write the report into {out}: {existing} is a file, not a directory; choose "
+                             f"another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ReportDirError(f"cannot write the report into {out}: {existing} is not writable for this user; choose "
+                             f"another --out")
+    report = out / "report.json"
+    if not report.is_file():
+        return
+    try:
+        held = json.loads(report.read_text())
+        held_model, held_benchmarks = held["model"], sorted(held["benchmarks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ReportDirError(f"{report} exists and is not a report of l2t eval; choose another --out or remove "
+                             f"it") from None
+    if held_model != model or held_benchmarks != sorted(benchmarks):
+        raise ReportDirError(
+            f"{out} holds the report of {held_model} on {', '.join(held_benchmarks)}; this evaluation ({model} on "
+            f"{', '.join(benchmarks)}) would replace it. Choose another --out, or remove that report first")
 
 
 def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> dict:
