@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DataConfig
-from .data import data_file, read_math_file
+from .data import data_dir, data_file, read_math_file
 from .eval.datasets import DatasetError
 from .prompts import build_prompt
 from .tasks import TASKS, get_task
@@ -30,16 +30,19 @@ class TrainProblem:
 
 
 def source_path(source: str) -> Path:
-    """The JSONL file of a ``data.source`` that is no synthetic task: a path (one with a directory
-    part, ``./my.jsonl``) where it is, a bare name (``math500.jsonl``) in the data directory
-    (:func:`~l2t_core.data.data_file`; a file of that name in the working directory does not
-    shadow it). FileNotFoundError, naming where it looked, when there is no such file."""
+    """The JSONL file of a ``data.source`` that is no synthetic task: a bare name
+    (``math500.jsonl``) in the data directory (:func:`~l2t_core.data.data_file`; a file of that
+    name in the working directory does not shadow it); a path (one with a directory part,
+    ``./my.jsonl``) where it is, else (a relative one) under the data directory, as before paths
+    were read where they are. FileNotFoundError, naming where it looked, when there is no such file."""
     path = Path(source).expanduser()
     if path.name == source:
         return data_file(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at {path}")
-    return path
+    if path.is_file():
+        return path
+    if not path.is_absolute() and (data_dir() / path).is_file():
+        return data_dir() / path
+    raise FileNotFoundError(f"no file at {path}" + ("" if path.is_absolute() else f" nor at {data_dir() / path}"))
 
 
 def load_training_problems(cfg: DataConfig) -> list[TrainProblem]:

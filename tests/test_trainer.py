@@ -165,8 +165,12 @@ def test_data_source_is_a_task_a_path_where_it_is_or_a_name_in_the_data_director
     with pytest.raises(TrainingDataError, match=r"data.source 'arithmetc' is neither a synthetic task \(.*arithmetic.*\) "
                                                 r"nor a file: data file 'arithmetc' not found in the data directory"):
         load_training_problems(DataConfig(source="arithmetc"))
-    with pytest.raises(TrainingDataError, match=r"data.source './nope.jsonl' is neither .* nor a file: no file at nope.jsonl"):
+    with pytest.raises(TrainingDataError, match=r"data.source './nope.jsonl' is neither .* nor a file: no file at nope.jsonl "
+                                                r"nor at .*toy_data.*/nope.jsonl"):
         load_training_problems(DataConfig(source="./nope.jsonl"))
+    (toy_data / "sub").mkdir(exist_ok=True)  # a relative path under the data directory, as it was read before
+    (toy_data / "sub" / "more.jsonl").write_text(mine.read_text())
+    assert [p.id for p in load_training_problems(DataConfig(source="sub/more.jsonl"))] == ["m0"]
     half = tmp_path / "half.jsonl"  # an unpaired surrogate escape: no tokenizer takes it; refused naming the line
     half.write_text(json.dumps({"id": "h", "problem": "half a pair \ud83d", "answer": "1"}) + "\n")
     with pytest.raises(TrainingDataError, match=r"half.jsonl, line 1, field 'problem': holds a .* not part of a surrogate pair"):
