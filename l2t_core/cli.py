@@ -125,21 +125,26 @@ def _unique_keys_loader():
     import yaml
 
     class UniqueKeys(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    hash(key)
-                except TypeError:  # refused by the SafeLoader itself, with its own message
-                    continue
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+        def flatten_mapping(self, node):
+            # each mapping's own keys, checked once and before the merge keys (`<<: *base`, whose keys it
+            # may override) are flattened into it: flattening rewrites an anchored node in place
+            checked = self.__dict__.setdefault("_unique_checked", set())
+            if id(node) not in checked:
+                checked.add(id(node))
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node)
+                    try:
+                        hash(key)
+                    except TypeError:  # refused by the SafeLoader itself, with its own message
+                        continue
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark)
+                    seen.add(key)
+            super().flatten_mapping(node)
 
     return UniqueKeys
 
@@ -355,7 +360,8 @@ def cmd_eval(args) -> int:
         check_report_dir(args.out, model=args.model, benchmarks=list(args.benchmarks))
     except ReportDirError as exc:
         raise SystemExit(f"l2t eval --out: {exc}") from None
-    try:  # all loaded and validated before the model
+    try:  # all loaded and validated before the model; which file each one was read from, as it is read
+        sources = {name: benchmark_source(name) for name in args.benchmarks if not is_heldout(name)}
         items = {name: load_eval_benchmark(name, limit=args.limit, heldout=heldout) for name in args.benchmarks}
     except HeldOutOptionError as exc:
         raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
@@ -374,7 +380,7 @@ def cmd_eval(args) -> int:
             if is_heldout(name):  # which held-out problems: recorded in report.json, named in the report
                 results[name].summary["heldout"] = heldout.describe(name)
             else:  # which file: the data directory's, or the hub copy (report.json)
-                results[name].summary["source"] = benchmark_source(name)
+                results[name].summary["source"] = sources[name]
         # the report of every benchmark done so far: a failure later keeps their samples and scores
         report = write_report(args.out, results, model=args.model)
     print(json.dumps({"out": args.out, "files": report["files"],

@@ -539,9 +539,6 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
             todo.append((name, seed, tcfg))
         else:
             collect(name, seed, ev)
-    # what reruns this directory, written once every reuse check above has passed: a run refused as
-    # made with another configuration leaves the record of the one that made it
-    write_text_atomic(out / "miniature_config.json", cfg.model_dump_json(indent=2))
     ctx = mp.get_context("spawn")
     with contextlib.ExitStack() as stack:
         # the workers report each finished step through a queue (none without a display); its manager
@@ -581,6 +578,9 @@ def _run_miniature(out: str | os.PathLike, cfg: MiniatureConfig | None, *, show_
     report["credit"] = credit
     report["seconds"] = time.perf_counter() - t0
     report["config"] = json.loads(cfg.model_dump_json())
+    # what reruns this directory, written with its report: a configuration refused as another than the
+    # one that made a run (here, or inside a worker) leaves the record of the one that made it
+    write_text_atomic(out / "miniature_config.json", cfg.model_dump_json(indent=2))
     write_text_atomic(out / "miniature.json", json.dumps(report, indent=1))
     table = markdown_table(report)
     write_text_atomic(out / "miniature.md", f"# L2T miniature\n\n{table}")

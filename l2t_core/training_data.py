@@ -30,19 +30,25 @@ class TrainProblem:
 
 
 def source_path(source: str) -> Path:
-    """The JSONL file of a ``data.source`` that is no synthetic task: a bare name
-    (``math500.jsonl``) in the data directory (:func:`~l2t_core.data.data_file`; a file of that
-    name in the working directory does not shadow it); a path (one with a directory part,
-    ``./my.jsonl``) where it is, else (a relative one) under the data directory, as before paths
-    were read where they are. FileNotFoundError, naming where it looked, when there is no such file."""
+    """The JSONL file of a ``data.source`` that is no synthetic task. A path that says where it is
+    (``./my.jsonl``, ``../x.jsonl``, ``/data/x.jsonl``, ``~/x.jsonl``) is read there. Any other name
+    (``math500.jsonl``, ``sub/x.jsonl``) is looked up in the data directory
+    (:func:`~l2t_core.data.data_file`), as it always was, and only where it is not there relative to
+    the working directory: a file in the working directory never shadows the data directory's.
+    FileNotFoundError, naming where it looked, when there is no such file."""
     path = Path(source).expanduser()
-    if path.name == source:
-        return data_file(source)
+    if source.startswith(("./", "../", "/", "~")):
+        if not path.is_file():
+            raise FileNotFoundError(f"no file at {path}")
+        return path
+    in_data = data_dir() / source
+    if in_data.is_file():
+        return in_data
     if path.is_file():
         return path
-    if not path.is_absolute() and (data_dir() / path).is_file():
-        return data_dir() / path
-    raise FileNotFoundError(f"no file at {path}" + ("" if path.is_absolute() else f" nor at {data_dir() / path}"))
+    if path.name == source:
+        return data_file(source)  # its message names the data directory and L2T_DATA_DIR
+    raise FileNotFoundError(f"no file at {in_data} (the data directory, L2T_DATA_DIR) nor at {path}")
 
 
 def load_training_problems(cfg: DataConfig) -> list[TrainProblem]:

@@ -127,6 +127,12 @@ def test_l2t_eval_keeps_the_finished_benchmarks_when_a_later_one_fails(tiny_dir,
               "--max-new-tokens", "4", "--out", str(tmp_path / "rep")])
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert list(report["benchmarks"]) == ["aime24"]
+    # its rerun may replace what the crash left (the same model, those benchmarks and more); another may not
+    from l2t_core.eval.report import ReportDirError, check_report_dir
+
+    check_report_dir(tmp_path / "rep", model=str(tiny_dir), benchmarks=["aime24", "amc23"])
+    with pytest.raises(ReportDirError, match="holds the report of"):
+        check_report_dir(tmp_path / "rep", model=str(tiny_dir), benchmarks=["amc23"])
     assert len(pd.read_parquet(tmp_path / "rep" / "eval_results.parquet")) == 2
     assert not list((tmp_path / "rep").glob(".*.tmp"))
 

@@ -149,9 +149,10 @@ def test_cli_refuses_to_resume_another_config_in_one_line_naming_the_setting(tin
 
 
 def test_data_source_is_a_task_a_path_where_it_is_or_a_name_in_the_data_directory(toy_data, tmp_path, monkeypatch):
-    """``data.source``: a path with a directory part is read where it is (as ``l2t sft --data``), a
-    bare name in the data directory even where the working directory has a file of that name; a
-    source that is neither says so, naming the synthetic tasks and where it looked."""
+    """``data.source``: a path that says where it is (``./``, ``/``) is read there; any other name in
+    the data directory first, even where the working directory has a file of that name, then where
+    it is; a source that is neither says so, naming the synthetic tasks and where it looked; an
+    unpaired surrogate escape is refused naming the line."""
     from l2t_core.config import DataConfig
     from l2t_core.training_data import TrainingDataError, load_training_problems
 
@@ -161,17 +162,22 @@ def test_data_source_is_a_task_a_path_where_it_is_or_a_name_in_the_data_director
     monkeypatch.chdir(tmp_path)
     assert [p.id for p in load_training_problems(DataConfig(source="./mine.jsonl"))] == ["m0"]
     assert [p.id for p in load_training_problems(DataConfig(source=str(mine)))] == ["m0"]
+    assert [p.id for p in load_training_problems(DataConfig(source="mine.jsonl"))] == ["m0"]  # not in the data dir
     assert len(load_training_problems(DataConfig(source="toy.jsonl", train_size=4))) == 4  # the data directory's
+    (toy_data / "sub").mkdir(exist_ok=True)  # a relative path: under the data directory, as always
+    (toy_data / "sub" / "more.jsonl").write_text(mine.read_text())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "more.jsonl").write_text((tmp_path / "toy.jsonl").read_text())
+    assert [p.id for p in load_training_problems(DataConfig(source="sub/more.jsonl"))] == ["m0"]
     with pytest.raises(TrainingDataError, match=r"data.source 'arithmetc' is neither a synthetic task \(.*arithmetic.*\) "
                                                 r"nor a file: data file 'arithmetc' not found in the data directory"):
         load_training_problems(DataConfig(source="arithmetc"))
-    with pytest.raises(TrainingDataError, match=r"data.source './nope.jsonl' is neither .* nor a file: no file at nope.jsonl "
-                                                r"nor at .*toy_data.*/nope.jsonl"):
+    with pytest.raises(TrainingDataError, match=r"data.source './nope.jsonl' is neither .* nor a file: no file at nope.jsonl$"):
         load_training_problems(DataConfig(source="./nope.jsonl"))
-    (toy_data / "sub").mkdir(exist_ok=True)  # a relative path under the data directory, as it was read before
-    (toy_data / "sub" / "more.jsonl").write_text(mine.read_text())
-    assert [p.id for p in load_training_problems(DataConfig(source="sub/more.jsonl"))] == ["m0"]
-    half = tmp_path / "half.jsonl"  # an unpaired surrogate escape: no tokenizer takes it; refused naming the line
+    with pytest.raises(TrainingDataError, match=r"'sub/nope.jsonl' is neither .* no file at .*toy_data.*/sub/nope.jsonl "
+                                                r"\(the data directory, L2T_DATA_DIR\) nor at sub/nope.jsonl"):
+        load_training_problems(DataConfig(source="sub/nope.jsonl"))
+    half = tmp_path / "half.jsonl"
     half.write_text(json.dumps({"id": "h", "problem": "half a pair \ud83d", "answer": "1"}) + "\n")
     with pytest.raises(TrainingDataError, match=r"half.jsonl, line 1, field 'problem': holds a .* not part of a surrogate pair"):
         load_training_problems(DataConfig(source=str(half)))

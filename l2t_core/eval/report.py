@@ -113,11 +113,11 @@ class ReportDirError(ValueError):
 
 def check_report_dir(out_dir, *, model: str, benchmarks: list[str]) -> None:
     """Before any sampling (creating nothing): ``out_dir`` can be written, and holds no report of another evaluation
-    (another model, or other benchmarks), which :func:`write_report` would replace. The same
-    evaluation's report is replaced by its rerun."""
+    (another model, or benchmarks this one lacks), which :func:`write_report` would replace. The
+    same evaluation's report, or the part of it a crash left, is replaced by its rerun."""
     out = Path(out_dir)
     existing = out  # nothing is created here: the nearest existing directory must let it be
-    while not existing.exists() and existing != existing.parent:
+    while not os.path.lexists(existing) and existing != existing.parent:  # a dangling link is no directory
         existing = existing.parent
     if not existing.is_dir():
         raise ReportDirError(f"cannot write the report into {out}: {existing} is a file, not a directory; choose "
@@ -134,7 +134,9 @@ def check_report_dir(out_dir, *, model: str, benchmarks: list[str]) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise ReportDirError(f"{report} exists and is not a report of l2t eval; choose another --out or remove "
                              f"it") from None
-    if held_model != model or held_benchmarks != sorted(benchmarks):
+    same_model = held_model == model or (Path(held_model).exists() and Path(held_model).resolve() == Path(model).resolve())
+    # the same evaluation, or its rerun after a crash (the report holds the benchmarks finished then)
+    if not (same_model and set(held_benchmarks) <= set(benchmarks)):
         raise ReportDirError(
             f"{out} holds the report of {held_model} on {', '.join(held_benchmarks)}; this evaluation ({model} on "
             f"{', '.join(benchmarks)}) would replace it. Choose another --out, or remove that report first")
