@@ -55,13 +55,21 @@ def trace_row(row: dict, split: Split = "lines", max_episodes: int = 30) -> tupl
 
 def traces(rows: Iterable[dict], split: Split = "lines", max_episodes: int = 30,
            limit: int | None = None) -> tuple[list[dict], Counter]:
-    """The trace rows of ``rows`` (the first ``limit`` usable ones) and the count of each outcome."""
+    """The trace rows of ``rows`` (the first ``limit`` usable ones) and the count of each outcome;
+    an exact copy of an earlier trace (the same problem and response, which ``l2t sft`` refuses) is
+    left out as ``duplicate``."""
     out: list[dict] = []
     outcomes: Counter = Counter()
+    seen: set[tuple[str, str]] = set()
     for row in rows:
         if limit is not None and len(out) >= limit:
             break
         trace, outcome = trace_row(row, split, max_episodes)
+        if trace is not None:
+            key = (trace["problem"], trace["response"])
+            if key in seen:
+                trace, outcome = None, "duplicate"
+            seen.add(key)
         outcomes[outcome] += 1
         if trace is not None:
             out.append(trace)

@@ -41,9 +41,12 @@ def test_rows_that_give_no_trace_say_why(solution, outcome):
 
 
 def test_limit_and_outcome_counts():
-    rows = [{"id": str(i), "problem": "p", "answer": "1", "solution": None if i % 2 else "s"} for i in range(7)]
+    rows = [{"id": str(i), "problem": f"p{i}", "answer": "1", "solution": None if i % 2 else "s"} for i in range(7)]
     out, outcomes = traces(rows, limit=3)
     assert [r["id"] for r in out] == ["0", "2", "4"] and outcomes == {"ok": 3, "no_solution": 2}
+    # an exact copy of an earlier trace (another id, the same problem and solution) is left out: l2t sft refuses it
+    out, outcomes = traces([*rows[:3], {**rows[2], "id": "copy"}, rows[4]])
+    assert [r["id"] for r in out] == ["0", "2", "4"] and outcomes == {"ok": 3, "no_solution": 1, "duplicate": 1}
 
 
 def test_write_jsonl_refuses_to_overwrite_and_leaves_no_temporary_file(tmp_path):
