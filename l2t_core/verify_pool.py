@@ -147,7 +147,8 @@ class PendingVerdicts:
 
 
 class VerifierPool:
-    """``workers`` spawned processes that run ``verifier.verify`` (which must pickle)."""
+    """``workers`` spawned processes that run ``verifier.verify`` (which must pickle). One thread
+    submits and collects (the trainer's reward pass, an evaluation): it holds no lock."""
 
     def __init__(self, verifier: Verifier, workers: int, chunks_per_worker: int = 4, stall_slack_s: float = 60.0,
                  start_timeout_s: float = 120.0):
