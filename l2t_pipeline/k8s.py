@@ -40,6 +40,7 @@ from pydantic import Field
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
 from l2t_core.models import could_be_hub_id
+from l2t_core.tasks import TASKS
 from l2t_core.urls import redact_url
 
 # only rank 0 of a multi-process launch talks to Dagster Pipes: the other ranks lose the variables
@@ -238,6 +239,14 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         if not posixpath.isabs(self.shared_mount_path):
             raise ValueError(f"K8sTrainingLauncher.shared_mount_path {self.shared_mount_path!r} must be absolute")
 
+    def _data_dir_env(self) -> dict[str, str]:
+        """``L2T_DATA_DIR`` for the pod, where the run worker's data directory is on the shared volume:
+        a data file named by ``data.source`` is then the same file in both."""
+        from l2t_core.data import ENV_VAR, data_dir
+
+        here = str(data_dir())
+        return {ENV_VAR: here} if self._mounted(here) else {}
+
     def _check_run(self, cfg: TrainConfig) -> None:
         if self.gpus > 1 and cfg.engine != "deepspeed":
             raise ValueError(f"a run on {self.gpus} GPUs needs engine='deepspeed' (got {cfg.engine!r}); "
@@ -254,6 +263,20 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
                 f"the base policy {cfg.policy!r} is a local directory the training pod cannot see: keep base models "
                 f"on the shared volume (L2T_MODELS_DIR under {self.shared_mount_path!r} with shared_volume_claim "
                 "set) or register a hub id in the model registry")
+        if cfg.data.source not in TASKS:  # a JSONL file: the pod must read the very file hashed here
+            from l2t_core.data import data_dir
+            from l2t_core.training_data import source_path
+
+            try:
+                path = source_path(cfg.data.source)
+            except FileNotFoundError as exc:
+                raise ValueError(f"training data {cfg.data.source!r}: {exc}") from None
+            found_in_data_dir = path == data_dir() / cfg.data.source
+            if not (self._mounted(str(path)) and (found_in_data_dir or posixpath.isabs(cfg.data.source))):
+                raise ValueError(
+                    f"the training data {cfg.data.source!r} is {path}, which the training pod cannot read as the same "
+                    f"file: keep it on the shared volume, in the data directory (L2T_DATA_DIR under "
+                    f"{self.shared_mount_path!r}, passed on to the pod) or as an absolute path under it")
 
     # ------------------------------------------------------------------ the pod
     def job_gpus(self, job: Job = "train") -> int:
@@ -283,7 +306,7 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         limits = {"memory": self.memory_limit or self.memory_request}
         if self.job_gpus(job):  # extended resources: the request equals the limit
             limits["nvidia.com/gpu"] = str(self.job_gpus(job))
-        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
+        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self._data_dir_env(), **self.env}
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
         if self.shared_volume_claim:
             mounts.append({"name": "l2t-shared", "mountPath": self.shared_mount_path})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -83,6 +84,10 @@ def make_io_manager() -> dg.FilesystemIOManager:
     which a later run in another pod (K8sRunLauncher) cannot read."""
     return dg.FilesystemIOManager(base_dir=default_io_url())
 
+
+# a base model's name: a partition key of base_models and runs ('|' joins the runs' dimensions) and a
+# directory name under the models directory ('.' and '..' would be the directory itself or its parent)
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 class L2TStorage(dg.ConfigurableResource):
     """Where training runs (fsspec URL) and base models (local directory) are stored."""
@@ -164,6 +169,11 @@ class ModelRegistry(dg.ConfigurableResource):
             raise ValueError(f"model registry {p}: expected a mapping under 'models', got {type(models).__name__}")
         out = {}
         for name, entry in models.items():
+            if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+                raise ValueError(f"model registry {p}: the name {name!r} cannot name a base model: it becomes a "
+                                 "partition key (where '|' joins base model and method) and a directory under the "
+                                 "models directory; use letters, digits, '.', '_' and '-', starting with a letter or "
+                                 "digit")
             try:
                 e = ModelEntry(**(entry or {}))
             except Exception as exc:  # noqa: BLE001 - name the entry

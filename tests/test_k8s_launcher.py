@@ -247,6 +247,33 @@ def test_launch_writes_the_config_then_calls_the_cluster(tmp_path, monkeypatch):
     assert "L2T_K8S_SHARED_PVC" in error and not Path(config_url(cfg.out, run_id)).exists()
 
 
+def test_a_training_data_file_is_the_same_file_in_the_pod(tmp_path, monkeypatch):
+    """A ``data.source`` file (the run worker hashes it into the run's config hash) must be the file
+    the pod reads: found in a data directory on the shared volume (its L2T_DATA_DIR goes into the
+    pod's environment) or an absolute path under it; otherwise refused before any pod starts."""
+    mount = str(tmp_path / "mnt")
+    (tmp_path / "mnt" / "data").mkdir(parents=True)
+    (tmp_path / "mnt" / "data" / "mine.jsonl").write_text("{}\n")
+    launcher = K8sTrainingLauncher(image=IMAGE, shared_volume_claim="l2t-shared", shared_mount_path=mount)
+    cfg = TrainConfig(policy=f"{mount}/models/tiny-sft", out=f"{mount}/storage/runs/x", device="cpu",
+                      data={"source": "mine.jsonl"})
+    monkeypatch.setenv("L2T_DATA_DIR", f"{mount}/data")
+    launcher.check(cfg)
+    env = {e["name"]: e["value"] for e in launcher.container("c.yaml")["env"]}
+    assert env["L2T_DATA_DIR"] == f"{mount}/data"
+    launcher.check(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": f"{mount}/data/mine.jsonl"})}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.jsonl").write_text("{}\n")
+    monkeypatch.setenv("L2T_DATA_DIR", str(elsewhere))  # a data directory the pod does not have
+    with pytest.raises(ValueError, match=r"the training data 'mine.jsonl' is .*elsewhere/mine.jsonl, which the training "
+                                         r"pod cannot read as the same file"):
+        launcher.check(cfg)
+    assert "L2T_DATA_DIR" not in {e["name"] for e in launcher.container("c.yaml")["env"]}
+    with pytest.raises(ValueError, match=r"training data 'nope.jsonl': data file 'nope.jsonl' not found"):
+        launcher.check(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "nope.jsonl"})}))
+
+
 def test_sft_pod_runs_one_process_on_at_most_one_gpu_and_sees_its_paths(tmp_path, monkeypatch):
     """A registry model of kind 'sft' on the cluster: ``l2t sft`` in a pod with one GPU (whatever
     the training pods get), device cuda, its config written beside the output on the shared

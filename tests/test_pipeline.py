@@ -295,6 +295,12 @@ def test_registry_validates_entries(tmp_path):
     (tmp_path / "broken.yaml").write_text("models:\n  a: {kind: warmstart\n")
     with pytest.raises(ValueError, match=r"(?s)model registry .*broken\.yaml is not valid YAML: .*line 2, column 6"):
         ModelRegistry(path=str(tmp_path / "broken.yaml")).entries()
+    # a name is a partition key ('|' joins a run's dimensions) and a directory name ('..' is the parent)
+    for name in ("a|b", "..", ".", "-x", "with space", "", 7):
+        with pytest.raises(ValueError, match=r"the name .* cannot name a base model"):
+            write_registry(tmp_path / "names.yaml", {name: {"kind": "warmstart"}}).entries()
+    assert set(write_registry(tmp_path / "ok.yaml", {"Qwen2.5-1.5B_sft.v2": {"kind": "warmstart"}}).entries()) == {
+        "Qwen2.5-1.5B_sft.v2"}
 
 
 def test_the_shipped_registry_and_its_commented_sft_example_validate(tmp_path):
