@@ -31,7 +31,7 @@ ASSETS = [datasets, base_model, segmented_rollouts, episode_rewards, checkpoints
 
 
 def training_launcher(environ: Mapping[str, str] | None = None) -> dg.ConfigurableResource:
-    """The launcher ``L2T_LAUNCHER`` selects: ``local`` (the default; ``PipesSubprocessClient``) or
+    """The launcher ``L2T_LAUNCHER`` selects: ``local`` (the default; a subprocess through Dagster Pipes) or
     ``k8s`` (``PipesK8sClient``, the ``k8s`` extra; settings from ``L2T_K8S_*``, see l2t_pipeline.k8s)."""
     env = os.environ if environ is None else environ
     kind = env.get("L2T_LAUNCHER", "local").strip().lower() or "local"

@@ -23,14 +23,17 @@ The evaluator is :class:`HeldOutEvaluator` (the synthetic task's held-out split)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal, Mapping, Optional
+from typing import Literal, Mapping, Optional, Sequence
 
 import dagster as dg
 import pandas as pd
@@ -521,9 +524,58 @@ def _parse_env_value(var: str, field: str, raw: str):
 LOCAL_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / "zero2.json"
 
 
+def stop_process_group(process: subprocess.Popen, grace_s: float, log=None) -> None:
+    """End ``process`` (started in a session of its own) and every process of its group: SIGINT
+    first (the trainer stops as after Ctrl-C; torchrun passes it to its ranks), then, whatever is
+    left after ``grace_s``, SIGKILL. A checkpoint is written atomically, so a kill mid-write leaves
+    the previous one."""
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        if log is not None:
+            log.warning(f"[pipes] the subprocess did not stop within {grace_s:g} s of SIGINT; killing its process group")
+    with contextlib.suppress(ProcessLookupError):  # ranks or workers it left behind, or itself
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+class ProcessGroupPipesClient(dg.PipesClient):
+    """Runs a command through Dagster Pipes, as ``dg.PipesSubprocessClient`` does, in a process
+    group of its own, so that an interrupted Dagster run (cancelled in the UI, a step stopped) ends
+    the whole job: SIGINT, then SIGKILL for what is left after ``termination_timeout_seconds``
+    (:func:`stop_process_group`). ``PipesSubprocessClient`` sends SIGINT to its child alone and
+    stops waiting after its timeout, so a trainer that ignores it, or the ranks of a torchrun,
+    would run on beside a relaunch into the same run directory."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, cwd: str | None = None,
+                 termination_timeout_seconds: float = 30.0):
+        self.env, self.cwd = dict(env or {}), cwd
+        self.termination_timeout_seconds = termination_timeout_seconds
+
+    def run(self, *, context, command: Sequence[str], extras=None) -> dg.PipesClientCompletedInvocation:  # type: ignore[override]
+        with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
+                                   message_reader=dg.PipesTempFileMessageReader(), extras=extras) as session:
+            process = subprocess.Popen(list(command), cwd=self.cwd, start_new_session=True,
+                                       env={**os.environ, **self.env, **session.get_bootstrap_env_vars()})
+            try:
+                code = process.wait()
+            except BaseException:  # the run was interrupted (DagsterExecutionInterruptedError), or this process is ending
+                context.log.info("[pipes] execution interrupted: stopping the subprocess and its process group")
+                stop_process_group(process, self.termination_timeout_seconds, context.log)
+                raise
+            if code != 0:
+                raise dg.Failure(f"the subprocess ({' '.join(command[:6])} ...) exited with code {code}; its error is "
+                                 "in this step's compute logs (stderr)")
+        return dg.PipesClientCompletedInvocation(session)
+
+
 class TrainingLauncher(dg.ConfigurableResource):
     """Launches ``python -m l2t_core.cli train --config FILE`` through Dagster Pipes
-    (``PipesSubprocessClient``); the entrypoint reports back through ``l2t_core.pipes``. With
+    (:class:`ProcessGroupPipesClient`: a cancelled run ends the whole job); the entrypoint reports back through ``l2t_core.pipes``. With
     ``nproc_per_node`` > 1 the same entrypoint runs under ``torchrun`` (``torch.distributed.run``),
     one process per GPU, for a DeepSpeed run (``engine: deepspeed``); rank 0 reports to Dagster.
     The Kubernetes variant (``l2t_pipeline.k8s``, PipesK8sClient) implements the same ``launch``."""
@@ -565,10 +617,10 @@ class TrainingLauncher(dg.ConfigurableResource):
                              f"GPU, which needs engine 'deepspeed' (the run's engine is {cfg.engine!r}); set "
                              "engine: deepspeed with a deepspeed_config, or nproc_per_node: 1")
 
-    def _client(self) -> dg.PipesSubprocessClient:
+    def _client(self) -> "ProcessGroupPipesClient":
         env = {"OMP_NUM_THREADS": str(self.torch_threads), "MKL_NUM_THREADS": str(self.torch_threads),
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        return dg.PipesSubprocessClient(env=env, cwd=self.cwd or str(REPO_ROOT))
+        return ProcessGroupPipesClient(env=env, cwd=self.cwd or str(REPO_ROOT))
 
     def launch(self, context: dg.AssetExecutionContext, cfg: TrainConfig) -> dg.PipesClientCompletedInvocation:
         """Write ``cfg`` to a temporary YAML file and run the training entrypoint on it."""

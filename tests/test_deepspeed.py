@@ -529,7 +529,7 @@ def test_zero3_trainer_with_fewer_micro_batches_on_one_rank_equals_one_process(t
 @pytest.mark.slow
 def test_pipes_launcher_runs_two_ranks_under_torchrun_and_rank_0_reports(tiny_dir, tmp_path, monkeypatch):
     """The pipeline's local launcher with nproc_per_node=2: a Dagster asset launches the training
-    entrypoint under torchrun through PipesSubprocessClient; both ranks train, rank 0 alone reports
+    entrypoint under torchrun through the launcher's Pipes client; both ranks train, rank 0 alone reports
     the materialization (one, with the run's metadata) and writes the run."""
     import dagster as dg
 

@@ -1065,3 +1065,72 @@ def test_reward_settings_reach_every_reward_option_and_bad_ones_fail_by_name():
     with pytest.raises(ValueError, match="TrainRunConfig.reward_settings credit.beta.x: 'beta' is not a section"):
         TrainRunConfig(reward_settings=["credit.beta.x=1"]).to_core(policy="p", method="l2t", out="o",
                                                                      data=DataConfig())
+
+
+def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+    """Whether process ``pid`` has ended (gone or a zombie) within ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# a job that ignores SIGINT and leaves a child of its own (as torchrun's ranks are): it writes both pids
+STUBBORN_JOB = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"])
+open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()} {child.pid}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"""
+
+
+def test_an_interrupted_launch_ends_the_whole_job_and_a_failed_one_names_its_exit_code(tmp_path, monkeypatch):
+    """The local launcher's Pipes client: a Dagster run interrupted while the job runs (cancelled
+    in the UI) ends the job and every process of its group, SIGINT first and SIGKILL after the
+    grace period, even a job that ignores SIGINT and its own children (torchrun's ranks);
+    PipesSubprocessClient would leave them running. A job that fails fails the step with its code."""
+    import subprocess
+    import sys
+    import time
+
+    from l2t_pipeline.resources import ProcessGroupPipesClient
+
+    pids = tmp_path / "pids"
+    real_wait = subprocess.Popen.wait
+
+    def interrupted(self, timeout=None):
+        if timeout is None and not getattr(self, "_l2t_interrupted", False):
+            self._l2t_interrupted = True
+            deadline = time.monotonic() + 60
+            while not pids.exists() and time.monotonic() < deadline:  # the job is up, its child started
+                time.sleep(0.05)
+            raise dg.DagsterExecutionInterruptedError()
+        return real_wait(self, timeout=timeout)
+
+    @dg.asset
+    def job(context) -> None:
+        ProcessGroupPipesClient(termination_timeout_seconds=1.0).run(
+            context=context, command=[sys.executable, "-c", STUBBORN_JOB, str(pids)])
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted)
+    dg.materialize([job], raise_on_error=False)
+    parent, child = map(int, pids.read_text().split())
+    assert _gone(parent) and _gone(child)
+    monkeypatch.undo()
+
+    @dg.asset
+    def failing(context) -> None:
+        ProcessGroupPipesClient().run(context=context, command=[sys.executable, "-c", "raise SystemExit(3)"])
+
+    res = dg.materialize([failing], raise_on_error=False)
+    assert "exited with code 3" in str(res.get_step_failure_events()[0].event_specific_data.error)
