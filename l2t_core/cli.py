@@ -106,20 +106,6 @@ def _read_config_url(path: str) -> bytes:
                          "the storage credentials in the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list) -> dict:
-    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last silently)."""
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"the key {key!r} is given twice in one object; keep one")
-        out[key] = value
-    return out
-
-
 def _unique_keys_loader():
     """yaml's SafeLoader, refusing a key given twice in one mapping (it keeps the last silently)."""
     import yaml
@@ -163,13 +149,15 @@ def load_config_file(path: str | None) -> dict:
         except yaml.YAMLError as exc:
             raise SystemExit(f"config file {path!r} is not valid YAML: {exc}") from None
     else:
+        from .eval.datasets import DuplicateKey, unique_keys
+
         try:
-            data = json.loads(text, object_pairs_hook=_unique_keys)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"config file {path!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
                              f"{exc.colno} (a .yaml/.yml file is read as YAML)") from None
-        except _DuplicateKey as exc:
-            raise SystemExit(f"config file {path!r}: {exc}") from None
+        except DuplicateKey as exc:
+            raise SystemExit(f"config file {path!r}: the key {exc.key!r} is given twice in one object; keep one") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config file {path!r} must hold a mapping at the top level")
     return data

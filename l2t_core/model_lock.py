@@ -17,7 +17,9 @@ note (none can be live then) or a refused job on the same host finds its process
 works between processes of one machine and, on a shared volume that supports ``flock`` (NFSv4:
 Linux maps it to a byte-range lock), between machines. On such a volume the locks are the
 process's, not the open file's: one process must not hold the same model twice (the pipeline's
-steps hold each model once), since closing either would release both.
+steps hold each model once), since closing either would release both. (``filelock``, which the
+warehouse uses, has exclusive locks only; its ``ReadWriteLock`` is an SQLite database, which
+SQLite advises against on network filesystems.)
 """
 
 from __future__ import annotations

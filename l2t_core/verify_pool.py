@@ -203,7 +203,7 @@ class VerifierPool:
 
     def _in_process(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
         self.in_process += len(lost)
-        return {i: self.verifier.verify(*pair) for i, pair in lost.items()}
+        return dict(zip(lost, _verify_chunk(self.verifier, list(lost.values()))))
 
     def _recover(self, lost: dict[int, tuple[str, str]]) -> dict[int, Verdict]:
         """Verdicts of the responses a broken or stalled pool lost (the module's docstring, steps 1-2)."""

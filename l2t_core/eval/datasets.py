@@ -305,8 +305,7 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, *, allo
     spec = get_spec(name)
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of rows, got {limit!r}")
-    root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
-    local, cached = root / spec.file, root / spec.hub_cache_file
+    root, local, cached = _benchmark_paths(spec, data_dir)
     if local.is_file():
         return read_benchmark_file(spec, local, expected_rows=spec.rows, limit=limit, strict_count=strict_count)
 
@@ -339,11 +338,17 @@ def benchmark_source(name: str, data_dir: str | os.PathLike | None = None) -> st
     """Which file :func:`load_benchmark` reads for ``name``: the data directory's, or the hub copy
     (cached or to download), as a report records it."""
     spec = get_spec(name)
-    root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
-    if (root / spec.file).is_file():
-        return str(root / spec.file)
+    _, local, cached = _benchmark_paths(spec, data_dir)
+    if local.is_file():
+        return str(local)
     repo = spec.hub.repo_id if spec.hub is not None else "none"
-    return f"hub copy {repo} ({root / spec.hub_cache_file})"
+    return f"hub copy {repo} ({cached})"
+
+
+def _benchmark_paths(spec: BenchmarkSpec, data_dir: str | os.PathLike | None) -> tuple[Path, Path, Path]:
+    """The data directory (``data_dir``, else ``L2T_DATA_DIR``), ``spec``'s file in it and its hub copy's cache."""
+    root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
+    return root, root / spec.file, root / spec.hub_cache_file
 
 
 def read_benchmark_file(spec: BenchmarkSpec, path: Path, *, expected_rows: int | None,
@@ -394,12 +399,12 @@ def json_lines(path: Path, *, check_text: bool = True) -> Iterable[tuple[int, di
             if not text.strip():
                 continue
             try:
-                row = json.loads(text, object_pairs_hook=_unique_keys)
+                row = json.loads(text, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as exc:
                 raise DatasetError(
                     f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON "
                     "object, so fix or remove this line", path=path, line=line_no) from None
-            except _DuplicateKey as exc:
+            except DuplicateKey as exc:
                 raise DatasetError(
                     f"the key {_short(repr(exc.key))} appears twice in one object, so the row is ambiguous; keep one "
                     "of the two values", path=path, line=line_no, field=exc.key) from None
@@ -421,18 +426,20 @@ def json_lines(path: Path, *, check_text: bool = True) -> Iterable[tuple[int, di
             yield line_no, row
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKey(ValueError):
+    """A JSON object gives ``key`` twice (:func:`unique_keys`)."""
+
     def __init__(self, key: str):
         super().__init__(key)
         self.key = key
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     """``json.loads`` object hook: a key given twice in one object is an error (JSON keeps the last)."""
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         out[key] = value
     return out
 
