@@ -196,9 +196,37 @@ def check_model_source(name_or_path: str | os.PathLike) -> None:
         return
     if not (path / "config.json").exists():
         raise ModelLoadError(f"load_policy: {path} has no config.json; is it a saved model directory?")
-    if not (list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+    if not weight_files(path):
         raise ModelLoadError(f"load_policy: {path} has a config.json but no weights (*.safetensors or *.bin); "
                              "save the model with save_pretrained or point at the complete checkpoint")
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The weight files of a saved model directory: its ``*.safetensors``, else its ``*.bin``."""
+    d = Path(directory)
+    return sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
+
+
+def weight_files_sha256(directory: str | os.PathLike) -> dict[str, str]:
+    """The SHA-256 of each of a saved model directory's weight files (:func:`weight_files`), by
+    file name: what tells one version of a model at a path from another."""
+    from .sft import file_sha256
+
+    return {f.name: file_sha256(f) for f in weight_files(directory)}
+
+
+def weights_fingerprint(name_or_path: str | os.PathLike, files: dict[str, str] | None = None) -> str:
+    """One string that names a model's weights by content: the SHA-256 of its weight files'
+    names and hashes (``files``, :func:`weight_files_sha256` of a local directory, read here when
+    not given), or ``hub:<id>`` for a hub id (its files are the hub's)."""
+    import hashlib
+    import json
+
+    if files is None:
+        if not Path(name_or_path).is_dir():
+            return f"hub:{name_or_path}"
+        files = weight_files_sha256(name_or_path)
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):

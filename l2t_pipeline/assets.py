@@ -15,7 +15,7 @@ from dagster_duckdb import DuckDBResource
 
 from l2t_core.config import TrainConfig
 from l2t_core.model_lock import ModelInUse, building_model, using_model
-from l2t_core.models import load_policy
+from l2t_core.models import load_policy, weight_files_sha256, weights_fingerprint
 from l2t_core.trainer import MEMORY_COLUMNS
 
 from . import plots
@@ -161,12 +161,16 @@ def _holder(context) -> str:
     return f"{context.asset_key.to_user_string()}[{context.partition_key}] of Dagster run {context.run.run_id}"
 
 
-def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: str | None, path: str) -> pd.DataFrame:
+def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: str | None, path: str,
+                       weights: str | None = None) -> pd.DataFrame:
+    """An evaluation's rows with the model they are of: its kind, base, method, path and the
+    fingerprint of its weights (:func:`~l2t_core.models.weights_fingerprint`)."""
     out = evals.copy()
     out["model_kind"] = kind
     out["base_model"] = base_model
     out["method"] = method
     out["model_path"] = path
+    out["model_weights"] = weights
     return out
 
 
@@ -222,7 +226,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     with base_model_in_use(context, name, entry, storage):
         path = base_model_path(name, entry, storage)
         context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
-        evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path)
+        evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path, weights_fingerprint(path))
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
@@ -323,10 +327,8 @@ def inputs_fingerprint(cfg: TrainConfig) -> dict:
     from l2t_core.tasks import TASKS
 
     out: dict = {}
-    policy = Path(cfg.policy)
-    if policy.is_dir():
-        weights = sorted(policy.glob("*.safetensors")) or sorted(policy.glob("*.bin"))
-        out["policy_weights"] = {f.name: file_sha256(f) for f in weights}
+    if Path(cfg.policy).is_dir():
+        out["policy_weights"] = weight_files_sha256(cfg.policy)
     if cfg.data.source not in TASKS:
         out["data_sha256"] = file_sha256(source_path(cfg.data.source))
     if cfg.deepspeed_config and Path(cfg.deepspeed_config).is_file():
@@ -371,7 +373,8 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
     # run directory and the recorded config_json describe what really trains
     draft = launcher.placed_config(config.to_core(policy=policy, method=method, out="unset",
                                                   data=training_data.to_core()))
-    h = config_hash(draft, inputs_fingerprint(draft))
+    inputs = inputs_fingerprint(draft)
+    h = config_hash(draft, inputs)
     cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
     context.log.info("training %s with %s into %s (config %s)", base, method, storage.display(cfg.out), h)
     invocation = launcher.launch(context, cfg)
@@ -385,7 +388,8 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
     tables["train_steps"] = train_steps_frame(tables["train_steps"], base, method)
     registry_row = pd.DataFrame([{"base_model": base, "method": method, "run_url": cfg.out,
                                   "checkpoint_url": latest[1], "final_step": latest[0], "config_hash": h,
-                                  "config_json": cfg.model_dump_json()}])
+                                  "config_json": cfg.model_dump_json(),
+                                  "base_weights": weights_fingerprint(policy, inputs.get("policy_weights"))}])
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         counts = write_validated(conn, tables, asset_key, pk, unvalidated={"checkpoints": registry_row})
@@ -403,12 +407,33 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
 REPORT_FILE = "benchmark_report.html"
 
 
-def stored_base_evaluation(conn, base: str, fingerprint: str) -> pd.DataFrame | None:
+def stored_base_evaluation(conn, base: str, fingerprint: str, weights: str | None) -> pd.DataFrame | None:
     """The evaluation rows ``base_model`` stored for ``base`` with the evaluator fingerprint
-    ``fingerprint`` (:meth:`Evaluator.fingerprint`), or None when there are none."""
+    ``fingerprint`` (:meth:`Evaluator.fingerprint`), of the weights ``weights``
+    (:func:`~l2t_core.models.weights_fingerprint`; None: of any), or None when there are none."""
     stored = read_rows(conn, "eval_results", "base_model", base)
     stored = stored[stored["evaluator"] == fingerprint]
+    if weights is not None:
+        stored = stored[stored["model_weights"] == weights]
     return stored.drop(columns=["asset_key", "partition_key", "loaded_at"]) if len(stored) else None
+
+
+def evaluate_base(context, evaluator: Evaluator, base: str, entry: ModelEntry, storage: L2TStorage,
+                  trained_from: str | None) -> pd.DataFrame:
+    """Evaluate base model ``base`` as it is now, holding it meanwhile, for the run of the
+    partition being materialized, which trained from the weights ``trained_from`` (None: a run
+    recorded before runs recorded them). Fails, evaluating nothing, where the base was rebuilt
+    since that run: its checkpoint would be compared with another model than the one it left."""
+    with base_model_in_use(context, base, entry, storage):
+        path = base_model_path(base, entry, storage)
+        weights = weights_fingerprint(path)
+        if trained_from is not None and weights != trained_from:
+            raise dg.Failure(
+                f"the run of {context.partition_key} trained from other weights of base model {base!r} than "
+                f"{storage.display(path)} holds now (fingerprint {trained_from[:12]}, now {weights[:12]}: the "
+                f"base was rebuilt since), and no evaluation of those weights is stored. Materialize "
+                f"checkpoints[{context.partition_key}] to train from the base as it is now, then this report")
+        return with_model_columns(evaluator.evaluate(path), "base", base, None, path, weights)
 
 
 def comparison(evals: pd.DataFrame) -> dict:
@@ -439,17 +464,23 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     fingerprint = evaluator.fingerprint()
     with connect(duckdb) as conn:
         runs = read_rows(conn, "checkpoints", "checkpoints", pk)
-        base_evals = stored_base_evaluation(conn, base, fingerprint)
         steps = read_rows(conn, "train_steps", "checkpoints", pk)
-    if runs.empty:
-        raise dg.Failure(f"no training run recorded for {pk}; materialize checkpoints[{pk}] first")
-    run = runs.iloc[0]
+        if runs.empty:
+            raise dg.Failure(f"no training run recorded for {pk}; materialize checkpoints[{pk}] first")
+        run = runs.iloc[0]
+        # the base weights the run trained from: its base evaluation must be of those
+        trained_from = None if pd.isna(run["base_weights"]) else str(run["base_weights"])
+        base_evals = stored_base_evaluation(conn, base, fingerprint, trained_from)
+    if trained_from is None:
+        context.log.warning("the run of %s was recorded before runs recorded their base's weights: its base "
+                            "evaluation is the one stored for %s, or of the base as it is now, whichever weights "
+                            "those are. Materialize checkpoints[%s] again (it resumes the finished run) to record "
+                            "them", pk, base, pk)
     if base_evals is None:
-        with base_model_in_use(context, base, entry, storage):
-            base_path = base_model_path(base, entry, storage)
-            base_evals = with_model_columns(evaluator.evaluate(base_path), "base", base, None, base_path)
+        base_evals = evaluate_base(context, evaluator, base, entry, storage, trained_from)
     with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
-        ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"])
+        ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"],
+                                  weights_fingerprint(local))
     evals = pd.concat([base_evals, ckpt], ignore_index=True)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]

@@ -214,6 +214,8 @@ class EvalResultsSchema(_Base):
     base_model: Series[str] = pa.Field(str_length={"min_value": 1})
     method: Series[str] = pa.Field(nullable=True, isin=list(METHOD_NAMES))
     model_path: Series[str] = pa.Field(str_length={"min_value": 1})
+    # SHA-256 of the weight files (l2t_core.models.weights_fingerprint); null in rows stored before it was
+    model_weights: Series[str] = pa.Field(nullable=True)
     benchmark: Series[str] = pa.Field(str_length={"min_value": 1})
     evaluator: Series[str] = pa.Field(str_length={"min_value": 1})
     level: Series[str] = pa.Field(str_length={"min_value": 1})

@@ -7,8 +7,10 @@ Tables (every one keyed by the Dagster asset and partition that wrote the rows):
   and the trainer's of every step (``checkpoints``, ``source='train'``);
 * ``episode_rewards``: per-episode G_k, P_k, P̂_k, r_k^prg, r_out/K and R_k, same two sources;
 * ``train_steps``: one row per optimizer step (other trainer columns in ``extra`` as JSON);
-* ``eval_results``: per model, benchmark and level (``'all'`` overall) accuracy and tokens;
-* ``checkpoints``: one row per training run (run URL, latest checkpoint, its config);
+* ``eval_results``: per model, benchmark and level (``'all'`` overall) accuracy and tokens, with
+  the fingerprint of the model's weights (``model_weights``);
+* ``checkpoints``: one row per training run (run URL, latest checkpoint, its config and the
+  fingerprint of the base weights it trained from, ``base_weights``);
 * ``quarantine``: rows that failed their schema, as JSON, with the reasons.
 
 Views:
@@ -71,7 +73,7 @@ EXTRA_COLUMNS = {"train_steps": (("extra", "JSON"),)}
 OTHER_TABLES = {
     "checkpoints": (("base_model", "VARCHAR"), ("method", "VARCHAR"), ("run_url", "VARCHAR"),
                     ("checkpoint_url", "VARCHAR"), ("final_step", "BIGINT"), ("config_hash", "VARCHAR"),
-                    ("config_json", "JSON")),
+                    ("config_json", "JSON"), ("base_weights", "VARCHAR")),
     "quarantine": (("table_name", "VARCHAR"), ("row_index", "VARCHAR"), ("row_json", "JSON"),
                    ("reasons", "VARCHAR")),
 }

@@ -6,6 +6,7 @@ and ``benchmark_reports`` materialized with it."""
 from __future__ import annotations
 
 import json
+import re
 
 import dagster as dg
 import duckdb
@@ -17,7 +18,7 @@ from dagster_duckdb import DuckDBResource
 from l2t_core.config import DataConfig
 from l2t_core.eval.datasets import DatasetError
 from l2t_core.eval.runner import GROUP_ROW_COLUMNS, episode_counts, group_rows
-from l2t_core.models import build_tiny_qwen2
+from l2t_core.models import build_tiny_qwen2, weights_fingerprint
 from l2t_pipeline import warehouse
 from l2t_pipeline.assets import base_model, benchmark_reports, with_model_columns
 from l2t_pipeline.checks import all_checks
@@ -29,7 +30,7 @@ from l2t_pipeline.schemas import EvalResultsSchema, ProblemsSchema, find_violati
 from l2t_pipeline.tables import problem_rows
 
 LIMIT = 4
-MODEL_COLUMNS = ("model_kind", "base_model", "method", "model_path")
+MODEL_COLUMNS = ("model_kind", "base_model", "method", "model_path", "model_weights")
 
 
 def quick(**over) -> BenchmarkEvaluator:
@@ -52,7 +53,7 @@ def test_rows_have_the_schema_columns_and_validate(evaluated, tiny_dir):
     assert set(evaluated["level"]) - {"all"} <= {f"level {k}" for k in range(1, 6)}
     assert set(evaluated["benchmark"]) == {"math500"}
     assert set(evaluated["evaluator"]) == {quick().fingerprint()}
-    rows = with_model_columns(evaluated, "base", "tiny", None, str(tiny_dir))
+    rows = with_model_columns(evaluated, "base", "tiny", None, str(tiny_dir), weights_fingerprint(tiny_dir))
     _, cases, bad = find_violations(rows, "eval_results")
     assert cases.empty, bad
     EvalResultsSchema.validate(rows)
@@ -212,10 +213,11 @@ def test_definitions_select_the_evaluator_from_the_environment(monkeypatch):
 # ------------------------------------------------------------------------------ in Dagster
 
 
-def test_benchmark_reports_materializes_with_the_benchmark_evaluator(tiny_dir, tokenizer, tmp_path):
+def test_benchmark_reports_materializes_with_the_benchmark_evaluator(tiny_dir, tokenizer, tmp_path, monkeypatch):
     """A registry model and a recorded checkpoint (another tiny model with the same tokenizer):
     base_model stores the base rows, benchmark_reports reuses them (same fingerprint), evaluates
-    the checkpoint, writes eval_results, its plot and the HTML report; the checks run."""
+    the checkpoint, writes eval_results, its plot and the HTML report; the checks run. A run that
+    trained from other base weights than those stored and present is refused."""
     ckpt = tmp_path / "run" / "checkpoints" / "step-1"
     build_tiny_qwen2(len(tokenizer), hidden_size=64, num_layers=8, intermediate_size=160, seed=1).save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
@@ -230,10 +232,15 @@ def test_benchmark_reports_materializes_with_the_benchmark_evaluator(tiny_dir, t
     instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster_home"))
     instance.add_dynamic_partitions("base_models", ["tiny"])
     pk = run_key("tiny", "grpo")
-    with duckdb.connect(db) as con:
-        warehouse.replace_rows(con, "checkpoints", pd.DataFrame([{
-            "base_model": "tiny", "method": "grpo", "run_url": str(tmp_path / "run"), "checkpoint_url": str(ckpt),
-            "final_step": 1, "config_hash": "test", "config_json": json.dumps({})}]), "checkpoints", pk)
+
+    def record_run(base_weights):
+        with duckdb.connect(db) as con:
+            warehouse.replace_rows(con, "checkpoints", pd.DataFrame([{
+                "base_model": "tiny", "method": "grpo", "run_url": str(tmp_path / "run"), "checkpoint_url": str(ckpt),
+                "final_step": 1, "config_hash": "test", "config_json": json.dumps({}),
+                "base_weights": base_weights}]), "checkpoints", pk)
+
+    record_run(weights_fingerprint(tiny_dir))
 
     def run(asset, partition_key):
         return dg.materialize([*ASSETS, *all_checks], selection=[asset], partition_key=partition_key,
@@ -260,3 +267,20 @@ def test_benchmark_reports_materializes_with_the_benchmark_evaluator(tiny_dir, t
     checks = {e.check_name for e in result.get_asset_check_evaluations()}
     assert checks == {"stored_rows_valid", "checkpoint_quality_gate"}
     assert all(e.passed for e in result.get_asset_check_evaluations() if e.check_name == "stored_rows_valid")
+    assert set(stored["model_weights"]) == {weights_fingerprint(tiny_dir), weights_fingerprint(ckpt)}
+
+    # a run that trained from other weights of the base (it was rebuilt since): no stored evaluation
+    # of those, and the base is not they; the report refuses, evaluating nothing, and keeps its rows
+    record_run("0" * 64)
+    evaluated = []
+    original = type(evaluator).evaluate
+    monkeypatch.setattr(type(evaluator), "evaluate", lambda self, d: evaluated.append(d) or original(self, d))
+    failed = dg.materialize([*ASSETS, *all_checks], selection=[benchmark_reports], partition_key=pk,
+                            resources=resources, instance=instance, raise_on_error=False)
+    assert not failed.success and evaluated == []
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert re.search(r"trained from other weights of base model 'tiny' .*fingerprint 000000000000, now "
+                     r"[0-9a-f]{12}: the base was rebuilt since\).*Materialize checkpoints\[tiny\|grpo\]",
+                     failure.event_specific_data.error.message)
+    with duckdb.connect(db) as con:
+        assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == len(stored)

@@ -168,7 +168,7 @@ def test_schemas_refuse_values_their_coercion_would_change():
 
     steps = pd.DataFrame({"grad_norm": [float("inf"), 1.0], "step_time_s": [1.0, float("inf")]})
     assert lossy_values(steps, TrainStepsSchema)["column"].tolist() == ["step_time_s"]  # an overflowing step's norm is inf
-    evals = pd.DataFrame([{"model_kind": "checkpoint", "base_model": "m", "method": method, "model_path": "/m",
+    evals = pd.DataFrame([{"model_kind": "checkpoint", "base_model": "m", "method": method, "model_path": "/m", "model_weights": None,
                            "benchmark": "b", "evaluator": "e", "level": "all", "n": 1, "accuracy": 0.5,
                            "mean_tokens": 3.0, "mean_episodes": 1.0, "tagged_share": 1.0, "finished_share": 1.0,
                            "redundant_share": 0.0} for method in (None, "", "grpo")])
@@ -910,7 +910,8 @@ def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
     with warehouse.connect(duck) as con:
         warehouse.replace_rows(con, "checkpoints", pd.DataFrame([{
             "base_model": "tiny", "method": "grpo", "run_url": str(tmp_path / "run"), "checkpoint_url": str(ckpt),
-            "final_step": 1, "config_hash": "test", "config_json": json.dumps({})}]), "checkpoints", pk)
+            "final_step": 1, "config_hash": "test", "config_json": json.dumps({}),
+            "base_weights": None}]), "checkpoints", pk)  # a run recorded before runs recorded them
         assert probe_warehouse(db) != 0  # the probe sees a held lock
     resources = {"duckdb": duck, "evaluator": ProbingEvaluator(database=db),
                  "registry": write_registry(tmp_path / "r.yaml", {"tiny": {"kind": "pretrained", "path": "/m"}}),

@@ -663,7 +663,8 @@ def test_warehouse_rows_and_quarantine_never_hold_credentials():
     ckpt = f"https://bucket.example/runs/tiny/l2t/abc/checkpoints/step-000002?X-Amz-Signature={SECRET}"
     config = {"policy": f"https://{SECRET}@hub.example/m", "out": run, "steps": 2, "data": {"source": "walk"}}
     registry_row = pd.DataFrame([{"base_model": "tiny", "method": "l2t", "run_url": run, "checkpoint_url": ckpt,
-                                  "final_step": 2, "config_hash": "abc", "config_json": json.dumps(config)}])
+                                  "final_step": 2, "config_hash": "abc", "config_json": json.dumps(config),
+                                  "base_weights": None}])
     con = duckdb.connect(":memory:")
     counts = warehouse.write_validated(con, {"eval_results": _eval_rows(ckpt)}, "checkpoints", "tiny|l2t",
                                        unvalidated={"checkpoints": registry_row})
