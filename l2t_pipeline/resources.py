@@ -543,6 +543,51 @@ def stop_process_group(process: subprocess.Popen, grace_s: float, log=None) -> N
     process.wait()
 
 
+class StderrTail:
+    """Passes a child process's stderr (a pipe) through to this process's stderr as it comes, so it
+    lands in the step's compute logs as before, and keeps its last ``keep`` bytes: what a failed
+    step's message quotes (the exception, torchrun's summary of the failed rank)."""
+
+    def __init__(self, pipe, keep: int = 16384):
+        import codecs
+        import threading
+
+        self._pipe, self._keep, self._tail = pipe, keep, b""
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._thread = threading.Thread(target=self._pump, name="l2t-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            fd = self._pipe.fileno()
+            while chunk := os.read(fd, 65536):
+                self._tail = (self._tail + chunk)[-self._keep:]
+                with contextlib.suppress(Exception):  # a closed or odd sys.stderr must not stop the draining
+                    sys.stderr.write(self._decode.decode(chunk))
+                    sys.stderr.flush()
+        finally:
+            self._pipe.close()
+
+    def last_lines(self, n: int = 15, wait_s: float = 5.0) -> str:
+        """The last ``n`` non-empty lines written, once the pipe is drained (at most ``wait_s``
+        more: a process the child left behind may hold it open)."""
+        self._thread.join(wait_s)
+        lines = [ln.rstrip() for ln in self._tail.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return "\n".join(lines[-n:])
+
+
+def exit_summary(code: int) -> str:
+    """How a process ended, in words: its exit code, or the signal that ended it."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (SIGKILL: maybe the out-of-memory killer; see the kernel log)" if -code == signal.SIGKILL else ""
+    return f"was ended by {name}{hint}"
+
+
 class ProcessGroupPipesClient(dg.PipesClient):
     """Runs a command through Dagster Pipes, as ``dg.PipesSubprocessClient`` does, in a process
     group of its own, so that an interrupted Dagster run (cancelled in the UI, a step stopped) ends
@@ -559,8 +604,9 @@ class ProcessGroupPipesClient(dg.PipesClient):
     def run(self, *, context, command: Sequence[str], extras=None) -> dg.PipesClientCompletedInvocation:  # type: ignore[override]
         with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
                                    message_reader=dg.PipesTempFileMessageReader(), extras=extras) as session:
-            process = subprocess.Popen(list(command), cwd=self.cwd, start_new_session=True,
+            process = subprocess.Popen(list(command), cwd=self.cwd, start_new_session=True, stderr=subprocess.PIPE,
                                        env={**os.environ, **self.env, **session.get_bootstrap_env_vars()})
+            stderr = StderrTail(process.stderr)
             try:
                 code = process.wait()
             except BaseException:  # the run was interrupted (DagsterExecutionInterruptedError), or this process is ending
@@ -568,8 +614,10 @@ class ProcessGroupPipesClient(dg.PipesClient):
                 stop_process_group(process, self.termination_timeout_seconds, context.log)
                 raise
             if code != 0:
-                raise dg.Failure(f"the subprocess ({' '.join(command[:6])} ...) exited with code {code}; its error is "
-                                 "in this step's compute logs (stderr)")
+                tail = stderr.last_lines()
+                said = f"; the end of its stderr (all of it is in this step's compute logs):\n{tail}" if tail else \
+                    "; it wrote nothing to stderr"
+                raise dg.Failure(f"the subprocess ({' '.join(command[:6])} ...) {exit_summary(code)}{said}")
         return dg.PipesClientCompletedInvocation(session)
 
 

@@ -4,8 +4,9 @@ quarantine, the quality gate, Pipes reporting, the registry sensor and S3 storag
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -1099,7 +1100,8 @@ def test_an_interrupted_launch_ends_the_whole_job_and_a_failed_one_names_its_exi
     """The local launcher's Pipes client: a Dagster run interrupted while the job runs (cancelled
     in the UI) ends the job and every process of its group, SIGINT first and SIGKILL after the
     grace period, even a job that ignores SIGINT and its own children (torchrun's ranks);
-    PipesSubprocessClient would leave them running. A job that fails fails the step with its code."""
+    PipesSubprocessClient would leave them running. A job that fails fails the step with its code
+    or signal and the end of its stderr (the exception)."""
     import subprocess
     import sys
     import time
@@ -1129,9 +1131,17 @@ def test_an_interrupted_launch_ends_the_whole_job_and_a_failed_one_names_its_exi
     assert _gone(parent) and _gone(child)
     monkeypatch.undo()
 
-    @dg.asset
-    def failing(context) -> None:
-        ProcessGroupPipesClient().run(context=context, command=[sys.executable, "-c", "raise SystemExit(3)"])
+    def failure(script: str) -> str:
+        @dg.asset
+        def failing(context) -> None:
+            ProcessGroupPipesClient().run(context=context, command=[sys.executable, "-c", script])
 
-    res = dg.materialize([failing], raise_on_error=False)
-    assert "exited with code 3" in str(res.get_step_failure_events()[0].event_specific_data.error)
+        res = dg.materialize([failing], raise_on_error=False)
+        return res.get_step_failure_events()[0].event_specific_data.error.message
+
+    assert failure("raise SystemExit(3)").endswith("exited with code 3; it wrote nothing to stderr\n")
+    said = failure("import sys; print('loading', file=sys.stderr); raise ValueError('no benchmark \u00e9 here')")
+    assert re.search(r"exited with code 1; the end of its stderr .*:\nloading\nTraceback .*\n"
+                     r"ValueError: no benchmark \u00e9 here\n$", said, re.S), said
+    assert "was ended by SIGKILL (SIGKILL: maybe the out-of-memory killer" in failure(
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
