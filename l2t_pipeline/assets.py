@@ -499,7 +499,8 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     # re-execution replaces them (idempotent; bench.faults' Dagster scenario)
     run_store.write_bytes(REPORT_FILE, page.encode())
     context.add_output_metadata({
-        **cmp, "rows": n, "benchmark": evaluator.benchmark, "checkpoint": storage.display(run["checkpoint_url"]),
+        **cmp, "rows": n, "benchmark": evaluator.benchmark, "evaluator": fingerprint,
+        "checkpoint": storage.display(run["checkpoint_url"]),
         "report": storage.display(run_store.url_of(run_store.path(REPORT_FILE))),
         "plots": dg.MetadataValue.md(figs), "evaluation": dg.MetadataValue.md(markdown_table(table)),
     })

@@ -5,30 +5,35 @@
   (``base_model`` for that partition: warm start or load, then the baseline evaluation) for every
   registered model whose ``base_model`` partition has never been materialized: new models, models
   whose baseline run failed or was never submitted, partitions added by hand. A model with a
-  baseline run queued or in progress waits; after :data:`MAX_BASELINE_ATTEMPTS` failed runs the
-  sensor stops requesting it (materialize it by hand once fixed). Run keys (``baseline:<name>``,
-  then ``baseline:<name>:attempt-<n>``) make a repeated tick idempotent.
+  baseline run queued or in progress waits (one created but never submitted is requested again
+  under its run key, which makes the daemon launch it); after :data:`MAX_BASELINE_ATTEMPTS` failed
+  runs the sensor stops requesting it (materialize it by hand once fixed). Run keys
+  (``baseline:<name>``, then ``baseline:<name>:attempt-<n>``) make a repeated tick idempotent.
 * :data:`reevaluation_schedule` re-runs ``benchmark_reports`` for every (base model, method)
   whose ``checkpoints`` partition has been materialized and still exists, of a base model still
-  in the registry (a deleted partition or a model taken out of the registry is skipped).
+  in the registry (a deleted partition or a model taken out of the registry is skipped), and
+  whose report is out of date (:func:`stale_reports`): never made, made before the checkpoint's
+  latest materialization, or with another evaluator. A registry it cannot read fails the tick.
 
 Both read the instance through Dagster's public APIs (``get_status_by_partition``,
 ``fetch_materializations``, ``get_runs``).
 """
 
 
+import re
 from typing import Iterable, Sequence
 
 import dagster as dg
 
-from .assets import base_model, checkpoints
+from .assets import base_model, benchmark_reports, checkpoints
 from .jobs import baseline_job, evaluation_job
 from .partitions import base_models_partitions, runs_partitions
-from .resources import ModelRegistry
+from .resources import Evaluator, ModelRegistry
 
 MAX_BASELINE_ATTEMPTS = 3
 BASE_MODEL_TAG = "l2t/base_model"
 REASON_TAG = "l2t/reason"
+RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster gives a run created for a run request's run_key
 BASELINE_REASON = "registry-baseline"
 
 
@@ -70,10 +75,26 @@ def baseline_run_key(name: str, attempt: int) -> str:
     return f"baseline:{name}" if attempt == 1 else f"baseline:{name}:attempt-{attempt}"
 
 
+def baseline_attempt(name: str, run_key: str | None) -> int:
+    """The attempt number :func:`baseline_run_key` put into ``run_key`` (0: not a baseline key of ``name``)."""
+    if run_key == f"baseline:{name}":
+        return 1
+    match = re.fullmatch(rf"baseline:{re.escape(name)}:attempt-(\d+)", run_key or "")
+    return int(match.group(1)) if match else 0
+
+
+def baseline_request(name: str, attempt: int) -> dg.RunRequest:
+    return dg.RunRequest(run_key=baseline_run_key(name, attempt), partition_key=name, asset_selection=[base_model.key],
+                         tags={BASE_MODEL_TAG: name, REASON_TAG: BASELINE_REASON})
+
+
 def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
                       log=None) -> list[dg.RunRequest]:
     """A baseline run request for every registered model whose ``base_model`` partition has never
-    been materialized and has no run in progress, up to :data:`MAX_BASELINE_ATTEMPTS` runs."""
+    been materialized and has no run queued or in progress, up to :data:`MAX_BASELINE_ATTEMPTS`
+    runs. A run this sensor requested that was created but never submitted (``NOT_STARTED``: the
+    daemon stopped in between) is requested again under its run key, which makes the daemon
+    launch that run (not a new one); waiting for it would wait forever."""
     names = list(registered)
     statuses = partition_statuses(instance, base_model.key, names, base_models_partitions)
     done = set(ever_materialized(instance, base_model.key, statuses))
@@ -82,16 +103,21 @@ def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
         if name in done or statuses.get(name) == dg.AssetPartitionStatus.IN_PROGRESS:
             continue
         runs = baseline_runs(instance, name)
-        if any(not r.is_finished for r in runs):
+        if any(not r.is_finished and r.status != dg.DagsterRunStatus.NOT_STARTED for r in runs):
+            continue  # queued or running
+        keys = [r.tags.get(RUN_KEY_TAG) for r in runs]
+        created = [baseline_attempt(name, k) for r, k in zip(runs, keys) if r.status == dg.DagsterRunStatus.NOT_STARTED]
+        if any(created):
+            requests.append(baseline_request(name, max(created)))
             continue
-        if len(runs) >= MAX_BASELINE_ATTEMPTS:
+        tried = sum(r.is_finished for r in runs)
+        if tried >= MAX_BASELINE_ATTEMPTS:
             if log is not None:
                 log.warning("base model %s: %d baseline runs failed; not requesting another (materialize "
-                            "base_model[%s] by hand once fixed)", name, len(runs), name)
+                            "base_model[%s] by hand once fixed)", name, tried, name)
             continue
-        requests.append(dg.RunRequest(run_key=baseline_run_key(name, len(runs) + 1), partition_key=name,
-                                      asset_selection=[base_model.key],
-                                      tags={BASE_MODEL_TAG: name, REASON_TAG: BASELINE_REASON}))
+        # past every key used (a run re-executed by hand carries the tag but no key of its own)
+        requests.append(baseline_request(name, max([tried, *(baseline_attempt(name, k) for k in keys)]) + 1))
     return requests
 
 
@@ -112,20 +138,59 @@ def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRe
     )
 
 
+def latest_materialization(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str):
+    """The newest materialization record of one partition of an asset, or None."""
+    found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]),
+                                            limit=1)
+    return found.records[0] if found.records else None
+
+
+def stale_reports(instance: dg.DagsterInstance, keys: Iterable[str], evaluator: str) -> dict[str, str]:
+    """Of the ``checkpoints`` partitions ``keys``, those whose ``benchmark_reports`` is out of date,
+    with why: never materialized, materialized before the run's latest ``checkpoints``
+    materialization (trained again, or a new run after a base rebuild), or with another evaluator
+    than the fingerprint ``evaluator`` (another benchmark, limit or sampling; a report from before
+    reports recorded it counts as another)."""
+    out = {}
+    for pk in keys:
+        report = latest_materialization(instance, benchmark_reports.key, pk)
+        if report is None:
+            out[pk] = "never evaluated"
+            continue
+        used = report.asset_materialization.metadata.get("evaluator")
+        trained = latest_materialization(instance, checkpoints.key, pk)
+        if getattr(used, "value", None) != evaluator:
+            out[pk] = "evaluated with another evaluator"
+        elif trained is not None and trained.timestamp > report.timestamp:
+            out[pk] = "trained since its last evaluation"
+    return out
+
+
 @dg.schedule(job=evaluation_job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="Weekly re-evaluation of every trained checkpoint.")
-def reevaluation_schedule(context: dg.ScheduleEvaluationContext, registry: ModelRegistry):
+             description="Weekly re-evaluation of every trained checkpoint whose report is out of date: never "
+                         "made, older than the checkpoint, or made with another evaluator.")
+def reevaluation_schedule(context: dg.ScheduleEvaluationContext, registry: ModelRegistry, evaluator: Evaluator):
     # only partitions that still exist (a run request for a deleted base model would fail the tick)
     # and whose base model is still registered (its run would fail on registry.get, every week)
     try:
         registered = set(registry.entries())
-    except Exception as exc:  # noqa: BLE001 - a missing or malformed registry: said, not a failed tick
-        return dg.SkipReason(f"cannot read the model registry ({type(exc).__name__}: {exc}); fix it to re-evaluate")
+    except Exception as exc:  # a failed tick, shown (and alerted on) as one: nothing is re-evaluated until fixed
+        raise RuntimeError(f"the re-evaluation schedule cannot read the model registry {registry.path} "
+                           f"({type(exc).__name__}: {exc}); fix the registry file (or ModelRegistry.path): no "
+                           "checkpoint is re-evaluated until then") from exc
     keys = [str(k) for k in runs_partitions.get_partition_keys(dynamic_partitions_store=context.instance)
             if k.keys_by_dimension["base_model"] in registered]
     statuses = partition_statuses(context.instance, checkpoints.key, keys, runs_partitions)
     trained = sorted(ever_materialized(context.instance, checkpoints.key, statuses))
     if not trained:
         return dg.SkipReason("no checkpoint of a registered base model materialized yet")
+    fingerprint = evaluator.fingerprint()
+    stale = stale_reports(context.instance, trained, fingerprint)
+    if not stale:
+        return dg.SkipReason(f"every one of the {len(trained)} trained checkpoints has a report made since it was "
+                             f"trained, with this evaluator ({evaluator.benchmark}, {fingerprint[:12]})")
+    for pk, why in stale.items():
+        context.log.info("re-evaluating %s: %s", pk, why)
     stamp = context.scheduled_execution_time.strftime("%Y%m%d")  # a tick's date: one re-evaluation per tick
-    return [dg.RunRequest(run_key=f"reeval:{stamp}:{pk}", partition_key=pk) for pk in trained]
+    return [dg.RunRequest(run_key=f"reeval:{stamp}:{pk}", partition_key=pk, tags={REASON_TAG: why})
+            for pk, why in stale.items()]

@@ -605,7 +605,7 @@ def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path)
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
     from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
-    from l2t_pipeline.sensors import BASE_MODEL_TAG, BASELINE_REASON, MAX_BASELINE_ATTEMPTS, REASON_TAG
+    from l2t_pipeline.sensors import BASE_MODEL_TAG, BASELINE_REASON, MAX_BASELINE_ATTEMPTS, REASON_TAG, RUN_KEY_TAG
     reg_path = tmp_path / "registry.yaml"
     registry = write_registry(reg_path, {"tiny-sft": {"kind": "pretrained", "path": str(tmp_path / "missing")}})
     resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
@@ -633,6 +633,18 @@ def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path)
         assert instance.get_dynamic_partitions("base_models") == ["tiny-sft"]
         # not submitted (or submission failed): the same request again, which the run key deduplicates
         assert [r.run_key for r in tick().run_requests] == ["baseline:tiny-sft"]
+        # created by the daemon but never submitted (it stopped in between): requested again under
+        # its key, which makes the daemon launch that run; a starting or running one is waited for
+        from dagster._core.test_utils import create_run_for_test
+
+        tags = {**first.run_requests[0].tags, RUN_KEY_TAG: "baseline:tiny-sft"}
+        created = create_run_for_test(instance, status=dg.DagsterRunStatus.NOT_STARTED, tags=tags)
+        assert [r.run_key for r in tick().run_requests] == ["baseline:tiny-sft"]
+        instance.delete_run(created.run_id)
+        for status in (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED):
+            waiting = create_run_for_test(instance, status=status, tags=tags)
+            assert not tick().run_requests, status
+            instance.delete_run(waiting.run_id)
         fail_baseline(first.run_requests[0])
         second = tick()
         assert [r.run_key for r in second.run_requests] == ["baseline:tiny-sft:attempt-2"]
@@ -727,22 +739,25 @@ def test_run_directory_follows_the_base_weights_and_the_data_file(tiny_dir, tmp_
     assert config_hash(here, inputs_fingerprint(here)) != config_hash(there, inputs_fingerprint(there))
 
 
-def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
+def test_reevaluation_schedule_requests_each_trained_checkpoint_with_an_out_of_date_report(tmp_path):
     """Every checkpoints partition materialized at least once (also when a later run failed) and
     still existing, of a base model still registered; a deleted base model's partitions, a model
-    taken out of the registry and never-trained ones are left out."""
+    taken out of the registry and never-trained ones are left out. Of those, only the ones whose
+    report is missing, older than the checkpoint or made with another evaluator; an unreadable
+    registry fails the tick."""
     from l2t_pipeline.assets import checkpoints
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
     from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
-    from l2t_pipeline.sensors import reevaluation_schedule
+    from l2t_pipeline.sensors import REASON_TAG, reevaluation_schedule
     tick = datetime(2026, 11, 22, 3, 0, tzinfo=timezone.utc)
     registered = write_registry(tmp_path / "registered.yaml", {"tiny-sft": {"kind": "warmstart"},
                                                                "gone": {"kind": "warmstart"}})
     with dg.instance_for_test() as instance:
         # the contexts are entered and left: they set (and must reset) Dagster's current-instance state
+        evaluator = HeldOutEvaluator(levels=[1], per_level=2)
         with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
-                                       resources={"registry": registered}) as ctx:
+                                       resources={"registry": registered, "evaluator": evaluator}) as ctx:
             assert isinstance(reevaluation_schedule(ctx), dg.SkipReason)
         instance.add_dynamic_partitions("base_models", ["tiny-sft", "gone", "retired"])
         for pk in ("tiny-sft|l2t", "tiny-sft|grpo", "gone|l2t", "retired|l2t"):
@@ -759,16 +774,36 @@ def test_reevaluation_schedule_requests_each_trained_checkpoint(tmp_path):
         status = instance.get_status_by_partition(checkpoints.key, ["tiny-sft|grpo"], checkpoints.partitions_def)
         assert status == {"tiny-sft|grpo": dg.AssetPartitionStatus.FAILED}
         instance.delete_dynamic_partition("base_models", "gone")
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
-                                       resources={"registry": registered}) as ctx:  # "retired" is not in it
-            reqs = reevaluation_schedule(ctx)
-        assert sorted((r.partition_key, r.run_key) for r in reqs) == [
-            ("tiny-sft|grpo", "reeval:20261122:tiny-sft|grpo"), ("tiny-sft|l2t", "reeval:20261122:tiny-sft|l2t")]
-        # a registry that cannot be read: the tick says so and skips, it does not fail
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
-                                       resources={"registry": ModelRegistry(path=str(tmp_path / "gone.yaml"))}) as ctx:
-            skipped = reevaluation_schedule(ctx)
-        assert isinstance(skipped, dg.SkipReason) and "cannot read the model registry" in skipped.skip_message
+
+        def requested(registry=registered, evaluator=evaluator):
+            with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                           resources={"registry": registry, "evaluator": evaluator}) as ctx:
+                reqs = reevaluation_schedule(ctx)
+            return reqs if isinstance(reqs, dg.SkipReason) else sorted((r.partition_key, r.run_key, r.tags[REASON_TAG])
+                                                                      for r in reqs)
+
+        assert requested() == [("tiny-sft|grpo", "reeval:20261122:tiny-sft|grpo", "never evaluated"),
+                               ("tiny-sft|l2t", "reeval:20261122:tiny-sft|l2t", "never evaluated")]  # not "retired"
+
+        def report(pk, used):
+            instance.report_runless_asset_event(dg.AssetMaterialization(
+                asset_key="benchmark_reports", partition=pk, metadata={"evaluator": used} if used else None))
+
+        # reports made since the checkpoint with this evaluator are up to date; one made with another
+        # evaluator, or before reports recorded theirs, is not; nor one older than the checkpoint
+        report("tiny-sft|l2t", evaluator.fingerprint())
+        report("tiny-sft|grpo", None)
+        assert requested() == [("tiny-sft|grpo", "reeval:20261122:tiny-sft|grpo", "evaluated with another evaluator")]
+        report("tiny-sft|grpo", evaluator.fingerprint())
+        skipped = requested()
+        assert isinstance(skipped, dg.SkipReason) and "every one of the 2 trained checkpoints" in skipped.skip_message
+        assert requested(evaluator=HeldOutEvaluator(levels=[1, 2], per_level=3)) == [
+            (pk, f"reeval:20261122:{pk}", "evaluated with another evaluator") for pk in ("tiny-sft|grpo", "tiny-sft|l2t")]
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="checkpoints", partition="tiny-sft|l2t"))
+        assert requested() == [("tiny-sft|l2t", "reeval:20261122:tiny-sft|l2t", "trained since its last evaluation")]
+        # a registry that cannot be read fails the tick, naming it
+        with pytest.raises(Exception, match=r"cannot read the model registry .*gone\.yaml"):
+            requested(registry=ModelRegistry(path=str(tmp_path / "gone.yaml")))
 
 
 def test_local_launcher_runs_torchrun_for_several_processes_and_refuses_a_single_process_engine(tmp_path):
