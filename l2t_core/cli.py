@@ -216,11 +216,13 @@ def cmd_train(args) -> int:
     from .rewards.compression import TargetError
     from .training_data import TrainingDataError
 
+    from .launcher_watch import watch_launcher
     from .pipes import pipes_session, step_line, step_lines, train_metadata
 
     cfg = build_config(TrainConfig, args, {"policy": "policy", "method": "method", "out": "out", "steps": "steps"})
     if args.print_config:
         return print_config(cfg)
+    watch_launcher()  # launched by the pipeline: stop when the launching step process is gone
     # launched by Dagster Pipes: each step is streamed as it finishes, then the run's metadata;
     # standalone: no-op
     with pipes_session() as pipes:
@@ -262,12 +264,14 @@ def cmd_warmstart(args) -> int:
 
 def cmd_sft(args) -> int:
     from .eval.datasets import DatasetError
+    from .launcher_watch import watch_launcher
     from .models import ModelLoadError
     from .sft import SFTConfig, SFTError, run_sft
 
     cfg = build_config(SFTConfig, args, {"model": "model", "data": "data", "out": "out", "steps": "steps"})
     if args.print_config:
         return print_config(cfg)
+    watch_launcher()  # as l2t train
     from .pipes import pipes_session
 
     # launched by Dagster Pipes (the pipeline's base_model of kind 'sft'): the summary goes to the

@@ -44,6 +44,7 @@ from pydantic import Field
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import DataConfig, TrainConfig
 from l2t_core.eval.runner import EvalSettings
+from l2t_core.launcher_watch import WATCH_ENV
 from l2t_core.tasks import TASKS, get_task
 # redact_url lives in l2t_core.urls; importable from here too (older imports, l2t_pipeline.k8s)
 from l2t_core.urls import redact_url, refuse_credentials
@@ -594,7 +595,9 @@ class ProcessGroupPipesClient(dg.PipesClient):
     the whole job: SIGINT, then SIGKILL for what is left after ``termination_timeout_seconds``
     (:func:`stop_process_group`). ``PipesSubprocessClient`` sends SIGINT to its child alone and
     stops waiting after its timeout, so a trainer that ignores it, or the ranks of a torchrun,
-    would run on beside a relaunch into the same run directory."""
+    would run on beside a relaunch into the same run directory. A step process killed outright
+    (``kill -9``) cannot stop anything: the job watches it and stops itself
+    (:mod:`l2t_core.launcher_watch`, :data:`~l2t_core.launcher_watch.WATCH_ENV`)."""
 
     def __init__(self, env: Mapping[str, str] | None = None, cwd: str | None = None,
                  termination_timeout_seconds: float = 30.0):
@@ -604,8 +607,10 @@ class ProcessGroupPipesClient(dg.PipesClient):
     def run(self, *, context, command: Sequence[str], extras=None) -> dg.PipesClientCompletedInvocation:  # type: ignore[override]
         with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
                                    message_reader=dg.PipesTempFileMessageReader(), extras=extras) as session:
+            # the job stops itself if this process is killed outright (l2t_core.launcher_watch)
+            env = {**os.environ, **self.env, **session.get_bootstrap_env_vars(), WATCH_ENV: str(os.getpid())}
             process = subprocess.Popen(list(command), cwd=self.cwd, start_new_session=True, stderr=subprocess.PIPE,
-                                       env={**os.environ, **self.env, **session.get_bootstrap_env_vars()})
+                                       env=env)
             stderr = StderrTail(process.stderr)
             try:
                 code = process.wait()

@@ -1180,3 +1180,6 @@ def test_an_interrupted_launch_ends_the_whole_job_and_a_failed_one_names_its_exi
                      r"ValueError: no benchmark \u00e9 here\n$", said, re.S), said
     assert "was ended by SIGKILL (SIGKILL: maybe the out-of-memory killer" in failure(
         "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    # the job is told which process to stop with (l2t_core.launcher_watch): the step's
+    assert failure("import os; raise SystemExit('watching ' + os.environ['L2T_STOP_WITH_PID'])").endswith(
+        f"watching {os.getpid()}\n")
