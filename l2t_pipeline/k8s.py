@@ -14,6 +14,8 @@ What happens in :meth:`K8sTrainingLauncher.launch`:
    only rank 0 keeps the Pipes environment, so only rank 0 reports to Dagster;
 3. ``PipesK8sClient`` injects the Pipes context, reads the messages from the pod's logs, waits for
    the pod and returns the invocation (``get_materialize_result()`` as with the local launcher).
+   The pod is a dependent of the run worker's pod where that runs in the same namespace
+   (:meth:`~K8sTrainingLauncher.owner_reference`): Kubernetes deletes it with the run worker's.
 
 Credentials never appear in the pod spec: S3 keys, tokens and the like come from Kubernetes Secrets
 (``env_secrets``, mounted with ``envFrom``); :meth:`~K8sTrainingLauncher.check` refuses a plain
@@ -57,6 +59,8 @@ DEFAULT_DEEPSPEED_CONFIG = "infra/deepspeed/zero2.json"  # relative to the image
 CONTAINER_NAME = "l2t-train"
 Job = Literal["train", "sft"]  # what a pod runs: `l2t train` or `l2t sft`
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# where a pod's service account token mounts its namespace
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def _is_local(url: str) -> bool:
@@ -145,6 +149,12 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
     pod_wait_timeout_s: float = Field(24 * 3600.0, gt=0, description="Longest wait for the pod to finish.")
     poll_interval_s: float = Field(10.0, gt=0, description="Seconds between Kubernetes API polls.")
     delete_pod_on_completion: bool = True
+    owned_by_run_worker: bool = Field(
+        True, description="Make the training pod a dependent of the run worker's pod (ownerReferences) when the "
+                          "run worker runs in a pod of the same namespace: Kubernetes then deletes the training pod "
+                          "with the run worker's, e.g. a run terminated or a run worker pod deleted, instead of "
+                          "leaving it training beside a relaunch. Needs 'get' on pods, which PipesK8sClient needs "
+                          "too.")
 
     # ------------------------------------------------------------------ from the environment
     @classmethod
@@ -340,19 +350,58 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
             spec["imagePullSecrets"] = [{"name": s} for s in self.image_pull_secrets]
         return spec
 
-    def pod_meta(self, partition_key: str | None, config: str, job: Job = "train") -> dict:
+    def pod_meta(self, partition_key: str | None, config: str, job: Job = "train", owner: dict | None = None) -> dict:
         """``base_pod_meta``: labels to select training (or SFT) pods, the partition and config as
-        annotations."""
+        annotations, and the ``owner`` (:meth:`owner_reference`) when there is one."""
         annotations = {"l2t/config-url": redact_url(config)}
         if partition_key:
             annotations["l2t/partition"] = str(partition_key)
         component = "training" if job == "train" else "sft"
-        return {"labels": {"app.kubernetes.io/name": "l2t", "app.kubernetes.io/component": component},
+        meta = {"labels": {"app.kubernetes.io/name": "l2t", "app.kubernetes.io/component": component},
                 "annotations": annotations}
+        if owner is not None:
+            meta["ownerReferences"] = [owner]
+        return meta
 
-    def client_run_kwargs(self, partition_key: str | None, config: str, job: Job = "train") -> dict:
+    def owner_reference(self, log=None, environ: Mapping[str, str] | None = None, read_pod=None,
+                        namespace_file: str = SERVICE_ACCOUNT_NAMESPACE) -> dict | None:
+        """The ownerReference that makes the training pod a dependent of the run worker's pod, or
+        None: when ``owned_by_run_worker`` is off, the run worker is no pod (``HOSTNAME`` and the
+        in-cluster service account's namespace), the training pods go to another namespace (an
+        owner must share the namespace), or the run worker cannot read its own pod (said in
+        ``log``). ``read_pod(name, namespace)`` reads a pod (default: the in-cluster API)."""
+        env = os.environ if environ is None else environ
+        name = env.get("HOSTNAME", "")
+        if not self.owned_by_run_worker or not name or "KUBERNETES_SERVICE_HOST" not in env:
+            return None
+        try:
+            with open(namespace_file, encoding="utf-8") as fh:
+                here = fh.read().strip()
+        except OSError:
+            return None
+        if self.namespace and self.namespace != here:
+            if log is not None:
+                log.warning(f"the training pod goes to namespace {self.namespace!r}, the run worker runs in {here!r}: "
+                            "it cannot own the training pod, which outlives a run worker that is deleted")
+            return None
+        if read_pod is None:
+            import kubernetes
+
+            kubernetes.config.load_incluster_config()
+            read_pod = kubernetes.client.CoreV1Api().read_namespaced_pod
+        try:
+            me = read_pod(name, here)
+        except Exception as exc:  # noqa: BLE001 - no owner is a weaker guarantee, not a reason to fail the run
+            if log is not None:
+                log.warning(f"cannot read the run worker's pod {here}/{name} ({type(exc).__name__}: {exc}): the "
+                            "training pod gets no owner and outlives a run worker that is deleted")
+            return None
+        return {"apiVersion": "v1", "kind": "Pod", "name": me.metadata.name, "uid": me.metadata.uid}
+
+    def client_run_kwargs(self, partition_key: str | None, config: str, job: Job = "train",
+                          owner: dict | None = None) -> dict:
         """Everything ``PipesK8sClient.run`` receives besides ``context``."""
-        return {"namespace": self.namespace, "base_pod_meta": self.pod_meta(partition_key, config, job),
+        return {"namespace": self.namespace, "base_pod_meta": self.pod_meta(partition_key, config, job, owner),
                 "base_pod_spec": self.pod_spec(config, job), "pod_wait_timeout": self.pod_wait_timeout_s,
                 "delete_pod_on_completion": self.delete_pod_on_completion}
 
@@ -368,7 +417,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         context.log.info("training config at %s; pod image %s, %d GPU(s)", redact_url(url), self.image, self.gpus)
         partition = context.partition_key if context.has_partition_key else None
         client = dagster_k8s.PipesK8sClient(poll_interval=self.poll_interval_s)
-        return client.run(context=context, **self.client_run_kwargs(partition, url))
+        return client.run(context=context, **self.client_run_kwargs(partition, url,
+                                                                     owner=self.owner_reference(context.log)))
 
     # ------------------------------------------------------------------ SFT
     def placed_sft_config(self, cfg):
@@ -407,7 +457,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         partition = context.partition_key if context.has_partition_key else None
         client = dagster_k8s.PipesK8sClient(poll_interval=self.poll_interval_s)
         try:
-            return client.run(context=context, **self.client_run_kwargs(partition, path, "sft"))
+            return client.run(context=context, **self.client_run_kwargs(partition, path, "sft",
+                                                                        self.owner_reference(context.log)))
         finally:  # the SFT keeps its own config (sft_config.json): the launch file is not needed after
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

@@ -454,3 +454,49 @@ def test_image_installs_the_extras_and_runs_unprivileged():
     assert "l2t_core" in sources and "infra/deepspeed" in sources
     for src in sources:  # each exists and passes the ignore file
         assert (ROOT / src).exists() and f"!{src}" in ignore.replace("/**", ""), src
+
+
+def test_the_training_pod_is_owned_by_the_run_workers_pod(tmp_path):
+    """In a run worker pod, the training pod names it as owner (Kubernetes deletes it with the run
+    worker's pod); outside a pod, across namespaces, when the run worker cannot read its pod or
+    when turned off, it has none, and the two cases that lose the guarantee say so."""
+    from types import SimpleNamespace
+
+    ns = tmp_path / "namespace"
+    ns.write_text("l2t\n")
+    in_pod = {"HOSTNAME": "dagster-run-3f2a9c4e-abcde", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    read = []
+
+    def read_pod(name, namespace):
+        read.append((name, namespace))
+        return SimpleNamespace(metadata=SimpleNamespace(name=name, uid="6c1b2f3e-0000-4000-8000-00000000abcd"))
+
+    said: list[str] = []
+    log = SimpleNamespace(warning=said.append)
+    launcher = K8sTrainingLauncher(image=IMAGE)
+    owner = launcher.owner_reference(log, in_pod, read_pod, str(ns))
+    assert owner == {"apiVersion": "v1", "kind": "Pod", "name": "dagster-run-3f2a9c4e-abcde",
+                     "uid": "6c1b2f3e-0000-4000-8000-00000000abcd"}
+    assert read == [("dagster-run-3f2a9c4e-abcde", "l2t")]
+    body = build_pod_body(pod_name="dagster-3f2a9c4e-checkpoints-0123456789", image=None, command=None, env_vars={},
+                          base_pod_meta=launcher.pod_meta("tiny-sft|l2t", "s3://b/c.yaml", owner=owner),
+                          base_pod_spec=launcher.pod_spec("s3://b/c.yaml"))
+    (ref,) = body.metadata.owner_references
+    assert (ref.kind, ref.name, ref.uid, ref.api_version) == ("Pod", owner["name"], owner["uid"], "v1")
+    assert launcher.client_run_kwargs("p", "c", owner=owner)["base_pod_meta"]["ownerReferences"] == [owner]
+    assert "ownerReferences" not in launcher.pod_meta("p", "c")
+
+    assert launcher.owner_reference(log, {"HOSTNAME": "laptop"}, read_pod, str(ns)) is None  # not in a pod
+    assert launcher.owner_reference(log, in_pod, read_pod, str(tmp_path / "none")) is None  # no service account
+    off = K8sTrainingLauncher(image=IMAGE, owned_by_run_worker=False)
+    assert off.owner_reference(log, in_pod, read_pod, str(ns)) is None and not said
+    other = K8sTrainingLauncher(image=IMAGE, namespace="gpu-jobs")
+    assert other.owner_reference(log, in_pod, read_pod, str(ns)) is None
+    assert "namespace 'gpu-jobs', the run worker runs in 'l2t'" in said[-1]
+
+    def forbidden(name, namespace):
+        raise RuntimeError("(403) Forbidden: pods is forbidden")
+
+    assert launcher.owner_reference(log, in_pod, forbidden, str(ns)) is None
+    assert "cannot read the run worker's pod l2t/dagster-run-3f2a9c4e-abcde (RuntimeError: (403)" in said[-1]
+    assert len(read) == 1  # no other case read a pod
