@@ -212,6 +212,7 @@ def print_config(cfg) -> int:
 
 def cmd_train(args) -> int:
     from .config import TrainConfig
+    from .run_lease import RunInUse
     from .trainer import ResumeError, Trainer
     from .rewards.compression import TargetError
     from .training_data import TrainingDataError
@@ -235,7 +236,7 @@ def cmd_train(args) -> int:
 
         try:
             result = trainer.run(on_step=report if pipes.active else None)
-        except (TrainingDataError, ResumeError, TargetError) as exc:  # refused before any compute: one line
+        except (TrainingDataError, ResumeError, TargetError, RunInUse) as exc:  # refused before any compute: one line
             raise SystemExit(f"l2t train: {exc}") from None
         for line in step_lines(result, skip=streamed):  # steps of earlier sessions (a resumed run)
             pipes.log(line)

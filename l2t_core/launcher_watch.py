@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Mapping
 
+from .model_lock import pid_alive
+
 log = logging.getLogger("l2t.launcher_watch")
 
 WATCH_ENV = "L2T_STOP_WITH_PID"
@@ -41,22 +43,12 @@ def launcher_pid(environ: Mapping[str, str] | None = None) -> int | None:
     return int(raw)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def _wait_for_exit(pid: int, fd: int | None) -> None:
     """Return once process ``pid`` has ended (its pidfd ``fd`` is readable then)."""
     if fd is not None:
         select.select([fd], [], [])
         return
-    while _alive(pid):
+    while pid_alive(pid):
         time.sleep(POLL_S)
 
 
@@ -81,7 +73,7 @@ def watch_launcher(environ: Mapping[str, str] | None = None, grace_s: float = 60
         raise SystemExit(f"the launcher of this job (pid {pid}, {WATCH_ENV}) is gone already: not starting") from None
     except (AttributeError, OSError):  # no pidfd here (an older kernel, not Linux): poll
         fd = None
-        if not _alive(pid):
+        if not pid_alive(pid):
             raise SystemExit(f"the launcher of this job (pid {pid}, {WATCH_ENV}) is gone already: not starting")
 
     def watch() -> None:

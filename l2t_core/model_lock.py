@@ -51,7 +51,8 @@ def _notes_dir(model_dir: Path) -> Path:
     return model_dir.parent / LOCKS / f"{model_dir.name}.users"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +70,7 @@ def holders(model_dir: Path) -> list[str]:
     out = []
     for note in sorted(notes.glob("*")) if notes.is_dir() else []:
         note_host, _, pid = note.name.rpartition("-")[0].rpartition("-")  # <host>-<pid>-<n>
-        if note_host == host and pid.isdigit() and not _alive(int(pid)):
+        if note_host == host and pid.isdigit() and not pid_alive(int(pid)):
             note.unlink(missing_ok=True)
             continue
         try:

@@ -56,6 +56,7 @@ from .rewards.compression import LowRankBasis, SVDProxy
 from .rewards.fitting import microbatches
 from .rewards.l2t import RewardBatch, Rollout, compute_rewards, has_penalty, longest_sampled_sequence, penalty_targets
 from .rollout import SamplingParams, make_rollout_engine
+from .run_lease import RunLease
 from .sharded_checkpoint import host_local_copy, save_sharded
 from .timing import device_clock
 from .urls import redact_url
@@ -208,6 +209,7 @@ class Trainer:
         self.cfg = cfg
         self.show_progress = show_progress
         self.storage = RunStorage(cfg.out, storage_options)
+        self.lease = RunLease(self.storage)  # rank 0 holds the run directory while run() trains in it
         self._setup_done = False
 
     # ------------------------------------------------------------------ setup (all checks before compute)
@@ -320,7 +322,7 @@ class Trainer:
     def checkpoint(self, first_step: int) -> str | None:
         """Flush metrics of steps ``first_step..self.step``, then publish the checkpoint."""
         self._phase(self.step, "checkpoint")
-        on_rank_0(self.rank == 0, lambda: self.metrics.flush(first_step, self.step),
+        on_rank_0(self.rank == 0, lambda: (self.lease.check(), self.metrics.flush(first_step, self.step)),
                   f"write the metrics of step {self.step}")
         return self._save_distributed() if self.world > 1 else self._save()
 
@@ -615,6 +617,17 @@ class Trainer:
         (e.g. to stream progress to Dagster through Pipes)."""
         if not self._setup_done:
             self.setup()
+        # one trainer at a time in the run directory (l2t_core.run_lease): before anything is
+        # written into it (the resume below prunes checkpoints and drops metrics)
+        on_rank_0(self.rank == 0, self.lease.acquire, f"hold the run directory {redact_url(self.cfg.out)}")
+        try:
+            return self._run(stop_after, on_step)
+        finally:
+            if self.rank == 0:
+                self.lease.release()
+
+    def _run(self, stop_after: int | None, on_step: Callable[[dict], None] | None) -> RunResult:
+        """:meth:`run` once the trainer holds the run directory."""
         cfg = self.cfg
         start = self._resume()
         if start == 0:
@@ -659,6 +672,7 @@ class Trainer:
 
     def _record_step(self, row: dict, on_step) -> None:
         """Rank 0: the step's metrics row, and the caller's ``on_step`` with it."""
+        self.lease.check()
         self.metrics.add("train_steps", [row])
         if on_step is not None:
             on_step(row)
