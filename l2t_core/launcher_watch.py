@@ -63,10 +63,15 @@ def _stop(pid: int, grace_s: float) -> None:
 def watch_launcher(environ: Mapping[str, str] | None = None, grace_s: float = 60.0) -> threading.Thread | None:
     """When :data:`WATCH_ENV` names a launcher, watch it from a daemon thread and stop this
     process once it is gone (SIGINT, then exit after ``grace_s``); a launcher gone already stops
-    it now (SystemExit). Returns the thread, or None when there is nothing to watch."""
+    it now (SystemExit). SIGINT, if this process inherited it ignored, raises KeyboardInterrupt
+    again. Returns the thread, or None when there is nothing to watch."""
     pid = launcher_pid(environ)
     if pid is None:
         return None
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        # inherited from a launcher that ignores Ctrl-C (exec keeps an ignored signal ignored): the
+        # launcher's SIGINT and this watch's mean "stop" for a launched job
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         fd: int | None = os.pidfd_open(pid)
     except ProcessLookupError:

@@ -7,19 +7,23 @@ launchers stop such orphans (:mod:`l2t_core.launcher_watch`, the pod's ownerRefe
 lease is what holds when they could not. :class:`RunLease` takes it before the trainer writes
 anything and keeps it until the trainer ends.
 
-* **A local run directory** (also a shared volume): an exclusive ``flock`` on
-  ``<run>/.lease.lock``, the kernel's, so it ends with its process (``kill -9`` included) and a
-  relaunch never waits for a dead holder. The holder also writes who it is into ``lease.json``
-  for the message another trainer gets.
+* **A local run directory**: an exclusive ``flock`` on ``<run>/.lease.lock``, the kernel's, so it
+  ends with its process (``kill -9`` included) and a relaunch never waits for a dead holder. The
+  holder also writes who it is into ``lease.json`` for the message another trainer gets. On a
+  shared volume this excludes trainers on other machines only where the volume's locks are
+  shared (NFSv4, or NFSv3 with its lock service; not an NFS mount with ``nolock``/``local_lock``
+  or most FUSE mounts). A filesystem that refuses ``flock`` gets the object-store lease instead.
 * **An object store** (``s3://``, ...: no locks): ``lease.json`` names its holder (a random token,
   host, pid) and a heartbeat counter that the holder's thread advances every ``ttl_s / 4``. A
   trainer that finds another's lease watches the counter: one that stands still for ``ttl_s``
   belongs to a dead trainer (a crashed pod) and is taken over; one that moves is alive, and after
   ``wait_s`` the trainer gives up. No clocks of two machines are compared, only the counter. A
   lease is written, then read back after a pause: of two trainers that wrote at once, the one
-  that reads the other's token waits as above. A holder that finds another's token at a
-  heartbeat (it stalled past ``ttl_s``) has lost the lease: :meth:`RunLease.check` stops it
-  before it writes again.
+  that reads the other's token waits as above. This is best effort, not a mutex (fsspec has no
+  conditional write): two writes slower than the pause can both read back their own, and a
+  holder whose heartbeats fail for ``ttl_s`` is taken over. A holder that finds another's token
+  at a heartbeat has lost the lease: :meth:`RunLease.check` stops it at its next step or
+  checkpoint.
 
 A trainer that cannot have the lease within ``wait_s`` raises :class:`RunInUse`, naming the holder.
 """
@@ -97,12 +101,11 @@ class RunLease:
     def _write(self) -> None:
         self.storage.write_bytes(LEASE_FILE, json.dumps(self._mine).encode())
 
-    def _in_use(self, held: dict | None) -> RunInUse:
+    def _in_use(self, held: dict | None, heartbeat: bool) -> RunInUse:
         return RunInUse(
             f"the run directory {redact_url(self.storage.url)} is being trained by {describe(held)}, and this trainer "
             f"waited {self.wait_s:g} s for it. Stop that trainer (or let it finish) and launch again"
-            + ("" if self.storage.is_local else f"; a trainer that died frees it {self.ttl_s:g} s after its last "
-                                                "heartbeat"))
+            + (f"; a trainer that died frees it {self.ttl_s:g} s after its last heartbeat" if heartbeat else ""))
 
     # ------------------------------------------------------------------ taking it
     def acquire(self) -> None:
@@ -110,14 +113,17 @@ class RunLease:
         trainer holds it for ``wait_s``."""
         if self.held:
             return
-        self._mine = None
         self.lost = None
-        if self.storage.is_local:
-            self._lock_local()
-        else:
-            self._lease_remote()
+        try:
+            locked = self.storage.is_local and self._lock_local()
+            if not locked:
+                self._lease_remote()
+        except BaseException:
+            self._unlock_local()
+            self._mine = None
+            raise
         self._stop.clear()
-        if not self.storage.is_local:
+        if not locked:
             self._thread = threading.Thread(target=self._beat, name="l2t-run-lease", daemon=True)
             self._thread.start()
 
@@ -125,9 +131,12 @@ class RunLease:
         return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                 "beat": 0}
 
-    def _lock_local(self) -> None:
+    def _lock_local(self) -> bool:
+        """Hold the local run directory's lock; False where its filesystem has no ``flock`` (then
+        the lease file and its heartbeat hold it, as on an object store)."""
         self.storage.fs.makedirs(self.storage.root, exist_ok=True)
         fd = os.open(Path(self.storage.root) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = fd
         deadline = time.monotonic() + self.wait_s
         said = False
         while True:
@@ -135,21 +144,22 @@ class RunLease:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise self._in_use(self._read()) from None
-                if not said:
-                    log.warning("the run directory %s is held by %s; waiting up to %g s for it",
-                                redact_url(self.storage.url), describe(self._read()), self.wait_s)
-                    said = True
-                time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-        self._fd = fd
+                pass
+            except OSError as exc:  # ENOLCK (NFS without a lock service), EOPNOTSUPP (some FUSE mounts), ...
+                log.warning("the filesystem of %s has no locks (%s): holding it with a lease file and a heartbeat "
+                            "instead", redact_url(self.storage.url), exc)
+                self._unlock_local()
+                return False
+            if time.monotonic() >= deadline:
+                raise self._in_use(self._read(), heartbeat=False)
+            if not said:
+                log.warning("the run directory %s is held by %s; waiting up to %g s for it",
+                            redact_url(self.storage.url), describe(self._read()), self.wait_s)
+                said = True
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
         self._mine = self._note()
-        try:
-            self._write()
-        except BaseException:
-            self._unlock_local()
-            raise
+        self._write()
+        return True
 
     def _lease_remote(self) -> None:
         deadline = time.monotonic() + self.wait_s
@@ -164,7 +174,7 @@ class RunLease:
                     said = True
                 if not self._stands_still(held, deadline):
                     if time.monotonic() >= deadline:
-                        raise self._in_use(held)
+                        raise self._in_use(held, heartbeat=True)
                     continue
                 log.warning("taking over the run directory %s from %s: its heartbeat stopped %g s ago",
                             redact_url(self.storage.url), describe(held), self.ttl_s)
@@ -176,7 +186,7 @@ class RunLease:
                 return
             self._mine = None  # another trainer wrote at the same time and won: wait for it as for any holder
             if time.monotonic() >= deadline:
-                raise self._in_use(now)
+                raise self._in_use(now, heartbeat=True)
 
     def _stands_still(self, held: dict, deadline: float) -> bool:
         """Watch ``held``'s heartbeat for ``ttl_s``, no later than ``deadline``: True when it
@@ -225,7 +235,7 @@ class RunLease:
         """Stop the heartbeat, remove the note if it is still this trainer's and let go."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=2 * self.heartbeat_s)  # a beat stuck in a storage call is left behind
             self._thread = None
         if self._mine is None:
             return

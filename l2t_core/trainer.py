@@ -224,6 +224,19 @@ class Trainer:
         self.world = dist.get_world_size() if dist else 1
         check_prompt_sharding(cfg.prompts_per_step, self.world)
         on_rank_0(self.rank == 0, self.storage.check_writable, f"write into the run directory {redact_url(cfg.out)}")
+        # a run directory that holds a run is held before the model loads (a relaunch beside a
+        # trainer that is still running would otherwise load it beside it, on the same GPU); a
+        # fresh one is held by run(), so that a launch refused below leaves nothing behind
+        on_rank_0(self.rank == 0, lambda: self.storage.exists(CONFIG_FILE) and self.lease.acquire(),
+                  f"hold the run directory {redact_url(cfg.out)}")
+        try:
+            self._load(cfg)
+        except BaseException:
+            self.lease.release()  # a no-op where this rank holds none
+            raise
+
+    def _load(self, cfg: TrainConfig) -> None:
+        """:meth:`setup` once the run directory is known to be writable: data, models, engines."""
         self.problems: list[TrainProblem] = load_training_problems(cfg.data)
         self.verifier = verifier_for(cfg.data)
         self.verify_pool = VerifierPool(self.verifier, cfg.verify_workers) if cfg.verify_workers else None
@@ -617,14 +630,13 @@ class Trainer:
         (e.g. to stream progress to Dagster through Pipes)."""
         if not self._setup_done:
             self.setup()
-        # one trainer at a time in the run directory (l2t_core.run_lease): before anything is
-        # written into it (the resume below prunes checkpoints and drops metrics)
-        on_rank_0(self.rank == 0, self.lease.acquire, f"hold the run directory {redact_url(self.cfg.out)}")
         try:
+            # one trainer at a time in the run directory (l2t_core.run_lease), from before anything
+            # is written into it (the resume below prunes checkpoints and drops metrics) to the end
+            on_rank_0(self.rank == 0, self.lease.acquire, f"hold the run directory {redact_url(self.cfg.out)}")
             return self._run(stop_after, on_step)
         finally:
-            if self.rank == 0:
-                self.lease.release()
+            self.lease.release()
 
     def _run(self, stop_after: int | None, on_step: Callable[[dict], None] | None) -> RunResult:
         """:meth:`run` once the trainer holds the run directory."""
@@ -678,10 +690,11 @@ class Trainer:
             on_step(row)
 
     def close(self) -> None:
-        """Stop the verification workers (``verify_workers``); :meth:`run` does on its way out, and
-        a trainer used again starts new ones."""
+        """Stop the verification workers (``verify_workers``) and let go of the run directory;
+        :meth:`run` does on its way out, and a trainer used again starts new ones."""
         if getattr(self, "verify_pool", None) is not None:
             self.verify_pool.close()
+        self.lease.release()
 
 
 def train(cfg: TrainConfig, **kwargs) -> RunResult:

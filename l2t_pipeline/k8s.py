@@ -153,8 +153,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         True, description="Make the training pod a dependent of the run worker's pod (ownerReferences) when the "
                           "run worker runs in a pod of the same namespace: Kubernetes then deletes the training pod "
                           "with the run worker's, e.g. a run terminated or a run worker pod deleted, instead of "
-                          "leaving it training beside a relaunch. Needs 'get' on pods, which PipesK8sClient needs "
-                          "too.")
+                          "leaving it training beside a relaunch (with delete_pod_on_completion off, a finished "
+                          "pod and its logs go with it too). Needs 'get' on pods, which PipesK8sClient needs too.")
 
     # ------------------------------------------------------------------ from the environment
     @classmethod
@@ -384,12 +384,12 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
                 log.warning(f"the training pod goes to namespace {self.namespace!r}, the run worker runs in {here!r}: "
                             "it cannot own the training pod, which outlives a run worker that is deleted")
             return None
-        if read_pod is None:
-            import kubernetes
-
-            kubernetes.config.load_incluster_config()
-            read_pod = kubernetes.client.CoreV1Api().read_namespaced_pod
         try:
+            if read_pod is None:
+                import kubernetes
+
+                kubernetes.config.load_incluster_config()
+                read_pod = kubernetes.client.CoreV1Api().read_namespaced_pod
             me = read_pod(name, here)
         except Exception as exc:  # noqa: BLE001 - no owner is a weaker guarantee, not a reason to fail the run
             if log is not None:

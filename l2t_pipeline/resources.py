@@ -569,10 +569,18 @@ class StderrTail:
         finally:
             self._pipe.close()
 
-    def last_lines(self, n: int = 15, wait_s: float = 5.0) -> str:
-        """The last ``n`` non-empty lines written, once the pipe is drained (at most ``wait_s``
-        more: a process the child left behind may hold it open)."""
+    def drain(self, wait_s: float = 5.0) -> None:
+        """Wait until the pipe is drained and passed on (at most ``wait_s``: a process the child
+        left behind may hold it open), so the job's last words reach the compute logs before the
+        step ends."""
         self._thread.join(wait_s)
+        if not self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                sys.stderr.write(self._decode.decode(b"", final=True))
+                sys.stderr.flush()
+
+    def last_lines(self, n: int = 15) -> str:
+        """The last ``n`` non-empty lines written (call :meth:`drain` first)."""
         lines = [ln.rstrip() for ln in self._tail.decode("utf-8", "replace").splitlines() if ln.strip()]
         return "\n".join(lines[-n:])
 
@@ -607,8 +615,9 @@ class ProcessGroupPipesClient(dg.PipesClient):
     def run(self, *, context, command: Sequence[str], extras=None) -> dg.PipesClientCompletedInvocation:  # type: ignore[override]
         with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
                                    message_reader=dg.PipesTempFileMessageReader(), extras=extras) as session:
-            # the job stops itself if this process is killed outright (l2t_core.launcher_watch)
-            env = {**os.environ, **self.env, **session.get_bootstrap_env_vars(), WATCH_ENV: str(os.getpid())}
+            env = {**os.environ, **self.env, **session.get_bootstrap_env_vars()}
+            if os.getpid() != 1:  # the job stops itself if this process is killed outright (l2t_core.launcher_watch);
+                env[WATCH_ENV] = str(os.getpid())  # a container's pid 1 takes every process with it
             process = subprocess.Popen(list(command), cwd=self.cwd, start_new_session=True, stderr=subprocess.PIPE,
                                        env=env)
             stderr = StderrTail(process.stderr)
@@ -618,6 +627,8 @@ class ProcessGroupPipesClient(dg.PipesClient):
                 context.log.info("[pipes] execution interrupted: stopping the subprocess and its process group")
                 stop_process_group(process, self.termination_timeout_seconds, context.log)
                 raise
+            finally:
+                stderr.drain()
             if code != 0:
                 tail = stderr.last_lines()
                 said = f"; the end of its stderr (all of it is in this step's compute logs):\n{tail}" if tail else \

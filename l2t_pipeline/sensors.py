@@ -106,7 +106,10 @@ def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
         if any(not r.is_finished and r.status != dg.DagsterRunStatus.NOT_STARTED for r in runs):
             continue  # queued or running
         keys = [r.tags.get(RUN_KEY_TAG) for r in runs]
-        created = [baseline_attempt(name, k) for r, k in zip(runs, keys) if r.status == dg.DagsterRunStatus.NOT_STARTED]
+        # a created run the daemon can launch: its key is this sensor's and no other run has it (the
+        # daemon takes a key's oldest run, and skips a request whose run went past NOT_STARTED)
+        created = [baseline_attempt(name, k) for r, k in zip(runs, keys)
+                   if r.status == dg.DagsterRunStatus.NOT_STARTED and keys.count(k) == 1]
         if any(created):
             requests.append(baseline_request(name, max(created)))
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,10 +22,10 @@ from pathlib import Path
 out = Path(sys.argv[1])
 if sys.argv[2] == "poll":
     del os.pidfd_open  # a platform without pidfds
-if sys.argv[3] == "deaf":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a rank blocked where Ctrl-C does not reach
 from l2t_core.launcher_watch import watch_launcher
 watch_launcher(grace_s=1.0)
+if sys.argv[3] == "deaf":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a rank blocked where Ctrl-C does not reach
 out.with_suffix(".pid").write_text(str(os.getpid()))
 try:
     time.sleep(120)
@@ -65,10 +66,12 @@ def _gone(pid: int, within_s: float) -> bool:
 @pytest.mark.parametrize("watch,ears", [("pidfd", "hears"), ("poll", "hears"), ("pidfd", "deaf")])
 def test_a_job_stops_when_its_launcher_is_killed(tmp_path, watch, ears):
     """The launcher killed with SIGKILL: the job is interrupted as by Ctrl-C (pidfd or polling),
-    and a job deaf to SIGINT exits after the grace period."""
+    also where it inherited SIGINT ignored, and a job deaf to SIGINT exits after the grace period."""
     out = tmp_path / "job"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    launcher = subprocess.run([sys.executable, "-c", LAUNCHER, str(out), JOB, watch, ears], env=env, timeout=120)
+    # the launcher ignores Ctrl-C, as a pytest-xdist worker does: the job inherits SIGINT ignored
+    launcher = subprocess.run([sys.executable, "-c", LAUNCHER, str(out), JOB, watch, ears], env=env, timeout=120,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert launcher.returncode == -9
     job = int(out.with_suffix(".pid").read_text())
     assert _gone(job, within_s=30), "the job outlived its launcher"

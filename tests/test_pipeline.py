@@ -645,6 +645,13 @@ def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path)
             waiting = create_run_for_test(instance, status=status, tags=tags)
             assert not tick().run_requests, status
             instance.delete_run(waiting.run_id)
+        # one created under a key an earlier run has (a retry copies its parent's key): the daemon
+        # would skip it, so the next attempt is requested instead
+        twins = [create_run_for_test(instance, status=status, tags=tags)
+                 for status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.NOT_STARTED)]
+        assert [r.run_key for r in tick().run_requests] == ["baseline:tiny-sft:attempt-2"]
+        for twin in twins:
+            instance.delete_run(twin.run_id)
         fail_baseline(first.run_requests[0])
         second = tick()
         assert [r.run_key for r in second.run_requests] == ["baseline:tiny-sft:attempt-2"]

@@ -150,3 +150,39 @@ def test_a_trainer_refuses_a_run_directory_another_trainer_holds(tmp_path, monke
     probe = RunLease(RunStorage(str(run)), wait_s=0.0)
     probe.acquire()  # it let go
     probe.release()
+
+
+def test_a_filesystem_without_locks_gets_the_heartbeat_lease_and_a_failed_acquire_holds_nothing(tmp_path,
+                                                                                                 monkeypatch):
+    import errno
+
+    run = str(tmp_path / "run")
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lease.fcntl, "flock", no_locks)
+    lease = RunLease(RunStorage(run), ttl_s=0.4, settle_s=0.05)
+    lease.acquire()
+    time.sleep(0.3)
+    assert lease.held and json.loads((tmp_path / "run" / LEASE_FILE).read_text())["beat"] >= 1
+    with pytest.raises(RunInUse, match="frees it 0.4 s after its last heartbeat"):
+        RunLease(RunStorage(run), ttl_s=0.4, wait_s=0.5, settle_s=0.05).acquire()
+    lease.release()
+    monkeypatch.undo()
+
+    # the note cannot be written (a full disk): nothing is held, and the next try starts afresh
+    storage = RunStorage(run)
+    failing = RunLease(storage)
+    real_write = storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes", lambda rel, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError, match="full"):
+        failing.acquire()
+    assert not failing.held and failing._fd is None
+    probe = RunLease(RunStorage(run), wait_s=0.0)
+    probe.acquire()  # nobody holds the lock
+    probe.release()
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    failing.acquire()
+    assert failing.held
+    failing.release()
