@@ -130,8 +130,9 @@ def test_two_trainers_starting_at_once_on_an_object_store_get_one_lease():
 
 
 def test_a_trainer_refuses_a_run_directory_another_trainer_holds(tmp_path, monkeypatch, tiny_dir):
-    """Trainer.run takes the lease before it writes anything (its resume prunes and drops), and
-    lets it go when it ends, also when it fails."""
+    """Trainer.run takes the lease before it writes anything (its resume prunes and drops); in a
+    directory that holds a run, before it loads the model; and lets it go when it ends, also when
+    it fails."""
     from l2t_core.config import TrainConfig
     from l2t_core.trainer import Trainer
 
@@ -147,6 +148,20 @@ def test_a_trainer_refuses_a_run_directory_another_trainer_holds(tmp_path, monke
     other.release()
     result = Trainer(cfg, show_progress=False).run()
     assert result.final_step == 1 and not (run / LEASE_FILE).exists()
+    # a run directory that holds a run is held before the model loads (a relaunch beside a live
+    # trainer would load it onto the same GPU)
+    import l2t_core.trainer as trainer_module
+
+    other.acquire()
+    loaded = []
+    monkeypatch.setattr(trainer_module, "load_policy", lambda *a, **k: loaded.append(a) or 1 / 0)
+    with pytest.raises(RunInUse, match="is being trained by pid"):
+        Trainer(cfg, show_progress=False).run()
+    assert loaded == []
+    other.release()
+    with pytest.raises(ZeroDivisionError):  # it loads once free, and lets go when loading fails
+        Trainer(cfg, show_progress=False).run()
+    assert loaded and not (run / LEASE_FILE).exists()
     probe = RunLease(RunStorage(str(run)), wait_s=0.0)
     probe.acquire()  # it let go
     probe.release()
