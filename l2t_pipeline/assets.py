@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 from l2t_core.config import TrainConfig
 from l2t_core.model_lock import ModelInUse, building_model, using_model
 from l2t_core.models import load_policy, weight_files_sha256, weights_fingerprint
-from l2t_core.trainer import MEMORY_COLUMNS
+from l2t_core.trainer import MEMORY_COLUMNS, RESUME_FREE
 
 from . import plots
 from .config import BaseModelConfig, DatasetsConfig, RewardSettings, RolloutSamplingConfig, TrainRunConfig
@@ -337,10 +337,12 @@ def inputs_fingerprint(cfg: TrainConfig) -> dict:
 
 
 def config_hash(cfg: TrainConfig, inputs: dict | None = None) -> str:
-    """A short hash of a run's configuration without its output URL, and of ``inputs`` (its
+    """A short hash of a run's configuration without the settings a run may change when it resumes
+    (its output URL, how often it checkpoints: ``l2t_core.trainer.RESUME_FREE``), and of ``inputs`` (its
     :func:`inputs_fingerprint`): the run directory's name. A DeepSpeed config fingerprinted by its
     bytes is left out by its path (an absolute path of one checkout or image)."""
-    settings = {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k != "out"}
+    # what does not change what trains (where to, how often to checkpoint, ...) does not name the run
+    settings = {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k not in RESUME_FREE}
     if inputs and "deepspeed_config_sha256" in inputs:
         settings.pop("deepspeed_config", None)
     blob = json.dumps({**settings, **({"inputs": inputs} if inputs else {})}, sort_keys=True)

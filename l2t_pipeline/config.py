@@ -8,6 +8,7 @@ field's name before any compute).
 
 from __future__ import annotations
 
+import json
 from typing import Literal, Optional
 
 import dagster as dg
@@ -95,18 +96,40 @@ class TrainRunConfig(dg.Config):
     reward_settings: list[str] = Field(default_factory=list, description=REWARD_SETTINGS_HELP)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the run trains: 'auto' (CUDA when the training process has a GPU, "
                                             "else the CPU), 'cpu' or 'cuda'. A launcher may place it (a GPU pod: cuda).")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (and at the last step): what a "
+                                  "relaunched run resumes from. Changing it keeps the run (same directory).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in the run directory.")
+    settings: list[str] = Field(default_factory=list, description=(
+        "Any other l2t_core TrainConfig setting as dotted key=value, applied last, as `l2t train --set KEY=VALUE` "
+        "takes them (values read as JSON when they parse): e.g. 'rollout.engine=vllm', "
+        "'gradient_checkpointing=true', 'optim.weight_decay=0.01', 'mini_batches=4'. The policy, method, run "
+        "directory and training data come from the partition and the resources and cannot be set here."))
 
     def to_core(self, *, policy: str, method: str, out: str, data: DataConfig) -> TrainConfig:
-        return TrainConfig(
+        base = TrainConfig(
             method=method, policy=policy, out=out, steps=self.steps, prompts_per_step=self.prompts_per_step,
-            micro_batch_tokens=self.micro_batch_tokens, device=self.device, checkpoint_every=self.steps,
-            keep_checkpoints=1, seed=self.seed, data=data,
-            optim={"lr": self.lr},
+            micro_batch_tokens=self.micro_batch_tokens, device=self.device,
+            checkpoint_every=min(self.checkpoint_every, self.steps), keep_checkpoints=self.keep_checkpoints,
+            seed=self.seed, data=data, optim={"lr": self.lr},
             rollout={"group_size": self.group_size, "temperature": self.temperature,
                      "max_new_tokens": self.max_new_tokens},
             reward=apply_settings({"credit": {"alpha": self.alpha, "beta": self.beta}, "loss": {"kl_coef": self.kl_coef}},
                                   self.reward_settings, "TrainRunConfig.reward_settings"),
         )
+        if not self.settings:
+            return base
+        for item in self.settings:
+            key = item.split("=", 1)[0].strip()
+            if key.split(".")[0] in PARTITION_FIELDS:
+                raise ValueError(f"TrainRunConfig.settings {item!r}: {key!r} comes from the partition or the resources "
+                                 f"(the base model's path, the method, the run directory, training_data); set it there")
+        merged = apply_settings(json.loads(base.model_dump_json()), self.settings, "TrainRunConfig.settings",
+                                "rollout.engine=vllm")
+        return TrainConfig.model_validate(merged)
+
+
+# what TrainRunConfig.settings may not set: the checkpoints asset's partition and resources say it
+PARTITION_FIELDS = ("policy", "method", "out", "data")
 
 
 class DatasetsConfig(dg.Config):

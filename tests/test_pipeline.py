@@ -725,6 +725,9 @@ def test_run_directory_follows_the_base_weights_and_the_data_file(tiny_dir, tmp_
 
     first = run_hash()
     assert run_hash() == first
+    # how often it checkpoints (and what a resume may change) does not name the run
+    resumable = cfg.model_copy(update={"checkpoint_every": 7, "keep_checkpoints": 5, "verify_workers": 0})
+    assert config_hash(resumable, inputs_fingerprint(resumable)) == first
     weights = base / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 1  # the base rebuilt in place: other weights under the same path
@@ -1109,6 +1112,23 @@ def test_reward_settings_reach_every_reward_option_and_bad_ones_fail_by_name():
     with pytest.raises(ValueError, match="TrainRunConfig.reward_settings credit.beta.x: 'beta' is not a section"):
         TrainRunConfig(reward_settings=["credit.beta.x=1"]).to_core(policy="p", method="l2t", out="o",
                                                                      data=DataConfig())
+
+    # any other TrainConfig setting, applied last; what the partition and resources say cannot be set
+    def core(**kw):
+        return TrainRunConfig(**kw).to_core(policy="p", method="l2t", out="o", data=DataConfig())
+
+    t = core(lr=1e-4, settings=["gradient_checkpointing=true", "optim.weight_decay=0.01", "mini_batches=2",
+                                "rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.5"])
+    assert (t.gradient_checkpointing, t.optim.weight_decay, t.optim.lr, t.mini_batches) == (True, 0.01, 1e-4, 2)
+    assert (t.rollout.engine, t.rollout.vllm_gpu_memory_utilization, t.rollout.group_size) == ("vllm", 0.5, 4)
+    assert core(settings=[]) == core()
+    for key in ("policy", "out", "method", "data.source"):
+        with pytest.raises(ValueError, match=f"TrainRunConfig.settings '{key}=x': '{key}' comes from the partition"):
+            core(settings=[f"{key}=x"])
+    with pytest.raises(ValidationError, match="optim.weight_decy"):
+        core(settings=["optim.weight_decy=0.1"])
+    # checkpoints every 50 steps (the last one at least), two kept: a relaunched run resumes
+    assert (core().checkpoint_every, core().keep_checkpoints, core(steps=500).checkpoint_every) == (4, 2, 50)
 
 
 def _gone(pid: int, timeout_s: float = 10.0) -> bool:
