@@ -189,7 +189,6 @@ def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: Model
         if not training_data.synthetic:
             raise ValueError(f"base model {name!r} is a warm start, which needs a synthetic task as training data; "
                              f"training_data.source is {training_data.source!r}")
-        evaluator.check_base_model(name, training_data.source)
         data = training_data.to_core()
         out = storage.model_dir(name)
         report, reused = build_or_reuse_warm_start(out, config.to_core(data.source, data.min_steps, data.max_steps),
@@ -219,6 +218,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
                duckdb: DuckDBResource, launcher: TrainingLauncher) -> dg.MaterializeResult:
     name = context.partition_key
     entry = registry.get(name)
+    evaluator.check_base_model(name, training_data.source)  # before anything is built
     meta: dict = {"kind": entry.kind}
     if entry.kind != "pretrained":
         with building_model(storage.model_dir(name), who=_holder(context)):  # one build of it at a time

@@ -36,6 +36,11 @@ def training_launcher(environ: Mapping[str, str] | None = None) -> dg.Configurab
     env = os.environ if environ is None else environ
     kind = env.get("L2T_LAUNCHER", "local").strip().lower() or "local"
     if kind == "local":
+        ignored = sorted(var for var in env if var.startswith("L2T_K8S_") and env[var].strip())
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} set, but L2T_LAUNCHER is 'local', which trains in a subprocess "
+                             "of the run worker and ignores them; set L2T_LAUNCHER=k8s to train in Kubernetes pods, "
+                             "or unset them")
         return TrainingLauncher()
     if kind == "k8s":
         from .k8s import K8sTrainingLauncher
@@ -72,7 +77,7 @@ def default_resources() -> dict:
         "duckdb": make_duckdb(),
         "storage": L2TStorage(),
         "registry": ModelRegistry(),
-        "training_data": TrainingData(),
+        "training_data": TrainingData.from_env(),
         "evaluator": evaluator_resource(),
         "launcher": training_launcher(),
         "io_manager": make_io_manager(),

@@ -222,6 +222,31 @@ class TrainingData(dg.ConfigurableResource):
         return DataConfig(source=self.source, train_size=self.train_size, min_steps=self.min_steps,
                           max_steps=self.max_steps, seed=self.seed)
 
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TrainingData":
+        """The training data of ``L2T_TRAINING_DATA`` (a synthetic task, or a math JSONL file: a
+        name in ``$L2T_DATA_DIR`` or a path) and ``L2T_TRAINING_SIZE`` (prompts), else the
+        defaults; a file that is not there fails when the code location loads, naming the variable
+        (runs the sensor and schedule start take no launchpad config, so this is how they get it)."""
+        from l2t_core.training_data import source_path
+
+        env = os.environ if environ is None else environ
+        kwargs: dict = {}
+        source = env.get("L2T_TRAINING_DATA", "").strip()
+        if source:
+            if source not in TASKS:
+                try:
+                    source_path(source)
+                except (OSError, ValueError) as exc:  # TrainingDataError is a ValueError
+                    raise ValueError(f"L2T_TRAINING_DATA={source!r}: {exc}") from None
+            kwargs["source"] = source
+        size = env.get("L2T_TRAINING_SIZE", "").strip()
+        if size:
+            if not size.isdigit() or int(size) < 1:
+                raise ValueError(f"L2T_TRAINING_SIZE={size!r} is not a number of training prompts (a whole number >= 1)")
+            kwargs["train_size"] = int(size)
+        return cls(**kwargs)
+
     @property
     def synthetic(self) -> bool:
         """True for a procedural task of l2t_core.tasks (the embedded default can warm-start on it)."""
@@ -268,8 +293,9 @@ class Evaluator(dg.ConfigurableResource):
         raise NotImplementedError(f"{type(self).__name__} must define evaluate(model_dir)")
 
     def check_base_model(self, base_model: str, task: str) -> None:
-        """Raise when a warm start of ``base_model`` trained on the synthetic ``task`` cannot be
-        evaluated here; any model can be evaluated on real benchmarks."""
+        """Raise when ``base_model``, trained on ``task`` (the training data's source: a synthetic
+        task or a data file), cannot be evaluated here; any model can be evaluated on real
+        benchmarks."""
 
 
 class HeldOutEvaluator(Evaluator):
@@ -310,10 +336,15 @@ class HeldOutEvaluator(Evaluator):
                 "max_new_tokens": self.max_new_tokens}
 
     def check_base_model(self, base_model: str, task: str) -> None:
-        """A warm start must learn the task whose held-out split is evaluated."""
-        if self.task != task:
-            raise ValueError(f"base model {base_model!r} learns the task {task!r} but the evaluator "
-                             f"tests {self.task!r}; set both resources to the same task")
+        """The models must learn the task whose held-out split is evaluated."""
+        if self.task == task:
+            return
+        if task not in TASKS:
+            raise ValueError(f"base model {base_model!r} trains on {task!r} (training_data.source), but the evaluator "
+                             f"tests the synthetic task {self.task!r} on its held-out split, which says nothing of "
+                             "that model; set L2T_EVALUATOR=benchmark to evaluate on real benchmarks")
+        raise ValueError(f"base model {base_model!r} learns the task {task!r} but the evaluator "
+                         f"tests {self.task!r}; set both resources to the same task")
 
     def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
         """Overall (``level='all'``) and per-level results of the model in ``model_dir``."""

@@ -340,6 +340,9 @@ def test_launcher_switch(monkeypatch):
         training_launcher({"L2T_LAUNCHER": "k8s", "L2T_K8S_IMAGE": IMAGE, "L2T_K8S_GPUS": "two"})
     with pytest.raises(ValueError, match="L2T_LAUNCHER='docker' is not a training launcher"):
         training_launcher({"L2T_LAUNCHER": "docker"})
+    # Kubernetes settings without the Kubernetes launcher: training would run in the run worker
+    with pytest.raises(ValueError, match="L2T_K8S_GPUS, L2T_K8S_IMAGE set, but L2T_LAUNCHER is 'local'"):
+        training_launcher({"L2T_K8S_IMAGE": IMAGE, "L2T_K8S_GPUS": "8", "L2T_K8S_NAMESPACE": " "})
     # the code location loads with the Kubernetes launcher in place of the local one
     monkeypatch.setenv("L2T_DUCKDB_PATH", ":memory:")
     dg.Definitions.validate_loadable(dg.Definitions(assets=ASSETS, resources={**default_resources(), "launcher": k8s}))

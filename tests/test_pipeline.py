@@ -1210,3 +1210,25 @@ def test_an_interrupted_launch_ends_the_whole_job_and_a_failed_one_names_its_exi
     # the job is told which process to stop with (l2t_core.launcher_watch): the step's
     assert failure("import os; raise SystemExit('watching ' + os.environ['L2T_STOP_WITH_PID'])").endswith(
         f"watching {os.getpid()}\n")
+
+
+def test_training_data_from_the_environment_and_a_heldout_evaluation_of_a_math_model_refused(tmp_path):
+    """L2T_TRAINING_DATA / L2T_TRAINING_SIZE give runs the sensor and schedule start their data (a
+    bad one fails when the code location loads, naming the variable); the held-out evaluator of
+    the synthetic task refuses a base model that trains on a math file."""
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData
+
+    assert TrainingData.from_env({}) == TrainingData()
+    data = TrainingData.from_env({"L2T_TRAINING_DATA": "math500.jsonl", "L2T_TRAINING_SIZE": "64"})
+    assert (data.source, data.train_size, data.synthetic) == ("math500.jsonl", 64, False)
+    assert TrainingData.from_env({"L2T_TRAINING_DATA": "arithmetic"}).source == "arithmetic"
+    with pytest.raises(ValueError, match=r"L2T_TRAINING_DATA='nope.jsonl': .*L2T_DATA_DIR"):
+        TrainingData.from_env({"L2T_TRAINING_DATA": "nope.jsonl"})
+    with pytest.raises(ValueError, match="L2T_TRAINING_SIZE='many' is not a number of training prompts"):
+        TrainingData.from_env({"L2T_TRAINING_SIZE": "many"})
+    heldout = HeldOutEvaluator(task="walk")
+    heldout.check_base_model("qwen", "walk")
+    with pytest.raises(ValueError, match=r"base model 'qwen' trains on 'math500.jsonl' .* set L2T_EVALUATOR=benchmark"):
+        heldout.check_base_model("qwen", "math500.jsonl")
+    with pytest.raises(ValueError, match="learns the task 'arithmetic' but the evaluator tests 'walk'"):
+        heldout.check_base_model("tiny", "arithmetic")
