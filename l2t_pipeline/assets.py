@@ -13,6 +13,7 @@ import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
 
+from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
 from l2t_core.model_lock import ModelInUse, building_model, using_model
 from l2t_core.models import load_policy, weight_files_sha256, weights_fingerprint
@@ -174,6 +175,36 @@ def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: 
     return out
 
 
+KEPT_EVALUATIONS = "evaluations"
+
+
+def evaluation_key(evaluator_fingerprint: str, weights: str) -> str:
+    """The name under which an evaluation of the weights ``weights`` by the evaluator of
+    ``evaluator_fingerprint`` (:meth:`Evaluator.fingerprint`) is kept."""
+    return hashlib.sha1(f"{evaluator_fingerprint}|{weights}".encode()).hexdigest()[:16]
+
+
+def kept_evaluation(context, store: RunStorage, key: str, evaluate) -> pd.DataFrame:
+    """``evaluate()``'s rows, kept in ``store`` (``evaluations/<key>.json``) as soon as they are
+    made, until :func:`drop_kept_evaluation` once they are stored: a step that fails after an
+    evaluation of hours (the warehouse busy, the report unwritable) and is run again reuses it
+    instead of evaluating again."""
+    rel = f"{KEPT_EVALUATIONS}/{key}.json"
+    if store.exists(rel):
+        context.log.info("reusing the evaluation an earlier attempt of this step made and could not store: %s",
+                         store.url_of(store.path(rel)))
+        return pd.DataFrame(json.loads(store.read_bytes(rel)))
+    evals = evaluate()
+    # JSON records keep each value as it is (a level is 'all' or a number) and floats exactly
+    store.write_bytes(rel, json.dumps(evals.to_dict(orient="records")).encode())
+    return evals
+
+
+def drop_kept_evaluation(store: RunStorage, key: str) -> None:
+    """Remove what :func:`kept_evaluation` kept, once its rows are stored."""
+    store.remove(f"{KEPT_EVALUATIONS}/{key}.json")
+
+
 def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: ModelEntry, storage: L2TStorage,
                       config: BaseModelConfig, training_data: TrainingData, evaluator: Evaluator,
                       launcher: TrainingLauncher) -> dict:
@@ -226,12 +257,16 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     with base_model_in_use(context, name, entry, storage):
         path = base_model_path(name, entry, storage)
         context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
-        evals = with_model_columns(evaluator.evaluate(path), "base", name, None, path, weights_fingerprint(path))
+        weights, fingerprint = weights_fingerprint(path), evaluator.fingerprint()
+        kept, key = storage.run_storage(storage.evaluations_url(name)), evaluation_key(fingerprint, weights)
+        evals = kept_evaluation(context, kept, key, lambda: with_model_columns(evaluator.evaluate(path), "base", name,
+                                                                               None, path, weights))
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
+    drop_kept_evaluation(kept, key)
     overall = evals[evals["level"] == "all"].iloc[0]
-    meta.update(path=storage.display(path), benchmark=evaluator.benchmark, evaluator=evaluator.fingerprint(),
+    meta.update(path=storage.display(path), benchmark=evaluator.benchmark, evaluator=fingerprint,
                 accuracy=float(overall["accuracy"]), mean_tokens=float(overall["mean_tokens"]), eval_rows=n,
                 evaluation=dg.MetadataValue.md(markdown_table(evals[["level", "n", "accuracy", "mean_tokens",
                                                                  "tagged_share", "finished_share"]])))
@@ -420,12 +455,13 @@ def stored_base_evaluation(conn, base: str, fingerprint: str, weights: str | Non
     return stored.drop(columns=["asset_key", "partition_key", "loaded_at"]) if len(stored) else None
 
 
-def evaluate_base(context, evaluator: Evaluator, base: str, entry: ModelEntry, storage: L2TStorage,
-                  trained_from: str | None) -> pd.DataFrame:
+def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, entry: ModelEntry,
+                  storage: L2TStorage, trained_from: str | None) -> tuple[pd.DataFrame, str]:
     """Evaluate base model ``base`` as it is now, holding it meanwhile, for the run of the
     partition being materialized, which trained from the weights ``trained_from`` (None: a run
-    recorded before runs recorded them). Fails, evaluating nothing, where the base was rebuilt
-    since that run: its checkpoint would be compared with another model than the one it left."""
+    recorded before runs recorded them); the rows, kept until stored under the key returned
+    (:func:`kept_evaluation`). Fails, evaluating nothing, where the base was rebuilt since that
+    run: its checkpoint would be compared with another model than the one it left."""
     with base_model_in_use(context, base, entry, storage):
         path = base_model_path(base, entry, storage)
         weights = weights_fingerprint(path)
@@ -435,7 +471,10 @@ def evaluate_base(context, evaluator: Evaluator, base: str, entry: ModelEntry, s
                 f"{storage.display(path)} holds now (fingerprint {trained_from[:12]}, now {weights[:12]}: the "
                 f"base was rebuilt since), and no evaluation of those weights is stored. Materialize "
                 f"checkpoints[{context.partition_key}] to train from the base as it is now, then this report")
-        return with_model_columns(evaluator.evaluate(path), "base", base, None, path, weights)
+        key = evaluation_key(fingerprint, weights)
+        kept = storage.run_storage(storage.evaluations_url(base))
+        return kept_evaluation(context, kept, key, lambda: with_model_columns(evaluator.evaluate(path), "base", base,
+                                                                              None, path, weights)), key
 
 
 def comparison(evals: pd.DataFrame) -> dict:
@@ -478,11 +517,19 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
                             "evaluation is the one stored for %s, or of the base as it is now, whichever weights "
                             "those are. Materialize checkpoints[%s] again (it resumes the finished run) to record "
                             "them", pk, base, pk)
+    base_key = None
     if base_evals is None:
-        base_evals = evaluate_base(context, evaluator, base, entry, storage, trained_from)
-    with storage.run_storage(run["run_url"]).local_copy(run["checkpoint_url"]) as local:
-        ckpt = with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"],
-                                  weights_fingerprint(local))
+        base_evals, base_key = evaluate_base(context, evaluator, fingerprint, base, entry, storage, trained_from)
+    run_store = storage.run_storage(run["run_url"])
+
+    def evaluate_checkpoint() -> pd.DataFrame:
+        with run_store.local_copy(run["checkpoint_url"]) as local:
+            return with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"],
+                                      weights_fingerprint(local))
+
+    # a checkpoint is never rewritten: its URL names its weights
+    ckpt_key = evaluation_key(fingerprint, run["checkpoint_url"])
+    ckpt = kept_evaluation(context, run_store, ckpt_key, evaluate_checkpoint)
     evals = pd.concat([base_evals, ckpt], ignore_index=True)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
@@ -494,12 +541,14 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     figs = "\n\n".join(f"![{alt}]({uri})" for alt, uri in images)
     table = evals[["model_kind", "level", "n", "accuracy", "mean_tokens", "tagged_share"]]
     # the same report as a self-contained HTML file next to the run (local disk or S3)
-    run_store = storage.run_storage(run["run_url"])
     page = plots.html_report(f"{base} / {method} on {evaluator.benchmark}",
                              {**cmp, "checkpoint": storage.display(run["checkpoint_url"])}, table, images)
     # after the rows: a report that cannot be written fails the step with the rows stored, and the
     # re-execution replaces them (idempotent; bench.faults' Dagster scenario)
     run_store.write_bytes(REPORT_FILE, page.encode())
+    drop_kept_evaluation(run_store, ckpt_key)
+    if base_key is not None:
+        drop_kept_evaluation(storage.run_storage(storage.evaluations_url(base)), base_key)
     context.add_output_metadata({
         **cmp, "rows": n, "benchmark": evaluator.benchmark, "evaluator": fingerprint,
         "checkpoint": storage.display(run["checkpoint_url"]),

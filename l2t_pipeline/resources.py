@@ -113,6 +113,12 @@ class L2TStorage(dg.ConfigurableResource):
     def model_dir(self, name: str) -> Path:
         return Path(self.models_dir) / name
 
+    def evaluations_url(self, base_model: str) -> str:
+        """Beside the run directories, where the evaluations of base model ``base_model`` are
+        kept until they are stored (``<url>/base_models/<name>/evaluations``;
+        ``l2t_pipeline.assets.kept_evaluation``)."""
+        return "/".join([self._root().rstrip("/"), "base_models", base_model])
+
     def run_storage(self, url: str) -> RunStorage:
         """A RunStorage on ``url``; s3fs picks its credentials and endpoint from the environment (a URL
         with credentials in it is refused, see :mod:`l2t_core.urls`)."""

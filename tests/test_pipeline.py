@@ -923,7 +923,8 @@ def probe_warehouse(db: str) -> int:
 def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
     """While the evaluator runs (minutes to hours in production) another process can take the
     warehouse's lock and open it: benchmark_reports reads, evaluates with no connection open, then
-    writes. The probe does fail while a connection is open."""
+    writes. The probe does fail while a connection is open. Evaluations that could not be stored
+    are kept and reused by the next attempt."""
     import json
 
     from l2t_pipeline.assets import benchmark_reports
@@ -970,6 +971,31 @@ def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
                             resources=resources, instance=instance)
     assert result.success
     assert PROBES == [0, 0]  # base and checkpoint evaluated, each time the warehouse was free
+    with warehouse.connect(duck) as con:
+        assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == 4
+    kept = [tmp_path / "run" / "evaluations", tmp_path / "storage" / "base_models" / "tiny" / "evaluations"]
+    assert not any(k.exists() and any(k.iterdir()) for k in kept), [list(k.rglob("*")) for k in kept if k.exists()]
+
+    # the warehouse cannot be written (busy): the evaluations are kept, and the step run again
+    # stores them without evaluating again
+    import l2t_pipeline.assets as assets_module
+
+    def busy(*a, **k):
+        raise warehouse.WarehouseBusy("held by a notebook")
+
+    real = assets_module.write_validated
+    assets_module.write_validated = busy
+    try:
+        failed = dg.materialize([*ASSETS, *all_checks], selection=[benchmark_reports], partition_key=pk,
+                                resources=resources, instance=instance, raise_on_error=False)
+    finally:
+        assets_module.write_validated = real
+    assert not failed.success and len(PROBES) == 4
+    assert all(len(list(k.glob("*.json"))) == 1 for k in kept)
+    again = dg.materialize([*ASSETS, *all_checks], selection=[benchmark_reports], partition_key=pk,
+                           resources=resources, instance=instance)
+    assert again.success and len(PROBES) == 4  # nothing evaluated again
+    assert not any(any(k.iterdir()) for k in kept)
     with warehouse.connect(duck) as con:
         assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == 4
 
