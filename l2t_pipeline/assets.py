@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
 from l2t_core.model_lock import ModelInUse, building_model, using_model
-from l2t_core.models import load_policy, weight_files_sha256, weights_fingerprint
+from l2t_core.models import load_policy, resolve_device, weight_files_sha256, weights_fingerprint
 from l2t_core.trainer import MEMORY_COLUMNS, RESUME_FREE
 
 from . import plots
@@ -303,7 +303,7 @@ def segmented_rollouts(context: dg.AssetExecutionContext, config: RolloutSamplin
     name = context.partition_key
     entry = registry.get(name)
     with base_model_in_use(context, name, entry, storage):  # until its weights are loaded
-        model, tok = load_policy(base_model_path(name, entry, storage))
+        model, tok = load_policy(base_model_path(name, entry, storage), device=str(resolve_device(config.device)))
     prompts = datasets[(datasets["dataset"] == training_data.dataset_name) & (datasets["split"] == "train")]
     model.eval()
     df = sample_base_rollouts(model, tok, prompts.head(config.prompts), training_data.to_core(), name,
@@ -330,7 +330,7 @@ def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, s
     name = context.partition_key
     entry = registry.get(name)
     with base_model_in_use(context, name, entry, storage):  # until its weights are loaded
-        model, tok = load_policy(base_model_path(name, entry, storage))
+        model, tok = load_policy(base_model_path(name, entry, storage), device=str(resolve_device(config.device)))
     model.eval()
     episodes, scored = score_base_rollouts(model, tok, segmented_rollouts, config.method, config.to_core(),
                                            training_data.to_core())

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
-from l2t_core.config import DataConfig, RewardConfig, TrainConfig, apply_settings
+from l2t_core.config import DataConfig, MethodName, RewardConfig, TrainConfig, apply_settings
 from l2t_core.warmstart import WarmStartConfig
 
 
@@ -43,6 +43,11 @@ class BaseModelConfig(dg.Config):
         return WarmStartConfig(task=task, min_steps=min_steps, max_steps=max_steps, **self.model_dump())
 
 
+DEVICE_DEFAULT = "auto"
+DEVICE_HELP = ("Where the base model is loaded: 'auto' (CUDA where the run worker has a GPU, else the CPU), 'cpu' or "
+               "'cuda' (an error where there is none).")
+
+
 class RolloutSamplingConfig(dg.Config):
     """How ``segmented_rollouts`` samples the base policy on the training prompts."""
 
@@ -52,6 +57,7 @@ class RolloutSamplingConfig(dg.Config):
     temperature: float = Field(1.0, ge=0.0)
     max_new_tokens: int = Field(200, ge=1)
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field(DEVICE_DEFAULT, description=DEVICE_HELP)
 
 
 REWARD_SETTINGS_HELP = (
@@ -64,12 +70,14 @@ REWARD_SETTINGS_HELP = (
 class RewardSettings(dg.Config):
     """The reward path of ``episode_rewards`` (``l2t_core.config.RewardConfig``; METHOD.md §1-§4)."""
 
-    method: str = Field("l2t", description="grpo | length_penalty | mrt | l2t | l2t_no_penalty | l2t_random_layers")
+    method: MethodName = Field("l2t", description="grpo | length_penalty | mrt | l2t | l2t_no_penalty | "
+                                                  "l2t_random_layers")
     alpha: float = 0.8
     beta: float = 0.6
     rank_frac: float = 0.05
     max_episodes: int = 30
     settings: list[str] = Field(default_factory=list, description=REWARD_SETTINGS_HELP)
+    device: Literal["auto", "cpu", "cuda"] = Field(DEVICE_DEFAULT, description=DEVICE_HELP)
 
     def to_core(self) -> RewardConfig:
         base = {"segmentation": {"max_episodes": self.max_episodes}, "compression": {"rank_frac": self.rank_frac},

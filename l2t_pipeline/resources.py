@@ -446,6 +446,9 @@ class BenchmarkEvaluator(Evaluator):
         if self.engine not in ROLLOUT_ENGINES:
             raise ValueError(f"BenchmarkEvaluator.engine {self.engine!r} is not a rollout engine; use 'hf' "
                              "(transformers, any device) or 'vllm' (a GPU and the gpu extra)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"BenchmarkEvaluator.device {self.device!r} (L2T_EVAL_DEVICE) is not a device; use 'cpu', "
+                             "'cuda' or 'cuda:N'")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"BenchmarkEvaluator.vllm_gpu_memory_utilization must be a share of the GPU's memory "
                              f"in (0, 1], got {self.vllm_gpu_memory_utilization}")

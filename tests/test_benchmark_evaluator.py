@@ -200,6 +200,8 @@ def test_definitions_select_the_evaluator_from_the_environment(monkeypatch):
          r"unknown benchmark 'gsm8k'.*gsm8k_test.*L2T_EVAL_BENCHMARKS='gsm8k'"),
         ({"L2T_EVALUATOR": "benchmark", "L2T_EVAL_TEMPERATURE": "warm"},
          r"L2T_EVAL_TEMPERATURE='warm' is not a number"),
+        ({"L2T_EVALUATOR": "benchmark", "L2T_EVAL_DEVICE": "gpu"},
+         r"BenchmarkEvaluator.device 'gpu' \(L2T_EVAL_DEVICE\) is not a device"),
     ):
         with pytest.raises(ValueError, match=message):
             evaluator_resource(env)

@@ -1131,6 +1131,10 @@ def test_reward_settings_reach_every_reward_option_and_bad_ones_fail_by_name():
     assert (t.reward.copying.coef, t.reward.credit.alpha, t.reward.loss.kl_coef) == (1.5, 0.4, 0.01)
     with pytest.raises(ValidationError, match="copying.coeff"):
         RewardSettings(settings=["copying.coeff=2"]).to_core()
+    with pytest.raises(Exception, match="method"):  # a misspelt method fails with the run config, not in the step
+        RewardSettings(method="l2tt")
+    with pytest.raises(Exception, match="device"):
+        RewardSettings(device="gpu")
     with pytest.raises(ValidationError, match="copying.coef"):
         RewardSettings(settings=["copying.coef=-1"]).to_core()
     with pytest.raises(ValueError, match="RewardSettings.settings expects key=value"):
