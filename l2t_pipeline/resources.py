@@ -688,7 +688,9 @@ class TrainingLauncher(dg.ConfigurableResource):
     torch_threads: int = Field(1, ge=1, description="OMP/torch threads of the training process.")
     nproc_per_node: int = Field(1, ge=1, description="Training processes (GPUs) on this machine; > 1 launches "
                                                      "torchrun and needs engine 'deepspeed'.")
-    master_port: int = Field(29511, ge=1, le=65535, description="torchrun's rendezvous port (nproc_per_node > 1).")
+    master_port: Optional[int] = Field(None, ge=1, le=65535, description=(
+        "torchrun's rendezvous port (nproc_per_node > 1); None: torchrun --standalone takes a free one, so runs "
+        "launched side by side on one machine do not collide."))
     deepspeed_config: str = Field(str(LOCAL_DEEPSPEED_CONFIG), description=(
         "The DeepSpeed config of a run on nproc_per_node > 1 processes whose config names none (the torch "
         "engine trains in one process)."))
@@ -711,8 +713,10 @@ class TrainingLauncher(dg.ConfigurableResource):
         if self.nproc_per_node == 1:
             return [self.python, *entry]
         logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
+        rendezvous = (["--standalone"] if self.master_port is None else
+                      ["--master_addr", "127.0.0.1", "--master_port", str(self.master_port)])
         return [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc_per_node),
-                "--master_addr", "127.0.0.1", "--master_port", str(self.master_port), *logs, *entry]
+                *rendezvous, *logs, *entry]
 
     def check_config(self, cfg: TrainConfig) -> None:
         """Refuse, before launching, a configuration this launcher cannot run."""

@@ -553,7 +553,7 @@ def test_pipes_launcher_runs_two_ranks_under_torchrun_and_rank_0_reports(tiny_di
     cfg = TrainConfig.model_validate(dict(  # the torch engine, as TrainRunConfig.to_core makes it
         policy=str(tiny_dir), out=str(tmp_path / "run"), steps=1, prompts_per_step=2, method="grpo", device="cpu",
         data={"source": "toy.jsonl"}, rollout={"group_size": 2, "max_new_tokens": 8, "max_prompt_tokens": 512}))
-    launcher = TrainingLauncher(nproc_per_node=2, master_port=_free_port(), cwd=str(ROOT))
+    launcher = TrainingLauncher(nproc_per_node=2, cwd=str(ROOT))  # torchrun --standalone: a free port of its own
     placed = launcher.placed_config(cfg)  # what the checkpoints asset launches: DeepSpeed with the shipped ZeRO-2
     assert (placed.engine, Path(placed.deepspeed_config), placed.device) == (
         "deepspeed", ROOT / "infra" / "deepspeed" / "zero2.json", "cpu")

@@ -831,6 +831,10 @@ def test_local_launcher_runs_torchrun_for_several_processes_and_refuses_a_single
         "--master_port", "29600", "--log-dir"]
     assert two.command("c.yaml", log_dir="/t/logs")[10:12] == ["/t/logs", "-m"]
     assert one.command("c.yaml", log_dir="/t/logs") == one.command("c.yaml")  # one process: no torchrun
+    # no port given: torchrun finds a free one (runs side by side on one machine do not collide)
+    assert TrainingLauncher(python="/py", nproc_per_node=2).command("c.yaml") == [
+        "/py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "l2t_core.cli", "train",
+        "--config", "c.yaml"]
     assert two.sft_command("s.yaml") == ["/py", "-m", "l2t_core.cli", "sft", "--config", "s.yaml", "-q"]  # never torchrun
     cfg = TrainConfig(policy=str(tmp_path), out=str(tmp_path / "run"), method="grpo")
     two.check_config(cfg.model_copy(update={"engine": "deepspeed"}))
