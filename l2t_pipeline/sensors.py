@@ -6,8 +6,10 @@
   registered model whose ``base_model`` partition has never been materialized: new models, models
   whose baseline run failed or was never submitted, partitions added by hand. A model with a
   baseline run queued or in progress waits (one created but never submitted is requested again
-  under its run key, which makes the daemon launch it); after :data:`MAX_BASELINE_ATTEMPTS` failed
-  runs the sensor stops requesting it (materialize it by hand once fixed). Run keys
+  under its run key, which makes the daemon launch it); a failed run is retried after
+  :data:`RETRY_AFTER_S` (5, then 30 minutes, so that a passing fault can pass), and after
+  :data:`MAX_BASELINE_ATTEMPTS` failed runs the sensor stops requesting it (materialize it by hand
+  once fixed). Run keys
   (``baseline:<name>``, then ``baseline:<name>:attempt-<n>``) make a repeated tick idempotent.
 * :data:`reevaluation_schedule` re-runs ``benchmark_reports`` for every (base model, method)
   whose ``checkpoints`` partition has been materialized and still exists, of a base model still
@@ -21,6 +23,7 @@ Both read the instance through Dagster's public APIs (``get_status_by_partition`
 
 
 import re
+import time
 from typing import Iterable, Sequence
 
 import dagster as dg
@@ -31,6 +34,8 @@ from .partitions import base_models_partitions, runs_partitions
 from .resources import Evaluator, ModelRegistry
 
 MAX_BASELINE_ATTEMPTS = 3
+# after the n-th failed baseline run, the next one waits RETRY_AFTER_S[n - 1] seconds from its end
+RETRY_AFTER_S = (300.0, 1800.0)
 BASE_MODEL_TAG = "l2t/base_model"
 REASON_TAG = "l2t/reason"
 RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster gives a run created for a run request's run_key
@@ -65,10 +70,10 @@ def ever_materialized(instance: dg.DagsterInstance, asset_key: dg.AssetKey,
     return out
 
 
-def baseline_runs(instance: dg.DagsterInstance, name: str) -> Sequence[dg.DagsterRun]:
-    """The baseline runs this sensor requested for base model ``name`` (tagged ``l2t/base_model``,
-    as every version of the sensor tagged them; newest first)."""
-    return instance.get_runs(filters=dg.RunsFilter(tags={BASE_MODEL_TAG: name}))
+def baseline_runs(instance: dg.DagsterInstance, name: str) -> Sequence[dg.RunRecord]:
+    """The records of the baseline runs this sensor requested for base model ``name`` (tagged
+    ``l2t/base_model``, as every version of the sensor tagged them; newest first)."""
+    return instance.get_run_records(filters=dg.RunsFilter(tags={BASE_MODEL_TAG: name}))
 
 
 def baseline_run_key(name: str, attempt: int) -> str:
@@ -102,7 +107,8 @@ def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
     for name in names:
         if name in done or statuses.get(name) == dg.AssetPartitionStatus.IN_PROGRESS:
             continue
-        runs = baseline_runs(instance, name)
+        records = baseline_runs(instance, name)
+        runs = [r.dagster_run for r in records]
         if any(not r.is_finished and r.status != dg.DagsterRunStatus.NOT_STARTED for r in runs):
             continue  # queued or running
         keys = [r.tags.get(RUN_KEY_TAG) for r in runs]
@@ -119,6 +125,13 @@ def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
                 log.warning("base model %s: %d baseline runs failed; not requesting another (materialize "
                             "base_model[%s] by hand once fixed)", name, tried, name)
             continue
+        ended = max((r.end_time or 0.0 for r in records if r.dagster_run.is_finished), default=0.0)
+        wait = RETRY_AFTER_S[min(tried, len(RETRY_AFTER_S)) - 1] if tried else 0.0
+        if time.time() < ended + wait:
+            if log is not None:
+                log.info("base model %s: baseline run %d failed; the next one in %.0f s (a passing fault, such as "
+                         "the hub or a busy warehouse, may be gone by then)", name, tried, ended + wait - time.time())
+            continue
         # past every key used (a run re-executed by hand carries the tag but no key of its own)
         requests.append(baseline_request(name, max([tried, *(baseline_attempt(name, k) for k in keys)]) + 1))
     return requests
@@ -132,7 +145,9 @@ def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRe
     new = new_models(registered, list(context.instance.get_dynamic_partitions(base_models_partitions.name)))
     requests = baseline_requests(context.instance, registered, context.log)
     if not new and not requests:
-        return dg.SensorResult(skip_reason=f"every model in {registry.path} has a baseline or one in progress")
+        return dg.SensorResult(skip_reason=f"no model in {registry.path} needs a baseline run now: each has a "
+                                           "baseline, one in progress, a retry to wait for, or none left (the "
+                                           "tick's log says which)")
     if new:
         context.log.info("new base models in the registry: %s", ", ".join(new))
     return dg.SensorResult(

@@ -596,9 +596,10 @@ def test_local_launcher_places_runs_on_its_ranks_and_runs_train_where_a_gpu_is()
     assert eight.placed_config(own).deepspeed_config == "mine.json"
 
 
-def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path):
+def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path, monkeypatch):
     """Through Dagster's sensor evaluation on an instance: a new model gets its partition and a
-    baseline run; a model whose baseline run failed is requested again (a new run key) until
+    baseline run; a model whose baseline run failed is requested again (a new run key, after a
+    wait) until
     MAX_BASELINE_ATTEMPTS runs failed; a partition added by hand gets its baseline; a model with a
     materialized base_model gets none."""
     from l2t_pipeline.assets import base_model
@@ -653,6 +654,11 @@ def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path)
         for twin in twins:
             instance.delete_run(twin.run_id)
         fail_baseline(first.run_requests[0])
+        waiting = tick()  # the next run waits RETRY_AFTER_S[0] after the failed one's end
+        assert not waiting.run_requests and "a retry to wait for" in waiting.skip_reason.skip_message
+        import l2t_pipeline.sensors as sensors_module
+
+        monkeypatch.setattr(sensors_module, "RETRY_AFTER_S", (0.0, 0.0))
         second = tick()
         assert [r.run_key for r in second.run_requests] == ["baseline:tiny-sft:attempt-2"]
         fail_baseline(second.run_requests[0])
@@ -672,7 +678,7 @@ def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path)
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="base_model", partition="other"))
         write_registry(reg_path, {"other": {"kind": "pretrained", "path": "/m"}})
         last = tick()
-        assert not last.run_requests and "has a baseline" in last.skip_reason.skip_message
+        assert not last.run_requests and "needs a baseline run now" in last.skip_reason.skip_message
 
 
 # ------------------------------------------------------------------------------ S3 (moto server)
