@@ -513,10 +513,10 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
         trained_from = None if pd.isna(run["base_weights"]) else str(run["base_weights"])
         base_evals = stored_base_evaluation(conn, base, fingerprint, trained_from)
     if trained_from is None:
-        context.log.warning("the run of %s was recorded before runs recorded their base's weights: its base "
-                            "evaluation is the one stored for %s, or of the base as it is now, whichever weights "
-                            "those are. Materialize checkpoints[%s] again (it resumes the finished run) to record "
-                            "them", pk, base, pk)
+        context.log.warning("the run of %s was recorded by an earlier version, which did not record its base's "
+                            "weights: its base evaluation is the one stored for %s, or of the base as it is now, "
+                            "whichever weights those are. A new materialization of checkpoints[%s] records them",
+                            pk, base, pk)
     base_key = None
     if base_evals is None:
         base_evals, base_key = evaluate_base(context, evaluator, fingerprint, base, entry, storage, trained_from)
