@@ -185,7 +185,7 @@ def build_train_workspace(root: Path) -> dict:
 def train_config(ws: dict, steps: int, checkpoint_every: int, seed: int = 0) -> dict:
     """A TrainConfig (as a dict) that exercises what a resume must restore: L2T rewards (the SVD
     proxy's bases), 2 mini-batches (AdamW moments), a cosine schedule, a KL reference, and
-    keep_checkpoints=1 (pruning, as in the pipeline)."""
+    keep_checkpoints=1 (pruning)."""
     return dict(
         policy=ws["model"], out="unset", method="l2t", steps=steps, prompts_per_step=2,
         checkpoint_every=checkpoint_every, keep_checkpoints=1, seed=seed, device="cpu",

@@ -190,10 +190,14 @@ def kept_evaluation(context, store: RunStorage, key: str, evaluate) -> pd.DataFr
     evaluation of hours (the warehouse busy, the report unwritable) and is run again reuses it
     instead of evaluating again."""
     rel = f"{KEPT_EVALUATIONS}/{key}.json"
-    if store.exists(rel):
+    try:
+        kept = json.loads(store.read_bytes(rel))
+    except FileNotFoundError:  # none, or another step stored and removed it meanwhile
+        kept = None
+    if kept is not None:
         context.log.info("reusing the evaluation an earlier attempt of this step made and could not store: %s",
                          store.url_of(store.path(rel)))
-        return pd.DataFrame(json.loads(store.read_bytes(rel)))
+        return pd.DataFrame(kept)
     evals = evaluate()
     # JSON records keep each value as it is (a level is 'all' or a number) and floats exactly
     store.write_bytes(rel, json.dumps(evals.to_dict(orient="records")).encode())
@@ -201,8 +205,10 @@ def kept_evaluation(context, store: RunStorage, key: str, evaluate) -> pd.DataFr
 
 
 def drop_kept_evaluation(store: RunStorage, key: str) -> None:
-    """Remove what :func:`kept_evaluation` kept, once its rows are stored."""
-    store.remove(f"{KEPT_EVALUATIONS}/{key}.json")
+    """Remove what :func:`kept_evaluation` kept, once its rows are stored (another step of the
+    same base model may have removed it already)."""
+    with contextlib.suppress(FileNotFoundError):
+        store.remove(f"{KEPT_EVALUATIONS}/{key}.json")
 
 
 def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: ModelEntry, storage: L2TStorage,

@@ -131,6 +131,12 @@ class TrainRunConfig(dg.Config):
             if key.split(".")[0] in PARTITION_FIELDS:
                 raise ValueError(f"TrainRunConfig.settings {item!r}: {key!r} comes from the partition or the resources "
                                  f"(the base model's path, the method, the run directory, training_data); set it there")
+            if key.split(".")[0] == "reward":
+                raise ValueError(f"TrainRunConfig.settings {item!r}: reward options go in reward_settings, without "
+                                 f"'reward.' ({key.removeprefix('reward.')}=...)")
+            if key in TYPED_FIELDS:
+                raise ValueError(f"TrainRunConfig.settings {item!r}: {key!r} is TrainRunConfig.{TYPED_FIELDS[key]}; "
+                                 "set that field (two values for one setting would leave one unused)")
         merged = apply_settings(json.loads(base.model_dump_json()), self.settings, "TrainRunConfig.settings",
                                 "rollout.engine=vllm")
         return TrainConfig.model_validate(merged)
@@ -138,6 +144,11 @@ class TrainRunConfig(dg.Config):
 
 # what TrainRunConfig.settings may not set: the checkpoints asset's partition and resources say it
 PARTITION_FIELDS = ("policy", "method", "out", "data")
+# TrainConfig settings that TrainRunConfig has fields for (settings would override them unseen)
+TYPED_FIELDS = {"steps": "steps", "prompts_per_step": "prompts_per_step", "micro_batch_tokens": "micro_batch_tokens",
+                "device": "device", "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints",
+                "seed": "seed", "optim.lr": "lr", "rollout.group_size": "group_size",
+                "rollout.temperature": "temperature", "rollout.max_new_tokens": "max_new_tokens"}
 
 
 class DatasetsConfig(dg.Config):

@@ -20,6 +20,8 @@ from typing import Mapping
 
 import dagster as dg
 
+from l2t_core.tasks import TASKS
+
 from .assets import base_model, benchmark_reports, checkpoints, datasets, episode_rewards, segmented_rollouts
 from .checks import all_checks
 from .jobs import baseline_job, evaluation_job, training_job
@@ -62,7 +64,13 @@ def evaluator_resource(environ: Mapping[str, str] | None = None) -> Evaluator:
         if ignored:
             raise ValueError(f"{', '.join(ignored)} set, but L2T_EVALUATOR is 'heldout', which ignores them; set "
                              "L2T_EVALUATOR=benchmark to evaluate on real benchmarks, or unset them")
-        return HeldOutEvaluator()
+        # the held-out split of the task the models train on (L2T_TRAINING_DATA)
+        source = TrainingData.from_env(env).source
+        if source not in TASKS:
+            raise ValueError(f"L2T_TRAINING_DATA={source!r} trains on a data file, and L2T_EVALUATOR 'heldout' (the "
+                             "default) tests a synthetic task's held-out split, which says nothing of such a model; "
+                             "set L2T_EVALUATOR=benchmark to evaluate on real benchmarks")
+        return HeldOutEvaluator(task=source)
     if kind == "benchmark":
         return BenchmarkEvaluator.from_env(env)
     raise ValueError(f"L2T_EVALUATOR={kind!r} is not an evaluator; use 'heldout' (the synthetic task's held-out "

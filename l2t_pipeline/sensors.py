@@ -125,7 +125,9 @@ def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
                 log.warning("base model %s: %d baseline runs failed; not requesting another (materialize "
                             "base_model[%s] by hand once fixed)", name, tried, name)
             continue
-        ended = max((r.end_time or 0.0 for r in records if r.dagster_run.is_finished), default=0.0)
+        # when the last attempt ended (its last update where the run storage has no end time)
+        ended = max((r.end_time or r.update_timestamp.timestamp() for r in records if r.dagster_run.is_finished),
+                    default=0.0)
         wait = RETRY_AFTER_S[min(tried, len(RETRY_AFTER_S)) - 1] if tried else 0.0
         if time.time() < ended + wait:
             if log is not None:

@@ -648,16 +648,18 @@ def test_registry_sensor_requests_a_baseline_until_one_is_materialized(tmp_path,
             instance.delete_run(waiting.run_id)
         # one created under a key an earlier run has (a retry copies its parent's key): the daemon
         # would skip it, so the next attempt is requested instead
+        import l2t_pipeline.sensors as sensors_module
+
         twins = [create_run_for_test(instance, status=status, tags=tags)
                  for status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.NOT_STARTED)]
-        assert [r.run_key for r in tick().run_requests] == ["baseline:tiny-sft:attempt-2"]
+        with monkeypatch.context() as no_wait:  # (the retry wait is tested below)
+            no_wait.setattr(sensors_module, "RETRY_AFTER_S", (0.0, 0.0))
+            assert [r.run_key for r in tick().run_requests] == ["baseline:tiny-sft:attempt-2"]
         for twin in twins:
             instance.delete_run(twin.run_id)
         fail_baseline(first.run_requests[0])
         waiting = tick()  # the next run waits RETRY_AFTER_S[0] after the failed one's end
         assert not waiting.run_requests and "a retry to wait for" in waiting.skip_reason.skip_message
-        import l2t_pipeline.sensors as sensors_module
-
         monkeypatch.setattr(sensors_module, "RETRY_AFTER_S", (0.0, 0.0))
         second = tick()
         assert [r.run_key for r in second.run_requests] == ["baseline:tiny-sft:attempt-2"]
@@ -1167,6 +1169,12 @@ def test_reward_settings_reach_every_reward_option_and_bad_ones_fail_by_name():
             core(settings=[f"{key}=x"])
     with pytest.raises(ValidationError, match="optim.weight_decy"):
         core(settings=["optim.weight_decy=0.1"])
+    # a setting TrainRunConfig has a field for, or a reward option, goes there (one value per setting)
+    for item, field in (("steps=1000", "steps"), ("optim.lr=0.1", "lr"), ("rollout.group_size=8", "group_size")):
+        with pytest.raises(ValueError, match=f"'{item.split('=')[0]}' is TrainRunConfig.{field}; set that field"):
+            core(settings=[item])
+    with pytest.raises(ValueError, match=r"reward options go in reward_settings, without 'reward.' \(credit.alpha=...\)"):
+        core(settings=["reward.credit.alpha=0.5"])
     # checkpoints every 50 steps (the last one at least), two kept: a relaunched run resumes
     assert (core().checkpoint_every, core().keep_checkpoints, core(steps=500).checkpoint_every) == (4, 2, 50)
 
@@ -1266,6 +1274,14 @@ def test_training_data_from_the_environment_and_a_heldout_evaluation_of_a_math_m
         TrainingData.from_env({"L2T_TRAINING_DATA": "nope.jsonl"})
     with pytest.raises(ValueError, match="L2T_TRAINING_SIZE='many' is not a number of training prompts"):
         TrainingData.from_env({"L2T_TRAINING_SIZE": "many"})
+    # the default evaluator tests the held-out split of the task trained on; a data file needs the benchmarks
+    from l2t_pipeline.definitions import evaluator_resource
+
+    assert evaluator_resource({"L2T_TRAINING_DATA": "arithmetic"}).task == "arithmetic"
+    assert evaluator_resource({}).task == TrainingData().source
+    with pytest.raises(ValueError, match=r"L2T_TRAINING_DATA='math500.jsonl' trains on a data file.*L2T_EVALUATOR=bench"):
+        evaluator_resource({"L2T_TRAINING_DATA": "math500.jsonl"})
+    assert evaluator_resource({"L2T_TRAINING_DATA": "math500.jsonl", "L2T_EVALUATOR": "benchmark"}).benchmarks
     heldout = HeldOutEvaluator(task="walk")
     heldout.check_base_model("qwen", "walk")
     with pytest.raises(ValueError, match=r"base model 'qwen' trains on 'math500.jsonl' .* set L2T_EVALUATOR=benchmark"):
