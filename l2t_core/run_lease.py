@@ -92,9 +92,7 @@ class RunLease:
     def _read(self) -> dict | None:
         try:
             data = json.loads(self.storage.read_bytes(LEASE_FILE))
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError):  # torn or foreign: names nobody
+        except (FileNotFoundError, ValueError):  # none, or torn or foreign (not JSON, not UTF-8): names nobody
             return None
         return data if isinstance(data, dict) and "token" in data else None
 

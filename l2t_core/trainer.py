@@ -22,7 +22,6 @@ resumes only on the number of ranks it was saved with.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
@@ -232,7 +231,7 @@ class Trainer:
         try:
             self._load(cfg)
         except BaseException:
-            self.lease.release()  # a no-op where this rank holds none
+            self.close()  # the verification workers started so far, and the lease where this rank holds one
             raise
 
     def _load(self, cfg: TrainConfig) -> None:
@@ -636,7 +635,7 @@ class Trainer:
             on_rank_0(self.rank == 0, self.lease.acquire, f"hold the run directory {redact_url(self.cfg.out)}")
             return self._run(stop_after, on_step)
         finally:
-            self.lease.release()
+            self.close()
 
     def _run(self, stop_after: int | None, on_step: Callable[[dict], None] | None) -> RunResult:
         """:meth:`run` once the trainer holds the run directory."""
@@ -661,8 +660,7 @@ class Trainer:
         done = 0
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, disable=not (self.show_progress and self.rank == 0), transient=False) as bar, \
-                contextlib.closing(self):
+        with Progress(*columns, disable=not (self.show_progress and self.rank == 0), transient=False) as bar:
             task = bar.add_task(f"{cfg.method}", total=cfg.steps, completed=start, info="")
             for step in range(start + 1, cfg.steps + 1):
                 self.step = step

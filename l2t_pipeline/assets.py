@@ -260,19 +260,14 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     if entry.kind != "pretrained":
         with building_model(storage.model_dir(name), who=_holder(context)):  # one build of it at a time
             meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
-    with base_model_in_use(context, name, entry, storage):
-        path = base_model_path(name, entry, storage)
-        context.log.info("base model %s at %s; evaluating on %s", name, storage.display(path), evaluator.benchmark)
-        weights, fingerprint = weights_fingerprint(path), evaluator.fingerprint()
-        kept, key = storage.run_storage(storage.evaluations_url(name)), evaluation_key(fingerprint, weights)
-        evals = kept_evaluation(context, kept, key, lambda: with_model_columns(evaluator.evaluate(path), "base", name,
-                                                                               None, path, weights))
+    fingerprint = evaluator.fingerprint()
+    evals, key = evaluate_base(context, evaluator, fingerprint, name, entry, storage)
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
-    drop_kept_evaluation(kept, key)
+    drop_kept_evaluation(kept_base_evaluations(storage, name), key)
     overall = evals[evals["level"] == "all"].iloc[0]
-    meta.update(path=storage.display(path), benchmark=evaluator.benchmark, evaluator=fingerprint,
+    meta.update(path=storage.display(overall["model_path"]), benchmark=evaluator.benchmark, evaluator=fingerprint,
                 accuracy=float(overall["accuracy"]), mean_tokens=float(overall["mean_tokens"]), eval_rows=n,
                 evaluation=dg.MetadataValue.md(markdown_table(evals[["level", "n", "accuracy", "mean_tokens",
                                                                  "tagged_share", "finished_share"]])))
@@ -461,15 +456,22 @@ def stored_base_evaluation(conn, base: str, fingerprint: str, weights: str | Non
     return stored.drop(columns=["asset_key", "partition_key", "loaded_at"]) if len(stored) else None
 
 
+def kept_base_evaluations(storage: L2TStorage, base: str) -> RunStorage:
+    """Where the evaluations of base model ``base`` are kept until stored (:func:`kept_evaluation`)."""
+    return storage.run_storage(storage.evaluations_url(base))
+
+
 def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, entry: ModelEntry,
-                  storage: L2TStorage, trained_from: str | None) -> tuple[pd.DataFrame, str]:
-    """Evaluate base model ``base`` as it is now, holding it meanwhile, for the run of the
-    partition being materialized, which trained from the weights ``trained_from`` (None: a run
-    recorded before runs recorded them); the rows, kept until stored under the key returned
-    (:func:`kept_evaluation`). Fails, evaluating nothing, where the base was rebuilt since that
-    run: its checkpoint would be compared with another model than the one it left."""
+                  storage: L2TStorage, trained_from: str | None = None) -> tuple[pd.DataFrame, str]:
+    """Evaluate base model ``base`` as it is now, holding it meanwhile: for ``base_model``, or for
+    the run of the partition being materialized, which trained from the weights ``trained_from``
+    (None: any, e.g. a run recorded before runs recorded them); the rows, kept until stored under
+    the key returned (:func:`kept_evaluation`). Fails, evaluating nothing, where the base was
+    rebuilt since that run: its checkpoint would be compared with another model than the one it
+    left."""
     with base_model_in_use(context, base, entry, storage):
         path = base_model_path(base, entry, storage)
+        context.log.info("base model %s at %s; evaluating on %s", base, storage.display(path), evaluator.benchmark)
         weights = weights_fingerprint(path)
         if trained_from is not None and weights != trained_from:
             raise dg.Failure(
@@ -478,9 +480,9 @@ def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, en
                 f"base was rebuilt since), and no evaluation of those weights is stored. Materialize "
                 f"checkpoints[{context.partition_key}] to train from the base as it is now, then this report")
         key = evaluation_key(fingerprint, weights)
-        kept = storage.run_storage(storage.evaluations_url(base))
-        return kept_evaluation(context, kept, key, lambda: with_model_columns(evaluator.evaluate(path), "base", base,
-                                                                              None, path, weights)), key
+        return kept_evaluation(context, kept_base_evaluations(storage, base), key,
+                               lambda: with_model_columns(evaluator.evaluate(path), "base", base, None, path,
+                                                          weights)), key
 
 
 def comparison(evals: pd.DataFrame) -> dict:
@@ -554,7 +556,7 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     run_store.write_bytes(REPORT_FILE, page.encode())
     drop_kept_evaluation(run_store, ckpt_key)
     if base_key is not None:
-        drop_kept_evaluation(storage.run_storage(storage.evaluations_url(base)), base_key)
+        drop_kept_evaluation(kept_base_evaluations(storage, base), base_key)
     context.add_output_metadata({
         **cmp, "rows": n, "benchmark": evaluator.benchmark, "evaluator": fingerprint,
         "checkpoint": storage.display(run["checkpoint_url"]),
