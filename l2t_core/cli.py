@@ -220,7 +220,8 @@ def cmd_train(args) -> int:
     from .launcher_watch import watch_launcher
     from .pipes import pipes_session, step_line, step_lines, train_metadata
 
-    cfg = build_config(TrainConfig, args, {"policy": "policy", "method": "method", "out": "out", "steps": "steps"})
+    cfg = build_config(TrainConfig, args, {"policy": "policy", "policy_revision": "policy_revision", "method": "method",
+                                          "out": "out", "steps": "steps"})
     if args.print_config:
         return print_config(cfg)
     watch_launcher()  # launched by the pipeline: stop when the launching step process is gone
@@ -269,7 +270,8 @@ def cmd_sft(args) -> int:
     from .models import ModelLoadError
     from .sft import SFTConfig, SFTError, run_sft
 
-    cfg = build_config(SFTConfig, args, {"model": "model", "data": "data", "out": "out", "steps": "steps"})
+    cfg = build_config(SFTConfig, args, {"model": "model", "model_revision": "model_revision", "data": "data", "out": "out",
+                                        "steps": "steps"})
     if args.print_config:
         return print_config(cfg)
     watch_launcher()  # as l2t train
@@ -597,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="RL fine-tuning of a policy (grpo, length_penalty, mrt, l2t, ...)")
     _common(p)
     p.add_argument("--policy", help="HF directory or hub id of the initial policy")
+    p.add_argument("--policy-revision", help="for a hub id: the branch, tag or commit to load (a commit is reproducible)")
     p.add_argument("--method", help="grpo | length_penalty | mrt | l2t | l2t_no_penalty | l2t_random_layers")
     p.add_argument("--out", help="run directory (local path or fsspec URL)")
     p.add_argument("--steps", type=int, help="RL steps of the whole run (the lr schedule spans them; resuming needs the same value)")
@@ -613,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "problem/prompt and response) before RL; writes an HF model directory")
     _common(p)
     p.add_argument("--model", help="HF directory or hub id of the model to fine-tune")
+    p.add_argument("--model-revision", help="for a hub id: the branch, tag or commit to fine-tune")
     p.add_argument("--data", help="JSONL file of traces (a path, or a file name in L2T_DATA_DIR)")
     p.add_argument("--out", help="directory for the fine-tuned model (must not exist)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps")

@@ -11,6 +11,7 @@ from typing import Annotated, ClassVar, Iterable, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .hub import check_revision_source
 from .tasks import TaskName
 from .urls import credentials_message, redact_url, redact_urls_in, url_credentials
 
@@ -472,6 +473,10 @@ class TrainConfig(_Strict):
 
     method: MethodName = "l2t"
     policy: str = Field(..., min_length=1, description="Initial policy: a local HF directory or a hub id.")
+    policy_revision: str | None = Field(None, min_length=1, description=(
+        "For a hub id in policy: the branch, tag or commit to load (None: the default branch as it is at "
+        "load time). A commit makes the run reproducible; every rank, the vLLM engine and a resumed run "
+        "load that revision's files (l2t_core.models.hub_snapshot)."))
     out: str = Field("runs/train", min_length=1, description="Run directory: a local path or any fsspec URL.")
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(32, ge=1, description="Prompts per step; batch = prompts × group_size.")
@@ -535,6 +540,7 @@ class TrainConfig(_Strict):
         return value
 
     def model_post_init(self, __context) -> None:
+        check_revision_source(self.policy, self.policy_revision, "policy")
         if self.data.min_steps > self.data.max_steps:
             raise ValueError(
                 f"data.min_steps ({self.data.min_steps}) is greater than data.max_steps ({self.data.max_steps})"

@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from .hub import could_be_hub_id, hub_snapshot
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
 
@@ -176,12 +178,6 @@ class ModelLoadError(FileNotFoundError):
     weights in it, or nothing on the hub or in its cache); the message says which."""
 
 
-def could_be_hub_id(name: str) -> bool:
-    """Whether ``name`` can name a model on the hub (``org/name`` or a bare ``name``) rather than
-    only a local path (absolute, ``./``, ``~``, deeper than one ``/``, or with backslashes)."""
-    return not (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name)
-
-
 def check_model_source(name_or_path: str | os.PathLike) -> None:
     """Fail fast, loading nothing, when ``name_or_path`` cannot hold a model: a path that does not
     exist and cannot be a hub id (``org/name``), or a local directory without ``config.json`` or
@@ -229,8 +225,25 @@ def weights_fingerprint(name_or_path: str | os.PathLike, files: dict[str, str] |
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load (model, tokenizer) with ``from_pretrained``; a hub id or a local directory.
+def model_source(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
+    """What ``from_pretrained`` loads for ``name_or_path`` at ``revision``: ``name_or_path``
+    itself without a revision; with one, the local copy of that revision of the hub model
+    (:func:`hub_snapshot`), which every rank, the vLLM engine and a resumed run then read alike.
+    A revision of a local directory, or of a name that cannot be a hub id, is an error."""
+    name = str(name_or_path)
+    if revision is None:
+        return name
+    if Path(name).exists() or not could_be_hub_id(name):
+        raise ValueError(f"a revision ({revision!r}) names a commit, branch or tag of a hub model, but {name!r} is "
+                         f"{'a local path' if Path(name).exists() else 'no hub id'}; drop the revision, or name the "
+                         "hub model ('org/name')")
+    return str(hub_snapshot(name, revision))
+
+
+def load_policy(name_or_path: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype | None = None,
+                device: str = "cpu"):
+    """Load (model, tokenizer) with ``from_pretrained``; a hub id or a local directory, and for a
+    hub id a ``revision`` (:func:`model_source`).
 
     Fails before any compute (:class:`ModelLoadError`, :func:`check_model_source`) with a message
     naming what is missing: no such directory, no config or weights in it, or a hub id that neither
@@ -238,6 +251,7 @@ def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name_or_path = model_source(name_or_path, revision)
     check_model_source(name_or_path)
     name = str(name_or_path)
     try:

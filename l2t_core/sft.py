@@ -32,6 +32,7 @@ from rich.progress import Progress
 from .config import _Strict
 from .atomic_files import write_json_atomic, write_text_atomic
 from .engines.ranks import all_gather_objects, all_reduce_list
+from .hub import check_revision_source
 from .models import eval_mode
 
 if TYPE_CHECKING:
@@ -378,6 +379,9 @@ class SFTConfig(_Strict):
     model it makes, whose directory is a ``policy`` for ``l2t train``."""
 
     model: str = Field(..., min_length=1, description="Initial model: a local HF directory or a hub id.")
+    model_revision: Optional[str] = Field(None, min_length=1, description=(
+        "For a hub id in model: the branch, tag or commit to fine-tune (None: the default branch as it is "
+        "at load time)."))
     data: str = Field(..., min_length=1, description=(
         "JSONL file of traces: a path, or a file name in the data directory (L2T_DATA_DIR). Each line is an "
         "object with 'response' (the text the model learns to write after the prompt) and either 'problem' "
@@ -431,6 +435,7 @@ class SFTConfig(_Strict):
     seed: int = 0
 
     def model_post_init(self, __context) -> None:
+        check_revision_source(self.model, self.model_revision, "model")
         if self.engine == "deepspeed" and not self.deepspeed_config:
             raise ValueError("engine='deepspeed' needs deepspeed_config (e.g. infra/deepspeed/zero2.json)")
         if self.engine != "deepspeed" and self.deepspeed_config:
@@ -765,7 +770,8 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
                              f"{world}: DeepSpeed saved its optimizer state in {resume.world} partitions; launch it on "
                              f"{resume.world} rank(s) again, or remove that directory to start over")
     # the DeepSpeed engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it)
-    model, tok = load_policy(checkpoint or cfg.model, device="cpu" if cfg.engine == "deepspeed" else str(device))
+    model, tok = load_policy(checkpoint or cfg.model, revision=None if checkpoint else cfg.model_revision,
+                             device="cpu" if cfg.engine == "deepspeed" else str(device))
     if cfg.gradient_checkpointing:
         try:
             check_activation_checkpointing(model)

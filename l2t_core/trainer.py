@@ -47,7 +47,7 @@ from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
 from .memory import PeakMemory
 from .models import (activation_checkpointing, check_activation_checkpointing, is_checkpointing, load_policy,
-                     resolve_device)
+                     model_source, resolve_device)
 from .prefix_sharing import continuation_logprobs
 from .verify_pool import VerifierPool
 from .prompts import FORCE_ANSWER_SUFFIX, encode_prompt
@@ -244,7 +244,9 @@ class Trainer:
         # engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it),
         # prepare_reference the reference; two whole fp32 copies per GPU were 56 GB at 7B
         load_device = "cpu" if cfg.engine == "deepspeed" else str(self.device)
-        policy, self.tokenizer = load_policy(cfg.policy, device=load_device)
+        # a hub revision read from its local copy, by every rank, the vLLM engine and each resume alike
+        source = model_source(cfg.policy, cfg.policy_revision)
+        policy, self.tokenizer = load_policy(source, device=load_device)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
         if has_penalty(cfg.method, cfg.reward):  # a compression target the model lacks fails before any rollout
@@ -283,7 +285,7 @@ class Trainer:
             rkw["max_batch_sequences"] = cfg.rollout.max_batch_sequences
             rkw["max_batch_tokens"] = cfg.rollout.max_batch_tokens
         else:
-            rkw.update(model_path=cfg.policy, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            rkw.update(model_path=source, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                        tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size, seed=cfg.seed,
                        max_model_len=longest_sampled_sequence(
                            cfg.method, cfg.reward, cfg.rollout.max_prompt_tokens, cfg.rollout.max_new_tokens,

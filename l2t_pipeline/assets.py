@@ -13,8 +13,10 @@ import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
 
+from l2t_core.atomic_files import write_json_atomic
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
+from l2t_core.hub import hub_commit, hub_snapshot
 from l2t_core.model_lock import ModelInUse, building_model, using_model
 from l2t_core.models import load_policy, resolve_device, weight_files_sha256, weights_fingerprint
 from l2t_core.trainer import MEMORY_COLUMNS, RESUME_FREE
@@ -135,11 +137,47 @@ def build_or_reuse_sft(out: Path, cfg, run=None, log=None, rewrite=contextlib.nu
 MODEL_REPORTS = {"warmstart": "warmstart.json", "sft": "sft_report.json"}
 
 
+HUB_PIN = "hub_pin.json"
+
+
+def pin_hub_model(name: str, entry: ModelEntry, storage: L2TStorage) -> dict | None:
+    """For a ``pretrained`` entry of a hub model: the commit its revision is now
+    (:func:`~l2t_core.hub.hub_commit`), pinned in ``models_dir/<name>/hub_pin.json`` for every
+    later step of the base (:func:`hub_pin`); None for any other entry. base_model pins it each
+    time it is materialized."""
+    hub = entry.hub_id()
+    if entry.kind != "pretrained" or hub is None:
+        return None
+    pin = {"repo_id": hub, "revision": entry.revision, "commit": hub_commit(hub, entry.revision)}
+    write_json_atomic(storage.model_dir(name) / HUB_PIN, pin)
+    return pin
+
+
+def hub_pin(name: str, entry: ModelEntry, storage: L2TStorage) -> dict | None:
+    """The commit :func:`pin_hub_model` pinned for base model ``name`` (``repo_id``, ``revision``,
+    ``commit``), or None where the entry is no ``pretrained`` hub model. Fails, naming the fix,
+    where base_model has not pinned one for the entry as the registry has it now."""
+    hub = entry.hub_id()
+    if entry.kind != "pretrained" or hub is None:
+        return None
+    f = storage.model_dir(name) / HUB_PIN
+    pin = json.loads(f.read_text()) if f.is_file() else None
+    if pin is None or (pin["repo_id"], pin["revision"]) != (hub, entry.revision):
+        why = ("none is pinned" if pin is None else
+               f"the pinned one is of {pin['repo_id']} at {pin['revision'] or 'main'}: the registry entry changed")
+        raise FileNotFoundError(f"base model {name!r} is the hub model {hub} at {entry.revision or 'main'}, and {why}; "
+                                f"materialize base_model[{name}] first: it pins the commit that every later step "
+                                "of the base uses")
+    return pin
+
+
 def base_model_path(name: str, entry: ModelEntry, storage: L2TStorage) -> str:
-    """Where the policy of base model ``name`` is: the registry path, or the directory the asset
-    built (a warm start or an SFT)."""
+    """Where the policy of base model ``name`` is: the registry path (for a hub model, the local
+    copy of the commit base_model pinned, :func:`hub_pin`), or the directory the asset built (a
+    warm start or an SFT)."""
     if entry.kind == "pretrained":
-        return str(entry.path)
+        pin = hub_pin(name, entry, storage)
+        return str(entry.path) if pin is None else str(hub_snapshot(pin["repo_id"], pin["commit"]))
     d = storage.model_dir(name)
     if not (d / MODEL_REPORTS[entry.kind]).is_file():
         raise FileNotFoundError(f"base model {name!r} has no {'warm start' if entry.kind == 'warmstart' else 'SFT'} "
@@ -233,10 +271,15 @@ def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: Model
         meta.update(reused=reused, parameters=report["parameters"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"])
     elif entry.kind == "sft":
-        sft_cfg = entry.sft_config(storage.model_dir(name))
+        # a hub model fine-tuned at the commit its revision is now: a branch that moved makes another SFT
+        hub = entry.hub_id()
+        commit = hub_commit(hub, entry.revision) if hub else None
+        sft_cfg = entry.sft_config(storage.model_dir(name), commit)
         report, reused = build_or_reuse_sft(Path(sft_cfg.out), sft_cfg, lambda c: launcher.launch_sft(context, c),
                                             context.log.info, rewrite)
         plot = Path(sft_cfg.out) / "loss.png"  # absent from SFTs made before the plot was
+        if commit:
+            meta["finetuned_from_commit"] = commit
         meta.update(reused=reused, finetuned_from=storage.display(str(entry.path)), parameters=report["parameters"],
                     sft_examples=report["examples"], sft_final_loss=report["final_loss"],
                     sft_seconds=report["sft_seconds"], sft_segmentation=report["segmentation"],
@@ -257,6 +300,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     entry = registry.get(name)
     evaluator.check_base_model(name, training_data.source)  # before anything is built
     meta: dict = {"kind": entry.kind}
+    pin = pin_hub_model(name, entry, storage)  # a hub model: the commit it is now, for every later step
+    if pin is not None:
+        meta.update(hub_model=pin["repo_id"], hub_revision=pin["revision"] or "main", hub_commit=pin["commit"])
     if entry.kind != "pretrained":
         with building_model(storage.model_dir(name), who=_holder(context)):  # one build of it at a time
             meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
@@ -351,9 +397,10 @@ def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, s
 # --------------------------------------------------------------------------------------------
 
 
-def inputs_fingerprint(cfg: TrainConfig) -> dict:
+def inputs_fingerprint(cfg: TrainConfig, policy_dir: str | None = None) -> dict:
     """What a run's configuration names only by location, by content: the SHA-256 of the base
-    model's weight files (a local directory; a hub id stands for itself), of the training data
+    model's weight files (a local directory, or ``policy_dir``: the local copy of the hub model
+    of ``cfg.policy`` at ``cfg.policy_revision``; a hub id without one stands for itself), of the training data
     file (a synthetic task is its settings) and of the DeepSpeed config file. A base model rebuilt
     in place (other warm-start or SFT settings, new traces) or an edited data file then makes a new
     run, never the old one's checkpoint reused. Hashing reads the weights (seconds for a 1.5B
@@ -363,8 +410,9 @@ def inputs_fingerprint(cfg: TrainConfig) -> dict:
     from l2t_core.tasks import TASKS
 
     out: dict = {}
-    if Path(cfg.policy).is_dir():
-        out["policy_weights"] = weight_files_sha256(cfg.policy)
+    local = policy_dir or cfg.policy
+    if Path(local).is_dir():
+        out["policy_weights"] = weight_files_sha256(local)
     if cfg.data.source not in TASKS:
         out["data_sha256"] = file_sha256(source_path(cfg.data.source))
     if cfg.deepspeed_config and Path(cfg.deepspeed_config).is_file():
@@ -379,6 +427,8 @@ def config_hash(cfg: TrainConfig, inputs: dict | None = None) -> str:
     bytes is left out by its path (an absolute path of one checkout or image)."""
     # what does not change what trains (where to, how often to checkpoint, ...) does not name the run
     settings = {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k not in RESUME_FREE}
+    if settings.get("policy_revision") is None:  # as runs were named before the field was
+        settings.pop("policy_revision", None)
     if inputs and "deepspeed_config_sha256" in inputs:
         settings.pop("deepspeed_config", None)
     blob = json.dumps({**settings, **({"inputs": inputs} if inputs else {})}, sort_keys=True)
@@ -401,17 +451,20 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
     # as its reference policy whenever it resumes
     with base_model_in_use(context, base, entry, storage):
         return _train(context, config, storage, training_data, launcher, duckdb, base, method,
-                      base_model_path(base, entry, storage))
+                      base_model_path(base, entry, storage), hub_pin(base, entry, storage))
 
 
 def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L2TStorage, training_data: TrainingData,
-           launcher: TrainingLauncher, duckdb: DuckDBResource, base: str, method: str, policy: str) -> dg.MaterializeResult:
-    """checkpoints' run of ``method`` on the base policy at ``policy``, launched and recorded."""
+           launcher: TrainingLauncher, duckdb: DuckDBResource, base: str, method: str, policy: str,
+           pin: dict | None = None) -> dg.MaterializeResult:
+    """checkpoints' run of ``method`` on the base policy at ``policy`` (for a hub model, the local
+    copy of the commit ``pin`` names: the run loads that commit by its hub id, wherever it runs),
+    launched and recorded."""
     # the config as the launcher runs it (e.g. device and engine on a GPU pod), so that the hash, the
     # run directory and the recorded config_json describe what really trains
-    draft = launcher.placed_config(config.to_core(policy=policy, method=method, out="unset",
-                                                  data=training_data.to_core()))
-    inputs = inputs_fingerprint(draft)
+    source = {"policy": pin["repo_id"], "policy_revision": pin["commit"]} if pin else {"policy": policy}
+    draft = launcher.placed_config(config.to_core(**source, method=method, out="unset", data=training_data.to_core()))
+    inputs = inputs_fingerprint(draft, policy)
     h = config_hash(draft, inputs)
     cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
     context.log.info("training %s with %s into %s (config %s)", base, method, storage.display(cfg.out), h)

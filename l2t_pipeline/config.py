@@ -113,9 +113,10 @@ class TrainRunConfig(dg.Config):
         "'gradient_checkpointing=true', 'optim.weight_decay=0.01', 'mini_batches=4'. The policy, method, run "
         "directory and training data come from the partition and the resources and cannot be set here."))
 
-    def to_core(self, *, policy: str, method: str, out: str, data: DataConfig) -> TrainConfig:
+    def to_core(self, *, policy: str, method: str, out: str, data: DataConfig,
+                policy_revision: str | None = None) -> TrainConfig:
         base = TrainConfig(
-            method=method, policy=policy, out=out, steps=self.steps, prompts_per_step=self.prompts_per_step,
+            method=method, policy=policy, policy_revision=policy_revision, out=out, steps=self.steps, prompts_per_step=self.prompts_per_step,
             micro_batch_tokens=self.micro_batch_tokens, device=self.device,
             checkpoint_every=min(self.checkpoint_every, self.steps), keep_checkpoints=self.keep_checkpoints,
             seed=self.seed, data=data, optim={"lr": self.lr},
@@ -130,7 +131,8 @@ class TrainRunConfig(dg.Config):
             key = item.split("=", 1)[0].strip()
             if key.split(".")[0] in PARTITION_FIELDS:
                 raise ValueError(f"TrainRunConfig.settings {item!r}: {key!r} comes from the partition or the resources "
-                                 f"(the base model's path, the method, the run directory, training_data); set it there")
+                                 f"(the base model's path and hub revision, the method, the run directory, "
+                                 f"training_data); set it there")
             if key.split(".")[0] == "reward":
                 raise ValueError(f"TrainRunConfig.settings {item!r}: reward options go in reward_settings, without "
                                  f"'reward.' ({key.removeprefix('reward.')}=...)")
@@ -143,7 +145,7 @@ class TrainRunConfig(dg.Config):
 
 
 # what TrainRunConfig.settings may not set: the checkpoints asset's partition and resources say it
-PARTITION_FIELDS = ("policy", "method", "out", "data")
+PARTITION_FIELDS = ("policy", "policy_revision", "method", "out", "data")
 # TrainConfig settings that TrainRunConfig has fields for (settings would override them unseen)
 TYPED_FIELDS = {"steps": "steps", "prompts_per_step": "prompts_per_step", "micro_batch_tokens": "micro_batch_tokens",
                 "device": "device", "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints",

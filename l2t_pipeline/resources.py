@@ -44,6 +44,7 @@ from pydantic import Field
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import DataConfig, TrainConfig
 from l2t_core.eval.runner import EvalSettings
+from l2t_core.hub import could_be_hub_id
 from l2t_core.launcher_watch import WATCH_ENV
 from l2t_core.tasks import TASKS, get_task
 # redact_url lives in l2t_core.urls; importable from here too (older imports, l2t_pipeline.k8s)
@@ -139,11 +140,22 @@ class ModelEntry(dg.Config):
                                                  "L2T_DATA_DIR).")
     settings: list[str] = Field(default_factory=list, description=(
         "sft: SFTConfig fields as key=value (e.g. 'steps=600', 'lr=1e-5', 'micro_batch_size=4')."))
+    revision: Optional[str] = Field(None, description=(
+        "pretrained or sft with a hub id in path: the branch, tag or commit (None: the default branch). "
+        "base_model pins it to the commit it is when materialized, and every later step uses that commit "
+        "until base_model is materialized again."))
     description: str = ""
 
-    def sft_config(self, out: str | Path):
-        """The ``l2t_core.sft.SFTConfig`` of an ``sft`` entry, writing to ``out``; a bad setting
-        fails naming its field."""
+    def hub_id(self) -> Optional[str]:
+        """``path`` where it names a hub model (``org/name``, and no such local path), else None."""
+        if self.kind == "warmstart" or not self.path or "://" in self.path or Path(self.path).expanduser().exists():
+            return None
+        return self.path if could_be_hub_id(self.path) else None
+
+    def sft_config(self, out: str | Path, commit: Optional[str] = None):
+        """The ``l2t_core.sft.SFTConfig`` of an ``sft`` entry, writing to ``out``, fine-tuning the
+        hub model of ``path`` at ``commit`` (its revision pinned, :func:`l2t_core.hub.hub_commit`);
+        a bad setting fails naming its field."""
         from l2t_core.config import apply_settings
         from l2t_core.sft import SFTConfig
 
@@ -151,12 +163,13 @@ class ModelEntry(dg.Config):
             p = Path(value).expanduser() if value else None  # launched process has another working directory
             return str(p.resolve()) if p is not None and p.exists() else value
 
-        base = {"model": local(self.path), "data": local(self.data), "out": str(Path(out).expanduser().resolve())}
+        base = {"model": local(self.path), "model_revision": commit if self.hub_id() else None, "data": local(self.data),
+                "out": str(Path(out).expanduser().resolve())}
         data = apply_settings(base, self.settings, "settings", example="steps=600")
         clash = sorted(set(base) & {item.split("=", 1)[0].strip() for item in self.settings})
         if clash:
-            raise ValueError(f"settings {clash} are the entry's own fields: set 'path' for the model and 'data' "
-                             "for the traces; the output directory is the storage's models_dir/<name>")
+            raise ValueError(f"settings {clash} are the entry's own fields: set 'path' (and 'revision') for the "
+                             "model and 'data' for the traces; the output directory is the storage's models_dir/<name>")
         return SFTConfig.model_validate(data)
 
 
@@ -190,6 +203,11 @@ class ModelRegistry(dg.ConfigurableResource):
                 raise ValueError(f"model registry {p}: entry {name!r} is invalid: {exc}") from exc
             if e.kind in ("pretrained", "sft") and not e.path:
                 raise ValueError(f"model registry {p}: entry {name!r} of kind {e.kind!r} needs a 'path'")
+            if e.revision is not None and e.hub_id() is None:
+                raise ValueError(f"model registry {p}: entry {name!r} has a 'revision' ({e.revision!r}), which names a "
+                                 f"commit, branch or tag of a hub model, but its path {e.path!r} is no hub id "
+                                 f"{'(it is a local path)' if e.path else '(a warm start has none)'}; drop the "
+                                 "revision, or set path to the hub model ('org/name')")
             if e.kind == "sft":
                 if not e.data:
                     raise ValueError(f"model registry {p}: entry {name!r} of kind 'sft' needs 'data' (a JSONL "

@@ -133,3 +133,34 @@ def moto_s3(monkeypatch, bucket: str, env: dict[str, str]):
         yield client, endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face hub cache of this test's own (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``,
+    in this process and the processes it starts): ``publish(repo_id, model_dir, commit, refs)``
+    puts the files of a saved model in it as ``huggingface_hub`` keeps a download
+    (``models--org--name/snapshots/<commit>/``) and points the branches or tags ``refs`` at that
+    commit (``refs/<ref>``), as a user's cache is filled before going offline. The code under test
+    reads it through the real ``huggingface_hub``/``transformers`` offline mode; no hub is reached."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    root = tmp_path / "hf_hub_cache"
+    root.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def publish(repo_id: str, model_dir: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(model_dir, snapshot)
+        (repo / "refs").mkdir(exist_ok=True)
+        for ref in refs:
+            (repo / "refs" / ref).write_text(commit)
+        return snapshot
+
+    return publish

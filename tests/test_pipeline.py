@@ -1288,3 +1288,70 @@ def test_training_data_from_the_environment_and_a_heldout_evaluation_of_a_math_m
         heldout.check_base_model("qwen", "math500.jsonl")
     with pytest.raises(ValueError, match="learns the task 'arithmetic' but the evaluator tests 'walk'"):
         heldout.check_base_model("tiny", "arithmetic")
+
+
+def test_a_hub_base_model_is_pinned_to_the_commit_base_model_found(tiny_dir, tmp_path, hub_cache):
+    """A registry model on the hub (kind pretrained, revision main): base_model pins the commit
+    main is (metadata, hub_pin.json) and evaluates it. When main moves upstream, the later steps
+    keep that commit: checkpoints' run loads the hub id at the pinned commit (TrainConfig
+    policy_revision, in a training process of its own reading the offline cache) and records its
+    weights; base_model materialized again pins the new commit. Before any pin, a later step fails
+    naming base_model; a revision of a local path or of a warm start is refused by the registry."""
+    import json
+
+    from test_hub import A, B, REPO, other_weights
+
+    from l2t_core.hub import hub_snapshot
+    from l2t_core.models import weights_fingerprint
+    from l2t_pipeline.assets import HUB_PIN, base_model, base_model_path, checkpoints
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.partitions import run_key
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+
+    for bad in ({"kind": "pretrained", "path": str(tiny_dir), "revision": "main"},
+                {"kind": "warmstart", "revision": "main"}):
+        with pytest.raises(ValueError, match="has a 'revision' \\('main'\\), which names a commit"):
+            write_registry(tmp_path / "bad.yaml", {"m": bad}).entries()
+
+    hub_cache(REPO, tiny_dir, A)
+    storage = L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models"))
+    registry = write_registry(tmp_path / "r.yaml", {"hub": {"kind": "pretrained", "path": REPO, "revision": "main"}})
+    duck = DuckDBResource(database=str(tmp_path / "l2t.duckdb"))
+    resources = {"duckdb": duck, "registry": registry, "storage": storage,
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
+    train = {"ops": {"checkpoints": {"config": {"steps": 1, "prompts_per_step": 1, "group_size": 2,
+                                                "max_new_tokens": 8, "device": "cpu"}}}}
+    pk = run_key("hub", "grpo")
+
+    def materialize(asset, key, **kw):
+        res = dg.materialize([*ASSETS, *all_checks], selection=[asset], partition_key=key, resources=resources,
+                             instance=instance, raise_on_error=False, **kw)
+        if not res.success:
+            return str(res.get_step_failure_events()[0].event_specific_data.error)
+        return {k: v.value for k, v in res.asset_materializations_for_node(asset.key.path[-1])[0].metadata.items()}
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("base_models", ["hub"])
+        unpinned = materialize(checkpoints, pk, run_config=train)
+        assert "none is pinned; materialize base_model[hub] first" in unpinned
+        first = materialize(base_model, "hub")
+        assert (first["hub_model"], first["hub_revision"], first["hub_commit"]) == (REPO, "main", A)
+        assert json.loads((tmp_path / "models" / "hub" / HUB_PIN).read_text())["commit"] == A
+        assert first["path"] == str(hub_snapshot(REPO, A))
+
+        hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)  # main moves upstream
+        entry = registry.get("hub")
+        assert base_model_path("hub", entry, storage) == str(hub_snapshot(REPO, A))
+        trained = materialize(checkpoints, pk, run_config=train)
+        assert isinstance(trained, dict), trained
+        with warehouse.connect(duck) as con:
+            run = warehouse.read_rows(con, "checkpoints", "checkpoints", pk).iloc[0]
+        cfg = json.loads(run["config_json"])
+        assert (cfg["policy"], cfg["policy_revision"]) == (REPO, A)
+        assert run["base_weights"] == weights_fingerprint(hub_snapshot(REPO, A))
+        assert run["base_weights"] != weights_fingerprint(hub_snapshot(REPO, B))
+
+        second = materialize(base_model, "hub")
+        assert second["hub_commit"] == B and base_model_path("hub", entry, storage) == str(hub_snapshot(REPO, B))

@@ -1,0 +1,102 @@
+"""Hub models at a revision (l2t_core.hub): the commit a branch is, the local copy of a commit,
+and configs that load a revision, read through huggingface_hub's offline cache (``hub_cache``)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from l2t_core.config import TrainConfig
+from l2t_core.hub import hub_commit, hub_snapshot
+from l2t_core.models import ModelLoadError, load_policy, model_source
+from l2t_core.sft import SFTConfig
+
+REPO = "l2t-test/tiny"
+A, B = "a" * 40, "b" * 40
+
+
+def other_weights(tiny_dir, tmp_path):
+    """``tiny_dir`` with its parameters scaled: another commit of the same model."""
+    model, tok = load_policy(tiny_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    out = tmp_path / "other"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def first_weight(model) -> torch.Tensor:
+    return next(model.parameters()).detach().clone()
+
+
+def test_a_branch_resolves_to_its_commit_and_a_commit_keeps_its_files_when_the_branch_moves(tiny_dir, tmp_path,
+                                                                                           hub_cache):
+    hub_cache(REPO, tiny_dir, A, refs=("main", "v1"))
+    assert hub_commit(REPO) == hub_commit(REPO, "main") == hub_commit(REPO, "v1") == A
+    snap = hub_snapshot(REPO, "main")
+    assert snap.name == A and (snap / "config.json").is_file()
+    first = first_weight(load_policy(REPO, revision="main")[0])
+    assert torch.equal(first, first_weight(load_policy(tiny_dir)[0]))
+
+    hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)  # main moves upstream; v1 stays
+    assert hub_commit(REPO) == B and hub_commit(REPO, "v1") == A
+    assert model_source(REPO, A) == str(snap)
+    assert torch.equal(first_weight(load_policy(REPO, revision=A)[0]), first)
+    assert torch.equal(first_weight(load_policy(REPO, revision="main")[0]), first * 0.5)
+
+
+def test_a_model_saved_with_pytorch_weights_only_is_found_too(tiny_dir, tmp_path, hub_cache):
+    model, tok = load_policy(tiny_dir)
+    legacy = tmp_path / "legacy"
+    model.config.save_pretrained(legacy)  # saved as before safetensors (save_pretrained writes those now)
+    torch.save(model.state_dict(), legacy / "pytorch_model.bin")
+    tok.save_pretrained(legacy)
+    assert not list(legacy.glob("*.safetensors")) and list(legacy.glob("*.bin"))
+    hub_cache(REPO, legacy, A)
+    snap = hub_snapshot(REPO)
+    assert snap.name == A and list(snap.glob("*.bin"))
+    assert torch.equal(first_weight(load_policy(REPO, revision="main")[0]), first_weight(model))
+
+
+def test_an_unknown_revision_or_model_fails_naming_it_and_the_offline_cache(tiny_dir, hub_cache):
+    hub_cache(REPO, tiny_dir, A)
+    for call, revision in ((lambda: hub_commit(REPO, "v9"), "v9"), (lambda: hub_snapshot(REPO, B), B),
+                           (lambda: hub_commit("l2t-test/none"), "main")):
+        with pytest.raises(ModelLoadError) as err:
+            call()
+        assert f"at revision {revision!r}" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+
+
+def test_a_revision_is_refused_for_a_local_path_and_carried_for_a_hub_id(tiny_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="policy_revision .* is a local path or URL"):
+        TrainConfig(policy=str(tiny_dir), policy_revision="main")
+    with pytest.raises(ValueError, match="model_revision .* is a local path or URL"):
+        SFTConfig(model="s3://bucket/model", model_revision="main", data="t.jsonl", out=str(tmp_path / "o"))
+    # a relative path that exists could also read as 'org/name': refused where it is loaded
+    shutil.copytree(tiny_dir, tmp_path / "org" / "name")
+    monkeypatch.chdir(tmp_path)
+    TrainConfig(policy="org/name", policy_revision="main")
+    with pytest.raises(ValueError, match="'org/name' is a local path"):
+        model_source("org/name", "main")
+    cfg = TrainConfig(policy=REPO, policy_revision=A)
+    assert TrainConfig.model_validate_json(cfg.model_dump_json()).policy_revision == A
+    assert model_source(str(tiny_dir)) == str(tiny_dir)  # no revision: the name as it is
+
+
+def test_an_sft_fine_tunes_the_revision_it_names(tiny_dir, tmp_path, hub_cache):
+    """``l2t sft`` of a hub model at ``model_revision``: it starts from that commit, not from the
+    branch the hub has moved on (a learning rate too small to move a weight keeps it visible)."""
+    from test_sft import _rows, _write
+
+    from l2t_core.sft import run_sft
+
+    hub_cache(REPO, tiny_dir, A, refs=("v1",))
+    hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)
+    cfg = SFTConfig(model=REPO, model_revision="v1", data=str(_write(tmp_path / "t.jsonl", _rows(4))),
+                    out=str(tmp_path / "sft"), steps=1, batch_size=2, lr=1e-30, warmup_frac=0.0, device="cpu")
+    out = run_sft(cfg, show_progress=False)
+    assert torch.allclose(first_weight(load_policy(out)[0]), first_weight(load_policy(tiny_dir)[0]))
