@@ -10,8 +10,11 @@ Downloads go through ``huggingface_hub`` into its cache (``HF_HOME``); offline
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+# a full commit hash: a revision that names one fixed set of files
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 def could_be_hub_id(name: str) -> bool:
     """Whether ``name`` can name a model on the hub (``org/name`` or a bare ``name``) rather than

@@ -41,7 +41,7 @@ from pydantic import Field
 
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
-from l2t_core.models import could_be_hub_id
+from l2t_core.hub import could_be_hub_id
 from l2t_core.tasks import TASKS
 from l2t_core.urls import redact_url
 

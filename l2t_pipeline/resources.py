@@ -44,7 +44,7 @@ from pydantic import Field
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import DataConfig, TrainConfig
 from l2t_core.eval.runner import EvalSettings
-from l2t_core.hub import could_be_hub_id
+from l2t_core.hub import COMMIT, could_be_hub_id
 from l2t_core.launcher_watch import WATCH_ENV
 from l2t_core.tasks import TASKS, get_task
 # redact_url lives in l2t_core.urls; importable from here too (older imports, l2t_pipeline.k8s)
@@ -144,6 +144,10 @@ class ModelEntry(dg.Config):
         "pretrained or sft with a hub id in path: the branch, tag or commit (None: the default branch). "
         "base_model pins it to the commit it is when materialized, and every later step uses that commit "
         "until base_model is materialized again."))
+    follow: bool = Field(False, description=(
+        "pretrained or sft with a hub id in path: the registry sensor requests base_model again when the "
+        "revision (a branch or tag) has moved to another commit than the one pinned, so that a new upstream "
+        "version gets its own baseline."))
     description: str = ""
 
     def hub_id(self) -> Optional[str]:
@@ -203,6 +207,12 @@ class ModelRegistry(dg.ConfigurableResource):
                 raise ValueError(f"model registry {p}: entry {name!r} is invalid: {exc}") from exc
             if e.kind in ("pretrained", "sft") and not e.path:
                 raise ValueError(f"model registry {p}: entry {name!r} of kind {e.kind!r} needs a 'path'")
+            if e.follow and (e.hub_id() is None or COMMIT.fullmatch(e.revision or "")):
+                raise ValueError(f"model registry {p}: entry {name!r} has 'follow: true', which watches a hub model's "
+                                 "branch or tag for new commits, but "
+                                 + (f"its path {e.path!r} is no hub id" if e.hub_id() is None else
+                                    f"its revision {e.revision!r} is a commit, which never moves")
+                                 + "; drop 'follow', or name a hub model and a branch or tag")
             if e.revision is not None and e.hub_id() is None:
                 raise ValueError(f"model registry {p}: entry {name!r} has a 'revision' ({e.revision!r}), which names a "
                                  f"commit, branch or tag of a hub model, but its path {e.path!r} is no hub id "

@@ -11,6 +11,10 @@
   :data:`MAX_BASELINE_ATTEMPTS` failed runs the sensor stops requesting it (materialize it by hand
   once fixed). Run keys
   (``baseline:<name>``, then ``baseline:<name>:attempt-<n>``) make a repeated tick idempotent.
+  For a hub model the entry ``follow``s, it also requests ``base_model`` again when the entry's
+  branch or tag has moved upstream to another commit than the one the latest baseline pinned
+  (:func:`upstream_requests`, at most every :data:`UPSTREAM_CHECK_S`; run key
+  ``upstream:<name>:<commit>``, one run per new commit).
 * :data:`reevaluation_schedule` re-runs ``benchmark_reports`` for every (base model, method)
   whose ``checkpoints`` partition has been materialized and still exists, of a base model still
   in the registry (a deleted partition or a model taken out of the registry is skipped), and
@@ -22,16 +26,20 @@ Both read the instance through Dagster's public APIs (``get_status_by_partition`
 """
 
 
+import json
 import re
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import dagster as dg
+
+from l2t_core.hub import hub_commit
+from l2t_core.models import ModelLoadError
 
 from .assets import base_model, benchmark_reports, checkpoints
 from .jobs import baseline_job, evaluation_job
 from .partitions import base_models_partitions, runs_partitions
-from .resources import Evaluator, ModelRegistry
+from .resources import Evaluator, ModelEntry, ModelRegistry
 
 MAX_BASELINE_ATTEMPTS = 3
 # after the n-th failed baseline run, the next one waits RETRY_AFTER_S[n - 1] seconds from its end
@@ -40,6 +48,9 @@ BASE_MODEL_TAG = "l2t/base_model"
 REASON_TAG = "l2t/reason"
 RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster gives a run created for a run request's run_key
 BASELINE_REASON = "registry-baseline"
+UPSTREAM_REASON = "hub-commit-moved"
+# seconds between two looks at the hub for the commits of followed models (one request per model)
+UPSTREAM_CHECK_S = 3600.0
 
 
 def new_models(registered: list[str], known: list[str]) -> list[str]:
@@ -139,22 +150,86 @@ def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
     return requests
 
 
+def pinned_commit(instance: dg.DagsterInstance, name: str) -> tuple[bool, str | None]:
+    """(whether ``base_model[name]`` was ever materialized, the hub commit its latest
+    materialization pinned: ``hub_commit``, or ``finetuned_from_commit`` of an SFT; None before
+    base_model recorded one)."""
+    record = latest_materialization(instance, base_model.key, name)
+    if record is None:
+        return False, None
+    meta = record.asset_materialization.metadata
+    value = meta.get("hub_commit") or meta.get("finetuned_from_commit")
+    return True, getattr(value, "value", None)
+
+
+def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelEntry], log=None) -> list[dg.RunRequest]:
+    """A ``base_model`` run for every hub model that its registry entry ``follow``s whose branch or
+    tag is now another commit (:func:`~l2t_core.hub.hub_commit`) than the one its latest
+    ``base_model`` materialization pinned, unless a run of that partition is in progress. Run key
+    ``upstream:<name>:<commit>``: one run per new commit, also when it fails (materialize it by
+    hand once fixed). A model whose hub cannot be reached is skipped with a warning."""
+    requests = []
+    for name, entry in entries.items():
+        hub = entry.hub_id()
+        if not entry.follow or hub is None:
+            continue
+        materialized, pinned = pinned_commit(instance, name)
+        if not materialized:
+            continue  # no baseline yet: baseline_requests asks for one
+        try:
+            now = hub_commit(hub, entry.revision)
+        except ModelLoadError as exc:
+            if log is not None:
+                log.warning("base model %s: cannot look up the commit of %s at %s now: %s", name, hub,
+                            entry.revision or "main", exc)
+            continue
+        if now == pinned:
+            continue
+        statuses = partition_statuses(instance, base_model.key, [name], base_models_partitions)
+        if statuses.get(name) == dg.AssetPartitionStatus.IN_PROGRESS:
+            continue
+        if log is not None:
+            log.info("base model %s: %s at %s is now commit %s (pinned: %s); requesting base_model[%s]", name, hub,
+                     entry.revision or "main", now, pinned or "none", name)
+        requests.append(dg.RunRequest(run_key=f"upstream:{name}:{now}", partition_key=name,
+                                      asset_selection=[base_model.key],
+                                      tags={BASE_MODEL_TAG: name, REASON_TAG: UPSTREAM_REASON}))
+    return requests
+
+
+def upstream_due(cursor: str | None, now: float) -> bool:
+    """Whether :data:`UPSTREAM_CHECK_S` has passed since the hub was last asked (the sensor's cursor)."""
+    try:
+        last = float(json.loads(cursor or "{}").get("upstream_checked", 0.0))
+    except (ValueError, AttributeError, TypeError):  # a cursor of another version: ask now
+        last = 0.0
+    return now - last >= UPSTREAM_CHECK_S
+
+
 @dg.sensor(job=baseline_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
            description="Adds a base_models partition for each new registry model and requests a baseline run "
-                       "for every registered model without a materialized base_model (retrying failed runs).")
+                       "for every registered model without a materialized base_model (retrying failed runs), "
+                       "and again for a followed hub model whose branch moved to a new commit.")
 def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRegistry) -> dg.SensorResult:
-    registered = list(registry.entries())
+    entries = registry.entries()
+    registered = list(entries)
     new = new_models(registered, list(context.instance.get_dynamic_partitions(base_models_partitions.name)))
     requests = baseline_requests(context.instance, registered, context.log)
+    cursor = context.cursor
+    now = time.time()
+    if any(e.follow for e in entries.values()) and upstream_due(cursor, now):
+        requests += upstream_requests(context.instance, entries, context.log)
+        cursor = json.dumps({"upstream_checked": now})
     if not new and not requests:
         return dg.SensorResult(skip_reason=f"no model in {registry.path} needs a baseline run now: each has a "
-                                           "baseline, one in progress, a retry to wait for, or none left (the "
-                                           "tick's log says which)")
+                                           "baseline, one in progress, a retry to wait for, or none left, and no "
+                                           "followed hub model has moved (the tick's log says which)", cursor=cursor)
     if new:
         context.log.info("new base models in the registry: %s", ", ".join(new))
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[base_models_partitions.build_add_request(new)] if new else [],
+        cursor=cursor,
     )
 
 

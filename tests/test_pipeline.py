@@ -1355,3 +1355,60 @@ def test_a_hub_base_model_is_pinned_to_the_commit_base_model_found(tiny_dir, tmp
 
         second = materialize(base_model, "hub")
         assert second["hub_commit"] == B and base_model_path("hub", entry, storage) == str(hub_snapshot(REPO, B))
+
+
+def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_moves(tiny_dir, tmp_path,
+                                                                                     hub_cache, monkeypatch):
+    """A hub model the registry ``follow``s: while its branch is the commit base_model pinned the
+    sensor requests nothing; once the branch moves it requests base_model once for the new commit
+    (run key upstream:<name>:<commit>, reason tagged), and nothing after that run pinned it. The hub
+    is asked at most every UPSTREAM_CHECK_S (the sensor's cursor). ``follow`` of a local path or of a
+    commit is refused."""
+    import l2t_pipeline.sensors as sensors_module
+    from test_hub import A, B, REPO, other_weights
+
+    from l2t_pipeline.assets import base_model
+    from l2t_pipeline.checks import all_checks
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+    from l2t_pipeline.sensors import REASON_TAG, UPSTREAM_REASON
+
+    for bad, why in (({"kind": "pretrained", "path": str(tiny_dir), "follow": True}, "is no hub id"),
+                     ({"kind": "pretrained", "path": REPO, "revision": A, "follow": True}, "is a commit, which never")):
+        with pytest.raises(ValueError, match=why):
+            write_registry(tmp_path / "bad.yaml", {"m": bad}).entries()
+
+    hub_cache(REPO, tiny_dir, A)
+    registry = write_registry(tmp_path / "r.yaml", {"hub": {"kind": "pretrained", "path": REPO, "follow": True}})
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")), "registry": registry,
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(train_size=4, max_steps=1),
+                 "evaluator": HeldOutEvaluator(levels=[1], per_level=1, max_new_tokens=8), "launcher": TrainingLauncher()}
+    cursor = [None]
+    with dg.instance_for_test() as instance:
+        def tick():
+            with dg.build_sensor_context(instance=instance, resources={"registry": registry},
+                                         cursor=cursor[0]) as ctx:
+                result = model_registry_sensor(ctx)
+            cursor[0] = result.cursor
+            for req in result.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            return result.run_requests or []
+
+        def run(request: dg.RunRequest):
+            res = dg.materialize([*ASSETS, *all_checks], selection=[base_model], partition_key=request.partition_key,
+                                 tags=dict(request.tags), resources=resources, instance=instance)
+            return res.asset_materializations_for_node("base_model")[0].metadata["hub_commit"].value
+
+        [baseline] = tick()
+        assert baseline.run_key == "baseline:hub" and run(baseline) == A
+        monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 0.0)
+        assert tick() == []  # main is still the pinned commit
+        hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)  # main moves upstream
+        monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 3600.0)
+        assert tick() == []  # asked within the hour: not asked again yet
+        monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 0.0)
+        [moved] = tick()
+        assert moved.run_key == f"upstream:hub:{B}" and moved.tags[REASON_TAG] == UPSTREAM_REASON
+        assert moved.asset_selection == [base_model.key] and run(moved) == B
+        assert tick() == []
