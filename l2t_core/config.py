@@ -474,9 +474,9 @@ class TrainConfig(_Strict):
     method: MethodName = "l2t"
     policy: str = Field(..., min_length=1, description="Initial policy: a local HF directory or a hub id.")
     policy_revision: str | None = Field(None, min_length=1, description=(
-        "For a hub id in policy: the branch, tag or commit to load (None: the default branch as it is at "
-        "load time). A commit makes the run reproducible; every rank, the vLLM engine and a resumed run "
-        "load that revision's files (l2t_core.models.hub_snapshot)."))
+        "For a hub id in policy: the branch, tag or commit to load (None: main as it is at load time). "
+        "Every rank and the vLLM engine load that revision's files (l2t_core.hub.hub_snapshot); the run "
+        "records the commit it is, and a resume refuses another (a moved branch)."))
     out: str = Field("runs/train", min_length=1, description="Run directory: a local path or any fsspec URL.")
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(32, ge=1, description="Prompts per step; batch = prompts × group_size.")

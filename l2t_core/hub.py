@@ -24,10 +24,15 @@ def could_be_hub_id(name: str) -> bool:
 
 # what from_pretrained reads of a hub model besides its weights: config, generation config and
 # tokenizer files (top level only: no onnx/, original/, ... copies)
-HUB_MODEL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+HUB_MODEL_FILES = ("*.json", "*.txt", "*.model", "*.model.v*", "*.tiktoken", "*.jinja")
+# its weights: the safetensors shards, else (a model saved before safetensors) the PyTorch ones;
+# not a second, consolidated copy of them (Mistral's consolidated.safetensors) nor training_args.bin
+SAFETENSORS_WEIGHTS = ("*.safetensors",)
+PYTORCH_WEIGHTS = ("pytorch_model*.bin",)
+NOT_DOWNLOADED = ("*/*", "consolidated*")
 
 
-def _hub_error(repo_id: str, revision: str | None, exc: OSError):
+def _hub_error(repo_id: str, revision: str | None, exc: Exception):
     """The :class:`~l2t_core.models.ModelLoadError` of a hub call that failed with ``exc``."""
     from .models import ModelLoadError
 
@@ -46,7 +51,8 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str:
 
     try:
         config = hf_hub_download(repo_id, "config.json", revision=revision)
-    except OSError as exc:  # every hub error is one: not found, no such revision, gated, offline and not cached
+    except Exception as exc:  # noqa: BLE001 - every failure of the hub client (not found, no such revision,
+        # gated, offline and not cached, an invalid name, a proxy, a transfer) becomes one error that says what to check
         raise _hub_error(repo_id, revision, exc) from exc
     return Path(config).parent.name  # the cache keeps a commit's files in snapshots/<commit>/
 
@@ -55,7 +61,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The local directory of hub model ``repo_id`` at ``revision`` (a branch, tag or commit;
     None: the default branch), downloaded into the hub cache (``HF_HOME``) where it is not there
     yet: config, generation config and tokenizer files and the weights (``*.safetensors``, else
-    ``*.bin``), top level only. The directory's name is the commit (:func:`hub_commit`). Offline
+    ``pytorch_model*.bin``), top level only (:data:`HUB_MODEL_FILES`, :data:`NOT_DOWNLOADED`). The directory's name is the commit (:func:`hub_commit`). Offline
     (``HF_HUB_OFFLINE=1``), the cache's copy. Fails with :class:`~l2t_core.models.ModelLoadError` naming the model,
     the revision and why."""
     from huggingface_hub import snapshot_download
@@ -63,12 +69,13 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     from .models import check_model_source, weight_files
 
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*HUB_MODEL_FILES, "*.safetensors"],
-                                          ignore_patterns=["*/*"]))
+        snapshot = Path(snapshot_download(repo_id, revision=revision,
+                                          allow_patterns=[*HUB_MODEL_FILES, *SAFETENSORS_WEIGHTS],
+                                          ignore_patterns=list(NOT_DOWNLOADED)))
         if not weight_files(snapshot):  # a model saved before safetensors: its PyTorch weights
-            snapshot = Path(snapshot_download(repo_id, revision=snapshot.name, allow_patterns=["*.bin"],
-                                              ignore_patterns=["*/*"]))
-    except OSError as exc:
+            snapshot = Path(snapshot_download(repo_id, revision=snapshot.name, allow_patterns=list(PYTORCH_WEIGHTS),
+                                              ignore_patterns=list(NOT_DOWNLOADED)))
+    except Exception as exc:  # noqa: BLE001 - as in hub_commit
         raise _hub_error(repo_id, revision, exc) from exc
     check_model_source(snapshot)
     return snapshot

@@ -380,8 +380,7 @@ class SFTConfig(_Strict):
 
     model: str = Field(..., min_length=1, description="Initial model: a local HF directory or a hub id.")
     model_revision: Optional[str] = Field(None, min_length=1, description=(
-        "For a hub id in model: the branch, tag or commit to fine-tune (None: the default branch as it is "
-        "at load time)."))
+        "For a hub id in model: the branch, tag or commit to fine-tune (None: main as it is at load time)."))
     data: str = Field(..., min_length=1, description=(
         "JSONL file of traces: a path, or a file name in the data directory (L2T_DATA_DIR). Each line is an "
         "object with 'response' (the text the model learns to write after the prompt) and either 'problem' "

@@ -246,6 +246,8 @@ class Trainer:
         load_device = "cpu" if cfg.engine == "deepspeed" else str(self.device)
         # a hub revision read from its local copy, by every rank, the vLLM engine and each resume alike
         source = model_source(cfg.policy, cfg.policy_revision)
+        # the commit a revision is now (the copy's name): a resume refuses another (_resume)
+        self.policy_commit = Path(source).name if cfg.policy_revision is not None else None
         policy, self.tokenizer = load_policy(source, device=load_device)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {cfg.policy!r} has no eos token")
@@ -307,6 +309,7 @@ class Trainer:
             "step": self.step,
             "run_id": self.run_id,
             "world": self.world,  # ranks the run was launched with: they shard prompts and seeds
+            "policy_commit": self.policy_commit,  # the hub commit of policy_revision it started from
             "proxy": {"bases": self.proxy.bases, "last_refresh": self.proxy._last_refresh},
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
@@ -349,9 +352,10 @@ class Trainer:
         where = f"checkpoints/{checkpoint_name(step)}"
         # the run is where it is: a moved run directory still resumes; how often it is saved may change
         saved_cfg = json.loads(self.storage.read_bytes(f"{where}/{CONFIG_FILE}"))
-        diff = config_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
+        ignore = (*RESUME_FREE, "policy_revision")  # compared by the commit it is, below
+        diff = config_differences(saved_cfg, self.cfg, ignore=ignore)
         if diff:
-            settings = setting_differences(saved_cfg, self.cfg, ignore=RESUME_FREE)
+            settings = setting_differences(saved_cfg, self.cfg, ignore=ignore)
             raise ResumeError(
                 f"{redact_url(self.cfg.out)} holds a run with a different configuration (fields: {', '.join(diff)}"
                 f"{'; ' + '; '.join(settings) if settings else ''}); "
@@ -367,6 +371,18 @@ class Trainer:
                 f"optimizer state in {saved_world} partitions), so the run would not continue as it was; launch "
                 f"it on {saved_world} rank(s) again, or start a new run from this checkpoint's weights "
                 f"(policy={redact_url(url)}) with a new --out")
+        saved_commit = state.get("policy_commit")
+        if saved_commit != self.policy_commit:  # the reference policy would be another model than the run's
+
+            def loaded(commit: str | None) -> str:
+                return f"commit {commit} of {self.cfg.policy}" if commit else f"{self.cfg.policy} without a revision"
+
+            raise ResumeError(
+                f"{redact_url(self.cfg.out)} holds a run that started from {loaded(saved_commit)}, and this launch "
+                f"loads {loaded(self.policy_commit)} (policy_revision={self.cfg.policy_revision!r}): its reference "
+                f"policy would be another model. Resume with "
+                + (f"--policy-revision {saved_commit} (a commit never moves)" if saved_commit else
+                   "no policy_revision") + ", or choose a new --out")
         with host_local_copy(self.storage, url) as d:
             model = self.engine.unwrapped()
             files = sorted(d.glob("*.safetensors"))

@@ -140,26 +140,35 @@ MODEL_REPORTS = {"warmstart": "warmstart.json", "sft": "sft_report.json"}
 HUB_PIN = "hub_pin.json"
 
 
-def pin_hub_model(name: str, entry: ModelEntry, storage: L2TStorage) -> dict | None:
-    """For a ``pretrained`` entry of a hub model: the commit its revision is now
-    (:func:`~l2t_core.hub.hub_commit`), pinned in ``models_dir/<name>/hub_pin.json`` for every
-    later step of the base (:func:`hub_pin`); None for any other entry. base_model pins it each
-    time it is materialized."""
-    hub = entry.hub_id()
-    if entry.kind != "pretrained" or hub is None:
+def is_hub_base(entry: ModelEntry) -> bool:
+    """Whether ``entry`` is a ``pretrained`` hub model, which base_model pins to a commit."""
+    return entry.kind == "pretrained" and entry.hub_id() is not None
+
+
+def new_hub_pin(entry: ModelEntry) -> dict | None:
+    """For a ``pretrained`` hub model: the commit its revision is now
+    (:func:`~l2t_core.hub.hub_commit`), as a pin (``repo_id``, ``revision``, ``commit``); None for
+    any other entry. base_model pins it (:func:`write_hub_pin`) once it has evaluated it."""
+    if not is_hub_base(entry):
         return None
-    pin = {"repo_id": hub, "revision": entry.revision, "commit": hub_commit(hub, entry.revision)}
+    hub = entry.hub_id()
+    return {"repo_id": hub, "revision": entry.revision, "commit": hub_commit(hub, entry.revision)}
+
+
+def write_hub_pin(name: str, storage: L2TStorage, pin: dict) -> None:
+    """Pin base model ``name`` to ``pin`` (``models_dir/<name>/hub_pin.json``, written whole) for
+    every later step of the base (:func:`hub_pin`)."""
     write_json_atomic(storage.model_dir(name) / HUB_PIN, pin)
-    return pin
 
 
 def hub_pin(name: str, entry: ModelEntry, storage: L2TStorage) -> dict | None:
-    """The commit :func:`pin_hub_model` pinned for base model ``name`` (``repo_id``, ``revision``,
+    """The pin :func:`write_hub_pin` wrote for base model ``name`` (``repo_id``, ``revision``,
     ``commit``), or None where the entry is no ``pretrained`` hub model. Fails, naming the fix,
-    where base_model has not pinned one for the entry as the registry has it now."""
-    hub = entry.hub_id()
-    if entry.kind != "pretrained" or hub is None:
+    where base_model has not pinned one for the entry as the registry has it now. A step reads it
+    once: a base_model that pins another commit meanwhile changes nothing the step has begun."""
+    if not is_hub_base(entry):
         return None
+    hub = entry.hub_id()
     f = storage.model_dir(name) / HUB_PIN
     pin = json.loads(f.read_text()) if f.is_file() else None
     if pin is None or (pin["repo_id"], pin["revision"]) != (hub, entry.revision):
@@ -171,12 +180,13 @@ def hub_pin(name: str, entry: ModelEntry, storage: L2TStorage) -> dict | None:
     return pin
 
 
-def base_model_path(name: str, entry: ModelEntry, storage: L2TStorage) -> str:
+def base_model_path(name: str, entry: ModelEntry, storage: L2TStorage, pin: dict | None = None) -> str:
     """Where the policy of base model ``name`` is: the registry path (for a hub model, the local
-    copy of the commit base_model pinned, :func:`hub_pin`), or the directory the asset built (a
-    warm start or an SFT)."""
+    copy of the commit of ``pin``, by default the one base_model pinned, :func:`hub_pin`;
+    downloaded where it is not in the hub cache yet), or the directory the asset built (a warm
+    start or an SFT)."""
     if entry.kind == "pretrained":
-        pin = hub_pin(name, entry, storage)
+        pin = pin or hub_pin(name, entry, storage)
         return str(entry.path) if pin is None else str(hub_snapshot(pin["repo_id"], pin["commit"]))
     d = storage.model_dir(name)
     if not (d / MODEL_REPORTS[entry.kind]).is_file():
@@ -189,7 +199,8 @@ def base_model_in_use(context, name: str, entry: ModelEntry, storage: L2TStorage
     """Hold base model ``name``'s directory while this step reads it, or exclusively while
     base_model rebuilds it (``rebuild``); the step fails at once, naming the other steps, where
     they exclude it (:mod:`l2t_core.model_lock`). A ``pretrained`` entry is the registry's, never
-    rebuilt here: nothing to hold."""
+    rebuilt here: nothing to hold (a hub model's pin may move, but a step reads it once, and the
+    copy of a commit never changes)."""
     if entry.kind == "pretrained":
         return contextlib.nullcontext()
     return using_model(storage.model_dir(name), exclusive=rebuild, who=_holder(context))
@@ -198,6 +209,18 @@ def base_model_in_use(context, name: str, entry: ModelEntry, storage: L2TStorage
 def _holder(context) -> str:
     """This step, as a lock's note names it to another step that it refuses."""
     return f"{context.asset_key.to_user_string()}[{context.partition_key}] of Dagster run {context.run.run_id}"
+
+
+def base_weights(path: str | None, pin: dict | None) -> str:
+    """The fingerprint of a base model's weights: ``hub:<id>@<commit>`` for a pinned hub model (a
+    commit names its files: nothing is downloaded or read), else
+    :func:`~l2t_core.models.weights_fingerprint` of ``path``."""
+    return f"hub:{pin['repo_id']}@{pin['commit']}" if pin else weights_fingerprint(path)
+
+
+def shown_weights(weights: str) -> str:
+    """A weights fingerprint as a message shows it: a hub model's whole, a hash's first 12 digits."""
+    return weights if weights.startswith("hub:") else weights[:12]
 
 
 def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: str | None, path: str,
@@ -300,17 +323,19 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     entry = registry.get(name)
     evaluator.check_base_model(name, training_data.source)  # before anything is built
     meta: dict = {"kind": entry.kind}
-    pin = pin_hub_model(name, entry, storage)  # a hub model: the commit it is now, for every later step
+    pin = new_hub_pin(entry)  # a hub model: the commit it is now, pinned for every later step once evaluated
     if pin is not None:
         meta.update(hub_model=pin["repo_id"], hub_revision=pin["revision"] or "main", hub_commit=pin["commit"])
     if entry.kind != "pretrained":
         with building_model(storage.model_dir(name), who=_holder(context)):  # one build of it at a time
             meta.update(_build_base_model(context, name, entry, storage, config, training_data, evaluator, launcher))
     fingerprint = evaluator.fingerprint()
-    evals, key = evaluate_base(context, evaluator, fingerprint, name, entry, storage)
+    evals, key = evaluate_base(context, evaluator, fingerprint, name, entry, storage, pin=pin)
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
+    if pin is not None:  # the later steps use the commit evaluated, once its evaluation is stored
+        write_hub_pin(name, storage, pin)
     drop_kept_evaluation(kept_base_evaluations(storage, name), key)
     overall = evals[evals["level"] == "all"].iloc[0]
     meta.update(path=storage.display(overall["model_path"]), benchmark=evaluator.benchmark, evaluator=fingerprint,
@@ -397,10 +422,10 @@ def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, s
 # --------------------------------------------------------------------------------------------
 
 
-def inputs_fingerprint(cfg: TrainConfig, policy_dir: str | None = None) -> dict:
+def inputs_fingerprint(cfg: TrainConfig) -> dict:
     """What a run's configuration names only by location, by content: the SHA-256 of the base
-    model's weight files (a local directory, or ``policy_dir``: the local copy of the hub model
-    of ``cfg.policy`` at ``cfg.policy_revision``; a hub id without one stands for itself), of the training data
+    model's weight files (a local directory; a hub id stands for itself, and ``policy_revision``,
+    a commit where the pipeline sets it, for its files), of the training data
     file (a synthetic task is its settings) and of the DeepSpeed config file. A base model rebuilt
     in place (other warm-start or SFT settings, new traces) or an edited data file then makes a new
     run, never the old one's checkpoint reused. Hashing reads the weights (seconds for a 1.5B
@@ -410,9 +435,8 @@ def inputs_fingerprint(cfg: TrainConfig, policy_dir: str | None = None) -> dict:
     from l2t_core.tasks import TASKS
 
     out: dict = {}
-    local = policy_dir or cfg.policy
-    if Path(local).is_dir():
-        out["policy_weights"] = weight_files_sha256(local)
+    if Path(cfg.policy).is_dir():
+        out["policy_weights"] = weight_files_sha256(cfg.policy)
     if cfg.data.source not in TASKS:
         out["data_sha256"] = file_sha256(source_path(cfg.data.source))
     if cfg.deepspeed_config and Path(cfg.deepspeed_config).is_file():
@@ -450,21 +474,22 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
     # held for the whole run: it fingerprints the base weights here, loads them, and loads them again
     # as its reference policy whenever it resumes
     with base_model_in_use(context, base, entry, storage):
+        pin = hub_pin(base, entry, storage)  # a hub model: trained from its pinned commit, never downloaded here
         return _train(context, config, storage, training_data, launcher, duckdb, base, method,
-                      base_model_path(base, entry, storage), hub_pin(base, entry, storage))
+                      None if pin else base_model_path(base, entry, storage), pin)
 
 
 def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L2TStorage, training_data: TrainingData,
-           launcher: TrainingLauncher, duckdb: DuckDBResource, base: str, method: str, policy: str,
+           launcher: TrainingLauncher, duckdb: DuckDBResource, base: str, method: str, policy: str | None,
            pin: dict | None = None) -> dg.MaterializeResult:
-    """checkpoints' run of ``method`` on the base policy at ``policy`` (for a hub model, the local
-    copy of the commit ``pin`` names: the run loads that commit by its hub id, wherever it runs),
-    launched and recorded."""
+    """checkpoints' run of ``method`` on the base policy at ``policy``, or for a hub model on the
+    commit ``pin`` names (the training process loads it by its hub id, wherever it runs), launched
+    and recorded."""
     # the config as the launcher runs it (e.g. device and engine on a GPU pod), so that the hash, the
     # run directory and the recorded config_json describe what really trains
     source = {"policy": pin["repo_id"], "policy_revision": pin["commit"]} if pin else {"policy": policy}
     draft = launcher.placed_config(config.to_core(**source, method=method, out="unset", data=training_data.to_core()))
-    inputs = inputs_fingerprint(draft, policy)
+    inputs = inputs_fingerprint(draft)
     h = config_hash(draft, inputs)
     cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
     context.log.info("training %s with %s into %s (config %s)", base, method, storage.display(cfg.out), h)
@@ -480,7 +505,8 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
     registry_row = pd.DataFrame([{"base_model": base, "method": method, "run_url": cfg.out,
                                   "checkpoint_url": latest[1], "final_step": latest[0], "config_hash": h,
                                   "config_json": cfg.model_dump_json(),
-                                  "base_weights": weights_fingerprint(policy, inputs.get("policy_weights"))}])
+                                  "base_weights": base_weights(policy, pin) if pin else
+                                  weights_fingerprint(policy, inputs.get("policy_weights"))}])
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         counts = write_validated(conn, tables, asset_key, pk, unvalidated={"checkpoints": registry_row})
@@ -515,27 +541,36 @@ def kept_base_evaluations(storage: L2TStorage, base: str) -> RunStorage:
 
 
 def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, entry: ModelEntry,
-                  storage: L2TStorage, trained_from: str | None = None) -> tuple[pd.DataFrame, str]:
-    """Evaluate base model ``base`` as it is now, holding it meanwhile: for ``base_model``, or for
-    the run of the partition being materialized, which trained from the weights ``trained_from``
-    (None: any, e.g. a run recorded before runs recorded them); the rows, kept until stored under
-    the key returned (:func:`kept_evaluation`). Fails, evaluating nothing, where the base was
-    rebuilt since that run: its checkpoint would be compared with another model than the one it
-    left."""
+                  storage: L2TStorage, trained_from: str | None = None,
+                  pin: dict | None = None) -> tuple[pd.DataFrame, str]:
+    """Evaluate base model ``base`` as it is now (a hub model: at the commit of ``pin``, by default
+    the one pinned), holding it meanwhile: for ``base_model``, or for the run of the partition
+    being materialized, which trained from the weights ``trained_from`` (None: any, e.g. a run
+    recorded before runs recorded them); the rows, kept until stored under the key returned
+    (:func:`kept_evaluation`). Fails, evaluating nothing, where the base was rebuilt (or pinned to
+    another commit) since that run: its checkpoint would be compared with another model than the
+    one it left."""
     with base_model_in_use(context, base, entry, storage):
-        path = base_model_path(base, entry, storage)
-        context.log.info("base model %s at %s; evaluating on %s", base, storage.display(path), evaluator.benchmark)
-        weights = weights_fingerprint(path)
+        pin = pin or hub_pin(base, entry, storage)
+        local = None if pin else base_model_path(base, entry, storage)
+        weights = base_weights(local, pin)
         if trained_from is not None and weights != trained_from:
             raise dg.Failure(
                 f"the run of {context.partition_key} trained from other weights of base model {base!r} than "
-                f"{storage.display(path)} holds now (fingerprint {trained_from[:12]}, now {weights[:12]}: the "
-                f"base was rebuilt since), and no evaluation of those weights is stored. Materialize "
-                f"checkpoints[{context.partition_key}] to train from the base as it is now, then this report")
+                f"{storage.display(local or pin['repo_id'] + '@' + pin['commit'])} is now (fingerprint {shown_weights(trained_from)}, now "
+                f"{shown_weights(weights)}: the base was rebuilt or pinned to another commit since), and no "
+                f"evaluation of those weights is stored. Materialize checkpoints[{context.partition_key}] to train "
+                "from the base as it is now, then this report")
+        # what the rows name: the local path, or the hub model at its commit (not one machine's cache)
+        named = local or f"{pin['repo_id']}@{pin['commit']}"
+        context.log.info("base model %s: %s; evaluating on %s", base, storage.display(named), evaluator.benchmark)
+
+        def evaluate() -> pd.DataFrame:  # a hub model's copy downloaded only when evaluated
+            return with_model_columns(evaluator.evaluate(local or base_model_path(base, entry, storage, pin)),
+                                      "base", base, None, named, weights)
+
         key = evaluation_key(fingerprint, weights)
-        return kept_evaluation(context, kept_base_evaluations(storage, base), key,
-                               lambda: with_model_columns(evaluator.evaluate(path), "base", base, None, path,
-                                                          weights)), key
+        return kept_evaluation(context, kept_base_evaluations(storage, base), key, evaluate), key
 
 
 def comparison(evals: pd.DataFrame) -> dict:

@@ -140,8 +140,8 @@ class ModelEntry(dg.Config):
                                                  "L2T_DATA_DIR).")
     settings: list[str] = Field(default_factory=list, description=(
         "sft: SFTConfig fields as key=value (e.g. 'steps=600', 'lr=1e-5', 'micro_batch_size=4')."))
-    revision: Optional[str] = Field(None, description=(
-        "pretrained or sft with a hub id in path: the branch, tag or commit (None: the default branch). "
+    revision: Optional[str] = Field(None, min_length=1, description=(
+        "pretrained or sft with a hub id in path: the branch, tag or commit (None: main). "
         "base_model pins it to the commit it is when materialized, and every later step uses that commit "
         "until base_model is materialized again."))
     follow: bool = Field(False, description=(

@@ -100,3 +100,88 @@ def test_an_sft_fine_tunes_the_revision_it_names(tiny_dir, tmp_path, hub_cache):
                     out=str(tmp_path / "sft"), steps=1, batch_size=2, lr=1e-30, warmup_frac=0.0, device="cpu")
     out = run_sft(cfg, show_progress=False)
     assert torch.allclose(first_weight(load_policy(out)[0]), first_weight(load_policy(tiny_dir)[0]))
+
+
+# top-level file lists of public hub repos, as the hub lists them (abridged to their kinds of file)
+REPOS = {
+    "Qwen/Qwen2.5-Math-1.5B": [".gitattributes", "LICENSE", "README.md", "config.json", "generation_config.json",
+                               "merges.txt", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                               "vocab.json"],
+    "meta-llama/Llama-3.1-8B-Instruct": ["LICENSE", "README.md", "config.json", "generation_config.json",
+                                         "model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors",
+                                         "model.safetensors.index.json", "original/consolidated.00.pth",
+                                         "original/params.json", "original/tokenizer.model",
+                                         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"],
+    "mistralai/Mistral-7B-Instruct-v0.3": ["config.json", "consolidated.safetensors", "generation_config.json",
+                                           "model-00001-of-00003.safetensors", "model.safetensors.index.json",
+                                           "params.json", "special_tokens_map.json", "tokenizer.json",
+                                           "tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json"],
+    "openai-community/gpt2": ["64-8bits.tflite", "config.json", "flax_model.msgpack", "generation_config.json",
+                              "merges.txt", "model.safetensors", "onnx/decoder_model.onnx", "onnx/config.json",
+                              "pytorch_model.bin", "rust_model.ot", "tf_model.h5", "tokenizer.json",
+                              "tokenizer_config.json", "vocab.json"],
+    "legacy/bin-only": ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+                        "pytorch_model.bin.index.json", "special_tokens_map.json", "tokenizer.model",
+                        "tokenizer_config.json", "training_args.bin"],
+}
+
+
+def test_what_is_downloaded_of_a_hub_model_is_what_from_pretrained_reads():
+    """hub_snapshot's patterns, applied by huggingface_hub's own filter to real repos' file lists:
+    config, tokenizer and the safetensors weights, else the PyTorch weights; no second copy of the
+    weights (original/, consolidated.*, other frameworks), no training_args.bin."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from l2t_core.hub import HUB_MODEL_FILES, NOT_DOWNLOADED, PYTORCH_WEIGHTS, SAFETENSORS_WEIGHTS
+
+    def picked(files, weights):
+        return sorted(filter_repo_objects(files, allow_patterns=[*HUB_MODEL_FILES, *weights],
+                                          ignore_patterns=list(NOT_DOWNLOADED)))
+
+    qwen, llama, mistral, gpt2, legacy = REPOS.values()
+    assert picked(qwen, SAFETENSORS_WEIGHTS) == ["config.json", "generation_config.json", "merges.txt",
+                                                 "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                                 "vocab.json"]
+    assert picked(llama, SAFETENSORS_WEIGHTS) == [
+        "config.json", "generation_config.json", "model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors",
+        "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert "consolidated.safetensors" not in picked(mistral, SAFETENSORS_WEIGHTS)
+    assert {"tokenizer.model", "tokenizer.model.v3", "model-00001-of-00003.safetensors"} <= set(
+        picked(mistral, SAFETENSORS_WEIGHTS))
+    assert [f for f in picked(gpt2, SAFETENSORS_WEIGHTS) if "model" in f] == ["model.safetensors"]
+    # no safetensors: the second download takes the PyTorch shards (the metadata came with the first)
+    assert [f for f in picked(legacy, SAFETENSORS_WEIGHTS) if f.endswith(".bin")] == []
+    assert sorted(filter_repo_objects(legacy, allow_patterns=list(PYTORCH_WEIGHTS),
+                                      ignore_patterns=list(NOT_DOWNLOADED))) == [
+        "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+
+
+def test_a_run_resumes_only_from_the_commit_it_started_from(tiny_dir, tmp_path, hub_cache, monkeypatch):
+    """A run of a hub policy at a branch records the commit it loaded; resumed after the branch
+    moved (its reference policy would be another model) it is refused, naming the commit to resume
+    with, which then resumes it."""
+    import json
+
+    from test_trainer import make_cfg
+
+    from l2t_core.trainer import ResumeError, Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toy.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "problem": f"Compute {i} + 1.",
+                                                        "answer": str(i + 1)}) + "\n" for i in range(4)))
+    monkeypatch.setenv("L2T_DATA_DIR", str(data))
+    hub_cache(REPO, tiny_dir, A)
+    out = tmp_path / "run"
+
+    def run(revision):
+        cfg = make_cfg(REPO, out, steps=1, checkpoint_every=1, mini_batches=1, policy_revision=revision,
+                       rollout={"group_size": 2, "max_new_tokens": 8, "max_prompt_tokens": 512})
+        return Trainer(cfg, show_progress=False).run()
+
+    assert run("main").final_step == 1
+    hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)  # main moves upstream
+    with pytest.raises(ResumeError, match=f"started from commit {A} of {REPO}, and this launch loads commit {B} "
+                                          f".*Resume with --policy-revision {A}"):
+        run("main")
+    assert run(A).final_step == 1  # the same run, finished: resumed from its commit

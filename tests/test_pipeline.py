@@ -1302,8 +1302,7 @@ def test_a_hub_base_model_is_pinned_to_the_commit_base_model_found(tiny_dir, tmp
     from test_hub import A, B, REPO, other_weights
 
     from l2t_core.hub import hub_snapshot
-    from l2t_core.models import weights_fingerprint
-    from l2t_pipeline.assets import HUB_PIN, base_model, base_model_path, checkpoints
+    from l2t_pipeline.assets import HUB_PIN, base_model, base_model_path, benchmark_reports, checkpoints
     from l2t_pipeline.checks import all_checks
     from l2t_pipeline.definitions import ASSETS
     from l2t_pipeline.partitions import run_key
@@ -1339,7 +1338,7 @@ def test_a_hub_base_model_is_pinned_to_the_commit_base_model_found(tiny_dir, tmp
         first = materialize(base_model, "hub")
         assert (first["hub_model"], first["hub_revision"], first["hub_commit"]) == (REPO, "main", A)
         assert json.loads((tmp_path / "models" / "hub" / HUB_PIN).read_text())["commit"] == A
-        assert first["path"] == str(hub_snapshot(REPO, A))
+        assert first["path"] == f"{REPO}@{A}"  # the warehouse's model_path names the hub model, not a cache
 
         hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)  # main moves upstream
         entry = registry.get("hub")
@@ -1350,11 +1349,14 @@ def test_a_hub_base_model_is_pinned_to_the_commit_base_model_found(tiny_dir, tmp
             run = warehouse.read_rows(con, "checkpoints", "checkpoints", pk).iloc[0]
         cfg = json.loads(run["config_json"])
         assert (cfg["policy"], cfg["policy_revision"]) == (REPO, A)
-        assert run["base_weights"] == weights_fingerprint(hub_snapshot(REPO, A))
-        assert run["base_weights"] != weights_fingerprint(hub_snapshot(REPO, B))
+        assert run["base_weights"] == f"hub:{REPO}@{A}"  # the commit names the files: nothing hashed
+        report = materialize(benchmark_reports, pk)  # against the evaluation of the commit it trained from
+        assert isinstance(report, dict) and report["base_accuracy"] is not None, report
 
         second = materialize(base_model, "hub")
         assert second["hub_commit"] == B and base_model_path("hub", entry, storage) == str(hub_snapshot(REPO, B))
+        refused = materialize(benchmark_reports, pk)  # its base's evaluation is now of commit B
+        assert f"fingerprint hub:{REPO}@{A}, now hub:{REPO}@{B}" in refused and "pinned to another commit" in refused
 
 
 def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_moves(tiny_dir, tmp_path,
