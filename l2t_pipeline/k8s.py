@@ -249,13 +249,17 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         if not posixpath.isabs(self.shared_mount_path):
             raise ValueError(f"K8sTrainingLauncher.shared_mount_path {self.shared_mount_path!r} must be absolute")
 
-    def _data_dir_env(self) -> dict[str, str]:
-        """``L2T_DATA_DIR`` for the pod, where the run worker's data directory is on the shared volume:
-        a data file named by ``data.source`` is then the same file in both."""
+    def _shared_env(self) -> dict[str, str]:
+        """The run worker's directories on the shared volume, for the pod: ``L2T_DATA_DIR`` (a data
+        file named by ``data.source`` is then the same file in both) and the hub cache
+        ``HF_HUB_CACHE`` (a hub model the run worker downloaded, e.g. the commit base_model pinned
+        and evaluated, is not downloaded again per pod). ``env`` overrides them."""
+        from huggingface_hub import constants
+
         from l2t_core.data import ENV_VAR, data_dir
 
-        here = str(data_dir())
-        return {ENV_VAR: here} if self._mounted(here) else {}
+        here = {ENV_VAR: str(data_dir()), "HF_HUB_CACHE": str(constants.HF_HUB_CACHE)}
+        return {k: v for k, v in here.items() if self._mounted(v)}
 
     def _check_run(self, cfg: TrainConfig) -> None:
         if self.gpus > 1 and cfg.engine != "deepspeed":
@@ -316,7 +320,7 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         limits = {"memory": self.memory_limit or self.memory_request}
         if self.job_gpus(job):  # extended resources: the request equals the limit
             limits["nvidia.com/gpu"] = str(self.job_gpus(job))
-        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self._data_dir_env(), **self.env}
+        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self._shared_env(), **self.env}
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
         if self.shared_volume_claim:
             mounts.append({"name": "l2t-shared", "mountPath": self.shared_mount_path})

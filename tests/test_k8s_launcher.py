@@ -503,3 +503,22 @@ def test_the_training_pod_is_owned_by_the_run_workers_pod(tmp_path):
     assert launcher.owner_reference(log, in_pod, forbidden, str(ns)) is None
     assert "cannot read the run worker's pod l2t/dagster-run-3f2a9c4e-abcde (RuntimeError: (403)" in said[-1]
     assert len(read) == 1  # no other case read a pod
+
+
+def test_the_pod_shares_the_run_workers_hub_cache_where_it_is_on_the_shared_volume(tmp_path, monkeypatch):
+    """The hub cache of the run worker (HF_HUB_CACHE: where base_model downloaded the commit it
+    pinned) goes into the pod's environment when it is on the shared volume, so a pod does not
+    download the model again; elsewhere the pod keeps its image's cache; the launcher's env wins."""
+    from huggingface_hub import constants
+
+    mount = str(tmp_path / "mnt")
+    launcher = K8sTrainingLauncher(image=IMAGE, shared_volume_claim="l2t-shared", shared_mount_path=mount)
+
+    def pod_env(launcher) -> dict:
+        return {e["name"]: e["value"] for e in launcher.container("c.yaml")["env"]}
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", f"{mount}/hf/hub")
+    assert pod_env(launcher)["HF_HUB_CACHE"] == f"{mount}/hf/hub"
+    assert pod_env(launcher.model_copy(update={"env": {"HF_HUB_CACHE": "/cache"}}))["HF_HUB_CACHE"] == "/cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))  # the worker's own disk
+    assert "HF_HUB_CACHE" not in pod_env(launcher)
