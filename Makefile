@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 # CPU torch first, so resolving the project never pulls a multi-GB CUDA build.
 # On a GPU machine, set TORCH_SPEC to the CUDA build you want (or to "" to skip).
 TORCH_SPEC ?= torch==2.13.0
+# Where that torch comes from: a local wheel directory where pip has one (PIP_FIND_LINKS, as on the CI
+# machines); else, on a machine without an NVIDIA driver, PyTorch's CPU index (PyPI's Linux torch is
+# the CUDA build). TORCH_INDEX= (empty) turns it off.
+TORCH_INDEX ?= $(if $(PIP_FIND_LINKS)$(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 EXTRAS ?= dev,distributed,pipeline,k8s
 # DeepSpeed builds its C++/CUDA ops lazily at run time; nothing is compiled at install.
 export DS_BUILD_OPS ?= 0
@@ -28,11 +32,13 @@ $(VENV)/.installed: pyproject.toml
 # one resolution: TORCH_SPEC holds torch to the build asked for while the project's packages resolve
 install-with-uv:
 	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode $(UV_FIND_LINKS) \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match) \
 		$(if $(TORCH_SPEC),"$(TORCH_SPEC)") -e ".[$(EXTRAS)]"
 
 install-with-pip:
 	$(PY) -m pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+		"$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 
 venv: $(VENV)/.installed
