@@ -311,8 +311,9 @@ def cmd_eval(args) -> int:
     through evaluate_math, HumanEval (kind "code") through evaluate_code, one report."""
     from .eval.code import HUMANEVAL_N, check_k_values, evaluate_code
     from .eval.datasets import DatasetError, benchmark_source
-    from .eval.report import ReportDirError, check_report_dir, write_report
-    from .eval.runner import EvalSettings, evaluate_math
+    from .eval.journal import SampleJournal
+    from .eval.report import ReportDirError, check_report_dir, finished_results, write_report
+    from .eval.runner import EvalSettings, eval_identity, evaluate_math
     from .eval.synthetic import (HeldOutOptionError, HeldOutOptions, benchmark_kind, check_options, is_heldout,
                                  load_eval_benchmark)
     from .models import check_model_source
@@ -334,7 +335,8 @@ def cmd_eval(args) -> int:
     except HeldOutOptionError as exc:
         raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
     base = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                verify_workers=args.verify_workers)
+                verify_workers=args.verify_workers, verify_timeout_s=args.verify_timeout,
+                prompts_per_call=args.prompts_per_call)
     if args.n is not None and args.n < 1:
         raise SystemExit(f"l2t eval --n: samples per problem must be >= 1, got {args.n}")
     try:  # bad flags fail here, before the model loads
@@ -342,8 +344,8 @@ def cmd_eval(args) -> int:
         if args.engine == "vllm" and args.temperature > 0:
             check_vllm_temperature(args.temperature, "--temperature")
     except ValueError as exc:  # named by its flag: EvalSettings.top_p is --top-p
-        raise SystemExit("l2t eval: " + re.sub(r"EvalSettings\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
-                                                str(exc))) from None
+        flag = lambda m: "--" + m.group(1).removesuffix("_s").replace("_", "-")  # noqa: E731 - verify_timeout_s
+        raise SystemExit("l2t eval: " + re.sub(r"EvalSettings\.(\w+)", flag, str(exc))) from None
     code_k = None
     if "code" in kinds.values():
         n = settings["code"].n
@@ -362,22 +364,41 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
     except DatasetError as exc:  # not in the data directory and not downloadable, or malformed
         raise SystemExit(f"l2t eval --benchmarks: {exc}") from None
-    engine, tok = load_engine(args.engine, args.model, args.device,
-                              gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                              max_model_len=args.vllm_max_model_len)
-    results = {}
-    for name, its in items.items():
+    # how each benchmark is evaluated, recorded with it: a rerun into --out (after a crash) keeps the
+    # benchmarks finished with exactly these settings and refuses to mix in other ones
+    identities = {name: {"engine": args.engine, "limit": args.limit, "sampling": eval_identity(settings[kinds[name]]),
+                         "pass_k": code_k if kinds[name] == "code" else None,
+                         "data": heldout.describe(name) if is_heldout(name) else sources[name]}
+                  for name in args.benchmarks}
+    try:
+        results = finished_results(args.out, identities)
+    except ReportDirError as exc:
+        raise SystemExit(f"l2t eval --out: {exc}") from None
+    for name in results:
+        logging.getLogger("l2t.eval").info("%s: finished in %s before, with these settings; kept", name, args.out)
+    todo = {name: its for name, its in items.items() if name not in results}
+    engine, tok = (load_engine(args.engine, args.model, args.device,
+                               gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                               max_model_len=args.vllm_max_model_len) if todo else (None, None))
+    for name, its in todo.items():
+        # each engine call's samples kept as made: a crash resumes from them (l2t_core.eval.journal)
+        journal = SampleJournal(Path(args.out) / ".samples" / f"{name}.jsonl")
         if kinds[name] == "code":
             results[name] = evaluate_code(engine, tok, its, settings["code"], k_values=code_k,
-                                          workers=args.sandbox_workers, show_progress=not args.quiet)
+                                          workers=args.sandbox_workers, show_progress=not args.quiet, journal=journal)
         else:
-            results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet)
+            results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet,
+                                          journal=journal)
             if is_heldout(name):  # which held-out problems: recorded in report.json, named in the report
                 results[name].summary["heldout"] = heldout.describe(name)
             else:  # which file: the data directory's, or the hub copy (report.json)
                 results[name].summary["source"] = sources[name]
+        results[name].summary["evaluation"] = identities[name]
         # the report of every benchmark done so far: a failure later keeps their samples and scores
-        report = write_report(args.out, results, model=args.model)
+        write_report(args.out, {n: results[n] for n in args.benchmarks if n in results}, model=args.model)
+        journal.remove()
+    results = {n: results[n] for n in args.benchmarks}
+    report = write_report(args.out, results, model=args.model)
     print(json.dumps({"out": args.out, "files": report["files"],
                       "pass@1": {n: r.summary["pass@1"] for n, r in results.items()},
                       "pass@k": {n: {k: v for k, v in r.summary.items() if k.startswith("pass@") and k != "pass@1"}
@@ -670,6 +691,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="vllm engine: longest prompt + response it holds (default: the model's context length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify-workers", type=positive_int, default=1)
+    p.add_argument("--verify-timeout", type=float, default=5.0,
+                   help="seconds one answer check may take (math-verify); one that runs out counts as wrong and "
+                        "is counted in the report's statuses")
+    p.add_argument("--prompts-per-call", type=positive_int, default=64,
+                   help="problems per engine call; each call's samples are kept as made, so a rerun after a crash "
+                        "resumes after the last call done (the same samples: a call's seed is seed + its start)")
     p.add_argument("--pass-k", type=int, nargs="+", metavar="K",
                    help="HumanEval pass@k values, each in [1, n] (default: 1 and n)")
     p.add_argument("--sandbox-workers", type=positive_int, help="HumanEval programs run at once (default: CPU count)")

@@ -419,3 +419,70 @@ def test_a_response_cut_before_closing_its_think_block_has_no_answer():
     assert res.rows["status"].tolist()[:2] == ["no_answer", "no_answer"]
     assert res.rows["response_tokens"].tolist() == [10, 11, 12, 13, 14]  # cut ones still count their tokens
     assert res.summary["pass@1"] == pytest.approx(0.6)
+
+
+def test_l2t_eval_cut_short_resumes_where_it_stopped_with_the_same_samples(tiny_dir, tmp_path, monkeypatch):
+    """An evaluation that crashes in its second benchmark's second engine call, run again into the
+    same --out: the first benchmark is kept as reported, the second resumes after the calls it
+    had made (its journal), and the report equals an uninterrupted run's (a call's seed depends on
+    its start only). A rerun with other settings is refused, naming them; the journal is gone once
+    its benchmark is reported."""
+    from l2t_core.cli import main
+    from l2t_core.rollout.hf import HFRolloutEngine
+
+    args = ["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "amc23", "--limit", "3", "--n", "2",
+            "--max-new-tokens", "6", "--prompts-per-call", "2"]
+    real, calls = HFRolloutEngine.generate, []
+
+    def generate(self, prompts, params, **kw):
+        calls.append(len(prompts))
+        if fail_at and len(calls) == fail_at:
+            raise RuntimeError("the GPU fell off the bus")
+        return real(self, prompts, params, **kw)
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", generate)
+    fail_at = None
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert calls == [2, 1, 2, 1]  # two benchmarks of 3 problems, 2 problems per call
+    calls.clear()
+    fail_at = 4  # amc23's second call
+    with pytest.raises(RuntimeError, match="fell off"):
+        main([*args, "--out", str(tmp_path / "cut")])
+    assert list(json.loads((tmp_path / "cut" / "report.json").read_text())["benchmarks"]) == ["aime24"]
+    assert (tmp_path / "cut" / ".samples" / "amc23.jsonl").is_file()
+    with pytest.raises(SystemExit, match=r"--out: .*cut holds aime24 evaluated with other settings \(sampling: "):
+        main([*args[:-1], "3", "--out", str(tmp_path / "cut")])  # another --prompts-per-call
+    calls.clear()
+    fail_at = None
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert calls == [1]  # aime24 kept, amc23's first call kept: only its last one sampled
+    whole = pd.read_parquet(tmp_path / "whole" / "eval_results.parquet")
+    resumed = pd.read_parquet(tmp_path / "cut" / "eval_results.parquet")
+    pd.testing.assert_frame_equal(whole, resumed)
+    assert not list((tmp_path / "cut" / ".samples").iterdir())
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())["benchmarks"]
+    assert report["amc23"]["statuses"] and report["amc23"]["evaluation"]["sampling"]["prompts_per_call"] == 2
+
+
+def test_a_sample_journal_keeps_whole_chunks_of_the_same_prompts_and_settings(tmp_path):
+    """Chunks come back as completions of their prompts; a line torn by a crash (and any after it)
+    is dropped and later appends follow whole lines; other prompts or settings start it over."""
+    from l2t_core.eval.journal import SampleJournal, journal_key
+    from l2t_core.rollout.base import Completion
+
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    key = journal_key(prompts, {"n": 1, "seed": 0})
+    path = tmp_path / "j.jsonl"
+    j = SampleJournal(path)
+    assert j.begin(key, prompts) == {}
+    j.record(0, [[Completion([1, 2], [7], "a", True)], [Completion([3], [8, 9], "b", False)]])
+    with open(path, "a") as f:
+        f.write('{"start": 2, "groups": [[[[1')  # the crash
+    again = SampleJournal(path).begin(key, prompts)
+    assert again == {0: [[Completion([1, 2], [7], "a", True)], [Completion([3], [8, 9], "b", False)]]}
+    j2 = SampleJournal(path)
+    j2.begin(key, prompts)
+    j2.record(2, [[Completion([4, 5, 6], [], "", False)]])
+    assert sorted(SampleJournal(path).begin(key, prompts)) == [0, 2]
+    assert SampleJournal(path).begin(journal_key(prompts, {"n": 2, "seed": 0}), prompts) == {}
+    assert SampleJournal(path).begin(key, prompts) == {}  # started over for the other settings

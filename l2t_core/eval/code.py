@@ -45,6 +45,7 @@ from ..prompts import THINK_CLOSE, encode_prompt
 from ..rollout import Completion, RolloutEngine
 from .datasets import BenchmarkItem
 from .metrics import pass_at_k
+from .journal import SampleJournal
 from .runner import ROW_COLUMNS, EvalResult, EvalSettings, group_of, sample_responses
 from .sandbox import HUMANEVAL_CPU_S, HUMANEVAL_TIMEOUT_S, ExecResult, humaneval_program, isolation_report, run_many
 
@@ -294,11 +295,13 @@ def score_code(items: Sequence[BenchmarkItem], groups: Sequence[Sequence[Complet
 
 def evaluate_code(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem],
                   settings: EvalSettings = EvalSettings(n=HUMANEVAL_N), *, k_values: Sequence[int] | None = None,
-                  workers: int | None = None, show_progress: bool = False, **limits) -> EvalResult:
+                  workers: int | None = None, show_progress: bool = False, journal: SampleJournal | None = None,
+                  **limits) -> EvalResult:
     """Sample ``settings.n`` responses per HumanEval item with ``engine``, run and score them.
 
     ``k_values`` (default ``(1, settings.n)``; each in [1, n]) are the reported pass@k;
-    ``workers`` sandboxes run at once (default: the CPU count); ``limits`` go to the sandbox."""
+    ``workers`` sandboxes run at once (default: the CPU count); ``limits`` go to the sandbox;
+    ``journal``: see :func:`~l2t_core.eval.runner.sample_responses`."""
     if not items:
         raise ValueError("evaluate_code: no problems to evaluate")
     for item in items:
@@ -306,7 +309,7 @@ def evaluate_code(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkIte
     ks = check_k_values(k_values if k_values is not None else (1, settings.n), settings.n)
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, code_prompt(i)) for i in items]
-    groups = sample_responses(engine, prompts, settings, show_progress=show_progress)
+    groups = sample_responses(engine, prompts, settings, show_progress=show_progress, journal=journal)
     gen_s = time.perf_counter() - t0
     result = score_code(items, groups, k_values=ks, workers=workers, keep_text=settings.keep_text, **limits)
     result.summary.update(benchmarks=sorted({i.benchmark for i in items}), generation_s=gen_s,

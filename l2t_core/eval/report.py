@@ -142,6 +142,40 @@ def check_report_dir(out_dir, *, model: str, benchmarks: list[str]) -> None:
             f"{', '.join(benchmarks)}) would replace it. Choose another --out, or remove that report first")
 
 
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def finished_results(out_dir, identities: Mapping[str, dict]) -> dict[str, EvalResult]:
+    """The benchmarks of the report in ``out_dir`` (one :func:`check_report_dir` let through: this
+    model, some of these benchmarks) that a rerun of the same evaluation need not evaluate again:
+    their rows and summary, where the report recorded how they were evaluated (``evaluation``:
+    engine, sampling, limit, data) and that equals ``identities[name]``. One evaluated otherwise
+    fails (:class:`ReportDirError`, naming what differs): the rerun would mix two evaluations in one
+    report. A benchmark reported without that record (an earlier version) is evaluated again."""
+    out = Path(out_dir)
+    report, table = out / "report.json", out / "eval_results.parquet"
+    if not (report.is_file() and table.is_file()):
+        return {}
+    held = json.loads(report.read_text())["benchmarks"]
+    rows = pd.read_parquet(table)
+    found = {}
+    for name, summary in held.items():
+        recorded = summary.get("evaluation") if isinstance(summary, dict) else None
+        if recorded is None or name not in identities:
+            continue
+        wanted = _as_json(identities[name])
+        if recorded != wanted:
+            differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+            changes = "; ".join(f"{k}: {recorded.get(k)} there, {wanted.get(k)} now" for k in differ)
+            raise ReportDirError(
+                f"{out} holds {name} evaluated with other settings ({changes}); this run would mix two "
+                "evaluations in one report. Rerun with those settings to complete it, or choose another --out")
+        found[name] = EvalResult(rows=rows[rows["benchmark"] == name].drop(columns="model").reset_index(drop=True),
+                                 summary=summary)
+    return found
+
+
 def write_report(out_dir, results: Mapping[str, EvalResult], *, model: str) -> dict:
     """Write the report files of ``results`` (benchmark name -> result) into ``out_dir``."""
     if not results:

@@ -16,6 +16,7 @@ samples with :func:`sample_responses` and writes rows of the same columns.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -28,7 +29,10 @@ from ..prompts import THINK_CLOSE, build_prompt, encode_prompt
 from ..rollout import Completion, RolloutEngine, SamplingParams
 from ..verify import MathVerifier, Verdict, equivalent_answers
 from .datasets import BenchmarkItem
+from .journal import SampleJournal, journal_key
 from .metrics import answer_classes, maj_at_k
+
+log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ("benchmark", "problem_id", "sample", "group", "response_tokens", "finished", "correct",
                "status", "answer", "response")
@@ -59,6 +63,12 @@ class EvalSettings:
             raise ValueError(f"EvalSettings.top_p must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.verify_timeout_s) and self.verify_timeout_s > 0):
             raise ValueError(f"EvalSettings.verify_timeout_s must be a finite number > 0, got {self.verify_timeout_s}")
+
+
+def eval_identity(settings: EvalSettings) -> dict:
+    """The settings that change an evaluation's results (not how many processes verify)."""
+    return {k: getattr(settings, k) for k in ("n", "temperature", "top_p", "max_new_tokens", "maj_k", "seed",
+                                              "prompts_per_call", "verify_timeout_s", "keep_text")}
 
 
 @dataclass
@@ -180,20 +190,37 @@ def summarize(rows: pd.DataFrame, maj_k: int) -> dict:
 
 
 def sample_responses(engine: RolloutEngine, prompts: Sequence[Sequence[int]], settings: EvalSettings, *,
-                     show_progress: bool = False) -> list[list[Completion]]:
+                     show_progress: bool = False, journal: SampleJournal | None = None) -> list[list[Completion]]:
     """``settings.n`` completions per prompt, ``settings.prompts_per_call`` prompts per engine call.
 
     The call for the chunk that starts at prompt ``s`` is seeded ``settings.seed + s``, so the same
-    items and settings draw the same samples. Shared by :func:`evaluate_math` and
-    :func:`~l2t_core.eval.code.evaluate_code`."""
+    items and settings draw the same samples. With a ``journal``, each call's completions are kept
+    as it returns, and the chunks the journal already holds for these prompts and settings are not
+    sampled again (a rerun after a crash: :mod:`~l2t_core.eval.journal`). Shared by
+    :func:`evaluate_math` and :func:`~l2t_core.eval.code.evaluate_code`."""
     params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
                             max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+    done = {}
+    if journal is not None:
+        sampling = {"n": settings.n, "temperature": settings.temperature, "top_p": settings.top_p,
+                    "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
+                    "prompts_per_call": settings.prompts_per_call, "engine": getattr(engine, "name", None)}
+        done = journal.begin(journal_key(prompts, sampling), prompts)
     groups: list[list[Completion]] = []
     with Progress(disable=not show_progress) as bar:
         task = bar.add_task(f"sampling {len(prompts)} problems x {settings.n}", total=len(prompts))
+        if done:
+            log.info("resuming: %d of %d problems sampled before (%s)", sum(len(g) for g in done.values()),
+                     len(prompts), journal.path)
         for s in range(0, len(prompts), settings.prompts_per_call):
             chunk = prompts[s: s + settings.prompts_per_call]
-            groups += engine.generate(chunk, dataclasses.replace(params, seed=settings.seed + s))
+            if s in done and len(done[s]) == len(chunk):
+                groups += done[s]
+            else:
+                out = engine.generate(chunk, dataclasses.replace(params, seed=settings.seed + s))
+                if journal is not None:
+                    journal.record(s, out)
+                groups += out
             bar.update(task, advance=len(chunk))
     if len(groups) != len(prompts) or any(len(g) != settings.n for g in groups):
         raise RuntimeError(f"rollout engine {getattr(engine, 'name', engine)!r} returned {len(groups)} groups of "
@@ -202,16 +229,17 @@ def sample_responses(engine: RolloutEngine, prompts: Sequence[Sequence[int]], se
 
 
 def evaluate_math(engine: RolloutEngine, tokenizer, items: Sequence[BenchmarkItem],
-                  settings: EvalSettings = EvalSettings(), *, show_progress: bool = False) -> EvalResult:
+                  settings: EvalSettings = EvalSettings(), *, show_progress: bool = False,
+                  journal: SampleJournal | None = None) -> EvalResult:
     """Sample ``settings.n`` responses per item with ``engine``, verify and summarise them.
 
     Each item is prompted with :func:`prompt_text` (its own prompt, else the §8 math prompt),
-    encoded by :func:`~l2t_core.prompts.encode_prompt`."""
+    encoded by :func:`~l2t_core.prompts.encode_prompt`. ``journal``: see :func:`sample_responses`."""
     if not items:
         raise ValueError("evaluate_math: no problems to evaluate")
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, prompt_text(i)) for i in items]
-    groups = sample_responses(engine, prompts, settings, show_progress=show_progress)
+    groups = sample_responses(engine, prompts, settings, show_progress=show_progress, journal=journal)
     gen_s = time.perf_counter() - t0
     result = score_math(items, groups, settings)
     result.summary.update(generation_s=gen_s)
@@ -237,7 +265,13 @@ def score_math(items: Sequence[BenchmarkItem], groups: Sequence[Sequence[Complet
         "status": v.status, "answer": v.extracted, "response": c.text if settings.keep_text else None,
     } for (item, k, c), v in zip(flat, verdicts)], columns=list(ROW_COLUMNS))
     summary = summarize(rows, settings.maj_k)
-    summary.update(benchmarks=sorted(kinds), verification_s=verify_s, settings=dict(settings.__dict__))
+    statuses = {str(k): int(v) for k, v in rows["status"].value_counts().sort_index().items()}
+    summary.update(benchmarks=sorted(kinds), verification_s=verify_s, settings=dict(settings.__dict__),
+                   statuses=statuses)
+    if statuses.get("timeout"):  # scored wrong: say so, it lowers pass@1 for no fault of the model
+        log.warning("%s: %d of %d answer checks ran out of their %.1f s and count as wrong (status 'timeout'); "
+                    "a larger --verify-timeout or more --verify-workers checks them", ", ".join(sorted(kinds)),
+                    statuses["timeout"], len(rows), settings.verify_timeout_s)
     return EvalResult(rows, summary)
 
 

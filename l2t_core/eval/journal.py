@@ -1,0 +1,85 @@
+"""Sampled completions kept as they are made, so that an evaluation cut short resumes where it
+stopped (``l2t eval``).
+
+:class:`SampleJournal` appends the completions of each engine call (one chunk of prompts, seeded
+by where it starts: :func:`~l2t_core.eval.runner.sample_responses`) to a JSONL file, flushed and
+synced, under a header that names what is sampled: a digest of the prompts and the sampling
+settings. A rerun of the same evaluation reads the chunks already made and samples only the
+others; since a chunk's seed depends on its start alone, the result is an uninterrupted run's. A
+journal of other prompts or settings is started over; a line cut by a crash, and what follows it,
+is dropped (those chunks are sampled again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..atomic_files import write_text_atomic
+from ..rollout.base import Completion
+
+
+def journal_key(prompts: Sequence[Sequence[int]], sampling: dict) -> dict:
+    """What a journal holds samples of: the prompts (a digest of their token ids, and how many)
+    and the sampling settings (JSON-able values)."""
+    digest = hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()
+    return {"prompts": digest, "count": len(prompts), "sampling": sampling}
+
+
+class SampleJournal:
+    """The JSONL journal at ``path``: a header line (the :func:`journal_key`), then one line per
+    chunk, ``{"start": s, "groups": [[[response_ids], text, finished], ...]}``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._key: dict | None = None
+
+    def begin(self, key: dict, prompts: Sequence[Sequence[int]]) -> dict[int, list[list[Completion]]]:
+        """Open the journal for samples of ``key``; the chunks it already holds for that key (by
+        start), rebuilt as completions of ``prompts``. Any other journal at the path is replaced."""
+        self._key = key
+        done: dict[int, list[list[Completion]]] = {}
+        lines = self.path.read_text().split("\n") if self.path.is_file() else []
+        header = _parse(lines[0]) if lines else None
+        if header != {"key": key}:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps({"key": key}) + "\n")
+            return done
+        kept = [lines[0]]
+        for line in lines[1:]:
+            chunk = _parse(line)
+            if chunk is None:  # cut by a crash: it and what follows are sampled again
+                break
+            start = chunk["start"]
+            done[start] = [[Completion(prompt_ids=list(prompts[start + i]), response_ids=ids, text=text,
+                                       finished=finished) for ids, text, finished in group]
+                           for i, group in enumerate(chunk["groups"])]
+            kept.append(line)
+        if len(kept) < len(lines) - (lines[-1] == ""):  # drop the torn tail, so appends follow whole lines
+            write_text_atomic(self.path, "\n".join(kept) + "\n")
+        return done
+
+    def record(self, start: int, groups: Sequence[Sequence[Completion]]) -> None:
+        """Append the completions of the chunk that starts at prompt ``start`` (synced to disk)."""
+        if self._key is None:
+            raise RuntimeError("SampleJournal.record before begin")
+        line = {"start": start, "groups": [[[c.response_ids, c.text, c.finished] for c in g] for g in groups]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        """Drop the journal (its samples are in the report now)."""
+        self.path.unlink(missing_ok=True)
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
