@@ -467,6 +467,19 @@ def _named_models(specs: list[str], command: str = "reads") -> dict[str, str]:
     return out
 
 
+def _check_output_file(path: str, what: str) -> None:
+    """Refuse (SystemExit naming ``what``), before any compute, an output file that could not be
+    written at the end: a directory, or one whose nearest existing parent is no writable directory."""
+    target = Path(path)
+    if target.is_dir():
+        raise SystemExit(f"l2t {what}: {path} is a directory; give a file name (e.g. {target / 'result.json'})")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"l2t {what}: cannot write {path}: {parent} is not a writable directory")
+
+
 def cmd_reads(args) -> int:
     """Teacher-forced reading of the walk's steps, every model on every model's samples."""
     import torch
@@ -478,12 +491,17 @@ def cmd_reads(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = _named_models(args.model)
+    if args.out:  # before any model loads: the result is written only at the end
+        _check_output_file(args.out, "reads --out")
+    try:
+        problems = held_out(args.levels, args.per_level)
+    except ValueError as exc:
+        raise SystemExit(f"l2t reads --levels/--per-level: {exc}") from None
     loaded = {name: load_policy(path) for name, path in paths.items()}
     vocabs = {name: tok.get_vocab() for name, (_, tok) in loaded.items()}
     first = next(iter(vocabs))
     if any(v != vocabs[first] for v in vocabs.values()):
         raise SystemExit("l2t reads: the models do not share one tokenizer; compare checkpoints of one warm start")
-    problems = held_out(args.levels, args.per_level)
     res = context_or_weights({name: m for name, (m, _) in loaded.items()}, loaded[first][1], problems,
                              n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              seed=args.seed, ablate=DEFAULT_ABLATIONS if args.ablate else ())
@@ -550,8 +568,11 @@ def cmd_credit(args) -> int:
         if est in configs:
             raise SystemExit(f"l2t credit: --estimator {est} is also a method or variant name in {args.config}")
         configs[est] = ("l2t", RewardConfig(fitting={**fitting, "estimator": est}))
+    try:
+        problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed + 7)
+    except ValueError as exc:  # a step range the task does not have: before the model loads
+        raise SystemExit(f"l2t credit --min-steps/--max-steps: {exc}") from None
     model, tok = load_policy(args.model)
-    problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed + 7)
     rep = credit_by_kind(model, tok, problems, configs, group_size=args.group_size, temperature=args.temperature,
                          max_new_tokens=args.max_new_tokens, seed=args.seed)  # one set of samples, scored by each
     for name, (method, _) in configs.items():
@@ -583,7 +604,10 @@ def _walk_probe(args, command: str, probe) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed, split="heldout")
+    try:
+        problems = walk.dataset(args.problems, args.min_steps, args.max_steps, seed=args.seed, split="heldout")
+    except ValueError as exc:  # a step range the task does not have: before any model loads
+        raise SystemExit(f"l2t {command} --min-steps/--max-steps: {exc}") from None
     for name, path in _named_models(args.model, command).items():
         model, tok = load_policy(path)
         try:

@@ -50,7 +50,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from .config import METHOD_NAMES, RewardConfig, TrainConfig, _Strict, config_differences
 from .atomic_files import write_json_atomic, write_text_atomic
@@ -111,6 +111,25 @@ class MiniatureConfig(_Strict):
                 raise ValueError(f"variant name {name!r} clashes with a method name")
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one seed")
+        for field, values in (("methods", self.methods), ("seeds", self.seeds), ("eval_levels", self.eval_levels)):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:  # two runs into one directory, or one seed or level counted twice in the statistics
+                raise ValueError(f"{field} lists {', '.join(map(str, twice))} more than once; give each once")
+        from .warmstart import LEVELS
+
+        outside = sorted(set(self.eval_levels) - set(LEVELS))
+        if outside:
+            raise ValueError(f"eval_levels {outside} are not levels of the task (its levels: "
+                             f"{', '.join(map(str, LEVELS))})")
+        try:  # every run's TrainConfig, checked now rather than after the warm start and the base evaluation
+            run_configs(Path("."), self, "policy")
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"train_overrides or a variant's overrides make an invalid training config: "
+                             f"{detail}") from None
+        except ValueError as exc:
+            raise ValueError(f"train_overrides or a variant's overrides make an invalid training config: "
+                             f"{exc}") from None
 
     def sampled_decoding(self) -> dict | None:
         """How the sampled evaluation decodes (the keyword arguments of ``warmstart.evaluate``), or
@@ -123,8 +142,10 @@ class MiniatureConfig(_Strict):
 
 def _set_nested(d: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"{dotted!r}: {'.'.join(parts[:i + 1])!r} is a setting, not a section of settings")
     d[parts[-1]] = value
 
 

@@ -282,7 +282,8 @@ def test_benchmark_reports_materializes_with_the_benchmark_evaluator(tiny_dir, t
     assert not failed.success and evaluated == []
     (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
     assert re.search(r"trained from other weights of base model 'tiny' .*fingerprint 000000000000, now "
-                     r"[0-9a-f]{12}: the base was rebuilt since\).*Materialize checkpoints\[tiny\|grpo\]",
+                     r"[0-9a-f]{12}: the base was rebuilt or pinned to another commit since\).*"
+                     r"Materialize checkpoints\[tiny\|grpo\]",
                      failure.event_specific_data.error.message)
     with duckdb.connect(db) as con:
         assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == len(stored)

@@ -353,6 +353,9 @@ def test_guess_trust_reads_j_right_after_each_hard_step_for_the_three_answers(tm
 
     with pytest.raises(SystemExit, match="l2t guess-trust: --model '=x': write NAME=DIR"):
         main(["guess-trust", "--model", "=x"])
+    for command in ("guess-trust", "check-odds", "credit"):  # a step range the task lacks: before any model loads
+        with pytest.raises(SystemExit, match=rf"l2t {command} --min-steps/--max-steps: .*got 6, 4"):
+            main([command, "--model", "/no/such/model", "--min-steps", "6", "--max-steps", "4"])
 
 
 def test_credit_command_scores_the_same_samples_under_each_estimator(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -256,11 +257,25 @@ def test_offline_hub_is_a_clear_error(tmp_path):
         "try:\n    load_benchmark('aime24')\nexcept DatasetError as e:\n    print('DatasetError:', e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "L2T_DATA_DIR": str(tmp_path / "data")}
+    (tmp_path / "data").mkdir()  # where hub copies may be kept (a directory that does not exist is refused)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("DatasetError:"), out.stdout + out.stderr
     assert "Maxwell-Jia/AIME_2024" in out.stdout and "HF_HUB_OFFLINE" in out.stdout
     assert not (tmp_path / "data" / "aime24.hub.jsonl").exists()
+
+
+def test_a_data_directory_that_does_not_exist_is_refused_rather_than_filled_with_hub_copies(tmp_path, monkeypatch):
+    """A mistyped L2T_DATA_DIR (or data_dir) would make every benchmark a hub copy, which can differ
+    from the curated file (fewer accepted answers): refused, naming the directory, before any download."""
+    missing = tmp_path / "shraed" / "data"
+    monkeypatch.setenv("L2T_DATA_DIR", str(missing))
+    with pytest.raises(DatasetError, match=rf"the data directory {re.escape(str(missing))} \(L2T_DATA_DIR\) does "
+                                           r"not exist.*create that directory first"):
+        load_benchmark("aime24")
+    with pytest.raises(DatasetError, match=r"\(data_dir\) does not exist"):
+        load_benchmark("aime24", missing)
+    assert not missing.exists()
 
 
 def test_hub_rows_are_normalised_to_the_file_schema(tmp_path, caplog):

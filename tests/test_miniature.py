@@ -40,6 +40,19 @@ def test_config_rejects_unknown_methods_and_clashing_variants():
         MiniatureConfig(methods=["grpo"], variants={"grpo": {"method": "l2t"}})
     with pytest.raises(ValueError, match="seeds"):
         MiniatureConfig(seeds=[])
+    # two runs into one directory, a seed or level counted twice, a level the task lacks
+    for bad, match in ((dict(seeds=[0, 0]), "seeds lists 0 more than once"),
+                       (dict(methods=["grpo", "grpo"]), "methods lists grpo more than once"),
+                       (dict(eval_levels=[2, 2]), "eval_levels lists 2 more than once"),
+                       (dict(eval_levels=[9]), r"eval_levels \[9\] are not levels of the task")):
+        with pytest.raises(ValueError, match=match):
+            MiniatureConfig(**bad)
+    # the runs' training configs are checked with the config, not after the warm start
+    for overrides, match in (({"reward.credit.bta": 1}, "bta"), ({"steps.x": 1}, "'steps' is a setting, not a section")):
+        with pytest.raises(ValueError, match=f"make an invalid training config: .*{match}"):
+            MiniatureConfig(train_overrides=overrides)
+        with pytest.raises(ValueError, match=match):
+            MiniatureConfig(variants={"v": {"method": "l2t", "overrides": overrides}})
 
 
 def test_aggregate_mean_std_and_ratios():

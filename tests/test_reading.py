@@ -238,6 +238,11 @@ def test_cli_reads_writes_the_matrix_and_refuses_bad_model_lists(walk_model, tmp
         cli_main(["reads", "--model", f"a={tmp_path / 'a'}", "--model", f"a={tmp_path / 'b'}"])
     with pytest.raises(SystemExit, match="NAME=DIR"):
         cli_main(["reads", "--model", "=x"])
+    # refused before any model loads: an --out it could not write at the end, levels the task lacks
+    with pytest.raises(SystemExit, match=r"l2t reads --out: .* is a directory"):
+        cli_main(["reads", "--model", f"a={tmp_path / 'missing'}", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"l2t reads --levels/--per-level: .*steps must be an integer in \[1, 64\]"):
+        cli_main(["reads", "--model", f"a={tmp_path / 'missing'}", "--levels", "0"])
     other = tmp_path / "c"  # another tokenizer: the models cannot read each other's samples
     bpe = build_tokenizer(TEXTS[:4] * 5, vocab_size=300)
     build_tiny_qwen2(len(bpe), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,

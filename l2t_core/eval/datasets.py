@@ -329,6 +329,12 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, *, allo
             f"{ENV_VAR} to the folder that holds it (see shared/data/MANIFEST.md), or allow the "
             f"download from the Hugging Face hub dataset {spec.hub.repo_id} (allow_download=True), "
             f"which is cached as {cached}", path=local)
+    named = data_dir is not None or bool(os.environ.get(ENV_VAR))
+    if named and not root.is_dir():  # a mistyped directory: its benchmarks would silently be hub copies
+        raise DatasetError(
+            f"benchmark {name!r}: the data directory {root} ({'data_dir' if data_dir is not None else ENV_VAR}) "
+            f"does not exist, so {spec.file} cannot be in it. Fix the path; or, to download the Hugging Face "
+            f"hub copy {spec.hub.repo_id} and keep it there, create that directory first", path=local)
     download_from_hub(spec, cached)
     hub_copy()
     return read_benchmark_file(spec, cached, expected_rows=spec.hub.rows, limit=limit, strict_count=strict_count)
