@@ -334,6 +334,15 @@ def cmd_eval(args) -> int:
         check_options(args.benchmarks, heldout)
     except HeldOutOptionError as exc:
         raise SystemExit(f"l2t eval --heldout-{exc.option.replace('_', '-')}: {exc}") from None
+    # a flag that would change nothing here is refused rather than silently ignored
+    unused = [(args.pass_k, "--pass-k", "HumanEval (humaneval)", "code" in kinds.values()),
+              (args.heldout_levels or args.heldout_seed is not None or args.heldout_per_level != 50,
+               "--heldout-*", "a synthetic held-out benchmark (walk_heldout, ...)", any(map(is_heldout, kinds))),
+              (args.vllm_max_model_len is not None or args.vllm_gpu_memory_utilization != 0.9, "--vllm-*",
+               "the vllm engine (--engine vllm)", args.engine == "vllm")]
+    for given, flag, applies_to, present in unused:
+        if given and not present:
+            raise SystemExit(f"l2t eval {flag}: applies to {applies_to}, which this evaluation has not; drop it")
     base = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
                 verify_workers=args.verify_workers, verify_timeout_s=args.verify_timeout,
                 prompts_per_call=args.prompts_per_call)

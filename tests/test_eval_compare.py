@@ -95,6 +95,14 @@ def test_names_base_default_skipped_benchmarks_and_warnings(reports, tmp_path):
     c = compare_summaries({"base": base, "l2t": extra, "grpo": other}, "l2t")
     assert c["benchmarks"] == ["math500", "humaneval"] and c["skipped"] == {"aime24": ["base", "grpo"]}
     assert len(c["warnings"]) == 1 and "math500: problems differ" in c["warnings"][0]
+    # how each benchmark was evaluated (l2t eval's record): another token budget is said
+    evaluation = {"engine": "hf", "limit": None, "sampling": {"n": 2, "max_new_tokens": 512}, "data": "math500.jsonl"}
+    cut = {"math500": {**base["math500"], "evaluation": evaluation}}
+    longer = {"math500": {**l2t["math500"], "evaluation": {**evaluation, "engine": "vllm",
+                                                           "sampling": {"n": 2, "max_new_tokens": 4096}}}}
+    w = compare_summaries({"base": cut, "l2t": longer}, "base")["warnings"]
+    assert len(w) == 1 and w[0].startswith("math500: evaluated with other sampling (base: {") and "4096" in w[0]
+    assert compare_summaries({"base": cut, "l2t": cut}, "base")["warnings"] == []
     rows = {(r["model"], r["benchmark"]): r for r in c["rows"]}
     assert rows[("base", "math500")]["token_ratio"] == pytest.approx(2.5)  # 250 / 100 tokens
     assert rows[("base", "humaneval")]["accuracy_delta"] == pytest.approx(-0.5)

@@ -105,6 +105,11 @@ def test_l2t_eval_command_writes_a_report(tiny_dir, tmp_path, capsys):
         main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "--engine", "vllm", "--temperature",
               "0.005", "--out", str(tmp_path / "y")])
     assert not (tmp_path / "y").exists()
+    # a flag that would change nothing in this evaluation is refused, not ignored
+    for extra, flag in ((["--pass-k", "1"], "--pass-k"), (["--heldout-levels", "1"], "--heldout-\\*"),
+                        (["--vllm-max-model-len", "64"], "--vllm-\\*")):
+        with pytest.raises(SystemExit, match=f"l2t eval {flag}: applies to .*which this evaluation has not"):
+            main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", *extra, "--out", str(tmp_path / "y")])
 
 
 def test_l2t_eval_keeps_the_finished_benchmarks_when_a_later_one_fails(tiny_dir, tmp_path, monkeypatch):

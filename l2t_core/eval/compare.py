@@ -106,6 +106,16 @@ def compare_summaries(models: Mapping[str, Mapping[str, Mapping]], base: str, *,
             if len(set(seen.values())) > 1:
                 warnings.append(f"{b}: {key} differ between models ({seen}); the numbers are not on the same problems "
                                 "or sample counts")
+        # how each was evaluated (l2t eval records it): other sampling, a token budget or another data file
+        # changes pass@1 and tokens as much as the model does
+        recorded = {n: models[n][b].get("evaluation") for n in models}
+        if all(isinstance(r, dict) for r in recorded.values()):
+            for key in sorted({k for r in recorded.values() for k in r if k != "engine"}):
+                seen = {n: json.dumps(r.get(key), sort_keys=True) for n, r in recorded.items()}
+                if len(set(seen.values())) > 1:
+                    values = ", ".join(f"{n}: {v}" for n, v in seen.items())
+                    warnings.append(f"{b}: evaluated with other {key} ({values}); the models are not compared under "
+                                    "the same evaluation")
     rows = []
     for name, benchmarks in models.items():
         for b in common:

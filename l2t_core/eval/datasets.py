@@ -377,10 +377,12 @@ def read_benchmark_file(spec: BenchmarkSpec, path: Path, *, expected_rows: int |
         raise DatasetError("the file has no rows; replace it with the copy described in MANIFEST.md",
                            path=path)
     if strict_count and limit is None and expected_rows is not None and len(items) != expected_rows:
+        fix = ("delete it, and the next run downloads the hub copy again" if path.name == spec.hub_cache_file else
+               "replace it with the manifest's copy")
         raise DatasetError(
             f"has {len(items)} rows but benchmark {spec.name!r} expects {expected_rows} (MANIFEST.md); "
-            "the file is truncated or from another version. Replace it with the manifest's copy, "
-            "or pass strict_count=False (or limit=...) to use it anyway", path=path)
+            f"the file is truncated or from another version: {fix}. To use it anyway, evaluate its first rows "
+            "(l2t eval --limit N; strict_count=False in code)", path=path)
     return items
 
 
