@@ -507,10 +507,13 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
                                   "config_json": cfg.model_dump_json(),
                                   "base_weights": base_weights(policy, pin) if pin else
                                   weights_fingerprint(policy, inputs.get("policy_weights"))}])
+    last = tables["train_steps"].sort_values("step").iloc[-1]
+    history_row = registry_row.assign(last_accuracy=float(last["accuracy"]), last_mean_tokens=float(last["mean_tokens"]),
+                                      dagster_run_id=context.run.run_id)
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
-        counts = write_validated(conn, tables, asset_key, pk, unvalidated={"checkpoints": registry_row})
-    last = tables["train_steps"].sort_values("step").iloc[-1]
+        counts = write_validated(conn, tables, asset_key, pk,
+                                 unvalidated={"checkpoints": registry_row, "run_history": history_row})
     meta = dict(reported.metadata or {})
     meta.update({f"{t}_rows": n for t, n in counts.items()})
     meta.update(run_url=storage.display(cfg.out), checkpoint=storage.display(latest[1]), final_step=latest[0],
@@ -627,9 +630,15 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
     ckpt_key = evaluation_key(fingerprint, run["checkpoint_url"])
     ckpt = kept_evaluation(context, run_store, ckpt_key, evaluate_checkpoint)
     evals = pd.concat([base_evals, ckpt], ignore_index=True)
-    with connect(duckdb) as conn:
-        n = write_validated(conn, {"eval_results": evals}, asset_key, pk)["eval_results"]
     cmp = comparison(evals)
+    history = pd.DataFrame([{"base_model": base, "method": method, "config_hash": run["config_hash"],
+                             "checkpoint_url": run["checkpoint_url"], "evaluator": fingerprint,
+                             "benchmark": evaluator.benchmark, "dagster_run_id": context.run.run_id,
+                             **{k: cmp[k] for k in ("accuracy", "base_accuracy", "accuracy_delta", "mean_tokens",
+                                                    "base_mean_tokens", "token_reduction")}}])
+    with connect(duckdb) as conn:
+        n = write_validated(conn, {"eval_results": evals}, asset_key, pk,
+                            unvalidated={"evaluation_history": history})["eval_results"]
     images = [("accuracy and tokens per level",
                plots.png_data_uri(plots.eval_comparison(evals, f"{base} / {method} on {evaluator.benchmark}")))]
     if len(steps):

@@ -11,7 +11,16 @@ Tables (every one keyed by the Dagster asset and partition that wrote the rows):
   the fingerprint of the model's weights (``model_weights``);
 * ``checkpoints``: one row per training run (run URL, latest checkpoint, its config and the
   fingerprint of the base weights it trained from, ``base_weights``);
-* ``quarantine``: rows that failed their schema, as JSON, with the reasons.
+* ``quarantine``: rows that failed their schema, as JSON, with the reasons;
+* ``run_history``: every training run of every ``checkpoints`` partition, kept when the partition
+  trains another one (a new configuration, a rebuilt base): its config hash and JSON, run and
+  checkpoint URLs, last step's accuracy and tokens, the Dagster run; a warehouse from before this
+  table starts it with the runs ``checkpoints`` holds;
+* ``evaluation_history``: every evaluation ``benchmark_reports`` made of a run (per config hash and
+  evaluator fingerprint): the checkpoint's and its base's accuracy and tokens, the token reduction.
+
+The other tables hold what each partition is now (its latest run); the history tables are
+replaced only row by row (:data:`HISTORY_KEYS`: the same run, or the same run and evaluator).
 
 Views:
 
@@ -20,7 +29,9 @@ Views:
   benchmark (overall), with ``accuracy_delta`` and ``token_reduction`` (1 − tokens/base tokens);
 * ``v_episode_reward_summary``: per source, base model and method, mean G_k, P̂_k, r_k^prg,
   R_k and the share of episodes with a positive gain;
-* ``v_quarantine_counts``: quarantined rows per table, asset and partition.
+* ``v_quarantine_counts``: quarantined rows per table, asset and partition;
+* ``v_run_ledger``: every run of ``run_history`` with its evaluations (none yet: NULLs), for
+  comparing the configurations a partition was trained with.
 
 No credential is ever stored: every column that holds a location (:data:`URL_COLUMNS`: ``run_url``,
 ``checkpoint_url``, ``model_path``) is written through :func:`l2t_core.urls.redact_url`, every URL
@@ -76,8 +87,21 @@ OTHER_TABLES = {
                     ("config_json", "JSON"), ("base_weights", "VARCHAR")),
     "quarantine": (("table_name", "VARCHAR"), ("row_index", "VARCHAR"), ("row_json", "JSON"),
                    ("reasons", "VARCHAR")),
+    # every run and every evaluation of a run, kept when the partition gets another one
+    "run_history": (("base_model", "VARCHAR"), ("method", "VARCHAR"), ("config_hash", "VARCHAR"),
+                    ("run_url", "VARCHAR"), ("checkpoint_url", "VARCHAR"), ("final_step", "BIGINT"),
+                    ("config_json", "JSON"), ("base_weights", "VARCHAR"), ("last_accuracy", "DOUBLE"),
+                    ("last_mean_tokens", "DOUBLE"), ("dagster_run_id", "VARCHAR")),
+    "evaluation_history": (("base_model", "VARCHAR"), ("method", "VARCHAR"), ("config_hash", "VARCHAR"),
+                           ("checkpoint_url", "VARCHAR"), ("evaluator", "VARCHAR"), ("benchmark", "VARCHAR"),
+                           ("accuracy", "DOUBLE"), ("base_accuracy", "DOUBLE"), ("accuracy_delta", "DOUBLE"),
+                           ("mean_tokens", "DOUBLE"), ("base_mean_tokens", "DOUBLE"), ("token_reduction", "DOUBLE"),
+                           ("dagster_run_id", "VARCHAR")),
 }
 TABLES = (*SCHEMAS, *OTHER_TABLES)
+# tables whose rows a write of a partition replaces only where these columns match (the others:
+# all of the partition's rows): the history tables keep the partition's earlier runs and evaluations
+HISTORY_KEYS = {"run_history": ("config_hash",), "evaluation_history": ("config_hash", "evaluator")}
 # columns that hold a location (a path or URL) and JSON columns that may hold one: written redacted
 URL_COLUMNS = ("run_url", "checkpoint_url", "model_path")
 JSON_URL_COLUMNS = ("config_json", "row_json")
@@ -103,6 +127,13 @@ VIEWS = {
     "v_quarantine_counts": """
         SELECT table_name, asset_key, partition_key, count(*) AS rows, max(loaded_at) AS last_quarantined
         FROM quarantine GROUP BY ALL""",
+    "v_run_ledger": """
+        SELECT r.base_model, r.method, r.config_hash, r.final_step, r.last_accuracy, r.last_mean_tokens,
+               e.benchmark, e.accuracy, e.base_accuracy, e.accuracy_delta, e.mean_tokens, e.base_mean_tokens,
+               e.token_reduction, e.evaluator, r.loaded_at AS trained_at, e.loaded_at AS evaluated_at,
+               r.run_url, r.config_json
+        FROM run_history r LEFT JOIN evaluation_history e
+          ON e.partition_key = r.partition_key AND e.config_hash = r.config_hash""",
 }
 
 
@@ -277,6 +308,10 @@ def ensure_schema(conn) -> None:
                         f"the warehouse's {t}.{n} is {present[n]}, this version stores {typ}: it was made by "
                         "another version of l2t; move the DuckDB file aside (its rows stay readable there) and "
                         "materialize again, or convert the column yourself")
+        if "run_history" not in have and "checkpoints" in have:  # a warehouse from before the history: its runs
+            conn.execute("INSERT INTO run_history BY NAME SELECT asset_key, partition_key, base_model, method, "
+                         "config_hash, run_url, checkpoint_url, final_step, config_json, base_weights, loaded_at "
+                         "FROM checkpoints")
         for name, sql in VIEWS.items():
             conn.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {sql}")
         conn.execute(f"CREATE OR REPLACE TABLE {_q(SCHEMA_TABLE)} (fingerprint VARCHAR)")
@@ -328,7 +363,14 @@ def redact_locations(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _replace(conn, table: str, frame: pd.DataFrame, asset_key: str, partition_key: str) -> None:
-    conn.execute(f"DELETE FROM {_q(table)} WHERE asset_key = ? AND partition_key = ?", [asset_key, partition_key])
+    keys = HISTORY_KEYS.get(table, ())
+    if keys:  # a history table: only the rows of these runs (evaluations) are replaced
+        for values in frame[list(keys)].drop_duplicates().itertuples(index=False):
+            match = " AND ".join(f"{_q(k)} IS NOT DISTINCT FROM ?" for k in keys)
+            conn.execute(f"DELETE FROM {_q(table)} WHERE asset_key = ? AND partition_key = ? AND {match}",
+                         [asset_key, partition_key, *values])
+    else:
+        conn.execute(f"DELETE FROM {_q(table)} WHERE asset_key = ? AND partition_key = ?", [asset_key, partition_key])
     if len(frame):
         conn.register("_incoming", frame)
         # no try/finally: a failed INSERT aborts the transaction, and unregistering then would raise

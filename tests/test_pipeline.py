@@ -208,6 +208,46 @@ def test_warehouse_of_an_older_version_is_migrated_and_read_only_reads_it_as_it_
     con.close()
 
 
+def test_the_history_tables_keep_every_run_of_a_partition(tmp_path):
+    """checkpoints replaces a partition's rows with its latest run, and run_history keeps every run
+    (one row per config hash: the same run written again replaces its own row); evaluation_history
+    keeps one row per run and evaluator; v_run_ledger joins them. A warehouse from before the
+    history starts run_history with the runs its checkpoints table holds."""
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+
+    def run(h: str, acc: float) -> dict:
+        row = pd.DataFrame([{"base_model": "b", "method": "l2t", "run_url": f"/runs/{h}", "checkpoint_url": f"/runs/{h}/c",
+                             "final_step": 4, "config_hash": h, "config_json": "{}", "base_weights": "w"}])
+        hist = row.assign(last_accuracy=acc, last_mean_tokens=10.0, dagster_run_id=f"r-{h}")
+        return {"checkpoints": row, "run_history": hist}
+
+    def evaluation(h: str, evaluator: str, acc: float) -> dict:
+        return {"evaluation_history": pd.DataFrame([{
+            "base_model": "b", "method": "l2t", "config_hash": h, "checkpoint_url": f"/runs/{h}/c", "evaluator": evaluator,
+            "benchmark": "walk_heldout", "accuracy": acc, "base_accuracy": 0.5, "accuracy_delta": acc - 0.5,
+            "mean_tokens": 8.0, "base_mean_tokens": 10.0, "token_reduction": 0.2, "dagster_run_id": "e"}])}
+
+    pk = run_key("b", "l2t")
+    for h, acc in (("h1", 0.6), ("h2", 0.7), ("h2", 0.75)):  # a first run, another config, the second again
+        warehouse.replace_tables(con, run(h, acc), "checkpoints", pk)
+    for h, ev, acc in (("h1", "e1", 0.6), ("h2", "e1", 0.7), ("h2", "e2", 0.8), ("h2", "e2", 0.85)):
+        warehouse.replace_tables(con, evaluation(h, ev, acc), "benchmark_reports", pk)
+    assert con.execute("SELECT config_hash FROM checkpoints").fetchall() == [("h2",)]
+    assert con.execute("SELECT config_hash, last_accuracy FROM run_history ORDER BY 1").fetchall() == [
+        ("h1", 0.6), ("h2", 0.75)]
+    assert con.execute("SELECT config_hash, evaluator, accuracy FROM v_run_ledger ORDER BY 1, 2").fetchall() == [
+        ("h1", "e1", 0.6), ("h2", "e1", 0.7), ("h2", "e2", 0.85)]
+    # an older warehouse: no history tables yet, two partitions' runs in checkpoints
+    warehouse.replace_tables(con, {"checkpoints": run("h3", 0.1)["checkpoints"].assign(method="grpo")}, "checkpoints",
+                             run_key("b", "grpo"))
+    con.execute("DROP VIEW v_run_ledger")
+    con.execute("DROP TABLE run_history")
+    warehouse.ensure_schema(con)
+    assert con.execute("SELECT config_hash, method, last_accuracy FROM run_history ORDER BY 1").fetchall() == [
+        ("h2", "l2t", None), ("h3", "grpo", None)]
+    con.close()
+
+
 # ------------------------------------------------------------------------------ quality gate
 
 

@@ -95,6 +95,8 @@ def test_lineage_materializes_checks_pass_and_rematerializing_adds_no_rows(env):
     assert counts["eval_results"][f"benchmark_reports/{l2t}"] == 2 * (len(LEVELS) + 1)
     assert counts["problems"]["datasets/__all__"] == 50 + len(LEVELS) * PER_LEVEL
     assert counts["checkpoints"] == {f"checkpoints/{l2t}": 1, f"checkpoints/{base}|grpo": 1}
+    assert counts["run_history"] == counts["checkpoints"]  # every run, one per config
+    assert counts["evaluation_history"] == {f"benchmark_reports/{l2t}": 1, f"benchmark_reports/{base}|grpo": 1}
     assert counts["quarantine"] == {}
     with duckdb.connect(env["db"]) as con:
         n_eps = con.execute("SELECT sum(num_episodes) FROM rollouts WHERE asset_key = 'segmented_rollouts'").fetchone()[0]
@@ -103,6 +105,8 @@ def test_lineage_materializes_checks_pass_and_rematerializing_adds_no_rows(env):
                          "ORDER BY method").fetchall()
         assert [v[0] for v in vs] == ["grpo", "l2t"]
         assert con.execute("SELECT count(*) FROM v_run_summary").fetchone()[0] == 2
+        ledger = con.execute("SELECT method, accuracy, last_accuracy FROM v_run_ledger ORDER BY method").fetchall()
+        assert [(m, a) for m, a, _ in ledger] == [(v[0], v[1]) for v in vs] and all(x is not None for *_, x in ledger)
     assert [(r["method"], r["accuracy"]) for r in demo.summary(env["db"])] == [(v[0], v[1]) for v in vs]
 
     # the training entrypoint reported through Dagster Pipes; the report has its plots
