@@ -316,7 +316,8 @@ def cmd_eval(args) -> int:
     from .eval.runner import EvalSettings, eval_identity, evaluate_math
     from .eval.synthetic import (HeldOutOptionError, HeldOutOptions, benchmark_kind, check_options, is_heldout,
                                  load_eval_benchmark)
-    from .models import check_model_source
+    from .hub import hub_commit
+    from .models import ModelLoadError, check_model_source, weights_fingerprint
     from .rollout import load_engine
     from .rollout.base import check_vllm_temperature
 
@@ -339,7 +340,9 @@ def cmd_eval(args) -> int:
               (args.heldout_levels or args.heldout_seed is not None or args.heldout_per_level != 50,
                "--heldout-*", "a synthetic held-out benchmark (walk_heldout, ...)", any(map(is_heldout, kinds))),
               (args.vllm_max_model_len is not None or args.vllm_gpu_memory_utilization != 0.9, "--vllm-*",
-               "the vllm engine (--engine vllm)", args.engine == "vllm")]
+               "the vllm engine (--engine vllm)", args.engine == "vllm"),
+              (args.limit is not None, "--limit", "a file benchmark (held-out sets take --heldout-per-level)",
+               not all(map(is_heldout, kinds)))]
     for given, flag, applies_to, present in unused:
         if given and not present:
             raise SystemExit(f"l2t eval {flag}: applies to {applies_to}, which this evaluation has not; drop it")
@@ -375,7 +378,16 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"l2t eval --benchmarks: {exc}") from None
     # how each benchmark is evaluated, recorded with it: a rerun into --out (after a crash) keeps the
     # benchmarks finished with exactly these settings and refuses to mix in other ones
-    identities = {name: {"engine": args.engine, "limit": args.limit, "sampling": eval_identity(settings[kinds[name]]),
+    # the model's weights by content (a local directory's files, a hub id's commit): a rerun into --out with
+    # other weights (a retrained path, a moved branch) is another evaluation, never resumed from this one's
+    try:
+        model_weights = (weights_fingerprint(args.model) if Path(args.model).is_dir()
+                         else f"hub:{args.model}@{hub_commit(args.model)}")
+    except ModelLoadError as exc:
+        raise SystemExit(f"l2t eval --model: {exc}") from None
+    identities = {name: {"model": model_weights, "engine": args.engine, "device": args.device,
+                         "limit": None if is_heldout(name) else args.limit,
+                         "sampling": eval_identity(settings[kinds[name]]),
                          "pass_k": code_k if kinds[name] == "code" else None,
                          "data": heldout.describe(name) if is_heldout(name) else sources[name]}
                   for name in args.benchmarks}
@@ -391,7 +403,8 @@ def cmd_eval(args) -> int:
                                max_model_len=args.vllm_max_model_len) if todo else (None, None))
     for name, its in todo.items():
         # each engine call's samples kept as made: a crash resumes from them (l2t_core.eval.journal)
-        journal = SampleJournal(Path(args.out) / ".samples" / f"{name}.jsonl")
+        journal = SampleJournal(Path(args.out) / ".samples" / f"{name}.jsonl",
+                                context={"model": model_weights, "device": args.device})
         if kinds[name] == "code":
             results[name] = evaluate_code(engine, tok, its, settings["code"], k_values=code_k,
                                           workers=args.sandbox_workers, show_progress=not args.quiet, journal=journal)

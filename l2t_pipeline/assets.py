@@ -555,6 +555,9 @@ def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, en
     one it left."""
     with base_model_in_use(context, base, entry, storage):
         pin = pin or hub_pin(base, entry, storage)
+        if pin and trained_from and trained_from.startswith(f"hub:{pin['repo_id']}@"):
+            # a run of a commit pinned before: that commit's files never change, so evaluate them
+            pin = {**pin, "commit": trained_from.rpartition("@")[2]}
         local = None if pin else base_model_path(base, entry, storage)
         weights = base_weights(local, pin)
         if trained_from is not None and weights != trained_from:

@@ -253,12 +253,15 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         """The run worker's directories on the shared volume, for the pod: ``L2T_DATA_DIR`` (a data
         file named by ``data.source`` is then the same file in both) and the hub cache
         ``HF_HUB_CACHE`` (a hub model the run worker downloaded, e.g. the commit base_model pinned
-        and evaluated, is not downloaded again per pod). ``env`` overrides them."""
+        and evaluated, is not downloaded again per pod), unless ``env`` names a hub cache of its own
+        (``HF_HOME`` or ``HF_HUB_CACHE``). ``env`` overrides them."""
         from huggingface_hub import constants
 
         from l2t_core.data import ENV_VAR, data_dir
 
-        here = {ENV_VAR: str(data_dir()), "HF_HUB_CACHE": str(constants.HF_HUB_CACHE)}
+        here = {ENV_VAR: str(data_dir())}
+        if not {"HF_HOME", "HF_HUB_CACHE"} & set(self.env):  # the launcher's own hub cache wins (HF_HUB_CACHE
+            here["HF_HUB_CACHE"] = str(constants.HF_HUB_CACHE)  # would override an HF_HOME there)
         return {k: v for k, v in here.items() if self._mounted(v)}
 
     def _check_run(self, cfg: TrainConfig) -> None:

@@ -368,7 +368,7 @@ def _replace(conn, table: str, frame: pd.DataFrame, asset_key: str, partition_ke
         for values in frame[list(keys)].drop_duplicates().itertuples(index=False):
             match = " AND ".join(f"{_q(k)} IS NOT DISTINCT FROM ?" for k in keys)
             conn.execute(f"DELETE FROM {_q(table)} WHERE asset_key = ? AND partition_key = ? AND {match}",
-                         [asset_key, partition_key, *values])
+                         [asset_key, partition_key, *(None if pd.isna(v) else v for v in values)])
     else:
         conn.execute(f"DELETE FROM {_q(table)} WHERE asset_key = ? AND partition_key = ?", [asset_key, partition_key])
     if len(frame):

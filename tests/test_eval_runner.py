@@ -468,6 +468,29 @@ def test_l2t_eval_cut_short_resumes_where_it_stopped_with_the_same_samples(tiny_
     report = json.loads((tmp_path / "cut" / "report.json").read_text())["benchmarks"]
     assert report["amc23"]["statuses"] and report["amc23"]["evaluation"]["sampling"]["prompts_per_call"] == 2
 
+    # another model's samples are never resumed: cut in its first benchmark (no report yet), then
+    # another model (a copy with other weights) into the same --out samples everything
+    from l2t_core.models import load_policy
+
+    other = tmp_path / "other_model"
+    model, tok = load_policy(tiny_dir)
+    for param in model.parameters():
+        param.data.mul_(0.9)
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    calls.clear()
+    fail_at = 2
+    with pytest.raises(RuntimeError, match="fell off"):
+        main([*args, "--out", str(tmp_path / "two")])
+    calls.clear()
+    fail_at = None
+    assert main([*args[:3], str(other), *args[4:], "--out", str(tmp_path / "two")]) == 0
+    assert calls == [2, 1, 2, 1]
+    # the same path with other weights since (retrained): its report is not completed from the old one
+    (other / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(SystemExit, match=r"--out: .*two holds aime24 evaluated with other settings \(model: "):
+        main([*args[:3], str(other), *args[4:], "--out", str(tmp_path / "two")])
+
 
 def test_a_sample_journal_keeps_whole_chunks_of_the_same_prompts_and_settings(tmp_path):
     """Chunks come back as completions of their prompts; a line torn by a crash (and any after it)

@@ -520,5 +520,7 @@ def test_the_pod_shares_the_run_workers_hub_cache_where_it_is_on_the_shared_volu
     monkeypatch.setattr(constants, "HF_HUB_CACHE", f"{mount}/hf/hub")
     assert pod_env(launcher)["HF_HUB_CACHE"] == f"{mount}/hf/hub"
     assert pod_env(launcher.model_copy(update={"env": {"HF_HUB_CACHE": "/cache"}}))["HF_HUB_CACHE"] == "/cache"
+    own_home = pod_env(launcher.model_copy(update={"env": {"HF_HOME": "/home/hf"}}))  # HF_HUB_CACHE would override it
+    assert own_home["HF_HOME"] == "/home/hf" and "HF_HUB_CACHE" not in own_home
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))  # the worker's own disk
     assert "HF_HUB_CACHE" not in pod_env(launcher)

@@ -1335,8 +1335,9 @@ def test_a_hub_base_model_is_pinned_to_the_commit_base_model_found(tiny_dir, tmp
     main is (metadata, hub_pin.json) and evaluates it. When main moves upstream, the later steps
     keep that commit: checkpoints' run loads the hub id at the pinned commit (TrainConfig
     policy_revision, in a training process of its own reading the offline cache) and records its
-    weights; base_model materialized again pins the new commit. Before any pin, a later step fails
-    naming base_model; a revision of a local path or of a warm start is refused by the registry."""
+    weights; base_model materialized again pins the new commit, and the report of the run of the
+    old commit evaluates that commit. Before any pin, a later step fails naming base_model; a
+    revision of a local path or of a warm start is refused by the registry."""
     import json
 
     from test_hub import A, B, REPO, other_weights
@@ -1395,8 +1396,13 @@ def test_a_hub_base_model_is_pinned_to_the_commit_base_model_found(tiny_dir, tmp
 
         second = materialize(base_model, "hub")
         assert second["hub_commit"] == B and base_model_path("hub", entry, storage) == str(hub_snapshot(REPO, B))
-        refused = materialize(benchmark_reports, pk)  # its base's evaluation is now of commit B
-        assert f"fingerprint hub:{REPO}@{A}, now hub:{REPO}@{B}" in refused and "pinned to another commit" in refused
+        # its base's stored evaluation is now of commit B; the run's commit A is evaluated again (its files never change)
+        again = materialize(benchmark_reports, pk)
+        assert isinstance(again, dict), again
+        with warehouse.connect(duck) as con:
+            rows = warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)
+        assert set(rows[rows["model_kind"] == "base"]["model_weights"]) == {f"hub:{REPO}@{A}"}
+        assert set(rows[rows["model_kind"] == "base"]["model_path"]) == {f"{REPO}@{A}"}
 
 
 def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_moves(tiny_dir, tmp_path,

@@ -77,6 +77,21 @@ def _extra_metrics(summary: Mapping) -> dict:
     return {k: summary[k] for k in summary if re.fullmatch(r"(pass|maj)@\d+", k) and k != "pass@1"}
 
 
+# what an evaluation record (l2t eval's "evaluation") holds that does not make two models' numbers
+# incomparable: which model (the point of comparing), where and by which engine it ran
+NOT_RESULT_CHANGING = {"model", "engine", "device"}
+
+
+def _comparable(key: str, value):
+    """A record's value as far as it changes the numbers: sampling without how the calls are cut or
+    whether texts are kept, a data file by its name (the same file in another checkout)."""
+    if key == "sampling" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in ("keep_text", "prompts_per_call")}
+    if key == "data" and isinstance(value, str) and not value.startswith("hub copy"):
+        return Path(value).name
+    return value
+
+
 def compare_summaries(models: Mapping[str, Mapping[str, Mapping]], base: str, *,
                       sources: Mapping[str, str] | None = None) -> dict:
     """The comparison of ``models`` (model name -> benchmark -> summary) against model ``base``.
@@ -110,8 +125,8 @@ def compare_summaries(models: Mapping[str, Mapping[str, Mapping]], base: str, *,
         # changes pass@1 and tokens as much as the model does
         recorded = {n: models[n][b].get("evaluation") for n in models}
         if all(isinstance(r, dict) for r in recorded.values()):
-            for key in sorted({k for r in recorded.values() for k in r if k != "engine"}):
-                seen = {n: json.dumps(r.get(key), sort_keys=True) for n, r in recorded.items()}
+            for key in sorted({k for r in recorded.values() for k in r} - NOT_RESULT_CHANGING):
+                seen = {n: json.dumps(_comparable(key, r.get(key)), sort_keys=True) for n, r in recorded.items()}
                 if len(set(seen.values())) > 1:
                     values = ", ".join(f"{n}: {v}" for n, v in seen.items())
                     warnings.append(f"{b}: evaluated with other {key} ({values}); the models are not compared under "

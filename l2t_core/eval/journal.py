@@ -33,13 +33,17 @@ class SampleJournal:
     """The JSONL journal at ``path``: a header line (the :func:`journal_key`), then one line per
     chunk, ``{"start": s, "groups": [[[response_ids], text, finished], ...]}``."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, context: dict | None = None):
+        """``context``: what else the samples depend on (the model's weights, the device), part of the key."""
         self.path = Path(path)
+        self.context = dict(context or {})
         self._key: dict | None = None
 
     def begin(self, key: dict, prompts: Sequence[Sequence[int]]) -> dict[int, list[list[Completion]]]:
-        """Open the journal for samples of ``key``; the chunks it already holds for that key (by
-        start), rebuilt as completions of ``prompts``. Any other journal at the path is replaced."""
+        """Open the journal for samples of ``key`` (with the journal's ``context``); the chunks it
+        already holds for that key (by start), rebuilt as completions of ``prompts``. Any other
+        journal at the path is replaced."""
+        key = {**key, "context": self.context}
         self._key = key
         done: dict[int, list[list[Completion]]] = {}
         lines = self.path.read_text().split("\n") if self.path.is_file() else []
@@ -51,8 +55,8 @@ class SampleJournal:
         kept = [lines[0]]
         for line in lines[1:]:
             chunk = _parse(line)
-            if chunk is None:  # cut by a crash: it and what follows are sampled again
-                break
+            if chunk is None or not isinstance(chunk.get("start"), int) or not isinstance(chunk.get("groups"), list):
+                break  # cut by a crash: it and what follows are sampled again
             start = chunk["start"]
             done[start] = [[Completion(prompt_ids=list(prompts[start + i]), response_ids=ids, text=text,
                                        finished=finished) for ids, text, finished in group]

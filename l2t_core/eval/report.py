@@ -114,7 +114,8 @@ class ReportDirError(ValueError):
 def check_report_dir(out_dir, *, model: str, benchmarks: list[str]) -> None:
     """Before any sampling (creating nothing): ``out_dir`` can be written, and holds no report of another evaluation
     (another model, or benchmarks this one lacks), which :func:`write_report` would replace. The
-    same evaluation's report, or the part of it a crash left, is replaced by its rerun."""
+    same evaluation's report, or the part of it a crash left, is completed by its rerun
+    (:func:`finished_results` keeps what was evaluated with the same weights and settings)."""
     out = Path(out_dir)
     existing = out  # nothing is created here: the nearest existing directory must let it be
     while not os.path.lexists(existing) and existing != existing.parent:  # a dangling link is no directory
@@ -171,8 +172,9 @@ def finished_results(out_dir, identities: Mapping[str, dict]) -> dict[str, EvalR
             raise ReportDirError(
                 f"{out} holds {name} evaluated with other settings ({changes}); this run would mix two "
                 "evaluations in one report. Rerun with those settings to complete it, or choose another --out")
-        found[name] = EvalResult(rows=rows[rows["benchmark"] == name].drop(columns="model").reset_index(drop=True),
-                                 summary=summary)
+        kept = rows[rows["benchmark"] == name].drop(columns="model").reset_index(drop=True)
+        if len(kept):  # reported but without its rows (a table from elsewhere): evaluated again
+            found[name] = EvalResult(rows=kept, summary=summary)
     return found
 
 
