@@ -16,6 +16,7 @@ from pathlib import Path
 # a full commit hash: a revision that names one fixed set of files
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
+
 def could_be_hub_id(name: str) -> bool:
     """Whether ``name`` can name a model on the hub (``org/name`` or a bare ``name``) rather than
     only a local path (absolute, ``./``, ``~``, deeper than one ``/``, or with backslashes)."""
@@ -61,9 +62,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The local directory of hub model ``repo_id`` at ``revision`` (a branch, tag or commit;
     None: the default branch), downloaded into the hub cache (``HF_HOME``) where it is not there
     yet: config, generation config and tokenizer files and the weights (``*.safetensors``, else
-    ``pytorch_model*.bin``), top level only (:data:`HUB_MODEL_FILES`, :data:`NOT_DOWNLOADED`). The directory's name is the commit (:func:`hub_commit`). Offline
-    (``HF_HUB_OFFLINE=1``), the cache's copy. Fails with :class:`~l2t_core.models.ModelLoadError` naming the model,
-    the revision and why."""
+    ``pytorch_model*.bin``), top level only (:data:`HUB_MODEL_FILES`, :data:`NOT_DOWNLOADED`).
+    The directory's name is the commit (:func:`hub_commit`). Offline (``HF_HUB_OFFLINE=1``), the
+    cache's copy. Fails with :class:`~l2t_core.models.ModelLoadError` naming the model, the
+    revision and why."""
     from huggingface_hub import snapshot_download
 
     from .models import check_model_source, weight_files

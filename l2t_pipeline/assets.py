@@ -508,8 +508,8 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
                                   "base_weights": base_weights(policy, pin) if pin else
                                   weights_fingerprint(policy, inputs.get("policy_weights"))}])
     last = tables["train_steps"].sort_values("step").iloc[-1]
-    history_row = registry_row.assign(last_accuracy=float(last["accuracy"]), last_mean_tokens=float(last["mean_tokens"]),
-                                      dagster_run_id=context.run.run_id)
+    history_row = registry_row.assign(last_accuracy=float(last["accuracy"]),
+                                      last_mean_tokens=float(last["mean_tokens"]), dagster_run_id=context.run.run_id)
     asset_key, pk = _key(context)
     with connect(duckdb) as conn:
         counts = write_validated(conn, tables, asset_key, pk,
@@ -561,9 +561,10 @@ def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, en
         local = None if pin else base_model_path(base, entry, storage)
         weights = base_weights(local, pin)
         if trained_from is not None and weights != trained_from:
+            now = storage.display(local) if local else f"{pin['repo_id']}@{pin['commit']}"
             raise dg.Failure(
                 f"the run of {context.partition_key} trained from other weights of base model {base!r} than "
-                f"{storage.display(local or pin['repo_id'] + '@' + pin['commit'])} is now (fingerprint {shown_weights(trained_from)}, now "
+                f"{now} is now (fingerprint {shown_weights(trained_from)}, now "
                 f"{shown_weights(weights)}: the base was rebuilt or pinned to another commit since), and no "
                 f"evaluation of those weights is stored. Materialize checkpoints[{context.partition_key}] to train "
                 "from the base as it is now, then this report")
