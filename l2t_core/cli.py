@@ -377,9 +377,9 @@ def cmd_eval(args) -> int:
     except DatasetError as exc:  # not in the data directory and not downloadable, or malformed
         raise SystemExit(f"l2t eval --benchmarks: {exc}") from None
     # how each benchmark is evaluated, recorded with it: a rerun into --out (after a crash) keeps the
-    # benchmarks finished with exactly these settings and refuses to mix in other ones
-    # the model's weights by content (a local directory's files, a hub id's commit): a rerun into --out with
-    # other weights (a retrained path, a moved branch) is another evaluation, never resumed from this one's
+    # benchmarks finished with exactly these weights and settings and refuses to mix in other ones. The
+    # weights by content (a local directory's files, a hub id's commit): other weights at the same path (a
+    # retrained model, a moved branch) are another evaluation, never resumed from this one's samples
     try:
         model_weights = (weights_fingerprint(args.model) if Path(args.model).is_dir()
                          else f"hub:{args.model}@{hub_commit(args.model)}")
