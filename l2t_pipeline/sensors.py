@@ -14,7 +14,7 @@
   For a hub model the entry ``follow``s, it also requests ``base_model`` again when the entry's
   branch or tag has moved upstream to another commit than the one the latest baseline pinned
   (:func:`upstream_requests`, at most every :data:`UPSTREAM_CHECK_S`; run key
-  ``upstream:<name>:<commit>``, one run per new commit).
+  ``upstream:<name>:<commit>:after-<id>``, one run per new commit and baseline).
 * :data:`reevaluation_schedule` re-runs ``benchmark_reports`` for every (base model, method)
   whose ``checkpoints`` partition has been materialized and still exists, of a base model still
   in the registry (a deleted partition or a model taken out of the registry is skipped), and
@@ -150,31 +150,32 @@ def baseline_requests(instance: dg.DagsterInstance, registered: Iterable[str],
     return requests
 
 
-def pinned_commit(instance: dg.DagsterInstance, name: str) -> tuple[bool, str | None]:
-    """(whether ``base_model[name]`` was ever materialized, the hub commit its latest
-    materialization pinned: ``hub_commit``, or ``finetuned_from_commit`` of an SFT; None before
+def pinned_commit(instance: dg.DagsterInstance, name: str) -> tuple[int | None, str | None]:
+    """(the storage id of ``base_model[name]``'s latest materialization, None where it has none;
+    the hub commit it pinned: ``hub_commit``, or ``finetuned_from_commit`` of an SFT, None before
     base_model recorded one)."""
     record = latest_materialization(instance, base_model.key, name)
     if record is None:
-        return False, None
+        return None, None
     meta = record.asset_materialization.metadata
     value = meta.get("hub_commit") or meta.get("finetuned_from_commit")
-    return True, getattr(value, "value", None)
+    return record.storage_id, getattr(value, "value", None)
 
 
 def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelEntry], log=None) -> list[dg.RunRequest]:
     """A ``base_model`` run for every hub model that its registry entry ``follow``s whose branch or
     tag is now another commit (:func:`~l2t_core.hub.hub_commit`) than the one its latest
     ``base_model`` materialization pinned, unless a run of that partition is in progress. Run key
-    ``upstream:<name>:<commit>``: one run per new commit, also when it fails (materialize it by
-    hand once fixed). A model whose hub cannot be reached is skipped with a warning."""
+    ``upstream:<name>:<commit>:after-<that materialization's storage id>``: one run per new commit
+    and baseline, also when it fails (materialize it by hand once fixed). A model whose hub cannot
+    be reached is skipped with a warning."""
     requests = []
     for name, entry in entries.items():
         hub = entry.hub_id()
         if not entry.follow or hub is None:
             continue
-        materialized, pinned = pinned_commit(instance, name)
-        if not materialized:
+        baseline, pinned = pinned_commit(instance, name)
+        if baseline is None:
             continue  # no baseline yet: baseline_requests asks for one
         try:
             now = hub_commit(hub, entry.revision)
@@ -191,7 +192,8 @@ def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelE
         if log is not None:
             log.info("base model %s: %s at %s is now commit %s (pinned: %s); requesting base_model[%s]", name, hub,
                      entry.revision or "main", now, pinned or "none", name)
-        requests.append(dg.RunRequest(run_key=f"upstream:{name}:{now}", partition_key=name,
+        # one run per new commit after each baseline (a branch moved back to a commit seen before is asked again)
+        requests.append(dg.RunRequest(run_key=f"upstream:{name}:{now}:after-{baseline}", partition_key=name,
                                       asset_selection=[base_model.key],
                                       tags={BASE_MODEL_TAG: name, REASON_TAG: UPSTREAM_REASON}))
     return requests

@@ -157,7 +157,7 @@ def hub_cache(tmp_path, monkeypatch):
     def publish(repo_id: str, model_dir: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
         repo = root / f"models--{repo_id.replace('/', '--')}"
         snapshot = repo / "snapshots" / commit
-        shutil.copytree(model_dir, snapshot)
+        shutil.copytree(model_dir, snapshot, dirs_exist_ok=True)
         (repo / "refs").mkdir(exist_ok=True)
         for ref in refs:
             (repo / "refs" / ref).write_text(commit)

@@ -1457,6 +1457,9 @@ def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_
         assert tick() == []  # asked within the hour: not asked again yet
         monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 0.0)
         [moved] = tick()
-        assert moved.run_key == f"upstream:hub:{B}" and moved.tags[REASON_TAG] == UPSTREAM_REASON
+        assert moved.run_key.startswith(f"upstream:hub:{B}:after-") and moved.tags[REASON_TAG] == UPSTREAM_REASON
         assert moved.asset_selection == [base_model.key] and run(moved) == B
         assert tick() == []
+        hub_cache(REPO, tiny_dir, A)  # main moves back: asked for again (after this baseline: another run key)
+        [back] = tick()
+        assert back.run_key.startswith(f"upstream:hub:{A}:after-") and back.run_key != moved.run_key
