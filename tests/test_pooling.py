@@ -144,7 +144,8 @@ def test_pool_reports_refuses_what_cannot_be_pooled():
                                 warmstart={"seed": 0, "guess_error": 0.4, "threads": 1})], ["a", "b"])
     with pytest.raises(ValueError, match="grpo seed 1 is in two reports on the same warm start"):
         pool_reports([base, _report(0.93, {"grpo": [(1, 0.99, 230, 0.97)]})], ["a", "b"])
-    v1 = {"x": {"method": "l2t", "overrides": {"reward.fitting.estimator": "continuation"}}}
+    v1 = {"x": {"method": "l2t", "overrides": {"reward.fitting.estimator": "continuation",
+                                               "reward.fitting.continuation_budget": 320}}}
     v2 = {"x": {"method": "l2t", "overrides": {}}}
     with pytest.raises(ValueError, match="'x' means"):
         pool_reports([_report(0.93, {}, variants=v1), _report(0.93, {}, variants=v2)], ["a", "b"])
