@@ -43,7 +43,7 @@ class SampleJournal:
         """Open the journal for samples of ``key`` (with the journal's ``context``); the chunks it
         already holds for that key (by start), rebuilt as completions of ``prompts``. Any other
         journal at the path is replaced."""
-        key = {**key, "context": self.context}
+        key = json.loads(json.dumps({**key, "context": self.context}))  # as the header reads back (tuples: lists)
         self._key = key
         done: dict[int, list[list[Completion]]] = {}
         lines = self.path.read_text().split("\n") if self.path.is_file() else []
