@@ -63,6 +63,20 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict], *, overwri
     return _write(Path(path), write, overwrite)
 
 
+def cannot_create(path: str | os.PathLike) -> str | None:
+    """Why nothing could be created at ``path``, checked without creating anything: its nearest
+    existing ancestor (``path`` itself where it exists; a dangling link counts as existing) is a
+    file, or a directory this user cannot write. None where it can be created."""
+    existing = Path(path)
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable for this user"
+    return None
+
+
 def _write(path: Path, write, overwrite: bool, binary: bool = False) -> Path:
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; choose another path or remove it")

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .atomic_files import write_text_atomic
+from .atomic_files import cannot_create, write_text_atomic
 
 
 def quiet_progress_bars() -> None:
@@ -417,10 +417,11 @@ def cmd_eval(args) -> int:
                 results[name].summary["source"] = sources[name]
         results[name].summary["evaluation"] = identities[name]
         # the report of every benchmark done so far: a failure later keeps their samples and scores
-        write_report(args.out, {n: results[n] for n in args.benchmarks if n in results}, model=args.model)
+        report = write_report(args.out, {n: results[n] for n in args.benchmarks if n in results}, model=args.model)
         journal.remove()
     results = {n: results[n] for n in args.benchmarks}
-    report = write_report(args.out, results, model=args.model)
+    if not todo:  # every benchmark was reported before: the report once more, as this run's output
+        report = write_report(args.out, results, model=args.model)
     print(json.dumps({"out": args.out, "files": report["files"],
                       "pass@1": {n: r.summary["pass@1"] for n, r in results.items()},
                       "pass@k": {n: {k: v for k, v in r.summary.items() if k.startswith("pass@") and k != "pass@1"}
@@ -495,11 +496,9 @@ def _check_output_file(path: str, what: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise SystemExit(f"l2t {what}: {path} is a directory; give a file name (e.g. {target / 'result.json'})")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(f"l2t {what}: cannot write {path}: {parent} is not a writable directory")
+    why = cannot_create(target.parent)
+    if why:
+        raise SystemExit(f"l2t {what}: cannot write {path}: {why}")
 
 
 def cmd_reads(args) -> int:

@@ -123,13 +123,11 @@ class MiniatureConfig(_Strict):
                              f"{', '.join(map(str, LEVELS))})")
         try:  # every run's TrainConfig, checked now rather than after the warm start and the base evaluation
             run_configs(Path("."), self, "policy")
-        except ValidationError as exc:
-            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        except ValueError as exc:  # a pydantic ValidationError is one: its errors on one line
+            detail = ("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                      if isinstance(exc, ValidationError) else str(exc))
             raise ValueError(f"train_overrides or a variant's overrides make an invalid training config: "
                              f"{detail}") from None
-        except ValueError as exc:
-            raise ValueError(f"train_overrides or a variant's overrides make an invalid training config: "
-                             f"{exc}") from None
 
     def sampled_decoding(self) -> dict | None:
         """How the sampled evaluation decodes (the keyword arguments of ``warmstart.evaluate``), or

@@ -116,7 +116,8 @@ class TrainRunConfig(dg.Config):
     def to_core(self, *, policy: str, method: str, out: str, data: DataConfig,
                 policy_revision: str | None = None) -> TrainConfig:
         base = TrainConfig(
-            method=method, policy=policy, policy_revision=policy_revision, out=out, steps=self.steps, prompts_per_step=self.prompts_per_step,
+            method=method, policy=policy, policy_revision=policy_revision, out=out, steps=self.steps,
+            prompts_per_step=self.prompts_per_step,
             micro_batch_tokens=self.micro_batch_tokens, device=self.device,
             checkpoint_every=min(self.checkpoint_every, self.steps), keep_checkpoints=self.keep_checkpoints,
             seed=self.seed, data=data, optim={"lr": self.lr},

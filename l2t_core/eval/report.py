@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from ..atomic_files import save_figure_atomic, write_parquet_atomic, write_text_atomic
+from ..atomic_files import cannot_create, save_figure_atomic, write_parquet_atomic, write_text_atomic
 from ..plotting import series_colours
 from .runner import EvalResult
 
@@ -117,15 +116,9 @@ def check_report_dir(out_dir, *, model: str, benchmarks: list[str]) -> None:
     same evaluation's report, or the part of it a crash left, is completed by its rerun
     (:func:`finished_results` keeps what was evaluated with the same weights and settings)."""
     out = Path(out_dir)
-    existing = out  # nothing is created here: the nearest existing directory must let it be
-    while not os.path.lexists(existing) and existing != existing.parent:  # a dangling link is no directory
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ReportDirError(f"cannot write the report into {out}: {existing} is a file, not a directory; choose "
-                             f"another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ReportDirError(f"cannot write the report into {out}: {existing} is not writable for this user; choose "
-                             f"another --out")
+    why = cannot_create(out)  # nothing is created here: the nearest existing directory must let it be
+    if why:
+        raise ReportDirError(f"cannot write the report into {out}: {why}; choose another --out")
     report = out / "report.json"
     if not report.is_file():
         return

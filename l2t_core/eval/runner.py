@@ -202,9 +202,8 @@ def sample_responses(engine: RolloutEngine, prompts: Sequence[Sequence[int]], se
                             max_new_tokens=settings.max_new_tokens, seed=settings.seed)
     done = {}
     if journal is not None:
-        sampling = {"n": settings.n, "temperature": settings.temperature, "top_p": settings.top_p,
-                    "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
-                    "prompts_per_call": settings.prompts_per_call, "engine": getattr(engine, "name", None)}
+        sampling = {**dataclasses.asdict(params), "prompts_per_call": settings.prompts_per_call,
+                    "engine": getattr(engine, "name", None)}
         done = journal.begin(journal_key(prompts, sampling), prompts)
     groups: list[list[Completion]] = []
     with Progress(disable=not show_progress) as bar:
