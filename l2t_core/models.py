@@ -240,6 +240,24 @@ def model_source(name_or_path: str | os.PathLike, revision: str | None = None) -
     return str(hub_snapshot(name, revision))
 
 
+def ranks_model_source(name_or_path: str | os.PathLike, revision: str | None, main: bool) -> str:
+    """:func:`model_source` on every rank of a launch, of ONE commit. A branch or tag can move
+    while the ranks start, so each resolving it would load whatever it was then: here rank 0
+    (``main``) resolves ``revision`` and downloads that commit, and the other ranks then load the
+    same commit (a cache they share holds it already; their own caches download it by commit).
+    Plain :func:`model_source` on one process, without a revision, or for a revision that is a
+    commit already. A collective where a process group exists: every rank calls it."""
+    from .engines.ranks import all_gather_objects, initialized_group, on_rank_0
+    from .hub import COMMIT
+
+    if revision is None or COMMIT.fullmatch(revision) or initialized_group() is None:
+        return model_source(name_or_path, revision)
+    first = on_rank_0(main, lambda: model_source(name_or_path, revision),
+                      f"find {str(name_or_path)!r} at revision {revision!r}")
+    commit = all_gather_objects(Path(first).name if main else None)[0]  # the snapshot's name is its commit
+    return first if main else model_source(name_or_path, commit)
+
+
 def load_policy(name_or_path: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype | None = None,
                 device: str = "cpu"):
     """Load (model, tokenizer) with ``from_pretrained``; a hub id or a local directory, and for a

@@ -728,7 +728,8 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
 
     from .engines.gather import weights_to_save
     from .engines.ranks import on_rank_0
-    from .models import activation_checkpointing, check_activation_checkpointing, load_policy, resolve_device
+    from .models import (activation_checkpointing, check_activation_checkpointing, load_policy, ranks_model_source,
+                         resolve_device)
 
     out = Path(cfg.out).expanduser()
     partial = partial_dir(out)
@@ -769,8 +770,9 @@ def run_sft(cfg: SFTConfig, *, show_progress: bool = True) -> Path:
                              f"{world}: DeepSpeed saved its optimizer state in {resume.world} partitions; launch it on "
                              f"{resume.world} rank(s) again, or remove that directory to start over")
     # the DeepSpeed engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it)
-    model, tok = load_policy(checkpoint or cfg.model, revision=None if checkpoint else cfg.model_revision,
-                             device="cpu" if cfg.engine == "deepspeed" else str(device))
+    # a hub revision: the one commit rank 0 finds it to be, on every rank
+    source = checkpoint or ranks_model_source(cfg.model, cfg.model_revision, main)
+    model, tok = load_policy(source, device="cpu" if cfg.engine == "deepspeed" else str(device))
     if cfg.gradient_checkpointing:
         try:
             check_activation_checkpointing(model)

@@ -47,7 +47,7 @@ from .losses import policy_loss
 from .metrics import MetricsWriter, read_table
 from .memory import PeakMemory
 from .models import (activation_checkpointing, check_activation_checkpointing, is_checkpointing, load_policy,
-                     model_source, resolve_device)
+                     ranks_model_source, resolve_device)
 from .prefix_sharing import continuation_logprobs
 from .verify_pool import VerifierPool
 from .prompts import FORCE_ANSWER_SUFFIX, encode_prompt
@@ -244,8 +244,9 @@ class Trainer:
         # engine moves the policy to this rank's device in its training dtype (ZeRO-3: partitions it),
         # prepare_reference the reference; two whole fp32 copies per GPU were 56 GB at 7B
         load_device = "cpu" if cfg.engine == "deepspeed" else str(self.device)
-        # a hub revision read from its local copy, by every rank, the vLLM engine and each resume alike
-        source = model_source(cfg.policy, cfg.policy_revision)
+        # a hub revision read from its local copy, by every rank (of the commit rank 0 found it to
+        # be), the vLLM engine and each resume alike
+        source = ranks_model_source(cfg.policy, cfg.policy_revision, self.rank == 0)
         # the commit a revision is now (the copy's name): a resume refuses another (_resume)
         self.policy_commit = Path(source).name if cfg.policy_revision is not None else None
         policy, self.tokenizer = load_policy(source, device=load_device)

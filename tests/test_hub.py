@@ -185,3 +185,58 @@ def test_a_run_resumes_only_from_the_commit_it_started_from(tiny_dir, tmp_path, 
                                           f".*Resume with --policy-revision {A}"):
         run("main")
     assert run(A).final_step == 1  # the same run, finished: resumed from its commit
+
+
+def _rank_loads(rank: int, world: int, init: str, caches: list[str], revision: str, out: str) -> None:
+    """One rank of a two-process gloo group whose hub cache is ``caches[rank]`` (a host's own):
+    writes the local copy ``ranks_model_source`` gave it, or what it raised, to out/rank<r>.json."""
+    import json
+    import os
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from huggingface_hub import constants
+
+    from l2t_core.models import ranks_model_source
+
+    os.environ["HF_HUB_CACHE"] = constants.HF_HUB_CACHE = caches[rank]
+    constants.HF_HUB_OFFLINE = True
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        seen = {"source": ranks_model_source(REPO, revision, rank == 0)}
+    except BaseException as exc:  # noqa: BLE001 - what each rank raised is the point
+        seen = {"error": f"{type(exc).__name__}: {exc}"}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_the_ranks_of_a_launch_load_the_commit_rank_0_found_a_branch_to_be(tiny_dir, tmp_path, hub_cache):
+    """A branch that moves while the ranks of a launch start: rank 1's host already sees the new
+    commit, and still loads the one rank 0 resolved, so every rank trains the same weights. A
+    revision rank 0 cannot find stops both ranks."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    hub_cache(REPO, tiny_dir, A)
+    rank0_cache = tmp_path / "rank0_cache"
+    shutil.copytree(tmp_path / "hf_hub_cache", rank0_cache)  # rank 0's host: main is A
+    hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)  # rank 1's host: main has moved to B
+    caches = [str(rank0_cache), str(tmp_path / "hf_hub_cache")]
+    assert hub_commit(REPO) == B  # what rank 1 would load resolving main itself
+
+    for revision, case in (("main", "moved"), ("no-such-branch", "missing")):
+        out = tmp_path / case
+        out.mkdir()
+        mp.spawn(_rank_loads, args=(2, f"file://{out}/pg", caches, revision, str(out)), nprocs=2, join=True)
+        seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        if case == "moved":
+            assert [s["source"] for s in seen] == [str(rank0_cache / f"models--{REPO.replace('/', '--')}/snapshots/{A}"),
+                                                   str(tmp_path / f"hf_hub_cache/models--{REPO.replace('/', '--')}"
+                                                                  f"/snapshots/{A}")]
+        else:
+            assert seen[0]["error"].startswith("ModelLoadError") and "no-such-branch" in seen[0]["error"]
+            assert seen[1]["error"] == (f"RuntimeError: rank 0 failed to find {REPO!r} at revision 'no-such-branch' "
+                                        "(its log says why); this rank stops too")
