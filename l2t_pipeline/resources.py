@@ -316,8 +316,10 @@ class Evaluator(dg.ConfigurableResource):
         """Every setting that changes the results (the input of :meth:`fingerprint`)."""
         raise NotImplementedError(f"{type(self).__name__} must define settings()")
 
-    def fingerprint(self) -> str:
-        """Identifies the evaluation settings: results with equal fingerprints are comparable."""
+    def fingerprint(self, offline: bool = False) -> str:
+        """Identifies the evaluation settings: results with equal fingerprints are comparable.
+        ``offline``: from local data only, downloading nothing (a schedule's tick); an evaluator
+        whose data is not local yet raises there."""
         return settings_fingerprint(self.benchmark, self.settings())
 
     def problem_rows(self) -> pd.DataFrame:
@@ -497,15 +499,17 @@ class BenchmarkEvaluator(Evaluator):
         self.check()
 
     # ------------------------------------------------------------------ data
-    def items(self) -> list:
-        """The validated problems of every benchmark, in order (the first ``limit`` of each)."""
+    def items(self, offline: bool = False) -> list:
+        """The validated problems of every benchmark, in order (the first ``limit`` of each);
+        ``offline``: never downloaded, whatever ``allow_download`` says."""
         from l2t_core.eval.datasets import DatasetError, load_benchmark
 
         self.check()
         items = []
         for name in self.benchmarks:
             try:
-                items += load_benchmark(name, self.data_dir, allow_download=self.allow_download, limit=self.limit)
+                items += load_benchmark(name, self.data_dir, allow_download=self.allow_download and not offline,
+                                        limit=self.limit)
             except DatasetError as exc:
                 raise DatasetError(f"BenchmarkEvaluator cannot load benchmark {name!r}: {exc} (the evaluator's "
                                    "data_dir field overrides L2T_DATA_DIR; allow_download fetches a missing set "
@@ -531,6 +535,9 @@ class BenchmarkEvaluator(Evaluator):
         keys = ("benchmarks", "limit", "n", "temperature", "top_p", "max_new_tokens", "seed", "prompts_per_call",
                 "verify_timeout_s", "engine", "device")
         return {**{k: getattr(self, k) for k in keys}, "problems": hashlib.sha1(problems.encode()).hexdigest()}
+
+    def fingerprint(self, offline: bool = False) -> str:
+        return settings_fingerprint(self.benchmark, self.settings(self.items(offline=offline)))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model_dir: str | Path) -> pd.DataFrame:

@@ -33,6 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import dagster as dg
 
+from l2t_core.eval.datasets import DatasetError
 from l2t_core.hub import hub_commit
 from l2t_core.models import ModelLoadError
 
@@ -281,7 +282,12 @@ def reevaluation_schedule(context: dg.ScheduleEvaluationContext, registry: Model
     trained = sorted(ever_materialized(context.instance, checkpoints.key, statuses))
     if not trained:
         return dg.SkipReason("no checkpoint of a registered base model materialized yet")
-    fingerprint = evaluator.fingerprint()
+    try:  # from the local data: a tick downloads nothing (a benchmark not yet local fails the tick, saying why)
+        fingerprint = evaluator.fingerprint(offline=True)
+    except DatasetError as exc:
+        raise RuntimeError(f"the re-evaluation schedule reads the evaluator's benchmarks from local data only and "
+                           f"{exc}; materialize `datasets` once (it downloads them), or place the files in the data "
+                           "directory: no checkpoint is re-evaluated until then") from exc
     stale = stale_reports(context.instance, trained, fingerprint)
     if not stale:
         return dg.SkipReason(f"every one of the {len(trained)} trained checkpoints has a report made since it was "

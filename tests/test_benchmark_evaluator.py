@@ -132,6 +132,7 @@ def test_fingerprint_changes_with_every_result_setting():
     prints = [e.fingerprint() for e in changed]
     assert ref not in prints and len(set(prints)) == len(prints)
     assert quick(verify_workers=2).fingerprint() == ref  # parallel verification changes no result
+    assert quick().fingerprint(offline=True) == ref  # local data: the same, without the chance of a download
     assert quick(benchmarks=["math500", "aime24"]).benchmark == "math500+aime24"
 
 

@@ -862,6 +862,18 @@ def test_reevaluation_schedule_requests_each_trained_checkpoint_with_an_out_of_d
         # a registry that cannot be read fails the tick, naming it
         with pytest.raises(Exception, match=r"cannot read the model registry .*gone\.yaml"):
             requested(registry=ModelRegistry(path=str(tmp_path / "gone.yaml")))
+        # a tick downloads no benchmark: one not in the data directory yet fails it, saying what to do
+        from l2t_core.eval import datasets
+        from l2t_pipeline.resources import BenchmarkEvaluator
+
+        def no_download(*args):
+            raise AssertionError("a schedule tick downloaded a benchmark")
+
+        (tmp_path / "empty_data").mkdir()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(datasets, "download_from_hub", no_download)
+            with pytest.raises(Exception, match=r"local data only .*math500.*materialize `datasets` once"):
+                requested(evaluator=BenchmarkEvaluator(benchmarks=["math500"], data_dir=str(tmp_path / "empty_data")))
 
 
 def test_local_launcher_runs_torchrun_for_several_processes_and_refuses_a_single_process_engine(tmp_path):
