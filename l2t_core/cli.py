@@ -9,6 +9,7 @@ config before any compute, and a wrong value fails with the field's name and wha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -311,7 +312,7 @@ def cmd_eval(args) -> int:
     through evaluate_math, HumanEval (kind "code") through evaluate_code, one report."""
     from .eval.code import HUMANEVAL_N, check_k_values, evaluate_code
     from .eval.datasets import DatasetError, benchmark_source
-    from .eval.journal import SampleJournal
+    from .eval.journal import JournalInUse, SampleJournal, held
     from .eval.report import ReportDirError, check_report_dir, finished_results, write_report
     from .eval.runner import EvalSettings, eval_identity, evaluate_math
     from .eval.synthetic import (HeldOutOptionError, HeldOutOptions, benchmark_kind, check_options, is_heldout,
@@ -391,41 +392,50 @@ def cmd_eval(args) -> int:
                          "pass_k": code_k if kinds[name] == "code" else None,
                          "data": heldout.describe(name) if is_heldout(name) else sources[name]}
                   for name in args.benchmarks}
-    try:
-        results = finished_results(args.out, identities)
-    except ReportDirError as exc:
-        raise SystemExit(f"l2t eval --out: {exc}") from None
-    for name in results:
-        logging.getLogger("l2t.eval").info("%s: finished in %s before, with these settings; kept", name, args.out)
-    todo = {name: its for name, its in items.items() if name not in results}
-    engine, tok = (load_engine(args.engine, args.model, args.device,
-                               gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                               max_model_len=args.vllm_max_model_len) if todo else (None, None))
-    for name, its in todo.items():
-        # each engine call's samples kept as made: a crash resumes from them (l2t_core.eval.journal)
-        journal = SampleJournal(Path(args.out) / ".samples" / f"{name}.jsonl",
-                                context={"model": model_weights, "device": args.device})
-        if kinds[name] == "code":
-            results[name] = evaluate_code(engine, tok, its, settings["code"], k_values=code_k,
-                                          workers=args.sandbox_workers, show_progress=not args.quiet, journal=journal)
-        else:
-            results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet,
-                                          journal=journal)
-            if is_heldout(name):  # which held-out problems: recorded in report.json, named in the report
-                results[name].summary["heldout"] = heldout.describe(name)
-            else:  # which file: the data directory's, or the hub copy (report.json)
-                results[name].summary["source"] = sources[name]
-        results[name].summary["evaluation"] = identities[name]
-        # the report of every benchmark done so far: a failure later keeps their samples and scores
-        report = write_report(args.out, {n: results[n] for n in args.benchmarks if n in results}, model=args.model)
-        journal.remove()
-    results = {n: results[n] for n in args.benchmarks}
-    if not todo:  # every benchmark was reported before: the report once more, as this run's output
-        report = write_report(args.out, results, model=args.model)
-    print(json.dumps({"out": args.out, "files": report["files"],
-                      "pass@1": {n: r.summary["pass@1"] for n, r in results.items()},
-                      "pass@k": {n: {k: v for k, v in r.summary.items() if k.startswith("pass@") and k != "pass@1"}
-                                 for n, r in results.items() if kinds[n] == "code"}}))
+    with contextlib.ExitStack() as stack:
+        try:  # one l2t eval writes into --out at a time: a second would append to the same journals and reports
+            stack.enter_context(held(Path(args.out) / ".samples" / ".lock", f"l2t eval --out {args.out}"))
+        except JournalInUse as exc:
+            raise SystemExit(f"l2t eval --out: another evaluation writes into {args.out} now ({exc}); wait for it "
+                             "to finish, or choose another --out") from None
+        try:
+            results = finished_results(args.out, identities)
+        except ReportDirError as exc:
+            raise SystemExit(f"l2t eval --out: {exc}") from None
+        for name in results:
+            logging.getLogger("l2t.eval").info("%s: finished in %s before, with these settings; kept", name,
+                                               args.out)
+        todo = {name: its for name, its in items.items() if name not in results}
+        engine, tok = (load_engine(args.engine, args.model, args.device,
+                                   gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                   max_model_len=args.vllm_max_model_len) if todo else (None, None))
+        for name, its in todo.items():
+            # each engine call's samples kept as made: a crash resumes from them (l2t_core.eval.journal)
+            journal = SampleJournal(Path(args.out) / ".samples" / f"{name}.jsonl",
+                                    context={"model": model_weights, "device": args.device})
+            if kinds[name] == "code":
+                results[name] = evaluate_code(engine, tok, its, settings["code"], k_values=code_k,
+                                              workers=args.sandbox_workers, show_progress=not args.quiet,
+                                              journal=journal)
+            else:
+                results[name] = evaluate_math(engine, tok, its, settings["math"], show_progress=not args.quiet,
+                                              journal=journal)
+                if is_heldout(name):  # which held-out problems: recorded in report.json, named in the report
+                    results[name].summary["heldout"] = heldout.describe(name)
+                else:  # which file: the data directory's, or the hub copy (report.json)
+                    results[name].summary["source"] = sources[name]
+            results[name].summary["evaluation"] = identities[name]
+            # the report of every benchmark done so far: a failure later keeps their samples and scores
+            report = write_report(args.out, {n: results[n] for n in args.benchmarks if n in results},
+                                  model=args.model)
+            journal.remove()
+        results = {n: results[n] for n in args.benchmarks}
+        if not todo:  # every benchmark was reported before: the report once more, as this run's output
+            report = write_report(args.out, results, model=args.model)
+        print(json.dumps({"out": args.out, "files": report["files"],
+                          "pass@1": {n: r.summary["pass@1"] for n, r in results.items()},
+                          "pass@k": {n: {k: v for k, v in r.summary.items() if k.startswith("pass@") and k != "pass@1"}
+                                     for n, r in results.items() if kinds[n] == "code"}}))
     return 0
 
 

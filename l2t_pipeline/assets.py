@@ -16,6 +16,7 @@ from dagster_duckdb import DuckDBResource
 from l2t_core.atomic_files import write_json_atomic
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
+from l2t_core.eval.journal import JournalInUse, SampleJournal, held
 from l2t_core.hub import hub_commit, hub_snapshot
 from l2t_core.model_lock import ModelInUse, building_model, using_model
 from l2t_core.models import load_policy, resolve_device, weight_files_sha256, weights_fingerprint
@@ -245,11 +246,14 @@ def evaluation_key(evaluator_fingerprint: str, weights: str) -> str:
     return hashlib.sha1(f"{evaluator_fingerprint}|{weights}".encode()).hexdigest()[:16]
 
 
-def kept_evaluation(context, store: RunStorage, key: str, evaluate) -> pd.DataFrame:
-    """``evaluate()``'s rows, kept in ``store`` (``evaluations/<key>.json``) as soon as they are
-    made, until :func:`drop_kept_evaluation` once they are stored: a step that fails after an
-    evaluation of hours (the warehouse busy, the report unwritable) and is run again reuses it
-    instead of evaluating again."""
+def kept_evaluation(context, store: RunStorage, key: str, evaluate, journal: Path) -> pd.DataFrame:
+    """``evaluate(sample_journal)``'s rows, kept in ``store`` (``evaluations/<key>.json``) as soon
+    as they are made, until :func:`drop_kept_evaluation` once they are stored: a step that fails
+    after an evaluation of hours (the warehouse busy, the report unwritable) and is run again
+    reuses it instead of evaluating again. Meanwhile its samples are kept in the journal
+    ``journal`` (:class:`~l2t_core.eval.journal.SampleJournal`): a step cut short (a lost node, a
+    crash) resumes them. Where another step is evaluating the same weights with the same evaluator
+    now, this one evaluates without a journal."""
     rel = f"{KEPT_EVALUATIONS}/{key}.json"
     try:
         kept = json.loads(store.read_bytes(rel))
@@ -259,9 +263,19 @@ def kept_evaluation(context, store: RunStorage, key: str, evaluate) -> pd.DataFr
         context.log.info("reusing the evaluation an earlier attempt of this step made and could not store: %s",
                          store.url_of(store.path(rel)))
         return pd.DataFrame(kept)
-    evals = evaluate()
-    # JSON records keep each value as it is (a level is 'all' or a number) and floats exactly
-    store.write_bytes(rel, json.dumps(evals.to_dict(orient="records")).encode())
+    with contextlib.ExitStack() as stack:
+        samples: SampleJournal | None = SampleJournal(journal, context={"evaluation": key})
+        try:
+            stack.enter_context(held(journal.with_suffix(".lock"), _holder(context)))
+        except JournalInUse as exc:
+            context.log.warning("evaluating without keeping the samples: another step evaluates the same weights "
+                                "with the same evaluator now (%s)", exc)
+            samples = None
+        evals = evaluate(samples)
+        # JSON records keep each value as it is (a level is 'all' or a number) and floats exactly
+        store.write_bytes(rel, json.dumps(evals.to_dict(orient="records")).encode())
+        if samples is not None:
+            samples.remove()  # kept as rows now
     return evals
 
 
@@ -572,12 +586,13 @@ def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, en
         named = local or f"{pin['repo_id']}@{pin['commit']}"
         context.log.info("base model %s: %s; evaluating on %s", base, storage.display(named), evaluator.benchmark)
 
-        def evaluate() -> pd.DataFrame:  # a hub model's copy downloaded only when evaluated
-            return with_model_columns(evaluator.evaluate(local or base_model_path(base, entry, storage, pin)),
+        def evaluate(journal) -> pd.DataFrame:  # a hub model's copy downloaded only when evaluated
+            return with_model_columns(evaluator.evaluate(local or base_model_path(base, entry, storage, pin), journal),
                                       "base", base, None, named, weights)
 
         key = evaluation_key(fingerprint, weights)
-        return kept_evaluation(context, kept_base_evaluations(storage, base), key, evaluate), key
+        return kept_evaluation(context, kept_base_evaluations(storage, base), key, evaluate,
+                               storage.sample_journal(key)), key
 
 
 def comparison(evals: pd.DataFrame) -> dict:
@@ -625,14 +640,14 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
         base_evals, base_key = evaluate_base(context, evaluator, fingerprint, base, entry, storage, trained_from)
     run_store = storage.run_storage(run["run_url"])
 
-    def evaluate_checkpoint() -> pd.DataFrame:
+    def evaluate_checkpoint(journal) -> pd.DataFrame:
         with run_store.local_copy(run["checkpoint_url"]) as local:
-            return with_model_columns(evaluator.evaluate(local), "checkpoint", base, method, run["checkpoint_url"],
-                                      weights_fingerprint(local))
+            return with_model_columns(evaluator.evaluate(local, journal), "checkpoint", base, method,
+                                      run["checkpoint_url"], weights_fingerprint(local))
 
     # a checkpoint is never rewritten: its URL names its weights
     ckpt_key = evaluation_key(fingerprint, run["checkpoint_url"])
-    ckpt = kept_evaluation(context, run_store, ckpt_key, evaluate_checkpoint)
+    ckpt = kept_evaluation(context, run_store, ckpt_key, evaluate_checkpoint, storage.sample_journal(ckpt_key))
     evals = pd.concat([base_evals, ckpt], ignore_index=True)
     cmp = comparison(evals)
     history = pd.DataFrame([{"base_model": base, "method": method, "config_hash": run["config_hash"],

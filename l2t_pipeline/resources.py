@@ -120,6 +120,13 @@ class L2TStorage(dg.ConfigurableResource):
         ``l2t_pipeline.assets.kept_evaluation``)."""
         return "/".join([self._root().rstrip("/"), "base_models", base_model])
 
+    def sample_journal(self, key: str) -> Path:
+        """Where an evaluation kept under ``key`` (``l2t_pipeline.assets.kept_evaluation``) keeps
+        its samples as it makes them, so that a step cut short resumes them
+        (:mod:`l2t_core.eval.journal`): ``<models_dir>/.eval_samples/<key>.jsonl``, on the local
+        disk (a shared volume under Kubernetes) whatever ``url`` is."""
+        return Path(self.models_dir) / ".eval_samples" / f"{key}.jsonl"
+
     def run_storage(self, url: str) -> RunStorage:
         """A RunStorage on ``url``; s3fs picks its credentials and endpoint from the environment (a URL
         with credentials in it is refused, see :mod:`l2t_core.urls`)."""
@@ -325,8 +332,11 @@ class Evaluator(dg.ConfigurableResource):
     def problem_rows(self) -> pd.DataFrame:
         raise NotImplementedError(f"{type(self).__name__} must define problem_rows()")
 
-    def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
-        raise NotImplementedError(f"{type(self).__name__} must define evaluate(model_dir)")
+    def evaluate(self, model_dir: str | Path, journal=None) -> pd.DataFrame:
+        """The rows of the model in ``model_dir``. ``journal``: a
+        :class:`~l2t_core.eval.journal.SampleJournal` that keeps the samples as they are made, for
+        an evaluator that samples (one cut short then resumes them), or None."""
+        raise NotImplementedError(f"{type(self).__name__} must define evaluate(model_dir, journal=None)")
 
     def check_base_model(self, base_model: str, task: str) -> None:
         """Raise when ``base_model``, trained on ``task`` (the training data's source: a synthetic
@@ -382,8 +392,9 @@ class HeldOutEvaluator(Evaluator):
         raise ValueError(f"base model {base_model!r} learns the task {task!r} but the evaluator "
                          f"tests {self.task!r}; set both resources to the same task")
 
-    def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
-        """Overall (``level='all'``) and per-level results of the model in ``model_dir``."""
+    def evaluate(self, model_dir: str | Path, journal=None) -> pd.DataFrame:
+        """Overall (``level='all'``) and per-level results of the model in ``model_dir``; greedy
+        and short, so nothing is journaled (``journal`` is not used)."""
         from l2t_core.models import load_policy
         from l2t_core.warmstart import evaluate
 
@@ -540,16 +551,17 @@ class BenchmarkEvaluator(Evaluator):
         return settings_fingerprint(self.benchmark, self.settings(self.items(offline=offline)))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model_dir: str | Path) -> pd.DataFrame:
+    def evaluate(self, model_dir: str | Path, journal=None) -> pd.DataFrame:
         """Overall (``level='all'``) and per-group results of the model in ``model_dir``, loaded
-        through ``l2t_core.rollout.load_engine``."""
+        through ``l2t_core.rollout.load_engine``; each engine call's samples kept in ``journal``
+        (a :class:`~l2t_core.eval.journal.SampleJournal`) as made, where one is given."""
         from l2t_core.eval.runner import evaluate_math, group_rows
         from l2t_core.rollout import load_engine
 
         items = self.items()
         engine, tok = load_engine(self.engine, model_dir, self.device,
                                   gpu_memory_utilization=self.vllm_gpu_memory_utilization)
-        result = evaluate_math(engine, tok, items, self.eval_settings())
+        result = evaluate_math(engine, tok, items, self.eval_settings(), journal=journal)
         rows = group_rows(result.rows)
         rows["benchmark"] = self.benchmark
         rows["evaluator"] = settings_fingerprint(self.benchmark, self.settings(items))

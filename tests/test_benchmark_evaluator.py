@@ -277,7 +277,7 @@ def test_benchmark_reports_materializes_with_the_benchmark_evaluator(tiny_dir, t
     record_run("0" * 64)
     evaluated = []
     original = type(evaluator).evaluate
-    monkeypatch.setattr(type(evaluator), "evaluate", lambda self, d: evaluated.append(d) or original(self, d))
+    monkeypatch.setattr(type(evaluator), "evaluate", lambda self, d, j=None: evaluated.append(d) or original(self, d, j))
     failed = dg.materialize([*ASSETS, *all_checks], selection=[benchmark_reports], partition_key=pk,
                             resources=resources, instance=instance, raise_on_error=False)
     assert not failed.success and evaluated == []
@@ -288,3 +288,61 @@ def test_benchmark_reports_materializes_with_the_benchmark_evaluator(tiny_dir, t
                      failure.event_specific_data.error.message)
     with duckdb.connect(db) as con:
         assert len(warehouse.read_rows(con, "eval_results", "benchmark_reports", pk)) == len(stored)
+
+
+def test_an_evaluation_cut_short_resumes_its_samples_when_the_step_runs_again(tiny_dir, tmp_path, monkeypatch):
+    """base_model's evaluation crashes in its second engine call: its first call's samples are in
+    the journal (models_dir/.eval_samples), and the step run again samples only the second; the
+    rows equal an uninterrupted evaluation's and the journal is gone once they are kept. Where
+    another step holds the journal (evaluating the same weights now), the step evaluates without
+    one."""
+    from l2t_core.eval.journal import held
+    from l2t_core.rollout.hf import HFRolloutEngine
+    from l2t_pipeline.assets import evaluation_key
+
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"models": {"tiny": {"kind": "pretrained", "path": str(tiny_dir)}}}))
+    storage = L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models"))
+    evaluator = quick(prompts_per_call=2)  # 4 problems: two engine calls
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")),
+                 "registry": ModelRegistry(path=str(registry)), "storage": storage,
+                 "training_data": TrainingData(train_size=10, max_steps=2), "evaluator": evaluator,
+                 "launcher": TrainingLauncher()}
+    instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster_home"))
+    instance.add_dynamic_partitions("base_models", ["tiny"])
+    real, calls, fail_at = HFRolloutEngine.generate, [], [2]
+
+    def generate(self, prompts, params, **kw):
+        calls.append(len(prompts))
+        if len(calls) in fail_at:
+            raise RuntimeError("the node was preempted")
+        return real(self, prompts, params, **kw)
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", generate)
+
+    def materialize():
+        return dg.materialize([*ASSETS, *all_checks], selection=[base_model], partition_key="tiny",
+                              resources=resources, instance=instance, raise_on_error=False)
+
+    journal = storage.sample_journal(evaluation_key(evaluator.fingerprint(), weights_fingerprint(tiny_dir)))
+    assert not materialize().success and calls == [2, 2]
+    assert journal.is_file() and len(journal.read_text().splitlines()) == 2  # its header and the first call
+    calls.clear()
+    fail_at.clear()
+    assert materialize().success and calls == [2]  # the first call's samples resumed
+    assert not journal.exists() and not journal.with_suffix(".lock").exists()
+    with duckdb.connect(str(tmp_path / "l2t.duckdb")) as con:
+        stored = warehouse.read_rows(con, "eval_results", "base_model", "tiny")
+    whole = quick(prompts_per_call=2).evaluate(tiny_dir)
+    cols = ["level", "n", "accuracy", "mean_tokens", "mean_episodes"]
+    pd.testing.assert_frame_equal(stored[cols].reset_index(drop=True), whole[cols].reset_index(drop=True))
+
+    # another step evaluating the same weights holds the journal: this one evaluates without it
+    calls.clear()
+    with duckdb.connect(str(tmp_path / "l2t.duckdb")) as con:
+        con.execute("DELETE FROM eval_results")  # nothing stored to reuse
+    with held(journal.with_suffix(".lock"), "benchmark_reports[tiny|grpo] of Dagster run x"):
+        result = materialize()
+        assert result.success and calls == [2, 2] and not journal.exists()
+    warned = [e.message for e in instance.all_logs(result.run_id) if "without keeping the samples" in e.message]
+    assert warned and "benchmark_reports[tiny|grpo] of Dagster run x" in warned[0]

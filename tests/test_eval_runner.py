@@ -464,7 +464,7 @@ def test_l2t_eval_cut_short_resumes_where_it_stopped_with_the_same_samples(tiny_
     whole = pd.read_parquet(tmp_path / "whole" / "eval_results.parquet")
     resumed = pd.read_parquet(tmp_path / "cut" / "eval_results.parquet")
     pd.testing.assert_frame_equal(whole, resumed)
-    assert not list((tmp_path / "cut" / ".samples").iterdir())
+    assert not (tmp_path / "cut" / ".samples").exists()  # journals and lock removed once reported
     report = json.loads((tmp_path / "cut" / "report.json").read_text())["benchmarks"]
     assert report["amc23"]["statuses"] and report["amc23"]["evaluation"]["sampling"]["prompts_per_call"] == 2
 
@@ -514,3 +514,26 @@ def test_a_sample_journal_keeps_whole_chunks_of_the_same_prompts_and_settings(tm
     assert sorted(SampleJournal(path).begin(key, prompts)) == [0, 2]
     assert SampleJournal(path).begin(journal_key(prompts, {"n": 2, "seed": 0}), prompts) == {}
     assert SampleJournal(path).begin(key, prompts) == {}  # started over for the other settings
+
+
+def test_a_journal_has_one_writer_and_a_second_is_refused_naming_the_first(tiny_dir, tmp_path):
+    """held(): a second holder of the same lock (another process, or another open of it) is
+    refused at once with the first's note; released, the lock file is gone and it can be held
+    again. l2t eval refuses a second evaluation into the same --out while one writes there."""
+    from l2t_core.cli import main
+    from l2t_core.eval.journal import JournalInUse, held
+
+    lock = tmp_path / "samples" / ".lock"
+    with held(lock, "l2t eval --out A"):
+        with pytest.raises(JournalInUse, match=r"\.lock is held by l2t eval --out A \(pid \d+ on "):
+            with held(lock, "another"):
+                pass
+        assert lock.is_file()
+    assert not lock.parent.exists()  # nor its directory, left empty
+    with held(lock, "again"):
+        assert "again" in lock.read_text()
+
+    out = tmp_path / "out"
+    with held(out / ".samples" / ".lock", "l2t eval --out out"):
+        with pytest.raises(SystemExit, match=r"--out: another evaluation writes into .*out now \(.*held by l2t eval"):
+            main(["eval", "-q", "--model", str(tiny_dir), "--benchmarks", "aime24", "--limit", "2", "--out", str(out)])

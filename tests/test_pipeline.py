@@ -1008,7 +1008,7 @@ def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
         def settings(self) -> dict:
             return {}
 
-        def evaluate(self, model_dir):
+        def evaluate(self, model_dir, journal=None):
             PROBES.append(probe_warehouse(self.database))
             level = {"n": 2, "accuracy": 0.5, "mean_tokens": 10.0, "mean_episodes": 1.0, "tagged_share": 1.0,
                      "finished_share": 1.0, "redundant_share": 0.0}

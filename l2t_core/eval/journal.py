@@ -8,18 +8,72 @@ settings. A rerun of the same evaluation reads the chunks already made and sampl
 others; since a chunk's seed depends on its start alone, the result is an uninterrupted run's. A
 journal of other prompts or settings is started over; a line cut by a crash, and what follows it,
 is dropped (those chunks are sampled again).
+
+A journal has one writer: :func:`held` takes an advisory lock beside it for as long as it is
+written, and a second process that would write it (a second ``l2t eval`` into the same ``--out``,
+two pipeline steps evaluating the same weights) is refused at once (:class:`JournalInUse`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..atomic_files import write_text_atomic
 from ..rollout.base import Completion
+
+
+class JournalInUse(RuntimeError):
+    """Another process holds the lock of the journal: it is writing those samples now."""
+
+
+@contextmanager
+def held(lock: str | os.PathLike, who: str) -> Iterator[None]:
+    """Hold the lock file ``lock`` (``flock``, exclusive, never waiting) while the journals it
+    guards are written; ``who`` (what this process is) is written into it for the message of a
+    process it refuses. Raises :class:`JournalInUse`, naming the holder, where another process
+    holds it. The file is removed on release, while still held: a process that opened it
+    meanwhile finds its lock on a removed file and takes the new one (checked by inode), and so is
+    its directory where nothing else is left in it. The lock is the kernel's: a holder killed with
+    ``kill -9`` blocks nobody."""
+    lock = Path(lock)
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
+        except FileNotFoundError:  # the directory removed by a holder that found it empty: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with suppress(OSError):
+                holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            raise JournalInUse(f"{lock} is held by {holder or 'another process'}") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # its holder removed it after this process opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{who} (pid {os.getpid()} on {socket.gethostname()})".encode())
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            lock.unlink()
+        with suppress(OSError):  # nor an empty directory (one still holding journals stays)
+            lock.parent.rmdir()
+        os.close(fd)  # releases the lock
 
 
 def journal_key(prompts: Sequence[Sequence[int]], sampling: dict) -> dict:
