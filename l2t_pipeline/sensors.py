@@ -13,8 +13,10 @@
   (``baseline:<name>``, then ``baseline:<name>:attempt-<n>``) make a repeated tick idempotent.
   For a hub model the entry ``follow``s, it also requests ``base_model`` again when the entry's
   branch or tag has moved upstream to another commit than the one the latest baseline pinned
-  (:func:`upstream_requests`, at most every :data:`UPSTREAM_CHECK_S`; run key
-  ``upstream:<name>:<commit>:after-<id>``, one run per new commit and baseline).
+  (:func:`upstream_requests`, the hub asked at most every :data:`UPSTREAM_CHECK_S`; run key
+  ``upstream:<name>:<commit>:after-<id>``, one run per new commit and baseline). A move found
+  while that model's ``base_model`` runs is requested on the first tick after the run ends,
+  unless that run pinned the new commit (the cursor keeps it meanwhile).
 * :data:`reevaluation_schedule` re-runs ``benchmark_reports`` for every (base model, method)
   whose ``checkpoints`` partition has been materialized and still exists, of a base model still
   in the registry (a deleted partition or a model taken out of the registry is skipped), and
@@ -163,32 +165,39 @@ def pinned_commit(instance: dg.DagsterInstance, name: str) -> tuple[int | None, 
     return record.storage_id, getattr(value, "value", None)
 
 
-def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelEntry], log=None) -> list[dg.RunRequest]:
+def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelEntry], log=None,
+                      waiting: Mapping[str, str] | None = None) -> tuple[list[dg.RunRequest], dict[str, str]]:
     """A ``base_model`` run for every hub model that its registry entry ``follow``s whose branch or
     tag is now another commit (:func:`~l2t_core.hub.hub_commit`) than the one its latest
-    ``base_model`` materialization pinned, unless a run of that partition is in progress. Run key
-    ``upstream:<name>:<commit>:after-<that materialization's storage id>``: one run per new commit
-    and baseline, also when it fails (materialize it by hand once fixed). A model whose hub cannot
-    be reached is skipped with a warning."""
-    requests = []
+    ``base_model`` materialization pinned; and the models whose ``base_model`` was in progress
+    then, with the commit found (not requested now: that run may pin it). ``waiting``: such models
+    of an earlier tick, checked again with the commit found then, the hub not asked (the others are
+    not checked). Run key ``upstream:<name>:<commit>:after-<that materialization's storage id>``:
+    one run per new commit and baseline, also when it fails (materialize it by hand once fixed).
+    A model whose hub cannot be reached is skipped with a warning."""
+    requests, in_progress = [], {}
     for name, entry in entries.items():
         hub = entry.hub_id()
-        if not entry.follow or hub is None:
+        if not entry.follow or hub is None or (waiting is not None and name not in waiting):
             continue
         baseline, pinned = pinned_commit(instance, name)
         if baseline is None:
             continue  # no baseline yet: baseline_requests asks for one
-        try:
-            now = hub_commit(hub, entry.revision)
-        except ModelLoadError as exc:
-            if log is not None:
-                log.warning("base model %s: cannot look up the commit of %s at %s now: %s", name, hub,
-                            entry.revision or "main", exc)
-            continue
+        if waiting is not None:
+            now = waiting[name]
+        else:
+            try:
+                now = hub_commit(hub, entry.revision)
+            except ModelLoadError as exc:
+                if log is not None:
+                    log.warning("base model %s: cannot look up the commit of %s at %s now: %s", name, hub,
+                                entry.revision or "main", exc)
+                continue
         if now == pinned:
             continue
         statuses = partition_statuses(instance, base_model.key, [name], base_models_partitions)
         if statuses.get(name) == dg.AssetPartitionStatus.IN_PROGRESS:
+            in_progress[name] = now  # checked again every tick until that run ends
             continue
         if log is not None:
             log.info("base model %s: %s at %s is now commit %s (pinned: %s); requesting base_model[%s]", name, hub,
@@ -197,16 +206,19 @@ def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelE
         requests.append(dg.RunRequest(run_key=f"upstream:{name}:{now}:after-{baseline}", partition_key=name,
                                       asset_selection=[base_model.key],
                                       tags={BASE_MODEL_TAG: name, REASON_TAG: UPSTREAM_REASON}))
-    return requests
+    return requests, in_progress
 
 
-def upstream_due(cursor: str | None, now: float) -> bool:
-    """Whether :data:`UPSTREAM_CHECK_S` has passed since the hub was last asked (the sensor's cursor)."""
+def upstream_state(cursor: str | None) -> tuple[float, dict[str, str]]:
+    """The sensor's cursor: when the hub was last asked, and the followed models whose new commit
+    waits for their ``base_model`` run in progress (:func:`upstream_requests`)."""
     try:
-        last = float(json.loads(cursor or "{}").get("upstream_checked", 0.0))
+        state = json.loads(cursor or "{}")
+        last = float(state.get("upstream_checked", 0.0))
+        waiting = {str(k): str(v) for k, v in dict(state.get("waiting", {})).items()}
     except (ValueError, AttributeError, TypeError):  # a cursor of another version: ask now
-        last = 0.0
-    return now - last >= UPSTREAM_CHECK_S
+        return 0.0, {}
+    return last, waiting
 
 
 @dg.sensor(job=baseline_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
@@ -220,9 +232,15 @@ def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRe
     requests = baseline_requests(context.instance, registered, context.log)
     cursor = context.cursor
     now = time.time()
-    if any(e.follow for e in entries.values()) and upstream_due(cursor, now):
-        requests += upstream_requests(context.instance, entries, context.log)
-        cursor = json.dumps({"upstream_checked": now})
+    checked, waiting = upstream_state(cursor)
+    if any(e.follow for e in entries.values()) and now - checked >= UPSTREAM_CHECK_S:  # the hub asked hourly
+        found, waiting = upstream_requests(context.instance, entries, context.log)
+        requests += found
+        cursor = json.dumps({"upstream_checked": now, "waiting": waiting})
+    elif waiting:  # a new commit found while its base_model ran: requested once that run has ended
+        found, waiting = upstream_requests(context.instance, entries, context.log, waiting=waiting)
+        requests += found
+        cursor = json.dumps({"upstream_checked": checked, "waiting": waiting})
     if not new and not requests:
         return dg.SensorResult(skip_reason=f"no model in {registry.path} needs a baseline run now: each has a "
                                            "baseline, one in progress, a retry to wait for, or none left, and no "

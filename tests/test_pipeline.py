@@ -1422,8 +1422,11 @@ def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_
     """A hub model the registry ``follow``s: while its branch is the commit base_model pinned the
     sensor requests nothing; once the branch moves it requests base_model once for the new commit
     (run key upstream:<name>:<commit>, reason tagged), and nothing after that run pinned it. The hub
-    is asked at most every UPSTREAM_CHECK_S (the sensor's cursor). ``follow`` of a local path or of a
-    commit is refused."""
+    is asked at most every UPSTREAM_CHECK_S (the sensor's cursor). A move found while base_model
+    runs is requested on the first tick after that run, unless it pinned the new commit. ``follow``
+    of a local path or of a commit is refused."""
+    import json
+
     import l2t_pipeline.sensors as sensors_module
     from test_hub import A, B, REPO, other_weights
 
@@ -1475,3 +1478,34 @@ def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_
         hub_cache(REPO, tiny_dir, A)  # main moves back: asked for again (after this baseline: another run key)
         [back] = tick()
         assert back.run_key.startswith(f"upstream:hub:{A}:after-") and back.run_key != moved.run_key
+
+        # a move found while base_model runs: requested on the first tick after that run ended, the hub
+        # not asked again (hourly), unless that run pinned the new commit
+        assert run(back) == A
+        hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)
+        real_statuses, real_hub_commit = sensors_module.partition_statuses, sensors_module.hub_commit
+        monkeypatch.setattr(sensors_module, "partition_statuses",
+                            lambda *a: {"hub": dg.AssetPartitionStatus.IN_PROGRESS})
+        assert tick() == []
+        monkeypatch.setattr(sensors_module, "partition_statuses", real_statuses)
+        monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 3600.0)
+
+        def no_hub(*args):
+            raise AssertionError("the hub was asked within the hour")
+
+        monkeypatch.setattr(sensors_module, "hub_commit", no_hub)
+        [after] = tick()  # that run ended (it pinned A): B requested now
+        assert after.run_key.startswith(f"upstream:hub:{B}:after-") and run(after) == B
+        assert tick() == []  # nothing waits any more
+        monkeypatch.setattr(sensors_module, "partition_statuses",
+                            lambda *a: {"hub": dg.AssetPartitionStatus.IN_PROGRESS})
+        monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 0.0)
+        monkeypatch.setattr(sensors_module, "hub_commit", real_hub_commit)
+        hub_cache(REPO, tiny_dir, A)  # main moves back while base_model runs
+        assert tick() == []
+        monkeypatch.setattr(sensors_module, "partition_statuses", real_statuses)
+        monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 3600.0)
+        monkeypatch.setattr(sensors_module, "hub_commit", no_hub)
+        assert json.loads(cursor[0])["waiting"] == {"hub": A}
+        assert run(dg.RunRequest(partition_key="hub")) == A  # what the run in progress pinned once it ended
+        assert tick() == [] and json.loads(cursor[0])["waiting"] == {}
