@@ -7,6 +7,7 @@ schema and replaces its partition's rows in DuckDB (see :mod:`l2t_pipeline.wareh
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -237,6 +238,15 @@ def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: 
     return out
 
 
+# the concurrency pool of the steps that train: one training process per slot (a GPU each), set with
+# `dagster instance concurrency set l2t_training N`
+TRAINING_POOL = "l2t_training"
+# the pool of the steps that load a model in the run worker itself (base rollouts, their rewards,
+# evaluations): by default the training pool, so that on a machine with one GPU they take turns with
+# training for it; L2T_MODEL_POOL names another pool, or none ("") where run workers have no GPU
+# (Kubernetes: those steps run on the run worker's CPUs, and would hold a GPU's slot for nothing)
+MODEL_POOL = os.environ.get("L2T_MODEL_POOL", TRAINING_POOL) or None
+
 KEPT_EVALUATIONS = "evaluations"
 
 
@@ -327,6 +337,7 @@ def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: Model
 
 
 @dg.asset(partitions_def=base_models_partitions, group_name="models", kinds={"pytorch", "duckdb"},
+          pool=TRAINING_POOL,  # a warm start or SFT trains, on a GPU where there is one
           description="The base policy of a partition: the embedded default warm-started by SFT on the "
                       "synthetic task, a registry model, or a registry model fine-tuned by `l2t sft` on traces; "
                       "its baseline evaluation goes to eval_results.")
@@ -380,7 +391,7 @@ def datasets(context: dg.AssetExecutionContext, config: DatasetsConfig, training
 
 
 @dg.asset(partitions_def=base_models_partitions, group_name="rewards", kinds={"pytorch", "duckdb"},
-          dagster_type=RolloutsType, deps=["base_model"],
+          dagster_type=RolloutsType, pool=MODEL_POOL, deps=["base_model"],
           description="The base policy's sampled responses on the training prompts, segmented into episodes and "
                       "verified (table `rollouts`, source 'base').")
 def segmented_rollouts(context: dg.AssetExecutionContext, config: RolloutSamplingConfig, datasets: pd.DataFrame,
@@ -407,7 +418,7 @@ def segmented_rollouts(context: dg.AssetExecutionContext, config: RolloutSamplin
 
 
 @dg.asset(partitions_def=base_models_partitions, group_name="rewards", kinds={"pytorch", "duckdb"},
-          dagster_type=EpisodeRewardsType, deps=["base_model"],
+          dagster_type=EpisodeRewardsType, pool=MODEL_POOL, deps=["base_model"],
           description="Per-episode fitting gain G_k, penalty P_k and P̂_k, process reward, outcome share and "
                       "episode reward R_k of the base rollouts (table `episode_rewards`, source 'base').")
 def episode_rewards(context: dg.AssetExecutionContext, config: RewardSettings, segmented_rollouts: pd.DataFrame,
@@ -476,7 +487,7 @@ def config_hash(cfg: TrainConfig, inputs: dict | None = None) -> str:
 @dg.asset(partitions_def=runs_partitions, group_name="training", kinds={"pytorch", "duckdb"},
           deps=[dg.AssetDep("base_model", partition_mapping=BASE_DIMENSION),
                 dg.AssetDep("episode_rewards", partition_mapping=BASE_DIMENSION)],
-          pool="l2t_training",
+          pool=TRAINING_POOL,
           description="An RL fine-tuning run of a base model with a method, launched through Dagster Pipes; its "
                       "per-step metrics, rollouts and episode rewards land in train_steps, rollouts and "
                       "episode_rewards (source 'train'), the run in `checkpoints`.")
@@ -609,7 +620,7 @@ def comparison(evals: pd.DataFrame) -> dict:
 
 
 @dg.asset(partitions_def=runs_partitions, group_name="evaluation", kinds={"pytorch", "duckdb"},
-          dagster_type=EvalResultsType, deps=["checkpoints"],
+          dagster_type=EvalResultsType, pool=MODEL_POOL, deps=["checkpoints"],
           description="Evaluation of a run's latest checkpoint and its base model on the same benchmark "
                       "(table `eval_results`), with plots and the token reduction as metadata.")
 def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, registry: ModelRegistry,

@@ -1509,3 +1509,31 @@ def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_
         assert json.loads(cursor[0])["waiting"] == {"hub": A}
         assert run(dg.RunRequest(partition_key="hub")) == A  # what the run in progress pinned once it ended
         assert tick() == [] and json.loads(cursor[0])["waiting"] == {}
+
+
+def test_the_steps_that_load_a_model_take_turns_with_training_unless_a_pool_is_named():
+    """checkpoints and base_model (which train) run in the training pool; the steps that load a model
+    in the run worker share it by default, another pool or none where L2T_MODEL_POOL says so (the
+    Kubernetes values: no pool, their run workers have no GPU)."""
+    import json
+    import subprocess
+    import sys
+
+    from l2t_pipeline import assets
+
+    def pools(env: dict) -> dict:
+        code = ("import json; from l2t_pipeline import assets as a; print(json.dumps({n: getattr(a, n).op.pool for n "
+                "in ('base_model', 'segmented_rollouts', 'episode_rewards', 'checkpoints', 'benchmark_reports')}))")
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                             check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    model_steps = ("segmented_rollouts", "episode_rewards", "benchmark_reports")
+    if "L2T_MODEL_POOL" not in os.environ:
+        assert {n: getattr(assets, n).op.pool for n in model_steps} == dict.fromkeys(model_steps, "l2t_training")
+    assert pools({"L2T_MODEL_POOL": ""}) == {"base_model": "l2t_training", "checkpoints": "l2t_training",
+                                             **dict.fromkeys(model_steps, None)}
+    assert set(pools({"L2T_MODEL_POOL": "gpu_boxes"}).values()) == {"l2t_training", "gpu_boxes"}
+    values = yaml.safe_load((Path(__file__).parents[1] / "infra" / "k8s" / "values.yaml").read_text())
+    [deployment] = values["dagster-user-deployments"]["deployments"]
+    assert deployment["env"]["L2T_MODEL_POOL"] == ""
