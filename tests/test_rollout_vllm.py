@@ -99,6 +99,10 @@ def test_engine_passes_the_launch_kwargs_to_vllm(monkeypatch):
 
         def collective_rpc(self, method, args=()):
             seen.setdefault("rpc", []).append((method, len(args[0])))
+            seen.setdefault("names", []).extend(n for n, _ in args[0])
+
+        def get_tokenizer(self):
+            return seen.get("tokenizer", StubTokenizer())
 
         def reset_prefix_cache(self):
             seen["reset"] = True
@@ -115,6 +119,50 @@ def test_engine_passes_the_launch_kwargs_to_vllm(monkeypatch):
         engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", tensor_parallel_size=2)
     eng.close()
     assert not Path(seen["generation_config"]).exists()
+
+    # the tokenizer vLLM loads from the model's directory must end text as the trainer's does
+    seen.clear()
+    seen["tokenizer"] = SimpleNamespace(eos_token_id=EOS + 1)
+    with pytest.raises(ValueError, match=rf"ends text with token {EOS + 1}, the trainer's with {EOS}"):
+        engine_mod.VLLMRolloutEngine(torch.nn.Linear(2, 2), StubTokenizer(), model_path="m", seed=5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_tied_output_head_is_left_to_vllm_in_every_chunk_of_the_copy(monkeypatch, tied):
+    """vLLM ties a tied model's head to its embedding itself, and from 0.29 its weight loader
+    refuses a load_weights call that names the tied head without the embedding (a chunk of the
+    copy can hold it alone): the copy leaves it out; an untied head is copied like any tensor."""
+    import l2t_core.rollout.vllm as engine_mod
+    from l2t_core.models import build_tiny_qwen2
+
+    seen = {}
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            pass
+
+        def collective_rpc(self, method, args=()):
+            seen.setdefault("chunks", []).append([n for n, _ in args[0]])
+
+        def reset_prefix_cache(self):
+            return True
+
+        def get_tokenizer(self):
+            return StubTokenizer()
+
+    _stand_in_vllm(monkeypatch, RecordingLLM, world=(1, 0))
+    model = build_tiny_qwen2(64, hidden_size=32, num_layers=2, intermediate_size=64)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    eng = engine_mod.VLLMRolloutEngine(model, StubTokenizer(), model_path="m", sync_chunk_tensors=4)
+    names = [n for chunk in seen["chunks"] for n in chunk]
+    assert all(len(chunk) <= 4 for chunk in seen["chunks"]) and len(seen["chunks"]) > 2
+    assert engine_mod.tied_output_head(model) == ("lm_head.weight" if tied else None)
+    expected = [n for n in model.state_dict() if not (tied and n == "lm_head.weight")]
+    assert names == expected and "model.embed_tokens.weight" in names
+    eng.close()
 
 
 def test_completions_end_at_eos_whatever_the_finish_reason(monkeypatch):
@@ -185,6 +233,9 @@ class SleepyLLM:
 
     def reset_prefix_cache(self):
         assert "kv_cache" not in self.asleep
+
+    def get_tokenizer(self):
+        return StubTokenizer()
 
     def sleep(self, level):
         self.events.append(f"sleep{level}")

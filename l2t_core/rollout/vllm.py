@@ -15,7 +15,10 @@ this project is tested with; later ones pin torch 2.14) through its public API o
 * ``LLM.generate`` gets ``TokensPrompt(prompt_token_ids=...)`` inputs and one
   ``vllm.SamplingParams`` per prompt. Prompt ``i`` is seeded with
   ``(seed % 2**31) * 2**20 + i * n`` and vLLM seeds its ``k``-th sample with that ``+ k``, so every
-  sample has its own seed and a call is reproducible from ``SamplingParams.seed``. vLLM refuses
+  sample has its own seed and a call is reproducible from ``SamplingParams.seed`` (bit for bit only
+  where vLLM's kernels are: a repeated prompt reads its KV from the prefix cache through other
+  kernels, so in bf16 a near-tie can rarely flip; ``VLLM_BATCH_INVARIANT=1`` or
+  ``enable_prefix_caching=False`` in ``llm_kwargs`` where that matters). vLLM refuses
   ``n > 1`` with greedy decoding (a temperature below 1e-5, :attr:`SamplingParams.greedy`), so
   greedy asks for one sample at temperature 0 and repeats it ``n`` times. vLLM raises any other
   temperature below 0.01 to 0.01, so those are refused (:func:`~l2t_core.rollout.base.check_vllm_temperature`).
@@ -29,7 +32,10 @@ this project is tested with; later ones pin torch 2.14) through its public API o
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here; ``=1`` is refused: vLLM then sends the
   arguments to its engine-core process as msgpack, which turns tensors into plain lists). With one
   GPU the tensors are passed by reference; with tensor parallelism they reach the other GPUs'
-  workers as CPU copies, in chunks.
+  workers as CPU copies, in chunks. A tied output head (``tie_word_embeddings``) is not sent:
+  vLLM ties it to the embedding itself, and from 0.29 refuses a chunk that names it without the
+  embedding (:func:`synced_tensors`). vLLM stops at the EOS of the tokenizer it loads from
+  ``model_path``; one other than the trainer's is refused at construction.
   Afterwards the prefix cache is reset, because cached KV blocks belong to the old weights.
 * In a multi-rank launch (``deepspeed``/``torchrun``, the process group already joined) every
   rank runs its own engine on its own GPU and samples its own share of the prompts: vLLM joins
@@ -79,6 +85,32 @@ class WeightSyncExtension:
         device = next(model.parameters()).device
         model.load_weights(weights=[(n, t.to(device)) for n, t in named_tensors])
         return len(named_tensors)
+
+
+def tied_output_head(model: torch.nn.Module) -> str | None:
+    """The state-dict name of ``model``'s output head's weight where it is tied to the input
+    embedding (``config.tie_word_embeddings``, the Qwen2.5 models up to 3B), else None."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            return f"{name}.weight" if name else "weight"
+    return None
+
+
+def synced_tensors(model: torch.nn.Module):
+    """(name, tensor) of what the engine copies into vLLM: every state-dict entry of ``model``,
+    whole (:func:`~l2t_core.engines.gather.full_named_tensors`, also under ZeRO-3), by its HF name
+    (a ``torch.compile`` wrapper's prefix dropped); not a tied output head: vLLM ties it to the
+    embedding itself, and from 0.29 its weight loader refuses a call that names the tied head
+    without the embedding (one chunk of the copy can hold the head alone)."""
+    tied = tied_output_head(model)
+    for name, t in full_named_tensors(model):
+        name = name.replace("_orig_mod.", "")  # torch.compile'd modules
+        if name != tied:
+            yield name, t
 
 
 def launch_kwargs(tensor_parallel_size: int, seed: int, world: int, rank: int) -> dict:
@@ -164,6 +196,12 @@ class VLLMRolloutEngine(RolloutEngine):
             enable_sleep_mode=enable_sleep_mode, worker_extension_cls=EXTENSION,
             generation_config=self._generation_dir.name, **{**launch, **llm_kwargs},
         )
+        # vLLM stops at the EOS of the tokenizer it loads from model_path too: it must be this one's
+        theirs = self.llm.get_tokenizer().eos_token_id
+        if theirs != self.eos:
+            raise ValueError(f"VLLMRolloutEngine: the tokenizer vLLM loads from {model_path} ends text with token "
+                             f"{theirs}, the trainer's with {self.eos}: samples would stop at either; save the "
+                             "trainer's tokenizer with the model (save_pretrained) and load both from there")
         self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
@@ -230,8 +268,7 @@ class VLLMRolloutEngine(RolloutEngine):
     @torch.no_grad()
     def _load_weights(self, model: torch.nn.Module) -> None:
         chunk: list[tuple[str, torch.Tensor]] = []
-        for name, t in full_named_tensors(model):  # whole tensors, also under ZeRO-3
-            name = name.replace("_orig_mod.", "")  # torch.compile'd modules
+        for name, t in synced_tensors(model):  # whole tensors, also under ZeRO-3
             chunk.append((name, t if self._by_reference else t.to("cpu")))  # already detached
             if len(chunk) == self.sync_chunk_tensors:
                 self.llm.collective_rpc("l2t_load_weights", args=(chunk,))
