@@ -398,7 +398,8 @@ def cmd_eval(args) -> int:
         except JournalInUse as exc:
             raise SystemExit(f"l2t eval --out: another evaluation writes into {args.out} now ({exc}); wait for it "
                              "to finish, or choose another --out") from None
-        try:
+        try:  # again, now that no other evaluation can write there: one may have finished since the first check
+            check_report_dir(args.out, model=args.model, benchmarks=list(args.benchmarks))
             results = finished_results(args.out, identities)
         except ReportDirError as exc:
             raise SystemExit(f"l2t eval --out: {exc}") from None

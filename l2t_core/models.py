@@ -247,7 +247,7 @@ def ranks_model_source(name_or_path: str | os.PathLike, revision: str | None, ma
     same commit (a cache they share holds it already; their own caches download it by commit).
     Plain :func:`model_source` on one process, without a revision, or for a revision that is a
     commit already. A collective where a process group exists: every rank calls it."""
-    from .engines.ranks import all_gather_objects, initialized_group, on_rank_0
+    from .engines.ranks import all_gather_objects, initialized_group, on_every_rank, on_rank_0
     from .hub import COMMIT
 
     if revision is None or COMMIT.fullmatch(revision) or initialized_group() is None:
@@ -255,7 +255,9 @@ def ranks_model_source(name_or_path: str | os.PathLike, revision: str | None, ma
     first = on_rank_0(main, lambda: model_source(name_or_path, revision),
                       f"find {str(name_or_path)!r} at revision {revision!r}")
     commit = all_gather_objects(Path(first).name if main else None)[0]  # the snapshot's name is its commit
-    return first if main else model_source(name_or_path, commit)
+    # a rank that cannot get that commit (its own cache, offline) stops every rank, not only itself
+    return on_every_rank(lambda: first if main else model_source(name_or_path, commit),
+                         f"find {str(name_or_path)!r} at commit {commit} (revision {revision!r})")
 
 
 def load_policy(name_or_path: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype | None = None,

@@ -215,7 +215,8 @@ def _rank_loads(rank: int, world: int, init: str, caches: list[str], revision: s
 def test_the_ranks_of_a_launch_load_the_commit_rank_0_found_a_branch_to_be(tiny_dir, tmp_path, hub_cache):
     """A branch that moves while the ranks of a launch start: rank 1's host already sees the new
     commit, and still loads the one rank 0 resolved, so every rank trains the same weights. A
-    revision rank 0 cannot find stops both ranks."""
+    revision rank 0 cannot find stops both ranks, and so does a commit another rank cannot get (its
+    host's cache lacks it, offline)."""
     import json
 
     import torch.multiprocessing as mp
@@ -226,16 +227,24 @@ def test_the_ranks_of_a_launch_load_the_commit_rank_0_found_a_branch_to_be(tiny_
     hub_cache(REPO, other_weights(tiny_dir, tmp_path), B)  # rank 1's host: main has moved to B
     caches = [str(rank0_cache), str(tmp_path / "hf_hub_cache")]
     assert hub_commit(REPO) == B  # what rank 1 would load resolving main itself
+    without_a = tmp_path / "rank1_without_a"  # a host that saw only the new commit
+    shutil.copytree(tmp_path / "hf_hub_cache", without_a)
+    shutil.rmtree(without_a / f"models--{REPO.replace('/', '--')}" / "snapshots" / A)
 
-    for revision, case in (("main", "moved"), ("no-such-branch", "missing")):
+    for revision, case, hosts in (("main", "moved", caches), ("no-such-branch", "missing", caches),
+                                  ("main", "not_on_rank_1", [caches[0], str(without_a)])):
         out = tmp_path / case
         out.mkdir()
-        mp.spawn(_rank_loads, args=(2, f"file://{out}/pg", caches, revision, str(out)), nprocs=2, join=True)
+        mp.spawn(_rank_loads, args=(2, f"file://{out}/pg", hosts, revision, str(out)), nprocs=2, join=True)
         seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
         if case == "moved":
             assert [s["source"] for s in seen] == [str(rank0_cache / f"models--{REPO.replace('/', '--')}/snapshots/{A}"),
                                                    str(tmp_path / f"hf_hub_cache/models--{REPO.replace('/', '--')}"
                                                                   f"/snapshots/{A}")]
+        elif case == "not_on_rank_1":
+            assert seen[1]["error"].startswith("ModelLoadError") and A in seen[1]["error"]
+            assert seen[0]["error"].startswith(f"RuntimeError: rank 1 failed to find {REPO!r} at commit {A} "
+                                               "(revision 'main') (ModelLoadError: ")
         else:
             assert seen[0]["error"].startswith("ModelLoadError") and "no-such-branch" in seen[0]["error"]
             assert seen[1]["error"] == (f"RuntimeError: rank 0 failed to find {REPO!r} at revision 'no-such-branch' "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 from contextlib import contextmanager, suppress
@@ -27,6 +28,8 @@ from typing import Iterator, Sequence
 
 from ..atomic_files import write_text_atomic
 from ..rollout.base import Completion
+
+log = logging.getLogger(__name__)
 
 
 class JournalInUse(RuntimeError):
@@ -38,11 +41,20 @@ def held(lock: str | os.PathLike, who: str) -> Iterator[None]:
     """Hold the lock file ``lock`` (``flock``, exclusive, never waiting) while the journals it
     guards are written; ``who`` (what this process is) is written into it for the message of a
     process it refuses. Raises :class:`JournalInUse`, naming the holder, where another process
-    holds it. The file is removed on release, while still held: a process that opened it
-    meanwhile finds its lock on a removed file and takes the new one (checked by inode), and so is
-    its directory where nothing else is left in it. The lock is the kernel's: a holder killed with
-    ``kill -9`` blocks nobody."""
+    holds it. On release the file is removed while still held (a process that opened it
+    meanwhile finds its lock on a removed file and takes the new one: checked by inode), and so
+    are its directory and the directories this call made, where nothing else is in them. The lock
+    is the kernel's: a holder killed with ``kill -9`` blocks nobody. On a filesystem without
+    ``flock`` (NFS without a lock service, some FUSE mounts) the journals are written unlocked,
+    with a warning. (On NFS Linux maps ``flock`` onto POSIX locks, which are the process's: one
+    process must not hold the same lock twice.)"""
     lock = Path(lock)
+    made = []  # the directories this call makes, deepest first: removed on release where left empty
+    for d in (lock.parent, *lock.parent.parents):
+        if d.exists():
+            break
+        made.append(d)
+    fd: int | None = None
     while True:
         lock.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -57,6 +69,10 @@ def held(lock: str | os.PathLike, who: str) -> Iterator[None]:
                 holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
             raise JournalInUse(f"{lock} is held by {holder or 'another process'}") from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ...: no locks on this filesystem
+            log.warning("the filesystem of %s has no locks (%s): its journals are written without one; run one "
+                        "writer into it at a time", lock.parent, exc)
+            break
         try:
             current = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -71,8 +87,9 @@ def held(lock: str | os.PathLike, who: str) -> Iterator[None]:
     finally:
         with suppress(FileNotFoundError):
             lock.unlink()
-        with suppress(OSError):  # nor an empty directory (one still holding journals stays)
-            lock.parent.rmdir()
+        for d in dict.fromkeys([lock.parent, *made]):  # nor an empty directory (one holding journals stays)
+            with suppress(OSError):
+                d.rmdir()
         os.close(fd)  # releases the lock
 
 

@@ -9,7 +9,9 @@ this project is tested with; later ones pin torch 2.14) through its public API o
   checkpoint's sampling defaults (``generation_config="auto"``) or, even with
   ``generation_config="vllm"``, its extra EOS ids (Qwen2.5-Instruct lists two) as stop tokens.
   So generation stops only at the tokenizer's EOS and samples with exactly the parameters asked
-  for, as in the ``hf`` engine. vLLM keeps the stop token in ``token_ids`` (and before 0.12
+  for, as in the ``hf`` engine; each request also sets ``ignore_eos`` with that EOS as its one
+  stop token, so the EOS of the tokenizer vLLM loads from ``model_path`` (or
+  ``skip_tokenizer_init``) never matters. vLLM keeps the stop token in ``token_ids`` (and before 0.12
   reports an EOS sampled as the last allowed token as ``finish_reason == "length"``), so a
   completion is finished when it ends in EOS, which is dropped.
 * ``LLM.generate`` gets ``TokensPrompt(prompt_token_ids=...)`` inputs and one
@@ -34,8 +36,7 @@ this project is tested with; later ones pin torch 2.14) through its public API o
   GPU the tensors are passed by reference; with tensor parallelism they reach the other GPUs'
   workers as CPU copies, in chunks. A tied output head (``tie_word_embeddings``) is not sent:
   vLLM ties it to the embedding itself, and from 0.29 refuses a chunk that names it without the
-  embedding (:func:`synced_tensors`). vLLM stops at the EOS of the tokenizer it loads from
-  ``model_path``; one other than the trainer's is refused at construction.
+  embedding (:func:`synced_tensors`).
   Afterwards the prefix cache is reset, because cached KV blocks belong to the old weights.
 * In a multi-rank launch (``deepspeed``/``torchrun``, the process group already joined) every
   rank runs its own engine on its own GPU and samples its own share of the prompts: vLLM joins
@@ -95,8 +96,8 @@ def tied_output_head(model: torch.nn.Module) -> str | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     for name, module in model.named_modules():
-        if head is not None and module is head:
-            return f"{name}.weight" if name else "weight"
+        if head is not None and module is head:  # named as the copy names it (no torch.compile prefix)
+            return (f"{name}.weight" if name else "weight").replace("_orig_mod.", "")
     return None
 
 
@@ -196,12 +197,6 @@ class VLLMRolloutEngine(RolloutEngine):
             enable_sleep_mode=enable_sleep_mode, worker_extension_cls=EXTENSION,
             generation_config=self._generation_dir.name, **{**launch, **llm_kwargs},
         )
-        # vLLM stops at the EOS of the tokenizer it loads from model_path too: it must be this one's
-        theirs = self.llm.get_tokenizer().eos_token_id
-        if theirs != self.eos:
-            raise ValueError(f"VLLMRolloutEngine: the tokenizer vLLM loads from {model_path} ends text with token "
-                             f"{theirs}, the trainer's with {self.eos}: samples would stop at either; save the "
-                             "trainer's tokenizer with the model (save_pretrained) and load both from there")
         self.sync_weights(model)  # sample from the trainer's weights, even if they differ from the disk's
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
@@ -218,7 +213,7 @@ class VLLMRolloutEngine(RolloutEngine):
             self._vllm.SamplingParams(
                 n=n, temperature=0.0 if greedy else params.temperature, top_p=params.top_p, max_tokens=limits[i],
                 seed=None if greedy else ((params.seed % 2**31) << 20) + i * n,
-                stop_token_ids=[self.eos], detokenize=False)
+                stop_token_ids=[self.eos], ignore_eos=True, detokenize=False)
             for i in range(len(prompts))
         ]
         self._wake("weights")
