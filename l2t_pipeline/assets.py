@@ -26,7 +26,8 @@ from l2t_core.trainer import MEMORY_COLUMNS, RESUME_FREE
 from . import plots
 from .config import BaseModelConfig, DatasetsConfig, RewardSettings, RolloutSamplingConfig, TrainRunConfig
 from .partitions import BASE_DIMENSION, base_models_partitions, runs_partitions, split_run_key
-from .resources import Evaluator, L2TStorage, ModelEntry, ModelRegistry, TrainingData, TrainingLauncher
+from .resources import (Evaluator, L2TStorage, ModelEntry, ModelRegistry, TrainingData, TrainingLauncher,
+                        evaluate_model)
 from .schemas import EpisodeRewardsType, EvalResultsType, ProblemsType, RolloutsType, markdown_table
 from .tables import problem_rows, sample_base_rollouts, score_base_rollouts, trainer_tables
 from .warehouse import connect, read_rows, train_steps_frame, write_validated
@@ -241,10 +242,11 @@ def with_model_columns(evals: pd.DataFrame, kind: str, base_model: str, method: 
 # the concurrency pool of the steps that train: one training process per slot (a GPU each), set with
 # `dagster instance concurrency set l2t_training N`
 TRAINING_POOL = "l2t_training"
-# the pool of the steps that load a model in the run worker itself (base rollouts, their rewards,
-# evaluations): by default the training pool, so that on a machine with one GPU they take turns with
-# training for it; L2T_MODEL_POOL names another pool, or none ("") where run workers have no GPU
-# (Kubernetes: those steps run on the run worker's CPUs, and would hold a GPU's slot for nothing)
+# the pool of the steps that load a model in the run worker itself (the base model's warm start and
+# evaluation, base rollouts, their rewards, reports): by default the training pool, so that on a
+# machine with one GPU they take turns with training for it; L2T_MODEL_POOL names another pool, or
+# none ("") where run workers have no GPU (Kubernetes: those steps run on the run worker's CPUs, and
+# with the production instance's run granularity a baseline run would hold a GPU's slot for hours)
 MODEL_POOL = os.environ.get("L2T_MODEL_POOL", TRAINING_POOL) or None
 
 KEPT_EVALUATIONS = "evaluations"
@@ -272,6 +274,9 @@ def kept_evaluation(context, store: RunStorage, key: str, evaluate, journal: Pat
     if kept is not None:
         context.log.info("reusing the evaluation an earlier attempt of this step made and could not store: %s",
                          store.url_of(store.path(rel)))
+        with contextlib.suppress(JournalInUse):  # its samples, where that attempt stopped before removing them
+            with held(journal.with_suffix(".lock"), _holder(context)):
+                journal.unlink(missing_ok=True)
         return pd.DataFrame(kept)
     with contextlib.ExitStack() as stack:
         samples: SampleJournal | None = SampleJournal(journal, context={"evaluation": key})
@@ -337,7 +342,7 @@ def _build_base_model(context: dg.AssetExecutionContext, name: str, entry: Model
 
 
 @dg.asset(partitions_def=base_models_partitions, group_name="models", kinds={"pytorch", "duckdb"},
-          pool=TRAINING_POOL,  # a warm start or SFT trains, on a GPU where there is one
+          pool=MODEL_POOL,  # a warm start and the evaluation run here (an SFT in the launcher's process or pod)
           description="The base policy of a partition: the embedded default warm-started by SFT on the "
                       "synthetic task, a registry model, or a registry model fine-tuned by `l2t sft` on traces; "
                       "its baseline evaluation goes to eval_results.")
@@ -598,8 +603,8 @@ def evaluate_base(context, evaluator: Evaluator, fingerprint: str, base: str, en
         context.log.info("base model %s: %s; evaluating on %s", base, storage.display(named), evaluator.benchmark)
 
         def evaluate(journal) -> pd.DataFrame:  # a hub model's copy downloaded only when evaluated
-            return with_model_columns(evaluator.evaluate(local or base_model_path(base, entry, storage, pin), journal),
-                                      "base", base, None, named, weights)
+            return with_model_columns(evaluate_model(evaluator, local or base_model_path(base, entry, storage, pin),
+                                                     journal), "base", base, None, named, weights)
 
         key = evaluation_key(fingerprint, weights)
         return kept_evaluation(context, kept_base_evaluations(storage, base), key, evaluate,
@@ -653,7 +658,7 @@ def benchmark_reports(context: dg.AssetExecutionContext, storage: L2TStorage, re
 
     def evaluate_checkpoint(journal) -> pd.DataFrame:
         with run_store.local_copy(run["checkpoint_url"]) as local:
-            return with_model_columns(evaluator.evaluate(local, journal), "checkpoint", base, method,
+            return with_model_columns(evaluate_model(evaluator, local, journal), "checkpoint", base, method,
                                       run["checkpoint_url"], weights_fingerprint(local))
 
     # a checkpoint is never rewritten: its URL names its weights

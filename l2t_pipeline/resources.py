@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -344,6 +345,31 @@ class Evaluator(dg.ConfigurableResource):
         benchmarks."""
 
 
+def _takes(method, keyword: str) -> bool:
+    """Whether ``method`` accepts the keyword argument ``keyword``."""
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def evaluate_model(evaluator: Evaluator, model_dir: str | Path, journal=None) -> pd.DataFrame:
+    """``evaluator.evaluate(model_dir, journal=journal)``; without the journal for an evaluator
+    written against the earlier ``evaluate(model_dir)`` (it then keeps no samples)."""
+    if _takes(evaluator.evaluate, "journal"):
+        return evaluator.evaluate(model_dir, journal=journal)
+    return evaluator.evaluate(model_dir)
+
+
+def offline_fingerprint(evaluator: Evaluator) -> str:
+    """``evaluator.fingerprint(offline=True)``; plain ``fingerprint()`` for an evaluator that
+    overrides it without ``offline`` (its own, which the caller cannot keep from downloading)."""
+    if _takes(evaluator.fingerprint, "offline"):
+        return evaluator.fingerprint(offline=True)
+    return evaluator.fingerprint()
+
+
 class HeldOutEvaluator(Evaluator):
     """Greedy evaluation on a synthetic task's held-out split (``l2t_core.warmstart.evaluate``).
 
@@ -522,9 +548,11 @@ class BenchmarkEvaluator(Evaluator):
                 items += load_benchmark(name, self.data_dir, allow_download=self.allow_download and not offline,
                                         limit=self.limit)
             except DatasetError as exc:
+                how = ("read from local data only here, downloading nothing whatever allow_download says: the "
+                       "steps that evaluate download a missing set" if offline and self.allow_download else
+                       "allow_download fetches a missing set from the hub")
                 raise DatasetError(f"BenchmarkEvaluator cannot load benchmark {name!r}: {exc} (the evaluator's "
-                                   "data_dir field overrides L2T_DATA_DIR; allow_download fetches a missing set "
-                                   "from the hub)") from exc
+                                   f"data_dir field overrides L2T_DATA_DIR; {how})") from exc
         return items
 
     def problem_rows(self) -> pd.DataFrame:

@@ -42,7 +42,7 @@ from l2t_core.models import ModelLoadError
 from .assets import base_model, benchmark_reports, checkpoints
 from .jobs import baseline_job, evaluation_job
 from .partitions import base_models_partitions, runs_partitions
-from .resources import Evaluator, ModelEntry, ModelRegistry
+from .resources import Evaluator, ModelEntry, ModelRegistry, offline_fingerprint
 
 MAX_BASELINE_ATTEMPTS = 3
 # after the n-th failed baseline run, the next one waits RETRY_AFTER_S[n - 1] seconds from its end
@@ -166,24 +166,27 @@ def pinned_commit(instance: dg.DagsterInstance, name: str) -> tuple[int | None, 
 
 
 def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelEntry], log=None,
-                      waiting: Mapping[str, str] | None = None) -> tuple[list[dg.RunRequest], dict[str, str]]:
+                      waiting: Mapping[str, str] | None = None,
+                      ask_hub: bool = True) -> tuple[list[dg.RunRequest], dict[str, str]]:
     """A ``base_model`` run for every hub model that its registry entry ``follow``s whose branch or
     tag is now another commit (:func:`~l2t_core.hub.hub_commit`) than the one its latest
     ``base_model`` materialization pinned; and the models whose ``base_model`` was in progress
     then, with the commit found (not requested now: that run may pin it). ``waiting``: such models
-    of an earlier tick, checked again with the commit found then, the hub not asked (the others are
-    not checked). Run key ``upstream:<name>:<commit>:after-<that materialization's storage id>``:
-    one run per new commit and baseline, also when it fails (materialize it by hand once fixed).
-    A model whose hub cannot be reached is skipped with a warning."""
+    of an earlier tick with the commit found then; without ``ask_hub`` only they are checked, with
+    that commit, and with it a model whose hub cannot be reached keeps it. Run key
+    ``upstream:<name>:<commit>:after-<that materialization's storage id>``: one run per new commit
+    and baseline, also when it fails (materialize it by hand once fixed). A model whose hub cannot
+    be reached is otherwise skipped with a warning."""
+    waiting = dict(waiting or {})
     requests, in_progress = [], {}
     for name, entry in entries.items():
         hub = entry.hub_id()
-        if not entry.follow or hub is None or (waiting is not None and name not in waiting):
+        if not entry.follow or hub is None or (not ask_hub and name not in waiting):
             continue
         baseline, pinned = pinned_commit(instance, name)
         if baseline is None:
             continue  # no baseline yet: baseline_requests asks for one
-        if waiting is not None:
+        if not ask_hub:
             now = waiting[name]
         else:
             try:
@@ -192,7 +195,9 @@ def upstream_requests(instance: dg.DagsterInstance, entries: Mapping[str, ModelE
                 if log is not None:
                     log.warning("base model %s: cannot look up the commit of %s at %s now: %s", name, hub,
                                 entry.revision or "main", exc)
-                continue
+                if name not in waiting:
+                    continue
+                now = waiting[name]  # the move found before still waits for its run
         if now == pinned:
             continue
         statuses = partition_statuses(instance, base_model.key, [name], base_models_partitions)
@@ -234,11 +239,11 @@ def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRe
     now = time.time()
     checked, waiting = upstream_state(cursor)
     if any(e.follow for e in entries.values()) and now - checked >= UPSTREAM_CHECK_S:  # the hub asked hourly
-        found, waiting = upstream_requests(context.instance, entries, context.log)
+        found, waiting = upstream_requests(context.instance, entries, context.log, waiting=waiting)
         requests += found
         cursor = json.dumps({"upstream_checked": now, "waiting": waiting})
     elif waiting:  # a new commit found while its base_model ran: requested once that run has ended
-        found, waiting = upstream_requests(context.instance, entries, context.log, waiting=waiting)
+        found, waiting = upstream_requests(context.instance, entries, context.log, waiting=waiting, ask_hub=False)
         requests += found
         cursor = json.dumps({"upstream_checked": checked, "waiting": waiting})
     if not new and not requests:
@@ -301,7 +306,7 @@ def reevaluation_schedule(context: dg.ScheduleEvaluationContext, registry: Model
     if not trained:
         return dg.SkipReason("no checkpoint of a registered base model materialized yet")
     try:  # from the local data: a tick downloads nothing (a benchmark not yet local fails the tick, saying why)
-        fingerprint = evaluator.fingerprint(offline=True)
+        fingerprint = offline_fingerprint(evaluator)
     except DatasetError as exc:
         raise RuntimeError(f"the re-evaluation schedule reads the evaluator's benchmarks from local data only and "
                            f"{exc}; materialize `datasets` once (it downloads them), or place the files in the data "

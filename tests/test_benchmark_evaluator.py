@@ -295,7 +295,7 @@ def test_an_evaluation_cut_short_resumes_its_samples_when_the_step_runs_again(ti
     the journal (models_dir/.eval_samples), and the step run again samples only the second; the
     rows equal an uninterrupted evaluation's and the journal is gone once they are kept. Where
     another step holds the journal (evaluating the same weights now), the step evaluates without
-    one."""
+    one; a journal left beside rows kept is removed when they are reused."""
     from l2t_core.eval.journal import held
     from l2t_core.rollout.hf import HFRolloutEngine
     from l2t_pipeline.assets import evaluation_key
@@ -346,3 +346,19 @@ def test_an_evaluation_cut_short_resumes_its_samples_when_the_step_runs_again(ti
         assert result.success and calls == [2, 2] and not journal.exists()
     warned = [e.message for e in instance.all_logs(result.run_id) if "without keeping the samples" in e.message]
     assert warned and "benchmark_reports[tiny|grpo] of Dagster run x" in warned[0]
+
+    # an attempt that kept its rows but stopped before removing its journal: the next one reuses the
+    # rows, samples nothing, and removes the journal
+    from l2t_core.eval.journal import SampleJournal
+
+    calls.clear()
+    with duckdb.connect(str(tmp_path / "l2t.duckdb")) as con:
+        con.execute("DELETE FROM eval_results")
+
+    def lost(self):
+        raise OSError("the node was lost")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SampleJournal, "remove", lost)
+        assert not materialize().success and journal.is_file() and calls == [2, 2]
+    assert materialize().success and calls == [2, 2] and not journal.exists()

@@ -1008,7 +1008,7 @@ def test_benchmark_reports_evaluates_without_holding_the_warehouse(tmp_path):
         def settings(self) -> dict:
             return {}
 
-        def evaluate(self, model_dir, journal=None):
+        def evaluate(self, model_dir):  # as evaluators were written before the journal: still called
             PROBES.append(probe_warehouse(self.database))
             level = {"n": 2, "accuracy": 0.5, "mean_tokens": 10.0, "mean_episodes": 1.0, "tagged_share": 1.0,
                      "finished_share": 1.0, "redundant_share": 0.0}
@@ -1428,6 +1428,7 @@ def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_
     import json
 
     import l2t_pipeline.sensors as sensors_module
+    from l2t_core.models import ModelLoadError
     from test_hub import A, B, REPO, other_weights
 
     from l2t_pipeline.assets import base_model
@@ -1503,6 +1504,12 @@ def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_
         monkeypatch.setattr(sensors_module, "hub_commit", real_hub_commit)
         hub_cache(REPO, tiny_dir, A)  # main moves back while base_model runs
         assert tick() == []
+
+        def unreachable(*args):
+            raise ModelLoadError("the hub cannot be reached")
+
+        monkeypatch.setattr(sensors_module, "hub_commit", unreachable)
+        assert tick() == [] and json.loads(cursor[0])["waiting"] == {"hub": A}  # kept through a check without the hub
         monkeypatch.setattr(sensors_module, "partition_statuses", real_statuses)
         monkeypatch.setattr(sensors_module, "UPSTREAM_CHECK_S", 3600.0)
         monkeypatch.setattr(sensors_module, "hub_commit", no_hub)
@@ -1512,28 +1519,26 @@ def test_the_registry_sensor_requests_a_new_baseline_when_a_followed_hub_branch_
 
 
 def test_the_steps_that_load_a_model_take_turns_with_training_unless_a_pool_is_named():
-    """checkpoints and base_model (which train) run in the training pool; the steps that load a model
-    in the run worker share it by default, another pool or none where L2T_MODEL_POOL says so (the
-    Kubernetes values: no pool, their run workers have no GPU)."""
+    """checkpoints runs in the training pool; the steps that load a model in the run worker share
+    it by default, another pool or none where L2T_MODEL_POOL says so (the Kubernetes values: no
+    pool, their run workers have no GPU)."""
     import json
     import subprocess
     import sys
 
-    from l2t_pipeline import assets
 
-    def pools(env: dict) -> dict:
+    def pools(pool: str | None) -> dict:
         code = ("import json; from l2t_pipeline import assets as a; print(json.dumps({n: getattr(a, n).op.pool for n "
                 "in ('base_model', 'segmented_rollouts', 'episode_rewards', 'checkpoints', 'benchmark_reports')}))")
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                             check=True)
+        env = {k: v for k, v in os.environ.items() if k != "L2T_MODEL_POOL"}
+        out = subprocess.run([sys.executable, "-c", code], env=env if pool is None else {**env, "L2T_MODEL_POOL": pool},
+                             capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    model_steps = ("segmented_rollouts", "episode_rewards", "benchmark_reports")
-    if "L2T_MODEL_POOL" not in os.environ:
-        assert {n: getattr(assets, n).op.pool for n in model_steps} == dict.fromkeys(model_steps, "l2t_training")
-    assert pools({"L2T_MODEL_POOL": ""}) == {"base_model": "l2t_training", "checkpoints": "l2t_training",
-                                             **dict.fromkeys(model_steps, None)}
-    assert set(pools({"L2T_MODEL_POOL": "gpu_boxes"}).values()) == {"l2t_training", "gpu_boxes"}
+    model_steps = ("base_model", "segmented_rollouts", "episode_rewards", "benchmark_reports")
+    assert pools(None) == {"checkpoints": "l2t_training", **dict.fromkeys(model_steps, "l2t_training")}
+    assert pools("") == {"checkpoints": "l2t_training", **dict.fromkeys(model_steps, None)}
+    assert pools("gpu_boxes") == {"checkpoints": "l2t_training", **dict.fromkeys(model_steps, "gpu_boxes")}
     values = yaml.safe_load((Path(__file__).parents[1] / "infra" / "k8s" / "values.yaml").read_text())
     [deployment] = values["dagster-user-deployments"]["deployments"]
     assert deployment["env"]["L2T_MODEL_POOL"] == ""
