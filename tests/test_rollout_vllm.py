@@ -325,7 +325,9 @@ def _tiny(seed):
                             seed=seed)
 
 
-_ENGINES = {"awake": (False, 1), "sleep_mode": (True, 1), "sleep_level2": (True, 2)}  # (sleep mode, level)
+# (sleep mode, level, tied embeddings: the copy leaves the head to vLLM, in chunks of 4 tensors)
+_ENGINES = {"awake": (False, 1, False), "sleep_mode": (True, 1, False), "sleep_level2": (True, 2, False),
+            "tied": (False, 1, True)}
 _SLEEP_MODE_ENGINES: list[str] = []  # the sleep-mode engines this process has built
 
 
@@ -347,14 +349,19 @@ def gpu(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_qwen2_vllm")
     tok = build_tokenizer(CORPUS, vocab_size=320)
     assert len(tok) <= 320
-    _tiny(0).save_pretrained(d)
+    tiny = _tiny(0)
+    if request.param[2]:  # as the Qwen2.5 models up to 3B are
+        tiny.config.tie_word_embeddings = True
+        tiny.tie_weights()
+    tiny.save_pretrained(d)
     tok.save_pretrained(d)
     model, tok = load_policy(d, device="cuda")  # float32: the comparison with hf is token for token
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == request.param[2]
     if request.param[0]:
         _SLEEP_MODE_ENGINES.append(name)
     engine = VLLMRolloutEngine(model, tok, model_path=str(d), dtype="float32", gpu_memory_utilization=0.2,
                                max_model_len=256, enforce_eager=True, enable_sleep_mode=request.param[0],
-                               sleep_level=request.param[1])
+                               sleep_level=request.param[1], sync_chunk_tensors=4 if request.param[2] else 64)
     yield SimpleNamespace(model=model, tok=tok, vllm=engine, hf=HFRolloutEngine(model, tok),
                           prompts=[tok(t)["input_ids"] for t in TEXTS])
     engine.close()
