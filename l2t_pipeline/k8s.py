@@ -313,8 +313,9 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         if self.distributed_launcher == "torchrun":
             return ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", str(self.gpus),
                     "--no-python", *rank0]
-        # the deepspeed launcher appends --local_rank=N, which l2t_core.cli accepts
-        return ["deepspeed", "--num_gpus", str(self.gpus), "--no_python", *rank0]
+        # without --no_local_rank the deepspeed launcher puts --local_rank=N right after the program
+        # (/bin/sh, which refuses it); each rank reads RANK and LOCAL_RANK from the environment
+        return ["deepspeed", "--num_gpus", str(self.gpus), "--no_python", "--no_local_rank", *rank0]
 
     def container(self, config: str, job: Job = "train") -> dict:
         """The training container (camelCase Kubernetes fields). The command goes into ``args`` so

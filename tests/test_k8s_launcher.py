@@ -154,6 +154,33 @@ def test_eight_gpu_pod_torchrun_and_deepspeed():
     assert ds[0] == "deepspeed"
     dargs = runner.parse_args(ds[1:])
     assert (dargs.num_gpus, dargs.no_python, dargs.user_script, dargs.user_args) == (8, True, "/bin/sh", rank0)
+    assert dargs.no_local_rank  # else each rank would run /bin/sh --local_rank=N -c ... (the next test runs them)
+
+
+@pytest.mark.parametrize("launcher_name", ["torchrun", "deepspeed"])
+def test_the_real_launchers_start_every_rank_with_the_l2t_command_and_pipes_on_rank_0(tmp_path, launcher_name):
+    """The pod's arguments run by the real launcher (on this CPU, 2 ranks for 8 GPUs), with a
+    recorder in place of `python -m l2t_core.cli train`: every rank starts the command with its
+    arguments as given (the deepspeed launcher would otherwise put --local_rank=N before them),
+    knows its RANK and LOCAL_RANK, and only rank 0 keeps the Pipes context and messages."""
+    if launcher_name == "deepspeed":
+        pytest.importorskip("deepspeed.launcher.runner")
+    launcher = K8sTrainingLauncher(image=IMAGE, gpus=8, distributed_launcher=launcher_name)
+    url = "s3://bucket/runs/x/l2t_train_config.json"
+    args = launcher.command(url)
+    train = l2t_train(url)
+    assert args[-len(train):] == train
+    record = ["/bin/sh", "-c", 'echo "$RANK $LOCAL_RANK ${DAGSTER_PIPES_CONTEXT-none} $*" > "$0/rank$RANK"', str(tmp_path),
+              *train]
+    args = [*args[:-len(train)], *record]
+    args[args.index("8")] = "2"  # --nproc_per_node / --num_gpus
+    runner = ([sys.executable, "-m", "torch.distributed.run"] if launcher_name == "torchrun"
+              else [sys.executable, "-m", "deepspeed.launcher.runner"])
+    env = {**os.environ, "DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs", "MASTER_PORT": "29517"}
+    done = subprocess.run([*runner, *args[1:]], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    seen = sorted((tmp_path / f"rank{r}").read_text().split(" ", 3) for r in (0, 1))
+    assert seen == [["0", "0", "ctx", " ".join(train) + "\n"], ["1", "1", "none", " ".join(train) + "\n"]]
 
 
 def test_eight_gpus_need_deepspeed_and_a_run_directory_every_rank_reaches():
