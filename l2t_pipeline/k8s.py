@@ -57,6 +57,7 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 
 DEFAULT_DEEPSPEED_CONFIG = "infra/deepspeed/zero2.json"  # relative to the image's working directory
 CONTAINER_NAME = "l2t-train"
+SCRATCH_MOUNT = "/scratch"  # scratch_size's emptyDir, the pod's TMPDIR
 Job = Literal["train", "sft"]  # what a pod runs: `l2t train` or `l2t sft`
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # where a pod's service account token mounts its namespace
@@ -146,7 +147,17 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         None, description="ReadWriteMany PVC mounted at shared_mount_path in the training pod, for local run "
                           "directories and base models (the run worker must mount it at the same path).")
     shared_mount_path: str = Field("/mnt/l2t", description="Where shared_volume_claim is mounted.")
-    pod_wait_timeout_s: float = Field(24 * 3600.0, gt=0, description="Longest wait for the pod to finish.")
+    pod_wait_timeout_s: float = Field(
+        24 * 3600.0, gt=0, description="PipesK8sClient's pod_wait_timeout: how long to wait for the pod to terminate "
+                                       "once its log has ended. It does not bound training (run_deadline_s does).")
+    run_deadline_s: Optional[float] = Field(
+        None, gt=0, description="The pod's activeDeadlineSeconds: Kubernetes fails a pod running longer (a hung run; "
+                                "a new materialization resumes from its last checkpoint). None: no limit.")
+    scratch_size: Optional[str] = Field(
+        None, description="Local scratch disk of the pod: an emptyDir of this size at /scratch, TMPDIR pointing "
+                          "there, and that much ephemeral-storage requested, where each rank stages its checkpoint "
+                          "shard for an object-store upload and a resume downloads one (about one whole "
+                          "checkpoint). None: the container's writable layer, unrequested.")
     poll_interval_s: float = Field(10.0, gt=0, description="Seconds between Kubernetes API polls.")
     delete_pod_on_completion: bool = True
     owned_by_run_worker: bool = Field(
@@ -161,7 +172,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "K8sTrainingLauncher":
         """The launcher of ``L2T_LAUNCHER=k8s``: ``L2T_K8S_IMAGE`` (required), ``L2T_K8S_NAMESPACE``,
         ``L2T_K8S_GPUS``, ``L2T_K8S_ENV_SECRETS`` (comma-separated Secret names),
-        ``L2T_K8S_SERVICE_ACCOUNT``, ``L2T_K8S_SHARED_PVC``, ``L2T_K8S_SHARED_MOUNT``; everything else
+        ``L2T_K8S_SERVICE_ACCOUNT``, ``L2T_K8S_SHARED_PVC``, ``L2T_K8S_SHARED_MOUNT``,
+        ``L2T_K8S_SCRATCH`` (``scratch_size``), ``L2T_K8S_RUN_DEADLINE_S`` (``run_deadline_s``); everything else
         keeps its default and can be changed per run in the launchpad (resources.launcher.config)."""
         _require_k8s()  # fail when the code location loads, not when the first training run starts
         env = os.environ if environ is None else environ
@@ -179,10 +191,18 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         if secrets:
             kwargs["env_secrets"] = secrets
         for var, field in (("L2T_K8S_NAMESPACE", "namespace"), ("L2T_K8S_SERVICE_ACCOUNT", "service_account"),
-                           ("L2T_K8S_SHARED_PVC", "shared_volume_claim"), ("L2T_K8S_SHARED_MOUNT", "shared_mount_path")):
+                           ("L2T_K8S_SHARED_PVC", "shared_volume_claim"), ("L2T_K8S_SHARED_MOUNT", "shared_mount_path"),
+                           ("L2T_K8S_SCRATCH", "scratch_size")):
             value = env.get(var, "").strip()
             if value:
                 kwargs[field] = value
+        deadline = env.get("L2T_K8S_RUN_DEADLINE_S", "").strip()
+        if deadline:
+            try:
+                kwargs["run_deadline_s"] = float(deadline)
+            except ValueError:
+                raise ValueError(f"L2T_K8S_RUN_DEADLINE_S={deadline!r} is not a number of seconds (e.g. 259200 "
+                                 "for three days)") from None
         return cls(**kwargs)
 
     # ------------------------------------------------------------------ the run's config on the pod
@@ -215,7 +235,7 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         if not self.image.strip() or any(c.isspace() for c in self.image):
             raise ValueError(f"K8sTrainingLauncher.image {self.image!r} is not an image reference "
                              "(e.g. registry.example.com/l2t-gpu:0.1.0; set L2T_K8S_IMAGE)")
-        for name in ("cpu_request", "memory_request", "memory_limit", "shm_size"):
+        for name in ("cpu_request", "memory_request", "memory_limit", "shm_size", "scratch_size"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -324,8 +344,15 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         limits = {"memory": self.memory_limit or self.memory_request}
         if self.job_gpus(job):  # extended resources: the request equals the limit
             limits["nvidia.com/gpu"] = str(self.job_gpus(job))
-        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self._shared_env(), **self.env}
+        # PYTHONUNBUFFERED empty (the image sets it): unbuffered, Pipes writes a message and its newline as
+        # two writes, and another rank's log line on the shared stderr could land between them and lose the
+        # message; line-buffered stderr writes each line at once
+        env = {"PYTHONUNBUFFERED": "", "TOKENIZERS_PARALLELISM": "false", **self._shared_env(), **self.env}
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+        if self.scratch_size:
+            requests["ephemeral-storage"] = self.scratch_size
+            mounts.append({"name": "scratch", "mountPath": SCRATCH_MOUNT})
+            env = {"TMPDIR": SCRATCH_MOUNT, **env}
         if self.shared_volume_claim:
             mounts.append({"name": "l2t-shared", "mountPath": self.shared_mount_path})
         c = {
@@ -343,6 +370,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
     def pod_spec(self, config: str, job: Job = "train") -> dict:
         """``base_pod_spec`` for ``PipesK8sClient.run``: the container, GPU placement, volumes."""
         volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": self.shm_size}}]
+        if self.scratch_size:
+            volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": self.scratch_size}})
         if self.shared_volume_claim:
             volumes.append({"name": "l2t-shared", "persistentVolumeClaim": {"claimName": self.shared_volume_claim}})
         # the training process needs no Kubernetes API access: no service account token in the pod
@@ -356,6 +385,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
             spec["serviceAccountName"] = self.service_account
         if self.image_pull_secrets:
             spec["imagePullSecrets"] = [{"name": s} for s in self.image_pull_secrets]
+        if self.run_deadline_s is not None:
+            spec["activeDeadlineSeconds"] = max(1, int(self.run_deadline_s))
         return spec
 
     def pod_meta(self, partition_key: str | None, config: str, job: Job = "train", owner: dict | None = None) -> dict:

@@ -551,3 +551,30 @@ def test_the_pod_shares_the_run_workers_hub_cache_where_it_is_on_the_shared_volu
     assert own_home["HF_HOME"] == "/home/hf" and "HF_HUB_CACHE" not in own_home
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))  # the worker's own disk
     assert "HF_HUB_CACHE" not in pod_env(launcher)
+
+
+def test_a_run_deadline_and_scratch_disk_go_into_the_pod_and_stderr_stays_line_buffered():
+    """run_deadline_s becomes activeDeadlineSeconds (Kubernetes fails a hung training pod; the
+    Pipes wait alone never would); scratch_size an emptyDir at /scratch that TMPDIR names, with its
+    ephemeral-storage requested; PYTHONUNBUFFERED is emptied (the image sets it), so a Pipes
+    message and its newline reach the shared stderr in one write. A bad quantity is refused."""
+    launcher = K8sTrainingLauncher(image=IMAGE, gpus=2, run_deadline_s=3 * 86400.0, scratch_size="40Gi")
+    launcher.check_pod()
+    p = pod(launcher, "s3://b/c.yaml")
+    assert p.spec.active_deadline_seconds == 259200
+    vols = {v.name: v for v in p.spec.volumes}
+    assert vols["scratch"].empty_dir.size_limit == "40Gi" and vols["scratch"].empty_dir.medium is None
+    ctr = p.spec.containers[0]
+    assert {m.name: m.mount_path for m in ctr.volume_mounts}["scratch"] == "/scratch"
+    assert ctr.resources.requests["ephemeral-storage"] == "40Gi"
+    env = {e.name: e.value for e in ctr.env}
+    assert env["TMPDIR"] == "/scratch" and env["PYTHONUNBUFFERED"] == ""
+    plain = pod(K8sTrainingLauncher(image=IMAGE), "s3://b/c.yaml")
+    assert plain.spec.active_deadline_seconds is None and "scratch" not in {v.name for v in plain.spec.volumes}
+    with pytest.raises(ValueError, match=r"scratch_size '40 GB' is not a Kubernetes quantity"):
+        K8sTrainingLauncher(image=IMAGE, scratch_size="40 GB").check_pod()
+    from_env = K8sTrainingLauncher.from_env({"L2T_K8S_IMAGE": IMAGE, "L2T_K8S_SCRATCH": "40Gi",
+                                             "L2T_K8S_RUN_DEADLINE_S": "259200"})
+    assert (from_env.scratch_size, from_env.run_deadline_s) == ("40Gi", 259200.0)
+    with pytest.raises(ValueError, match=r"L2T_K8S_RUN_DEADLINE_S='3d' is not a number of seconds"):
+        K8sTrainingLauncher.from_env({"L2T_K8S_IMAGE": IMAGE, "L2T_K8S_RUN_DEADLINE_S": "3d"})
