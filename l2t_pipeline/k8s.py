@@ -389,15 +389,20 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
             spec["activeDeadlineSeconds"] = max(1, int(self.run_deadline_s))
         return spec
 
-    def pod_meta(self, partition_key: str | None, config: str, job: Job = "train", owner: dict | None = None) -> dict:
-        """``base_pod_meta``: labels to select training (or SFT) pods, the partition and config as
-        annotations, and the ``owner`` (:meth:`owner_reference`) when there is one."""
+    def pod_meta(self, partition_key: str | None, config: str, job: Job = "train", owner: dict | None = None,
+                 run_id: str | None = None) -> dict:
+        """``base_pod_meta``: labels to select training (or SFT) pods, and those of one Dagster run
+        (``dagster/run-id``, as the run worker's pod has it: ``kubectl get pods -l
+        dagster/run-id=<id>``), the partition and config as annotations, and the ``owner``
+        (:meth:`owner_reference`) when there is one."""
         annotations = {"l2t/config-url": redact_url(config)}
         if partition_key:
             annotations["l2t/partition"] = str(partition_key)
         component = "training" if job == "train" else "sft"
-        meta = {"labels": {"app.kubernetes.io/name": "l2t", "app.kubernetes.io/component": component},
-                "annotations": annotations}
+        labels = {"app.kubernetes.io/name": "l2t", "app.kubernetes.io/component": component}
+        if run_id and re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", run_id):  # a label value
+            labels["dagster/run-id"] = run_id
+        meta = {"labels": labels, "annotations": annotations}
         if owner is not None:
             meta["ownerReferences"] = [owner]
         return meta
@@ -438,9 +443,10 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         return {"apiVersion": "v1", "kind": "Pod", "name": me.metadata.name, "uid": me.metadata.uid}
 
     def client_run_kwargs(self, partition_key: str | None, config: str, job: Job = "train",
-                          owner: dict | None = None) -> dict:
+                          owner: dict | None = None, run_id: str | None = None) -> dict:
         """Everything ``PipesK8sClient.run`` receives besides ``context``."""
-        return {"namespace": self.namespace, "base_pod_meta": self.pod_meta(partition_key, config, job, owner),
+        return {"namespace": self.namespace,
+                "base_pod_meta": self.pod_meta(partition_key, config, job, owner, run_id),
                 "base_pod_spec": self.pod_spec(config, job), "pod_wait_timeout": self.pod_wait_timeout_s,
                 "delete_pod_on_completion": self.delete_pod_on_completion}
 
@@ -457,7 +463,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         partition = context.partition_key if context.has_partition_key else None
         client = dagster_k8s.PipesK8sClient(poll_interval=self.poll_interval_s)
         return client.run(context=context, **self.client_run_kwargs(partition, url,
-                                                                     owner=self.owner_reference(context.log)))
+                                                                     owner=self.owner_reference(context.log),
+                                                                     run_id=context.run.run_id))
 
     # ------------------------------------------------------------------ SFT
     def placed_sft_config(self, cfg):
@@ -497,7 +504,8 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         client = dagster_k8s.PipesK8sClient(poll_interval=self.poll_interval_s)
         try:
             return client.run(context=context, **self.client_run_kwargs(partition, path, "sft",
-                                                                        self.owner_reference(context.log)))
+                                                                        self.owner_reference(context.log),
+                                                                        context.run.run_id))
         finally:  # the SFT keeps its own config (sft_config.json): the launch file is not needed after
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

@@ -243,6 +243,12 @@ def test_launch_arguments_match_pipes_k8s_client_run():
     bound = inspect.signature(PipesK8sClient.run).bind(PipesK8sClient(), context=None, **kwargs)
     assert bound.arguments["namespace"] == "l2t" and bound.arguments["pod_wait_timeout"] == 3600.0
     assert bound.arguments["base_pod_spec"]["containers"][0]["image"] == IMAGE
+    # the training pod carries the run's id as the run worker's pod does (kubectl get pods -l dagster/run-id=...)
+    labelled = launcher.client_run_kwargs("tiny-sft|grpo", "s3://b/c.yaml", run_id=RUN_ID)["base_pod_meta"]["labels"]
+    assert labelled["dagster/run-id"] == RUN_ID and "dagster/run-id" not in kwargs["base_pod_meta"]["labels"]
+    built = build_pod_body(pod_name="p", image=None, command=None, env_vars={},
+                           base_pod_meta=launcher.pod_meta("s", "c", run_id=RUN_ID), base_pod_spec=launcher.pod_spec("c"))
+    assert built.metadata.labels["dagster/run-id"] == RUN_ID
 
 
 def test_launch_writes_the_config_then_calls_the_cluster(tmp_path, monkeypatch):
