@@ -249,6 +249,17 @@ TRAINING_POOL = "l2t_training"
 # with the production instance's run granularity a baseline run would hold a GPU's slot for hours)
 MODEL_POOL = os.environ.get("L2T_MODEL_POOL", TRAINING_POOL) or None
 
+
+def _train_retries() -> int:
+    """L2T_TRAIN_RETRIES: how often a failed ``checkpoints`` step is retried (default 0). Training
+    resumes from the run's last checkpoint, so a retry after a lost node or an evicted pod costs
+    the steps since it, not the run."""
+    raw = os.environ.get("L2T_TRAIN_RETRIES", "0").strip() or "0"
+    if not raw.isdigit():
+        raise ValueError(f"L2T_TRAIN_RETRIES={raw!r} is not a whole number of retries (e.g. 2)")
+    return int(raw)
+
+
 KEPT_EVALUATIONS = "evaluations"
 
 
@@ -493,6 +504,7 @@ def config_hash(cfg: TrainConfig, inputs: dict | None = None) -> str:
           deps=[dg.AssetDep("base_model", partition_mapping=BASE_DIMENSION),
                 dg.AssetDep("episode_rewards", partition_mapping=BASE_DIMENSION)],
           pool=TRAINING_POOL,
+          retry_policy=dg.RetryPolicy(max_retries=_train_retries(), delay=60, backoff=dg.Backoff.EXPONENTIAL),
           description="An RL fine-tuning run of a base model with a method, launched through Dagster Pipes; its "
                       "per-step metrics, rollouts and episode rewards land in train_steps, rollouts and "
                       "episode_rewards (source 'train'), the run in `checkpoints`.")

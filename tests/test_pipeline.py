@@ -1542,3 +1542,25 @@ def test_the_steps_that_load_a_model_take_turns_with_training_unless_a_pool_is_n
     values = yaml.safe_load((Path(__file__).parents[1] / "infra" / "k8s" / "values.yaml").read_text())
     [deployment] = values["dagster-user-deployments"]["deployments"]
     assert deployment["env"]["L2T_MODEL_POOL"] == ""
+    assert deployment["env"]["L2T_TRAIN_RETRIES"] == "2"
+
+
+def test_training_retries_come_from_the_environment():
+    """L2T_TRAIN_RETRIES: a failed checkpoints step is retried that often (a lost pod resumes from
+    its last checkpoint); none by default; a value that is not a count fails the code location."""
+    import subprocess
+    import sys
+
+    code = ("from l2t_pipeline.assets import checkpoints as c; p = c.op.retry_policy; "
+            "print(p.max_retries, p.delay, p.backoff.value)")
+
+    def load(value: str | None):
+        env = {k: v for k, v in os.environ.items() if k != "L2T_TRAIN_RETRIES"}
+        if value is not None:
+            env["L2T_TRAIN_RETRIES"] = value
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+    assert load(None).stdout.split()[-3:] == ["0", "60", "EXPONENTIAL"]
+    assert load("2").stdout.split()[-3:] == ["2", "60", "EXPONENTIAL"]
+    bad = load("two")
+    assert bad.returncode != 0 and "L2T_TRAIN_RETRIES='two' is not a whole number of retries" in bad.stderr
