@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -302,7 +303,34 @@ def kept_evaluation(context, store: RunStorage, key: str, evaluate, journal: Pat
         store.write_bytes(rel, json.dumps(evals.to_dict(orient="records")).encode())
         if samples is not None:
             samples.remove()  # kept as rows now
+    drop_stale_journals(journal.parent, context)
     return evals
+
+
+# a sample journal untouched this long belongs to an evaluation whose step was not run again (other
+# evaluator settings since, a run given up): removed by the next evaluation that completes
+STALE_JOURNAL_S = 7 * 24 * 3600.0
+
+
+def drop_stale_journals(directory: Path, context=None, now: float | None = None) -> list[Path]:
+    """Remove the sample journals in ``directory`` untouched for :data:`STALE_JOURNAL_S` that no
+    step holds now (:func:`~l2t_core.eval.journal.held`); the ones removed. A step cut short keeps
+    its journal for a week to resume from."""
+    now = time.time() if now is None else now
+    dropped = []
+    for path in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
+        try:
+            if now - path.stat().st_mtime < STALE_JOURNAL_S:
+                continue
+            with held(path.with_suffix(".lock"), "removing a stale sample journal"):
+                path.unlink(missing_ok=True)
+        except (JournalInUse, OSError):  # in use, or gone meanwhile
+            continue
+        dropped.append(path)
+    if dropped and context is not None:
+        context.log.info("removed %d sample journal(s) untouched for %d days: %s", len(dropped),
+                         STALE_JOURNAL_S // 86400, ", ".join(p.name for p in dropped))
+    return dropped
 
 
 def drop_kept_evaluation(store: RunStorage, key: str) -> None:

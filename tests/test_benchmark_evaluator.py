@@ -362,3 +362,37 @@ def test_an_evaluation_cut_short_resumes_its_samples_when_the_step_runs_again(ti
         mp.setattr(SampleJournal, "remove", lost)
         assert not materialize().success and journal.is_file() and calls == [2, 2]
     assert materialize().success and calls == [2, 2] and not journal.exists()
+
+    # an evaluation that completes removes the journals of others untouched for a week
+    import os
+    import time
+
+    stale = journal.with_name("0123456789abcdef.jsonl")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('{"key": {}}\n')
+    os.utime(stale, (time.time() - 8 * 86400,) * 2)
+    calls.clear()
+    with duckdb.connect(str(tmp_path / "l2t.duckdb")) as con:
+        con.execute("DELETE FROM eval_results")
+    assert materialize().success and calls == [2, 2] and not stale.exists()
+
+
+def test_sample_journals_untouched_for_a_week_are_removed_unless_held(tmp_path):
+    """The journal of an evaluation whose step never ran again stays a week (to resume from), then
+    the next evaluation that completes removes it; one a step holds now, or a fresh one, stays."""
+    import os
+    import time
+
+    from l2t_core.eval.journal import held
+    from l2t_pipeline.assets import STALE_JOURNAL_S, drop_stale_journals
+
+    d = tmp_path / ".eval_samples"
+    d.mkdir()
+    now = time.time()
+    for name, age in (("old", STALE_JOURNAL_S + 60), ("held", STALE_JOURNAL_S + 60), ("fresh", 3600)):
+        (d / f"{name}.jsonl").write_text('{"key": {}}\n')
+        os.utime(d / f"{name}.jsonl", (now - age, now - age))
+    with held(d / "held.lock", "benchmark_reports[x] of Dagster run y"):
+        assert drop_stale_journals(d, now=now) == [d / "old.jsonl"]
+    assert sorted(p.name for p in d.glob("*.jsonl")) == ["fresh.jsonl", "held.jsonl"]
+    assert drop_stale_journals(tmp_path / "none", now=now) == []
