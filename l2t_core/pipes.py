@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
@@ -105,8 +106,20 @@ def pipes_session(environ: Mapping[str, str] | None = None) -> Iterator[PipesRep
             f"{PIPES_CONTEXT_ENV_VAR} is set, so this process was launched by Dagster Pipes, but the "
             "'dagster-pipes' package is not installed; install the project's 'pipeline' extra"
         ) from exc
+    line_buffered_stderr()
     with open_dagster_pipes() as context:
         yield PipesReporter(context)
+
+
+def line_buffered_stderr() -> None:
+    """Make ``sys.stderr`` line-buffered where it writes through (``PYTHONUNBUFFERED``, as the
+    training image sets): Dagster Pipes writes each message and its newline as two calls, which
+    write-through makes two writes, and in a multi-rank pod another rank's log line on the same
+    stderr could land between them and lose the message. Line-buffered, a message of up to 8 KiB
+    leaves in one write."""
+    stderr = sys.stderr
+    if getattr(stderr, "write_through", False) and hasattr(stderr, "reconfigure"):
+        stderr.reconfigure(write_through=False, line_buffering=True)
 
 
 def train_metadata(result: "RunResult", latest_checkpoint: str | None = None) -> dict[str, Any]:

@@ -251,14 +251,17 @@ TRAINING_POOL = "l2t_training"
 MODEL_POOL = os.environ.get("L2T_MODEL_POOL", TRAINING_POOL) or None
 
 
-def _train_retries() -> int:
-    """L2T_TRAIN_RETRIES: how often a failed ``checkpoints`` step is retried (default 0). Training
-    resumes from the run's last checkpoint, so a retry after a lost node or an evicted pod costs
-    the steps since it, not the run."""
+def _train_retry_policy() -> dg.RetryPolicy | None:
+    """L2T_TRAIN_RETRIES: how often a failed ``checkpoints`` step is retried (default 0: no policy,
+    so a failure reads as itself), 60 s and then 180 s later. Training resumes from the run's last
+    checkpoint, so a retry after a lost node or an evicted pod costs the steps since it, not the
+    run; a refusal no retry can change (a bad configuration, an unknown base model, a run that
+    ended without a checkpoint) fails at once."""
     raw = os.environ.get("L2T_TRAIN_RETRIES", "0").strip() or "0"
     if not raw.isdigit():
         raise ValueError(f"L2T_TRAIN_RETRIES={raw!r} is not a whole number of retries (e.g. 2)")
-    return int(raw)
+    n = int(raw)
+    return dg.RetryPolicy(max_retries=n, delay=60, backoff=dg.Backoff.EXPONENTIAL) if n else None
 
 
 KEPT_EVALUATIONS = "evaluations"
@@ -318,12 +321,18 @@ def drop_stale_journals(directory: Path, context=None, now: float | None = None)
     its journal for a week to resume from."""
     now = time.time() if now is None else now
     dropped = []
-    for path in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
+    try:
+        paths = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
+    except OSError:  # housekeeping: never the failure of the evaluation that completed
+        paths = []
+    for path in paths:
         try:
             if now - path.stat().st_mtime < STALE_JOURNAL_S:
                 continue
             with held(path.with_suffix(".lock"), "removing a stale sample journal"):
-                path.unlink(missing_ok=True)
+                if now - path.stat().st_mtime < STALE_JOURNAL_S:  # written since the first look
+                    continue
+                path.unlink()
         except (JournalInUse, OSError):  # in use, or gone meanwhile
             continue
         dropped.append(path)
@@ -532,7 +541,7 @@ def config_hash(cfg: TrainConfig, inputs: dict | None = None) -> str:
           deps=[dg.AssetDep("base_model", partition_mapping=BASE_DIMENSION),
                 dg.AssetDep("episode_rewards", partition_mapping=BASE_DIMENSION)],
           pool=TRAINING_POOL,
-          retry_policy=dg.RetryPolicy(max_retries=_train_retries(), delay=60, backoff=dg.Backoff.EXPONENTIAL),
+          retry_policy=_train_retry_policy(),
           description="An RL fine-tuning run of a base model with a method, launched through Dagster Pipes; its "
                       "per-step metrics, rollouts and episode rewards land in train_steps, rollouts and "
                       "episode_rewards (source 'train'), the run in `checkpoints`.")
@@ -540,7 +549,10 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
                 registry: ModelRegistry, training_data: TrainingData, launcher: TrainingLauncher,
                 duckdb: DuckDBResource) -> dg.MaterializeResult:
     base, method = split_run_key(context)
-    entry = registry.get(base)
+    try:
+        entry = registry.get(base)
+    except KeyError as exc:  # not registered (any more): no retry registers it
+        raise dg.Failure(str(exc), allow_retries=False) from exc
     # held for the whole run: it fingerprints the base weights here, loads them, and loads them again
     # as its reference policy whenever it resumes
     with base_model_in_use(context, base, entry, storage):
@@ -558,10 +570,14 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
     # the config as the launcher runs it (e.g. device and engine on a GPU pod), so that the hash, the
     # run directory and the recorded config_json describe what really trains
     source = {"policy": pin["repo_id"], "policy_revision": pin["commit"]} if pin else {"policy": policy}
-    draft = launcher.placed_config(config.to_core(**source, method=method, out="unset", data=training_data.to_core()))
-    inputs = inputs_fingerprint(draft)
-    h = config_hash(draft, inputs)
-    cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
+    try:  # a configuration the launcher refuses, or data that is not there: no retry changes it
+        draft = launcher.placed_config(config.to_core(**source, method=method, out="unset",
+                                                      data=training_data.to_core()))
+        inputs = inputs_fingerprint(draft)
+        h = config_hash(draft, inputs)
+        cfg = TrainConfig.model_validate({**json.loads(draft.model_dump_json()), "out": storage.run_url(base, method, h)})
+    except (ValueError, FileNotFoundError) as exc:  # pydantic's ValidationError is a ValueError
+        raise dg.Failure(f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
     context.log.info("training %s with %s into %s (config %s)", base, method, storage.display(cfg.out), h)
     invocation = launcher.launch(context, cfg)
     reported = invocation.get_materialize_result()
@@ -569,7 +585,7 @@ def _train(context: dg.AssetExecutionContext, config: TrainRunConfig, storage: L
     latest = run.latest_checkpoint()
     if latest is None:
         raise dg.Failure(f"the training process of {context.partition_key} exited without a complete checkpoint in "
-                         f"{storage.display(cfg.out)}")
+                         f"{storage.display(cfg.out)}", allow_retries=False)
     tables = trainer_tables(run, base, method)
     tables["train_steps"] = train_steps_frame(tables["train_steps"], base, method)
     registry_row = pd.DataFrame([{"base_model": base, "method": method, "run_url": cfg.out,

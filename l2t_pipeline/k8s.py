@@ -151,8 +151,10 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         24 * 3600.0, gt=0, description="PipesK8sClient's pod_wait_timeout: how long to wait for the pod to terminate "
                                        "once its log has ended. It does not bound training (run_deadline_s does).")
     run_deadline_s: Optional[float] = Field(
-        None, gt=0, description="The pod's activeDeadlineSeconds: Kubernetes fails a pod running longer (a hung run; "
-                                "a new materialization resumes from its last checkpoint). None: no limit.")
+        None, gt=0, allow_inf_nan=False,
+        description="The pod's activeDeadlineSeconds: Kubernetes fails a pod running longer (a hung run; a new "
+                    "materialization or a retry resumes from its last checkpoint, with a fresh deadline). None: no "
+                    "limit.")
     scratch_size: Optional[str] = Field(
         None, description="Local scratch disk of the pod: an emptyDir of this size at /scratch, TMPDIR pointing "
                           "there, and that much ephemeral-storage requested, where each rank stages its checkpoint "
@@ -344,10 +346,9 @@ class K8sTrainingLauncher(dg.ConfigurableResource):
         limits = {"memory": self.memory_limit or self.memory_request}
         if self.job_gpus(job):  # extended resources: the request equals the limit
             limits["nvidia.com/gpu"] = str(self.job_gpus(job))
-        # PYTHONUNBUFFERED empty (the image sets it): unbuffered, Pipes writes a message and its newline as
-        # two writes, and another rank's log line on the shared stderr could land between them and lose the
-        # message; line-buffered stderr writes each line at once
-        env = {"PYTHONUNBUFFERED": "", "TOKENIZERS_PARALLELISM": "false", **self._shared_env(), **self.env}
+        # PYTHONUNBUFFERED (logs as they are written, also DeepSpeed's on stdout); rank 0's Pipes session
+        # makes its own stderr line-buffered (l2t_core.pipes.line_buffered_stderr)
+        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self._shared_env(), **self.env}
         mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
         if self.scratch_size:
             requests["ephemeral-storage"] = self.scratch_size

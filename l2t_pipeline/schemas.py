@@ -266,6 +266,7 @@ class SchemaViolation(dg.Failure):
         self.bad_rows = bad_rows
         shown = bad_rows.head(20)
         super().__init__(
+            allow_retries=False,  # the same rows would fail again
             description=(
                 f"{len(bad_rows)} row(s) of {table!r} violate {SCHEMAS[table].__name__} and were moved to the "
                 f"quarantine table; nothing was written to {table!r}. Failing checks:\n"

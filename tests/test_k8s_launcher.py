@@ -176,9 +176,16 @@ def test_the_real_launchers_start_every_rank_with_the_l2t_command_and_pipes_on_r
     args[args.index("8")] = "2"  # --nproc_per_node / --num_gpus
     runner = ([sys.executable, "-m", "torch.distributed.run"] if launcher_name == "torchrun"
               else [sys.executable, "-m", "deepspeed.launcher.runner"])
-    env = {**os.environ, "DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs", "MASTER_PORT": "29517"}
-    done = subprocess.run([*runner, *args[1:]], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    env = {**os.environ, "DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs"}
+    # its own process group: a launcher that hangs is killed with the ranks it started
+    proc = subprocess.Popen([*runner, *args[1:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
     seen = sorted((tmp_path / f"rank{r}").read_text().split(" ", 3) for r in (0, 1))
     assert seen == [["0", "0", "ctx", " ".join(train) + "\n"], ["1", "1", "none", " ".join(train) + "\n"]]
 
@@ -559,11 +566,10 @@ def test_the_pod_shares_the_run_workers_hub_cache_where_it_is_on_the_shared_volu
     assert "HF_HUB_CACHE" not in pod_env(launcher)
 
 
-def test_a_run_deadline_and_scratch_disk_go_into_the_pod_and_stderr_stays_line_buffered():
+def test_a_run_deadline_and_scratch_disk_go_into_the_pod():
     """run_deadline_s becomes activeDeadlineSeconds (Kubernetes fails a hung training pod; the
     Pipes wait alone never would); scratch_size an emptyDir at /scratch that TMPDIR names, with its
-    ephemeral-storage requested; PYTHONUNBUFFERED is emptied (the image sets it), so a Pipes
-    message and its newline reach the shared stderr in one write. A bad quantity is refused."""
+    ephemeral-storage requested. A bad quantity or deadline is refused."""
     launcher = K8sTrainingLauncher(image=IMAGE, gpus=2, run_deadline_s=3 * 86400.0, scratch_size="40Gi")
     launcher.check_pod()
     p = pod(launcher, "s3://b/c.yaml")
@@ -574,7 +580,7 @@ def test_a_run_deadline_and_scratch_disk_go_into_the_pod_and_stderr_stays_line_b
     assert {m.name: m.mount_path for m in ctr.volume_mounts}["scratch"] == "/scratch"
     assert ctr.resources.requests["ephemeral-storage"] == "40Gi"
     env = {e.name: e.value for e in ctr.env}
-    assert env["TMPDIR"] == "/scratch" and env["PYTHONUNBUFFERED"] == ""
+    assert env["TMPDIR"] == "/scratch" and env["PYTHONUNBUFFERED"] == "1"
     plain = pod(K8sTrainingLauncher(image=IMAGE), "s3://b/c.yaml")
     assert plain.spec.active_deadline_seconds is None and "scratch" not in {v.name for v in plain.spec.volumes}
     with pytest.raises(ValueError, match=r"scratch_size '40 GB' is not a Kubernetes quantity"):
@@ -584,3 +590,16 @@ def test_a_run_deadline_and_scratch_disk_go_into_the_pod_and_stderr_stays_line_b
     assert (from_env.scratch_size, from_env.run_deadline_s) == ("40Gi", 259200.0)
     with pytest.raises(ValueError, match=r"L2T_K8S_RUN_DEADLINE_S='3d' is not a number of seconds"):
         K8sTrainingLauncher.from_env({"L2T_K8S_IMAGE": IMAGE, "L2T_K8S_RUN_DEADLINE_S": "3d"})
+    with pytest.raises(ValueError, match=r"run_deadline_s\n.*finite number"):
+        K8sTrainingLauncher.from_env({"L2T_K8S_IMAGE": IMAGE, "L2T_K8S_RUN_DEADLINE_S": "inf"})
+
+
+def test_rank_0s_pipes_messages_leave_stderr_in_one_write_under_pythonunbuffered():
+    """The image sets PYTHONUNBUFFERED; the Pipes session makes rank 0's stderr line-buffered, so
+    a message and its newline (two calls in dagster_pipes) leave in one write, which another
+    rank's line on the pod's shared stderr cannot split."""
+    code = ("import sys; from l2t_core.pipes import line_buffered_stderr; a = sys.stderr.write_through; "
+            "line_buffered_stderr(); print(a, sys.stderr.write_through, sys.stderr.line_buffering)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "True"]

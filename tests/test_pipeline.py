@@ -1547,12 +1547,13 @@ def test_the_steps_that_load_a_model_take_turns_with_training_unless_a_pool_is_n
 
 def test_training_retries_come_from_the_environment():
     """L2T_TRAIN_RETRIES: a failed checkpoints step is retried that often (a lost pod resumes from
-    its last checkpoint); none by default; a value that is not a count fails the code location."""
+    its last checkpoint); no policy by default (a failure reads as itself); a value that is not a
+    count fails the code location."""
     import subprocess
     import sys
 
     code = ("from l2t_pipeline.assets import checkpoints as c; p = c.op.retry_policy; "
-            "print(p.max_retries, p.delay, p.backoff.value)")
+            "print(p.max_retries, p.delay, p.backoff.value) if p else print('no policy')")
 
     def load(value: str | None):
         env = {k: v for k, v in os.environ.items() if k != "L2T_TRAIN_RETRIES"}
@@ -1560,7 +1561,31 @@ def test_training_retries_come_from_the_environment():
             env["L2T_TRAIN_RETRIES"] = value
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
-    assert load(None).stdout.split()[-3:] == ["0", "60", "EXPONENTIAL"]
+    assert load(None).stdout.split()[-2:] == ["no", "policy"] and load("0").stdout.split()[-2:] == ["no", "policy"]
     assert load("2").stdout.split()[-3:] == ["2", "60", "EXPONENTIAL"]
     bad = load("two")
     assert bad.returncode != 0 and "L2T_TRAIN_RETRIES='two' is not a whole number of retries" in bad.stderr
+
+
+def test_a_training_refusal_no_retry_can_change_is_not_retried(tmp_path):
+    """With retries on, a checkpoints step refused for good (its base model not in the registry,
+    a configuration the launcher refuses) fails at once, not after the retries' waits."""
+    from l2t_pipeline.assets import checkpoints
+    from l2t_pipeline.definitions import ASSETS
+    from l2t_pipeline.partitions import runs_partitions
+    from l2t_pipeline.resources import HeldOutEvaluator, TrainingData, TrainingLauncher
+
+    job = dg.define_asset_job("retrying_training", selection=[checkpoints], partitions_def=runs_partitions,
+                              op_retry_policy=dg.RetryPolicy(max_retries=2, delay=60))
+    resources = {"duckdb": DuckDBResource(database=str(tmp_path / "l2t.duckdb")),
+                 "registry": write_registry(tmp_path / "r.yaml", {"other": {"kind": "warmstart"}}),
+                 "storage": L2TStorage(url=str(tmp_path / "storage"), models_dir=str(tmp_path / "models")),
+                 "training_data": TrainingData(), "evaluator": HeldOutEvaluator(), "launcher": TrainingLauncher()}
+    defs = dg.Definitions(assets=ASSETS, jobs=[job], resources=resources)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("base_models", ["gone"])
+        result = defs.resolve_job_def("retrying_training").execute_in_process(
+            partition_key=run_key("gone", "grpo"), instance=instance, raise_on_error=False)
+    assert not result.success
+    kinds = [e.event_type_value for e in result.all_events]
+    assert "STEP_FAILURE" in kinds and "STEP_UP_FOR_RETRY" not in kinds
