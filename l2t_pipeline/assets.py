@@ -552,7 +552,7 @@ def checkpoints(context: dg.AssetExecutionContext, config: TrainRunConfig, stora
     try:
         entry = registry.get(base)
     except KeyError as exc:  # not registered (any more): no retry registers it
-        raise dg.Failure(str(exc), allow_retries=False) from exc
+        raise dg.Failure(str(exc.args[0]) if exc.args else str(exc), allow_retries=False) from exc
     # held for the whole run: it fingerprints the base weights here, loads them, and loads them again
     # as its reference policy whenever it resumes
     with base_model_in_use(context, base, entry, storage):

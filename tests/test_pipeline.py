@@ -1589,3 +1589,6 @@ def test_a_training_refusal_no_retry_can_change_is_not_retried(tmp_path):
     assert not result.success
     kinds = [e.event_type_value for e in result.all_events]
     assert "STEP_FAILURE" in kinds and "STEP_UP_FOR_RETRY" not in kinds
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.event_specific_data.error.message.startswith("dagster._core.definitions.events.Failure: base "
+                                                                "model 'gone' is not in the model registry")
