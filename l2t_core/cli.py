@@ -392,9 +392,10 @@ def cmd_eval(args) -> int:
                          "pass_k": code_k if kinds[name] == "code" else None,
                          "data": heldout.describe(name) if is_heldout(name) else sources[name]}
                   for name in args.benchmarks}
+    samples = Path(args.out) / ".samples"  # each benchmark's journal, and their one lock
     with contextlib.ExitStack() as stack:
         try:  # one l2t eval writes into --out at a time: a second would append to the same journals and reports
-            stack.enter_context(held(Path(args.out) / ".samples" / ".lock", f"l2t eval --out {args.out}"))
+            stack.enter_context(held(samples / ".lock", f"l2t eval --out {args.out}"))
         except JournalInUse as exc:
             raise SystemExit(f"l2t eval --out: another evaluation writes into {args.out} now ({exc}); wait for it "
                              "to finish, or choose another --out") from None
@@ -412,8 +413,7 @@ def cmd_eval(args) -> int:
                                    max_model_len=args.vllm_max_model_len) if todo else (None, None))
         for name, its in todo.items():
             # each engine call's samples kept as made: a crash resumes from them (l2t_core.eval.journal)
-            journal = SampleJournal(Path(args.out) / ".samples" / f"{name}.jsonl",
-                                    context={"model": model_weights, "device": args.device})
+            journal = SampleJournal(samples / f"{name}.jsonl", context={"model": model_weights, "device": args.device})
             if kinds[name] == "code":
                 results[name] = evaluate_code(engine, tok, its, settings["code"], k_values=code_k,
                                               workers=args.sandbox_workers, show_progress=not args.quiet,

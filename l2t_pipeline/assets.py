@@ -18,7 +18,7 @@ from dagster_duckdb import DuckDBResource
 from l2t_core.atomic_files import write_json_atomic
 from l2t_core.checkpoint import RunStorage
 from l2t_core.config import TrainConfig
-from l2t_core.eval.journal import JournalInUse, SampleJournal, held
+from l2t_core.eval.journal import JournalInUse, SampleJournal, held, journal_lock
 from l2t_core.hub import hub_commit, hub_snapshot
 from l2t_core.model_lock import ModelInUse, building_model, using_model
 from l2t_core.models import load_policy, resolve_device, weight_files_sha256, weights_fingerprint
@@ -290,13 +290,13 @@ def kept_evaluation(context, store: RunStorage, key: str, evaluate, journal: Pat
         context.log.info("reusing the evaluation an earlier attempt of this step made and could not store: %s",
                          store.url_of(store.path(rel)))
         with contextlib.suppress(JournalInUse):  # its samples, where that attempt stopped before removing them
-            with held(journal.with_suffix(".lock"), _holder(context)):
+            with held(journal_lock(journal), _holder(context)):
                 journal.unlink(missing_ok=True)
         return pd.DataFrame(kept)
     with contextlib.ExitStack() as stack:
         samples: SampleJournal | None = SampleJournal(journal, context={"evaluation": key})
         try:
-            stack.enter_context(held(journal.with_suffix(".lock"), _holder(context)))
+            stack.enter_context(held(journal_lock(journal), _holder(context)))
         except JournalInUse as exc:
             context.log.warning("evaluating without keeping the samples: another step evaluates the same weights "
                                 "with the same evaluator now (%s)", exc)
@@ -329,7 +329,7 @@ def drop_stale_journals(directory: Path, context=None, now: float | None = None)
         try:
             if now - path.stat().st_mtime < STALE_JOURNAL_S:
                 continue
-            with held(path.with_suffix(".lock"), "removing a stale sample journal"):
+            with held(journal_lock(path), "removing a stale sample journal"):
                 if now - path.stat().st_mtime < STALE_JOURNAL_S:  # written since the first look
                     continue
                 path.unlink()

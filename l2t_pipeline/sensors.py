@@ -238,14 +238,12 @@ def model_registry_sensor(context: dg.SensorEvaluationContext, registry: ModelRe
     cursor = context.cursor
     now = time.time()
     checked, waiting = upstream_state(cursor)
-    if any(e.follow for e in entries.values()) and now - checked >= UPSTREAM_CHECK_S:  # the hub asked hourly
-        found, waiting = upstream_requests(context.instance, entries, context.log, waiting=waiting)
+    # the hub asked hourly; a new commit found while its base_model ran is checked every tick until that run ends
+    due = any(e.follow for e in entries.values()) and now - checked >= UPSTREAM_CHECK_S
+    if due or waiting:
+        found, waiting = upstream_requests(context.instance, entries, context.log, waiting=waiting, ask_hub=due)
         requests += found
-        cursor = json.dumps({"upstream_checked": now, "waiting": waiting})
-    elif waiting:  # a new commit found while its base_model ran: requested once that run has ended
-        found, waiting = upstream_requests(context.instance, entries, context.log, waiting=waiting, ask_hub=False)
-        requests += found
-        cursor = json.dumps({"upstream_checked": checked, "waiting": waiting})
+        cursor = json.dumps({"upstream_checked": now if due else checked, "waiting": waiting})
     if not new and not requests:
         return dg.SensorResult(skip_reason=f"no model in {registry.path} needs a baseline run now: each has a "
                                            "baseline, one in progress, a retry to wait for, or none left, and no "

@@ -93,6 +93,11 @@ def held(lock: str | os.PathLike, who: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def journal_lock(journal: str | os.PathLike) -> Path:
+    """The lock file (:func:`held`) of the journal at ``journal``, beside it: ``<name>.lock``."""
+    return Path(journal).with_suffix(".lock")
+
+
 def journal_key(prompts: Sequence[Sequence[int]], sampling: dict) -> dict:
     """What a journal holds samples of: the prompts (a digest of their token ids, and how many)
     and the sampling settings (JSON-able values)."""

@@ -88,6 +88,11 @@ class WeightSyncExtension:
         return len(named_tensors)
 
 
+def _hf_name(name: str) -> str:
+    """A state-dict name as the HF model names it: without a ``torch.compile`` wrapper's prefix."""
+    return name.replace("_orig_mod.", "")
+
+
 def tied_output_head(model: torch.nn.Module) -> str | None:
     """The state-dict name of ``model``'s output head's weight where it is tied to the input
     embedding (``config.tie_word_embeddings``, the Qwen2.5 models up to 3B), else None."""
@@ -97,7 +102,7 @@ def tied_output_head(model: torch.nn.Module) -> str | None:
     head = get_head() if callable(get_head) else None
     for name, module in model.named_modules():
         if head is not None and module is head:  # named as the copy names it (no torch.compile prefix)
-            return (f"{name}.weight" if name else "weight").replace("_orig_mod.", "")
+            return _hf_name(f"{name}.weight" if name else "weight")
     return None
 
 
@@ -109,9 +114,8 @@ def synced_tensors(model: torch.nn.Module):
     without the embedding (one chunk of the copy can hold the head alone)."""
     tied = tied_output_head(model)
     for name, t in full_named_tensors(model):
-        name = name.replace("_orig_mod.", "")  # torch.compile'd modules
-        if name != tied:
-            yield name, t
+        if _hf_name(name) != tied:
+            yield _hf_name(name), t
 
 
 def launch_kwargs(tensor_parallel_size: int, seed: int, world: int, rank: int) -> dict:
